@@ -1,0 +1,179 @@
+"""Read and validate a PEFT LoRA directory into per-module tensors ready for a device slot.
+
+Reads only `adapter_config.json` and `adapter_model.safetensors` (never pickle, never remote
+code, never a download: `base_model_name_or_path` is an opaque string). Every problem found is
+collected and reported at once. Scaling (alpha / r, or alpha / sqrt(r) for rsLoRA, with
+per-module `alpha_pattern` / `rank_pattern`) is folded into B here, so the hot path never sees it.
+
+Knows nothing about slots, caches or the model object: it checks tensors against a map of
+target module paths to (in_features, out_features).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from loraserve.types import AdapterIncompatibleError, InvalidAdapterError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
+ALLOWED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+PEFT_PREFIX = "base_model.model."
+TENSOR_NAME = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>[AB])(?:\.[^.]+)?\.weight$")
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """A validated adapter: module path -> (a [in, r], b [r, out] with scaling folded in)."""
+
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    rank: int  # the largest rank over modules
+    config: dict
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern: a key matches a module path by its dotted suffix."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _read_config(directory: Path, problems: list[str]) -> dict:
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        problems.append(f"{CONFIG_FILE} is missing")
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        problems.append(f"{CONFIG_FILE} is not valid JSON: {e}")
+        return {}
+    if not isinstance(config, dict):
+        problems.append(f"{CONFIG_FILE} must hold a JSON object")
+        return {}
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        problems.append(f"peft_type {peft_type!r} is not served: loraserve serves LoRA adapters only")
+    unsupported = {
+        "use_dora": "DoRA adapters are not served",
+        "modules_to_save": "modules_to_save (full copies of base modules) is not served",
+        "fan_in_fan_out": "fan_in_fan_out (Conv1D bases) is not served",
+        "layer_replication": "layer_replication is not served",
+    }
+    for key, why in unsupported.items():
+        if config.get(key):
+            problems.append(f"{key} is set: {why}")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        problems.append("LoRA bias terms are not served: train with bias='none'")
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            problems.append(f"{key} must be a positive number, got {value!r}")
+    return config
+
+
+def read_peft_adapter(
+    directory: str | Path,
+    targets: dict[str, tuple[int, int]],
+    max_rank: int,
+    dtype: torch.dtype,
+) -> LoraWeights:
+    """Validate `directory` against the base's LoRA targets and load it in `dtype`.
+
+    targets: module path -> (in_features, out_features) of every projection an adapter may hit.
+    Raises InvalidAdapterError (malformed files) or AdapterIncompatibleError (does not fit the
+    base), each listing every problem found.
+    """
+    directory = Path(directory)
+    problems: list[str] = []
+    if not directory.is_dir():
+        raise InvalidAdapterError(f"adapter directory {str(directory)!r} does not exist")
+    config = _read_config(directory, problems)
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        pickles = [name for name in PICKLE_FILES if (directory / name).exists()]
+        hint = (
+            f"found {', '.join(pickles)}: pickle files are never loaded; convert them with "
+            "`safetensors.torch.save_file` or save the adapter with PEFT's default "
+            "safe_serialization=True"
+            if pickles
+            else "save the adapter with PEFT's save_pretrained"
+        )
+        problems.append(f"{WEIGHTS_FILE} is missing ({hint})")
+    if problems:
+        raise InvalidAdapterError(f"adapter at {directory.name!r} is invalid:", problems)
+
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        with safe_open(weights_path, framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                match = TENSOR_NAME.match(name)
+                if match is None:
+                    problems.append(f"tensor {name!r} is not a LoRA A/B weight")
+                    continue
+                module = match["module"].removeprefix(PEFT_PREFIX)
+                pairs.setdefault(module, {})[match["kind"]] = f.get_tensor(name)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InvalidAdapterError(
+            f"adapter at {directory.name!r} is invalid:", [f"{WEIGHTS_FILE} cannot be read: {e}"]
+        ) from e
+
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    incompatible: list[str] = []
+    for module, pair in sorted(pairs.items()):
+        if set(pair) != {"A", "B"}:
+            problems.append(f"{module}: needs both lora_A and lora_B, found only lora_{''.join(pair)}")
+            continue
+        a, b = pair["A"], pair["B"]  # a: [r, in], b: [out, r]
+        if a.dtype not in ALLOWED_DTYPES or b.dtype not in ALLOWED_DTYPES:
+            problems.append(f"{module}: dtype {a.dtype}/{b.dtype} not allowed (fp16, bf16, fp32)")
+            continue
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            problems.append(f"{module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+                            "are not [r, in] and [out, r]")
+            continue
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            problems.append(f"{module}: weights contain NaN or infinity")
+            continue
+        rank = a.shape[0]
+        if module not in targets:
+            incompatible.append(f"{module}: the base model has no LoRA-targetable module there")
+            continue
+        fan_in, fan_out = targets[module]
+        if a.shape[1] != fan_in or b.shape[0] != fan_out:
+            incompatible.append(
+                f"{module}: adapter is [in={a.shape[1]}, out={b.shape[0]}], base module is "
+                f"[in={fan_in}, out={fan_out}]"
+            )
+            continue
+        if rank > max_rank:
+            incompatible.append(f"{module}: rank {rank} exceeds the server's max rank {max_rank}")
+            continue
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        modules[module] = (
+            a.t().to(torch.float32).to(dtype).contiguous(),
+            (b.t().to(torch.float32) * scale).to(dtype).contiguous(),
+        )
+    if not pairs and not problems:
+        problems.append(f"{WEIGHTS_FILE} holds no LoRA tensors")
+    if problems:
+        raise InvalidAdapterError(f"adapter at {directory.name!r} is invalid:", problems + incompatible)
+    if incompatible:
+        raise AdapterIncompatibleError(
+            f"adapter at {directory.name!r} does not fit this base model:", incompatible
+        )
+    return LoraWeights(modules, max(a.shape[1] for a, _ in modules.values()), config)

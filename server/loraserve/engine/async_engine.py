@@ -1,0 +1,106 @@
+"""The asyncio face of the engine: a background thread runs `EngineCore.step` in a loop.
+
+`generate` validates at once (raising for bad input), then returns an async iterator of
+`TokenEvent`s ending with one `FinalEvent`. Closing the iterator early (or cancelling the task
+that reads it) cancels the request: the engine retires it and frees its KV at the next step.
+The loop blocks on its inbox when idle: no polling.
+
+Knows nothing about gRPC or tokenization; all model work happens on the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+
+from loraserve.engine.core import EngineCore
+from loraserve.engine.sequence import Event, Sequence
+from loraserve.types import EngineDeadError, FinalEvent, GenerateRequest, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self._inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="loraserve-engine", daemon=True)
+        self._error: BaseException | None = None
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent | FinalEvent]:
+        """Submit `request`; raises LoraServeError subclasses for bad input before any event."""
+        if not self.alive:
+            raise EngineDeadError(f"the engine stopped: {self._error!r}")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def emit(event: Event) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        seq = self.core.make_sequence(request, emit)
+        self._inbox.put(lambda: self.core.add(seq))
+        return self._events(seq, events)
+
+    async def _events(
+        self, seq: Sequence, events: asyncio.Queue[Event]
+    ) -> AsyncIterator[TokenEvent | FinalEvent]:
+        done = False
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, Exception):
+                    done = True
+                    raise event
+                if isinstance(event, FinalEvent):
+                    done = True
+                yield event
+                if done:
+                    return
+        finally:
+            if not done:
+                self._inbox.put(lambda: self.core.cancel(seq.request_id))
+
+    def call(self, fn: Callable[[], object]) -> None:
+        """Run `fn` on the engine thread between two steps."""
+        self._inbox.put(fn)
+
+    def shutdown(self) -> None:
+        """Stop the loop after the current step; pending requests are not served."""
+        self._inbox.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                block = not self.core.has_work()
+                try:
+                    while True:
+                        task = self._inbox.get(block=block)
+                        if task is None:
+                            return
+                        self._run_task(task)
+                        block = False
+                except queue.Empty:
+                    pass
+                if self.core.has_work():
+                    self.core.step()
+        except BaseException as error:  # the loop itself broke: report, never hang callers
+            self._error = error
+            log.exception("engine loop died")
+            self.core.fail_all(EngineDeadError(f"the engine stopped: {error!r}"))
+            raise
+
+    @staticmethod
+    def _run_task(task: Callable[[], None]) -> None:
+        try:
+            task()
+        except Exception:
+            log.exception("engine task failed")

@@ -1,0 +1,252 @@
+"""The synchronous engine: requests in, one continuous-batching step at a time, events out.
+
+`EngineCore` owns the model runner, the paged KV cache, the scheduler and the adapter slots.
+`make_sequence` validates and tokenizes a request (any thread); `add` / `cancel` / `step` are
+called from one thread only (the `AsyncEngine` loop, or a test driving steps by hand). Each
+step: retire cancelled sequences, admit waiting ones, run the prefill chunks and the decode
+tokens, sample, emit, retire finished sequences and free their KV at once.
+
+Knows nothing about gRPC, asyncio or adapter storage: adapters are names resolved to slots.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import torch
+
+from loraserve.adapters.slots import AdapterSlots
+from loraserve.config import EngineConfig
+from loraserve.engine.scheduler import Scheduler
+from loraserve.engine.sequence import EmitFn, Sequence
+from loraserve.model.detokenizer import IncrementalDetokenizer
+from loraserve.model.kv_cache import BlockAllocator, PagedKVCache
+from loraserve.model.loading import LoadedModel
+from loraserve.model.lora import LoraContext, wrap_lora_targets
+from loraserve.model.runner import ModelRunner, RowInput
+from loraserve.model.sampling import make_generator, sample_next_tokens
+from loraserve.types import (
+    CapacityError,
+    FinalEvent,
+    FinishReason,
+    GenerateRequest,
+    InvalidRequestError,
+    TokenEvent,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
+    ids = {loaded.tokenizer.eos_token_id}
+    configured = getattr(loaded.model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return frozenset(i for i in ids if i is not None)
+
+
+class EngineCore:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        self.config = config
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.device
+        model_config = loaded.model.config.get_text_config()
+        self.vocab_size = model_config.vocab_size
+        self.lora = LoraContext()
+        layers = wrap_lora_targets(
+            loaded.model,
+            self.lora,
+            config.device_slots + 1,
+            config.max_rank,
+            loaded.compute_dtype,
+            config.lora_target_modules,
+        )
+        self.adapters = AdapterSlots(layers, config.device_slots, config.max_rank, loaded.compute_dtype)
+        heads = model_config.num_attention_heads
+        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+        block = config.kv_block_size
+        num_blocks = -(-config.kv_cache_tokens // block) + 1
+        self.allocator = BlockAllocator(num_blocks, block)
+        self.cache = PagedKVCache(
+            model_config.num_hidden_layers,
+            num_blocks,
+            block,
+            getattr(model_config, "num_key_value_heads", None) or heads,
+            head_dim,
+            loaded.compute_dtype,
+            loaded.device,
+        )
+        self.runner = ModelRunner(loaded.model, self.cache, self.lora, self.adapters.slot_ranks)
+        self.scheduler = Scheduler(self.allocator, config.max_batch_size, config.max_step_tokens)
+        self.max_context = min(
+            config.max_context,
+            getattr(model_config, "max_position_embeddings", None) or config.max_context,
+            self.allocator.capacity_tokens,
+        )
+        self.eos_ids = _eos_ids(loaded)
+        self.steps = 0
+        self._ids = itertools.count(1)
+        self._by_id: dict[int, Sequence] = {}
+
+    # ---- requests -----------------------------------------------------------------------
+
+    def make_sequence(self, request: GenerateRequest, emit: EmitFn) -> Sequence:
+        """Validate and tokenize `request`; takes a reference on its adapter's slot.
+
+        Raises InvalidRequestError, AdapterNotFoundError or CapacityError with a message that
+        says what to change. Safe to call from any thread.
+        """
+        params = request.sampling
+        params.validate()
+        prompt_ids = self._prompt_ids(request)
+        total = len(prompt_ids) + params.max_new_tokens
+        if total > self.max_context:
+            raise InvalidRequestError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = "
+                f"{total} exceeds the context limit of {self.max_context} tokens; shorten the "
+                "prompt or lower max_new_tokens"
+            )
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise CapacityError(
+                f"the queue is full ({self.config.max_waiting} waiting requests); retry later"
+            )
+        slot = self.adapters.acquire(request.adapter)
+        return Sequence(
+            request_id=next(self._ids),
+            prompt_len=len(prompt_ids),
+            token_ids=list(prompt_ids),
+            params=params,
+            lora_slot=slot,
+            kv_tokens=total,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop),
+            generator=None if params.greedy else make_generator(params.seed, self.device),
+            emit=emit,
+        )
+
+    def _prompt_ids(self, request: GenerateRequest) -> list[int]:
+        if (request.prompt is None) == (request.prompt_token_ids is None):
+            raise InvalidRequestError("give exactly one of prompt (text) or prompt_token_ids")
+        if request.prompt is not None:
+            ids = self.tokenizer.encode(request.prompt)
+        else:
+            ids = list(request.prompt_token_ids)
+            bad = [t for t in ids if not (0 <= t < self.vocab_size)]
+            if bad:
+                raise InvalidRequestError(
+                    f"prompt_token_ids holds ids outside the vocabulary [0, {self.vocab_size}): "
+                    f"{bad[:5]}"
+                )
+        if not ids:
+            raise InvalidRequestError("the prompt is empty; give at least one token")
+        return ids
+
+    def add(self, seq: Sequence) -> None:
+        self._by_id[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def add_request(self, request: GenerateRequest, emit: EmitFn) -> int:
+        """make_sequence + add, for callers on the engine thread; returns the request id."""
+        seq = self.make_sequence(request, emit)
+        self.add(seq)
+        return seq.request_id
+
+    def cancel(self, request_id: int) -> None:
+        """Mark for removal; the next step retires it and frees its KV."""
+        seq = self._by_id.get(request_id)
+        if seq is not None:
+            seq.cancelled = True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step -----------------------------------------------------------------------
+
+    def step(self) -> None:
+        """One iteration: retire cancelled, admit, prefill + decode, sample, emit, retire."""
+        self.steps += 1
+        for seq in [s for s in self._by_id.values() if s.cancelled]:
+            self._finish(seq, FinishReason.CANCELLED)
+        self.scheduler.admit()
+        plan = self.scheduler.plan()
+        try:
+            ready, logits = [], []
+            if plan.prefill:
+                rows = [
+                    RowInput(s.token_ids[s.num_cached : s.num_cached + n], s.num_cached,
+                             s.block_table, s.lora_slot)
+                    for s, n in plan.prefill
+                ]
+                out = self.runner.forward(rows)  # [P, V]
+                for i, (s, n) in enumerate(plan.prefill):
+                    s.num_cached += n
+                    if not s.in_prefill:
+                        ready.append(s)
+                        logits.append(out[i])
+            if plan.decode:
+                rows = [
+                    RowInput(s.token_ids[s.num_cached :], s.num_cached, s.block_table, s.lora_slot)
+                    for s in plan.decode
+                ]
+                out = self.runner.forward(rows)  # [D, V]
+                for i, s in enumerate(plan.decode):
+                    s.num_cached = len(s.token_ids)
+                    ready.append(s)
+                    logits.append(out[i])
+            if ready:
+                self._sample_and_emit(ready, torch.stack(logits))
+        except Exception as error:  # one bad step must not kill the engine
+            log.exception("engine step failed; failing its %d sequences", self.num_running)
+            for seq in list(self.scheduler.running):
+                seq.emit(error)
+                self._release(seq)
+
+    def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """logits: [N, V] float32, one row per sequence in `seqs`."""
+        histories = [
+            s.history(self.device) if s.params.repetition_penalty != 1.0 else None for s in seqs
+        ]
+        tokens, logprobs = sample_next_tokens(
+            logits, [s.params for s in seqs], [s.generator for s in seqs], histories
+        )
+        for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
+            seq.token_ids.append(token)
+            if token in self.eos_ids and not seq.params.ignore_eos:
+                text, reason = seq.detokenizer.flush(), FinishReason.EOS
+            else:
+                text, stopped = seq.detokenizer.push(token)
+                reason = FinishReason.STOP if stopped else None
+                if reason is None and seq.num_generated >= seq.params.max_new_tokens:
+                    text, reason = text + seq.detokenizer.flush(), FinishReason.LENGTH
+            seq.emit(TokenEvent(token, text, logprob if seq.params.logprobs else None))
+            if reason is not None:
+                self._finish(seq, reason)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.emit(FinalEvent(reason, seq.prompt_len, seq.num_generated, seq.detokenizer.text))
+        self._release(seq)
+
+    def fail_all(self, error: Exception) -> None:
+        """Send `error` to every queued and running request and retire them."""
+        for seq in list(self._by_id.values()):
+            seq.emit(error)
+            self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        self.adapters.release(seq.lora_slot)
+        self._by_id.pop(seq.request_id, None)
+        seq.finished = True
+
+    # ---- introspection ------------------------------------------------------------------
+
+    @property
+    def kv_used_tokens(self) -> int:
+        return self.allocator.used_blocks * self.allocator.block_size
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)

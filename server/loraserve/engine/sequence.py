@@ -1,0 +1,54 @@
+"""The state of one request inside the engine, from admission to retirement.
+
+Knows nothing about the model or the scheduler's policy: it is bookkeeping of token ids, KV
+positions, the LoRA slot and where to send events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from loraserve.model.detokenizer import IncrementalDetokenizer
+from loraserve.types import FinalEvent, SamplingParams, TokenEvent
+
+Event = TokenEvent | FinalEvent | Exception
+EmitFn = Callable[[Event], None]
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request: `token_ids` is prompt + generated; the first `num_cached` are in the KV cache."""
+
+    request_id: int
+    prompt_len: int
+    token_ids: list[int]
+    params: SamplingParams
+    lora_slot: int
+    kv_tokens: int  # KV positions reserved at admission: prompt + max_new_tokens
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+    emit: EmitFn
+    block_table: list[int] = field(default_factory=list)
+    num_cached: int = 0
+    cancelled: bool = False
+    finished: bool = False
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def pending(self) -> int:
+        """Tokens not yet fed to the model: the rest of the prompt, or the last sampled token."""
+        return len(self.token_ids) - self.num_cached
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_cached < self.prompt_len
+
+    def history(self, device: torch.device) -> torch.Tensor:
+        """[n] int64: every token so far (for the repetition penalty)."""
+        return torch.tensor(self.token_ids, dtype=torch.int64, device=device)

@@ -1,0 +1,147 @@
+"""Load one base causal LM, quantized with bitsandbytes, and its tokenizer.
+
+Accepts a local Hugging Face directory (or a hub id, for users who are online), plain or already
+bnb-quantized. Never runs remote code. On the CPU, bitsandbytes needs each quantized layer's
+in-features to be a multiple of its block size (64) and out-features a multiple of 32: layers that
+do not fit stay in the compute dtype, and a warning names them.
+
+Knows nothing about adapters, batching or serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CPU_BLOCK_IN, CPU_BLOCK_OUT = 64, 32
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    quantization: str  # what the weights really are: one of QUANTIZATIONS
+    compute_dtype: torch.dtype
+    device: torch.device
+    unquantized_layers: tuple[str, ...]  # layers kept in compute dtype (bnb CPU shape limits)
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _linear_layout(config) -> tuple[dict[str, tuple[int, int]], str]:
+    """(module path -> (in, out) of every nn.Linear, path of the output embedding), on meta."""
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    output = skeleton.get_output_embeddings()
+    shapes, output_name = {}, "lm_head"
+    for name, module in skeleton.named_modules():
+        if module is output:
+            output_name = name
+        elif isinstance(module, nn.Linear):
+            shapes[name] = (module.in_features, module.out_features)
+    return shapes, output_name
+
+
+def _quantization_config(
+    config, quantization: str, compute_dtype: torch.dtype, device: torch.device
+) -> tuple[BitsAndBytesConfig, tuple[str, ...]]:
+    shapes, output_name = _linear_layout(config)
+    misfits = ()
+    if device.type == "cpu" and quantization in ("nf4", "fp4"):
+        misfits = tuple(
+            name
+            for name, (fan_in, fan_out) in shapes.items()
+            if fan_in % CPU_BLOCK_IN or fan_out % CPU_BLOCK_OUT
+        )
+        if misfits:
+            log.warning(
+                "bitsandbytes on the CPU needs in-features %% %d == 0 and out-features %% %d == 0; "
+                "keeping %d layer(s) in the compute dtype: %s",
+                CPU_BLOCK_IN, CPU_BLOCK_OUT, len(misfits), ", ".join(misfits[:8]),
+            )
+    skip = [output_name, *misfits]
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip), misfits
+    return (
+        BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization,
+            bnb_4bit_compute_dtype=compute_dtype,
+            llm_int8_skip_modules=skip,
+        ),
+        misfits,
+    )
+
+
+def _prequantized(config) -> str | None:
+    """The quantization of a checkpoint saved already bnb-quantized, else None."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    if qc.get("quant_method") != "bitsandbytes":
+        raise ValueError(
+            f"checkpoint is quantized with {qc.get('quant_method')!r}; loraserve serves "
+            "bitsandbytes (nf4 / fp4 / int8) or unquantized checkpoints"
+        )
+    if qc.get("load_in_8bit"):
+        return "int8"
+    return qc.get("bnb_4bit_quant_type", "fp4")
+
+
+def load_base_model(
+    model: str, quantization: str = "nf4", compute_dtype: str = "fp32", device: str = "auto"
+) -> LoadedModel:
+    """Load `model` (a local directory or hub id) quantized as asked, in eval mode."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if compute_dtype not in DTYPES:
+        raise ValueError(f"compute dtype must be one of {tuple(DTYPES)}, got {compute_dtype!r}")
+    dtype = DTYPES[compute_dtype]
+    target = resolve_device(device)
+    config = AutoConfig.from_pretrained(model, trust_remote_code=False)
+    kwargs: dict = {}
+    misfits: tuple[str, ...] = ()
+    actual = _prequantized(config)
+    if actual is not None:
+        if actual != quantization:
+            log.warning("checkpoint is already %s-quantized; serving it as such", actual)
+    elif quantization != "none":
+        kwargs["quantization_config"], misfits = _quantization_config(
+            config, quantization, dtype, target
+        )
+        actual = quantization
+    else:
+        actual = "none"
+    loaded = AutoModelForCausalLM.from_pretrained(
+        model,
+        dtype=dtype,
+        device_map={"": target},
+        attn_implementation="sdpa",
+        trust_remote_code=False,
+        **kwargs,
+    )
+    loaded.eval()
+    loaded.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+    return LoadedModel(loaded, tokenizer, actual, dtype, target, misfits)

@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny random models and PEFT adapters, built on the fly (no downloads)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from loraserve.model.tiny import write_tiny_model
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    name: str
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    rslora: bool = False
+
+
+# Ranks 1..64, alpha != r, subsets of modules, one rsLoRA: the mix the parity tests run together.
+ADAPTER_SPECS = (
+    AdapterSpec("r1-qv", 1, 2.0, ("q_proj", "v_proj")),
+    AdapterSpec("r4-attn", 4, 8.0, ATTENTION),
+    AdapterSpec("r8-all", 8, 16.0, ATTENTION + MLP),
+    AdapterSpec("r16-mlp", 16, 8.0, MLP),
+    AdapterSpec("r64-all", 64, 32.0, ATTENTION + MLP),
+    AdapterSpec("r8-rslora", 8, 4.0, ATTENTION + MLP, rslora=True),
+    AdapterSpec("r2-o-down", 2, 6.0, ("o_proj", "down_proj")),
+    AdapterSpec("r32-kv-up", 32, 16.0, ("k_proj", "v_proj", "up_proj")),
+)
+
+
+def write_adapter(base_dir: Path, out_dir: Path, spec: AdapterSpec, seed: int) -> Path:
+    """Save a PEFT LoRA adapter for the model at `base_dir` with random (non-zero) A and B."""
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        target_modules=list(spec.targets),
+        use_rslora=spec.rslora,
+        lora_dropout=0.0,
+    )
+    peft_model = get_peft_model(base, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3 / param.shape[-1] ** 0.5)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        arch: write_tiny_model(root / arch, arch, seed=i)
+        for i, arch in enumerate(("llama", "mistral", "qwen2"))
+    }
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(model_dirs, tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """arch -> adapter name -> PEFT directory, for every spec in ADAPTER_SPECS."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        arch: {
+            spec.name: write_adapter(base, root / arch / spec.name, spec, seed=100 + i)
+            for i, spec in enumerate(ADAPTER_SPECS)
+        }
+        for arch, base in model_dirs.items()
+    }

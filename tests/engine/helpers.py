@@ -1,0 +1,70 @@
+"""Drive an EngineCore step by step and collect what each request emitted."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from loraserve.config import EngineConfig
+from loraserve.engine.core import EngineCore
+from loraserve.model.loading import load_base_model
+from loraserve.types import FinalEvent, GenerateRequest, TokenEvent
+
+
+@dataclass
+class Collected:
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float | None] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)  # [V] per generated token
+    final: FinalEvent | None = None
+    error: Exception | None = None
+
+    def __call__(self, event) -> None:
+        if isinstance(event, TokenEvent):
+            self.tokens.append(event.token_id)
+            self.text += event.text
+            self.logprobs.append(event.logprob)
+        elif isinstance(event, FinalEvent):
+            self.final = event
+        else:
+            self.error = event
+
+
+def make_core(model_dir, quantization="nf4", dtype="fp32", **overrides) -> EngineCore:
+    settings = dict(device="cpu", device_slots=8, max_rank=64, kv_cache_tokens=4096, max_context=512)
+    settings.update(overrides)
+    loaded = load_base_model(str(model_dir), quantization, dtype, "cpu")
+    return EngineCore(loaded, EngineConfig(**settings))
+
+
+def record_logits(core: EngineCore, collected: dict[int, Collected]) -> None:
+    """Make `core` keep the logits each request's tokens were chosen from."""
+    original = core._sample_and_emit
+
+    def sample_and_emit(seqs, logits):
+        for seq, row in zip(seqs, logits):
+            collected[seq.request_id].logits.append(row.clone())
+        original(seqs, logits)
+
+    core._sample_and_emit = sample_and_emit
+
+
+def run(core: EngineCore, arrivals: dict[int, list[GenerateRequest]], max_steps: int = 500):
+    """Add arrivals[s] before step s; step until idle. Returns Collected per request, in order."""
+    results: dict[int, Collected] = {}
+    order: list[int] = []
+    record_logits(core, results)
+    step = 0
+    while step <= max(arrivals) or core.has_work():
+        for request in arrivals.get(step, []):
+            sink = Collected()
+            request_id = core.add_request(request, sink)
+            results[request_id] = sink
+            order.append(request_id)
+        if core.has_work():
+            core.step()
+        step += 1
+        assert step < max_steps, "engine did not finish"
+    return [results[i] for i in order]

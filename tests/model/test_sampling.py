@@ -1,0 +1,202 @@
+"""Tests for per-row next-token selection: greedy, penalty, filtering, seeding and logprobs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from loraserve.model.sampling import apply_repetition_penalty, make_generator, sample_next_tokens
+from loraserve.types import SamplingParams
+
+VOCAB = 64
+GREEDY = SamplingParams()
+
+
+def _logits(batch: int, seed: int = 0) -> torch.Tensor:
+    # -> [batch, VOCAB] float32 with a wide spread, so the argmax is unique
+    return torch.randn(batch, VOCAB, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def _empty_histories(batch: int) -> list[torch.Tensor]:
+    return [torch.zeros(0, dtype=torch.int64)] * batch
+
+
+def _sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    seeds: list[int | None] | None = None,
+    histories: list[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    seeds = seeds if seeds is not None else [0] * len(params)
+    generators = [
+        None if p.greedy else make_generator(s, "cpu") for p, s in zip(params, seeds, strict=True)
+    ]
+    histories = histories if histories is not None else _empty_histories(len(params))
+    return sample_next_tokens(logits, params, generators, histories)
+
+
+def _penalty_reference(row: list[float], history: list[int], penalty: float) -> list[float]:
+    out = list(row)
+    for token in set(history):
+        out[token] = out[token] / penalty if out[token] > 0 else out[token] * penalty
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_is_argmax(dtype: torch.dtype) -> None:
+    logits = _logits(8).to(dtype)
+    tokens, logprobs = _sample(logits, [GREEDY] * 8)
+    assert tokens.dtype == torch.int64 and logprobs.dtype == torch.float32
+    assert torch.equal(tokens, logits.float().argmax(dim=-1))
+
+
+@pytest.mark.parametrize(
+    ("penalty", "history"),
+    [
+        (1.5, [0, 3, 3, 7, 63]),
+        (0.7, [1, 2, 5, 5, 5]),
+        (2.0, []),
+        (1.0, [0, 1, 2]),
+    ],
+)
+def test_repetition_penalty_matches_reference(penalty: float, history: list[int]) -> None:
+    logits = _logits(2)
+    scores = logits.clone()
+    histories = [torch.tensor(history, dtype=torch.int64), torch.tensor([0, 1, 2])]
+    apply_repetition_penalty(scores, [penalty, 1.0], histories)
+    expected = _penalty_reference(logits[0].tolist(), history, penalty)
+    torch.testing.assert_close(scores[0], torch.tensor(expected))
+    assert torch.equal(scores[1], logits[1]), "a row with penalty 1 must be left alone"
+
+
+@pytest.mark.parametrize(
+    ("row", "history", "penalty", "expected"),
+    [
+        ([4.0, 3.0, 0.0], [0], 2.0, 1),  # positive top logit divided: 2 < 3
+        ([-1.0, -1.5, -3.0], [0], 2.0, 1),  # negative top logit multiplied: -2 < -1.5
+        ([4.0, 3.0, 0.0], [0], 1.0, 0),  # penalty 1 changes nothing
+        ([2.0, 3.0, 0.0], [1, 1, 1], 1.2, 1),  # penalised once: 2.5 > 2, thrice would be 1.74
+    ],
+)
+def test_penalty_steers_greedy_choice(
+    row: list[float], history: list[int], penalty: float, expected: int
+) -> None:
+    logits = torch.tensor([row])
+    params = [SamplingParams(repetition_penalty=penalty)]
+    tokens, _ = _sample(logits, params, histories=[torch.tensor(history)])
+    assert tokens.tolist() == [expected]
+    assert logits.tolist() == [row], "the caller's logits must not be modified"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.5, top_k=1),
+        SamplingParams(temperature=1.5, top_p=1e-6),
+        SamplingParams(temperature=0.8, top_k=5, top_p=1e-6),
+    ],
+)
+def test_filters_that_keep_one_token_equal_greedy(params: SamplingParams) -> None:
+    logits = _logits(16, seed=1)
+    tokens, _ = _sample(logits, [params] * 16, seeds=list(range(16)))
+    assert torch.equal(tokens, logits.argmax(dim=-1))
+
+
+def _expected_distribution(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Slow reference: temperature, then top-k, then top-p over the renormalised rest."""
+    probs = (logits / p.temperature).softmax(dim=-1).tolist()
+    ranked = sorted(range(len(probs)), key=lambda t: -probs[t])
+    kept = ranked[: p.top_k] if p.top_k else ranked
+    total = sum(probs[t] for t in kept)
+    out, mass = torch.zeros(len(probs)), 0.0
+    for t in kept:
+        if mass >= p.top_p:
+            break
+        out[t] = probs[t] / total
+        mass += probs[t] / total
+    return out / out.sum()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.5),
+        SamplingParams(temperature=2.0, top_k=3),
+        SamplingParams(temperature=1.0, top_p=0.8),
+        SamplingParams(temperature=1.3, top_k=4, top_p=0.9),
+    ],
+)
+def test_sampled_frequencies_follow_the_filtered_softmax(params: SamplingParams) -> None:
+    draws = 8000
+    row = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0])
+    generator = make_generator(1234, "cpu")
+    tokens, _ = sample_next_tokens(
+        row.expand(draws, -1), [params] * draws, [generator] * draws, _empty_histories(draws)
+    )
+    observed = torch.bincount(tokens, minlength=len(row)).float() / draws
+    expected = _expected_distribution(row, params)
+    torch.testing.assert_close(observed, expected, rtol=0, atol=0.02)
+    assert observed[expected == 0].sum() == 0, "a filtered-out token was drawn"
+
+
+@pytest.mark.parametrize("position", [0, 2, 4])
+@pytest.mark.parametrize(
+    "target",
+    [
+        SamplingParams(temperature=0.9),
+        SamplingParams(temperature=1.0, top_k=20, top_p=0.95, repetition_penalty=1.3),
+    ],
+)
+def test_seeded_row_is_independent_of_its_batch(position: int, target: SamplingParams) -> None:
+    others = [
+        GREEDY,
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=1.2, top_p=0.5),
+        SamplingParams(repetition_penalty=1.1),
+    ]
+    steps = 12
+
+    def run(batch: list[SamplingParams], at: int, seeds: list[int | None]) -> list[int]:
+        generators = [
+            None if p.greedy else make_generator(s, "cpu")
+            for p, s in zip(batch, seeds, strict=True)
+        ]
+        histories = [torch.tensor([1, 2, 3]) for _ in batch]
+        chosen = []
+        for step in range(steps):
+            logits = _logits(len(batch), seed=100 + step)
+            logits[at] = _logits(1, seed=step)[0]
+            tokens, _ = sample_next_tokens(logits, batch, generators, histories)
+            histories = [torch.cat([h, tokens[i : i + 1]]) for i, h in enumerate(histories)]
+            chosen.append(int(tokens[at]))
+        return chosen
+
+    alone = run([target], 0, [42])
+    batch = [*others[:position], target, *others[position:]]
+    seeds: list[int | None] = [7 + i for i in range(len(batch))]
+    seeds[position] = 42
+    assert run(batch, position, seeds) == alone
+    assert run([target], 0, [43]) != alone, "a different seed should give a different sequence"
+
+
+def test_logprobs_are_log_softmax_of_raw_logits() -> None:
+    logits = _logits(4, seed=3).to(torch.bfloat16)
+    params = [
+        GREEDY,
+        SamplingParams(repetition_penalty=3.0),
+        SamplingParams(temperature=0.3, top_k=2),
+        SamplingParams(temperature=1.7, top_p=0.6, repetition_penalty=0.5),
+    ]
+    histories = [torch.arange(0, VOCAB, 2) for _ in params]
+    tokens, logprobs = _sample(logits, params, seeds=[0, 1, 2, 3], histories=histories)
+    expected = logits.float().log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)
+    torch.testing.assert_close(logprobs, expected)
+
+
+def test_make_generator_seeding() -> None:
+    def draws(generator: torch.Generator) -> list[float]:
+        return torch.rand(4, generator=generator).tolist()
+
+    assert draws(make_generator(5, "cpu")) == draws(make_generator(5, "cpu"))
+    assert draws(make_generator(5, "cpu")) != draws(make_generator(6, "cpu"))
+    assert draws(make_generator(None, "cpu")) != draws(make_generator(None, "cpu"))
