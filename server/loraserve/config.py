@@ -1,11 +1,14 @@
-"""Engine configuration: one frozen dataclass, built once at start-up and passed down.
+"""Configuration: frozen dataclasses built once at start-up and passed down.
 
-Knows nothing about where the values came from (flags, environment, files): the CLI builds it.
+`build_server_config` merges flags, `LORASERVE_*` environment variables and a config file, with
+that precedence. Knows nothing about argument parsing or file formats: the CLI reads those.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -41,3 +44,86 @@ class EngineConfig:
                 raise ValueError(f"{f.name} must be >= 1, got {value}")
         if self.max_step_tokens < self.max_batch_size:
             raise ValueError("max_step_tokens must be >= max_batch_size (one token per sequence)")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The gRPC server's settings around one engine.
+
+    adapters: (name, PEFT directory) pairs loaded into device slots at start-up.
+    """
+
+    engine: EngineConfig = EngineConfig()
+    host: str = "127.0.0.1"
+    port: int = 50051
+    default_max_new_tokens: int = 64
+    drain_grace_seconds: float = 30.0
+    max_message_bytes: int = 4 * 1024 * 1024
+    adapters: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model or "built-in tiny-llama (random weights)"
+
+    def describe(self) -> dict[str, object]:
+        """Every setting, for the start-up log (no secrets are held here)."""
+        described = {f.name: getattr(self.engine, f.name) for f in fields(self.engine)}
+        described.update(
+            {f.name: getattr(self, f.name) for f in fields(self) if f.name != "engine"}
+        )
+        return described
+
+
+def build_server_config(
+    flags: Mapping[str, Any], environ: Mapping[str, str], file_values: Mapping[str, Any]
+) -> ServerConfig:
+    """Merge settings with precedence flags > environment (LORASERVE_<NAME>) > file > default.
+
+    Each source maps setting names (the dataclass field names) to values; flags left unset
+    are None. Environment values are parsed to the field's type.
+    """
+    engine_fields = {f.name: f for f in fields(EngineConfig)}
+    server_fields = {f.name: f for f in fields(ServerConfig) if f.name != "engine"}
+    unknown = set(file_values) - set(engine_fields) - set(server_fields)
+    if unknown:
+        raise ValueError(f"unknown settings in the config file: {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {}
+    for name, f in {**engine_fields, **server_fields}.items():
+        env = environ.get(f"LORASERVE_{name.upper()}")
+        if flags.get(name) is not None:
+            values[name] = flags[name]
+        elif env is not None:
+            values[name] = _parse(env, f.default, name)
+        elif name in file_values:
+            values[name] = file_values[name]
+    if "adapters" in values:
+        values["adapters"] = tuple(_adapter_pair(a) for a in values["adapters"])
+    if "lora_target_modules" in values:
+        values["lora_target_modules"] = tuple(values["lora_target_modules"])
+    engine = EngineConfig(**{k: v for k, v in values.items() if k in engine_fields})
+    return ServerConfig(engine=engine, **{k: v for k, v in values.items() if k in server_fields})
+
+
+def _parse(text: str, default: Any, name: str) -> Any:
+    try:
+        if isinstance(default, bool):
+            return text.lower() in ("1", "true", "yes")
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+    except ValueError as e:
+        raise ValueError(f"LORASERVE_{name.upper()}={text!r} is not a valid {type(default).__name__}") from e
+    if isinstance(default, tuple):
+        return tuple(item for item in text.split(",") if item)
+    return text
+
+
+def _adapter_pair(item: str | Sequence[str]) -> tuple[str, str]:
+    if isinstance(item, str):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"adapter {item!r} must look like NAME=DIRECTORY")
+        return name, path
+    name, path = item
+    return str(name), str(path)

@@ -1,0 +1,123 @@
+"""GenerationService: protobuf in, domain request to the engine, domain events back to protobuf.
+
+A translator only: validation lives in the engine, status codes in `errors`. A client that
+cancels, disconnects or passes its deadline cancels the handler; closing the engine's event
+iterator then removes the sequence from the batch at the next step.
+
+Knows nothing about batching, adapters' storage or the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from loraserve.api.errors import abort_with
+from loraserve.api.state import ServerState
+from loraserve.types import (
+    FinalEvent,
+    FinishReason,
+    GenerateRequest,
+    InvalidRequestError,
+    LoraServeError,
+    SamplingParams,
+    TokenEvent,
+)
+from loraserve.v1 import generation_pb2 as pb
+from loraserve.v1 import generation_pb2_grpc
+
+FINISH_REASONS = {
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
+
+
+def to_domain(message: pb.GenerationInput, default_max_new_tokens: int) -> GenerateRequest:
+    """Translate the wire request; field-level problems name the field."""
+    if message.adapter.version:
+        raise InvalidRequestError(
+            "adapter.version is not supported yet: adapters are addressed by name only"
+        )
+    which = message.WhichOneof("prompt")
+    if which is None:
+        raise InvalidRequestError("input.prompt is missing: set input.text or input.token_ids")
+    s = message.sampling
+    sampling = SamplingParams(
+        max_new_tokens=message.max_new_tokens or default_max_new_tokens,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p if s.HasField("top_p") else 1.0,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+        stop=tuple(message.stop),
+        seed=s.seed if s.HasField("seed") else None,
+        logprobs=message.logprobs,
+    )
+    return GenerateRequest(
+        prompt=message.text if which == "text" else None,
+        prompt_token_ids=tuple(message.token_ids.ids) if which == "token_ids" else None,
+        adapter=message.adapter.name or None,
+        sampling=sampling,
+    )
+
+
+def usage_of(final: FinalEvent) -> pb.Usage:
+    return pb.Usage(prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens)
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    async def _events(
+        self, message: pb.GenerationInput, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[TokenEvent | FinalEvent]:
+        engine = await self.state.engine_or_abort(context)
+        try:
+            request = to_domain(message, self.state.config.default_max_new_tokens)
+            events = engine.generate(request)
+        except LoraServeError as error:
+            await abort_with(context, error)
+        try:
+            async for event in events:
+                yield event
+        except LoraServeError as error:
+            await abort_with(context, error)
+        finally:
+            await events.aclose()
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        token_ids, logprobs = [], []
+        async for event in self._events(request.input, context):
+            if isinstance(event, TokenEvent):
+                token_ids.append(event.token_id)
+                if event.logprob is not None:
+                    logprobs.append(event.logprob)
+            else:
+                return pb.GenerateResponse(
+                    text=event.text,
+                    token_ids=token_ids,
+                    logprobs=logprobs,
+                    finish_reason=FINISH_REASONS[event.finish_reason],
+                    usage=usage_of(event),
+                )
+        raise AssertionError("the engine ended a request without a final event")
+
+    async def GenerateStream(
+        self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        async for event in self._events(request.input, context):
+            if isinstance(event, TokenEvent):
+                yield pb.GenerateStreamResponse(
+                    token=pb.TokenEvent(token_id=event.token_id, text=event.text, logprob=event.logprob)
+                )
+            else:
+                yield pb.GenerateStreamResponse(
+                    final=pb.FinalEvent(
+                        finish_reason=FINISH_REASONS[event.finish_reason], usage=usage_of(event)
+                    )
+                )

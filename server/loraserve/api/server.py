@@ -1,0 +1,126 @@
+"""The gRPC server's lifecycle: bind, load and warm the model, serve, drain on SIGTERM.
+
+The port is open from the first moment so Kubernetes can probe it: health says NOT_SERVING
+(and other calls UNAVAILABLE) until the model is loaded and one warm-up generation has run,
+then SERVING. SIGTERM or SIGINT flips health to NOT_SERVING, refuses new calls with UNAVAILABLE,
+lets in-flight calls finish within the grace period, then returns (the process exits 0).
+
+Knows nothing about request translation (the servicers) or batching (the engine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from loraserve.api.generation import GenerationServicer
+from loraserve.api.info import ServerInfoServicer
+from loraserve.api.state import ServerState
+from loraserve.config import ServerConfig
+from loraserve.engine.async_engine import AsyncEngine
+from loraserve.engine.core import EngineCore
+from loraserve.model.loading import load_base_model
+from loraserve.model.tiny import default_model_dir
+from loraserve.types import GenerateRequest, SamplingParams
+from loraserve.v1 import generation_pb2, generation_pb2_grpc, server_pb2, server_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
+    server_pb2.DESCRIPTOR.services_by_name["ServerService"].full_name,
+)
+OVERALL = ""  # the health service's name for the server as a whole
+
+
+def build_engine(config: ServerConfig) -> tuple[AsyncEngine, object]:
+    """Load the base model, wrap it, load start-up adapters and start the engine thread."""
+    engine_config = config.engine
+    model = engine_config.model or str(default_model_dir())
+    loaded = load_base_model(
+        model, engine_config.quantization, engine_config.compute_dtype, engine_config.device
+    )
+    core = EngineCore(loaded, engine_config)
+    for name, directory in config.adapters:
+        core.adapters.load(name, directory)
+        log.info("loaded adapter %r from %s", name, directory)
+    return AsyncEngine(core), loaded
+
+
+async def warm_up(engine: AsyncEngine) -> None:
+    """One tiny generation through the whole path before reporting SERVING."""
+    request = GenerateRequest(prompt_token_ids=(0,), sampling=SamplingParams(max_new_tokens=2))
+    async for _ in engine.generate(request):
+        pass
+
+
+async def _set_health(health: HealthServicer, status: int) -> None:
+    for name in (OVERALL, *SERVICE_NAMES):
+        await health.set(name, status)
+
+
+async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
+    """Run until `stop` is set or SIGTERM / SIGINT arrives; returns the exit status."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    state = ServerState(config)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+    )
+    health = HealthServicer()
+    await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(state), server)
+    server_pb2_grpc.add_ServerServiceServicer_to_server(ServerInfoServicer(state), server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    address = f"{config.host}:{config.port}"
+    if server.add_insecure_port(address) == 0:
+        log.error("cannot bind %s", address)
+        return 1
+    await server.start()
+    log.info("listening on %s (NOT_SERVING until the model is loaded and warmed up)", address)
+
+    loading = asyncio.ensure_future(asyncio.to_thread(build_engine, config))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if loading.done():
+        try:
+            state.engine, state.loaded = loading.result()
+            await warm_up(state.engine)
+            await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
+            log.info("SERVING %s", config.model_name)
+        except Exception as error:
+            state.startup_error = f"start-up failed: {error}"
+            log.exception("start-up failed; serving NOT_SERVING until stopped")
+    await stopping
+
+    log.info("draining: NOT_SERVING, refusing new calls, %.0fs grace", config.drain_grace_seconds)
+    state.draining = True
+    await health.enter_graceful_shutdown()
+    await server.stop(config.drain_grace_seconds)
+    if state.engine is not None:
+        state.engine.shutdown()
+    else:
+        loading.cancel()
+    log.info("stopped")
+    return 0 if state.startup_error is None else 1

@@ -1,0 +1,34 @@
+"""What the servicers share: the server config, the engine once it is up, and the draining flag.
+
+Knows nothing about protobuf messages; it only decides whether a call may reach the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+
+from loraserve.config import ServerConfig
+from loraserve.engine.async_engine import AsyncEngine
+from loraserve.model.loading import LoadedModel
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    engine: AsyncEngine | None = None
+    loaded: LoadedModel | None = None
+    draining: bool = False
+    startup_error: str | None = field(default=None)
+
+    async def engine_or_abort(self, context: grpc.aio.ServicerContext) -> AsyncEngine:
+        """The running engine, or end the call with UNAVAILABLE saying why it is not there."""
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        if self.engine is None:
+            reason = self.startup_error or "the model is still loading; retry shortly"
+            await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
+        if not self.engine.alive:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine stopped; see server log")
+        return self.engine

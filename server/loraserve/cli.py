@@ -1,0 +1,71 @@
+"""The `loraserve` command: `serve` runs the gRPC server.
+
+Reads flags, `LORASERVE_*` environment variables and an optional JSON config file once, builds
+the frozen `ServerConfig`, prints it, and hands it to the server. Knows nothing about serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from loraserve.config import build_server_config
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the gRPC server")
+    p.add_argument("--config", type=Path, help="JSON file of settings (flags and env win)")
+    p.add_argument("--model", help="HF model directory or hub id (default: built-in tiny model)")
+    p.add_argument("--quantization", choices=("nf4", "fp4", "int8", "none"))
+    p.add_argument("--compute-dtype", dest="compute_dtype", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="gRPC port (default 50051)")
+    p.add_argument("--device-slots", dest="device_slots", type=int,
+                   help="adapters resident on the device at once")
+    p.add_argument("--max-rank", dest="max_rank", type=int, help="largest LoRA rank accepted")
+    p.add_argument("--max-batch-size", dest="max_batch_size", type=int)
+    p.add_argument("--max-context", dest="max_context", type=int)
+    p.add_argument("--kv-cache-tokens", dest="kv_cache_tokens", type=int)
+    p.add_argument("--max-step-tokens", dest="max_step_tokens", type=int)
+    p.add_argument("--default-max-new-tokens", dest="default_max_new_tokens", type=int)
+    p.add_argument("--drain-grace-seconds", dest="drain_grace_seconds", type=float)
+    p.add_argument("--adapter", dest="adapters", action="append", metavar="NAME=DIR",
+                   help="load a PEFT LoRA directory at start-up (repeatable)")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from loraserve.api.server import serve
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    file_values = json.loads(args.config.read_text()) if args.config else {}
+    try:
+        config = build_server_config(flags, os.environ, file_values)
+    except (ValueError, TypeError) as error:
+        print(f"loraserve: bad configuration: {error}", file=sys.stderr)
+        return 2
+    logging.getLogger(__name__).info("configuration: %s", json.dumps(config.describe(), default=str))
+    return asyncio.run(serve(config))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=os.environ.get("LORASERVE_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("bitsandbytes", "httpx", "transformers.modeling_utils"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    parser = argparse.ArgumentParser(prog="loraserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    args = parser.parse_args(argv)
+    return {"serve": _serve}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
