@@ -26,8 +26,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gRPC port (default 50051)")
-    p.add_argument("--device-slots", dest="device_slots", type=int,
-                   help="adapters resident on the device at once")
+    p.add_argument(
+        "--device-slots",
+        dest="device_slots",
+        type=int,
+        help="adapters resident on the device at once",
+    )
     p.add_argument("--max-rank", dest="max_rank", type=int, help="largest LoRA rank accepted")
     p.add_argument("--max-batch-size", dest="max_batch_size", type=int)
     p.add_argument("--max-context", dest="max_context", type=int)
@@ -35,8 +39,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-step-tokens", dest="max_step_tokens", type=int)
     p.add_argument("--default-max-new-tokens", dest="default_max_new_tokens", type=int)
     p.add_argument("--drain-grace-seconds", dest="drain_grace_seconds", type=float)
-    p.add_argument("--adapter", dest="adapters", action="append", metavar="NAME=DIR",
-                   help="load a PEFT LoRA directory at start-up (repeatable)")
+    p.add_argument(
+        "--adapter",
+        dest="adapters",
+        action="append",
+        metavar="NAME=DIR",
+        help="load a PEFT LoRA directory at start-up (repeatable)",
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -49,7 +58,9 @@ def _serve(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as error:
         print(f"loraserve: bad configuration: {error}", file=sys.stderr)
         return 2
-    logging.getLogger(__name__).info("configuration: %s", json.dumps(config.describe(), default=str))
+    logging.getLogger(__name__).info(
+        "configuration: %s", json.dumps(config.describe(), default=str)
+    )
     return asyncio.run(serve(config))
 
 

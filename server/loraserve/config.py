@@ -113,7 +113,9 @@ def _parse(text: str, default: Any, name: str) -> Any:
         if isinstance(default, float):
             return float(text)
     except ValueError as e:
-        raise ValueError(f"LORASERVE_{name.upper()}={text!r} is not a valid {type(default).__name__}") from e
+        raise ValueError(
+            f"LORASERVE_{name.upper()}={text!r} is not a valid {type(default).__name__}"
+        ) from e
     if isinstance(default, tuple):
         return tuple(item for item in text.split(",") if item)
     return text

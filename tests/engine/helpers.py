@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -33,14 +34,17 @@ class Collected:
 
 
 def make_core(model_dir, quantization="nf4", dtype="fp32", **overrides) -> EngineCore:
-    settings = dict(device="cpu", device_slots=8, max_rank=64, kv_cache_tokens=4096, max_context=512)
+    settings = dict(
+        device="cpu", device_slots=8, max_rank=64, kv_cache_tokens=4096, max_context=512
+    )
     settings.update(overrides)
     loaded = load_base_model(str(model_dir), quantization, dtype, "cpu")
     return EngineCore(loaded, EngineConfig(**settings))
 
 
-def record_logits(core: EngineCore, collected: dict[int, Collected]) -> None:
-    """Make `core` keep the logits each request's tokens were chosen from."""
+@contextmanager
+def recording_logits(core: EngineCore, collected: dict[int, Collected]):
+    """While open, `core` keeps the logits each request's tokens were chosen from."""
     original = core._sample_and_emit
 
     def sample_and_emit(seqs, logits):
@@ -49,22 +53,26 @@ def record_logits(core: EngineCore, collected: dict[int, Collected]) -> None:
         original(seqs, logits)
 
     core._sample_and_emit = sample_and_emit
+    try:
+        yield
+    finally:
+        del core._sample_and_emit
 
 
 def run(core: EngineCore, arrivals: dict[int, list[GenerateRequest]], max_steps: int = 500):
     """Add arrivals[s] before step s; step until idle. Returns Collected per request, in order."""
     results: dict[int, Collected] = {}
     order: list[int] = []
-    record_logits(core, results)
     step = 0
-    while step <= max(arrivals) or core.has_work():
-        for request in arrivals.get(step, []):
-            sink = Collected()
-            request_id = core.add_request(request, sink)
-            results[request_id] = sink
-            order.append(request_id)
-        if core.has_work():
-            core.step()
-        step += 1
-        assert step < max_steps, "engine did not finish"
+    with recording_logits(core, results):
+        while step <= max(arrivals) or core.has_work():
+            for request in arrivals.get(step, []):
+                sink = Collected()
+                request_id = core.add_request(request, sink)
+                results[request_id] = sink
+                order.append(request_id)
+            if core.has_work():
+                core.step()
+            step += 1
+            assert step < max_steps, "engine did not finish"
     return [results[i] for i in order]

@@ -1,15 +1,15 @@
-"""Golden parity: a mixed continuous batch equals HF PEFT with each adapter alone, token for token."""
+"""Golden parity: a mixed continuous batch equals HF PEFT with each adapter alone."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from peft import PeftModel
+from tests.conftest import ADAPTER_SPECS
+from tests.engine.helpers import make_core, run
 
 from loraserve.model.loading import load_base_model
 from loraserve.types import GenerateRequest, SamplingParams
-from tests.conftest import ADAPTER_SPECS
-from tests.engine.helpers import make_core, run
 
 # Largest |logit difference| allowed against PEFT, per (quantization, compute dtype).
 # bitsandbytes' CPU 4-bit matmul rounds its output to bf16 even with fp32 compute, so an input
@@ -65,7 +65,9 @@ def test_mixed_batch_matches_peft_each_adapter_alone(
         core.adapters.load(name, directory)
     adapters = [spec.name for spec in ADAPTER_SPECS] + [None, None]
     requests = [
-        GenerateRequest(prompt=prompt, adapter=adapter, sampling=SamplingParams(max_new_tokens=MAX_NEW))
+        GenerateRequest(
+            prompt=prompt, adapter=adapter, sampling=SamplingParams(max_new_tokens=MAX_NEW)
+        )
         for prompt, adapter in zip(PROMPTS, adapters)
     ]
     # Staggered arrivals: two requests join every third step, prefill mixing with decode.

@@ -79,7 +79,7 @@ class AdapterSlots:
             slot = self._slot_of.get(name)
             if slot is None:
                 raise AdapterNotFoundError(
-                    f"adapter {name!r} is not loaded; load it first or omit it to use the base model"
+                    f"adapter {name!r} is not loaded; load it first, or omit it for the base model"
                 )
             self._refs[slot] += 1
             return slot

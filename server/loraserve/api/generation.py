@@ -113,7 +113,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         async for event in self._events(request.input, context):
             if isinstance(event, TokenEvent):
                 yield pb.GenerateStreamResponse(
-                    token=pb.TokenEvent(token_id=event.token_id, text=event.text, logprob=event.logprob)
+                    token=pb.TokenEvent(
+                        token_id=event.token_id, text=event.text, logprob=event.logprob
+                    )
                 )
             else:
                 yield pb.GenerateStreamResponse(

@@ -89,8 +89,11 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(state), server)
     server_pb2_grpc.add_ServerServiceServicer_to_server(ServerInfoServicer(state), server)
     reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME),
+        (
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     address = f"{config.host}:{config.port}"

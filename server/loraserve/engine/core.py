@@ -61,7 +61,9 @@ class EngineCore:
             loaded.compute_dtype,
             config.lora_target_modules,
         )
-        self.adapters = AdapterSlots(layers, config.device_slots, config.max_rank, loaded.compute_dtype)
+        self.adapters = AdapterSlots(
+            layers, config.device_slots, config.max_rank, loaded.compute_dtype
+        )
         heads = model_config.num_attention_heads
         head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
         block = config.kv_block_size
@@ -172,8 +174,12 @@ class EngineCore:
             ready, logits = [], []
             if plan.prefill:
                 rows = [
-                    RowInput(s.token_ids[s.num_cached : s.num_cached + n], s.num_cached,
-                             s.block_table, s.lora_slot)
+                    RowInput(
+                        s.token_ids[s.num_cached : s.num_cached + n],
+                        s.num_cached,
+                        s.block_table,
+                        s.lora_slot,
+                    )
                     for s, n in plan.prefill
                 ]
                 out = self.runner.forward(rows)  # [P, V]

@@ -20,14 +20,16 @@ from loraserve.model.kv_cache import BlockAllocator
 
 @dataclass(frozen=True)
 class StepPlan:
-    """prefill: (sequence, tokens to feed) for rows still reading their prompt; decode: one token each."""
+    """prefill: (sequence, tokens to feed) for rows in their prompt; decode: one token each."""
 
     prefill: list[tuple[Sequence, int]]
     decode: list[Sequence]
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, max_batch_size: int, max_step_tokens: int) -> None:
+    def __init__(
+        self, allocator: BlockAllocator, max_batch_size: int, max_step_tokens: int
+    ) -> None:
         self.allocator = allocator
         self.max_batch_size = max_batch_size
         self.max_step_tokens = max_step_tokens

@@ -20,7 +20,7 @@ EmitFn = Callable[[Event], None]
 
 @dataclass(eq=False)
 class Sequence:
-    """One request: `token_ids` is prompt + generated; the first `num_cached` are in the KV cache."""
+    """One request: `token_ids` is prompt + generated; the first `num_cached` are in KV."""
 
     request_id: int
     prompt_len: int

@@ -73,8 +73,12 @@ class PagedKVCache(Cache):
         super().__init__(layers=[])
         self.block_size = block_size
         pool_shape = (num_blocks * block_size, kv_heads, head_dim)
-        self.key_pools = [torch.zeros(pool_shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.value_pools = [torch.zeros(pool_shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.key_pools = [
+            torch.zeros(pool_shape, dtype=dtype, device=device) for _ in range(num_layers)
+        ]
+        self.value_pools = [
+            torch.zeros(pool_shape, dtype=dtype, device=device) for _ in range(num_layers)
+        ]
         self._write_slots: torch.Tensor | None = None
         self._read_slots: torch.Tensor | None = None
 
@@ -90,14 +94,18 @@ class PagedKVCache(Cache):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """key_states, value_states: [B, kv_heads, T, head_dim] -> each [B, kv_heads, L, head_dim]."""
+        """key_states, value_states: [B, kv_heads, T, head_dim] -> [B, kv_heads, L, head_dim]."""
         key_pool, value_pool = self.key_pools[layer_idx], self.value_pools[layer_idx]
         kv_heads, head_dim = key_pool.shape[1:]
-        key_pool.index_copy_(0, self._write_slots, key_states.transpose(1, 2).reshape(-1, kv_heads, head_dim))
+        key_pool.index_copy_(
+            0, self._write_slots, key_states.transpose(1, 2).reshape(-1, kv_heads, head_dim)
+        )
         value_pool.index_copy_(
             0, self._write_slots, value_states.transpose(1, 2).reshape(-1, kv_heads, head_dim)
         )
-        return key_pool[self._read_slots].transpose(1, 2), value_pool[self._read_slots].transpose(1, 2)
+        return key_pool[self._read_slots].transpose(1, 2), value_pool[self._read_slots].transpose(
+            1, 2
+        )
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0 if self._read_slots is None else self._read_slots.shape[1]

@@ -77,7 +77,10 @@ def _quantization_config(
             log.warning(
                 "bitsandbytes on the CPU needs in-features %% %d == 0 and out-features %% %d == 0; "
                 "keeping %d layer(s) in the compute dtype: %s",
-                CPU_BLOCK_IN, CPU_BLOCK_OUT, len(misfits), ", ".join(misfits[:8]),
+                CPU_BLOCK_IN,
+                CPU_BLOCK_OUT,
+                len(misfits),
+                ", ".join(misfits[:8]),
             )
     skip = [output_name, *misfits]
     if quantization == "int8":

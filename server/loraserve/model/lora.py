@@ -77,7 +77,9 @@ def lora_delta(
         return torch.bmm(torch.bmm(x.unsqueeze(1), a), b).squeeze(1)
     for seg in batch.segments:
         xs = x[seg.start : seg.end]
-        out[seg.start : seg.end] = (xs @ lora_a[seg.slot, :, : seg.rank]) @ lora_b[seg.slot, : seg.rank]
+        out[seg.start : seg.end] = (xs @ lora_a[seg.slot, :, : seg.rank]) @ lora_b[
+            seg.slot, : seg.rank
+        ]
     return out
 
 
@@ -85,7 +87,9 @@ def lora_delta_reference(
     x: torch.Tensor, token_slots: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
 ) -> torch.Tensor:
     """Slow, obviously-correct reference for `lora_delta`: one token at a time, full rank."""
-    rows = [(x[t] @ lora_a[int(token_slots[t])]) @ lora_b[int(token_slots[t])] for t in range(len(x))]
+    rows = [
+        (x[t] @ lora_a[int(token_slots[t])]) @ lora_b[int(token_slots[t])] for t in range(len(x))
+    ]
     return torch.stack(rows) if rows else x.new_zeros(0, lora_b.shape[-1])
 
 
@@ -103,7 +107,12 @@ class MultiLoraLinear(nn.Module):
     """
 
     def __init__(
-        self, base: nn.Linear, context: LoraContext, num_slots: int, max_rank: int, dtype: torch.dtype
+        self,
+        base: nn.Linear,
+        context: LoraContext,
+        num_slots: int,
+        max_rank: int,
+        dtype: torch.dtype,
     ) -> None:
         super().__init__()
         self.base = base
@@ -115,7 +124,8 @@ class MultiLoraLinear(nn.Module):
             "lora_a", torch.zeros(num_slots, self.in_features, max_rank, dtype=dtype, device=device)
         )
         self.register_buffer(
-            "lora_b", torch.zeros(num_slots, max_rank, self.out_features, dtype=dtype, device=device)
+            "lora_b",
+            torch.zeros(num_slots, max_rank, self.out_features, dtype=dtype, device=device),
         )
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -135,7 +145,9 @@ class MultiLoraLinear(nn.Module):
         batch = self.context.batch
         if batch is None or batch.rank == 0:
             return y
-        delta = lora_delta(x.reshape(-1, self.in_features).to(self.lora_a.dtype), batch, self.lora_a, self.lora_b)
+        delta = lora_delta(
+            x.reshape(-1, self.in_features).to(self.lora_a.dtype), batch, self.lora_a, self.lora_b
+        )
         return y + delta.view(y.shape).to(y.dtype)
 
 

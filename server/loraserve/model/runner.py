@@ -62,7 +62,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, rows: list[RowInput]) -> torch.Tensor:
-        """Append each row's tokens to its context; returns logits [B, V] float32 of each last token."""
+        """Append each row's tokens to its context; returns float32 logits [B, V] of last tokens."""
         width = max(len(r.tokens) for r in rows)
         context = max(r.start + len(r.tokens) for r in rows)
         bs = self.cache.block_size
@@ -75,7 +75,9 @@ class ModelRunner:
             positions.append([0] * pad + pos)
             write.append([0] * pad + [table[p // bs] * bs + p % bs for p in pos])
             total = r.start + len(r.tokens)
-            read.append([table[p // bs] * bs + p % bs for p in range(total)] + [0] * (context - total))
+            read.append(
+                [table[p // bs] * bs + p % bs for p in range(total)] + [0] * (context - total)
+            )
             ctx_len.append(total)
 
         def tensor(values: list) -> torch.Tensor:

@@ -61,7 +61,7 @@ def write_tiny_model(
     initializer_range: float = 0.1,
     seed: int = 0,
 ) -> Path:
-    """Write a random `arch` model ("llama", "mistral", "qwen2", ...) and its tokenizer to `path`."""
+    """Write a random `arch` model ("llama", "mistral", "qwen2", ...) and tokenizer to `path`."""
     path = Path(path)
     tokenizer = build_tokenizer(vocab_size)
     config = AutoConfig.for_model(
@@ -91,7 +91,16 @@ def default_model_dir() -> Path:
     path = Path.home() / ".cache" / "loraserve" / "models" / "tiny-llama-v1"
     if not (path / "config.json").exists():
         staging = path.with_name(path.name + ".partial")
-        write_tiny_model(staging, "llama", hidden_size=256, intermediate_size=512, num_layers=4,
-                         num_heads=4, num_kv_heads=4, vocab_size=1024, seed=1234)
+        write_tiny_model(
+            staging,
+            "llama",
+            hidden_size=256,
+            intermediate_size=512,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=4,
+            vocab_size=1024,
+            seed=1234,
+        )
         staging.replace(path)
     return path

@@ -1,0 +1,19 @@
+PY ?= .venv/bin/python
+BUF ?= .tools/node_modules/.bin/buf
+
+.PHONY: proto lint format test bench
+
+proto:  ## regenerate server/loraserve/v1 from protos/
+	$(PY) protos/generate.py
+
+lint:
+	$(PY) -m ruff check . && $(PY) -m ruff format --check . && cd protos && ../$(BUF) lint
+
+format:
+	$(PY) -m ruff check --fix . && $(PY) -m ruff format .
+
+test:
+	$(PY) -m pytest -q
+
+bench:
+	$(PY) benchmarks/bench_multi_lora.py --out benchmarks/results/latest.json

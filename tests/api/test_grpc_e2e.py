@@ -1,0 +1,228 @@
+"""End to end over real gRPC on loopback, against a real `loraserve serve` process."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from tests.api.buf import buf_or_skip
+from tests.api.server_process import health_status, running_server
+from tests.engine.helpers import make_core, run
+
+from loraserve.types import GenerateRequest, SamplingParams
+from loraserve.v1 import generation_pb2 as pb
+from loraserve.v1 import generation_pb2_grpc, server_pb2, server_pb2_grpc
+
+ADAPTERS = ("r4-attn", "r8-all", "r64-all")
+PROMPTS = ("The quick brown fox", "LoRA adapts a frozen", "Café 🙂", "def forward(self, x):")
+MAX_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def server(model_dirs, adapter_dirs, tmp_path_factory):
+    flags = ["--model", str(model_dirs["llama"]), "--compute-dtype", "fp32", "--device", "cpu"]
+    for name in ADAPTERS:
+        flags += ["--adapter", f"{name}={adapter_dirs['llama'][name]}"]
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with running_server(*flags, log_path=log) as (address, _, seen):
+        yield address, seen
+
+
+@pytest.fixture(scope="module")
+def expected(model_dirs, adapter_dirs):
+    """Greedy tokens of each (prompt, adapter) from the engine in-process, one at a time."""
+    core = make_core(model_dirs["llama"])
+    for name in ADAPTERS:
+        core.adapters.load(name, adapter_dirs["llama"][name])
+    want = {}
+    for prompt in PROMPTS:
+        for adapter in (None, *ADAPTERS):
+            request = GenerateRequest(
+                prompt=prompt, adapter=adapter, sampling=SamplingParams(max_new_tokens=MAX_NEW)
+            )
+            want[prompt, adapter] = run(core, {0: [request]})[0].tokens
+    return want
+
+
+def generation_input(prompt: str, adapter: str | None, **fields) -> pb.GenerationInput:
+    return pb.GenerationInput(
+        text=prompt, adapter=pb.AdapterRef(name=adapter or ""), max_new_tokens=MAX_NEW, **fields
+    )
+
+
+def test_health_goes_from_not_serving_to_serving(server):
+    _, seen = server
+    assert seen[-1] == health_pb2.HealthCheckResponse.SERVING
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in seen or None in seen
+    assert health_status(server[0], "loraserve.v1.GenerationService") == seen[-1]
+
+
+def test_unary_and_streaming_with_several_adapters_at_once(server, expected):
+    address, _ = server
+    cases = [(p, a) for p in PROMPTS for a in (None, *ADAPTERS)]
+
+    def unary(case):
+        with grpc.insecure_channel(address) as channel:
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+            reply = stub.Generate(pb.GenerateRequest(input=generation_input(*case)), timeout=60)
+        return list(reply.token_ids), reply
+
+    def stream(case):
+        with grpc.insecure_channel(address) as channel:
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+            messages = list(
+                stub.GenerateStream(
+                    pb.GenerateStreamRequest(input=generation_input(*case, logprobs=True)),
+                    timeout=60,
+                )
+            )
+        return messages
+
+    with ThreadPoolExecutor(max_workers=len(cases)) as pool:
+        unary_results = list(pool.map(unary, cases))
+        stream_results = list(pool.map(stream, cases))
+
+    for case, (tokens, reply) in zip(cases, unary_results):
+        assert tokens == expected[case], case
+        assert reply.finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_EOS)
+        assert reply.usage.completion_tokens == len(tokens)
+        assert reply.usage.prompt_tokens > 0
+    for case, messages in zip(cases, stream_results):
+        tokens = [m.token.token_id for m in messages if m.WhichOneof("event") == "token"]
+        assert tokens == expected[case], case
+        assert all(m.token.HasField("logprob") for m in messages[:-1])
+        assert messages[-1].WhichOneof("event") == "final"
+        assert messages[-1].final.usage.completion_tokens == len(tokens)
+    # The adapters really change the output.
+    assert len({tuple(expected[PROMPTS[0], a]) for a in (None, *ADAPTERS)}) > 1
+
+
+def test_server_info(server):
+    with grpc.insecure_channel(server[0]) as channel:
+        info = server_pb2_grpc.ServerServiceStub(channel).GetServerInfo(
+            server_pb2.GetServerInfoRequest(), timeout=10
+        )
+    assert info.quantization == "nf4"
+    assert info.device == "cpu"
+    assert info.max_rank == 64
+    assert info.device_slots == 8
+    assert info.max_context > 0
+    assert info.version
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "words"),
+    [
+        ({"text": ""}, grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty"),
+        ({"adapter": pb.AdapterRef(name="nope")}, grpc.StatusCode.NOT_FOUND, "'nope'"),
+        (
+            {"sampling": pb.SamplingParams(temperature=-1)},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "temperature",
+        ),
+        ({"sampling": pb.SamplingParams(top_p=0)}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        ({"max_new_tokens": 100_000}, grpc.StatusCode.INVALID_ARGUMENT, "context limit"),
+        ({"token_ids": pb.TokenIds(ids=[10**6])}, grpc.StatusCode.INVALID_ARGUMENT, "vocabulary"),
+        ({"stop": [""]}, grpc.StatusCode.INVALID_ARGUMENT, "stop"),
+    ],
+)
+def test_bad_input_gets_its_status(server, fields, code, words):
+    message = pb.GenerationInput(text="hello", max_new_tokens=4)
+    for key, value in fields.items():
+        if isinstance(value, (pb.AdapterRef, pb.SamplingParams, pb.TokenIds)):
+            getattr(message, key).CopyFrom(value)
+        elif isinstance(value, list):
+            getattr(message, key).extend(value)
+        else:
+            setattr(message, key, value)
+    with grpc.insecure_channel(server[0]) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Generate(pb.GenerateRequest(input=message), timeout=10)
+    assert caught.value.code() == code
+    assert words in caught.value.details()
+
+
+def test_missing_prompt_is_invalid(server):
+    with grpc.insecure_channel(server[0]) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Generate(pb.GenerateRequest(input=pb.GenerationInput()), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input.text or input.token_ids" in caught.value.details()
+
+
+def test_deadline_and_cancel_leave_the_server_serving(server, expected):
+    address = server[0]
+    long_input = generation_input(PROMPTS[0], None, sampling=pb.SamplingParams())
+    long_input.max_new_tokens = 1000
+    with grpc.insecure_channel(address) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Generate(pb.GenerateRequest(input=long_input), timeout=0.5)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        call = stub.GenerateStream(pb.GenerateStreamRequest(input=long_input), timeout=60)
+        next(call)
+        call.cancel()
+        reply = stub.Generate(
+            pb.GenerateRequest(input=generation_input(PROMPTS[1], "r8-all")), timeout=60
+        )
+    assert list(reply.token_ids) == expected[PROMPTS[1], "r8-all"]
+
+
+def test_sigterm_drains_in_flight_streams_and_exits_zero(model_dirs, tmp_path):
+    flags = ["--model", str(model_dirs["llama"]), "--device", "cpu", "--drain-grace-seconds", "30"]
+    with running_server(*flags, log_path=tmp_path / "server.log") as (address, process, _):
+        channel = grpc.insecure_channel(address)
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        request = pb.GenerateStreamRequest(
+            input=pb.GenerationInput(text="drain", max_new_tokens=200)
+        )
+        stream = stub.GenerateStream(request, timeout=120)
+        first = next(stream)
+        assert first.WhichOneof("event") == "token"
+        messages: list = []
+        reader = threading.Thread(target=lambda: messages.extend(stream))
+        reader.start()
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert health_status(address) in (health_pb2.HealthCheckResponse.NOT_SERVING, None)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Generate(pb.GenerateRequest(input=generation_input("new", None)), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        reader.join(timeout=120)
+        assert messages and messages[-1].WhichOneof("event") == "final"
+        assert messages[-1].final.usage.completion_tokens == 200
+        assert process.wait(timeout=60) == 0
+        channel.close()
+
+
+def test_buf_curl_calls_health_and_generate_through_reflection(server, expected):
+    buf = buf_or_skip()
+    address = server[0]
+    base = ["--protocol", "grpc", "--http2-prior-knowledge", "--timeout", "60s"]
+
+    def curl(method: str, data: str) -> dict:
+        result = subprocess.run(
+            [buf, "curl", *base, "--data", data, f"http://{address}/{method}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    assert curl("grpc.health.v1.Health/Check", "{}") == {"status": "SERVING"}
+    request = {
+        "input": {"text": PROMPTS[2], "adapter": {"name": "r64-all"}, "maxNewTokens": MAX_NEW}
+    }
+    reply = curl("loraserve.v1.GenerationService/Generate", json.dumps(request))
+    assert [int(t) for t in reply["tokenIds"]] == expected[PROMPTS[2], "r64-all"]
+    assert reply["finishReason"] in ("FINISH_REASON_LENGTH", "FINISH_REASON_EOS")
