@@ -20,6 +20,8 @@ class EngineConfig:
     max_context: the most tokens (prompt + generated) one request may hold.
     max_step_tokens: the most tokens one engine step feeds the model (prefill is chunked to fit).
     device_slots: adapters resident on the device at once (slot 0, the base, is extra).
+    host_cache_bytes: the host-RAM tier's budget for adapter weights ready to load.
+    slot_patience_steps: steps a request waits for a slot before one is drained for it.
     lora_target_modules: restrict which projections get LoRA slots (empty = every linear layer).
     """
 
@@ -29,6 +31,8 @@ class EngineConfig:
     device: str = "auto"
     max_rank: int = 64
     device_slots: int = 8
+    host_cache_bytes: int = 4 * 1024**3
+    slot_patience_steps: int = 8
     lora_target_modules: tuple[str, ...] = ()
     kv_cache_tokens: int = 32768
     kv_block_size: int = 16

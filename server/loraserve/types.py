@@ -104,12 +104,15 @@ class SamplingParams:
 class GenerateRequest:
     """One generation: a prompt (text or token ids), an optional adapter, sampling parameters.
 
-    `adapter` is the adapter's registered name; None or "" runs the base model alone.
+    `adapter` is the adapter's name (None or "" runs the base model alone), looked up in
+    `tenant`'s adapters first, then among shared ones; `adapter_version` None means the latest.
     """
 
     prompt: str | None = None
     prompt_token_ids: tuple[int, ...] | None = None
     adapter: str | None = None
+    adapter_version: str | None = None
+    tenant: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
 

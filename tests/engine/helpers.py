@@ -73,6 +73,8 @@ def run(core: EngineCore, arrivals: dict[int, list[GenerateRequest]], max_steps:
                 order.append(request_id)
             if core.has_work():
                 core.step()
+                if core.num_running == 0:  # waiting on adapter loads only
+                    assert core.adapters.wait_for_loads(timeout=60)
             step += 1
             assert step < max_steps, "engine did not finish"
     return [results[i] for i in order]

@@ -23,12 +23,17 @@ from loraserve.types import EngineDeadError, FinalEvent, GenerateRequest, TokenE
 log = logging.getLogger(__name__)
 
 
+def _wake() -> None:
+    """An inbox task that does nothing but end the loop's wait."""
+
+
 class AsyncEngine:
     def __init__(self, core: EngineCore) -> None:
         self.core = core
         self._inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="loraserve-engine", daemon=True)
         self._error: BaseException | None = None
+        core.adapters.on_load_done = lambda: self._inbox.put(_wake)
         self._thread.start()
 
     @property
@@ -79,8 +84,11 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
+            progressed = False
             while True:
-                block = not self.core.has_work()
+                # Idle, or every waiting request waits on an adapter load: sleep until the
+                # inbox has a request, a cancel or a finished load.
+                block = not (self.core.has_work() and progressed)
                 try:
                     while True:
                         task = self._inbox.get(block=block)
@@ -90,8 +98,7 @@ class AsyncEngine:
                         block = False
                 except queue.Empty:
                     pass
-                if self.core.has_work():
-                    self.core.step()
+                progressed = self.core.has_work() and self.core.step()
         except BaseException as error:  # the loop itself broke: report, never hang callers
             self._error = error
             log.exception("engine loop died")

@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from loraserve.adapters.slots import AdapterSlots
+from loraserve.adapters.manager import AdapterManager
 from loraserve.config import EngineConfig
 from loraserve.engine.scheduler import Scheduler
 from loraserve.engine.sequence import EmitFn, Sequence
@@ -61,8 +61,13 @@ class EngineCore:
             loaded.compute_dtype,
             config.lora_target_modules,
         )
-        self.adapters = AdapterSlots(
-            layers, config.device_slots, config.max_rank, loaded.compute_dtype
+        self.adapters = AdapterManager(
+            layers,
+            config.device_slots,
+            config.max_rank,
+            loaded.compute_dtype,
+            loaded.device,
+            config.host_cache_bytes,
         )
         heads = model_config.num_attention_heads
         head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
@@ -79,7 +84,13 @@ class EngineCore:
             loaded.device,
         )
         self.runner = ModelRunner(loaded.model, self.cache, self.lora, self.adapters.slot_ranks)
-        self.scheduler = Scheduler(self.allocator, config.max_batch_size, config.max_step_tokens)
+        self.scheduler = Scheduler(
+            self.allocator,
+            self.adapters,
+            config.max_batch_size,
+            config.max_step_tokens,
+            config.slot_patience_steps,
+        )
         self.max_context = min(
             config.max_context,
             getattr(model_config, "max_position_embeddings", None) or config.max_context,
@@ -93,7 +104,7 @@ class EngineCore:
     # ---- requests -----------------------------------------------------------------------
 
     def make_sequence(self, request: GenerateRequest, emit: EmitFn) -> Sequence:
-        """Validate and tokenize `request`; takes a reference on its adapter's slot.
+        """Validate and tokenize `request`, and resolve its adapter to an immutable key.
 
         Raises InvalidRequestError, AdapterNotFoundError or CapacityError with a message that
         says what to change. Safe to call from any thread.
@@ -112,13 +123,16 @@ class EngineCore:
             raise CapacityError(
                 f"the queue is full ({self.config.max_waiting} waiting requests); retry later"
             )
-        slot = self.adapters.acquire(request.adapter)
+        adapter_key = self.adapters.resolve(
+            request.adapter, request.tenant, request.adapter_version
+        )
+        self.adapters.raise_if_failed(adapter_key)
         return Sequence(
             request_id=next(self._ids),
             prompt_len=len(prompt_ids),
             token_ids=list(prompt_ids),
             params=params,
-            lora_slot=slot,
+            adapter_key=adapter_key,
             kv_tokens=total,
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop),
             generator=None if params.greedy else make_generator(params.seed, self.device),
@@ -163,13 +177,21 @@ class EngineCore:
 
     # ---- the step -----------------------------------------------------------------------
 
-    def step(self) -> None:
-        """One iteration: retire cancelled, admit, prefill + decode, sample, emit, retire."""
+    def step(self) -> bool:
+        """One iteration: retire cancelled, admit, prefill + decode, sample, emit, retire.
+
+        Returns False when nothing could run: every waiting request waits on an adapter load.
+        """
         self.steps += 1
         for seq in [s for s in self._by_id.values() if s.cancelled]:
             self._finish(seq, FinishReason.CANCELLED)
-        self.scheduler.admit()
+        _, failed = self.scheduler.admit()
+        for seq, error in failed:
+            seq.emit(error)
+            self._release(seq)
         plan = self.scheduler.plan()
+        if not (plan.prefill or plan.decode):
+            return False
         try:
             ready, logits = [], []
             if plan.prefill:
@@ -205,6 +227,7 @@ class EngineCore:
             for seq in list(self.scheduler.running):
                 seq.emit(error)
                 self._release(seq)
+        return True
 
     def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """logits: [N, V] float32, one row per sequence in `seqs`."""
@@ -239,7 +262,8 @@ class EngineCore:
 
     def _release(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
-        self.adapters.release(seq.lora_slot)
+        if seq.lora_slot is not None:
+            self.adapters.release(seq.lora_slot)
         self._by_id.pop(seq.request_id, None)
         seq.finished = True
 

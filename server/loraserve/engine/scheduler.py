@@ -1,12 +1,19 @@
 """Iteration-level scheduling: who joins the batch, and how many tokens each row feeds this step.
 
-Admission is first-come, first-served against three limits: the batch size, the KV budget
-(each sequence reserves prompt + max_new_tokens positions when admitted, so a running sequence
-never runs out of KV), and the waiting queue's length. The head of the queue is never skipped,
-so a large request cannot starve. Every step gives each decoding sequence its one token first,
-then fills the rest of the per-step token cap with prefill chunks, oldest first.
+Admission walks the waiting queue oldest first. Each sequence first needs a reference on a
+device slot for its adapter (the manager loads cold adapters in the background); a sequence
+whose adapter is not ready yet is passed over, so requests for resident adapters keep flowing
+while cold ones load. Among ready sequences admission is first-come, first-served against the
+batch size and the KV budget (a sequence reserves prompt + max_new_tokens positions, so a
+running sequence never runs out of KV); the oldest ready sequence is never skipped, so a large
+request cannot starve. A sequence that has waited `slot_patience_steps` for a slot makes the
+manager drain one, so a cold adapter cannot starve behind a stream of hot ones; the next few
+cold adapters in line are read into host RAM ahead of time.
 
-Knows nothing about the model, sampling or adapters beyond a sequence's slot number.
+Every step gives each decoding sequence its one token, then fills the rest of the per-step
+token cap with prefill chunks, oldest first.
+
+Knows nothing about the model or sampling; adapters are opaque keys the manager resolves.
 """
 
 from __future__ import annotations
@@ -14,8 +21,12 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from loraserve.adapters.manager import AdapterManager
 from loraserve.engine.sequence import Sequence
 from loraserve.model.kv_cache import BlockAllocator
+from loraserve.types import LoraServeError
+
+LOOKAHEAD_ADAPTERS = 4
 
 
 @dataclass(frozen=True)
@@ -28,11 +39,18 @@ class StepPlan:
 
 class Scheduler:
     def __init__(
-        self, allocator: BlockAllocator, max_batch_size: int, max_step_tokens: int
+        self,
+        allocator: BlockAllocator,
+        adapters: AdapterManager,
+        max_batch_size: int,
+        max_step_tokens: int,
+        slot_patience_steps: int = 8,
     ) -> None:
         self.allocator = allocator
+        self.adapters = adapters
         self.max_batch_size = max_batch_size
         self.max_step_tokens = max_step_tokens
+        self.slot_patience_steps = slot_patience_steps
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -42,19 +60,42 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def admit(self) -> list[Sequence]:
-        """Move waiting sequences into the batch while the head fits; returns those admitted."""
-        admitted = []
-        while self.waiting and len(self.running) < self.max_batch_size:
-            seq = self.waiting[0]
+    def admit(self) -> tuple[list[Sequence], list[tuple[Sequence, Exception]]]:
+        """Move ready waiting sequences into the batch; returns (admitted, failed with why)."""
+        admitted: list[Sequence] = []
+        failed: list[tuple[Sequence, Exception]] = []
+        slotless: list[Sequence] = []
+        for seq in list(self.waiting):
+            if seq.lora_slot is None:
+                try:
+                    seq.lora_slot = self.adapters.reserve(seq.adapter_key)
+                except LoraServeError as error:
+                    failed.append((seq, error))
+                    continue
+                if seq.lora_slot is None:
+                    seq.slot_wait_steps += 1
+                    slotless.append(seq)
+                    continue
+            error = self.adapters.load_error(seq.lora_slot)
+            if error is not None:
+                failed.append((seq, error))
+                continue
+            if not self.adapters.is_ready(seq.lora_slot):
+                continue
+            if len(self.running) >= self.max_batch_size:
+                break
             blocks = self.allocator.blocks_for(seq.kv_tokens)
             if blocks > self.allocator.free_blocks:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.block_table = self.allocator.allocate(blocks)
             self.running.append(seq)
             admitted.append(seq)
-        return admitted
+        if slotless and slotless[0].slot_wait_steps >= self.slot_patience_steps:
+            self.adapters.make_room()
+        for key in list(dict.fromkeys(s.adapter_key for s in slotless))[:LOOKAHEAD_ADAPTERS]:
+            self.adapters.warm_host(key)
+        return admitted, failed
 
     def plan(self) -> StepPlan:
         decode = [s for s in self.running if not s.in_prefill]

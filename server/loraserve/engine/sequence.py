@@ -6,7 +6,7 @@ positions, the LoRA slot and where to send events.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -26,11 +26,13 @@ class Sequence:
     prompt_len: int
     token_ids: list[int]
     params: SamplingParams
-    lora_slot: int
+    adapter_key: Hashable | None  # opaque, from the adapter manager; None = base model
     kv_tokens: int  # KV positions reserved at admission: prompt + max_new_tokens
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
     emit: EmitFn
+    lora_slot: int | None = None  # set once the adapter manager gives the sequence a slot
+    slot_wait_steps: int = 0  # steps spent waiting for a slot
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0
     cancelled: bool = False
