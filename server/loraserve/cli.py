@@ -1,7 +1,8 @@
-"""The `loraserve` command: `serve` runs the gRPC server.
+"""The `loraserve` command: `serve` runs the gRPC server; the client commands (`generate`,
+`adapters`, `health`, `info`) come from `loraserve_client.cli` and never import torch.
 
-Reads flags, `LORASERVE_*` environment variables and an optional JSON config file once, builds
-the frozen `ServerConfig`, prints it, and hands it to the server. Knows nothing about serving.
+For `serve`: reads flags, `LORASERVE_*` environment variables and an optional JSON config file
+once, builds the frozen `ServerConfig`, logs it, and hands it to the server.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 from loraserve.config import build_server_config
+from loraserve_client.cli import add_client_commands, run_command
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -71,11 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("bitsandbytes", "httpx", "transformers.modeling_utils"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    parser = argparse.ArgumentParser(prog="loraserve", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="loraserve", description="Many LoRA adapters on one quantized base model, over gRPC."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    add_client_commands(sub)
     args = parser.parse_args(argv)
-    return {"serve": _serve}[args.command](args)
+    if args.command == "serve":
+        return _serve(args)
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ class AdapterManager:
         self.device_stats = LoadStats(TierCounters(), deque(maxlen=1024))
         self.failure_ttl_s = failure_ttl_s
         self.store = None  # an AdapterStore, attached by the server when it has one
-        self._local: dict[str, tuple[AdapterKey, Path]] = {}
+        self._local: dict[str, AdapterKey] = {}  # name -> key of its current registration
+        self._local_paths: dict[AdapterKey, Path] = {}  # kept for in-flight users of old keys
         self._generation = itertools.count(1)
         self._failures: dict[AdapterKey, tuple[Exception, float]] = {}
         self._host_pending: set[AdapterKey] = set()
@@ -103,18 +104,19 @@ class AdapterManager:
         key = ("local", name, next(self._generation))
         with self._lock:
             previous = self._local.get(name)
-            self._local[name] = (key, Path(directory))
+            self._local[name] = key
+            self._local_paths[key] = Path(directory)
             if previous is not None:
-                self.forget(previous[0])
+                self.forget(previous)
         self.host.put(key, weights)
         return key
 
     def unload(self, name: str) -> None:
         with self._lock:
-            entry = self._local.pop(name, None)
-            if entry is None:
+            key = self._local.pop(name, None)
+            if key is None:
                 raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
-            self.forget(entry[0])
+            self.forget(key)
 
     def resolve(self, name: str | None, tenant: str | None = None, version: str | None = None):
         """The key of `name` for `tenant` (its own adapters first, then shared); None = base."""
@@ -125,13 +127,13 @@ class AdapterManager:
             if ref is not None:
                 return ref
         with self._lock:
-            entry = self._local.get(name)
-        if entry is None or version:
+            key = self._local.get(name)
+        if key is None or version:
             raise AdapterNotFoundError(
                 f"adapter {name!r}{f' version {version!r}' if version else ''} not found; "
                 "upload it first, or omit the adapter to use the base model"
             )
-        return entry[0]
+        return key
 
     def forget(self, key: AdapterKey) -> None:
         """`key` was deleted or replaced: never hand it out again; free its tiers when idle."""
@@ -248,12 +250,10 @@ class AdapterManager:
             self.on_load_done()
 
     def _directory(self, key: AdapterKey) -> Path:
-        if isinstance(key, tuple) and key[0] == "local":
-            with self._lock:
-                for local_key, directory in self._local.values():
-                    if local_key == key:
-                        return directory
-            raise AdapterNotFoundError(f"adapter {key[1]!r} was unloaded")
+        with self._lock:
+            directory = self._local_paths.get(key)
+        if directory is not None:
+            return directory
         if self.store is None:
             raise AdapterNotFoundError(f"adapter {key} has no store")
         return self.store.path(key)

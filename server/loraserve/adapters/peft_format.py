@@ -1,9 +1,11 @@
 """Read and validate a PEFT LoRA directory into per-module tensors ready for a device slot.
 
 Reads only `adapter_config.json` and `adapter_model.safetensors` (never pickle, never remote
-code, never a download: `base_model_name_or_path` is an opaque string). Every problem found is
-collected and reported at once. Scaling (alpha / r, or alpha / sqrt(r) for rsLoRA, with
-per-module `alpha_pattern` / `rank_pattern`) is folded into B here, so the hot path never sees it.
+code, never a download: `base_model_name_or_path` is an opaque string). The config's keys must
+be ones PEFT's LoraConfig writes; file sizes and the safetensors header length are capped and
+checked before anything is parsed. Every problem found is collected and reported at once.
+Scaling (alpha / r, or alpha / sqrt(r) for rsLoRA, with per-module `alpha_pattern` /
+`rank_pattern`) is folded into B here, so the hot path never sees it.
 
 Knows nothing about slots, caches or the model object: it checks tensors against a map of
 target module paths to (in_features, out_features).
@@ -28,6 +30,44 @@ PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "p
 ALLOWED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PEFT_PREFIX = "base_model.model."
 TENSOR_NAME = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>[AB])(?:\.[^.]+)?\.weight$")
+PICKLE_ADVICE = (
+    "pickle files are never loaded; convert them with `safetensors.torch.save_file` or save the "
+    "adapter with PEFT's default safe_serialization=True"
+)
+MAX_CONFIG_BYTES = 1 << 20
+MAX_WEIGHTS_BYTES = 2 << 30
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own reader refuses larger headers too
+HEADER_LENGTH_BYTES = 8  # a safetensors file opens with its header length, u64 little-endian
+
+# Every key PEFT's LoraConfig (peft 0.21) writes to adapter_config.json; any other is refused.
+CONFIG_KEYS = frozenset(
+    {
+        "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping",
+        "base_model_name_or_path", "bias", "corda_config", "ensure_weight_tying", "eva_config",
+        "exclude_modules", "fan_in_fan_out", "inference_mode", "init_lora_weights",
+        "kasa_config", "layer_replication", "layers_pattern", "layers_to_transform",
+        "loftq_config", "lora_alpha", "lora_bias", "lora_dropout", "lora_ga_config",
+        "megatron_config", "megatron_core", "modules_to_save", "monteclora_config", "peft_type",
+        "peft_version", "qalora_group_size", "r", "rank_pattern", "revision", "target_modules",
+        "target_parameters", "task_type", "trainable_token_indices", "use_bdlora", "use_dora",
+        "use_qalora", "use_rslora", "velora_config",
+    }
+)  # fmt: skip
+# Keys whose truthy value changes what the adapter computes at inference in a way we do not serve.
+UNSUPPORTED_KEYS = {
+    "use_dora": "DoRA adapters are not served",
+    "modules_to_save": "modules_to_save (full copies of base modules) is not served",
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D bases) is not served",
+    "layer_replication": "layer_replication is not served",
+    "alora_invocation_tokens": "activated LoRA (aLoRA) is not served",
+    "arrow_config": "Arrow routing is not served",
+    "use_qalora": "QA-LoRA is not served",
+    "use_bdlora": "block-diagonal LoRA is not served",
+    "kasa_config": "KaSA adapters are not served",
+    "monteclora_config": "MonteCLoRA adapters are not served",
+    "target_parameters": "LoRA on raw parameters (target_parameters) is not served",
+    "trainable_token_indices": "trainable token embeddings are not served",
+}
 
 
 @dataclass(frozen=True)
@@ -56,6 +96,9 @@ def _read_config(directory: Path, problems: list[str]) -> dict:
     if not path.is_file():
         problems.append(f"{CONFIG_FILE} is missing")
         return {}
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        problems.append(f"{CONFIG_FILE} is larger than the {MAX_CONFIG_BYTES} byte cap")
+        return {}
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -66,14 +109,17 @@ def _read_config(directory: Path, problems: list[str]) -> dict:
         return {}
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
-        problems.append(f"peft_type {peft_type!r} is not served: loraserve serves LoRA adapters only")
-    unsupported = {
-        "use_dora": "DoRA adapters are not served",
-        "modules_to_save": "modules_to_save (full copies of base modules) is not served",
-        "fan_in_fan_out": "fan_in_fan_out (Conv1D bases) is not served",
-        "layer_replication": "layer_replication is not served",
-    }
-    for key, why in unsupported.items():
+        problems.append(
+            f"peft_type {peft_type!r} is not served: loraserve serves LoRA adapters only"
+        )
+        return config
+    unknown = sorted(set(config) - CONFIG_KEYS)
+    if unknown:
+        problems.append(
+            f"{CONFIG_FILE} has unknown keys {unknown}: only the keys PEFT's LoraConfig writes "
+            "are accepted"
+        )
+    for key, why in UNSUPPORTED_KEYS.items():
         if config.get(key):
             problems.append(f"{key} is set: {why}")
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
@@ -83,6 +129,40 @@ def _read_config(directory: Path, problems: list[str]) -> dict:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             problems.append(f"{key} must be a positive number, got {value!r}")
     return config
+
+
+def _invalid_weights(path: Path, problem: str) -> InvalidAdapterError:
+    return InvalidAdapterError(f"{path.name} is invalid:", [problem])
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file, parsed only after its length passes the caps.
+
+    Raises InvalidAdapterError naming the problem: oversized file or header, truncated file, or a
+    header that is not a JSON object.
+    """
+    size = path.stat().st_size
+    if size > MAX_WEIGHTS_BYTES:
+        raise _invalid_weights(path, f"{size} bytes is over the {MAX_WEIGHTS_BYTES} byte cap")
+    with path.open("rb") as f:
+        prefix = f.read(HEADER_LENGTH_BYTES)
+        length = int.from_bytes(prefix, "little")
+        if len(prefix) < HEADER_LENGTH_BYTES:
+            raise _invalid_weights(path, "too short to be a safetensors file")
+        if length > MAX_HEADER_BYTES:
+            raise _invalid_weights(
+                path, f"header claims {length} bytes, over the {MAX_HEADER_BYTES} byte cap"
+            )
+        if length > size - HEADER_LENGTH_BYTES:
+            raise _invalid_weights(path, f"header claims {length} bytes of a {size} byte file")
+        text = f.read(length)
+    try:
+        header = json.loads(text)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise _invalid_weights(path, f"header is not valid JSON: {e}") from e
+    if not isinstance(header, dict):
+        raise _invalid_weights(path, "header is not a JSON object")
+    return header
 
 
 def read_peft_adapter(
@@ -106,13 +186,16 @@ def read_peft_adapter(
     if not weights_path.is_file():
         pickles = [name for name in PICKLE_FILES if (directory / name).exists()]
         hint = (
-            f"found {', '.join(pickles)}: pickle files are never loaded; convert them with "
-            "`safetensors.torch.save_file` or save the adapter with PEFT's default "
-            "safe_serialization=True"
+            f"found {', '.join(pickles)}: {PICKLE_ADVICE}"
             if pickles
             else "save the adapter with PEFT's save_pretrained"
         )
         problems.append(f"{WEIGHTS_FILE} is missing ({hint})")
+    else:
+        try:
+            safetensors_header(weights_path)
+        except InvalidAdapterError as e:
+            problems.extend(e.problems)
     if problems:
         raise InvalidAdapterError(f"adapter at {directory.name!r} is invalid:", problems)
 
@@ -135,15 +218,19 @@ def read_peft_adapter(
     incompatible: list[str] = []
     for module, pair in sorted(pairs.items()):
         if set(pair) != {"A", "B"}:
-            problems.append(f"{module}: needs both lora_A and lora_B, found only lora_{''.join(pair)}")
+            problems.append(
+                f"{module}: needs both lora_A and lora_B, found only lora_{''.join(pair)}"
+            )
             continue
         a, b = pair["A"], pair["B"]  # a: [r, in], b: [out, r]
         if a.dtype not in ALLOWED_DTYPES or b.dtype not in ALLOWED_DTYPES:
             problems.append(f"{module}: dtype {a.dtype}/{b.dtype} not allowed (fp16, bf16, fp32)")
             continue
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            problems.append(f"{module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
-                            "are not [r, in] and [out, r]")
+            problems.append(
+                f"{module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+                "are not [r, in] and [out, r]"
+            )
             continue
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             problems.append(f"{module}: weights contain NaN or infinity")
@@ -168,10 +255,12 @@ def read_peft_adapter(
             a.t().to(torch.float32).to(dtype).contiguous(),
             (b.t().to(torch.float32) * scale).to(dtype).contiguous(),
         )
-    if not pairs and not problems:
+    if not pairs:
         problems.append(f"{WEIGHTS_FILE} holds no LoRA tensors")
     if problems:
-        raise InvalidAdapterError(f"adapter at {directory.name!r} is invalid:", problems + incompatible)
+        raise InvalidAdapterError(
+            f"adapter at {directory.name!r} is invalid:", problems + incompatible
+        )
     if incompatible:
         raise AdapterIncompatibleError(
             f"adapter at {directory.name!r} does not fit this base model:", incompatible

@@ -1,0 +1,223 @@
+"""The client commands: generate, adapters upload|list|get|delete, health and info.
+
+`add_client_commands(subparsers)` adds them to an argparse parser (the server package's
+`loraserve` command, or `python -m loraserve_client`); `run_command(args)` runs the parsed one.
+Output is for people by default and JSON with `--json`; a failed call prints
+`error: CODE: details` on stderr and exits 1 (argparse exits 2 on usage errors).
+LORASERVE_SERVER and LORASERVE_API_KEY are read once, when the parsers are built. Knows nothing
+about the server beyond what `Client` returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+from loraserve_client.client import Client
+from loraserve_client.errors import LoraServeError
+from loraserve_client.types import Adapter, TokenChunk
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+Handler = Callable[[Client, argparse.Namespace], int]
+
+
+def _print_json(value: Any) -> None:
+    """Dataclasses become objects, datetimes ISO 8601 strings."""
+
+    def default(item: Any) -> Any:
+        if isinstance(item, datetime):
+            return item.isoformat()
+        raise TypeError(f"cannot write {type(item).__name__} as JSON")
+
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    print(json.dumps(value, default=default, ensure_ascii=False), flush=True)
+
+
+def _print_fields(fields: Mapping[str, Any]) -> None:
+    width = max(map(len, fields), default=0)
+    for key, value in fields.items():
+        print(f"{key + ':':<{width + 1}} {value}")
+
+
+def _adapter_fields(adapter: Adapter) -> dict[str, Any]:
+    fields = dataclasses.asdict(adapter)
+    fields["target_modules"] = ", ".join(adapter.target_modules)
+    fields["files"] = "; ".join(
+        f"{f.filename} {f.size_bytes} bytes sha256 {f.sha256}" for f in adapter.files
+    )
+    return fields
+
+
+def _generate(client: Client, args: argparse.Namespace) -> int:
+    options = {
+        "adapter": args.adapter,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "seed": args.seed,
+        "stop": args.stop,
+    }
+    if not args.stream:
+        result = client.generate(args.prompt, **options)
+        if args.json:
+            _print_json(result)
+        else:
+            print(result.text)
+        return 0
+    with client.generate_stream(args.prompt, **options) as stream:
+        for event in stream:
+            if args.json:
+                kind = "token" if isinstance(event, TokenChunk) else "final"
+                _print_json({kind: dataclasses.asdict(event)})
+            elif isinstance(event, TokenChunk):
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+    if not args.json:
+        print()
+    return 0
+
+
+def _health(client: Client, args: argparse.Namespace) -> int:
+    status = client.health(args.service)
+    if args.json:
+        _print_json({"status": status})
+    else:
+        print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _info(client: Client, args: argparse.Namespace) -> int:
+    info = client.server_info()
+    if args.json:
+        _print_json(info)
+    else:
+        _print_fields(info)
+    return 0
+
+
+def _upload(client: Client, args: argparse.Namespace) -> int:
+    adapter = client.upload_adapter(args.directory, args.name, args.version)
+    if args.json:
+        _print_json(adapter)
+    else:
+        print(f"uploaded {adapter.name} version {adapter.version}")
+    return 0
+
+
+def _list(client: Client, args: argparse.Namespace) -> int:
+    adapters = client.list_adapters()
+    if args.json:
+        _print_json([dataclasses.asdict(a) for a in adapters])
+        return 0
+    rows = [("NAME", "VERSION", "RANK", "RESIDENCY", "PINNED")]
+    rows += [(a.name, a.version, str(a.rank), a.residency, str(a.pinned)) for a in adapters]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def _get(client: Client, args: argparse.Namespace) -> int:
+    adapter = client.get_adapter(args.name, args.version)
+    if args.json:
+        _print_json(adapter)
+    else:
+        _print_fields(_adapter_fields(adapter))
+    return 0
+
+
+def _delete(client: Client, args: argparse.Namespace) -> int:
+    versions = client.delete_adapter(args.name, args.version)
+    if args.json:
+        _print_json({"deleted_versions": versions})
+    else:
+        print(f"deleted {args.name} version(s) {', '.join(versions) or '(none)'}")
+    return 0
+
+
+def _common_options(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--server",
+        default=environ.get("LORASERVE_SERVER", DEFAULT_SERVER),
+        help=f"host:port (default: $LORASERVE_SERVER or {DEFAULT_SERVER})",
+    )
+    common.add_argument(
+        "--api-key",
+        dest="api_key",
+        default=environ.get("LORASERVE_API_KEY"),
+        help="sent as a bearer token (default: $LORASERVE_API_KEY)",
+    )
+    common.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds per call (default: %(default)s)"
+    )
+    common.add_argument("--json", action="store_true", help="print JSON for machines")
+    return common
+
+
+def add_client_commands(
+    subparsers: argparse._SubParsersAction, environ: Mapping[str, str] = os.environ
+) -> None:
+    """Add generate, adapters, health and info; each sets `client_handler` for `run_command`."""
+    common = _common_options(environ)
+
+    def command(
+        parent: argparse._SubParsersAction, name: str, handler: Handler, text: str
+    ) -> argparse.ArgumentParser:
+        parser = parent.add_parser(name, parents=[common], help=text, description=text)
+        parser.set_defaults(client_handler=handler)
+        return parser
+
+    p = command(subparsers, "generate", _generate, "generate a completion")
+    p.add_argument("prompt")
+    p.add_argument("--adapter", help="adapter name (default: the base model alone)")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they come")
+
+    adapters = subparsers.add_parser("adapters", help="manage LoRA adapters")
+    actions = adapters.add_subparsers(dest="adapters_command", required=True, metavar="ACTION")
+    p = command(actions, "upload", _upload, "upload a PEFT adapter directory")
+    p.add_argument("directory", help="holds adapter_config.json and adapter_model.safetensors")
+    p.add_argument("--name", required=True)
+    p.add_argument("--version", help="default: the server assigns the next one")
+    command(actions, "list", _list, "list adapters")
+    for name, handler, text in (
+        ("get", _get, "describe an adapter (default: its latest version)"),
+        ("delete", _delete, "delete a version (default: every version)"),
+    ):
+        p = command(actions, name, handler, text)
+        p.add_argument("name")
+        p.add_argument("--version")
+
+    p = command(subparsers, "health", _health, "print the health status (exit 1 unless SERVING)")
+    p.add_argument("--service", default="", help="a service's full name (default: the server)")
+    command(subparsers, "info", _info, "print what the server serves and its limits")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a command added by `add_client_commands`; its exit status."""
+    try:
+        with Client(args.server, args.api_key, args.timeout) as client:
+            return args.client_handler(client, args)
+    except LoraServeError as error:
+        print(f"error: {error.code.name}: {error.details}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m loraserve_client", description="A client for a loraserve server."
+    )
+    add_client_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    return run_command(parser.parse_args(argv))

@@ -1,0 +1,139 @@
+"""Translation between the client's arguments and values and the loraserve.v1 protobuf messages.
+
+The only module besides `upload` that builds or reads protobuf messages; the clients pass
+what it returns straight to the stubs and back to the caller. Knows nothing about channels,
+deadlines or retries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import timezone
+
+from grpc_health.v1 import health_pb2
+
+from loraserve.v1 import adapters_pb2, generation_pb2, server_pb2
+from loraserve_client.types import (
+    Adapter,
+    AdapterFile,
+    Finished,
+    GenerateResult,
+    StreamEvent,
+    TokenChunk,
+)
+
+FINISH_REASONS = {
+    generation_pb2.FINISH_REASON_EOS: "eos",
+    generation_pb2.FINISH_REASON_LENGTH: "length",
+    generation_pb2.FINISH_REASON_STOP: "stop",
+    generation_pb2.FINISH_REASON_CANCELLED: "cancelled",
+}
+RESIDENCIES = {
+    adapters_pb2.RESIDENCY_DISK: "disk",
+    adapters_pb2.RESIDENCY_HOST: "host",
+    adapters_pb2.RESIDENCY_DEVICE: "device",
+}
+
+
+def generation_input(
+    prompt: str | Sequence[int],
+    adapter: str | None,
+    version: str | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float | None,
+    repetition_penalty: float | None,
+    seed: int | None,
+    stop: Iterable[str],
+    logprobs: bool,
+) -> generation_pb2.GenerationInput:
+    """The request body shared by Generate and GenerateStream; None leaves a field unset."""
+    if isinstance(prompt, str):
+        prompt_field = {"text": prompt}
+    else:
+        prompt_field = {"token_ids": generation_pb2.TokenIds(ids=list(prompt))}
+    return generation_pb2.GenerationInput(
+        adapter=generation_pb2.AdapterRef(name=adapter or "", version=version or ""),
+        sampling=generation_pb2.SamplingParams(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+        ),
+        max_new_tokens=max_new_tokens,
+        stop=[stop] if isinstance(stop, str) else list(stop),
+        logprobs=logprobs,
+        **prompt_field,
+    )
+
+
+def finish_reason_of(value: int) -> str:
+    return FINISH_REASONS.get(value, "unspecified")
+
+
+def result_of(reply: generation_pb2.GenerateResponse) -> GenerateResult:
+    return GenerateResult(
+        text=reply.text,
+        token_ids=list(reply.token_ids),
+        logprobs=list(reply.logprobs),
+        finish_reason=finish_reason_of(reply.finish_reason),
+        prompt_tokens=reply.usage.prompt_tokens,
+        completion_tokens=reply.usage.completion_tokens,
+    )
+
+
+def event_of(message: generation_pb2.GenerateStreamResponse) -> StreamEvent:
+    if message.WhichOneof("event") == "token":
+        token = message.token
+        return TokenChunk(
+            token_id=token.token_id,
+            text=token.text,
+            logprob=token.logprob if token.HasField("logprob") else None,
+        )
+    final = message.final
+    return Finished(
+        finish_reason=finish_reason_of(final.finish_reason),
+        prompt_tokens=final.usage.prompt_tokens,
+        completion_tokens=final.usage.completion_tokens,
+    )
+
+
+def server_info_of(reply: server_pb2.GetServerInfoResponse) -> dict[str, str | int]:
+    """Every field of the reply by its proto name, defaults included."""
+    return {field.name: getattr(reply, field.name) for field in reply.DESCRIPTOR.fields}
+
+
+def health_status_of(reply: health_pb2.HealthCheckResponse) -> str:
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def adapter_of(message: adapters_pb2.Adapter) -> Adapter:
+    create_time = (
+        message.create_time.ToDatetime(tzinfo=timezone.utc)
+        if message.HasField("create_time")
+        else None
+    )
+    return Adapter(
+        name=message.name,
+        version=message.version,
+        tenant=message.tenant,
+        rank=message.rank,
+        target_modules=list(message.target_modules),
+        lora_alpha=message.lora_alpha,
+        use_rslora=message.use_rslora,
+        dtype=message.dtype,
+        create_time=create_time,
+        files=[
+            AdapterFile(filename=f.filename, sha256=f.sha256, size_bytes=f.size_bytes)
+            for f in message.files
+        ],
+        shared=message.shared,
+        pinned=message.pinned,
+        residency=residency_of(message.residency),
+    )
+
+
+def residency_of(value: int) -> str:
+    return RESIDENCIES.get(value, "unspecified")

@@ -1,0 +1,154 @@
+"""Many more adapters than device slots, with replacements and deletes mid-traffic.
+
+Every output must equal that adapter's output when run alone: zero cross-adapter mix-ups,
+whatever was evicted, replaced or deleted in between.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tests.engine.helpers import Collected, make_core, run
+
+from loraserve.types import AdapterNotFoundError, GenerateRequest, SamplingParams
+
+NUM_ADAPTERS, SLOTS, REQUESTS, MAX_NEW = 40, 4, 240, 4
+PROMPTS = ("The quick brown fox", "LoRA adapts", "Café 🙂 naïve")
+
+
+def write_random_adapter(directory: Path, targets: dict, seed: int, rank: int = 4) -> Path:
+    """A PEFT-format LoRA on q_proj and v_proj with random weights strong enough to matter."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for module, (fan_in, fan_out) in targets.items():
+        if module.endswith(("q_proj", "v_proj")):
+            prefix = f"base_model.model.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) * 0.2
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * 0.2
+    directory.mkdir(parents=True)
+    save_file(tensors, directory / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj"]}
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def request(prompt: str, adapter: str | None) -> GenerateRequest:
+    return GenerateRequest(
+        prompt=prompt, adapter=adapter, sampling=SamplingParams(max_new_tokens=MAX_NEW)
+    )
+
+
+def test_churn_with_more_adapters_than_slots_never_mixes_weights(model_dirs, tmp_path):
+    reference = make_core(model_dirs["llama"], device_slots=SLOTS, max_batch_size=32)
+    directories = {
+        f"a{i}": write_random_adapter(tmp_path / f"a{i}", reference.adapters.targets, seed=i)
+        for i in range(NUM_ADAPTERS)
+    }
+    replacement = write_random_adapter(tmp_path / "a5-v2", reference.adapters.targets, seed=999)
+
+    def alone(directory: Path | None, prompt: str) -> list[int]:
+        name = None
+        if directory is not None:
+            name = "solo"
+            reference.adapters.load(name, directory)
+        return run(reference, {0: [request(prompt, name)]})[0].tokens
+
+    expected = {
+        (name, prompt): alone(directory, prompt)
+        for name, directory in [*directories.items(), ("a5-v2", replacement), (None, None)]
+        for prompt in PROMPTS
+    }
+    assert len({tuple(v) for v in expected.values()}) > NUM_ADAPTERS  # adapters matter
+
+    # 40 adapters, 4 slots, a small host tier: constant eviction across both tiers.
+    one_adapter = reference.adapters.host.resident_bytes
+    core = make_core(
+        model_dirs["llama"],
+        device_slots=SLOTS,
+        max_batch_size=32,
+        host_cache_bytes=10 * one_adapter,
+        slot_patience_steps=4,
+    )
+    for name, directory in directories.items():
+        core.adapters.load(name, directory)
+    rng = random.Random(0)
+    arrivals: dict[int, list] = {}
+    plan = []  # (arrival step, name wanted, expected key name)
+    for i in range(REQUESTS):
+        step = i // 8
+        name = rng.choice([*directories, None])
+        prompt = rng.choice(PROMPTS)
+        arrivals.setdefault(step, []).append(request(prompt, name))
+        plan.append((step, name, prompt))
+
+    # Mid-traffic: replace a5 at step 10 and delete a7 at step 15 (via the engine thread's
+    # own calls, between steps, as the API does).
+    original_step = core.step
+    deleted_at, replaced_at = 15, 10
+
+    def step_with_changes():
+        if core.steps == replaced_at:
+            core.adapters.load("a5", replacement)
+        if core.steps == deleted_at:
+            core.adapters.unload("a7")
+        return original_step()
+
+    core.step = step_with_changes
+    # Requests for a7 after its deletion are refused at submission; earlier ones were resolved
+    # before it and finish on its weights.
+    gone = [(s, n, p) for s, n, p in plan if n == "a7" and s > deleted_at]
+    for step in arrivals:
+        if step > deleted_at:
+            arrivals[step] = [r for r in arrivals[step] if r.adapter != "a7"]
+    results = run(core, arrivals)
+    with pytest.raises(AdapterNotFoundError):
+        core.make_sequence(request(PROMPTS[0], "a7"), Collected())
+
+    kept = [(s, n, p) for s, n, p in plan if not (n == "a7" and s > deleted_at)]
+    assert gone and len(results) == len(kept)
+    for (step, name, prompt), got in zip(kept, results):
+        want_name = "a5-v2" if name == "a5" and step > replaced_at else name
+        assert got.error is None
+        assert got.tokens == expected[want_name, prompt], (step, name, prompt)
+    assert core.kv_used_tokens == 0
+    assert all(core.adapters.references(s) == 0 for s in range(1, SLOTS + 1))
+    assert core.adapters.host.resident_bytes <= 10 * one_adapter
+    assert core.adapters.table.evictions > NUM_ADAPTERS
+
+
+def test_cold_load_does_not_stall_running_sequences(model_dirs, tmp_path, monkeypatch):
+    """While a cold adapter's load is blocked, the running sequence decodes to completion."""
+    import loraserve.adapters.manager as manager_module
+
+    core = make_core(model_dirs["llama"], device_slots=2)
+    cold = write_random_adapter(tmp_path / "cold", core.adapters.targets, seed=1)
+    release_load = threading.Event()
+    real_read = manager_module.read_peft_adapter
+
+    def slow_read(*args, **kwargs):
+        assert release_load.wait(60)
+        return real_read(*args, **kwargs)
+
+    core.adapters.load("cold", cold)
+    core.adapters.host.discard(core.adapters.resolve("cold"))  # force a disk read
+    monkeypatch.setattr(manager_module, "read_peft_adapter", slow_read)
+    running, waiting = Collected(), Collected()
+    long = GenerateRequest(prompt="hello", sampling=SamplingParams(max_new_tokens=12))
+    core.add_request(long, running)
+    core.step()
+    core.add_request(request("LoRA adapts", "cold"), waiting)
+    while running.final is None:
+        core.step()  # every step decodes the running sequence although the load is stuck
+    assert len(running.tokens) == 12 and waiting.tokens == []
+    release_load.set()
+    while waiting.final is None:
+        core.step()
+        if core.num_running == 0:
+            core.adapters.wait_for_loads(60)
+    assert len(waiting.tokens) == MAX_NEW
