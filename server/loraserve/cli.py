@@ -48,6 +48,15 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         metavar="NAME=DIR",
         help="load a PEFT LoRA directory at start-up (repeatable)",
     )
+    p.add_argument("--adapter-dir", dest="adapter_dir", help="adapter store root (./adapters)")
+    p.add_argument("--api-keys", dest="api_keys", help="API-keys JSON file (none: dev mode)")
+    p.add_argument("--max-upload-bytes", dest="max_upload_bytes", type=int)
+    p.add_argument(
+        "--host-cache-bytes",
+        dest="host_cache_bytes",
+        type=int,
+        help="host-RAM budget for adapter weights",
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:

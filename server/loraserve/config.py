@@ -54,7 +54,9 @@ class EngineConfig:
 class ServerConfig:
     """The gRPC server's settings around one engine.
 
-    adapters: (name, PEFT directory) pairs loaded into device slots at start-up.
+    adapters: (name, PEFT directory) pairs loaded at start-up, shared by every tenant.
+    adapter_dir: the adapter store's root (uploads land here).
+    api_keys: the API-keys file; None runs single-tenant development mode.
     """
 
     engine: EngineConfig = EngineConfig()
@@ -64,6 +66,9 @@ class ServerConfig:
     drain_grace_seconds: float = 30.0
     max_message_bytes: int = 4 * 1024 * 1024
     adapters: tuple[tuple[str, str], ...] = ()
+    adapter_dir: str = "adapters"
+    api_keys: str | None = None
+    max_upload_bytes: int = 2 * 1024**3
 
     @property
     def model_name(self) -> str:

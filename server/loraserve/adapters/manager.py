@@ -7,7 +7,7 @@ A failed load fails only the requests waiting for that adapter and is remembered
 `failure_ttl_s`, so a broken adapter is not retried in a loop.
 
 Keys: a start-up or Python-registered adapter is ("local", name, generation); a stored one is
-its `AdapterRef` (tenant, name, version). Replacing or deleting an adapter makes a new key or
+("store", AdapterRef, weights sha256). Replacing or deleting an adapter makes a new key or
 forgets the old one, so a new request can never reach stale weights.
 
 Knows nothing about requests or scheduling policy; the scheduler decides who waits.
@@ -30,7 +30,7 @@ import torch
 
 from loraserve.adapters.device_slots import SlotState, SlotTable
 from loraserve.adapters.host_cache import HostCache, TierCounters
-from loraserve.adapters.peft_format import LoraWeights, read_peft_adapter
+from loraserve.adapters.peft_format import WEIGHTS_FILE, LoraWeights, read_peft_adapter
 from loraserve.model.lora import MultiLoraLinear
 from loraserve.types import AdapterNotFoundError, InvalidRequestError
 
@@ -125,7 +125,7 @@ class AdapterManager:
         if self.store is not None and tenant is not None:
             ref = self.store.find(tenant, name, version)
             if ref is not None:
-                return ref
+                return self.store_key(ref)
         with self._lock:
             key = self._local.get(name)
         if key is None or version:
@@ -134,6 +134,12 @@ class AdapterManager:
                 "upload it first, or omit the adapter to use the base model"
             )
         return key
+
+    def store_key(self, ref) -> AdapterKey:
+        """The key of a stored version: its ref and the weights' sha256, so a version number
+        reused after a delete can never alias the old weights."""
+        manifest = self.store.manifest(ref)
+        return ("store", ref, manifest.files[WEIGHTS_FILE]["sha256"])
 
     def forget(self, key: AdapterKey) -> None:
         """`key` was deleted or replaced: never hand it out again; free its tiers when idle."""
@@ -215,13 +221,22 @@ class AdapterManager:
             self._submit(None, key)
 
     def pin(self, key: AdapterKey, pinned: bool) -> bool:
-        """Keep `key`'s slot from eviction (it must be resident or loading); returns the pin."""
+        """Keep `key` in a device slot (loading it if needed), or let it go; returns the pin.
+
+        False when pinning finds no slot free of in-flight users and other pins.
+        """
         with self._lock:
-            slot = self.table.find(key)
-            if slot is None:
+            if not pinned:
+                slot = self.table.find(key)
+                if slot is not None:
+                    slot.pinned = False
                 return False
-            slot.pinned = pinned
-            return pinned
+            index = self.reserve(key)
+            if index is None:
+                return False
+            self.table.slot(index).pinned = True
+            self.release(index)
+            return True
 
     def residency(self, key: AdapterKey) -> str:
         with self._lock:
@@ -256,7 +271,7 @@ class AdapterManager:
             return directory
         if self.store is None:
             raise AdapterNotFoundError(f"adapter {key} has no store")
-        return self.store.path(key)
+        return self.store.path(key[1])
 
     def _host_weights(self, key: AdapterKey) -> LoraWeights:
         weights = self.host.get(key)

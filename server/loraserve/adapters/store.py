@@ -451,6 +451,13 @@ class AdapterStore:
             return self.resolve(tenant, name, version)
         return None
 
+    def versions(self, tenant: str, name: str) -> list[AdapterManifest]:
+        """Every stored version of tenant/name, oldest first."""
+        self._dir(tenant, name)
+        with self._lock:
+            versions = self._known(tenant, name, None)
+            return [versions[v] for v in sorted(versions, key=_version_order)]
+
     def manifest(self, ref: AdapterRef) -> AdapterManifest:
         self._dir(ref.tenant, ref.name, ref.version)
         with self._lock:

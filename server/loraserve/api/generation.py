@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from loraserve.api.auth import caller
 from loraserve.api.errors import abort_with
 from loraserve.api.state import ServerState
 from loraserve.types import (
@@ -35,12 +36,10 @@ FINISH_REASONS = {
 }
 
 
-def to_domain(message: pb.GenerationInput, default_max_new_tokens: int) -> GenerateRequest:
+def to_domain(
+    message: pb.GenerationInput, tenant: str, default_max_new_tokens: int
+) -> GenerateRequest:
     """Translate the wire request; field-level problems name the field."""
-    if message.adapter.version:
-        raise InvalidRequestError(
-            "adapter.version is not supported yet: adapters are addressed by name only"
-        )
     which = message.WhichOneof("prompt")
     if which is None:
         raise InvalidRequestError("input.prompt is missing: set input.text or input.token_ids")
@@ -59,6 +58,8 @@ def to_domain(message: pb.GenerationInput, default_max_new_tokens: int) -> Gener
         prompt=message.text if which == "text" else None,
         prompt_token_ids=tuple(message.token_ids.ids) if which == "token_ids" else None,
         adapter=message.adapter.name or None,
+        adapter_version=message.adapter.version or None,
+        tenant=tenant,
         sampling=sampling,
     )
 
@@ -75,8 +76,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self, message: pb.GenerationInput, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[TokenEvent | FinalEvent]:
         engine = await self.state.engine_or_abort(context)
+        tenant = (await caller(context, self.state.auth)).tenant
         try:
-            request = to_domain(message, self.state.config.default_max_new_tokens)
+            request = to_domain(message, tenant, self.state.config.default_max_new_tokens)
             events = engine.generate(request)
         except LoraServeError as error:
             await abort_with(context, error)

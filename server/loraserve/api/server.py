@@ -19,38 +19,54 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from loraserve.adapters.store import AdapterStore, base_fingerprint
+from loraserve.api.adapters import AdapterServicer
+from loraserve.api.auth import DEV_TENANT, Authenticator, AuthInterceptor
 from loraserve.api.generation import GenerationServicer
 from loraserve.api.info import ServerInfoServicer
 from loraserve.api.state import ServerState
 from loraserve.config import ServerConfig
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.core import EngineCore
-from loraserve.model.loading import load_base_model
+from loraserve.model.loading import LoadedModel, load_base_model
 from loraserve.model.tiny import default_model_dir
 from loraserve.types import GenerateRequest, SamplingParams
-from loraserve.v1 import generation_pb2, generation_pb2_grpc, server_pb2, server_pb2_grpc
+from loraserve.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    server_pb2,
+    server_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = (
     generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
+    adapters_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name,
     server_pb2.DESCRIPTOR.services_by_name["ServerService"].full_name,
 )
 OVERALL = ""  # the health service's name for the server as a whole
 
 
-def build_engine(config: ServerConfig) -> tuple[AsyncEngine, object]:
-    """Load the base model, wrap it, load start-up adapters and start the engine thread."""
+def build_engine(config: ServerConfig) -> tuple[AsyncEngine, LoadedModel, AdapterStore]:
+    """Load the base model, open the adapter store, load start-up adapters, start the engine."""
     engine_config = config.engine
     model = engine_config.model or str(default_model_dir())
     loaded = load_base_model(
         model, engine_config.quantization, engine_config.compute_dtype, engine_config.device
     )
     core = EngineCore(loaded, engine_config)
+    fingerprint = base_fingerprint(loaded.model.config.to_dict(), loaded.quantization)
+    store = AdapterStore(
+        config.adapter_dir, fingerprint, core.adapters.targets, engine_config.max_rank
+    )
+    core.adapters.store = store
     for name, directory in config.adapters:
         core.adapters.load(name, directory)
         log.info("loaded adapter %r from %s", name, directory)
-    return AsyncEngine(core), loaded
+    return AsyncEngine(core), loaded, store
 
 
 async def warm_up(engine: AsyncEngine) -> None:
@@ -72,8 +88,21 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    state = ServerState(config)
+    try:
+        auth = Authenticator.from_file(config.api_keys)
+    except ValueError as error:
+        log.error("%s", error)
+        return 2
+    if auth.development_mode:
+        log.warning(
+            "no --api-keys file: single-tenant development mode (every caller is tenant %r "
+            "with every scope); bound to %s",
+            DEV_TENANT,
+            config.host,
+        )
+    state = ServerState(config, auth)
     server = grpc.aio.server(
+        interceptors=[AuthInterceptor(auth)],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -81,13 +110,14 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
             ("grpc.keepalive_timeout_ms", 20_000),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.keepalive_permit_without_calls", 1),
-        ]
+        ],
     )
     health = HealthServicer()
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(state), server)
     server_pb2_grpc.add_ServerServiceServicer_to_server(ServerInfoServicer(state), server)
+    adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(state), server)
     reflection.enable_server_reflection(
         (
             *SERVICE_NAMES,
@@ -108,7 +138,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
     await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if loading.done():
         try:
-            state.engine, state.loaded = loading.result()
+            state.engine, state.loaded, state.store = loading.result()
             await warm_up(state.engine)
             await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
             log.info("SERVING %s", config.model_name)

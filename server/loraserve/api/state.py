@@ -1,4 +1,4 @@
-"""What the servicers share: the server config, the engine once it is up, and the draining flag.
+"""What the servicers share: config, authenticator, and the engine and store once they are up.
 
 Knows nothing about protobuf messages; it only decides whether a call may reach the engine.
 """
@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from loraserve.adapters.store import AdapterStore
+from loraserve.api.auth import Authenticator
 from loraserve.config import ServerConfig
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.model.loading import LoadedModel
@@ -17,7 +19,9 @@ from loraserve.model.loading import LoadedModel
 @dataclass
 class ServerState:
     config: ServerConfig
+    auth: Authenticator
     engine: AsyncEngine | None = None
+    store: AdapterStore | None = None
     loaded: LoadedModel | None = None
     draining: bool = False
     startup_error: str | None = field(default=None)

@@ -15,6 +15,7 @@ import secrets
 from collections.abc import Sequence
 
 import torch
+
 from loraserve.types import SamplingParams
 
 

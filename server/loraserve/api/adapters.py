@@ -1,0 +1,206 @@
+"""AdapterService: streamed upload, list, get, delete, prefetch and pin, scoped to the caller.
+
+A translator over the adapter store (disk) and the adapter manager (host and device tiers).
+An upload streams into a staging directory as chunks arrive, its sizes and checksums are
+checked against the header, then the store validates and publishes it atomically; anything
+short of that leaves nothing behind. Every name resolves inside the caller's tenant, so another
+tenant's adapter is NOT_FOUND exactly like a missing one.
+
+Knows nothing about generation or batching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from loraserve.adapters import peft_format
+from loraserve.adapters.store import AdapterManifest
+from loraserve.api.auth import caller
+from loraserve.api.errors import abort_with
+from loraserve.api.state import ServerState
+from loraserve.types import CapacityError, InvalidAdapterError, InvalidRequestError, LoraServeError
+from loraserve.v1 import adapters_pb2 as pb
+from loraserve.v1 import adapters_pb2_grpc
+
+MAX_CHUNK_BYTES = 1 << 20
+UPLOAD_FILES = (peft_format.CONFIG_FILE, peft_format.WEIGHTS_FILE)
+RESIDENCY = {"disk": pb.RESIDENCY_DISK, "host": pb.RESIDENCY_HOST, "device": pb.RESIDENCY_DEVICE}
+
+
+def _header_problems(header: pb.UploadHeader) -> list[str]:
+    problems = []
+    declared = {f.filename for f in header.files}
+    pickles = declared & set(peft_format.PICKLE_FILES)
+    if pickles:
+        problems.append(f"{', '.join(sorted(pickles))}: {peft_format.PICKLE_ADVICE}")
+    if sorted(declared) != sorted(UPLOAD_FILES) or len(header.files) != len(UPLOAD_FILES):
+        problems.append(f"header.files must list exactly {' and '.join(UPLOAD_FILES)}")
+    for f in header.files:
+        if len(f.sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in f.sha256):
+            problems.append(f"header.files[{f.filename!r}].sha256 must be 64 hex characters")
+        if f.size_bytes == 0:
+            problems.append(f"header.files[{f.filename!r}].size_bytes must be > 0")
+    return problems
+
+
+class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    def _message(self, manifest: AdapterManifest) -> pb.Adapter:
+        manager = self.state.engine.core.adapters
+        key = manager.store_key(manifest.ref)
+        created = Timestamp()
+        created.FromDatetime(datetime.fromisoformat(manifest.created_at))
+        slot = manager.table.find(key)
+        return pb.Adapter(
+            tenant=manifest.tenant,
+            name=manifest.name,
+            version=manifest.version,
+            rank=manifest.rank,
+            target_modules=manifest.target_modules,
+            lora_alpha=manifest.lora_alpha,
+            use_rslora=manifest.use_rslora,
+            dtype=manifest.dtype,
+            create_time=created,
+            files=[
+                pb.AdapterFile(filename=name, sha256=f["sha256"], size_bytes=f["size"])
+                for name, f in sorted(manifest.files.items())
+            ],
+            pinned=slot is not None and slot.pinned,
+            residency=RESIDENCY[manager.residency(key)],
+        )
+
+    async def UploadAdapter(
+        self, request_iterator: AsyncIterator[pb.UploadAdapterRequest], context
+    ) -> pb.UploadAdapterResponse:
+        await self.state.engine_or_abort(context)
+        tenant = (await caller(context, self.state.auth)).tenant
+        store = self.state.store
+        limit = self.state.config.max_upload_bytes
+        try:
+            first = await anext(aiter(request_iterator), None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise InvalidRequestError("the first upload message must be the header")
+            header = first.header
+            if problems := _header_problems(header):
+                raise InvalidAdapterError("upload refused:", problems)
+            sizes = {f.filename: f.size_bytes for f in header.files}
+            if sum(sizes.values()) > limit:
+                raise CapacityError(
+                    f"upload of {sum(sizes.values())} bytes exceeds the server's limit of "
+                    f"{limit} bytes"
+                )
+            received = dict.fromkeys(sizes, 0)
+            expected = {f.filename: f.sha256 for f in header.files}
+            with store.staging(tenant, header.name, header.version or None, expected) as upload:
+                async for message in request_iterator:
+                    chunk = message.chunk
+                    if message.WhichOneof("part") != "chunk" or chunk.filename not in sizes:
+                        raise InvalidRequestError(
+                            "after the header, send only chunks of the files the header lists"
+                        )
+                    if len(chunk.data) > MAX_CHUNK_BYTES:
+                        raise InvalidRequestError(f"chunks must be at most {MAX_CHUNK_BYTES} bytes")
+                    received[chunk.filename] += len(chunk.data)
+                    if received[chunk.filename] > sizes[chunk.filename]:
+                        raise InvalidRequestError(
+                            f"{chunk.filename}: more bytes than the {sizes[chunk.filename]} "
+                            "the header declared"
+                        )
+                    upload.write(chunk.filename, chunk.data)
+                short = [
+                    f"{n}: got {received[n]} of {sizes[n]} bytes"
+                    for n in sizes
+                    if received[n] != sizes[n]
+                ]
+                if short:
+                    raise InvalidRequestError("truncated upload: " + "; ".join(short))
+                manifest = await asyncio.to_thread(upload.commit)
+        except LoraServeError as error:
+            await abort_with(context, error)
+        return pb.UploadAdapterResponse(adapter=self._message(manifest))
+
+    async def ListAdapters(
+        self, request: pb.ListAdaptersRequest, context
+    ) -> pb.ListAdaptersResponse:
+        await self.state.engine_or_abort(context)
+        tenant = (await caller(context, self.state.auth)).tenant
+        try:
+            page, token = self.state.store.list_adapters(
+                tenant, request.page_size, request.page_token
+            )
+        except LoraServeError as error:
+            await abort_with(context, error)
+        return pb.ListAdaptersResponse(
+            adapters=[self._message(m) for m in page], next_page_token=token
+        )
+
+    async def GetAdapter(self, request: pb.GetAdapterRequest, context) -> pb.GetAdapterResponse:
+        await self.state.engine_or_abort(context)
+        tenant = (await caller(context, self.state.auth)).tenant
+        try:
+            store = self.state.store
+            manifest = store.manifest(store.resolve(tenant, request.name, request.version or None))
+        except LoraServeError as error:
+            await abort_with(context, error)
+        return pb.GetAdapterResponse(adapter=self._message(manifest))
+
+    async def DeleteAdapter(
+        self, request: pb.DeleteAdapterRequest, context
+    ) -> pb.DeleteAdapterResponse:
+        engine = await self.state.engine_or_abort(context)
+        tenant = (await caller(context, self.state.auth)).tenant
+        store, manager = self.state.store, engine.core.adapters
+        try:
+            if request.version:
+                doomed = [store.manifest(store.resolve(tenant, request.name, request.version))]
+            else:
+                doomed = store.versions(tenant, request.name)
+            keys = [manager.store_key(m.ref) for m in doomed]
+            store.delete(tenant, request.name, request.version or None)
+        except LoraServeError as error:
+            await abort_with(context, error)
+        for key in keys:  # in-flight requests keep their slot; new ones can no longer reach it
+            manager.forget(key)
+        return pb.DeleteAdapterResponse(deleted_versions=[m.version for m in doomed])
+
+    async def PrefetchAdapter(
+        self, request: pb.PrefetchAdapterRequest, context
+    ) -> pb.PrefetchAdapterResponse:
+        engine = await self.state.engine_or_abort(context)
+        tenant = (await caller(context, self.state.auth)).tenant
+        manager = engine.core.adapters
+        try:
+            key = manager.store_key(
+                self.state.store.resolve(tenant, request.name, request.version or None)
+            )
+            manager.raise_if_failed(key)
+        except LoraServeError as error:
+            await abort_with(context, error)
+        if not manager.prefetch(key):
+            manager.warm_host(key)
+        return pb.PrefetchAdapterResponse(residency=RESIDENCY[manager.residency(key)])
+
+    async def PinAdapter(self, request: pb.PinAdapterRequest, context) -> pb.PinAdapterResponse:
+        engine = await self.state.engine_or_abort(context)
+        tenant = (await caller(context, self.state.auth)).tenant
+        manager = engine.core.adapters
+        try:
+            key = manager.store_key(
+                self.state.store.resolve(tenant, request.name, request.version or None)
+            )
+        except LoraServeError as error:
+            await abort_with(context, error)
+        pinned = manager.pin(key, request.pinned)
+        if request.pinned and not pinned:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "no device slot is free to pin this adapter into; unpin another or retry",
+            )
+        return pb.PinAdapterResponse(pinned=pinned)
