@@ -1,7 +1,6 @@
-from typing import ClassVar as _ClassVar
-
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -10,7 +9,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("base_model", "compute_dtype", "default_max_new_tokens", "device", "device_slots", "max_batch_size", "max_context", "max_rank", "quantization", "version")
+    __slots__ = ("base_model", "quantization", "compute_dtype", "device", "max_rank", "device_slots", "max_context", "max_batch_size", "default_max_new_tokens", "version")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -31,4 +30,4 @@ class GetServerInfoResponse(_message.Message):
     max_batch_size: int
     default_max_new_tokens: int
     version: str
-    def __init__(self, base_model: str | None = ..., quantization: str | None = ..., compute_dtype: str | None = ..., device: str | None = ..., max_rank: int | None = ..., device_slots: int | None = ..., max_context: int | None = ..., max_batch_size: int | None = ..., default_max_new_tokens: int | None = ..., version: str | None = ...) -> None: ...
+    def __init__(self, base_model: _Optional[str] = ..., quantization: _Optional[str] = ..., compute_dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_rank: _Optional[int] = ..., device_slots: _Optional[int] = ..., max_context: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
