@@ -48,6 +48,16 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         metavar="NAME=DIR",
         help="load a PEFT LoRA directory at start-up (repeatable)",
     )
+    p.add_argument(
+        "--metrics-port", dest="metrics_port", type=int, help="serve Prometheus /metrics here"
+    )
+    p.add_argument(
+        "--no-gateway-metrics",
+        dest="gateway_metrics",
+        action="store_const",
+        const=False,
+        help="leave out the vllm:* gauges that inference gateways scrape",
+    )
     p.add_argument("--adapter-dir", dest="adapter_dir", help="adapter store root (./adapters)")
     p.add_argument("--api-keys", dest="api_keys", help="API-keys JSON file (none: dev mode)")
     p.add_argument("--max-upload-bytes", dest="max_upload_bytes", type=int)

@@ -57,6 +57,7 @@ class ServerConfig:
     adapters: (name, PEFT directory) pairs loaded at start-up, shared by every tenant.
     adapter_dir: the adapter store's root (uploads land here).
     api_keys: the API-keys file; None runs single-tenant development mode.
+    metrics_port: serve Prometheus /metrics there; gateway_metrics adds the vllm:* gauges.
     """
 
     engine: EngineConfig = EngineConfig()
@@ -66,6 +67,8 @@ class ServerConfig:
     drain_grace_seconds: float = 30.0
     max_message_bytes: int = 4 * 1024 * 1024
     adapters: tuple[tuple[str, str], ...] = ()
+    metrics_port: int | None = None
+    gateway_metrics: bool = True
     adapter_dir: str = "adapters"
     api_keys: str | None = None
     max_upload_bytes: int = 2 * 1024**3

@@ -31,13 +31,32 @@ import torch
 from loraserve.adapters.device_slots import SlotState, SlotTable
 from loraserve.adapters.host_cache import HostCache, TierCounters
 from loraserve.adapters.peft_format import WEIGHTS_FILE, LoraWeights, read_peft_adapter
+from loraserve.metrics import Metrics
 from loraserve.model.lora import MultiLoraLinear
-from loraserve.types import AdapterNotFoundError, InvalidRequestError
+from loraserve.types import (
+    AdapterIncompatibleError,
+    AdapterNotFoundError,
+    InvalidAdapterError,
+    InvalidRequestError,
+)
 
 log = logging.getLogger(__name__)
 
 BASE_SLOT = 0
 AdapterKey = Hashable
+
+
+def _failure_reason(error: Exception) -> str:
+    """A bounded label for a failed load."""
+    for cls, reason in (
+        (InvalidAdapterError, "invalid"),
+        (AdapterIncompatibleError, "incompatible"),
+        (AdapterNotFoundError, "not_found"),
+        (OSError, "io"),
+    ):
+        if isinstance(error, cls):
+            return reason
+    return "other"
 
 
 @dataclass
@@ -59,7 +78,9 @@ class AdapterManager:
         device: torch.device,
         host_budget_bytes: int,
         failure_ttl_s: float = 30.0,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.layers = layers
         self.max_rank = max_rank
         self.dtype = dtype
@@ -89,6 +110,13 @@ class AdapterManager:
     @property
     def num_slots(self) -> int:
         return len(self.table.slots)
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes of the slots holding an adapter (each slot's buffers are preallocated)."""
+        used = sum(s.key is not None for s in self.table.slots)
+        per_slot = sum(m.lora_a[0].nbytes + m.lora_b[0].nbytes for m in self.layers.values())
+        return used * per_slot
 
     # ---- names -> keys ------------------------------------------------------------------
 
@@ -276,9 +304,12 @@ class AdapterManager:
     def _host_weights(self, key: AdapterKey) -> LoraWeights:
         weights = self.host.get(key)
         if weights is None:
+            started = time.perf_counter()
             directory = self._directory(key)
             weights = read_peft_adapter(directory, self.targets, self.max_rank, self.dtype)
             weights = self.host.put(key, weights)
+            elapsed = time.perf_counter() - started
+            self.metrics.adapter_load_seconds.labels("host").observe(elapsed)
         return weights
 
     def _load_loop(self) -> None:
@@ -317,10 +348,13 @@ class AdapterManager:
             if slot.key == key and slot.state is SlotState.LOADING:
                 self.slot_ranks[index] = weights.rank
                 slot.state = SlotState.READY
-        self.device_stats.load_seconds.append(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.device_stats.load_seconds.append(elapsed)
+        self.metrics.adapter_load_seconds.labels("device").observe(elapsed)
 
     def _fail(self, index: int | None, key: AdapterKey, error: Exception) -> None:
         log.warning("loading adapter %s failed: %s", key, error)
+        self.metrics.adapter_load_failures.labels(_failure_reason(error)).inc()
         with self._lock:
             self.device_stats.failures += 1
             self._failures[key] = (error, time.monotonic() + self.failure_ttl_s)

@@ -23,7 +23,13 @@ from loraserve.adapters.store import AdapterManifest
 from loraserve.api.auth import caller
 from loraserve.api.errors import abort_with
 from loraserve.api.state import ServerState
-from loraserve.types import CapacityError, InvalidAdapterError, InvalidRequestError, LoraServeError
+from loraserve.types import (
+    AdapterIncompatibleError,
+    CapacityError,
+    InvalidAdapterError,
+    InvalidRequestError,
+    LoraServeError,
+)
 from loraserve.v1 import adapters_pb2 as pb
 from loraserve.v1 import adapters_pb2_grpc
 
@@ -46,6 +52,14 @@ def _header_problems(header: pb.UploadHeader) -> list[str]:
         if f.size_bytes == 0:
             problems.append(f"header.files[{f.filename!r}].size_bytes must be > 0")
     return problems
+
+
+def _upload_result(error: LoraServeError) -> str:
+    if isinstance(error, CapacityError):
+        return "too_large"
+    if isinstance(error, AdapterIncompatibleError) and not isinstance(error, InvalidAdapterError):
+        return "incompatible"
+    return "invalid"
 
 
 class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
@@ -123,7 +137,11 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
                     raise InvalidRequestError("truncated upload: " + "; ".join(short))
                 manifest = await asyncio.to_thread(upload.commit)
         except LoraServeError as error:
+            self.state.metrics.adapter_uploads.labels(_upload_result(error)).inc()
             await abort_with(context, error)
+        metrics = self.state.metrics
+        metrics.adapter_uploads.labels("published").inc()
+        metrics.adapter_upload_bytes.inc(sum(f["size"] for f in manifest.files.values()))
         return pb.UploadAdapterResponse(adapter=self._message(manifest))
 
     async def ListAdapters(

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import grpc
 
+from loraserve.metrics import Metrics
+
 SCOPES = ("generate", "adapters:write", "admin")
 DEV_TENANT = "default"
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -138,8 +140,9 @@ def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, auth: Authenticator) -> None:
+    def __init__(self, auth: Authenticator, metrics: Metrics) -> None:
         self.auth = auth
+        self.metrics = metrics
 
     async def intercept_service(
         self,
@@ -151,6 +154,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         principal = self.auth.principal(details.invocation_metadata)
         if principal is None:
+            self.metrics.requests_rejected.labels("auth").inc()
             return _refusal(
                 handler,
                 grpc.StatusCode.UNAUTHENTICATED,
@@ -158,6 +162,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             )
         needed = REQUIRED_SCOPES.get(details.method, ("admin",))
         if not principal.scopes.intersection(needed):
+            self.metrics.requests_rejected.labels("auth").inc()
             return _refusal(
                 handler,
                 grpc.StatusCode.PERMISSION_DENIED,

@@ -1,12 +1,18 @@
-"""The one table from domain errors to gRPC status codes, and the helper that aborts with it.
+"""The one table from domain errors to gRPC status codes, the helper that aborts with it, and
+the context that counts every call's final status.
 
 Knows nothing about the engine: it sees exception types and messages only.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
 import grpc
 
+from loraserve.metrics import Metrics
 from loraserve.types import (
     AdapterIncompatibleError,
     AdapterNotFoundError,
@@ -42,3 +48,25 @@ async def abort_with(context: grpc.aio.ServicerContext, error: BaseException) ->
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         context.set_trailing_metadata((("retry-after-ms", "1000"),))
     await context.abort(code, message)
+
+
+@contextlib.asynccontextmanager
+async def observed(
+    metrics: Metrics, context: grpc.aio.ServicerContext, method: str
+) -> AsyncIterator[None]:
+    """Count the call's final status code; a deadline that passed also counts as a rejection."""
+    code = grpc.StatusCode.OK
+    try:
+        yield
+    except asyncio.CancelledError:
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+        if expired:
+            metrics.requests_rejected.labels("deadline").inc()
+        raise
+    except BaseException:
+        code = context.code() or grpc.StatusCode.UNKNOWN
+        raise
+    finally:
+        metrics.responses.labels(method, code.name).inc()

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from loraserve.api.auth import caller
-from loraserve.api.errors import abort_with
+from loraserve.api.errors import abort_with, observed
 from loraserve.api.state import ServerState
 from loraserve.types import (
     FinalEvent,
@@ -93,6 +93,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
+        async with observed(self.state.metrics, context, "Generate"):
+            return await self._generate(request, context)
+
+    async def _generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
         token_ids, logprobs = [], []
         async for event in self._events(request.input, context):
             if isinstance(event, TokenEvent):
@@ -112,16 +118,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     async def GenerateStream(
         self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        async for event in self._events(request.input, context):
-            if isinstance(event, TokenEvent):
-                yield pb.GenerateStreamResponse(
-                    token=pb.TokenEvent(
+        async with observed(self.state.metrics, context, "GenerateStream"):
+            async for event in self._events(request.input, context):
+                if isinstance(event, TokenEvent):
+                    token = pb.TokenEvent(
                         token_id=event.token_id, text=event.text, logprob=event.logprob
                     )
-                )
-            else:
-                yield pb.GenerateStreamResponse(
-                    final=pb.FinalEvent(
+                    yield pb.GenerateStreamResponse(token=token)
+                else:
+                    final = pb.FinalEvent(
                         finish_reason=FINISH_REASONS[event.finish_reason], usage=usage_of(event)
                     )
-                )
+                    yield pb.GenerateStreamResponse(final=final)

@@ -18,7 +18,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
+import loraserve
 from loraserve.adapters.store import AdapterStore, base_fingerprint
 from loraserve.api.adapters import AdapterServicer
 from loraserve.api.auth import DEV_TENANT, Authenticator, AuthInterceptor
@@ -28,6 +30,7 @@ from loraserve.api.state import ServerState
 from loraserve.config import ServerConfig
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.core import EngineCore
+from loraserve.metrics import Metrics
 from loraserve.model.loading import LoadedModel, load_base_model
 from loraserve.model.tiny import default_model_dir
 from loraserve.types import GenerateRequest, SamplingParams
@@ -50,14 +53,26 @@ SERVICE_NAMES = (
 OVERALL = ""  # the health service's name for the server as a whole
 
 
-def build_engine(config: ServerConfig) -> tuple[AsyncEngine, LoadedModel, AdapterStore]:
+def build_engine(
+    config: ServerConfig, metrics: Metrics
+) -> tuple[AsyncEngine, LoadedModel, AdapterStore]:
     """Load the base model, open the adapter store, load start-up adapters, start the engine."""
     engine_config = config.engine
     model = engine_config.model or str(default_model_dir())
     loaded = load_base_model(
         model, engine_config.quantization, engine_config.compute_dtype, engine_config.device
     )
-    core = EngineCore(loaded, engine_config)
+    core = EngineCore(loaded, engine_config, metrics)
+    metrics.attach_live(core.live_state, gateway=config.gateway_metrics)
+    metrics.build_info.info(
+        {
+            "version": loraserve.__version__,
+            "base_model": config.model_name,
+            "quantization": loaded.quantization,
+            "compute_dtype": engine_config.compute_dtype,
+            "device": str(loaded.device),
+        }
+    )
     fingerprint = base_fingerprint(loaded.model.config.to_dict(), loaded.quantization)
     store = AdapterStore(
         config.adapter_dir, fingerprint, core.adapters.targets, engine_config.max_rank
@@ -100,9 +115,16 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
             DEV_TENANT,
             config.host,
         )
-    state = ServerState(config, auth)
+    metrics = Metrics()
+    state = ServerState(config, auth, metrics)
+    metrics_server = None
+    if config.metrics_port is not None:
+        metrics_server, _ = start_http_server(
+            config.metrics_port, addr=config.host, registry=metrics.registry
+        )
+        log.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(auth)],
+        interceptors=[AuthInterceptor(auth, metrics)],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -133,7 +155,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
     await server.start()
     log.info("listening on %s (NOT_SERVING until the model is loaded and warmed up)", address)
 
-    loading = asyncio.ensure_future(asyncio.to_thread(build_engine, config))
+    loading = asyncio.ensure_future(asyncio.to_thread(build_engine, config, metrics))
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if loading.done():
@@ -155,5 +177,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
         state.engine.shutdown()
     else:
         loading.cancel()
+    if metrics_server is not None:
+        metrics_server.shutdown()
     log.info("stopped")
     return 0 if state.startup_error is None else 1

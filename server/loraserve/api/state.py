@@ -13,6 +13,7 @@ from loraserve.adapters.store import AdapterStore
 from loraserve.api.auth import Authenticator
 from loraserve.config import ServerConfig
 from loraserve.engine.async_engine import AsyncEngine
+from loraserve.metrics import Metrics
 from loraserve.model.loading import LoadedModel
 
 
@@ -20,6 +21,7 @@ from loraserve.model.loading import LoadedModel
 class ServerState:
     config: ServerConfig
     auth: Authenticator
+    metrics: Metrics
     engine: AsyncEngine | None = None
     store: AdapterStore | None = None
     loaded: LoadedModel | None = None

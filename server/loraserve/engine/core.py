@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 
 import torch
 
@@ -20,6 +21,7 @@ from loraserve.adapters.manager import AdapterManager
 from loraserve.config import EngineConfig
 from loraserve.engine.scheduler import Scheduler
 from loraserve.engine.sequence import EmitFn, Sequence
+from loraserve.metrics import LiveState, Metrics
 from loraserve.model.detokenizer import IncrementalDetokenizer
 from loraserve.model.kv_cache import BlockAllocator, PagedKVCache
 from loraserve.model.loading import LoadedModel
@@ -37,6 +39,8 @@ from loraserve.types import (
 
 log = logging.getLogger(__name__)
 
+DEFAULT_TENANT = "default"
+
 
 def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
     ids = {loaded.tokenizer.eos_token_id}
@@ -46,8 +50,11 @@ def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
 
 
 class EngineCore:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+    def __init__(
+        self, loaded: LoadedModel, config: EngineConfig, metrics: Metrics | None = None
+    ) -> None:
         self.config = config
+        self.metrics = metrics or Metrics()
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         model_config = loaded.model.config.get_text_config()
@@ -68,6 +75,7 @@ class EngineCore:
             loaded.compute_dtype,
             loaded.device,
             config.host_cache_bytes,
+            metrics=self.metrics,
         )
         heads = model_config.num_attention_heads
         head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
@@ -98,6 +106,7 @@ class EngineCore:
         )
         self.eos_ids = _eos_ids(loaded)
         self.steps = 0
+        self.updated_at = time.time()
         self._ids = itertools.count(1)
         self._by_id: dict[int, Sequence] = {}
 
@@ -114,12 +123,14 @@ class EngineCore:
         prompt_ids = self._prompt_ids(request)
         total = len(prompt_ids) + params.max_new_tokens
         if total > self.max_context:
+            self.metrics.requests_rejected.labels("token_budget").inc()
             raise InvalidRequestError(
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = "
                 f"{total} exceeds the context limit of {self.max_context} tokens; shorten the "
                 "prompt or lower max_new_tokens"
             )
         if len(self.scheduler.waiting) >= self.config.max_waiting:
+            self.metrics.requests_rejected.labels("queue_full").inc()
             raise CapacityError(
                 f"the queue is full ({self.config.max_waiting} waiting requests); retry later"
             )
@@ -137,6 +148,9 @@ class EngineCore:
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop),
             generator=None if params.greedy else make_generator(params.seed, self.device),
             emit=emit,
+            tenant=request.tenant or DEFAULT_TENANT,
+            adapter_name=request.adapter or "",
+            arrived_at=time.monotonic(),
         )
 
     def _prompt_ids(self, request: GenerateRequest) -> list[int]:
@@ -157,6 +171,7 @@ class EngineCore:
         return ids
 
     def add(self, seq: Sequence) -> None:
+        self.metrics.requests_received.labels(seq.tenant).inc()
         self._by_id[seq.request_id] = seq
         self.scheduler.add(seq)
 
@@ -183,9 +198,13 @@ class EngineCore:
         Returns False when nothing could run: every waiting request waits on an adapter load.
         """
         self.steps += 1
+        self.updated_at = time.time()
         for seq in [s for s in self._by_id.values() if s.cancelled]:
             self._finish(seq, FinishReason.CANCELLED)
-        _, failed = self.scheduler.admit()
+        admitted, failed = self.scheduler.admit()
+        now = time.monotonic()
+        for seq in admitted:
+            self.metrics.queue_time.observe(now - seq.arrived_at)
         for seq, error in failed:
             seq.emit(error)
             self._release(seq)
@@ -204,7 +223,7 @@ class EngineCore:
                     )
                     for s, n in plan.prefill
                 ]
-                out = self.runner.forward(rows)  # [P, V]
+                out = self._forward("prefill", rows)  # [P, V]
                 for i, (s, n) in enumerate(plan.prefill):
                     s.num_cached += n
                     if not s.in_prefill:
@@ -215,7 +234,7 @@ class EngineCore:
                     RowInput(s.token_ids[s.num_cached :], s.num_cached, s.block_table, s.lora_slot)
                     for s in plan.decode
                 ]
-                out = self.runner.forward(rows)  # [D, V]
+                out = self._forward("decode", rows)  # [D, V]
                 for i, s in enumerate(plan.decode):
                     s.num_cached = len(s.token_ids)
                     ready.append(s)
@@ -229,6 +248,14 @@ class EngineCore:
                 self._release(seq)
         return True
 
+    def _forward(self, phase: str, rows: list[RowInput]) -> torch.Tensor:
+        started = time.perf_counter()
+        logits = self.runner.forward(rows)
+        self.metrics.step_duration.labels(phase).observe(time.perf_counter() - started)
+        self.metrics.step_tokens.observe(sum(len(r.tokens) for r in rows))
+        self.metrics.batch_size.observe(len(rows))
+        return logits
+
     def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """logits: [N, V] float32, one row per sequence in `seqs`."""
         histories = [
@@ -237,8 +264,16 @@ class EngineCore:
         tokens, logprobs = sample_next_tokens(
             logits, [s.params for s in seqs], [s.generator for s in seqs], histories
         )
+        now = time.monotonic()
         for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
             seq.token_ids.append(token)
+            since = seq.last_token_at if seq.num_generated > 1 else seq.arrived_at
+            latency = self.metrics.inter_token_latency
+            if seq.num_generated == 1:
+                latency = self.metrics.time_to_first_token
+            latency.observe(now - since)
+            seq.last_token_at = now
+            self.metrics.generated_tokens.labels(seq.tenant).inc()
             if token in self.eos_ids and not seq.params.ignore_eos:
                 text, reason = seq.detokenizer.flush(), FinishReason.EOS
             else:
@@ -252,6 +287,9 @@ class EngineCore:
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.emit(FinalEvent(reason, seq.prompt_len, seq.num_generated, seq.detokenizer.text))
+        self.metrics.requests_finished.labels(seq.tenant, reason.value).inc()
+        self.metrics.prompt_tokens.labels(seq.tenant).inc(seq.prompt_len)
+        self.metrics.request_duration.observe(time.monotonic() - seq.arrived_at)
         self._release(seq)
 
     def fail_all(self, error: Exception) -> None:
@@ -268,6 +306,29 @@ class EngineCore:
         seq.finished = True
 
     # ---- introspection ------------------------------------------------------------------
+
+    def live_state(self) -> LiveState:
+        """A snapshot for the scrape-time gauges; safe to call from any thread."""
+        running, waiting = list(self.scheduler.running), list(self.scheduler.waiting)
+        manager = self.adapters
+        slots = manager.table.slots
+        host = manager.host.counters
+        device = manager.device_stats.counters
+        return LiveState(
+            running=len(running),
+            waiting=len(waiting),
+            kv_usage_ratio=self.allocator.used_blocks / max(1, self.allocator.num_blocks - 1),
+            slots_used=sum(s.key is not None for s in slots),
+            slots_total=len(slots),
+            resident_bytes={"host": manager.host.resident_bytes, "device": manager.device_bytes},
+            tier_counters={
+                "host": (host.hits, host.misses, host.evictions),
+                "device": (device.hits, device.misses, manager.table.evictions),
+            },
+            running_adapters=tuple(sorted({s.adapter_name for s in running} - {""})),
+            waiting_adapters=tuple(sorted({s.adapter_name for s in waiting} - {""})),
+            updated_at=self.updated_at,
+        )
 
     @property
     def kv_used_tokens(self) -> int:

@@ -31,6 +31,10 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
     emit: EmitFn
+    tenant: str = "default"  # metric label
+    adapter_name: str = ""  # as the caller named it: for the gateway metric only
+    arrived_at: float = 0.0  # time.monotonic() at submission
+    last_token_at: float = 0.0
     lora_slot: int | None = None  # set once the adapter manager gives the sequence a slot
     slot_wait_steps: int = 0  # steps spent waiting for a slot
     block_table: list[int] = field(default_factory=list)

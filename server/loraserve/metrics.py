@@ -1,0 +1,225 @@
+"""Every metric loraserve exports, defined once, on one registry per server.
+
+Names follow the Prometheus conventions: one `loraserve_` prefix, base units in the name,
+counters ending in `_total`. Labels are bounded: finish reason, status code, reason, tier and
+tenant (tenants are configured and few); never adapter or request ids. The one exception is the
+gateway-compatibility family below, whose contract requires adapter names.
+
+Gauges that mirror live state (running, waiting, KV usage, resident bytes, slots) are read at
+scrape time from a `LiveState` callback, so a scrape costs a few attribute reads however often
+it comes. The gateway family (`vllm:*`, on by default) is what the Kubernetes Gateway API
+Inference Extension and llm-d read to route a request to the replica holding its adapter.
+
+Knows nothing about the engine's internals: the engine pushes events, and `LiveState` answers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# Buckets for LLM serving: sub-10 ms decode steps up to minute-long generations.
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 20, 40, 80)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+TIERS = ("host", "device")
+
+
+@dataclass(frozen=True)
+class LiveState:
+    """What the scrape-time gauges read; each field a cheap snapshot."""
+
+    running: int
+    waiting: int
+    kv_usage_ratio: float
+    slots_used: int
+    slots_total: int
+    resident_bytes: dict[str, int]  # tier -> bytes
+    tier_counters: dict[str, tuple[int, int, int]]  # tier -> (hits, misses, evictions)
+    running_adapters: tuple[str, ...]  # adapter names, for the gateway gauge
+    waiting_adapters: tuple[str, ...]
+    updated_at: float = field(default_factory=time.time)
+
+
+class _LiveCollector(Collector):
+    def __init__(self, live: Callable[[], LiveState], gateway: bool) -> None:
+        self.live = live
+        self.gateway = gateway
+
+    def collect(self) -> Iterator[Metric]:
+        state = self.live()
+        yield GaugeMetricFamily(
+            "loraserve_requests_running", "Requests in the running batch.", value=state.running
+        )
+        yield GaugeMetricFamily(
+            "loraserve_requests_waiting", "Requests queued for admission.", value=state.waiting
+        )
+        yield GaugeMetricFamily(
+            "loraserve_kv_cache_usage_ratio",
+            "Fraction of the KV cache budget reserved by running requests.",
+            value=state.kv_usage_ratio,
+        )
+        yield GaugeMetricFamily(
+            "loraserve_adapter_slots_used",
+            "Device slots holding an adapter.",
+            value=state.slots_used,
+        )
+        yield GaugeMetricFamily(
+            "loraserve_adapter_slots", "Device slots for adapters.", value=state.slots_total
+        )
+        resident = GaugeMetricFamily(
+            "loraserve_adapter_resident_bytes", "Adapter weights held per tier.", labels=["tier"]
+        )
+        for tier, size in state.resident_bytes.items():
+            resident.add_metric([tier], size)
+        yield resident
+        for i, (name, text) in enumerate(
+            (
+                ("loraserve_adapter_cache_hits", "Adapter lookups found in a tier."),
+                ("loraserve_adapter_cache_misses", "Adapter lookups missing a tier."),
+                ("loraserve_adapter_evictions", "Adapters evicted from a tier."),
+            )
+        ):
+            family = CounterMetricFamily(name, text, labels=["tier"])
+            for tier, counts in state.tier_counters.items():
+                family.add_metric([tier], counts[i])
+            yield family
+        if not self.gateway:
+            return
+        yield GaugeMetricFamily(
+            "vllm:num_requests_running", "Requests running (gateway compatibility).",
+            value=state.running,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "vllm:num_requests_waiting", "Requests waiting (gateway compatibility).",
+            value=state.waiting,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "vllm:kv_cache_usage_perc", "KV cache usage, 0-1 (gateway compatibility).",
+            value=state.kv_usage_ratio,
+        )  # fmt: skip
+        lora = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "Adapters of running and waiting requests (gateway compatibility).",
+            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+        )
+        lora.add_metric(
+            [
+                ",".join(state.running_adapters),
+                ",".join(state.waiting_adapters),
+                str(state.slots_total),
+            ],
+            state.updated_at,
+        )
+        yield lora
+
+
+class Metrics:
+    """The metric objects; `attach_live` adds the scrape-time gauges once an engine exists."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests_received = Counter(
+            "loraserve_requests_received", "Generation requests accepted.", ["tenant"], registry=r
+        )
+        self.requests_finished = Counter(
+            "loraserve_requests_finished",
+            "Generation requests that ended, by finish reason.",
+            ["tenant", "finish_reason"],
+            registry=r,
+        )
+        self.responses = Counter(
+            "loraserve_grpc_responses",
+            "gRPC calls that ended, by method and status code.",
+            ["method", "code"],
+            registry=r,
+        )
+        self.requests_rejected = Counter(
+            "loraserve_requests_rejected",
+            "Requests refused before generating, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "loraserve_time_to_first_token_seconds",
+            "From arrival to the first generated token.",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "loraserve_inter_token_latency_seconds",
+            "Between consecutive generated tokens of one request.",
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "loraserve_request_duration_seconds",
+            "From arrival to the last event, end to end.",
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "loraserve_queue_time_seconds",
+            "From arrival to admission into the batch (includes waiting for an adapter).",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.step_duration = Histogram(
+            "loraserve_step_duration_seconds",
+            "One model forward of the engine, by phase.",
+            ["phase"],
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "loraserve_prompt_tokens", "Prompt tokens of finished requests.", ["tenant"], registry=r
+        )
+        self.generated_tokens = Counter(
+            "loraserve_generated_tokens", "Tokens generated.", ["tenant"], registry=r
+        )
+        self.step_tokens = Histogram(
+            "loraserve_step_tokens",
+            "Tokens fed to the model in one engine step.",
+            buckets=COUNT_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "loraserve_batch_size",
+            "Sequences in one engine step.",
+            buckets=COUNT_BUCKETS[:9],
+            registry=r,
+        )
+        self.adapter_load_seconds = Histogram(
+            "loraserve_adapter_load_seconds",
+            "Loading an adapter into a tier (host: from disk; device: into a slot).",
+            ["tier"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        self.adapter_load_failures = Counter(
+            "loraserve_adapter_load_failures",
+            "Adapter loads that failed, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.adapter_uploads = Counter(
+            "loraserve_adapter_uploads", "Adapter uploads, by result.", ["result"], registry=r
+        )
+        self.adapter_upload_bytes = Counter(
+            "loraserve_adapter_upload_bytes", "Bytes of adapters published.", registry=r
+        )
+        self.build_info = Info("loraserve_build", "What this server runs.", registry=r)
+        for tier in TIERS:  # export zeros from the start, so rates exist before traffic
+            self.adapter_load_seconds.labels(tier)
+
+    def attach_live(self, live: Callable[[], LiveState], gateway: bool = True) -> None:
+        self.registry.register(_LiveCollector(live, gateway))

@@ -1,0 +1,262 @@
+"""Metrics read the way their consumers read them: the exposition, promtool, a real Prometheus
+server, and the inference gateway's parsing of the vllm:* gauges."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from tests.api.server_process import free_port, running_server
+
+from loraserve.v1 import generation_pb2 as gpb
+from loraserve.v1 import generation_pb2_grpc
+from loraserve_client import Client, InvalidArgument, ResourceExhausted, Unauthenticated
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = "metrics-key"
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        return reply.read().decode()
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    """(sample name, sorted labels) -> value."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(text: str, name: str, **labels) -> float:
+    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture(scope="module")
+def server(model_dirs, adapter_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("metrics-server")
+    keys = root / "keys.json"
+    scopes = ["generate", "adapters:write", "admin"]
+    keys.write_text(json.dumps({"keys": [{"key": KEY, "tenant": "acme", "scopes": scopes}]}))
+    metrics_port = free_port()
+    flags = [
+        "--model", str(model_dirs["llama"]), "--device", "cpu", "--device-slots", "1",
+        "--metrics-port", str(metrics_port), "--api-keys", str(keys),
+        "--adapter-dir", str(root / "store"), "--max-context", "600",
+        "--adapter", f"first={adapter_dirs['llama']['r4-attn']}",
+        "--adapter", f"second={adapter_dirs['llama']['r8-all']}",
+    ]  # fmt: skip
+    with running_server(*flags, log_path=root / "server.log") as (address, _, _):
+        yield address, metrics_port
+
+
+def test_every_metric_moves_as_requests_run_fail_and_adapters_churn(server, adapter_dirs):
+    address, port = server
+    before = scrape(port)
+    completions = 0
+    with Client(address, api_key=KEY, timeout=60) as client:
+        for adapter in ("first", "second", "first", None, "second"):  # 1 slot: evictions
+            completions += client.generate(
+                "hello", adapter=adapter, max_new_tokens=5
+            ).completion_tokens
+        with pytest.raises(InvalidArgument):
+            client.generate("hello", max_new_tokens=5000)  # over the context: token budget
+        client.upload_adapter(adapter_dirs["llama"]["r1-qv"], "uploaded", progress=False)
+        with pytest.raises(InvalidArgument):
+            client.upload_adapter(adapter_dirs["llama"]["r1-qv"], "../bad", progress=False)
+    with Client(address, api_key="not-a-key") as stranger, pytest.raises(Unauthenticated):
+        stranger.generate("hello", max_new_tokens=2)
+    after = scrape(port)
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("loraserve_requests_received_total", tenant="acme") == 5
+    assert (
+        delta("loraserve_requests_finished_total", tenant="acme", finish_reason="length")
+        + delta("loraserve_requests_finished_total", tenant="acme", finish_reason="eos")
+        == 5
+    )
+    assert delta("loraserve_generated_tokens_total", tenant="acme") == completions
+    assert delta("loraserve_prompt_tokens_total", tenant="acme") > 0
+    assert delta("loraserve_time_to_first_token_seconds_count") == 5
+    assert delta("loraserve_inter_token_latency_seconds_count") == completions - 5
+    assert delta("loraserve_request_duration_seconds_count") == 5
+    assert delta("loraserve_queue_time_seconds_count") == 5
+    assert delta("loraserve_step_duration_seconds_count", phase="decode") > 0
+    assert delta("loraserve_step_duration_seconds_count", phase="prefill") >= 5
+    assert delta("loraserve_batch_size_count") > 0 and delta("loraserve_step_tokens_sum") > 0
+    assert delta("loraserve_grpc_responses_total", method="Generate", code="OK") == 5
+    assert delta("loraserve_grpc_responses_total", method="Generate", code="INVALID_ARGUMENT") == 1
+    assert delta("loraserve_requests_rejected_total", reason="token_budget") == 1
+    assert delta("loraserve_requests_rejected_total", reason="auth") == 1
+    assert delta("loraserve_adapter_cache_misses_total", tier="device") >= 4
+    assert delta("loraserve_adapter_evictions_total", tier="device") >= 3
+    assert delta("loraserve_adapter_load_seconds_count", tier="device") >= 4
+    assert delta("loraserve_adapter_uploads_total", result="published") == 1
+    assert delta("loraserve_adapter_uploads_total", result="invalid") == 1
+    assert delta("loraserve_adapter_upload_bytes_total") > 0
+    assert value(after, "loraserve_adapter_slots") == 1
+    assert value(after, "loraserve_adapter_slots_used") == 1
+    assert value(after, "loraserve_adapter_resident_bytes", tier="host") > 0
+    assert value(after, "loraserve_requests_running") == 0
+    assert value(after, "loraserve_kv_cache_usage_ratio") == 0
+    info = [f for f in text_string_to_metric_families(after) if f.name == "loraserve_build_info"]
+    assert info and info[0].samples[0].labels["quantization"] == "nf4"
+
+
+def promtool_check(exposition: str) -> list[str]:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool not found: the README's set-up installs Debian's prometheus")
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=exposition, capture_output=True, text=True
+    )
+    return (result.stdout + result.stderr).splitlines()
+
+
+def test_promtool_finds_nothing_but_the_gateway_contracts_colons(server):
+    """Our own families lint clean. The vllm:* names are fixed by the gateways that scrape
+    them, and promtool's only remark on them is the colon those names must have."""
+    exposition = scrape(server[1])
+    remarks = promtool_check(exposition)
+    gateway = {"vllm:num_requests_waiting", "vllm:num_requests_running",
+               "vllm:kv_cache_usage_perc", "vllm:lora_requests_info"}  # fmt: skip
+    assert {r.split()[0] for r in remarks} == gateway
+    assert all(r.endswith("metric names should not contain ':'") for r in remarks)
+    own = "\n".join(line for line in exposition.splitlines() if "vllm:" not in line) + "\n"
+    assert promtool_check(own) == []
+
+
+def gateway_view(text: str) -> dict:
+    """Parse the vllm:* gauges as the Gateway API Inference Extension does."""
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    lora = max(families["vllm:lora_requests_info"].samples, key=lambda s: s.value)
+    split = lambda csv: [a for a in csv.split(",") if a]  # noqa: E731
+    return {
+        "waiting": families["vllm:num_requests_waiting"].samples[0].value,
+        "running": families["vllm:num_requests_running"].samples[0].value,
+        "kv": families["vllm:kv_cache_usage_perc"].samples[0].value,
+        "running_adapters": split(lora.labels["running_lora_adapters"]),
+        "waiting_adapters": split(lora.labels["waiting_lora_adapters"]),
+        "max_lora": int(lora.labels["max_lora"]),
+        "updated": lora.value,
+    }
+
+
+def test_gateway_gauges_name_the_running_and_waiting_adapters(server):
+    address, port = server
+    metadata = (("authorization", f"Bearer {KEY}"),)
+    with grpc.insecure_channel(address) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+
+        def stream(adapter: str):
+            text = gpb.GenerationInput(
+                text="hi", adapter=gpb.AdapterRef(name=adapter), max_new_tokens=400
+            )
+            return stub.GenerateStream(
+                gpb.GenerateStreamRequest(input=text), metadata=metadata, timeout=120
+            )
+
+        running = stream("first")
+        next(running)
+        waiting = stream("second")  # one slot, held by "first": waits
+        deadline = time.monotonic() + 30
+        while True:
+            view = gateway_view(scrape(port))
+            if view["waiting_adapters"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert view["running_adapters"] == ["first"]
+        assert view["waiting_adapters"] == ["second"]
+        assert view["running"] == 1 and view["waiting"] == 1
+        assert view["max_lora"] == 1
+        assert 0 < view["kv"] <= 1
+        assert abs(view["updated"] - time.time()) < 60
+        lora_series = [
+            s for f in text_string_to_metric_families(scrape(port))
+            if f.name == "vllm:lora_requests_info" for s in f.samples
+        ]  # fmt: skip
+        assert len(lora_series) == 1
+        running.cancel()
+        waiting.cancel()
+
+
+def test_a_real_prometheus_scrapes_our_series(server, tmp_path):
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.fail("prometheus not found: the README's set-up installs Debian's prometheus")
+    address, metrics_port = server
+    shipped = (REPO / "deploy" / "prometheus" / "prometheus.yml").read_text()
+    assert "127.0.0.1:9400" in shipped
+    config = tmp_path / "prometheus.yml"
+    config.write_text(shipped.replace("127.0.0.1:9400", f"127.0.0.1:{metrics_port}"))
+    with Client(address, api_key=KEY, timeout=60) as client:
+        client.generate("scraped", max_new_tokens=3)
+    want = value(scrape(metrics_port), "loraserve_requests_received_total", tenant="acme")
+    web_port = free_port()
+    process = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{web_port}",
+        ],  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        query = urllib.parse.urlencode(
+            {"query": 'loraserve_requests_received_total{tenant="acme"}'}
+        )
+        url = f"http://127.0.0.1:{web_port}/api/v1/query?{query}"
+        deadline = time.monotonic() + 90
+        got = None
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as reply:
+                    result = json.load(reply)["data"]["result"]
+                if result:
+                    got = float(result[0]["value"][1])
+                    if got == want:
+                        break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert got == want
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_queue_full_rejections_are_counted(model_dirs, tmp_path):
+    port = free_port()
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"max_waiting": 1, "max_batch_size": 1}))
+    flags = ["--model", str(model_dirs["llama"]), "--device", "cpu", "--config", str(config),
+             "--metrics-port", str(port)]  # fmt: skip
+    with running_server(*flags, log_path=tmp_path / "server.log") as (address, _, _):
+        with grpc.insecure_channel(address) as channel:
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+            long = gpb.GenerationInput(text="hi", max_new_tokens=500)
+            first = stub.GenerateStream(gpb.GenerateStreamRequest(input=long), timeout=120)
+            next(first)
+            second = stub.Generate.future(gpb.GenerateRequest(input=long), timeout=120)
+            threading.Event().wait(0.5)
+            with Client(address, timeout=30) as client, pytest.raises(ResourceExhausted):
+                client.generate("hi", max_new_tokens=5)
+            first.cancel()
+            second.cancel()
+        text = scrape(port)
+    assert value(text, "loraserve_requests_rejected_total", reason="queue_full") == 1
