@@ -69,6 +69,56 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _import_parser(adapter_actions: argparse._SubParsersAction) -> None:
+    p = adapter_actions.add_parser(
+        "import",
+        help="import a PEFT directory into the adapter store on this machine (no server needed)",
+    )
+    p.add_argument("directory", help="holds adapter_config.json and adapter_model.safetensors")
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--version", help="default: the next integer")
+    p.add_argument(
+        "--adapter-dir",
+        dest="adapter_dir",
+        default=os.environ.get("LORASERVE_ADAPTER_DIR", "adapters"),
+        help="adapter store root (default: $LORASERVE_ADAPTER_DIR or ./adapters)",
+    )
+    p.add_argument(
+        "--model",
+        default=os.environ.get("LORASERVE_MODEL"),
+        help="the base model the adapter must fit (default: the built-in one)",
+    )
+    p.add_argument("--quantization", default=os.environ.get("LORASERVE_QUANTIZATION", "nf4"))
+    p.add_argument(
+        "--max-rank",
+        dest="max_rank",
+        type=int,
+        default=int(os.environ.get("LORASERVE_MAX_RANK", "64")),
+    )
+
+
+def _import(args: argparse.Namespace) -> int:
+    """Validate against the base model's shapes and publish atomically into the store."""
+    from transformers import AutoConfig
+
+    from loraserve.adapters.store import AdapterStore, base_fingerprint
+    from loraserve.model.loading import lora_target_shapes
+    from loraserve.model.tiny import default_model_dir
+    from loraserve.types import LoraServeError
+
+    model = args.model or str(default_model_dir())
+    fingerprint = base_fingerprint(AutoConfig.from_pretrained(model).to_dict(), args.quantization)
+    store = AdapterStore(args.adapter_dir, fingerprint, lora_target_shapes(model), args.max_rank)
+    try:
+        manifest = store.publish_dir(args.tenant, args.name, args.directory, args.version)
+    except LoraServeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"imported {manifest.ref} (rank {manifest.rank}, {', '.join(manifest.target_modules)})")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from loraserve.api.server import serve
 
@@ -97,10 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
-    add_client_commands(sub)
+    _import_parser(add_client_commands(sub))
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if getattr(args, "adapters_command", None) == "import":
+        return _import(args)
     return run_command(args)
 
 

@@ -163,8 +163,11 @@ def _common_options(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
 def add_client_commands(
     subparsers: argparse._SubParsersAction, environ: Mapping[str, str] = os.environ
-) -> None:
-    """Add generate, adapters, health and info; each sets `client_handler` for `run_command`."""
+) -> argparse._SubParsersAction:
+    """Add generate, adapters, health and info; each sets `client_handler` for `run_command`.
+
+    Returns the `adapters` group's actions, so a caller can add actions of its own.
+    """
     common = _common_options(environ)
 
     def command(
@@ -201,6 +204,7 @@ def add_client_commands(
     p = command(subparsers, "health", _health, "print the health status (exit 1 unless SERVING)")
     p.add_argument("--service", default="", help="a service's full name (default: the server)")
     command(subparsers, "info", _info, "print what the server serves and its limits")
+    return actions
 
 
 def run_command(args: argparse.Namespace) -> int:

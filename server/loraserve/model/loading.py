@@ -48,6 +48,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def lora_target_shapes(model: str) -> dict[str, tuple[int, int]]:
+    """Module path -> (in, out) of every projection an adapter may target, from the config
+    alone (no weights are read): what the engine wraps by default."""
+    shapes, _ = _linear_layout(AutoConfig.from_pretrained(model, trust_remote_code=False))
+    return shapes
+
+
 def _linear_layout(config) -> tuple[dict[str, tuple[int, int]], str]:
     """(module path -> (in, out) of every nn.Linear, path of the output embedding), on meta."""
     with torch.device("meta"):

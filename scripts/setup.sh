@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up a development or CI machine from the repo root: the system tools the tests use
+# (Prometheus and promtool from Debian, the buf CLI from npm), a virtual environment in .venv
+# with torch installed first (a bare torch requirement would pull a multi-GB CUDA build onto a
+# CPU machine; on a GPU machine this same pin installs the CUDA wheel), then the project.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+  else
+    echo "setup: install Prometheus (prometheus and promtool) for the metrics tests" >&2
+  fi
+fi
+
+python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q torch==2.13.0
+.venv/bin/pip install -q -e '.[dev]'
+npm install --silent --no-save --prefix .tools @bufbuild/buf
