@@ -105,7 +105,7 @@ def build_server_config(
         if flags.get(name) is not None:
             values[name] = flags[name]
         elif env is not None:
-            values[name] = _parse(env, f.default, name)
+            values[name] = _parse(env, str(f.type), name)
         elif name in file_values:
             values[name] = file_values[name]
     if "adapters" in values:
@@ -116,19 +116,19 @@ def build_server_config(
     return ServerConfig(engine=engine, **{k: v for k, v in values.items() if k in server_fields})
 
 
-def _parse(text: str, default: Any, name: str) -> Any:
+def _parse(text: str, annotation: str, name: str) -> Any:
+    """An environment value as the field's annotated type ("int | None", "tuple[str, ...]")."""
+    kind = annotation.split("[")[0].split(" | ")[0]
     try:
-        if isinstance(default, bool):
+        if kind == "bool":
             return text.lower() in ("1", "true", "yes")
-        if isinstance(default, int):
+        if kind == "int":
             return int(text)
-        if isinstance(default, float):
+        if kind == "float":
             return float(text)
     except ValueError as e:
-        raise ValueError(
-            f"LORASERVE_{name.upper()}={text!r} is not a valid {type(default).__name__}"
-        ) from e
-    if isinstance(default, tuple):
+        raise ValueError(f"LORASERVE_{name.upper()}={text!r} is not a valid {kind}") from e
+    if kind == "tuple":
         return tuple(item for item in text.split(",") if item)
     return text
 

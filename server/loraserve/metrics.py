@@ -76,7 +76,9 @@ class _LiveCollector(Collector):
             "loraserve_adapter_slots", "Device slots for adapters.", value=state.slots_total
         )
         resident = GaugeMetricFamily(
-            "loraserve_adapter_resident_bytes", "Adapter weights held per tier.", labels=["tier"]
+            "loraserve_adapter_resident_bytes",
+            "Memory holding adapters, per tier (host: weights; device: slot buffers in use).",
+            labels=["tier"],
         )
         for tier, size in state.resident_bytes.items():
             resident.add_metric([tier], size)
@@ -133,19 +135,19 @@ class Metrics:
         )
         self.requests_finished = Counter(
             "loraserve_requests_finished",
-            "Generation requests that ended, by finish reason.",
+            "Generation requests that ended, by finish reason (error: failed in the engine).",
             ["tenant", "finish_reason"],
             registry=r,
         )
         self.responses = Counter(
             "loraserve_grpc_responses",
-            "gRPC calls that ended, by method and status code.",
+            "Generation calls that ended, by method and status code.",
             ["method", "code"],
             registry=r,
         )
         self.requests_rejected = Counter(
             "loraserve_requests_rejected",
-            "Requests refused before generating, by reason.",
+            "Requests refused, or dropped when their deadline passed, by reason.",
             ["reason"],
             registry=r,
         )

@@ -323,12 +323,12 @@ class AdapterManager:
 
     def _run_job(self, index: int | None, key: AdapterKey, stream) -> None:
         """Bring `key` to the host tier, then (when `index` is given) into that slot."""
-        started = time.perf_counter()
         try:
             weights = self._host_weights(key)
         except Exception as error:
             self._fail(index, key, error)
             return
+        started = time.perf_counter()
         with self._lock:
             self._host_pending.discard(key)
             if index is None:

@@ -206,11 +206,12 @@ class EngineCore:
         for seq in admitted:
             self.metrics.queue_time.observe(now - seq.arrived_at)
         for seq, error in failed:
-            seq.emit(error)
-            self._release(seq)
+            self._fail(seq, error)
         plan = self.scheduler.plan()
         if not (plan.prefill or plan.decode):
             return False
+        self.metrics.batch_size.observe(len(plan.prefill) + len(plan.decode))
+        self.metrics.step_tokens.observe(sum(n for _, n in plan.prefill) + len(plan.decode))
         try:
             ready, logits = [], []
             if plan.prefill:
@@ -244,16 +245,13 @@ class EngineCore:
         except Exception as error:  # one bad step must not kill the engine
             log.exception("engine step failed; failing its %d sequences", self.num_running)
             for seq in list(self.scheduler.running):
-                seq.emit(error)
-                self._release(seq)
+                self._fail(seq, error)
         return True
 
     def _forward(self, phase: str, rows: list[RowInput]) -> torch.Tensor:
         started = time.perf_counter()
         logits = self.runner.forward(rows)
         self.metrics.step_duration.labels(phase).observe(time.perf_counter() - started)
-        self.metrics.step_tokens.observe(sum(len(r.tokens) for r in rows))
-        self.metrics.batch_size.observe(len(rows))
         return logits
 
     def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
@@ -295,8 +293,12 @@ class EngineCore:
     def fail_all(self, error: Exception) -> None:
         """Send `error` to every queued and running request and retire them."""
         for seq in list(self._by_id.values()):
-            seq.emit(error)
-            self._release(seq)
+            self._fail(seq, error)
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        seq.emit(error)
+        self.metrics.requests_finished.labels(seq.tenant, "error").inc()
+        self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
