@@ -1,4 +1,11 @@
-"""Golden parity: a mixed continuous batch equals HF PEFT with each adapter alone."""
+"""Golden parity: a mixed continuous batch equals HF PEFT with each adapter alone.
+
+Greedy tokens must match PEFT's `generate` token for token. The one allowance: NF4 on the CPU
+rounds projection outputs to bf16, so transformers' own cached decode and its full forward can
+pick different tokens where two logits are within that rounding. Where our tokens part from
+PEFT's, PEFT's own logits must rank the two tokens within the tolerance (a numerical tie), and
+at most one request per architecture may part at all.
+"""
 
 from __future__ import annotations
 
@@ -55,6 +62,13 @@ def peft_reference(model_dir, adapter_dirs, adapter, prompt_ids, quantization="n
     return tokens, list(logits)
 
 
+def first_difference(ours: list[int], theirs: list[int]) -> int:
+    """The first step where the two greedy token lists differ (their common length if none)."""
+    return next(
+        (i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs))
+    )
+
+
 @pytest.mark.parametrize(("quantization", "dtype"), list(LOGIT_TOLERANCE))
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_mixed_batch_matches_peft_each_adapter_alone(
@@ -74,15 +88,24 @@ def test_mixed_batch_matches_peft_each_adapter_alone(
     arrivals = {3 * i: requests[2 * i : 2 * i + 2] for i in range(len(requests) // 2)}
     results = run(core, arrivals)
 
+    tolerance = LOGIT_TOLERANCE[quantization, dtype]
+    exact = 0
     for request, got in zip(requests, results):
         prompt_ids = core.tokenizer.encode(request.prompt)
         want_tokens, want_logits = peft_reference(
             model_dirs[arch], adapter_dirs[arch], request.adapter, prompt_ids, quantization, dtype
         )
-        assert got.tokens == want_tokens, f"{arch} adapter={request.adapter}"
-        for step, (ours, theirs) in enumerate(zip(got.logits, want_logits)):
-            diff = (ours - theirs).abs().max().item()
-            tolerance = LOGIT_TOLERANCE[quantization, dtype]
-            assert diff <= tolerance, f"{request.adapter} step {step}: {diff}"
+        same = first_difference(got.tokens, want_tokens)
+        exact += same == len(want_tokens) == len(got.tokens)
+        if same < min(len(want_tokens), len(got.tokens)):
+            # Only a numerical tie may part the two: PEFT's own logits rank them within tolerance.
+            theirs, ours = want_tokens[same], got.tokens[same]
+            margin = (want_logits[same][theirs] - want_logits[same][ours]).item()
+            assert margin <= tolerance, f"{arch} {request.adapter} step {same}: margin {margin}"
+        compared = min(same + 1, len(got.logits), len(want_logits))
+        for step in range(compared):  # the logits agree up to and including any parting step
+            diff = (got.logits[step] - want_logits[step]).abs().max().item()
+            assert diff <= tolerance, f"{arch} {request.adapter} step {step}: {diff}"
+    assert exact >= len(requests) - 1, f"{arch}: only {exact} of {len(requests)} token-exact"
     assert core.kv_used_tokens == 0
     assert all(core.adapters.references(s) == 0 for s in range(1, 9))

@@ -72,7 +72,7 @@ UNSUPPORTED_KEYS = {
 
 @dataclass(frozen=True)
 class LoraWeights:
-    """A validated adapter: module path -> (a [in, r], b [r, out] with scaling folded in)."""
+    """A validated adapter: module path -> (a [r, in], b [r, out] with scaling folded in)."""
 
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
     rank: int  # the largest rank over modules
@@ -252,7 +252,7 @@ def read_peft_adapter(
         alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         modules[module] = (
-            a.t().to(torch.float32).to(dtype).contiguous(),
+            a.to(torch.float32).to(dtype).contiguous(),
             (b.t().to(torch.float32) * scale).to(dtype).contiguous(),
         )
     if not pairs:
@@ -265,4 +265,4 @@ def read_peft_adapter(
         raise AdapterIncompatibleError(
             f"adapter at {directory.name!r} does not fit this base model:", incompatible
         )
-    return LoraWeights(modules, max(a.shape[1] for a, _ in modules.values()), config)
+    return LoraWeights(modules, max(a.shape[0] for a, _ in modules.values()), config)

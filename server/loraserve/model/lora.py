@@ -10,9 +10,10 @@ numbers and tensors. The runner sets one `LoraBatch` per forward on the shared `
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -28,67 +29,53 @@ class LoraSegment:
 
 @dataclass(frozen=True)
 class LoraBatch:
-    """Which slot each token of one forward uses, in the two layouts the kernel needs.
+    """The maximal runs of consecutive tokens on one non-zero slot, for one forward.
 
-    token_slots: [N] int64, slot of each flattened token (row-major over [B, T]).
-    segments: contiguous runs of tokens on one non-zero slot (used when rows are long).
-    rank: the largest rank among the slots in use; 0 when no token uses an adapter.
+    The runner orders rows by slot, so a batch has one segment per distinct adapter in it.
     """
 
-    token_slots: torch.Tensor
     segments: tuple[LoraSegment, ...]
-    rank: int
-    per_token: bool
 
     @classmethod
-    def for_rows(
-        cls, row_slots: list[int], row_len: int, slot_ranks: list[int], device: torch.device
-    ) -> LoraBatch:
+    def for_rows(cls, row_slots: list[int], row_len: int, slot_ranks: list[int]) -> LoraBatch:
         """Rows of `row_len` tokens each, row b on slot row_slots[b]; slot_ranks[s] = rank of s."""
-        token_slots = torch.tensor(row_slots, dtype=torch.int64, device=device)
-        token_slots = token_slots.repeat_interleave(row_len)
-        segments = tuple(
-            LoraSegment(s, slot_ranks[s], b * row_len, (b + 1) * row_len)
-            for b, s in enumerate(row_slots)
-            if s != 0
-        )
-        rank = max((seg.rank for seg in segments), default=0)
-        return cls(token_slots, segments, rank, per_token=row_len == 1)
+        segments: list[LoraSegment] = []
+        for b, slot in enumerate(row_slots):
+            if slot == 0:
+                continue
+            start, end = b * row_len, (b + 1) * row_len
+            if segments and segments[-1].slot == slot and segments[-1].end == start:
+                segments[-1] = replace(segments[-1], end=end)
+            else:
+                segments.append(LoraSegment(slot, slot_ranks[slot], start, end))
+        return cls(tuple(segments))
 
 
-def lora_delta(
-    x: torch.Tensor, batch: LoraBatch, lora_a: torch.Tensor, lora_b: torch.Tensor
+def add_lora_delta_(
+    y: torch.Tensor, x: torch.Tensor, batch: LoraBatch, lora_a: torch.Tensor, lora_b: torch.Tensor
 ) -> torch.Tensor:
-    """delta[t] = (x[t] @ lora_a[s_t]) @ lora_b[s_t], with s_t = batch.token_slots[t].
+    """y[t] += (x[t] @ lora_a[s_t].T) @ lora_b[s_t] for every token t on slot s_t != 0; returns y.
 
-    x: [N, in]; lora_a: [S, in, R]; lora_b: [S, R, out] (scaling folded in); returns [N, out].
-    Ranks below R are zero-padded, so slicing to the batch's largest rank is exact.
+    y: [N, out] (updated in place); x: [N, in]; lora_a: [S, R, in]; lora_b: [S, R, out] with the
+    scaling folded in. Ranks below R are zero-padded, so each segment uses its slot's own rank.
 
-    One token per row (decode): gather each token's A and B and run two batched matmuls.
-    Long rows (prefill): one pair of matmuls per contiguous segment on its own rank.
+    One fused multiply-add per segment, on views of the slot buffers: no gathered copies of the
+    weights and no temporary [N, out] tensors, whatever the number of adapters in the batch.
     """
-    out = x.new_zeros(x.shape[0], lora_b.shape[-1])
-    if batch.rank == 0:
-        return out
-    if batch.per_token:
-        r = batch.rank
-        a = lora_a[batch.token_slots, :, :r]  # [N, in, r]
-        b = lora_b[batch.token_slots, :r]  # [N, r, out]
-        return torch.bmm(torch.bmm(x.unsqueeze(1), a), b).squeeze(1)
     for seg in batch.segments:
-        xs = x[seg.start : seg.end]
-        out[seg.start : seg.end] = (xs @ lora_a[seg.slot, :, : seg.rank]) @ lora_b[
-            seg.slot, : seg.rank
-        ]
-    return out
+        rows = slice(seg.start, seg.end)
+        shrunk = F.linear(x[rows], lora_a[seg.slot, : seg.rank])  # [n, r]
+        y[rows].addmm_(shrunk, lora_b[seg.slot, : seg.rank])
+    return y
 
 
 def lora_delta_reference(
     x: torch.Tensor, token_slots: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
 ) -> torch.Tensor:
-    """Slow, obviously-correct reference for `lora_delta`: one token at a time, full rank."""
+    """Slow, obviously-correct reference for the delta `add_lora_delta_` adds: one token at a
+    time, full padded rank. x: [N, in]; token_slots: [N] int; returns [N, out]."""
     rows = [
-        (x[t] @ lora_a[int(token_slots[t])]) @ lora_b[int(token_slots[t])] for t in range(len(x))
+        (x[t] @ lora_a[int(token_slots[t])].T) @ lora_b[int(token_slots[t])] for t in range(len(x))
     ]
     return torch.stack(rows) if rows else x.new_zeros(0, lora_b.shape[-1])
 
@@ -103,7 +90,8 @@ class LoraContext:
 class MultiLoraLinear(nn.Module):
     """A projection plus stacked LoRA slot buffers: `y = base(x) + lora_delta(x)`.
 
-    lora_a: [num_slots, in_features, max_rank]; lora_b: [num_slots, max_rank, out_features].
+    lora_a: [num_slots, max_rank, in_features]; lora_b: [num_slots, max_rank, out_features].
+    Both keep rank-major rows, so a slot of rank r is the leading r rows of each buffer.
     """
 
     def __init__(
@@ -121,7 +109,7 @@ class MultiLoraLinear(nn.Module):
         self.out_features = base.out_features
         device = next(base.parameters()).device
         self.register_buffer(
-            "lora_a", torch.zeros(num_slots, self.in_features, max_rank, dtype=dtype, device=device)
+            "lora_a", torch.zeros(num_slots, max_rank, self.in_features, dtype=dtype, device=device)
         )
         self.register_buffer(
             "lora_b",
@@ -129,11 +117,11 @@ class MultiLoraLinear(nn.Module):
         )
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        """a: [in, r]; b: [r, out] with scaling already folded in."""
-        r = a.shape[1]
+        """a: [r, in]; b: [r, out] with scaling already folded in."""
+        r = a.shape[0]
         self.clear_slot(slot)
-        self.lora_a[slot, :, :r].copy_(a)
-        self.lora_b[slot, :r].copy_(b)
+        self.lora_a[slot, :r].copy_(a, non_blocking=True)
+        self.lora_b[slot, :r].copy_(b, non_blocking=True)
 
     def clear_slot(self, slot: int) -> None:
         self.lora_a[slot].zero_()
@@ -143,12 +131,11 @@ class MultiLoraLinear(nn.Module):
         """x: [B, T, in] -> [B, T, out]."""
         y = self.base(x)
         batch = self.context.batch
-        if batch is None or batch.rank == 0:
+        if batch is None or not batch.segments:
             return y
-        delta = lora_delta(
-            x.reshape(-1, self.in_features).to(self.lora_a.dtype), batch, self.lora_a, self.lora_b
-        )
-        return y + delta.view(y.shape).to(y.dtype)
+        flat_y = y.view(-1, self.out_features)
+        add_lora_delta_(flat_y, x.reshape(-1, self.in_features), batch, self.lora_a, self.lora_b)
+        return y
 
 
 def is_lora_target(module: nn.Module) -> bool:

@@ -62,7 +62,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, rows: list[RowInput]) -> torch.Tensor:
-        """Append each row's tokens to its context; returns float32 logits [B, V] of last tokens."""
+        """Append each row's tokens to its context; returns float32 logits [B, V] of last tokens.
+
+        Rows run ordered by LoRA slot, so each adapter's tokens are one contiguous segment.
+        """
+        order = sorted(range(len(rows)), key=lambda i: rows[i].lora_slot)
+        logits = self._forward([rows[i] for i in order])
+        unsorted = torch.empty_like(logits)
+        unsorted[order] = logits
+        return unsorted
+
+    def _forward(self, rows: list[RowInput]) -> torch.Tensor:
         width = max(len(r.tokens) for r in rows)
         context = max(r.start + len(r.tokens) for r in rows)
         bs = self.cache.block_size
@@ -87,9 +97,7 @@ class ModelRunner:
         pad_cols = width - tensor([len(r.tokens) for r in rows])  # [B]
         self.cache.prepare(tensor(write), tensor(read))
         mask = self._mask(position_ids, pad_cols, context)
-        self.lora.batch = LoraBatch.for_rows(
-            [r.lora_slot for r in rows], width, self.slot_ranks, self.device
-        )
+        self.lora.batch = LoraBatch.for_rows([r.lora_slot for r in rows], width, self.slot_ranks)
         try:
             out = self.model(
                 input_ids=input_ids,
