@@ -1,0 +1,141 @@
+"""Helpers shared by the benchmark scripts: cached random models and adapters, timing, machine.
+
+Models are random-weight Llama-shaped checkpoints written with `write_tiny_model`; adapters are
+PEFT LoRA directories with random non-zero A and B. Both are written once under a cache
+directory named after their shapes and reused by later runs.
+
+Knows nothing about what a benchmark compares or how it reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import bitsandbytes
+import peft
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from loraserve.model.tiny import write_tiny_model
+
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loraserve" / "bench"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A random-weight Llama-shaped base; its fields name its cache directory."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    initializer_range: float = 0.02
+    seed: int = 0
+
+    def cache_key(self) -> str:
+        text = json.dumps(asdict(self), sort_keys=True)
+        return "llama-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def prepare_model(spec: ModelSpec, cache_root: Path = DEFAULT_CACHE_DIR) -> Path:
+    """The model directory for `spec`, written on first use."""
+    path = cache_root / spec.cache_key() / "model"
+    if not (path / "config.json").exists():
+        staging = path.with_name("model.partial")
+        write_tiny_model(
+            staging,
+            "llama",
+            hidden_size=spec.hidden_size,
+            intermediate_size=spec.intermediate_size,
+            num_layers=spec.num_layers,
+            num_heads=spec.num_heads,
+            num_kv_heads=spec.num_kv_heads,
+            vocab_size=spec.vocab_size,
+            initializer_range=spec.initializer_range,
+            seed=spec.seed,
+        )
+        staging.replace(path)
+    return path
+
+
+def prepare_lora_adapters(
+    model_dir: Path, count: int, rank: int, alpha: float, targets: tuple[str, ...], seed: int = 0
+) -> dict[str, Path]:
+    """`count` PEFT LoRA adapters for the model at `model_dir`, random non-zero A and B, one
+    seed each; written on first use next to the model. Returns name -> directory."""
+    short = "-".join(t.removesuffix("_proj") for t in targets)
+    root = model_dir.parent / f"lora-r{rank}-alpha{alpha:g}-{short}-seed{seed}"
+    dirs = {f"adapter-{i:02d}": root / f"adapter-{i:02d}" for i in range(count)}
+    missing = [
+        (i, d) for i, d in enumerate(dirs.values()) if not (d / "adapter_config.json").exists()
+    ]
+    if not missing:
+        return dirs
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)
+    model = get_peft_model(base, config)
+    lora_params = [p for name, p in model.named_parameters() if "lora_" in name]
+    for i, directory in missing:
+        gen = torch.Generator().manual_seed(seed + 100 + i)
+        with torch.no_grad():
+            for param in lora_params:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3 / param.shape[-1] ** 0.5)
+        staging = directory.with_name(directory.name + ".partial")
+        model.save_pretrained(staging)
+        staging.replace(directory)
+    return dirs
+
+
+@dataclass(frozen=True)
+class Run:
+    """One timed run. cpu_seconds far below seconds x threads means the machine was contended."""
+
+    seconds: float  # wall time
+    cpu_seconds: float  # this process's CPU time, all threads
+    tokens: int
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], int], device: torch.device) -> Run:
+    """Run `fn` (which returns the tokens it generated) and time it, waiting for the device."""
+    synchronize(device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    tokens = fn()
+    synchronize(device)
+    return Run(time.perf_counter() - start, time.process_time() - cpu_start, tokens)
+
+
+def machine_info() -> dict:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+        "peft": peft.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
