@@ -7,7 +7,6 @@ these; the engine consumes and produces them.
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass, field
 
 
@@ -47,6 +46,11 @@ class EngineDeadError(LoraServeError):
     """The engine loop stopped after an internal failure (maps to UNAVAILABLE)."""
 
 
+# Beyond these, dividing float32 logits overflows and sampling would produce NaNs.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
+MIN_PENALTY, MAX_PENALTY = 1e-2, 100.0
+
+
 class FinishReason(str, enum.Enum):
     EOS = "eos"
     LENGTH = "length"
@@ -77,15 +81,18 @@ class SamplingParams:
         problems = []
         if self.max_new_tokens < 1:
             problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            problems.append(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            problems.append(
+                f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
+                f"got {self.temperature}"
+            )
         if self.top_k < 0:
             problems.append(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+        if not (MIN_PENALTY <= self.repetition_penalty <= MAX_PENALTY):
             problems.append(
-                f"repetition_penalty must be a finite number > 0 (1 disables it), "
+                f"repetition_penalty must be in [{MIN_PENALTY}, {MAX_PENALTY}] (1 disables it), "
                 f"got {self.repetition_penalty}"
             )
         if any(not s for s in self.stop):

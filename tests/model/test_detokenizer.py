@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from loraserve.model.detokenizer import IncrementalDetokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from loraserve.model.detokenizer import IncrementalDetokenizer
 
 CORPUS = [
     "Hello world, this is a small corpus for testing the detokenizer.",

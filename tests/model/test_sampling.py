@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from loraserve.model.sampling import apply_repetition_penalty, make_generator, sample_next_tokens
 from loraserve.types import SamplingParams
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 
 import torch
@@ -108,6 +109,8 @@ class EngineCore:
         self.steps = 0
         self.updated_at = time.time()
         self._ids = itertools.count(1)
+        self._queued = 0  # sequences made and not yet admitted or retired
+        self._queue_lock = threading.Lock()
         self._by_id: dict[int, Sequence] = {}
 
     # ---- requests -----------------------------------------------------------------------
@@ -129,15 +132,17 @@ class EngineCore:
                 f"{total} exceeds the context limit of {self.max_context} tokens; shorten the "
                 "prompt or lower max_new_tokens"
             )
-        if len(self.scheduler.waiting) >= self.config.max_waiting:
-            self.metrics.requests_rejected.labels("queue_full").inc()
-            raise CapacityError(
-                f"the queue is full ({self.config.max_waiting} waiting requests); retry later"
-            )
         adapter_key = self.adapters.resolve(
             request.adapter, request.tenant, request.adapter_version
         )
         self.adapters.raise_if_failed(adapter_key)
+        with self._queue_lock:  # counts requests still in flight to the engine thread too
+            if self._queued >= self.config.max_waiting:
+                self.metrics.requests_rejected.labels("queue_full").inc()
+                raise CapacityError(
+                    f"the queue is full ({self.config.max_waiting} waiting requests); retry later"
+                )
+            self._queued += 1
         return Sequence(
             request_id=next(self._ids),
             prompt_len=len(prompt_ids),
@@ -204,6 +209,7 @@ class EngineCore:
         admitted, failed = self.scheduler.admit()
         now = time.monotonic()
         for seq in admitted:
+            self._leave_queue(seq)
             self.metrics.queue_time.observe(now - seq.arrived_at)
         for seq, error in failed:
             self._fail(seq, error)
@@ -300,7 +306,14 @@ class EngineCore:
         self.metrics.requests_finished.labels(seq.tenant, "error").inc()
         self._release(seq)
 
+    def _leave_queue(self, seq: Sequence) -> None:
+        if seq.queued:
+            seq.queued = False
+            with self._queue_lock:
+                self._queued -= 1
+
     def _release(self, seq: Sequence) -> None:
+        self._leave_queue(seq)
         self.scheduler.remove(seq)
         if seq.lora_slot is not None:
             self.adapters.release(seq.lora_slot)

@@ -39,6 +39,7 @@ class Sequence:
     slot_wait_steps: int = 0  # steps spent waiting for a slot
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0
+    queued: bool = True  # counts against max_waiting until admitted or retired
     cancelled: bool = False
     finished: bool = False
 

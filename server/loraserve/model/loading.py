@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import bitsandbytes as bnb
 import torch
 from torch import nn
 from transformers import (
@@ -71,7 +72,7 @@ def _linear_layout(config) -> tuple[dict[str, tuple[int, int]], str]:
 
 def _quantization_config(
     config, quantization: str, compute_dtype: torch.dtype, device: torch.device
-) -> tuple[BitsAndBytesConfig, tuple[str, ...]]:
+) -> BitsAndBytesConfig:
     shapes, output_name = _linear_layout(config)
     misfits = ()
     if device.type == "cpu" and quantization in ("nf4", "fp4"):
@@ -91,15 +92,12 @@ def _quantization_config(
             )
     skip = [output_name, *misfits]
     if quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip), misfits
-    return (
-        BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quantization,
-            bnb_4bit_compute_dtype=compute_dtype,
-            llm_int8_skip_modules=skip,
-        ),
-        misfits,
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=skip,
     )
 
 
@@ -131,15 +129,12 @@ def load_base_model(
     target = resolve_device(device)
     config = AutoConfig.from_pretrained(model, trust_remote_code=False)
     kwargs: dict = {}
-    misfits: tuple[str, ...] = ()
     actual = _prequantized(config)
     if actual is not None:
         if actual != quantization:
             log.warning("checkpoint is already %s-quantized; serving it as such", actual)
     elif quantization != "none":
-        kwargs["quantization_config"], misfits = _quantization_config(
-            config, quantization, dtype, target
-        )
+        kwargs["quantization_config"] = _quantization_config(config, quantization, dtype, target)
         actual = quantization
     else:
         actual = "none"
@@ -154,4 +149,21 @@ def load_base_model(
     loaded.eval()
     loaded.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
-    return LoadedModel(loaded, tokenizer, actual, dtype, target, misfits)
+    return LoadedModel(
+        loaded, tokenizer, actual, dtype, target, _unquantized_layers(loaded, actual)
+    )
+
+
+def _unquantized_layers(model: PreTrainedModel, quantization: str) -> tuple[str, ...]:
+    """Linear layers a quantized model kept in the compute dtype (the output embedding aside)."""
+    if quantization == "none":
+        return ()
+    output = model.get_output_embeddings()
+    quantized = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return tuple(
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and not isinstance(module, quantized)
+        and module is not output
+    )

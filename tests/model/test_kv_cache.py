@@ -1,0 +1,188 @@
+"""Block accounting, and ragged batches through the paged KV cache against full forwards.
+
+The runner's logits for a row must equal, to fp32 rounding, the logits an unbatched full forward
+of that row's whole sequence gives at the same position: whatever its neighbours in the batch,
+its prompt split into chunks, or its positions straddling KV blocks scattered across the pool.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from loraserve.model.kv_cache import SCRATCH_BLOCK, BlockAllocator, PagedKVCache
+from loraserve.model.loading import load_base_model
+from loraserve.model.lora import LoraContext
+from loraserve.model.runner import ModelRunner, RowInput
+
+BLOCK_SIZE = 4
+SEQ_LEN = 24
+LOGIT_TOLERANCE = 1e-5  # fp32, unquantized
+
+# ---- BlockAllocator ----------------------------------------------------------------------
+
+
+def test_allocator_accounting_through_allocate_and_free():
+    alloc = BlockAllocator(num_blocks=6, block_size=BLOCK_SIZE)
+    assert (alloc.capacity_tokens, alloc.free_blocks, alloc.used_blocks) == (20, 5, 0)
+
+    first = alloc.allocate(2)
+    second = alloc.allocate(3)
+    assert len(first) == 2 and len(second) == 3
+    assert set(first) | set(second) == {1, 2, 3, 4, 5}, "blocks handed out twice or block 0"
+    assert (alloc.free_blocks, alloc.used_blocks) == (0, 5)
+
+    with pytest.raises(MemoryError, match="asked for 1 KV blocks, 0 free"):
+        alloc.allocate(1)
+    assert (alloc.free_blocks, alloc.used_blocks) == (0, 5)
+
+    alloc.free(first)
+    assert (alloc.free_blocks, alloc.used_blocks) == (2, 3)
+    assert sorted(alloc.allocate(2)) == sorted(first)
+    alloc.free(second)
+    assert alloc.allocate(0) == []
+    assert (alloc.free_blocks, alloc.used_blocks) == (3, 2)
+
+
+def test_allocator_refuses_more_than_free_without_taking_any():
+    alloc = BlockAllocator(num_blocks=4, block_size=BLOCK_SIZE)
+    with pytest.raises(MemoryError, match="asked for 4 KV blocks, 3 free"):
+        alloc.allocate(4)
+    assert alloc.free_blocks == 3
+    assert sorted(alloc.allocate(3)) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("num_blocks", [2, 3, 17])
+def test_allocator_never_hands_out_the_scratch_block(num_blocks):
+    alloc = BlockAllocator(num_blocks, BLOCK_SIZE)
+    taken = [alloc.allocate(1)[0] for _ in range(num_blocks - 1)]
+    assert SCRATCH_BLOCK not in taken
+    assert sorted(taken) == list(range(1, num_blocks))
+    with pytest.raises(MemoryError):
+        alloc.allocate(1)
+
+
+@pytest.mark.parametrize("num_blocks", [0, 1])
+def test_allocator_needs_a_block_besides_scratch(num_blocks):
+    with pytest.raises(ValueError, match="at least 2 blocks"):
+        BlockAllocator(num_blocks, BLOCK_SIZE)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "blocks"), [(0, 0), (1, 1), (3, 1), (4, 1), (5, 2), (8, 2), (9, 3), (24, 6)]
+)
+def test_blocks_for_rounds_up(tokens, blocks):
+    assert BlockAllocator(8, BLOCK_SIZE).blocks_for(tokens) == blocks
+
+
+def test_bytes_per_token_counts_keys_and_values_of_every_layer():
+    cache = PagedKVCache(3, 5, BLOCK_SIZE, 2, 16, torch.bfloat16, torch.device("cpu"))
+    assert cache.bytes_per_token() == 2 * 3 * 2 * 16 * 2
+    assert cache.key_pools[0].shape == (5 * BLOCK_SIZE, 2, 16)
+
+
+# ---- ModelRunner over the paged cache ------------------------------------------------------
+
+
+class Harness:
+    """One unquantized model, a paged cache with spare blocks, and sequences with full logits."""
+
+    def __init__(self, model_dir, num_seqs: int, spare_blocks: int = 3, seed: int = 0) -> None:
+        loaded = load_base_model(str(model_dir), "none", "fp32", "cpu")
+        self.model = loaded.model
+        config = self.model.config
+        per_seq = -(-SEQ_LEN // BLOCK_SIZE)
+        num_blocks = 1 + num_seqs * per_seq + spare_blocks
+        self.cache = PagedKVCache(
+            config.num_hidden_layers,
+            num_blocks,
+            BLOCK_SIZE,
+            config.num_key_value_heads,
+            config.hidden_size // config.num_attention_heads,
+            torch.float32,
+            torch.device("cpu"),
+        )
+        self.runner = ModelRunner(self.model, self.cache, LoraContext(), [0])
+        # Scatter each sequence's blocks across the pool, out of order.
+        rng = random.Random(seed)
+        blocks = BlockAllocator(num_blocks, BLOCK_SIZE).allocate(num_seqs * per_seq)
+        rng.shuffle(blocks)
+        self.tables = [blocks[i * per_seq : (i + 1) * per_seq] for i in range(num_seqs)]
+        self.spare = sorted(set(range(1, num_blocks)) - set(blocks))
+        gen = torch.Generator().manual_seed(seed)
+        vocab = config.vocab_size
+        self.seqs = [
+            torch.randint(3, vocab, (SEQ_LEN,), generator=gen).tolist() for _ in range(num_seqs)
+        ]
+        with torch.no_grad():
+            self.full = [
+                self.model(torch.tensor([s])).logits[0].float() for s in self.seqs
+            ]  # [L, V]
+        self.rng = rng
+
+    def step(self, feeds: dict[int, tuple[int, int]]) -> dict[int, torch.Tensor]:
+        """feeds: sequence -> (start, count), rows in shuffled order; returns logits by sequence."""
+        order = list(feeds)
+        self.rng.shuffle(order)
+        rows = [
+            RowInput(self.seqs[i][start : start + n], start, self.tables[i])
+            for i, (start, n) in ((i, feeds[i]) for i in order)
+        ]
+        out = self.runner.forward(rows)  # [B, V]
+        assert out.shape == (len(rows), self.model.config.vocab_size)
+        assert out.dtype == torch.float32
+        return {i: out[k] for k, i in enumerate(order)}
+
+    def check(self, logits: dict[int, torch.Tensor], last: dict[int, int]) -> None:
+        for i, row in logits.items():
+            diff = (row - self.full[i][last[i]]).abs().max().item()
+            assert diff <= LOGIT_TOLERANCE, f"sequence {i} at position {last[i]}: {diff}"
+
+    def assert_spare_blocks_untouched(self) -> None:
+        for pool in self.cache.key_pools + self.cache.value_pools:
+            for block in self.spare:
+                assert not pool[block * BLOCK_SIZE : (block + 1) * BLOCK_SIZE].any()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_ragged_prefill_then_decode_matches_full_forward(arch, model_dirs):
+    prompts = [3, 9, 6, 1, 4]  # 9 and 6 straddle blocks at once; 3 and 4 cross while decoding
+    h = Harness(model_dirs[arch], len(prompts))
+    pos = dict(enumerate(prompts))
+
+    logits = h.step({i: (0, n) for i, n in pos.items()})
+    h.check(logits, {i: p - 1 for i, p in pos.items()})
+    for _ in range(7):
+        logits = h.step({i: (p, 1) for i, p in pos.items()})
+        h.check(logits, pos)
+        pos = {i: p + 1 for i, p in pos.items()}
+    h.assert_spare_blocks_untouched()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_chunked_prefill_mixed_with_decode_matches_full_forward(arch, model_dirs):
+    h = Harness(model_dirs[arch], 3, seed=1)
+    # Sequence 0's prompt of 11 tokens arrives in chunks of 6 and 5, the first ending mid-block,
+    # next to sequence 1's prefill and then its decode, and sequence 2 joining late.
+    steps = [
+        {0: (0, 6), 1: (0, 5)},
+        {0: (6, 5), 1: (5, 1)},
+        {0: (11, 1), 1: (6, 1), 2: (0, 7)},
+        {0: (12, 1), 1: (7, 1), 2: (7, 1)},
+        {0: (13, 1), 1: (8, 1), 2: (8, 3)},  # a 3-token chunk after decoding
+    ]
+    for feeds in steps:
+        logits = h.step(feeds)
+        h.check(logits, {i: start + n - 1 for i, (start, n) in feeds.items()})
+    h.assert_spare_blocks_untouched()
+
+
+def test_prompt_in_chunks_equals_one_prefill(model_dirs):
+    h = Harness(model_dirs["llama"], 2, seed=2)
+    h.seqs[1], h.full[1] = h.seqs[0], h.full[0]  # the same tokens, in another block table
+    whole = h.step({0: (0, SEQ_LEN)})[0]
+    for start in range(0, SEQ_LEN, 5):
+        chunked = h.step({1: (start, min(5, SEQ_LEN - start))})[1]
+    h.check({0: whole, 1: chunked}, {0: SEQ_LEN - 1, 1: SEQ_LEN - 1})

@@ -1,0 +1,286 @@
+"""The batched LoRA delta against its slow reference, and the layer that owns the slot buffers.
+
+Adapter mixes follow the serving patterns that stress a multi-LoRA kernel differently: every
+token on one adapter, every row on its own adapter, uniform and zipf-skewed draws, and base-only
+rows (slot 0) mixed in. Slots hold heterogeneous ranks zero-padded to the buffers' max rank.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from loraserve.model.loading import load_base_model
+from loraserve.model.lora import (
+    LoraBatch,
+    LoraContext,
+    MultiLoraLinear,
+    add_lora_delta_,
+    lora_delta_reference,
+    wrap_lora_targets,
+)
+
+IN_FEATURES, OUT_FEATURES, MAX_RANK = 48, 40, 16
+# slot -> rank; slot 0 is the base model (no adapter). Slot 1, the most frequent under zipf,
+# has the smallest rank, so a kernel that took the rank of the first or commonest slot fails.
+SLOT_RANKS = [0, 1, 16, 4, 8, 2, 16, 3, 12, 5, 1, 7, 16]
+ADAPTER_SLOTS = list(range(1, len(SLOT_RANKS)))
+NUM_ROWS = 12
+
+# Largest allowed max|kernel - reference| / max|reference|, per dtype of the kernel's inputs; the
+# reference runs in fp32 on the same (rounded) values. bf16 rounds x @ A before it meets B.
+TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
+
+
+def _zipf(rng: random.Random, n: int) -> list[int]:
+    weights = [1.0 / k**1.5 for k in range(1, len(ADAPTER_SLOTS) + 1)]
+    return rng.choices(ADAPTER_SLOTS, weights=weights, k=n)
+
+
+def _distinct(rng: random.Random, n: int) -> list[int]:
+    slots = list(ADAPTER_SLOTS)
+    rng.shuffle(slots)
+    return slots[:n]
+
+
+def _with_base(rng: random.Random, n: int) -> list[int]:
+    # every other row on the base model, the rest on random adapters
+    return [0 if i % 2 else rng.choice(ADAPTER_SLOTS) for i in range(n)]
+
+
+MIXES = {
+    "identical": lambda rng, n: [6] * n,
+    "distinct": _distinct,
+    "uniform": lambda rng, n: rng.choices(ADAPTER_SLOTS, k=n),
+    "zipf": _zipf,
+    "base-mixed-in": _with_base,
+    "base-only": lambda rng, n: [0] * n,
+}
+
+
+def _slot_weights(dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """lora_a [S, R, in], lora_b [S, R, out]: slot s filled up to its rank, zero beyond it."""
+    gen = torch.Generator().manual_seed(seed)
+    slots = len(SLOT_RANKS)
+    lora_a = torch.zeros(slots, MAX_RANK, IN_FEATURES)
+    lora_b = torch.zeros(slots, MAX_RANK, OUT_FEATURES)
+    for slot, rank in enumerate(SLOT_RANKS):
+        lora_a[slot, :rank] = torch.randn(rank, IN_FEATURES, generator=gen) / IN_FEATURES**0.5
+        lora_b[slot, :rank] = torch.randn(rank, OUT_FEATURES, generator=gen)
+    return lora_a.to(dtype), lora_b.to(dtype)
+
+
+def _x(num_tokens: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(num_tokens, IN_FEATURES, generator=gen).to(dtype)  # [N, in]
+
+
+def _token_slots(row_slots: list[int], row_len: int) -> torch.Tensor:
+    return torch.tensor(row_slots).repeat_interleave(row_len)  # [N] int64
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=["fp32", "bf16"])
+@pytest.mark.parametrize("row_len", [1, 5], ids=["per-token", "segments"])
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_add_lora_delta_matches_reference(mix, row_len, dtype):
+    row_slots = MIXES[mix](random.Random(mix), NUM_ROWS)
+    batch = LoraBatch.for_rows(row_slots, row_len, SLOT_RANKS)
+    lora_a, lora_b = _slot_weights(dtype)
+    x = _x(NUM_ROWS * row_len, dtype)
+    base = _x(NUM_ROWS * row_len, dtype, seed=2)[:, :OUT_FEATURES]  # [N, out], as base(x) gives
+    y = base.clone()
+
+    got = add_lora_delta_(y, x, batch, lora_a, lora_b)
+    slots = _token_slots(row_slots, row_len)
+    want = base.float() + lora_delta_reference(x.float(), slots, lora_a.float(), lora_b.float())
+
+    assert got is y, "the delta is not added in place"
+    assert got.shape == (NUM_ROWS * row_len, OUT_FEATURES) and got.dtype == dtype
+    error = (got.float() - want).abs().max() / want.abs().max()
+    assert error <= TOLERANCE[dtype], f"relative error {error:.2e}"
+    on_base = slots == 0
+    assert torch.equal(got[on_base], base[on_base]), "tokens on slot 0 changed"
+    if mix != "base-only":  # the comparison is not vacuous
+        assert (want - base.float()).abs().max() > 0.5
+
+
+def _runs(row_slots: list[int], row_len: int) -> list[tuple[int, int, int, int]]:
+    """Maximal runs of consecutive rows on one adapter: (slot, rank, start, end) in tokens."""
+    runs: list[list[int]] = []
+    for b, slot in enumerate(row_slots):
+        if slot and runs and runs[-1][0] == slot and runs[-1][3] == b * row_len:
+            runs[-1][3] = (b + 1) * row_len
+        elif slot:
+            runs.append([slot, SLOT_RANKS[slot], b * row_len, (b + 1) * row_len])
+    return [tuple(run) for run in runs]
+
+
+@pytest.mark.parametrize("row_len", [1, 3])
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_for_rows_makes_one_segment_per_run_of_an_adapter(mix, row_len):
+    row_slots = MIXES[mix](random.Random(7), NUM_ROWS)
+    batch = LoraBatch.for_rows(row_slots, row_len, SLOT_RANKS)
+    got = [(g.slot, g.rank, g.start, g.end) for g in batch.segments]
+    assert got == _runs(row_slots, row_len)
+    if mix == "identical":
+        assert got == [(6, 16, 0, NUM_ROWS * row_len)]
+    if mix == "base-only":
+        assert got == []
+    # Rows sorted by slot, as the runner orders them: one segment per distinct adapter.
+    ordered = LoraBatch.for_rows(sorted(row_slots), row_len, SLOT_RANKS)
+    assert [g.slot for g in ordered.segments] == sorted(set(row_slots) - {0})
+
+
+# ---- MultiLoraLinear -------------------------------------------------------------------------
+
+
+def _layer(seed: int = 0) -> tuple[MultiLoraLinear, LoraContext]:
+    torch.manual_seed(seed)
+    context = LoraContext()
+    layer = MultiLoraLinear(
+        nn.Linear(IN_FEATURES, OUT_FEATURES), context, len(SLOT_RANKS), MAX_RANK, torch.float32
+    )
+    lora_a, lora_b = _slot_weights(torch.float32)
+    for slot in ADAPTER_SLOTS:
+        rank = SLOT_RANKS[slot]
+        layer.set_slot(slot, lora_a[slot, :rank], lora_b[slot, :rank])
+    return layer, context
+
+
+def _forward(layer, context, row_slots, row_len, slot_ranks=SLOT_RANKS):
+    x = _x(len(row_slots) * row_len, torch.float32).view(len(row_slots), row_len, IN_FEATURES)
+    context.batch = LoraBatch.for_rows(row_slots, row_len, slot_ranks)
+    try:
+        return x, layer(x)  # [B, T, out]
+    finally:
+        context.batch = None
+
+
+@pytest.mark.parametrize("row_len", [1, 4])
+def test_layer_adds_each_rows_delta_and_slot_zero_is_exactly_base(row_len):
+    layer, context = _layer()
+    row_slots = [0, 3, 0, 2, 12, 0, 1, 1]
+    x, y = _forward(layer, context, row_slots, row_len)
+
+    base = layer.base(x)
+    for b, slot in enumerate(row_slots):
+        if slot == 0:
+            assert torch.equal(y[b], base[b]), f"row {b} on slot 0 is not exactly base(x)"
+        else:
+            want = base[b] + lora_delta_reference(
+                x[b], torch.full((row_len,), slot), layer.lora_a, layer.lora_b
+            )
+            torch.testing.assert_close(y[b], want, atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(y[b], base[b])
+
+
+@pytest.mark.parametrize("row_slots", [[0], [0, 0, 0]])
+def test_layer_all_base_rows_or_no_batch_give_base_exactly(row_slots):
+    layer, context = _layer()
+    x, y = _forward(layer, context, row_slots, 3)
+    assert torch.equal(y, layer.base(x))
+    assert torch.equal(layer(x), layer.base(x))  # context.batch is None outside a forward
+
+
+def test_set_slot_with_lower_rank_clears_what_the_previous_adapter_left():
+    layer, context = _layer()
+    gen = torch.Generator().manual_seed(3)
+    a2 = torch.randn(2, IN_FEATURES, generator=gen)  # [r, in]
+    b2 = torch.randn(2, OUT_FEATURES, generator=gen)
+    layer.set_slot(2, a2, b2)  # slot 2 held a rank-16 adapter
+
+    assert torch.equal(layer.lora_a[2, :2], a2) and torch.equal(layer.lora_b[2, :2], b2)
+    assert not layer.lora_a[2, 2:].any() and not layer.lora_b[2, 2:].any()
+    # Even read at the buffers' full padded rank, slot 2 now holds only the rank-2 adapter.
+    ranks = [MAX_RANK] * len(SLOT_RANKS)
+    x, y = _forward(layer, context, [2, 6], 1, ranks)
+    torch.testing.assert_close(y[0, 0], layer.base(x)[0, 0] + (x[0, 0] @ a2.T) @ b2)
+
+
+def test_clear_slot_zeroes_only_that_slot():
+    layer, context = _layer()
+    before_a, before_b = layer.lora_a.clone(), layer.lora_b.clone()
+    layer.clear_slot(4)
+
+    assert not layer.lora_a[4].any() and not layer.lora_b[4].any()
+    others = [s for s in range(len(SLOT_RANKS)) if s != 4]
+    assert torch.equal(layer.lora_a[others], before_a[others])
+    assert torch.equal(layer.lora_b[others], before_b[others])
+    x, y = _forward(layer, context, [4, 3], 1)
+    base = layer.base(x)
+    assert torch.equal(y[0], base[0])
+    assert not torch.allclose(y[1], base[1])
+
+
+# ---- wrap_lora_targets -----------------------------------------------------------------------
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _tiny_llama() -> nn.Module:
+    config = AutoConfig.for_model(
+        "llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=96,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _expected_paths(names: tuple[str, ...], layers: int = 2) -> set[str]:
+    parent = {n: "self_attn" if n in PROJECTIONS[:4] else "mlp" for n in PROJECTIONS}
+    return {f"model.layers.{i}.{parent[n]}.{n}" for i in range(layers) for n in names}
+
+
+@pytest.mark.parametrize(
+    ("target_names", "expected"),
+    [
+        ((), PROJECTIONS),
+        (("q_proj", "v_proj"), ("q_proj", "v_proj")),
+        (("down_proj",), ("down_proj",)),
+        (("lm_head", "o_proj"), ("o_proj",)),  # lm_head is never wrapped, even when named
+    ],
+)
+def test_wrap_lora_targets_wraps_decoder_projections(target_names, expected):
+    model = _tiny_llama()
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        before = model(ids).logits
+    context = LoraContext()
+    wrapped = wrap_lora_targets(model, context, 3, 8, torch.float32, target_names)
+
+    assert set(wrapped) == _expected_paths(expected)
+    for name, module in model.named_modules():
+        if name in wrapped:
+            assert module is wrapped[name] and isinstance(module, MultiLoraLinear)
+            assert module.lora_a.shape == (3, 8, module.in_features)
+            assert module.lora_b.shape == (3, 8, module.out_features)
+        elif isinstance(module, MultiLoraLinear):
+            pytest.fail(f"{name} was wrapped but not returned")
+    assert type(model.lm_head) is nn.Linear
+    leftover = {n for n, m in model.named_modules() if type(m) is nn.Linear} - {"lm_head"}
+    assert leftover == {f"{p}.base" for p in wrapped} | (
+        _expected_paths(PROJECTIONS) - set(wrapped)
+    )
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+
+
+def test_wrap_lora_targets_wraps_bitsandbytes_layers(model_dirs):
+    import bitsandbytes as bnb
+
+    loaded = load_base_model(str(model_dirs["llama"]), "nf4", "fp32", "cpu")
+    wrapped = wrap_lora_targets(loaded.model, LoraContext(), 2, 4, torch.float32)
+
+    assert set(wrapped) == _expected_paths(PROJECTIONS)
+    assert all(isinstance(layer.base, bnb.nn.Linear4bit) for layer in wrapped.values())
+    assert not isinstance(loaded.model.lm_head, MultiLoraLinear)
