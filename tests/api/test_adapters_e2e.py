@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -239,3 +240,22 @@ def _queue_config(tmp_path: Path) -> Path:
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"max_waiting": 1}))
     return config
+
+
+def test_operators_prefetch_and_pin_a_tenants_adapter(server, adapter_dirs):
+    with client(server, "alpha-key") as alpha, client(server, "ops-key") as ops:
+        alpha.upload_adapter(adapter_dirs["llama"]["r4-attn"], "hot", progress=False)
+        with pytest.raises(PermissionDenied):
+            alpha.pin_adapter("hot")
+        assert ops.prefetch_adapter("hot") in ("host", "device")
+        assert ops.pin_adapter("hot") is True
+        assert alpha.get_adapter("hot").pinned is True
+        deadline = time.monotonic() + 30
+        while alpha.get_adapter("hot").residency != "device" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert alpha.get_adapter("hot").residency == "device"
+        assert ops.pin_adapter("hot", pinned=False) is False
+        assert alpha.get_adapter("hot").pinned is False
+        with pytest.raises(NotFound):
+            ops.prefetch_adapter("no-such-adapter")
+        alpha.delete_adapter("hot")

@@ -34,6 +34,7 @@ from loraserve.v1 import adapters_pb2 as pb
 from loraserve.v1 import adapters_pb2_grpc
 
 MAX_CHUNK_BYTES = 1 << 20
+PREFETCH_WAIT_S = 30.0
 UPLOAD_FILES = (peft_format.CONFIG_FILE, peft_format.WEIGHTS_FILE)
 RESIDENCY = {"disk": pb.RESIDENCY_DISK, "host": pb.RESIDENCY_HOST, "device": pb.RESIDENCY_DEVICE}
 
@@ -93,8 +94,7 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
     async def UploadAdapter(
         self, request_iterator: AsyncIterator[pb.UploadAdapterRequest], context
     ) -> pb.UploadAdapterResponse:
-        await self.state.engine_or_abort(context)
-        tenant = (await caller(context, self.state.auth)).tenant
+        tenant = await self._tenant(context)
         store = self.state.store
         limit = self.state.config.max_upload_bytes
         try:
@@ -147,8 +147,7 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
     async def ListAdapters(
         self, request: pb.ListAdaptersRequest, context
     ) -> pb.ListAdaptersResponse:
-        await self.state.engine_or_abort(context)
-        tenant = (await caller(context, self.state.auth)).tenant
+        tenant = await self._tenant(context)
         try:
             page, token = self.state.store.list_adapters(
                 tenant, request.page_size, request.page_token
@@ -160,8 +159,7 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
         )
 
     async def GetAdapter(self, request: pb.GetAdapterRequest, context) -> pb.GetAdapterResponse:
-        await self.state.engine_or_abort(context)
-        tenant = (await caller(context, self.state.auth)).tenant
+        tenant = await self._tenant(context)
         try:
             store = self.state.store
             manifest = store.manifest(store.resolve(tenant, request.name, request.version or None))
@@ -172,9 +170,8 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
     async def DeleteAdapter(
         self, request: pb.DeleteAdapterRequest, context
     ) -> pb.DeleteAdapterResponse:
-        engine = await self.state.engine_or_abort(context)
-        tenant = (await caller(context, self.state.auth)).tenant
-        store, manager = self.state.store, engine.core.adapters
+        tenant = await self._tenant(context)
+        store, manager = self.state.store, self.state.engine.core.adapters
         try:
             if request.version:
                 doomed = [store.manifest(store.resolve(tenant, request.name, request.version))]
@@ -191,30 +188,15 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
     async def PrefetchAdapter(
         self, request: pb.PrefetchAdapterRequest, context
     ) -> pb.PrefetchAdapterResponse:
-        engine = await self.state.engine_or_abort(context)
-        tenant = (await caller(context, self.state.auth)).tenant
-        manager = engine.core.adapters
-        try:
-            key = manager.store_key(
-                self.state.store.resolve(tenant, request.name, request.version or None)
-            )
-            manager.raise_if_failed(key)
-        except LoraServeError as error:
-            await abort_with(context, error)
+        manager, key = await self._stored_key(context, request.name, request.version)
         if not manager.prefetch(key):
             manager.warm_host(key)
+        wait = min(PREFETCH_WAIT_S, context.time_remaining() or PREFETCH_WAIT_S)
+        await asyncio.to_thread(manager.wait_for_loads, wait)  # report where it got to
         return pb.PrefetchAdapterResponse(residency=RESIDENCY[manager.residency(key)])
 
     async def PinAdapter(self, request: pb.PinAdapterRequest, context) -> pb.PinAdapterResponse:
-        engine = await self.state.engine_or_abort(context)
-        tenant = (await caller(context, self.state.auth)).tenant
-        manager = engine.core.adapters
-        try:
-            key = manager.store_key(
-                self.state.store.resolve(tenant, request.name, request.version or None)
-            )
-        except LoraServeError as error:
-            await abort_with(context, error)
+        manager, key = await self._stored_key(context, request.name, request.version)
         pinned = manager.pin(key, request.pinned)
         if request.pinned and not pinned:
             await context.abort(
@@ -222,3 +204,19 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
                 "no device slot is free to pin this adapter into; unpin another or retry",
             )
         return pb.PinAdapterResponse(pinned=pinned)
+
+    async def _tenant(self, context) -> str:
+        """The caller's tenant, once the engine is up (until then the call ends UNAVAILABLE)."""
+        await self.state.engine_or_abort(context)
+        return (await caller(context, self.state.auth)).tenant
+
+    async def _stored_key(self, context, name: str, version: str):
+        """The manager and the cache key of the caller's stored adapter `name`."""
+        tenant = await self._tenant(context)
+        manager = self.state.engine.core.adapters
+        try:
+            key = manager.store_key(self.state.store.resolve(tenant, name, version or None))
+            manager.raise_if_failed(key)
+        except LoraServeError as error:
+            await abort_with(context, error)
+        return manager, key
