@@ -1,12 +1,13 @@
 """The synchronous engine: requests in, one continuous-batching step at a time, events out.
 
-`EngineCore` owns the model runner, the paged KV cache, the scheduler and the adapter slots.
+`EngineCore` owns the model runner, the paged KV cache, the scheduler and the adapter manager.
 `make_sequence` validates and tokenizes a request (any thread); `add` / `cancel` / `step` are
 called from one thread only (the `AsyncEngine` loop, or a test driving steps by hand). Each
 step: retire cancelled sequences, admit waiting ones, run the prefill chunks and the decode
 tokens, sample, emit, retire finished sequences and free their KV at once.
 
-Knows nothing about gRPC, asyncio or adapter storage: adapters are names resolved to slots.
+Knows nothing about gRPC, asyncio or adapter storage: the adapter manager turns names into
+opaque keys and keys into slot references.
 """
 
 from __future__ import annotations
