@@ -58,6 +58,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         const=False,
         help="leave out the vllm:* gauges that inference gateways scrape",
     )
+    p.add_argument("--max-waiting", dest="max_waiting", type=int, help="queued requests at most")
+    p.add_argument(
+        "--max-waiting-tokens", dest="max_waiting_tokens", type=int, help="queued prompt tokens"
+    )
     p.add_argument("--adapter-dir", dest="adapter_dir", help="adapter store root (./adapters)")
     p.add_argument("--api-keys", dest="api_keys", help="API-keys JSON file (none: dev mode)")
     p.add_argument("--max-upload-bytes", dest="max_upload_bytes", type=int)

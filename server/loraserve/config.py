@@ -19,6 +19,7 @@ class EngineConfig:
     kv_cache_tokens: the KV budget in tokens, shared by all running sequences.
     max_context: the most tokens (prompt + generated) one request may hold.
     max_step_tokens: the most tokens one engine step feeds the model (prefill is chunked to fit).
+    max_waiting, max_waiting_tokens: the queue's bound in requests and in prompt tokens.
     device_slots: adapters resident on the device at once (slot 0, the base, is extra).
     host_cache_bytes: the host-RAM tier's budget for adapter weights ready to load.
     slot_patience_steps: steps a request waits for a slot before one is drained for it.
@@ -40,6 +41,7 @@ class EngineConfig:
     max_batch_size: int = 64
     max_step_tokens: int = 2048
     max_waiting: int = 1024
+    max_waiting_tokens: int = 1 << 20
 
     def __post_init__(self) -> None:
         for f in fields(self):

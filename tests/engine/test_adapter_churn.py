@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from tests.engine.helpers import Collected, make_core, run
 
-from loraserve.types import AdapterNotFoundError, GenerateRequest, SamplingParams
+from loraserve.types import AdapterNotFoundError, CapacityError, GenerateRequest, SamplingParams
 
 NUM_ADAPTERS, SLOTS, REQUESTS, MAX_NEW = 40, 4, 240, 4
 PROMPTS = ("The quick brown fox", "LoRA adapts", "Café 🙂 naïve")
@@ -152,3 +152,31 @@ def test_cold_load_does_not_stall_running_sequences(model_dirs, tmp_path, monkey
         if core.num_running == 0:
             core.adapters.wait_for_loads(60)
     assert len(waiting.tokens) == MAX_NEW
+
+
+def test_a_cold_adapter_is_not_starved_by_a_stream_of_hot_requests(model_dirs, tmp_path):
+    core = make_core(model_dirs["llama"], device_slots=1, max_batch_size=4, slot_patience_steps=4)
+    for name in ("hot", "cold"):
+        core.adapters.load(name, write_random_adapter(tmp_path / name, core.adapters.targets, 7))
+    cold = Collected()
+    for step in range(400):
+        if step < 300:  # a new hot request every step, for much longer than the cold one needs
+            core.add_request(request("LoRA adapts", "hot"), Collected())
+        if step == 10:
+            core.add_request(request("The quick brown fox", "cold"), cold)
+        if core.has_work() and not core.step():
+            core.adapters.wait_for_loads(60)
+        if cold.final is not None:
+            break
+    assert cold.final is not None and step < 100, f"the cold request waited {step - 10} steps"
+    assert len(cold.tokens) == MAX_NEW and cold.error is None
+
+
+def test_the_queue_is_bounded_in_prompt_tokens_too(model_dirs):
+    prompt = "The quick brown fox jumps over the lazy dog."
+    probe = make_core(model_dirs["llama"])
+    size = len(probe.tokenizer.encode(prompt))
+    core = make_core(model_dirs["llama"], max_waiting_tokens=2 * size - 1)
+    core.make_sequence(request(prompt, None), Collected())
+    with pytest.raises(CapacityError, match="above its bound of"):
+        core.make_sequence(request(prompt, None), Collected())

@@ -91,6 +91,12 @@ async def warm_up(engine: AsyncEngine) -> None:
         pass
 
 
+async def watch_engine(engine: AsyncEngine, health: HealthServicer) -> None:
+    """NOT_SERVING as soon as the engine thread ends, whatever ended it."""
+    await asyncio.to_thread(engine.join)
+    await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
 async def _set_health(health: HealthServicer, status: int) -> None:
     for name in (OVERALL, *SERVICE_NAMES):
         await health.set(name, status)
@@ -158,11 +164,13 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
     loading = asyncio.ensure_future(asyncio.to_thread(build_engine, config, metrics))
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    watcher = None
     if loading.done():
         try:
             state.engine, state.loaded, state.store = loading.result()
             await warm_up(state.engine)
             await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
+            watcher = asyncio.ensure_future(watch_engine(state.engine, health))
             log.info("SERVING %s", config.model_name)
         except Exception as error:
             state.startup_error = f"start-up failed: {error}"
@@ -175,6 +183,8 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
     await server.stop(config.drain_grace_seconds)
     if state.engine is not None:
         state.engine.shutdown()
+        if watcher is not None:
+            await watcher
     else:
         loading.cancel()
     if metrics_server is not None:

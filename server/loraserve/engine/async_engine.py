@@ -77,6 +77,10 @@ class AsyncEngine:
         """Run `fn` on the engine thread between two steps."""
         self._inbox.put(fn)
 
+    def join(self) -> None:
+        """Block until the engine thread ends (after `shutdown`, or if the loop died)."""
+        self._thread.join()
+
     def shutdown(self) -> None:
         """Stop the loop after the current step; pending requests are not served."""
         self._inbox.put(None)

@@ -111,6 +111,7 @@ class EngineCore:
         self.updated_at = time.time()
         self._ids = itertools.count(1)
         self._queued = 0  # sequences made and not yet admitted or retired
+        self._queued_tokens = 0  # their prompt tokens
         self._queue_lock = threading.Lock()
         self._by_id: dict[int, Sequence] = {}
 
@@ -143,7 +144,15 @@ class EngineCore:
                 raise CapacityError(
                     f"the queue is full ({self.config.max_waiting} waiting requests); retry later"
                 )
+            if self._queued_tokens + len(prompt_ids) > self.config.max_waiting_tokens:
+                self.metrics.requests_rejected.labels("queue_full").inc()
+                raise CapacityError(
+                    f"this request's {len(prompt_ids)} prompt tokens would take the queue to "
+                    f"{self._queued_tokens + len(prompt_ids)}, above its bound of "
+                    f"{self.config.max_waiting_tokens} prompt tokens; retry later"
+                )
             self._queued += 1
+            self._queued_tokens += len(prompt_ids)
         return Sequence(
             request_id=next(self._ids),
             prompt_len=len(prompt_ids),
@@ -312,6 +321,7 @@ class EngineCore:
             seq.queued = False
             with self._queue_lock:
                 self._queued -= 1
+                self._queued_tokens -= seq.prompt_len
 
     def _release(self, seq: Sequence) -> None:
         self._leave_queue(seq)
