@@ -74,6 +74,23 @@ def test_nf4_quantizes_every_projection_and_keeps_lm_head(arch, model_dirs):
     assert not any(p.requires_grad for p in loaded.model.parameters())
 
 
+@pytest.mark.parametrize(
+    ("quantization", "layer_type", "quant_type"),
+    [("fp4", bnb.nn.Linear4bit, "fp4"), ("int8", bnb.nn.Linear8bitLt, None)],
+)
+def test_fp4_and_int8_quantize_the_projections_and_generate(
+    quantization, layer_type, quant_type, model_dirs
+):
+    loaded = load_base_model(str(model_dirs["llama"]), quantization, "fp32", "cpu")
+    q_proj = loaded.model.model.layers[0].self_attn.q_proj
+    assert loaded.quantization == quantization and isinstance(q_proj, layer_type)
+    if quant_type is not None:
+        assert q_proj.weight.quant_type == quant_type
+    assert not isinstance(loaded.model.lm_head, layer_type)
+    out = loaded.model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 6)
+
+
 def test_none_gives_plain_linear_layers_with_the_checkpoint_weights(model_dirs):
     loaded = load_base_model(str(model_dirs["llama"]), "none", "fp32", "cpu")
     checkpoint = load_file(model_dirs["llama"] / "model.safetensors")
