@@ -61,7 +61,7 @@ def _failure_reason(error: Exception) -> str:
 
 @dataclass
 class LoadStats:
-    """Device-tier counters and the durations of recent loads (seconds, disk or host to slot)."""
+    """Device-tier counters and the durations of recent loads (seconds, host RAM to slot)."""
 
     counters: TierCounters
     load_seconds: deque
