@@ -11,6 +11,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from tests.api.server_process import running_server
 from tests.engine.helpers import make_core, run
 
@@ -231,6 +233,10 @@ def test_full_queue_is_resource_exhausted_and_cancel_frees_the_slot(model_dirs, 
             stub.Generate(gpb.GenerateRequest(input=long), timeout=30)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue is full" in caught.value.details()
+        retry = error_details_pb2.RetryInfo()
+        assert rpc_status.from_call(caught.value).details[0].Unpack(retry)
+        assert retry.retry_delay.seconds >= 1
+        assert dict(caught.value.trailing_metadata())["retry-after-ms"] == "1000"
         first.cancel()
         assert waiting.result(timeout=120).usage.completion_tokens == 3
         channel.close()
@@ -259,3 +265,24 @@ def test_operators_prefetch_and_pin_a_tenants_adapter(server, adapter_dirs):
         with pytest.raises(NotFound):
             ops.prefetch_adapter("no-such-adapter")
         alpha.delete_adapter("hot")
+
+
+def test_errors_carry_rich_details_where_they_help(server, adapter_dirs, tmp_path):
+    """A refused adapter lists every problem as a BadRequest field violation."""
+    broken = tmp_path / "broken"
+    shutil.copytree(adapter_dirs["llama"]["r8-all"], broken)
+    config = json.loads((broken / "adapter_config.json").read_text())
+    config.update(use_dora=True, surprise_key=1)
+    (broken / "adapter_config.json").write_text(json.dumps(config))
+    metadata = (("authorization", "Bearer alpha-key"),)
+    with grpc.insecure_channel(server[0]) as channel:
+        stub = adapters_pb2_grpc.AdapterServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.UploadAdapter(upload_messages(broken, "rich"), metadata=metadata, timeout=60)
+    status = rpc_status.from_call(caught.value)
+    assert status is not None and status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    bad_request = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad_request)
+    descriptions = " | ".join(v.description for v in bad_request.field_violations)
+    assert "use_dora" in descriptions and "surprise_key" in descriptions
+    assert len(bad_request.field_violations) >= 2

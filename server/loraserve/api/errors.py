@@ -11,6 +11,9 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from loraserve.metrics import Metrics
 from loraserve.types import (
@@ -22,6 +25,8 @@ from loraserve.types import (
     InvalidRequestError,
     LoraServeError,
 )
+
+RETRY_AFTER_S = 1
 
 STATUS_OF: dict[type[LoraServeError], grpc.StatusCode] = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -41,13 +46,36 @@ def status_of(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def rich_status(code: grpc.StatusCode, message: str, error: BaseException) -> status_pb2.Status:
+    """A google.rpc.Status with details where they help: RetryInfo when at capacity, and a
+    BadRequest listing every problem of an adapter (its field: the module or file named)."""
+    details = []
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        details.append(error_details_pb2.RetryInfo(retry_delay=Duration(seconds=RETRY_AFTER_S)))
+    problems = getattr(error, "problems", None)
+    if problems:
+        violations = [
+            error_details_pb2.BadRequest.FieldViolation(
+                field=p.split(": ", 1)[0] if ": " in p else "adapter", description=p
+            )
+            for p in problems
+        ]
+        details.append(error_details_pb2.BadRequest(field_violations=violations))
+    status = status_pb2.Status(code=code.value[0], message=message)
+    for detail in details:
+        status.details.add().Pack(detail)
+    return status
+
+
 async def abort_with(context: grpc.aio.ServicerContext, error: BaseException) -> None:
-    """End the call with the mapped status; unexpected errors never leak internals."""
+    """End the call with the mapped status and rich details; unexpected errors never leak
+    internals. At capacity, the `retry-after-ms` trailer repeats the RetryInfo hint."""
     code = status_of(error)
     message = str(error) if code != grpc.StatusCode.INTERNAL else "internal error; see server log"
+    trailing = tuple(rpc_status.to_status(rich_status(code, message, error)).trailing_metadata)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        context.set_trailing_metadata((("retry-after-ms", "1000"),))
-    await context.abort(code, message)
+        trailing += (("retry-after-ms", str(RETRY_AFTER_S * 1000)),)
+    await context.abort(code, message, trailing)
 
 
 @contextlib.asynccontextmanager
