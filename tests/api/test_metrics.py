@@ -260,3 +260,39 @@ def test_queue_full_rejections_are_counted(model_dirs, tmp_path):
             second.cancel()
         text = scrape(port)
     assert value(text, "loraserve_requests_rejected_total", reason="queue_full") == 1
+
+
+def test_deadlines_and_cancels_leave_the_batch_at_once(server):
+    """The engine ends such requests as cancelled (not by length) and frees their slot and KV."""
+    address, port = server
+    metadata = (("authorization", f"Bearer {KEY}"),)
+    before = scrape(port)
+    long = gpb.GenerationInput(text="hi", max_new_tokens=500)
+    with grpc.insecure_channel(address) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Generate(gpb.GenerateRequest(input=long), metadata=metadata, timeout=0.3)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        stream = stub.GenerateStream(
+            gpb.GenerateStreamRequest(input=long), metadata=metadata, timeout=60
+        )
+        next(stream)
+        stream.cancel()
+    deadline = time.monotonic() + 20
+    while True:
+        after = scrape(port)
+        cancelled = value(after, "loraserve_requests_finished_total", tenant="acme",
+                          finish_reason="cancelled") - value(
+            before, "loraserve_requests_finished_total", tenant="acme", finish_reason="cancelled"
+        )  # fmt: skip
+        if cancelled == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert cancelled == 2
+    assert value(after, "loraserve_requests_running") == 0
+    assert value(after, "loraserve_kv_cache_usage_ratio") == 0
+    responses = "loraserve_grpc_responses_total"
+    for method, code in (("Generate", "DEADLINE_EXCEEDED"), ("GenerateStream", "CANCELLED")):
+        counted = value(after, responses, method=method, code=code)
+        assert counted > value(before, responses, method=method, code=code)
+    assert value(after, "loraserve_requests_rejected_total", reason="deadline") >= 1
