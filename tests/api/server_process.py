@@ -35,11 +35,11 @@ def health_status(address: str, service: str = "") -> int | None:
 
 
 @contextmanager
-def running_server(*args: str, log_path: Path, timeout: float = 120.0):
+def running_server(*args: str, log_path: Path, timeout: float = 120.0, env: dict | None = None):
     """Yield (address, process, seen health statuses); the process is SERVING on entry."""
     port = free_port()
     address = f"127.0.0.1:{port}"
-    env = dict(os.environ, LORASERVE_LOG_LEVEL="INFO")
+    env = dict(os.environ, LORASERVE_LOG_LEVEL="INFO", **(env or {}))
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "loraserve.cli", "serve", "--port", str(port), *args],
