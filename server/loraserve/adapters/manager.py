@@ -95,7 +95,7 @@ class AdapterManager:
         self._local: dict[str, AdapterKey] = {}  # name -> key of its current registration
         self._local_paths: dict[AdapterKey, Path] = {}  # kept for in-flight users of old keys
         self._generation = itertools.count(1)
-        self._failures: dict[AdapterKey, tuple[Exception, float]] = {}
+        self._failures: dict[AdapterKey, tuple[Exception, float]] = {}  # key -> (error, when)
         self._host_pending: set[AdapterKey] = set()
         self._lock = threading.RLock()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -186,7 +186,7 @@ class AdapterManager:
             failure = self._failures.get(key)
             if failure is None:
                 return
-            if failure[1] > time.monotonic():
+            if time.monotonic() < failure[1] + self.failure_ttl_s:
                 raise failure[0]
             del self._failures[key]
 
@@ -357,7 +357,7 @@ class AdapterManager:
         self.metrics.adapter_load_failures.labels(_failure_reason(error)).inc()
         with self._lock:
             self.device_stats.failures += 1
-            self._failures[key] = (error, time.monotonic() + self.failure_ttl_s)
+            self._failures[key] = (error, time.monotonic())
             self._host_pending.discard(key)
             if index is not None:
                 slot = self.table.slot(index)

@@ -132,7 +132,7 @@ def _read_config(directory: Path, problems: list[str]) -> dict:
 
 
 def _invalid_weights(path: Path, problem: str) -> InvalidAdapterError:
-    return InvalidAdapterError(f"{path.name} is invalid:", [problem])
+    return InvalidAdapterError(f"{path.name} is invalid:", [f"{path.name}: {problem}"])
 
 
 def safetensors_header(path: Path) -> dict:
