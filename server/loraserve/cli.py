@@ -106,7 +106,8 @@ def _import(args: argparse.Namespace) -> int:
     """Validate against the base model's shapes and publish atomically into the store."""
     from transformers import AutoConfig
 
-    from loraserve.adapters.store import AdapterStore, base_fingerprint
+    from loraserve.adapters.manifest import base_fingerprint
+    from loraserve.adapters.store import AdapterStore
     from loraserve.model.loading import lora_target_shapes
     from loraserve.model.tiny import default_model_dir
     from loraserve.types import LoraServeError

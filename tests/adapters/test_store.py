@@ -25,13 +25,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from loraserve.adapters import peft_format
+from loraserve.adapters.manifest import IDENTIFIER_RULE, AdapterRef, base_fingerprint
 from loraserve.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_peft_adapter
-from loraserve.adapters.store import (
-    IDENTIFIER_RULE,
-    AdapterRef,
-    AdapterStore,
-    base_fingerprint,
-)
+from loraserve.adapters.store import AdapterStore
 from loraserve.model.tiny import write_tiny_model
 from loraserve.types import (
     AdapterIncompatibleError,

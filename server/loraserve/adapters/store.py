@@ -26,13 +26,12 @@ import hashlib
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import stat
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO
@@ -40,6 +39,13 @@ from typing import BinaryIO
 import torch
 
 from loraserve.adapters import peft_format
+from loraserve.adapters.manifest import (
+    ADAPTER_FILES,
+    AdapterManifest,
+    AdapterRef,
+    check_identifier,
+    is_identifier,
+)
 from loraserve.types import (
     AdapterIncompatibleError,
     AdapterNotFoundError,
@@ -47,9 +53,6 @@ from loraserve.types import (
     InvalidRequestError,
 )
 
-IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-IDENTIFIER_RULE = "1-64 characters of [A-Za-z0-9._-], starting with a letter or digit, no '..'"
-ADAPTER_FILES = (peft_format.CONFIG_FILE, peft_format.WEIGHTS_FILE)
 MANIFEST_FILE = "manifest.json"
 VERSIONS_DIR = "versions"
 LATEST_FILE = "latest"
@@ -57,95 +60,14 @@ STAGING_DIR = ".staging"
 CHUNK_BYTES = 1 << 20
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-FINGERPRINT_KEYS = (
-    "model_type", "hidden_size", "num_hidden_layers", "intermediate_size",
-    "num_attention_heads", "num_key_value_heads", "vocab_size",
-)  # fmt: skip
-MANIFEST_STRINGS = ("tenant", "name", "version", "dtype", "created_at", "base_fingerprint")
 SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 
 log = logging.getLogger(__name__)
 
 
-def is_identifier(value: object) -> bool:
-    return isinstance(value, str) and IDENTIFIER.fullmatch(value) is not None and ".." not in value
-
-
-def check_identifier(kind: str, value: str) -> str:
-    """`value` if it is a valid tenant, name or version; InvalidRequestError otherwise."""
-    if not is_identifier(value):
-        shown = value[:80] if isinstance(value, str) else value
-        raise InvalidRequestError(f"{kind} {shown!r} is not a valid identifier: {IDENTIFIER_RULE}")
-    return value
-
-
-def base_fingerprint(model_config: Mapping, quantization: str) -> str:
-    """A short hash of what decides whether an adapter fits: architecture shapes, quantization."""
-    key = {k: model_config.get(k) for k in FINGERPRINT_KEYS} | {"quantization": quantization}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _version_order(version: str) -> tuple[int, int, str]:
     """Store-assigned integer versions in numeric order, then caller-given ids by name."""
     return (0, int(version), version) if version.isdigit() else (1, 0, version)
-
-
-@dataclass(frozen=True)
-class AdapterRef:
-    tenant: str
-    name: str
-    version: str
-
-    def __post_init__(self) -> None:
-        check_identifier("tenant", self.tenant)
-        check_identifier("adapter name", self.name)
-        check_identifier("version", self.version)
-
-    def __str__(self) -> str:
-        return f"{self.tenant}/{self.name}@{self.version}"
-
-
-@dataclass(frozen=True)
-class AdapterManifest:
-    """What was published: file checksums and the adapter facts a loader or listing needs."""
-
-    tenant: str
-    name: str
-    version: str
-    files: dict[str, dict]  # filename -> {"sha256": hex, "size": bytes}
-    rank: int  # the largest rank over modules
-    target_modules: tuple[str, ...]  # module kinds, e.g. ("q_proj", "v_proj")
-    lora_alpha: float
-    use_rslora: bool
-    dtype: str  # of the stored tensors, e.g. "float16" ("bfloat16,float32" when mixed)
-    created_at: str  # ISO 8601, UTC
-    base_fingerprint: str  # of the base model it was validated against
-
-    @property
-    def ref(self) -> AdapterRef:
-        return AdapterRef(self.tenant, self.name, self.version)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> AdapterManifest:
-        """Raises ValueError when `text` is not a manifest this store writes."""
-        data = json.loads(text)
-        names = {f.name for f in fields(cls)}
-        if not isinstance(data, dict) or set(data) != names:
-            raise ValueError(f"a manifest holds exactly the keys {sorted(names)}")
-        files, strings = data["files"], (data[f] for f in names if f in MANIFEST_STRINGS)
-        if not (
-            isinstance(files, dict)
-            and set(files) == set(ADAPTER_FILES)
-            and all(isinstance(f, dict) and f.keys() == {"sha256", "size"} for f in files.values())
-            and all(isinstance(value, str) for value in strings)
-            and isinstance(data["rank"], int)
-            and isinstance(data["target_modules"], list)
-        ):
-            raise ValueError("a manifest field has the wrong type")
-        return cls(**{**data, "target_modules": tuple(data["target_modules"])})
 
 
 def _fsync_dir(path: Path) -> None:

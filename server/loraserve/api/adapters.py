@@ -19,7 +19,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from loraserve.adapters import peft_format
-from loraserve.adapters.store import AdapterManifest
+from loraserve.adapters.manifest import AdapterManifest
 from loraserve.api.auth import caller
 from loraserve.api.errors import abort_with
 from loraserve.api.state import ServerState

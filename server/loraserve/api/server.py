@@ -21,7 +21,8 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 import loraserve
-from loraserve.adapters.store import AdapterStore, base_fingerprint
+from loraserve.adapters.manifest import base_fingerprint
+from loraserve.adapters.store import AdapterStore
 from loraserve.api.adapters import AdapterServicer
 from loraserve.api.auth import DEV_TENANT, Authenticator, AuthInterceptor
 from loraserve.api.generation import GenerationServicer
