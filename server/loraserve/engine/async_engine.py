@@ -11,6 +11,7 @@ Knows nothing about gRPC or tokenization; all model work happens on the engine t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -48,7 +49,10 @@ class AsyncEngine:
         events: asyncio.Queue[Event] = asyncio.Queue()
 
         def emit(event: Event) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            # A caller whose event loop has closed is gone: its events go nowhere, and no
+            # other request may fail for it.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(events.put_nowait, event)
 
         seq = self.core.make_sequence(request, emit)
         self._inbox.put(lambda: self.core.add(seq))

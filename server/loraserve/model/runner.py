@@ -76,7 +76,7 @@ class ModelRunner:
         width = max(len(r.tokens) for r in rows)
         context = max(r.start + len(r.tokens) for r in rows)
         bs = self.cache.block_size
-        ids, positions, write, read, ctx_len = [], [], [], [], []
+        ids, positions, write, read = [], [], [], []
         for r in rows:
             pad = width - len(r.tokens)
             table = r.block_table
@@ -88,7 +88,6 @@ class ModelRunner:
             read.append(
                 [table[p // bs] * bs + p % bs for p in range(total)] + [0] * (context - total)
             )
-            ctx_len.append(total)
 
         def tensor(values: list) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=self.device)
