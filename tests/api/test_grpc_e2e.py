@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 from tests.api.buf import buf_or_skip
-from tests.api.server_process import health_status, running_server
+from tests.api.server_process import free_port, health_status, running_server
 from tests.engine.helpers import make_core, run
 
 from loraserve.types import GenerateRequest, SamplingParams
@@ -243,3 +244,11 @@ def test_serve_without_a_model_builds_and_serves_the_built_in_one(tmp_path):
         channel.close()
     assert reply.usage.completion_tokens == 5
     assert (home / ".cache" / "loraserve" / "models" / "tiny-llama-v1" / "config.json").is_file()
+
+
+def test_a_failed_start_up_says_why_and_exits_1(tmp_path):
+    command = [sys.executable, "-m", "loraserve.cli", "serve", "--port", str(free_port()),
+               "--model", str(tmp_path / "no-such-model"), "--device", "cpu"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "start-up failed" in done.stderr and "no-such-model" in done.stderr

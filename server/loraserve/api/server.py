@@ -2,8 +2,9 @@
 
 The port is open from the first moment so Kubernetes can probe it: health says NOT_SERVING
 (and other calls UNAVAILABLE) until the model is loaded and one warm-up generation has run,
-then SERVING. SIGTERM or SIGINT flips health to NOT_SERVING, refuses new calls with UNAVAILABLE,
-lets in-flight calls finish within the grace period, then returns (the process exits 0).
+then SERVING. A start-up that fails (model, store, start-up adapters) logs why and exits 1.
+SIGTERM or SIGINT flips health to NOT_SERVING, refuses new calls with UNAVAILABLE, lets
+in-flight calls finish within the grace period, then returns (the process exits 0).
 
 Knows nothing about request translation (the servicers) or batching (the engine).
 """
@@ -173,9 +174,10 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
             await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
             watcher = asyncio.ensure_future(watch_engine(state.engine, health))
             log.info("SERVING %s", config.model_name)
-        except Exception as error:
+        except Exception as error:  # a bad model, store or adapter: say why and exit 1
             state.startup_error = f"start-up failed: {error}"
-            log.exception("start-up failed; serving NOT_SERVING until stopped")
+            log.exception("start-up failed")
+            stop.set()
     await stopping
 
     log.info("draining: NOT_SERVING, refusing new calls, %.0fs grace", config.drain_grace_seconds)
