@@ -33,12 +33,12 @@ class Collected:
             self.error = event
 
 
-def make_core(model_dir, quantization="nf4", dtype="fp32", **overrides) -> EngineCore:
+def make_core(model_dir, quantization="nf4", dtype="fp32", device="cpu", **overrides) -> EngineCore:
     settings = dict(
-        device="cpu", device_slots=8, max_rank=64, kv_cache_tokens=4096, max_context=512
+        device=device, device_slots=8, max_rank=64, kv_cache_tokens=4096, max_context=512
     )
     settings.update(overrides)
-    loaded = load_base_model(str(model_dir), quantization, dtype, "cpu")
+    loaded = load_base_model(str(model_dir), quantization, dtype, device)
     return EngineCore(loaded, EngineConfig(**settings))
 
 

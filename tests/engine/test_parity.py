@@ -36,20 +36,23 @@ PROMPTS = [
     "Emoji: 🚀",
 ]
 MAX_NEW = 10
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
-def peft_reference(model_dir, adapter_dirs, adapter, prompt_ids, quantization="nf4", dtype="fp32"):
+def peft_reference(
+    model_dir, adapter_dirs, adapter, prompt_ids, quantization="nf4", dtype="fp32", device="cpu"
+):
     """Greedy tokens of PeftModel.generate with `adapter` alone (None: base only), and the logits
     each token was chosen from, by one teacher-forced forward over prompt + tokens.
 
     """
-    loaded = load_base_model(str(model_dir), quantization, dtype, "cpu")
+    loaded = load_base_model(str(model_dir), quantization, dtype, device)
     model = loaded.model
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter_dirs[adapter])
     out = model.generate(
-        torch.tensor([prompt_ids]),
-        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        torch.tensor([prompt_ids], device=loaded.device),
+        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=loaded.device),
         max_new_tokens=MAX_NEW,
         do_sample=False,
         output_logits=True,
@@ -69,12 +72,13 @@ def first_difference(ours: list[int], theirs: list[int]) -> int:
     )
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("quantization", "dtype"), list(LOGIT_TOLERANCE))
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_mixed_batch_matches_peft_each_adapter_alone(
-    arch, quantization, dtype, model_dirs, adapter_dirs
+    arch, quantization, dtype, device, model_dirs, adapter_dirs
 ):
-    core = make_core(model_dirs[arch], quantization, dtype, max_step_tokens=64)
+    core = make_core(model_dirs[arch], quantization, dtype, device, max_step_tokens=64)
     for name, directory in adapter_dirs[arch].items():
         core.adapters.load(name, directory)
     adapters = [spec.name for spec in ADAPTER_SPECS] + [None, None]
@@ -93,7 +97,13 @@ def test_mixed_batch_matches_peft_each_adapter_alone(
     for request, got in zip(requests, results):
         prompt_ids = core.tokenizer.encode(request.prompt)
         want_tokens, want_logits = peft_reference(
-            model_dirs[arch], adapter_dirs[arch], request.adapter, prompt_ids, quantization, dtype
+            model_dirs[arch],
+            adapter_dirs[arch],
+            request.adapter,
+            prompt_ids,
+            quantization,
+            dtype,
+            device,
         )
         same = first_difference(got.tokens, want_tokens)
         exact += same == len(want_tokens) == len(got.tokens)
