@@ -73,28 +73,31 @@ class ModelRunner:
         return unsorted
 
     def _forward(self, rows: list[RowInput]) -> torch.Tensor:
-        width = max(len(r.tokens) for r in rows)
-        context = max(r.start + len(r.tokens) for r in rows)
-        bs = self.cache.block_size
-        ids, positions, write, read = [], [], [], []
-        for r in rows:
-            pad = width - len(r.tokens)
-            table = r.block_table
-            pos = list(range(r.start, r.start + len(r.tokens)))
-            ids.append([0] * pad + r.tokens)
-            positions.append([0] * pad + pos)
-            write.append([0] * pad + [table[p // bs] * bs + p % bs for p in pos])
-            total = r.start + len(r.tokens)
-            read.append(
-                [table[p // bs] * bs + p % bs for p in range(total)] + [0] * (context - total)
-            )
-
         def tensor(values: list) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=self.device)
 
-        input_ids, position_ids = tensor(ids), tensor(positions)  # [B, T]
+        bs = self.cache.block_size
+        width = max(len(r.tokens) for r in rows)
+        blocks = max(len(r.block_table) for r in rows)
+        input_ids = tensor([[0] * (width - len(r.tokens)) + r.tokens for r in rows])  # [B, T]
+        tables = tensor([r.block_table + [0] * (blocks - len(r.block_table)) for r in rows])
+        starts = tensor([r.start for r in rows])  # [B]
         pad_cols = width - tensor([len(r.tokens) for r in rows])  # [B]
-        self.cache.prepare(tensor(write), tensor(read))
+        ends = starts + width - pad_cols  # [B]: context length after this forward
+        context = int(ends.max())
+
+        def pool_index(positions: torch.Tensor) -> torch.Tensor:
+            """positions: [B, X] -> [B, X] index into the KV pools, via each row's blocks."""
+            capped = positions.clamp(0, blocks * bs - 1)
+            return tables.gather(1, capped // bs) * bs + capped % bs
+
+        columns = torch.arange(width, device=self.device)
+        is_pad = columns < pad_cols[:, None]  # [B, T]
+        position_ids = torch.where(is_pad, 0, starts[:, None] + columns - pad_cols[:, None])
+        write = torch.where(is_pad, 0, pool_index(position_ids))  # padding -> scratch
+        keys = torch.arange(context, device=self.device).expand(len(rows), -1)  # [B, L]
+        read = torch.where(keys < ends[:, None], pool_index(keys), 0)  # beyond -> scratch
+        self.cache.prepare(write, read)
         mask = self._mask(position_ids, pad_cols, context)
         self.lora.batch = LoraBatch.for_rows([r.lora_slot for r in rows], width, self.slot_ranks)
         try:
