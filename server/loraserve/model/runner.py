@@ -84,7 +84,7 @@ class ModelRunner:
         starts = tensor([r.start for r in rows])  # [B]
         pad_cols = width - tensor([len(r.tokens) for r in rows])  # [B]
         ends = starts + width - pad_cols  # [B]: context length after this forward
-        context = int(ends.max())
+        context = max(r.start + len(r.tokens) for r in rows)  # on the host: no device sync
 
         def pool_index(positions: torch.Tensor) -> torch.Tensor:
             """positions: [B, X] -> [B, X] index into the KV pools, via each row's blocks."""
