@@ -25,8 +25,8 @@ Run (from the repository root):
     .venv/bin/python benchmarks/bench_multi_lora.py --quick   # small; < 3 min on 2 CPUs
     .venv/bin/python benchmarks/bench_multi_lora.py --out results.json --repeats 3
 
-The default configuration (hidden 1024, 8 layers, 32 requests, 64 new tokens) takes about 20
-minutes per repeat on 2 CPUs, half of it in peft_sequential; it is meant for bigger machines.
+The default configuration (hidden 1024, 8 layers, 32 requests, 64 new tokens) took about 15
+minutes for three repeats on 2 CPUs, a third of it in peft_sequential.
 
 `--out` writes the medians, the individual runs, the ratios, the configuration, the machine and
 the command line as JSON.
