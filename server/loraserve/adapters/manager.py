@@ -46,6 +46,12 @@ BASE_SLOT = 0
 AdapterKey = Hashable
 
 
+def manifest_key(manifest) -> AdapterKey:
+    """The key of a stored version: its ref and the weights' sha256, so a version number
+    reused after a delete can never alias the old weights."""
+    return ("store", manifest.ref, manifest.files[WEIGHTS_FILE]["sha256"])
+
+
 def _failure_reason(error: Exception) -> str:
     """A bounded label for a failed load."""
     for cls, reason in (
@@ -87,6 +93,7 @@ class AdapterManager:
         self.device = device
         self.targets = {name: (m.in_features, m.out_features) for name, m in layers.items()}
         self.slot_ranks = [0] * (num_slots + 1)  # read by the runner; index = slot
+        self._slot_bytes = sum(m.lora_a[0].nbytes + m.lora_b[0].nbytes for m in layers.values())
         self.table = SlotTable(num_slots)
         self.host = HostCache(host_budget_bytes, pin_memory=device.type == "cuda")
         self.device_stats = LoadStats(TierCounters(), deque(maxlen=1024))
@@ -115,8 +122,7 @@ class AdapterManager:
     def device_bytes(self) -> int:
         """Bytes of the slots holding an adapter (each slot's buffers are preallocated)."""
         used = sum(s.key is not None for s in self.table.slots)
-        per_slot = sum(m.lora_a[0].nbytes + m.lora_b[0].nbytes for m in self.layers.values())
-        return used * per_slot
+        return used * self._slot_bytes
 
     # ---- names -> keys ------------------------------------------------------------------
 
@@ -164,10 +170,8 @@ class AdapterManager:
         return key
 
     def store_key(self, ref) -> AdapterKey:
-        """The key of a stored version: its ref and the weights' sha256, so a version number
-        reused after a delete can never alias the old weights."""
-        manifest = self.store.manifest(ref)
-        return ("store", ref, manifest.files[WEIGHTS_FILE]["sha256"])
+        """The key of a stored version (see `manifest_key`)."""
+        return manifest_key(self.store.manifest(ref))
 
     def forget(self, key: AdapterKey) -> None:
         """`key` was deleted or replaced: never hand it out again; free its tiers when idle."""

@@ -19,6 +19,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from loraserve.adapters import peft_format
+from loraserve.adapters.manager import manifest_key
 from loraserve.adapters.manifest import AdapterManifest
 from loraserve.api.auth import caller
 from loraserve.api.errors import abort_with
@@ -69,7 +70,7 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
 
     def _message(self, manifest: AdapterManifest) -> pb.Adapter:
         manager = self.state.engine.core.adapters
-        key = manager.store_key(manifest.ref)
+        key = manifest_key(manifest)
         created = Timestamp()
         created.FromDatetime(datetime.fromisoformat(manifest.created_at))
         slot = manager.table.find(key)
@@ -177,7 +178,7 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
                 doomed = [store.manifest(store.resolve(tenant, request.name, request.version))]
             else:
                 doomed = store.versions(tenant, request.name)
-            keys = [manager.store_key(m.ref) for m in doomed]
+            keys = [manifest_key(m) for m in doomed]
             store.delete(tenant, request.name, request.version or None)
         except LoraServeError as error:
             await abort_with(context, error)

@@ -5,7 +5,7 @@ Knows nothing about protobuf messages; it only decides whether a call may reach 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
@@ -26,7 +26,7 @@ class ServerState:
     store: AdapterStore | None = None
     loaded: LoadedModel | None = None
     draining: bool = False
-    startup_error: str | None = field(default=None)
+    startup_error: str | None = None
 
     async def engine_or_abort(self, context: grpc.aio.ServicerContext) -> AsyncEngine:
         """The running engine, or end the call with UNAVAILABLE saying why it is not there."""
