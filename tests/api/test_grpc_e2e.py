@@ -184,7 +184,7 @@ def test_sigterm_drains_in_flight_streams_and_exits_zero(model_dirs, tmp_path):
         channel = grpc.insecure_channel(address)
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         request = pb.GenerateStreamRequest(
-            input=pb.GenerationInput(text="drain", max_new_tokens=200)
+            input=pb.GenerationInput(text="drain", max_new_tokens=200, ignore_eos=True)
         )
         stream = stub.GenerateStream(request, timeout=120)
         first = next(stream)

@@ -53,6 +53,7 @@ def to_domain(
         stop=tuple(message.stop),
         seed=s.seed if s.HasField("seed") else None,
         logprobs=message.logprobs,
+        ignore_eos=message.ignore_eos,
     )
     return GenerateRequest(
         prompt=message.text if which == "text" else None,
