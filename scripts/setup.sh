@@ -2,7 +2,8 @@
 # Set up a development or CI machine from the repo root: the system tools the tests use
 # (Prometheus and promtool from Debian, the buf CLI from npm), a virtual environment in .venv
 # with torch installed first (a bare torch requirement would pull a multi-GB CUDA build onto a
-# CPU machine; on a GPU machine this same pin installs the CUDA wheel), then the project.
+# CPU machine; on a GPU machine this same pin installs the CUDA wheel), then the project and
+# its compiled CPU kernels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,4 +20,5 @@ python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e '.[dev]'
+.venv/bin/python -m loraserve.model.kernels.build  # the C++ CPU kernels for this CPU
 npm install --silent --no-save --prefix .tools @bufbuild/buf

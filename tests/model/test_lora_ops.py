@@ -88,7 +88,7 @@ def _token_slots(row_slots: list[int], row_len: int) -> torch.Tensor:
 @pytest.mark.parametrize("mix", list(MIXES))
 def test_add_lora_delta_matches_reference(mix, row_len, dtype):
     row_slots = MIXES[mix](random.Random(mix), NUM_ROWS)
-    batch = LoraBatch.for_rows(row_slots, row_len, SLOT_RANKS)
+    batch = LoraBatch.for_rows(row_slots, [row_len] * len(row_slots), SLOT_RANKS)
     lora_a, lora_b = _slot_weights(dtype)
     x = _x(NUM_ROWS * row_len, dtype)
     base = _x(NUM_ROWS * row_len, dtype, seed=2)[:, :OUT_FEATURES]  # [N, out], as base(x) gives
@@ -123,7 +123,7 @@ def _runs(row_slots: list[int], row_len: int) -> list[tuple[int, int, int, int]]
 @pytest.mark.parametrize("mix", list(MIXES))
 def test_for_rows_makes_one_segment_per_run_of_an_adapter(mix, row_len):
     row_slots = MIXES[mix](random.Random(7), NUM_ROWS)
-    batch = LoraBatch.for_rows(row_slots, row_len, SLOT_RANKS)
+    batch = LoraBatch.for_rows(row_slots, [row_len] * len(row_slots), SLOT_RANKS)
     got = [(g.slot, g.rank, g.start, g.end) for g in batch.segments]
     assert got == _runs(row_slots, row_len)
     if mix == "identical":
@@ -131,7 +131,7 @@ def test_for_rows_makes_one_segment_per_run_of_an_adapter(mix, row_len):
     if mix == "base-only":
         assert got == []
     # Rows sorted by slot, as the runner orders them: one segment per distinct adapter.
-    ordered = LoraBatch.for_rows(sorted(row_slots), row_len, SLOT_RANKS)
+    ordered = LoraBatch.for_rows(sorted(row_slots), [row_len] * len(row_slots), SLOT_RANKS)
     assert [g.slot for g in ordered.segments] == sorted(set(row_slots) - {0})
 
 
@@ -153,7 +153,7 @@ def _layer(seed: int = 0) -> tuple[MultiLoraLinear, LoraContext]:
 
 def _forward(layer, context, row_slots, row_len, slot_ranks=SLOT_RANKS):
     x = _x(len(row_slots) * row_len, torch.float32).view(len(row_slots), row_len, IN_FEATURES)
-    context.batch = LoraBatch.for_rows(row_slots, row_len, slot_ranks)
+    context.batch = LoraBatch.for_rows(row_slots, [row_len] * len(row_slots), slot_ranks)
     try:
         return x, layer(x)  # [B, T, out]
     finally:
@@ -268,11 +268,11 @@ def test_wrap_lora_targets_wraps_decoder_projections(target_names, expected):
             pytest.fail(f"{name} was wrapped but not returned")
     assert type(model.lm_head) is nn.Linear
     leftover = {n for n, m in model.named_modules() if type(m) is nn.Linear} - {"lm_head"}
-    assert leftover == {f"{p}.base" for p in wrapped} | (
+    assert leftover == {f"{p}.base.module" for p in wrapped} | (
         _expected_paths(PROJECTIONS) - set(wrapped)
     )
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, before)
+    with torch.no_grad():  # the same maths; the compiled kernels may sum in another order
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-6)
 
 
 def test_wrap_lora_targets_wraps_bitsandbytes_layers(model_dirs):
@@ -282,5 +282,5 @@ def test_wrap_lora_targets_wraps_bitsandbytes_layers(model_dirs):
     wrapped = wrap_lora_targets(loaded.model, LoraContext(), 2, 4, torch.float32)
 
     assert set(wrapped) == _expected_paths(PROJECTIONS)
-    assert all(isinstance(layer.base, bnb.nn.Linear4bit) for layer in wrapped.values())
+    assert all(isinstance(layer.base.module, bnb.nn.Linear4bit) for layer in wrapped.values())
     assert not isinstance(loaded.model.lm_head, MultiLoraLinear)

@@ -229,33 +229,25 @@ class EngineCore:
         self.metrics.batch_size.observe(len(plan.prefill) + len(plan.decode))
         self.metrics.step_tokens.observe(sum(n for _, n in plan.prefill) + len(plan.decode))
         try:
+            rows = [
+                RowInput(s.token_ids[s.num_cached : s.num_cached + n], s.num_cached,
+                         s.block_table, s.lora_slot)
+                for s, n in plan.prefill
+            ] + [
+                RowInput(s.token_ids[s.num_cached :], s.num_cached, s.block_table, s.lora_slot)
+                for s in plan.decode
+            ]  # fmt: skip
+            out = self._forward("prefill" if plan.prefill else "decode", rows)  # [B, V]
             ready, logits = [], []
-            if plan.prefill:
-                rows = [
-                    RowInput(
-                        s.token_ids[s.num_cached : s.num_cached + n],
-                        s.num_cached,
-                        s.block_table,
-                        s.lora_slot,
-                    )
-                    for s, n in plan.prefill
-                ]
-                out = self._forward("prefill", rows)  # [P, V]
-                for i, (s, n) in enumerate(plan.prefill):
-                    s.num_cached += n
-                    if not s.in_prefill:
-                        ready.append(s)
-                        logits.append(out[i])
-            if plan.decode:
-                rows = [
-                    RowInput(s.token_ids[s.num_cached :], s.num_cached, s.block_table, s.lora_slot)
-                    for s in plan.decode
-                ]
-                out = self._forward("decode", rows)  # [D, V]
-                for i, s in enumerate(plan.decode):
-                    s.num_cached = len(s.token_ids)
+            for i, (s, n) in enumerate(plan.prefill):
+                s.num_cached += n
+                if not s.in_prefill:
                     ready.append(s)
                     logits.append(out[i])
+            for i, s in enumerate(plan.decode, start=len(plan.prefill)):
+                s.num_cached = len(s.token_ids)
+                ready.append(s)
+                logits.append(out[i])
             if ready:
                 self._sample_and_emit(ready, torch.stack(logits))
         except Exception as error:  # one bad step must not kill the engine

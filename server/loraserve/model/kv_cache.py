@@ -1,13 +1,14 @@
 """Paged KV cache that plugs into unmodified transformers attention code.
 
 `PagedKVCache` owns one key and one value pool per layer, each `[num_blocks * block_size,
-kv_heads, head_dim]`. Block 0 is a scratch block: padding tokens write there and padded context
-positions read from there, so no branch is needed for ragged rows. `BlockAllocator` hands out
-the other blocks; a sequence holds a list of block ids (its block table).
+kv_heads, head_dim]`. Block 0 is a scratch block that is never handed out (it absorbs writes
+nobody reads). `BlockAllocator` hands out the other blocks; a sequence holds a list of block ids
+(its block table).
 
 The model calls `update(keys, values, layer_idx)` from each attention layer; before every
-forward the runner calls `prepare(write_slots, read_slots)` with flat pool indices, so `update`
-writes each row's new tokens at that row's own positions and returns each row's whole context.
+forward the runner calls `prepare(write_slots)` with the flat pool index of each new token, so
+`update` writes the tokens into the pools. It returns them unchanged: the attention
+implementation (`model/attention.py`) reads each row's context from `pools(layer_idx)` itself.
 
 Knows nothing about sequences, adapters, masks or scheduling: only flat pool indices.
 """
@@ -80,35 +81,27 @@ class PagedKVCache(Cache):
             torch.zeros(pool_shape, dtype=dtype, device=device) for _ in range(num_layers)
         ]
         self._write_slots: torch.Tensor | None = None
-        self._read_slots: torch.Tensor | None = None
 
-    def prepare(self, write_slots: torch.Tensor, read_slots: torch.Tensor) -> None:
-        """Set where the next forward writes and reads.
+    def pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's key and value pools, each [num_slots, kv_heads, head_dim]."""
+        return self.key_pools[layer_idx], self.value_pools[layer_idx]
 
-        write_slots: [B, T] int64, pool index for each new token (padding -> scratch block)
-        read_slots:  [B, L] int64, pool index of each row's context position (padding -> scratch)
-        """
-        self._write_slots = write_slots.reshape(-1)
-        self._read_slots = read_slots
+    def prepare(self, write_slots: torch.Tensor) -> None:
+        """Set where the next forward writes: write_slots [N] int64, one pool index per token."""
+        self._write_slots = write_slots
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """key_states, value_states: [B, kv_heads, T, head_dim] -> [B, kv_heads, L, head_dim]."""
-        key_pool, value_pool = self.key_pools[layer_idx], self.value_pools[layer_idx]
-        kv_heads, head_dim = key_pool.shape[1:]
-        key_pool.index_copy_(
-            0, self._write_slots, key_states.transpose(1, 2).reshape(-1, kv_heads, head_dim)
-        )
-        value_pool.index_copy_(
-            0, self._write_slots, value_states.transpose(1, 2).reshape(-1, kv_heads, head_dim)
-        )
-        return key_pool[self._read_slots].transpose(1, 2), value_pool[self._read_slots].transpose(
-            1, 2
-        )
+        """key_states, value_states: [1, kv_heads, N, head_dim], written to the pools; returned
+        unchanged."""
+        key_pool, value_pool = self.pools(layer_idx)
+        for pool, states in ((key_pool, key_states), (value_pool, value_states)):
+            pool.index_copy_(0, self._write_slots, states[0].transpose(0, 1).to(pool.dtype))
+        return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0 if self._read_slots is None else self._read_slots.shape[1]
+        return 0
 
     @property
     def is_compileable(self) -> bool:

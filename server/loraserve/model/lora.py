@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraserve.model.kernels import native
+from loraserve.model.linear import BaseLinear
+
 
 @dataclass(frozen=True)
 class LoraSegment:
@@ -32,23 +35,33 @@ class LoraBatch:
     """The maximal runs of consecutive tokens on one non-zero slot, for one forward.
 
     The runner orders rows by slot, so a batch has one segment per distinct adapter in it.
+    `table` holds the same segments as tensors for the compiled kernel: [4, G] int64 rows of
+    starts, ends, slots and ranks.
     """
 
     segments: tuple[LoraSegment, ...]
+    table: torch.Tensor
 
     @classmethod
-    def for_rows(cls, row_slots: list[int], row_len: int, slot_ranks: list[int]) -> LoraBatch:
-        """Rows of `row_len` tokens each, row b on slot row_slots[b]; slot_ranks[s] = rank of s."""
+    def for_rows(cls, row_slots: list[int], row_tokens: list[int], slot_ranks: list[int]):
+        """Rows laid end to end, row b holding row_tokens[b] tokens on slot row_slots[b];
+        slot_ranks[s] = rank of slot s."""
         segments: list[LoraSegment] = []
-        for b, slot in enumerate(row_slots):
-            if slot == 0:
+        end = 0
+        for slot, count in zip(row_slots, row_tokens):
+            start, end = end, end + count
+            if slot == 0 or count == 0:
                 continue
-            start, end = b * row_len, (b + 1) * row_len
             if segments and segments[-1].slot == slot and segments[-1].end == start:
                 segments[-1] = replace(segments[-1], end=end)
             else:
                 segments.append(LoraSegment(slot, slot_ranks[slot], start, end))
-        return cls(tuple(segments))
+        table = torch.tensor(
+            [[g.start for g in segments], [g.end for g in segments],
+             [g.slot for g in segments], [g.rank for g in segments]],
+            dtype=torch.int64,
+        ).reshape(4, len(segments))  # fmt: skip
+        return cls(tuple(segments), table)
 
 
 def add_lora_delta_(
@@ -59,9 +72,15 @@ def add_lora_delta_(
     y: [N, out] (updated in place); x: [N, in]; lora_a: [S, R, in]; lora_b: [S, R, out] with the
     scaling folded in. Ranks below R are zero-padded, so each segment uses its slot's own rank.
 
-    One fused multiply-add per segment, on views of the slot buffers: no gathered copies of the
-    weights and no temporary [N, out] tensors, whatever the number of adapters in the batch.
+    On the CPU in fp32, one compiled call covers every segment (shrink and expand per chunk of
+    a segment's tokens, chunks in parallel); elsewhere one fused multiply-add per segment, on
+    views of the slot buffers. Neither gathers copies of the weights.
     """
+    ops = native()
+    if ops is not None and y.device.type == "cpu" and y.dtype == x.dtype == torch.float32:
+        starts, ends, slots, ranks = batch.table
+        ops.lora_delta_(x.contiguous(), y, lora_a, lora_b, starts, ends, slots, ranks)
+        return y
     for seg in batch.segments:
         rows = slice(seg.start, seg.end)
         shrunk = F.linear(x[rows], lora_a[seg.slot, : seg.rank])  # [n, r]
@@ -91,7 +110,8 @@ class MultiLoraLinear(nn.Module):
     """A projection plus stacked LoRA slot buffers: `y = base(x) + lora_delta(x)`.
 
     lora_a: [num_slots, max_rank, in_features]; lora_b: [num_slots, max_rank, out_features].
-    Both keep rank-major rows, so a slot of rank r is the leading r rows of each buffer.
+    Both keep rank-major rows, so a slot of rank r is the leading r rows of each buffer. The
+    base projection runs through `BaseLinear`, which keeps the wrapped module as `base.module`.
     """
 
     def __init__(
@@ -103,7 +123,7 @@ class MultiLoraLinear(nn.Module):
         dtype: torch.dtype,
     ) -> None:
         super().__init__()
-        self.base = base
+        self.base = BaseLinear(base)
         self.context = context
         self.in_features = base.in_features
         self.out_features = base.out_features
@@ -128,7 +148,7 @@ class MultiLoraLinear(nn.Module):
         self.lora_b[slot].zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, in] -> [B, T, out]."""
+        """x: [..., in] -> [..., out]."""
         y = self.base(x)
         batch = self.context.batch
         if batch is None or not batch.segments:

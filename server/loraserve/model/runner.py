@@ -1,11 +1,12 @@
 """One forward pass over a ragged batch of rows, through the unmodified transformers model.
 
 Each row is one sequence's new tokens (a prefill chunk or one decode token), where its context
-already lives in the paged KV cache, and which LoRA slot it uses. Rows are left-padded to one
-length, so the last real token of every row sits at the last column and `logits_to_keep=1`
-returns exactly one logit row per sequence. The runner builds per-row `position_ids`, an
-explicit 4-D additive attention mask (causal, per-row context length, sliding window where the
-config has one) and the cache's write / read indices.
+already lives in the paged KV cache, and which LoRA slot it uses. The rows' tokens are laid end
+to end as one sequence of N tokens (batch size 1, no padding), ordered by LoRA slot so that each
+adapter's tokens form one segment. The runner builds, once per forward and for every layer:
+`position_ids`, the pool index each new token is written to, the `AttentionBatch` that tells the
+paged attention (`model/attention.py`) which tokens belong to which row, the `LoraBatch`, and
+the index of each row's last token, the only one whose logits are computed.
 
 Knows nothing about requests, sampling, scheduling or adapter names: rows carry slot numbers.
 """
@@ -17,7 +18,15 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from loraserve.model.attention import (
+    IMPLEMENTATION,
+    AttentionBatch,
+    DecodeRows,
+    PrefillRow,
+    decode_kernel_applies,
+)
 from loraserve.model.kv_cache import PagedKVCache
+from loraserve.model.linear import BaseLinear
 from loraserve.model.lora import LoraBatch, LoraContext
 
 
@@ -31,19 +40,12 @@ class RowInput:
     lora_slot: int = 0
 
 
-def _attention_windows(config) -> dict[str, int | None] | int | None:
-    """The sliding window per attention kind: a dict when layers mix kinds, else one value."""
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types and len(set(layer_types)) > 1:
-        return {kind: (window if "sliding" in kind else None) for kind in set(layer_types)}
-    if layer_types:
-        return window if "sliding" in layer_types[0] else None
-    return window
-
-
 class ModelRunner:
-    """Runs the model on a list of rows and returns the next-token logits of each row."""
+    """Runs the model on a list of rows and returns the next-token logits of each row.
+
+    Owns the model from here on: it switches the model's attention to the paged implementation
+    and its output projection to `BaseLinear`.
+    """
 
     def __init__(
         self,
@@ -57,15 +59,16 @@ class ModelRunner:
         self.lora = lora
         self.slot_ranks = slot_ranks  # slot -> rank of the adapter in it; shared, kept up to date
         self.device = next(model.parameters()).device
-        self.dtype = cache.key_pools[0].dtype
-        self.windows = _attention_windows(model.config)
+        self.decode_kernel = decode_kernel_applies(cache)
+        model.set_attn_implementation(IMPLEMENTATION)
+        output = model.get_output_embeddings()
+        if not isinstance(output, BaseLinear):
+            model.set_output_embeddings(BaseLinear(output))
 
     @torch.inference_mode()
     def forward(self, rows: list[RowInput]) -> torch.Tensor:
-        """Append each row's tokens to its context; returns float32 logits [B, V] of last tokens.
-
-        Rows run ordered by LoRA slot, so each adapter's tokens are one contiguous segment.
-        """
+        """Append each row's tokens to its context; returns float32 logits [B, V] of last tokens,
+        in the order of `rows`."""
         order = sorted(range(len(rows)), key=lambda i: rows[i].lora_slot)
         logits = self._forward([rows[i] for i in order])
         unsorted = torch.empty_like(logits)
@@ -73,67 +76,53 @@ class ModelRunner:
         return unsorted
 
     def _forward(self, rows: list[RowInput]) -> torch.Tensor:
-        def tensor(values: list) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64, device=self.device)
-
-        bs = self.cache.block_size
-        width = max(len(r.tokens) for r in rows)
+        device, bs = self.device, self.cache.block_size
+        counts = [len(r.tokens) for r in rows]
         blocks = max(len(r.block_table) for r in rows)
-        input_ids = tensor([[0] * (width - len(r.tokens)) + r.tokens for r in rows])  # [B, T]
-        tables = tensor([r.block_table + [0] * (blocks - len(r.block_table)) for r in rows])
-        starts = tensor([r.start for r in rows])  # [B]
-        pad_cols = width - tensor([len(r.tokens) for r in rows])  # [B]
-        ends = starts + width - pad_cols  # [B]: context length after this forward
-        context = max(r.start + len(r.tokens) for r in rows)  # on the host: no device sync
-
-        def pool_index(positions: torch.Tensor) -> torch.Tensor:
-            """positions: [B, X] -> [B, X] index into the KV pools, via each row's blocks."""
-            capped = positions.clamp(0, blocks * bs - 1)
-            return tables.gather(1, capped // bs) * bs + capped % bs
-
-        columns = torch.arange(width, device=self.device)
-        is_pad = columns < pad_cols[:, None]  # [B, T]
-        position_ids = torch.where(is_pad, 0, starts[:, None] + columns - pad_cols[:, None])
-        write = torch.where(is_pad, 0, pool_index(position_ids))  # padding -> scratch
-        keys = torch.arange(context, device=self.device).expand(len(rows), -1)  # [B, L]
-        read = torch.where(keys < ends[:, None], pool_index(keys), 0)  # beyond -> scratch
-        self.cache.prepare(write, read)
-        mask = self._mask(position_ids, pad_cols, context)
-        self.lora.batch = LoraBatch.for_rows([r.lora_slot for r in rows], width, self.slot_ranks)
+        tables = torch.tensor(
+            [r.block_table + [0] * (blocks - len(r.block_table)) for r in rows], device=device
+        )  # [B, blocks] int64
+        count_t = torch.tensor(counts, device=device)  # [B]
+        starts = torch.tensor([r.start for r in rows], device=device)  # [B]
+        firsts = count_t.cumsum(0) - count_t  # [B]: each row's first token in the packed sequence
+        row_of = torch.repeat_interleave(torch.arange(len(rows), device=device), count_t)  # [N]
+        positions = starts[row_of] + torch.arange(row_of.numel(), device=device) - firsts[row_of]
+        self.cache.prepare(tables[row_of, positions // bs] * bs + positions % bs)
+        input_ids = torch.tensor([t for r in rows for t in r.tokens], device=device)[None]
+        self.lora.batch = LoraBatch.for_rows([r.lora_slot for r in rows], counts, self.slot_ranks)
         try:
             out = self.model(
                 input_ids=input_ids,
-                position_ids=position_ids,
-                attention_mask=mask,
+                position_ids=positions[None],
                 cache=self.cache,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=firsts + count_t - 1,
+                attention_batch=self._attention_batch(rows, tables, firsts),
             )
         finally:
             self.lora.batch = None
-        return out.logits[:, -1, :].float()
+        return out.logits[0].float()  # [B, V]
 
-    def _mask(
-        self, position_ids: torch.Tensor, pad_cols: torch.Tensor, context: int
-    ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Additive masks [B, 1, T, L]: query at position p sees keys j <= p (within the window).
-
-        Padding queries (the first pad_cols[b] columns) see every key: their outputs are
-        discarded, and a fully masked row would produce NaNs in some attention kernels.
-        """
-        keys = torch.arange(context, device=self.device)  # [L]
-        query_pos = position_ids.unsqueeze(-1)  # [B, T, 1]
-        is_pad = (
-            torch.arange(position_ids.shape[1], device=self.device) < pad_cols.unsqueeze(-1)
-        ).unsqueeze(-1)  # [B, T, 1]
-        causal = keys <= query_pos  # [B, T, L]
-
-        def build(window: int | None) -> torch.Tensor:
-            allowed = causal if window is None else causal & (query_pos - keys < window)
-            allowed = allowed | is_pad
-            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
-            return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min).unsqueeze(1)
-
-        if isinstance(self.windows, dict):
-            return {kind: build(window) for kind, window in self.windows.items()}
-        return build(self.windows)
+    def _attention_batch(
+        self, rows: list[RowInput], tables: torch.Tensor, firsts: torch.Tensor
+    ) -> AttentionBatch:
+        """Decode rows for the kernel (when it applies), every other row as a prefill row."""
+        bs = self.cache.block_size
+        decode = [b for b, r in enumerate(rows) if len(r.tokens) == 1] if self.decode_kernel else []
+        prefill = []
+        for b in sorted(set(range(len(rows))) - set(decode)):
+            row = rows[b]
+            context = torch.arange(row.start + len(row.tokens), device=self.device)
+            read_slots = tables[b, context // bs] * bs + context % bs
+            prefill.append(PrefillRow(int(firsts[b]), len(row.tokens), row.start, read_slots))
+        decode_rows = None
+        if decode:
+            index = torch.tensor(decode, device=self.device)
+            decode_rows = DecodeRows(
+                tokens=firsts[index],
+                block_tables=tables[index].to(torch.int32),
+                context_lens=torch.tensor(
+                    [rows[b].start + 1 for b in decode], dtype=torch.int32, device=self.device
+                ),
+            )
+        return AttentionBatch(self.cache, decode_rows, tuple(prefill))

@@ -1,0 +1,51 @@
+"""loraserve's compiled CPU kernels, loaded once for this CPU's instruction set.
+
+`native()` returns the `torch.ops.loraserve` namespace when the library for this CPU is built
+(by `scripts/setup.sh`, or here on first use when a compiler is available), else None: every
+caller then takes its torch path, which is also each kernel's test oracle. The ops:
+
+  linear_f32(x [M, K], weight [N, K], bias?) -> [M, N]
+  linear_4bit(x [M, K], packed [N*K/2] u8, absmax [N*K/blocksize], code [16], blocksize, N,
+              bias?) -> [M, N]                       (bitsandbytes NF4 / FP4 layout)
+  paged_decode_attention(q [R, H, D], k_pool [S, KVH, D], v_pool, block_tables [R, B] i32,
+                         context_lens [R] i32, block_size, window, scale) -> [R, H, D]
+  lora_delta_(x [N, in], y [N, out], lora_a [S, R, in], lora_b [S, R, out],
+              starts, ends, slots, ranks [G] i64)      (in place on y)
+
+All take contiguous float32 CPU tensors. Set LORASERVE_KERNELS=off to use the torch paths.
+
+Knows nothing about models, adapters or batches: callers decide when an op applies.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any
+
+import torch
+
+from loraserve.model.kernels import build
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def native() -> Any | None:
+    """The loaded op namespace, or None when the kernels cannot run here (logged once)."""
+    if os.environ.get("LORASERVE_KERNELS", "on").lower() in ("0", "off", "false", "no"):
+        log.info("LORASERVE_KERNELS=off: using the torch paths")
+        return None
+    variant = build.host_variant()
+    if variant is None:
+        log.info("no AVX2 on this CPU: loraserve's CPU kernels are off, torch paths serve")
+        return None
+    try:
+        path = build.build(variant)
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError) as error:
+        log.warning("loraserve's CPU kernels are unavailable (%s); using the torch paths", error)
+        return None
+    log.info("loraserve %s CPU kernels loaded from %s", variant.name, path)
+    return torch.ops.loraserve

@@ -1,0 +1,112 @@
+// Decode attention straight from the paged KV pools: one query token per row, its keys and
+// values read in place through the row's block table (no gathered copy of the context).
+//
+// Pools are [num_slots, kv_heads, head_dim]; position j of row r lives at pool slot
+// block_tables[r, j / block_size] * block_size + j % block_size. Grouped-query attention: the
+// q heads h in [g * group, (g + 1) * group) share kv head g, whose keys are read once for all.
+
+namespace LS_NAMESPACE {
+
+// exp(x) for x <= 0 (softmax after subtracting the max): 2^(x log2 e) split into 2^n * 2^f,
+// f in [-0.5, 0.5], with a degree-6 polynomial for 2^f (relative error below 2e-7).
+inline vf exp_nonpositive(vf x) {
+  const vf clamped = x < -87.f ? vf{} - 87.f : x;
+  const vf t = clamped * 1.44269504088896341f;
+  const vf n = __builtin_convertvector(__builtin_convertvector(t + (t < 0 ? -0.5f : 0.5f), vi), vf);
+  const vf f = (t - n) * 0.69314718055994531f;  // ln(2^(t - n)) in [-0.35, 0.35]
+  vf p = vf{} + 1.f / 720;
+  p = p * f + 1.f / 120;
+  p = p * f + 1.f / 24;
+  p = p * f + 1.f / 6;
+  p = p * f + 0.5f;
+  p = p * f + 1.f;
+  p = p * f + 1.f;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  return p * reinterpret_cast<vf>(bits);
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  vf acc = vf{};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    acc += *reinterpret_cast<const vf*>(a + i) * *reinterpret_cast<const vf*>(b + i);
+  float total = hsum(acc);
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+// out[h, :] = sum_j w[j] * v_rows[j][:] for a row of weights w (length n).
+inline void weighted_sum(const float* w, const float* const* v_rows, int64_t n, int64_t D,
+                         float* out) {
+  for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    const float wj = w[j];
+    const float* v = v_rows[j];
+    int64_t d = 0;
+    for (; d + kLanes <= D; d += kLanes)
+      *reinterpret_cast<vf*>(out + d) += wj * *reinterpret_cast<const vf*>(v + d);
+    for (; d < D; ++d) out[d] += wj * v[d];
+  }
+}
+
+// Softmax of scores[0:n] in place, vectorised; returns nothing, scores sum to 1 afterwards.
+inline void softmax_inplace(float* scores, int64_t n) {
+  float top = scores[0];
+  for (int64_t j = 1; j < n; ++j) top = std::max(top, scores[j]);
+  vf sum_v = vf{};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const vf e = exp_nonpositive(*reinterpret_cast<const vf*>(scores + j) - top);
+    *reinterpret_cast<vf*>(scores + j) = e;
+    sum_v += e;
+  }
+  float sum = hsum(sum_v);
+  for (; j < n; ++j) {
+    vf one = vf{} + (scores[j] - top);
+    scores[j] = exp_nonpositive(one)[0];
+    sum += scores[j];
+  }
+  const float inv = 1.f / sum;
+  for (j = 0; j < n; ++j) scores[j] *= inv;
+}
+
+// q [R, H, D]; k_pool, v_pool [S, KVH, D]; block_tables [R, max_blocks] int32; context_lens
+// [R] int32 (the query sits at position context_lens[r] - 1 and sees keys from
+// max(0, len - window) when window > 0); out [R, H, D].
+inline void paged_decode_attention(const float* q, const float* k_pool, const float* v_pool,
+                                   const int32_t* block_tables, int64_t max_blocks,
+                                   const int32_t* context_lens, int64_t R, int64_t H,
+                                   int64_t KVH, int64_t D, int64_t block_size, int64_t window,
+                                   float scale, float* out) {
+  const int64_t group = H / KVH;
+  at::parallel_for(0, R * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    std::vector<const float*> k_rows, v_rows;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item / KVH, g = item % KVH;
+      const int64_t len = context_lens[r];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t n = len - first;
+      const int32_t* table = block_tables + r * max_blocks;
+      k_rows.resize(n);
+      v_rows.resize(n);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t pos = first + j;
+        const int64_t slot = int64_t(table[pos / block_size]) * block_size + pos % block_size;
+        k_rows[j] = k_pool + (slot * KVH + g) * D;
+        v_rows[j] = v_pool + (slot * KVH + g) * D;
+      }
+      scores.resize(group * n);
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t hh = 0; hh < group; ++hh)
+          scores[hh * n + j] = scale * dot(q + (r * H + g * group + hh) * D, k_rows[j], D);
+      for (int64_t hh = 0; hh < group; ++hh) {
+        softmax_inplace(scores.data() + hh * n, n);
+        weighted_sum(scores.data() + hh * n, v_rows.data(), n, D,
+                     out + (r * H + g * group + hh) * D);
+      }
+    }
+  });
+}
+
+}  // namespace LS_NAMESPACE

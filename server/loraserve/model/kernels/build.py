@@ -1,0 +1,130 @@
+"""Compile loraserve's C++ CPU kernels, once per instruction set, into the user's cache.
+
+`python -m loraserve.model.kernels.build` (run by `scripts/setup.sh`) builds the variant this
+CPU runs; `--all` builds every variant (a compile check for CPUs this machine does not have).
+A build lands in a folder named after the torch version, the sources' hash and the instruction
+set, so a changed source or another torch never loads a stale library.
+
+Knows nothing about when a kernel is used: `kernels/__init__.py` loads the library it builds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).resolve().parent
+SOURCES = ("cpu_kernels.cpp", "gemm.h", "attention.h", "lora.h")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One build: the vector width its kernels use and the compiler flags that enable it."""
+
+    name: str
+    lanes: int
+    flags: tuple[str, ...]
+
+
+VARIANTS = {
+    "avx2": Variant("avx2", 8, ("-mavx2", "-mfma", "-mf16c")),
+    "avx512": Variant(
+        "avx512", 16, ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma")
+    ),
+}
+
+
+def host_variant() -> Variant | None:
+    """The variant this CPU runs, or None (not x86-64 with AVX2: the torch paths serve)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        return VARIANTS["avx512"]
+    if capability == "AVX2":
+        return VARIANTS["avx2"]
+    return None
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "loraserve" / "kernels"
+
+
+def library_path(variant: Variant) -> Path:
+    """Where `variant`'s library is (or would be) built."""
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update((SOURCE_DIR / name).read_bytes())
+    version = torch.__version__.replace("+", "_")
+    folder = cache_root() / f"torch-{version}-{digest.hexdigest()[:12]}-{variant.name}"
+    return folder / f"loraserve_cpu_{variant.name}.so"
+
+
+def build(variant: Variant) -> Path:
+    """Compile `variant` unless its library is already built; returns the library's path.
+
+    Concurrent builds of one variant are safe: each writes its own file and renames it into
+    place. Raises RuntimeError with the compiler's output when the compiler fails.
+    """
+    from torch.utils import cpp_extension
+
+    target = library_path(variant)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.stem}.{os.getpid()}.partial")
+    command = [
+        os.environ.get("CXX", "c++"),
+        "-shared",
+        "-fPIC",
+        "-std=c++20",
+        "-O3",
+        "-fopenmp",
+        "-fvisibility=hidden",
+        f"-DLS_LANES={variant.lanes}",
+        *variant.flags,
+        *(f"-isystem{path}" for path in cpp_extension.include_paths()),
+        str(SOURCE_DIR / "cpu_kernels.cpp"),
+        "-o",
+        str(partial),
+        *(f"-L{path}" for path in cpp_extension.library_paths()),
+        "-lc10",
+        "-ltorch_cpu",
+    ]
+    started = time.monotonic()
+    log.info("compiling loraserve's %s CPU kernels into %s", variant.name, target.parent)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"compiling {variant.name} kernels failed:\n{result.stderr[-4000:]}")
+    os.replace(partial, target)
+    log.info("compiled in %.0f s", time.monotonic() - started)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--all", action="store_true", help="every variant, not just this CPU's")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    variants = list(VARIANTS.values()) if args.all else [host_variant()]
+    if variants == [None]:
+        log.info("this CPU has no AVX2: loraserve uses its torch paths, nothing to compile")
+        return 0
+    for variant in variants:
+        if variant is not None:
+            print(build(variant))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+// loraserve's CPU kernels, registered as torch ops under `loraserve::`. Built by
+// `python -m loraserve.model.kernels.build` once per instruction set (LS_LANES: 8 for AVX2,
+// 16 for AVX-512); `kernels/__init__.py` loads the build that fits this CPU.
+//
+// Each op has a torch reference in `kernels/reference.py` that the tests compare it against.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#define LS_NAMESPACE loraserve_cpu
+#include "gemm.h"
+#include "attention.h"
+#include "lora.h"
+
+namespace {
+
+using namespace loraserve_cpu;
+
+void check_cpu_f32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), name,
+              " must be a contiguous float32 CPU tensor");
+}
+
+at::Tensor add_bias(at::Tensor y, const c10::optional<at::Tensor>& bias) {
+  if (bias.has_value() && bias->defined()) y.add_(*bias);
+  return y;
+}
+
+// y [M, N] = x [M, K] @ weight [N, K]^T + bias
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight,
+                      const c10::optional<at::Tensor>& bias) {
+  check_cpu_f32(x, "x");
+  check_cpu_f32(weight, "weight");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
+              "x [M, K] and weight [N, K] must share K");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  gemm_f32(x.data_ptr<float>(), M, K, weight.data_ptr<float>(), N, y.data_ptr<float>());
+  return add_bias(y, bias);
+}
+
+// y [M, N] = x [M, K] @ dequantize(packed, absmax, code)[N, K]^T + bias
+at::Tensor linear_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                       const at::Tensor& code, int64_t blocksize, int64_t out_features,
+                       const c10::optional<at::Tensor>& bias) {
+  check_cpu_f32(x, "x");
+  check_cpu_f32(absmax, "absmax");
+  check_cpu_f32(code, "code");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "packed must be contiguous uint8");
+  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = out_features;
+  TORCH_CHECK(blocksize % (2 * kLanes) == 0 && K % blocksize == 0,
+              "blocksize must be a multiple of ", 2 * kLanes, " and divide K");
+  TORCH_CHECK(packed.numel() * 2 == N * K && absmax.numel() * blocksize == N * K &&
+                  code.numel() == 16,
+              "packed, absmax and code do not describe a [", N, ", ", K, "] weight");
+  at::Tensor permuted = at::empty({M, K}, x.options());
+  permute_like_decoded(x.data_ptr<float>(), M, K, permuted.data_ptr<float>());
+  at::Tensor y = at::empty({M, N}, x.options());
+  gemm_4bit(permuted.data_ptr<float>(), M, K, packed.data_ptr<uint8_t>(),
+            absmax.data_ptr<float>(), code.data_ptr<float>(), blocksize, N,
+            y.data_ptr<float>());
+  return add_bias(y, bias);
+}
+
+void check_cpu(const at::Tensor& t, at::ScalarType type, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == type && t.is_contiguous(), name,
+              " must be a contiguous ", c10::toString(type), " CPU tensor");
+}
+
+// out [R, H, D]: decode attention of q [R, H, D] over the paged pools [S, KVH, D].
+at::Tensor paged_decode_attention_op(const at::Tensor& q, const at::Tensor& k_pool,
+                                     const at::Tensor& v_pool, const at::Tensor& block_tables,
+                                     const at::Tensor& context_lens, int64_t block_size,
+                                     int64_t window, double scale) {
+  check_cpu_f32(q, "q");
+  check_cpu_f32(k_pool, "k_pool");
+  check_cpu_f32(v_pool, "v_pool");
+  check_cpu(block_tables, at::kInt, "block_tables");
+  check_cpu(context_lens, at::kInt, "context_lens");
+  TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 3 && k_pool.sizes() == v_pool.sizes() &&
+                  q.size(2) == k_pool.size(2) && q.size(1) % k_pool.size(1) == 0,
+              "q [R, H, D] and pools [S, KVH, D] do not match");
+  const int64_t R = q.size(0), H = q.size(1), D = q.size(2), KVH = k_pool.size(1);
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == R && context_lens.numel() == R,
+              "block_tables [R, max_blocks] and context_lens [R] must have one row per query");
+  at::Tensor out = at::empty({R, H, D}, q.options());
+  paged_decode_attention(q.data_ptr<float>(), k_pool.data_ptr<float>(),
+                         v_pool.data_ptr<float>(), block_tables.data_ptr<int32_t>(),
+                         block_tables.size(1), context_lens.data_ptr<int32_t>(), R, H, KVH, D,
+                         block_size, window, static_cast<float>(scale), out.data_ptr<float>());
+  return out;
+}
+
+// y [N, out] += the LoRA delta of x [N, in] over token segments on slots.
+void lora_delta_op(const at::Tensor& x, at::Tensor& y, const at::Tensor& lora_a,
+                   const at::Tensor& lora_b, const at::Tensor& starts, const at::Tensor& ends,
+                   const at::Tensor& slots, const at::Tensor& ranks) {
+  check_cpu_f32(x, "x");
+  check_cpu_f32(y, "y");
+  check_cpu_f32(lora_a, "lora_a");
+  check_cpu_f32(lora_b, "lora_b");
+  for (const at::Tensor* t : {&starts, &ends, &slots, &ranks}) check_cpu(*t, at::kLong, "segments");
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0) &&
+                  lora_a.size(2) == x.size(1) && lora_b.size(2) == y.size(1) &&
+                  lora_a.size(1) == lora_b.size(1),
+              "x [N, in], y [N, out], lora_a [S, R, in], lora_b [S, R, out] do not match");
+  lora_delta(x.data_ptr<float>(), y.data_ptr<float>(), x.size(1), y.size(1),
+             lora_a.data_ptr<float>(), lora_b.data_ptr<float>(), lora_a.size(1),
+             starts.data_ptr<int64_t>(), ends.data_ptr<int64_t>(), slots.data_ptr<int64_t>(),
+             ranks.data_ptr<int64_t>(), starts.numel());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(loraserve, m) {
+  m.def("linear_f32(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def(
+      "linear_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
+      "int out_features, Tensor? bias) -> Tensor");
+  m.def(
+      "paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, "
+      "Tensor context_lens, int block_size, int window, float scale) -> Tensor");
+  m.def(
+      "lora_delta_(Tensor x, Tensor(a!) y, Tensor lora_a, Tensor lora_b, Tensor starts, "
+      "Tensor ends, Tensor slots, Tensor ranks) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(loraserve, CPU, m) {
+  m.impl("linear_f32", &linear_f32);
+  m.impl("linear_4bit", &linear_4bit);
+  m.impl("paged_decode_attention", &paged_decode_attention_op);
+  m.impl("lora_delta_", &lora_delta_op);
+}

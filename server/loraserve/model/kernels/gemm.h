@@ -1,0 +1,172 @@
+// Small-M GEMM kernels: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), W either fp32 or 4-bit
+// (bitsandbytes NF4 / FP4: two codes per byte, high nibble first, one fp32 absmax per block of
+// `blocksize` consecutive elements of the row-major [N, K] weight).
+//
+// Written once with GCC vector extensions of LS_LANES floats and compiled once per instruction
+// set (AVX2: 8 lanes, AVX-512: 16 lanes); only the compiler's lowering differs between them.
+//
+// The 4-bit path never materialises the whole weight: a tile of a few output columns is decoded
+// into a small fp32 buffer (the same values bitsandbytes' dequantize gives: code[q] * absmax),
+// which stays in cache while every row of x is multiplied against it. The decoded buffer keeps
+// each group of 2 * LS_LANES consecutive k as its even-k elements then its odd-k elements (that
+// is how nibbles unpack fastest), so x is permuted the same way once per call: the dot products
+// are unchanged by the shared order.
+
+namespace LS_NAMESPACE {
+
+constexpr int kLanes = LS_LANES;
+typedef float vf __attribute__((vector_size(kLanes * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(kLanes * 4), aligned(4)));
+typedef uint8_t vb __attribute__((vector_size(kLanes), aligned(1)));
+
+constexpr int kRowBlock = 4;     // rows of x per micro-kernel call
+constexpr int kColBlock = 3;     // output columns per micro-kernel call
+constexpr int kTileCols = 12;    // columns decoded per tile (a multiple of kColBlock)
+
+inline float hsum(vf v) {
+  float total = 0.f;
+  for (int i = 0; i < kLanes; ++i) total += v[i];
+  return total;
+}
+
+// y[m * ldy + n] = sum_k x[m * ldx + k] * w[n * ldw + k], for m < MR, n < NR.
+template <int MR, int NR>
+inline void dot_block(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K,
+                      float* y, int64_t ldy) {
+  vf acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) acc[m][n] = vf{};
+  const int64_t kv = K - K % kLanes;
+  for (int64_t k = 0; k < kv; k += kLanes) {
+    vf wv[NR];
+    for (int n = 0; n < NR; ++n) wv[n] = *reinterpret_cast<const vf*>(w + n * ldw + k);
+    for (int m = 0; m < MR; ++m) {
+      const vf xv = *reinterpret_cast<const vf*>(x + m * ldx + k);
+      for (int n = 0; n < NR; ++n) acc[m][n] += xv * wv[n];
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) {
+      float total = hsum(acc[m][n]);
+      for (int64_t k = kv; k < K; ++k) total += x[m * ldx + k] * w[n * ldw + k];
+      y[m * ldy + n] = total;
+    }
+}
+
+template <int MR>
+inline void dot_rows(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K,
+                     int64_t cols, float* y, int64_t ldy) {
+  int64_t n = 0;
+  for (; n + kColBlock <= cols; n += kColBlock)
+    dot_block<MR, kColBlock>(x, ldx, w + n * ldw, ldw, K, y + n, ldy);
+  switch (cols - n) {
+    case 2: dot_block<MR, 2>(x, ldx, w + n * ldw, ldw, K, y + n, ldy); break;
+    case 1: dot_block<MR, 1>(x, ldx, w + n * ldw, ldw, K, y + n, ldy); break;
+    default: break;
+  }
+}
+
+// Every row of x against `cols` weight rows w[cols, K] (ldw apart): y[:, :cols].
+inline void dot_tile(const float* x, int64_t M, int64_t K, const float* w, int64_t ldw,
+                     int64_t cols, float* y, int64_t ldy) {
+  int64_t m = 0;
+  for (; m + kRowBlock <= M; m += kRowBlock)
+    dot_rows<kRowBlock>(x + m * K, K, w, ldw, K, cols, y + m * ldy, ldy);
+  switch (M - m) {
+    case 3: dot_rows<3>(x + m * K, K, w, ldw, K, cols, y + m * ldy, ldy); break;
+    case 2: dot_rows<2>(x + m * K, K, w, ldw, K, cols, y + m * ldy, ldy); break;
+    case 1: dot_rows<1>(x + m * K, K, w, ldw, K, cols, y + m * ldy, ldy); break;
+    default: break;
+  }
+}
+
+// x [M, K] fp32 contiguous; w [N, K] fp32 contiguous; y [M, N] fp32 contiguous.
+inline void gemm_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y) {
+  const int64_t tiles = (N + kTileCols - 1) / kTileCols;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n0 = t * kTileCols;
+      const int64_t cols = std::min<int64_t>(kTileCols, N - n0);
+      dot_tile(x, M, K, w + n0 * K, K, cols, y + n0, N);
+    }
+  });
+}
+
+// The order a decoded 4-bit row keeps its elements in: within each group of 2 * kLanes
+// consecutive k, the even k first, then the odd k.
+inline void permute_like_decoded(const float* x, int64_t M, int64_t K, float* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* src = x + m * K;
+    float* dst = out + m * K;
+    for (int64_t g = 0; g < K; g += 2 * kLanes)
+      for (int i = 0; i < kLanes; ++i) {
+        dst[g + i] = src[g + 2 * i];
+        dst[g + kLanes + i] = src[g + 2 * i + 1];
+      }
+  }
+}
+
+// kLanes consecutive packed bytes as int32 lanes.
+inline vi load_bytes(const uint8_t* bytes) {
+#if LS_LANES == 16
+  return reinterpret_cast<vi>(
+      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes))));
+#else
+  return reinterpret_cast<vi>(
+      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes))));
+#endif
+}
+
+// Decode `cols` rows of the packed weight, starting at row n0, into dst [cols, K].
+// K % blocksize == 0: every block lies inside one row.
+inline void decode_rows(const uint8_t* packed, const float* absmax, const float* code,
+                        int64_t blocksize, int64_t K, int64_t n0, int64_t cols, float* dst) {
+  vf table_lo, table_hi;
+  for (int i = 0; i < kLanes; ++i) {
+    table_lo[i] = code[i % 16];
+    table_hi[i] = code[(kLanes + i) % 16];
+  }
+  const int64_t blocks_per_row = K / blocksize;
+  for (int64_t c = 0; c < cols; ++c) {
+    const uint8_t* bytes = packed + (n0 + c) * K / 2;
+    const float* scales = absmax + (n0 + c) * blocks_per_row;
+    float* out = dst + c * K;
+    for (int64_t b = 0; b < blocks_per_row; ++b) {
+      const vf scale = vf{} + scales[b];
+      for (int64_t k = b * blocksize; k < (b + 1) * blocksize; k += 2 * kLanes) {
+        const vi q = load_bytes(bytes + k / 2);
+        const vi hi = q >> 4;  // even k
+        const vi lo = q & 15;  // odd k
+#if LS_LANES == 16
+        const vf even = __builtin_shuffle(table_lo, hi);
+        const vf odd = __builtin_shuffle(table_lo, lo);
+#else
+        const vf even = __builtin_shuffle(table_lo, table_hi, hi);
+        const vf odd = __builtin_shuffle(table_lo, table_hi, lo);
+#endif
+        *reinterpret_cast<vf*>(out + k) = even * scale;
+        *reinterpret_cast<vf*>(out + k + kLanes) = odd * scale;
+      }
+    }
+  }
+}
+
+// x [M, K] fp32 (already permuted like decoded rows); packed [N * K / 2] uint8; absmax
+// [N * K / blocksize] fp32; code [16] fp32; y [M, N] fp32. K % blocksize == 0 and
+// blocksize % (2 * kLanes) == 0.
+inline void gemm_4bit(const float* x, int64_t M, int64_t K, const uint8_t* packed,
+                      const float* absmax, const float* code, int64_t blocksize, int64_t N,
+                      float* y) {
+  const int64_t tiles = (N + kTileCols - 1) / kTileCols;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> decoded(kTileCols * K);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n0 = t * kTileCols;
+      const int64_t cols = std::min<int64_t>(kTileCols, N - n0);
+      decode_rows(packed, absmax, code, blocksize, K, n0, cols, decoded.data());
+      dot_tile(x, M, K, decoded.data(), K, cols, y + n0, N);
+    }
+  });
+}
+
+}  // namespace LS_NAMESPACE

@@ -1,0 +1,129 @@
+"""The base projection's matmul, by the fastest path for its device, weight format and rows.
+
+`BaseLinear` wraps a loaded projection (an `nn.Linear` or a bitsandbytes `Linear4bit`) without
+copying its weights, and picks per call:
+
+- 4-bit (NF4 / FP4) on the CPU, at most `SMALL_BATCH_ROWS` rows (decode): the fused kernel,
+  which decodes a few output columns at a time into cache inside the GEMM, never the whole
+  weight;
+- 4-bit on the CPU, more rows (prefill): bitsandbytes' own dequantize once, then one GEMM in
+  the fastest dtype this CPU has natively (bf16 where it has AVX512-BF16 or AMX, else fp32);
+- fp32 weights on the CPU, at most `SMALL_BATCH_ROWS` rows: the small-batch kernel;
+- anything else (CUDA, int8, bf16 / fp16 weights, no compiled kernels): the module itself.
+
+Every path gives the values bitsandbytes' dequantize-then-matmul gives, up to the summation
+order. Knows nothing about LoRA, adapters or batches: it sees rows of activations.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnb_functional
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraserve.model.kernels import native
+
+# Up to this many rows the fused small-batch kernels beat dequantize + GEMM (see
+# docs/performance.md); above it the one big GEMM amortises the dequantization.
+SMALL_BATCH_ROWS = 96
+
+
+@functools.cache
+def prefill_gemm_dtype() -> torch.dtype:
+    """bf16 where this CPU computes it natively, else fp32 (emulated bf16 is slower)."""
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if native_bf16 else torch.float32
+
+
+@dataclass(frozen=True)
+class Packed4bit:
+    """A bitsandbytes 4-bit weight as the kernels read it (the same bytes, not a copy).
+
+    packed: [N * K / 2] uint8, two codes per byte, high nibble first; absmax: [N * K /
+    blocksize] float32 (dequantized once when bitsandbytes double-quantized it); code: [16].
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    code: torch.Tensor
+    blocksize: int
+    out_features: int
+    in_features: int
+
+    @classmethod
+    def of(cls, layer: bnb.nn.Linear4bit) -> Packed4bit | None:
+        """The layer's weight, or None when the kernels cannot read it as it is stored."""
+        state = layer.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False) or len(state.shape) != 2:
+            return None
+        out_features, in_features = state.shape
+        absmax = state.absmax
+        if state.nested:
+            absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2)
+            absmax = absmax + state.offset
+        if in_features % state.blocksize or state.blocksize % 32:
+            return None
+        return cls(
+            layer.weight.data.view(torch.uint8).reshape(-1),
+            absmax.float().contiguous(),
+            state.code.float().contiguous(),
+            state.blocksize,
+            out_features,
+            in_features,
+        )
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """[N, K] in `dtype`: bitsandbytes' own dequantization."""
+        weight = torch.ops.bitsandbytes.dequantize_4bit(
+            self.packed,
+            self.absmax,
+            self.blocksize,
+            "fp4" if self.code[1] > 0 else "nf4",
+            (self.out_features, self.in_features),
+            torch.float32,
+        )
+        return weight.to(dtype)
+
+
+class BaseLinear(nn.Module):
+    """y = base(x) by the fastest path this call's rows allow; the wrapped module is kept."""
+
+    def __init__(self, module: nn.Linear) -> None:
+        super().__init__()
+        self.module = module
+        self.in_features = module.in_features
+        self.out_features = module.out_features
+        weight = module.weight
+        on_cpu = weight.device.type == "cpu" and native() is not None
+        self.packed = (
+            Packed4bit.of(module) if on_cpu and isinstance(module, bnb.nn.Linear4bit) else None
+        )
+        self.dense = on_cpu and type(module) is nn.Linear and weight.dtype == torch.float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in] -> [..., out]."""
+        rows = x.reshape(-1, self.in_features)
+        if x.dtype != torch.float32 or not (self.packed is not None or self.dense):
+            return self.module(x)
+        rows = rows.contiguous()
+        bias = self.module.bias
+        bias = None if bias is None else bias.float()
+        ops = native()
+        if self.dense:
+            if rows.shape[0] > SMALL_BATCH_ROWS:
+                return self.module(x)
+            y = ops.linear_f32(rows, self.module.weight, bias)
+        elif rows.shape[0] <= SMALL_BATCH_ROWS:
+            p = self.packed
+            y = ops.linear_4bit(rows, p.packed, p.absmax, p.code, p.blocksize, p.out_features, bias)
+        else:
+            dtype = prefill_gemm_dtype()
+            y = F.linear(rows.to(dtype), self.packed.dequantize(dtype)).float()
+            if bias is not None:
+                y += bias
+        return y.view(*x.shape[:-1], self.out_features)

@@ -1,0 +1,145 @@
+"""The compiled CPU kernels against their torch references, and the paths that choose them.
+
+Each op must equal its reference up to float32 summation order, on shapes that hit every
+remainder of the kernels' blocking (rows not a multiple of 4, columns not a multiple of 3 or 12,
+K not a multiple of the vector width), for NF4 and FP4, with and without bias and double
+quantization. Skipped where this CPU has no build (the torch paths then serve everything).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnb_functional
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraserve.model.attention import attend_context
+from loraserve.model.kernels import build, native
+from loraserve.model.linear import SMALL_BATCH_ROWS, BaseLinear, Packed4bit
+
+pytestmark = pytest.mark.skipif(native() is None, reason="no compiled kernels for this CPU")
+REPO = Path(__file__).resolve().parents[2]
+RTOL, ATOL = 2e-5, 2e-5  # float32, another summation order
+
+
+def _quantized(out_features: int, in_features: int, quant_type: str, nested: bool, bias: bool):
+    """A bitsandbytes Linear4bit with random weights, quantized on the CPU."""
+    torch.manual_seed(out_features * 31 + in_features)
+    dense = nn.Linear(in_features, out_features, bias=bias)
+    layer = bnb.nn.Linear4bit(
+        in_features,
+        out_features,
+        bias=bias,
+        compute_dtype=torch.float32,
+        compress_statistics=nested,
+        quant_type=quant_type,
+    )
+    layer.weight = bnb.nn.Params4bit(
+        dense.weight.data, requires_grad=False, compress_statistics=nested, quant_type=quant_type
+    )
+    if bias:
+        layer.bias = nn.Parameter(dense.bias.data, requires_grad=False)
+    return layer.to("cpu")
+
+
+def _dequantized(layer: bnb.nn.Linear4bit) -> torch.Tensor:
+    return bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 33, SMALL_BATCH_ROWS])
+@pytest.mark.parametrize(("out_features", "in_features"), [(96, 128), (13, 64), (40, 192)])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_linear_4bit_equals_dequantize_then_matmul(rows, out_features, in_features, quant_type):
+    layer = _quantized(out_features, in_features, quant_type, nested=False, bias=False)
+    p = Packed4bit.of(layer)
+    x = torch.randn(rows, in_features)
+    got = native().linear_4bit(x, p.packed, p.absmax, p.code, p.blocksize, out_features, None)
+    torch.testing.assert_close(got, F.linear(x, _dequantized(layer)), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "double-quant"])
+@pytest.mark.parametrize("rows", [2, SMALL_BATCH_ROWS + 1], ids=["kernel", "dequantize"])
+def test_base_linear_on_4bit_equals_bitsandbytes(rows, nested):
+    layer = _quantized(64, 128, "nf4", nested=nested, bias=True)
+    x = torch.randn(1, rows, 128)
+    with torch.no_grad():
+        want = layer(x)
+    got = BaseLinear(layer)(x)
+    assert got.shape == want.shape == (1, rows, 64)
+    # bitsandbytes may round its output to bf16 on CPUs with AVX512-BF16.
+    tolerance = 1e-2 if bnb_functional.has_avx512bf16() else ATOL
+    torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 12, SMALL_BATCH_ROWS])
+@pytest.mark.parametrize(("out_features", "in_features"), [(7, 100), (25, 64), (12, 3)])
+def test_linear_f32_equals_f_linear(rows, out_features, in_features):
+    torch.manual_seed(rows)
+    x, w, b = torch.randn(rows, in_features), torch.randn(out_features, in_features), None
+    if rows % 2:
+        b = torch.randn(out_features)
+    got = native().linear_f32(x, w, b)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=RTOL, atol=ATOL)
+
+
+def _paged_context(lengths, kv_heads, head_dim, block_size, seed=0):
+    """Pools with each row's context in scattered blocks: (k_pool, v_pool, tables [R, B])."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = max(-(-n // block_size) for n in lengths)
+    num_blocks = 1 + len(lengths) * blocks
+    order = torch.randperm(num_blocks - 1, generator=gen) + 1
+    tables = order.reshape(len(lengths), blocks).to(torch.int32)
+    shape = (num_blocks * block_size, kv_heads, head_dim)
+    return torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), tables
+
+
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 4, 32), (8, 2, 64), (6, 3, 40)])
+def test_paged_decode_attention_equals_sdpa_over_the_gathered_context(
+    heads, kv_heads, head_dim, window
+):
+    lengths, block_size = [1, 4, 5, 17, 40], 4
+    k_pool, v_pool, tables = _paged_context(lengths, kv_heads, head_dim, block_size)
+    q = torch.randn(len(lengths), heads, head_dim)
+    scale = head_dim**-0.5
+    got = native().paged_decode_attention(
+        q, k_pool, v_pool, tables, torch.tensor(lengths, dtype=torch.int32), block_size, window,
+        scale,
+    )  # fmt: skip
+    for r, n in enumerate(lengths):
+        position = torch.arange(n)
+        slots = tables[r].long()[position // block_size] * block_size + position % block_size
+        want = attend_context(q[r : r + 1], k_pool[slots], v_pool[slots], n - 1, window, scale)
+        torch.testing.assert_close(got[r], want[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_every_variant_compiles(tmp_path):
+    """The AVX-512 build compiles even on a machine without AVX-512 (and vice versa)."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-m", "loraserve.model.kernels.build", "--all"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(list(tmp_path.rglob("*.so"))) == len(build.VARIANTS)
+
+
+@pytest.mark.slow
+def test_the_torch_paths_serve_when_kernels_are_off():
+    """With LORASERVE_KERNELS=off the runner's ragged batches still equal full forwards."""
+    env = dict(os.environ, LORASERVE_KERNELS="off")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "tests/model/test_kv_cache.py", "-k", "matches_full_forward or chunks"],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert " passed" in result.stdout
