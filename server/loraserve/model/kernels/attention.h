@@ -35,21 +35,15 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return total;
 }
 
-// out[h, :] = sum_j w[j] * v_rows[j][:] for a row of weights w (length n).
-inline void weighted_sum(const float* w, const float* const* v_rows, int64_t n, int64_t D,
-                         float* out) {
-  for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
-  for (int64_t j = 0; j < n; ++j) {
-    const float wj = w[j];
-    const float* v = v_rows[j];
-    int64_t d = 0;
-    for (; d + kLanes <= D; d += kLanes)
-      *reinterpret_cast<vf*>(out + d) += wj * *reinterpret_cast<const vf*>(v + d);
-    for (; d < D; ++d) out[d] += wj * v[d];
-  }
+// out[0:D] += w * v[0:D]
+inline void axpy(float w, const float* v, int64_t D, float* out) {
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes)
+    *reinterpret_cast<vf*>(out + d) += w * *reinterpret_cast<const vf*>(v + d);
+  for (; d < D; ++d) out[d] += w * v[d];
 }
 
-// Softmax of scores[0:n] in place, vectorised; returns nothing, scores sum to 1 afterwards.
+// Softmax of scores[0:n] in place.
 inline void softmax_inplace(float* scores, int64_t n) {
   float top = scores[0];
   for (int64_t j = 1; j < n; ++j) top = std::max(top, scores[j]);
@@ -62,8 +56,7 @@ inline void softmax_inplace(float* scores, int64_t n) {
   }
   float sum = hsum(sum_v);
   for (; j < n; ++j) {
-    vf one = vf{} + (scores[j] - top);
-    scores[j] = exp_nonpositive(one)[0];
+    scores[j] = exp_nonpositive(vf{} + (scores[j] - top))[0];
     sum += scores[j];
   }
   const float inv = 1.f / sum;
@@ -73,37 +66,42 @@ inline void softmax_inplace(float* scores, int64_t n) {
 // q [R, H, D]; k_pool, v_pool [S, KVH, D]; block_tables [R, max_blocks] int32; context_lens
 // [R] int32 (the query sits at position context_lens[r] - 1 and sees keys from
 // max(0, len - window) when window > 0); out [R, H, D].
+//
+// One row at a time per thread, walking its positions in order: the keys of every head at a
+// position are one contiguous [KVH, D] run of the pool, read once for all heads.
 inline void paged_decode_attention(const float* q, const float* k_pool, const float* v_pool,
                                    const int32_t* block_tables, int64_t max_blocks,
                                    const int32_t* context_lens, int64_t R, int64_t H,
                                    int64_t KVH, int64_t D, int64_t block_size, int64_t window,
                                    float scale, float* out) {
   const int64_t group = H / KVH;
-  at::parallel_for(0, R * KVH, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    std::vector<const float*> k_rows, v_rows;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item / KVH, g = item % KVH;
+    std::vector<int64_t> slots;
+    for (int64_t r = begin; r < end; ++r) {
       const int64_t len = context_lens[r];
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
       const int64_t n = len - first;
       const int32_t* table = block_tables + r * max_blocks;
-      k_rows.resize(n);
-      v_rows.resize(n);
+      slots.resize(n);
       for (int64_t j = 0; j < n; ++j) {
         const int64_t pos = first + j;
-        const int64_t slot = int64_t(table[pos / block_size]) * block_size + pos % block_size;
-        k_rows[j] = k_pool + (slot * KVH + g) * D;
-        v_rows[j] = v_pool + (slot * KVH + g) * D;
+        slots[j] = int64_t(table[pos / block_size]) * block_size + pos % block_size;
       }
-      scores.resize(group * n);
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t hh = 0; hh < group; ++hh)
-          scores[hh * n + j] = scale * dot(q + (r * H + g * group + hh) * D, k_rows[j], D);
-      for (int64_t hh = 0; hh < group; ++hh) {
-        softmax_inplace(scores.data() + hh * n, n);
-        weighted_sum(scores.data() + hh * n, v_rows.data(), n, D,
-                     out + (r * H + g * group + hh) * D);
+      const float* q_row = q + r * H * D;
+      float* out_row = out + r * H * D;
+      scores.resize(H * n);  // [H, n]
+      for (int64_t j = 0; j < n; ++j) {
+        const float* keys = k_pool + slots[j] * KVH * D;
+        for (int64_t h = 0; h < H; ++h)
+          scores[h * n + j] = scale * dot(q_row + h * D, keys + (h / group) * D, D);
+      }
+      for (int64_t h = 0; h < H; ++h) softmax_inplace(scores.data() + h * n, n);
+      for (int64_t i = 0; i < H * D; ++i) out_row[i] = 0.f;
+      for (int64_t j = 0; j < n; ++j) {
+        const float* values = v_pool + slots[j] * KVH * D;
+        for (int64_t h = 0; h < H; ++h)
+          axpy(scores[h * n + j], values + (h / group) * D, D, out_row + h * D);
       }
     }
   });

@@ -24,9 +24,18 @@ constexpr int kColBlock = 3;     // output columns per micro-kernel call
 constexpr int kTileCols = 12;    // columns decoded per tile (a multiple of kColBlock)
 
 inline float hsum(vf v) {
-  float total = 0.f;
-  for (int i = 0; i < kLanes; ++i) total += v[i];
-  return total;
+  typedef float f4 __attribute__((vector_size(16)));
+#if LS_LANES == 16
+  const auto half = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                    __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  const vf half = v;
+#endif
+  f4 quarter = __builtin_shufflevector(half, half, 0, 1, 2, 3) +
+               __builtin_shufflevector(half, half, 4, 5, 6, 7);
+  quarter += __builtin_shufflevector(quarter, quarter, 2, 3, 0, 1);
+  quarter += __builtin_shufflevector(quarter, quarter, 1, 0, 3, 2);
+  return quarter[0];
 }
 
 // y[m * ldy + n] = sum_k x[m * ldx + k] * w[n * ldw + k], for m < MR, n < NR.
