@@ -17,3 +17,5 @@ test:
 
 bench:
 	$(PY) benchmarks/bench_multi_lora.py --out benchmarks/results/latest.json
+	$(PY) benchmarks/bench_adapter_sweep.py --out benchmarks/results/sweep_latest.json \
+		--plot benchmarks/results/adapter_sweep_latest.png

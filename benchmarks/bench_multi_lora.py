@@ -1,32 +1,34 @@
-"""Multi-LoRA throughput: this engine against HF PEFT, side by side on one quantized base.
+"""Multi-LoRA throughput: this engine against transformers and HF PEFT, side by side on one
+quantized base, with the machine's own matmul peak measured in the same run.
 
-Measures generated tokens per second (prefill included in the wall time) for four
-configurations that share one random-weight Llama-shaped base, one set of rank-16 adapters on
-all seven projections, one set of prompts and one output length:
+Generated tokens per second (prefill included in the wall time) for configurations that share
+one random-weight Llama-shaped base, one set of rank-16 adapters on all seven projections, one
+set of prompts and one output length:
 
   engine_base         this engine, every request on the base model (no adapter)
   engine_multi_lora   this engine, every request on a different adapter, one continuous batch
-  peft_mixed_batch    HF PEFT `generate(adapter_names=...)`: all requests in one left-padded batch
+  hf_generate_base    transformers `generate` on the base: all requests in one left-padded batch
+  peft_mixed_batch    HF PEFT `generate(adapter_names=...)`: one left-padded batch
   peft_sequential     HF PEFT, one request at a time, `set_adapter` before each
   engine_zipf         this engine, 4x the requests over 1,000 registered adapters drawn
                       Zipf(alpha=1), 32 device slots, a host tier smaller than the adapters
 
-and the cold-load latency of an adapter from disk to a ready device slot (p50, p99).
+and, from the same run: the best dense matmul (GFLOP/s, compute dtype) and the model FLOPs per
+second of engine_base against it; the wall time of one decode step of every request against
+that step's FLOPs at the peak; time to first token with one wave of requests arriving together
+and a second wave mid-run; adapter cold-load latency (disk to a ready slot); the bytes of the
+quantized projections against bf16; the RSS growth of 10,000 stored adapters.
 
 Every request generates exactly the configured number of tokens (greedy; `ignore_eos` for the
 engine, `min_new_tokens == max_new_tokens` for HF). Model and adapter loading happen before any
-timing; the engine gets all requests at once. Each configuration is warmed up once on a small
-slice of the workload, then the four run round-robin `--repeats` times (base, multi, mixed,
-sequential, base, ...) and the medians are reported, because the machines this runs on are
-noisy. The random model and adapters are written once into a cache directory and reused.
+timing. Each configuration is warmed up once on a small slice of the workload, then they run
+round-robin `--repeats` times and the medians are reported, because the machines this runs on
+are noisy. The random model and adapters are written once into a cache directory and reused.
 
 Run (from the repository root):
 
-    .venv/bin/python benchmarks/bench_multi_lora.py --quick   # small; < 3 min on 2 CPUs
+    .venv/bin/python benchmarks/bench_multi_lora.py --quick   # small; a few minutes on 2 CPUs
     .venv/bin/python benchmarks/bench_multi_lora.py --out results.json --repeats 3
-
-The default configuration (hidden 1024, 8 layers, 32 requests, 64 new tokens) took about 15
-minutes for three repeats on 2 CPUs, a third of it in peft_sequential.
 
 `--out` writes the medians, the individual runs, the ratios, the configuration, the machine and
 the command line as JSON.
@@ -37,12 +39,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from functools import partial
@@ -50,7 +50,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from peft import PeftModel
 
 from adapter_cache import (
     ZIPF_ADAPTERS,
@@ -58,6 +57,7 @@ from adapter_cache import (
     ZIPF_SLOTS,
     build_zipf_engine,
     cold_load_ms,
+    percentile,
     summarize_cold_loads,
     zipf_choices,
 )
@@ -65,29 +65,42 @@ from common import (
     DEFAULT_CACHE_DIR,
     ModelSpec,
     Run,
-    machine_info,
+    RunFn,
+    Workload,
     prepare_lora_adapters,
     prepare_model,
     timed,
 )
+from engine_runs import (
+    Trace,
+    build_engine,
+    decode_step_seconds,
+    engine_config,
+    run_engine,
+    step_until_idle,
+    submit,
+    ttft_ms,
+)
+from hf_baselines import load_hf, load_peft, run_hf_generate, run_peft_mixed, run_peft_sequential
 from loraserve.config import EngineConfig
 from loraserve.engine.core import EngineCore
-from loraserve.engine.sequence import EmitFn, Event
-from loraserve.model.loading import DTYPES, QUANTIZATIONS, LoadedModel, load_base_model
+from loraserve.model.loading import DTYPES, QUANTIZATIONS
 from loraserve.model.tiny import SPECIAL_TOKENS
-from loraserve.types import GenerateRequest, SamplingParams, TokenEvent
+from machine import Shapes, decode_flops, machine_info, matmul_gflops, model_flops
+from memory import linear_bytes, prepare_store, registered_rss_mb
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-KV_BLOCK_SIZE = 16
 WARMUP_REQUESTS, WARMUP_NEW_TOKENS = 4, 2
 CONFIGURATIONS = (
     "engine_base",
     "engine_multi_lora",
+    "hf_generate_base",
     "peft_mixed_batch",
     "peft_sequential",
     "engine_zipf",
 )
 ZIPF_REQUEST_FACTOR = 4  # the Zipf workload has 4x the requests, batched to the same size
+TTFT_WAVES = 2  # a second wave as large as the first joins halfway through its decode
 
 
 @dataclass(frozen=True)
@@ -129,24 +142,6 @@ QUICK = replace(
 )
 
 
-@dataclass(frozen=True)
-class Workload:
-    """prompts[i] runs on adapters[i] (when the configuration uses adapters)."""
-
-    prompts: tuple[tuple[int, ...], ...]
-    adapters: tuple[str, ...]
-    new_tokens: int
-
-    def head(self, n: int, new_tokens: int) -> Workload:
-        return Workload(self.prompts[:n], self.adapters[:n], new_tokens)
-
-
-RunFn = Callable[[Workload], int]  # runs a workload, returns the number of generated tokens
-
-
-# ---- the workload --------------------------------------------------------------------------
-
-
 def make_workload(config: BenchConfig, adapter_names: list[str]) -> Workload:
     """Random prompt token ids (no special tokens) of seeded random lengths."""
     gen = torch.Generator().manual_seed(config.seed)
@@ -160,154 +155,27 @@ def make_workload(config: BenchConfig, adapter_names: list[str]) -> Workload:
     return Workload(prompts, tuple(adapter_names), config.new_tokens)
 
 
-# ---- this engine ---------------------------------------------------------------------------
+@dataclass
+class Setup:
+    """Everything loaded before timing starts."""
+
+    runs: dict[str, tuple[RunFn, Workload]]
+    core: EngineCore  # engine_base and engine_multi_lora, sized for two waves
+    workload: Workload
+    traces: dict[str, list[Trace]]  # configuration -> one engine trace per timed run
+    seconds: dict[str, float]
+    model_dir: Path
+    adapter_dirs: dict[str, Path]
 
 
-def engine_config(config: BenchConfig, model_dir: Path, workload: Workload) -> EngineConfig:
-    """Sized to run the whole workload in one continuous batch, one slot per adapter."""
-    kv_tokens = sum(
-        math.ceil((len(p) + workload.new_tokens) / KV_BLOCK_SIZE) * KV_BLOCK_SIZE
-        for p in workload.prompts
-    )
-    return EngineConfig(
-        model=str(model_dir),
-        quantization=config.quantization,
-        compute_dtype=config.compute_dtype,
-        device=config.device,
-        max_rank=config.rank,
-        device_slots=len(workload.prompts),
-        kv_cache_tokens=kv_tokens,
-        kv_block_size=KV_BLOCK_SIZE,
-        max_context=config.prompt_tokens[1] + workload.new_tokens,
-        max_batch_size=config.num_requests,
-        max_step_tokens=config.max_step_tokens,
-    )
+def engine_run(core: EngineCore, traces: list[Trace], with_adapters: bool, w: Workload) -> int:
+    trace = run_engine(core, w, with_adapters)
+    traces.append(trace)
+    return trace.tokens
 
 
-def build_engine(settings: EngineConfig, adapter_dirs: dict[str, Path]) -> EngineCore:
-    """The engine with every adapter registered and already in its device slot."""
-    loaded = load_base_model(
-        settings.model, settings.quantization, settings.compute_dtype, settings.device
-    )
-    core = EngineCore(loaded, settings)
-    for name, directory in adapter_dirs.items():
-        core.adapters.prefetch(core.adapters.load(name, directory))
-    assert core.adapters.wait_for_loads(timeout=600)
-    return core
-
-
-def run_engine(core: EngineCore, workload: Workload, with_adapters: bool) -> int:
-    """Submit every request at once, step until idle; returns the tokens generated."""
-    counts = [0] * len(workload.prompts)
-    errors: list[Exception] = []
-
-    def sink(i: int) -> EmitFn:
-        def emit(event: Event) -> None:
-            if isinstance(event, TokenEvent):
-                counts[i] += 1
-            elif isinstance(event, Exception):
-                errors.append(event)
-
-        return emit
-
-    sampling = SamplingParams(max_new_tokens=workload.new_tokens, ignore_eos=True)
-    for i, (prompt, adapter) in enumerate(zip(workload.prompts, workload.adapters)):
-        request = GenerateRequest(
-            prompt_token_ids=prompt, adapter=adapter if with_adapters else None, sampling=sampling
-        )
-        core.add_request(request, sink(i))
-    while core.has_work():
-        core.step()
-    if errors:
-        raise errors[0]
-    check_generated("engine", counts, workload.new_tokens)
-    return sum(counts)
-
-
-# ---- HF PEFT -------------------------------------------------------------------------------
-
-
-def load_peft(
-    config: BenchConfig, model_dir: Path, adapter_dirs: dict[str, Path]
-) -> tuple[PeftModel, LoadedModel]:
-    """A fresh quantized base with every adapter loaded, LoRA weights in the compute dtype."""
-    loaded = load_base_model(
-        str(model_dir), config.quantization, config.compute_dtype, config.device
-    )
-    (first_name, first_dir), *rest = adapter_dirs.items()
-    model = PeftModel.from_pretrained(loaded.model, first_dir, adapter_name=first_name)
-    for name, directory in rest:
-        model.load_adapter(directory, adapter_name=name)
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            param.data = param.data.to(loaded.compute_dtype)
-    model.eval()
-    return model, loaded
-
-
-def generate_kwargs(new_tokens: int, pad_token_id: int) -> dict:
-    return {
-        "max_new_tokens": new_tokens,
-        "min_new_tokens": new_tokens,
-        "do_sample": False,
-        "pad_token_id": pad_token_id,
-    }
-
-
-def run_peft_mixed(model: PeftModel, loaded: LoadedModel, workload: Workload) -> int:
-    """All requests in one left-padded batch, each row on its own adapter."""
-    pad = loaded.tokenizer.pad_token_id
-    width = max(len(p) for p in workload.prompts)
-    input_ids = torch.full((len(workload.prompts), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, prompt in enumerate(workload.prompts):
-        input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        attention_mask[row, width - len(prompt) :] = 1
-    out = model.generate(
-        input_ids=input_ids.to(loaded.device),
-        attention_mask=attention_mask.to(loaded.device),
-        adapter_names=list(workload.adapters),
-        **generate_kwargs(workload.new_tokens, pad),
-    )
-    generated = [out.shape[1] - width] * len(workload.prompts)
-    check_generated("peft_mixed_batch", generated, workload.new_tokens)
-    return sum(generated)
-
-
-def run_peft_sequential(model: PeftModel, loaded: LoadedModel, workload: Workload) -> int:
-    """One request at a time, switching the active adapter before each."""
-    pad = loaded.tokenizer.pad_token_id
-    generated = []
-    for prompt, adapter in zip(workload.prompts, workload.adapters):
-        model.set_adapter(adapter)
-        input_ids = torch.tensor([prompt], device=loaded.device)
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            **generate_kwargs(workload.new_tokens, pad),
-        )
-        generated.append(out.shape[1] - len(prompt))
-    check_generated("peft_sequential", generated, workload.new_tokens)
-    return sum(generated)
-
-
-# ---- measuring -----------------------------------------------------------------------------
-
-
-def check_generated(who: str, counts: list[int], expected: int) -> None:
-    wrong = [c for c in counts if c != expected]
-    if wrong:
-        raise RuntimeError(
-            f"{who}: {len(wrong)} request(s) generated {wrong[:4]} tokens, not {expected}"
-        )
-
-
-def setup(
-    config: BenchConfig, cache_root: Path
-) -> tuple[dict[str, tuple[RunFn, Workload]], torch.device, dict[str, float], Callable]:
-    """Build every artifact and load every model. Returns each configuration's run function and
-    workload (in CONFIGURATIONS order), the device, the seconds each setup took, and the
-    cold-load measurement."""
+def setup(config: BenchConfig, cache_root: Path) -> Setup:
+    """Build every artifact and load every model."""
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     model_dir = prepare_model(config.model, cache_root)
@@ -317,12 +185,21 @@ def setup(
     workload = make_workload(config, list(adapter_dirs))
     seconds["artifacts"] = time.perf_counter() - start
 
+    base = EngineConfig(
+        model=str(model_dir),
+        quantization=config.quantization,
+        compute_dtype=config.compute_dtype,
+        device=config.device,
+        max_rank=config.rank,
+        max_step_tokens=config.max_step_tokens,
+    )
+    high = config.prompt_tokens[1]
     start = time.perf_counter()
-    settings = engine_config(config, model_dir, workload)
+    settings = engine_config(base, workload, high, TTFT_WAVES * len(workload.prompts))
     core = build_engine(settings, adapter_dirs)
     seconds["engine"] = time.perf_counter() - start
     start = time.perf_counter()
-    zipf_core = build_zipf_engine(settings, list(adapter_dirs.values()))
+    zipf_core = build_zipf_engine(engine_config(base, workload, high), list(adapter_dirs.values()))
     count = ZIPF_REQUEST_FACTOR * len(workload.prompts)
     names = [f"zipf-{i}" for i in range(ZIPF_ADAPTERS)]
     zipf = Workload(
@@ -332,21 +209,26 @@ def setup(
     )
     seconds["engine_zipf"] = time.perf_counter() - start
     start = time.perf_counter()
-    mixed, mixed_loaded = load_peft(config, model_dir, adapter_dirs)
-    seconds["peft_mixed_batch"] = time.perf_counter() - start
+    hf = load_hf(model_dir, config.quantization, config.compute_dtype, config.device)
+    seconds["hf_generate_base"] = time.perf_counter() - start
     start = time.perf_counter()
-    sequential, sequential_loaded = load_peft(config, model_dir, adapter_dirs)
-    seconds["peft_sequential"] = time.perf_counter() - start
+    peft, peft_loaded = load_peft(
+        model_dir, adapter_dirs, config.quantization, config.compute_dtype, config.device
+    )
+    seconds["peft"] = time.perf_counter() - start
 
+    traces: dict[str, list[Trace]] = {name: [] for name in CONFIGURATIONS}
     runs: dict[str, tuple[RunFn, Workload]] = {
-        "engine_base": (partial(run_engine, core, with_adapters=False), workload),
-        "engine_multi_lora": (partial(run_engine, core, with_adapters=True), workload),
-        "peft_mixed_batch": (partial(run_peft_mixed, mixed, mixed_loaded), workload),
-        "peft_sequential": (partial(run_peft_sequential, sequential, sequential_loaded), workload),
-        "engine_zipf": (partial(run_engine, zipf_core, with_adapters=True), zipf),
-    }
-    cold_load = partial(cold_load_ms, core, next(iter(adapter_dirs.values())))
-    return runs, core.device, seconds, cold_load
+        "engine_base": (partial(engine_run, core, traces["engine_base"], False), workload),
+        "engine_multi_lora": (
+            partial(engine_run, core, traces["engine_multi_lora"], True), workload,
+        ),
+        "hf_generate_base": (partial(run_hf_generate, hf), workload),
+        "peft_mixed_batch": (partial(run_peft_mixed, peft, peft_loaded), workload),
+        "peft_sequential": (partial(run_peft_sequential, peft, peft_loaded), workload),
+        "engine_zipf": (partial(engine_run, zipf_core, traces["engine_zipf"], True), zipf),
+    }  # fmt: skip
+    return Setup(runs, core, workload, traces, seconds, model_dir, adapter_dirs)
 
 
 def measure(
@@ -368,33 +250,69 @@ def measure(
     return results
 
 
+def measure_ttft(core: EngineCore, workload: Workload, repeats: int) -> list[float]:
+    """TTFT (ms) of one wave submitted together and an equal wave halfway through its decode,
+    pooled over `repeats` runs."""
+    pooled: list[float] = []
+    for _ in range(repeats):
+        trace = Trace()
+        submit(core, trace, workload, with_adapters=True)
+        step_until_idle(core, trace, joiners={workload.new_tokens // 2: workload})
+        pooled.extend(ttft_ms(trace))
+    return pooled
+
+
 # ---- reporting -----------------------------------------------------------------------------
 
 
-def report(
-    config: BenchConfig,
-    results: dict[str, list[Run]],
-    setup_seconds: dict[str, float],
-    device: torch.device,
-    cold_loads_ms: list[float],
-) -> dict:
-    medians = {name: statistics.median(r.tok_s for r in runs) for name, runs in results.items()}
-    multi = medians["engine_multi_lora"]
+def ratios(medians: dict[str, float]) -> dict[str, float]:
+    base, multi = medians["engine_base"], medians["engine_multi_lora"]
     return {
-        **{f"{name}_tok_s": value for name, value in medians.items()},
-        **summarize_cold_loads(cold_loads_ms),
-        "zipf_over_base": medians["engine_zipf"] / medians["engine_base"],
-        "multi_lora_over_base": multi / medians["engine_base"],
+        "engine_over_hf_generate_base": base / medians["hf_generate_base"],
+        "multi_lora_over_base": multi / base,
+        "zipf_over_base": medians["engine_zipf"] / base,
         "multi_lora_over_peft_mixed": multi / medians["peft_mixed_batch"],
         "multi_lora_over_peft_sequential": multi / medians["peft_sequential"],
+    }
+
+
+def compute_report(config: BenchConfig, s: Setup, results: dict[str, list[Run]], peak: float,
+                   ttfts: list[float], cold_loads: list[float], extra: dict) -> dict:  # fmt: skip
+    medians = {name: statistics.median(r.tok_s for r in runs) for name, runs in results.items()}
+    shapes = Shapes.of(s.core.runner.model.config)
+    lengths = [len(p) for p in s.workload.prompts]
+    flops = model_flops(shapes, lengths, s.workload.new_tokens)
+    base_seconds = statistics.median(r.seconds for r in results["engine_base"])
+    timed_traces = s.traces["engine_base"][-config.repeats :]  # the warm-up's trace is first
+    steps = [t for trace in timed_traces for t in decode_step_seconds(trace, len(lengths))]
+    middle = s.workload.new_tokens // 2
+    step_flops = sum(decode_flops(shapes, p + middle) for p in lengths)
+    decode_ms = statistics.median(steps) * 1e3
+    at_peak_ms = step_flops / (peak * 1e9) * 1e3
+    return {
+        **{f"{name}_tok_s": value for name, value in medians.items()},
+        **ratios(medians),
+        "matmul_peak_gflops": peak,
+        "engine_base_model_gflops": flops / base_seconds / 1e9,
+        "engine_base_peak_ratio": flops / base_seconds / 1e9 / peak,
+        "decode_step_ms_p50": decode_ms,
+        "decode_step_ms_at_peak": at_peak_ms,
+        "decode_step_over_peak": decode_ms / at_peak_ms,
+        "ttft_ms_p50": statistics.median(ttfts),
+        "ttft_ms_p99": percentile(ttfts, 0.99),
+        "ttft_p99_over_p50": percentile(ttfts, 0.99) / statistics.median(ttfts),
+        **summarize_cold_loads(cold_loads),
+        **extra,
         "runs": {
             name: [{**asdict(r), "tok_s": r.tok_s} for r in runs] for name, runs in results.items()
         },
-        "cold_loads_ms": cold_loads_ms,
-        "setup_seconds": setup_seconds,
+        "decode_step_ms": [t * 1e3 for t in steps],
+        "ttft_ms": ttfts,
+        "cold_loads_ms": cold_loads,
+        "setup_seconds": s.seconds,
         "config": {
             **asdict(config),
-            "resolved_device": str(device),
+            "resolved_device": str(s.core.device),
             "zipf": {
                 "adapters": ZIPF_ADAPTERS,
                 "device_slots": ZIPF_SLOTS,
@@ -402,6 +320,7 @@ def report(
                 "requests": ZIPF_REQUEST_FACTOR * config.num_requests,
                 "alpha": 1.0,
             },
+            "ttft": {"waves": TTFT_WAVES, "second_wave_after_steps": config.new_tokens // 2},
         },
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
@@ -411,10 +330,7 @@ def report(
 
 def print_summary(summary: dict) -> None:
     print()
-    print(
-        f"{'configuration':<20} {'median tok/s':>12} {'median s':>9} {'median cpu s':>12}"
-        "  runs (tok/s)"
-    )
+    print(f"{'configuration':<20} {'median tok/s':>12} {'median s':>9} {'median cpu s':>12}  runs")
     for name in CONFIGURATIONS:
         runs = summary["runs"][name]
         seconds = statistics.median(r["seconds"] for r in runs)
@@ -425,24 +341,14 @@ def print_summary(summary: dict) -> None:
             f"  {each}"
         )
     print()
-    print(
-        f"adapter cold load (disk -> slot) p50 {summary['adapter_cold_load_ms_p50']:.1f} ms, "
-        f"p99 {summary['adapter_cold_load_ms_p99']:.1f} ms"
-    )
-    for key in (
-        "zipf_over_base",
-        "multi_lora_over_base",
-        "multi_lora_over_peft_mixed",
-        "multi_lora_over_peft_sequential",
-    ):
-        print(f"{key:<32} {summary[key]:6.2f}x")
+    for key, value in summary.items():
+        if isinstance(value, float) and not key.endswith("_tok_s"):
+            print(f"{key:<36} {value:10.3f}")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path, Path | None]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="a small model and workload (< 3 min on 2 CPUs)"
-    )
+    parser.add_argument("--quick", action="store_true", help="a small model and workload")
     parser.add_argument(
         "--repeats", type=int, help="timed runs per configuration (default: 5 with --quick, else 3)"
     )
@@ -450,10 +356,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path, Path |
     parser.add_argument("--compute-dtype", choices=tuple(DTYPES), default=DEFAULT.compute_dtype)
     parser.add_argument("--device", default=DEFAULT.device, help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument(
-        "--max-step-tokens",
-        type=int,
-        default=DEFAULT.max_step_tokens,
-        help="engine tokens per step",
+        "--max-step-tokens", type=int, default=DEFAULT.max_step_tokens, help="engine tokens/step"
     )
     parser.add_argument(
         "--cache-dir",
@@ -483,16 +386,30 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    runs, device, setup_seconds, cold_load = setup(config, cache_root)
+    s = setup(config, cache_root)
+    device = s.core.device
+    dtype = DTYPES[config.compute_dtype]
     low, high = config.prompt_tokens
     print(
         f"{config.num_requests} requests, prompts {low}-{high} tokens, {config.new_tokens} new "
         f"tokens, {config.quantization}/{config.compute_dtype} on {device}; setup "
-        + ", ".join(f"{k} {v:.1f} s" for k, v in setup_seconds.items()),
+        + ", ".join(f"{k} {v:.1f} s" for k, v in s.seconds.items()),
         flush=True,
     )
-    results = measure(runs, device, config.repeats)
-    summary = report(config, results, setup_seconds, device, cold_load())
+    peak = matmul_gflops(dtype, device)
+    results = measure(s.runs, device, config.repeats)
+    ttfts = measure_ttft(s.core, s.workload, config.repeats)
+    peak = max(peak, matmul_gflops(dtype, device))
+    cold = cold_load_ms(s.core, next(iter(s.adapter_dirs.values())))
+    sizes = linear_bytes(s.core.runner.model)
+    store_root = prepare_store(s.model_dir, s.model_dir.parent / "store-10k")
+    extra = {
+        "linear_bytes_nf4": sizes["quantized"],
+        "linear_bytes_bf16": sizes["bf16"],
+        "linear_bytes_ratio": sizes["quantized"] / sizes["bf16"],
+        **registered_rss_mb(s.model_dir, store_root),
+    }
+    summary = compute_report(config, s, results, peak, ttfts, cold, extra)
     print_summary(summary)
     if out is not None:
         out.write_text(json.dumps(summary, indent=2) + "\n")

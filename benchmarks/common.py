@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: cached random models and adapters, timing, machine.
+"""Helpers shared by the benchmark scripts: cached random models and adapters, workloads, timing.
 
 Models are random-weight Llama-shaped checkpoints written with `write_tiny_model`; adapters are
 PEFT LoRA directories with random non-zero A and B. Both are written once under a cache
@@ -11,17 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import bitsandbytes
-import peft
 import torch
-import transformers
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -98,6 +93,29 @@ def prepare_lora_adapters(
 
 
 @dataclass(frozen=True)
+class Workload:
+    """prompts[i] runs on adapters[i] (when the configuration uses adapters)."""
+
+    prompts: tuple[tuple[int, ...], ...]
+    adapters: tuple[str, ...]
+    new_tokens: int
+
+    def head(self, n: int, new_tokens: int) -> Workload:
+        return Workload(self.prompts[:n], self.adapters[:n], new_tokens)
+
+
+RunFn = Callable[[Workload], int]  # runs a workload, returns the number of generated tokens
+
+
+def check_generated(who: str, counts: list[int], expected: int) -> None:
+    wrong = [c for c in counts if c != expected]
+    if wrong:
+        raise RuntimeError(
+            f"{who}: {len(wrong)} request(s) generated {wrong[:4]} tokens, not {expected}"
+        )
+
+
+@dataclass(frozen=True)
 class Run:
     """One timed run. cpu_seconds far below seconds x threads means the machine was contended."""
 
@@ -122,20 +140,3 @@ def timed(fn: Callable[[], int], device: torch.device) -> Run:
     tokens = fn()
     synchronize(device)
     return Run(time.perf_counter() - start, time.process_time() - cpu_start, tokens)
-
-
-def machine_info() -> dict:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "bitsandbytes": bitsandbytes.__version__,
-        "peft": peft.__version__,
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info

@@ -1,0 +1,133 @@
+"""loraserve's engine in the benchmark: built once with every adapter in a slot, driven step by
+step on the benchmark's thread, with the timings the ratios need.
+
+  run_engine        every request submitted at once, stepped until idle
+  decode_step_ms    the wall time of each step that decoded every request and prefilled none
+  ttft_ms           time to first token of a first wave of requests and a second wave that
+                    arrives mid-run, from each request's submission
+
+Knows nothing about the baselines or the report.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from common import Workload, check_generated
+from loraserve.config import EngineConfig
+from loraserve.engine.core import EngineCore
+from loraserve.engine.sequence import EmitFn, Event
+from loraserve.model.loading import load_base_model
+from loraserve.types import GenerateRequest, SamplingParams, TokenEvent
+
+KV_BLOCK_SIZE = 16
+
+
+def engine_config(
+    base: EngineConfig, workload: Workload, max_prompt: int, concurrent: int | None = None
+) -> EngineConfig:
+    """Sized to run `concurrent` requests (default: the whole workload) in one continuous
+    batch, one device slot per request."""
+    concurrent = concurrent or len(workload.prompts)
+    per_request = math.ceil((max_prompt + workload.new_tokens) / KV_BLOCK_SIZE) * KV_BLOCK_SIZE
+    return replace(
+        base,
+        device_slots=len(workload.prompts),
+        kv_cache_tokens=concurrent * per_request,
+        kv_block_size=KV_BLOCK_SIZE,
+        max_context=max_prompt + workload.new_tokens,
+        max_batch_size=concurrent,
+    )
+
+
+def build_engine(settings: EngineConfig, adapter_dirs: dict[str, Path]) -> EngineCore:
+    """The engine with every adapter registered and already in its device slot."""
+    loaded = load_base_model(
+        settings.model, settings.quantization, settings.compute_dtype, settings.device
+    )
+    core = EngineCore(loaded, settings)
+    for name, directory in adapter_dirs.items():
+        core.adapters.prefetch(core.adapters.load(name, directory))
+    if not core.adapters.wait_for_loads(timeout=600):
+        raise RuntimeError("adapters did not load within 10 minutes")
+    return core
+
+
+@dataclass
+class Trace:
+    """What one engine run saw: per-step wall times and per-request token times."""
+
+    step_seconds: list[float] = field(default_factory=list)
+    submitted: dict[int, float] = field(default_factory=dict)  # request -> perf_counter
+    token_times: dict[int, list[float]] = field(default_factory=dict)
+    tokens_after_step: list[int] = field(default_factory=list)  # tokens emitted so far
+    errors: list[Exception] = field(default_factory=list)
+
+    def sink(self, request: int) -> EmitFn:
+        self.token_times[request] = []
+
+        def emit(event: Event) -> None:
+            if isinstance(event, TokenEvent):
+                self.token_times[request].append(time.perf_counter())
+            elif isinstance(event, Exception):
+                self.errors.append(event)
+
+        return emit
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(t) for t in self.token_times.values())
+
+
+def submit(core: EngineCore, trace: Trace, workload: Workload, with_adapters: bool) -> None:
+    sampling = SamplingParams(max_new_tokens=workload.new_tokens, ignore_eos=True)
+    for prompt, adapter in zip(workload.prompts, workload.adapters):
+        request = GenerateRequest(
+            prompt_token_ids=prompt, adapter=adapter if with_adapters else None, sampling=sampling
+        )
+        index = len(trace.submitted)
+        trace.submitted[index] = time.perf_counter()
+        core.add_request(request, trace.sink(index))
+
+
+def step_until_idle(core: EngineCore, trace: Trace, joiners: dict[int, Workload] | None = None,
+                    with_adapters: bool = True) -> None:  # fmt: skip
+    """Step until idle; `joiners[n]` is submitted after the n-th step."""
+    joiners = dict(joiners or {})
+    steps = 0
+    while core.has_work() or joiners:
+        if steps in joiners:
+            submit(core, trace, joiners.pop(steps), with_adapters)
+        start = time.perf_counter()
+        core.step()
+        trace.step_seconds.append(time.perf_counter() - start)
+        trace.tokens_after_step.append(trace.tokens)
+        steps += 1
+    if trace.errors:
+        raise trace.errors[0]
+
+
+def run_engine(core: EngineCore, workload: Workload, with_adapters: bool) -> Trace:
+    """Submit every request at once, step until idle; checks every request's token count."""
+    trace = Trace()
+    submit(core, trace, workload, with_adapters)
+    step_until_idle(core, trace)
+    counts = [len(trace.token_times[i]) for i in range(len(workload.prompts))]
+    check_generated("engine", counts, workload.new_tokens)
+    return trace
+
+
+def decode_step_seconds(trace: Trace, requests: int) -> list[float]:
+    """The steps after the first when the first step prefilled every request (each then
+    decodes one token per step): one decode step of `requests` rows each."""
+    if not trace.tokens_after_step or trace.tokens_after_step[0] != requests:
+        raise RuntimeError("the first step did not prefill every request; raise max_step_tokens")
+    return trace.step_seconds[1:]
+
+
+def ttft_ms(trace: Trace) -> list[float]:
+    """Each request's time to first token, from its submission, in milliseconds."""
+    return [(trace.token_times[i][0] - t) * 1e3 for i, t in trace.submitted.items()]
