@@ -58,6 +58,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         const=False,
         help="leave out the vllm:* gauges that inference gateways scrape",
     )
+    p.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_const",
+        const=False,
+        help="recompute every prompt instead of sharing the KV of prefixes already seen",
+    )
     p.add_argument("--max-waiting", dest="max_waiting", type=int, help="queued requests at most")
     p.add_argument(
         "--max-waiting-tokens", dest="max_waiting_tokens", type=int, help="queued prompt tokens"

@@ -24,6 +24,7 @@ class EngineConfig:
     host_cache_bytes: the host-RAM tier's budget for adapter weights ready to load.
     slot_patience_steps: steps a request waits for a slot before one is drained for it.
     lora_target_modules: restrict which projections get LoRA slots (empty = every linear layer).
+    prefix_caching: share the KV of prompt prefixes a tenant already sent on the same adapter.
     """
 
     model: str | None = None
@@ -42,6 +43,7 @@ class EngineConfig:
     max_step_tokens: int = 2048
     max_waiting: int = 1024
     max_waiting_tokens: int = 1 << 20
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -46,6 +46,7 @@ class LiveState:
     tier_counters: dict[str, tuple[int, int, int]]  # tier -> (hits, misses, evictions)
     running_adapters: tuple[str, ...]  # adapter names, for the gateway gauge
     waiting_adapters: tuple[str, ...]
+    prefix_cache: tuple[int, int, int] = (0, 0, 0)  # (cached blocks, queried, hit)
     updated_at: float = field(default_factory=time.time)
 
 
@@ -94,6 +95,22 @@ class _LiveCollector(Collector):
             for tier, counts in state.tier_counters.items():
                 family.add_metric([tier], counts[i])
             yield family
+        cached, queried, hit = state.prefix_cache
+        yield GaugeMetricFamily(
+            "loraserve_prefix_cache_blocks",
+            "KV blocks published in the prefix cache (in use or evictable).",
+            value=cached,
+        )
+        yield CounterMetricFamily(
+            "loraserve_prefix_cache_queried_blocks",
+            "Full prompt KV blocks looked up in the prefix cache at admission.",
+            value=queried,
+        )
+        yield CounterMetricFamily(
+            "loraserve_prefix_cache_hit_blocks",
+            "Prompt KV blocks found in the prefix cache (not recomputed).",
+            value=hit,
+        )
         if not self.gateway:
             return
         yield GaugeMetricFamily(

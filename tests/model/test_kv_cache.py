@@ -1,4 +1,4 @@
-"""Block accounting, and ragged batches through the paged KV cache against full forwards.
+"""Ragged batches through the paged KV cache against full forwards.
 
 The runner's logits for a row must equal, to fp32 rounding, the logits an unbatched full forward
 of that row's whole sequence gives at the same position: whatever its neighbours in the batch,
@@ -12,7 +12,8 @@ import random
 import pytest
 import torch
 
-from loraserve.model.kv_cache import SCRATCH_BLOCK, BlockAllocator, PagedKVCache
+from loraserve.model.blocks import BlockAllocator
+from loraserve.model.kv_cache import PagedKVCache
 from loraserve.model.loading import load_base_model
 from loraserve.model.lora import LoraContext
 from loraserve.model.runner import ModelRunner, RowInput
@@ -20,61 +21,6 @@ from loraserve.model.runner import ModelRunner, RowInput
 BLOCK_SIZE = 4
 SEQ_LEN = 24
 LOGIT_TOLERANCE = 1e-5  # fp32, unquantized
-
-# ---- BlockAllocator ----------------------------------------------------------------------
-
-
-def test_allocator_accounting_through_allocate_and_free():
-    alloc = BlockAllocator(num_blocks=6, block_size=BLOCK_SIZE)
-    assert (alloc.capacity_tokens, alloc.free_blocks, alloc.used_blocks) == (20, 5, 0)
-
-    first = alloc.allocate(2)
-    second = alloc.allocate(3)
-    assert len(first) == 2 and len(second) == 3
-    assert set(first) | set(second) == {1, 2, 3, 4, 5}, "blocks handed out twice or block 0"
-    assert (alloc.free_blocks, alloc.used_blocks) == (0, 5)
-
-    with pytest.raises(MemoryError, match="asked for 1 KV blocks, 0 free"):
-        alloc.allocate(1)
-    assert (alloc.free_blocks, alloc.used_blocks) == (0, 5)
-
-    alloc.free(first)
-    assert (alloc.free_blocks, alloc.used_blocks) == (2, 3)
-    assert sorted(alloc.allocate(2)) == sorted(first)
-    alloc.free(second)
-    assert alloc.allocate(0) == []
-    assert (alloc.free_blocks, alloc.used_blocks) == (3, 2)
-
-
-def test_allocator_refuses_more_than_free_without_taking_any():
-    alloc = BlockAllocator(num_blocks=4, block_size=BLOCK_SIZE)
-    with pytest.raises(MemoryError, match="asked for 4 KV blocks, 3 free"):
-        alloc.allocate(4)
-    assert alloc.free_blocks == 3
-    assert sorted(alloc.allocate(3)) == [1, 2, 3]
-
-
-@pytest.mark.parametrize("num_blocks", [2, 3, 17])
-def test_allocator_never_hands_out_the_scratch_block(num_blocks):
-    alloc = BlockAllocator(num_blocks, BLOCK_SIZE)
-    taken = [alloc.allocate(1)[0] for _ in range(num_blocks - 1)]
-    assert SCRATCH_BLOCK not in taken
-    assert sorted(taken) == list(range(1, num_blocks))
-    with pytest.raises(MemoryError):
-        alloc.allocate(1)
-
-
-@pytest.mark.parametrize("num_blocks", [0, 1])
-def test_allocator_needs_a_block_besides_scratch(num_blocks):
-    with pytest.raises(ValueError, match="at least 2 blocks"):
-        BlockAllocator(num_blocks, BLOCK_SIZE)
-
-
-@pytest.mark.parametrize(
-    ("tokens", "blocks"), [(0, 0), (1, 1), (3, 1), (4, 1), (5, 2), (8, 2), (9, 3), (24, 6)]
-)
-def test_blocks_for_rounds_up(tokens, blocks):
-    assert BlockAllocator(8, BLOCK_SIZE).blocks_for(tokens) == blocks
 
 
 def test_bytes_per_token_counts_keys_and_values_of_every_layer():

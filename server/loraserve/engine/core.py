@@ -24,8 +24,9 @@ from loraserve.config import EngineConfig
 from loraserve.engine.scheduler import Scheduler
 from loraserve.engine.sequence import EmitFn, Sequence
 from loraserve.metrics import LiveState, Metrics
+from loraserve.model.blocks import BlockAllocator
 from loraserve.model.detokenizer import IncrementalDetokenizer
-from loraserve.model.kv_cache import BlockAllocator, PagedKVCache
+from loraserve.model.kv_cache import PagedKVCache
 from loraserve.model.loading import LoadedModel
 from loraserve.model.lora import LoraContext, wrap_lora_targets
 from loraserve.model.runner import ModelRunner, RowInput
@@ -163,10 +164,20 @@ class EngineCore:
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop),
             generator=None if params.greedy else make_generator(params.seed, self.device),
             emit=emit,
+            prefix_hashes=self._prefix_hashes(
+                request.tenant or DEFAULT_TENANT, adapter_key, prompt_ids
+            ),
             tenant=request.tenant or DEFAULT_TENANT,
             adapter_name=request.adapter or "",
             arrived_at=time.monotonic(),
         )
+
+    def _prefix_hashes(self, tenant: str, adapter_key, prompt_ids: list[int]) -> list[bytes]:
+        """The prefix-cache hashes of the prompt's full blocks, its last token aside (it must
+        run to give the first logits). Namespaced by tenant and adapter: never shared across."""
+        if not self.config.prefix_caching:
+            return []
+        return self.allocator.prefix_hashes((tenant, adapter_key), prompt_ids[:-1])
 
     def _prompt_ids(self, request: GenerateRequest) -> list[int]:
         if (request.prompt is None) == (request.prompt_token_ids is None):
@@ -241,6 +252,7 @@ class EngineCore:
             ready, logits = [], []
             for i, (s, n) in enumerate(plan.prefill):
                 s.num_cached += n
+                self.allocator.publish(s.prefix_hashes, s.block_table, s.num_cached)
                 if not s.in_prefill:
                     ready.append(s)
                     logits.append(out[i])
@@ -345,6 +357,11 @@ class EngineCore:
             },
             running_adapters=tuple(sorted({s.adapter_name for s in running} - {""})),
             waiting_adapters=tuple(sorted({s.adapter_name for s in waiting} - {""})),
+            prefix_cache=(
+                self.allocator.cached_blocks,
+                self.allocator.counters.queried_blocks,
+                self.allocator.counters.hit_blocks,
+            ),
             updated_at=self.updated_at,
         )
 

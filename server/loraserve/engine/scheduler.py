@@ -5,10 +5,12 @@ device slot for its adapter (the manager loads cold adapters in the background);
 whose adapter is not ready yet is passed over, so requests for resident adapters keep flowing
 while cold ones load. Among ready sequences admission is first-come, first-served against the
 batch size and the KV budget (a sequence reserves prompt + max_new_tokens positions, so a
-running sequence never runs out of KV); the oldest ready sequence is never skipped, so a large
-request cannot starve. A sequence that has waited `slot_patience_steps` for a slot makes the
-manager drain one, so a cold adapter cannot starve behind a stream of hot ones; the next few
-cold adapters in line are read into host RAM ahead of time.
+running sequence never runs out of KV; the leading blocks of its prompt that the prefix cache
+holds for its tenant and adapter are shared, not recomputed); the oldest ready sequence is
+never skipped, so a large request cannot starve. A sequence that has waited
+`slot_patience_steps` for a slot makes the manager drain one, so a cold adapter cannot starve
+behind a stream of hot ones; the next few cold adapters in line are read into host RAM ahead of
+time.
 
 Every step gives each decoding sequence its one token, then fills the rest of the per-step
 token cap with prefill chunks, oldest first.
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 from loraserve.adapters.manager import AdapterManager
 from loraserve.engine.sequence import Sequence
-from loraserve.model.kv_cache import BlockAllocator
+from loraserve.model.blocks import BlockAllocator
 from loraserve.types import LoraServeError
 
 LOOKAHEAD_ADAPTERS = 4
@@ -85,10 +87,12 @@ class Scheduler:
             if len(self.running) >= self.max_batch_size:
                 break
             blocks = self.allocator.blocks_for(seq.kv_tokens)
-            if blocks > self.allocator.free_blocks:
+            reservation = self.allocator.reserve(seq.prefix_hashes, blocks)
+            if reservation is None:
                 break
             self.waiting.remove(seq)
-            seq.block_table = self.allocator.allocate(blocks)
+            seq.block_table = reservation.blocks
+            seq.num_cached = reservation.cached_tokens
             self.running.append(seq)
             admitted.append(seq)
         if slotless and slotless[0].slot_wait_steps >= self.slot_patience_steps:

@@ -38,6 +38,7 @@ class Sequence:
     lora_slot: int | None = None  # set once the adapter manager gives the sequence a slot
     slot_wait_steps: int = 0  # steps spent waiting for a slot
     block_table: list[int] = field(default_factory=list)
+    prefix_hashes: list[bytes] = field(default_factory=list)  # its prompt's full KV blocks
     num_cached: int = 0
     queued: bool = True  # counts against max_waiting until admitted or retired
     cancelled: bool = False

@@ -1,9 +1,8 @@
 """Paged KV cache that plugs into unmodified transformers attention code.
 
 `PagedKVCache` owns one key and one value pool per layer, each `[num_blocks * block_size,
-kv_heads, head_dim]`. Block 0 is a scratch block that is never handed out (it absorbs writes
-nobody reads). `BlockAllocator` hands out the other blocks; a sequence holds a list of block ids
-(its block table).
+kv_heads, head_dim]`, addressed by block: `model/blocks.py` hands out the blocks (block 0, the
+scratch block, never) and a sequence holds a list of block ids (its block table).
 
 The model calls `update(keys, values, layer_idx)` from each attention layer; before every
 forward the runner calls `prepare(write_slots)` with the flat pool index of each new token, so
@@ -17,45 +16,6 @@ from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache
-
-SCRATCH_BLOCK = 0
-
-
-class BlockAllocator:
-    """Free list of KV blocks; block 0 (scratch) is never handed out."""
-
-    def __init__(self, num_blocks: int, block_size: int) -> None:
-        if num_blocks < 2:
-            raise ValueError("the KV cache needs at least 2 blocks (one is scratch)")
-        self.block_size = block_size
-        self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, SCRATCH_BLOCK, -1))
-
-    @property
-    def capacity_tokens(self) -> int:
-        return (self.num_blocks - 1) * self.block_size
-
-    @property
-    def free_blocks(self) -> int:
-        return len(self._free)
-
-    @property
-    def used_blocks(self) -> int:
-        return self.num_blocks - 1 - len(self._free)
-
-    def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
-    def allocate(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise MemoryError(f"asked for {count} KV blocks, {len(self._free)} free")
-        keep = len(self._free) - count
-        taken = self._free[keep:]
-        del self._free[keep:]
-        return taken
-
-    def free(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
 
 
 class PagedKVCache(Cache):

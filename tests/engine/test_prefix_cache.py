@@ -1,0 +1,65 @@
+"""Prefix caching in the engine: a prompt prefix a tenant already sent on the same adapter is
+shared, not recomputed; other adapters and other tenants never share it; greedy outputs are
+the same with and without the cache."""
+
+from __future__ import annotations
+
+import pytest
+from tests.engine.helpers import make_core, run
+
+from loraserve.types import GenerateRequest, SamplingParams
+
+PREFIX = list(range(20, 60))  # 40 tokens: two full blocks of 16 shared, the third partial
+SAMPLING = SamplingParams(max_new_tokens=6, ignore_eos=True)
+
+
+def _request(suffix: list[int], adapter: str | None, tenant: str) -> GenerateRequest:
+    return GenerateRequest(
+        prompt_token_ids=tuple(PREFIX + suffix), adapter=adapter, tenant=tenant, sampling=SAMPLING
+    )
+
+
+# (request, blocks the prefix cache must supply when it arrives after the ones before it)
+SEQUENCE = [
+    (_request([7, 8, 9], "r8-all", "acme"), 0),
+    (_request([10, 11], "r8-all", "acme"), 2),  # same tenant, same adapter: shared
+    (_request([10, 11], "r4-attn", "acme"), 0),  # another adapter
+    (_request([10, 11], None, "acme"), 0),  # the base model is another namespace too
+    (_request([10, 11], "r8-all", "globex"), 0),  # another tenant, same adapter name
+    (_request([12], None, "acme"), 2),  # the base prefix acme sent above
+]
+
+
+@pytest.fixture(scope="module")
+def cores(model_dirs, adapter_dirs):
+    made = {}
+    for caching in (True, False):
+        core = make_core(model_dirs["llama"], prefix_caching=caching)
+        for name in ("r8-all", "r4-attn"):
+            core.adapters.load(name, adapter_dirs["llama"][name])
+        made[caching] = core
+    return made
+
+
+def test_shared_only_within_tenant_and_adapter_with_identical_outputs(cores):
+    cached, uncached = cores[True], cores[False]
+    for request, shared_blocks in SEQUENCE:
+        hits_before = cached.allocator.counters.hit_blocks
+        [with_cache] = run(cached, {0: [request]})
+        assert cached.allocator.counters.hit_blocks - hits_before == shared_blocks, request
+        [without] = run(uncached, {0: [request]})
+        assert with_cache.tokens == without.tokens
+        for got, want in zip(with_cache.logits, without.logits):
+            assert (got - want).abs().max().item() < 1e-3
+    assert uncached.allocator.counters.hit_blocks == 0
+    assert cached.kv_used_tokens == 0, "a shared block kept a reference after its users left"
+
+
+def test_cached_prefix_is_shared_by_requests_running_together(cores):
+    core = cores[True]
+    requests = [_request([30 + i], "r8-all", "initech") for i in range(4)]
+    hits_before = core.allocator.counters.hit_blocks
+    first, *rest = run(core, {0: requests[:1], 1: requests[1:]})
+    assert core.allocator.counters.hit_blocks - hits_before == 2 * len(rest)
+    alone = [run(cores[False], {0: [r]})[0].tokens for r in requests]
+    assert [first.tokens, *(r.tokens for r in rest)] == alone
