@@ -16,8 +16,10 @@ set of prompts and one output length:
 and, from the same run: the best dense matmul (GFLOP/s, compute dtype) and the model FLOPs per
 second of engine_base against it; the wall time of one decode step of every request against
 that step's FLOPs at the peak; time to first token with one wave of requests arriving together
-and a second wave mid-run; adapter cold-load latency (disk to a ready slot); the bytes of the
-quantized projections against bf16; the RSS growth of 10,000 stored adapters.
+and a second wave mid-run; time to first token of a burst whose prompts share a 512-token
+prefix per adapter (4 adapters) that earlier requests sent, with the prefix cache and without;
+adapter cold-load latency (disk to a ready slot); the bytes of the quantized projections
+against bf16; the RSS growth of 10,000 stored adapters.
 
 Every request generates exactly the configured number of tokens (greedy; `ignore_eos` for the
 engine, `min_new_tokens == max_new_tokens` for HF). Model and adapter loading happen before any
@@ -76,7 +78,9 @@ from engine_runs import (
     build_engine,
     decode_step_seconds,
     engine_config,
+    prefix_workload,
     run_engine,
+    run_prefix,
     step_until_idle,
     submit,
     ttft_ms,
@@ -101,6 +105,8 @@ CONFIGURATIONS = (
 )
 ZIPF_REQUEST_FACTOR = 4  # the Zipf workload has 4x the requests, batched to the same size
 TTFT_WAVES = 2  # a second wave as large as the first joins halfway through its decode
+# Prefix caching: requests over PREFIX_ADAPTERS adapters, each adapter's prompts sharing a prefix
+PREFIX_TOKENS, PREFIX_SUFFIX_TOKENS, PREFIX_ADAPTERS, PREFIX_NEW_TOKENS = 512, 16, 4, 8
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,7 @@ class Setup:
     seconds: dict[str, float]
     model_dir: Path
     adapter_dirs: dict[str, Path]
+    base: EngineConfig  # the engine settings every engine here starts from
 
 
 def engine_run(core: EngineCore, traces: list[Trace], with_adapters: bool, w: Workload) -> int:
@@ -228,7 +235,7 @@ def setup(config: BenchConfig, cache_root: Path) -> Setup:
         "peft_sequential": (partial(run_peft_sequential, peft, peft_loaded), workload),
         "engine_zipf": (partial(engine_run, zipf_core, traces["engine_zipf"], True), zipf),
     }  # fmt: skip
-    return Setup(runs, core, workload, traces, seconds, model_dir, adapter_dirs)
+    return Setup(runs, core, workload, traces, seconds, model_dir, adapter_dirs, base)
 
 
 def measure(
@@ -260,6 +267,34 @@ def measure_ttft(core: EngineCore, workload: Workload, repeats: int) -> list[flo
         step_until_idle(core, trace, joiners={workload.new_tokens // 2: workload})
         pooled.extend(ttft_ms(trace))
     return pooled
+
+
+def measure_prefix(config: BenchConfig, s: Setup, base: EngineConfig) -> dict:
+    """TTFT p50 of a burst whose prompts share a cached prefix per adapter, without the prefix
+    cache against with it, and whether the greedy outputs are identical."""
+    adapters = dict(list(s.adapter_dirs.items())[:PREFIX_ADAPTERS])
+    w = prefix_workload(
+        PREFIX_TOKENS, PREFIX_SUFFIX_TOKENS, list(adapters), config.num_requests,
+        PREFIX_NEW_TOKENS, config.model.vocab_size, len(SPECIAL_TOKENS), config.seed,
+    )  # fmt: skip
+    ttfts: dict[bool, list[float]] = {True: [], False: []}
+    outputs: dict[bool, list[list[int]]] = {True: [], False: []}
+    for caching in (True, False):
+        settings = engine_config(base, w.burst, PREFIX_TOKENS + PREFIX_SUFFIX_TOKENS)
+        core = build_engine(replace(settings, prefix_caching=caching), adapters)
+        run_prefix(core, w)  # warm-up
+        for _ in range(config.repeats):
+            times, tokens = run_prefix(core, w)
+            ttfts[caching] += times
+            outputs[caching] += tokens
+        del core
+    with_cache, without = statistics.median(ttfts[True]), statistics.median(ttfts[False])
+    return {
+        "prefix_ttft_ms_p50_cached": with_cache,
+        "prefix_ttft_ms_p50_uncached": without,
+        "prefix_ttft_speedup": without / with_cache,
+        "prefix_outputs_identical": outputs[True] == outputs[False],
+    }
 
 
 # ---- reporting -----------------------------------------------------------------------------
@@ -399,6 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     peak = matmul_gflops(dtype, device)
     results = measure(s.runs, device, config.repeats)
     ttfts = measure_ttft(s.core, s.workload, config.repeats)
+    prefix = measure_prefix(config, s, s.base)
     peak = max(peak, matmul_gflops(dtype, device))
     cold = cold_load_ms(s.core, next(iter(s.adapter_dirs.values())))
     sizes = linear_bytes(s.core.runner.model)
@@ -408,6 +444,7 @@ def main(argv: list[str] | None = None) -> None:
         "linear_bytes_bf16": sizes["bf16"],
         "linear_bytes_ratio": sizes["quantized"] / sizes["bf16"],
         **registered_rss_mb(s.model_dir, store_root),
+        **prefix,
     }
     summary = compute_report(config, s, results, peak, ttfts, cold, extra)
     print_summary(summary)

@@ -5,6 +5,8 @@ step on the benchmark's thread, with the timings the ratios need.
   decode_step_ms    the wall time of each step that decoded every request and prefilled none
   ttft_ms           time to first token of a first wave of requests and a second wave that
                     arrives mid-run, from each request's submission
+  run_prefix        TTFT of a burst of requests whose prompts start with a prefix per adapter
+                    that earlier requests on those adapters already sent
 
 Knows nothing about the baselines or the report.
 """
@@ -15,6 +17,8 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import torch
 
 from common import Workload, check_generated
 from loraserve.config import EngineConfig
@@ -63,15 +67,17 @@ class Trace:
     step_seconds: list[float] = field(default_factory=list)
     submitted: dict[int, float] = field(default_factory=dict)  # request -> perf_counter
     token_times: dict[int, list[float]] = field(default_factory=dict)
+    token_ids: dict[int, list[int]] = field(default_factory=dict)
     tokens_after_step: list[int] = field(default_factory=list)  # tokens emitted so far
     errors: list[Exception] = field(default_factory=list)
 
     def sink(self, request: int) -> EmitFn:
-        self.token_times[request] = []
+        self.token_times[request], self.token_ids[request] = [], []
 
         def emit(event: Event) -> None:
             if isinstance(event, TokenEvent):
                 self.token_times[request].append(time.perf_counter())
+                self.token_ids[request].append(event.token_id)
             elif isinstance(event, Exception):
                 self.errors.append(event)
 
@@ -131,3 +137,40 @@ def decode_step_seconds(trace: Trace, requests: int) -> list[float]:
 def ttft_ms(trace: Trace) -> list[float]:
     """Each request's time to first token, from its submission, in milliseconds."""
     return [(trace.token_times[i][0] - t) * 1e3 for i, t in trace.submitted.items()]
+
+
+@dataclass(frozen=True)
+class PrefixWorkload:
+    """`warm` (one request per adapter) runs first and finishes; then `burst` arrives at once.
+    Every request of an adapter starts with that adapter's shared prefix."""
+
+    warm: Workload
+    burst: Workload
+
+
+def prefix_workload(
+    prefix_tokens: int, suffix_tokens: int, adapters: list[str], requests: int, new_tokens: int,
+    vocab: int, first_id: int, seed: int = 0,
+) -> PrefixWorkload:  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+
+    def tokens(n: int) -> tuple[int, ...]:
+        return tuple(torch.randint(first_id, vocab, (n,), generator=gen).tolist())
+
+    prefixes = {a: tokens(prefix_tokens) for a in adapters}
+    burst = [adapters[i % len(adapters)] for i in range(requests)]
+    return PrefixWorkload(
+        Workload(tuple(prefixes[a] + tokens(suffix_tokens) for a in adapters), tuple(adapters),
+                 new_tokens),
+        Workload(tuple(prefixes[a] + tokens(suffix_tokens) for a in burst), tuple(burst),
+                 new_tokens),
+    )  # fmt: skip
+
+
+def run_prefix(core: EngineCore, w: PrefixWorkload) -> tuple[list[float], list[list[int]]]:
+    """TTFT (ms) of the burst after the warm requests finished, and the burst's tokens."""
+    run_engine(core, w.warm, with_adapters=True)
+    trace = Trace()
+    submit(core, trace, w.burst, with_adapters=True)
+    step_until_idle(core, trace)
+    return ttft_ms(trace), [trace.token_ids[i] for i in range(len(w.burst.prompts))]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraserve.model.attention import attend_context
+from loraserve.model.attention import attend_context, attend_decode_gathered
 from loraserve.model.kernels import build, native
 from loraserve.model.linear import SMALL_BATCH_ROWS, BaseLinear, Packed4bit
 
@@ -113,11 +113,14 @@ def test_paged_decode_attention_equals_sdpa_over_the_gathered_context(
         q, k_pool, v_pool, tables, torch.tensor(lengths, dtype=torch.int32), block_size, window,
         scale,
     )  # fmt: skip
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    gathered = attend_decode_gathered(q, k_pool, v_pool, tables, lens, block_size, window, scale)
     for r, n in enumerate(lengths):
         position = torch.arange(n)
         slots = tables[r].long()[position // block_size] * block_size + position % block_size
         want = attend_context(q[r : r + 1], k_pool[slots], v_pool[slots], n - 1, window, scale)
         torch.testing.assert_close(got[r], want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gathered[r], want[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -6,14 +6,15 @@ every row's new tokens laid end to end (batch size 1, no padding); the model's c
 written their keys and values into the pools when it is called. An `AttentionBatch`, passed as a
 keyword of the model call, says which tokens belong to which row:
 
-- decode rows (one new token) are attended together by one compiled kernel call that reads each
-  row's keys and values in place through its block table, never copying the context;
+- decode rows (one new token) are attended together: on the CPU in fp32 by one compiled kernel
+  call that reads each row's keys and values in place through its block table, never copying
+  the context; elsewhere (CUDA, other dtypes) by one SDPA call over their contexts gathered
+  into a padded batch, which is also the kernel's test oracle;
 - prefill rows (a prompt chunk) each gather their context once and run one SDPA call, causal
   from the chunk's first position (and within the sliding window, where the layer has one).
 
-Without the compiled kernels (other devices or dtypes) every row takes the prefill path, which
-is also the decode kernel's test oracle. Called without an `AttentionBatch` (a plain forward of
-the model) it is transformers' SDPA attention.
+Called without an `AttentionBatch` (a plain forward of the model) it is transformers' SDPA
+attention.
 
 Knows nothing about sequences, adapters or scheduling: rows are token ranges and pool indices.
 """
@@ -50,15 +51,17 @@ class PrefillRow:
 
 @dataclass(frozen=True)
 class DecodeRows:
-    """Rows with one new token each, attended by the kernel.
+    """Rows with one new token each.
 
     tokens: [R] int64, each row's token in the packed sequence; block_tables: [R, B] int32;
-    context_lens: [R] int32, context length including the new token.
+    context_lens: [R] int32, context length including the new token; use_kernel: whether the
+    compiled kernel attends them (else the gathered batch does).
     """
 
     tokens: torch.Tensor
     block_tables: torch.Tensor
     context_lens: torch.Tensor
+    use_kernel: bool
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,8 @@ def paged_attention(
     k_pool, v_pool = batch.cache.pools(module.layer_idx)  # [S, KVH, D] each
     if batch.decode is not None:
         d = batch.decode
-        out[d.tokens] = native().paged_decode_attention(
+        attend = native().paged_decode_attention if d.use_kernel else attend_decode_gathered
+        out[d.tokens] = attend(
             q[d.tokens].contiguous(), k_pool, v_pool, d.block_tables, d.context_lens,
             batch.cache.block_size, window, scale,
         )  # fmt: skip
@@ -134,6 +138,34 @@ def attend_context(
         enable_gqa=True,
     )  # [1, H, n, D]
     return out[0].transpose(0, 1)
+
+
+def attend_decode_gathered(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_size: int,
+    window: int,
+    scale: float,
+) -> torch.Tensor:
+    """The decode kernel's semantics in torch: q [R, H, D] over each row's context, gathered
+    from the pools [S, KVH, D] into a padded batch [R, L] -> [R, H, D]."""
+    lens = context_lens.long()
+    positions = torch.arange(int(lens.max()), device=q.device)  # [L]
+    tables = block_tables.long()
+    slots = tables[:, positions // block_size] * block_size + positions % block_size  # [R, L]
+    visible = positions < lens[:, None]  # [R, L]
+    if window:
+        visible &= positions > lens[:, None] - 1 - window
+    slots = torch.where(visible, slots, 0)
+    k = k_pool[slots].transpose(1, 2)  # [R, KVH, L, D]
+    v = v_pool[slots].transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=visible[:, None, None, :], scale=scale, enable_gqa=True
+    )  # [R, H, 1, D]
+    return out[:, :, 0]
 
 
 def decode_kernel_applies(cache: PagedKVCache) -> bool:

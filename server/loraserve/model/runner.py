@@ -106,9 +106,9 @@ class ModelRunner:
     def _attention_batch(
         self, rows: list[RowInput], tables: torch.Tensor, firsts: torch.Tensor
     ) -> AttentionBatch:
-        """Decode rows for the kernel (when it applies), every other row as a prefill row."""
+        """Rows of one token as decode rows, every other row as a prefill row."""
         bs = self.cache.block_size
-        decode = [b for b, r in enumerate(rows) if len(r.tokens) == 1] if self.decode_kernel else []
+        decode = [b for b, r in enumerate(rows) if len(r.tokens) == 1]
         prefill = []
         for b in sorted(set(range(len(rows))) - set(decode)):
             row = rows[b]
@@ -124,5 +124,6 @@ class ModelRunner:
                 context_lens=torch.tensor(
                     [rows[b].start + 1 for b in decode], dtype=torch.int32, device=self.device
                 ),
+                use_kernel=self.decode_kernel,
             )
         return AttentionBatch(self.cache, decode_rows, tuple(prefill))
