@@ -1,0 +1,75 @@
+"""Where one engine step's time goes: the prefill step and a decode step of the benchmark's
+default workload, timed, then broken down by op with the torch profiler.
+
+Builds the default benchmark model (hidden 1024, 8 layers, NF4, fp32 compute), submits 32
+prompts of 64-128 tokens that all prefill in the first step, and steps the engine directly:
+
+    .venv/bin/python benchmarks/profile_step.py --threads 2 --new-tokens 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+
+import torch
+import transformers
+from torch.profiler import ProfilerActivity, profile
+
+from bench_multi_lora import DEFAULT, make_workload
+from common import DEFAULT_CACHE_DIR, prepare_model
+from engine_runs import Trace, engine_config, submit
+from loraserve.config import EngineConfig
+from loraserve.engine.core import EngineCore
+from loraserve.model.loading import load_base_model
+
+
+def timed_steps(core: EngineCore, trace: Trace) -> list[float]:
+    times = []
+    while core.has_work():
+        start = time.perf_counter()
+        core.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--rows", type=int, default=25, help="profiler table rows")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    transformers.logging.disable_progress_bar()
+    model_dir = prepare_model(DEFAULT.model, DEFAULT_CACHE_DIR)
+    workload = make_workload(DEFAULT, [""] * DEFAULT.num_requests)
+    workload = workload.head(DEFAULT.num_requests, args.new_tokens)
+    base = EngineConfig(model=str(model_dir), max_step_tokens=DEFAULT.max_step_tokens)
+    settings = engine_config(base, workload, DEFAULT.prompt_tokens[1])
+    loaded = load_base_model(settings.model, "nf4", "fp32", "cpu")
+    core = EngineCore(loaded, settings)
+
+    submit(core, Trace(), workload.head(4, 2), with_adapters=False)  # warm-up
+    timed_steps(core, Trace())
+    submit(core, Trace(), workload, with_adapters=False)
+    times = timed_steps(core, Trace())
+    print(f"{args.threads} thread(s), {len(workload.prompts)} rows")
+    print(f"prefill step {times[0] * 1e3:.0f} ms ({sum(map(len, workload.prompts))} tokens)")
+    print(f"decode step median {statistics.median(times[1:]) * 1e3:.1f} ms, "
+          f"min {min(times[1:]) * 1e3:.1f} ms")  # fmt: skip
+
+    submit(core, Trace(), workload, with_adapters=False)
+    with profile(activities=[ProfilerActivity.CPU]) as prefill:
+        core.step()
+    with profile(activities=[ProfilerActivity.CPU]) as decode:
+        timed_steps(core, Trace())
+    for name, prof in (("prefill step", prefill), (f"{args.new_tokens - 1} decode steps", decode)):
+        print(f"\n{name}:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()
