@@ -143,7 +143,7 @@ BROKEN = {
         GOOD,
         edit_config(use_dora=True, bias="all", r=0),
         InvalidAdapterError,
-        ["DoRA", "bias", "r must be a positive number"],
+        ["DoRA", "bias", "r: must be a whole number"],
     ),
     "missing-config": (
         GOOD,
