@@ -298,6 +298,16 @@ BAD_REQUESTS = {
         InvalidRequestError,
         ["513", "context limit of 512"],
     ),
+    "prompt-over-byte-limit": (  # 32 bytes per token of the 512-token context
+        GenerateRequest(prompt="x" * 20_000),
+        InvalidRequestError,
+        ["20000 bytes", "limit of 16384 bytes", "max_prompt_bytes"],
+    ),
+    "prompt-over-byte-limit-in-fewer-characters": (
+        GenerateRequest(prompt="é" * 9_000),
+        InvalidRequestError,
+        ["18000 bytes", "limit of 16384 bytes"],
+    ),
     "empty-prompt": (GenerateRequest(prompt=""), InvalidRequestError, ["prompt is empty"]),
     "empty-token-list": (
         GenerateRequest(prompt_token_ids=()),
@@ -389,8 +399,8 @@ async def test_async_generate_raises_at_once_and_keeps_serving(served):
     try:
         for req, error, _ in BAD_REQUESTS.values():
             with pytest.raises(error):
-                engine.generate(req)
-        events = [event async for event in engine.generate(VALID)]
+                await engine.generate(req)
+        events = [event async for event in await engine.generate(VALID)]
         assert engine.alive
     finally:
         engine.shutdown()

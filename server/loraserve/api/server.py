@@ -89,7 +89,7 @@ def build_engine(
 async def warm_up(engine: AsyncEngine) -> None:
     """One tiny generation through the whole path before reporting SERVING."""
     request = GenerateRequest(prompt_token_ids=(0,), sampling=SamplingParams(max_new_tokens=2))
-    async for _ in engine.generate(request):
+    async for _ in await engine.generate(request):
         pass
 
 

@@ -178,6 +178,7 @@ class EngineCore:
         if (request.prompt is None) == (request.prompt_token_ids is None):
             raise InvalidRequestError("give exactly one of prompt (text) or prompt_token_ids")
         if request.prompt is not None:
+            self._check_prompt_bytes(request.prompt)
             ids = self.tokenizer.encode(request.prompt)
         else:
             ids = list(request.prompt_token_ids)
@@ -190,6 +191,17 @@ class EngineCore:
         if not ids:
             raise InvalidRequestError("the prompt is empty; give at least one token")
         return ids
+
+    def _check_prompt_bytes(self, prompt: str) -> None:
+        """Refuse a prompt text over the byte limit before any tokenizer work."""
+        limit = self.config.prompt_bytes_limit
+        if len(prompt) > limit or len(prompt.encode("utf-8", "surrogatepass")) > limit:
+            self.metrics.requests_rejected.labels("prompt_bytes").inc()
+            size = len(prompt.encode("utf-8", "surrogatepass"))
+            raise InvalidRequestError(
+                f"the prompt is {size} bytes, above this server's limit of {limit} bytes "
+                "(max_prompt_bytes); shorten the prompt"
+            )
 
     def add(self, seq: Sequence) -> None:
         self.metrics.requests_received.labels(seq.tenant).inc()
