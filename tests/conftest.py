@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -26,9 +26,13 @@ class AdapterSpec:
     alpha: float
     targets: tuple[str, ...]
     rslora: bool = False
+    rank_pattern: dict = field(default_factory=dict)  # PEFT's: module pattern -> r
+    alpha_pattern: dict = field(default_factory=dict)  # PEFT's: module pattern -> lora_alpha
 
 
-# Ranks 1..64, alpha != r, subsets of modules, one rsLoRA: the mix the parity tests run together.
+# Ranks 1..64, alpha != r, subsets of modules, one rsLoRA, one with per-module rank and alpha
+# patterns (the first matching key wins, "." matches any character): the mix the parity tests
+# run together.
 ADAPTER_SPECS = (
     AdapterSpec("r1-qv", 1, 2.0, ("q_proj", "v_proj")),
     AdapterSpec("r4-attn", 4, 8.0, ATTENTION),
@@ -37,7 +41,14 @@ ADAPTER_SPECS = (
     AdapterSpec("r64-all", 64, 32.0, ATTENTION + MLP),
     AdapterSpec("r8-rslora", 8, 4.0, ATTENTION + MLP, rslora=True),
     AdapterSpec("r2-o-down", 2, 6.0, ("o_proj", "down_proj")),
-    AdapterSpec("r32-kv-up", 32, 16.0, ("k_proj", "v_proj", "up_proj")),
+    AdapterSpec(
+        "r32-kv-up",
+        32,
+        16.0,
+        ("k_proj", "v_proj", "up_proj"),
+        rank_pattern={"v_proj": 16, "layers.1.mlp.up_proj": 8},
+        alpha_pattern={r"layers\.1\.self_attn\.(k|v)_proj": 48.0, "v_proj": 4.0, "up.proj": 2.0},
+    ),
 )
 
 
@@ -50,6 +61,8 @@ def write_adapter(base_dir: Path, out_dir: Path, spec: AdapterSpec, seed: int) -
         target_modules=list(spec.targets),
         use_rslora=spec.rslora,
         lora_dropout=0.0,
+        rank_pattern=dict(spec.rank_pattern),
+        alpha_pattern=dict(spec.alpha_pattern),
     )
     peft_model = get_peft_model(base, config)
     gen = torch.Generator().manual_seed(seed)

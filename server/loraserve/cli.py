@@ -37,6 +37,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-rank", dest="max_rank", type=int, help="largest LoRA rank accepted")
     p.add_argument("--max-batch-size", dest="max_batch_size", type=int)
     p.add_argument("--max-context", dest="max_context", type=int)
+    p.add_argument(
+        "--max-prompt-bytes",
+        dest="max_prompt_bytes",
+        type=int,
+        help="longest prompt text, refused before tokenizing (default: 32 x max context)",
+    )
     p.add_argument("--kv-cache-tokens", dest="kv_cache_tokens", type=int)
     p.add_argument("--max-step-tokens", dest="max_step_tokens", type=int)
     p.add_argument("--default-max-new-tokens", dest="default_max_new_tokens", type=int)

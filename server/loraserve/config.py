@@ -10,6 +10,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+# Far above what any tokenizer averages, so a prompt of max_context tokens always fits; a
+# longer text could only be refused after tokenizing it, which is the work this bound avoids.
+PROMPT_BYTES_PER_TOKEN = 32
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -18,6 +22,8 @@ class EngineConfig:
     model: a local HF directory or hub id; None serves the small built-in default model.
     kv_cache_tokens: the KV budget in tokens, shared by all running sequences.
     max_context: the most tokens (prompt + generated) one request may hold.
+    max_prompt_bytes: the longest prompt text accepted, in UTF-8 bytes, refused before it is
+        tokenized (None: PROMPT_BYTES_PER_TOKEN bytes per token of max_context).
     max_step_tokens: the most tokens one engine step feeds the model (prefill is chunked to fit).
     max_waiting, max_waiting_tokens: the queue's bound in requests and in prompt tokens.
     device_slots: adapters resident on the device at once (slot 0, the base, is extra).
@@ -39,6 +45,7 @@ class EngineConfig:
     kv_cache_tokens: int = 32768
     kv_block_size: int = 16
     max_context: int = 4096
+    max_prompt_bytes: int | None = None
     max_batch_size: int = 64
     max_step_tokens: int = 2048
     max_waiting: int = 1024
@@ -52,6 +59,11 @@ class EngineConfig:
                 raise ValueError(f"{f.name} must be >= 1, got {value}")
         if self.max_step_tokens < self.max_batch_size:
             raise ValueError("max_step_tokens must be >= max_batch_size (one token per sequence)")
+
+    @property
+    def prompt_bytes_limit(self) -> int:
+        """max_prompt_bytes, or the default derived from max_context."""
+        return self.max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * self.max_context
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,38 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+# Bounds on what an error echoes back, so no input can make a reply (or a log line) large.
+MAX_MESSAGE_CHARS = 2400
+MAX_PROBLEMS_SHOWN = 10  # an adapter error lists this many problems, then "and N more"
+MAX_PROBLEM_CHARS = 200
+MAX_HEADLINE_CHARS = 200  # of an adapter error's first line
+MAX_SHOWN_CHARS = 80  # of a caller's name or value quoted in a message
+
+
+def clip(text: str, limit: int) -> str:
+    """`text`, cut to `limit` characters with a note of how much was left out."""
+    if len(text) <= limit:
+        return text
+    note = f"... ({len(text)} characters)"
+    return text[: max(0, limit - len(note))] + note
+
+
+def shown(value: object, limit: int = MAX_SHOWN_CHARS) -> str:
+    """An ASCII repr of `value` for a message, about `limit` characters at most however large
+    `value` is (a caller's name is quoted, never echoed whole)."""
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        return f"{value[:limit]!a}... ({len(value)} long)"
+    return clip(ascii(value), 2 * limit)
+
 
 class LoraServeError(Exception):
-    """Base of every error loraserve reports to a caller; the message says what to fix."""
+    """Base of every error loraserve reports to a caller; the message says what to fix.
+
+    The message is capped at MAX_MESSAGE_CHARS, whatever the caller sent.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(clip(str(message), MAX_MESSAGE_CHARS))
 
 
 class InvalidRequestError(LoraServeError):
@@ -25,13 +54,22 @@ class AdapterNotFoundError(LoraServeError):
 class AdapterIncompatibleError(LoraServeError):
     """The adapter's files are valid LoRA but do not fit this base model (FAILED_PRECONDITION).
 
-    `problems` lists every mismatch found, not just the first.
+    Every mismatch is found; `problems` keeps the first MAX_PROBLEMS_SHOWN (each cut to
+    MAX_PROBLEM_CHARS) and `omitted` counts the rest, so the message stays small.
     """
 
-    def __init__(self, message: str, problems: list[str] | None = None) -> None:
-        self.problems = list(problems or [])
+    def __init__(self, message: str, problems: list[str] | None = None, omitted: int = 0) -> None:
+        problems = problems or []
+        self.problems = [clip(p, MAX_PROBLEM_CHARS) for p in problems[:MAX_PROBLEMS_SHOWN]]
+        self.omitted = omitted + len(problems) - len(self.problems)
         detail = "".join(f"\n  - {p}" for p in self.problems)
-        super().__init__(message + detail)
+        if self.omitted:
+            detail += f"\n  - and {self.omitted} more"
+        super().__init__(clip(message, MAX_HEADLINE_CHARS) + detail)
+
+    def reworded(self, message: str) -> AdapterIncompatibleError:
+        """The same problems under a new headline (of the same error type)."""
+        return type(self)(message, self.problems, self.omitted)
 
 
 class InvalidAdapterError(AdapterIncompatibleError):

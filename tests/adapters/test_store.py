@@ -24,7 +24,7 @@ from tests.conftest import ADAPTER_SPECS, write_adapter
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from loraserve.adapters import peft_format
+from loraserve.adapters import peft_config, peft_format
 from loraserve.adapters.manifest import IDENTIFIER_RULE, AdapterRef, base_fingerprint
 from loraserve.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_peft_adapter
 from loraserve.adapters.store import AdapterStore
@@ -403,7 +403,7 @@ def test_weights_over_the_size_cap_are_refused_while_streaming(base, tmp_path, m
 def test_config_allow_list_covers_what_installed_peft_writes(tmp_path):
     LoraConfig(r=4, target_modules=["q_proj"]).save_pretrained(tmp_path)
     written = set(json.loads((tmp_path / CONFIG_FILE).read_text()))
-    assert written - peft_format.CONFIG_KEYS == set()
+    assert written - peft_config.CONFIG_KEYS == set()
 
 
 def test_base_fingerprint_depends_on_shapes_and_quantization_only():

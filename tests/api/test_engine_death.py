@@ -37,7 +37,7 @@ async def test_a_dead_engine_turns_health_not_serving_and_fails_callers(model_di
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     watcher = asyncio.ensure_future(watch_engine(engine, health))
     long = GenerateRequest(prompt="hello", sampling=SamplingParams(max_new_tokens=400))
-    events = engine.generate(long)
+    events = await engine.generate(long)
     await anext(events)
     engine.call(die)
     with pytest.raises(EngineDeadError) as in_flight:
@@ -46,5 +46,5 @@ async def test_a_dead_engine_turns_health_not_serving_and_fails_callers(model_di
     await asyncio.wait_for(watcher, timeout=30)
     assert await status(health) == health_pb2.HealthCheckResponse.NOT_SERVING
     with pytest.raises(EngineDeadError) as new_call:
-        engine.generate(long)
+        await engine.generate(long)
     assert status_of(in_flight.value).name == status_of(new_call.value).name == "UNAVAILABLE"

@@ -3,7 +3,6 @@ and the engine goes on serving valid requests exactly as before, with no slot or
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -17,13 +16,14 @@ from tests.engine.helpers import Collected, make_core, run
 
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.types import (
+    MIN_PENALTY,
+    MIN_TEMPERATURE,
     AdapterIncompatibleError,
     AdapterNotFoundError,
     FinishReason,
     GenerateRequest,
     InvalidAdapterError,
     InvalidRequestError,
-    LoraServeError,
     SamplingParams,
 )
 
@@ -143,7 +143,7 @@ BROKEN = {
         GOOD,
         edit_config(use_dora=True, bias="all", r=0),
         InvalidAdapterError,
-        ["DoRA", "bias", "r must be a positive number"],
+        ["DoRA", "bias", "r: must be a whole number"],
     ),
     "missing-config": (
         GOOD,
@@ -298,6 +298,16 @@ BAD_REQUESTS = {
         InvalidRequestError,
         ["513", "context limit of 512"],
     ),
+    "prompt-over-byte-limit": (  # 32 bytes per token of the 512-token context
+        GenerateRequest(prompt="x" * 20_000),
+        InvalidRequestError,
+        ["20000 bytes", "limit of 16384 bytes", "max_prompt_bytes"],
+    ),
+    "prompt-over-byte-limit-in-fewer-characters": (
+        GenerateRequest(prompt="é" * 9_000),
+        InvalidRequestError,
+        ["18000 bytes", "limit of 16384 bytes"],
+    ),
     "empty-prompt": (GenerateRequest(prompt=""), InvalidRequestError, ["prompt is empty"]),
     "empty-token-list": (
         GenerateRequest(prompt_token_ids=()),
@@ -389,8 +399,8 @@ async def test_async_generate_raises_at_once_and_keeps_serving(served):
     try:
         for req, error, _ in BAD_REQUESTS.values():
             with pytest.raises(error):
-                engine.generate(req)
-        events = [event async for event in engine.generate(VALID)]
+                await engine.generate(req)
+        events = [event async for event in await engine.generate(VALID)]
         assert engine.alive
     finally:
         engine.shutdown()
@@ -399,25 +409,48 @@ async def test_async_generate_raises_at_once_and_keeps_serving(served):
     assert_still_serves(core, golden)
 
 
-# Values SamplingParams.validate accepts but that overflow the sampler: 0.8 / 1e-40 and
-# logit / 1e-300 become inf, the softmax NaN, and torch.multinomial raises inside the step.
+# Sampling values at the edge of what SamplingParams.validate accepts, on a request whose adapter
+# has finite weights (accepted at load) that overflow inside the model: its logits are NaN, or
+# overflow once divided by the temperature or penalised. The sampler must fail that request
+# alone, whatever its sampling path (greedy argmax, plain or filtered multinomial, penalty).
 OVERFLOWING = {
-    "temperature-1e-40": SamplingParams(max_new_tokens=4, temperature=1e-40),
-    "repetition-penalty-1e-300": SamplingParams(
-        max_new_tokens=4, temperature=0.8, repetition_penalty=1e-300
+    "greedy": SamplingParams(max_new_tokens=4),
+    "min-temperature": SamplingParams(max_new_tokens=4, temperature=MIN_TEMPERATURE, seed=1),
+    "min-penalty": SamplingParams(
+        max_new_tokens=4, temperature=0.8, repetition_penalty=MIN_PENALTY, seed=2
     ),
+    "filtered": SamplingParams(max_new_tokens=4, temperature=1.0, top_k=5, top_p=0.9, seed=3),
 }
 
 
+@pytest.fixture(scope="module")
+def loud_adapter(adapter_dirs, tmp_path_factory):
+    """GOOD with every weight multiplied by 1e18: finite, but the model's activations are not."""
+    directory = shutil.copytree(adapter_dirs["llama"][GOOD], tmp_path_factory.mktemp("loud") / "a")
+    rewrite_weights(directory, lambda tensors: [t.mul_(1e18) for t in tensors.values()])
+    return directory
+
+
 @pytest.mark.parametrize("case", list(OVERFLOWING))
-def test_overflowing_sampling_values_harm_no_other_request(case, served):
+def test_overflowing_sampling_values_harm_no_other_request(case, served, loud_adapter):
     core, golden = served
-    innocent, culprit = Collected(), Collected()
-    core.add_request(VALID, innocent)
-    with contextlib.suppress(InvalidRequestError):  # refusing them up front is a fine fix too
-        core.add_request(GenerateRequest(prompt="The quick", sampling=OVERFLOWING[case]), culprit)
-    while core.has_work():
-        core.step()
+    key = core.adapters.load("loud", loud_adapter)
+    assert core.adapters.prefetch(key) and core.adapters.wait_for_loads(timeout=60)
+    try:
+        innocent, culprit, bystander = Collected(), Collected(), Collected()
+        core.add_request(VALID, innocent)
+        loud = GenerateRequest(prompt="The quick", adapter="loud", sampling=OVERFLOWING[case])
+        core.add_request(loud, culprit)
+        core.add_request(GenerateRequest(prompt=PROMPT, sampling=OVERFLOWING[case]), bystander)
+        core.step()  # all three prefill in one step, so the culprit's row shares their batch
+        assert core.num_running == 2, "the culprit should have failed in the first step"
+        while core.has_work():
+            core.step()
+    finally:
+        core.adapters.unload("loud")
+    assert isinstance(culprit.error, InvalidRequestError), culprit.error
+    assert "not finite" in str(culprit.error) and culprit.tokens == []
     assert innocent.error is None, f"an innocent request failed: {innocent.error!r}"
     assert innocent.tokens == golden
-    assert culprit.error is None or isinstance(culprit.error, LoraServeError)
+    assert bystander.error is None and len(bystander.tokens) == 4
+    assert_still_serves(core, golden)

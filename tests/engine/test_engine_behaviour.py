@@ -212,7 +212,7 @@ def test_cancel_a_waiting_request_before_it_runs(model_dirs):
 async def test_closing_the_stream_cancels_and_frees_kv(core):
     engine = AsyncEngine(core)
     try:
-        stream = engine.generate(request(PROMPTS[0], "r8-all", 400))
+        stream = await engine.generate(request(PROMPTS[0], "r8-all", 400))
         events = [await asyncio.wait_for(anext(stream), 30) for _ in range(2)]
         assert all(isinstance(e, TokenEvent) for e in events)
         assert core.kv_used_tokens > 0
@@ -224,6 +224,37 @@ async def test_closing_the_stream_cancels_and_frees_kv(core):
             await asyncio.sleep(0.005)
         assert core.kv_used_tokens == 0 and core.num_running == 0
         assert core.steps - closed_at <= 3, "the request ran on after its stream was closed"
+    finally:
+        engine.shutdown()
+    assert_idle(core)
+
+
+async def test_a_caller_gone_while_its_request_is_prepared_leaves_nothing_queued(core, monkeypatch):
+    """Requests are tokenized on a worker thread; a caller cancelled meanwhile must not leave
+    its sequence counted against the queue's bounds."""
+    engine = AsyncEngine(core)
+    started, release = threading.Event(), threading.Event()
+    prepare = core.make_sequence
+
+    def slow_prepare(req, emit):
+        started.set()
+        assert release.wait(30)
+        return prepare(req, emit)
+
+    monkeypatch.setattr(core, "make_sequence", slow_prepare)
+    try:
+        caller = asyncio.ensure_future(engine.generate(request(PROMPTS[0], None, 50)))
+        assert await asyncio.to_thread(started.wait, 30)
+        assert not caller.done(), "generate must wait for the worker thread, not run on the loop"
+        caller.cancel()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        for _ in range(2000):  # at most ~10 s, in 5 ms polls
+            if core._queued == 0 and not core.has_work():
+                break
+            await asyncio.sleep(0.005)
+        assert core._queued == 0 and not core.has_work()
     finally:
         engine.shutdown()
     assert_idle(core)
@@ -310,7 +341,7 @@ async def test_async_engine_concurrent_requests_match_each_alone(core):
     engine = AsyncEngine(core)
 
     async def collect(req):
-        return [event async for event in engine.generate(req)]
+        return [event async for event in await engine.generate(req)]
 
     try:
         results = await asyncio.wait_for(asyncio.gather(*map(collect, requests)), 60)
@@ -415,7 +446,7 @@ async def test_async_generate_enforces_max_waiting_while_the_engine_is_busy(mode
     try:
         with pytest.raises(CapacityError, match="queue is full"):
             for prompt in PROMPTS[:4]:
-                streams.append(engine.generate(request(prompt, None, 2)))
+                streams.append(await engine.generate(request(prompt, None, 2)))
     finally:
         gate.set()
         for stream in streams:

@@ -1,11 +1,17 @@
-"""Tests for per-row next-token selection: greedy, penalty, filtering, seeding and logprobs."""
+"""Tests for per-row next-token selection: greedy, penalty, filtering, seeding, logprobs, and a
+row that cannot be sampled failing alone."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from loraserve.model.sampling import apply_repetition_penalty, make_generator, sample_next_tokens
+from loraserve.model.sampling import (
+    Sampled,
+    apply_repetition_penalty,
+    make_generator,
+    sample_next_tokens,
+)
 from loraserve.types import SamplingParams
 
 VOCAB = 64
@@ -26,7 +32,7 @@ def _sample(
     params: list[SamplingParams],
     seeds: list[int | None] | None = None,
     histories: list[torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> Sampled:
     seeds = seeds if seeds is not None else [0] * len(params)
     generators = [
         None if p.greedy else make_generator(s, "cpu") for p, s in zip(params, seeds, strict=True)
@@ -45,7 +51,9 @@ def _penalty_reference(row: list[float], history: list[int], penalty: float) -> 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_greedy_is_argmax(dtype: torch.dtype) -> None:
     logits = _logits(8).to(dtype)
-    tokens, logprobs = _sample(logits, [GREEDY] * 8)
+    sampled = _sample(logits, [GREEDY] * 8)
+    tokens, logprobs = sampled.tokens, sampled.logprobs
+    assert sampled.usable.all() and not sampled.errors
     assert tokens.dtype == torch.int64 and logprobs.dtype == torch.float32
     assert torch.equal(tokens, logits.float().argmax(dim=-1))
 
@@ -83,7 +91,7 @@ def test_penalty_steers_greedy_choice(
 ) -> None:
     logits = torch.tensor([row])
     params = [SamplingParams(repetition_penalty=penalty)]
-    tokens, _ = _sample(logits, params, histories=[torch.tensor(history)])
+    tokens = _sample(logits, params, histories=[torch.tensor(history)]).tokens
     assert tokens.tolist() == [expected]
     assert logits.tolist() == [row], "the caller's logits must not be modified"
 
@@ -98,7 +106,7 @@ def test_penalty_steers_greedy_choice(
 )
 def test_filters_that_keep_one_token_equal_greedy(params: SamplingParams) -> None:
     logits = _logits(16, seed=1)
-    tokens, _ = _sample(logits, [params] * 16, seeds=list(range(16)))
+    tokens = _sample(logits, [params] * 16, seeds=list(range(16))).tokens
     assert torch.equal(tokens, logits.argmax(dim=-1))
 
 
@@ -131,9 +139,9 @@ def test_sampled_frequencies_follow_the_filtered_softmax(params: SamplingParams)
     draws = 8000
     row = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0])
     generator = make_generator(1234, "cpu")
-    tokens, _ = sample_next_tokens(
+    tokens = sample_next_tokens(
         row.expand(draws, -1), [params] * draws, [generator] * draws, _empty_histories(draws)
-    )
+    ).tokens
     observed = torch.bincount(tokens, minlength=len(row)).float() / draws
     expected = _expected_distribution(row, params)
     torch.testing.assert_close(observed, expected, rtol=0, atol=0.02)
@@ -167,7 +175,7 @@ def test_seeded_row_is_independent_of_its_batch(position: int, target: SamplingP
         for step in range(steps):
             logits = _logits(len(batch), seed=100 + step)
             logits[at] = _logits(1, seed=step)[0]
-            tokens, _ = sample_next_tokens(logits, batch, generators, histories)
+            tokens = sample_next_tokens(logits, batch, generators, histories).tokens
             histories = [torch.cat([h, tokens[i : i + 1]]) for i, h in enumerate(histories)]
             chosen.append(int(tokens[at]))
         return chosen
@@ -189,7 +197,8 @@ def test_logprobs_are_log_softmax_of_raw_logits() -> None:
         SamplingParams(temperature=1.7, top_p=0.6, repetition_penalty=0.5),
     ]
     histories = [torch.arange(0, VOCAB, 2) for _ in params]
-    tokens, logprobs = _sample(logits, params, seeds=[0, 1, 2, 3], histories=histories)
+    sampled = _sample(logits, params, seeds=[0, 1, 2, 3], histories=histories)
+    tokens, logprobs = sampled.tokens, sampled.logprobs
     expected = logits.float().log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)
     torch.testing.assert_close(logprobs, expected)
 
@@ -201,3 +210,58 @@ def test_make_generator_seeding() -> None:
     assert draws(make_generator(5, "cpu")) == draws(make_generator(5, "cpu"))
     assert draws(make_generator(5, "cpu")) != draws(make_generator(6, "cpu"))
     assert draws(make_generator(None, "cpu")) != draws(make_generator(None, "cpu"))
+
+
+# A batch where one row cannot be sampled: the others must come out exactly as they would alone.
+INNOCENT = [
+    GREEDY,
+    SamplingParams(temperature=0.8, seed=1),
+    SamplingParams(temperature=1.1, top_k=5, top_p=0.9, repetition_penalty=1.2),
+]
+HUGE = 3e38  # finite in float32, but not once divided by the smallest temperature
+BAD_ROWS = {
+    # name: (scores of the bad row, its parameters, its history, what must go wrong)
+    "nan-greedy": ([0.0, float("nan")], GREEDY, [1], "unusable"),
+    "nan-sampled": ([float("nan"), 1.0], SamplingParams(temperature=0.7), [1], "unusable"),
+    "plus-infinity": ([float("inf"), 0.0], GREEDY, [1], "unusable"),
+    "all-minus-infinity": (
+        [float("-inf")] * VOCAB,
+        SamplingParams(temperature=1.0),
+        [1],
+        "unusable",
+    ),
+    "temperature-overflow": ([HUGE, 0.0], SamplingParams(temperature=1e-3), [1], "unusable"),
+    "penalty-overflow": ([HUGE, 0.0], SamplingParams(repetition_penalty=1e-2), [0], "unusable"),
+    "penalty-raises": ([1.0, 0.0], SamplingParams(repetition_penalty=2.0), [VOCAB + 5], "error"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ROWS))
+@pytest.mark.parametrize("position", [0, 2])
+def test_a_row_that_cannot_be_sampled_fails_alone(case: str, position: int) -> None:
+    scores, params, history, failure = BAD_ROWS[case]
+    bad_row = torch.full((VOCAB,), -5.0)
+    bad_row[: len(scores)] = torch.tensor(scores)
+    logits = _logits(len(INNOCENT), seed=9)
+    seeds = [0, 11, 12]
+    histories = [torch.tensor([1, 2, 3])] * len(INNOCENT)
+    alone = _sample(logits, INNOCENT, seeds=seeds, histories=histories)
+
+    batch = [*INNOCENT[:position], params, *INNOCENT[position:]]
+    rows = torch.cat([logits[:position], bad_row[None], logits[position:]])
+    with_bad = _sample(
+        rows,
+        batch,
+        seeds=[*seeds[:position], 5, *seeds[position:]],
+        histories=[*histories[:position], torch.tensor(history), *histories[position:]],
+    )
+
+    others = [i for i in range(len(batch)) if i != position]
+    assert with_bad.tokens[others].tolist() == alone.tokens.tolist()
+    torch.testing.assert_close(with_bad.logprobs[others], alone.logprobs)
+    assert with_bad.usable[others].all()
+    if failure == "error":
+        assert set(with_bad.errors) == {position}
+        assert isinstance(with_bad.errors[position], IndexError)
+    else:
+        assert not with_bad.errors and not with_bad.usable[position]

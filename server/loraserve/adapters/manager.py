@@ -38,6 +38,7 @@ from loraserve.types import (
     AdapterNotFoundError,
     InvalidAdapterError,
     InvalidRequestError,
+    shown,
 )
 
 log = logging.getLogger(__name__)
@@ -164,8 +165,8 @@ class AdapterManager:
             key = self._local.get(name)
         if key is None or version:
             raise AdapterNotFoundError(
-                f"adapter {name!r}{f' version {version!r}' if version else ''} not found; "
-                "upload it first, or omit the adapter to use the base model"
+                f"adapter {shown(name)}{f' version {shown(version)}' if version else ''} not "
+                "found; upload it first, or omit the adapter to use the base model"
             )
         return key
 

@@ -1,11 +1,13 @@
 """Read and validate a PEFT LoRA directory into per-module tensors ready for a device slot.
 
 Reads only `adapter_config.json` and `adapter_model.safetensors` (never pickle, never remote
-code, never a download: `base_model_name_or_path` is an opaque string). The config's keys must
-be ones PEFT's LoraConfig writes; file sizes and the safetensors header length are capped and
-checked before anything is parsed. Every problem found is collected and reported at once.
-Scaling (alpha / r, or alpha / sqrt(r) for rsLoRA, with per-module `alpha_pattern` /
-`rank_pattern`) is folded into B here, so the hot path never sees it.
+code, never a download: `base_model_name_or_path` is an opaque string). The config goes through
+its schema (`peft_config`); file sizes and the safetensors header length are capped and checked
+before anything is parsed, and the header is parsed with bounded nesting. Every problem found is
+collected and reported at once (the error keeps the first few and counts the rest). Scaling
+(alpha / r, or alpha / sqrt(r) for rsLoRA, with per-module `alpha_pattern` / `rank_pattern`,
+matched as PEFT does but by RE2) is folded into B here, so the hot path never sees it; weights
+that are not finite before or after that folding are refused.
 
 Knows nothing about slots, caches or the model object: it checks tensors against a map of
 target module paths to (in_features, out_features).
@@ -13,8 +15,6 @@ target module paths to (in_features, out_features).
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +22,15 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from loraserve.types import AdapterIncompatibleError, InvalidAdapterError
+from loraserve.adapters.peft_config import (
+    CONFIG_FILE,
+    AdapterConfig,
+    LoraAdapterConfig,
+    parse_adapter_config,
+    parse_json,
+)
+from loraserve.types import AdapterIncompatibleError, InvalidAdapterError, shown
 
-CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
 ALLOWED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -39,36 +45,6 @@ MAX_WEIGHTS_BYTES = 2 << 30
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own reader refuses larger headers too
 HEADER_LENGTH_BYTES = 8  # a safetensors file opens with its header length, u64 little-endian
 
-# Every key PEFT's LoraConfig (peft 0.21) writes to adapter_config.json; any other is refused.
-CONFIG_KEYS = frozenset(
-    {
-        "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping",
-        "base_model_name_or_path", "bias", "corda_config", "ensure_weight_tying", "eva_config",
-        "exclude_modules", "fan_in_fan_out", "inference_mode", "init_lora_weights",
-        "kasa_config", "layer_replication", "layers_pattern", "layers_to_transform",
-        "loftq_config", "lora_alpha", "lora_bias", "lora_dropout", "lora_ga_config",
-        "megatron_config", "megatron_core", "modules_to_save", "monteclora_config", "peft_type",
-        "peft_version", "qalora_group_size", "r", "rank_pattern", "revision", "target_modules",
-        "target_parameters", "task_type", "trainable_token_indices", "use_bdlora", "use_dora",
-        "use_qalora", "use_rslora", "velora_config",
-    }
-)  # fmt: skip
-# Keys whose truthy value changes what the adapter computes at inference in a way we do not serve.
-UNSUPPORTED_KEYS = {
-    "use_dora": "DoRA adapters are not served",
-    "modules_to_save": "modules_to_save (full copies of base modules) is not served",
-    "fan_in_fan_out": "fan_in_fan_out (Conv1D bases) is not served",
-    "layer_replication": "layer_replication is not served",
-    "alora_invocation_tokens": "activated LoRA (aLoRA) is not served",
-    "arrow_config": "Arrow routing is not served",
-    "use_qalora": "QA-LoRA is not served",
-    "use_bdlora": "block-diagonal LoRA is not served",
-    "kasa_config": "KaSA adapters are not served",
-    "monteclora_config": "MonteCLoRA adapters are not served",
-    "target_parameters": "LoRA on raw parameters (target_parameters) is not served",
-    "trainable_token_indices": "trainable token embeddings are not served",
-}
-
 
 @dataclass(frozen=True)
 class LoraWeights:
@@ -76,59 +52,24 @@ class LoraWeights:
 
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
     rank: int  # the largest rank over modules
-    config: dict
+    config: LoraAdapterConfig
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
 
 
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rank_pattern / alpha_pattern: a key matches a module path by its dotted suffix."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def _read_config(directory: Path, problems: list[str]) -> dict:
+def _read_config(directory: Path, problems: list[str]) -> AdapterConfig | None:
     path = directory / CONFIG_FILE
     if not path.is_file():
         problems.append(f"{CONFIG_FILE} is missing")
-        return {}
-    if path.stat().st_size > MAX_CONFIG_BYTES:
+        return None
+    with path.open("rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
         problems.append(f"{CONFIG_FILE} is larger than the {MAX_CONFIG_BYTES} byte cap")
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        problems.append(f"{CONFIG_FILE} is not valid JSON: {e}")
-        return {}
-    if not isinstance(config, dict):
-        problems.append(f"{CONFIG_FILE} must hold a JSON object")
-        return {}
-    peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        problems.append(
-            f"peft_type {peft_type!r} is not served: loraserve serves LoRA adapters only"
-        )
-        return config
-    unknown = sorted(set(config) - CONFIG_KEYS)
-    if unknown:
-        problems.append(
-            f"{CONFIG_FILE} has unknown keys {unknown}: only the keys PEFT's LoraConfig writes "
-            "are accepted"
-        )
-    for key, why in UNSUPPORTED_KEYS.items():
-        if config.get(key):
-            problems.append(f"{key} is set: {why}")
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        problems.append("LoRA bias terms are not served: train with bias='none'")
-    for key in ("r", "lora_alpha"):
-        value = config.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            problems.append(f"{key} must be a positive number, got {value!r}")
-    return config
+        return None
+    return parse_adapter_config(data, problems)
 
 
 def _invalid_weights(path: Path, problem: str) -> InvalidAdapterError:
@@ -157,9 +98,9 @@ def safetensors_header(path: Path) -> dict:
             raise _invalid_weights(path, f"header claims {length} bytes of a {size} byte file")
         text = f.read(length)
     try:
-        header = json.loads(text)
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-        raise _invalid_weights(path, f"header is not valid JSON: {e}") from e
+        header = parse_json(text, "header")
+    except ValueError as e:
+        raise _invalid_weights(path, str(e)) from None
     if not isinstance(header, dict):
         raise _invalid_weights(path, "header is not a JSON object")
     return header
@@ -205,7 +146,7 @@ def read_peft_adapter(
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 match = TENSOR_NAME.match(name)
                 if match is None:
-                    problems.append(f"tensor {name!r} is not a LoRA A/B weight")
+                    problems.append(f"tensor {shown(name)} is not a LoRA A/B weight")
                     continue
                 module = match["module"].removeprefix(PEFT_PREFIX)
                 pairs.setdefault(module, {})[match["kind"]] = f.get_tensor(name)
@@ -249,12 +190,22 @@ def read_peft_adapter(
         if rank > max_rank:
             incompatible.append(f"{module}: rank {rank} exceeds the server's max rank {max_rank}")
             continue
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
-        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        modules[module] = (
-            a.to(torch.float32).to(dtype).contiguous(),
-            (b.t().to(torch.float32) * scale).to(dtype).contiguous(),
-        )
+        if rank != config.rank(module):
+            problems.append(
+                f"{module}: lora_A and lora_B have rank {rank}, but {CONFIG_FILE} gives "
+                f"r={config.rank(module)} (r or rank_pattern) for this module"
+            )
+            continue
+        scale = config.scale(module, rank)
+        a = a.to(torch.float32).to(dtype).contiguous()
+        b = (b.t().to(torch.float32) * scale).to(dtype).contiguous()  # [r, out]
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            problems.append(
+                f"{module}: weights are not finite once scaled by {scale:g} (lora_alpha / r) "
+                f"in {str(dtype).removeprefix('torch.')}"
+            )
+            continue
+        modules[module] = (a, b)
     if not pairs:
         problems.append(f"{WEIGHTS_FILE} holds no LoRA tensors")
     if problems:
@@ -265,4 +216,4 @@ def read_peft_adapter(
         raise AdapterIncompatibleError(
             f"adapter at {directory.name!r} does not fit this base model:", incompatible
         )
-    return LoraWeights(modules, max(a.shape[0] for a, _ in modules.values()), config)
+    return LoraWeights(modules, max(a.shape[0] for a, _ in modules.values()), config.fields)

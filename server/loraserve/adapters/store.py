@@ -46,6 +46,7 @@ from loraserve.adapters.manifest import (
     check_identifier,
     is_identifier,
 )
+from loraserve.adapters.peft_config import parse_json
 from loraserve.types import (
     AdapterIncompatibleError,
     AdapterNotFoundError,
@@ -60,6 +61,7 @@ STAGING_DIR = ".staging"
 CHUNK_BYTES = 1 << 20
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+MAX_PAGE_TOKEN_CHARS = 512  # a token this store issues is under 200
 SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 
 log = logging.getLogger(__name__)
@@ -171,7 +173,7 @@ class StagedUpload:
             )
         except AdapterIncompatibleError as e:  # name the upload, not the staging directory
             verdict = "is invalid" if isinstance(e, InvalidAdapterError) else "does not fit"
-            raise type(e)(f"upload of {self.tenant}/{self.name} {verdict}:", e.problems) from None
+            raise e.reworded(f"upload of {self.tenant}/{self.name} {verdict}:") from None
         header = peft_format.safetensors_header(self.directory / peft_format.WEIGHTS_FILE)
         dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
         self.manifest = store._commit(
@@ -186,8 +188,8 @@ class StagedUpload:
                 },
                 rank=weights.rank,
                 target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in weights.modules})),
-                lora_alpha=float(weights.config["lora_alpha"]),
-                use_rslora=bool(weights.config.get("use_rslora")),
+                lora_alpha=weights.config.lora_alpha,
+                use_rslora=weights.config.use_rslora,
                 dtype=",".join(sorted(SAFETENSORS_DTYPES.get(d, d) for d in dtypes)),
                 created_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
                 base_fingerprint=store.base_fingerprint,
@@ -401,9 +403,14 @@ class AdapterStore:
         after = None
         if page_token:
             try:
-                after = AdapterRef(tenant, *json.loads(base64.urlsafe_b64decode(page_token)))
-            except (ValueError, TypeError, InvalidRequestError) as e:
-                raise InvalidRequestError("page_token is not one this server issued") from e
+                if len(page_token) > MAX_PAGE_TOKEN_CHARS:
+                    raise ValueError("too long")
+                position = parse_json(base64.urlsafe_b64decode(page_token), "page_token")
+                if not (isinstance(position, list) and len(position) == 2):
+                    raise ValueError("not a [name, version] pair")
+                after = AdapterRef(tenant, *position)
+            except (ValueError, TypeError, InvalidRequestError):
+                raise InvalidRequestError("page_token is not one this server issued") from None
 
         def order(m: AdapterManifest | AdapterRef) -> tuple:
             return (m.name, _version_order(m.version))

@@ -30,6 +30,7 @@ from loraserve.types import (
     InvalidAdapterError,
     InvalidRequestError,
     LoraServeError,
+    shown,
 )
 from loraserve.v1 import adapters_pb2 as pb
 from loraserve.v1 import adapters_pb2_grpc
@@ -50,9 +51,9 @@ def _header_problems(header: pb.UploadHeader) -> list[str]:
         problems.append(f"header.files must list exactly {' and '.join(UPLOAD_FILES)}")
     for f in header.files:
         if len(f.sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in f.sha256):
-            problems.append(f"header.files[{f.filename!r}].sha256 must be 64 hex characters")
+            problems.append(f"header.files[{shown(f.filename)}].sha256 must be 64 hex characters")
         if f.size_bytes == 0:
-            problems.append(f"header.files[{f.filename!r}].size_bytes must be > 0")
+            problems.append(f"header.files[{shown(f.filename)}].size_bytes must be > 0")
     return problems
 
 

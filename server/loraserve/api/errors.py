@@ -24,9 +24,12 @@ from loraserve.types import (
     InvalidAdapterError,
     InvalidRequestError,
     LoraServeError,
+    clip,
 )
 
 RETRY_AFTER_S = 1
+MAX_TRAILER_BYTES = 7000  # what an error adds to the trailers: under grpc's 8 KiB default
+MAX_MESSAGE_BYTES = 2600  # of those, for the message as grpc-message carries it
 
 STATUS_OF: dict[type[LoraServeError], grpc.StatusCode] = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -46,32 +49,56 @@ def status_of(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def _header_bytes(message: str) -> int:
+    """The size of `message` as grpc sends it: printable ASCII but '%' as is, the rest as %XX."""
+    return sum(1 if 0x20 <= b <= 0x7E and b != 0x25 else 3 for b in message.encode())
+
+
+def _trailer_bytes(message: str, status: status_pb2.Status) -> int:
+    """grpc-message plus the base64 grpc-status-details-bin that carries `status`."""
+    return _header_bytes(message) + 4 * (status.ByteSize() + 2) // 3
+
+
 def rich_status(code: grpc.StatusCode, message: str, error: BaseException) -> status_pb2.Status:
     """A google.rpc.Status with details where they help: RetryInfo when at capacity, and a
-    BadRequest listing every problem of an adapter (its field: the module or file named)."""
-    details = []
+    BadRequest listing an adapter's problems (its field: the module or file named), as many as
+    fit in MAX_TRAILER_BYTES with the message."""
+    status = status_pb2.Status(code=code.value[0], message=message)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        details.append(error_details_pb2.RetryInfo(retry_delay=Duration(seconds=RETRY_AFTER_S)))
+        retry = error_details_pb2.RetryInfo(retry_delay=Duration(seconds=RETRY_AFTER_S))
+        status.details.add().Pack(retry)
     problems = getattr(error, "problems", None)
     if problems:
-        violations = [
-            error_details_pb2.BadRequest.FieldViolation(
-                field=p.split(": ", 1)[0] if ": " in p else "adapter", description=p
-            )
-            for p in problems
-        ]
-        details.append(error_details_pb2.BadRequest(field_violations=violations))
-    status = status_pb2.Status(code=code.value[0], message=message)
-    for detail in details:
-        status.details.add().Pack(detail)
+        bad_request = error_details_pb2.BadRequest()
+        for p in problems:
+            field = p.split(": ", 1)[0] if ": " in p else "adapter"
+            bad_request.field_violations.add(field=clip(field, 80), description=p)
+            candidate = status_pb2.Status()
+            candidate.CopyFrom(status)
+            candidate.details.add().Pack(bad_request)
+            if _trailer_bytes(message, candidate) > MAX_TRAILER_BYTES:
+                del bad_request.field_violations[-1]
+                break
+        if bad_request.field_violations:
+            status.details.add().Pack(bad_request)
     return status
+
+
+def bounded_message(error: BaseException) -> str:
+    """The message a caller sees: ASCII, and short enough to leave room for the details."""
+    message = str(error).encode("ascii", "backslashreplace").decode()
+    while _header_bytes(message) > MAX_MESSAGE_BYTES:
+        message = clip(message, len(message) * 2 // 3)
+    return message
 
 
 async def abort_with(context: grpc.aio.ServicerContext, error: BaseException) -> None:
     """End the call with the mapped status and rich details; unexpected errors never leak
     internals. At capacity, the `retry-after-ms` trailer repeats the RetryInfo hint."""
     code = status_of(error)
-    message = str(error) if code != grpc.StatusCode.INTERNAL else "internal error; see server log"
+    message = "internal error; see server log"
+    if code != grpc.StatusCode.INTERNAL:
+        message = bounded_message(error)
     trailing = tuple(rpc_status.to_status(rich_status(code, message, error)).trailing_metadata)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         trailing += (("retry-after-ms", str(RETRY_AFTER_S * 1000)),)

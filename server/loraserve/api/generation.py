@@ -80,7 +80,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         tenant = (await caller(context, self.state.auth)).tenant
         try:
             request = to_domain(message, tenant, self.state.config.default_max_new_tokens)
-            events = engine.generate(request)
+            events = await engine.generate(request)
         except LoraServeError as error:
             await abort_with(context, error)
         try:

@@ -26,6 +26,7 @@ from loraserve.adapters.manifest import base_fingerprint
 from loraserve.adapters.store import AdapterStore
 from loraserve.api.adapters import AdapterServicer
 from loraserve.api.auth import DEV_TENANT, Authenticator, AuthInterceptor
+from loraserve.api.decoding import DecodingInterceptor
 from loraserve.api.generation import GenerationServicer
 from loraserve.api.info import ServerInfoServicer
 from loraserve.api.state import ServerState
@@ -89,7 +90,7 @@ def build_engine(
 async def warm_up(engine: AsyncEngine) -> None:
     """One tiny generation through the whole path before reporting SERVING."""
     request = GenerateRequest(prompt_token_ids=(0,), sampling=SamplingParams(max_new_tokens=2))
-    async for _ in engine.generate(request):
+    async for _ in await engine.generate(request):
         pass
 
 
@@ -132,7 +133,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
         )
         log.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(auth, metrics)],
+        interceptors=[AuthInterceptor(auth, metrics), DecodingInterceptor(metrics)],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),

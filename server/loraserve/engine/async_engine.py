@@ -1,9 +1,11 @@
 """The asyncio face of the engine: a background thread runs `EngineCore.step` in a loop.
 
-`generate` validates at once (raising for bad input), then returns an async iterator of
+`await generate(request)` validates and tokenizes the request on a worker thread (so the event
+loop never waits on a tokenizer), raising for bad input, then returns an async iterator of
 `TokenEvent`s ending with one `FinalEvent`. Closing the iterator early (or cancelling the task
-that reads it) cancels the request: the engine retires it and frees its KV at the next step.
-The loop blocks on its inbox when idle: no polling.
+that reads it, even while the request is still being prepared) cancels the request: the engine
+retires it and frees its KV at the next step. The loop blocks on its inbox when idle: no
+polling.
 
 Knows nothing about gRPC or tokenization; all model work happens on the engine thread.
 """
@@ -41,7 +43,7 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent | FinalEvent]:
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent | FinalEvent]:
         """Submit `request`; raises LoraServeError subclasses for bad input before any event."""
         if not self.alive:
             raise EngineDeadError(f"the engine stopped: {self._error!r}")
@@ -54,9 +56,23 @@ class AsyncEngine:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
-        seq = self.core.make_sequence(request, emit)
+        preparing = asyncio.ensure_future(asyncio.to_thread(self.core.make_sequence, request, emit))
+        try:
+            seq = await asyncio.shield(preparing)
+        except asyncio.CancelledError:
+            preparing.add_done_callback(self._abandon)
+            raise
         self._inbox.put(lambda: self.core.add(seq))
         return self._events(seq, events)
+
+    def _abandon(self, preparing: asyncio.Future) -> None:
+        """The caller left while its request was being prepared: hand the engine the sequence
+        already cancelled, so what it holds in the queue's bounds is released."""
+        if preparing.cancelled() or preparing.exception() is not None:
+            return
+        seq = preparing.result()
+        seq.cancelled = True
+        self._inbox.put(lambda: self.core.add(seq))
 
     async def _events(
         self, seq: Sequence, events: asyncio.Queue[Event]

@@ -37,12 +37,18 @@ from loraserve.types import (
     FinishReason,
     GenerateRequest,
     InvalidRequestError,
+    LoraServeError,
     TokenEvent,
 )
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TENANT = "default"
+NON_FINITE = (
+    "the model's scores for this request's next token are not finite (NaN or infinity): its "
+    "adapter's weights, or its temperature or repetition_penalty, overflow; try another adapter "
+    "version or milder sampling values"
+)
 
 
 def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
@@ -183,6 +189,7 @@ class EngineCore:
         if (request.prompt is None) == (request.prompt_token_ids is None):
             raise InvalidRequestError("give exactly one of prompt (text) or prompt_token_ids")
         if request.prompt is not None:
+            self._check_prompt_bytes(request.prompt)
             ids = self.tokenizer.encode(request.prompt)
         else:
             ids = list(request.prompt_token_ids)
@@ -195,6 +202,17 @@ class EngineCore:
         if not ids:
             raise InvalidRequestError("the prompt is empty; give at least one token")
         return ids
+
+    def _check_prompt_bytes(self, prompt: str) -> None:
+        """Refuse a prompt text over the byte limit before any tokenizer work."""
+        limit = self.config.prompt_bytes_limit
+        if len(prompt) > limit or len(prompt.encode("utf-8", "surrogatepass")) > limit:
+            self.metrics.requests_rejected.labels("prompt_bytes").inc()
+            size = len(prompt.encode("utf-8", "surrogatepass"))
+            raise InvalidRequestError(
+                f"the prompt is {size} bytes, above this server's limit of {limit} bytes "
+                "(max_prompt_bytes); shorten the prompt"
+            )
 
     def add(self, seq: Sequence) -> None:
         self.metrics.requests_received.labels(seq.tenant).inc()
@@ -263,9 +281,11 @@ class EngineCore:
             if ready:
                 self._sample_and_emit(ready, torch.stack(logits))
         except Exception as error:  # one bad step must not kill the engine
-            log.exception("engine step failed; failing its %d sequences", self.num_running)
-            for seq in list(self.scheduler.running):
-                self._fail(seq, error)
+            stepped = [s for s, _ in plan.prefill] + list(plan.decode)
+            log.exception("engine step failed; failing its %d sequences", len(stepped))
+            for seq in stepped:
+                if not seq.finished:
+                    self._fail(seq, error)
         return True
 
     def _forward(self, phase: str, rows: list[RowInput]) -> torch.Tensor:
@@ -275,33 +295,55 @@ class EngineCore:
         return logits
 
     def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """logits: [N, V] float32, one row per sequence in `seqs`."""
+        """logits: [N, V] float32, one row per sequence in `seqs`.
+
+        A row that cannot be sampled, or whose emit raises, fails its own request alone:
+        non-finite scores with InvalidRequestError (the adapter or the sampling values overflow,
+        which retrying will not change), anything unexpected as itself (INTERNAL, logged).
+        """
         histories = [
             s.history(self.device) if s.params.repetition_penalty != 1.0 else None for s in seqs
         ]
-        tokens, logprobs = sample_next_tokens(
+        sampled = sample_next_tokens(
             logits, [s.params for s in seqs], [s.generator for s in seqs], histories
         )
+        tokens, logprobs = sampled.tokens.tolist(), sampled.logprobs.tolist()
+        usable = sampled.usable.tolist()
         now = time.monotonic()
-        for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
-            seq.token_ids.append(token)
-            since = seq.last_token_at if seq.num_generated > 1 else seq.arrived_at
-            latency = self.metrics.inter_token_latency
-            if seq.num_generated == 1:
-                latency = self.metrics.time_to_first_token
-            latency.observe(now - since)
-            seq.last_token_at = now
-            self.metrics.generated_tokens.labels(seq.tenant).inc()
-            if token in self.eos_ids and not seq.params.ignore_eos:
-                text, reason = seq.detokenizer.flush(), FinishReason.EOS
-            else:
-                text, stopped = seq.detokenizer.push(token)
-                reason = FinishReason.STOP if stopped else None
-                if reason is None and seq.num_generated >= seq.params.max_new_tokens:
-                    text, reason = text + seq.detokenizer.flush(), FinishReason.LENGTH
-            seq.emit(TokenEvent(token, text, logprob if seq.params.logprobs else None))
-            if reason is not None:
-                self._finish(seq, reason)
+        for row, seq in enumerate(seqs):
+            error = sampled.errors.get(row)
+            if error is None and not usable[row]:
+                error = InvalidRequestError(NON_FINITE)
+            if error is None:
+                try:
+                    self._emit_token(seq, tokens[row], logprobs[row], now)
+                    continue
+                except Exception as raised:  # this request fails alone
+                    error = raised
+            if not isinstance(error, LoraServeError):
+                log.error("request %d failed while sampling", seq.request_id, exc_info=error)
+            if not seq.finished:
+                self._fail(seq, error)
+
+    def _emit_token(self, seq: Sequence, token: int, logprob: float, now: float) -> None:
+        seq.token_ids.append(token)
+        since = seq.last_token_at if seq.num_generated > 1 else seq.arrived_at
+        latency = self.metrics.inter_token_latency
+        if seq.num_generated == 1:
+            latency = self.metrics.time_to_first_token
+        latency.observe(now - since)
+        seq.last_token_at = now
+        self.metrics.generated_tokens.labels(seq.tenant).inc()
+        if token in self.eos_ids and not seq.params.ignore_eos:
+            text, reason = seq.detokenizer.flush(), FinishReason.EOS
+        else:
+            text, stopped = seq.detokenizer.push(token)
+            reason = FinishReason.STOP if stopped else None
+            if reason is None and seq.num_generated >= seq.params.max_new_tokens:
+                text, reason = text + seq.detokenizer.flush(), FinishReason.LENGTH
+        seq.emit(TokenEvent(token, text, logprob if seq.params.logprobs else None))
+        if reason is not None:
+            self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.emit(FinalEvent(reason, seq.prompt_len, seq.num_generated, seq.detokenizer.text))

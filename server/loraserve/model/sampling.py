@@ -7,12 +7,18 @@ sampled row and each row's token history.
 
 Every sampled row draws exactly once per call from its own generator, on its own row alone, so a
 seeded request yields the same tokens whatever else shares its batch and in whatever order.
+
+One row's trouble stays in that row: a row whose scores are not usable (a NaN or +infinity, or
+nothing but -infinity, before or after its temperature) is marked unusable instead of drawn
+from, and an exception while penalising or drawing one row is returned for that row; the other
+rows are sampled as if it were not there. Nothing here syncs with the device per row.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -43,13 +49,32 @@ def apply_repetition_penalty(
         scores[row, ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
 
 
+@dataclass(frozen=True)
+class Sampled:
+    """One call's choices. A row is good when `usable[row]` and not in `errors`."""
+
+    tokens: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor  # [B] float32, of the raw logits
+    usable: torch.Tensor  # [B] bool: the row's scores could be sampled from
+    errors: dict[int, Exception]  # row -> what was raised while sampling it alone
+
+
+def usable_scores(scores: torch.Tensor) -> torch.Tensor:
+    """[..., V] scores -> [...] bool: no NaN, no +infinity, and at least one finite score.
+
+    -infinity alone is a token ruled out, not a fault. (A row's max is NaN if it holds a NaN,
+    +infinity if it holds one, and -infinity if nothing else is left.)
+    """
+    return scores.amax(dim=-1).isfinite()
+
+
 def sample_next_tokens(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
     histories: Sequence[torch.Tensor | None],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row; return the tokens and their log-probabilities.
+) -> Sampled:
+    """Pick one token per row, with its log-probability; see `Sampled` for rows that failed.
 
     The log-probability is that of the raw logits, before penalty, temperature or filtering.
     Greedy rows (temperature 0) take the argmax; the others draw from their own generator.
@@ -57,36 +82,60 @@ def sample_next_tokens(
     # logits: [B, V] any float dtype; histories[b]: [n_b] int64 on logits.device, or None
     # for a row whose repetition penalty is 1
     raw = logits.float()
-    penalties = [p.repetition_penalty for p in params]
+    errors: dict[int, Exception] = {}
     scores = raw
-    if any(penalty != 1.0 for penalty in penalties):
+    if any(p.repetition_penalty != 1.0 for p in params):
         scores = raw.clone()
-        apply_repetition_penalty(scores, penalties, histories)
+        for row, p in enumerate(params):
+            try:
+                apply_repetition_penalty(
+                    scores[row : row + 1], [p.repetition_penalty], [histories[row]]
+                )
+            except Exception as error:  # this row fails alone
+                errors[row] = error
 
+    usable = usable_scores(scores)
     tokens = scores.argmax(dim=-1)
     for row, p in enumerate(params):
-        if not p.greedy:
-            tokens[row] = _draw(scores[row], p, generators[row])
+        if p.greedy or row in errors:
+            continue
+        try:
+            tokens[row], drawable = _draw(scores[row], p, generators[row])
+        except Exception as error:  # this row fails alone
+            errors[row] = error
+            continue
+        usable[row] &= drawable
 
     logprobs = raw.gather(1, tokens[:, None]).squeeze(1) - raw.logsumexp(dim=-1)
-    # tokens: [B] int64, logprobs: [B] float32
-    return tokens, logprobs
+    return Sampled(tokens, logprobs, usable, errors)
 
 
 def _draw(
     scores: torch.Tensor, p: SamplingParams, generator: torch.Generator | None
-) -> torch.Tensor:
-    """One multinomial draw from temperature-scaled, top-k then top-p filtered scores."""
-    # scores: [V] float32 -> [1] int64 token id
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One multinomial draw from temperature-scaled, top-k then top-p filtered scores, and
+    whether those scores were usable (if not, the draw is from a stand-in and means nothing)."""
+    # scores: [V] float32 -> ([1] int64 token id, [] bool)
     scores = scores / p.temperature
-    if p.top_k == 0 and p.top_p >= 1.0:
-        return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)
+    if p.top_k > 0 or p.top_p < 1.0:
+        ranked, order = scores.sort(descending=True, stable=True)
+        if p.top_k > 0:
+            ranked[p.top_k :] = float("-inf")
+        if p.top_p < 1.0:
+            probs = ranked.softmax(dim=-1)
+            mass_before = probs.cumsum(dim=-1) - probs
+            ranked = ranked.masked_fill(mass_before >= p.top_p, float("-inf"))
+    else:
+        ranked, order = scores, None
+    drawable = usable_scores(ranked)
+    # torch.multinomial would raise (or assert on the device) on NaN: draw from token 0 instead
+    probs = torch.where(drawable, ranked.softmax(dim=-1), _first_token(ranked))
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return (choice if order is None else order[choice]), drawable
 
-    ranked, order = scores.sort(descending=True, stable=True)
-    if p.top_k > 0:
-        ranked[p.top_k :] = float("-inf")
-    if p.top_p < 1.0:
-        probs = ranked.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        ranked = ranked.masked_fill(mass_before >= p.top_p, float("-inf"))
-    return order[torch.multinomial(ranked.softmax(dim=-1), 1, generator=generator)]
+
+def _first_token(scores: torch.Tensor) -> torch.Tensor:
+    """[V] -> [V] probabilities: all of the mass on token 0."""
+    stand_in = torch.zeros_like(scores)
+    stand_in[0] = 1.0
+    return stand_in

@@ -1,0 +1,145 @@
+"""What the reliability tests share: two tenants' keys, raw-stub calls, adapter files to edit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from loraserve.v1 import adapters_pb2 as apb
+from loraserve.v1 import adapters_pb2_grpc, generation_pb2_grpc
+from loraserve.v1 import generation_pb2 as gpb
+
+KEYS = {
+    "alpha-key": {"tenant": "alpha", "scopes": ["generate", "adapters:write"]},
+    "beta-key": {"tenant": "beta", "scopes": ["generate", "adapters:write"]},
+}
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Server:
+    address: str
+    log: Path
+    adapter: Path  # a valid rank-4 attention-only PEFT adapter for the served model
+
+    def log_size(self) -> int:
+        return self.log.stat().st_size
+
+    def log_since(self, offset: int) -> list[str]:
+        with self.log.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace").splitlines()
+
+
+def metadata(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+def adapter_files(directory: Path) -> dict[str, bytes]:
+    return {name: (directory / name).read_bytes() for name in (CONFIG, WEIGHTS)}
+
+
+def with_config(files: Mapping[str, bytes], change: Callable[[dict], object]) -> dict[str, bytes]:
+    """`files` with adapter_config.json edited in place by `change`."""
+    config = json.loads(files[CONFIG])
+    change(config)
+    return {**files, CONFIG: json.dumps(config).encode()}
+
+
+def upload_requests(name: str, files: Mapping[str, bytes]) -> Iterator[apb.UploadAdapterRequest]:
+    header = apb.UploadHeader(
+        name=name,
+        files=[
+            apb.AdapterFile(
+                filename=f, sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data)
+            )
+            for f, data in files.items()
+        ],
+    )
+    yield apb.UploadAdapterRequest(header=header)
+    for f, data in files.items():
+        for start in range(0, len(data), CHUNK):
+            yield apb.UploadAdapterRequest(
+                chunk=apb.FileChunk(filename=f, data=data[start : start + CHUNK])
+            )
+
+
+def upload(
+    server: Server, key: str, name: str, files: Mapping[str, bytes], timeout: float = 120
+) -> apb.UploadAdapterResponse:
+    """UploadAdapter over a fresh channel; raises grpc.RpcError when refused."""
+    with grpc.insecure_channel(server.address) as channel:
+        stub = adapters_pb2_grpc.AdapterServiceStub(channel)
+        return stub.UploadAdapter(
+            upload_requests(name, files), metadata=metadata(key), timeout=timeout
+        )
+
+
+def refusal(call: Callable[[], object]) -> grpc.RpcError:
+    """The grpc.RpcError `call` raises (it must raise one)."""
+    try:
+        call()
+    except grpc.RpcError as error:
+        return error
+    raise AssertionError("the call was accepted")
+
+
+def health_latency(channel: grpc.Channel) -> float:
+    """Seconds one health Check takes; it must answer SERVING."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    started = time.perf_counter()
+    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+    elapsed = time.perf_counter() - started
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    return elapsed
+
+
+def generation(
+    text: str, adapter: str = "", max_new_tokens: int = 8, **sampling
+) -> gpb.GenerationInput:
+    return gpb.GenerationInput(
+        text=text,
+        adapter=gpb.AdapterRef(name=adapter),
+        max_new_tokens=max_new_tokens,
+        ignore_eos=True,
+        sampling=gpb.SamplingParams(**sampling),
+    )
+
+
+@dataclass
+class Stream:
+    """A GenerateStream read to its end on the caller's thread: token arrival times, the error."""
+
+    arrivals: list[float] = field(default_factory=list)
+    error: grpc.RpcError | None = None
+    finished: bool = False
+
+    def gaps(self, after: float = 0.0, before: float = float("inf")) -> list[float]:
+        """Seconds between consecutive tokens, for tokens that arrived in (after, before]."""
+        pairs = zip(self.arrivals, self.arrivals[1:])
+        return [b - a for a, b in pairs if after < b <= before]
+
+
+def read_stream(server: Server, key: str, message: gpb.GenerationInput, into: Stream) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        call = stub.GenerateStream(
+            gpb.GenerateStreamRequest(input=message), metadata=metadata(key), timeout=300
+        )
+        try:
+            for event in call:
+                if event.HasField("token"):
+                    into.arrivals.append(time.perf_counter())
+                else:
+                    into.finished = True
+        except grpc.RpcError as error:
+            into.error = error
