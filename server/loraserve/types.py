@@ -22,10 +22,10 @@ class AdapterNotFoundError(LoraServeError):
     """The named adapter is not registered (maps to NOT_FOUND)."""
 
 
-class AdapterIncompatibleError(LoraServeError):
-    """The adapter's files are valid LoRA but do not fit this base model (FAILED_PRECONDITION).
+class AdapterRefusedError(LoraServeError):
+    """An adapter was refused; `problems` lists every problem found, not just the first.
 
-    `problems` lists every mismatch found, not just the first.
+    Raised only as one of its two kinds below, which map to different status codes.
     """
 
     def __init__(self, message: str, problems: list[str] | None = None) -> None:
@@ -34,7 +34,11 @@ class AdapterIncompatibleError(LoraServeError):
         super().__init__(message + detail)
 
 
-class InvalidAdapterError(AdapterIncompatibleError):
+class AdapterIncompatibleError(AdapterRefusedError):
+    """The adapter's files are valid LoRA but do not fit this base model (FAILED_PRECONDITION)."""
+
+
+class InvalidAdapterError(AdapterRefusedError):
     """The adapter's files themselves are malformed or unsafe (maps to INVALID_ARGUMENT)."""
 
 
@@ -45,6 +49,9 @@ class CapacityError(LoraServeError):
 class EngineDeadError(LoraServeError):
     """The engine loop stopped after an internal failure (maps to UNAVAILABLE)."""
 
+
+# The tenant of every caller when the server runs without API keys (development mode).
+DEFAULT_TENANT = "default"
 
 # Beyond these, dividing float32 logits overflows and sampling would produce NaNs.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0

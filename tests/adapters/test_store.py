@@ -32,6 +32,7 @@ from loraserve.model.tiny import write_tiny_model
 from loraserve.types import (
     AdapterIncompatibleError,
     AdapterNotFoundError,
+    AdapterRefusedError,
     InvalidAdapterError,
     InvalidRequestError,
 )
@@ -382,7 +383,7 @@ def test_invalid_publish_reports_and_leaves_nothing(base, tmp_path, case):
     )
     break_adapter(adapter)
     files = {k: v for k, v in adapter.upload().items() if v is not None}
-    with pytest.raises(AdapterIncompatibleError) as caught:
+    with pytest.raises(AdapterRefusedError) as caught:
         store.publish("acme", "chat", files, expected_sha256=adapter.expected_sha256)
     assert type(caught.value) is error
     for message in messages:

@@ -1,8 +1,8 @@
 """In-process fake loraserve services on a real loopback gRPC port.
 
-They show what the real server cannot yet (the AdapterService) or not on demand (UNAVAILABLE
-for the first calls, RESOURCE_EXHAUSTED with a retry hint), and record the metadata and the
-deadline every call arrived with.
+They stand in for the real server where a client test needs what it shows only rarely or
+slowly (UNAVAILABLE for the first calls, RESOURCE_EXHAUSTED with a retry hint, an upload kept
+byte for byte), and record the metadata and the deadline every call arrived with.
 """
 
 from __future__ import annotations

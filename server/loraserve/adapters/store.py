@@ -47,8 +47,8 @@ from loraserve.adapters.manifest import (
     is_identifier,
 )
 from loraserve.types import (
-    AdapterIncompatibleError,
     AdapterNotFoundError,
+    AdapterRefusedError,
     InvalidAdapterError,
     InvalidRequestError,
 )
@@ -169,7 +169,7 @@ class StagedUpload:
             weights = peft_format.read_peft_adapter(
                 self.directory, store.targets, store.max_rank, torch.float32
             )
-        except AdapterIncompatibleError as e:  # name the upload, not the staging directory
+        except AdapterRefusedError as e:  # name the upload, not the staging directory
             verdict = "is invalid" if isinstance(e, InvalidAdapterError) else "does not fit"
             raise type(e)(f"upload of {self.tenant}/{self.name} {verdict}:", e.problems) from None
         header = peft_format.safetensors_header(self.directory / peft_format.WEIGHTS_FILE)

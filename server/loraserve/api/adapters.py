@@ -59,7 +59,7 @@ def _header_problems(header: pb.UploadHeader) -> list[str]:
 def _upload_result(error: LoraServeError) -> str:
     if isinstance(error, CapacityError):
         return "too_large"
-    if isinstance(error, AdapterIncompatibleError) and not isinstance(error, InvalidAdapterError):
+    if isinstance(error, AdapterIncompatibleError):
         return "incompatible"
     return "invalid"
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import grpc
 
 from loraserve.metrics import Metrics
+from loraserve.types import DEFAULT_TENANT
 
 SCOPES = ("generate", "adapters:write", "admin")
-DEV_TENANT = "default"
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 ADAPTERS = "/loraserve.v1.AdapterService/"
 # Method -> scopes of which the caller needs any one.
@@ -93,7 +93,7 @@ class Authenticator:
 
     def principal(self, metadata) -> Principal | None:
         if self._keys is None:
-            return Principal(DEV_TENANT, frozenset(SCOPES))
+            return Principal(DEFAULT_TENANT, frozenset(SCOPES))
         header = dict(metadata or ()).get("authorization", "")
         scheme, _, key = header.partition(" ")
         if scheme.lower() != "bearer" or not key:

@@ -25,7 +25,7 @@ import loraserve
 from loraserve.adapters.manifest import base_fingerprint
 from loraserve.adapters.store import AdapterStore
 from loraserve.api.adapters import AdapterServicer
-from loraserve.api.auth import DEV_TENANT, Authenticator, AuthInterceptor
+from loraserve.api.auth import Authenticator, AuthInterceptor
 from loraserve.api.generation import GenerationServicer
 from loraserve.api.info import ServerInfoServicer
 from loraserve.api.state import ServerState
@@ -35,7 +35,7 @@ from loraserve.engine.core import EngineCore
 from loraserve.metrics import Metrics
 from loraserve.model.loading import LoadedModel, load_base_model
 from loraserve.model.tiny import default_model_dir
-from loraserve.types import GenerateRequest, SamplingParams
+from loraserve.types import DEFAULT_TENANT, GenerateRequest, SamplingParams
 from loraserve.v1 import (
     adapters_pb2,
     adapters_pb2_grpc,
@@ -120,7 +120,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
         log.warning(
             "no --api-keys file: single-tenant development mode (every caller is tenant %r "
             "with every scope); bound to %s",
-            DEV_TENANT,
+            DEFAULT_TENANT,
             config.host,
         )
     metrics = Metrics()

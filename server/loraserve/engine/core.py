@@ -31,6 +31,7 @@ from loraserve.model.lora import LoraContext, wrap_lora_targets
 from loraserve.model.runner import ModelRunner, RowInput
 from loraserve.model.sampling import make_generator, sample_next_tokens
 from loraserve.types import (
+    DEFAULT_TENANT,
     CapacityError,
     FinalEvent,
     FinishReason,
@@ -40,8 +41,6 @@ from loraserve.types import (
 )
 
 log = logging.getLogger(__name__)
-
-DEFAULT_TENANT = "default"
 
 
 def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
@@ -329,7 +328,6 @@ class EngineCore:
         if seq.lora_slot is not None:
             self.adapters.release(seq.lora_slot)
         self._by_id.pop(seq.request_id, None)
-        seq.finished = True
 
     # ---- introspection ------------------------------------------------------------------
 

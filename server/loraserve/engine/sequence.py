@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loraserve.model.detokenizer import IncrementalDetokenizer
-from loraserve.types import FinalEvent, SamplingParams, TokenEvent
+from loraserve.types import DEFAULT_TENANT, FinalEvent, SamplingParams, TokenEvent
 
 Event = TokenEvent | FinalEvent | Exception
 EmitFn = Callable[[Event], None]
@@ -31,7 +31,7 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
     emit: EmitFn
-    tenant: str = "default"  # metric label
+    tenant: str = DEFAULT_TENANT  # metric label
     adapter_name: str = ""  # as the caller named it: for the gateway metric only
     arrived_at: float = 0.0  # time.monotonic() at submission
     last_token_at: float = 0.0
@@ -41,7 +41,6 @@ class Sequence:
     num_cached: int = 0
     queued: bool = True  # counts against max_waiting until admitted or retired
     cancelled: bool = False
-    finished: bool = False
 
     @property
     def num_generated(self) -> int:
