@@ -1,20 +1,38 @@
-"""What the servicers share: config, authenticator, and the engine and store once they are up.
+"""What the servicers share: config, authenticator, and the runtime once the model is up.
 
-Knows nothing about protobuf messages; it only decides whether a call may reach the engine.
+Knows nothing about protobuf messages; it only decides whether a call may reach the runtime.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
 
-from loraserve.adapters.store import AdapterStore
+from loraserve.adapters.catalog import AdapterCatalog
 from loraserve.api.auth import Authenticator
 from loraserve.config import ServerConfig
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.metrics import Metrics
-from loraserve.model.loading import LoadedModel
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What clients are told about the loaded base model."""
+
+    quantization: str
+    device: str
+    max_context: int  # the most tokens (prompt + generated) one request may hold
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Everything a call reaches once start-up finished (built by `loraserve.app`)."""
+
+    engine: AsyncEngine
+    adapters: AdapterCatalog
+    model: ModelFacts
 
 
 @dataclass
@@ -22,19 +40,22 @@ class ServerState:
     config: ServerConfig
     auth: Authenticator
     metrics: Metrics
-    engine: AsyncEngine | None = None
-    store: AdapterStore | None = None
-    loaded: LoadedModel | None = None
+    runtime: Runtime | None = None
     draining: bool = False
     startup_error: str | None = None
 
-    async def engine_or_abort(self, context: grpc.aio.ServicerContext) -> AsyncEngine:
-        """The running engine, or end the call with UNAVAILABLE saying why it is not there."""
+    async def runtime_or_abort(self, context: grpc.aio.ServicerContext) -> Runtime:
+        """The running runtime, or end the call with UNAVAILABLE saying why it is not there."""
         if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        if self.engine is None:
+            await _unavailable(context, "the server is shutting down")
+        if self.runtime is None:
             reason = self.startup_error or "the model is still loading; retry shortly"
-            await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
-        if not self.engine.alive:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine stopped; see server log")
-        return self.engine
+            await _unavailable(context, reason)
+        if not self.runtime.engine.alive:
+            await _unavailable(context, "the engine stopped; see server log")
+        return self.runtime
+
+
+async def _unavailable(context: grpc.aio.ServicerContext, message: str) -> NoReturn:
+    await context.abort(grpc.StatusCode.UNAVAILABLE, message)
+    raise AssertionError("context.abort returned")

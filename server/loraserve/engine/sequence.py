@@ -1,16 +1,17 @@
 """The state of one request inside the engine, from admission to retirement.
 
 Knows nothing about the model or the scheduler's policy: it is bookkeeping of token ids, KV
-positions, the LoRA slot and where to send events.
+positions, the adapter's key and slot, and where to send events.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from loraserve.adapters.keys import AdapterKey
 from loraserve.model.detokenizer import IncrementalDetokenizer
 from loraserve.types import DEFAULT_TENANT, FinalEvent, SamplingParams, TokenEvent
 
@@ -26,16 +27,15 @@ class Sequence:
     prompt_len: int
     token_ids: list[int]
     params: SamplingParams
-    adapter_key: Hashable | None  # opaque, from the adapter manager; None = base model
+    adapter_key: AdapterKey | None  # resolved once, at submission; None = base model
     kv_tokens: int  # KV positions reserved at admission: prompt + max_new_tokens
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
     emit: EmitFn
-    tenant: str = DEFAULT_TENANT  # metric label
-    adapter_name: str = ""  # as the caller named it: for the gateway metric only
+    tenant: str = DEFAULT_TENANT  # the metric label: tenants are configured, so bounded
     arrived_at: float = 0.0  # time.monotonic() at submission
     last_token_at: float = 0.0
-    lora_slot: int | None = None  # set once the adapter manager gives the sequence a slot
+    lora_slot: int | None = None  # the slot its adapter grant holds a reference on
     slot_wait_steps: int = 0  # steps spent waiting for a slot
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0
