@@ -20,7 +20,13 @@ from loraserve.types import GenerateRequest, SamplingParams
 from loraserve.v1 import adapters_pb2 as apb
 from loraserve.v1 import adapters_pb2_grpc, generation_pb2_grpc
 from loraserve.v1 import generation_pb2 as gpb
-from loraserve_client import Client, NotFound, PermissionDenied, Unauthenticated
+from loraserve_client import (
+    Client,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
 
 KEYS = {
     "alpha-key": {"tenant": "alpha", "scopes": ["generate", "adapters:write"]},
@@ -260,11 +266,22 @@ def test_operators_prefetch_and_pin_a_tenants_adapter(server, adapter_dirs):
         while alpha.get_adapter("hot").residency != "device" and time.monotonic() < deadline:
             time.sleep(0.05)
         assert alpha.get_adapter("hot").residency == "device"
-        assert ops.pin_adapter("hot", pinned=False) is False
-        assert alpha.get_adapter("hot").pinned is False
+        for name in ("warm", "cold"):
+            alpha.upload_adapter(adapter_dirs["llama"]["r1-qv"], name, progress=False)
+        assert ops.pin_adapter("warm") is True  # both device slots are pinned now
+        with pytest.raises(ResourceExhausted, match="no device slot is free") as full:
+            ops.pin_adapter("cold")
+        assert full.value.retry_after == 1.0  # through the error table: RetryInfo and trailer
+        assert alpha.get_adapter("cold").pinned is False
+        for name in ("hot", "warm"):
+            assert ops.pin_adapter(name, pinned=False) is False
+            assert alpha.get_adapter(name).pinned is False
+        assert ops.pin_adapter("cold") is True
+        assert ops.pin_adapter("cold", pinned=False) is False
         with pytest.raises(NotFound):
             ops.prefetch_adapter("no-such-adapter")
-        alpha.delete_adapter("hot")
+        for name in ("hot", "warm", "cold"):
+            alpha.delete_adapter(name)
 
 
 def test_errors_carry_rich_details_where_they_help(server, adapter_dirs, tmp_path):

@@ -251,8 +251,8 @@ def read_peft_adapter(
             continue
         alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        modules[module] = (
-            a.to(torch.float32).to(dtype).contiguous(),
+        modules[module] = (  # own copies: a tensor from safe_open maps the file, which may change
+            a.to(torch.float32).to(dtype).clone(memory_format=torch.contiguous_format),
             (b.t().to(torch.float32) * scale).to(dtype).contiguous(),
         )
     if not pairs:
