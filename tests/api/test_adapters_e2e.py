@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from tests.api.server_process import running_server
+from tests.api.server_process import free_port, running_server, wait_for_waiting
 from tests.engine.helpers import make_core, run
 
 from loraserve.types import GenerateRequest, SamplingParams
@@ -50,7 +49,7 @@ def server(model_dirs, tmp_path_factory):
         "--adapter-dir", str(store), "--max-upload-bytes", str(4 * 1024 * 1024),
         "--device-slots", "2",
     ]  # fmt: skip
-    with running_server(*flags, log_path=root / "server.log") as (address, _, _):
+    with running_server(*flags, log_path=root / "server.log") as (address, _):
         yield address, store
 
 
@@ -221,20 +220,22 @@ def test_bad_uploads_get_their_status_and_store_nothing(server, adapter_dirs, tm
 
 
 def test_full_queue_is_resource_exhausted_and_cancel_frees_the_slot(model_dirs, tmp_path):
-    flags = ["--model", str(model_dirs["llama"]), "--device", "cpu", "--max-batch-size", "1"]
+    metrics_port = free_port()
+    flags = ["--model", str(model_dirs["llama"]), "--device", "cpu", "--max-batch-size", "1",
+             "--metrics-port", str(metrics_port)]  # fmt: skip
     env_flags = [*flags, "--max-context", "1100"]
     with running_server(*env_flags, "--config", str(_queue_config(tmp_path)),
-                        log_path=tmp_path / "server.log") as (address, _, _):  # fmt: skip
+                        log_path=tmp_path / "server.log") as (address, _):  # fmt: skip
         channel = grpc.insecure_channel(address)
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
-        long = gpb.GenerationInput(text=PROMPT, max_new_tokens=1000)
+        long = gpb.GenerationInput(text=PROMPT, max_new_tokens=1000, ignore_eos=True)
         first = stub.GenerateStream(gpb.GenerateStreamRequest(input=long), timeout=120)
         next(first)  # running, holding the only batch slot
         waiting = stub.Generate.future(
             gpb.GenerateRequest(input=gpb.GenerationInput(text=PROMPT, max_new_tokens=3)),
             timeout=120,
         )
-        threading.Event().wait(0.5)
+        wait_for_waiting(metrics_port, 1)  # the queue holds its one request
         with pytest.raises(grpc.RpcError) as caught:
             stub.Generate(gpb.GenerateRequest(input=long), timeout=30)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

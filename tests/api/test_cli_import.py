@@ -37,7 +37,7 @@ def test_import_then_serve(model_dirs, adapter_dirs, tmp_path):
 
     flags = [*common, "--device", "cpu"]
     with (
-        running_server(*flags, log_path=tmp_path / "server.log") as (address, _, _),
+        running_server(*flags, log_path=tmp_path / "server.log") as (address, _),
         Client(address) as client,
     ):
         listed = client.list_adapters()
