@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from loraserve.adapters.keys import AdapterKey, Source, local_key, store_key
 from loraserve.adapters.manager import BASE_SLOT, AdapterManager, Admission, Grant
@@ -24,13 +25,14 @@ IN, OUT, MAX_RANK = 8, 6, 4
 MODULE = "layers.0.proj"
 
 
-class FakeLayer:
+class FakeLayer(nn.Module):
     """What the manager uses of a MultiLoraLinear: its shapes and slot buffers."""
 
     def __init__(self, slots: int) -> None:
+        super().__init__()
         self.in_features, self.out_features = IN, OUT
-        self.lora_a = torch.zeros(slots, MAX_RANK, IN)
-        self.lora_b = torch.zeros(slots, MAX_RANK, OUT)
+        self.register_buffer("lora_a", torch.zeros(slots, MAX_RANK, IN))
+        self.register_buffer("lora_b", torch.zeros(slots, MAX_RANK, OUT))
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
         self.clear_slot(slot)

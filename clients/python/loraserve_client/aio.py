@@ -13,7 +13,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -53,7 +53,7 @@ async def _in_threads(items: Iterator[T]) -> AsyncIterator[T]:
     """Each `next(items)` in a worker thread, so file reads never block the event loop."""
     done = object()
     while (item := await asyncio.to_thread(next, items, done)) is not done:
-        yield item
+        yield cast(T, item)
 
 
 class AsyncGenerationStream:

@@ -35,7 +35,7 @@ def _print_json(value: Any) -> None:
             return item.isoformat()
         raise TypeError(f"cannot write {type(item).__name__} as JSON")
 
-    if dataclasses.is_dataclass(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = dataclasses.asdict(value)
     print(json.dumps(value, default=default, ensure_ascii=False), flush=True)
 

@@ -23,13 +23,13 @@ from loraserve_client.types import (
     TokenChunk,
 )
 
-FINISH_REASONS = {
+FINISH_REASONS: dict[int, str] = {
     generation_pb2.FINISH_REASON_EOS: "eos",
     generation_pb2.FINISH_REASON_LENGTH: "length",
     generation_pb2.FINISH_REASON_STOP: "stop",
     generation_pb2.FINISH_REASON_CANCELLED: "cancelled",
 }
-RESIDENCIES = {
+RESIDENCIES: dict[int, str] = {
     adapters_pb2.RESIDENCY_DISK: "disk",
     adapters_pb2.RESIDENCY_HOST: "host",
     adapters_pb2.RESIDENCY_DEVICE: "device",

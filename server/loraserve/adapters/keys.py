@@ -67,7 +67,7 @@ def local_key(name: str, directory: Path) -> AdapterKey:
     for filename in ADAPTER_FILES:
         digest = hashlib.sha256()
         with (directory / filename).open("rb") as f:
-            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+            while chunk := f.read(1 << 20):
                 digest.update(chunk)
         digests[filename] = digest.hexdigest()
     return AdapterKey(Source.LOCAL, name, content_digest(digests))

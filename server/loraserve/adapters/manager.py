@@ -118,7 +118,10 @@ class AdapterManager:
         self.targets = {name: (m.in_features, m.out_features) for name, m in layers.items()}
         self._layers = layers
         self._slot_ranks = [0] * (num_slots + 1)
-        self._slot_bytes = sum(m.lora_a[0].nbytes + m.lora_b[0].nbytes for m in layers.values())
+        self._slot_bytes = sum(
+            m.get_buffer("lora_a")[0].nbytes + m.get_buffer("lora_b")[0].nbytes
+            for m in layers.values()
+        )
         self._registry = AdapterRegistry(store)
         self._table = SlotTable(num_slots)
         self._host = HostCache(host_budget_bytes, pin_memory=device.type == "cuda")

@@ -239,7 +239,7 @@ class AdapterPublisher:
                     upload.write(filename, content)
                     continue
                 with open(content, "rb") as f:
-                    for chunk in iter(lambda f=f: f.read(CHUNK_BYTES), b""):
+                    while chunk := f.read(CHUNK_BYTES):
                         upload.write(filename, chunk)
             return upload.commit()
 
@@ -250,7 +250,7 @@ class AdapterPublisher:
         src = Path(src_dir)
         if not src.is_dir():
             raise InvalidAdapterError(f"adapter directory {str(src)!r} does not exist")
-        wanted = ADAPTER_FILES  # pickles only when there is no safetensors, to refuse them by name
+        wanted: tuple[str, ...] = ADAPTER_FILES  # pickles only without safetensors: refused by name
         if not (src / peft_format.WEIGHTS_FILE).is_file():
             wanted += peft_format.PICKLE_FILES
         return self.publish(

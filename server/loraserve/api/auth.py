@@ -23,6 +23,7 @@ from pathlib import Path
 
 import grpc
 
+from loraserve.api.errors import abort
 from loraserve.metrics import Metrics
 from loraserve.types import DEFAULT_TENANT
 
@@ -110,7 +111,7 @@ async def caller(context: grpc.aio.ServicerContext, auth: Authenticator) -> Prin
     """The authenticated caller of a servicer method (the interceptor already checked it)."""
     principal = auth.principal(context.invocation_metadata())
     if principal is None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key")
+        await abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key")
     return principal
 
 

@@ -6,12 +6,12 @@ Knows nothing about protobuf messages; it only decides whether a call may reach 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NoReturn
 
 import grpc
 
 from loraserve.adapters.catalog import AdapterCatalog
 from loraserve.api.auth import Authenticator
+from loraserve.api.errors import abort
 from loraserve.config import ServerConfig
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.metrics import Metrics
@@ -46,16 +46,12 @@ class ServerState:
 
     async def runtime_or_abort(self, context: grpc.aio.ServicerContext) -> Runtime:
         """The running runtime, or end the call with UNAVAILABLE saying why it is not there."""
+        unavailable = grpc.StatusCode.UNAVAILABLE
         if self.draining:
-            await _unavailable(context, "the server is shutting down")
+            await abort(context, unavailable, "the server is shutting down")
         if self.runtime is None:
             reason = self.startup_error or "the model is still loading; retry shortly"
-            await _unavailable(context, reason)
+            await abort(context, unavailable, reason)
         if not self.runtime.engine.alive:
-            await _unavailable(context, "the engine stopped; see server log")
+            await abort(context, unavailable, "the engine stopped; see server log")
         return self.runtime
-
-
-async def _unavailable(context: grpc.aio.ServicerContext, message: str) -> NoReturn:
-    await context.abort(grpc.StatusCode.UNAVAILABLE, message)
-    raise AssertionError("context.abort returned")

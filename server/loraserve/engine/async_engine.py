@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 from loraserve.engine.core import EngineCore
 from loraserve.engine.sequence import Event, Sequence
@@ -39,7 +39,7 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent | FinalEvent]:
+    def generate(self, request: GenerateRequest) -> AsyncGenerator[TokenEvent | FinalEvent, None]:
         """Submit `request`; raises LoraServeError subclasses for bad input before any event."""
         if not self.alive:
             raise EngineDeadError(f"the engine stopped: {self._error!r}")
@@ -58,7 +58,7 @@ class AsyncEngine:
 
     async def _events(
         self, seq: Sequence, events: asyncio.Queue[Event]
-    ) -> AsyncIterator[TokenEvent | FinalEvent]:
+    ) -> AsyncGenerator[TokenEvent | FinalEvent, None]:
         done = False
         try:
             while True:

@@ -188,7 +188,7 @@ class EngineCore:
         if request.prompt is not None:
             ids = self.tokenizer.encode(request.prompt)
         else:
-            ids = list(request.prompt_token_ids)
+            ids = list(request.prompt_token_ids or ())
             bad = [t for t in ids if not (0 <= t < self.vocab_size)]
             if bad:
                 raise InvalidRequestError(
@@ -340,8 +340,8 @@ class EngineCore:
     def _release(self, seq: Sequence) -> None:
         self._leave_queue(seq)
         self.scheduler.remove(seq)
-        if seq.lora_slot is not None:
-            self.adapters.release(seq.lora_slot)
+        if seq.held_slot is not None:
+            self.adapters.release(seq.held_slot)
         self._by_id.pop(seq.request_id, None)
 
     # ---- introspection ------------------------------------------------------------------

@@ -66,8 +66,8 @@ class Scheduler:
         failed: list[tuple[Sequence, Exception]] = []
         slotless: list[Sequence] = []
         for seq in list(self.waiting):
-            grant = self.adapters.acquire(seq.adapter_key, seq.lora_slot)
-            seq.lora_slot = grant.slot
+            grant = self.adapters.acquire(seq.adapter_key, seq.held_slot)
+            seq.held_slot = grant.slot
             if grant.error is not None:
                 failed.append((seq, grant.error))
                 continue

@@ -35,12 +35,19 @@ class Sequence:
     tenant: str = DEFAULT_TENANT  # the metric label: tenants are configured, so bounded
     arrived_at: float = 0.0  # time.monotonic() at submission
     last_token_at: float = 0.0
-    lora_slot: int | None = None  # the slot its adapter grant holds a reference on
+    held_slot: int | None = None  # the slot its adapter grant holds a reference on, if any
     slot_wait_steps: int = 0  # steps spent waiting for a slot
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0
     queued: bool = True  # counts against max_waiting until admitted or retired
     cancelled: bool = False
+
+    @property
+    def lora_slot(self) -> int:
+        """The LoRA slot of an admitted sequence (admission waits until its grant is READY)."""
+        if self.held_slot is None:
+            raise RuntimeError(f"request {self.request_id} has no LoRA slot before admission")
+        return self.held_slot
 
     @property
     def num_generated(self) -> int:
