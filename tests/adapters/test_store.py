@@ -450,6 +450,7 @@ def assert_consistent(base: Base, root: Path) -> set[str]:
     return on_disk
 
 
+@pytest.mark.slow
 def test_a_crash_at_any_step_leaves_each_version_absent_or_complete(base, tmp_path):
     steps = []
     recorder = make_publisher(base, tmp_path / "recorded", checkpoint=steps.append)

@@ -27,6 +27,8 @@ from loraserve_client import (
     Unauthenticated,
 )
 
+pytestmark = pytest.mark.slow  # real server processes
+
 KEYS = {
     "alpha-key": {"tenant": "alpha", "scopes": ["generate", "adapters:write"]},
     "beta-key": {"tenant": "beta", "scopes": ["generate", "adapters:write"]},

@@ -6,9 +6,12 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from tests.api.server_process import running_server
 
 from loraserve_client import Client
+
+pytestmark = pytest.mark.slow  # a real server process
 
 
 def loraserve(*args: str) -> subprocess.CompletedProcess:

@@ -25,6 +25,8 @@ from loraserve.types import GenerateRequest, SamplingParams
 from loraserve.v1 import generation_pb2 as pb
 from loraserve.v1 import generation_pb2_grpc, server_pb2, server_pb2_grpc
 
+pytestmark = pytest.mark.slow  # real server processes
+
 ADAPTERS = ("r4-attn", "r8-all", "r64-all")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -20,6 +20,8 @@ from loraserve.v1 import generation_pb2 as gpb
 from loraserve.v1 import generation_pb2_grpc
 from loraserve_client import Client, InvalidArgument, ResourceExhausted, Unauthenticated
 
+pytestmark = pytest.mark.slow  # real server processes and Prometheus
+
 REPO = Path(__file__).resolve().parents[2]
 KEY = "metrics-key"
 

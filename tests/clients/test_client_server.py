@@ -23,6 +23,8 @@ from loraserve_client import (
 )
 from loraserve_client.cli import main
 
+pytestmark = pytest.mark.slow  # a real server process
+
 ADAPTER = "r4-attn"
 PROMPT = "The quick brown fox"
 MAX_NEW = 8

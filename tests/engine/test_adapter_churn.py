@@ -44,6 +44,7 @@ def request(prompt: str, adapter: str | None) -> GenerateRequest:
     )
 
 
+@pytest.mark.slow
 def test_churn_with_more_adapters_than_slots_never_mixes_weights(model_dirs, tmp_path):
     reference = make_core(model_dirs["llama"], device_slots=SLOTS, max_batch_size=32)
     directories = {
@@ -154,6 +155,7 @@ def test_cold_load_does_not_stall_running_sequences(model_dirs, tmp_path, monkey
     assert len(waiting.tokens) == MAX_NEW
 
 
+@pytest.mark.slow
 def test_a_cold_adapter_is_not_starved_by_a_stream_of_hot_requests(model_dirs, tmp_path):
     core = make_core(model_dirs["llama"], device_slots=1, max_batch_size=4, slot_patience_steps=4)
     for name in ("hot", "cold"):

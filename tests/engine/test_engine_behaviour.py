@@ -86,6 +86,7 @@ ARRIVING = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantization", ["nf4", "none"])
 def test_arrivals_mid_decode_do_not_change_running_requests(quantization, model_dirs, adapter_dirs):
     # A small step-token cap makes the long arrival's prefill share steps with the decodes.
@@ -116,6 +117,7 @@ SEEDED = SamplingParams(
 )
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch(model_dirs, adapter_dirs):
     core = ready_core(model_dirs, adapter_dirs, "nf4")
     target = GenerateRequest(prompt=PROMPTS[0], adapter="r8-rslora", sampling=SEEDED)
