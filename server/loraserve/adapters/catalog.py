@@ -31,22 +31,22 @@ class AdapterCatalog:
     def __init__(
         self, store: AdapterStore, publisher: AdapterPublisher, manager: AdapterManager
     ) -> None:
-        self.store = store
-        self.publisher = publisher
-        self.manager = manager
+        self._store = store
+        self._publisher = publisher
+        self._manager = manager
 
     def staging(
         self, tenant: str, name: str, version: str | None, expected_sha256: Mapping[str, str]
     ) -> AbstractContextManager[StagedUpload]:
         """A writer for one new version (see `AdapterPublisher.staging`)."""
-        return self.publisher.staging(tenant, name, version, expected_sha256)
+        return self._publisher.staging(tenant, name, version, expected_sha256)
 
     def describe(self, manifest: AdapterManifest) -> StoredAdapter:
-        return StoredAdapter(manifest, self.manager.status(store_key(manifest)))
+        return StoredAdapter(manifest, self._manager.status(store_key(manifest)))
 
     def page(self, tenant: str, page_size: int, page_token: str) -> tuple[list[StoredAdapter], str]:
         """One page of the tenant's versions and the next page's token ("" after the last)."""
-        manifests, token = self.store.list_adapters(tenant, page_size, page_token)
+        manifests, token = self._store.list_adapters(tenant, page_size, page_token)
         return [self.describe(m) for m in manifests], token
 
     def get(self, tenant: str, name: str, version: str | None) -> StoredAdapter:
@@ -57,26 +57,26 @@ class AdapterCatalog:
         if version:
             doomed = [self._manifest(tenant, name, version)]
         else:
-            doomed = self.store.versions(tenant, name)
-        self.store.delete(tenant, name, version)
+            doomed = self._store.versions(tenant, name)
+        self._store.delete(tenant, name, version)
         for manifest in doomed:  # in-flight requests keep their slot; new ones cannot reach it
-            self.manager.forget(store_key(manifest))
+            self._manager.forget(store_key(manifest))
         return [m.version for m in doomed]
 
     def prefetch(self, tenant: str, name: str, version: str | None, wait_s: float) -> str:
         """Start loading into a device slot (into host RAM when no slot is free), wait up to
         `wait_s` for the loads, and return where it got to."""
         key = self._key(tenant, name, version)
-        if not self.manager.prefetch(key):
-            self.manager.warm_host(key)
-        self.manager.wait_for_loads(wait_s)
-        return self.manager.status(key).residency
+        if not self._manager.prefetch(key):
+            self._manager.warm_host(key)
+        self._manager.wait_for_loads(wait_s)
+        return self._manager.status(key).residency
 
     def pin(self, tenant: str, name: str, version: str | None, pinned: bool) -> bool:
-        return self.manager.pin(self._key(tenant, name, version), pinned)
+        return self._manager.pin(self._key(tenant, name, version), pinned)
 
     def _manifest(self, tenant: str, name: str, version: str | None) -> AdapterManifest:
-        return self.store.manifest(self.store.resolve(tenant, name, version))
+        return self._store.manifest(self._store.resolve(tenant, name, version))
 
     def _key(self, tenant: str, name: str, version: str | None) -> AdapterKey:
         return store_key(self._manifest(tenant, name, version))

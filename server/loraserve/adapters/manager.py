@@ -137,10 +137,6 @@ class AdapterManager:
         each step to slice LoRA buffers to the batch's rank; it is updated in place."""
         return self._slot_ranks
 
-    @property
-    def num_slots(self) -> int:
-        return len(self._table.slots)
-
     # ---- names -> keys ------------------------------------------------------------------
 
     def load(self, name: str, directory: str | Path) -> AdapterKey:

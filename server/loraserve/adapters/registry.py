@@ -20,7 +20,7 @@ from loraserve.types import AdapterNotFoundError
 
 class AdapterRegistry:
     def __init__(self, store: AdapterStore | None = None) -> None:
-        self.store = store
+        self._store = store
         self._local: dict[str, AdapterKey] = {}  # name -> key of its current registration
         self._paths: dict[AdapterKey, Path] = {}  # every local key ever registered
         self._lock = threading.Lock()
@@ -47,8 +47,8 @@ class AdapterRegistry:
         """The key of `name` for `tenant` (its own adapters first, then shared); None = base."""
         if not name:
             return None
-        if self.store is not None and tenant is not None:
-            key = self.store.lookup(tenant, name, version)
+        if self._store is not None and tenant is not None:
+            key = self._store.lookup(tenant, name, version)
             if key is not None:
                 return key
         with self._lock:
@@ -63,9 +63,9 @@ class AdapterRegistry:
     def directory(self, key: AdapterKey) -> Path:
         """Where `key`'s files are; AdapterNotFoundError when nothing holds them any more."""
         if key.source is Source.STORE:
-            if self.store is None:
+            if self._store is None:
                 raise AdapterNotFoundError(f"adapter {key} needs an adapter store")
-            return self.store.directory(key)
+            return self._store.directory(key)
         with self._lock:
             directory = self._paths.get(key)
         if directory is None:
