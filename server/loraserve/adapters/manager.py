@@ -155,7 +155,7 @@ class AdapterManager:
             self._failures.pop(key, None)  # the same files again: an operator's retry
             if replaced is not None and replaced != key:
                 self.forget(replaced)
-            self._host.put(key, weights)
+        self._host.put(key, weights)
         return key
 
     def unload(self, name: str) -> None:

@@ -20,7 +20,6 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from loraserve.adapters.catalog import AdapterCatalog, StoredAdapter
-from loraserve.adapters.manifest import AdapterManifest
 from loraserve.adapters.staging import upload_file_problems
 from loraserve.api.auth import caller
 from loraserve.api.errors import abort_with
@@ -61,7 +60,7 @@ def _upload_result(error: LoraServeError) -> str:
 
 
 def _message(adapter: StoredAdapter) -> pb.Adapter:
-    manifest: AdapterManifest = adapter.manifest
+    manifest = adapter.manifest
     created = Timestamp()
     created.FromDatetime(datetime.fromisoformat(manifest.created_at))
     return pb.Adapter(
