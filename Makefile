@@ -7,7 +7,8 @@ proto:  ## regenerate server/loraserve/v1 from protos/
 	$(PY) protos/generate.py
 
 lint:
-	$(PY) -m ruff check . && $(PY) -m ruff format --check . && cd protos && ../$(BUF) lint
+	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(PY) -m mypy
+	cd protos && ../$(BUF) lint
 
 format:
 	$(PY) -m ruff check --fix . && $(PY) -m ruff format .

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from loraserve.adapters.manager import Admission
 from loraserve.adapters.peft_format import read_peft_adapter
 from loraserve.config import EngineConfig
 from loraserve.engine.core import EngineCore
@@ -61,19 +62,20 @@ def build_zipf_engine(engine_config: EngineConfig, adapter_dirs: list[Path]) -> 
 
 
 def cold_load_ms(core: EngineCore, adapter_dir: Path, loads: int = COLD_LOADS) -> list[float]:
-    """Milliseconds from reserving an adapter that is in no tier to its slot being ready."""
+    """Milliseconds from asking for an adapter that is in no tier to its slot being ready."""
     manager = core.adapters
     times = []
     for i in range(loads):
         key = manager.load(f"cold-{i}", adapter_dir)
-        manager.host.discard(key)  # only on disk now
+        manager.forget(key)  # out of the host tier (and of any slot): only on disk now
         start = time.perf_counter()
-        slot = manager.reserve(key)
-        assert slot is not None, "no free slot for the cold-load measurement"
+        grant = manager.acquire(key)
+        assert grant.slot is not None, "no free slot for the cold-load measurement"
         assert manager.wait_for_loads(timeout=60)
-        assert manager.is_ready(slot), manager.load_error(slot)
+        grant = manager.acquire(key, grant.slot)
+        assert grant.admission is Admission.READY, grant.error
         times.append((time.perf_counter() - start) * 1e3)
-        manager.release(slot)
+        manager.release(grant.slot)
         manager.unload(f"cold-{i}")
     return times
 

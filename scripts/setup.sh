@@ -20,5 +20,5 @@ python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e '.[dev,bench]'
-.venv/bin/python -m loraserve.model.kernels.build  # the C++ CPU kernels for this CPU
+.venv/bin/python -m loraserve.model.kernels  # the C++ CPU kernels for this CPU
 npm install --silent --no-save --prefix .tools @bufbuild/buf

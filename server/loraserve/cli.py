@@ -120,6 +120,7 @@ def _import(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
     from loraserve.adapters.manifest import base_fingerprint
+    from loraserve.adapters.staging import AdapterPublisher
     from loraserve.adapters.store import AdapterStore
     from loraserve.model.loading import lora_target_shapes
     from loraserve.model.tiny import default_model_dir
@@ -127,9 +128,10 @@ def _import(args: argparse.Namespace) -> int:
 
     model = args.model or str(default_model_dir())
     fingerprint = base_fingerprint(AutoConfig.from_pretrained(model).to_dict(), args.quantization)
-    store = AdapterStore(args.adapter_dir, fingerprint, lora_target_shapes(model), args.max_rank)
+    store = AdapterStore(args.adapter_dir)
+    publisher = AdapterPublisher(store, fingerprint, lora_target_shapes(model), args.max_rank)
     try:
-        manifest = store.publish_dir(args.tenant, args.name, args.directory, args.version)
+        manifest = publisher.publish_dir(args.tenant, args.name, args.directory, args.version)
     except LoraServeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -138,7 +140,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from loraserve.api.server import serve
+    from loraserve.app import serve
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     file_values = json.loads(args.config.read_text()) if args.config else {}

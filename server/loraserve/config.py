@@ -155,5 +155,7 @@ def _adapter_pair(item: str | Sequence[str]) -> tuple[str, str]:
         if not sep or not name or not path:
             raise ValueError(f"adapter {item!r} must look like NAME=DIRECTORY")
         return name, path
-    name, path = item
-    return str(name), str(path)
+    pair = tuple(item)
+    if len(pair) != 2:
+        raise ValueError(f"adapter {item!r} must be a [name, directory] pair")
+    return str(pair[0]), str(pair[1])

@@ -34,17 +34,44 @@ TIERS = ("host", "device")
 
 
 @dataclass(frozen=True)
+class TierStats:
+    """One adapter cache tier: lookups found and missing, evictions, bytes held."""
+
+    hits: int
+    misses: int
+    evictions: int
+    resident_bytes: int  # host: weights; device: the buffers of occupied slots
+
+
+@dataclass(frozen=True)
+class AdapterStats:
+    """The adapter manager's snapshot (`AdapterManager.stats`)."""
+
+    slots_used: int
+    slots_total: int
+    references: int  # slot references held by queued and running requests
+    host_entries: int
+    load_failures: int
+    host: TierStats
+    device: TierStats
+
+    @property
+    def tiers(self) -> dict[str, TierStats]:
+        return {"host": self.host, "device": self.device}
+
+
+@dataclass(frozen=True)
 class LiveState:
     """What the scrape-time gauges read; each field a cheap snapshot."""
 
     running: int
     waiting: int
     kv_usage_ratio: float
-    slots_used: int
-    slots_total: int
-    resident_bytes: dict[str, int]  # tier -> bytes
-    tier_counters: dict[str, tuple[int, int, int]]  # tier -> (hits, misses, evictions)
-    running_adapters: tuple[str, ...]  # adapter names, for the gateway gauge
+    adapters: AdapterStats
+    # Adapter names of running and waiting requests, for the gateway gauge only: each comes
+    # from a resolved adapter key (`AdapterKey.name`), so they are bounded by the adapters
+    # registered or stored, never free text from a request.
+    running_adapters: tuple[str, ...]
     waiting_adapters: tuple[str, ...]
     prefix_cache: tuple[int, int, int] = (0, 0, 0)  # (cached blocks, queried, hit)
     updated_at: float = field(default_factory=time.time)
@@ -71,29 +98,30 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily(
             "loraserve_adapter_slots_used",
             "Device slots holding an adapter.",
-            value=state.slots_used,
+            value=state.adapters.slots_used,
         )
         yield GaugeMetricFamily(
-            "loraserve_adapter_slots", "Device slots for adapters.", value=state.slots_total
+            "loraserve_adapter_slots",
+            "Device slots for adapters.",
+            value=state.adapters.slots_total,
         )
         resident = GaugeMetricFamily(
             "loraserve_adapter_resident_bytes",
             "Memory holding adapters, per tier (host: weights; device: slot buffers in use).",
             labels=["tier"],
         )
-        for tier, size in state.resident_bytes.items():
-            resident.add_metric([tier], size)
+        tiers = state.adapters.tiers
+        for tier, stats in tiers.items():
+            resident.add_metric([tier], stats.resident_bytes)
         yield resident
-        for i, (name, text) in enumerate(
-            (
-                ("loraserve_adapter_cache_hits", "Adapter lookups found in a tier."),
-                ("loraserve_adapter_cache_misses", "Adapter lookups missing a tier."),
-                ("loraserve_adapter_evictions", "Adapters evicted from a tier."),
-            )
+        for name, text, count in (
+            ("loraserve_adapter_cache_hits", "Adapter lookups found in a tier.", "hits"),
+            ("loraserve_adapter_cache_misses", "Adapter lookups missing a tier.", "misses"),
+            ("loraserve_adapter_evictions", "Adapters evicted from a tier.", "evictions"),
         ):
             family = CounterMetricFamily(name, text, labels=["tier"])
-            for tier, counts in state.tier_counters.items():
-                family.add_metric([tier], counts[i])
+            for tier, stats in tiers.items():
+                family.add_metric([tier], getattr(stats, count))
             yield family
         cached, queried, hit = state.prefix_cache
         yield GaugeMetricFamily(
@@ -134,7 +162,7 @@ class _LiveCollector(Collector):
             [
                 ",".join(state.running_adapters),
                 ",".join(state.waiting_adapters),
-                str(state.slots_total),
+                str(state.adapters.slots_total),
             ],
             state.updated_at,
         )

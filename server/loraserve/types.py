@@ -51,11 +51,12 @@ class AdapterNotFoundError(LoraServeError):
     """The named adapter is not registered (maps to NOT_FOUND)."""
 
 
-class AdapterIncompatibleError(LoraServeError):
-    """The adapter's files are valid LoRA but do not fit this base model (FAILED_PRECONDITION).
+class AdapterRefusedError(LoraServeError):
+    """An adapter was refused; `problems` lists every problem found, not just the first.
 
-    Every mismatch is found; `problems` keeps the first MAX_PROBLEMS_SHOWN (each cut to
-    MAX_PROBLEM_CHARS) and `omitted` counts the rest, so the message stays small.
+    Every problem is found; `problems` keeps the first MAX_PROBLEMS_SHOWN (each cut to
+    MAX_PROBLEM_CHARS) and `omitted` counts the rest, so the message stays small. Raised only
+    as one of its two kinds below, which map to different status codes.
     """
 
     def __init__(self, message: str, problems: list[str] | None = None, omitted: int = 0) -> None:
@@ -67,12 +68,16 @@ class AdapterIncompatibleError(LoraServeError):
             detail += f"\n  - and {self.omitted} more"
         super().__init__(clip(message, MAX_HEADLINE_CHARS) + detail)
 
-    def reworded(self, message: str) -> AdapterIncompatibleError:
+    def reworded(self, message: str) -> AdapterRefusedError:
         """The same problems under a new headline (of the same error type)."""
         return type(self)(message, self.problems, self.omitted)
 
 
-class InvalidAdapterError(AdapterIncompatibleError):
+class AdapterIncompatibleError(AdapterRefusedError):
+    """The adapter's files are valid LoRA but do not fit this base model (FAILED_PRECONDITION)."""
+
+
+class InvalidAdapterError(AdapterRefusedError):
     """The adapter's files themselves are malformed or unsafe (maps to INVALID_ARGUMENT)."""
 
 
@@ -83,6 +88,9 @@ class CapacityError(LoraServeError):
 class EngineDeadError(LoraServeError):
     """The engine loop stopped after an internal failure (maps to UNAVAILABLE)."""
 
+
+# The tenant of every caller when the server runs without API keys (development mode).
+DEFAULT_TENANT = "default"
 
 # Beyond these, dividing float32 logits overflows and sampling would produce NaNs.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0

@@ -16,23 +16,24 @@ import sys
 import traceback
 from pathlib import Path
 
+from loraserve.adapters.staging import AdapterPublisher
 from loraserve.adapters.store import AdapterStore
 
 TENANT, NAME, FINGERPRINT, MAX_RANK = "acme", "chat", "crash-test", 64
 
 
-def scenario(store: AdapterStore, first: Path, second: Path) -> None:
+def scenario(publisher: AdapterPublisher, first: Path, second: Path) -> None:
     """Every kind of mutation: publishes that add and move `latest`, deletes that move it back."""
-    store.publish_dir(TENANT, NAME, first)
-    store.publish_dir(TENANT, NAME, second)
+    store = publisher.store
+    publisher.publish_dir(TENANT, NAME, first)
+    publisher.publish_dir(TENANT, NAME, second)
     store.delete(TENANT, NAME, "2")
-    store.publish_dir(TENANT, NAME, second, version="exp")
+    publisher.publish_dir(TENANT, NAME, second, version="exp")
     store.delete(TENANT, NAME, "exp")
     store.delete(TENANT, NAME)
 
 
 def run_until_killed(root: str, targets: dict, first: Path, second: Path, kill_at: int) -> None:
-    store = AdapterStore(root, FINGERPRINT, targets, MAX_RANK)
     reached = 0
 
     def checkpoint(step: str) -> None:
@@ -41,8 +42,8 @@ def run_until_killed(root: str, targets: dict, first: Path, second: Path, kill_a
             os.kill(os.getpid(), signal.SIGKILL)
         reached += 1
 
-    store._checkpoint = checkpoint
-    scenario(store, first, second)
+    store = AdapterStore(root, checkpoint)
+    scenario(AdapterPublisher(store, FINGERPRINT, targets, MAX_RANK), first, second)
 
 
 def main(root_prefix: str, targets_json: str, first: str, second: str, count: str) -> None:

@@ -25,13 +25,16 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from loraserve.adapters import peft_config, peft_format
+from loraserve.adapters.keys import store_key
 from loraserve.adapters.manifest import IDENTIFIER_RULE, AdapterRef, base_fingerprint
 from loraserve.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_peft_adapter
+from loraserve.adapters.staging import AdapterPublisher
 from loraserve.adapters.store import AdapterStore
 from loraserve.model.tiny import write_tiny_model
 from loraserve.types import (
     AdapterIncompatibleError,
     AdapterNotFoundError,
+    AdapterRefusedError,
     InvalidAdapterError,
     InvalidRequestError,
 )
@@ -68,8 +71,11 @@ def base(tmp_path_factory) -> Base:
     )
 
 
-def make_store(base: Base, root: Path, max_rank: int = MAX_RANK) -> AdapterStore:
-    return AdapterStore(root, base.fingerprint, base.targets, max_rank)
+def make_publisher(base: Base, root: Path, checkpoint=None) -> AdapterPublisher:
+    """A publisher validating against `base`, over a store at `root` (`.store`)."""
+    return AdapterPublisher(
+        AdapterStore(root, checkpoint), base.fingerprint, base.targets, MAX_RANK
+    )
 
 
 def sha256(path: Path) -> str:
@@ -98,8 +104,9 @@ def assert_intact(store: AdapterStore, ref: AdapterRef) -> None:
 
 
 def test_publish_resolve_delete_lifecycle(base, tmp_path):
-    store = make_store(base, tmp_path / "root")
-    first = store.publish_dir("acme", "chat", base.first)
+    publisher = make_publisher(base, tmp_path / "root")
+    store = publisher.store
+    first = publisher.publish_dir("acme", "chat", base.first)
     assert (first.version, first.rank, first.lora_alpha, first.dtype) == ("1", 4, 8.0, "float32")
     assert first.target_modules == ("k_proj", "o_proj", "q_proj", "v_proj")
     assert first.base_fingerprint == base.fingerprint
@@ -109,19 +116,21 @@ def test_publish_resolve_delete_lifecycle(base, tmp_path):
     read_peft_adapter(store.path(first.ref), base.targets, MAX_RANK, torch.float32)
 
     files = {f: (base.second / f).read_bytes() for f in (CONFIG_FILE, WEIGHTS_FILE)}
-    second = store.publish("acme", "chat", files)
+    second = publisher.publish("acme", "chat", files)
     assert second.version == "2" and store.resolve("acme", "chat").version == "2"
     assert store.resolve("acme", "chat", "1") == first.ref
-    assert store.find("acme", "chat") == second.ref and store.find("acme", "chat", "1") == first.ref
+    assert store.lookup("acme", "chat") == store_key(second) != store_key(first)
+    assert store.lookup("acme", "chat", "1") == store_key(first)
+    assert store.directory(store_key(first)) == store.path(first.ref)
     for missing in [("acme", "other"), ("acme", "chat", "3"), ("acme", "my adapter")]:
-        assert store.find(*missing) is None
+        assert store.lookup(*missing) is None
 
     with pytest.raises(InvalidRequestError, match="versions are immutable"):
-        store.publish("acme", "chat", files, version="1")
+        publisher.publish("acme", "chat", files, version="1")
     assert store.manifest(first.ref) == first
     assert_intact(store, first.ref)
 
-    restarted = make_store(base, tmp_path / "root")
+    restarted = AdapterStore(tmp_path / "root")
     assert restarted.list_adapters("acme") == ([first, second], "")
     assert restarted.resolve("acme", "chat").version == "2"
 
@@ -140,15 +149,16 @@ def test_publish_resolve_delete_lifecycle(base, tmp_path):
 
 
 def test_list_pages_by_name_then_version(base, tmp_path):
-    store = make_store(base, tmp_path / "root")
+    publisher = make_publisher(base, tmp_path / "root")
+    store = publisher.store
     published = [
-        store.publish_dir("acme", "beta", base.second),
-        store.publish_dir("acme", "alpha", base.second),
-        store.publish_dir("acme", "alpha", base.second, version="10"),
-        store.publish_dir("acme", "alpha", base.second, version="exp"),
-        store.publish_dir("other", "alpha", base.second),
+        publisher.publish_dir("acme", "beta", base.second),
+        publisher.publish_dir("acme", "alpha", base.second),
+        publisher.publish_dir("acme", "alpha", base.second, version="10"),
+        publisher.publish_dir("acme", "alpha", base.second, version="exp"),
+        publisher.publish_dir("other", "alpha", base.second),
     ]
-    assert store.publish_dir("acme", "alpha", base.second).version == "11"
+    assert publisher.publish_dir("acme", "alpha", base.second).version == "11"
     published.append(store.manifest(AdapterRef("acme", "alpha", "11")))
     expected = [("alpha", "1"), ("alpha", "10"), ("alpha", "11"), ("alpha", "exp"), ("beta", "1")]
     for page_size in (1, 2, 4, 5, 0):
@@ -170,9 +180,10 @@ def test_list_pages_by_name_then_version(base, tmp_path):
 
 
 def test_streaming_upload_and_abandoned_uploads(base, tmp_path):
-    store = make_store(base, tmp_path / "root")
+    publisher = make_publisher(base, tmp_path / "root")
+    store = publisher.store
     weights = (base.first / WEIGHTS_FILE).read_bytes()
-    with store.staging("acme", "chat", version="v1") as upload:
+    with publisher.staging("acme", "chat", version="v1") as upload:
         upload.write(CONFIG_FILE, (base.first / CONFIG_FILE).read_bytes())
         for start in range(0, len(weights), 1000):
             upload.write(WEIGHTS_FILE, weights[start : start + 1000])
@@ -180,21 +191,22 @@ def test_streaming_upload_and_abandoned_uploads(base, tmp_path):
     assert manifest.files[WEIGHTS_FILE]["sha256"] == hashlib.sha256(weights).hexdigest()
     assert_intact(store, manifest.ref)
 
-    with pytest.raises(RuntimeError), store.staging("acme", "chat") as upload:
+    with pytest.raises(RuntimeError), publisher.staging("acme", "chat") as upload:
         upload.write(CONFIG_FILE, b"{}")
         raise RuntimeError("client went away")
-    with store.staging("acme", "chat") as upload:
+    with publisher.staging("acme", "chat") as upload:
         upload.write(WEIGHTS_FILE, weights)
     assert list((tmp_path / "root/.staging").iterdir()) == []
     assert store.list_adapters("acme")[0] == [manifest]
 
 
 def test_import_takes_safetensors_and_refuses_pickle_only_directories(base, tmp_path):
-    store = make_store(base, tmp_path / "root")
+    publisher = make_publisher(base, tmp_path / "root")
+    store = publisher.store
     both = tmp_path / "both"
     shutil.copytree(base.first, both)
     (both / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")
-    manifest = store.publish_dir("acme", "chat", both)
+    manifest = publisher.publish_dir("acme", "chat", both)
     assert sorted(p.name for p in store.path(manifest.ref).iterdir()) == [
         CONFIG_FILE,
         WEIGHTS_FILE,
@@ -202,19 +214,20 @@ def test_import_takes_safetensors_and_refuses_pickle_only_directories(base, tmp_
     ]
     (both / WEIGHTS_FILE).unlink()
     with pytest.raises(InvalidAdapterError, match=re.escape("'adapter_model.bin': pickle")):
-        store.publish_dir("acme", "chat", both)
+        publisher.publish_dir("acme", "chat", both)
     with pytest.raises(InvalidAdapterError, match="does not exist"):
-        store.publish_dir("acme", "chat", tmp_path / "missing")
+        publisher.publish_dir("acme", "chat", tmp_path / "missing")
     assert [m.version for m in store.list_adapters("acme")[0]] == ["1"]
 
 
 def test_concurrent_publishes_get_distinct_versions(base, tmp_path):
-    store = make_store(base, tmp_path / "root")
+    publisher = make_publisher(base, tmp_path / "root")
+    store = publisher.store
     versions, errors = [], []
 
     def publish() -> None:
         try:
-            versions.append(store.publish_dir("acme", "chat", base.second).version)
+            versions.append(publisher.publish_dir("acme", "chat", base.second).version)
         except Exception as e:  # reported below
             errors.append(e)
 
@@ -373,8 +386,9 @@ VALIDATION_CASES = {
 @pytest.mark.parametrize("case", VALIDATION_CASES)
 def test_invalid_publish_reports_and_leaves_nothing(base, tmp_path, case):
     break_adapter, error, messages = VALIDATION_CASES[case]
-    store = make_store(base, tmp_path / "root")
-    store.publish_dir("acme", "chat", base.first)
+    publisher = make_publisher(base, tmp_path / "root")
+    store = publisher.store
+    publisher.publish_dir("acme", "chat", base.first)
     before = snapshot(tmp_path, mtimes=False)
     adapter = Adapter(
         json.loads((base.first / CONFIG_FILE).read_text()),
@@ -382,8 +396,8 @@ def test_invalid_publish_reports_and_leaves_nothing(base, tmp_path, case):
     )
     break_adapter(adapter)
     files = {k: v for k, v in adapter.upload().items() if v is not None}
-    with pytest.raises(AdapterIncompatibleError) as caught:
-        store.publish("acme", "chat", files, expected_sha256=adapter.expected_sha256)
+    with pytest.raises(AdapterRefusedError) as caught:
+        publisher.publish("acme", "chat", files, expected_sha256=adapter.expected_sha256)
     assert type(caught.value) is error
     for message in messages:
         assert message in str(caught.value)
@@ -394,9 +408,9 @@ def test_invalid_publish_reports_and_leaves_nothing(base, tmp_path, case):
 
 def test_weights_over_the_size_cap_are_refused_while_streaming(base, tmp_path, monkeypatch):
     monkeypatch.setattr(peft_format, "MAX_WEIGHTS_BYTES", 1000)
-    store = make_store(base, tmp_path / "root")
+    publisher = make_publisher(base, tmp_path / "root")
     with pytest.raises(InvalidAdapterError, match="larger than the 1000 byte cap"):
-        store.publish_dir("acme", "chat", base.first)
+        publisher.publish_dir("acme", "chat", base.first)
     assert list((tmp_path / "root/.staging").iterdir()) == []
 
 
@@ -420,7 +434,7 @@ def test_base_fingerprint_depends_on_shapes_and_quantization_only():
 def assert_consistent(base: Base, root: Path) -> set[str]:
     """After a restart: staging is empty, every version on disk is indexed and complete, and
     `latest` names one of them. Returns the versions present."""
-    store = AdapterStore(root, crash_publisher.FINGERPRINT, base.targets, crash_publisher.MAX_RANK)
+    store = AdapterStore(root)
     assert list((root / ".staging").iterdir()) == []
     versions_dir = root / crash_publisher.TENANT / crash_publisher.NAME / "versions"
     on_disk = {p.name for p in versions_dir.iterdir()} if versions_dir.exists() else set()
@@ -436,10 +450,10 @@ def assert_consistent(base: Base, root: Path) -> set[str]:
     return on_disk
 
 
+@pytest.mark.slow
 def test_a_crash_at_any_step_leaves_each_version_absent_or_complete(base, tmp_path):
     steps = []
-    recorder = make_store(base, tmp_path / "recorded")
-    recorder._checkpoint = steps.append
+    recorder = make_publisher(base, tmp_path / "recorded", checkpoint=steps.append)
     crash_publisher.scenario(recorder, base.first, base.second)
     assert {"publish:files-written", "publish:renamed", "delete:moved"} <= set(steps)
 
@@ -462,9 +476,9 @@ def test_a_crash_at_any_step_leaves_each_version_absent_or_complete(base, tmp_pa
 
 def test_start_up_cleans_staging_and_ignores_broken_versions(base, tmp_path):
     root = tmp_path / "root"
-    store = make_store(base, root)
+    publisher = make_publisher(base, root)
     for _ in range(3):
-        store.publish_dir("acme", "chat", base.second)
+        publisher.publish_dir("acme", "chat", base.second)
     versions = root / "acme/chat/versions"
     (root / ".staging/leftover").mkdir()
     (root / ".staging/leftover/adapter_model.safetensors").write_bytes(b"partial")
@@ -477,10 +491,10 @@ def test_start_up_cleans_staging_and_ignores_broken_versions(base, tmp_path):
     (versions / "4/manifest.json").write_text(json.dumps({**manifest, "created_at": 5}))
     (versions / "bad..name").mkdir()
 
-    restarted = make_store(base, root)
+    restarted = make_publisher(base, root)
     assert list((root / ".staging").iterdir()) == []
-    assert [m.version for m in restarted.list_adapters("acme")[0]] == ["1"]
-    assert restarted.resolve("acme", "chat").version == "1"  # latest pointed at the broken 3
+    assert [m.version for m in restarted.store.list_adapters("acme")[0]] == ["1"]
+    assert restarted.store.resolve("acme", "chat").version == "1"  # latest was the broken 3
     assert (root / "acme/chat/latest").read_text().strip() == "1"
     # the next integer skips the ignored directories rather than colliding with them
     assert restarted.publish_dir("acme", "chat", base.second).version == "5"
@@ -499,14 +513,15 @@ def test_bad_identifiers_are_refused_before_touching_disk(base, tmp_path, bad):
     root = tmp_path / "root"
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "keep").write_text("outside the root")
-    store = make_store(base, root)
-    store.publish_dir("acme", "chat", base.second)
+    publisher = make_publisher(base, root)
+    store = publisher.store
+    publisher.publish_dir("acme", "chat", base.second)
     before = snapshot(tmp_path)
     calls = [
-        lambda: store.publish_dir(bad, "chat", base.second),
-        lambda: store.publish_dir("acme", bad, base.second),
-        lambda: store.publish_dir("acme", "chat", base.second, version=bad),
-        lambda: store.staging("acme", bad).__enter__(),
+        lambda: publisher.publish_dir(bad, "chat", base.second),
+        lambda: publisher.publish_dir("acme", bad, base.second),
+        lambda: publisher.publish_dir("acme", "chat", base.second, version=bad),
+        lambda: publisher.staging("acme", bad).__enter__(),
         lambda: store.resolve(bad, "chat"),
         lambda: store.resolve("acme", bad),
         lambda: store.resolve("acme", "chat", bad),
@@ -524,30 +539,34 @@ def test_bad_identifiers_are_refused_before_touching_disk(base, tmp_path, bad):
 
 
 def test_symbolic_links_below_the_root_are_refused(base, tmp_path):
-    elsewhere = make_store(base, tmp_path / "elsewhere")
+    elsewhere = make_publisher(base, tmp_path / "elsewhere")
     elsewhere.publish_dir("acme", "chat", base.second)
     elsewhere.publish_dir("evil", "chat", base.second)
     root = tmp_path / "root"
-    make_store(base, root).publish_dir("acme", "real", base.second)
+    make_publisher(base, root).publish_dir("acme", "real", base.second)
     os.symlink(tmp_path / "elsewhere/acme/chat", root / "acme/chat")  # name -> outside
     os.symlink(tmp_path / "elsewhere/evil", root / "evil")  # tenant -> outside
     os.symlink(tmp_path / "elsewhere/acme/chat/versions/1", root / "acme/real/versions/2")
     outside = tmp_path / "elsewhere"
     before = snapshot(outside)
 
-    store = make_store(base, root)
+    publisher = make_publisher(base, root)
+
+    store = publisher.store
     assert [(m.name, m.version) for m in store.list_adapters("acme")[0]] == [("real", "1")]
     assert store.list_adapters("evil") == ([], "")
     refused = [
-        lambda: store.publish_dir("acme", "chat", base.second),
-        lambda: store.publish_dir("evil", "chat", base.second),
-        lambda: store.publish_dir("acme", "real", base.second, version="2"),
+        lambda: publisher.publish_dir("acme", "chat", base.second),
+        lambda: publisher.publish_dir("evil", "chat", base.second),
+        lambda: publisher.publish_dir("acme", "real", base.second, version="2"),
         lambda: store.resolve("acme", "chat"),
         lambda: store.resolve("evil", "chat", "1"),
         lambda: store.resolve("acme", "real", "2"),
-        lambda: store.find("acme", "chat"),
         lambda: store.manifest(AdapterRef("acme", "chat", "1")),
         lambda: store.path(AdapterRef("acme", "real", "2")),
+        lambda: store.directory(
+            store_key(elsewhere.store.manifest(AdapterRef("acme", "chat", "1")))
+        ),
         lambda: store.delete("acme", "chat"),
         lambda: store.delete("evil", "chat"),
         lambda: store.delete("acme", "real", "2"),
@@ -555,6 +574,7 @@ def test_symbolic_links_below_the_root_are_refused(base, tmp_path):
     for call in refused:
         with pytest.raises(InvalidRequestError, match="is a symbolic link"):
             call()
+    assert store.lookup("acme", "chat") is None  # links are never indexed
     store.delete("acme", "real")  # removes the link inside it, not what it points at
     assert not (root / "acme/real").exists()
     assert snapshot(outside) == before

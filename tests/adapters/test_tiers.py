@@ -98,5 +98,6 @@ def test_release_below_zero_is_a_bug():
     table = SlotTable(1)
     index = ready(table, "a")
     table.release(table.slot(index))
-    with pytest.raises(AssertionError):
+    with pytest.raises(RuntimeError, match="released more often than reserved"):
         table.release(table.slot(index))
+    assert table.slot(index).refs == 0

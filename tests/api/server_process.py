@@ -1,4 +1,5 @@
-"""Start a real `loraserve serve` process on a free loopback port and wait for its health."""
+"""Start a real `loraserve serve` process on a free loopback port and wait for its health;
+read what its /metrics endpoint says."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -36,7 +39,7 @@ def health_status(address: str, service: str = "") -> int | None:
 
 @contextmanager
 def running_server(*args: str, log_path: Path, timeout: float = 120.0, env: dict | None = None):
-    """Yield (address, process, seen health statuses); the process is SERVING on entry."""
+    """Yield (address, process); the process is SERVING on entry."""
     port = free_port()
     address = f"127.0.0.1:{port}"
     env = dict(os.environ, LORASERVE_LOG_LEVEL="INFO", **(env or {}))
@@ -47,20 +50,40 @@ def running_server(*args: str, log_path: Path, timeout: float = 120.0, env: dict
             stderr=subprocess.STDOUT,
             env=env,
         )
-    seen: list[int | None] = []
     try:
         deadline = time.monotonic() + timeout
-        while True:
-            status = health_status(address)
-            if not seen or seen[-1] != status:
-                seen.append(status)
-            if status == SERVING:
-                break
+        while health_status(address) != SERVING:
             assert process.poll() is None, f"server exited early:\n{log_path.read_text()}"
             assert time.monotonic() < deadline, f"server not SERVING:\n{log_path.read_text()}"
             time.sleep(0.1)
-        yield address, process, seen
+        yield address, process
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        return reply.read().decode()
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    """(sample name, sorted labels) -> value."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(text: str, name: str, **labels) -> float:
+    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def wait_for_waiting(port: int, count: int, timeout: float = 30.0) -> None:
+    """Until the server reports `count` requests waiting (it has queued what was sent)."""
+    deadline = time.monotonic() + timeout
+    while value(scrape(port), "loraserve_requests_waiting") != count:
+        assert time.monotonic() < deadline, f"never {count} waiting requests"
+        time.sleep(0.05)

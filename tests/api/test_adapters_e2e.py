@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -13,14 +12,22 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from tests.api.server_process import running_server
+from tests.api.server_process import free_port, running_server, wait_for_waiting
 from tests.engine.helpers import make_core, run
 
 from loraserve.types import GenerateRequest, SamplingParams
 from loraserve.v1 import adapters_pb2 as apb
 from loraserve.v1 import adapters_pb2_grpc, generation_pb2_grpc
 from loraserve.v1 import generation_pb2 as gpb
-from loraserve_client import Client, NotFound, PermissionDenied, Unauthenticated
+from loraserve_client import (
+    Client,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
+
+pytestmark = pytest.mark.slow  # real server processes
 
 KEYS = {
     "alpha-key": {"tenant": "alpha", "scopes": ["generate", "adapters:write"]},
@@ -44,7 +51,7 @@ def server(model_dirs, tmp_path_factory):
         "--adapter-dir", str(store), "--max-upload-bytes", str(4 * 1024 * 1024),
         "--device-slots", "2",
     ]  # fmt: skip
-    with running_server(*flags, log_path=root / "server.log") as (address, _, _):
+    with running_server(*flags, log_path=root / "server.log") as (address, _):
         yield address, store
 
 
@@ -215,20 +222,22 @@ def test_bad_uploads_get_their_status_and_store_nothing(server, adapter_dirs, tm
 
 
 def test_full_queue_is_resource_exhausted_and_cancel_frees_the_slot(model_dirs, tmp_path):
-    flags = ["--model", str(model_dirs["llama"]), "--device", "cpu", "--max-batch-size", "1"]
+    metrics_port = free_port()
+    flags = ["--model", str(model_dirs["llama"]), "--device", "cpu", "--max-batch-size", "1",
+             "--metrics-port", str(metrics_port)]  # fmt: skip
     env_flags = [*flags, "--max-context", "1100"]
     with running_server(*env_flags, "--config", str(_queue_config(tmp_path)),
-                        log_path=tmp_path / "server.log") as (address, _, _):  # fmt: skip
+                        log_path=tmp_path / "server.log") as (address, _):  # fmt: skip
         channel = grpc.insecure_channel(address)
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
-        long = gpb.GenerationInput(text=PROMPT, max_new_tokens=1000)
+        long = gpb.GenerationInput(text=PROMPT, max_new_tokens=1000, ignore_eos=True)
         first = stub.GenerateStream(gpb.GenerateStreamRequest(input=long), timeout=120)
         next(first)  # running, holding the only batch slot
         waiting = stub.Generate.future(
             gpb.GenerateRequest(input=gpb.GenerationInput(text=PROMPT, max_new_tokens=3)),
             timeout=120,
         )
-        threading.Event().wait(0.5)
+        wait_for_waiting(metrics_port, 1)  # the queue holds its one request
         with pytest.raises(grpc.RpcError) as caught:
             stub.Generate(gpb.GenerateRequest(input=long), timeout=30)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -260,11 +269,22 @@ def test_operators_prefetch_and_pin_a_tenants_adapter(server, adapter_dirs):
         while alpha.get_adapter("hot").residency != "device" and time.monotonic() < deadline:
             time.sleep(0.05)
         assert alpha.get_adapter("hot").residency == "device"
-        assert ops.pin_adapter("hot", pinned=False) is False
-        assert alpha.get_adapter("hot").pinned is False
+        for name in ("warm", "cold"):
+            alpha.upload_adapter(adapter_dirs["llama"]["r1-qv"], name, progress=False)
+        assert ops.pin_adapter("warm") is True  # both device slots are pinned now
+        with pytest.raises(ResourceExhausted, match="no device slot is free") as full:
+            ops.pin_adapter("cold")
+        assert full.value.retry_after == 1.0  # through the error table: RetryInfo and trailer
+        assert alpha.get_adapter("cold").pinned is False
+        for name in ("hot", "warm"):
+            assert ops.pin_adapter(name, pinned=False) is False
+            assert alpha.get_adapter(name).pinned is False
+        assert ops.pin_adapter("cold") is True
+        assert ops.pin_adapter("cold", pinned=False) is False
         with pytest.raises(NotFound):
             ops.prefetch_adapter("no-such-adapter")
-        alpha.delete_adapter("hot")
+        for name in ("hot", "warm", "cold"):
+            alpha.delete_adapter(name)
 
 
 def test_errors_carry_rich_details_where_they_help(server, adapter_dirs, tmp_path):

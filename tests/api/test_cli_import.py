@@ -6,9 +6,12 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from tests.api.server_process import running_server
 
 from loraserve_client import Client
+
+pytestmark = pytest.mark.slow  # a real server process
 
 
 def loraserve(*args: str) -> subprocess.CompletedProcess:
@@ -37,7 +40,7 @@ def test_import_then_serve(model_dirs, adapter_dirs, tmp_path):
 
     flags = [*common, "--device", "cpu"]
     with (
-        running_server(*flags, log_path=tmp_path / "server.log") as (address, _, _),
+        running_server(*flags, log_path=tmp_path / "server.log") as (address, _),
         Client(address) as client,
     ):
         listed = client.list_adapters()

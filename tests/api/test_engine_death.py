@@ -9,9 +9,14 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 from tests.engine.helpers import make_core
 
+from loraserve.api.auth import Authenticator
 from loraserve.api.errors import status_of
-from loraserve.api.server import watch_engine
+from loraserve.api.server import GrpcServer
+from loraserve.api.state import ServerState
+from loraserve.app import watch_engine
+from loraserve.config import ServerConfig
 from loraserve.engine.async_engine import AsyncEngine
+from loraserve.metrics import Metrics
 from loraserve.types import EngineDeadError, GenerateRequest, SamplingParams
 
 
@@ -33,10 +38,12 @@ def die() -> None:
 
 async def test_a_dead_engine_turns_health_not_serving_and_fails_callers(model_dirs):
     engine = AsyncEngine(make_core(model_dirs["llama"]))
-    health = HealthServicer()
-    await health.set("", health_pb2.HealthCheckResponse.SERVING)
-    watcher = asyncio.ensure_future(watch_engine(engine, health))
-    long = GenerateRequest(prompt="hello", sampling=SamplingParams(max_new_tokens=400))
+    server = GrpcServer(ServerState(ServerConfig(), Authenticator(None), Metrics()))
+    await server.set_serving(True)
+    assert await status(server.health) == health_pb2.HealthCheckResponse.SERVING
+    watcher = asyncio.ensure_future(watch_engine(engine, server))
+    params = SamplingParams(max_new_tokens=400, ignore_eos=True)
+    long = GenerateRequest(prompt="hello", sampling=params)
     events = await engine.generate(long)
     await anext(events)
     engine.call(die)
@@ -44,7 +51,7 @@ async def test_a_dead_engine_turns_health_not_serving_and_fails_callers(model_di
         async for _ in events:
             pass
     await asyncio.wait_for(watcher, timeout=30)
-    assert await status(health) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert await status(server.health) == health_pb2.HealthCheckResponse.NOT_SERVING
     with pytest.raises(EngineDeadError) as new_call:
         await engine.generate(long)
     assert status_of(in_flight.value).name == status_of(new_call.value).name == "UNAVAILABLE"

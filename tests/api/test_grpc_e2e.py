@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -12,16 +13,23 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.api.buf import buf_or_skip
 from tests.api.server_process import free_port, health_status, running_server
 from tests.engine.helpers import make_core, run
 
+from loraserve.api.server import SERVICE_NAMES
+from loraserve.app import build_runtime, serve
+from loraserve.config import EngineConfig, ServerConfig
 from loraserve.types import GenerateRequest, SamplingParams
 from loraserve.v1 import generation_pb2 as pb
 from loraserve.v1 import generation_pb2_grpc, server_pb2, server_pb2_grpc
 
+pytestmark = pytest.mark.slow  # real server processes
+
 ADAPTERS = ("r4-attn", "r8-all", "r64-all")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 PROMPTS = ("The quick brown fox", "LoRA adapts a frozen", "Café 🙂", "def forward(self, x):")
 MAX_NEW = 8
 
@@ -32,8 +40,8 @@ def server(model_dirs, adapter_dirs, tmp_path_factory):
     for name in ADAPTERS:
         flags += ["--adapter", f"{name}={adapter_dirs['llama'][name]}"]
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with running_server(*flags, log_path=log) as (address, _, seen):
-        yield address, seen
+    with running_server(*flags, log_path=log) as (address, _):
+        yield address
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +66,55 @@ def generation_input(prompt: str, adapter: str | None, **fields) -> pb.Generatio
     )
 
 
-def test_health_goes_from_not_serving_to_serving(server):
-    _, seen = server
-    assert seen[-1] == health_pb2.HealthCheckResponse.SERVING
-    assert health_pb2.HealthCheckResponse.NOT_SERVING in seen or None in seen
-    assert health_status(server[0], "loraserve.v1.GenerationService") == seen[-1]
+async def test_health_is_not_serving_until_the_model_is_up(model_dirs, tmp_path):
+    """The port answers from the start: NOT_SERVING, and UNAVAILABLE for calls, for as long as
+    the model is loading (here: until the test lets the build go on), then SERVING."""
+    building, release = threading.Event(), threading.Event()
+
+    def gated_build(config, metrics):
+        building.set()
+        assert release.wait(120), "the test never released the build"
+        return build_runtime(config, metrics)
+
+    engine = EngineConfig(model=str(model_dirs["llama"]), device="cpu")
+    port = free_port()
+    config = ServerConfig(engine=engine, port=port, adapter_dir=str(tmp_path / "store"))
+    stop = asyncio.Event()
+    serving = asyncio.ensure_future(serve(config, stop, build=gated_build))
+    names = ("", *SERVICE_NAMES)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def status(service: str) -> int:
+                request = health_pb2.HealthCheckRequest(service=service)
+                reply = await health.Check(request, wait_for_ready=True, timeout=60)
+                return reply.status
+
+            assert await asyncio.to_thread(building.wait, 60)
+            assert [await status(n) for n in names] == [NOT_SERVING] * len(names)
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Generate(pb.GenerateRequest(input=generation_input("hi", None)))
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "still loading" in caught.value.details()
+
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=120)
+            assert (await watch.read()).status == NOT_SERVING
+            release.set()
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            watch.cancel()
+            assert [await status(n) for n in names] == [SERVING] * len(names)
+            reply = await stub.Generate(pb.GenerateRequest(input=generation_input("hi", None)))
+            assert reply.usage.completion_tokens > 0
+    finally:
+        release.set()
+        stop.set()
+        assert await asyncio.wait_for(serving, 120) == 0
 
 
 def test_unary_and_streaming_with_several_adapters_at_once(server, expected):
-    address, _ = server
+    address = server
     cases = [(p, a) for p in PROMPTS for a in (None, *ADAPTERS)]
 
     def unary(case):
@@ -106,7 +154,7 @@ def test_unary_and_streaming_with_several_adapters_at_once(server, expected):
 
 
 def test_server_info(server):
-    with grpc.insecure_channel(server[0]) as channel:
+    with grpc.insecure_channel(server) as channel:
         info = server_pb2_grpc.ServerServiceStub(channel).GetServerInfo(
             server_pb2.GetServerInfoRequest(), timeout=10
         )
@@ -143,7 +191,7 @@ def test_bad_input_gets_its_status(server, fields, code, words):
             getattr(message, key).extend(value)
         else:
             setattr(message, key, value)
-    with grpc.insecure_channel(server[0]) as channel:
+    with grpc.insecure_channel(server) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
             stub.Generate(pb.GenerateRequest(input=message), timeout=10)
@@ -152,7 +200,7 @@ def test_bad_input_gets_its_status(server, fields, code, words):
 
 
 def test_missing_prompt_is_invalid(server):
-    with grpc.insecure_channel(server[0]) as channel:
+    with grpc.insecure_channel(server) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
             stub.Generate(pb.GenerateRequest(input=pb.GenerationInput()), timeout=10)
@@ -161,8 +209,8 @@ def test_missing_prompt_is_invalid(server):
 
 
 def test_deadline_and_cancel_leave_the_server_serving(server, expected):
-    address = server[0]
-    long_input = generation_input(PROMPTS[0], None, sampling=pb.SamplingParams())
+    address = server
+    long_input = generation_input(PROMPTS[0], None, ignore_eos=True)
     long_input.max_new_tokens = 1000
     with grpc.insecure_channel(address) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
@@ -180,7 +228,7 @@ def test_deadline_and_cancel_leave_the_server_serving(server, expected):
 
 def test_sigterm_drains_in_flight_streams_and_exits_zero(model_dirs, tmp_path):
     flags = ["--model", str(model_dirs["llama"]), "--device", "cpu", "--drain-grace-seconds", "30"]
-    with running_server(*flags, log_path=tmp_path / "server.log") as (address, process, _):
+    with running_server(*flags, log_path=tmp_path / "server.log") as (address, process):
         channel = grpc.insecure_channel(address)
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         request = pb.GenerateStreamRequest(
@@ -193,8 +241,10 @@ def test_sigterm_drains_in_flight_streams_and_exits_zero(model_dirs, tmp_path):
         reader = threading.Thread(target=lambda: messages.extend(stream))
         reader.start()
         process.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        assert health_status(address) in (health_pb2.HealthCheckResponse.NOT_SERVING, None)
+        deadline = time.monotonic() + 30
+        while health_status(address) == SERVING and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health_status(address) in (NOT_SERVING, None)
         with pytest.raises(grpc.RpcError) as caught:
             stub.Generate(pb.GenerateRequest(input=generation_input("new", None)), timeout=10)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -207,7 +257,7 @@ def test_sigterm_drains_in_flight_streams_and_exits_zero(model_dirs, tmp_path):
 
 def test_buf_curl_calls_health_and_generate_through_reflection(server, expected):
     buf = buf_or_skip()
-    address = server[0]
+    address = server
     base = ["--protocol", "grpc", "--http2-prior-knowledge", "--timeout", "60s"]
 
     def curl(method: str, data: str) -> dict:
@@ -234,7 +284,7 @@ def test_serve_without_a_model_builds_and_serves_the_built_in_one(tmp_path):
     home = tmp_path / "home"
     flags = ["--device", "cpu", "--adapter-dir", str(tmp_path / "store")]
     log = tmp_path / "server.log"
-    with running_server(*flags, log_path=log, env={"HOME": str(home)}) as (address, _, _):
+    with running_server(*flags, log_path=log, env={"HOME": str(home)}) as (address, _):
         channel = grpc.insecure_channel(address)
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         reply = stub.Generate(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -15,32 +14,16 @@ from pathlib import Path
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tests.api.server_process import free_port, running_server
+from tests.api.server_process import free_port, running_server, scrape, value, wait_for_waiting
 
 from loraserve.v1 import generation_pb2 as gpb
 from loraserve.v1 import generation_pb2_grpc
 from loraserve_client import Client, InvalidArgument, ResourceExhausted, Unauthenticated
 
+pytestmark = pytest.mark.slow  # real server processes and Prometheus
+
 REPO = Path(__file__).resolve().parents[2]
 KEY = "metrics-key"
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        return reply.read().decode()
-
-
-def samples(text: str) -> dict[tuple[str, tuple], float]:
-    """(sample name, sorted labels) -> value."""
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(text: str, name: str, **labels) -> float:
-    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +40,7 @@ def server(model_dirs, adapter_dirs, tmp_path_factory):
         "--adapter", f"first={adapter_dirs['llama']['r4-attn']}",
         "--adapter", f"second={adapter_dirs['llama']['r8-all']}",
     ]  # fmt: skip
-    with running_server(*flags, log_path=root / "server.log") as (address, _, _):
+    with running_server(*flags, log_path=root / "server.log") as (address, _):
         yield address, metrics_port
 
 
@@ -163,7 +146,7 @@ def test_gateway_gauges_name_the_running_and_waiting_adapters(server):
 
         def stream(adapter: str):
             text = gpb.GenerationInput(
-                text="hi", adapter=gpb.AdapterRef(name=adapter), max_new_tokens=400
+                text="hi", adapter=gpb.AdapterRef(name=adapter), max_new_tokens=400, ignore_eos=True
             )
             return stub.GenerateStream(
                 gpb.GenerateStreamRequest(input=text), metadata=metadata, timeout=120
@@ -246,14 +229,14 @@ def test_queue_full_rejections_are_counted(model_dirs, tmp_path):
     config.write_text(json.dumps({"max_waiting": 1, "max_batch_size": 1}))
     flags = ["--model", str(model_dirs["llama"]), "--device", "cpu", "--config", str(config),
              "--metrics-port", str(port)]  # fmt: skip
-    with running_server(*flags, log_path=tmp_path / "server.log") as (address, _, _):
+    with running_server(*flags, log_path=tmp_path / "server.log") as (address, _):
         with grpc.insecure_channel(address) as channel:
             stub = generation_pb2_grpc.GenerationServiceStub(channel)
-            long = gpb.GenerationInput(text="hi", max_new_tokens=500)
+            long = gpb.GenerationInput(text="hi", max_new_tokens=500, ignore_eos=True)
             first = stub.GenerateStream(gpb.GenerateStreamRequest(input=long), timeout=120)
             next(first)
             second = stub.Generate.future(gpb.GenerateRequest(input=long), timeout=120)
-            threading.Event().wait(0.5)
+            wait_for_waiting(port, 1)  # the queue holds its one request
             with Client(address, timeout=30) as client, pytest.raises(ResourceExhausted):
                 client.generate("hi", max_new_tokens=5)
             first.cancel()
@@ -267,7 +250,7 @@ def test_deadlines_and_cancels_leave_the_batch_at_once(server):
     address, port = server
     metadata = (("authorization", f"Bearer {KEY}"),)
     before = scrape(port)
-    long = gpb.GenerationInput(text="hi", max_new_tokens=500)
+    long = gpb.GenerationInput(text="hi", max_new_tokens=500, ignore_eos=True)
     with grpc.insecure_channel(address) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         with pytest.raises(grpc.RpcError) as caught:

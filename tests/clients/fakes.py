@@ -1,8 +1,8 @@
 """In-process fake loraserve services on a real loopback gRPC port.
 
-They show what the real server cannot yet (the AdapterService) or not on demand (UNAVAILABLE
-for the first calls, RESOURCE_EXHAUSTED with a retry hint), and record the metadata and the
-deadline every call arrived with.
+They stand in for the real server where a client test needs what it shows only rarely or
+slowly (UNAVAILABLE for the first calls, RESOURCE_EXHAUSTED with a retry hint, an upload kept
+byte for byte), and record the metadata and the deadline every call arrived with.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ class Behaviour:
     # (code, details, trailing metadata) with which Generate fails; None answers normally.
     generate_error: tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]] | None = None
     calls: list[Call] = field(default_factory=list)
+    # The input of every Generate and GenerateStream call, in order.
+    inputs: list[generation_pb2.GenerationInput] = field(default_factory=list)
     adapters: dict[tuple[str, str], adapters_pb2.Adapter] = field(default_factory=dict)
     # Reassembled uploads: (name, version) -> filename -> bytes.
     uploads: dict[tuple[str, str], dict[str, bytes]] = field(default_factory=dict)
@@ -72,6 +74,7 @@ class FakeGeneration(generation_pb2_grpc.GenerationServiceServicer):
 
     def Generate(self, request, context):
         self.b.record("Generate", context)
+        self.b.inputs.append(request.input)
         if self.b.generate_error is not None:
             code, details, trailing = self.b.generate_error
             context.set_trailing_metadata(trailing)
@@ -82,6 +85,7 @@ class FakeGeneration(generation_pb2_grpc.GenerationServiceServicer):
 
     def GenerateStream(self, request, context):
         self.b.record("GenerateStream", context)
+        self.b.inputs.append(request.input)
         yield generation_pb2.GenerateStreamResponse(token=generation_pb2.TokenEvent(token_id=1))
         yield generation_pb2.GenerateStreamResponse(
             final=generation_pb2.FinalEvent(finish_reason=generation_pb2.FINISH_REASON_EOS)

@@ -17,11 +17,13 @@ from loraserve_client import (
     Backoff,
     Client,
     Finished,
+    GenerateOptions,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
 )
+from loraserve_client.cli import main
 from loraserve_client.upload import WEIGHTS_FILE
 
 
@@ -86,6 +88,33 @@ async def test_async_calls_carry_the_api_key_and_a_deadline():
     assert all(c.metadata["authorization"] == "Bearer secret" for c in behaviour.calls)
     assert within(behaviour.calls[2].time_remaining, 2)
     assert within(behaviour.calls[0].time_remaining, 7)
+
+
+async def test_generate_options_reach_the_wire_from_every_way_in(capsys):
+    """A GenerateOptions, keywords over it, the async client and the CLI send the same input."""
+    behaviour = Behaviour()
+    options = GenerateOptions(adapter="sql", max_new_tokens=9, stop=("\n",), ignore_eos=True)
+    with fake_server(behaviour) as address:
+        with Client(address) as client:
+            client.generate("x", options)
+            list(client.generate_stream("x", options, max_new_tokens=3))
+            client.generate("x", adapter="sql", ignore_eos=True)
+        async with AsyncClient(address) as async_client:
+            await async_client.generate("x", options)
+            [e async for e in async_client.generate_stream("x", ignore_eos=True)]
+        argv = ["generate", "x", "--adapter", "sql", "--ignore-eos", "--server", address]
+        assert main([*argv, "--max-new-tokens", "9", "--stop", "\n"]) == 0
+        assert capsys.readouterr().out == "hi\n"
+    inputs = behaviour.inputs
+    sent = [(i.adapter.name, i.max_new_tokens, list(i.stop), i.ignore_eos) for i in inputs]
+    assert sent == [
+        ("sql", 9, ["\n"], True),
+        ("sql", 3, ["\n"], True),
+        ("sql", 0, [], True),
+        ("sql", 9, ["\n"], True),
+        ("", 0, [], True),
+        ("sql", 9, ["\n"], True),
+    ]
 
 
 @pytest.mark.parametrize(

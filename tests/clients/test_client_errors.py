@@ -7,6 +7,7 @@ import grpc
 import pytest
 
 import loraserve_client
+from loraserve_client import GenerateOptions
 from loraserve_client.calls import Backoff
 from loraserve_client.errors import LoraServeError, error_from_rpc, retry_after_seconds
 from loraserve_client.messages import generation_input
@@ -77,16 +78,27 @@ def test_backoff_grows_to_its_cap_with_jitter():
 
 
 def test_generation_input_sets_only_what_is_given():
-    unset = generation_input("hi", None, None, 0, 0.0, 0, None, None, None, (), False)
+    unset = generation_input("hi", GenerateOptions())
     assert unset.WhichOneof("prompt") == "text" and unset.text == "hi"
     assert not unset.sampling.HasField("top_p")
     assert not unset.sampling.HasField("repetition_penalty")
     assert not unset.sampling.HasField("seed")
     assert unset.adapter.name == "" and list(unset.stop) == []
+    assert not unset.logprobs and not unset.ignore_eos
 
-    full = generation_input([5, 6], "a", "2", 9, 0.7, 40, 0.9, 1.1, 0, "\n", True)
+    options = GenerateOptions("a", "2", 9, 0.7, 40, 0.9, 1.1, 0, "\n", True, True)
+    full = generation_input([5, 6], options)
     assert full.WhichOneof("prompt") == "token_ids" and list(full.token_ids.ids) == [5, 6]
     assert (full.adapter.name, full.adapter.version, full.max_new_tokens) == ("a", "2", 9)
     assert full.sampling.HasField("seed") and full.sampling.seed == 0
     assert full.sampling.top_p == pytest.approx(0.9) and full.sampling.top_k == 40
-    assert list(full.stop) == ["\n"] and full.logprobs
+    assert list(full.stop) == ["\n"] and full.logprobs and full.ignore_eos
+
+
+def test_keyword_options_override_the_dataclass_and_unknown_ones_are_refused():
+    base = GenerateOptions(adapter="a", max_new_tokens=5)
+    merged = GenerateOptions.merged(base, {"max_new_tokens": 7, "ignore_eos": True})
+    assert merged == GenerateOptions(adapter="a", max_new_tokens=7, ignore_eos=True)
+    assert GenerateOptions.merged(None, {}) == GenerateOptions()
+    with pytest.raises(TypeError, match="max_tokens"):
+        GenerateOptions.merged(base, {"max_tokens": 7})

@@ -23,6 +23,8 @@ from loraserve_client import (
 )
 from loraserve_client.cli import main
 
+pytestmark = pytest.mark.slow  # a real server process
+
 ADAPTER = "r4-attn"
 PROMPT = "The quick brown fox"
 MAX_NEW = 8
@@ -34,7 +36,7 @@ def server_address(model_dirs, adapter_dirs, tmp_path_factory) -> Iterator[str]:
     flags = ["--model", str(model_dirs["llama"]), "--compute-dtype", "fp32", "--device", "cpu"]
     flags += ["--adapter", f"{ADAPTER}={adapter_dirs['llama'][ADAPTER]}"]
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with running_server(*flags, log_path=log) as (address, _, _):
+    with running_server(*flags, log_path=log) as (address, _):
         yield address
 
 
@@ -76,11 +78,11 @@ async def test_sync_async_and_streamed_results_agree(client, server_address, pro
 
 
 def test_closing_a_stream_cancels_it_and_the_server_keeps_serving(client):
-    with client.generate_stream(PROMPT, max_new_tokens=1000) as stream:
+    with client.generate_stream(PROMPT, max_new_tokens=1000, ignore_eos=True) as stream:
         first = next(stream)
     assert isinstance(first, TokenChunk)
     assert list(stream) == []
-    stream = client.generate_stream(PROMPT, max_new_tokens=1000)
+    stream = client.generate_stream(PROMPT, max_new_tokens=1000, ignore_eos=True)
     next(stream)
     stream.close()
     assert list(stream) == []
@@ -90,12 +92,12 @@ def test_closing_a_stream_cancels_it_and_the_server_keeps_serving(client):
 
 async def test_async_stream_close_cancels_it(server_address):
     async with AsyncClient(server_address) as client:
-        async with client.generate_stream(PROMPT, max_new_tokens=1000) as stream:
+        async with client.generate_stream(PROMPT, max_new_tokens=1000, ignore_eos=True) as stream:
             async for event in stream:
                 assert isinstance(event, TokenChunk)
                 break
         assert [event async for event in stream] == []
-        stream = client.generate_stream(PROMPT, max_new_tokens=1000)
+        stream = client.generate_stream(PROMPT, max_new_tokens=1000, ignore_eos=True)
         await stream.__anext__()
         await stream.aclose()
         assert [event async for event in stream] == []
@@ -109,7 +111,11 @@ async def test_async_stream_close_cancels_it(server_address):
         ({"prompt": PROMPT, "adapter": "nope"}, NotFound, "'nope'"),
         ({"prompt": ""}, InvalidArgument, "prompt is empty"),
         ({"prompt": PROMPT, "temperature": -1.0}, InvalidArgument, "temperature"),
-        ({"prompt": PROMPT, "max_new_tokens": 1000, "timeout": 0.3}, DeadlineExceeded, ""),
+        (
+            {"prompt": PROMPT, "max_new_tokens": 1000, "ignore_eos": True, "timeout": 0.3},
+            DeadlineExceeded,
+            "",
+        ),
     ],
 )
 async def test_server_errors_arrive_typed(client, server_address, arguments, error, words):

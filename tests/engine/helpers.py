@@ -33,13 +33,15 @@ class Collected:
             self.error = event
 
 
-def make_core(model_dir, quantization="nf4", dtype="fp32", device="cpu", **overrides) -> EngineCore:
+def make_core(
+    model_dir, quantization="nf4", dtype="fp32", device="cpu", store=None, **overrides
+) -> EngineCore:
     settings = dict(
         device=device, device_slots=8, max_rank=64, kv_cache_tokens=4096, max_context=512
     )
     settings.update(overrides)
     loaded = load_base_model(str(model_dir), quantization, dtype, device)
-    return EngineCore(loaded, EngineConfig(**settings))
+    return EngineCore(loaded, EngineConfig(**settings), store=store)
 
 
 @contextmanager

@@ -52,14 +52,14 @@ def served(model_dirs, adapter_dirs):
 def assert_still_serves(core, golden: list[int]) -> None:
     """Nothing queued or held, only "good" resident, and VALID still gives its golden tokens."""
     assert core.num_waiting == core.num_running == core.kv_used_tokens == 0
-    good = core.adapters.table.find(core.adapters.resolve("good"))
-    occupied = [s.index for s in core.adapters.table.slots if s.key is not None]
-    assert occupied == [good.index], "a failed adapter load left a slot occupied"
-    assert [i for i, r in enumerate(core.adapters.slot_ranks) if r] == [good.index]
-    assert len(core.adapters.host) == 1
+    stats = core.adapters.stats()
+    assert stats.slots_used == 1, "a failed adapter load left a slot occupied"
+    assert core.adapters.status(core.adapters.resolve("good")).residency == "device"
+    assert len([r for r in core.adapters.slot_ranks if r]) == 1
+    assert stats.host_entries == 1
     got = run(core, {0: [VALID]})[0]
     assert got.error is None and got.tokens == golden
-    assert all(core.adapters.references(s) == 0 for s in range(1, core.adapters.num_slots + 1))
+    assert core.adapters.stats().references == 0
 
 
 # ---- broken adapter directories ----------------------------------------------------------------
@@ -425,9 +425,10 @@ OVERFLOWING = {
 
 @pytest.fixture(scope="module")
 def loud_adapter(adapter_dirs, tmp_path_factory):
-    """GOOD with every weight multiplied by 1e18: finite, but the model's activations are not."""
+    """GOOD with every weight multiplied by 1e30: finite, but the model's activations are not
+    (the delta alone is ~1e60 whatever the summation order)."""
     directory = shutil.copytree(adapter_dirs["llama"][GOOD], tmp_path_factory.mktemp("loud") / "a")
-    rewrite_weights(directory, lambda tensors: [t.mul_(1e18) for t in tensors.values()])
+    rewrite_weights(directory, lambda tensors: [t.mul_(1e30) for t in tensors.values()])
     return directory
 
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import shutil
 
-import pytest
 from tests.engine.helpers import Collected, make_core, run
 
-from loraserve.adapters.device_slots import SlotState
 from loraserve.types import GenerateRequest, InvalidAdapterError, SamplingParams
 
 WEIGHTS = "adapter_model.safetensors"
@@ -28,7 +26,7 @@ def step_until_idle(core) -> None:
 
 
 def test_a_broken_adapter_fails_alone_then_fast_then_is_retried(model_dirs, adapter_dirs, tmp_path):
-    core = make_core(model_dirs["llama"], device_slots=2)
+    core = make_core(model_dirs["llama"], device_slots=2, host_cache_bytes=1)  # no host tier
     good_dir = adapter_dirs["llama"]["r8-all"]
     broken_dir = tmp_path / "broken"
     shutil.copytree(adapter_dirs["llama"]["r4-attn"], broken_dir)
@@ -37,7 +35,6 @@ def test_a_broken_adapter_fails_alone_then_fast_then_is_retried(model_dirs, adap
     want = run(core, {0: [request("good")]})[0].tokens
     saved = (broken_dir / WEIGHTS).read_bytes()
     (broken_dir / WEIGHTS).write_bytes(b"\x00" * 64)  # the disk copy goes bad
-    core.adapters.host.discard(broken_key)  # and it is no longer in host RAM
 
     good, broken = Collected(), Collected()
     core.add_request(request("good", 12), good)
@@ -48,19 +45,21 @@ def test_a_broken_adapter_fails_alone_then_fast_then_is_retried(model_dirs, adap
     assert isinstance(broken.error, InvalidAdapterError) and WEIGHTS in str(broken.error)
     assert broken.tokens == [] and broken.final is None
     assert good.error is None and good.tokens[: len(want)] == want
-    failures = core.adapters.device_stats.failures
+    failures = core.adapters.stats().load_failures
     assert failures == 1
 
-    with pytest.raises(InvalidAdapterError):  # remembered: refused at once, no new load
-        core.make_sequence(request("broken"), Collected())
-    assert core.adapters.device_stats.failures == failures
+    refused = Collected()  # remembered: fails at its first step, with no new load
+    core.add_request(request("broken"), refused)
+    core.step()
+    assert isinstance(refused.error, InvalidAdapterError) and refused.tokens == []
+    assert core.adapters.stats().load_failures == failures
+    assert not core.has_work()
 
     (broken_dir / WEIGHTS).write_bytes(saved)  # repaired; once the memory expires, it loads
     core.adapters.failure_ttl_s = 0.0
-    core.adapters.raise_if_failed(broken_key)  # expired: no longer raises
     healed = Collected()
     core.add_request(request("broken"), healed)
     step_until_idle(core)
     assert healed.error is None and len(healed.tokens) == 6
-    assert all(core.adapters.references(s) == 0 for s in (1, 2))
-    assert all(s.state is not SlotState.FAILED for s in core.adapters.table.slots)
+    assert core.adapters.stats().references == 0
+    assert core.adapters.status(broken_key).residency == "device"

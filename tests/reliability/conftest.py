@@ -20,5 +20,5 @@ def server(model_dirs, adapter_dirs, tmp_path_factory) -> Server:
         "--model", str(model_dirs["llama"]), "--device", "cpu", "--api-keys", str(keys),
         "--adapter-dir", str(root / "store"), "--device-slots", "4",
     ]  # fmt: skip
-    with running_server(*flags, log_path=log) as (address, _, _):
+    with running_server(*flags, log_path=log) as (address, _):
         yield Server(address, log, adapter_dirs["llama"]["r4-attn"])

@@ -24,7 +24,7 @@ TOKENS = 100
 
 def test_a_nan_producing_row_fails_alone(server):
     files = adapter_files(server.adapter)
-    tensors = {name: t * 1e18 for name, t in load(files[WEIGHTS]).items()}
+    tensors = {name: t * 1e30 for name, t in load(files[WEIGHTS]).items()}
     upload(server, "alpha-key", "loud", {**files, WEIGHTS: save(tensors)})
 
     prompts = ["The quick brown fox", "LoRA adapts a frozen", "def forward(self, x):", "Emoji"]

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -37,7 +37,13 @@ from loraserve_client.messages import (
     result_of,
     server_info_of,
 )
-from loraserve_client.types import Adapter, Finished, GenerateResult, StreamEvent
+from loraserve_client.types import (
+    Adapter,
+    Finished,
+    GenerateOptions,
+    GenerateResult,
+    StreamEvent,
+)
 from loraserve_client.upload import prepare_upload
 
 T = TypeVar("T")
@@ -47,7 +53,7 @@ async def _in_threads(items: Iterator[T]) -> AsyncIterator[T]:
     """Each `next(items)` in a worker thread, so file reads never block the event loop."""
     done = object()
     while (item := await asyncio.to_thread(next, items, done)) is not done:
-        yield item
+        yield cast(T, item)
 
 
 class AsyncGenerationStream:
@@ -148,23 +154,14 @@ class AsyncClient:
     async def generate(
         self,
         prompt: str | Sequence[int],
-        adapter: str | None = None,
-        version: str | None = None,
-        max_new_tokens: int = 0,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float | None = None,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        stop: Iterable[str] = (),
-        logprobs: bool = False,
+        options: GenerateOptions | None = None,
+        *,
         timeout: float | None = None,
+        **option_fields: Any,
     ) -> GenerateResult:
-        """The whole completion at once. max_new_tokens 0 takes the server's default."""
-        message = generation_input(
-            prompt, adapter, version, max_new_tokens, temperature, top_k, top_p,
-            repetition_penalty, seed, stop, logprobs,
-        )  # fmt: skip
+        """The whole completion at once. `options`, or its fields as keywords
+        (`adapter="sql", max_new_tokens=32`), which override `options`."""
+        message = generation_input(prompt, GenerateOptions.merged(options, option_fields))
         request = generation_pb2.GenerateRequest(input=message)
         reply = await self._call(self._generation.Generate, request, timeout, idempotent=False)
         return result_of(reply)
@@ -172,23 +169,13 @@ class AsyncClient:
     def generate_stream(
         self,
         prompt: str | Sequence[int],
-        adapter: str | None = None,
-        version: str | None = None,
-        max_new_tokens: int = 0,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float | None = None,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        stop: Iterable[str] = (),
-        logprobs: bool = False,
+        options: GenerateOptions | None = None,
+        *,
         timeout: float | None = None,
+        **option_fields: Any,
     ) -> AsyncGenerationStream:
         """The completion token by token; see `AsyncGenerationStream`. Not a coroutine."""
-        message = generation_input(
-            prompt, adapter, version, max_new_tokens, temperature, top_k, top_p,
-            repetition_penalty, seed, stop, logprobs,
-        )  # fmt: skip
+        message = generation_input(prompt, GenerateOptions.merged(options, option_fields))
         call = self._generation.GenerateStream(
             generation_pb2.GenerateStreamRequest(input=message),
             timeout=self.settings.seconds(timeout),

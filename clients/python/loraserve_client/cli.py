@@ -21,7 +21,7 @@ from typing import Any
 
 from loraserve_client.client import Client
 from loraserve_client.errors import LoraServeError
-from loraserve_client.types import Adapter, TokenChunk
+from loraserve_client.types import Adapter, GenerateOptions, TokenChunk
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 Handler = Callable[[Client, argparse.Namespace], int]
@@ -35,7 +35,7 @@ def _print_json(value: Any) -> None:
             return item.isoformat()
         raise TypeError(f"cannot write {type(item).__name__} as JSON")
 
-    if dataclasses.is_dataclass(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = dataclasses.asdict(value)
     print(json.dumps(value, default=default, ensure_ascii=False), flush=True)
 
@@ -56,21 +56,22 @@ def _adapter_fields(adapter: Adapter) -> dict[str, Any]:
 
 
 def _generate(client: Client, args: argparse.Namespace) -> int:
-    options = {
-        "adapter": args.adapter,
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "seed": args.seed,
-        "stop": args.stop,
-    }
+    options = GenerateOptions(
+        adapter=args.adapter,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+    )
     if not args.stream:
-        result = client.generate(args.prompt, **options)
+        result = client.generate(args.prompt, options)
         if args.json:
             _print_json(result)
         else:
             print(result.text)
         return 0
-    with client.generate_stream(args.prompt, **options) as stream:
+    with client.generate_stream(args.prompt, options) as stream:
         for event in stream:
             if args.json:
                 kind = "token" if isinstance(event, TokenChunk) else "final"
@@ -184,6 +185,12 @@ def add_client_commands(
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument(
+        "--ignore-eos",
+        dest="ignore_eos",
+        action="store_true",
+        help="keep generating past end-of-sequence up to --max-new-tokens",
+    )
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
 
     adapters = subparsers.add_parser("adapters", help="manage LoRA adapters")

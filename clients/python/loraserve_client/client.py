@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -36,7 +36,13 @@ from loraserve_client.messages import (
     result_of,
     server_info_of,
 )
-from loraserve_client.types import Adapter, Finished, GenerateResult, StreamEvent
+from loraserve_client.types import (
+    Adapter,
+    Finished,
+    GenerateOptions,
+    GenerateResult,
+    StreamEvent,
+)
 from loraserve_client.upload import prepare_upload
 
 
@@ -140,23 +146,14 @@ class Client:
     def generate(
         self,
         prompt: str | Sequence[int],
-        adapter: str | None = None,
-        version: str | None = None,
-        max_new_tokens: int = 0,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float | None = None,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        stop: Iterable[str] = (),
-        logprobs: bool = False,
+        options: GenerateOptions | None = None,
+        *,
         timeout: float | None = None,
+        **option_fields: Any,
     ) -> GenerateResult:
-        """The whole completion at once. max_new_tokens 0 takes the server's default."""
-        message = generation_input(
-            prompt, adapter, version, max_new_tokens, temperature, top_k, top_p,
-            repetition_penalty, seed, stop, logprobs,
-        )  # fmt: skip
+        """The whole completion at once. `options`, or its fields as keywords
+        (`adapter="sql", max_new_tokens=32`), which override `options`."""
+        message = generation_input(prompt, GenerateOptions.merged(options, option_fields))
         request = generation_pb2.GenerateRequest(input=message)
         reply = self._call(self._generation.Generate, request, timeout, idempotent=False)
         return result_of(reply)
@@ -164,23 +161,13 @@ class Client:
     def generate_stream(
         self,
         prompt: str | Sequence[int],
-        adapter: str | None = None,
-        version: str | None = None,
-        max_new_tokens: int = 0,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float | None = None,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        stop: Iterable[str] = (),
-        logprobs: bool = False,
+        options: GenerateOptions | None = None,
+        *,
         timeout: float | None = None,
+        **option_fields: Any,
     ) -> GenerationStream:
         """The completion token by token; see `GenerationStream`. Errors raise while iterating."""
-        message = generation_input(
-            prompt, adapter, version, max_new_tokens, temperature, top_k, top_p,
-            repetition_penalty, seed, stop, logprobs,
-        )  # fmt: skip
+        message = generation_input(prompt, GenerateOptions.merged(options, option_fields))
         call = self._generation.GenerateStream(
             generation_pb2.GenerateStreamRequest(input=message),
             timeout=self.settings.seconds(timeout),

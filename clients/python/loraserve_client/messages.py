@@ -7,7 +7,7 @@ deadlines or retries.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import timezone
 
 from grpc_health.v1 import health_pb2
@@ -17,18 +17,19 @@ from loraserve_client.types import (
     Adapter,
     AdapterFile,
     Finished,
+    GenerateOptions,
     GenerateResult,
     StreamEvent,
     TokenChunk,
 )
 
-FINISH_REASONS = {
+FINISH_REASONS: dict[int, str] = {
     generation_pb2.FINISH_REASON_EOS: "eos",
     generation_pb2.FINISH_REASON_LENGTH: "length",
     generation_pb2.FINISH_REASON_STOP: "stop",
     generation_pb2.FINISH_REASON_CANCELLED: "cancelled",
 }
-RESIDENCIES = {
+RESIDENCIES: dict[int, str] = {
     adapters_pb2.RESIDENCY_DISK: "disk",
     adapters_pb2.RESIDENCY_HOST: "host",
     adapters_pb2.RESIDENCY_DEVICE: "device",
@@ -36,37 +37,29 @@ RESIDENCIES = {
 
 
 def generation_input(
-    prompt: str | Sequence[int],
-    adapter: str | None,
-    version: str | None,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int,
-    top_p: float | None,
-    repetition_penalty: float | None,
-    seed: int | None,
-    stop: Iterable[str],
-    logprobs: bool,
+    prompt: str | Sequence[int], options: GenerateOptions
 ) -> generation_pb2.GenerationInput:
     """The request body shared by Generate and GenerateStream; None leaves a field unset."""
-    if isinstance(prompt, str):
-        prompt_field = {"text": prompt}
-    else:
-        prompt_field = {"token_ids": generation_pb2.TokenIds(ids=list(prompt))}
-    return generation_pb2.GenerationInput(
-        adapter=generation_pb2.AdapterRef(name=adapter or "", version=version or ""),
+    o = options
+    message = generation_pb2.GenerationInput(
+        adapter=generation_pb2.AdapterRef(name=o.adapter or "", version=o.version or ""),
         sampling=generation_pb2.SamplingParams(
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
+            temperature=o.temperature,
+            top_k=o.top_k,
+            top_p=o.top_p,
+            repetition_penalty=o.repetition_penalty,
+            seed=o.seed,
         ),
-        max_new_tokens=max_new_tokens,
-        stop=[stop] if isinstance(stop, str) else list(stop),
-        logprobs=logprobs,
-        **prompt_field,
+        max_new_tokens=o.max_new_tokens,
+        stop=[o.stop] if isinstance(o.stop, str) else list(o.stop),
+        logprobs=o.logprobs,
+        ignore_eos=o.ignore_eos,
     )
+    if isinstance(prompt, str):
+        message.text = prompt
+    else:
+        message.token_ids.ids.extend(prompt)
+    return message
 
 
 def finish_reason_of(value: int) -> str:

@@ -1,4 +1,5 @@
-"""The plain values the client returns: generation results, stream events and adapters.
+"""The plain values the client takes and returns: generation options, results, stream events
+and adapters.
 
 Frozen dataclasses of Python types only; callers never see a protobuf message. Knows nothing
 about gRPC or how these values are built (that is `messages`).
@@ -6,8 +7,39 @@ about gRPC or how these values are built (that is `messages`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """How to generate: the adapter (None: the base model alone; version None: the latest),
+    sampling, and when to stop. None leaves a field to the server; max_new_tokens 0 takes the
+    server's default. ignore_eos keeps generating past end-of-sequence up to max_new_tokens."""
+
+    adapter: str | None = None
+    version: str | None = None
+    max_new_tokens: int = 0
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: str | Sequence[str] = ()
+    logprobs: bool = False
+    ignore_eos: bool = False
+
+    @classmethod
+    def merged(
+        cls, options: GenerateOptions | None, overrides: Mapping[str, Any]
+    ) -> GenerateOptions:
+        """`options` (or the defaults) with `overrides` (field name -> value) applied."""
+        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown generate options {unknown}; see GenerateOptions")
+        return replace(options or cls(), **overrides)
 
 
 @dataclass(frozen=True)

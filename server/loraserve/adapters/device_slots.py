@@ -82,8 +82,9 @@ class SlotTable:
 
     def release(self, slot: Slot) -> bool:
         """Drop one reference; returns True when the slot must now be cleared (forgotten)."""
+        if slot.refs <= 0:
+            raise RuntimeError(f"slot {slot.index} released more often than reserved")
         slot.refs -= 1
-        assert slot.refs >= 0, f"slot {slot.index} released more often than reserved"
         if slot.refs == 0 and (slot.forgotten or slot.state is SlotState.FAILED):
             self._empty(slot)
             return True

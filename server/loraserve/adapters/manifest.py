@@ -60,6 +60,13 @@ class AdapterRef:
     def __str__(self) -> str:
         return f"{self.tenant}/{self.name}@{self.version}"
 
+    @classmethod
+    def parse(cls, text: str) -> AdapterRef:
+        """The ref that `str` wrote (identifiers hold neither '/' nor '@')."""
+        tenant, _, rest = text.partition("/")
+        name, _, version = rest.partition("@")
+        return cls(tenant, name, version)
+
 
 @dataclass(frozen=True)
 class AdapterManifest:

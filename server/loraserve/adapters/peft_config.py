@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, ValidationError
+from pydantic_core import ErrorDetails
 
 from loraserve.adapters.peft_patterns import MAX_KEY_CHARS, MAX_KEYS, PatternTable, compile_patterns
 from loraserve.types import clip, shown
@@ -181,7 +182,7 @@ def _shape_problem(value: object) -> str | None:
     return None
 
 
-def _error_line(error: dict) -> str:
+def _error_line(error: ErrorDetails) -> str:
     """One pydantic error as "<where>: <what is wrong>, got <value>", every part bounded."""
     loc = error["loc"]
     field = str(loc[0]) if loc else ""
@@ -207,7 +208,7 @@ def parse_adapter_config(data: bytes, problems: list[str]) -> AdapterConfig | No
         found.append(f"{CONFIG_FILE} must hold a JSON object")
     elif raw is not None and (problem := _shape_problem(raw)):
         found.append(problem)
-    if found:
+    if found or not isinstance(raw, dict):
         problems.extend(found)
         return None
     peft_type = raw.get("peft_type", "LORA")

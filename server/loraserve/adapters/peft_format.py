@@ -137,7 +137,7 @@ def read_peft_adapter(
             safetensors_header(weights_path)
         except InvalidAdapterError as e:
             problems.extend(e.problems)
-    if problems:
+    if problems or config is None:
         raise InvalidAdapterError(f"adapter at {directory.name!r} is invalid:", problems)
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -197,7 +197,8 @@ def read_peft_adapter(
             )
             continue
         scale = config.scale(module, rank)
-        a = a.to(torch.float32).to(dtype).contiguous()
+        # own copies: a tensor from safe_open maps the file, which may change under it
+        a = a.to(torch.float32).to(dtype).clone(memory_format=torch.contiguous_format)
         b = (b.t().to(torch.float32) * scale).to(dtype).contiguous()  # [r, out]
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             problems.append(

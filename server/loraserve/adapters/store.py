@@ -8,21 +8,20 @@ Layout under `root` (one process owns a root; an index built at start-up answers
     <tenant>/<name>/latest               the id of the version `resolve` returns by default
     .staging/<random>                    uploads, deletions and pointer updates in flight
 
-A publish writes and fsyncs its files in `.staging`, validates them there (`peft_format`: CPU
-only, no network, no code import), writes the manifest, renames the directory into place,
-fsyncs the parent and only then moves `latest`. Start-up empties `.staging` and indexes what is
-left, so a crash at any point leaves each version absent or complete. Identifiers are never
-paths: they match a strict pattern, and every path built from them is refused when any component
-below the root is a symbolic link.
+A publish (see `staging`) writes, fsyncs and validates its files in `.staging`; `place` writes
+the manifest, renames the directory into place, fsyncs the parent and only then moves `latest`.
+Start-up empties `.staging` and indexes what is left, so a crash at any point leaves each
+version absent or complete. Identifiers are never paths: they match a strict pattern, and every
+path built from them is refused when any component below the root is a symbolic link. A request
+resolves its adapter with `lookup`, from the index alone (no disk access); the files are read,
+after the link checks, through `directory` on the loader thread.
 
-Knows nothing about devices, caches or gRPC.
+Knows nothing about validation, devices, caches or gRPC.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -30,39 +29,22 @@ import secrets
 import shutil
 import stat
 import threading
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from pathlib import Path
-from typing import BinaryIO
 
-import torch
-
-from loraserve.adapters import peft_format
-from loraserve.adapters.manifest import (
-    ADAPTER_FILES,
-    AdapterManifest,
-    AdapterRef,
-    check_identifier,
-    is_identifier,
-)
+from loraserve.adapters.keys import AdapterKey, Source, store_key
+from loraserve.adapters.manifest import AdapterManifest, AdapterRef, check_identifier, is_identifier
 from loraserve.adapters.peft_config import parse_json
-from loraserve.types import (
-    AdapterIncompatibleError,
-    AdapterNotFoundError,
-    InvalidAdapterError,
-    InvalidRequestError,
-)
+from loraserve.types import AdapterNotFoundError, InvalidRequestError
 
 MANIFEST_FILE = "manifest.json"
 VERSIONS_DIR = "versions"
 LATEST_FILE = "latest"
 STAGING_DIR = ".staging"
-CHUNK_BYTES = 1 << 20
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 MAX_PAGE_TOKEN_CHARS = 512  # a token this store issues is under 200
-SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 
 log = logging.getLogger(__name__)
 
@@ -95,204 +77,31 @@ def _is_plain(path: Path, kind: Callable[[int], bool] = stat.S_ISDIR) -> bool:
         return False
 
 
-def _file_name_problem(filename: str) -> str | None:
-    if filename in ADAPTER_FILES:
-        return None
-    if filename in peft_format.PICKLE_FILES or filename.endswith((".bin", ".pt", ".pth", ".pkl")):
-        return f"{filename[:80]!r}: {peft_format.PICKLE_ADVICE}"
-    return f"{filename[:80]!r} is not an adapter file: upload only {' and '.join(ADAPTER_FILES)}"
-
-
-@dataclass
-class _StagedFile:
-    handle: BinaryIO
-    digest: hashlib._Hash = field(default_factory=hashlib.sha256)
-    size: int = 0
-
-
-class StagedUpload:
-    """One version being written into a staging directory; see `AdapterStore.staging`."""
-
-    def __init__(
-        self,
-        store: AdapterStore,
-        directory: Path,
-        tenant: str,
-        name: str,
-        version: str | None,
-        expected_sha256: Mapping[str, str] | None,
-    ) -> None:
-        self.store, self.directory = store, directory
-        self.tenant, self.name, self.version = tenant, name, version
-        self.expected_sha256 = dict(expected_sha256 or {})
-        self.manifest: AdapterManifest | None = None
-        self._files: dict[str, _StagedFile] = {}
-
-    def write(self, filename: str, chunk: bytes) -> None:
-        """Append `chunk` to `filename` (adapter_config.json or adapter_model.safetensors)."""
-        problem = _file_name_problem(filename)
-        if problem:
-            raise InvalidAdapterError(f"upload of {self.tenant}/{self.name} refused:", [problem])
-        staged = self._files.get(filename)
-        if staged is None:
-            staged = self._files[filename] = _StagedFile((self.directory / filename).open("xb"))
-        cap = peft_format.MAX_WEIGHTS_BYTES
-        if filename == peft_format.CONFIG_FILE:
-            cap = peft_format.MAX_CONFIG_BYTES
-        if staged.size + len(chunk) > cap:
-            raise InvalidAdapterError(
-                f"upload of {self.tenant}/{self.name} refused:",
-                [f"{filename} is larger than the {cap} byte cap"],
-            )
-        staged.handle.write(chunk)
-        staged.digest.update(chunk)
-        staged.size += len(chunk)
-
-    def commit(self) -> AdapterManifest:
-        """Check checksums, validate against the base, and publish; returns the manifest."""
-        if self.manifest is not None:
-            raise InvalidRequestError(f"{self.manifest.ref} is already committed")
-        self._seal()
-        problems = []
-        for filename, expected in sorted(self.expected_sha256.items()):
-            staged = self._files.get(filename)
-            if staged is None:
-                problems.append(f"{filename}: a checksum was given but the file was not uploaded")
-            elif staged.digest.hexdigest() != expected.lower():
-                problems.append(
-                    f"{filename}: sha256 {staged.digest.hexdigest()} does not match the "
-                    f"expected {expected}"
-                )
-        if problems:
-            raise InvalidAdapterError(f"upload of {self.tenant}/{self.name} is corrupt:", problems)
-        store = self.store
-        store._checkpoint("publish:files-written")
-        try:
-            weights = peft_format.read_peft_adapter(
-                self.directory, store.targets, store.max_rank, torch.float32
-            )
-        except AdapterIncompatibleError as e:  # name the upload, not the staging directory
-            verdict = "is invalid" if isinstance(e, InvalidAdapterError) else "does not fit"
-            raise e.reworded(f"upload of {self.tenant}/{self.name} {verdict}:") from None
-        header = peft_format.safetensors_header(self.directory / peft_format.WEIGHTS_FILE)
-        dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
-        self.manifest = store._commit(
-            self,
-            AdapterManifest(
-                tenant=self.tenant,
-                name=self.name,
-                version=self.version or "",
-                files={
-                    name: {"sha256": f.digest.hexdigest(), "size": f.size}
-                    for name, f in sorted(self._files.items())
-                },
-                rank=weights.rank,
-                target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in weights.modules})),
-                lora_alpha=weights.config.lora_alpha,
-                use_rslora=weights.config.use_rslora,
-                dtype=",".join(sorted(SAFETENSORS_DTYPES.get(d, d) for d in dtypes)),
-                created_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-                base_fingerprint=store.base_fingerprint,
-            ),
-        )
-        return self.manifest
-
-    def _seal(self) -> None:
-        """Flush, fsync and close every file written so far (read-only from now on)."""
-        for filename, staged in self._files.items():
-            if not staged.handle.closed:
-                staged.handle.flush()
-                os.fsync(staged.handle.fileno())
-                staged.handle.close()
-                os.chmod(self.directory / filename, 0o444)
-
-    def _discard(self) -> None:
-        for staged in self._files.values():
-            staged.handle.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-
 class AdapterStore:
-    """Publish, resolve, list and delete adapter versions under `root`; safe across threads.
+    """Place, resolve, list and delete adapter versions under `root`; safe across threads.
 
-    targets: module path -> (in_features, out_features) of the base's LoRA-targetable modules;
-    every publish is validated against them, `max_rank`, and recorded with `base_fingerprint`.
+    checkpoint(step) is called at every step of a mutation where a crash must leave the store
+    consistent (the crash tests kill the process there).
     """
 
-    def __init__(
-        self,
-        root: str | Path,
-        base_fingerprint: str,
-        targets: dict[str, tuple[int, int]],
-        max_rank: int,
-    ) -> None:
+    def __init__(self, root: str | Path, checkpoint: Callable[[str], None] | None = None) -> None:
         self.root = Path(root).resolve()
-        self.base_fingerprint = base_fingerprint
-        self.targets = targets
-        self.max_rank = max_rank
+        self.checkpoint = checkpoint or _no_checkpoint
         self._staging = self.root / STAGING_DIR
         self._versions: dict[tuple[str, str], dict[str, AdapterManifest]] = {}
         self._latest: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
-        self._checkpoint: Callable[[str], None] = _no_checkpoint  # crash tests kill here
         self._recover()
 
-    @contextlib.contextmanager
-    def staging(
-        self,
-        tenant: str,
-        name: str,
-        version: str | None = None,
-        expected_sha256: Mapping[str, str] | None = None,
-    ) -> Iterator[StagedUpload]:
-        """A writer for one new version: `write(filename, chunk)` as bytes arrive, then
-        `commit()`. Whatever was not committed is removed on exit."""
+    def check_writable(self, tenant: str, name: str, version: str | None = None) -> None:
+        """Refuse a bad identifier or a link in the way now, before any byte is staged."""
         self._dir(tenant, name, version)
+
+    def staging_directory(self) -> Path:
+        """A new, empty directory to stage a version in (emptied at the next start-up)."""
         directory = self._staging / secrets.token_hex(8)
         directory.mkdir()
-        upload = StagedUpload(self, directory, tenant, name, version, expected_sha256)
-        try:
-            yield upload
-        finally:
-            if upload.manifest is None:
-                upload._discard()
-
-    def publish(
-        self,
-        tenant: str,
-        name: str,
-        files: Mapping[str, bytes | str | Path],
-        version: str | None = None,
-        expected_sha256: Mapping[str, str] | None = None,
-    ) -> AdapterManifest:
-        """Publish a new version from file contents or paths; `version` None -> next integer."""
-        self._dir(tenant, name, version)
-        problems = [p for p in map(_file_name_problem, sorted(files)) if p]
-        if problems:
-            raise InvalidAdapterError(f"upload of {tenant}/{name} refused:", problems)
-        with self.staging(tenant, name, version, expected_sha256) as upload:
-            for filename, content in sorted(files.items()):
-                if isinstance(content, bytes):
-                    upload.write(filename, content)
-                    continue
-                with open(content, "rb") as f:
-                    for chunk in iter(lambda f=f: f.read(CHUNK_BYTES), b""):
-                        upload.write(filename, chunk)
-            return upload.commit()
-
-    def publish_dir(
-        self, tenant: str, name: str, src_dir: str | Path, version: str | None = None
-    ) -> AdapterManifest:
-        """Import an existing PEFT directory (other files there, e.g. README.md, are ignored)."""
-        src = Path(src_dir)
-        if not src.is_dir():
-            raise InvalidAdapterError(f"adapter directory {str(src)!r} does not exist")
-        wanted = ADAPTER_FILES  # pickles only when there is no safetensors, to refuse them by name
-        if not (src / peft_format.WEIGHTS_FILE).is_file():
-            wanted += peft_format.PICKLE_FILES
-        return self.publish(
-            tenant, name, {f: src / f for f in wanted if (src / f).is_file()}, version
-        )
+        return directory
 
     def delete(self, tenant: str, name: str, version: str | None = None) -> None:
         """Delete one version, or every version of `name` when `version` is None.
@@ -307,42 +116,43 @@ class AdapterStore:
             if version is None or len(versions) == 1:
                 os.rename(name_dir, doomed)
                 _fsync_dir(name_dir.parent)
-                self._checkpoint("delete:moved")
+                self.checkpoint("delete:moved")
                 del self._versions[(tenant, name)], self._latest[(tenant, name)]
             else:
                 os.rename(self._dir(tenant, name, version), doomed)
                 _fsync_dir(name_dir / VERSIONS_DIR)
-                self._checkpoint("delete:moved")
+                self.checkpoint("delete:moved")
                 del versions[version]
                 if self._latest[(tenant, name)] == version:
                     self._write_latest("delete", tenant, name, _newest(versions))
             shutil.rmtree(doomed)
         log.info("deleted %s/%s%s", tenant, name, f"@{version}" if version else "")
 
-    def _commit(self, upload: StagedUpload, manifest: AdapterManifest) -> AdapterManifest:
-        """Name the version, write its manifest, rename it into place, then move `latest`."""
-        key = (upload.tenant, upload.name)
+    def place(self, staged: Path, manifest: AdapterManifest) -> AdapterManifest:
+        """Publish the validated files in `staged` (from `staging_directory`) as `manifest`'s
+        version ("" = the next integer): write the manifest, rename into place, move `latest`."""
+        key = (manifest.tenant, manifest.name)
         with self._lock:
             versions_dir = self._dir(*key) / VERSIONS_DIR
             on_disk = os.listdir(versions_dir) if _is_plain(versions_dir) else []
-            version = upload.version or str(
+            version = manifest.version or str(
                 1 + max((int(v) for v in on_disk if v.isdigit()), default=0)
             )  # the next integer after any on disk, including ones start-up ignored
             target = self._dir(*key, version)
             if version in on_disk:
                 raise InvalidRequestError(
-                    f"{upload.tenant}/{upload.name}@{version} already exists: versions are "
+                    f"{manifest.tenant}/{manifest.name}@{version} already exists: versions are "
                     "immutable, publish a new one"
                 )
             manifest = AdapterManifest(**{**asdict(manifest), "version": version})
-            _write_durably(upload.directory / MANIFEST_FILE, manifest.to_json().encode())
-            _fsync_dir(upload.directory)
-            self._checkpoint("publish:staged")
+            _write_durably(staged / MANIFEST_FILE, manifest.to_json().encode())
+            _fsync_dir(staged)
+            self.checkpoint("publish:staged")
             versions_dir.mkdir(parents=True, exist_ok=True)
             for directory in (self.root, versions_dir.parent.parent, versions_dir.parent):
                 _fsync_dir(directory)  # make the new tenant, name and versions entries durable
-            os.rename(upload.directory, target)
-            self._checkpoint("publish:renamed")
+            os.rename(staged, target)
+            self.checkpoint("publish:renamed")
             _fsync_dir(versions_dir)
             self._versions.setdefault(key, {})[version] = manifest
             self._write_latest("publish", *key, version)
@@ -353,11 +163,11 @@ class AdapterStore:
         name_dir = self._dir(tenant, name)
         temporary = self._staging / f"latest-{secrets.token_hex(8)}"
         _write_durably(temporary, f"{version}\n".encode())
-        self._checkpoint(f"{operation}:latest-staged")
+        self.checkpoint(f"{operation}:latest-staged")
         os.replace(temporary, name_dir / LATEST_FILE)
         _fsync_dir(name_dir)
         self._latest[(tenant, name)] = version
-        self._checkpoint(f"{operation}:latest-moved")
+        self.checkpoint(f"{operation}:latest-moved")
 
     def resolve(self, tenant: str, name: str, version: str | None = None) -> AdapterRef:
         """The ref of `version`, or of the `latest` version when None."""
@@ -366,14 +176,16 @@ class AdapterStore:
             self._known(tenant, name, version)
             return AdapterRef(tenant, name, version or self._latest[(tenant, name)])
 
-    def find(self, tenant: str, name: str, version: str | None = None) -> AdapterRef | None:
-        """Like `resolve`, but None when no such adapter is stored (or could be: `name` is not
-        an identifier), so a caller can fall back to adapters registered elsewhere."""
+    def lookup(self, tenant: str, name: str, version: str | None = None) -> AdapterKey | None:
+        """The key of `version` (None: the latest) from the index alone, without touching the
+        disk; None when no such adapter is stored (or could be: not an identifier), so a caller
+        can fall back to adapters registered elsewhere."""
         if not all(map(is_identifier, (tenant, name, version or "latest"))):
             return None
-        with contextlib.suppress(AdapterNotFoundError):
-            return self.resolve(tenant, name, version)
-        return None
+        with self._lock:
+            versions = self._versions.get((tenant, name), {})
+            manifest = versions.get(version or self._latest.get((tenant, name), ""))
+        return None if manifest is None else store_key(manifest)
 
     def versions(self, tenant: str, name: str) -> list[AdapterManifest]:
         """Every stored version of tenant/name, oldest first."""
@@ -390,6 +202,16 @@ class AdapterStore:
     def path(self, ref: AdapterRef) -> Path:
         """The directory holding the version's files, ready for `read_peft_adapter`."""
         self.manifest(ref)
+        return self._dir(ref.tenant, ref.name, ref.version)
+
+    def directory(self, key: AdapterKey) -> Path:
+        """The directory holding `key`'s files; AdapterNotFoundError once it is deleted (or its
+        version id now holds other files)."""
+        if key.source is not Source.STORE:
+            raise AdapterNotFoundError(f"adapter {key} is not a stored one")
+        ref = AdapterRef.parse(key.reference)
+        if store_key(self.manifest(ref)) != key:
+            raise AdapterNotFoundError(f"adapter {ref} was replaced since the request began")
         return self._dir(ref.tenant, ref.name, ref.version)
 
     def list_adapters(

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import grpc
 
+from loraserve.api.errors import abort
 from loraserve.metrics import Metrics
+from loraserve.types import DEFAULT_TENANT
 
 SCOPES = ("generate", "adapters:write", "admin")
-DEV_TENANT = "default"
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 ADAPTERS = "/loraserve.v1.AdapterService/"
 # Method -> scopes of which the caller needs any one.
@@ -93,7 +94,7 @@ class Authenticator:
 
     def principal(self, metadata) -> Principal | None:
         if self._keys is None:
-            return Principal(DEV_TENANT, frozenset(SCOPES))
+            return Principal(DEFAULT_TENANT, frozenset(SCOPES))
         header = dict(metadata or ()).get("authorization", "")
         scheme, _, key = header.partition(" ")
         if scheme.lower() != "bearer" or not key:
@@ -110,7 +111,7 @@ async def caller(context: grpc.aio.ServicerContext, auth: Authenticator) -> Prin
     """The authenticated caller of a servicer method (the interceptor already checked it)."""
     principal = auth.principal(context.invocation_metadata())
     if principal is None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key")
+        await abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key")
     return principal
 
 

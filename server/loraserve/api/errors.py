@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import NoReturn
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -92,7 +93,18 @@ def bounded_message(error: BaseException) -> str:
     return message
 
 
-async def abort_with(context: grpc.aio.ServicerContext, error: BaseException) -> None:
+async def abort(
+    context: grpc.aio.ServicerContext,
+    code: grpc.StatusCode,
+    message: str,
+    trailing: tuple[tuple[str, str | bytes], ...] = (),
+) -> NoReturn:
+    """End the call with `code` (`context.abort` raises; this says so to the type checker)."""
+    await context.abort(code, message, trailing)
+    raise RuntimeError("grpc's context.abort returned instead of raising")
+
+
+async def abort_with(context: grpc.aio.ServicerContext, error: BaseException) -> NoReturn:
     """End the call with the mapped status and rich details; unexpected errors never leak
     internals. At capacity, the `retry-after-ms` trailer repeats the RetryInfo hint."""
     code = status_of(error)
@@ -102,7 +114,7 @@ async def abort_with(context: grpc.aio.ServicerContext, error: BaseException) ->
     trailing = tuple(rpc_status.to_status(rich_status(code, message, error)).trailing_metadata)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         trailing += (("retry-after-ms", str(RETRY_AFTER_S * 1000)),)
-    await context.abort(code, message, trailing)
+    await abort(context, code, message, trailing)
 
 
 @contextlib.asynccontextmanager

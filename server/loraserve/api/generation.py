@@ -76,11 +76,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     async def _events(
         self, message: pb.GenerationInput, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[TokenEvent | FinalEvent]:
-        engine = await self.state.engine_or_abort(context)
+        runtime = await self.state.runtime_or_abort(context)
         tenant = (await caller(context, self.state.auth)).tenant
         try:
             request = to_domain(message, tenant, self.state.config.default_max_new_tokens)
-            events = await engine.generate(request)
+            events = await runtime.engine.generate(request)
         except LoraServeError as error:
             await abort_with(context, error)
         try:

@@ -1,6 +1,6 @@
 """ServerService: what this server serves and its limits, for clients and gateways.
 
-Knows nothing about generation; reads the config and the loaded model's description.
+Knows nothing about generation; reads the config and the facts about the loaded model.
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ class ServerInfoServicer(server_pb2_grpc.ServerServiceServicer):
     async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetServerInfoResponse:
-        engine = await self.state.engine_or_abort(context)
-        loaded, engine_config = self.state.loaded, self.state.config.engine
+        model = (await self.state.runtime_or_abort(context)).model
+        engine_config = self.state.config.engine
         return pb.GetServerInfoResponse(
             base_model=self.state.config.model_name,
-            quantization=loaded.quantization,
+            quantization=model.quantization,
             compute_dtype=engine_config.compute_dtype,
-            device=str(loaded.device),
+            device=model.device,
             max_rank=engine_config.max_rank,
             device_slots=engine_config.device_slots,
-            max_context=engine.core.max_context,
+            max_context=model.max_context,
             max_batch_size=engine_config.max_batch_size,
             default_max_new_tokens=self.state.config.default_max_new_tokens,
             version=loraserve.__version__,

@@ -1,6 +1,6 @@
-"""What the servicers share: config, authenticator, and the engine and store once they are up.
+"""What the servicers share: config, authenticator, and the runtime once the model is up.
 
-Knows nothing about protobuf messages; it only decides whether a call may reach the engine.
+Knows nothing about protobuf messages; it only decides whether a call may reach the runtime.
 """
 
 from __future__ import annotations
@@ -9,12 +9,30 @@ from dataclasses import dataclass
 
 import grpc
 
-from loraserve.adapters.store import AdapterStore
+from loraserve.adapters.catalog import AdapterCatalog
 from loraserve.api.auth import Authenticator
+from loraserve.api.errors import abort
 from loraserve.config import ServerConfig
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.metrics import Metrics
-from loraserve.model.loading import LoadedModel
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What clients are told about the loaded base model."""
+
+    quantization: str
+    device: str
+    max_context: int  # the most tokens (prompt + generated) one request may hold
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Everything a call reaches once start-up finished (built by `loraserve.app`)."""
+
+    engine: AsyncEngine
+    adapters: AdapterCatalog
+    model: ModelFacts
 
 
 @dataclass
@@ -22,19 +40,18 @@ class ServerState:
     config: ServerConfig
     auth: Authenticator
     metrics: Metrics
-    engine: AsyncEngine | None = None
-    store: AdapterStore | None = None
-    loaded: LoadedModel | None = None
+    runtime: Runtime | None = None
     draining: bool = False
     startup_error: str | None = None
 
-    async def engine_or_abort(self, context: grpc.aio.ServicerContext) -> AsyncEngine:
-        """The running engine, or end the call with UNAVAILABLE saying why it is not there."""
+    async def runtime_or_abort(self, context: grpc.aio.ServicerContext) -> Runtime:
+        """The running runtime, or end the call with UNAVAILABLE saying why it is not there."""
+        unavailable = grpc.StatusCode.UNAVAILABLE
         if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        if self.engine is None:
+            await abort(context, unavailable, "the server is shutting down")
+        if self.runtime is None:
             reason = self.startup_error or "the model is still loading; retry shortly"
-            await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
-        if not self.engine.alive:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine stopped; see server log")
-        return self.engine
+            await abort(context, unavailable, reason)
+        if not self.runtime.engine.alive:
+            await abort(context, unavailable, "the engine stopped; see server log")
+        return self.runtime

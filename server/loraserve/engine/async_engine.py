@@ -15,9 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 from loraserve.engine.core import EngineCore
 from loraserve.engine.sequence import Event, Sequence
@@ -26,24 +25,25 @@ from loraserve.types import EngineDeadError, FinalEvent, GenerateRequest, TokenE
 log = logging.getLogger(__name__)
 
 
-def _wake() -> None:
-    """An inbox task that does nothing but end the loop's wait."""
+def _stop() -> None:
+    """The inbox task `shutdown` sends: the loop ends when it comes to it."""
 
 
 class AsyncEngine:
     def __init__(self, core: EngineCore) -> None:
         self.core = core
-        self._inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._inbox = core.inbox
         self._thread = threading.Thread(target=self._run, name="loraserve-engine", daemon=True)
         self._error: BaseException | None = None
-        core.adapters.on_load_done = lambda: self._inbox.put(_wake)
         self._thread.start()
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent | FinalEvent]:
+    async def generate(
+        self, request: GenerateRequest
+    ) -> AsyncGenerator[TokenEvent | FinalEvent, None]:
         """Submit `request`; raises LoraServeError subclasses for bad input before any event."""
         if not self.alive:
             raise EngineDeadError(f"the engine stopped: {self._error!r}")
@@ -76,7 +76,7 @@ class AsyncEngine:
 
     async def _events(
         self, seq: Sequence, events: asyncio.Queue[Event]
-    ) -> AsyncIterator[TokenEvent | FinalEvent]:
+    ) -> AsyncGenerator[TokenEvent | FinalEvent, None]:
         done = False
         try:
             while True:
@@ -103,7 +103,7 @@ class AsyncEngine:
 
     def shutdown(self) -> None:
         """Stop the loop after the current step; pending requests are not served."""
-        self._inbox.put(None)
+        self._inbox.put(_stop)
         self._thread.join()
 
     def _run(self) -> None:
@@ -113,15 +113,10 @@ class AsyncEngine:
                 # Idle, or every waiting request waits on an adapter load: sleep until the
                 # inbox has a request, a cancel or a finished load.
                 block = not (self.core.has_work() and progressed)
-                try:
-                    while True:
-                        task = self._inbox.get(block=block)
-                        if task is None:
-                            return
-                        self._run_task(task)
-                        block = False
-                except queue.Empty:
-                    pass
+                for task in self._inbox.take(block):
+                    if task is _stop:
+                        return
+                    self._run_task(task)
                 progressed = self.core.has_work() and self.core.step()
         except BaseException as error:  # the loop itself broke: report, never hang callers
             self._error = error
@@ -130,7 +125,7 @@ class AsyncEngine:
             raise
 
     @staticmethod
-    def _run_task(task: Callable[[], None]) -> None:
+    def _run_task(task: Callable[[], object]) -> None:
         try:
             task()
         except Exception:

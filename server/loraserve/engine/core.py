@@ -1,13 +1,14 @@
 """The synchronous engine: requests in, one continuous-batching step at a time, events out.
 
 `EngineCore` owns the model runner, the paged KV cache, the scheduler and the adapter manager.
-`make_sequence` validates and tokenizes a request (any thread); `add` / `cancel` / `step` are
-called from one thread only (the `AsyncEngine` loop, or a test driving steps by hand). Each
-step: retire cancelled sequences, admit waiting ones, run the prefill chunks and the decode
-tokens, sample, emit, retire finished sequences and free their KV at once.
+`make_sequence` validates and tokenizes a request and resolves its adapter to a key (any
+thread); `add` / `cancel` / `step` are called from one thread only (the `AsyncEngine` loop, or a
+test driving steps by hand). Each step: retire cancelled sequences, admit waiting ones, run the
+prefill chunks and the decode tokens, sample, emit, retire finished sequences and free their KV
+at once. `inbox` is how other threads reach that thread: the adapter loader wakes it there.
 
 Knows nothing about gRPC, asyncio or adapter storage: the adapter manager turns names into
-opaque keys and keys into slot references.
+keys and keys into slot grants.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import time
 import torch
 
 from loraserve.adapters.manager import AdapterManager
+from loraserve.adapters.store import AdapterStore
 from loraserve.config import EngineConfig
+from loraserve.engine.inbox import Inbox
 from loraserve.engine.scheduler import Scheduler
 from loraserve.engine.sequence import EmitFn, Sequence
 from loraserve.metrics import LiveState, Metrics
@@ -32,6 +35,7 @@ from loraserve.model.lora import LoraContext, wrap_lora_targets
 from loraserve.model.runner import ModelRunner, RowInput
 from loraserve.model.sampling import make_generator, sample_next_tokens
 from loraserve.types import (
+    DEFAULT_TENANT,
     CapacityError,
     FinalEvent,
     FinishReason,
@@ -43,7 +47,6 @@ from loraserve.types import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TENANT = "default"
 NON_FINITE = (
     "the model's scores for this request's next token are not finite (NaN or infinity): its "
     "adapter's weights, or its temperature or repetition_penalty, overflow; try another adapter "
@@ -58,9 +61,20 @@ def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
     return frozenset(i for i in ids if i is not None)
 
 
+def _adapter_names(seqs: list[Sequence]) -> tuple[str, ...]:
+    """The gateway gauge's label: names from resolved keys only (see `AdapterKey.name`)."""
+    return tuple(sorted({s.adapter_key.name for s in seqs if s.adapter_key is not None}))
+
+
 class EngineCore:
+    """store: where tenants' uploaded adapters live (None: only `adapters.load`ed ones)."""
+
     def __init__(
-        self, loaded: LoadedModel, config: EngineConfig, metrics: Metrics | None = None
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig,
+        metrics: Metrics | None = None,
+        store: AdapterStore | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
@@ -77,6 +91,7 @@ class EngineCore:
             loaded.compute_dtype,
             config.lora_target_modules,
         )
+        self.inbox = Inbox()
         self.adapters = AdapterManager(
             layers,
             config.device_slots,
@@ -84,6 +99,8 @@ class EngineCore:
             loaded.compute_dtype,
             loaded.device,
             config.host_cache_bytes,
+            store=store,
+            on_load_done=self.inbox.wake,
             metrics=self.metrics,
         )
         heads = model_config.num_attention_heads
@@ -144,7 +161,6 @@ class EngineCore:
         adapter_key = self.adapters.resolve(
             request.adapter, request.tenant, request.adapter_version
         )
-        self.adapters.raise_if_failed(adapter_key)
         with self._queue_lock:  # counts requests still in flight to the engine thread too
             if self._queued >= self.config.max_waiting:
                 self.metrics.requests_rejected.labels("queue_full").inc()
@@ -174,7 +190,6 @@ class EngineCore:
                 request.tenant or DEFAULT_TENANT, adapter_key, prompt_ids
             ),
             tenant=request.tenant or DEFAULT_TENANT,
-            adapter_name=request.adapter or "",
             arrived_at=time.monotonic(),
         )
 
@@ -192,7 +207,7 @@ class EngineCore:
             self._check_prompt_bytes(request.prompt)
             ids = self.tokenizer.encode(request.prompt)
         else:
-            ids = list(request.prompt_token_ids)
+            ids = list(request.prompt_token_ids or ())
             bad = [t for t in ids if not (0 <= t < self.vocab_size)]
             if bad:
                 raise InvalidRequestError(
@@ -284,7 +299,7 @@ class EngineCore:
             stepped = [s for s, _ in plan.prefill] + list(plan.decode)
             log.exception("engine step failed; failing its %d sequences", len(stepped))
             for seq in stepped:
-                if not seq.finished:
+                if seq.request_id in self._by_id:  # not already retired
                     self._fail(seq, error)
         return True
 
@@ -322,7 +337,7 @@ class EngineCore:
                     error = raised
             if not isinstance(error, LoraServeError):
                 log.error("request %d failed while sampling", seq.request_id, exc_info=error)
-            if not seq.finished:
+            if seq.request_id in self._by_id:  # not already retired
                 self._fail(seq, error)
 
     def _emit_token(self, seq: Sequence, token: int, logprob: float, now: float) -> None:
@@ -372,33 +387,22 @@ class EngineCore:
     def _release(self, seq: Sequence) -> None:
         self._leave_queue(seq)
         self.scheduler.remove(seq)
-        if seq.lora_slot is not None:
-            self.adapters.release(seq.lora_slot)
+        if seq.held_slot is not None:
+            self.adapters.release(seq.held_slot)
         self._by_id.pop(seq.request_id, None)
-        seq.finished = True
 
     # ---- introspection ------------------------------------------------------------------
 
     def live_state(self) -> LiveState:
         """A snapshot for the scrape-time gauges; safe to call from any thread."""
         running, waiting = list(self.scheduler.running), list(self.scheduler.waiting)
-        manager = self.adapters
-        slots = manager.table.slots
-        host = manager.host.counters
-        device = manager.device_stats.counters
         return LiveState(
             running=len(running),
             waiting=len(waiting),
             kv_usage_ratio=self.allocator.used_blocks / max(1, self.allocator.num_blocks - 1),
-            slots_used=sum(s.key is not None for s in slots),
-            slots_total=len(slots),
-            resident_bytes={"host": manager.host.resident_bytes, "device": manager.device_bytes},
-            tier_counters={
-                "host": (host.hits, host.misses, host.evictions),
-                "device": (device.hits, device.misses, manager.table.evictions),
-            },
-            running_adapters=tuple(sorted({s.adapter_name for s in running} - {""})),
-            waiting_adapters=tuple(sorted({s.adapter_name for s in waiting} - {""})),
+            adapters=self.adapters.stats(),
+            running_adapters=_adapter_names(running),
+            waiting_adapters=_adapter_names(waiting),
             prefix_cache=(
                 self.allocator.cached_blocks,
                 self.allocator.counters.queried_blocks,

@@ -1,21 +1,21 @@
 """Iteration-level scheduling: who joins the batch, and how many tokens each row feeds this step.
 
-Admission walks the waiting queue oldest first. Each sequence first needs a reference on a
-device slot for its adapter (the manager loads cold adapters in the background); a sequence
-whose adapter is not ready yet is passed over, so requests for resident adapters keep flowing
-while cold ones load. Among ready sequences admission is first-come, first-served against the
-batch size and the KV budget (a sequence reserves prompt + max_new_tokens positions, so a
-running sequence never runs out of KV; the leading blocks of its prompt that the prefix cache
-holds for its tenant and adapter are shared, not recomputed); the oldest ready sequence is
-never skipped, so a large request cannot starve. A sequence that has waited
-`slot_patience_steps` for a slot makes the manager drain one, so a cold adapter cannot starve
-behind a stream of hot ones; the next few cold adapters in line are read into host RAM ahead of
-time.
+Admission walks the waiting queue oldest first. Each sequence first asks the adapter manager to
+`acquire` its adapter: READY, WAITING (a cold adapter loads in the background, or no slot is
+free yet) or FAILED (the sequence fails alone). A sequence whose adapter is not ready is passed
+over, so requests for resident adapters keep flowing while cold ones load. Among ready
+sequences admission is first-come, first-served against the batch size and the KV budget (a
+sequence reserves prompt + max_new_tokens positions, so a running sequence never runs out of
+KV; the leading blocks of its prompt that the prefix cache holds for its tenant and adapter are
+shared, not recomputed); the oldest ready sequence is never skipped, so a large request cannot
+starve. A sequence that has waited `slot_patience_steps` for a slot makes the manager drain one,
+so a cold adapter cannot starve behind a stream of hot ones; the next few cold adapters in line
+are read into host RAM ahead of time.
 
 Every step gives each decoding sequence its one token, then fills the rest of the per-step
 token cap with prefill chunks, oldest first.
 
-Knows nothing about the model or sampling; adapters are opaque keys the manager resolves.
+Knows nothing about the model or sampling; adapters are keys the manager grants slots for.
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from loraserve.adapters.manager import AdapterManager
+from loraserve.adapters.manager import AdapterManager, Admission
 from loraserve.engine.sequence import Sequence
 from loraserve.model.blocks import BlockAllocator
-from loraserve.types import LoraServeError
 
 LOOKAHEAD_ADAPTERS = 4
 
@@ -68,21 +67,16 @@ class Scheduler:
         failed: list[tuple[Sequence, Exception]] = []
         slotless: list[Sequence] = []
         for seq in list(self.waiting):
-            if seq.lora_slot is None:
-                try:
-                    seq.lora_slot = self.adapters.reserve(seq.adapter_key)
-                except LoraServeError as error:
-                    failed.append((seq, error))
-                    continue
-                if seq.lora_slot is None:
-                    seq.slot_wait_steps += 1
-                    slotless.append(seq)
-                    continue
-            error = self.adapters.load_error(seq.lora_slot)
-            if error is not None:
-                failed.append((seq, error))
+            grant = self.adapters.acquire(seq.adapter_key, seq.held_slot)
+            seq.held_slot = grant.slot
+            if grant.error is not None:
+                failed.append((seq, grant.error))
                 continue
-            if not self.adapters.is_ready(seq.lora_slot):
+            if grant.slot is None:
+                seq.slot_wait_steps += 1
+                slotless.append(seq)
+                continue
+            if grant.admission is not Admission.READY:
                 continue
             if len(self.running) >= self.max_batch_size:
                 break

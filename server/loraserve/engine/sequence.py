@@ -1,18 +1,19 @@
 """The state of one request inside the engine, from admission to retirement.
 
 Knows nothing about the model or the scheduler's policy: it is bookkeeping of token ids, KV
-positions, the LoRA slot and where to send events.
+positions, the adapter's key and slot, and where to send events.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from loraserve.adapters.keys import AdapterKey
 from loraserve.model.detokenizer import IncrementalDetokenizer
-from loraserve.types import FinalEvent, SamplingParams, TokenEvent
+from loraserve.types import DEFAULT_TENANT, FinalEvent, SamplingParams, TokenEvent
 
 Event = TokenEvent | FinalEvent | Exception
 EmitFn = Callable[[Event], None]
@@ -26,23 +27,28 @@ class Sequence:
     prompt_len: int
     token_ids: list[int]
     params: SamplingParams
-    adapter_key: Hashable | None  # opaque, from the adapter manager; None = base model
+    adapter_key: AdapterKey | None  # resolved once, at submission; None = base model
     kv_tokens: int  # KV positions reserved at admission: prompt + max_new_tokens
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
     emit: EmitFn
-    tenant: str = "default"  # metric label
-    adapter_name: str = ""  # as the caller named it: for the gateway metric only
+    tenant: str = DEFAULT_TENANT  # the metric label: tenants are configured, so bounded
     arrived_at: float = 0.0  # time.monotonic() at submission
     last_token_at: float = 0.0
-    lora_slot: int | None = None  # set once the adapter manager gives the sequence a slot
+    held_slot: int | None = None  # the slot its adapter grant holds a reference on, if any
     slot_wait_steps: int = 0  # steps spent waiting for a slot
     block_table: list[int] = field(default_factory=list)
     prefix_hashes: list[bytes] = field(default_factory=list)  # its prompt's full KV blocks
     num_cached: int = 0
     queued: bool = True  # counts against max_waiting until admitted or retired
     cancelled: bool = False
-    finished: bool = False
+
+    @property
+    def lora_slot(self) -> int:
+        """The LoRA slot of an admitted sequence (admission waits until its grant is READY)."""
+        if self.held_slot is None:
+            raise RuntimeError(f"request {self.request_id} has no LoRA slot before admission")
+        return self.held_slot
 
     @property
     def num_generated(self) -> int:

@@ -22,6 +22,7 @@ Knows nothing about sequences, adapters or scheduling: rows are token ranges and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -98,10 +99,10 @@ def paged_attention(
     window = sliding_window or 0
     q = query[0].transpose(0, 1)  # [N, H, D]
     out = torch.empty_like(q)
-    k_pool, v_pool = batch.cache.pools(module.layer_idx)  # [S, KVH, D] each
+    k_pool, v_pool = batch.cache.pools(cast(int, module.layer_idx))  # [S, KVH, D] each
     if batch.decode is not None:
-        d = batch.decode
-        attend = native().paged_decode_attention if d.use_kernel else attend_decode_gathered
+        d, ops = batch.decode, native()
+        attend = ops.paged_decode_attention if d.use_kernel and ops else attend_decode_gathered
         out[d.tokens] = attend(
             q[d.tokens].contiguous(), k_pool, v_pool, d.block_tables, d.context_lens,
             batch.cache.block_size, window, scale,

@@ -78,7 +78,7 @@ class BlockAllocator:
         """`count` fresh blocks, one reference each; MemoryError (taking none) if not free."""
         if count > self.free_blocks:
             raise MemoryError(f"asked for {count} KV blocks, {self.free_blocks} free")
-        taken = []
+        taken: list[int] = []
         while len(taken) < count:
             if self._free:
                 block = self._free.pop()

@@ -94,7 +94,8 @@ class IncrementalDetokenizer:
         return delta, self._stopped
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
+        text = self._tokenizer.decode(ids, skip_special_tokens=True)  # str for a list of ids
+        return text if isinstance(text, str) else "".join(text)
 
 
 def _stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:

@@ -40,7 +40,7 @@ class PagedKVCache(Cache):
         self.value_pools = [
             torch.zeros(pool_shape, dtype=dtype, device=device) for _ in range(num_layers)
         ]
-        self._write_slots: torch.Tensor | None = None
+        self._write_slots = torch.zeros(0, dtype=torch.int64, device=device)
 
     def pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's key and value pools, each [num_slots, kv_heads, head_dim]."""

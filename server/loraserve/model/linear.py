@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnb_functional
@@ -58,7 +59,8 @@ class Packed4bit:
     @classmethod
     def of(cls, layer: bnb.nn.Linear4bit) -> Packed4bit | None:
         """The layer's weight, or None when the kernels cannot read it as it is stored."""
-        state = layer.weight.quant_state
+        params: Any = layer.weight  # a bitsandbytes Params4bit
+        state = params.quant_state
         if getattr(state, "packing_format_for_cpu", False) or len(state.shape) != 2:
             return None
         out_features, in_features = state.shape
@@ -107,23 +109,22 @@ class BaseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] -> [..., out]."""
-        rows = x.reshape(-1, self.in_features)
-        if x.dtype != torch.float32 or not (self.packed is not None or self.dense):
-            return self.module(x)
-        rows = rows.contiguous()
-        bias = self.module.bias
-        bias = None if bias is None else bias.float()
         ops = native()
-        if self.dense:
-            if rows.shape[0] > SMALL_BATCH_ROWS:
-                return self.module(x)
-            y = ops.linear_f32(rows, self.module.weight, bias)
-        elif rows.shape[0] <= SMALL_BATCH_ROWS:
-            p = self.packed
+        if ops is None or x.dtype != torch.float32:
+            return self.module(x)
+        rows = x.reshape(-1, self.in_features).contiguous()
+        bias = None if self.module.bias is None else self.module.bias.float()
+        small = rows.shape[0] <= SMALL_BATCH_ROWS
+        p = self.packed
+        if p is not None and small:
             y = ops.linear_4bit(rows, p.packed, p.absmax, p.code, p.blocksize, p.out_features, bias)
-        else:
+        elif p is not None:
             dtype = prefill_gemm_dtype()
-            y = F.linear(rows.to(dtype), self.packed.dequantize(dtype)).float()
+            y = F.linear(rows.to(dtype), p.dequantize(dtype)).float()
             if bias is not None:
                 y += bias
+        elif self.dense and small:
+            y = ops.linear_f32(rows, self.module.weight, bias)
+        else:
+            return self.module(x)
         return y.view(*x.shape[:-1], self.out_features)

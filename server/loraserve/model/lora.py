@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 
 from loraserve.model.kernels import native
 from loraserve.model.linear import BaseLinear
@@ -114,6 +115,9 @@ class MultiLoraLinear(nn.Module):
     base projection runs through `BaseLinear`, which keeps the wrapped module as `base.module`.
     """
 
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+
     def __init__(
         self,
         base: nn.Linear,
@@ -164,7 +168,7 @@ def is_lora_target(module: nn.Module) -> bool:
 
 
 def wrap_lora_targets(
-    model: nn.Module,
+    model: PreTrainedModel,
     context: LoraContext,
     num_slots: int,
     max_rank: int,

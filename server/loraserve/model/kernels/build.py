@@ -1,6 +1,6 @@
 """Compile loraserve's C++ CPU kernels, once per instruction set, into the user's cache.
 
-`python -m loraserve.model.kernels.build` (run by `scripts/setup.sh`) builds the variant this
+`python -m loraserve.model.kernels` (run by `scripts/setup.sh`) builds the variant this
 CPU runs; `--all` builds every variant (a compile check for CPUs this machine does not have).
 A build lands in a folder named after the torch version, the sources' hash and the instruction
 set, so a changed source or another torch never loads a stale library.

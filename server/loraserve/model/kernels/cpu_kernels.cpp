@@ -1,5 +1,5 @@
 // loraserve's CPU kernels, registered as torch ops under `loraserve::`. Built by
-// `python -m loraserve.model.kernels.build` once per instruction set (LS_LANES: 8 for AVX2,
+// `python -m loraserve.model.kernels` once per instruction set (LS_LANES: 8 for AVX2,
 // 16 for AVX-512); `kernels/__init__.py` loads the build that fits this CPU.
 //
 // Each op has a torch reference in `kernels/reference.py` that the tests compare it against.

@@ -1,0 +1,71 @@
+"""The background loader: one thread that brings adapter weights into the host and device tiers.
+
+Jobs run one at a time in submission order, so the decode loop never waits on a disk read or a
+copy into slot buffers. `on_done` runs after every job (the engine loop sleeps until then when
+every waiting request waits on a load); `wait_idle` blocks until every submitted job finished.
+On CUDA, jobs get a side stream for their copies.
+
+Knows nothing about keys or slot bookkeeping: a job is a function of the stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+import torch
+
+from loraserve.adapters.peft_format import LoraWeights
+from loraserve.model.lora import MultiLoraLinear
+
+log = logging.getLogger(__name__)
+
+Job = Callable[["torch.cuda.Stream | None"], None]
+
+
+def write_slot(layers: dict[str, MultiLoraLinear], index: int, weights: LoraWeights) -> None:
+    """Copy `weights` into slot `index` of every layer; layers it does not target are zeroed."""
+    for name, layer in layers.items():
+        if name in weights.modules:
+            a, b = weights.modules[name]
+            layer.set_slot(index, a, b)
+        else:
+            layer.clear_slot(index)
+
+
+class Loader:
+    def __init__(self, device: torch.device, on_done: Callable[[], None] | None = None) -> None:
+        self._device = device
+        self._on_done = on_done
+        self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self._pending = 0
+        self._idle = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="loraserve-loader", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._idle:
+            self._pending += 1
+        self._jobs.put(job)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until every submitted job has finished; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    def _run(self) -> None:
+        stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
+        while True:
+            job = self._jobs.get()
+            try:
+                job(stream)
+            except Exception:  # a job reports its own failures; this one escaped it
+                log.exception("adapter load job failed")
+            finally:
+                with self._idle:
+                    self._pending -= 1
+                    self._idle.notify_all()
+                if self._on_done is not None:
+                    self._on_done()

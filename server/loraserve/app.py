@@ -1,0 +1,172 @@
+"""Composition: build the engine and its adapter parts from the configuration, run the server.
+
+`build_runtime` loads the base model, opens the adapter store, builds the engine core around
+it, the publisher that hands validated uploads to the host tier and the catalog the API
+serves, registers the start-up adapters and starts the engine thread. `serve` runs the process:
+the gRPC server binds at once (health NOT_SERVING, calls UNAVAILABLE) so Kubernetes can probe
+it, the runtime is built off the event loop and warmed up with one generation, then health
+turns SERVING. SIGTERM or SIGINT drains (health NOT_SERVING, new calls UNAVAILABLE, in-flight
+calls finish within the grace period) and `serve` returns 0; a failed start-up logs why and
+returns 1.
+
+The only module that knows every layer; no layer imports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+
+from prometheus_client import start_http_server
+
+import loraserve
+from loraserve.adapters.catalog import AdapterCatalog
+from loraserve.adapters.manifest import base_fingerprint
+from loraserve.adapters.staging import AdapterPublisher
+from loraserve.adapters.store import AdapterStore
+from loraserve.api.auth import Authenticator
+from loraserve.api.server import GrpcServer
+from loraserve.api.state import ModelFacts, Runtime, ServerState
+from loraserve.config import ServerConfig
+from loraserve.engine.async_engine import AsyncEngine
+from loraserve.engine.core import EngineCore
+from loraserve.metrics import Metrics
+from loraserve.model.loading import load_base_model
+from loraserve.model.tiny import default_model_dir
+from loraserve.types import DEFAULT_TENANT, GenerateRequest, SamplingParams
+
+log = logging.getLogger(__name__)
+
+RuntimeBuilder = Callable[[ServerConfig, Metrics], Runtime]
+
+
+def build_runtime(config: ServerConfig, metrics: Metrics) -> Runtime:
+    """Load the base model, open the adapter store, load start-up adapters, start the engine."""
+    engine_config = config.engine
+    model = engine_config.model or str(default_model_dir())
+    loaded = load_base_model(
+        model, engine_config.quantization, engine_config.compute_dtype, engine_config.device
+    )
+    store = AdapterStore(config.adapter_dir)
+    core = EngineCore(loaded, engine_config, metrics, store=store)
+    manager = core.adapters
+    publisher = AdapterPublisher(
+        store,
+        base_fingerprint(loaded.model.config.to_dict(), loaded.quantization),
+        manager.targets,
+        engine_config.max_rank,
+        loaded.compute_dtype,
+        on_published=manager.keep_in_host,
+    )
+    for name, directory in config.adapters:
+        manager.load(name, directory)
+        log.info("loaded adapter %r from %s", name, directory)
+    metrics.attach_live(core.live_state, gateway=config.gateway_metrics)
+    metrics.build_info.info(
+        {
+            "version": loraserve.__version__,
+            "base_model": config.model_name,
+            "quantization": loaded.quantization,
+            "compute_dtype": engine_config.compute_dtype,
+            "device": str(loaded.device),
+        }
+    )
+    return Runtime(
+        engine=AsyncEngine(core),
+        adapters=AdapterCatalog(store, publisher, manager),
+        model=ModelFacts(loaded.quantization, str(loaded.device), core.max_context),
+    )
+
+
+async def warm_up(engine: AsyncEngine) -> None:
+    """One tiny generation through the whole path before reporting SERVING."""
+    request = GenerateRequest(prompt_token_ids=(0,), sampling=SamplingParams(max_new_tokens=2))
+    async for _ in await engine.generate(request):
+        pass
+
+
+async def watch_engine(engine: AsyncEngine, server: GrpcServer) -> None:
+    """NOT_SERVING as soon as the engine thread ends, whatever ended it."""
+    await asyncio.to_thread(engine.join)
+    await server.set_serving(False)
+
+
+async def serve(
+    config: ServerConfig, stop: asyncio.Event | None = None, build: RuntimeBuilder = build_runtime
+) -> int:
+    """Run until `stop` is set or SIGTERM / SIGINT arrives; returns the exit status.
+
+    build: makes the runtime on a worker thread (a test passes one that waits for its cue).
+    """
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        return await _serve(config, stop, build)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+async def _serve(config: ServerConfig, stop: asyncio.Event, build: RuntimeBuilder) -> int:
+    try:
+        auth = Authenticator.from_file(config.api_keys)
+    except ValueError as error:
+        log.error("%s", error)
+        return 2
+    if auth.development_mode:
+        log.warning(
+            "no --api-keys file: single-tenant development mode (every caller is tenant %r "
+            "with every scope); bound to %s",
+            DEFAULT_TENANT,
+            config.host,
+        )
+    metrics = Metrics()
+    state = ServerState(config, auth, metrics)
+    metrics_server = None
+    if config.metrics_port is not None:
+        metrics_server, _ = start_http_server(
+            config.metrics_port, addr=config.host, registry=metrics.registry
+        )
+        log.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
+    server = GrpcServer(state)
+    if not await server.start():
+        log.error("cannot bind %s", server.address)
+        return 1
+    log.info(
+        "listening on %s (NOT_SERVING until the model is loaded and warmed up)", server.address
+    )
+
+    loading = asyncio.ensure_future(asyncio.to_thread(build, config, metrics))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    watcher = None
+    if loading.done():
+        try:
+            state.runtime = loading.result()
+            await warm_up(state.runtime.engine)
+            await server.set_serving(True)
+            watcher = asyncio.ensure_future(watch_engine(state.runtime.engine, server))
+            log.info("SERVING %s", config.model_name)
+        except Exception as error:  # a bad model, store or adapter: say why and exit 1
+            state.startup_error = f"start-up failed: {error}"
+            log.exception("start-up failed")
+            stop.set()
+    await stopping
+
+    log.info("draining: NOT_SERVING, refusing new calls, %.0fs grace", config.drain_grace_seconds)
+    await server.drain(config.drain_grace_seconds)
+    if state.runtime is not None:
+        state.runtime.engine.shutdown()
+        if watcher is not None:
+            await watcher
+    else:
+        loading.cancel()
+    if metrics_server is not None:
+        metrics_server.shutdown()
+    log.info("stopped")
+    return 0 if state.startup_error is None else 1
