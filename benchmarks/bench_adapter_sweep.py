@@ -78,6 +78,7 @@ def engine(model_dir: Path, names: dict[str, Path]) -> EngineCore:
     config = EngineConfig(
         model=str(model_dir), max_rank=RANK, device_slots=BATCH, max_batch_size=BATCH,
         kv_cache_tokens=BATCH * per_request, max_context=per_request, max_step_tokens=4096,
+        prefix_caching=False,  # the same prompts repeat: compute them every time
     )  # fmt: skip
     loaded = load_base_model(config.model, config.quantization, config.compute_dtype, "cpu")
     core = EngineCore(loaded, config)

@@ -34,7 +34,8 @@ def engine_config(
     base: EngineConfig, workload: Workload, max_prompt: int, concurrent: int | None = None
 ) -> EngineConfig:
     """Sized to run `concurrent` requests (default: the whole workload) in one continuous
-    batch, one device slot per request."""
+    batch, one device slot per request. The prefix cache is off: a throughput run repeats the
+    same prompts, which must be computed every time (`run_prefix` measures the cache)."""
     concurrent = concurrent or len(workload.prompts)
     per_request = math.ceil((max_prompt + workload.new_tokens) / KV_BLOCK_SIZE) * KV_BLOCK_SIZE
     return replace(
@@ -44,6 +45,7 @@ def engine_config(
         kv_block_size=KV_BLOCK_SIZE,
         max_context=max_prompt + workload.new_tokens,
         max_batch_size=concurrent,
+        prefix_caching=False,
     )
 
 
