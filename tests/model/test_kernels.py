@@ -146,3 +146,27 @@ def test_the_torch_paths_serve_when_kernels_are_off():
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:]
     assert " passed" in result.stdout
+
+
+@pytest.mark.parametrize(("in_features", "out_features"), [(64, 37), (40, 100), (8, 3)])
+def test_lora_delta_kernel_equals_reference_over_long_and_short_segments(in_features, out_features):
+    """Segments longer than a chunk of 16 tokens, rows not a multiple of the 4-row block,
+    output widths with vector and scalar tails, ranks from 1 to the slot buffer's maximum."""
+    torch.manual_seed(in_features)
+    slots, max_rank = 5, 8
+    lora_a = torch.randn(slots, max_rank, in_features)
+    lora_b = torch.randn(slots, max_rank, out_features)
+    segments = [
+        (0, 37, 2, 8),
+        (37, 38, 4, 1),
+        (40, 45, 1, 3),
+        (45, 80, 3, 5),
+    ]  # start, end, slot, rank
+    n = segments[-1][1]
+    x, y = torch.randn(n, in_features), torch.randn(n, out_features)
+    want = y.clone()
+    for start, end, slot, rank in segments:
+        want[start:end] += (x[start:end] @ lora_a[slot, :rank].T) @ lora_b[slot, :rank]
+    starts, ends, slot_ids, ranks = (torch.tensor(column) for column in zip(*segments))
+    native().lora_delta_(x, y, lora_a, lora_b, starts, ends, slot_ids, ranks)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)

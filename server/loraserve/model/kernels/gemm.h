@@ -22,6 +22,7 @@ typedef uint8_t vb __attribute__((vector_size(kLanes), aligned(1)));
 constexpr int kRowBlock = 4;     // rows of x per micro-kernel call
 constexpr int kColBlock = 3;     // output columns per micro-kernel call
 constexpr int kTileCols = 12;    // columns decoded per tile (a multiple of kColBlock)
+constexpr int64_t kRowChunk = 64;  // rows of x per pass over the 4-bit weight
 
 inline float hsum(vf v) {
   typedef float f4 __attribute__((vector_size(16)));
@@ -167,15 +168,20 @@ inline void gemm_4bit(const float* x, int64_t M, int64_t K, const uint8_t* packe
                       const float* absmax, const float* code, int64_t blocksize, int64_t N,
                       float* y) {
   const int64_t tiles = (N + kTileCols - 1) / kTileCols;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> decoded(kTileCols * K);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n0 = t * kTileCols;
-      const int64_t cols = std::min<int64_t>(kTileCols, N - n0);
-      decode_rows(packed, absmax, code, blocksize, K, n0, cols, decoded.data());
-      dot_tile(x, M, K, decoded.data(), K, cols, y + n0, N);
-    }
-  });
+  // Rows in chunks whose activations stay in cache while every tile of the weight passes;
+  // each tile is decoded once per chunk.
+  for (int64_t m0 = 0; m0 < M; m0 += kRowChunk) {
+    const int64_t rows = std::min(kRowChunk, M - m0);
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> decoded(kTileCols * K);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n0 = t * kTileCols;
+        const int64_t cols = std::min<int64_t>(kTileCols, N - n0);
+        decode_rows(packed, absmax, code, blocksize, K, n0, cols, decoded.data());
+        dot_tile(x + m0 * K, rows, K, decoded.data(), K, cols, y + m0 * N + n0, N);
+      }
+    });
+  }
 }
 
 }  // namespace LS_NAMESPACE

@@ -7,6 +7,53 @@
 namespace LS_NAMESPACE {
 
 constexpr int64_t kLoraChunkTokens = 16;
+constexpr int kExpandVectors = 3;  // output vectors per expand block (4 rows x 3: 12 registers)
+
+// y[m, c:c + NV * kLanes] += h[m, :rank] @ b[:rank, c:c + NV * kLanes] for m < MR.
+template <int MR, int NV>
+inline void expand_block(const float* h, int64_t ldh, int64_t rank, const float* b, int64_t ldb,
+                         float* y, int64_t ldy) {
+  vf acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = *reinterpret_cast<const vf*>(y + m * ldy + v * kLanes);
+  for (int64_t r = 0; r < rank; ++r) {
+    vf bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const vf*>(b + r * ldb + v * kLanes);
+    for (int m = 0; m < MR; ++m) {
+      const vf hm = vf{} + h[m * ldh + r];
+      for (int v = 0; v < NV; ++v) acc[m][v] += hm * bv[v];
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<vf*>(y + m * ldy + v * kLanes) = acc[m][v];
+}
+
+template <int MR>
+inline void expand_rows(const float* h, int64_t ldh, int64_t rank, const float* b, int64_t out,
+                        float* y, int64_t ldy) {
+  constexpr int64_t wide = kExpandVectors * kLanes;
+  int64_t c = 0;
+  for (; c + wide <= out; c += wide)
+    expand_block<MR, kExpandVectors>(h, ldh, rank, b + c, out, y + c, ldy);
+  for (; c + kLanes <= out; c += kLanes) expand_block<MR, 1>(h, ldh, rank, b + c, out, y + c, ldy);
+  for (; c < out; ++c)
+    for (int m = 0; m < MR; ++m)
+      for (int64_t r = 0; r < rank; ++r) y[m * ldy + c] += h[m * ldh + r] * b[r * out + c];
+}
+
+// y[:n] += h[:n, :rank] @ b[:rank, :out]; h [n, ldh], b [rank, out], y [n, out].
+inline void expand(const float* h, int64_t ldh, int64_t n, int64_t rank, const float* b,
+                   int64_t out, float* y) {
+  int64_t m = 0;
+  for (; m + kRowBlock <= n; m += kRowBlock)
+    expand_rows<kRowBlock>(h + m * ldh, ldh, rank, b, out, y + m * out, out);
+  switch (n - m) {
+    case 3: expand_rows<3>(h + m * ldh, ldh, rank, b, out, y + m * out, out); break;
+    case 2: expand_rows<2>(h + m * ldh, ldh, rank, b, out, y + m * out, out); break;
+    case 1: expand_rows<1>(h + m * ldh, ldh, rank, b, out, y + m * out, out); break;
+    default: break;
+  }
+}
 
 // x [N, in]; y [N, out] (updated); lora_a [S, R, in]; lora_b [S, R, out]; segments: starts,
 // ends, slots, ranks [num_segments] int64.
@@ -29,17 +76,7 @@ inline void lora_delta(const float* x, float* y, int64_t in, int64_t out, const 
       const float* a = lora_a + slots[s] * R * in;
       const float* b = lora_b + slots[s] * R * out;
       dot_tile(x + t0 * in, n, in, a, in, rank, shrunk.data(), rank);  // [n, rank]
-      for (int64_t i = 0; i < n; ++i) {
-        float* yt = y + (t0 + i) * out;
-        for (int64_t r = 0; r < rank; ++r) {
-          const float h = shrunk[i * rank + r];
-          const float* br = b + r * out;
-          int64_t d = 0;
-          for (; d + kLanes <= out; d += kLanes)
-            *reinterpret_cast<vf*>(yt + d) += h * *reinterpret_cast<const vf*>(br + d);
-          for (; d < out; ++d) yt[d] += h * br[d];
-        }
-      }
+      expand(shrunk.data(), rank, n, rank, b, out, y + t0 * out);
     }
   });
 }
