@@ -300,14 +300,21 @@ def measure_prefix(config: BenchConfig, s: Setup, base: EngineConfig) -> dict:
 # ---- reporting -----------------------------------------------------------------------------
 
 
+RATIOS = {  # name: (numerator, denominator)
+    "engine_over_hf_generate_base": ("engine_base", "hf_generate_base"),
+    "multi_lora_over_base": ("engine_multi_lora", "engine_base"),
+    "zipf_over_base": ("engine_zipf", "engine_base"),
+    "multi_lora_over_peft_mixed": ("engine_multi_lora", "peft_mixed_batch"),
+    "multi_lora_over_peft_sequential": ("engine_multi_lora", "peft_sequential"),
+}
+
+
 def ratios(medians: dict[str, float]) -> dict[str, float]:
-    base, multi = medians["engine_base"], medians["engine_multi_lora"]
+    """Every ratio whose two configurations were measured."""
     return {
-        "engine_over_hf_generate_base": base / medians["hf_generate_base"],
-        "multi_lora_over_base": multi / base,
-        "zipf_over_base": medians["engine_zipf"] / base,
-        "multi_lora_over_peft_mixed": multi / medians["peft_mixed_batch"],
-        "multi_lora_over_peft_sequential": multi / medians["peft_sequential"],
+        name: medians[top] / medians[bottom]
+        for name, (top, bottom) in RATIOS.items()
+        if top in medians and bottom in medians
     }
 
 
@@ -366,7 +373,7 @@ def compute_report(config: BenchConfig, s: Setup, results: dict[str, list[Run]],
 def print_summary(summary: dict) -> None:
     print()
     print(f"{'configuration':<20} {'median tok/s':>12} {'median s':>9} {'median cpu s':>12}  runs")
-    for name in CONFIGURATIONS:
+    for name in [c for c in CONFIGURATIONS if c in summary["runs"]]:
         runs = summary["runs"][name]
         seconds = statistics.median(r["seconds"] for r in runs)
         cpu_seconds = statistics.median(r["cpu_seconds"] for r in runs)
@@ -381,7 +388,9 @@ def print_summary(summary: dict) -> None:
             print(f"{key:<36} {value:10.3f}")
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path, Path | None]:
+def parse_args(
+    argv: list[str] | None = None,
+) -> tuple[BenchConfig, Path, Path | None, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small model and workload")
     parser.add_argument(
@@ -400,6 +409,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path, Path |
         help="where the random model and adapters are written once and reused",
     )
     parser.add_argument("--out", type=Path, help="write the results as JSON to this file")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=CONFIGURATIONS,
+        default=list(CONFIGURATIONS),
+        help="measure these configurations only (engine_base is always measured)",
+    )
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else DEFAULT
     if args.repeats is not None and args.repeats < 1:
@@ -412,11 +428,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path, Path |
         device=args.device,
         max_step_tokens=args.max_step_tokens,
     )
-    return config, args.cache_dir, args.out
+    only = {"engine_base", *args.only}
+    return config, args.cache_dir, args.out, [c for c in CONFIGURATIONS if c in only]
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, cache_root, out = parse_args(argv)
+    config, cache_root, out, only = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     transformers.logging.set_verbosity_error()
@@ -432,7 +449,10 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     peak = matmul_gflops(dtype, device)
-    results = measure(s.runs, device, config.repeats)
+    results = measure({name: s.runs[name] for name in only}, device, config.repeats)
+    if out is not None:  # what is measured so far survives a failure in what follows
+        partial = {name: [asdict(r) for r in runs] for name, runs in results.items()}
+        out.with_suffix(".partial.json").write_text(json.dumps(partial, indent=2) + "\n")
     ttfts = measure_ttft(s.core, s.workload, config.repeats)
     prefix = measure_prefix(config, s, s.base)
     peak = max(peak, matmul_gflops(dtype, device))
@@ -450,6 +470,7 @@ def main(argv: list[str] | None = None) -> None:
     print_summary(summary)
     if out is not None:
         out.write_text(json.dumps(summary, indent=2) + "\n")
+        out.with_suffix(".partial.json").unlink(missing_ok=True)
         print(f"\nwrote {out}")
 
 

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from loraserve.adapters.staging import AdapterPublisher
 from loraserve.adapters.store import AdapterStore
 from loraserve.model.loading import lora_target_shapes
 
@@ -56,10 +57,10 @@ def prepare_store(model_dir: Path, root: Path, count: int = STORED_ADAPTERS) -> 
         str(weights),
     )
     config = json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": [module]})
-    store = AdapterStore(root, "bench", targets, max_rank=1)
+    publisher = AdapterPublisher(AdapterStore(root), "bench", targets, max_rank=1)
     for i in range(count):
         tenant = f"tenant-{i % 100}"
-        store.publish(
+        publisher.publish(
             tenant,
             f"adapter-{i}",
             {"adapter_config.json": config.encode(), "adapter_model.safetensors": weights},
@@ -72,17 +73,15 @@ _RSS_PROBE = textwrap.dedent(
     """
     import gc, json, sys
     from loraserve.adapters.store import AdapterStore
-    from loraserve.model.loading import lora_target_shapes
 
     def rss_kb():
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
-    model, root = sys.argv[1], sys.argv[2]
-    targets = lora_target_shapes(model)
+    root = sys.argv[2]
     gc.collect()
     before = rss_kb()
-    store = AdapterStore(root, "bench", targets, max_rank=1)
+    store = AdapterStore(root)
     gc.collect()
     after = rss_kb()
     tenants = {f"tenant-{i % 100}" for i in range(int(sys.argv[3]))}
