@@ -106,6 +106,17 @@ def safetensors_header(path: Path) -> dict:
     return header
 
 
+def _not_finite(modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
+    """The modules whose A or B holds a NaN or an infinity: one pass over every tensor."""
+    names = list(modules)
+    tensors = [t for name in names for t in modules[name]]
+    if not tensors:
+        return []
+    peaks = torch.stack(torch._foreach_norm(tensors, ord=float("inf")))  # max |x|, NaN kept
+    bad = (~peaks.isfinite()).view(-1, 2).any(dim=1).tolist()
+    return [name for name, is_bad in zip(names, bad) if is_bad]
+
+
 def read_peft_adapter(
     directory: str | Path,
     targets: dict[str, tuple[int, int]],
@@ -156,6 +167,7 @@ def read_peft_adapter(
         ) from e
 
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    scales: dict[str, float] = {}
     incompatible: list[str] = []
     for module, pair in sorted(pairs.items()):
         if set(pair) != {"A", "B"}:
@@ -172,9 +184,6 @@ def read_peft_adapter(
                 f"{module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
                 "are not [r, in] and [out, r]"
             )
-            continue
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            problems.append(f"{module}: weights contain NaN or infinity")
             continue
         rank = a.shape[0]
         if module not in targets:
@@ -197,16 +206,17 @@ def read_peft_adapter(
             )
             continue
         scale = config.scale(module, rank)
+        scales[module] = scale
         # own copies: a tensor from safe_open maps the file, which may change under it
-        a = a.to(torch.float32).to(dtype).clone(memory_format=torch.contiguous_format)
+        a = a.to(dtype, copy=True)
         b = (b.t().to(torch.float32) * scale).to(dtype).contiguous()  # [r, out]
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            problems.append(
-                f"{module}: weights are not finite once scaled by {scale:g} (lora_alpha / r) "
-                f"in {str(dtype).removeprefix('torch.')}"
-            )
-            continue
         modules[module] = (a, b)
+    for module in _not_finite(modules):
+        problems.append(
+            f"{module}: weights are not finite (NaN or infinity), as stored or once scaled by "
+            f"{scales[module]:g} (lora_alpha / r) in {str(dtype).removeprefix('torch.')}"
+        )
+        del modules[module]
     if not pairs:
         problems.append(f"{WEIGHTS_FILE} holds no LoRA tensors")
     if problems:

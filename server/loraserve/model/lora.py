@@ -143,9 +143,10 @@ class MultiLoraLinear(nn.Module):
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """a: [r, in]; b: [r, out] with scaling already folded in."""
         r = a.shape[0]
-        self.clear_slot(slot)
         self.lora_a[slot, :r].copy_(a, non_blocking=True)
         self.lora_b[slot, :r].copy_(b, non_blocking=True)
+        self.lora_a[slot, r:].zero_()  # what a previous adapter of higher rank left
+        self.lora_b[slot, r:].zero_()
 
     def clear_slot(self, slot: int) -> None:
         self.lora_a[slot].zero_()
