@@ -209,7 +209,7 @@ def read_peft_adapter(
         scales[module] = scale
         # own copies: a tensor from safe_open maps the file, which may change under it
         a = a.to(dtype, copy=True)
-        b = (b.t().to(torch.float32) * scale).to(dtype).contiguous()  # [r, out]
+        b = b.t().to(torch.float32).contiguous().mul_(scale).to(dtype)  # [r, out]
         modules[module] = (a, b)
     for module in _not_finite(modules):
         problems.append(
