@@ -31,7 +31,7 @@ from loraserve.model.kernels import native
 
 # Up to this many rows the fused small-batch kernels beat dequantize + GEMM (see
 # docs/performance.md); above it the one big GEMM amortises the dequantization.
-SMALL_BATCH_ROWS = 96
+SMALL_BATCH_ROWS = 256
 
 
 @functools.cache

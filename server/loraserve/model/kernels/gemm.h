@@ -90,16 +90,20 @@ inline void dot_tile(const float* x, int64_t M, int64_t K, const float* w, int64
   }
 }
 
-// x [M, K] fp32 contiguous; w [N, K] fp32 contiguous; y [M, N] fp32 contiguous.
+// x [M, K] fp32 contiguous; w [N, K] fp32 contiguous; y [M, N] fp32 contiguous. Rows go in
+// chunks of kRowChunk, whose activations stay in cache while the weight streams past.
 inline void gemm_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y) {
   const int64_t tiles = (N + kTileCols - 1) / kTileCols;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n0 = t * kTileCols;
-      const int64_t cols = std::min<int64_t>(kTileCols, N - n0);
-      dot_tile(x, M, K, w + n0 * K, K, cols, y + n0, N);
-    }
-  });
+  for (int64_t m0 = 0; m0 < M; m0 += kRowChunk) {
+    const int64_t rows = std::min(kRowChunk, M - m0);
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n0 = t * kTileCols;
+        const int64_t cols = std::min<int64_t>(kTileCols, N - n0);
+        dot_tile(x + m0 * K, rows, K, w + n0 * K, K, cols, y + m0 * N + n0, N);
+      }
+    });
+  }
 }
 
 // The order a decoded 4-bit row keeps its elements in: within each group of 2 * kLanes
