@@ -88,10 +88,10 @@ from engine_runs import (
 from hf_baselines import load_hf, load_peft, run_hf_generate, run_peft_mixed, run_peft_sequential
 from loraserve.config import EngineConfig
 from loraserve.engine.core import EngineCore
-from loraserve.model.loading import DTYPES, QUANTIZATIONS
+from loraserve.model.loading import DTYPES, QUANTIZATIONS, load_base_model, quantized_bytes
 from loraserve.model.tiny import SPECIAL_TOKENS
 from machine import Shapes, decode_flops, machine_info, matmul_gflops, model_flops
-from memory import linear_bytes, prepare_store, registered_rss_mb
+from memory import prepare_store, registered_rss_mb
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WARMUP_REQUESTS, WARMUP_NEW_TOKENS = 4, 2
@@ -457,12 +457,18 @@ def main(argv: list[str] | None = None) -> None:
     prefix = measure_prefix(config, s, s.base)
     peak = max(peak, matmul_gflops(dtype, device))
     cold = cold_load_ms(s.core, next(iter(s.adapter_dirs.values())))
-    sizes = linear_bytes(s.core.runner.model)
+    sizes = quantized_bytes(s.core.runner.model)
+    double = load_base_model(str(s.model_dir), config.quantization, config.compute_dtype, "cpu",
+                             double_quant=True)  # fmt: skip
+    sizes_dq = quantized_bytes(double.model)
+    del double
     store_root = prepare_store(s.model_dir, s.model_dir.parent / "store-10k")
     extra = {
-        "linear_bytes_nf4": sizes["quantized"],
-        "linear_bytes_bf16": sizes["bf16"],
-        "linear_bytes_ratio": sizes["quantized"] / sizes["bf16"],
+        "linear_bytes_nf4": sizes.quantized,
+        "linear_bytes_nf4_dq": sizes_dq.quantized,
+        "linear_bytes_bf16": sizes.bf16,
+        "linear_bytes_ratio": sizes.quantized / sizes.bf16,
+        "linear_bytes_dq_ratio": sizes_dq.quantized / sizes.bf16,
         **registered_rss_mb(s.model_dir, store_root),
         **prefix,
     }

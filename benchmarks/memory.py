@@ -1,5 +1,6 @@
-"""Memory the benchmark reports: the bytes the quantized projections hold, and the RSS growth of
-an adapter store that indexes 10,000 stored adapters, none of them loaded.
+"""Memory the benchmark reports: the RSS growth of an adapter store that indexes 10,000 stored
+adapters, none of them loaded (the bytes the quantized projections hold come from
+`loraserve.model.loading.quantized_bytes`).
 
 Knows nothing about throughput.
 """
@@ -12,31 +13,14 @@ import sys
 import textwrap
 from pathlib import Path
 
-import bitsandbytes as bnb
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 from loraserve.adapters.staging import AdapterPublisher
 from loraserve.adapters.store import AdapterStore
 from loraserve.model.loading import lora_target_shapes
 
 STORED_ADAPTERS = 10_000
-
-
-def linear_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes the 4-bit projections hold (packed weights, scales, nested statistics) and what
-    the same projections take in bf16."""
-    quantized = bf16 = 0
-    for module in model.modules():
-        if not isinstance(module, bnb.nn.Linear4bit):
-            continue
-        state = module.weight.quant_state
-        quantized += module.weight.data.nbytes + state.absmax.nbytes + state.code.nbytes
-        if state.nested:
-            quantized += state.state2.absmax.nbytes + state.state2.code.nbytes
-        bf16 += 2 * module.in_features * module.out_features
-    return {"quantized": quantized, "bf16": bf16}
 
 
 def prepare_store(model_dir: Path, root: Path, count: int = STORED_ADAPTERS) -> Path:

@@ -33,7 +33,7 @@ from loraserve.config import ServerConfig
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.core import EngineCore
 from loraserve.metrics import Metrics
-from loraserve.model.loading import load_base_model
+from loraserve.model.loading import load_base_model, quantized_bytes
 from loraserve.model.tiny import default_model_dir
 from loraserve.types import DEFAULT_TENANT, GenerateRequest, SamplingParams
 
@@ -47,8 +47,22 @@ def build_runtime(config: ServerConfig, metrics: Metrics) -> Runtime:
     engine_config = config.engine
     model = engine_config.model or str(default_model_dir())
     loaded = load_base_model(
-        model, engine_config.quantization, engine_config.compute_dtype, engine_config.device
+        model,
+        engine_config.quantization,
+        engine_config.compute_dtype,
+        engine_config.device,
+        engine_config.double_quant,
     )
+    held = quantized_bytes(loaded.model)
+    if held.quantized:
+        log.info(
+            "%s projections hold %.1f MiB (%.2f of their %.1f MiB in bf16%s)",
+            loaded.quantization,
+            held.quantized / 2**20,
+            held.quantized / held.bf16,
+            held.bf16 / 2**20,
+            ", block scales double-quantized" if engine_config.double_quant else "",
+        )
     store = AdapterStore(config.adapter_dir)
     core = EngineCore(loaded, engine_config, metrics, store=store)
     manager = core.adapters

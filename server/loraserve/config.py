@@ -20,6 +20,7 @@ class EngineConfig:
     """Everything the engine needs to load the base model and size its caches.
 
     model: a local HF directory or hub id; None serves the small built-in default model.
+    double_quant: QLoRA's double quantization of the 4-bit block scales (nf4 / fp4).
     kv_cache_tokens: the KV budget in tokens, shared by all running sequences.
     max_context: the most tokens (prompt + generated) one request may hold.
     max_prompt_bytes: the longest prompt text accepted, in UTF-8 bytes, refused before it is
@@ -35,6 +36,7 @@ class EngineConfig:
 
     model: str | None = None
     quantization: str = "nf4"
+    double_quant: bool = False
     compute_dtype: str = "fp32"
     device: str = "auto"
     max_rank: int = 64

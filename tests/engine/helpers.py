@@ -40,8 +40,9 @@ def make_core(
         device=device, device_slots=8, max_rank=64, kv_cache_tokens=4096, max_context=512
     )
     settings.update(overrides)
-    loaded = load_base_model(str(model_dir), quantization, dtype, device)
-    return EngineCore(loaded, EngineConfig(**settings), store=store)
+    config = EngineConfig(**settings)
+    loaded = load_base_model(str(model_dir), quantization, dtype, device, config.double_quant)
+    return EngineCore(loaded, config, store=store)
 
 
 @contextmanager

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import bitsandbytes as bnb
-import bitsandbytes.functional as bnb_functional
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,11 +41,22 @@ def prefill_gemm_dtype() -> torch.dtype:
 
 
 @dataclass(frozen=True)
+class NestedScales:
+    """bitsandbytes' double quantization of the block scales: absmax[b] = code2[absmax8[b]] *
+    absmax2[b // 256] + offset. absmax2: [blocks / 256] float32; code2: [256] float32."""
+
+    absmax2: torch.Tensor
+    code2: torch.Tensor
+    offset: float
+
+
+@dataclass(frozen=True)
 class Packed4bit:
     """A bitsandbytes 4-bit weight as the kernels read it (the same bytes, not a copy).
 
     packed: [N * K / 2] uint8, two codes per byte, high nibble first; absmax: [N * K /
-    blocksize] float32 (dequantized once when bitsandbytes double-quantized it); code: [16].
+    blocksize] float32, or uint8 when `nested` (double quantization) says how to decode it;
+    code: [16].
     """
 
     packed: torch.Tensor
@@ -55,6 +65,7 @@ class Packed4bit:
     blocksize: int
     out_features: int
     in_features: int
+    nested: NestedScales | None
 
     @classmethod
     def of(cls, layer: bnb.nn.Linear4bit) -> Packed4bit | None:
@@ -64,32 +75,55 @@ class Packed4bit:
         if getattr(state, "packing_format_for_cpu", False) or len(state.shape) != 2:
             return None
         out_features, in_features = state.shape
-        absmax = state.absmax
-        if state.nested:
-            absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2)
-            absmax = absmax + state.offset
         if in_features % state.blocksize or state.blocksize % 32:
             return None
+        nested = None
+        if state.nested:
+            if state.state2.blocksize != 256:
+                return None
+            nested = NestedScales(
+                state.state2.absmax.float().contiguous(),
+                state.state2.code.float().contiguous(),
+                float(state.offset),
+            )
         return cls(
             layer.weight.data.view(torch.uint8).reshape(-1),
-            absmax.float().contiguous(),
+            state.absmax.contiguous() if nested else state.absmax.float().contiguous(),
             state.code.float().contiguous(),
             state.blocksize,
             out_features,
             in_features,
+            nested,
         )
+
+    def scales(self) -> torch.Tensor:
+        """[N * K / blocksize] float32: the block scales, decoded when double-quantized."""
+        if self.nested is None:
+            return self.absmax
+        codes = self.nested.code2[self.absmax.long()]
+        per_block = self.nested.absmax2.repeat_interleave(256)[: self.absmax.numel()]
+        return codes * per_block + self.nested.offset
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """[N, K] in `dtype`: bitsandbytes' own dequantization."""
         weight = torch.ops.bitsandbytes.dequantize_4bit(
             self.packed,
-            self.absmax,
+            self.scales(),
             self.blocksize,
             "fp4" if self.code[1] > 0 else "nf4",
             (self.out_features, self.in_features),
             torch.float32,
         )
         return weight.to(dtype)
+
+    def matmul(self, ops: Any, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """rows [M, K] fp32 -> [M, N] through the fused kernel."""
+        n = self.nested
+        return ops.linear_4bit(
+            rows, self.packed, self.absmax, self.code, self.blocksize, self.out_features, bias,
+            None if n is None else n.absmax2, None if n is None else n.code2,
+            0.0 if n is None else n.offset,
+        )  # fmt: skip
 
 
 class BaseLinear(nn.Module):
@@ -117,7 +151,7 @@ class BaseLinear(nn.Module):
         small = rows.shape[0] <= SMALL_BATCH_ROWS
         p = self.packed
         if p is not None and small:
-            y = ops.linear_4bit(rows, p.packed, p.absmax, p.code, p.blocksize, p.out_features, bias)
+            y = p.matmul(ops, rows, bias)
         elif p is not None:
             dtype = prefill_gemm_dtype()
             y = F.linear(rows.to(dtype), p.dequantize(dtype)).float()

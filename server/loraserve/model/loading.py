@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import bitsandbytes as bnb
 import torch
@@ -71,7 +72,11 @@ def _linear_layout(config) -> tuple[dict[str, tuple[int, int]], str]:
 
 
 def _quantization_config(
-    config, quantization: str, compute_dtype: torch.dtype, device: torch.device
+    config,
+    quantization: str,
+    compute_dtype: torch.dtype,
+    device: torch.device,
+    double_quant: bool = False,
 ) -> BitsAndBytesConfig:
     shapes, output_name = _linear_layout(config)
     misfits = ()
@@ -97,6 +102,7 @@ def _quantization_config(
         load_in_4bit=True,
         bnb_4bit_quant_type=quantization,
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=double_quant,
         llm_int8_skip_modules=skip,
     )
 
@@ -118,11 +124,20 @@ def _prequantized(config) -> str | None:
 
 
 def load_base_model(
-    model: str, quantization: str = "nf4", compute_dtype: str = "fp32", device: str = "auto"
+    model: str,
+    quantization: str = "nf4",
+    compute_dtype: str = "fp32",
+    device: str = "auto",
+    double_quant: bool = False,
 ) -> LoadedModel:
-    """Load `model` (a local directory or hub id) quantized as asked, in eval mode."""
+    """Load `model` (a local directory or hub id) quantized as asked, in eval mode.
+
+    double_quant: QLoRA's double quantization of the 4-bit block scales (nf4 and fp4 only).
+    """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if double_quant and quantization not in ("nf4", "fp4"):
+        raise ValueError(f"double quantization applies to nf4 and fp4, not {quantization!r}")
     if compute_dtype not in DTYPES:
         raise ValueError(f"compute dtype must be one of {tuple(DTYPES)}, got {compute_dtype!r}")
     dtype = DTYPES[compute_dtype]
@@ -134,7 +149,9 @@ def load_base_model(
         if actual != quantization:
             log.warning("checkpoint is already %s-quantized; serving it as such", actual)
     elif quantization != "none":
-        kwargs["quantization_config"] = _quantization_config(config, quantization, dtype, target)
+        kwargs["quantization_config"] = _quantization_config(
+            config, quantization, dtype, target, double_quant
+        )
         actual = quantization
     else:
         actual = "none"
@@ -152,6 +169,32 @@ def load_base_model(
     return LoadedModel(
         loaded, tokenizer, actual, dtype, target, _unquantized_layers(loaded, actual)
     )
+
+
+@dataclass(frozen=True)
+class QuantizedBytes:
+    """What the 4-bit projections hold (packed weights, scales, nested statistics) against what
+    the same projections take in bf16."""
+
+    quantized: int
+    bf16: int
+
+
+def quantized_bytes(model: nn.Module) -> QuantizedBytes:
+    """Every tensor counted once (bitsandbytes shares its code tables between layers)."""
+    held: dict[int, int] = {}
+    bf16 = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        params: Any = module.weight  # a bitsandbytes Params4bit
+        state = params.quant_state
+        tensors = [params.data, state.absmax, state.code]
+        if state.nested:
+            tensors += [state.state2.absmax, state.state2.code]
+        held.update((t.data_ptr(), t.nbytes) for t in tensors)
+        bf16 += 2 * module.in_features * module.out_features
+    return QuantizedBytes(sum(held.values()), bf16)
 
 
 def _unquantized_layers(model: PreTrainedModel, quantization: str) -> tuple[str, ...]:

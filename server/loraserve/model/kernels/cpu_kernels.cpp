@@ -47,12 +47,14 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight,
   return add_bias(y, bias);
 }
 
-// y [M, N] = x [M, K] @ dequantize(packed, absmax, code)[N, K]^T + bias
+// y [M, N] = x [M, K] @ dequantize(packed, absmax, code)[N, K]^T + bias. absmax is fp32, or
+// uint8 when bitsandbytes double-quantized it (then absmax2, code2 and offset decode it).
 at::Tensor linear_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                        const at::Tensor& code, int64_t blocksize, int64_t out_features,
-                       const c10::optional<at::Tensor>& bias) {
+                       const c10::optional<at::Tensor>& bias,
+                       const c10::optional<at::Tensor>& absmax2,
+                       const c10::optional<at::Tensor>& code2, double offset) {
   check_cpu_f32(x, "x");
-  check_cpu_f32(absmax, "absmax");
   check_cpu_f32(code, "code");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(),
               "packed must be contiguous uint8");
@@ -63,12 +65,27 @@ at::Tensor linear_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
   TORCH_CHECK(packed.numel() * 2 == N * K && absmax.numel() * blocksize == N * K &&
                   code.numel() == 16,
               "packed, absmax and code do not describe a [", N, ", ", K, "] weight");
+  Scales scales{nullptr, nullptr, nullptr, nullptr, static_cast<float>(offset)};
+  const bool nested = absmax2.has_value() && absmax2->defined();
+  if (nested) {
+    TORCH_CHECK(absmax.scalar_type() == at::kByte && absmax.is_contiguous() &&
+                    code2.has_value() && code2->numel() == 256 &&
+                    absmax2->numel() * 256 >= absmax.numel(),
+                "double-quantized scales need uint8 absmax, code2 [256] and absmax2");
+    check_cpu_f32(*absmax2, "absmax2");
+    check_cpu_f32(*code2, "code2");
+    scales.absmax8 = absmax.data_ptr<uint8_t>();
+    scales.code2 = code2->data_ptr<float>();
+    scales.absmax2 = absmax2->data_ptr<float>();
+  } else {
+    check_cpu_f32(absmax, "absmax");
+    scales.absmax = absmax.data_ptr<float>();
+  }
   at::Tensor permuted = at::empty({M, K}, x.options());
   permute_like_decoded(x.data_ptr<float>(), M, K, permuted.data_ptr<float>());
   at::Tensor y = at::empty({M, N}, x.options());
-  gemm_4bit(permuted.data_ptr<float>(), M, K, packed.data_ptr<uint8_t>(),
-            absmax.data_ptr<float>(), code.data_ptr<float>(), blocksize, N,
-            y.data_ptr<float>());
+  gemm_4bit(permuted.data_ptr<float>(), M, K, packed.data_ptr<uint8_t>(), scales,
+            code.data_ptr<float>(), blocksize, N, y.data_ptr<float>());
   return add_bias(y, bias);
 }
 
@@ -126,7 +143,8 @@ TORCH_LIBRARY(loraserve, m) {
   m.def("linear_f32(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def(
       "linear_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
-      "int out_features, Tensor? bias) -> Tensor");
+      "int out_features, Tensor? bias, Tensor? absmax2=None, Tensor? code2=None, "
+      "float offset=0.0) -> Tensor");
   m.def(
       "paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, "
       "Tensor context_lens, int block_size, int window, float scale) -> Tensor");

@@ -131,9 +131,24 @@ inline vi load_bytes(const uint8_t* bytes) {
 #endif
 }
 
+// The fp32 scale of every block of `cols` rows from row n0: absmax itself, or, when bitsandbytes
+// double-quantized it, code2[absmax8[b]] * absmax2[b / 256] + offset.
+struct Scales {
+  const float* absmax;    // fp32 [blocks], or null when nested
+  const uint8_t* absmax8;  // uint8 [blocks] when nested
+  const float* code2;      // [256]
+  const float* absmax2;    // [blocks / 256 rounded up]
+  float offset;
+
+  float operator()(int64_t block) const {
+    if (absmax != nullptr) return absmax[block];
+    return code2[absmax8[block]] * absmax2[block / 256] + offset;
+  }
+};
+
 // Decode `cols` rows of the packed weight, starting at row n0, into dst [cols, K].
 // K % blocksize == 0: every block lies inside one row.
-inline void decode_rows(const uint8_t* packed, const float* absmax, const float* code,
+inline void decode_rows(const uint8_t* packed, const Scales& scales, const float* code,
                         int64_t blocksize, int64_t K, int64_t n0, int64_t cols, float* dst) {
   vf table_lo, table_hi;
   for (int i = 0; i < kLanes; ++i) {
@@ -143,10 +158,10 @@ inline void decode_rows(const uint8_t* packed, const float* absmax, const float*
   const int64_t blocks_per_row = K / blocksize;
   for (int64_t c = 0; c < cols; ++c) {
     const uint8_t* bytes = packed + (n0 + c) * K / 2;
-    const float* scales = absmax + (n0 + c) * blocks_per_row;
+    const int64_t first_block = (n0 + c) * blocks_per_row;
     float* out = dst + c * K;
     for (int64_t b = 0; b < blocks_per_row; ++b) {
-      const vf scale = vf{} + scales[b];
+      const vf scale = vf{} + scales(first_block + b);
       for (int64_t k = b * blocksize; k < (b + 1) * blocksize; k += 2 * kLanes) {
         const vi q = load_bytes(bytes + k / 2);
         const vi hi = q >> 4;  // even k
@@ -165,11 +180,11 @@ inline void decode_rows(const uint8_t* packed, const float* absmax, const float*
   }
 }
 
-// x [M, K] fp32 (already permuted like decoded rows); packed [N * K / 2] uint8; absmax
-// [N * K / blocksize] fp32; code [16] fp32; y [M, N] fp32. K % blocksize == 0 and
+// x [M, K] fp32 (already permuted like decoded rows); packed [N * K / 2] uint8; scales: one per
+// block of `blocksize`; code [16] fp32; y [M, N] fp32. K % blocksize == 0 and
 // blocksize % (2 * kLanes) == 0.
 inline void gemm_4bit(const float* x, int64_t M, int64_t K, const uint8_t* packed,
-                      const float* absmax, const float* code, int64_t blocksize, int64_t N,
+                      const Scales& scales, const float* code, int64_t blocksize, int64_t N,
                       float* y) {
   const int64_t tiles = (N + kTileCols - 1) / kTileCols;
   // Rows in chunks whose activations stay in cache while every tile of the weight passes;
@@ -181,7 +196,7 @@ inline void gemm_4bit(const float* x, int64_t M, int64_t K, const uint8_t* packe
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n0 = t * kTileCols;
         const int64_t cols = std::min<int64_t>(kTileCols, N - n0);
-        decode_rows(packed, absmax, code, blocksize, K, n0, cols, decoded.data());
+        decode_rows(packed, scales, code, blocksize, K, n0, cols, decoded.data());
         dot_tile(x + m0 * K, rows, K, decoded.data(), K, cols, y + m0 * N + n0, N);
       }
     });
