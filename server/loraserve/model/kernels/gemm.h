@@ -180,12 +180,66 @@ inline void decode_rows(const uint8_t* packed, const Scales& scales, const float
   }
 }
 
+
+// For 1 to 4 rows: each weight is decoded into registers and used at once, never stored. The
+// block scale multiplies each block's partial sums, not every weight.
+template <int MR>
+inline void gemv_rows_4bit(const float* x, int64_t K, const uint8_t* packed,
+                           const Scales& scales, const vf& table_lo, const vf& table_hi,
+                           int64_t blocksize, int64_t n, float* y, int64_t ldy) {
+  const uint8_t* bytes = packed + n * K / 2;
+  const int64_t blocks_per_row = K / blocksize;
+  vf acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = vf{};
+  for (int64_t b = 0; b < blocks_per_row; ++b) {
+    vf part[MR];
+    for (int m = 0; m < MR; ++m) part[m] = vf{};
+    for (int64_t k = b * blocksize; k < (b + 1) * blocksize; k += 2 * kLanes) {
+      const vi q = load_bytes(bytes + k / 2);
+#if LS_LANES == 16
+      const vf even = __builtin_shuffle(table_lo, q >> 4);
+      const vf odd = __builtin_shuffle(table_lo, q & 15);
+#else
+      const vf even = __builtin_shuffle(table_lo, table_hi, q >> 4);
+      const vf odd = __builtin_shuffle(table_lo, table_hi, q & 15);
+#endif
+      for (int m = 0; m < MR; ++m)
+        part[m] += *reinterpret_cast<const vf*>(x + m * K + k) * even +
+                   *reinterpret_cast<const vf*>(x + m * K + k + kLanes) * odd;
+    }
+    const vf scale = vf{} + scales(n * blocks_per_row + b);
+    for (int m = 0; m < MR; ++m) acc[m] += part[m] * scale;
+  }
+  for (int m = 0; m < MR; ++m) y[m * ldy + n] = hsum(acc[m]);
+}
+
+template <int MR>
+inline void gemv_4bit(const float* x, int64_t K, const uint8_t* packed, const Scales& scales,
+                      const float* code, int64_t blocksize, int64_t N, float* y) {
+  vf table_lo, table_hi;
+  for (int i = 0; i < kLanes; ++i) {
+    table_lo[i] = code[i % 16];
+    table_hi[i] = code[(kLanes + i) % 16];
+  }
+  at::parallel_for(0, N, kTileCols, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      gemv_rows_4bit<MR>(x, K, packed, scales, table_lo, table_hi, blocksize, n, y, N);
+  });
+}
+
 // x [M, K] fp32 (already permuted like decoded rows); packed [N * K / 2] uint8; scales: one per
 // block of `blocksize`; code [16] fp32; y [M, N] fp32. K % blocksize == 0 and
 // blocksize % (2 * kLanes) == 0.
 inline void gemm_4bit(const float* x, int64_t M, int64_t K, const uint8_t* packed,
                       const Scales& scales, const float* code, int64_t blocksize, int64_t N,
                       float* y) {
+  switch (M) {
+    case 1: return gemv_4bit<1>(x, K, packed, scales, code, blocksize, N, y);
+    case 2: return gemv_4bit<2>(x, K, packed, scales, code, blocksize, N, y);
+    case 3: return gemv_4bit<3>(x, K, packed, scales, code, blocksize, N, y);
+    case 4: return gemv_4bit<4>(x, K, packed, scales, code, blocksize, N, y);
+    default: break;
+  }
   const int64_t tiles = (N + kTileCols - 1) / kTileCols;
   // Rows in chunks whose activations stay in cache while every tile of the weight passes;
   // each tile is decoded once per chunk.
