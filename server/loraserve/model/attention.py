@@ -95,8 +95,9 @@ def paged_attention(
     sliding_window: int | None = None,
     attention_batch: AttentionBatch | None = None,
     **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """query: [1, H, N, D] (key, value: this forward's [1, KVH, N, D]) -> ([1, N, H, D], None)."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """query: [1, H, N, D] (key, value: this forward's [1, KVH, N, D]) -> ([1, N, H, D], the
+    attention weights where a plain forward's eager attention gives them, else None)."""
     variant = tuple(name for name in VARIANTS if kwargs.get(name) is not None)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     window = sliding_window or 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import bitsandbytes as bnb
 import torch
@@ -90,7 +91,7 @@ def attention_implementation(config, device: torch.device) -> str:
     flash attention on CUDA where it is installed and the architecture supports it, else SDPA
     where the architecture supports it (attention variants such as logit softcapping or
     attention sinks rule it out), else eager, which every architecture has."""
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    model_class: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     if device.type == "cuda" and model_class._supports_flash_attn and is_flash_attn_2_available():
         return "flash_attention_2"
     return "sdpa" if model_class._supports_sdpa else "eager"

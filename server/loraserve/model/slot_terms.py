@@ -64,7 +64,7 @@ class ModuleWeights:
         raw = (self.magnitude, self.bias, self.lora_bias, self.base_copy)
         return all(t is None for t in raw)
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
+    def _tensors(self) -> dict[str, Any]:
         names = ("a", "b", "magnitude", "bias", "lora_bias", "base_copy", "scale", "shift")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
@@ -141,7 +141,7 @@ def resolve_terms(
         if not shift.any():
             shift = None
     dtype, home = weights.b.dtype, weights.b.device
-    terms = {}
+    terms: dict[str, Any] = {}
     for name, term in (("scale", scale), ("shift", shift)):
         if term is not None:
             terms[name] = term.to(home, dtype)
