@@ -102,7 +102,7 @@ class MultiLoraEmbedding(nn.Module):
         self.terms.clear_slot(slot)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids: [..., ] int64 -> [..., hidden]."""
+        """ids: [...] int64 -> [..., hidden]."""
         y = self.base(ids)
         batch = self.context.batch
         if batch is None or not batch.segments:

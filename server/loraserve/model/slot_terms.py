@@ -158,7 +158,9 @@ class SlotTerms(nn.Module):
     scale: torch.Tensor
     shift: torch.Tensor
 
-    def __init__(self, num_slots: int, out_features: int, dtype: torch.dtype, device) -> None:
+    def __init__(
+        self, num_slots: int, out_features: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         super().__init__()
         shape = (num_slots, out_features)
         self.register_buffer("scale", torch.ones(shape, dtype=dtype, device=device))
