@@ -130,11 +130,12 @@ def test_mixed_batch_matches_peft_each_adapter_alone(
     )
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_other_adapter_kinds_match_peft_in_a_batch_with_plain_lora_and_base(
-    arch, model_dirs, adapter_dirs, kind_adapter_dirs
+    arch, device, model_dirs, adapter_dirs, kind_adapter_dirs
 ):
-    core = make_core(model_dirs[arch], max_step_tokens=64)
+    core = make_core(model_dirs[arch], device=device, max_step_tokens=64)
     adapters = {**kind_adapter_dirs[arch], "r8-all": adapter_dirs[arch]["r8-all"]}
     adapters["r1-qv"] = adapter_dirs[arch]["r1-qv"]
     for name, directory in adapters.items():
@@ -153,4 +154,4 @@ def test_other_adapter_kinds_match_peft_in_a_batch_with_plain_lora_and_base(
         # Each kind changes what the model computes, so the comparison below is not vacuous.
         base = run(core, {0: [GenerateRequest(prompt=request.prompt, sampling=request.sampling)]})
         assert (got.logits[0] - base[0].logits[0]).abs().max() > 0.1, request.adapter
-    check_against_peft(core, requests, results, model_dirs[arch], adapters, "nf4", "fp32", "cpu")
+    check_against_peft(core, requests, results, model_dirs[arch], adapters, "nf4", "fp32", device)
