@@ -23,7 +23,6 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 ARCHS = ("llama", "mistral", "qwen2", "gemma2")
-EAGER_ARCH = "gemma2"
 ARCH_OVERRIDES = {
     "gemma2": dict(
         head_dim=32, query_pre_attn_scalar=32, attn_logit_softcapping=2.0, sliding_window=8

@@ -157,6 +157,18 @@ BROKEN = {
         InvalidAdapterError,
         ["modules_to_save", "QA-LoRA", "r: must be a whole number"],
     ),
+    "trained-bias-on-a-module-without-bias": (
+        GOOD,
+        lambda d: (
+            edit_config(bias="lora_only")(d),
+            rewrite_weights(
+                d,
+                lambda t: t.update({f"base_model.model.{Q0}.base_layer.bias": torch.zeros(128)}),
+            ),
+        ),
+        AdapterIncompatibleError,
+        ["does not fit this base model", Q0, "trained bias, but the base module has none"],
+    ),
     "lora-bias-without-config": (
         GOOD,
         lambda d: rewrite_weights(
