@@ -7,9 +7,11 @@ tier sees 1,000 different adapters), requests draw their adapter with probabilit
 the engine has `ZIPF_SLOTS` device slots and a host budget smaller than all the adapters.
 
 Cold load: an adapter neither in host RAM nor in a slot is reserved, and the time until its
-slot is ready is taken; its files are in the OS page cache, as on a warm server.
+slot is ready is taken; its files are in the OS page cache, as on a warm server. The DoRA case
+(`dora_cold_load_ms`) takes the same time for a DoRA adapter, whose load also dequantizes each
+targeted base projection once to compute its weight norms.
 
-Knows nothing about PEFT or the other configurations.
+Knows nothing about the other configurations; adapters are written by `common`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from common import prepare_lora_adapters
 from loraserve.adapters.manager import Admission
 from loraserve.adapters.peft_format import read_peft_adapter
 from loraserve.config import EngineConfig
@@ -80,13 +83,20 @@ def cold_load_ms(core: EngineCore, adapter_dir: Path, loads: int = COLD_LOADS) -
     return times
 
 
+def dora_cold_load_ms(
+    core: EngineCore, model_dir: Path, rank: int, alpha: float, targets: tuple[str, ...]
+) -> list[float]:
+    """`cold_load_ms` for a DoRA adapter of this rank on these targets (written once, cached)."""
+    dora = prepare_lora_adapters(model_dir, 1, rank, alpha, targets, dora=True)
+    return cold_load_ms(core, next(iter(dora.values())))
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def summarize_cold_loads(times: list[float]) -> dict[str, float]:
-    return {
-        "adapter_cold_load_ms_p50": statistics.median(times),
-        "adapter_cold_load_ms_p99": percentile(times, 0.99),
-    }
+def summarize_cold_loads(times: list[float], kind: str = "") -> dict[str, float]:
+    """p50 and p99 of `times`; kind ("dora") names a case other than plain LoRA."""
+    name = f"adapter_cold_load_{kind}_ms" if kind else "adapter_cold_load_ms"
+    return {f"{name}_p50": statistics.median(times), f"{name}_p99": percentile(times, 0.99)}

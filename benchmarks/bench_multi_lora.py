@@ -59,6 +59,7 @@ from adapter_cache import (
     ZIPF_SLOTS,
     build_zipf_engine,
     cold_load_ms,
+    dora_cold_load_ms,
     percentile,
     summarize_cold_loads,
     zipf_choices,
@@ -457,6 +458,7 @@ def main(argv: list[str] | None = None) -> None:
     prefix = measure_prefix(config, s, s.base)
     peak = max(peak, matmul_gflops(dtype, device))
     cold = cold_load_ms(s.core, next(iter(s.adapter_dirs.values())))
+    cold_dora = dora_cold_load_ms(s.core, s.model_dir, config.rank, config.alpha, TARGETS)
     sizes = quantized_bytes(s.core.runner.model)
     double = load_base_model(str(s.model_dir), config.quantization, config.compute_dtype, "cpu",
                              double_quant=True)  # fmt: skip
@@ -471,6 +473,8 @@ def main(argv: list[str] | None = None) -> None:
         "linear_bytes_dq_ratio": sizes_dq.quantized / sizes.bf16,
         **registered_rss_mb(s.model_dir, store_root),
         **prefix,
+        **summarize_cold_loads(cold_dora, "dora"),
+        "cold_loads_dora_ms": cold_dora,
     }
     summary = compute_report(config, s, results, peak, ttfts, cold, extra)
     print_summary(summary)

@@ -65,12 +65,20 @@ def prepare_model(spec: ModelSpec, cache_root: Path = DEFAULT_CACHE_DIR) -> Path
 
 
 def prepare_lora_adapters(
-    model_dir: Path, count: int, rank: int, alpha: float, targets: tuple[str, ...], seed: int = 0
+    model_dir: Path,
+    count: int,
+    rank: int,
+    alpha: float,
+    targets: tuple[str, ...],
+    seed: int = 0,
+    dora: bool = False,
 ) -> dict[str, Path]:
-    """`count` PEFT LoRA adapters for the model at `model_dir`, random non-zero A and B, one
-    seed each; written on first use next to the model. Returns name -> directory."""
+    """`count` PEFT LoRA adapters for the model at `model_dir`, random non-zero A and B (and,
+    with `dora`, DoRA magnitudes within 20% of the base's norms), one seed each; written on
+    first use next to the model. Returns name -> directory."""
     short = "-".join(t.removesuffix("_proj") for t in targets)
-    root = model_dir.parent / f"lora-r{rank}-alpha{alpha:g}-{short}-seed{seed}"
+    kind = "dora" if dora else "lora"
+    root = model_dir.parent / f"{kind}-r{rank}-alpha{alpha:g}-{short}-seed{seed}"
     dirs = {f"adapter-{i:02d}": root / f"adapter-{i:02d}" for i in range(count)}
     missing = [
         (i, d) for i, d in enumerate(dirs.values()) if not (d / "adapter_config.json").exists()
@@ -78,14 +86,21 @@ def prepare_lora_adapters(
     if not missing:
         return dirs
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, use_dora=dora
+    )
     model = get_peft_model(base, config)
-    lora_params = [p for name, p in model.named_parameters() if "lora_" in name]
+    lora_params = {name: p for name, p in model.named_parameters() if "lora_" in name}
+    norms = {n: p.detach().clone() for n, p in lora_params.items() if "magnitude" in n}
     for i, directory in missing:
         gen = torch.Generator().manual_seed(seed + 100 + i)
         with torch.no_grad():
-            for param in lora_params:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3 / param.shape[-1] ** 0.5)
+            for name, param in lora_params.items():
+                noise = torch.randn(param.shape, generator=gen)
+                if name in norms:
+                    param.copy_(norms[name] * (1 + 0.2 * noise))
+                else:
+                    param.copy_(noise * 0.3 / param.shape[-1] ** 0.5)
         staging = directory.with_name(directory.name + ".partial")
         model.save_pretrained(staging)
         staging.replace(directory)

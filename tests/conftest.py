@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny random models and PEFT adapters, built on the fly (no downloads)."""
+"""Shared fixtures: tiny random models and PEFT adapters, built on the fly (no downloads).
+
+Gemma2 is the architecture whose attention the paged kernels do not compute (logit softcapping,
+here strong enough to change the logits, and a sliding window shorter than the prompts), so its
+layers run transformers' own eager attention over the paged cache.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,12 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+ARCHS = ("llama", "mistral", "qwen2", "gemma2")
+ARCH_OVERRIDES = {
+    "gemma2": dict(
+        head_dim=32, query_pre_attn_scalar=32, attn_logit_softcapping=2.0, sliding_window=8
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -28,6 +39,9 @@ class AdapterSpec:
     rslora: bool = False
     rank_pattern: dict = field(default_factory=dict)  # PEFT's: module pattern -> r
     alpha_pattern: dict = field(default_factory=dict)  # PEFT's: module pattern -> lora_alpha
+    dora: bool = False  # use_dora
+    bias: str = "none"  # PEFT's bias: "none", "all" or "lora_only"
+    lora_bias: bool = False
 
 
 # Ranks 1..64, alpha != r, subsets of modules, one rsLoRA, one with per-module rank and alpha
@@ -52,8 +66,21 @@ ADAPTER_SPECS = (
 )
 
 
+# The other kinds of adapter PEFT trains, each served in a batch with plain LoRA and the base:
+# DoRA (also on the embedding), LoRA on the input embedding, lora_B biases, trained base biases
+# (Qwen2 has q/k/v biases; on the others bias="all" and "lora_only" find none to train).
+KIND_SPECS = (
+    AdapterSpec("dora-r8", 8, 16.0, (*ATTENTION, "up_proj", "down_proj"), dora=True),
+    AdapterSpec("embed-r4", 4, 8.0, ("embed_tokens", "q_proj", "v_proj")),
+    AdapterSpec("dora-embed-r4", 4, 4.0, ("embed_tokens", "k_proj", "gate_proj"), dora=True),
+    AdapterSpec("lora-bias-r4", 4, 8.0, ATTENTION, lora_bias=True, bias="all"),
+    AdapterSpec("dora-bias-r8", 8, 8.0, ("q_proj", "v_proj", "up_proj"), dora=True, bias="all"),
+)
+
+
 def write_adapter(base_dir: Path, out_dir: Path, spec: AdapterSpec, seed: int) -> Path:
-    """Save a PEFT LoRA adapter for the model at `base_dir` with random (non-zero) A and B."""
+    """Save a PEFT LoRA adapter for the model at `base_dir` with random (non-zero) weights:
+    A and B, DoRA magnitudes within 20% of the base's norms, biases moved off the base's."""
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     config = LoraConfig(
         r=spec.rank,
@@ -63,13 +90,23 @@ def write_adapter(base_dir: Path, out_dir: Path, spec: AdapterSpec, seed: int) -
         lora_dropout=0.0,
         rank_pattern=dict(spec.rank_pattern),
         alpha_pattern=dict(spec.alpha_pattern),
+        use_dora=spec.dora,
+        bias=spec.bias,
+        lora_bias=spec.lora_bias,
     )
     peft_model = get_peft_model(base, config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3 / param.shape[-1] ** 0.5)
+            noise = torch.randn(param.shape, generator=gen)
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.2 * noise)
+            elif "lora_embedding_A" in name:  # [r, vocab]: scaled by r, not by the vocabulary
+                param.copy_(noise * 0.3)
+            elif "lora_" in name:
+                param.copy_(noise * 0.3 / param.shape[-1] ** 0.5)
+            elif param.requires_grad:  # a base bias PEFT trains (bias="all" / "lora_only")
+                param.add_(noise * 0.1)
     peft_model.save_pretrained(out_dir)
     return out_dir
 
@@ -78,8 +115,8 @@ def write_adapter(base_dir: Path, out_dir: Path, spec: AdapterSpec, seed: int) -
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     return {
-        arch: write_tiny_model(root / arch, arch, seed=i)
-        for i, arch in enumerate(("llama", "mistral", "qwen2"))
+        arch: write_tiny_model(root / arch, arch, seed=i, **ARCH_OVERRIDES.get(arch, {}))
+        for i, arch in enumerate(ARCHS)
     }
 
 
@@ -91,6 +128,19 @@ def adapter_dirs(model_dirs, tmp_path_factory) -> dict[str, dict[str, Path]]:
         arch: {
             spec.name: write_adapter(base, root / arch / spec.name, spec, seed=100 + i)
             for i, spec in enumerate(ADAPTER_SPECS)
+        }
+        for arch, base in model_dirs.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def kind_adapter_dirs(model_dirs, tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """arch -> adapter name -> PEFT directory, for every spec in KIND_SPECS."""
+    root = tmp_path_factory.mktemp("kind-adapters")
+    return {
+        arch: {
+            spec.name: write_adapter(base, root / arch / spec.name, spec, seed=200 + i)
+            for i, spec in enumerate(KIND_SPECS)
         }
         for arch, base in model_dirs.items()
     }

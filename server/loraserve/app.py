@@ -73,6 +73,7 @@ def build_runtime(config: ServerConfig, metrics: Metrics) -> Runtime:
         engine_config.max_rank,
         loaded.compute_dtype,
         on_published=manager.keep_in_host,
+        prepare=manager.prepare,
     )
     for name, directory in config.adapters:
         manager.load(name, directory)

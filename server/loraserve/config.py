@@ -30,7 +30,8 @@ class EngineConfig:
     device_slots: adapters resident on the device at once (slot 0, the base, is extra).
     host_cache_bytes: the host-RAM tier's budget for adapter weights ready to load.
     slot_patience_steps: steps a request waits for a slot before one is drained for it.
-    lora_target_modules: restrict which projections get LoRA slots (empty = every linear layer).
+    lora_target_modules: restrict which modules get LoRA slots, by last name component
+        (empty = every linear layer but the output embedding, and the input embedding).
     prefix_caching: share the KV of prompt prefixes a tenant already sent on the same adapter.
     """
 

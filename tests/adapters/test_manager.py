@@ -26,7 +26,7 @@ MODULE = "layers.0.proj"
 
 
 class FakeLayer(nn.Module):
-    """What the manager uses of a MultiLoraLinear: its shapes and slot buffers."""
+    """What the manager uses of a MultiLoraLinear: its shapes, slot buffers and `resolve`."""
 
     def __init__(self, slots: int) -> None:
         super().__init__()
@@ -34,7 +34,14 @@ class FakeLayer(nn.Module):
         self.register_buffer("lora_a", torch.zeros(slots, MAX_RANK, IN))
         self.register_buffer("lora_b", torch.zeros(slots, MAX_RANK, OUT))
 
-    def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+    @property
+    def slot_nbytes(self) -> int:
+        return self.lora_a[0].nbytes + self.lora_b[0].nbytes
+
+    def resolve(self, weights):  # plain LoRA: nothing to compute against a base
+        return weights
+
+    def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale=None, shift=None):
         self.clear_slot(slot)
         self.lora_a[slot, : a.shape[0]] = a
         self.lora_b[slot, : b.shape[0]] = b

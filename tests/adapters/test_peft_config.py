@@ -28,6 +28,9 @@ WRITTEN_BY_PEFT = {
     "regex-targets": dict(r=4, target_modules=r".*\.(q|k)_proj", exclude_modules=["lm_head"]),
     "layers": dict(r=4, layers_to_transform=[0, 1], layers_pattern="layers"),
     "one-layer": dict(r=4, layers_to_transform=1, layers_pattern=["layers"]),
+    "dora-embedding": dict(r=4, use_dora=True, target_modules=["q_proj", "embed_tokens"]),
+    "biases": dict(r=4, bias="lora_only", lora_bias=True, target_modules=["q_proj"]),
+    "all-biases": dict(r=4, bias="all", target_modules=["v_proj"]),
     "rslora-dropout-task": dict(
         r=16, use_rslora=True, lora_dropout=0.1, task_type="CAUSAL_LM", init_lora_weights="gaussian"
     ),
@@ -88,3 +91,10 @@ def test_unsupported_features_are_refused_by_name(key):
     problems: list[str] = []
     assert parse_adapter_config(text.encode(), problems) is None
     assert f"{key} is set: {UNSUPPORTED_KEYS[key]}" in problems
+
+
+def test_dora_with_a_lora_bias_is_refused_as_peft_refuses_it():
+    text = json.dumps({"r": 4, "lora_alpha": 8, "use_dora": True, "lora_bias": True})
+    problems: list[str] = []
+    assert parse_adapter_config(text.encode(), problems) is None
+    assert "use_dora and lora_bias are both set: PEFT trains no lora_B bias with DoRA" in problems

@@ -308,7 +308,16 @@ VALIDATION_CASES = {
         InvalidAdapterError,
         ["peft_type 'IA3' is not served: loraserve serves LoRA adapters only"],
     ),
-    "DoRA": (lambda a: a.config.update(use_dora=True), InvalidAdapterError, ["DoRA"]),
+    "DoRA without magnitudes": (
+        lambda a: a.config.update(use_dora=True),
+        InvalidAdapterError,
+        ["use_dora is set, but it has no lora_magnitude_vector"],
+    ),
+    "modules_to_save": (
+        lambda a: a.config.update(modules_to_save=["lm_head"]),
+        InvalidAdapterError,
+        ["modules_to_save is set: modules_to_save (full copies of base modules) is not served"],
+    ),
     "pickle only": (
         lambda a: a.files.update({WEIGHTS_FILE: None, "adapter_model.bin": b"\x80\x04K\x01."}),
         InvalidAdapterError,

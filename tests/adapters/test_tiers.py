@@ -8,12 +8,13 @@ import torch
 from loraserve.adapters.device_slots import SlotState, SlotTable
 from loraserve.adapters.host_cache import HostCache
 from loraserve.adapters.peft_format import LoraWeights
+from loraserve.model.slot_terms import ModuleWeights
 
 
 def weights(nbytes: int) -> LoraWeights:
     a = torch.zeros(nbytes // 8, dtype=torch.float32)
     b = torch.zeros(nbytes // 8, dtype=torch.float32)
-    return LoraWeights({"m": (a, b)}, rank=1, config={})
+    return LoraWeights({"m": ModuleWeights(a, b)}, rank=1, config={})
 
 
 def test_host_cache_never_exceeds_its_byte_budget_and_evicts_lru():

@@ -292,7 +292,7 @@ def test_errors_carry_rich_details_where_they_help(server, adapter_dirs, tmp_pat
     broken = tmp_path / "broken"
     shutil.copytree(adapter_dirs["llama"]["r8-all"], broken)
     config = json.loads((broken / "adapter_config.json").read_text())
-    config.update(use_dora=True, surprise_key=1)
+    config.update(modules_to_save=["lm_head"], surprise_key=1)
     (broken / "adapter_config.json").write_text(json.dumps(config))
     metadata = (("authorization", "Bearer alpha-key"),)
     with grpc.insecure_channel(server[0]) as channel:
@@ -304,5 +304,5 @@ def test_errors_carry_rich_details_where_they_help(server, adapter_dirs, tmp_pat
     bad_request = error_details_pb2.BadRequest()
     assert status.details[0].Unpack(bad_request)
     descriptions = " | ".join(v.description for v in bad_request.field_violations)
-    assert "use_dora" in descriptions and "surprise_key" in descriptions
+    assert "modules_to_save" in descriptions and "surprise_key" in descriptions
     assert len(bad_request.field_violations) >= 2

@@ -182,3 +182,48 @@ def test_the_queue_is_bounded_in_prompt_tokens_too(model_dirs):
     core.make_sequence(request(prompt, None), Collected())
     with pytest.raises(CapacityError, match="above its bound of"):
         core.make_sequence(request(prompt, None), Collected())
+
+
+@pytest.mark.slow
+def test_churn_with_every_kind_of_adapter_never_mixes_weights(
+    model_dirs, adapter_dirs, kind_adapter_dirs
+):
+    """DoRA (also on the embedding), embedding LoRA and bias adapters with plain LoRA: eight
+    adapters over three slots and a host tier that holds three, every output equal to that
+    adapter's alone. Qwen2, whose q/k/v biases give the trained-bias kinds something to train."""
+    arch = "qwen2"
+    directories = dict(kind_adapter_dirs[arch])
+    directories.update({n: adapter_dirs[arch][n] for n in ("r1-qv", "r8-all", "r16-mlp")})
+    reference = make_core(model_dirs[arch], device_slots=2, max_batch_size=16)
+    expected, largest = {}, 0
+    for name, directory in [*directories.items(), (None, None)]:
+        if directory is not None:
+            reference.adapters.load("solo", directory)
+            largest = max(largest, reference.adapters.stats().host.resident_bytes)
+        for prompt in PROMPTS:
+            solo = request(prompt, None if directory is None else "solo")
+            expected[name, prompt] = run(reference, {0: [solo]})[0].tokens
+    assert len({tuple(v) for v in expected.values()}) > len(directories)  # adapters matter
+
+    core = make_core(
+        model_dirs[arch],
+        device_slots=3,
+        max_batch_size=16,
+        host_cache_bytes=3 * largest,
+        slot_patience_steps=4,
+    )
+    for name, directory in directories.items():
+        core.adapters.load(name, directory)
+    rng = random.Random(1)
+    plan = [(rng.choice([*directories, None]), rng.choice(PROMPTS)) for _ in range(64)]
+    arrivals: dict[int, list] = {}
+    for i, (name, prompt) in enumerate(plan):
+        arrivals.setdefault(i // 4, []).append(request(prompt, name))
+    results = run(core, arrivals)
+
+    for (name, prompt), got in zip(plan, results):
+        assert got.error is None
+        assert got.tokens == expected[name, prompt], (name, prompt)
+    stats = core.adapters.stats()
+    assert stats.references == 0 and core.kv_used_tokens == 0
+    assert stats.device.evictions > len(directories) and stats.host.evictions > 0

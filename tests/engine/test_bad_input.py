@@ -10,6 +10,7 @@ import pickle
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 from tests.conftest import ADAPTER_SPECS, write_adapter
 from tests.engine.helpers import Collected, make_core, run
@@ -138,12 +139,43 @@ BROKEN = {
         [WEIGHTS, "is missing", "adapter_model.bin", "pickle", "safetensors.torch.save_file"],
     ),
     "not-lora": (GOOD, edit_config(peft_type="IA3"), InvalidAdapterError, ["'IA3'", "LoRA"]),
-    "dora": (GOOD, edit_config(use_dora=True), InvalidAdapterError, ["use_dora", "DoRA"]),
+    "dora-without-magnitudes": (
+        GOOD,
+        edit_config(use_dora=True),
+        InvalidAdapterError,
+        [Q0, "use_dora is set, but it has no lora_magnitude_vector"],
+    ),
+    "modules-to-save": (
+        GOOD,
+        edit_config(modules_to_save=["lm_head"]),
+        InvalidAdapterError,
+        ["modules_to_save", "full copies of base modules"],
+    ),
     "config-problems-together": (
         GOOD,
-        edit_config(use_dora=True, bias="all", r=0),
+        edit_config(modules_to_save=["lm_head"], use_qalora=True, r=0),
         InvalidAdapterError,
-        ["DoRA", "bias", "r: must be a whole number"],
+        ["modules_to_save", "QA-LoRA", "r: must be a whole number"],
+    ),
+    "trained-bias-on-a-module-without-bias": (
+        GOOD,
+        lambda d: (
+            edit_config(bias="lora_only")(d),
+            rewrite_weights(
+                d,
+                lambda t: t.update({f"base_model.model.{Q0}.base_layer.bias": torch.zeros(128)}),
+            ),
+        ),
+        AdapterIncompatibleError,
+        ["does not fit this base model", Q0, "trained bias, but the base module has none"],
+    ),
+    "lora-bias-without-config": (
+        GOOD,
+        lambda d: rewrite_weights(
+            d, lambda t: t.update({f"base_model.model.{Q0}.lora_B.bias": torch.zeros(128)})
+        ),
+        InvalidAdapterError,
+        [Q0, "has a lora_B bias, but lora_bias is false"],
     ),
     "missing-config": (
         GOOD,

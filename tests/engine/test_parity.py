@@ -1,5 +1,10 @@
 """Golden parity: a mixed continuous batch equals HF PEFT with each adapter alone.
 
+Two batches per architecture (Llama, Mistral, Qwen2, and Gemma2, whose softcapped attention
+runs through transformers' eager attention over the paged cache): the plain LoRA mix of
+ADAPTER_SPECS, and the other kinds PEFT trains (KIND_SPECS: DoRA, also on the embedding, LoRA
+on the input embedding, lora_B and trained base biases) with plain LoRA and base-only requests.
+
 Greedy tokens must match PEFT's `generate` token for token. The one allowance: on CPUs with
 AVX512-BF16, bitsandbytes' NF4 matmul rounds projection outputs to bf16, so transformers' own
 cached decode and its full forward can pick different tokens where two logits are within that
@@ -14,7 +19,7 @@ import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
 from peft import PeftModel
-from tests.conftest import ADAPTER_SPECS
+from tests.conftest import ADAPTER_SPECS, ARCHS, KIND_SPECS
 from tests.engine.helpers import make_core, run
 
 from loraserve.model.loading import load_base_model
@@ -71,6 +76,33 @@ def peft_reference(
     return tokens, list(logits)
 
 
+def check_against_peft(core, requests, results, model_dir, adapters, quantization, dtype, device):
+    """Each request's tokens and logits against PEFT's with its adapter alone (see the module
+    docstring for the one allowance). adapters: name -> PEFT directory."""
+    arch = model_dir.name
+    tolerance = LOGIT_TOLERANCE[quantization, dtype]
+    exact = 0
+    for request, got in zip(requests, results):
+        prompt_ids = core.tokenizer.encode(request.prompt)
+        want_tokens, want_logits = peft_reference(
+            model_dir, adapters, request.adapter, prompt_ids, quantization, dtype, device
+        )
+        same = first_difference(got.tokens, want_tokens)
+        exact += same == len(want_tokens) == len(got.tokens)
+        if same < min(len(want_tokens), len(got.tokens)):
+            # Only a numerical tie may part the two: PEFT's own logits rank them within tolerance.
+            theirs, ours = want_tokens[same], got.tokens[same]
+            margin = (want_logits[same][theirs] - want_logits[same][ours]).item()
+            assert margin <= tolerance, f"{arch} {request.adapter} step {same}: margin {margin}"
+        compared = min(same + 1, len(got.logits), len(want_logits))
+        for step in range(compared):  # the logits agree up to and including any parting step
+            diff = (got.logits[step] - want_logits[step]).abs().max().item()
+            assert diff <= tolerance, f"{arch} {request.adapter} step {step}: {diff}"
+    assert exact >= len(requests) - 1, f"{arch}: only {exact} of {len(requests)} token-exact"
+    assert core.kv_used_tokens == 0
+    assert core.adapters.stats().references == 0
+
+
 def first_difference(ours: list[int], theirs: list[int]) -> int:
     """The first step where the two greedy token lists differ (their common length if none)."""
     return next(
@@ -80,7 +112,7 @@ def first_difference(ours: list[int], theirs: list[int]) -> int:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("quantization", "dtype"), list(LOGIT_TOLERANCE))
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_mixed_batch_matches_peft_each_adapter_alone(
     arch, quantization, dtype, device, model_dirs, adapter_dirs
 ):
@@ -97,31 +129,33 @@ def test_mixed_batch_matches_peft_each_adapter_alone(
     # Staggered arrivals: two requests join every third step, prefill mixing with decode.
     arrivals = {3 * i: requests[2 * i : 2 * i + 2] for i in range(len(requests) // 2)}
     results = run(core, arrivals)
+    check_against_peft(
+        core, requests, results, model_dirs[arch], adapter_dirs[arch], quantization, dtype, device
+    )
 
-    tolerance = LOGIT_TOLERANCE[quantization, dtype]
-    exact = 0
-    for request, got in zip(requests, results):
-        prompt_ids = core.tokenizer.encode(request.prompt)
-        want_tokens, want_logits = peft_reference(
-            model_dirs[arch],
-            adapter_dirs[arch],
-            request.adapter,
-            prompt_ids,
-            quantization,
-            dtype,
-            device,
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_other_adapter_kinds_match_peft_in_a_batch_with_plain_lora_and_base(
+    arch, device, model_dirs, adapter_dirs, kind_adapter_dirs
+):
+    core = make_core(model_dirs[arch], device=device, max_step_tokens=64)
+    adapters = {**kind_adapter_dirs[arch], "r8-all": adapter_dirs[arch]["r8-all"]}
+    adapters["r1-qv"] = adapter_dirs[arch]["r1-qv"]
+    for name, directory in adapters.items():
+        core.adapters.load(name, directory)
+    names = [spec.name for spec in KIND_SPECS] + ["r8-all", "r1-qv", None, None]
+    requests = [
+        GenerateRequest(
+            prompt=prompt, adapter=adapter, sampling=SamplingParams(max_new_tokens=MAX_NEW)
         )
-        same = first_difference(got.tokens, want_tokens)
-        exact += same == len(want_tokens) == len(got.tokens)
-        if same < min(len(want_tokens), len(got.tokens)):
-            # Only a numerical tie may part the two: PEFT's own logits rank them within tolerance.
-            theirs, ours = want_tokens[same], got.tokens[same]
-            margin = (want_logits[same][theirs] - want_logits[same][ours]).item()
-            assert margin <= tolerance, f"{arch} {request.adapter} step {same}: margin {margin}"
-        compared = min(same + 1, len(got.logits), len(want_logits))
-        for step in range(compared):  # the logits agree up to and including any parting step
-            diff = (got.logits[step] - want_logits[step]).abs().max().item()
-            assert diff <= tolerance, f"{arch} {request.adapter} step {step}: {diff}"
-    assert exact >= len(requests) - 1, f"{arch}: only {exact} of {len(requests)} token-exact"
-    assert core.kv_used_tokens == 0
-    assert core.adapters.stats().references == 0
+        for prompt, adapter in zip(PROMPTS, names)
+    ]
+    arrivals = {3 * i: requests[2 * i : 2 * i + 2] for i in range(len(requests) // 2)}
+    results = run(core, arrivals)
+
+    for request, got in zip(requests[: len(KIND_SPECS)], results):
+        # Each kind changes what the model computes, so the comparison below is not vacuous.
+        base = run(core, {0: [GenerateRequest(prompt=request.prompt, sampling=request.sampling)]})
+        assert (got.logits[0] - base[0].logits[0]).abs().max() > 0.1, request.adapter
+    check_against_peft(core, requests, results, model_dirs[arch], adapters, "nf4", "fp32", device)

@@ -18,6 +18,7 @@ from loraserve.model.loading import load_base_model
 from loraserve.model.lora import (
     LoraBatch,
     LoraContext,
+    MultiLoraEmbedding,
     MultiLoraLinear,
     add_lora_delta_,
     lora_delta_reference,
@@ -242,15 +243,18 @@ def _expected_paths(names: tuple[str, ...], layers: int = 2) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    ("target_names", "expected"),
+    ("target_names", "expected", "embedding"),
     [
-        ((), PROJECTIONS),
-        (("q_proj", "v_proj"), ("q_proj", "v_proj")),
-        (("down_proj",), ("down_proj",)),
-        (("lm_head", "o_proj"), ("o_proj",)),  # lm_head is never wrapped, even when named
+        ((), PROJECTIONS, True),
+        (("q_proj", "v_proj"), ("q_proj", "v_proj"), False),
+        (("down_proj",), ("down_proj",), False),
+        (("lm_head", "o_proj"), ("o_proj",), False),  # lm_head is never wrapped, even when named
+        (("embed_tokens", "q_proj"), ("q_proj",), True),
     ],
 )
-def test_wrap_lora_targets_wraps_decoder_projections(target_names, expected):
+def test_wrap_lora_targets_wraps_decoder_projections_and_the_input_embedding(
+    target_names, expected, embedding
+):
     model = _tiny_llama()
     ids = torch.tensor([[1, 5, 9, 2]])
     with torch.no_grad():
@@ -258,9 +262,13 @@ def test_wrap_lora_targets_wraps_decoder_projections(target_names, expected):
     context = LoraContext()
     wrapped = wrap_lora_targets(model, context, 3, 8, torch.float32, target_names)
 
-    assert set(wrapped) == _expected_paths(expected)
+    embed = {"model.embed_tokens"} if embedding else set()
+    assert set(wrapped) == _expected_paths(expected) | embed
     for name, module in model.named_modules():
-        if name in wrapped:
+        if name in embed:
+            assert module is wrapped[name] and isinstance(module, MultiLoraEmbedding)
+            assert module.lora_a.shape == (3, 96, 8) and module.lora_b.shape == (3, 8, 64)
+        elif name in wrapped:
             assert module is wrapped[name] and isinstance(module, MultiLoraLinear)
             assert module.lora_a.shape == (3, 8, module.in_features)
             assert module.lora_b.shape == (3, 8, module.out_features)
@@ -268,7 +276,7 @@ def test_wrap_lora_targets_wraps_decoder_projections(target_names, expected):
             pytest.fail(f"{name} was wrapped but not returned")
     assert type(model.lm_head) is nn.Linear
     leftover = {n for n, m in model.named_modules() if type(m) is nn.Linear} - {"lm_head"}
-    assert leftover == {f"{p}.base.module" for p in wrapped} | (
+    assert leftover == {f"{p}.base.module" for p in wrapped if p not in embed} | (
         _expected_paths(PROJECTIONS) - set(wrapped)
     )
     with torch.no_grad():  # the same maths; the compiled kernels may sum in another order
@@ -281,6 +289,7 @@ def test_wrap_lora_targets_wraps_bitsandbytes_layers(model_dirs):
     loaded = load_base_model(str(model_dirs["llama"]), "nf4", "fp32", "cpu")
     wrapped = wrap_lora_targets(loaded.model, LoraContext(), 2, 4, torch.float32)
 
-    assert set(wrapped) == _expected_paths(PROJECTIONS)
-    assert all(isinstance(layer.base.module, bnb.nn.Linear4bit) for layer in wrapped.values())
+    assert set(wrapped) == _expected_paths(PROJECTIONS) | {"model.embed_tokens"}
+    projections = [layer for layer in wrapped.values() if isinstance(layer, MultiLoraLinear)]
+    assert all(isinstance(layer.base.module, bnb.nn.Linear4bit) for layer in projections)
     assert not isinstance(loaded.model.lm_head, MultiLoraLinear)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from loraserve.adapters.peft_format import LoraWeights
 
@@ -56,11 +56,8 @@ class HostCache:
     def put(self, key: Hashable, weights: LoraWeights) -> LoraWeights:
         """Keep `weights` (pinned on CUDA hosts) within the budget; returns what is stored."""
         if self.pin_memory:
-            weights = LoraWeights(
-                {m: (a.pin_memory(), b.pin_memory()) for m, (a, b) in weights.modules.items()},
-                weights.rank,
-                weights.config,
-            )
+            pinned = {name: module.pinned() for name, module in weights.modules.items()}
+            weights = replace(weights, modules=pinned)
         size = weights.nbytes
         with self._lock:
             self._drop(key)

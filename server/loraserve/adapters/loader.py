@@ -18,21 +18,24 @@ from collections.abc import Callable
 import torch
 
 from loraserve.adapters.peft_format import LoraWeights
-from loraserve.model.lora import MultiLoraLinear
+from loraserve.model.lora import LoraLayer
 
 log = logging.getLogger(__name__)
 
 Job = Callable[["torch.cuda.Stream | None"], None]
 
 
-def write_slot(layers: dict[str, MultiLoraLinear], index: int, weights: LoraWeights) -> None:
-    """Copy `weights` into slot `index` of every layer; layers it does not target are zeroed."""
+def write_slot(layers: dict[str, LoraLayer], index: int, weights: LoraWeights) -> None:
+    """Copy resolved `weights` (see `AdapterManager.prepare`) into slot `index` of every layer;
+    layers it does not target are zeroed."""
     for name, layer in layers.items():
-        if name in weights.modules:
-            a, b = weights.modules[name]
-            layer.set_slot(index, a, b)
-        else:
+        module = weights.modules.get(name)
+        if module is None:
             layer.clear_slot(index)
+        elif not module.resolved:
+            raise ValueError(f"{name}: the adapter's terms were not resolved against the base")
+        else:
+            layer.set_slot(index, module.a, module.b, module.scale, module.shift)
 
 
 class Loader:

@@ -6,11 +6,13 @@
 - admission: `acquire(key)` answers READY (its slot holds the weights), WAITING (loading, or no
   slot free yet: ask again next step) or FAILED (the load failed), and `release` gives the slot
   reference back;
-- operators: `prefetch`, `pin`, `forget` (deleted or replaced), `status`, `keep_in_host`;
+- operators: `prefetch`, `pin`, `forget` (deleted or replaced), `status`, `keep_in_host`,
+  `prepare` (an upload's weights checked against the base before it is published);
 - `stats()`: one snapshot for the metrics.
 Loads run on the `loader` thread, single-flight per slot: disk -> host (validated, scaling
-folded, pinned on CUDA) -> slot buffers. A failed load fails only the requests waiting for that
-adapter and is remembered for `failure_ttl_s`, so a broken adapter is not retried in a loop.
+folded, DoRA and bias terms computed against the base by `prepare`, pinned on CUDA) -> slot
+buffers. A failed load fails only the requests waiting for that adapter and is remembered for
+`failure_ttl_s`, so a broken adapter is not retried in a loop.
 Every method takes the manager's lock briefly and none waits on I/O, except `wait_for_loads`.
 
 Knows nothing about requests or scheduling policy; the scheduler decides who waits.
@@ -24,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,7 +39,7 @@ from loraserve.adapters.peft_format import LoraWeights, read_peft_adapter
 from loraserve.adapters.registry import AdapterRegistry
 from loraserve.adapters.store import AdapterStore
 from loraserve.metrics import AdapterStats, Metrics, TierStats
-from loraserve.model.lora import MultiLoraLinear
+from loraserve.model.lora import LoraLayer
 from loraserve.types import (
     AdapterIncompatibleError,
     AdapterNotFoundError,
@@ -99,7 +101,7 @@ class AdapterManager:
 
     def __init__(
         self,
-        layers: dict[str, MultiLoraLinear],
+        layers: dict[str, LoraLayer],
         num_slots: int,
         max_rank: int,
         dtype: torch.dtype,
@@ -118,10 +120,7 @@ class AdapterManager:
         self.targets = {name: (m.in_features, m.out_features) for name, m in layers.items()}
         self._layers = layers
         self._slot_ranks = [0] * (num_slots + 1)
-        self._slot_bytes = sum(
-            m.get_buffer("lora_a")[0].nbytes + m.get_buffer("lora_b")[0].nbytes
-            for m in layers.values()
-        )
+        self._slot_bytes = sum(layer.slot_nbytes for layer in layers.values())
         self._registry = AdapterRegistry(store)
         self._table = SlotTable(num_slots)
         self._host = HostCache(host_budget_bytes, pin_memory=device.type == "cuda")
@@ -149,6 +148,7 @@ class AdapterManager:
             raise InvalidRequestError("adapter name must be non-empty")
         directory = Path(directory)
         weights = read_peft_adapter(directory, self.targets, self.max_rank, self.dtype)
+        weights = self.prepare(weights, f"adapter at {directory.name!r}")
         key = local_key(name, directory)
         with self._lock:
             replaced = self._registry.register(key, directory)
@@ -181,9 +181,27 @@ class AdapterManager:
     def keep_in_host(self, key: AdapterKey, weights: LoraWeights) -> None:
         """Weights validated elsewhere (a publish) for these targets, max rank and dtype: keep
         them in the host tier, so the first request for `key` reads nothing from disk."""
-        if any(a.dtype != self.dtype or b.dtype != self.dtype for a, b in weights.modules.values()):
+        if any(m.b.dtype != self.dtype for m in weights.modules.values()):
             raise ValueError(f"adapter {key} was validated in another dtype than {self.dtype}")
-        self._host.put(key, weights)
+        self._host.put(key, self.prepare(weights, f"adapter {key}"))
+
+    def prepare(self, weights: LoraWeights, label: str = "adapter") -> LoraWeights:
+        """`weights` with what needs the base model's own weights computed against them (DoRA's
+        rescale, trained biases; see `model/slot_terms.py`): the form the host tier keeps and
+        slots copy. Raises AdapterIncompatibleError naming every module that cannot be served
+        on this base; `label` names the adapter in it."""
+        modules, problems = {}, []
+        for name, module in weights.modules.items():
+            layer = self._layers.get(name)
+            try:
+                if layer is None:
+                    raise ValueError("the engine holds no LoRA layer there")
+                modules[name] = layer.resolve(module)
+            except ValueError as error:
+                problems.append(f"{name}: {error}")
+        if problems:
+            raise AdapterIncompatibleError(f"{label} does not fit this base model:", problems)
+        return replace(weights, modules=modules)
 
     # ---- admission ----------------------------------------------------------------------
 
@@ -329,7 +347,7 @@ class AdapterManager:
             started = time.perf_counter()
             directory = self._registry.directory(key)
             weights = read_peft_adapter(directory, self.targets, self.max_rank, self.dtype)
-            weights = self._host.put(key, weights)
+            weights = self._host.put(key, self.prepare(weights, f"adapter {key}"))
             elapsed = time.perf_counter() - started
             self.metrics.adapter_load_seconds.labels("host").observe(elapsed)
         return weights

@@ -36,7 +36,6 @@ MAX_ALPHA = float(1 << 16)
 
 # Keys whose truthy value changes what the adapter computes at inference in a way we do not serve.
 UNSUPPORTED_KEYS = {
-    "use_dora": "DoRA adapters are not served",
     "modules_to_save": "modules_to_save (full copies of base modules) is not served",
     "fan_in_fan_out": "fan_in_fan_out (Conv1D bases) is not served",
     "layer_replication": "layer_replication is not served",
@@ -97,6 +96,7 @@ class LoraAdapterConfig(BaseModel):
     lora_dropout: Annotated[float, Field(ge=0, le=1)] = 0.0
     bias: Literal["none", "all", "lora_only"] = "none"
     lora_bias: bool = False
+    use_dora: bool = False
     init_lora_weights: bool | Text = True
     inference_mode: bool = False
     ensure_weight_tying: bool = False
@@ -113,7 +113,6 @@ class LoraAdapterConfig(BaseModel):
     corda_config: Settings | None = None
     lora_ga_config: Settings | None = None
     velora_config: Settings | None = None
-    use_dora: JsonValue = False
     modules_to_save: JsonValue = None
     fan_in_fan_out: JsonValue = False
     layer_replication: JsonValue = None
@@ -228,8 +227,6 @@ def parse_adapter_config(data: bytes, problems: list[str]) -> AdapterConfig | No
     for key, why in UNSUPPORTED_KEYS.items():
         if raw.get(key):
             found.append(f"{key} is set: {why}")
-    if raw.get("bias", "none") != "none" or raw.get("lora_bias"):
-        found.append("LoRA bias terms are not served: train with bias='none'")
     try:
         fields = LoraAdapterConfig.model_validate(
             {k: v for k, v in raw.items() if k in CONFIG_KEYS}
@@ -238,6 +235,8 @@ def parse_adapter_config(data: bytes, problems: list[str]) -> AdapterConfig | No
         lines = dict.fromkeys(_error_line(e) for e in error.errors(include_url=False))
         problems.extend(found + list(lines))
         return None
+    if fields.use_dora and fields.lora_bias:
+        found.append("use_dora and lora_bias are both set: PEFT trains no lora_B bias with DoRA")
     ranks = compile_patterns("rank_pattern", fields.rank_pattern or {}, found)
     alphas = compile_patterns("alpha_pattern", fields.alpha_pattern or {}, found)
     problems.extend(found)

@@ -9,13 +9,19 @@ collected and reported at once (the error keeps the first few and counts the res
 matched as PEFT does but by RE2) is folded into B here, so the hot path never sees it; weights
 that are not finite before or after that folding are refused.
 
+Besides lora_A / lora_B on projections it reads what PEFT saves for the other kinds it serves:
+lora_embedding_A / lora_embedding_B on the input embedding (and the copy of the base embedding
+PEFT saves next to them), lora_magnitude_vector (`use_dora`), lora_B's bias (`lora_bias`) and
+trained base biases (`bias="all"` / `"lora_only"`), each checked against the config that says
+the adapter has it. What needs the base model's weights (DoRA's norm, a bias's difference from
+the base's) is left to the layers (`ModuleWeights`, `slot_terms`).
+
 Knows nothing about slots, caches or the model object: it checks tensors against a map of
 target module paths to (in_features, out_features).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,17 +35,17 @@ from loraserve.adapters.peft_config import (
     parse_adapter_config,
     parse_json,
 )
+from loraserve.adapters.peft_tensors import PAIRS, module_weights, tensor_role
+from loraserve.model.slot_terms import ModuleWeights
 from loraserve.types import AdapterIncompatibleError, InvalidAdapterError, shown
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
-ALLOWED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-PEFT_PREFIX = "base_model.model."
-TENSOR_NAME = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>[AB])(?:\.[^.]+)?\.weight$")
 PICKLE_ADVICE = (
     "pickle files are never loaded; convert them with `safetensors.torch.save_file` or save the "
     "adapter with PEFT's default safe_serialization=True"
 )
+PAIR_ROLES = {role for pair in PAIRS.values() for role in pair}
 MAX_CONFIG_BYTES = 1 << 20
 MAX_WEIGHTS_BYTES = 2 << 30
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own reader refuses larger headers too
@@ -48,15 +54,15 @@ HEADER_LENGTH_BYTES = 8  # a safetensors file opens with its header length, u64 
 
 @dataclass(frozen=True)
 class LoraWeights:
-    """A validated adapter: module path -> (a [r, in], b [r, out] with scaling folded in)."""
+    """A validated adapter: module path -> its tensors (scaling folded into B)."""
 
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    modules: dict[str, ModuleWeights]
     rank: int  # the largest rank over modules
     config: LoraAdapterConfig
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
+        return sum(m.nbytes for m in self.modules.values())
 
 
 def _read_config(directory: Path, problems: list[str]) -> AdapterConfig | None:
@@ -106,17 +112,6 @@ def safetensors_header(path: Path) -> dict:
     return header
 
 
-def _not_finite(modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
-    """The modules whose A or B holds a NaN or an infinity: one pass over every tensor."""
-    names = list(modules)
-    tensors = [t for name in names for t in modules[name]]
-    if not tensors:
-        return []
-    peaks = torch.stack(torch._foreach_norm(tensors, ord=float("inf")))  # max |x|, NaN kept
-    bad = (~peaks.isfinite()).view(-1, 2).any(dim=1).tolist()
-    return [name for name, is_bad in zip(names, bad) if is_bad]
-
-
 def read_peft_adapter(
     directory: str | Path,
     targets: dict[str, tuple[int, int]],
@@ -125,7 +120,8 @@ def read_peft_adapter(
 ) -> LoraWeights:
     """Validate `directory` against the base's LoRA targets and load it in `dtype`.
 
-    targets: module path -> (in_features, out_features) of every projection an adapter may hit.
+    targets: module path -> (in_features, out_features) of every module an adapter may hit
+    (projections; the input embedding as (vocabulary, hidden size)).
     Raises InvalidAdapterError (malformed files) or AdapterIncompatibleError (does not fit the
     base), each listing every problem found.
     """
@@ -151,73 +147,29 @@ def read_peft_adapter(
     if problems or config is None:
         raise InvalidAdapterError(f"adapter at {directory.name!r} is invalid:", problems)
 
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}  # module -> role -> tensor
     try:
         with safe_open(weights_path, framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                match = TENSOR_NAME.match(name)
-                if match is None:
+                role = tensor_role(name)
+                if role is None:
                     problems.append(f"tensor {shown(name)} is not a LoRA A/B weight")
                     continue
-                module = match["module"].removeprefix(PEFT_PREFIX)
-                pairs.setdefault(module, {})[match["kind"]] = f.get_tensor(name)
+                parts.setdefault(role[0], {})[role[1]] = f.get_tensor(name)
     except (SafetensorError, OSError, ValueError) as e:
         raise InvalidAdapterError(
             f"adapter at {directory.name!r} is invalid:", [f"{WEIGHTS_FILE} cannot be read: {e}"]
         ) from e
 
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    scales: dict[str, float] = {}
+    modules: dict[str, ModuleWeights] = {}
     incompatible: list[str] = []
-    for module, pair in sorted(pairs.items()):
-        if set(pair) != {"A", "B"}:
-            problems.append(
-                f"{module}: needs both lora_A and lora_B, found only lora_{''.join(pair)}"
-            )
-            continue
-        a, b = pair["A"], pair["B"]  # a: [r, in], b: [out, r]
-        if a.dtype not in ALLOWED_DTYPES or b.dtype not in ALLOWED_DTYPES:
-            problems.append(f"{module}: dtype {a.dtype}/{b.dtype} not allowed (fp16, bf16, fp32)")
-            continue
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            problems.append(
-                f"{module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
-                "are not [r, in] and [out, r]"
-            )
-            continue
-        rank = a.shape[0]
-        if module not in targets:
-            incompatible.append(f"{module}: the base model has no LoRA-targetable module there")
-            continue
-        fan_in, fan_out = targets[module]
-        if a.shape[1] != fan_in or b.shape[0] != fan_out:
-            incompatible.append(
-                f"{module}: adapter is [in={a.shape[1]}, out={b.shape[0]}], base module is "
-                f"[in={fan_in}, out={fan_out}]"
-            )
-            continue
-        if rank > max_rank:
-            incompatible.append(f"{module}: rank {rank} exceeds the server's max rank {max_rank}")
-            continue
-        if rank != config.rank(module):
-            problems.append(
-                f"{module}: lora_A and lora_B have rank {rank}, but {CONFIG_FILE} gives "
-                f"r={config.rank(module)} (r or rank_pattern) for this module"
-            )
-            continue
-        scale = config.scale(module, rank)
-        scales[module] = scale
-        # own copies: a tensor from safe_open maps the file, which may change under it
-        a = a.to(dtype, copy=True)
-        b = b.t().to(torch.float32).contiguous().mul_(scale).to(dtype)  # [r, out]
-        modules[module] = (a, b)
-    for module in _not_finite(modules):
-        problems.append(
-            f"{module}: weights are not finite (NaN or infinity), as stored or once scaled by "
-            f"{scales[module]:g} (lora_alpha / r) in {str(dtype).removeprefix('torch.')}"
+    for module, tensors in sorted(parts.items()):
+        weights = module_weights(
+            module, tensors, targets, config, max_rank, dtype, problems, incompatible
         )
-        del modules[module]
-    if not pairs:
+        if weights is not None:
+            modules[module] = weights
+    if not any(role in PAIR_ROLES for tensors in parts.values() for role in tensors):
         problems.append(f"{WEIGHTS_FILE} holds no LoRA tensors")
     if problems:
         raise InvalidAdapterError(
@@ -227,4 +179,4 @@ def read_peft_adapter(
         raise AdapterIncompatibleError(
             f"adapter at {directory.name!r} does not fit this base model:", incompatible
         )
-    return LoraWeights(modules, max(a.shape[0] for a, _ in modules.values()), config.fields)
+    return LoraWeights(modules, max(m.a.shape[0] for m in modules.values()), config.fields)

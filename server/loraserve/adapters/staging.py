@@ -37,6 +37,7 @@ SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 
 OnPublished = Callable[[AdapterKey, peft_format.LoraWeights], None]
+Prepare = Callable[[peft_format.LoraWeights], peft_format.LoraWeights]
 
 
 def upload_file_problems(filenames: Sequence[str], complete: bool = True) -> list[str]:
@@ -133,6 +134,8 @@ class StagedUpload:
             weights = peft_format.read_peft_adapter(
                 self.directory, publisher.targets, publisher.max_rank, publisher.dtype
             )
+            if publisher.prepare is not None:
+                weights = publisher.prepare(weights)
         except AdapterRefusedError as e:  # name the upload, not the staging directory
             verdict = "is invalid" if isinstance(e, InvalidAdapterError) else "does not fit"
             raise e.reworded(f"upload of {self.tenant}/{self.name} {verdict}:") from None
@@ -182,7 +185,9 @@ class AdapterPublisher:
     targets: module path -> (in_features, out_features) of the base's LoRA-targetable modules;
     every version is validated against them and `max_rank`, read in `dtype` (the engine's
     compute dtype, so the validated weights can serve as they are), and recorded with
-    `base_fingerprint`. on_published(key, weights) receives each committed version's weights.
+    `base_fingerprint`. prepare(weights), when given, checks them against the live base model
+    (DoRA's norms, trained biases) before anything is placed, raising AdapterRefusedError;
+    on_published(key, weights) receives each committed version's weights.
     """
 
     def __init__(
@@ -193,6 +198,7 @@ class AdapterPublisher:
         max_rank: int,
         dtype: torch.dtype = torch.float32,
         on_published: OnPublished | None = None,
+        prepare: Prepare | None = None,
     ) -> None:
         self.store = store
         self.base_fingerprint = base_fingerprint
@@ -200,6 +206,7 @@ class AdapterPublisher:
         self.max_rank = max_rank
         self.dtype = dtype
         self.on_published = on_published
+        self.prepare = prepare
 
     @contextlib.contextmanager
     def staging(

@@ -13,14 +13,21 @@ keyword of the model call, says which tokens belong to which row:
 - prefill rows (a prompt chunk) each gather their context once and run one SDPA call, causal
   from the chunk's first position (and within the sliding window, where the layer has one).
 
-Called without an `AttentionBatch` (a plain forward of the model) it is transformers' SDPA
-attention.
+A layer whose attention needs what these do not compute (logit softcapping, attention sinks:
+the `VARIANTS` keywords it passes) is attended by its architecture's own eager attention
+function instead, over the same gathered contexts with the same causal and window masks, so
+the paged cache serves every architecture; the first call of each kind of layer logs which
+path it takes. Called without an `AttentionBatch` (a plain forward of the model) it is
+transformers' SDPA attention, or the architecture's eager attention for those layers.
 
 Knows nothing about sequences, adapters or scheduling: rows are token ranges and pool indices.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -32,10 +39,13 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from loraserve.model.kernels import native
 from loraserve.model.kv_cache import PagedKVCache
 
+log = logging.getLogger(__name__)
+
 IMPLEMENTATION = "loraserve_paged"
-# Keywords of attention variants this implementation does not compute; a model that passes one
-# must not silently get plain softmax attention.
-UNSUPPORTED = ("softcap", "s_aux", "sinks")
+# Keywords of attention variants the paged kernels and SDPA do not compute; a layer that passes
+# one is attended by its architecture's eager attention, never by plain softmax attention.
+VARIANTS = ("softcap", "s_aux", "sinks")
+_logged_kinds: set[tuple[str, tuple[str, ...], bool]] = set()
 
 
 @dataclass(frozen=True)
@@ -85,18 +95,28 @@ def paged_attention(
     sliding_window: int | None = None,
     attention_batch: AttentionBatch | None = None,
     **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """query: [1, H, N, D] (key, value: this forward's [1, KVH, N, D]) -> ([1, N, H, D], None)."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """query: [1, H, N, D] (key, value: this forward's [1, KVH, N, D]) -> ([1, N, H, D], the
+    attention weights where a plain forward's eager attention gives them, else None)."""
+    variant = tuple(name for name in VARIANTS if kwargs.get(name) is not None)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    window = sliding_window or 0
+    if attention_batch is None and variant:
+        n, context = query.shape[2], key.shape[2]
+        visible = context_mask(context - n, n, context, window, query.device)
+        mask = _additive(visible, query.dtype)[None, None]
+        kwargs = dict(kwargs, dropout=dropout, sliding_window=sliding_window)
+        return eager_attention_of(module)(module, query, key, value, mask, scaling=scale, **kwargs)
     if attention_batch is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
             sliding_window=sliding_window, **kwargs,
         )  # fmt: skip
-    if any(kwargs.get(name) is not None for name in UNSUPPORTED):
-        raise NotImplementedError(f"{type(module).__name__}: attention variant not supported")
+    _log_path(module, variant, window)
     batch = attention_batch
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    window = sliding_window or 0
+    if variant:
+        kwargs = dict(kwargs, sliding_window=sliding_window)
+        return attend_eager(module, query[0].transpose(0, 1), batch, scale, window, kwargs), None
     q = query[0].transpose(0, 1)  # [N, H, D]
     out = torch.empty_like(q)
     k_pool, v_pool = batch.cache.pools(cast(int, module.layer_idx))  # [S, KVH, D] each
@@ -122,13 +142,7 @@ def attend_context(
     k, v [start + n, KVH, D] -> [n, H, D]. Query i sees keys j <= start + i (and start + i - j <
     window when window > 0)."""
     n, context = q.shape[0], k.shape[0]
-    mask = None
-    if start or window:
-        query_pos = torch.arange(start, start + n, device=q.device)[:, None]
-        key_pos = torch.arange(context, device=q.device)
-        mask = key_pos <= query_pos
-        if window:
-            mask &= query_pos - key_pos < window
+    mask = context_mask(start, n, context, window, q.device) if start or window else None
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1).unsqueeze(0),
         k.transpose(0, 1).unsqueeze(0),
@@ -153,20 +167,110 @@ def attend_decode_gathered(
 ) -> torch.Tensor:
     """The decode kernel's semantics in torch: q [R, H, D] over each row's context, gathered
     from the pools [S, KVH, D] into a padded batch [R, L] -> [R, H, D]."""
-    lens = context_lens.long()
-    positions = torch.arange(int(lens.max()), device=q.device)  # [L]
-    tables = block_tables.long()
-    slots = tables[:, positions // block_size] * block_size + positions % block_size  # [R, L]
-    visible = positions < lens[:, None]  # [R, L]
-    if window:
-        visible &= positions > lens[:, None] - 1 - window
-    slots = torch.where(visible, slots, 0)
+    slots, visible = decode_context(block_tables, context_lens, block_size, window)
     k = k_pool[slots].transpose(1, 2)  # [R, KVH, L, D]
     v = v_pool[slots].transpose(1, 2)
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2), k, v, attn_mask=visible[:, None, None, :], scale=scale, enable_gqa=True
     )  # [R, H, 1, D]
     return out[:, :, 0]
+
+
+def context_mask(
+    start: int, n: int, context: int, window: int, device: torch.device
+) -> torch.Tensor:
+    """[n, context] bool: query i (at position start + i) sees key j when j <= start + i and,
+    with a window, start + i - j < window."""
+    query_pos = torch.arange(start, start + n, device=device)[:, None]
+    key_pos = torch.arange(context, device=device)
+    mask = key_pos <= query_pos
+    if window:
+        mask &= query_pos - key_pos < window
+    return mask
+
+
+def decode_context(
+    block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode rows' contexts as a padded batch: (pool slots [R, L] int64, 0 where padded;
+    visible [R, L] bool), L the longest context. block_tables: [R, B]; context_lens: [R]."""
+    lens = context_lens.long()
+    positions = torch.arange(int(lens.max()), device=block_tables.device)  # [L]
+    tables = block_tables.long()
+    slots = tables[:, positions // block_size] * block_size + positions % block_size  # [R, L]
+    visible = positions < lens[:, None]  # [R, L]
+    if window:
+        visible &= positions > lens[:, None] - 1 - window
+    return torch.where(visible, slots, 0), visible
+
+
+EagerAttention = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def eager_attention_of(module: torch.nn.Module) -> EagerAttention:
+    """The eager attention function of the module's own modeling file (the one transformers
+    falls back to), which computes the architecture's variants: softcapping, sinks, ..."""
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise NotImplementedError(
+            f"{type(module).__name__}: its attention needs what the paged kernels do not "
+            "compute, and its modeling file has no eager attention function"
+        )
+    return eager
+
+
+def attend_eager(
+    module: torch.nn.Module,
+    q: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+    window: int,
+    kwargs: dict,
+) -> torch.Tensor:
+    """The rows' attention by the architecture's eager function, over each row's context
+    gathered from the pools with the paged path's masks: q [N, H, D] -> [1, N, H, D].
+    kwargs: the layer's own keywords for it (softcap, sinks, ...)."""
+    eager = eager_attention_of(module)
+    out = torch.empty_like(q)
+    k_pool, v_pool = batch.cache.pools(cast(int, module.layer_idx))  # [S, KVH, D] each
+
+    def attend(query, key, value, visible):  # [B, H, n, D], [B, KVH, L, D] x2, [B, n, L]
+        mask = _additive(visible, query.dtype)[:, None]
+        return eager(module, query, key, value, mask, dropout=0.0, scaling=scale, **kwargs)[0]
+
+    if batch.decode is not None:
+        d = batch.decode
+        slots, visible = decode_context(
+            d.block_tables, d.context_lens, batch.cache.block_size, window
+        )
+        k, v = k_pool[slots].transpose(1, 2), v_pool[slots].transpose(1, 2)  # [R, KVH, L, D]
+        out[d.tokens] = attend(q[d.tokens].unsqueeze(2), k, v, visible[:, None])[:, 0]
+    for row in batch.prefill:
+        rows = slice(row.first, row.first + row.count)
+        k = k_pool[row.read_slots].transpose(0, 1)[None]  # [1, KVH, context, D]
+        v = v_pool[row.read_slots].transpose(0, 1)[None]
+        visible = context_mask(row.start, row.count, k.shape[2], window, q.device)
+        out[rows] = attend(q[rows].transpose(0, 1)[None], k, v, visible[None])[0]
+    return out.unsqueeze(0)
+
+
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as eager attention adds it: 0 where visible, the dtype's minimum else."""
+    return torch.where(visible, 0.0, torch.finfo(dtype).min).to(dtype)
+
+
+def _log_path(module: torch.nn.Module, variant: tuple[str, ...], window: int) -> None:
+    """Say once per kind of layer (class, variant, sliding or not) which path attends it."""
+    kind = (type(module).__name__, variant, bool(window))
+    if kind in _logged_kinds:
+        return
+    _logged_kinds.add(kind)
+    sliding = "sliding-window " if window else ""
+    if variant:
+        how = f"its architecture's eager attention ({', '.join(variant)}) over the paged cache"
+    else:
+        how = "the paged attention kernels"
+    log.info("%s %slayers: %s", kind[0], sliding, how)
 
 
 def decode_kernel_applies(cache: PagedKVCache) -> bool:

@@ -1,9 +1,14 @@
 """Load one base causal LM, quantized with bitsandbytes, and its tokenizer.
 
 Accepts a local Hugging Face directory (or a hub id, for users who are online), plain or already
-bnb-quantized. Never runs remote code. On the CPU, bitsandbytes needs each quantized layer's
-in-features to be a multiple of its block size (64) and out-features a multiple of 32: layers that
-do not fit stay in the compute dtype, and a warning names them.
+bnb-quantized. Never runs remote code. The attention implementation the model is loaded with is
+the best its architecture supports (`attention_implementation`: flash attention on CUDA where
+installed, SDPA where the architecture allows it, eager otherwise), and the log says which; the
+engine's runner then switches it to the paged implementation for serving.
+
+On the CPU, bitsandbytes needs each quantized layer's in-features to be a multiple of its block
+size (64) and out-features a multiple of 32: layers that do not fit stay in the compute dtype,
+and a warning names them.
 
 Knows nothing about adapters, batching or serving.
 """
@@ -25,6 +30,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.utils import is_flash_attn_2_available
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +58,17 @@ def resolve_device(device: str) -> torch.device:
 
 
 def lora_target_shapes(model: str) -> dict[str, tuple[int, int]]:
-    """Module path -> (in, out) of every projection an adapter may target, from the config
-    alone (no weights are read): what the engine wraps by default."""
-    shapes, _ = _linear_layout(AutoConfig.from_pretrained(model, trust_remote_code=False))
+    """Module path -> (in, out) of every module an adapter may target, from the config alone
+    (no weights are read): what the engine wraps by default, the projections and the input
+    embedding as (vocabulary, hidden size)."""
+    config = AutoConfig.from_pretrained(model, trust_remote_code=False)
+    shapes, _ = _linear_layout(config)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    embedding = skeleton.get_input_embeddings()
+    for name, module in skeleton.named_modules():
+        if module is embedding and isinstance(module, nn.Embedding):
+            shapes[name] = (module.num_embeddings, module.embedding_dim)
     return shapes
 
 
@@ -69,6 +84,17 @@ def _linear_layout(config) -> tuple[dict[str, tuple[int, int]], str]:
         elif isinstance(module, nn.Linear):
             shapes[name] = (module.in_features, module.out_features)
     return shapes, output_name
+
+
+def attention_implementation(config, device: torch.device) -> str:
+    """The attention transformers runs this architecture with until the engine takes over:
+    flash attention on CUDA where it is installed and the architecture supports it, else SDPA
+    where the architecture supports it (attention variants such as logit softcapping or
+    attention sinks rule it out), else eager, which every architecture has."""
+    model_class: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    if device.type == "cuda" and model_class._supports_flash_attn and is_flash_attn_2_available():
+        return "flash_attention_2"
+    return "sdpa" if model_class._supports_sdpa else "eager"
 
 
 def _quantization_config(
@@ -155,11 +181,13 @@ def load_base_model(
         actual = quantization
     else:
         actual = "none"
+    attention = attention_implementation(config, target)
+    log.info("%s: loading with %s attention", type(config).__name__, attention)
     loaded = AutoModelForCausalLM.from_pretrained(
         model,
         dtype=dtype,
         device_map={"": target},
-        attn_implementation="sdpa",
+        attn_implementation=attention,
         trust_remote_code=False,
         **kwargs,
     )

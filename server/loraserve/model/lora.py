@@ -1,8 +1,11 @@
 """Batched multi-LoRA: the delta kernel, its slow reference, and the layer that holds slot buffers.
 
-Every wrapped projection computes `y = base(x) + delta`, where each token's delta comes from the
-adapter in that token's slot. The adapter's scaling (alpha / r, or alpha / sqrt(r) for rsLoRA)
-is folded into B when a slot is filled. Slot 0 is all zeros: "no adapter" needs no branch.
+Every wrapped projection computes, for each token t on slot s, `y = base(x) + x A_s^T B_s`: the
+adapter's scaling (alpha / r, or alpha / sqrt(r) for rsLoRA) is folded into B when a slot is
+filled. A slot may also hold a per-output affine term, applied to its rows after the delta:
+`y = y * scale_s + shift_s` (DoRA's rescale and the adapter's bias terms, see `slot_terms`);
+slots without one skip it. Slot 0 is all zeros: "no adapter" needs no branch. The input
+embedding gets the same slots as a lookup (`lora_embedding`).
 
 Knows nothing about adapter names, files or which adapter lives in which slot: it sees slot
 numbers and tensors. The runner sets one `LoraBatch` per forward on the shared `LoraContext`.
@@ -19,6 +22,8 @@ from transformers import PreTrainedModel
 
 from loraserve.model.kernels import native
 from loraserve.model.linear import BaseLinear
+from loraserve.model.lora_embedding import MultiLoraEmbedding
+from loraserve.model.slot_terms import ModuleWeights, SlotTerms, dequantized_weight, resolve_terms
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,8 @@ class LoraContext:
 
 
 class MultiLoraLinear(nn.Module):
-    """A projection plus stacked LoRA slot buffers: `y = base(x) + lora_delta(x)`.
+    """A projection plus stacked LoRA slot buffers: `y = (base(x) + lora_delta(x)) * scale +
+    shift`, the affine term only on slots that have one (`SlotTerms`).
 
     lora_a: [num_slots, max_rank, in_features]; lora_b: [num_slots, max_rank, out_features].
     Both keep rank-major rows, so a slot of rank r is the leading r rows of each buffer. The
@@ -139,18 +145,42 @@ class MultiLoraLinear(nn.Module):
             "lora_b",
             torch.zeros(num_slots, max_rank, self.out_features, dtype=dtype, device=device),
         )
+        self.terms = SlotTerms(num_slots, self.out_features, dtype, device)
 
-    def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        """a: [r, in]; b: [r, out] with scaling already folded in."""
+    @property
+    def slot_nbytes(self) -> int:
+        """Device bytes one slot of this layer takes."""
+        return self.lora_a[0].nbytes + self.lora_b[0].nbytes + self.terms.slot_nbytes
+
+    def resolve(self, weights: ModuleWeights) -> ModuleWeights:
+        """`weights` with its DoRA and bias terms computed against this layer's base (see
+        `slot_terms`). Raises ValueError saying why they cannot be served here."""
+        if weights.embedding:
+            raise ValueError("lora_embedding_A / _B target an embedding; this is a projection")
+        module = self.base.module
+        base_weight = None if weights.magnitude is None else dequantized_weight(module)
+        return resolve_terms(weights, base_weight, module.bias)
+
+    def set_slot(
+        self,
+        slot: int,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: torch.Tensor | None = None,
+        shift: torch.Tensor | None = None,
+    ) -> None:
+        """a: [r, in]; b: [r, out] with scaling already folded in; scale, shift: [out] or None."""
         r = a.shape[0]
         self.lora_a[slot, :r].copy_(a, non_blocking=True)
         self.lora_b[slot, :r].copy_(b, non_blocking=True)
         self.lora_a[slot, r:].zero_()  # what a previous adapter of higher rank left
         self.lora_b[slot, r:].zero_()
+        self.terms.set_slot(slot, scale, shift)
 
     def clear_slot(self, slot: int) -> None:
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
+        self.terms.clear_slot(slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] -> [..., out]."""
@@ -160,12 +190,16 @@ class MultiLoraLinear(nn.Module):
             return y
         flat_y = y.view(-1, self.out_features)
         add_lora_delta_(flat_y, x.reshape(-1, self.in_features), batch, self.lora_a, self.lora_b)
+        self.terms.apply_(flat_y, batch)
         return y
 
 
 def is_lora_target(module: nn.Module) -> bool:
     """Linear-like modules LoRA can wrap: nn.Linear and its bitsandbytes subclasses."""
     return isinstance(module, nn.Linear)
+
+
+LoraLayer = MultiLoraLinear | MultiLoraEmbedding
 
 
 def wrap_lora_targets(
@@ -175,26 +209,31 @@ def wrap_lora_targets(
     max_rank: int,
     dtype: torch.dtype,
     target_names: tuple[str, ...] = (),
-) -> dict[str, MultiLoraLinear]:
-    """Replace every linear projection inside the decoder by a `MultiLoraLinear`, in place.
+) -> dict[str, LoraLayer]:
+    """Replace every linear projection inside the decoder by a `MultiLoraLinear`, and the input
+    embedding by a `MultiLoraEmbedding`, in place.
 
     The output embedding (lm_head) is left alone. `target_names`, when given, restricts wrapping
-    to modules whose last name component is listed (e.g. ("q_proj", "v_proj")).
+    to modules whose last name component is listed (e.g. ("q_proj", "v_proj", "embed_tokens")).
     Returns the wrapped layers keyed by their module path in the original model.
     """
     output_embeddings = model.get_output_embeddings()
+    input_embeddings = model.get_input_embeddings()
     names = [
         name
         for name, module in model.named_modules()
-        if is_lora_target(module)
-        and module is not output_embeddings
-        and (not target_names or name.rsplit(".", 1)[-1] in target_names)
+        if (is_lora_target(module) and module is not output_embeddings)
+        or (module is input_embeddings and isinstance(module, nn.Embedding))
     ]
-    wrapped = {}
+    if target_names:
+        names = [name for name in names if name.rsplit(".", 1)[-1] in target_names]
+    wrapped: dict[str, LoraLayer] = {}
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        layer = MultiLoraLinear(getattr(parent, child), context, num_slots, max_rank, dtype)
+        module = getattr(parent, child)
+        kind = MultiLoraEmbedding if module is input_embeddings else MultiLoraLinear
+        layer = kind(module, context, num_slots, max_rank, dtype)
         setattr(parent, child, layer)
         wrapped[name] = layer
     return wrapped

@@ -61,6 +61,11 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.decode_kernel = decode_kernel_applies(cache)
         model.set_attn_implementation(IMPLEMENTATION)
+        if model.config._attn_implementation != IMPLEMENTATION:
+            raise ValueError(
+                f"{type(model).__name__} does not run its attention through transformers' "
+                "attention interface, so it cannot attend over the paged KV cache"
+            )
         output = model.get_output_embeddings()
         if not isinstance(output, BaseLinear):
             model.set_output_embeddings(BaseLinear(output))

@@ -60,8 +60,10 @@ def write_tiny_model(
     max_position_embeddings: int = 2048,
     initializer_range: float = 0.1,
     seed: int = 0,
+    **config_overrides,
 ) -> Path:
-    """Write a random `arch` model ("llama", "mistral", "qwen2", ...) and tokenizer to `path`."""
+    """Write a random `arch` model ("llama", "mistral", "qwen2", "gemma2", ...) and tokenizer to
+    `path`; `config_overrides` are further keywords of the architecture's config."""
     path = Path(path)
     tokenizer = build_tokenizer(vocab_size)
     config = AutoConfig.for_model(
@@ -78,6 +80,7 @@ def write_tiny_model(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **config_overrides,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -1,0 +1,216 @@
+"""The tensors of a PEFT LoRA file: what each name means, and the checks on one module's set.
+
+PEFT saves, per module path (after `base_model.model.`, an adapter name may precede the
+suffix):
+
+- `lora_A.weight` [r, in] and `lora_B.weight` [out, r] on a projection;
+- `lora_embedding_A` [r, vocab] and `lora_embedding_B` [hidden, r] on the input embedding, and
+  `base_layer.weight` [vocab, hidden] there: its copy of the base embedding;
+- `lora_magnitude_vector` [out] with `use_dora`;
+- `lora_B.bias` [out] with `lora_bias`;
+- `base_layer.bias` or `bias` [out], a trained bias replacing the base module's, with
+  `bias="lora_only"` (targeted modules only) or `bias="all"` (any module).
+
+`module_weights` checks one module's tensors against each other, the config and the base's
+target shape, and returns them in the compute dtype with the scaling folded into B and into
+lora_B's bias, every problem appended to the caller's lists.
+
+Knows nothing about files, slots or the base model's weights.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from loraserve.adapters.peft_config import CONFIG_FILE, AdapterConfig
+from loraserve.model.slot_terms import ModuleWeights
+
+ALLOWED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+PEFT_PREFIX = "base_model.model."
+LORA_TENSOR = re.compile(
+    r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
+    r"lora_magnitude_vector)(?:\.(?P<adapter>[^.]+))??(?:\.(?P<param>weight|bias))?$"
+)
+BASE_TENSOR = re.compile(r"^(?P<module>.+?)(?P<wrapped>\.base_layer)?\.(?P<param>weight|bias)$")
+# (kind, param) of a LORA_TENSOR match -> the tensor's role
+LORA_ROLES = {
+    ("lora_A", "weight"): "lora_A",
+    ("lora_B", "weight"): "lora_B",
+    ("lora_B", "bias"): "lora_bias",
+    ("lora_embedding_A", None): "lora_embedding_A",
+    ("lora_embedding_B", None): "lora_embedding_B",
+    ("lora_magnitude_vector", None): "magnitude",
+    ("lora_magnitude_vector", "weight"): "magnitude",
+}
+PAIRS = {False: ("lora_A", "lora_B"), True: ("lora_embedding_A", "lora_embedding_B")}
+SAVED_AS = {  # role -> how PEFT names it, for messages
+    "magnitude": "lora_magnitude_vector",
+    "lora_bias": "lora_B.bias",
+    "bias": "bias",
+    "base_copy": "base_layer.weight",
+}
+
+
+def tensor_role(name: str) -> tuple[str, str] | None:
+    """(module path, role) of a tensor PEFT's LoRA saves, or None for any other name."""
+    match = LORA_TENSOR.match(name)
+    if match is not None:
+        role = LORA_ROLES.get((match["kind"], match["param"]))
+        return None if role is None else (match["module"].removeprefix(PEFT_PREFIX), role)
+    match = BASE_TENSOR.match(name)
+    if match is None or (match["param"] == "weight" and not match["wrapped"]):
+        return None
+    role = "bias" if match["param"] == "bias" else "base_copy"
+    return match["module"].removeprefix(PEFT_PREFIX), role
+
+
+def _config_problems(module: str, parts: dict, has_pair: bool, config: AdapterConfig) -> list:
+    """What the module's tensors say that the config denies, or the reverse."""
+    fields, found = config.fields, []
+    if "magnitude" in parts and not fields.use_dora:
+        found.append(f"{module}: has a lora_magnitude_vector, but use_dora is false")
+    if has_pair and fields.use_dora and "magnitude" not in parts:
+        found.append(f"{module}: use_dora is set, but it has no lora_magnitude_vector")
+    if "lora_bias" in parts and not fields.lora_bias:
+        found.append(f"{module}: has a lora_B bias, but lora_bias is false")
+    if "bias" in parts and fields.bias == "none":
+        found.append(f"{module}: has a trained bias, but bias is 'none'")
+    if "bias" in parts and fields.bias == "lora_only" and not has_pair:
+        found.append(f"{module}: has a trained bias but no LoRA, and bias is 'lora_only'")
+    return found
+
+
+def _shape_problems(module: str, parts: dict, embedding: bool, target: tuple[int, int]) -> list:
+    """Where the module's tensors do not fit the base module's (in, out)."""
+    fan_in, fan_out = target
+    a_role, b_role = PAIRS[embedding]
+    found = []
+    if a_role in parts and (parts[a_role].shape[1] != fan_in or parts[b_role].shape[0] != fan_out):
+        found.append(
+            f"{module}: adapter is [in={parts[a_role].shape[1]}, out={parts[b_role].shape[0]}], "
+            f"base module is [in={fan_in}, out={fan_out}]"
+        )
+    for role in ("magnitude", "lora_bias", "bias"):
+        if role in parts and tuple(parts[role].shape) != (fan_out,):
+            found.append(
+                f"{module}: {SAVED_AS[role]} is {tuple(parts[role].shape)}, the base module has "
+                f"{fan_out} outputs"
+            )
+    if "base_copy" in parts and tuple(parts["base_copy"].shape) != target:
+        found.append(
+            f"{module}: the saved base embedding is {tuple(parts['base_copy'].shape)}, the "
+            f"base's is {target}"
+        )
+    return found
+
+
+def _form_problems(module: str, parts: dict[str, torch.Tensor], embedding: bool) -> list[str]:
+    """What is wrong with the module's tensors on their own: missing halves, kinds that do not
+    go together, dtypes, ranks and values."""
+    a_role, b_role = PAIRS[embedding]
+    other = PAIRS[not embedding]
+    if embedding and (other[0] in parts or other[1] in parts):
+        return [f"{module}: mixes lora_A / lora_B with lora_embedding_A / lora_embedding_B"]
+    if (a_role in parts) != (b_role in parts):
+        found = a_role.removeprefix("lora_") if a_role in parts else b_role.removeprefix("lora_")
+        return [f"{module}: needs both {a_role} and {b_role}, found only lora_{found}"]
+    extras = set(parts) - {"bias"} if a_role not in parts else set()
+    if extras:
+        named = ", ".join(SAVED_AS[role] for role in sorted(extras))
+        return [f"{module}: {named} without {a_role} and {b_role}"]
+    if embedding and "lora_bias" in parts:
+        return [f"{module}: PEFT has no lora_bias on embeddings"]
+    if "base_copy" in parts and not embedding:
+        return [f"{module}: a saved base weight is only served next to an embedding LoRA"]
+    dtypes = {t.dtype for t in parts.values()}
+    if not dtypes <= set(ALLOWED_DTYPES):
+        a, b = parts.get(a_role), parts.get(b_role)
+        shown = f"{a.dtype}/{b.dtype}" if a is not None and b is not None else str(dtypes)
+        return [f"{module}: dtype {shown} not allowed (fp16, bf16, fp32)"]
+    if a_role in parts:
+        a, b = parts[a_role], parts[b_role]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            return [
+                f"{module}: {a_role} {tuple(a.shape)} and {b_role} {tuple(b.shape)} "
+                "are not [r, in] and [out, r]"
+            ]
+    return []
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """No NaN or infinity in any of `tensors`: one pass (max |x| per tensor keeps a NaN)."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return True
+    return bool(torch.stack(torch._foreach_norm(tensors, ord=float("inf"))).isfinite().all())
+
+
+def module_weights(
+    module: str,
+    parts: dict[str, torch.Tensor],
+    targets: dict[str, tuple[int, int]],
+    config: AdapterConfig,
+    max_rank: int,
+    dtype: torch.dtype,
+    problems: list[str],
+    incompatible: list[str],
+) -> ModuleWeights | None:
+    """The module's tensors (role -> tensor, see `tensor_role`) checked and converted; None
+    after adding what is wrong to `problems` (malformed) or `incompatible` (not this base)."""
+    embedding = any(role in parts for role in PAIRS[True])
+    a_role, b_role = PAIRS[embedding]
+    found = _form_problems(module, parts, embedding)
+    if found:
+        problems.extend(found)
+        return None
+    if module not in targets:
+        incompatible.append(f"{module}: the base model has no LoRA-targetable module there")
+        return None
+    has_pair = a_role in parts
+    found = _config_problems(module, parts, has_pair, config)
+    shapes = _shape_problems(module, parts, embedding, targets[module])
+    problems.extend(found)
+    incompatible.extend(shapes)
+    if found or shapes:
+        return None
+    fan_in, fan_out = targets[module]
+    rank, scale = 0, 1.0
+    a, b = torch.zeros(0, fan_in, dtype=dtype), torch.zeros(0, fan_out, dtype=dtype)
+    if has_pair:
+        rank = parts[a_role].shape[0]
+        if rank > max_rank:
+            incompatible.append(f"{module}: rank {rank} exceeds the server's max rank {max_rank}")
+            return None
+        if rank != config.rank(module):
+            problems.append(
+                f"{module}: {a_role} and {b_role} have rank {rank}, but {CONFIG_FILE} gives "
+                f"r={config.rank(module)} (r or rank_pattern) for this module"
+            )
+            return None
+        scale = config.scale(module, rank)
+        # own copies: a tensor from safe_open maps the file, which may change under it
+        a = parts[a_role].to(dtype, copy=True)
+        b = parts[b_role].t().to(torch.float32).contiguous().mul_(scale).to(dtype)  # [r, out]
+    others = [t for role, t in parts.items() if role not in (a_role, b_role)]
+    if not _all_finite([a, b, *others]):
+        problems.append(
+            f"{module}: weights are not finite (NaN or infinity), as stored or once scaled by "
+            f"{scale:g} (lora_alpha / r) in {str(dtype).removeprefix('torch.')}"
+        )
+        return None
+
+    def vector(role: str, factor: float = 1.0) -> torch.Tensor | None:
+        return None if role not in parts else parts[role].to(torch.float32) * factor
+
+    copy = parts.get("base_copy")
+    return ModuleWeights(
+        a,
+        b,
+        embedding=embedding,
+        magnitude=vector("magnitude"),
+        bias=vector("bias"),
+        lora_bias=vector("lora_bias", scale),
+        base_copy=None if copy is None else copy.clone(),
+    )

@@ -1,0 +1,122 @@
+"""LoRA on the input embedding: a per-slot lookup delta, as PEFT's embedding LoRA computes it.
+
+For each token t on slot s, `y = base(t) + embed_scale * A_s[:, t] @ B_s` (B with the scaling
+folded in), then DoRA's rescale where the slot has one (`slot_terms`). embed_scale is the base
+embedding's own factor (Gemma scales its embeddings by sqrt(hidden)); PEFT scales the delta by
+it too. The slots, their tiers and their eviction are the projections' (`lora`).
+
+Knows nothing about adapter names or files: it sees slot numbers and tensors.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from loraserve.model.slot_terms import ModuleWeights, SlotTerms, resolve_terms
+
+if TYPE_CHECKING:
+    from loraserve.model.lora import LoraContext
+
+
+class MultiLoraEmbedding(nn.Module):
+    """The input embedding plus stacked LoRA slot buffers, as PEFT's embedding LoRA computes it:
+    `y = (base(ids) + embed_scale * lora_a[s, ids] @ lora_b[s]) * scale`, the rescale only on
+    DoRA slots. embed_scale is the base's own (Gemma scales its embeddings), 1 elsewhere.
+
+    lora_a: [num_slots, vocab, max_rank] (a lookup table: row `id` is A's column `id`);
+    lora_b: [num_slots, max_rank, hidden]. The wrapped embedding is kept as `base`.
+    """
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+
+    def __init__(
+        self,
+        base: nn.Embedding,
+        context: LoraContext,
+        num_slots: int,
+        max_rank: int,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.context = context
+        self.in_features = base.num_embeddings
+        self.out_features = base.embedding_dim
+        device = base.weight.device
+        self.register_buffer(
+            "lora_a", torch.zeros(num_slots, self.in_features, max_rank, dtype=dtype, device=device)
+        )
+        self.register_buffer(
+            "lora_b",
+            torch.zeros(num_slots, max_rank, self.out_features, dtype=dtype, device=device),
+        )
+        self.terms = SlotTerms(num_slots, self.out_features, dtype, device)
+        self.filled = [False] * num_slots  # slot -> whether it holds a delta for the embedding
+
+    @property
+    def slot_nbytes(self) -> int:
+        """Device bytes one slot of this layer takes."""
+        return self.lora_a[0].nbytes + self.lora_b[0].nbytes + self.terms.slot_nbytes
+
+    def resolve(self, weights: ModuleWeights) -> ModuleWeights:
+        """`weights` with DoRA's rescale computed against the base embedding. Raises ValueError
+        when they cannot be served here, or when PEFT's saved copy of the base embedding is
+        not this base's (another base, or a resized vocabulary)."""
+        if not weights.embedding:
+            raise ValueError("lora_A / lora_B target a projection; this is the input embedding")
+        weight = self.base.weight  # [vocab, hidden]
+        copy = weights.base_copy
+        if copy is not None:
+            low = copy.dtype if copy.element_size() < weight.element_size() else weight.dtype
+            if not torch.equal(copy.to(weight.device, low), weight.to(low)):
+                raise ValueError(
+                    "the adapter's saved copy of the base embedding differs from this base "
+                    "model's (trained on another base, or with a resized vocabulary)"
+                )
+        return resolve_terms(weights, weight.T if weights.magnitude is not None else None, None)
+
+    def set_slot(
+        self,
+        slot: int,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: torch.Tensor | None = None,
+        shift: torch.Tensor | None = None,
+    ) -> None:
+        """a: [r, vocab]; b: [r, hidden] with scaling folded in; scale, shift: [hidden] or None."""
+        r = a.shape[0]
+        self.clear_slot(slot)
+        self.lora_a[slot, :, :r].copy_(a.T, non_blocking=True)
+        self.lora_b[slot, :r].copy_(b, non_blocking=True)
+        self.filled[slot] = r > 0
+        self.terms.set_slot(slot, scale, shift)
+
+    def clear_slot(self, slot: int) -> None:
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        self.filled[slot] = False
+        self.terms.clear_slot(slot)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids: [...] int64 -> [..., hidden]."""
+        y = self.base(ids)
+        batch = self.context.batch
+        if batch is None or not batch.segments:
+            return y
+        flat_y, flat_ids = y.view(-1, self.out_features), ids.reshape(-1)
+        embed_scale = getattr(self.base, "embed_scale", None)
+        for seg in batch.segments:
+            if not self.filled[seg.slot]:
+                continue
+            rows = slice(seg.start, seg.end)
+            shrunk = self.lora_a[seg.slot, flat_ids[rows], : seg.rank]  # [n, r]
+            delta = shrunk @ self.lora_b[seg.slot, : seg.rank]  # [n, hidden]
+            if embed_scale is not None:
+                delta *= torch.as_tensor(embed_scale).to(delta.dtype)
+            flat_y[rows] += delta
+        self.terms.apply_(flat_y, batch)
+        return y

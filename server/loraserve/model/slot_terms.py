@@ -1,0 +1,197 @@
+"""What a LoRA slot adds beyond the low-rank delta: DoRA's rescale and the adapter's bias terms.
+
+PEFT's forward for one module on one adapter's tokens (eval mode: dropout is off), where
+base(x) = x W^T + b0 and lora(x) = x A^T B^T with the scaling folded into B:
+
+- LoRA:  y = base(x) + lora(x) + lb, where lb is lora_B's bias times the scaling
+  (`lora_bias=True`);
+- DoRA:  y = base(x) + (m - 1) (base(x) - b0) + m lora(x), with m = magnitude / ||W + B A||,
+  the norm of each output's row of the merged weight, taken over the dequantized base weight
+  and treated as a constant (PEFT detaches it). Never with lb: PEFT refuses the pair;
+- a trained bias b1 (`bias="all"` or `"lora_only"`) replaces b0 in both.
+
+Each is `y = (base(x) + lora(x)) * scale + shift` with per-output vectors, computed once when
+an adapter is resolved against the base (`resolve_terms`): scale = m (none without DoRA) and
+shift = b1 - m b0 + lb (m = 1 without DoRA; absent terms are zero). For the input embedding,
+PEFT's DoRA rescales the whole lookup the same way, with no bias.
+
+`SlotTerms` holds those vectors per slot for one layer and applies them to a batch's rows.
+
+Knows nothing about adapter files, names or which adapter is in which slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from loraserve.model.lora import LoraBatch
+
+NORM_CHUNK_ROWS = 1024  # rows of the merged weight formed at once for DoRA's norm
+
+
+@dataclass(frozen=True)
+class ModuleWeights:
+    """One adapter's tensors for one wrapped module.
+
+    a: [r, in]; b: [r, out] with the scaling folded in (for the input embedding, in is the
+    vocabulary and out the hidden size); embedding: read from PEFT's lora_embedding_A / _B.
+    As read from the adapter's files a module may also carry, each [out] in float32:
+    `magnitude` (DoRA), `bias` (a trained bias replacing the base's) and `lora_bias` (lora_B's
+    bias, scaling folded in), and for the embedding `base_copy` [vocab, hidden], the copy of
+    the base embedding PEFT saves next to an embedding LoRA. `resolve_terms` turns them into
+    `scale` and `shift` ([out], in the compute dtype), which is what a slot holds.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    embedding: bool = False
+    magnitude: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    lora_bias: torch.Tensor | None = None
+    base_copy: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+
+    @property
+    def resolved(self) -> bool:
+        """Whether nothing here still needs the base model to be served."""
+        raw = (self.magnitude, self.bias, self.lora_bias, self.base_copy)
+        return all(t is None for t in raw)
+
+    def _tensors(self) -> dict[str, Any]:
+        names = ("a", "b", "magnitude", "bias", "lora_bias", "base_copy", "scale", "shift")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self._tensors().values())
+
+    def pinned(self) -> ModuleWeights:
+        """The same weights in pinned host memory (for asynchronous copies to CUDA)."""
+        return replace(self, **{n: t.pin_memory() for n, t in self._tensors().items()})
+
+
+def dequantized_weight(module: nn.Linear) -> torch.Tensor:
+    """[out, in]: the base projection's weight as bitsandbytes dequantizes it (as PEFT's DoRA
+    reads it), or the weight itself when it is not quantized."""
+    weight = module.weight
+    if isinstance(module, bnb.nn.Linear4bit):
+        state = weight.quant_state  # type: ignore[attr-defined]
+        if getattr(state, "packing_format_for_cpu", False):
+            raise ValueError("the base weight is in bitsandbytes' CPU packing; it cannot be read")
+        return bnb.functional.dequantize_4bit(weight.data, state)
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        scales: Any = module.state.SCB
+        if scales is None:
+            scales = weight.SCB  # type: ignore[attr-defined]
+        return bnb.functional.int8_vectorwise_dequant(weight.data, scales)
+    return weight
+
+
+def weight_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """||weight + b^T a|| of each row, in float32 on weight's device. weight: [out, in];
+    a: [r, in]; b: [r, out] -> [out]. Formed NORM_CHUNK_ROWS rows at a time, never the whole
+    merged weight."""
+    a32 = a.to(weight.device, torch.float32)
+    norms = []
+    for start in range(0, weight.shape[0], NORM_CHUNK_ROWS):
+        rows = slice(start, start + NORM_CHUNK_ROWS)
+        lora = b[:, rows].to(weight.device, torch.float32).T @ a32  # [chunk, in]
+        norms.append(torch.linalg.norm(weight[rows].float() + lora, dim=1))
+    return torch.cat(norms)
+
+
+def resolve_terms(
+    weights: ModuleWeights, base_weight: torch.Tensor | None, base_bias: torch.Tensor | None
+) -> ModuleWeights:
+    """`weights` with its DoRA magnitude and bias terms turned into `scale` and `shift`.
+
+    base_weight: [out, in], needed only when the module has a magnitude; base_bias: [out] or
+    None. The terms are computed in float32 where the base lives and kept where `weights`
+    lives, in its dtype. Raises ValueError saying why they cannot be served.
+    """
+    if weights.resolved:
+        return weights
+    if weights.magnitude is not None and weights.lora_bias is not None:
+        raise ValueError("DoRA with a lora_B bias: PEFT trains no lora_B bias with DoRA")
+    if weights.bias is not None and base_bias is None:
+        raise ValueError("the adapter carries a trained bias, but the base module has none")
+    device = next((t.device for t in (base_bias, base_weight) if t is not None), weights.b.device)
+
+    def f32(t: torch.Tensor | None) -> torch.Tensor:
+        return torch.zeros((), device=device) if t is None else t.to(device, torch.float32)
+
+    scale = None
+    if weights.magnitude is not None:
+        if base_weight is None:
+            raise ValueError("DoRA needs the base weight")
+        scale = f32(weights.magnitude) / weight_norm(base_weight, weights.a, weights.b)
+    shift = None
+    if weights.bias is not None or weights.lora_bias is not None or scale is not None:
+        m = 1.0 if scale is None else scale
+        b0 = f32(base_bias)
+        b1 = b0 if weights.bias is None else f32(weights.bias)
+        shift = b1 - m * b0 + f32(weights.lora_bias)
+        if not shift.any():
+            shift = None
+    dtype, home = weights.b.dtype, weights.b.device
+    terms: dict[str, Any] = {}
+    for name, term in (("scale", scale), ("shift", shift)):
+        if term is not None:
+            terms[name] = term.to(home, dtype)
+            if not torch.isfinite(terms[name]).all():
+                what = "DoRA's rescale (magnitude / weight norm)" if name == "scale" else "bias"
+                raise ValueError(f"{what} is not finite in {str(dtype).removeprefix('torch.')}")
+    return replace(weights, magnitude=None, bias=None, lora_bias=None, base_copy=None, **terms)
+
+
+class SlotTerms(nn.Module):
+    """Per-slot output affine terms of one layer: rows on slot s become rows * scale[s] +
+    shift[s]. scale, shift: [num_slots, out]; a slot without a term skips it."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+    def __init__(
+        self, num_slots: int, out_features: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        shape = (num_slots, out_features)
+        self.register_buffer("scale", torch.ones(shape, dtype=dtype, device=device))
+        self.register_buffer("shift", torch.zeros(shape, dtype=dtype, device=device))
+        self.scaled = [False] * num_slots
+        self.shifted = [False] * num_slots
+
+    @property
+    def slot_nbytes(self) -> int:
+        return self.scale[0].nbytes + self.shift[0].nbytes
+
+    def set_slot(self, slot: int, scale: torch.Tensor | None, shift: torch.Tensor | None) -> None:
+        """scale, shift: [out] or None (that term is off for the slot)."""
+        self.clear_slot(slot)
+        if scale is not None:
+            self.scale[slot].copy_(scale, non_blocking=True)
+            self.scaled[slot] = True
+        if shift is not None:
+            self.shift[slot].copy_(shift, non_blocking=True)
+            self.shifted[slot] = True
+
+    def clear_slot(self, slot: int) -> None:
+        self.scaled[slot] = self.shifted[slot] = False
+        self.scale[slot].fill_(1)
+        self.shift[slot].zero_()
+
+    def apply_(self, y: torch.Tensor, batch: LoraBatch) -> None:
+        """y: [N, out], updated in place on the rows of each segment whose slot has terms."""
+        for seg in batch.segments:
+            rows = y[seg.start : seg.end]
+            if self.scaled[seg.slot]:
+                rows.mul_(self.scale[seg.slot])
+            if self.shifted[seg.slot]:
+                rows.add_(self.shift[seg.slot])

@@ -1,0 +1,148 @@
+"""Reading the other kinds of adapter PEFT saves (DoRA, embedding LoRA, biases), and refusing
+files whose tensors and config disagree, each problem named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tests.conftest import KIND_SPECS, write_adapter
+
+from loraserve.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_peft_adapter
+from loraserve.adapters.peft_tensors import tensor_role
+from loraserve.model.loading import lora_target_shapes
+from loraserve.model.tiny import write_tiny_model
+from loraserve.types import AdapterIncompatibleError, InvalidAdapterError
+
+SPECS = {spec.name: spec for spec in KIND_SPECS}
+Q0 = "model.layers.0.self_attn.q_proj"
+EMBED = "model.embed_tokens"
+
+
+@pytest.mark.parametrize(
+    ("name", "role"),
+    [
+        (f"base_model.model.{Q0}.lora_A.weight", (Q0, "lora_A")),
+        (f"base_model.model.{Q0}.lora_B.default.weight", (Q0, "lora_B")),
+        (f"base_model.model.{Q0}.lora_B.bias", (Q0, "lora_bias")),
+        (f"base_model.model.{Q0}.lora_magnitude_vector", (Q0, "magnitude")),
+        (f"base_model.model.{Q0}.lora_magnitude_vector.default.weight", (Q0, "magnitude")),
+        (f"base_model.model.{Q0}.base_layer.bias", (Q0, "bias")),
+        (f"base_model.model.{Q0}.bias", (Q0, "bias")),
+        (f"base_model.model.{EMBED}.lora_embedding_A", (EMBED, "lora_embedding_A")),
+        (f"base_model.model.{EMBED}.lora_embedding_B.default", (EMBED, "lora_embedding_B")),
+        (f"base_model.model.{EMBED}.base_layer.weight", (EMBED, "base_copy")),
+        (f"base_model.model.{Q0}.weight", None),  # a full base weight: modules_to_save's kind
+        (f"base_model.model.{Q0}.lora_A.bias", None),
+        (f"base_model.model.{EMBED}.lora_embedding_A.weight", None),
+        ("lm_head.weight", None),
+    ],
+)
+def test_each_tensor_name_peft_saves_has_its_role(name, role):
+    assert tensor_role(name) == role
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kinds")
+    return {arch: write_tiny_model(root / arch, arch) for arch in ("llama", "qwen2")}
+
+
+def _written(bases, tmp_path, arch: str, spec: str):
+    return write_adapter(bases[arch], tmp_path / spec, SPECS[spec], seed=3)
+
+
+def test_a_dora_adapter_on_the_embedding_reads_with_its_magnitudes(bases, tmp_path):
+    directory = _written(bases, tmp_path, "llama", "dora-embed-r4")
+    weights = read_peft_adapter(
+        directory, lora_target_shapes(str(bases["llama"])), 8, torch.float32
+    )
+    embed = weights.modules[EMBED]
+    assert embed.embedding and embed.a.shape == (4, 512) and embed.b.shape == (4, 128)
+    assert embed.magnitude.shape == (128,) and embed.base_copy.shape == (512, 128)
+    k_proj = weights.modules["model.layers.1.self_attn.k_proj"]
+    assert not k_proj.embedding and k_proj.magnitude.shape == (64,)
+    assert all(not m.resolved for m in weights.modules.values())
+
+
+def test_trained_biases_read_on_the_modules_that_have_them(bases, tmp_path):
+    directory = _written(bases, tmp_path, "qwen2", "lora-bias-r4")
+    weights = read_peft_adapter(
+        directory, lora_target_shapes(str(bases["qwen2"])), 8, torch.float32
+    )
+    q_proj = weights.modules[Q0]
+    assert q_proj.bias.shape == (128,) and q_proj.lora_bias.shape == (128,)
+    assert weights.modules["model.layers.0.self_attn.o_proj"].bias is None  # o_proj has none
+
+
+def _edit(directory, config=None, tensors=None):
+    if config:
+        path = directory / CONFIG_FILE
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    if tensors:
+        data = load_file(directory / WEIGHTS_FILE)
+        tensors(data)
+        save_file(data, directory / WEIGHTS_FILE)
+
+
+REFUSALS = {
+    # name: (spec, edit, error, substrings)
+    "magnitude-without-use-dora": (
+        "dora-r8",
+        lambda d: _edit(d, config={"use_dora": False}),
+        InvalidAdapterError,
+        [Q0, "has a lora_magnitude_vector, but use_dora is false"],
+    ),
+    "bias-without-config": (
+        "lora-bias-r4",
+        lambda d: _edit(d, config={"bias": "none"}),
+        InvalidAdapterError,
+        [Q0, "has a trained bias, but bias is 'none'"],
+    ),
+    "magnitude-of-the-wrong-size": (
+        "dora-r8",
+        lambda d: _edit(
+            d,
+            tensors=lambda t: t.update(
+                {f"base_model.model.{Q0}.lora_magnitude_vector": torch.ones(7)}
+            ),
+        ),
+        AdapterIncompatibleError,
+        [Q0, "lora_magnitude_vector is (7,), the base module has 128 outputs"],
+    ),
+    "embedding-copy-of-another-vocabulary": (
+        "embed-r4",
+        lambda d: _edit(
+            d,
+            tensors=lambda t: t.update(
+                {f"base_model.model.{EMBED}.base_layer.weight": torch.zeros(600, 128)}
+            ),
+        ),
+        AdapterIncompatibleError,
+        [EMBED, "the saved base embedding is (600, 128)"],
+    ),
+    "magnitude-alone": (
+        "dora-r8",
+        lambda d: _edit(
+            d,
+            tensors=lambda t: [t.pop(f"base_model.model.{Q0}.lora_{kind}.weight") for kind in "AB"],
+        ),
+        InvalidAdapterError,
+        [Q0, "lora_magnitude_vector without lora_A and lora_B"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_tensors_and_config_that_disagree_are_refused(case, bases, tmp_path):
+    spec, edit, error, substrings = REFUSALS[case]
+    arch = "qwen2" if "bias" in spec else "llama"
+    directory = _written(bases, tmp_path, arch, spec)
+    edit(directory)
+    with pytest.raises(error) as raised:
+        read_peft_adapter(directory, lora_target_shapes(str(bases[arch])), 8, torch.float32)
+    message = str(raised.value) + " ".join(raised.value.problems)
+    for substring in substrings:
+        assert substring in message
