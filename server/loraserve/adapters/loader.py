@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from loraserve.adapters.peft_format import LoraWeights
+from loraserve.model.kernels import native
 from loraserve.model.lora import LoraLayer
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,9 @@ class Loader:
 
     def _run(self) -> None:
         stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
+        ops = native()
+        if ops is not None:  # a load's many small ops must not queue behind the engine's threads
+            ops.serial_thread()
         while True:
             job = self._jobs.get()
             try:

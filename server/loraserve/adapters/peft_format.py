@@ -35,7 +35,7 @@ from loraserve.adapters.peft_config import (
     parse_adapter_config,
     parse_json,
 )
-from loraserve.adapters.peft_tensors import PAIRS, module_weights, tensor_role
+from loraserve.adapters.peft_tensors import PAIRS, module_weights, not_finite, tensor_role
 from loraserve.model.slot_terms import ModuleWeights
 from loraserve.types import AdapterIncompatibleError, InvalidAdapterError, shown
 
@@ -169,6 +169,13 @@ def read_peft_adapter(
         )
         if weights is not None:
             modules[module] = weights
+    for module in not_finite(modules):
+        rank = modules.pop(module).a.shape[0]
+        scale = config.scale(module, rank) if rank else 1.0
+        problems.append(
+            f"{module}: weights are not finite (NaN or infinity), as stored or once scaled by "
+            f"{scale:g} (lora_alpha / r) in {str(dtype).removeprefix('torch.')}"
+        )
     if not any(role in PAIR_ROLES for tensors in parts.values() for role in tensors):
         problems.append(f"{WEIGHTS_FILE} holds no LoRA tensors")
     if problems:

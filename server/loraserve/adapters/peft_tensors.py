@@ -139,12 +139,21 @@ def _form_problems(module: str, parts: dict[str, torch.Tensor], embedding: bool)
     return []
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """No NaN or infinity in any of `tensors`: one pass (max |x| per tensor keeps a NaN)."""
-    tensors = [t for t in tensors if t.numel()]
+def not_finite(modules: dict[str, ModuleWeights]) -> list[str]:
+    """The modules holding a NaN or an infinity (as stored, or once scaled): one pass over every
+    tensor of every module (max |x| per tensor keeps a NaN)."""
+    owners, tensors = [], []
+    for name, weights in modules.items():
+        for t in (weights.a, weights.b, weights.magnitude, weights.bias, weights.lora_bias,
+                  weights.base_copy):  # fmt: skip
+            if t is not None and t.numel():
+                owners.append(name)
+                tensors.append(t)
     if not tensors:
-        return True
-    return bool(torch.stack(torch._foreach_norm(tensors, ord=float("inf"))).isfinite().all())
+        return []
+    peaks = torch.stack(torch._foreach_norm(tensors, ord=float("inf")))
+    bad = (~peaks.isfinite()).tolist()
+    return list(dict.fromkeys(name for name, is_bad in zip(owners, bad) if is_bad))
 
 
 def module_weights(
@@ -177,8 +186,9 @@ def module_weights(
         return None
     fan_in, fan_out = targets[module]
     rank, scale = 0, 1.0
-    a, b = torch.zeros(0, fan_in, dtype=dtype), torch.zeros(0, fan_out, dtype=dtype)
-    if has_pair:
+    if not has_pair:
+        a, b = torch.zeros(0, fan_in, dtype=dtype), torch.zeros(0, fan_out, dtype=dtype)
+    else:
         rank = parts[a_role].shape[0]
         if rank > max_rank:
             incompatible.append(f"{module}: rank {rank} exceeds the server's max rank {max_rank}")
@@ -193,13 +203,6 @@ def module_weights(
         # own copies: a tensor from safe_open maps the file, which may change under it
         a = parts[a_role].to(dtype, copy=True)
         b = parts[b_role].t().to(torch.float32).contiguous().mul_(scale).to(dtype)  # [r, out]
-    others = [t for role, t in parts.items() if role not in (a_role, b_role)]
-    if not _all_finite([a, b, *others]):
-        problems.append(
-            f"{module}: weights are not finite (NaN or infinity), as stored or once scaled by "
-            f"{scale:g} (lora_alpha / r) in {str(dtype).removeprefix('torch.')}"
-        )
-        return None
 
     def vector(role: str, factor: float = 1.0) -> torch.Tensor | None:
         return None if role not in parts else parts[role].to(torch.float32) * factor

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -137,9 +138,18 @@ void lora_delta_op(const at::Tensor& x, at::Tensor& y, const at::Tensor& lora_a,
              ranks.data_ptr<int64_t>(), starts.numel());
 }
 
+// From now on, torch ops called from this thread run on it alone (an OpenMP team of one): for
+// helper threads, such as the adapter loader, whose small ops would otherwise wait on the
+// engine's threads and hold them up in turn.
+void serial_thread() {
+  at::init_num_threads();  // what torch would do on this thread's first parallel op
+  omp_set_num_threads(1);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(loraserve, m) {
+  m.def("serial_thread() -> ()", &serial_thread);
   m.def("linear_f32(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def(
       "linear_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
