@@ -455,7 +455,8 @@ def test_a_crash_at_any_step_leaves_each_version_absent_or_complete(base, tmp_pa
     steps = []
     recorder = make_publisher(base, tmp_path / "recorded", checkpoint=steps.append)
     crash_publisher.scenario(recorder, base.first, base.second)
-    assert {"publish:files-written", "publish:renamed", "delete:moved"} <= set(steps)
+    wanted = {"publish:chunk-written", "publish:files-written", "publish:renamed", "delete:moved"}
+    assert wanted <= set(steps) and len(steps) >= 20  # kill points inside the bytes too
 
     targets_json = tmp_path / "targets.json"
     targets_json.write_text(json.dumps(base.targets))
@@ -469,6 +470,7 @@ def test_a_crash_at_any_step_leaves_each_version_absent_or_complete(base, tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout) == [-signal.SIGKILL] * len(steps), done.stderr[-3000:]
     outcomes = [assert_consistent(base, tmp_path / f"crash-{i}") for i in range(len(steps))]
+    assert outcomes[steps.index("publish:chunk-written")] == set()  # mid-upload
     assert outcomes[steps.index("publish:files-written")] == set()  # before v1 was in place
     assert outcomes[steps.index("publish:renamed")] == {"1"}  # v1 in place, no `latest` yet
     assert {"1", "2"} in outcomes and {"1", "exp"} in outcomes
