@@ -32,6 +32,7 @@ from loraserve.adapters.staging import AdapterPublisher
 from loraserve.adapters.store import AdapterStore
 from loraserve.model.tiny import write_tiny_model
 from loraserve.types import (
+    AdapterExistsError,
     AdapterIncompatibleError,
     AdapterNotFoundError,
     AdapterRefusedError,
@@ -125,7 +126,7 @@ def test_publish_resolve_delete_lifecycle(base, tmp_path):
     for missing in [("acme", "other"), ("acme", "chat", "3"), ("acme", "my adapter")]:
         assert store.lookup(*missing) is None
 
-    with pytest.raises(InvalidRequestError, match="versions are immutable"):
+    with pytest.raises(AdapterExistsError, match="versions are immutable"):
         publisher.publish("acme", "chat", files, version="1")
     assert store.manifest(first.ref) == first
     assert_intact(store, first.ref)
