@@ -1,4 +1,5 @@
-"""Adapters over real gRPC: upload -> generate -> delete, tenancy, auth, bad uploads, queue."""
+"""Adapters over real gRPC: upload -> generate -> delete, pages, auth, bad uploads, pins, rich
+errors (tenancy and the queue's bound are in tests/reliability)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
+from grpc_status import rpc_status
 from tests.api.server_process import free_port, health_status, running_server
 from tests.reliability.helpers import (
     KEYS,
@@ -51,6 +53,7 @@ class Operated:
     process: subprocess.Popen
     keys: Path
     log: Path
+    store: Path
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -70,7 +73,7 @@ def operated(model_dirs, tmp_path_factory) -> Iterator[Operated]:
     log = root / "server.log"
     with running_server(*flags, log_path=log) as (address, process):
         port = int(address.rsplit(":", 1)[1])
-        yield Operated(address, port, metrics_port, process, keys, log)
+        yield Operated(address, port, metrics_port, process, keys, log, root / "store")
 
 
 def stub(channel: grpc.Channel) -> generation_pb2_grpc.GenerationServiceStub:
@@ -127,6 +130,9 @@ def test_a_full_queue_refuses_exactly_the_overflow(operated):
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
             assert "queue is full" in error.details()
             assert dict(error.trailing_metadata())["retry-after-ms"] == "1000"
+            retry = error_details_pb2.RetryInfo()
+            assert rpc_status.from_call(error).details[0].Unpack(retry)
+            assert retry.retry_delay.seconds == 1
         running.cancel()
         queued = [call.result(timeout=120) for call in calls if call not in refused]
     assert [reply.usage.completion_tokens for reply in queued] == [3] * QUEUE
@@ -171,6 +177,10 @@ def test_sigterm_drains_with_the_listener_open_and_exits_zero(operated, adapter_
             timeout=300,
         )
         try:
+            deadline = time.monotonic() + 60
+            while not any((operated.store / ".staging").iterdir()):  # the server holds it
+                assert time.monotonic() < deadline, "the upload never reached the server"
+                time.sleep(0.02)
             operated.process.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 60
             while (status := health_status(operated.address)) == SERVING:
