@@ -146,6 +146,7 @@ def test_uploads_and_deletes_under_load_never_mix_adapters(server, weights):
     assert report.requests["OK"] >= 2 * CLIENTS and report.deletes >= 6, report
 
 
+@pytest.mark.timeout(6 * 3600)  # past the suite's 600 s: a soak runs for --soak-minutes
 def test_soak(server, weights, request):
     minutes = request.config.getoption("--soak-minutes")
     if not request.config.getoption("--soak"):
