@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
 # Set up a development or CI machine from the repo root: the system tools the tests use
-# (Prometheus and promtool from Debian, the buf CLI from npm), a virtual environment in .venv
-# with torch installed first (a bare torch requirement would pull a multi-GB CUDA build onto a
-# CPU machine; on a GPU machine this same pin installs the CUDA wheel), then the project and
-# its compiled CPU kernels.
+# (Prometheus, promtool and openssl from Debian, the buf CLI from npm), a virtual environment
+# in .venv with torch installed first (a bare torch requirement would pull a multi-GB CUDA
+# build onto a CPU machine; on a GPU machine this same pin installs the CUDA wheel), then the
+# project and its compiled CPU kernels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+missing=()
 if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+  missing+=(prometheus)
+fi
+command -v openssl >/dev/null || missing+=(openssl)  # the TLS tests make their certificates
+if [ "${#missing[@]}" -gt 0 ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
   else
-    echo "setup: install Prometheus (prometheus and promtool) for the metrics tests" >&2
+    echo "setup: install ${missing[*]} (the metrics and TLS tests use them)" >&2
   fi
 fi
 

@@ -20,6 +20,16 @@ from loraserve.model.tiny import write_tiny_model
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak",
+        action="store_true",
+        help="run the reliability soak test (mixed load and adapter churn; not for CI)",
+    )
+    parser.addoption("--soak-minutes", type=float, default=30.0, help="its length (30)")
+
+
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 ARCHS = ("llama", "mistral", "qwen2", "gemma2")

@@ -50,6 +50,9 @@ def test_engine_settings_parse_from_the_environment_too():
         ({}, {}, {"no_such_setting": 1}, "unknown settings in the config file: no_such_setting"),
         ({"adapters": ["nodir"]}, {}, {}, "NAME=DIRECTORY"),
         ({"device_slots": 0}, {}, {}, "device_slots must be >= 1"),
+        ({"tls_cert": "c.pem"}, {}, {}, "tls_cert and tls_key go together"),
+        ({"tls_client_ca": "ca.pem"}, {}, {}, "tls_client_ca"),
+        ({}, {"LORASERVE_UPLOAD_IDLE_TIMEOUT_SECONDS": "0"}, {}, "must be > 0"),
     ],
 )
 def test_bad_settings_say_what_is_wrong(flags, environ, file_values, words):

@@ -2,12 +2,13 @@
 
 `build_runtime` loads the base model, opens the adapter store, builds the engine core around
 it, the publisher that hands validated uploads to the host tier and the catalog the API
-serves, registers the start-up adapters and starts the engine thread. `serve` runs the process:
-the gRPC server binds at once (health NOT_SERVING, calls UNAVAILABLE) so Kubernetes can probe
-it, the runtime is built off the event loop and warmed up with one generation, then health
-turns SERVING. SIGTERM or SIGINT drains (health NOT_SERVING, new calls UNAVAILABLE, in-flight
-calls finish within the grace period) and `serve` returns 0; a failed start-up logs why and
-returns 1.
+serves, shares the start-up adapters with every tenant and starts the engine thread. `serve`
+runs the process: the gRPC server binds at once (health NOT_SERVING, calls UNAVAILABLE) so
+Kubernetes can probe it, the runtime is built off the event loop and warmed up with one
+generation, then health turns SERVING. SIGHUP reloads the API-keys file (a bad one is logged
+and the keys in use stay). SIGTERM or SIGINT drains (health NOT_SERVING and new calls
+UNAVAILABLE at once, the listener open until in-flight calls finish or the grace period ends)
+and `serve` returns 0; a failed start-up logs why and returns 1, a bad keys file or TLS file 2.
 
 The only module that knows every layer; no layer imports it.
 """
@@ -15,6 +16,7 @@ The only module that knows every layer; no layer imports it.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 from collections.abc import Callable
@@ -27,7 +29,7 @@ from loraserve.adapters.manifest import base_fingerprint
 from loraserve.adapters.staging import AdapterPublisher
 from loraserve.adapters.store import AdapterStore
 from loraserve.api.auth import Authenticator
-from loraserve.api.server import GrpcServer
+from loraserve.api.server import GrpcServer, tls_credentials
 from loraserve.api.state import ModelFacts, Runtime, ServerState
 from loraserve.config import ServerConfig
 from loraserve.engine.async_engine import AsyncEngine
@@ -75,9 +77,10 @@ def build_runtime(config: ServerConfig, metrics: Metrics) -> Runtime:
         on_published=manager.keep_in_host,
         prepare=manager.prepare,
     )
+    catalog = AdapterCatalog(store, publisher, manager)
     for name, directory in config.adapters:
-        manager.load(name, directory)
-        log.info("loaded adapter %r from %s", name, directory)
+        catalog.share(name, directory)
+        log.info("shared adapter %r from %s with every tenant", name, directory)
     metrics.attach_live(core.live_state, gateway=config.gateway_metrics)
     metrics.build_info.info(
         {
@@ -90,7 +93,7 @@ def build_runtime(config: ServerConfig, metrics: Metrics) -> Runtime:
     )
     return Runtime(
         engine=AsyncEngine(core),
-        adapters=AdapterCatalog(store, publisher, manager),
+        adapters=catalog,
         model=ModelFacts(loaded.quantization, str(loaded.device), core.max_context),
     )
 
@@ -123,16 +126,45 @@ async def serve(
     try:
         return await _serve(config, stop, build)
     finally:
-        for sig in signals:
+        for sig in (*signals, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+
+
+def reload_keys(auth: Authenticator) -> None:
+    """SIGHUP: read the keys file again; a bad file leaves the keys in use and says why.
+    Calls in flight finish as they are; the next call is checked against the new keys."""
+    try:
+        table = auth.reload()
+    except ValueError as error:
+        log.error("API keys not reloaded; the keys in use stay: %s", error)
+        return
+    log.info(
+        "API keys reloaded from %s: %d keys, %d tenants",
+        auth.path,
+        len(table.principals),
+        len(table.tenants),
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only (a name other than localhost is
+    taken as not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 async def _serve(config: ServerConfig, stop: asyncio.Event, build: RuntimeBuilder) -> int:
     try:
         auth = Authenticator.from_file(config.api_keys)
+        credentials = tls_credentials(config)
     except ValueError as error:
         log.error("%s", error)
         return 2
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_keys, auth)
     if auth.development_mode:
         log.warning(
             "no --api-keys file: single-tenant development mode (every caller is tenant %r "
@@ -140,15 +172,21 @@ async def _serve(config: ServerConfig, stop: asyncio.Event, build: RuntimeBuilde
             DEFAULT_TENANT,
             config.host,
         )
-    metrics = Metrics()
+    elif credentials is None and not is_loopback(config.host):
+        log.warning(
+            "API keys will travel in cleartext: bound to %s without TLS; pass --tls-cert and "
+            "--tls-key, or terminate TLS in front of the server on this host",
+            config.host,
+        )
+    metrics = Metrics(names=config.metrics_names)
     state = ServerState(config, auth, metrics)
     metrics_server = None
     if config.metrics_port is not None:
         metrics_server, _ = start_http_server(
-            config.metrics_port, addr=config.host, registry=metrics.registry
+            config.metrics_port, addr=config.metrics_host, registry=metrics.registry
         )
-        log.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
-    server = GrpcServer(state)
+        log.info("metrics on http://%s:%d/metrics", config.metrics_host, config.metrics_port)
+    server = GrpcServer(state, credentials)
     if not await server.start():
         log.error("cannot bind %s", server.address)
         return 1

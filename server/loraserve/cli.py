@@ -58,6 +58,19 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "--metrics-port", dest="metrics_port", type=int, help="serve Prometheus /metrics here"
     )
     p.add_argument(
+        "--metrics-host",
+        dest="metrics_host",
+        help="address /metrics binds (default 127.0.0.1; it needs no key)",
+    )
+    p.add_argument(
+        "--metrics-names",
+        dest="metrics_names",
+        action="store_const",
+        const=True,
+        help="put tenant and adapter names in metric labels (gateway adapter affinity needs "
+        "them; anyone who can scrape /metrics then sees every tenant's)",
+    )
+    p.add_argument(
         "--no-gateway-metrics",
         dest="gateway_metrics",
         action="store_const",
@@ -84,8 +97,25 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "--max-waiting-tokens", dest="max_waiting_tokens", type=int, help="queued prompt tokens"
     )
     p.add_argument("--adapter-dir", dest="adapter_dir", help="adapter store root (./adapters)")
-    p.add_argument("--api-keys", dest="api_keys", help="API-keys JSON file (none: dev mode)")
+    p.add_argument(
+        "--api-keys",
+        dest="api_keys",
+        help="API-keys JSON file (keys, scopes, quotas); SIGHUP reloads it; none: dev mode",
+    )
     p.add_argument("--max-upload-bytes", dest="max_upload_bytes", type=int)
+    p.add_argument(
+        "--upload-idle-timeout-seconds",
+        dest="upload_idle_timeout_seconds",
+        type=float,
+        help="abort an upload whose next message takes longer (default 30)",
+    )
+    p.add_argument("--tls-cert", dest="tls_cert", help="PEM certificate chain: serve over TLS")
+    p.add_argument("--tls-key", dest="tls_key", help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca",
+        dest="tls_client_ca",
+        help="PEM CA: require client certificates it signed (mTLS)",
+    )
     p.add_argument(
         "--host-cache-bytes",
         dest="host_cache_bytes",

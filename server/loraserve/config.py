@@ -75,8 +75,14 @@ class ServerConfig:
 
     adapters: (name, PEFT directory) pairs loaded at start-up, shared by every tenant.
     adapter_dir: the adapter store's root (uploads land here).
-    api_keys: the API-keys file; None runs single-tenant development mode.
-    metrics_port: serve Prometheus /metrics there; gateway_metrics adds the vllm:* gauges.
+    api_keys: the API-keys file (keys, tenants, scopes, quotas); None runs single-tenant
+        development mode. SIGHUP reads it again.
+    metrics_port, metrics_host: serve Prometheus /metrics there (the host is loopback unless
+        set); gateway_metrics adds the vllm:* gauges; metrics_names puts tenant and adapter
+        names in labels (off: the tenant label is empty and the gateway gauge names no adapter).
+    tls_cert, tls_key: PEM files to serve gRPC over TLS; tls_client_ca: also require client
+        certificates signed by this CA (mTLS).
+    upload_idle_timeout_seconds: an upload whose next message takes longer is aborted.
     """
 
     engine: EngineConfig = EngineConfig()
@@ -87,10 +93,25 @@ class ServerConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     adapters: tuple[tuple[str, str], ...] = ()
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     gateway_metrics: bool = True
+    metrics_names: bool = False
     adapter_dir: str = "adapters"
     api_keys: str | None = None
     max_upload_bytes: int = 2 * 1024**3
+    upload_idle_timeout_seconds: float = 30.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key too")
+        for name in ("upload_idle_timeout_seconds", "drain_grace_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
     @property
     def model_name(self) -> str:

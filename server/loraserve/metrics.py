@@ -5,6 +5,10 @@ counters ending in `_total`. Labels are bounded: finish reason, status code, rea
 tenant (tenants are configured and few); never adapter or request ids. The one exception is the
 gateway-compatibility family below, whose contract requires adapter names.
 
+`names` decides whether tenant and adapter names appear at all: without it the tenant label is
+empty (Prometheus reads an empty label as no label, so per-tenant series fold into one) and the
+gateway gauge names no adapter, so whoever can scrape learns nothing about any tenant.
+
 Gauges that mirror live state (running, waiting, KV usage, resident bytes, slots) are read at
 scrape time from a `LiveState` callback, so a scrape costs a few attribute reads however often
 it comes. The gateway family (`vllm:*`, on by default) is what the Kubernetes Gateway API
@@ -78,9 +82,10 @@ class LiveState:
 
 
 class _LiveCollector(Collector):
-    def __init__(self, live: Callable[[], LiveState], gateway: bool) -> None:
+    def __init__(self, live: Callable[[], LiveState], gateway: bool, names: bool) -> None:
         self.live = live
         self.gateway = gateway
+        self.names = names
 
     def collect(self) -> Iterator[Metric]:
         state = self.live()
@@ -158,22 +163,24 @@ class _LiveCollector(Collector):
             "Adapters of running and waiting requests (gateway compatibility).",
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
         )
+        running, waiting = state.running_adapters, state.waiting_adapters
+        if not self.names:
+            running = waiting = ()
         lora.add_metric(
-            [
-                ",".join(state.running_adapters),
-                ",".join(state.waiting_adapters),
-                str(state.adapters.slots_total),
-            ],
+            [",".join(running), ",".join(waiting), str(state.adapters.slots_total)],
             state.updated_at,
         )
         yield lora
 
 
 class Metrics:
-    """The metric objects; `attach_live` adds the scrape-time gauges once an engine exists."""
+    """The metric objects; `attach_live` adds the scrape-time gauges once an engine exists.
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    names: put tenant and adapter names in labels (the server's default is not to)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, names: bool = True) -> None:
         self.registry = registry or CollectorRegistry()
+        self.names = names
         r = self.registry
         self.requests_received = Counter(
             "loraserve_requests_received", "Generation requests accepted.", ["tenant"], registry=r
@@ -268,5 +275,9 @@ class Metrics:
         for tier in TIERS:  # export zeros from the start, so rates exist before traffic
             self.adapter_load_seconds.labels(tier)
 
+    def tenant_label(self, tenant: str) -> str:
+        """The `tenant` label's value for `tenant`: itself, or "" when names are kept out."""
+        return tenant if self.names else ""
+
     def attach_live(self, live: Callable[[], LiveState], gateway: bool = True) -> None:
-        self.registry.register(_LiveCollector(live, gateway))
+        self.registry.register(_LiveCollector(live, gateway, self.names))

@@ -82,7 +82,25 @@ class InvalidAdapterError(AdapterRefusedError):
 
 
 class CapacityError(LoraServeError):
-    """No room right now: queue, KV budget or adapter slots are full (RESOURCE_EXHAUSTED)."""
+    """No room right now: queue, KV budget or adapter slots are full, or the tenant has its
+    quota of requests in flight (RESOURCE_EXHAUSTED, with a retry hint)."""
+
+
+class QuotaExceededError(LoraServeError):
+    """A tenant's storage quota would be exceeded; retrying will not help until it deletes
+    (RESOURCE_EXHAUSTED, without a retry hint)."""
+
+
+class AdapterExistsError(LoraServeError):
+    """The version being uploaded already exists: versions are immutable (ALREADY_EXISTS)."""
+
+
+class ReadOnlyAdapterError(LoraServeError):
+    """A shared adapter (the operator's) cannot be changed by a tenant (PERMISSION_DENIED)."""
+
+
+class IdleUploadError(LoraServeError):
+    """An upload stream stopped sending for longer than the idle timeout (DEADLINE_EXCEEDED)."""
 
 
 class EngineDeadError(LoraServeError):
@@ -91,6 +109,24 @@ class EngineDeadError(LoraServeError):
 
 # The tenant of every caller when the server runs without API keys (development mode).
 DEFAULT_TENANT = "default"
+
+
+@dataclass(frozen=True)
+class TenantQuota:
+    """What one tenant may hold and run at once; None is no limit (the keys file sets these).
+
+    max_adapters: adapter names stored; max_versions: versions stored, over all its adapters;
+    max_stored_bytes: bytes of adapter files stored; max_requests_in_flight: Generate and
+    GenerateStream calls running or queued at once.
+    """
+
+    max_adapters: int | None = None
+    max_versions: int | None = None
+    max_stored_bytes: int | None = None
+    max_requests_in_flight: int | None = None
+
+
+UNLIMITED = TenantQuota()
 
 # Beyond these, dividing float32 logits overflows and sampling would produce NaNs.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0

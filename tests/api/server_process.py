@@ -25,11 +25,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def health_status(address: str, service: str = "") -> int | None:
+def channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    """A channel to `address`: plaintext, or TLS with `credentials`."""
+    if credentials is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, credentials)
+
+
+def health_status(
+    address: str, service: str = "", credentials: grpc.ChannelCredentials | None = None
+) -> int | None:
     """The health status, or None while nothing answers on the port."""
-    with grpc.insecure_channel(address) as channel:
+    with channel(address, credentials) as channel_:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
+            reply = health_pb2_grpc.HealthStub(channel_).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=2
             )
         except grpc.RpcError:
@@ -38,8 +47,15 @@ def health_status(address: str, service: str = "") -> int | None:
 
 
 @contextmanager
-def running_server(*args: str, log_path: Path, timeout: float = 120.0, env: dict | None = None):
-    """Yield (address, process); the process is SERVING on entry."""
+def running_server(
+    *args: str,
+    log_path: Path,
+    timeout: float = 120.0,
+    env: dict | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+):
+    """Yield (address, process); the process is SERVING on entry (probed over TLS with
+    `credentials` when given)."""
     port = free_port()
     address = f"127.0.0.1:{port}"
     env = dict(os.environ, LORASERVE_LOG_LEVEL="INFO", **(env or {}))
@@ -52,7 +68,7 @@ def running_server(*args: str, log_path: Path, timeout: float = 120.0, env: dict
         )
     try:
         deadline = time.monotonic() + timeout
-        while health_status(address) != SERVING:
+        while health_status(address, credentials=credentials) != SERVING:
             assert process.poll() is None, f"server exited early:\n{log_path.read_text()}"
             assert time.monotonic() < deadline, f"server not SERVING:\n{log_path.read_text()}"
             time.sleep(0.1)

@@ -35,7 +35,7 @@ def server(model_dirs, adapter_dirs, tmp_path_factory):
     metrics_port = free_port()
     flags = [
         "--model", str(model_dirs["llama"]), "--device", "cpu", "--device-slots", "1",
-        "--metrics-port", str(metrics_port), "--api-keys", str(keys),
+        "--metrics-port", str(metrics_port), "--metrics-names", "--api-keys", str(keys),
         "--adapter-dir", str(root / "store"), "--max-context", "600",
         "--adapter", f"first={adapter_dirs['llama']['r4-attn']}",
         "--adapter", f"second={adapter_dirs['llama']['r8-all']}",

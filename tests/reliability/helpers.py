@@ -1,9 +1,11 @@
-"""What the reliability tests share: two tenants' keys, raw-stub calls, adapter files to edit."""
+"""What the reliability tests share: the tenants' keys and quotas, raw-stub calls, adapter
+files to edit, uploads that stall."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -16,13 +18,40 @@ from loraserve.v1 import adapters_pb2 as apb
 from loraserve.v1 import adapters_pb2_grpc, generation_pb2_grpc
 from loraserve.v1 import generation_pb2 as gpb
 
+WRITE = ["generate", "adapters:write"]
 KEYS = {
-    "alpha-key": {"tenant": "alpha", "scopes": ["generate", "adapters:write"]},
-    "beta-key": {"tenant": "beta", "scopes": ["generate", "adapters:write"]},
+    "alpha-key": {"tenant": "alpha", "scopes": WRITE},
+    "beta-key": {"tenant": "beta", "scopes": WRITE},
+    "beta-admin-key": {"tenant": "beta", "scopes": ["admin"]},
+    # one tenant per kind of quota (see `quotas`), so each test meets only its own limit
+    "names-key": {"tenant": "few-names", "scopes": WRITE},
+    "versions-key": {"tenant": "few-versions", "scopes": WRITE},
+    "bytes-key": {"tenant": "few-bytes", "scopes": WRITE},
+    "streams-key": {"tenant": "few-streams", "scopes": WRITE},
+    "fuzz-key": {"tenant": "fuzz", "scopes": [*WRITE, "admin"]},  # the fuzz test's own tenant
 }
+SHARED = "house-style"  # the shared start-up adapter (--adapter) of the package's server
+IDLE_UPLOAD_S = 4.0  # its --upload-idle-timeout-seconds
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 CHUNK = 1 << 20
+
+
+def quotas(adapter_bytes: int) -> dict[str, dict[str, int]]:
+    """The quota tenants' limits, given the size of the adapter the tests upload."""
+    return {
+        "few-names": {"max_adapters": 2},
+        "few-versions": {"max_versions": 3},
+        "few-bytes": {"max_stored_bytes": adapter_bytes * 5 // 2},
+        "few-streams": {"max_requests_in_flight": 2},
+    }
+
+
+def keys_file(path: Path, keys: Mapping[str, dict], quota: Mapping | None = None) -> Path:
+    """Write a keys file of `keys` (key -> tenant and scopes) and `quota` (tenant -> limits)."""
+    entries = [{"key": key, **entry} for key, entry in keys.items()]
+    path.write_text(json.dumps({"keys": entries, "quotas": dict(quota or {})}))
+    return path
 
 
 @dataclass(frozen=True)
@@ -30,6 +59,12 @@ class Server:
     address: str
     log: Path
     adapter: Path  # a valid rank-4 attention-only PEFT adapter for the served model
+    store: Path  # the server's adapter store
+    pid: int
+
+    def staged(self) -> list[Path]:
+        """What the store's staging area holds (uploads in flight)."""
+        return list((self.store / ".staging").iterdir())
 
     def log_size(self) -> int:
         return self.log.stat().st_size
@@ -55,9 +90,12 @@ def with_config(files: Mapping[str, bytes], change: Callable[[dict], object]) ->
     return {**files, CONFIG: json.dumps(config).encode()}
 
 
-def upload_requests(name: str, files: Mapping[str, bytes]) -> Iterator[apb.UploadAdapterRequest]:
+def upload_requests(
+    name: str, files: Mapping[str, bytes], version: str = ""
+) -> Iterator[apb.UploadAdapterRequest]:
     header = apb.UploadHeader(
         name=name,
+        version=version,
         files=[
             apb.AdapterFile(
                 filename=f, sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data)
@@ -73,21 +111,34 @@ def upload_requests(name: str, files: Mapping[str, bytes]) -> Iterator[apb.Uploa
             )
 
 
+def held(messages: Iterator, send: int, release: threading.Event) -> Iterator:
+    """The first `send` of `messages`, then the rest once `release` is set (a stalled client)."""
+    for i, message in enumerate(messages):
+        if i == send and not release.wait(300):
+            return
+        yield message
+
+
 def upload(
-    server: Server, key: str, name: str, files: Mapping[str, bytes], timeout: float = 120
+    server: Server,
+    key: str,
+    name: str,
+    files: Mapping[str, bytes],
+    timeout: float = 120,
+    version: str = "",
 ) -> apb.UploadAdapterResponse:
     """UploadAdapter over a fresh channel; raises grpc.RpcError when refused."""
     with grpc.insecure_channel(server.address) as channel:
         stub = adapters_pb2_grpc.AdapterServiceStub(channel)
         return stub.UploadAdapter(
-            upload_requests(name, files), metadata=metadata(key), timeout=timeout
+            upload_requests(name, files, version), metadata=metadata(key), timeout=timeout
         )
 
 
-def refusal(call: Callable[[], object]) -> grpc.RpcError:
-    """The grpc.RpcError `call` raises (it must raise one)."""
+def refusal(call: Callable[..., object], *args: object, **kwargs: object) -> grpc.RpcError:
+    """The grpc.RpcError `call(*args, **kwargs)` raises (it must raise one)."""
     try:
-        call()
+        call(*args, **kwargs)
     except grpc.RpcError as error:
         return error
     raise AssertionError("the call was accepted")

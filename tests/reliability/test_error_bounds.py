@@ -68,8 +68,7 @@ def test_a_10kb_name_is_echoed_cut_short(server):
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         request = gpb.GenerateRequest(input=generation("hello", adapter=name))
         error = refusal(lambda: stub.Generate(request, metadata=metadata("beta-key")))
-    # NOT_FOUND today; INVALID_ARGUMENT once invalid names are refused alike on every RPC
-    assert error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT), error
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
     assert "nnnnnnnnnn" in error.details() and "(10000 long)" in error.details()
     assert len(error.details()) < 300
 

@@ -110,12 +110,16 @@ class AsyncClient:
         retries: int = 3,
         *,
         backoff: Backoff = DEFAULT_BACKOFF,
+        credentials: grpc.ChannelCredentials | None = None,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
         self.address = address
         self.settings = CallSettings(api_key, timeout, retries, backoff)
         self._sleep = sleep
-        self._channel = grpc.aio.insecure_channel(address)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(address)
+        else:
+            self._channel = grpc.aio.secure_channel(address, credentials)
         self._generation = generation_pb2_grpc.GenerationServiceStub(self._channel)
         self._server = server_pb2_grpc.ServerServiceStub(self._channel)
         self._adapters = adapters_pb2_grpc.AdapterServiceStub(self._channel)

@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
+import grpc
+
 from loraserve_client.client import Client
 from loraserve_client.errors import LoraServeError
 from loraserve_client.types import Adapter, GenerateOptions, TokenChunk
@@ -117,7 +119,10 @@ def _list(client: Client, args: argparse.Namespace) -> int:
         _print_json([dataclasses.asdict(a) for a in adapters])
         return 0
     rows = [("NAME", "VERSION", "RANK", "RESIDENCY", "PINNED")]
-    rows += [(a.name, a.version, str(a.rank), a.residency, str(a.pinned)) for a in adapters]
+    rows += [
+        (a.name, "(shared)" if a.shared else a.version, str(a.rank), a.residency, str(a.pinned))
+        for a in adapters
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -159,7 +164,44 @@ def _common_options(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--timeout", type=float, default=60.0, help="seconds per call (default: %(default)s)"
     )
     common.add_argument("--json", action="store_true", help="print JSON for machines")
+    common.add_argument(
+        "--tls-ca",
+        dest="tls_ca",
+        default=environ.get("LORASERVE_TLS_CA"),
+        help="connect over TLS, trusting this PEM CA (default: $LORASERVE_TLS_CA; none: plaintext)",
+    )
+    common.add_argument(
+        "--tls-cert",
+        dest="tls_cert",
+        default=environ.get("LORASERVE_TLS_CERT"),
+        help="PEM client certificate for a server that requires one (mTLS)",
+    )
+    common.add_argument(
+        "--tls-key",
+        dest="tls_key",
+        default=environ.get("LORASERVE_TLS_KEY"),
+        help="PEM private key of --tls-cert",
+    )
     return common
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS credentials from --tls-ca (and --tls-cert / --tls-key), or None for plaintext."""
+    if not (args.tls_ca or args.tls_cert):
+        return None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("error: --tls-cert and --tls-key go together")
+
+    def read(path: str | None) -> bytes | None:
+        if not path:
+            return None
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as error:
+            raise SystemExit(f"error: cannot read {path}: {error.strerror}") from None
+
+    return grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
 
 
 def add_client_commands(
@@ -217,7 +259,8 @@ def add_client_commands(
 def run_command(args: argparse.Namespace) -> int:
     """Run a command added by `add_client_commands`; its exit status."""
     try:
-        with Client(args.server, args.api_key, args.timeout) as client:
+        credentials = _credentials(args)
+        with Client(args.server, args.api_key, args.timeout, credentials=credentials) as client:
             return args.client_handler(client, args)
     except LoraServeError as error:
         print(f"error: {error.code.name}: {error.details}", file=sys.stderr)

@@ -92,7 +92,8 @@ class GenerationStream:
 class Client:
     """A blocking client. `timeout` is the default deadline of every call in seconds; `retries`
     is how often health, server_info, list and get are retried on UNAVAILABLE, waiting
-    `backoff` between tries with `sleep`."""
+    `backoff` between tries with `sleep`. `credentials` (grpc.ssl_channel_credentials) connect
+    over TLS, with a client certificate for mTLS; without them the channel is plaintext."""
 
     def __init__(
         self,
@@ -102,12 +103,16 @@ class Client:
         retries: int = 3,
         *,
         backoff: Backoff = DEFAULT_BACKOFF,
+        credentials: grpc.ChannelCredentials | None = None,
         sleep: Callable[[float], object] = time.sleep,
     ) -> None:
         self.address = address
         self.settings = CallSettings(api_key, timeout, retries, backoff)
         self._sleep = sleep
-        self._channel = grpc.insecure_channel(address)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(address)
+        else:
+            self._channel = grpc.secure_channel(address, credentials)
         self._generation = generation_pb2_grpc.GenerationServiceStub(self._channel)
         self._server = server_pb2_grpc.ServerServiceStub(self._channel)
         self._adapters = adapters_pb2_grpc.AdapterServiceStub(self._channel)

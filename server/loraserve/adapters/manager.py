@@ -35,6 +35,7 @@ from loraserve.adapters.device_slots import SlotState, SlotTable
 from loraserve.adapters.host_cache import HostCache
 from loraserve.adapters.keys import AdapterKey, local_key
 from loraserve.adapters.loader import Loader, write_slot
+from loraserve.adapters.manifest import check_identifier
 from loraserve.adapters.peft_format import LoraWeights, read_peft_adapter
 from loraserve.adapters.registry import AdapterRegistry
 from loraserve.adapters.store import AdapterStore
@@ -45,7 +46,6 @@ from loraserve.types import (
     AdapterNotFoundError,
     CapacityError,
     InvalidAdapterError,
-    InvalidRequestError,
 )
 
 log = logging.getLogger(__name__)
@@ -138,16 +138,19 @@ class AdapterManager:
 
     # ---- names -> keys ------------------------------------------------------------------
 
-    def load(self, name: str, directory: str | Path) -> AdapterKey:
+    def load(
+        self, name: str, directory: str | Path, weights: LoraWeights | None = None
+    ) -> AdapterKey:
         """Validate a PEFT directory now and register it under `name`, shared by all tenants.
 
-        Raises the validation error at once. A later `load` of the same name replaces it: new
+        Raises the validation error at once (`weights`: already validated from `directory` for
+        these targets, max rank and dtype). A later `load` of the same name replaces it: new
         requests get the new weights, in-flight ones finish on the old.
         """
-        if not name:
-            raise InvalidRequestError("adapter name must be non-empty")
+        check_identifier("adapter name", name)
         directory = Path(directory)
-        weights = read_peft_adapter(directory, self.targets, self.max_rank, self.dtype)
+        if weights is None:
+            weights = read_peft_adapter(directory, self.targets, self.max_rank, self.dtype)
         weights = self.prepare(weights, f"adapter at {directory.name!r}")
         key = local_key(name, directory)
         with self._lock:

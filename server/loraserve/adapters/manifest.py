@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 
 from loraserve.adapters import peft_format
-from loraserve.types import InvalidRequestError
+from loraserve.types import InvalidRequestError, shown
 
 IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 IDENTIFIER_RULE = "1-64 characters of [A-Za-z0-9._-], starting with a letter or digit, no '..'"
@@ -35,8 +35,9 @@ def is_identifier(value: object) -> bool:
 def check_identifier(kind: str, value: str) -> str:
     """`value` if it is a valid tenant, name or version; InvalidRequestError otherwise."""
     if not is_identifier(value):
-        shown = value[:80] if isinstance(value, str) else value
-        raise InvalidRequestError(f"{kind} {shown!r} is not a valid identifier: {IDENTIFIER_RULE}")
+        raise InvalidRequestError(
+            f"{kind} {shown(value)} is not a valid identifier: {IDENTIFIER_RULE}"
+        )
     return value
 
 

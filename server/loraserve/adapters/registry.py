@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 from loraserve.adapters.keys import AdapterKey, Source
+from loraserve.adapters.manifest import check_identifier
 from loraserve.adapters.store import AdapterStore
 from loraserve.types import AdapterNotFoundError, shown
 
@@ -44,9 +45,14 @@ class AdapterRegistry:
     def resolve(
         self, name: str | None, tenant: str | None = None, version: str | None = None
     ) -> AdapterKey | None:
-        """The key of `name` for `tenant` (its own adapters first, then shared); None = base."""
+        """The key of `name` for `tenant` (its own adapters first, then shared); None = base.
+
+        A name or version that is not an identifier is InvalidRequestError, as on every RPC."""
         if not name:
             return None
+        check_identifier("adapter name", name)
+        if version:
+            check_identifier("version", version)
         if self._store is not None and tenant is not None:
             key = self._store.lookup(tenant, name, version)
             if key is not None:

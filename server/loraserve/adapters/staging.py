@@ -3,9 +3,11 @@
 `AdapterPublisher.staging` gives a `StagedUpload`: `write(filename, chunk)` as bytes arrive,
 then `commit()`, which checks the checksums the uploader declared, validates the files against
 the base model (`peft_format`: CPU only, no network, no code import), writes the manifest and
-has the store place the version atomically. Whatever is not committed is removed. The weights
-the commit validated go to `on_published` (the host tier), so the first request for the new
-version neither reads nor validates them again.
+has the store place the version atomically. A version that exists, or one the tenant's quota
+has no room for, is refused before any byte is staged (and the quota checked again when
+placed). Whatever is not committed is removed. The weights the commit validated go to
+`on_published` (the host tier), so the first request for the new version neither reads nor
+validates them again. `describe_shared` validates and describes an operator's directory.
 
 `upload_file_problems` is the one check of an upload's file names, for every way in.
 
@@ -28,9 +30,15 @@ import torch
 
 from loraserve.adapters import peft_format
 from loraserve.adapters.keys import AdapterKey, store_key
-from loraserve.adapters.manifest import ADAPTER_FILES, AdapterManifest
+from loraserve.adapters.manifest import ADAPTER_FILES, AdapterManifest, check_identifier
 from loraserve.adapters.store import AdapterStore
-from loraserve.types import AdapterRefusedError, InvalidAdapterError, InvalidRequestError
+from loraserve.types import (
+    UNLIMITED,
+    AdapterRefusedError,
+    InvalidAdapterError,
+    InvalidRequestError,
+    TenantQuota,
+)
 
 CHUNK_BYTES = 1 << 20
 SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
@@ -84,10 +92,12 @@ class StagedUpload:
         name: str,
         version: str | None,
         expected_sha256: Mapping[str, str] | None,
+        quota: TenantQuota = UNLIMITED,
     ) -> None:
         self.publisher, self.directory = publisher, directory
         self.tenant, self.name, self.version = tenant, name, version
         self.expected_sha256 = dict(expected_sha256 or {})
+        self.quota = quota
         self.manifest: AdapterManifest | None = None
         self._files: dict[str, _StagedFile] = {}
 
@@ -110,6 +120,7 @@ class StagedUpload:
         staged.handle.write(chunk)
         staged.digest.update(chunk)
         staged.size += len(chunk)
+        self.publisher.store.checkpoint("publish:chunk-written")
 
     def commit(self) -> AdapterManifest:
         """Check checksums, validate against the base, and publish; returns the manifest."""
@@ -139,27 +150,11 @@ class StagedUpload:
         except AdapterRefusedError as e:  # name the upload, not the staging directory
             verdict = "is invalid" if isinstance(e, InvalidAdapterError) else "does not fit"
             raise e.reworded(f"upload of {self.tenant}/{self.name} {verdict}:") from None
-        header = peft_format.safetensors_header(self.directory / peft_format.WEIGHTS_FILE)
-        dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
-        self.manifest = store.place(
-            self.directory,
-            AdapterManifest(
-                tenant=self.tenant,
-                name=self.name,
-                version=self.version or "",
-                files={
-                    name: {"sha256": f.digest.hexdigest(), "size": f.size}
-                    for name, f in sorted(self._files.items())
-                },
-                rank=weights.rank,
-                target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in weights.modules})),
-                lora_alpha=weights.config.lora_alpha,
-                use_rslora=weights.config.use_rslora,
-                dtype=",".join(sorted(SAFETENSORS_DTYPES.get(d, d) for d in dtypes)),
-                created_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-                base_fingerprint=publisher.base_fingerprint,
-            ),
+        files = {name: (f.digest.hexdigest(), f.size) for name, f in self._files.items()}
+        manifest = publisher.manifest(
+            self.tenant, self.name, self.version or "", files, weights, self.directory
         )
+        self.manifest = store.place(self.directory, manifest, self.quota)
         if publisher.on_published is not None:
             publisher.on_published(store_key(self.manifest), weights)
         return self.manifest
@@ -208,6 +203,49 @@ class AdapterPublisher:
         self.on_published = on_published
         self.prepare = prepare
 
+    def manifest(
+        self,
+        tenant: str,
+        name: str,
+        version: str,
+        files: Mapping[str, tuple[str, int]],
+        weights: peft_format.LoraWeights,
+        directory: Path,
+    ) -> AdapterManifest:
+        """The manifest of validated `weights` whose files (name -> (sha256, size)) are in
+        `directory`."""
+        header = peft_format.safetensors_header(directory / peft_format.WEIGHTS_FILE)
+        dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+        return AdapterManifest(
+            tenant=tenant,
+            name=name,
+            version=version,
+            files={f: {"sha256": sha, "size": size} for f, (sha, size) in sorted(files.items())},
+            rank=weights.rank,
+            target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in weights.modules})),
+            lora_alpha=weights.config.lora_alpha,
+            use_rslora=weights.config.use_rslora,
+            dtype=",".join(sorted(SAFETENSORS_DTYPES.get(d, d) for d in dtypes)),
+            created_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+            base_fingerprint=self.base_fingerprint,
+        )
+
+    def describe_shared(
+        self, name: str, directory: Path
+    ) -> tuple[AdapterManifest, peft_format.LoraWeights]:
+        """Validate an operator's adapter directory (`--adapter NAME=DIR`) and describe it, for
+        Get and List, as a manifest without tenant or version; returns its weights too."""
+        check_identifier("adapter name", name)
+        weights = peft_format.read_peft_adapter(directory, self.targets, self.max_rank, self.dtype)
+        files = {}
+        for filename in ADAPTER_FILES:
+            digest = hashlib.sha256()
+            with (directory / filename).open("rb") as f:
+                while chunk := f.read(CHUNK_BYTES):
+                    digest.update(chunk)
+            files[filename] = (digest.hexdigest(), (directory / filename).stat().st_size)
+        return self.manifest("", name, "", files, weights, directory), weights
+
     @contextlib.contextmanager
     def staging(
         self,
@@ -215,12 +253,17 @@ class AdapterPublisher:
         name: str,
         version: str | None = None,
         expected_sha256: Mapping[str, str] | None = None,
+        quota: TenantQuota = UNLIMITED,
+        declared_bytes: int = 0,
     ) -> Iterator[StagedUpload]:
         """A writer for one new version: `write(filename, chunk)` as bytes arrive, then
-        `commit()`. Whatever was not committed is removed on exit."""
-        self.store.check_writable(tenant, name, version)
+        `commit()`. Whatever was not committed is removed on exit.
+
+        The version must not exist, and `quota` must have room for it: checked now for
+        `declared_bytes` (the sizes an uploader announced) and again at commit."""
+        self.store.check_writable(tenant, name, version, quota, declared_bytes)
         directory = self.store.staging_directory()
-        upload = StagedUpload(self, directory, tenant, name, version, expected_sha256)
+        upload = StagedUpload(self, directory, tenant, name, version, expected_sha256, quota)
         try:
             yield upload
         finally:

@@ -11,8 +11,10 @@ Layout under `root` (one process owns a root; an index built at start-up answers
 A publish (see `staging`) writes, fsyncs and validates its files in `.staging`; `place` writes
 the manifest, renames the directory into place, fsyncs the parent and only then moves `latest`.
 Start-up empties `.staging` and indexes what is left, so a crash at any point leaves each
-version absent or complete. Identifiers are never paths: they match a strict pattern, and every
-path built from them is refused when any component below the root is a symbolic link. A request
+version absent or complete. `check_writable` (before an upload) and `place` refuse a version
+that exists, and one the tenant's quota has no room for (`quota`). Identifiers are never
+paths: they match a strict pattern, and every path built from them is refused when any
+component below the root is a symbolic link. A request
 resolves its adapter with `lookup`, from the index alone (no disk access); the files are read,
 after the link checks, through `directory` on the loader thread.
 
@@ -36,7 +38,14 @@ from pathlib import Path
 from loraserve.adapters.keys import AdapterKey, Source, store_key
 from loraserve.adapters.manifest import AdapterManifest, AdapterRef, check_identifier, is_identifier
 from loraserve.adapters.peft_config import parse_json
-from loraserve.types import AdapterNotFoundError, InvalidRequestError
+from loraserve.adapters.quota import StoredUsage, check_room
+from loraserve.types import (
+    UNLIMITED,
+    AdapterExistsError,
+    AdapterNotFoundError,
+    InvalidRequestError,
+    TenantQuota,
+)
 
 MANIFEST_FILE = "manifest.json"
 VERSIONS_DIR = "versions"
@@ -93,9 +102,33 @@ class AdapterStore:
         self._lock = threading.Lock()
         self._recover()
 
-    def check_writable(self, tenant: str, name: str, version: str | None = None) -> None:
-        """Refuse a bad identifier or a link in the way now, before any byte is staged."""
+    def check_writable(
+        self,
+        tenant: str,
+        name: str,
+        version: str | None = None,
+        quota: TenantQuota = UNLIMITED,
+        added_bytes: int = 0,
+    ) -> None:
+        """Refuse now, before any byte is staged, a bad identifier, a link in the way, a
+        version that exists, or a version of `added_bytes` that `quota` has no room for."""
         self._dir(tenant, name, version)
+        with self._lock:
+            if version is not None and version in self._versions.get((tenant, name), {}):
+                raise _exists(tenant, name, version)
+            new_name = (tenant, name) not in self._versions
+            check_room(tenant, self._usage(tenant), quota, new_name, added_bytes)
+
+    def usage(self, tenant: str) -> StoredUsage:
+        """What `tenant` stores now."""
+        with self._lock:
+            return self._usage(tenant)
+
+    def _usage(self, tenant: str) -> StoredUsage:
+        names = [versions for (t, _), versions in self._versions.items() if t == tenant]
+        manifests = [m for versions in names for m in versions.values()]
+        stored = sum(f["size"] for m in manifests for f in m.files.values())
+        return StoredUsage(len(names), len(manifests), stored)
 
     def staging_directory(self) -> Path:
         """A new, empty directory to stage a version in (emptied at the next start-up)."""
@@ -128,10 +161,14 @@ class AdapterStore:
             shutil.rmtree(doomed)
         log.info("deleted %s/%s%s", tenant, name, f"@{version}" if version else "")
 
-    def place(self, staged: Path, manifest: AdapterManifest) -> AdapterManifest:
+    def place(
+        self, staged: Path, manifest: AdapterManifest, quota: TenantQuota = UNLIMITED
+    ) -> AdapterManifest:
         """Publish the validated files in `staged` (from `staging_directory`) as `manifest`'s
-        version ("" = the next integer): write the manifest, rename into place, move `latest`."""
+        version ("" = the next integer): write the manifest, rename into place, move `latest`.
+        QuotaExceededError when the tenant's `quota` has no room for it."""
         key = (manifest.tenant, manifest.name)
+        size = sum(f["size"] for f in manifest.files.values())
         with self._lock:
             versions_dir = self._dir(*key) / VERSIONS_DIR
             on_disk = os.listdir(versions_dir) if _is_plain(versions_dir) else []
@@ -140,10 +177,9 @@ class AdapterStore:
             )  # the next integer after any on disk, including ones start-up ignored
             target = self._dir(*key, version)
             if version in on_disk:
-                raise InvalidRequestError(
-                    f"{manifest.tenant}/{manifest.name}@{version} already exists: versions are "
-                    "immutable, publish a new one"
-                )
+                raise _exists(manifest.tenant, manifest.name, version)
+            usage = self._usage(manifest.tenant)
+            check_room(manifest.tenant, usage, quota, key not in self._versions, size)
             manifest = AdapterManifest(**{**asdict(manifest), "version": version})
             _write_durably(staged / MANIFEST_FILE, manifest.to_json().encode())
             _fsync_dir(staged)
@@ -338,6 +374,13 @@ def _read_manifest(version_dir: Path) -> AdapterManifest:
         if not _is_plain(path, stat.S_ISREG) or path.stat().st_size != facts["size"]:
             raise ValueError(f"{filename} is not a plain file of {facts['size']} bytes")
     return manifest
+
+
+def _exists(tenant: str, name: str, version: str) -> AdapterExistsError:
+    return AdapterExistsError(
+        f"{tenant}/{name}@{version} already exists: versions are immutable; upload under a new "
+        "version, or leave the version empty for the next number"
+    )
 
 
 def _newest(versions: Mapping[str, AdapterManifest]) -> str:

@@ -1,10 +1,11 @@
 """AdapterService: streamed upload, list, get, delete, prefetch and pin, scoped to the caller.
 
-A translator over the adapter catalog: protobuf in, the caller's tenant and plain values to
-the catalog, its answers back to protobuf, its errors through the one error table. An upload
-streams into a staging directory as chunks arrive, its sizes and checksums are checked against
-the header, then the catalog validates and publishes it atomically; anything short of that
-leaves nothing behind. Every name resolves inside the caller's tenant, so another tenant's
+A translator over the adapter catalog: protobuf in, the caller's tenant (and its quota) and
+plain values to the catalog, its answers back to protobuf, its errors through the one error
+table. An upload streams into a staging directory as chunks arrive, its sizes and checksums are
+checked against the header, then the catalog validates and publishes it atomically; anything
+short of that leaves nothing behind, including an upload whose next message does not come
+within the idle timeout. Every name resolves inside the caller's tenant, so another tenant's
 adapter is NOT_FOUND exactly like a missing one.
 
 Knows nothing about generation, batching or the disk layout.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime
+from typing import TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -25,11 +27,14 @@ from loraserve.api.auth import caller
 from loraserve.api.errors import abort_with
 from loraserve.api.state import ServerState
 from loraserve.types import (
+    AdapterExistsError,
     AdapterIncompatibleError,
     CapacityError,
+    IdleUploadError,
     InvalidAdapterError,
     InvalidRequestError,
     LoraServeError,
+    QuotaExceededError,
     shown,
 )
 from loraserve.v1 import adapters_pb2 as pb
@@ -38,6 +43,14 @@ from loraserve.v1 import adapters_pb2_grpc
 MAX_CHUNK_BYTES = 1 << 20
 PREFETCH_WAIT_S = 30.0
 RESIDENCY = {"disk": pb.RESIDENCY_DISK, "host": pb.RESIDENCY_HOST, "device": pb.RESIDENCY_DEVICE}
+UPLOAD_RESULTS = (  # the metric's label for each way an upload is refused
+    (CapacityError, "too_large"),
+    (QuotaExceededError, "quota"),
+    (AdapterExistsError, "exists"),
+    (IdleUploadError, "idle"),
+    (AdapterIncompatibleError, "incompatible"),
+)
+Message = TypeVar("Message")
 
 
 def _header_problems(header: pb.UploadHeader) -> list[str]:
@@ -53,11 +66,23 @@ def _header_problems(header: pb.UploadHeader) -> list[str]:
 
 
 def _upload_result(error: LoraServeError) -> str:
-    if isinstance(error, CapacityError):
-        return "too_large"
-    if isinstance(error, AdapterIncompatibleError):
-        return "incompatible"
-    return "invalid"
+    return next((label for cls, label in UPLOAD_RESULTS if isinstance(error, cls)), "invalid")
+
+
+async def _arriving(messages: AsyncIterator[Message], idle_s: float) -> AsyncIterator[Message]:
+    """`messages`, ending with IdleUploadError when the next one takes more than `idle_s`."""
+    iterator = aiter(messages)
+    while True:
+        try:
+            message = await asyncio.wait_for(anext(iterator), idle_s)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise IdleUploadError(
+                f"no upload message for {idle_s:g} s (upload_idle_timeout_seconds): the upload "
+                "was aborted and nothing was kept; send the chunks without pausing"
+            ) from None
+        yield message
 
 
 def _message(adapter: StoredAdapter) -> pb.Adapter:
@@ -78,6 +103,7 @@ def _message(adapter: StoredAdapter) -> pb.Adapter:
             pb.AdapterFile(filename=name, sha256=f["sha256"], size_bytes=f["size"])
             for name, f in sorted(manifest.files.items())
         ],
+        shared=adapter.shared,
         pinned=adapter.status.pinned,
         residency=RESIDENCY[adapter.status.residency],
     )
@@ -91,24 +117,29 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
         self, request_iterator: AsyncIterator[pb.UploadAdapterRequest], context
     ) -> pb.UploadAdapterResponse:
         catalog, tenant = await self._caller(context)
-        limit = self.state.config.max_upload_bytes
+        config = self.state.config
+        limit = config.max_upload_bytes
+        messages = _arriving(request_iterator, config.upload_idle_timeout_seconds)
         try:
-            first = await anext(aiter(request_iterator), None)
+            first = await anext(messages, None)
             if first is None or first.WhichOneof("part") != "header":
                 raise InvalidRequestError("the first upload message must be the header")
             header = first.header
             if problems := _header_problems(header):
                 raise InvalidAdapterError("upload refused:", problems)
             sizes = {f.filename: f.size_bytes for f in header.files}
-            if sum(sizes.values()) > limit:
+            declared = sum(sizes.values())
+            if declared > limit:
                 raise CapacityError(
-                    f"upload of {sum(sizes.values())} bytes exceeds the server's limit of "
-                    f"{limit} bytes"
+                    f"upload of {declared} bytes exceeds the server's limit of {limit} bytes"
                 )
             received = dict.fromkeys(sizes, 0)
             expected = {f.filename: f.sha256 for f in header.files}
-            with catalog.staging(tenant, header.name, header.version or None, expected) as upload:
-                async for message in request_iterator:
+            quota = self.state.auth.quota(tenant)
+            with catalog.staging(
+                tenant, header.name, header.version or None, expected, quota, declared
+            ) as upload:
+                async for message in messages:
                     chunk = message.chunk
                     if message.WhichOneof("part") != "chunk" or chunk.filename not in sizes:
                         raise InvalidRequestError(

@@ -1,13 +1,12 @@
 """API keys, tenants and scopes, enforced by one interceptor on every method but health.
 
-The keys file (JSON) maps each key to a tenant and its scopes:
-
-    {"keys": [{"key_sha256": "<hex>", "tenant": "acme", "scopes": ["generate"]},
-              {"key": "plain-text-key", "tenant": "ops", "scopes": ["generate", "admin"]}]}
-
-Keys arrive as `authorization: Bearer <key>` metadata. A key is hashed and compared in constant
-time against every configured hash; keys are never logged. Without a keys file the server runs
-in single-tenant development mode: every caller is tenant "default" with every scope.
+The keys file (`keys_file`: keys, tenants, scopes, quotas, schema-checked) maps each key to a
+tenant and its scopes. Keys arrive as `authorization: Bearer <key>` metadata. A key is hashed
+and compared in constant time against every configured hash; keys are never logged. `reload`
+reads the file again (on SIGHUP): a good file replaces the table in one step, so a call sees
+the old keys or the new ones, never a mix; a bad one raises and the old table stays. Without a
+keys file the server runs in single-tenant development mode: every caller is tenant "default"
+with every scope and no quota.
 
 Knows nothing about what the methods do: only which scope each method needs.
 """
@@ -16,18 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from loraserve.api.errors import abort
+from loraserve.api.handlers import rewrapped
+from loraserve.api.keys_file import SCOPES, KeyTable, Principal, read_keys_file
 from loraserve.metrics import Metrics
-from loraserve.types import DEFAULT_TENANT
+from loraserve.types import DEFAULT_TENANT, UNLIMITED, TenantQuota
 
-SCOPES = ("generate", "adapters:write", "admin")
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 ADAPTERS = "/loraserve.v1.AdapterService/"
 # Method -> scopes of which the caller needs any one.
@@ -42,68 +40,55 @@ REQUIRED_SCOPES = {
     ADAPTERS + "PrefetchAdapter": ("admin",),
     ADAPTERS + "PinAdapter": ("admin",),
 }
-
-
-@dataclass(frozen=True)
-class Principal:
-    tenant: str
-    scopes: frozenset[str]
-
-
-@dataclass(frozen=True)
-class _Key:
-    digest: bytes
-    principal: Principal
+DEVELOPER = Principal(DEFAULT_TENANT, frozenset(SCOPES))
 
 
 class Authenticator:
-    """Who is calling: a Principal from the call's metadata, or None when unauthenticated."""
+    """Who is calling: a Principal from the call's metadata, or None when unauthenticated.
 
-    def __init__(self, keys: list[_Key] | None) -> None:
-        self._keys = keys  # None: development mode
+    path: the keys file (None: development mode)."""
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = path
+        self._table: KeyTable | None = None if path is None else read_keys_file(path)
 
     @property
     def development_mode(self) -> bool:
-        return self._keys is None
+        return self._table is None
 
     @classmethod
     def from_file(cls, path: str | Path | None) -> Authenticator:
-        if path is None:
-            return cls(None)
-        try:
-            entries = json.loads(Path(path).read_text())["keys"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(
-                f"API keys file {path}: cannot read a {{'keys': [...]}} object: {e}"
-            ) from e
-        keys = []
-        for i, entry in enumerate(entries):
-            scopes = frozenset(entry.get("scopes", ()))
-            if unknown := scopes - set(SCOPES):
-                raise ValueError(f"API keys file {path}: entry {i} has unknown scopes {unknown}")
-            if "key_sha256" in entry:
-                digest = bytes.fromhex(entry["key_sha256"])
-            elif "key" in entry:
-                digest = hashlib.sha256(entry["key"].encode()).digest()
-            else:
-                raise ValueError(f"API keys file {path}: entry {i} needs key or key_sha256")
-            if not entry.get("tenant"):
-                raise ValueError(f"API keys file {path}: entry {i} needs a tenant")
-            keys.append(_Key(digest, Principal(entry["tenant"], scopes)))
-        return cls(keys)
+        """Raises ValueError saying what is wrong with the file."""
+        return cls(path)
+
+    def reload(self) -> KeyTable:
+        """Read the keys file again and use it from the next call; returns the new table.
+
+        Raises ValueError (the table in use stays) when the file is unreadable or invalid, and
+        in development mode."""
+        if self.path is None:
+            raise ValueError("no --api-keys file to reload: the server runs in development mode")
+        table = read_keys_file(self.path)
+        self._table = table
+        return table
+
+    def quota(self, tenant: str) -> TenantQuota:
+        table = self._table
+        return UNLIMITED if table is None else table.quota(tenant)
 
     def principal(self, metadata) -> Principal | None:
-        if self._keys is None:
-            return Principal(DEFAULT_TENANT, frozenset(SCOPES))
+        table = self._table  # one read: a reload mid-call changes nothing for this call
+        if table is None:
+            return DEVELOPER
         header = dict(metadata or ()).get("authorization", "")
         scheme, _, key = header.partition(" ")
         if scheme.lower() != "bearer" or not key:
             return None
         digest = hashlib.sha256(key.strip().encode()).digest()
         found = None
-        for candidate in self._keys:  # compare with every key: no early exit to time
-            if hmac.compare_digest(candidate.digest, digest):
-                found = candidate.principal
+        for candidate, principal in table.principals.items():  # no early exit to time
+            if hmac.compare_digest(candidate, digest):
+                found = principal
         return found
 
 
@@ -125,19 +110,7 @@ def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
         await context.abort(code, message)
         yield  # makes this an async generator, as a server-streaming handler must be
 
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    streaming = (handler.request_streaming, handler.response_streaming)
-    behaviour = refuse_stream if handler.response_streaming else refuse
-    return kinds[streaming](
-        behaviour,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return rewrapped(handler, refuse_stream if handler.response_streaming else refuse)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

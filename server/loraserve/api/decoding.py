@@ -13,13 +13,13 @@ Knows nothing about what the methods do; it keeps each handler's streaming kind 
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
+from loraserve.api.handlers import around, behaviour_of, rewrapped
 from loraserve.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,8 @@ async def _checked(requests: AsyncIterator, context, method: str) -> AsyncIterat
         yield request
 
 
-def _guarded(behaviour: Callable, streaming_request: bool, method: str) -> Callable:
-    """`behaviour` of the same style (coroutine or async generator) that refuses the marker."""
+def _admission(streaming_request: bool, method: str):
+    """What the handler gets instead of its request: the request, refused when undecodable."""
 
     async def admit(request, context):
         if streaming_request:
@@ -73,19 +73,7 @@ def _guarded(behaviour: Callable, streaming_request: bool, method: str) -> Calla
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _refusal(method))
         return request
 
-    if inspect.isasyncgenfunction(behaviour):
-
-        async def stream(request, context):
-            async for response in behaviour(await admit(request, context), context):
-                yield response
-
-        return stream
-
-    async def call(request, context):
-        result = behaviour(await admit(request, context), context)
-        return await result if inspect.isawaitable(result) else result
-
-    return call
+    return admit
 
 
 class DecodingInterceptor(grpc.aio.ServerInterceptor):
@@ -112,16 +100,8 @@ class DecodingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        kinds = {
-            (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
-            (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
-            (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
-            (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
-        }
-        attribute, make = kinds[handler.request_streaming, handler.response_streaming]
-        behaviour = getattr(handler, attribute)
-        return make(
-            _guarded(behaviour, handler.request_streaming, details.method),
-            request_deserializer=self._decoder(details.method, handler.request_deserializer),
-            response_serializer=handler.response_serializer,
+        return rewrapped(
+            handler,
+            around(behaviour_of(handler), _admission(handler.request_streaming, details.method)),
+            self._decoder(details.method, handler.request_deserializer),
         )

@@ -18,13 +18,17 @@ from grpc_status import rpc_status
 
 from loraserve.metrics import Metrics
 from loraserve.types import (
+    AdapterExistsError,
     AdapterIncompatibleError,
     AdapterNotFoundError,
     CapacityError,
     EngineDeadError,
+    IdleUploadError,
     InvalidAdapterError,
     InvalidRequestError,
     LoraServeError,
+    QuotaExceededError,
+    ReadOnlyAdapterError,
     clip,
 )
 
@@ -38,8 +42,13 @@ STATUS_OF: dict[type[LoraServeError], grpc.StatusCode] = {
     AdapterIncompatibleError: grpc.StatusCode.FAILED_PRECONDITION,
     AdapterNotFoundError: grpc.StatusCode.NOT_FOUND,
     CapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    QuotaExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    AdapterExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    ReadOnlyAdapterError: grpc.StatusCode.PERMISSION_DENIED,
+    IdleUploadError: grpc.StatusCode.DEADLINE_EXCEEDED,
     EngineDeadError: grpc.StatusCode.UNAVAILABLE,
 }
+RETRYABLE = (CapacityError,)  # RESOURCE_EXHAUSTED with a retry hint: the room comes back
 
 
 def status_of(error: BaseException) -> grpc.StatusCode:
@@ -61,11 +70,12 @@ def _trailer_bytes(message: str, status: status_pb2.Status) -> int:
 
 
 def rich_status(code: grpc.StatusCode, message: str, error: BaseException) -> status_pb2.Status:
-    """A google.rpc.Status with details where they help: RetryInfo when at capacity, and a
+    """A google.rpc.Status with details where they help: RetryInfo when at capacity (not over
+    a storage quota: only a delete makes room there), and a
     BadRequest listing an adapter's problems (its field: the module or file named), as many as
     fit in MAX_TRAILER_BYTES with the message."""
     status = status_pb2.Status(code=code.value[0], message=message)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+    if isinstance(error, RETRYABLE):
         retry = error_details_pb2.RetryInfo(retry_delay=Duration(seconds=RETRY_AFTER_S))
         status.details.add().Pack(retry)
     problems = getattr(error, "problems", None)
@@ -112,7 +122,7 @@ async def abort_with(context: grpc.aio.ServicerContext, error: BaseException) ->
     if code != grpc.StatusCode.INTERNAL:
         message = bounded_message(error)
     trailing = tuple(rpc_status.to_status(rich_status(code, message, error)).trailing_metadata)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+    if isinstance(error, RETRYABLE):
         trailing += (("retry-after-ms", str(RETRY_AFTER_S * 1000)),)
     await abort(context, code, message, trailing)
 

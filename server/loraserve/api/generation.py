@@ -1,6 +1,7 @@
 """GenerationService: protobuf in, domain request to the engine, domain events back to protobuf.
 
-A translator only: validation lives in the engine, status codes in `errors`. A client that
+A translator only: validation lives in the engine, status codes in `errors`; a call holds one
+of its tenant's `max_requests_in_flight` places from start to end. A client that
 cancels, disconnects or passes its deadline cancels the handler; closing the engine's event
 iterator then removes the sequence from the batch at the next step.
 
@@ -9,6 +10,7 @@ Knows nothing about batching, adapters' storage or the model.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -78,18 +80,21 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     ) -> AsyncIterator[TokenEvent | FinalEvent]:
         runtime = await self.state.runtime_or_abort(context)
         tenant = (await caller(context, self.state.auth)).tenant
-        try:
-            request = to_domain(message, tenant, self.state.config.default_max_new_tokens)
-            events = await runtime.engine.generate(request)
-        except LoraServeError as error:
-            await abort_with(context, error)
-        try:
-            async for event in events:
-                yield event
-        except LoraServeError as error:
-            await abort_with(context, error)
-        finally:
-            await events.aclose()
+        limit = self.state.auth.quota(tenant).max_requests_in_flight
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(self.state.calls.generation(tenant, limit))
+                request = to_domain(message, tenant, self.state.config.default_max_new_tokens)
+                events = await runtime.engine.generate(request)
+            except LoraServeError as error:
+                await abort_with(context, error)
+            try:
+                async for event in events:
+                    yield event
+            except LoraServeError as error:
+                await abort_with(context, error)
+            finally:
+                await events.aclose()
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext

@@ -1,14 +1,19 @@
 """The gRPC face of the server: one grpc.aio server with the servicers, auth, health, reflection.
 
 `GrpcServer(state)` builds it; `start()` binds and serves with health NOT_SERVING (other calls
-end UNAVAILABLE until `state.runtime` is set), `set_serving` flips health for the server and
-each service, `drain(grace)` turns health NOT_SERVING, refuses new calls with UNAVAILABLE and
-lets in-flight calls finish within the grace period.
+end UNAVAILABLE until `state.runtime` is set), over TLS when the config names a certificate
+(and requiring client certificates when it names a client CA: mTLS). `set_serving` flips
+health for the server and each service. `drain(grace)` turns health NOT_SERVING and refuses new
+calls with UNAVAILABLE at once, but keeps listening, so probes see NOT_SERVING, until the calls
+in flight have finished or the grace period is over; only then does the listener close.
 
 Knows nothing about loading the model or the engine's lifecycle: `loraserve.app` drives it.
 """
 
 from __future__ import annotations
+
+import asyncio
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,10 +22,12 @@ from grpc_reflection.v1alpha import reflection
 
 from loraserve.api.adapters import AdapterServicer
 from loraserve.api.auth import AuthInterceptor
+from loraserve.api.calls import CallInterceptor
 from loraserve.api.decoding import DecodingInterceptor
 from loraserve.api.generation import GenerationServicer
 from loraserve.api.info import ServerInfoServicer
 from loraserve.api.state import ServerState
+from loraserve.config import ServerConfig
 from loraserve.v1 import (
     adapters_pb2,
     adapters_pb2_grpc,
@@ -38,16 +45,45 @@ SERVICE_NAMES = (
 OVERALL = ""  # the health service's name for the server as a whole
 
 
+def _pem(path: str, what: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ValueError(f"{what} {path}: cannot read it: {error.strerror}") from None
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"{what} {path}: not a PEM file (no -----BEGIN line)")
+    return data
+
+
+def tls_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """The server's TLS credentials (None: plaintext); ValueError names an unusable file."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    pair = (_pem(config.tls_key, "--tls-key"), _pem(config.tls_cert, "--tls-cert"))
+    client_ca = None
+    if config.tls_client_ca is not None:
+        client_ca = _pem(config.tls_client_ca, "--tls-client-ca")
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
 class GrpcServer:
-    def __init__(self, state: ServerState) -> None:
+    """credentials: TLS for the port (see `tls_credentials`); None serves plaintext."""
+
+    def __init__(
+        self, state: ServerState, credentials: grpc.ServerCredentials | None = None
+    ) -> None:
         config = state.config
         self.state = state
         self.address = f"{config.host}:{config.port}"
         self.health = HealthServicer()
+        self._credentials = credentials
         self._server = grpc.aio.server(
             interceptors=[
                 AuthInterceptor(state.auth, state.metrics),
                 DecodingInterceptor(state.metrics),
+                CallInterceptor(state.calls),
             ],
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -77,7 +113,14 @@ class GrpcServer:
     async def start(self) -> bool:
         """Bind and serve, NOT_SERVING; False when the address cannot be bound."""
         await self.set_serving(False)
-        if self._server.add_insecure_port(self.address) == 0:
+        try:
+            if self._credentials is None:
+                port = self._server.add_insecure_port(self.address)
+            else:
+                port = self._server.add_secure_port(self.address, self._credentials)
+        except RuntimeError:  # newer grpc raises where older ones returned 0
+            return False
+        if port == 0:
             return False
         await self._server.start()
         return True
@@ -90,7 +133,11 @@ class GrpcServer:
             await self.health.set(name, status)
 
     async def drain(self, grace_seconds: float) -> None:
-        """NOT_SERVING, refuse new calls, let in-flight ones finish within the grace period."""
+        """NOT_SERVING and refuse new calls now; keep listening until the calls in flight have
+        finished (or the grace period is over), then close, cancelling any still running."""
         self.state.draining = True
         await self.health.enter_graceful_shutdown()
-        await self._server.stop(grace_seconds)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await self.state.calls.wait_idle(grace_seconds)
+        await self._server.stop(max(0.0, grace_seconds - (loop.time() - started)))

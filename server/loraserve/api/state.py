@@ -5,12 +5,13 @@ Knows nothing about protobuf messages; it only decides whether a call may reach 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
 from loraserve.adapters.catalog import AdapterCatalog
 from loraserve.api.auth import Authenticator
+from loraserve.api.calls import CallTracker
 from loraserve.api.errors import abort
 from loraserve.config import ServerConfig
 from loraserve.engine.async_engine import AsyncEngine
@@ -43,6 +44,7 @@ class ServerState:
     runtime: Runtime | None = None
     draining: bool = False
     startup_error: str | None = None
+    calls: CallTracker = field(default_factory=CallTracker)
 
     async def runtime_or_abort(self, context: grpc.aio.ServicerContext) -> Runtime:
         """The running runtime, or end the call with UNAVAILABLE saying why it is not there."""

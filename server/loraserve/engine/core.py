@@ -189,7 +189,7 @@ class EngineCore:
             prefix_hashes=self._prefix_hashes(
                 request.tenant or DEFAULT_TENANT, adapter_key, prompt_ids
             ),
-            tenant=request.tenant or DEFAULT_TENANT,
+            tenant=self.metrics.tenant_label(request.tenant or DEFAULT_TENANT),
             arrived_at=time.monotonic(),
         )
 

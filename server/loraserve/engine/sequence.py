@@ -32,7 +32,7 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
     emit: EmitFn
-    tenant: str = DEFAULT_TENANT  # the metric label: tenants are configured, so bounded
+    tenant: str = DEFAULT_TENANT  # its metrics' tenant label (Metrics.tenant_label): bounded
     arrived_at: float = 0.0  # time.monotonic() at submission
     last_token_at: float = 0.0
     held_slot: int | None = None  # the slot its adapter grant holds a reference on, if any
