@@ -49,7 +49,7 @@ class GrammarState:
     @property
     def error(self) -> str | None:
         """Why the matcher broke (a step over its limits), or None."""
-        return clip(self.matcher.get_error(), MAX_ERROR_CHARS) if self.matcher.is_error() else None
+        return _short(self.matcher.get_error()) if self.matcher.is_error() else None
 
 
 class Grammar:
@@ -91,8 +91,12 @@ def grammar_text(constraint: Constraint) -> str:
 
 
 def _refused(constraint: Constraint, why: str) -> InvalidRequestError:
-    why = clip(" ".join(why.split()), MAX_ERROR_CHARS)
-    return InvalidRequestError(f"the {constraint.kind.value} constraint is refused: {why}")
+    return InvalidRequestError(f"the {constraint.kind.value} constraint is refused: {_short(why)}")
+
+
+def _short(why: str) -> str:
+    """llguidance's message on one line, without its marker for hidden details, bounded."""
+    return clip(" ".join(why.replace("<non-verbose/>", "").split()), MAX_ERROR_CHARS)
 
 
 class GrammarCompiler:
