@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 import llguidance
 import llguidance.hf
 import torch
+from llguidance.gbnf_to_lark import gbnf_to_lark, is_lark_syntax
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from loraserve.types import Constraint, ConstraintKind, InvalidRequestError, clip
@@ -29,6 +30,9 @@ LIMITS = llguidance.LLParserLimits(max_lexer_states=10_000, verbose_errors=False
 # What a compiled grammar holds besides its text: the matcher and its first lexer states.
 GRAMMAR_BASE_BYTES = 64 * 1024
 MAX_ERROR_CHARS = 300
+# GBNF is converted to Lark in Python, holding the GIL, in time that grows with rules x bytes
+# (about 0.2 s at this budget); Lark is parsed natively.
+GBNF_BUDGET = 1_000_000
 
 
 class GrammarState:
@@ -78,16 +82,25 @@ def grammar_text(constraint: Constraint) -> str:
                 },
             )
         except (ValueError, RecursionError) as error:
-            raise _refused(constraint, f"not a JSON schema object: {error}") from None
+            raise _refused(constraint, f"not a JSON schema: {error}") from None
     if kind is ConstraintKind.REGEX:
         return llguidance.LLMatcher.grammar_from_regex(constraint.text)
     if kind is ConstraintKind.CHOICE:
         lark = "start: " + " | ".join(json.dumps(c) for c in constraint.choices)
         return llguidance.LLMatcher.grammar_from_lark(lark)
+    if is_lark_syntax(constraint.text):
+        return llguidance.LLMatcher.grammar_from_lark(constraint.text)
+    rules = constraint.text.count("::=")
+    if rules * len(constraint.text) > GBNF_BUDGET:
+        raise _refused(
+            constraint,
+            f"a GBNF grammar of {rules} rules in {len(constraint.text)} characters is too large to "
+            f"convert (rules x characters must stay under {GBNF_BUDGET}); send it in Lark syntax",
+        )
     try:
-        return llguidance.grammar_from("grammar", constraint.text)
-    except (ValueError, RecursionError) as error:
-        raise _refused(constraint, str(error)) from None
+        return llguidance.LLMatcher.grammar_from_lark(gbnf_to_lark(constraint.text))
+    except Exception as error:  # the converter raises bare Exceptions for unknown rules
+        raise _refused(constraint, f"not a GBNF or Lark grammar: {error}") from None
 
 
 def _refused(constraint: Constraint, why: str) -> InvalidRequestError:
