@@ -310,7 +310,7 @@ def test_bad_constraints_and_logprob_options_are_refused_before_queueing(core, s
     with pytest.raises(InvalidRequestError) as refused:
         core.make_sequence(GenerateRequest(prompt="hi", sampling=sampling), lambda event: None)
     assert words in str(refused.value)
-    assert core.num_waiting == 0 and core._queued == 0
+    assert core.num_waiting == 0 and core.intake.queued == 0
 
 
 def test_a_grammar_that_breaks_mid_generation_fails_its_request_alone(core):

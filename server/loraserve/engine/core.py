@@ -1,13 +1,13 @@
 """The synchronous engine: requests in, one continuous-batching step at a time, events out.
 
-`EngineCore` owns the model runner, the paged KV cache, the scheduler, the adapter manager and
-the constraint cache. `make_sequence` validates and tokenizes a request, resolves its adapter to
-a key and compiles its constraint (any thread but the engine's); `add` / `cancel` / `step` are
-called from one thread only (the `AsyncEngine` loop, or a test driving steps by hand). Each
-step: retire cancelled sequences, admit waiting ones, run the prefill chunks and the decode
-tokens (while a helper thread fills the constrained rows' next-token masks), sample, emit,
-retire finished sequences and free their KV at once. `inbox` is how other threads reach that
-thread: the adapter loader wakes it there.
+`EngineCore` owns the model runner, the paged KV cache, the scheduler, the adapter manager, the
+constraint cache and the request intake. `make_sequence` validates and tokenizes a request,
+resolves its adapter to a key and compiles its constraint (see `intake`: any thread, but it
+blocks while compiling); `add` / `cancel` / `step` are called from one thread only (the
+`AsyncEngine` loop, or a test driving steps by hand). Each step: retire cancelled sequences,
+admit waiting ones, run the prefill chunks and the decode tokens (while a helper thread fills
+the constrained rows' next-token masks), sample, emit, retire finished sequences and free their
+KV at once. `inbox` is how other threads reach that thread: the adapter loader wakes it there.
 
 Knows nothing about gRPC, asyncio or adapter storage: the adapter manager turns names into
 keys and keys into slot grants.
@@ -15,9 +15,7 @@ keys and keys into slot grants.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import threading
 import time
 
 import torch
@@ -27,27 +25,25 @@ from loraserve.adapters.store import AdapterStore
 from loraserve.config import EngineConfig
 from loraserve.engine.constraint_cache import ConstraintCache
 from loraserve.engine.inbox import Inbox
+from loraserve.engine.intake import Intake
 from loraserve.engine.masks import MaskFiller, StepMasks
 from loraserve.engine.scheduler import Scheduler
 from loraserve.engine.sequence import EmitFn, Sequence
 from loraserve.metrics import LiveState, Metrics
 from loraserve.model.blocks import BlockAllocator
-from loraserve.model.detokenizer import IncrementalDetokenizer, token_text
+from loraserve.model.detokenizer import token_text
 from loraserve.model.grammar import GrammarCompiler
 from loraserve.model.kv_cache import PagedKVCache
 from loraserve.model.loading import LoadedModel
 from loraserve.model.lora import LoraContext, wrap_lora_targets
 from loraserve.model.runner import ModelRunner, RowInput
-from loraserve.model.sampling import Sampled, make_generator, sample_next_tokens
+from loraserve.model.sampling import Sampled, sample_next_tokens
 from loraserve.types import (
-    DEFAULT_TENANT,
-    CapacityError,
     FinalEvent,
     FinishReason,
     GenerateRequest,
     InvalidRequestError,
     LoraServeError,
-    SamplingParams,
     TokenEvent,
     TopLogprob,
 )
@@ -149,116 +145,26 @@ class EngineCore:
             metrics=self.metrics,
         )
         self.masks = MaskFiller(self.grammars, config.max_batch_size, self.device)
+        self.intake = Intake(
+            config,
+            self.tokenizer,
+            self.vocab_size,
+            self.max_context,
+            self.device,
+            self.metrics,
+            self.adapters,
+            self.allocator,
+            self.constraints,
+        )
         self.steps = 0
         self.updated_at = time.time()
-        self._ids = itertools.count(1)
-        self._queued = 0  # sequences made and not yet admitted or retired
-        self._queued_tokens = 0  # their prompt tokens
-        self._queue_lock = threading.Lock()
         self._by_id: dict[int, Sequence] = {}
 
     # ---- requests -----------------------------------------------------------------------
 
     def make_sequence(self, request: GenerateRequest, emit: EmitFn) -> Sequence:
-        """Validate and tokenize `request`, resolve its adapter to an immutable key and compile
-        its constraint.
-
-        Raises InvalidRequestError, AdapterNotFoundError or CapacityError with a message that
-        says what to change. Safe to call from any thread; blocks while the constraint compiles,
-        so not from the engine's but in tests.
-        """
-        params = request.sampling
-        params.validate()
-        self._check_bias(params)
-        prompt_ids = self._prompt_ids(request)
-        total = len(prompt_ids) + params.max_new_tokens
-        if total > self.max_context:
-            self.metrics.requests_rejected.labels("token_budget").inc()
-            raise InvalidRequestError(
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = "
-                f"{total} exceeds the context limit of {self.max_context} tokens; shorten the "
-                "prompt or lower max_new_tokens"
-            )
-        adapter_key = self.adapters.resolve(
-            request.adapter, request.tenant, request.adapter_version
-        )
-        grammar = self.constraints.get(params.constraint) if params.constraint else None
-        with self._queue_lock:  # counts requests still in flight to the engine thread too
-            if self._queued >= self.config.max_waiting:
-                self.metrics.requests_rejected.labels("queue_full").inc()
-                raise CapacityError(
-                    f"the queue is full ({self.config.max_waiting} waiting requests); retry later"
-                )
-            if self._queued_tokens + len(prompt_ids) > self.config.max_waiting_tokens:
-                self.metrics.requests_rejected.labels("queue_full").inc()
-                raise CapacityError(
-                    f"this request's {len(prompt_ids)} prompt tokens would take the queue to "
-                    f"{self._queued_tokens + len(prompt_ids)}, above its bound of "
-                    f"{self.config.max_waiting_tokens} prompt tokens; retry later"
-                )
-            self._queued += 1
-            self._queued_tokens += len(prompt_ids)
-        return Sequence(
-            request_id=next(self._ids),
-            prompt_len=len(prompt_ids),
-            token_ids=list(prompt_ids),
-            params=params,
-            adapter_key=adapter_key,
-            kv_tokens=total,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop),
-            generator=None if params.greedy else make_generator(params.seed, self.device),
-            emit=emit,
-            grammar=grammar.start() if grammar else None,
-            prefix_hashes=self._prefix_hashes(
-                request.tenant or DEFAULT_TENANT, adapter_key, prompt_ids
-            ),
-            tenant=request.tenant or DEFAULT_TENANT,
-            arrived_at=time.monotonic(),
-        )
-
-    def _prefix_hashes(self, tenant: str, adapter_key, prompt_ids: list[int]) -> list[bytes]:
-        """The prefix-cache hashes of the prompt's full blocks, its last token aside (it must
-        run to give the first logits). Namespaced by tenant and adapter: never shared across."""
-        if not self.config.prefix_caching:
-            return []
-        return self.allocator.prefix_hashes((tenant, adapter_key), prompt_ids[:-1])
-
-    def _check_bias(self, params: SamplingParams) -> None:
-        outside = [b.token_id for b in params.logit_bias if b.token_id >= self.vocab_size]
-        if outside:
-            raise InvalidRequestError(
-                f"logit_bias names token ids outside the vocabulary [0, {self.vocab_size}): "
-                f"{outside[:5]}"
-            )
-
-    def _prompt_ids(self, request: GenerateRequest) -> list[int]:
-        if (request.prompt is None) == (request.prompt_token_ids is None):
-            raise InvalidRequestError("give exactly one of prompt (text) or prompt_token_ids")
-        if request.prompt is not None:
-            self._check_prompt_bytes(request.prompt)
-            ids = self.tokenizer.encode(request.prompt)
-        else:
-            ids = list(request.prompt_token_ids or ())
-            bad = [t for t in ids if not (0 <= t < self.vocab_size)]
-            if bad:
-                raise InvalidRequestError(
-                    f"prompt_token_ids holds ids outside the vocabulary [0, {self.vocab_size}): "
-                    f"{bad[:5]}"
-                )
-        if not ids:
-            raise InvalidRequestError("the prompt is empty; give at least one token")
-        return ids
-
-    def _check_prompt_bytes(self, prompt: str) -> None:
-        """Refuse a prompt text over the byte limit before any tokenizer work."""
-        limit = self.config.prompt_bytes_limit
-        if len(prompt) > limit or len(prompt.encode("utf-8", "surrogatepass")) > limit:
-            self.metrics.requests_rejected.labels("prompt_bytes").inc()
-            size = len(prompt.encode("utf-8", "surrogatepass"))
-            raise InvalidRequestError(
-                f"the prompt is {size} bytes, above this server's limit of {limit} bytes "
-                "(max_prompt_bytes); shorten the prompt"
-            )
+        """See `Intake.make_sequence`: blocks while the request's constraint compiles."""
+        return self.intake.make_sequence(request, emit)
 
     def add(self, seq: Sequence) -> None:
         self.metrics.requests_received.labels(seq.tenant).inc()
@@ -294,7 +200,7 @@ class EngineCore:
         admitted, failed = self.scheduler.admit()
         now = time.monotonic()
         for seq in admitted:
-            self._leave_queue(seq)
+            self.intake.leave_queue(seq)
             self.metrics.queue_time.observe(now - seq.arrived_at)
         for seq, error in failed:
             self._fail(seq, error)
@@ -457,15 +363,8 @@ class EngineCore:
         self.metrics.requests_finished.labels(seq.tenant, "error").inc()
         self._release(seq)
 
-    def _leave_queue(self, seq: Sequence) -> None:
-        if seq.queued:
-            seq.queued = False
-            with self._queue_lock:
-                self._queued -= 1
-                self._queued_tokens -= seq.prompt_len
-
     def _release(self, seq: Sequence) -> None:
-        self._leave_queue(seq)
+        self.intake.leave_queue(seq)
         self.scheduler.remove(seq)
         if seq.held_slot is not None:
             self.adapters.release(seq.held_slot)
