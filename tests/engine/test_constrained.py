@@ -16,6 +16,7 @@ from dataclasses import replace
 import jsonschema
 import pytest
 from tests.engine.helpers import Collected, make_core, run
+from tests.engine.test_parity import DEVICES
 
 from loraserve.types import (
     Constraint,
@@ -335,3 +336,33 @@ def test_a_grammar_that_breaks_mid_generation_fails_its_request_alone(core):
     assert message.startswith("the constraint could not be followed past token 0: ")
     assert "\n" not in message
     assert together.tokens == alone.tokens and together.final.finish_reason is FinishReason.LENGTH
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masks_reach_the_logits_on_each_device(device, model_dirs):
+    core = make_core(model_dirs["llama"], "nf4", device=device)
+    free = GenerateRequest(
+        prompt=PROMPTS[2], sampling=SamplingParams(max_new_tokens=12, ignore_eos=True)
+    )
+    requests = [
+        GenerateRequest(
+            prompt=PROMPTS[0],
+            sampling=SamplingParams(
+                max_new_tokens=32, constraint=Constraint(ConstraintKind.REGEX, REGEX)
+            ),
+        ),
+        free,
+        GenerateRequest(
+            prompt=PROMPTS[1],
+            sampling=SamplingParams(
+                max_new_tokens=32,
+                temperature=1.0,
+                seed=3,
+                constraint=Constraint(ConstraintKind.CHOICE, choices=CHOICES),
+            ),
+        ),
+    ]
+    matched, unconstrained, chosen = run(core, {0: requests})
+    assert matched.final.finish_reason is FinishReason.EOS and re.fullmatch(REGEX, matched.text)
+    assert chosen.final.finish_reason is FinishReason.EOS and chosen.text in CHOICES
+    assert unconstrained.tokens == run(core, {0: [free]})[0].tokens

@@ -5,6 +5,7 @@ vocabulary are never allowed, and hostile or broken constraints are refused with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -144,3 +145,27 @@ def test_a_tokenizer_without_eos_cannot_follow_constraints():
     compiler = GrammarCompiler(tokenizer, VOCAB, [])
     with pytest.raises(InvalidRequestError, match="end-of-sequence"):
         compiler.compile(Constraint(ConstraintKind.REGEX, "a"))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\n" * 60_000 + 'root ::= "a"',  # llguidance's own Lark test is quadratic on blank lines
+        'root ::= "a"\n' + " \n" * 8000,
+        "root ::= " + '("a")' * 3000,  # 15,000 characters: within the GBNF bounds
+    ],
+)
+def test_large_grammar_texts_cost_little(compiler, text):
+    started = time.perf_counter()
+    with contextlib.suppress(InvalidRequestError):
+        compiler.compile(Constraint(ConstraintKind.GRAMMAR, text))
+    assert time.perf_counter() - started < 1.0
+
+
+def test_lark_is_told_from_gbnf_as_llguidance_does(compiler):
+    lark = Constraint(ConstraintKind.GRAMMAR, '\n  start :  "a" | "b"\n')
+    tagged = Constraint(ConstraintKind.GRAMMAR, '%llguidance {}\nstart: "c"\n')
+    assert walk(compiler, lark, 0) in ("a", "b")
+    assert walk(compiler, tagged, 0) == "c"
+    with pytest.raises(InvalidRequestError, match="GBNF"):  # "started" is not "start:"
+        compiler.compile(Constraint(ConstraintKind.GRAMMAR, 'started: "a"'))

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 import llguidance
 import llguidance.hf
 import torch
-from llguidance.gbnf_to_lark import gbnf_to_lark, is_lark_syntax
+from llguidance.gbnf_to_lark import gbnf_to_lark
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from loraserve.types import Constraint, ConstraintKind, InvalidRequestError, clip
@@ -30,8 +30,9 @@ LIMITS = llguidance.LLParserLimits(max_lexer_states=10_000, verbose_errors=False
 # What a compiled grammar holds besides its text: the matcher and its first lexer states.
 GRAMMAR_BASE_BYTES = 64 * 1024
 MAX_ERROR_CHARS = 300
-# GBNF is converted to Lark in Python, holding the GIL, in time that grows with rules x bytes
-# (about 0.2 s at this budget); Lark is parsed natively.
+# GBNF is converted to Lark in Python, holding the GIL, in time that grows with the characters
+# and with rules x characters (each bound costs about 0.2 s at most); Lark is parsed natively.
+GBNF_MAX_CHARS = 16 * 1024
 GBNF_BUDGET = 1_000_000
 
 
@@ -88,19 +89,33 @@ def grammar_text(constraint: Constraint) -> str:
     if kind is ConstraintKind.CHOICE:
         lark = "start: " + " | ".join(json.dumps(c) for c in constraint.choices)
         return llguidance.LLMatcher.grammar_from_lark(lark)
-    if is_lark_syntax(constraint.text):
+    if _is_lark(constraint.text):
         return llguidance.LLMatcher.grammar_from_lark(constraint.text)
-    rules = constraint.text.count("::=")
-    if rules * len(constraint.text) > GBNF_BUDGET:
+    rules, chars = constraint.text.count("::="), len(constraint.text)
+    if chars > GBNF_MAX_CHARS or rules * chars > GBNF_BUDGET:
         raise _refused(
             constraint,
-            f"a GBNF grammar of {rules} rules in {len(constraint.text)} characters is too large to "
-            f"convert (rules x characters must stay under {GBNF_BUDGET}); send it in Lark syntax",
+            f"a GBNF grammar of {rules} rules in {chars} characters is too large to convert (at "
+            f"most {GBNF_MAX_CHARS} characters, and rules x characters at most {GBNF_BUDGET}); "
+            "send it in Lark syntax",
         )
     try:
         return llguidance.LLMatcher.grammar_from_lark(gbnf_to_lark(constraint.text))
     except Exception as error:  # the converter raises bare Exceptions for unknown rules
         raise _refused(constraint, f"not a GBNF or Lark grammar: {error}") from None
+
+
+def _is_lark(text: str) -> bool:
+    """Whether a grammar is in Lark syntax: a line starting `%llguidance` or `start:`. This is
+    llguidance's own test, line by line in linear time (its regex is quadratic on blank lines)."""
+    for line in text.splitlines():
+        stripped = line.lstrip()
+        after = stripped[len("%llguidance") : len("%llguidance") + 1]
+        if stripped.startswith("%llguidance") and not (after.isalnum() or after == "_"):
+            return True
+        if stripped.startswith("start") and stripped[len("start") :].lstrip().startswith(":"):
+            return True
+    return False
 
 
 def _refused(constraint: Constraint, why: str) -> InvalidRequestError:
