@@ -14,6 +14,7 @@ constrained and when their masks are filled.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Sequence
 
 import llguidance
@@ -23,6 +24,8 @@ from llguidance.gbnf_to_lark import gbnf_to_lark
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from loraserve.types import Constraint, ConstraintKind, InvalidRequestError, clip
+
+log = logging.getLogger(__name__)
 
 # llguidance's defaults bound each step's work (lexer fuel, Earley items); the lexer's states
 # are built lazily and shared by the copies of one grammar, capped here at about 20 MB.
@@ -143,9 +146,14 @@ class GrammarCompiler:
         if not isinstance(tokenizer, PreTrainedTokenizerFast) or not self.eos_ids:
             self.unsupported = "constraints need a fast tokenizer with an end-of-sequence token"
         else:
-            self._tokenizer = llguidance.hf.from_tokenizer(
-                tokenizer, n_vocab=max(vocab_size, len(tokenizer)), eos_token=self.eos_ids
-            )
+            try:
+                self._tokenizer = llguidance.hf.from_tokenizer(
+                    tokenizer, n_vocab=max(vocab_size, len(tokenizer)), eos_token=self.eos_ids
+                )
+            except Exception as error:  # a tokenizer llguidance cannot read: serve without
+                self.unsupported = f"llguidance cannot read this tokenizer ({_short(str(error))})"
+        if self.unsupported:
+            log.warning("constrained decoding is off: %s", self.unsupported)
         width = self._tokenizer.vocab_size if self._tokenizer else vocab_size
         self.words = (width + 31) // 32
         self._executor = llguidance.LLExecutor()
