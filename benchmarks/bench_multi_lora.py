@@ -7,6 +7,8 @@ set of prompts and one output length:
 
   engine_base         this engine, every request on the base model (no adapter)
   engine_multi_lora   this engine, every request on a different adapter, one continuous batch
+  engine_constrained  engine_multi_lora with every request constrained to its own JSON schema
+                      (compiled in the warm-up, so the timed runs find it cached)
   hf_generate_base    transformers `generate` on the base: all requests in one left-padded batch
   peft_mixed_batch    HF PEFT `generate(adapter_names=...)`: one left-padded batch
   peft_sequential     HF PEFT, one request at a time, `set_adapter` before each
@@ -79,6 +81,7 @@ from engine_runs import (
     build_engine,
     decode_step_seconds,
     engine_config,
+    json_schemas,
     prefix_workload,
     run_engine,
     run_prefix,
@@ -99,6 +102,7 @@ WARMUP_REQUESTS, WARMUP_NEW_TOKENS = 4, 2
 CONFIGURATIONS = (
     "engine_base",
     "engine_multi_lora",
+    "engine_constrained",
     "hf_generate_base",
     "peft_mixed_batch",
     "peft_sequential",
@@ -231,6 +235,10 @@ def setup(config: BenchConfig, cache_root: Path) -> Setup:
         "engine_multi_lora": (
             partial(engine_run, core, traces["engine_multi_lora"], True), workload,
         ),
+        "engine_constrained": (
+            partial(engine_run, core, traces["engine_constrained"], True),
+            replace(workload, schemas=json_schemas(len(workload.prompts))),
+        ),
         "hf_generate_base": (partial(run_hf_generate, hf), workload),
         "peft_mixed_batch": (partial(run_peft_mixed, peft, peft_loaded), workload),
         "peft_sequential": (partial(run_peft_sequential, peft, peft_loaded), workload),
@@ -304,6 +312,7 @@ def measure_prefix(config: BenchConfig, s: Setup, base: EngineConfig) -> dict:
 RATIOS = {  # name: (numerator, denominator)
     "engine_over_hf_generate_base": ("engine_base", "hf_generate_base"),
     "multi_lora_over_base": ("engine_multi_lora", "engine_base"),
+    "constrained_over_multi_lora": ("engine_constrained", "engine_multi_lora"),
     "zipf_over_base": ("engine_zipf", "engine_base"),
     "multi_lora_over_peft_mixed": ("engine_multi_lora", "peft_mixed_batch"),
     "multi_lora_over_peft_sequential": ("engine_multi_lora", "peft_sequential"),

@@ -109,14 +109,16 @@ def prepare_lora_adapters(
 
 @dataclass(frozen=True)
 class Workload:
-    """prompts[i] runs on adapters[i] (when the configuration uses adapters)."""
+    """prompts[i] runs on adapters[i] (when the configuration uses adapters), constrained to
+    the JSON schema schemas[i] when there are schemas."""
 
     prompts: tuple[tuple[int, ...], ...]
     adapters: tuple[str, ...]
     new_tokens: int
+    schemas: tuple[str, ...] = ()
 
     def head(self, n: int, new_tokens: int) -> Workload:
-        return Workload(self.prompts[:n], self.adapters[:n], new_tokens)
+        return Workload(self.prompts[:n], self.adapters[:n], new_tokens, self.schemas[:n])
 
 
 RunFn = Callable[[Workload], int]  # runs a workload, returns the number of generated tokens

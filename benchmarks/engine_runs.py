@@ -7,12 +7,15 @@ step on the benchmark's thread, with the timings the ratios need.
                     arrives mid-run, from each request's submission
   run_prefix        TTFT of a burst of requests whose prompts start with a prefix per adapter
                     that earlier requests on those adapters already sent
+  json_schemas      one JSON schema per request whose language no request can finish in its
+                    new tokens, so a constrained request generates exactly as many
 
 Knows nothing about the baselines or the report.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -25,7 +28,13 @@ from loraserve.config import EngineConfig
 from loraserve.engine.core import EngineCore
 from loraserve.engine.sequence import EmitFn, Event
 from loraserve.model.loading import load_base_model
-from loraserve.types import GenerateRequest, SamplingParams, TokenEvent
+from loraserve.types import (
+    Constraint,
+    ConstraintKind,
+    GenerateRequest,
+    SamplingParams,
+    TokenEvent,
+)
 
 KV_BLOCK_SIZE = 16
 
@@ -90,9 +99,42 @@ class Trace:
         return sum(len(t) for t in self.token_times.values())
 
 
+def json_schemas(count: int) -> tuple[str, ...]:
+    """`count` distinct schemas: an object holding an array of at least 1,000 records (an id, a
+    tag from the request's own enum, a score and a flag), so no output completes it early."""
+    return tuple(
+        json.dumps({
+            "type": "object",
+            "properties": {"rows": {
+                "type": "array",
+                "minItems": 1000,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "integer", "minimum": 0, "maximum": 10**6},
+                        "tag": {"enum": [f"tag-{i}-{j}" for j in range(8)]},
+                        "score": {"type": "number", "minimum": 0, "maximum": 1},
+                        "ok": {"type": "boolean"},
+                    },
+                    "required": ["id", "tag", "score", "ok"],
+                    "additionalProperties": False,
+                },
+            }},
+            "required": ["rows"],
+            "additionalProperties": False,
+        })
+        for i in range(count)
+    )  # fmt: skip
+
+
 def submit(core: EngineCore, trace: Trace, workload: Workload, with_adapters: bool) -> None:
+    """Every request of `workload` at once; eos ignored (a constrained one ends with its grammar
+    only, which json_schemas keeps from happening)."""
     sampling = SamplingParams(max_new_tokens=workload.new_tokens, ignore_eos=True)
-    for prompt, adapter in zip(workload.prompts, workload.adapters):
+    for i, (prompt, adapter) in enumerate(zip(workload.prompts, workload.adapters)):
+        if workload.schemas:
+            constraint = Constraint(ConstraintKind.JSON_SCHEMA, workload.schemas[i])
+            sampling = replace(sampling, constraint=constraint)
         request = GenerateRequest(
             prompt_token_ids=prompt, adapter=adapter if with_adapters else None, sampling=sampling
         )

@@ -33,6 +33,9 @@ class EngineConfig:
     lora_target_modules: restrict which modules get LoRA slots, by last name component
         (empty = every linear layer but the output embedding, and the input embedding).
     prefix_caching: share the KV of prompt prefixes a tenant already sent on the same adapter.
+    max_constraint_bytes: the largest constraint (schema, regex, grammar, choices) accepted.
+    constraint_cache_entries, constraint_cache_bytes: the compiled-constraint cache's bounds.
+    constraint_compile_timeout_s: a constraint not compiled by then is refused.
     """
 
     model: str | None = None
@@ -54,12 +57,18 @@ class EngineConfig:
     max_waiting: int = 1024
     max_waiting_tokens: int = 1 << 20
     prefix_caching: bool = True
+    max_constraint_bytes: int = 64 * 1024
+    constraint_cache_entries: int = 256
+    constraint_cache_bytes: int = 64 * 1024**2
+    constraint_compile_timeout_s: float = 2.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, int) and not isinstance(value, bool) and value < 1:
                 raise ValueError(f"{f.name} must be >= 1, got {value}")
+        if not self.constraint_compile_timeout_s > 0:
+            raise ValueError("constraint_compile_timeout_s must be > 0")
         if self.max_step_tokens < self.max_batch_size:
             raise ValueError("max_step_tokens must be >= max_batch_size (one token per sequence)")
 

@@ -271,6 +271,19 @@ class Metrics:
         self.adapter_upload_bytes = Counter(
             "loraserve_adapter_upload_bytes", "Bytes of adapters published.", registry=r
         )
+        self.constraint_lookups = Counter(
+            "loraserve_constraint_lookups",
+            "Constrained requests by what their constraint needed (hit: cached, compiled, "
+            "refused).",
+            ["result"],
+            registry=r,
+        )
+        self.constraint_compile_seconds = Histogram(
+            "loraserve_constraint_compile_seconds",
+            "Compiling one constraint against the tokenizer (refused ones included).",
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
         self.build_info = Info("loraserve_build", "What this server runs.", registry=r)
         for tier in TIERS:  # export zeros from the start, so rates exist before traffic
             self.adapter_load_seconds.labels(tier)

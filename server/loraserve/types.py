@@ -7,6 +7,7 @@ these; the engine consumes and produces them.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 # Bounds on what an error echoes back, so no input can make a reply (or a log line) large.
@@ -131,6 +132,11 @@ UNLIMITED = TenantQuota()
 # Beyond these, dividing float32 logits overflows and sampling would produce NaNs.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
 MIN_PENALTY, MAX_PENALTY = 1e-2, 100.0
+# As the OpenAI API bounds them: alternatives per token, biased tokens, and the bias itself.
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS_TOKENS = 300
+MIN_LOGIT_BIAS, MAX_LOGIT_BIAS = -100.0, 100.0
+MAX_CHOICES = 1024
 
 
 class FinishReason(str, enum.Enum):
@@ -140,12 +146,56 @@ class FinishReason(str, enum.Enum):
     CANCELLED = "cancelled"
 
 
+class ConstraintKind(str, enum.Enum):
+    JSON_SCHEMA = "json_schema"
+    REGEX = "regex"
+    GRAMMAR = "grammar"  # GBNF (llama.cpp) or Lark
+    CHOICE = "choice"
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must match: `text` is the JSON schema, the regular expression or the
+    grammar; `choices` the strings a CHOICE constraint picks one of (its `text` is empty).
+
+    Whether `text` compiles, and within what size, the engine's grammar compiler decides.
+    """
+
+    kind: ConstraintKind
+    text: str = ""
+    choices: tuple[str, ...] = ()
+
+    def problems(self) -> list[str]:
+        if self.kind is ConstraintKind.CHOICE:
+            if not self.choices or len(self.choices) > MAX_CHOICES:
+                return [f"a choice constraint needs 1 to {MAX_CHOICES} strings, got "
+                        f"{len(self.choices)}"]  # fmt: skip
+            if not all(self.choices):
+                return ["a choice constraint's strings must be non-empty"]
+            return []
+        if not self.text:
+            return [f"the {self.kind.value} constraint is empty"]
+        return []
+
+
+@dataclass(frozen=True)
+class TokenBias:
+    """`bias` is added to the logit of `token_id` before constraints and sampling."""
+
+    token_id: int
+    bias: float
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each next token. temperature == 0 means greedy (top_k / top_p ignored).
 
     `seed` makes a sampled request reproducible whatever else shares its batch; without it the
     request draws from a fresh random seed.
+
+    `constraint` restricts every next token to those that keep the output a prefix of its
+    language; `logit_bias` shifts the named tokens' logits first. `top_logprobs` asks for that
+    many most likely alternatives per token (implies `logprobs`).
     """
 
     max_new_tokens: int = 64
@@ -157,6 +207,9 @@ class SamplingParams:
     seed: int | None = None
     logprobs: bool = False
     ignore_eos: bool = False
+    top_logprobs: int = 0
+    logit_bias: tuple[TokenBias, ...] = ()
+    constraint: Constraint | None = None
 
     def validate(self) -> None:
         """Raise InvalidRequestError naming every impossible value."""
@@ -181,12 +234,50 @@ class SamplingParams:
             problems.append("stop sequences must be non-empty strings")
         if self.seed is not None and not (0 <= self.seed < 2**63):
             problems.append(f"seed must be in [0, 2^63), got {self.seed}")
+        if not (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):
+            problems.append(
+                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"
+            )
+        problems += self._bias_problems()
+        if self.constraint is not None:
+            problems += self.constraint.problems()
+            if self.stop:
+                problems.append(
+                    "stop sequences cannot be combined with a constraint (a stop would cut the "
+                    "output where it may not parse): end the output in the grammar instead"
+                )
         if problems:
             raise InvalidRequestError("invalid sampling parameters: " + "; ".join(problems))
+
+    def _bias_problems(self) -> list[str]:
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+            return [
+                f"logit_bias names {len(self.logit_bias)} tokens, above the limit of "
+                f"{MAX_LOGIT_BIAS_TOKENS}"
+            ]
+        problems = []
+        if len({b.token_id for b in self.logit_bias}) < len(self.logit_bias):
+            problems.append("logit_bias names a token twice")
+        out_of_range = [
+            b for b in self.logit_bias
+            if not (math.isfinite(b.bias) and MIN_LOGIT_BIAS <= b.bias <= MAX_LOGIT_BIAS)
+        ]  # fmt: skip
+        if out_of_range:
+            problems.append(
+                f"logit_bias values must be finite and in [{MIN_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], "
+                f"got {out_of_range[0].bias} for token {out_of_range[0].token_id}"
+            )
+        if any(b.token_id < 0 for b in self.logit_bias):
+            problems.append("logit_bias token ids must be >= 0")
+        return problems
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs or self.top_logprobs > 0
 
 
 @dataclass(frozen=True)
@@ -206,13 +297,25 @@ class GenerateRequest:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    """One of the most likely tokens at a step: its id, log-probability and decoded text (a
+    token that holds part of a multi-byte character decodes to U+FFFD)."""
+
+    token_id: int
+    logprob: float
+    text: str
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """One generated token. `text` is the printable text it completes (may be empty while a
-    multi-byte character or a possible stop sequence is still pending)."""
+    multi-byte character or a possible stop sequence is still pending). `top_logprobs` holds
+    the most likely tokens at this step, most likely first, when they were asked for."""
 
     token_id: int
     text: str
     logprob: float | None = None
+    top_logprobs: tuple[TopLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

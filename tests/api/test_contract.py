@@ -1,10 +1,17 @@
-"""The API contract: buf lint (STANDARD) passes and the checked-in stubs are up to date."""
+"""The API contract: buf lint (STANDARD) passes, the checked-in stubs are up to date, and buf
+breaking finds no wire-incompatible change against the released contract."""
 
 from __future__ import annotations
 
+import io
+import os
+import shutil
 import subprocess
 import sys
+import tarfile
+from pathlib import Path
 
+import pytest
 from tests.api.buf import REPO, buf_or_skip
 
 
@@ -32,3 +39,50 @@ def test_checked_in_stubs_match_the_protos(tmp_path):
     assert sorted(fresh) == sorted(checked_in), "stub files differ: run `make proto`"
     stale = [name for name in fresh if fresh[name] != checked_in[name]]
     assert not stale, f"stale stubs {stale}: run `make proto` and commit the result"
+
+
+# The contract as last released without constrained decoding (main before issue 12): every
+# later change must stay wire compatible with it (buf's FILE rules).
+BASELINE_COMMIT = "fd0c11f869351a2595f14de96a80a44af11f58fa"
+
+
+def _protos_at(commit: str, into: Path) -> Path:
+    """protos/ as of `commit`, extracted under `into`; a skip (a failure in CI) without it."""
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", commit, "protos"], capture_output=True, timeout=60
+    )
+    if archive.returncode != 0:
+        message = f"the baseline commit {commit[:12]} is not in this checkout's history"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(into, filter="data")
+    return into / "protos"
+
+
+def _breaking(protos: Path, against: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [buf_or_skip(), "breaking", str(protos), "--against", str(against)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_buf_breaking_finds_no_change_against_the_released_contract(tmp_path):
+    baseline = _protos_at(BASELINE_COMMIT, tmp_path / "baseline")
+    result = _breaking(REPO / "protos", baseline)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_buf_breaking_catches_a_changed_field_type(tmp_path):
+    baseline = _protos_at(BASELINE_COMMIT, tmp_path / "baseline")
+    changed = tmp_path / "changed" / "protos"
+    shutil.copytree(REPO / "protos", changed)
+    proto = changed / "loraserve" / "v1" / "generation.proto"
+    text = proto.read_text()
+    assert "bool ignore_eos = 8;" in text
+    proto.write_text(text.replace("bool ignore_eos = 8;", "string ignore_eos = 8;"))
+    result = _breaking(changed, baseline)
+    assert result.returncode != 0 and "ignore_eos" in result.stdout, result.stdout

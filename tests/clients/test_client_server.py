@@ -1,14 +1,17 @@
 """The client and its commands against one real `loraserve serve` process: sync, async and
 streamed results agree, closing a stream cancels it, server errors arrive typed, health and
-info, and `python -m loraserve_client` output and exit codes."""
+info, constraints, top logprobs and logit bias, and `python -m loraserve_client` output and
+exit codes."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
 
+import jsonschema
 import pytest
 from tests.api.server_process import running_server
 
@@ -195,3 +198,81 @@ def test_cli_human_and_streamed_output(client, server_address, capsys):
 
     assert main(["generate", "", "--server", server_address]) == 1
     assert capsys.readouterr().err.startswith("error: INVALID_ARGUMENT: ")
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "answer": {"enum": ["yes", "no"]},
+        "confidence": {"type": "integer", "minimum": 0, "maximum": 100},
+    },
+    "required": ["answer", "confidence"],
+    "additionalProperties": False,
+}
+
+
+async def test_constraints_top_logprobs_and_logit_bias(client, server_address):
+    result = client.generate(
+        PROMPT, adapter=ADAPTER, max_new_tokens=64, json_schema=SCHEMA, top_logprobs=3
+    )
+    assert result.finish_reason == "eos"
+    jsonschema.validate(json.loads(result.text), SCHEMA)
+    assert len(result.logprobs) == len(result.top_logprobs) == len(result.token_ids)
+    for chosen, top in zip(result.logprobs, result.top_logprobs):
+        assert len(top) == 3 and top[0].logprob >= top[1].logprob >= top[2].logprob
+        assert chosen <= top[0].logprob + 1e-6 and all(t.text for t in top)
+
+    choices = ["red", "green", "blue"]
+    with client.generate_stream(PROMPT, choice=choices, top_logprobs=2, temperature=1.0) as s:
+        events = list(s)
+    *tokens, final = events
+    assert isinstance(final, Finished) and final.finish_reason == "eos"
+    assert "".join(t.text for t in tokens) in choices
+    assert all(len(t.top_logprobs) == 2 and t.logprob is not None for t in tokens)
+
+    async with AsyncClient(server_address, timeout=30) as async_client:
+        matched = await async_client.generate(PROMPT, regex="[a-z]{3}-[0-9]{2}", max_new_tokens=32)
+    assert matched.finish_reason == "eos" and re.fullmatch("[a-z]{3}-[0-9]{2}", matched.text)
+
+    forced = client.generate(PROMPT, max_new_tokens=4, ignore_eos=True, logit_bias={42: 100.0})
+    assert forced.token_ids == [42] * 4
+
+    with pytest.raises(ValueError, match="at most one constraint"):
+        client.generate(PROMPT, regex="a", choice=["a"])
+    with pytest.raises(InvalidArgument, match="unclosed group"):
+        client.generate(PROMPT, regex="(")
+    with pytest.raises(InvalidArgument, match="top_logprobs"):
+        client.generate(PROMPT, top_logprobs=21)
+
+
+def test_cli_constraint_and_logprob_flags(client, server_address, tmp_path, capsys):
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(SCHEMA))
+    common = ["--server", server_address, "--max-new-tokens", "64"]
+    argv = ["generate", PROMPT, *common, "--json-schema", str(schema_file), "--top-logprobs", "2"]
+    assert main([*argv, "--json"]) == 0
+    reply = json.loads(capsys.readouterr().out)
+    jsonschema.validate(json.loads(reply["text"]), SCHEMA)
+    assert reply["finish_reason"] == "eos"
+    assert [len(top) for top in reply["top_logprobs"]] == [2] * len(reply["token_ids"])
+
+    assert main(argv) == 0
+    text, *lines = capsys.readouterr().out.splitlines()
+    assert text == reply["text"] and len(lines) == len(reply["token_ids"])
+    assert lines[0].split()[0] == str(reply["token_ids"][0])
+
+    grammar_file = tmp_path / "grammar.gbnf"
+    grammar_file.write_text('root ::= "(" [0-9] ")"\n')
+    assert main(["generate", PROMPT, *common, "--grammar", str(grammar_file)]) == 0
+    assert re.fullmatch(r"\([0-9]\)\n", capsys.readouterr().out)
+    assert main(["generate", PROMPT, *common, "--choice", "up", "down"]) == 0
+    assert capsys.readouterr().out in ("up\n", "down\n")
+    biased = ["generate", PROMPT, *common, "--ignore-eos", "--logit-bias", "42=100", "--json"]
+    assert main(biased) == 0
+    assert set(json.loads(capsys.readouterr().out)["token_ids"]) == {42}
+
+    for bad in (["--logit-bias", "42"], ["--regex", "a", "--choice", "b"], ["--grammar", "/no"]):
+        with pytest.raises(SystemExit) as caught:
+            main(["generate", PROMPT, *bad])
+        assert caught.value.code == 2
+    capsys.readouterr()

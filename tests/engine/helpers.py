@@ -10,7 +10,7 @@ import torch
 from loraserve.config import EngineConfig
 from loraserve.engine.core import EngineCore
 from loraserve.model.loading import load_base_model
-from loraserve.types import FinalEvent, GenerateRequest, TokenEvent
+from loraserve.types import FinalEvent, GenerateRequest, TokenEvent, TopLogprob
 
 
 @dataclass
@@ -18,6 +18,7 @@ class Collected:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[tuple[TopLogprob, ...]] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)  # [V] per generated token
     final: FinalEvent | None = None
     error: Exception | None = None
@@ -27,6 +28,7 @@ class Collected:
             self.tokens.append(event.token_id)
             self.text += event.text
             self.logprobs.append(event.logprob)
+            self.top_logprobs.append(event.top_logprobs)
         elif isinstance(event, FinalEvent):
             self.final = event
         else:
@@ -50,10 +52,10 @@ def recording_logits(core: EngineCore, collected: dict[int, Collected]):
     """While open, `core` keeps the logits each request's tokens were chosen from."""
     original = core._sample_and_emit
 
-    def sample_and_emit(seqs, logits):
+    def sample_and_emit(seqs, logits, *rest):
         for seq, row in zip(seqs, logits):
             collected[seq.request_id].logits.append(row.clone())
-        original(seqs, logits)
+        original(seqs, logits, *rest)
 
     core._sample_and_emit = sample_and_emit
     try:

@@ -252,10 +252,10 @@ async def test_a_caller_gone_while_its_request_is_prepared_leaves_nothing_queued
         with pytest.raises(asyncio.CancelledError):
             await caller
         for _ in range(2000):  # at most ~10 s, in 5 ms polls
-            if core._queued == 0 and not core.has_work():
+            if core.intake.queued == 0 and not core.has_work():
                 break
             await asyncio.sleep(0.005)
-        assert core._queued == 0 and not core.has_work()
+        assert core.intake.queued == 0 and not core.has_work()
     finally:
         engine.shutdown()
     assert_idle(core)

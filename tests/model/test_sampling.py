@@ -1,5 +1,6 @@
 """Tests for per-row next-token selection: greedy, penalty, filtering, seeding, logprobs, and a
-row that cannot be sampled failing alone."""
+row that cannot be sampled failing alone; logit bias, the allowed-token masks of constrained
+rows and the top alternatives."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import pytest
 import torch
 
 from loraserve.model.sampling import (
+    AllowedTokens,
     Sampled,
+    apply_logit_bias,
     apply_repetition_penalty,
     make_generator,
     sample_next_tokens,
+    unpack_bitmask,
 )
-from loraserve.types import SamplingParams
+from loraserve.types import InvalidRequestError, SamplingParams, TokenBias
 
 VOCAB = 64
 GREEDY = SamplingParams()
@@ -32,13 +36,14 @@ def _sample(
     params: list[SamplingParams],
     seeds: list[int | None] | None = None,
     histories: list[torch.Tensor] | None = None,
+    allowed: AllowedTokens | None = None,
 ) -> Sampled:
     seeds = seeds if seeds is not None else [0] * len(params)
     generators = [
         None if p.greedy else make_generator(s, "cpu") for p, s in zip(params, seeds, strict=True)
     ]
     histories = histories if histories is not None else _empty_histories(len(params))
-    return sample_next_tokens(logits, params, generators, histories)
+    return sample_next_tokens(logits, params, generators, histories, allowed)
 
 
 def _penalty_reference(row: list[float], history: list[int], penalty: float) -> list[float]:
@@ -265,3 +270,114 @@ def test_a_row_that_cannot_be_sampled_fails_alone(case: str, position: int) -> N
         assert isinstance(with_bad.errors[position], IndexError)
     else:
         assert not with_bad.errors and not with_bad.usable[position]
+
+
+# ---- logit bias, constrained rows, top alternatives ----------------------------------------
+
+
+def _allowed(rows: dict[int, list[int]], vocab: int = VOCAB) -> AllowedTokens:
+    """Masks for `rows` (row -> the tokens it may choose), packed as the grammar compiler does."""
+    words = (vocab + 31) // 32 + 1  # wider than the vocabulary, as a padded tokenizer's can be
+    bitmask = torch.zeros((len(rows), words), dtype=torch.int64)
+    for i, tokens in enumerate(rows.values()):
+        for token in tokens:
+            bitmask[i, token // 32] |= 1 << (token % 32)
+    signed = torch.where(bitmask >= 1 << 31, bitmask - (1 << 32), bitmask).to(torch.int32)
+    return AllowedTokens(torch.tensor(list(rows)), signed)
+
+
+def test_unpack_bitmask_reads_every_bit_including_the_sign_bit() -> None:
+    tokens = [0, 1, 30, 31, 32, 62, 63, VOCAB + 3]  # the last is past the vocabulary
+    unpacked = unpack_bitmask(_allowed({0: tokens}).bitmask, VOCAB)
+    assert unpacked.shape == (1, VOCAB)
+    assert unpacked[0].nonzero().flatten().tolist() == tokens[:-1]
+
+
+def test_logit_bias_shifts_exactly_the_named_tokens() -> None:
+    logits = _logits(3, seed=4)
+    params = [
+        SamplingParams(logit_bias=(TokenBias(5, 2.5), TokenBias(63, -100.0))),
+        GREEDY,
+        SamplingParams(logit_bias=(TokenBias(0, 0.125),)),
+    ]
+    scores = logits.clone()
+    apply_logit_bias(scores, params)
+    shift = scores - logits
+    expected = torch.zeros_like(logits)
+    expected[0, 5], expected[0, 63], expected[2, 0] = 2.5, -100.0, 0.125
+    torch.testing.assert_close(shift, expected, rtol=0, atol=1e-5)
+    assert torch.equal(scores[1], logits[1])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_logit_bias_steers_the_choice_and_the_logprobs_stay_raw(temperature: float) -> None:
+    logits = _logits(2, seed=5)
+    runner_up = logits[0].topk(2).indices[1].item()
+    top = logits[1].argmax().item()
+    biased = SamplingParams(temperature=temperature, logit_bias=(TokenBias(runner_up, 100.0),))
+    banned = SamplingParams(logit_bias=(TokenBias(top, -100.0),))
+    sampled = _sample(logits, [biased, banned], seeds=[3, 4])
+    assert sampled.tokens[0] == runner_up
+    assert sampled.tokens[1] == logits[1].topk(2).indices[1]
+    raw = logits.log_softmax(dim=-1).gather(1, sampled.tokens[:, None]).squeeze(1)
+    torch.testing.assert_close(sampled.logprobs, raw)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_constrained_rows_choose_only_allowed_tokens(temperature: float) -> None:
+    logits = _logits(3, seed=6)
+    choices = {0: [3, 40, 63], 2: [33]}
+    params = [SamplingParams(temperature=temperature)] * 3
+    for seed in range(20):
+        sampled = _sample(logits, params, seeds=[seed] * 3, allowed=_allowed(choices))
+        assert sampled.tokens[0].item() in choices[0] and sampled.tokens[2].item() == 33
+        assert not sampled.errors and sampled.usable.all()
+    greedy = _sample(logits, [GREEDY] * 3, allowed=_allowed(choices))
+    best = max(choices[0], key=lambda t: logits[0, t].item())
+    assert greedy.tokens[0] == best
+    raw = logits.log_softmax(dim=-1).gather(1, greedy.tokens[:, None]).squeeze(1)
+    torch.testing.assert_close(greedy.logprobs, raw)
+
+
+@pytest.mark.parametrize("position", [0, 1, 3])
+def test_unconstrained_rows_come_out_as_without_constrained_neighbours(position: int) -> None:
+    params = [
+        GREEDY,
+        SamplingParams(temperature=0.9),
+        SamplingParams(temperature=1.2, top_k=7, top_p=0.8, repetition_penalty=1.3),
+        SamplingParams(temperature=0.6, logit_bias=(TokenBias(2, 3.0),)),
+    ]
+    seeds: list[int | None] = [0, 21, 22, 23]
+    logits = _logits(4, seed=7)
+    histories = [torch.tensor([1, 2, 3])] * 4
+    plain = _sample(logits, params, seeds=seeds, histories=histories)
+    constrained = {position: [9, 10], (position + 2) % 4: [11]}
+    masked = _sample(logits, params, seeds, histories, _allowed(constrained))
+    free = [row for row in range(4) if row not in constrained]
+    assert masked.tokens[free].tolist() == plain.tokens[free].tolist()
+    assert masked.tokens[position].item() in (9, 10)
+
+
+def test_a_row_with_no_allowed_token_fails_alone() -> None:
+    logits = _logits(2, seed=8)
+    params = [GREEDY, GREEDY]
+    sampled = _sample(logits, params, allowed=_allowed({1: []}))
+    assert set(sampled.errors) == {1} and isinstance(sampled.errors[1], InvalidRequestError)
+    assert sampled.tokens[0] == logits[0].argmax()
+
+
+def test_top_logprobs_are_the_most_likely_raw_tokens_for_the_rows_that_ask() -> None:
+    logits = _logits(3, seed=9).to(torch.bfloat16)
+    params = [
+        SamplingParams(top_logprobs=5, logit_bias=(TokenBias(0, 50.0),)),
+        GREEDY,
+        SamplingParams(top_logprobs=2, temperature=0.5, repetition_penalty=2.0),
+    ]
+    sampled = _sample(logits, params, seeds=[0, 0, 1], allowed=_allowed({0: [1]}))
+    assert sampled.top is not None and sampled.top.rows == [0, 2]
+    reference = logits.float().log_softmax(dim=-1)
+    for k, (row, n) in enumerate([(0, 5), (2, 2)]):
+        want, want_ids = reference[row].topk(n)
+        assert sampled.top.ids[k, :n].tolist() == want_ids.tolist()
+        torch.testing.assert_close(sampled.top.logprobs[k, :n], want)
+    assert _sample(logits, [GREEDY] * 3).top is None

@@ -29,6 +29,7 @@ from loraserve_client.types import (
     GenerateResult,
     StreamEvent,
     TokenChunk,
+    TopLogprob,
 )
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "ResourceExhausted",
     "StreamEvent",
     "TokenChunk",
+    "TopLogprob",
     "Unauthenticated",
     "Unavailable",
 ]

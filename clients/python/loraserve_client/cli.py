@@ -17,13 +17,14 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from loraserve_client.client import Client
 from loraserve_client.errors import LoraServeError
-from loraserve_client.types import Adapter, GenerateOptions, TokenChunk
+from loraserve_client.types import Adapter, GenerateOptions, GenerateResult, TokenChunk
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 Handler = Callable[[Client, argparse.Namespace], int]
@@ -57,6 +58,30 @@ def _adapter_fields(adapter: Adapter) -> dict[str, Any]:
     return fields
 
 
+def _file_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {error}") from error
+
+
+def _token_bias(item: str) -> tuple[int, float]:
+    token, _, value = item.partition("=")
+    try:
+        return int(token), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{item!r} is not TOKEN_ID=VALUE (for example 42=-100)"
+        ) from None
+
+
+def _print_alternatives(result: GenerateResult) -> None:
+    """One line per token: its id and log-probability, then the most likely tokens."""
+    for token, logprob, top in zip(result.token_ids, result.logprobs, result.top_logprobs):
+        shown = ", ".join(f"{t.text!r} {t.logprob:.3f}" for t in top)
+        print(f"{token:>8} {logprob:8.3f}  {shown}")
+
+
 def _generate(client: Client, args: argparse.Namespace) -> int:
     options = GenerateOptions(
         adapter=args.adapter,
@@ -65,6 +90,12 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=tuple(args.stop),
         ignore_eos=args.ignore_eos,
+        json_schema=args.json_schema,
+        regex=args.regex,
+        grammar=args.grammar,
+        choice=args.choice,
+        top_logprobs=args.top_logprobs,
+        logit_bias=dict(args.logit_bias),
     )
     if not args.stream:
         result = client.generate(args.prompt, options)
@@ -72,6 +103,7 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
             _print_json(result)
         else:
             print(result.text)
+            _print_alternatives(result)
         return 0
     with client.generate_stream(args.prompt, options) as stream:
         for event in stream:
@@ -234,6 +266,41 @@ def add_client_commands(
         help="keep generating past end-of-sequence up to --max-new-tokens",
     )
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
+    constraint = p.add_mutually_exclusive_group()
+    constraint.add_argument(
+        "--json-schema",
+        dest="json_schema",
+        type=_file_text,
+        metavar="FILE",
+        help="constrain the output to JSON that validates against the schema in FILE",
+    )
+    constraint.add_argument("--regex", help="constrain the output to match this regex")
+    constraint.add_argument(
+        "--grammar",
+        type=_file_text,
+        metavar="FILE",
+        help="constrain the output to the GBNF or Lark grammar in FILE",
+    )
+    constraint.add_argument(
+        "--choice", nargs="+", action="extend", metavar="TEXT", help="the output is one of these"
+    )
+    p.add_argument(
+        "--top-logprobs",
+        dest="top_logprobs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print the N most likely tokens at each step (0-20)",
+    )
+    p.add_argument(
+        "--logit-bias",
+        dest="logit_bias",
+        type=_token_bias,
+        action="append",
+        default=[],
+        metavar="ID=VALUE",
+        help="add VALUE (-100 to 100) to token ID's logit (repeatable)",
+    )
 
     adapters = subparsers.add_parser("adapters", help="manage LoRA adapters")
     actions = adapters.add_subparsers(dest="adapters_command", required=True, metavar="ACTION")

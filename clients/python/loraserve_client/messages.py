@@ -7,6 +7,7 @@ deadlines or retries.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import timezone
 
@@ -21,6 +22,7 @@ from loraserve_client.types import (
     GenerateResult,
     StreamEvent,
     TokenChunk,
+    TopLogprob,
 )
 
 FINISH_REASONS: dict[int, str] = {
@@ -54,12 +56,38 @@ def generation_input(
         stop=[o.stop] if isinstance(o.stop, str) else list(o.stop),
         logprobs=o.logprobs,
         ignore_eos=o.ignore_eos,
+        constraint=constraint_of(o),
+        top_logprobs=o.top_logprobs,
+        logit_bias=dict(o.logit_bias or {}),
     )
     if isinstance(prompt, str):
         message.text = prompt
     else:
         message.token_ids.ids.extend(prompt)
     return message
+
+
+def constraint_of(options: GenerateOptions) -> generation_pb2.Constraint | None:
+    """The options' one constraint, or None; ValueError when more than one is given."""
+    given = {
+        name: value
+        for name in ("json_schema", "regex", "grammar", "choice")
+        if (value := getattr(options, name)) is not None
+    }
+    if len(given) > 1:
+        raise ValueError(f"give at most one constraint, not {' and '.join(sorted(given))}")
+    if not given:
+        return None
+    [(name, value)] = given.items()
+    if name == "choice":
+        return generation_pb2.Constraint(choice=generation_pb2.Choices(values=list(value)))
+    constraint = generation_pb2.Constraint()
+    setattr(constraint, name, value if isinstance(value, str) else json.dumps(value))
+    return constraint
+
+
+def top_logprobs_of(candidates: Sequence[generation_pb2.TopLogprob]) -> list[TopLogprob]:
+    return [TopLogprob(token_id=c.token_id, logprob=c.logprob, text=c.text) for c in candidates]
 
 
 def finish_reason_of(value: int) -> str:
@@ -74,6 +102,7 @@ def result_of(reply: generation_pb2.GenerateResponse) -> GenerateResult:
         finish_reason=finish_reason_of(reply.finish_reason),
         prompt_tokens=reply.usage.prompt_tokens,
         completion_tokens=reply.usage.completion_tokens,
+        top_logprobs=[top_logprobs_of(t.candidates) for t in reply.top_logprobs],
     )
 
 
@@ -84,6 +113,7 @@ def event_of(message: generation_pb2.GenerateStreamResponse) -> StreamEvent:
             token_id=token.token_id,
             text=token.text,
             logprob=token.logprob if token.HasField("logprob") else None,
+            top_logprobs=top_logprobs_of(token.top_logprobs),
         )
     final = message.final
     return Finished(

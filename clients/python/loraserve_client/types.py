@@ -8,7 +8,7 @@ about gRPC or how these values are built (that is `messages`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from typing import Any
 
@@ -17,7 +17,11 @@ from typing import Any
 class GenerateOptions:
     """How to generate: the adapter (None: the base model alone; version None: the latest),
     sampling, and when to stop. None leaves a field to the server; max_new_tokens 0 takes the
-    server's default. ignore_eos keeps generating past end-of-sequence up to max_new_tokens."""
+    server's default. ignore_eos keeps generating past end-of-sequence up to max_new_tokens.
+
+    At most one constraint: json_schema (a dict, or JSON text), regex, grammar (GBNF or Lark
+    text) or choice (the strings the output is one of). top_logprobs (0 to 20) returns that many
+    most likely tokens per step; logit_bias maps token ids to a value added to their logits."""
 
     adapter: str | None = None
     version: str | None = None
@@ -30,6 +34,12 @@ class GenerateOptions:
     stop: str | Sequence[str] = ()
     logprobs: bool = False
     ignore_eos: bool = False
+    json_schema: str | Mapping[str, Any] | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    choice: Sequence[str] | None = None
+    top_logprobs: int = 0
+    logit_bias: Mapping[int, float] | None = None
 
     @classmethod
     def merged(
@@ -43,15 +53,27 @@ class GenerateOptions:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    """One of the most likely tokens at a step, with its log-probability and its text alone."""
+
+    token_id: int
+    logprob: float
+    text: str
+
+
+@dataclass(frozen=True)
 class GenerateResult:
     text: str
     token_ids: list[int]
-    # One per token when logprobs was asked for, else empty.
+    # One per token when logprobs (or top_logprobs) was asked for, else empty.
     logprobs: list[float]
-    # "eos", "length", "stop" or "cancelled".
+    # "eos", "length", "stop" or "cancelled". With a constraint, "eos" means the text matches
+    # it and "length" that max_new_tokens cut it.
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    # One list per token, most likely first, when top_logprobs was asked for, else empty.
+    top_logprobs: list[list[TopLogprob]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -62,6 +84,8 @@ class TokenChunk:
     # Text this token completes; empty while a multi-byte character or stop string is pending.
     text: str
     logprob: float | None
+    # The most likely tokens at this step, when top_logprobs was asked for.
+    top_logprobs: list[TopLogprob] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

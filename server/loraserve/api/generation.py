@@ -19,13 +19,18 @@ from loraserve.api.auth import caller
 from loraserve.api.errors import abort_with, observed
 from loraserve.api.state import ServerState
 from loraserve.types import (
+    MAX_LOGIT_BIAS_TOKENS,
+    Constraint,
+    ConstraintKind,
     FinalEvent,
     FinishReason,
     GenerateRequest,
     InvalidRequestError,
     LoraServeError,
     SamplingParams,
+    TokenBias,
     TokenEvent,
+    TopLogprob,
 )
 from loraserve.v1 import generation_pb2 as pb
 from loraserve.v1 import generation_pb2_grpc
@@ -36,6 +41,24 @@ FINISH_REASONS = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
     FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
 }
+CONSTRAINT_KINDS = {
+    "json_schema": ConstraintKind.JSON_SCHEMA,
+    "regex": ConstraintKind.REGEX,
+    "grammar": ConstraintKind.GRAMMAR,
+}
+
+
+def constraint_of(message: pb.GenerationInput) -> Constraint | None:
+    if not message.HasField("constraint"):
+        return None
+    which = message.constraint.WhichOneof("kind")
+    if which is None:
+        raise InvalidRequestError(
+            "input.constraint is empty: set json_schema, regex, grammar or choice"
+        )
+    if which == "choice":
+        return Constraint(ConstraintKind.CHOICE, choices=tuple(message.constraint.choice.values))
+    return Constraint(CONSTRAINT_KINDS[which], getattr(message.constraint, which))
 
 
 def to_domain(
@@ -45,6 +68,11 @@ def to_domain(
     which = message.WhichOneof("prompt")
     if which is None:
         raise InvalidRequestError("input.prompt is missing: set input.text or input.token_ids")
+    if len(message.logit_bias) > MAX_LOGIT_BIAS_TOKENS:  # refused before building a value each
+        raise InvalidRequestError(
+            f"logit_bias names {len(message.logit_bias)} tokens, above the limit of "
+            f"{MAX_LOGIT_BIAS_TOKENS}"
+        )
     s = message.sampling
     sampling = SamplingParams(
         max_new_tokens=message.max_new_tokens or default_max_new_tokens,
@@ -56,6 +84,11 @@ def to_domain(
         seed=s.seed if s.HasField("seed") else None,
         logprobs=message.logprobs,
         ignore_eos=message.ignore_eos,
+        top_logprobs=message.top_logprobs,
+        logit_bias=tuple(
+            TokenBias(token, bias) for token, bias in sorted(message.logit_bias.items())
+        ),
+        constraint=constraint_of(message),
     )
     return GenerateRequest(
         prompt=message.text if which == "text" else None,
@@ -69,6 +102,10 @@ def to_domain(
 
 def usage_of(final: FinalEvent) -> pb.Usage:
     return pb.Usage(prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens)
+
+
+def top_of(top: tuple[TopLogprob, ...]) -> list[pb.TopLogprob]:
+    return [pb.TopLogprob(token_id=t.token_id, logprob=t.logprob, text=t.text) for t in top]
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
@@ -105,12 +142,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     async def _generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        token_ids, logprobs = [], []
+        token_ids, logprobs, tops = [], [], []
         async for event in self._events(request.input, context):
             if isinstance(event, TokenEvent):
                 token_ids.append(event.token_id)
                 if event.logprob is not None:
                     logprobs.append(event.logprob)
+                if event.top_logprobs:
+                    tops.append(pb.TopLogprobs(candidates=top_of(event.top_logprobs)))
             else:
                 return pb.GenerateResponse(
                     text=event.text,
@@ -118,6 +157,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     logprobs=logprobs,
                     finish_reason=FINISH_REASONS[event.finish_reason],
                     usage=usage_of(event),
+                    top_logprobs=tops,
                 )
         raise AssertionError("the engine ended a request without a final event")
 
@@ -128,7 +168,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             async for event in self._events(request.input, context):
                 if isinstance(event, TokenEvent):
                     token = pb.TokenEvent(
-                        token_id=event.token_id, text=event.text, logprob=event.logprob
+                        token_id=event.token_id,
+                        text=event.text,
+                        logprob=event.logprob,
+                        top_logprobs=top_of(event.top_logprobs),
                     )
                     yield pb.GenerateStreamResponse(token=token)
                 else:

@@ -1,11 +1,13 @@
 """The synchronous engine: requests in, one continuous-batching step at a time, events out.
 
-`EngineCore` owns the model runner, the paged KV cache, the scheduler and the adapter manager.
-`make_sequence` validates and tokenizes a request and resolves its adapter to a key (any
-thread); `add` / `cancel` / `step` are called from one thread only (the `AsyncEngine` loop, or a
-test driving steps by hand). Each step: retire cancelled sequences, admit waiting ones, run the
-prefill chunks and the decode tokens, sample, emit, retire finished sequences and free their KV
-at once. `inbox` is how other threads reach that thread: the adapter loader wakes it there.
+`EngineCore` owns the model runner, the paged KV cache, the scheduler, the adapter manager, the
+constraint cache and the request intake. `make_sequence` validates and tokenizes a request,
+resolves its adapter to a key and compiles its constraint (see `intake`: any thread, but it
+blocks while compiling); `add` / `cancel` / `step` are called from one thread only (the
+`AsyncEngine` loop, or a test driving steps by hand). Each step: retire cancelled sequences,
+admit waiting ones, run the prefill chunks and the decode tokens (while a helper thread fills
+the constrained rows' next-token masks), sample, emit, retire finished sequences and free their
+KV at once. `inbox` is how other threads reach that thread: the adapter loader wakes it there.
 
 Knows nothing about gRPC, asyncio or adapter storage: the adapter manager turns names into
 keys and keys into slot grants.
@@ -13,9 +15,7 @@ keys and keys into slot grants.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import threading
 import time
 
 import torch
@@ -23,26 +23,29 @@ import torch
 from loraserve.adapters.manager import AdapterManager
 from loraserve.adapters.store import AdapterStore
 from loraserve.config import EngineConfig
+from loraserve.engine.constraint_cache import ConstraintCache
 from loraserve.engine.inbox import Inbox
+from loraserve.engine.intake import Intake
+from loraserve.engine.masks import MaskFiller, StepMasks
 from loraserve.engine.scheduler import Scheduler
 from loraserve.engine.sequence import EmitFn, Sequence
 from loraserve.metrics import LiveState, Metrics
 from loraserve.model.blocks import BlockAllocator
-from loraserve.model.detokenizer import IncrementalDetokenizer
+from loraserve.model.detokenizer import token_text
+from loraserve.model.grammar import GrammarCompiler
 from loraserve.model.kv_cache import PagedKVCache
 from loraserve.model.loading import LoadedModel
 from loraserve.model.lora import LoraContext, wrap_lora_targets
 from loraserve.model.runner import ModelRunner, RowInput
-from loraserve.model.sampling import make_generator, sample_next_tokens
+from loraserve.model.sampling import Sampled, sample_next_tokens
 from loraserve.types import (
-    DEFAULT_TENANT,
-    CapacityError,
     FinalEvent,
     FinishReason,
     GenerateRequest,
     InvalidRequestError,
     LoraServeError,
     TokenEvent,
+    TopLogprob,
 )
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,7 @@ NON_FINITE = (
     "adapter's weights, or its temperature or repetition_penalty, overflow; try another adapter "
     "version or milder sampling values"
 )
+BROKEN_GRAMMAR = "the constraint could not be followed past token {n}: {why}; simplify it"
 
 
 def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
@@ -131,103 +135,36 @@ class EngineCore:
             self.allocator.capacity_tokens,
         )
         self.eos_ids = _eos_ids(loaded)
+        self.grammars = GrammarCompiler(loaded.tokenizer, self.vocab_size, self.eos_ids)
+        self.constraints = ConstraintCache(
+            self.grammars.compile,
+            max_constraint_bytes=config.max_constraint_bytes,
+            max_entries=config.constraint_cache_entries,
+            max_bytes=config.constraint_cache_bytes,
+            timeout_s=config.constraint_compile_timeout_s,
+            metrics=self.metrics,
+        )
+        self.masks = MaskFiller(self.grammars, config.max_batch_size, self.device)
+        self.intake = Intake(
+            config,
+            self.tokenizer,
+            self.vocab_size,
+            self.max_context,
+            self.device,
+            self.metrics,
+            self.adapters,
+            self.allocator,
+            self.constraints,
+        )
         self.steps = 0
         self.updated_at = time.time()
-        self._ids = itertools.count(1)
-        self._queued = 0  # sequences made and not yet admitted or retired
-        self._queued_tokens = 0  # their prompt tokens
-        self._queue_lock = threading.Lock()
         self._by_id: dict[int, Sequence] = {}
 
     # ---- requests -----------------------------------------------------------------------
 
     def make_sequence(self, request: GenerateRequest, emit: EmitFn) -> Sequence:
-        """Validate and tokenize `request`, and resolve its adapter to an immutable key.
-
-        Raises InvalidRequestError, AdapterNotFoundError or CapacityError with a message that
-        says what to change. Safe to call from any thread.
-        """
-        params = request.sampling
-        params.validate()
-        prompt_ids = self._prompt_ids(request)
-        total = len(prompt_ids) + params.max_new_tokens
-        if total > self.max_context:
-            self.metrics.requests_rejected.labels("token_budget").inc()
-            raise InvalidRequestError(
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = "
-                f"{total} exceeds the context limit of {self.max_context} tokens; shorten the "
-                "prompt or lower max_new_tokens"
-            )
-        adapter_key = self.adapters.resolve(
-            request.adapter, request.tenant, request.adapter_version
-        )
-        with self._queue_lock:  # counts requests still in flight to the engine thread too
-            if self._queued >= self.config.max_waiting:
-                self.metrics.requests_rejected.labels("queue_full").inc()
-                raise CapacityError(
-                    f"the queue is full ({self.config.max_waiting} waiting requests); retry later"
-                )
-            if self._queued_tokens + len(prompt_ids) > self.config.max_waiting_tokens:
-                self.metrics.requests_rejected.labels("queue_full").inc()
-                raise CapacityError(
-                    f"this request's {len(prompt_ids)} prompt tokens would take the queue to "
-                    f"{self._queued_tokens + len(prompt_ids)}, above its bound of "
-                    f"{self.config.max_waiting_tokens} prompt tokens; retry later"
-                )
-            self._queued += 1
-            self._queued_tokens += len(prompt_ids)
-        return Sequence(
-            request_id=next(self._ids),
-            prompt_len=len(prompt_ids),
-            token_ids=list(prompt_ids),
-            params=params,
-            adapter_key=adapter_key,
-            kv_tokens=total,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop),
-            generator=None if params.greedy else make_generator(params.seed, self.device),
-            emit=emit,
-            prefix_hashes=self._prefix_hashes(
-                request.tenant or DEFAULT_TENANT, adapter_key, prompt_ids
-            ),
-            tenant=self.metrics.tenant_label(request.tenant or DEFAULT_TENANT),
-            arrived_at=time.monotonic(),
-        )
-
-    def _prefix_hashes(self, tenant: str, adapter_key, prompt_ids: list[int]) -> list[bytes]:
-        """The prefix-cache hashes of the prompt's full blocks, its last token aside (it must
-        run to give the first logits). Namespaced by tenant and adapter: never shared across."""
-        if not self.config.prefix_caching:
-            return []
-        return self.allocator.prefix_hashes((tenant, adapter_key), prompt_ids[:-1])
-
-    def _prompt_ids(self, request: GenerateRequest) -> list[int]:
-        if (request.prompt is None) == (request.prompt_token_ids is None):
-            raise InvalidRequestError("give exactly one of prompt (text) or prompt_token_ids")
-        if request.prompt is not None:
-            self._check_prompt_bytes(request.prompt)
-            ids = self.tokenizer.encode(request.prompt)
-        else:
-            ids = list(request.prompt_token_ids or ())
-            bad = [t for t in ids if not (0 <= t < self.vocab_size)]
-            if bad:
-                raise InvalidRequestError(
-                    f"prompt_token_ids holds ids outside the vocabulary [0, {self.vocab_size}): "
-                    f"{bad[:5]}"
-                )
-        if not ids:
-            raise InvalidRequestError("the prompt is empty; give at least one token")
-        return ids
-
-    def _check_prompt_bytes(self, prompt: str) -> None:
-        """Refuse a prompt text over the byte limit before any tokenizer work."""
-        limit = self.config.prompt_bytes_limit
-        if len(prompt) > limit or len(prompt.encode("utf-8", "surrogatepass")) > limit:
-            self.metrics.requests_rejected.labels("prompt_bytes").inc()
-            size = len(prompt.encode("utf-8", "surrogatepass"))
-            raise InvalidRequestError(
-                f"the prompt is {size} bytes, above this server's limit of {limit} bytes "
-                "(max_prompt_bytes); shorten the prompt"
-            )
+        """See `Intake.make_sequence`: blocks while the request's constraint compiles."""
+        return self.intake.make_sequence(request, emit)
 
     def add(self, seq: Sequence) -> None:
         self.metrics.requests_received.labels(seq.tenant).inc()
@@ -263,7 +200,7 @@ class EngineCore:
         admitted, failed = self.scheduler.admit()
         now = time.monotonic()
         for seq in admitted:
-            self._leave_queue(seq)
+            self.intake.leave_queue(seq)
             self.metrics.queue_time.observe(now - seq.arrived_at)
         for seq, error in failed:
             self._fail(seq, error)
@@ -281,20 +218,25 @@ class EngineCore:
                 RowInput(s.token_ids[s.num_cached :], s.num_cached, s.block_table, s.lora_slot)
                 for s in plan.decode
             ]  # fmt: skip
-            out = self._forward("prefill" if plan.prefill else "decode", rows)  # [B, V]
-            ready, logits = [], []
+            # The rows that sample this step: decodes, and prefills whose chunk ends the prompt.
+            ready = [s for s, n in plan.prefill if s.num_cached + n >= s.prompt_len]
+            ready += plan.decode
+            pending = self.masks.start(ready)
+            try:
+                out = self._forward("prefill" if plan.prefill else "decode", rows)  # [B, V]
+            finally:
+                masks = pending.wait() if pending else None
+            picked = []
             for i, (s, n) in enumerate(plan.prefill):
                 s.num_cached += n
                 self.allocator.publish(s.prefix_hashes, s.block_table, s.num_cached)
                 if not s.in_prefill:
-                    ready.append(s)
-                    logits.append(out[i])
+                    picked.append(i)
             for i, s in enumerate(plan.decode, start=len(plan.prefill)):
                 s.num_cached = len(s.token_ids)
-                ready.append(s)
-                logits.append(out[i])
+                picked.append(i)
             if ready:
-                self._sample_and_emit(ready, torch.stack(logits))
+                self._sample_and_emit(ready, out[picked], masks)
         except Exception as error:  # one bad step must not kill the engine
             stepped = [s for s, _ in plan.prefill] + list(plan.decode)
             log.exception("engine step failed; failing its %d sequences", len(stepped))
@@ -309,29 +251,41 @@ class EngineCore:
         self.metrics.step_duration.labels(phase).observe(time.perf_counter() - started)
         return logits
 
-    def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """logits: [N, V] float32, one row per sequence in `seqs`.
+    def _sample_and_emit(
+        self, seqs: list[Sequence], logits: torch.Tensor, masks: StepMasks | None = None
+    ) -> None:
+        """logits: [N, V] float32, one row per sequence in `seqs`; masks: the constrained rows'.
 
         A row that cannot be sampled, or whose emit raises, fails its own request alone:
         non-finite scores with InvalidRequestError (the adapter or the sampling values overflow,
-        which retrying will not change), anything unexpected as itself (INTERNAL, logged).
+        which retrying will not change), so does a constraint that broke (a step over its
+        limits), anything unexpected as itself (INTERNAL, logged).
         """
+        masks = masks or StepMasks()
         histories = [
             s.history(self.device) if s.params.repetition_penalty != 1.0 else None for s in seqs
         ]
         sampled = sample_next_tokens(
-            logits, [s.params for s in seqs], [s.generator for s in seqs], histories
+            logits,
+            [s.params for s in seqs],
+            [s.generator for s in seqs],
+            histories,
+            masks.allowed,
         )
         tokens, logprobs = sampled.tokens.tolist(), sampled.logprobs.tolist()
         usable = sampled.usable.tolist()
+        tops = self._top_logprobs(seqs, sampled)
         now = time.monotonic()
         for row, seq in enumerate(seqs):
             error = sampled.errors.get(row)
+            if row in masks.broken:
+                why = masks.broken[row]
+                error = InvalidRequestError(BROKEN_GRAMMAR.format(n=seq.num_generated, why=why))
             if error is None and not usable[row]:
                 error = InvalidRequestError(NON_FINITE)
             if error is None:
                 try:
-                    self._emit_token(seq, tokens[row], logprobs[row], now)
+                    self._emit_token(seq, tokens[row], logprobs[row], tops.get(row, ()), now)
                     continue
                 except Exception as raised:  # this request fails alone
                     error = raised
@@ -340,7 +294,36 @@ class EngineCore:
             if seq.request_id in self._by_id:  # not already retired
                 self._fail(seq, error)
 
-    def _emit_token(self, seq: Sequence, token: int, logprob: float, now: float) -> None:
+    def _top_logprobs(
+        self, seqs: list[Sequence], sampled: Sampled
+    ) -> dict[int, tuple[TopLogprob, ...]]:
+        """row -> its most likely tokens, as many as its request asked for."""
+        if sampled.top is None:
+            return {}
+        ids, logprobs = sampled.top.ids.tolist(), sampled.top.logprobs.tolist()
+        return {
+            row: tuple(
+                TopLogprob(i, lp, token_text(self.tokenizer, i))
+                for i, lp in zip(ids[k], logprobs[k][: seqs[row].params.top_logprobs])
+            )
+            for k, row in enumerate(sampled.top.rows)
+        }
+
+    def _emit_token(
+        self,
+        seq: Sequence,
+        token: int,
+        logprob: float,
+        top: tuple[TopLogprob, ...],
+        now: float,
+    ) -> None:
+        """Append `token`, advance the request's grammar, emit the token and finish the request
+        if it ends here: eos where allowed (always, where a grammar let it through), the grammar
+        complete (EOS too: the output parses), a stop sequence, or max_new_tokens."""
+        ends = token in self.eos_ids and (seq.grammar is not None or not seq.params.ignore_eos)
+        if seq.grammar is not None and not ends and not seq.grammar.accept(token):
+            why = seq.grammar.error or "the grammar refused the token"
+            raise InvalidRequestError(BROKEN_GRAMMAR.format(n=seq.num_generated, why=why))
         seq.token_ids.append(token)
         since = seq.last_token_at if seq.num_generated > 1 else seq.arrived_at
         latency = self.metrics.inter_token_latency
@@ -349,14 +332,17 @@ class EngineCore:
         latency.observe(now - since)
         seq.last_token_at = now
         self.metrics.generated_tokens.labels(seq.tenant).inc()
-        if token in self.eos_ids and not seq.params.ignore_eos:
+        if ends:
             text, reason = seq.detokenizer.flush(), FinishReason.EOS
         else:
             text, stopped = seq.detokenizer.push(token)
             reason = FinishReason.STOP if stopped else None
+            if reason is None and seq.grammar is not None and seq.grammar.done:
+                text, reason = text + seq.detokenizer.flush(), FinishReason.EOS
             if reason is None and seq.num_generated >= seq.params.max_new_tokens:
                 text, reason = text + seq.detokenizer.flush(), FinishReason.LENGTH
-        seq.emit(TokenEvent(token, text, logprob if seq.params.logprobs else None))
+        logprob_or_none = logprob if seq.params.wants_logprobs else None
+        seq.emit(TokenEvent(token, text, logprob_or_none, top))
         if reason is not None:
             self._finish(seq, reason)
 
@@ -377,15 +363,8 @@ class EngineCore:
         self.metrics.requests_finished.labels(seq.tenant, "error").inc()
         self._release(seq)
 
-    def _leave_queue(self, seq: Sequence) -> None:
-        if seq.queued:
-            seq.queued = False
-            with self._queue_lock:
-                self._queued -= 1
-                self._queued_tokens -= seq.prompt_len
-
     def _release(self, seq: Sequence) -> None:
-        self._leave_queue(seq)
+        self.intake.leave_queue(seq)
         self.scheduler.remove(seq)
         if seq.held_slot is not None:
             self.adapters.release(seq.held_slot)

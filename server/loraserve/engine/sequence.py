@@ -13,6 +13,7 @@ import torch
 
 from loraserve.adapters.keys import AdapterKey
 from loraserve.model.detokenizer import IncrementalDetokenizer
+from loraserve.model.grammar import GrammarState
 from loraserve.types import DEFAULT_TENANT, FinalEvent, SamplingParams, TokenEvent
 
 Event = TokenEvent | FinalEvent | Exception
@@ -40,6 +41,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     prefix_hashes: list[bytes] = field(default_factory=list)  # its prompt's full KV blocks
     num_cached: int = 0
+    grammar: GrammarState | None = None  # its constraint's state; None = unconstrained
     queued: bool = True  # counts against max_waiting until admitted or retired
     cancelled: bool = False
 

@@ -98,6 +98,12 @@ class IncrementalDetokenizer:
         return text if isinstance(text, str) else "".join(text)
 
 
+def token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
+    """The text of one token alone (U+FFFD for part of a multi-byte character)."""
+    text = tokenizer.decode([token_id])
+    return text if isinstance(text, str) else "".join(text)
+
+
 def _stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:
     """Length of the longest tail of `text` that is the beginning of some stop sequence."""
     longest = 0

@@ -1,9 +1,13 @@
 """Next-token selection for a batch of rows, each with its own sampling parameters.
 
-Owns the repetition penalty, greedy choice, temperature, top-k / top-p filtering, the per-row
-random draw and the log-probability reported for the chosen token. Knows nothing about
-requests, adapters, the model or the tokenizer: it sees logits, parameters, one generator per
-sampled row and each row's token history.
+Owns the repetition penalty, the logit bias, the allowed-token masks of constrained rows, greedy
+choice, temperature, top-k / top-p filtering, the per-row random draw, and the log-probabilities
+reported: the chosen token's and the most likely alternatives', both of the raw logits. Each
+step applies, in order: penalty, bias, mask, then greedy choice or temperature and filtering.
+Knows nothing about requests, adapters, grammars, the model or the tokenizer: it sees logits,
+parameters, one generator per sampled row, each row's token history and a bitmask per
+constrained row. Rows without a penalty, a bias, a mask or alternatives asked for cost no
+per-row work for them.
 
 Every sampled row draws exactly once per call from its own generator, on its own row alone, so a
 seeded request yields the same tokens whatever else shares its batch and in whatever order.
@@ -22,7 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
-from loraserve.types import SamplingParams
+from loraserve.types import InvalidRequestError, SamplingParams
+
+NO_ALLOWED_TOKEN = (
+    "the constraint leaves no token the model can produce next; loosen the constraint or the "
+    "logit_bias"
+)
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
@@ -49,6 +58,49 @@ def apply_repetition_penalty(
         scores[row, ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
 
 
+def apply_logit_bias(scores: torch.Tensor, params: Sequence[SamplingParams]) -> None:
+    """Add each row's `logit_bias` to the named tokens' scores, in place; nothing else moves."""
+    # scores: [B, V] float32
+    rows, ids, values = [], [], []
+    for row, p in enumerate(params):
+        for bias in p.logit_bias:
+            rows.append(row)
+            ids.append(bias.token_id)
+            values.append(bias.bias)
+    if rows:
+        device = scores.device
+        scores.index_put_(
+            (torch.tensor(rows, device=device), torch.tensor(ids, device=device)),
+            torch.tensor(values, dtype=scores.dtype, device=device),
+            accumulate=True,
+        )
+
+
+@dataclass(frozen=True)
+class AllowedTokens:
+    """The tokens each constrained row may choose: bit `t % 32` of word `t // 32` set means
+    token t is allowed (words past the vocabulary are ignored)."""
+
+    rows: torch.Tensor  # [C] int64: the rows of the batch these masks apply to
+    bitmask: torch.Tensor  # [C, ceil(V' / 32)] int32, V' >= V, on the logits' device
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[C, W] int32 bitmask -> [C, vocab] bool, True where the token is allowed."""
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    return ((bitmask.unsqueeze(-1) >> bits) & 1).bool().flatten(1)[:, :vocab]
+
+
+@dataclass(frozen=True)
+class TopLogprobs:
+    """The most likely tokens of the rows that asked, most likely first: `rows[i]`'s are
+    `ids[i, :n]` with `logprobs[i, :n]`, n being what that row asked for."""
+
+    rows: list[int]
+    ids: torch.Tensor  # [R, max n] int64
+    logprobs: torch.Tensor  # [R, max n] float32, of the raw logits
+
+
 @dataclass(frozen=True)
 class Sampled:
     """One call's choices. A row is good when `usable[row]` and not in `errors`."""
@@ -57,6 +109,7 @@ class Sampled:
     logprobs: torch.Tensor  # [B] float32, of the raw logits
     usable: torch.Tensor  # [B] bool: the row's scores could be sampled from
     errors: dict[int, Exception]  # row -> what was raised while sampling it alone
+    top: TopLogprobs | None = None  # when some row asked for alternatives
 
 
 def usable_scores(scores: torch.Tensor) -> torch.Tensor:
@@ -73,18 +126,21 @@ def sample_next_tokens(
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
     histories: Sequence[torch.Tensor | None],
+    allowed: AllowedTokens | None = None,
 ) -> Sampled:
     """Pick one token per row, with its log-probability; see `Sampled` for rows that failed.
 
-    The log-probability is that of the raw logits, before penalty, temperature or filtering.
-    Greedy rows (temperature 0) take the argmax; the others draw from their own generator.
+    Log-probabilities are those of the raw logits, before penalty, bias, mask, temperature or
+    filtering. Greedy rows (temperature 0) take the argmax; the others draw from their own
+    generator. A constrained row (in `allowed`) chooses among its allowed tokens only.
     """
     # logits: [B, V] any float dtype; histories[b]: [n_b] int64 on logits.device, or None
     # for a row whose repetition penalty is 1
     raw = logits.float()
     errors: dict[int, Exception] = {}
     scores = raw
-    if any(p.repetition_penalty != 1.0 for p in params):
+    biased = any(p.logit_bias for p in params)
+    if biased or allowed is not None or any(p.repetition_penalty != 1.0 for p in params):
         scores = raw.clone()
         for row, p in enumerate(params):
             try:
@@ -93,8 +149,12 @@ def sample_next_tokens(
                 )
             except Exception as error:  # this row fails alone
                 errors[row] = error
+    if biased:
+        apply_logit_bias(scores, params)
 
     usable = usable_scores(scores)
+    if allowed is not None:
+        _mask(scores, allowed, errors)
     tokens = scores.argmax(dim=-1)
     for row, p in enumerate(params):
         if p.greedy or row in errors:
@@ -106,8 +166,33 @@ def sample_next_tokens(
             continue
         usable[row] &= drawable
 
-    logprobs = raw.gather(1, tokens[:, None]).squeeze(1) - raw.logsumexp(dim=-1)
-    return Sampled(tokens, logprobs, usable, errors)
+    normaliser = raw.logsumexp(dim=-1, keepdim=True)  # [B, 1]
+    logprobs = (raw.gather(1, tokens[:, None]) - normaliser).squeeze(1)
+    return Sampled(tokens, logprobs, usable, errors, _top(raw, normaliser, params))
+
+
+def _mask(scores: torch.Tensor, allowed: AllowedTokens, errors: dict[int, Exception]) -> None:
+    """Rule out, in place, every token a constrained row may not choose; a row left with no
+    finite score fails alone."""
+    # scores: [B, V] float32
+    keep = unpack_bitmask(allowed.bitmask, scores.shape[1])
+    masked = scores[allowed.rows].masked_fill(~keep, float("-inf"))
+    scores[allowed.rows] = masked
+    for i in (~masked.amax(dim=-1).isfinite()).nonzero().flatten().tolist():
+        errors.setdefault(int(allowed.rows[i]), InvalidRequestError(NO_ALLOWED_TOKEN))
+
+
+def _top(
+    raw: torch.Tensor, normaliser: torch.Tensor, params: Sequence[SamplingParams]
+) -> TopLogprobs | None:
+    """The most likely tokens of the rows with `top_logprobs` > 0, from the raw logits."""
+    rows = [row for row, p in enumerate(params) if p.top_logprobs > 0]
+    if not rows:
+        return None
+    n = min(max(params[row].top_logprobs for row in rows), raw.shape[1])
+    index = torch.tensor(rows, device=raw.device)
+    values, ids = raw[index].topk(n, dim=-1)
+    return TopLogprobs(rows, ids, values - normaliser[index])
 
 
 def _draw(

@@ -24,37 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dloraserve/v1/generation.proto\x12\x0cloraserve.v1\"+\n\nAdapterRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\xa6\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x42\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xff\x01\n\x0fGenerationInput\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraserve.v1.AdapterRef\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.loraserve.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.loraserve.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x10\n\x08logprobs\x18\x07 \x01(\x08\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"?\n\x0fGenerateRequest\x12,\n\x05input\x18\x01 \x01(\x0b\x32\x1d.loraserve.v1.GenerationInput\"\x9c\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.loraserve.v1.Usage\"E\n\x15GenerateStreamRequest\x12,\n\x05input\x18\x01 \x01(\x0b\x32\x1d.loraserve.v1.GenerationInput\"N\n\nTokenEvent\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\n\n\x08_logprob\"c\n\nFinalEvent\x12\x31\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.loraserve.v1.Usage\"w\n\x16GenerateStreamResponse\x12)\n\x05token\x18\x01 \x01(\x0b\x32\x18.loraserve.v1.TokenEventH\x00\x12)\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x18.loraserve.v1.FinalEventH\x00\x42\x07\n\x05\x65vent*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xbd\x01\n\x11GenerationService\x12I\n\x08Generate\x12\x1d.loraserve.v1.GenerateRequest\x1a\x1e.loraserve.v1.GenerateResponse\x12]\n\x0eGenerateStream\x12#.loraserve.v1.GenerateStreamRequest\x1a$.loraserve.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dloraserve/v1/generation.proto\x12\x0cloraserve.v1\"+\n\nAdapterRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\xa6\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x42\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"x\n\nConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x03 \x01(\tH\x00\x12\'\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x15.loraserve.v1.ChoicesH\x00\x42\x06\n\x04kind\"\x19\n\x07\x43hoices\x12\x0e\n\x06values\x18\x01 \x03(\t\"\xb7\x03\n\x0fGenerationInput\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraserve.v1.AdapterRef\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.loraserve.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.loraserve.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x10\n\x08logprobs\x18\x07 \x01(\x08\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12,\n\nconstraint\x18\t \x01(\x0b\x32\x18.loraserve.v1.Constraint\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12@\n\nlogit_bias\x18\x0b \x03(\x0b\x32,.loraserve.v1.GenerationInput.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06prompt\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\";\n\x0bTopLogprobs\x12,\n\ncandidates\x18\x01 \x03(\x0b\x32\x18.loraserve.v1.TopLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"?\n\x0fGenerateRequest\x12,\n\x05input\x18\x01 \x01(\x0b\x32\x1d.loraserve.v1.GenerationInput\"\xcd\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12/\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x19.loraserve.v1.TopLogprobs\"E\n\x15GenerateStreamRequest\x12,\n\x05input\x18\x01 \x01(\x0b\x32\x1d.loraserve.v1.GenerationInput\"~\n\nTokenEvent\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12.\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x18.loraserve.v1.TopLogprobB\n\n\x08_logprob\"c\n\nFinalEvent\x12\x31\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.loraserve.v1.Usage\"w\n\x16GenerateStreamResponse\x12)\n\x05token\x18\x01 \x01(\x0b\x32\x18.loraserve.v1.TokenEventH\x00\x12)\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x18.loraserve.v1.FinalEventH\x00\x42\x07\n\x05\x65vent*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xbd\x01\n\x11GenerationService\x12I\n\x08Generate\x12\x1d.loraserve.v1.GenerateRequest\x1a\x1e.loraserve.v1.GenerateResponse\x12]\n\x0eGenerateStream\x12#.loraserve.v1.GenerateStreamRequest\x1a$.loraserve.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraserve.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1201
-  _globals['_FINISHREASON']._serialized_end=1348
+  _globals['_GENERATIONINPUT_LOGITBIASENTRY']._loaded_options = None
+  _globals['_GENERATIONINPUT_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=1755
+  _globals['_FINISHREASON']._serialized_end=1902
   _globals['_ADAPTERREF']._serialized_start=47
   _globals['_ADAPTERREF']._serialized_end=90
   _globals['_SAMPLINGPARAMS']._serialized_start=93
   _globals['_SAMPLINGPARAMS']._serialized_end=259
   _globals['_TOKENIDS']._serialized_start=261
   _globals['_TOKENIDS']._serialized_end=284
-  _globals['_GENERATIONINPUT']._serialized_start=287
-  _globals['_GENERATIONINPUT']._serialized_end=542
-  _globals['_USAGE']._serialized_start=544
-  _globals['_USAGE']._serialized_end=601
-  _globals['_GENERATEREQUEST']._serialized_start=603
-  _globals['_GENERATEREQUEST']._serialized_end=666
-  _globals['_GENERATERESPONSE']._serialized_start=669
-  _globals['_GENERATERESPONSE']._serialized_end=825
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=827
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=896
-  _globals['_TOKENEVENT']._serialized_start=898
-  _globals['_TOKENEVENT']._serialized_end=976
-  _globals['_FINALEVENT']._serialized_start=978
-  _globals['_FINALEVENT']._serialized_end=1077
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1079
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1198
-  _globals['_GENERATIONSERVICE']._serialized_start=1351
-  _globals['_GENERATIONSERVICE']._serialized_end=1540
+  _globals['_CONSTRAINT']._serialized_start=286
+  _globals['_CONSTRAINT']._serialized_end=406
+  _globals['_CHOICES']._serialized_start=408
+  _globals['_CHOICES']._serialized_end=433
+  _globals['_GENERATIONINPUT']._serialized_start=436
+  _globals['_GENERATIONINPUT']._serialized_end=875
+  _globals['_GENERATIONINPUT_LOGITBIASENTRY']._serialized_start=817
+  _globals['_GENERATIONINPUT_LOGITBIASENTRY']._serialized_end=865
+  _globals['_TOPLOGPROB']._serialized_start=877
+  _globals['_TOPLOGPROB']._serialized_end=938
+  _globals['_TOPLOGPROBS']._serialized_start=940
+  _globals['_TOPLOGPROBS']._serialized_end=999
+  _globals['_USAGE']._serialized_start=1001
+  _globals['_USAGE']._serialized_end=1058
+  _globals['_GENERATEREQUEST']._serialized_start=1060
+  _globals['_GENERATEREQUEST']._serialized_end=1123
+  _globals['_GENERATERESPONSE']._serialized_start=1126
+  _globals['_GENERATERESPONSE']._serialized_end=1331
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=1333
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=1402
+  _globals['_TOKENEVENT']._serialized_start=1404
+  _globals['_TOKENEVENT']._serialized_end=1530
+  _globals['_FINALEVENT']._serialized_start=1532
+  _globals['_FINALEVENT']._serialized_end=1631
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1633
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1752
+  _globals['_GENERATIONSERVICE']._serialized_start=1905
+  _globals['_GENERATIONSERVICE']._serialized_end=2094
 # @@protoc_insertion_point(module_scope)
