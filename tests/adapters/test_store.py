@@ -24,7 +24,7 @@ from tests.conftest import ADAPTER_SPECS, write_adapter
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from loraserve.adapters import peft_config, peft_format
+from loraserve.adapters import peft_config, safetensors_file
 from loraserve.adapters.keys import store_key
 from loraserve.adapters.manifest import IDENTIFIER_RULE, AdapterRef, base_fingerprint
 from loraserve.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_peft_adapter
@@ -417,7 +417,7 @@ def test_invalid_publish_reports_and_leaves_nothing(base, tmp_path, case):
 
 
 def test_weights_over_the_size_cap_are_refused_while_streaming(base, tmp_path, monkeypatch):
-    monkeypatch.setattr(peft_format, "MAX_WEIGHTS_BYTES", 1000)
+    monkeypatch.setattr(safetensors_file, "MAX_WEIGHTS_BYTES", 1000)
     publisher = make_publisher(base, tmp_path / "root")
     with pytest.raises(InvalidAdapterError, match="larger than the 1000 byte cap"):
         publisher.publish_dir("acme", "chat", base.first)

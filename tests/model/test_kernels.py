@@ -170,3 +170,12 @@ def test_lora_delta_kernel_equals_reference_over_long_and_short_segments(in_feat
     starts, ends, slot_ids, ranks = (torch.tensor(column) for column in zip(*segments))
     native().lora_delta_(x, y, lora_a, lora_b, starts, ends, slot_ids, ranks)
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(2816, 16), (1024, 64), (13, 9), (8, 8), (7, 3), (0, 4), (5, 0)])
+def test_transpose_scaled_equals_the_strided_copy(shape):
+    """Exactly the torch path's values (one float32 multiply each) on tiles and their edges."""
+    b = torch.randn(*shape)
+    got = native().transpose_scaled(b, 0.37)
+    assert got.shape == (shape[1], shape[0]) and got.is_contiguous()
+    assert torch.equal(got, b.t().contiguous().mul_(0.37))

@@ -26,16 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from loraserve.adapters.peft_config import (
     CONFIG_FILE,
     AdapterConfig,
     LoraAdapterConfig,
     parse_adapter_config,
-    parse_json,
 )
 from loraserve.adapters.peft_tensors import PAIRS, module_weights, not_finite, tensor_role
+from loraserve.adapters.safetensors_file import read_safetensors
 from loraserve.model.slot_terms import ModuleWeights
 from loraserve.types import AdapterIncompatibleError, InvalidAdapterError, shown
 
@@ -47,9 +46,6 @@ PICKLE_ADVICE = (
 )
 PAIR_ROLES = {role for pair in PAIRS.values() for role in pair}
 MAX_CONFIG_BYTES = 1 << 20
-MAX_WEIGHTS_BYTES = 2 << 30
-MAX_HEADER_BYTES = 100_000_000  # safetensors' own reader refuses larger headers too
-HEADER_LENGTH_BYTES = 8  # a safetensors file opens with its header length, u64 little-endian
 
 
 @dataclass(frozen=True)
@@ -78,40 +74,6 @@ def _read_config(directory: Path, problems: list[str]) -> AdapterConfig | None:
     return parse_adapter_config(data, problems)
 
 
-def _invalid_weights(path: Path, problem: str) -> InvalidAdapterError:
-    return InvalidAdapterError(f"{path.name} is invalid:", [f"{path.name}: {problem}"])
-
-
-def safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file, parsed only after its length passes the caps.
-
-    Raises InvalidAdapterError naming the problem: oversized file or header, truncated file, or a
-    header that is not a JSON object.
-    """
-    size = path.stat().st_size
-    if size > MAX_WEIGHTS_BYTES:
-        raise _invalid_weights(path, f"{size} bytes is over the {MAX_WEIGHTS_BYTES} byte cap")
-    with path.open("rb") as f:
-        prefix = f.read(HEADER_LENGTH_BYTES)
-        length = int.from_bytes(prefix, "little")
-        if len(prefix) < HEADER_LENGTH_BYTES:
-            raise _invalid_weights(path, "too short to be a safetensors file")
-        if length > MAX_HEADER_BYTES:
-            raise _invalid_weights(
-                path, f"header claims {length} bytes, over the {MAX_HEADER_BYTES} byte cap"
-            )
-        if length > size - HEADER_LENGTH_BYTES:
-            raise _invalid_weights(path, f"header claims {length} bytes of a {size} byte file")
-        text = f.read(length)
-    try:
-        header = parse_json(text, "header")
-    except ValueError as e:
-        raise _invalid_weights(path, str(e)) from None
-    if not isinstance(header, dict):
-        raise _invalid_weights(path, "header is not a JSON object")
-    return header
-
-
 def read_peft_adapter(
     directory: str | Path,
     targets: dict[str, tuple[int, int]],
@@ -131,6 +93,7 @@ def read_peft_adapter(
         raise InvalidAdapterError(f"adapter directory {str(directory)!r} does not exist")
     config = _read_config(directory, problems)
     weights_path = directory / WEIGHTS_FILE
+    stored: dict[str, torch.Tensor] = {}
     if not weights_path.is_file():
         pickles = [name for name in PICKLE_FILES if (directory / name).exists()]
         hint = (
@@ -141,25 +104,21 @@ def read_peft_adapter(
         problems.append(f"{WEIGHTS_FILE} is missing ({hint})")
     else:
         try:
-            safetensors_header(weights_path)
+            stored = read_safetensors(weights_path)
         except InvalidAdapterError as e:
             problems.extend(e.problems)
+        except OSError as e:
+            problems.append(f"{WEIGHTS_FILE} cannot be read: {e}")
     if problems or config is None:
         raise InvalidAdapterError(f"adapter at {directory.name!r} is invalid:", problems)
 
     parts: dict[str, dict[str, torch.Tensor]] = {}  # module -> role -> tensor
-    try:
-        with safe_open(weights_path, framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                role = tensor_role(name)
-                if role is None:
-                    problems.append(f"tensor {shown(name)} is not a LoRA A/B weight")
-                    continue
-                parts.setdefault(role[0], {})[role[1]] = f.get_tensor(name)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise InvalidAdapterError(
-            f"adapter at {directory.name!r} is invalid:", [f"{WEIGHTS_FILE} cannot be read: {e}"]
-        ) from e
+    for name, tensor in stored.items():
+        role = tensor_role(name)
+        if role is None:
+            problems.append(f"tensor {shown(name)} is not a LoRA A/B weight")
+            continue
+        parts.setdefault(role[0], {})[role[1]] = tensor
 
     modules: dict[str, ModuleWeights] = {}
     incompatible: list[str] = []

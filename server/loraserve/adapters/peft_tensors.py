@@ -25,6 +25,7 @@ import re
 import torch
 
 from loraserve.adapters.peft_config import CONFIG_FILE, AdapterConfig
+from loraserve.model.lora import transposed_b
 from loraserve.model.slot_terms import ModuleWeights
 
 ALLOWED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -141,7 +142,7 @@ def _form_problems(module: str, parts: dict[str, torch.Tensor], embedding: bool)
 
 def not_finite(modules: dict[str, ModuleWeights]) -> list[str]:
     """The modules holding a NaN or an infinity (as stored, or once scaled): one pass over every
-    tensor of every module (max |x| per tensor keeps a NaN)."""
+    tensor of every module."""
     owners, tensors = [], []
     for name, weights in modules.items():
         for t in (weights.a, weights.b, weights.magnitude, weights.bias, weights.lora_bias,
@@ -151,9 +152,13 @@ def not_finite(modules: dict[str, ModuleWeights]) -> list[str]:
                 tensors.append(t)
     if not tensors:
         return []
-    peaks = torch.stack(torch._foreach_norm(tensors, ord=float("inf")))
-    bad = (~peaks.isfinite()).tolist()
-    return list(dict.fromkeys(name for name, is_bad in zip(owners, bad) if is_bad))
+    # The 2-norm is a fast filter (one fused pass; the inf-norm is ten times slower on CPUs):
+    # a NaN or infinity makes it non-finite, and so does a finite value past ~1e19, which the
+    # exact check of the few flagged tensors then clears.
+    norms = torch.stack(torch._foreach_norm(tensors, ord=2))
+    flagged = (~norms.isfinite()).nonzero().flatten().tolist()
+    bad = [owners[i] for i in flagged if not bool(tensors[i].isfinite().all())]
+    return list(dict.fromkeys(bad))
 
 
 def module_weights(
@@ -200,9 +205,8 @@ def module_weights(
             )
             return None
         scale = config.scale(module, rank)
-        # own copies: a tensor from safe_open maps the file, which may change under it
-        a = parts[a_role].to(dtype, copy=True)
-        b = parts[b_role].t().to(torch.float32).contiguous().mul_(scale).to(dtype)  # [r, out]
+        a = parts[a_role].to(dtype)  # the reader's tensors are the process's own memory
+        b = transposed_b(parts[b_role], scale).to(dtype)  # [r, out]
 
     def vector(role: str, factor: float = 1.0) -> torch.Tensor | None:
         return None if role not in parts else parts[role].to(torch.float32) * factor

@@ -28,7 +28,7 @@ from typing import BinaryIO
 
 import torch
 
-from loraserve.adapters import peft_format
+from loraserve.adapters import peft_format, safetensors_file
 from loraserve.adapters.keys import AdapterKey, store_key
 from loraserve.adapters.manifest import ADAPTER_FILES, AdapterManifest, check_identifier
 from loraserve.adapters.store import AdapterStore
@@ -109,7 +109,7 @@ class StagedUpload:
         staged = self._files.get(filename)
         if staged is None:
             staged = self._files[filename] = _StagedFile((self.directory / filename).open("xb"))
-        cap = peft_format.MAX_WEIGHTS_BYTES
+        cap = safetensors_file.MAX_WEIGHTS_BYTES
         if filename == peft_format.CONFIG_FILE:
             cap = peft_format.MAX_CONFIG_BYTES
         if staged.size + len(chunk) > cap:
@@ -214,7 +214,7 @@ class AdapterPublisher:
     ) -> AdapterManifest:
         """The manifest of validated `weights` whose files (name -> (sha256, size)) are in
         `directory`."""
-        header = peft_format.safetensors_header(directory / peft_format.WEIGHTS_FILE)
+        header = safetensors_file.safetensors_header(directory / peft_format.WEIGHTS_FILE)
         dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
         return AdapterManifest(
             tenant=tenant,

@@ -183,9 +183,8 @@ class SlotTerms(nn.Module):
             self.shifted[slot] = True
 
     def clear_slot(self, slot: int) -> None:
+        """Turn both terms off for `slot` (their rows are read only while a term is on)."""
         self.scaled[slot] = self.shifted[slot] = False
-        self.scale[slot].fill_(1)
-        self.shift[slot].zero_()
 
     def apply_(self, y: torch.Tensor, batch: LoraBatch) -> None:
         """y: [N, out], updated in place on the rows of each segment whose slot has terms."""

@@ -11,6 +11,7 @@ caller then takes its torch path, which is also each kernel's test oracle. The o
                          context_lens [R] i32, block_size, window, scale) -> [R, H, D]
   lora_delta_(x [N, in], y [N, out], lora_a [S, R, in], lora_b [S, R, out],
               starts, ends, slots, ranks [G] i64)      (in place on y)
+  transpose_scaled(src [rows, cols], scale) -> [cols, rows] (src^T * scale)
   serial_thread()                                      (torch ops of the calling thread run
                                                         on it alone from then on)
 

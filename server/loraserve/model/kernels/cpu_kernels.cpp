@@ -2,7 +2,7 @@
 // `python -m loraserve.model.kernels` once per instruction set (LS_LANES: 8 for AVX2,
 // 16 for AVX-512); `kernels/__init__.py` loads the build that fits this CPU.
 //
-// Each op has a torch reference in `kernels/reference.py` that the tests compare it against.
+// Each op's torch path, where it is called, is its oracle: tests/model/test_kernels.py compares them.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -138,6 +138,16 @@ void lora_delta_op(const at::Tensor& x, at::Tensor& y, const at::Tensor& lora_a,
              ranks.data_ptr<int64_t>(), starts.numel());
 }
 
+// [rows, cols] -> [cols, rows], times scale.
+at::Tensor transpose_scaled_op(const at::Tensor& src, double scale) {
+  check_cpu_f32(src, "src");
+  TORCH_CHECK(src.dim() == 2, "src must be [rows, cols]");
+  at::Tensor dst = at::empty({src.size(1), src.size(0)}, src.options());
+  transpose_scaled(src.data_ptr<float>(), src.size(0), src.size(1), static_cast<float>(scale),
+                   dst.data_ptr<float>());
+  return dst;
+}
+
 // From now on, torch ops called from this thread run on it alone (an OpenMP team of one): for
 // helper threads, such as the adapter loader, whose small ops would otherwise wait on the
 // engine's threads and hold them up in turn.
@@ -161,6 +171,7 @@ TORCH_LIBRARY(loraserve, m) {
   m.def(
       "lora_delta_(Tensor x, Tensor(a!) y, Tensor lora_a, Tensor lora_b, Tensor starts, "
       "Tensor ends, Tensor slots, Tensor ranks) -> ()");
+  m.def("transpose_scaled(Tensor src, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(loraserve, CPU, m) {
@@ -168,4 +179,5 @@ TORCH_LIBRARY_IMPL(loraserve, CPU, m) {
   m.impl("linear_4bit", &linear_4bit);
   m.impl("paged_decode_attention", &paged_decode_attention_op);
   m.impl("lora_delta_", &lora_delta_op);
+  m.impl("transpose_scaled", &transpose_scaled_op);
 }
