@@ -29,6 +29,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gRPC port (default 50051)")
     p.add_argument(
+        "--http-port",
+        dest="http_port",
+        type=int,
+        help="also serve the OpenAI-compatible HTTP API on this port (default: off)",
+    )
+    p.add_argument(
         "--device-slots",
         dest="device_slots",
         type=int,
