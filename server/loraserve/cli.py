@@ -35,6 +35,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="also serve the OpenAI-compatible HTTP API on this port (default: off)",
     )
     p.add_argument(
+        "--served-model-name",
+        dest="served_model_name",
+        help="the base model's name in the HTTP API's `model` field (default: --model)",
+    )
+    p.add_argument(
         "--device-slots",
         dest="device_slots",
         type=int,

@@ -94,6 +94,7 @@ class ServerConfig:
         certificates signed by this CA (mTLS).
     upload_idle_timeout_seconds: an upload whose next message takes longer is aborted.
     http_port: serve the OpenAI-compatible HTTP API there too, on `host` (None: off).
+    served_model_name: the base model's `model` in that API (None: what `engine.model` says).
     """
 
     engine: EngineConfig = EngineConfig()
@@ -115,6 +116,7 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     http_port: int | None = None
+    served_model_name: str | None = None
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -131,8 +133,8 @@ class ServerConfig:
 
     @property
     def base_model_id(self) -> str:
-        """The base model's `model` in the OpenAI-compatible API: what --model named."""
-        return self.engine.model or TINY_MODEL_ID
+        """The base model's `model` in the OpenAI-compatible API."""
+        return self.served_model_name or self.engine.model or TINY_MODEL_ID
 
     def describe(self) -> dict[str, object]:
         """Every setting, for the start-up log (no secrets are held here)."""
