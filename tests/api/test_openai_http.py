@@ -268,9 +268,7 @@ def test_a_full_queue_and_the_tenant_quota_are_429_with_retry_after(served):
     assert not queued.is_alive()
     deadline = time.monotonic() + 60
     one = served.openai("one-key")
-    held = one.completions.create(
-        model=BASE, prompt="Hold", max_tokens=2000, stream=True, **GREEDY
-    )
+    held = one.completions.create(model=BASE, prompt="Hold", max_tokens=2000, stream=True, **GREEDY)
     next(iter(held))
     with pytest.raises(openai.RateLimitError) as caught:
         one.completions.create(model=BASE, prompt=PROMPT, max_tokens=2)
