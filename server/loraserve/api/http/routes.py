@@ -107,10 +107,13 @@ class OpenAIFront:
         return JSONResponse({"object": "list", "data": data})
 
     async def health(self, request: Request) -> Response:
+        """What grpc.health.v1 says for the server: 200 SERVING, else 503."""
         try:
             self._runtime()
         except HttpError as refusal:
             return refusal.response()
+        if not self.state.serving:
+            return HttpError(grpc.StatusCode.UNAVAILABLE, "not serving yet").response()
         return JSONResponse({"status": "SERVING"})
 
     async def _generation(
