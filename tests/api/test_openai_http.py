@@ -8,6 +8,10 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -289,3 +293,85 @@ def test_outcomes_are_counted_like_grpc_calls(served):
     route = "POST /v1/completions"
     assert value(text, "loraserve_grpc_responses_total", method=route, code="OK") >= 1
     assert value(text, "loraserve_requests_rejected_total", reason="queue_full") >= 1
+
+
+def wait_for(condition, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"never {what}"
+        time.sleep(0.05)
+
+
+def cancelled(served: Served) -> float:
+    text = scrape(served.metrics_port)
+    return value(text, "loraserve_requests_finished_total", tenant="", finish_reason="cancelled")
+
+
+def running(served: Served) -> float:
+    return value(scrape(served.metrics_port), "loraserve_requests_running")
+
+
+def test_a_client_that_disconnects_cancels_its_request(served):
+    """Not streamed: the server notices the closed connection while the reply is gathered."""
+    before = cancelled(served)
+    body = json.dumps(
+        {"model": BASE, "prompt": PROMPT, "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
+    ).encode()
+    host, port = served.base_url.split("//")[1].split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as connection:
+        connection.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer alpha-key\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        wait_for(lambda: running(served) == 1, "running")
+    wait_for(lambda: cancelled(served) == before + 1, "cancelled")
+    text = scrape(served.metrics_port)
+    route = "POST /v1/completions"
+    assert value(text, "loraserve_grpc_responses_total", method=route, code="CANCELLED") >= 1
+
+
+def health(base_url: str) -> int:
+    try:
+        with urllib.request.urlopen(base_url.removesuffix("/v1") + "/health", timeout=10) as reply:
+            return reply.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_sigterm_drains_the_http_api_too(model_dirs, tmp_path):
+    """New calls get 503 at once, a stream in flight runs to its end, then the process exits 0."""
+    http_port = free_port()
+    flags = ["--model", str(model_dirs["llama"]), "--device", "cpu", "--http-port", str(http_port),
+             "--served-model-name", BASE, "--drain-grace-seconds", "120"]  # fmt: skip
+    with running_server(*flags, log_path=tmp_path / "server.log") as (_, process):
+        served = Served("", f"http://127.0.0.1:{http_port}/v1", 0, model_dirs["llama"])
+        api = served.openai("dev-mode-takes-any-key")
+        assert health(served.base_url) == 200
+        stream = api.completions.create(
+            model=BASE, prompt=PROMPT, max_tokens=1500, stream=True, **GREEDY
+        )
+        chunks = iter(stream)
+        next(chunks)
+        process.send_signal(signal.SIGTERM)
+        wait_for(lambda: health(served.base_url) == 503, "503 on /health")
+        with pytest.raises(openai.InternalServerError) as caught:
+            api.completions.create(model=BASE, prompt=PROMPT, max_tokens=2)
+        assert caught.value.status_code == 503 and "shutting down" in caught.value.message
+        rest = list(chunks)
+        assert rest[-1].choices[0].finish_reason == "length"
+        assert process.wait(timeout=120) == 0
+
+
+def test_an_http_port_in_use_stops_the_start(model_dirs):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = subprocess.run(
+            [sys.executable, "-m", "loraserve.cli", "serve", "--model", str(model_dirs["llama"]),
+             "--device", "cpu", "--port", str(free_port()), "--http-port", str(port)],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    assert started.returncode == 1
+    assert f"cannot bind 127.0.0.1:{port} for the HTTP API" in started.stderr
