@@ -10,12 +10,16 @@ Knows nothing about the endpoints.
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
 from loraserve.api.errors import RETRY_AFTER_S, RETRYABLE, bounded_message, status_of
 from loraserve.types import MAX_MESSAGE_CHARS, clip
+
+log = logging.getLogger(__name__)
 
 HTTP_STATUS = {
     grpc.StatusCode.OK: 200,
@@ -97,3 +101,9 @@ class HttpError(Exception):
     def response(self) -> JSONResponse:
         headers = {"Retry-After": str(RETRY_AFTER_S)} if self.retry_after else None
         return JSONResponse(self.payload(), status_code=self.status, headers=headers)
+
+
+def log_unexpected(error: BaseException, refusal: HttpError) -> None:
+    """Log what the caller only hears of as "internal error"."""
+    if refusal.code == grpc.StatusCode.INTERNAL:
+        log.error("an HTTP request failed", exc_info=error)

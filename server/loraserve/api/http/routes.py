@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import logging
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable
 from datetime import datetime
 from typing import TypeVar
 
@@ -29,47 +27,23 @@ from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from loraserve.adapters.catalog import AdapterCatalog
 from loraserve.adapters.store import MAX_PAGE_SIZE
 from loraserve.api.auth import ADAPTERS, REQUIRED_SCOPES
-from loraserve.api.http.errors import BODY_TOO_LARGE, HttpError
+from loraserve.api.http.errors import BODY_TOO_LARGE, HttpError, log_unexpected
+from loraserve.api.http.events import Events, EventStream, Outcome, stream
 from loraserve.api.http.schemas import ChatBody, CompletionBody
 from loraserve.api.http.translate import Reply, chat_request, completion_request
 from loraserve.api.keys_file import Principal
 from loraserve.api.state import Runtime, ServerState
 from loraserve.types import FinalEvent, GenerateRequest, TokenEvent
 
-log = logging.getLogger(__name__)
-
 GENERATE_SCOPES = REQUIRED_SCOPES["/loraserve.v1.GenerationService/Generate"]
 LIST_SCOPES = REQUIRED_SCOPES[ADAPTERS + "ListAdapters"]
 Body = TypeVar("Body", CompletionBody, ChatBody)
-Events = AsyncGenerator[TokenEvent | FinalEvent, None]
-
-
-def sse(payload: dict | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
-
-
-class EventStream(StreamingResponse):
-    """Server-sent events from `chunks`, closed however the response ends (a client that
-    disconnects cancels the task writing it; closing `chunks` then ends the generation)."""
-
-    def __init__(self, chunks: AsyncGenerator[bytes, None]) -> None:
-        super().__init__(
-            chunks, headers={"Cache-Control": "no-cache"}, media_type="text/event-stream"
-        )
-        self.chunks = chunks
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.chunks.aclose()
 
 
 class OpenAIFront:
@@ -144,7 +118,14 @@ class OpenAIFront:
         reply = Reply(body.model, chat, body.return_token_ids)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return EventStream(self._stream(route, events, reply, usage, held))
+            outcome = Outcome()
+
+            async def ended() -> None:
+                await events.aclose()
+                held.close()
+                self._count(route, outcome.code)
+
+            return EventStream(stream(events, reply, usage, outcome), ended)
         with held:
             return await self._whole(route, request, events, reply)
 
@@ -169,37 +150,6 @@ class OpenAIFront:
             return self._refuse(route, error)
         self._count(route, grpc.StatusCode.OK)
         return JSONResponse(reply.whole(final))
-
-    async def _stream(
-        self,
-        route: str,
-        events: Events,
-        reply: Reply,
-        include_usage: bool,
-        held: contextlib.ExitStack,
-    ) -> AsyncGenerator[bytes, None]:
-        code = grpc.StatusCode.OK
-        try:
-            with held:
-                async for event in events:
-                    if isinstance(event, TokenEvent):
-                        yield sse(reply.chunk(event))
-                        continue
-                    yield sse(reply.last_chunk(event))
-                    if include_usage:
-                        yield sse(reply.usage_chunk(event))
-                yield sse("[DONE]")
-        except Exception as error:  # after the first byte: the error is the stream's last event
-            refusal = HttpError.of(error)
-            code = refusal.code
-            _log_unexpected(error, refusal)
-            yield sse(refusal.payload())
-        except BaseException:  # cancelled: the client went away
-            code = grpc.StatusCode.CANCELLED
-            raise
-        finally:
-            await events.aclose()
-            self._count(route, code)
 
     def _principal(self, request: Request, needed: tuple[str, ...]) -> Principal:
         header = request.headers.get("authorization", "")
@@ -254,7 +204,7 @@ class OpenAIFront:
 
     def _refuse(self, route: str, error: Exception) -> Response:
         refusal = HttpError.of(error)
-        _log_unexpected(error, refusal)
+        log_unexpected(error, refusal)
         self._count(route, refusal.code)
         return refusal.response()
 
@@ -300,11 +250,6 @@ def _adapter_models(catalog: AdapterCatalog, principal: Principal) -> list[dict]
             }
         if not token:
             return list(seen.values())
-
-
-def _log_unexpected(error: BaseException, refusal: HttpError) -> None:
-    if refusal.code == grpc.StatusCode.INTERNAL:
-        log.error("an HTTP request failed", exc_info=error)
 
 
 async def _route_error(request: Request, error: Exception) -> Response:
