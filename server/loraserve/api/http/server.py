@@ -1,9 +1,11 @@
 """The HTTP face of the server: uvicorn serving `OpenAIFront` on the gRPC server's event loop.
 
-`HttpServer(state, port)` builds it; `start()` binds the port itself (False when it cannot: the
-caller says so and exits, as for the gRPC port) and serves from then on; `stop()` closes the
-listener and the idle connections. The process's signals stay `loraserve.app`'s: uvicorn's own
-handlers are never installed, so SIGTERM drains both APIs the one way.
+`HttpServer(state, port)` builds it, serving HTTPS with the gRPC port's certificate when the
+config names one (and requiring client certificates when it names a client CA, as gRPC does);
+`start()` binds the port itself (False when it cannot: the caller says so and exits, as for the
+gRPC port) and serves from then on; `stop()` closes the listener and the idle connections. The
+process's signals stay `loraserve.app`'s: uvicorn's own handlers are never installed, so
+SIGTERM drains both APIs the one way.
 
 Knows nothing about loading the model or draining: `loraserve.app` drives it after gRPC drains.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from collections.abc import Iterator
 
 import uvicorn
@@ -48,6 +51,7 @@ class HttpServer:
         self.host = state.config.host
         self.port = port
         self.address = f"{self.host}:{port}"
+        settings = state.config
         config = uvicorn.Config(
             OpenAIFront(state).app(),
             host=self.host,
@@ -56,12 +60,17 @@ class HttpServer:
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=int(STOP_GRACE_S),
+            ssl_certfile=settings.tls_cert,
+            ssl_keyfile=settings.tls_key,
+            ssl_ca_certs=settings.tls_client_ca,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if settings.tls_client_ca else ssl.CERT_NONE,
         )
         self._server = _Server(config)
         self._serving: asyncio.Future[None] | None = None
 
     async def start(self) -> bool:
         """Bind and serve; False when the address cannot be bound."""
+        self._server.config.load()  # the app and TLS context, before anything is bound
         try:
             sock = _listening_socket(self.host, self.port)
         except OSError:
