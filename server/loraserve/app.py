@@ -4,11 +4,12 @@
 it, the publisher that hands validated uploads to the host tier and the catalog the API
 serves, shares the start-up adapters with every tenant and starts the engine thread. `serve`
 runs the process: the gRPC server binds at once (health NOT_SERVING, calls UNAVAILABLE) so
-Kubernetes can probe it, the runtime is built off the event loop and warmed up with one
-generation, then health turns SERVING. SIGHUP reloads the API-keys file (a bad one is logged
-and the keys in use stay). SIGTERM or SIGINT drains (health NOT_SERVING and new calls
-UNAVAILABLE at once, the listener open until in-flight calls finish or the grace period ends)
-and `serve` returns 0; a failed start-up logs why and returns 1, a bad keys file or TLS file 2.
+Kubernetes can probe it, and so does the OpenAI-compatible HTTP API when `http_port` is set
+(503 until then), the runtime is built off the event loop and warmed up with one generation,
+then health turns SERVING. SIGHUP reloads the API-keys file (a bad one is logged and the keys
+in use stay). SIGTERM or SIGINT drains both APIs (health NOT_SERVING and new calls refused at
+once, the listeners open until in-flight calls finish or the grace period ends) and `serve`
+returns 0; a failed start-up logs why and returns 1, a bad keys file or TLS file 2.
 
 The only module that knows every layer; no layer imports it.
 """
@@ -29,6 +30,7 @@ from loraserve.adapters.manifest import base_fingerprint
 from loraserve.adapters.staging import AdapterPublisher
 from loraserve.adapters.store import AdapterStore
 from loraserve.api.auth import Authenticator
+from loraserve.api.http.server import HttpServer
 from loraserve.api.server import GrpcServer, tls_credentials
 from loraserve.api.state import ModelFacts, Runtime, ServerState
 from loraserve.config import ServerConfig
@@ -193,6 +195,13 @@ async def _serve(config: ServerConfig, stop: asyncio.Event, build: RuntimeBuilde
     log.info(
         "listening on %s (NOT_SERVING until the model is loaded and warmed up)", server.address
     )
+    http = None if config.http_port is None else HttpServer(state, config.http_port)
+    if http is not None:
+        if not await http.start():
+            log.error("cannot bind %s for the HTTP API", http.address)
+            await server.drain(0.0)
+            return 1
+        log.info("OpenAI-compatible HTTP API on http://%s/v1", http.address)
 
     loading = asyncio.ensure_future(asyncio.to_thread(build, config, metrics))
     stopping = asyncio.ensure_future(stop.wait())
@@ -213,6 +222,8 @@ async def _serve(config: ServerConfig, stop: asyncio.Event, build: RuntimeBuilde
 
     log.info("draining: NOT_SERVING, refusing new calls, %.0fs grace", config.drain_grace_seconds)
     await server.drain(config.drain_grace_seconds)
+    if http is not None:
+        await http.stop()
     if state.runtime is not None:
         state.runtime.engine.shutdown()
         if watcher is not None:

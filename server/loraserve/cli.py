@@ -29,6 +29,17 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gRPC port (default 50051)")
     p.add_argument(
+        "--http-port",
+        dest="http_port",
+        type=int,
+        help="also serve the OpenAI-compatible HTTP API on this port (default: off)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        dest="served_model_name",
+        help="the base model's name in the HTTP API's `model` field (default: --model)",
+    )
+    p.add_argument(
         "--device-slots",
         dest="device_slots",
         type=int,
@@ -180,7 +191,7 @@ def _import(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from loraserve.app import serve
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    flags = serve_flags(args)
     file_values = json.loads(args.config.read_text()) if args.config else {}
     try:
         config = build_server_config(flags, os.environ, file_values)
@@ -193,6 +204,22 @@ def _serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(config))
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """Every `loraserve` command and flag (deploy/ files are checked against it)."""
+    parser = argparse.ArgumentParser(
+        prog="loraserve", description="Many LoRA adapters on one quantized base model, over gRPC."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _import_parser(add_client_commands(sub))
+    return parser
+
+
+def serve_flags(args: argparse.Namespace) -> dict[str, object]:
+    """The settings a parsed `serve` command line gives (None: not given)."""
+    return {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=os.environ.get("LORASERVE_LOG_LEVEL", "INFO"),
@@ -200,13 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("bitsandbytes", "httpx", "transformers.modeling_utils"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    parser = argparse.ArgumentParser(
-        prog="loraserve", description="Many LoRA adapters on one quantized base model, over gRPC."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    _serve_parser(sub)
-    _import_parser(add_client_commands(sub))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
     if getattr(args, "adapters_command", None) == "import":

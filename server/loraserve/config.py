@@ -13,6 +13,7 @@ from typing import Any
 # Far above what any tokenizer averages, so a prompt of max_context tokens always fits; a
 # longer text could only be refused after tokenizing it, which is the work this bound avoids.
 PROMPT_BYTES_PER_TOKEN = 32
+TINY_MODEL_ID = "tiny-llama"
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ class ServerConfig:
     tls_cert, tls_key: PEM files to serve gRPC over TLS; tls_client_ca: also require client
         certificates signed by this CA (mTLS).
     upload_idle_timeout_seconds: an upload whose next message takes longer is aborted.
+    http_port: serve the OpenAI-compatible HTTP API there too, on `host` (None: off).
+    served_model_name: the base model's `model` in that API (None: what `engine.model` says).
     """
 
     engine: EngineConfig = EngineConfig()
@@ -112,6 +115,8 @@ class ServerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
+    http_port: int | None = None
+    served_model_name: str | None = None
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -125,6 +130,11 @@ class ServerConfig:
     @property
     def model_name(self) -> str:
         return self.engine.model or "built-in tiny-llama (random weights)"
+
+    @property
+    def base_model_id(self) -> str:
+        """The base model's `model` in the OpenAI-compatible API."""
+        return self.served_model_name or self.engine.model or TINY_MODEL_ID
 
     def describe(self) -> dict[str, object]:
         """Every setting, for the start-up log (no secrets are held here)."""

@@ -281,8 +281,17 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class ChatTurn:
+    """One message of a conversation, rendered into a prompt by the model's chat template."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
-    """One generation: a prompt (text or token ids), an optional adapter, sampling parameters.
+    """One generation: a prompt (text, token ids or chat messages), an optional adapter,
+    sampling parameters.
 
     `adapter` is the adapter's name (None or "" runs the base model alone), looked up in
     `tenant`'s adapters first, then among shared ones; `adapter_version` None means the latest.
@@ -290,6 +299,7 @@ class GenerateRequest:
 
     prompt: str | None = None
     prompt_token_ids: tuple[int, ...] | None = None
+    messages: tuple[ChatTurn, ...] | None = None
     adapter: str | None = None
     adapter_version: str | None = None
     tenant: str | None = None

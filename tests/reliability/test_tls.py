@@ -1,18 +1,20 @@
-"""Promise: with --tls-cert / --tls-key the gRPC port speaks TLS only, and with --tls-client-ca
-it also requires a client certificate that CA signed (mTLS). Certificates are made here with
-the openssl command (a CA, a server certificate for 127.0.0.1, a client certificate, and a
-second CA nobody trusts); nothing reaches the network."""
+"""Promise: with --tls-cert / --tls-key the gRPC port (and the HTTP API's, when on) speaks TLS
+only, and with --tls-client-ca it also requires a client certificate that CA signed (mTLS).
+Certificates are made here with the openssl command (a CA, a server certificate for 127.0.0.1,
+a client certificate, and a second CA nobody trusts); nothing reaches the network."""
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
-from tests.api.server_process import SERVING, health_status, running_server
+from tests.api.server_process import SERVING, free_port, health_status, running_server
 from tests.reliability.helpers import KEYS, keys_file
 
 from loraserve_client import Client, Unavailable
@@ -72,31 +74,61 @@ def certificates(tmp_path_factory) -> Certificates:
     )
 
 
-def tls_server(model_dirs, root: Path, certs: Certificates, *extra: str, client_pair=None):
+def tls_server(
+    model_dirs, root: Path, certs: Certificates, http_port: int, *extra: str, client_pair=None
+):
     keys = keys_file(root / "keys.json", KEYS)
     flags = [
         "--model", str(model_dirs["llama"]), "--device", "cpu", "--api-keys", str(keys),
-        "--adapter-dir", str(root / "store"),
+        "--adapter-dir", str(root / "store"), "--http-port", str(http_port),
+        "--served-model-name", "base",
         "--tls-cert", str(certs.server[0]), "--tls-key", str(certs.server[1]), *extra,
     ]  # fmt: skip
     credentials = Certificates.credentials(certs.ca, client_pair)
     return running_server(*flags, log_path=root / "server.log", credentials=credentials)
 
 
+@dataclass(frozen=True)
+class Served:
+    address: str  # gRPC
+    http_port: int
+
+
 @pytest.fixture(scope="module")
-def tls(model_dirs, certificates, tmp_path_factory) -> Iterator[str]:
+def tls(model_dirs, certificates, tmp_path_factory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("tls-server")
-    with tls_server(model_dirs, root, certificates) as (address, _):
-        yield address
+    http_port = free_port()
+    with tls_server(model_dirs, root, certificates, http_port) as (address, _):
+        yield Served(address, http_port)
 
 
 @pytest.fixture(scope="module")
-def mtls(model_dirs, certificates, tmp_path_factory) -> Iterator[str]:
+def mtls(model_dirs, certificates, tmp_path_factory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("mtls-server")
     extra = ("--tls-client-ca", str(certificates.ca))
-    server = tls_server(model_dirs, root, certificates, *extra, client_pair=certificates.client)
+    http_port = free_port()
+    server = tls_server(
+        model_dirs, root, certificates, http_port, *extra, client_pair=certificates.client
+    )
     with server as (address, _):
-        yield address
+        yield Served(address, http_port)
+
+
+def completes(served: Served, scheme: str, ca: Path, pair: tuple[Path, Path] | None = None) -> int:
+    """Completion tokens from the OpenAI-compatible API over `scheme`, trusting `ca`."""
+    context = ssl.create_default_context(cafile=str(ca))
+    if pair is not None:
+        context.load_cert_chain(pair[0], pair[1])
+    http = openai.DefaultHttpxClient(verify=context)
+    api = openai.OpenAI(
+        api_key="alpha-key",
+        base_url=f"{scheme}://127.0.0.1:{served.http_port}/v1",
+        max_retries=0,
+        timeout=30,
+        http_client=http,
+    )
+    reply = api.completions.create(model="base", prompt="Over TLS", max_tokens=3)
+    return reply.usage.completion_tokens
 
 
 def generates(address: str, credentials: grpc.ChannelCredentials | None) -> int:
@@ -105,22 +137,30 @@ def generates(address: str, credentials: grpc.ChannelCredentials | None) -> int:
 
 
 def test_tls_round_trip_and_no_plaintext(tls, certificates):
-    assert generates(tls, Certificates.credentials(certificates.ca)) == 3
+    assert generates(tls.address, Certificates.credentials(certificates.ca)) == 3
     with pytest.raises(Unavailable):
-        generates(tls, None)  # plaintext against a TLS port: no connection
-    assert health_status(tls) is None
+        generates(tls.address, None)  # plaintext against a TLS port: no connection
+    assert health_status(tls.address) is None
+    assert completes(tls, "https", certificates.ca) == 3
+    with pytest.raises(openai.APIConnectionError):
+        completes(tls, "http", certificates.ca)
 
 
 def test_mtls_needs_a_client_certificate_from_the_ca(mtls, certificates, capsys):
-    assert generates(mtls, Certificates.credentials(certificates.ca, certificates.client)) == 3
+    assert completes(mtls, "https", certificates.ca, certificates.client) == 3
+    for refused in (None, certificates.stranger):
+        with pytest.raises(openai.APIConnectionError):
+            completes(mtls, "https", certificates.ca, refused)
+    address = mtls.address
+    assert generates(address, Certificates.credentials(certificates.ca, certificates.client)) == 3
     for refused in (None, certificates.stranger):
         with pytest.raises(Unavailable):
-            generates(mtls, Certificates.credentials(certificates.ca, refused))
+            generates(address, Certificates.credentials(certificates.ca, refused))
     cert, key = certificates.client
-    argv = ["health", "--server", mtls, "--tls-ca", str(certificates.ca),
+    argv = ["health", "--server", address, "--tls-ca", str(certificates.ca),
             "--tls-cert", str(cert), "--tls-key", str(key)]  # fmt: skip
     assert client_main(argv) == 0
     assert "SERVING" in capsys.readouterr().out
-    assert health_status(mtls, credentials=Certificates.credentials(certificates.ca)) is None
+    assert health_status(address, credentials=Certificates.credentials(certificates.ca)) is None
     with_client = Certificates.credentials(certificates.ca, certificates.client)
-    assert health_status(mtls, credentials=with_client) == SERVING
+    assert health_status(address, credentials=with_client) == SERVING

@@ -126,6 +126,7 @@ class GrpcServer:
         return True
 
     async def set_serving(self, serving: bool) -> None:
+        self.state.serving = serving
         status = health_pb2.HealthCheckResponse.NOT_SERVING
         if serving:
             status = health_pb2.HealthCheckResponse.SERVING

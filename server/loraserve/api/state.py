@@ -42,6 +42,7 @@ class ServerState:
     auth: Authenticator
     metrics: Metrics
     runtime: Runtime | None = None
+    serving: bool = False  # what health says for the server: SERVING (True) or not
     draining: bool = False
     startup_error: str | None = None
     calls: CallTracker = field(default_factory=CallTracker)

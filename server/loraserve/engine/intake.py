@@ -1,7 +1,8 @@
 """Request intake: from a `GenerateRequest` to a `Sequence` the scheduler may queue.
 
 `Intake.make_sequence` validates the sampling parameters and the prompt against the served
-model's limits (vocabulary, context, prompt bytes), tokenizes, resolves the adapter to an
+model's limits (vocabulary, context, prompt bytes), tokenizes (chat messages through the model's
+chat template), resolves the adapter to an
 immutable key, compiles the constraint (through the constraint cache) and counts the request
 against the queue's bounds; `leave_queue` uncounts it once admitted or retired. Any thread may
 call it, but it blocks while a constraint compiles: the engine's thread only in tests.
@@ -25,6 +26,7 @@ from loraserve.engine.constraint_cache import ConstraintCache
 from loraserve.engine.sequence import EmitFn, Sequence
 from loraserve.metrics import Metrics
 from loraserve.model.blocks import BlockAllocator
+from loraserve.model.chat import chat_prompt_ids
 from loraserve.model.detokenizer import IncrementalDetokenizer
 from loraserve.model.sampling import make_generator
 from loraserve.types import (
@@ -150,11 +152,17 @@ class Intake:
             )
 
     def _prompt_ids(self, request: GenerateRequest) -> list[int]:
-        if (request.prompt is None) == (request.prompt_token_ids is None):
-            raise InvalidRequestError("give exactly one of prompt (text) or prompt_token_ids")
+        given = (request.prompt, request.prompt_token_ids, request.messages)
+        if sum(p is not None for p in given) != 1:
+            raise InvalidRequestError(
+                "give exactly one of prompt (text), prompt_token_ids or chat messages"
+            )
         if request.prompt is not None:
             self._check_prompt_bytes(request.prompt)
             ids = self.tokenizer.encode(request.prompt)
+        elif request.messages is not None:
+            self._check_prompt_bytes("".join(m.role + m.content for m in request.messages))
+            ids = chat_prompt_ids(self.tokenizer, request.messages)
         else:
             ids = list(request.prompt_token_ids or ())
             bad = [t for t in ids if not (0 <= t < self.vocab_size)]
