@@ -1,9 +1,10 @@
 """Composition: build the engine and its adapter parts from the configuration, run the server.
 
-`build_runtime` loads the base model, opens the adapter store, builds the engine core around
-it, the publisher that hands validated uploads to the host tier and the catalog the API
-serves, shares the start-up adapters with every tenant and starts the engine thread. `serve`
-runs the process: the gRPC server binds at once (health NOT_SERVING, calls UNAVAILABLE) so
+`build_runtime` loads the base model, opens the adapter store (and the thread that keeps it
+current with other processes sharing its root), builds the engine core around it, the
+publisher that hands validated uploads to the host tier and the catalog the API serves,
+shares the start-up adapters with every tenant and starts the engine thread. `serve` runs the
+process: the gRPC server binds at once (health NOT_SERVING, calls UNAVAILABLE) so
 Kubernetes can probe it, the runtime is built off the event loop and warmed up with one
 generation, then health turns SERVING. SIGHUP reloads the API-keys file (a bad one is logged
 and the keys in use stay). SIGTERM or SIGINT drains (health NOT_SERVING and new calls
@@ -28,6 +29,7 @@ from loraserve.adapters.catalog import AdapterCatalog
 from loraserve.adapters.manifest import base_fingerprint
 from loraserve.adapters.staging import AdapterPublisher
 from loraserve.adapters.store import AdapterStore
+from loraserve.adapters.store_watch import StoreWatcher
 from loraserve.api.auth import Authenticator
 from loraserve.api.server import GrpcServer, tls_credentials
 from loraserve.api.state import ModelFacts, Runtime, ServerState
@@ -78,6 +80,7 @@ def build_runtime(config: ServerConfig, metrics: Metrics) -> Runtime:
         prepare=manager.prepare,
     )
     catalog = AdapterCatalog(store, publisher, manager)
+    StoreWatcher(store, manager.forget, config.store_refresh_ms / 1000).start()
     for name, directory in config.adapters:
         catalog.share(name, directory)
         log.info("shared adapter %r from %s with every tenant", name, directory)

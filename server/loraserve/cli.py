@@ -102,6 +102,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         dest="api_keys",
         help="API-keys JSON file (keys, scopes, quotas); SIGHUP reloads it; none: dev mode",
     )
+    p.add_argument(
+        "--store-refresh-ms",
+        dest="store_refresh_ms",
+        type=int,
+        help="catch up with other processes sharing --adapter-dir this often (default 500)",
+    )
     p.add_argument("--max-upload-bytes", dest="max_upload_bytes", type=int)
     p.add_argument(
         "--upload-idle-timeout-seconds",
