@@ -1,0 +1,169 @@
+"""Ray Serve: a local Ray cluster on loopback, two replicas of the tiny model behind Ray's gRPC
+proxy. An adapter's requests land on one replica (the trailing metadata names it), an upload
+through one replica is served by the other (the shared store), and a replica killed by SIGKILL
+is restarted by Ray while requests keep succeeding with the retry docs/ray.md documents."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+from tests.api.server_process import free_port
+
+from loraserve.v1 import adapters_pb2 as apb
+from loraserve.v1 import adapters_pb2_grpc, generation_pb2_grpc
+from loraserve.v1 import generation_pb2 as gpb
+from loraserve_client.upload import prepare_upload
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+pytestmark = pytest.mark.slow  # a Ray cluster and two replicas
+
+APP = "loraserve"
+PROMPT = "The quick brown fox"
+RETRY_S = 120  # docs/ray.md: retry UNAVAILABLE with backoff while Ray replaces a replica
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dirs, tmp_path_factory):
+    from ray.serve.config import gRPCOptions
+
+    from loraserve.ray_serve import GRPC_SERVICERS, build_app
+
+    store = tmp_path_factory.mktemp("ray-store")
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": free_port()},
+            grpc_options=gRPCOptions(port=port, grpc_servicer_functions=GRPC_SERVICERS),
+        )
+        app = build_app(
+            {
+                "model": str(model_dirs["llama"]), "device": "cpu", "device_slots": 2,
+                "adapter_dir": str(store), "store_refresh_ms": 200,
+                "num_replicas": 2, "num_cpus": 0.5, "max_queued_requests": 64,
+            }
+        )  # fmt: skip
+        serve.run(app, name=APP, route_prefix="/")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            wait_for_route(channel)
+            yield channel
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def wait_for_route(channel: grpc.Channel, seconds: float = 60) -> None:
+    """Until the proxy routes to the application (it learns of it after `serve.run`)."""
+    from ray.serve.generated import serve_pb2, serve_pb2_grpc
+
+    stub = serve_pb2_grpc.RayServeAPIServiceStub(channel)
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            reply = stub.ListApplications(serve_pb2.ListApplicationsRequest(), timeout=10)
+            if APP in reply.application_names:
+                return
+        except grpc.RpcError:
+            pass  # the proxy is still starting
+        assert time.monotonic() < deadline, "Ray's gRPC proxy never routed to the application"
+        time.sleep(0.2)
+
+
+def metadata(adapter: str = "") -> tuple[tuple[str, str], ...]:
+    return (("application", APP), *((("multiplexed_model_id", adapter),) if adapter else ()))
+
+
+def served_by(call: Any) -> tuple[str, int]:
+    trailing = dict(call.trailing_metadata())
+    return trailing["loraserve-replica"], int(trailing["loraserve-pid"])
+
+
+def generate(channel: grpc.Channel, adapter: str = "") -> tuple[list[int], tuple[str, int]]:
+    """Greedy tokens for PROMPT on `adapter`, and (replica, pid) that served them."""
+    request = gpb.GenerateRequest(
+        input=gpb.GenerationInput(
+            text=PROMPT, adapter=gpb.AdapterRef(name=adapter), max_new_tokens=6, ignore_eos=True
+        )
+    )
+    stub = generation_pb2_grpc.GenerationServiceStub(channel)
+    reply, call = stub.Generate.with_call(request, metadata=metadata(adapter), timeout=60)
+    return list(reply.token_ids), served_by(call)
+
+
+def retrying(attempt: Callable[[], Any], seconds: float = RETRY_S) -> Any:
+    """`attempt()`, retried on UNAVAILABLE with backoff (docs/ray.md) until `seconds` pass."""
+    deadline, pause = time.monotonic() + seconds, 0.1
+    while True:
+        try:
+            return attempt()
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 2.0)
+
+
+def upload(channel: grpc.Channel, directory, name: str) -> tuple[apb.Adapter, tuple[str, int]]:
+    requests, _ = prepare_upload(directory, name, None, False, sys.stderr)
+    stub = adapters_pb2_grpc.AdapterServiceStub(channel)
+    reply, call = stub.UploadAdapter.with_call(requests, metadata=metadata(), timeout=120)
+    return reply.adapter, served_by(call)
+
+
+def test_an_adapter_s_requests_land_on_one_replica(cluster, adapter_dirs):
+    adapter, _ = upload(cluster, adapter_dirs["llama"]["r8-all"], "sticky")
+    assert adapter.version == "1"
+    tokens, first = generate(cluster, "sticky")
+    for _ in range(6):
+        again, replica = generate(cluster, "sticky")
+        assert (again, replica) == (tokens, first)
+    assert generate(cluster)[0] != tokens  # the base model differs: the adapter was applied
+
+
+def test_streaming_gives_the_unary_tokens(cluster, adapter_dirs):
+    tokens, _ = generate(cluster, "sticky")
+    request = gpb.GenerateStreamRequest(
+        input=gpb.GenerationInput(
+            text=PROMPT, adapter=gpb.AdapterRef(name="sticky"), max_new_tokens=6, ignore_eos=True
+        )
+    )
+    stub = generation_pb2_grpc.GenerationServiceStub(cluster)
+    replies = list(stub.GenerateStream(request, metadata=metadata("sticky"), timeout=60))
+    assert [r.token.token_id for r in replies if r.HasField("token")] == tokens
+    assert replies[-1].final.usage.completion_tokens == 6
+
+
+def test_an_upload_through_one_replica_is_served_by_the_other(cluster, adapter_dirs):
+    for attempt in range(12):  # Ray picks the replica for a new adapter: find one it splits
+        name = f"moved-{attempt}"
+        _, uploader = upload(cluster, adapter_dirs["llama"]["r4-attn"], name)
+        tokens, server = generate(cluster, name)
+        if server != uploader:
+            break
+    else:
+        pytest.fail("Ray routed every new adapter to the replica that uploaded it")
+    assert tokens != generate(cluster)[0]
+
+
+def test_a_killed_replica_is_restarted_and_requests_keep_succeeding(cluster):
+    tokens, (replica, pid) = generate(cluster, "sticky")
+    before = {generate(cluster)[1][0] for _ in range(8)} | {replica}
+    os.kill(pid, signal.SIGKILL)
+    again, _ = retrying(lambda: generate(cluster, "sticky"))
+    assert again == tokens  # served while Ray replaces the dead replica
+    deadline = time.monotonic() + RETRY_S
+    while True:  # the base model's requests spread over both replicas: one is the new one
+        _, (server, _) = retrying(lambda: generate(cluster))
+        if server not in before:
+            break
+        assert time.monotonic() < deadline, "Ray never brought a replacement replica up"
+    assert retrying(lambda: generate(cluster, "sticky"))[0] == tokens
