@@ -45,7 +45,9 @@ GRPC_SERVICERS = [
     "loraserve.v1.generation_pb2_grpc.add_GenerationServiceServicer_to_server",
     "loraserve.v1.adapters_pb2_grpc.add_AdapterServiceServicer_to_server",
 ]
+APP_NAME = "loraserve"
 DEPLOYMENT_OPTIONS = ("num_replicas", "max_ongoing_requests", "max_queued_requests")
+ACTOR_OPTIONS = ("autoscaling_config", "num_gpus", "num_cpus")
 REPLICA_KEY, PID_KEY = "loraserve-replica", "loraserve-pid"
 GENERATION, ADAPTERS = "/loraserve.v1.GenerationService/", "/loraserve.v1.AdapterService/"
 
@@ -191,11 +193,7 @@ def build_app(args: Mapping[str, Any]) -> serve.Application:
     `autoscaling_config`, `num_gpus` (default: 1 when the cluster has GPUs) and `num_cpus`."""
     import ray
 
-    settings = {
-        k: v
-        for k, v in args.items()
-        if k not in (*DEPLOYMENT_OPTIONS, "autoscaling_config", "num_gpus", "num_cpus")
-    }
+    settings = {k: v for k, v in args.items() if k not in (*DEPLOYMENT_OPTIONS, *ACTOR_OPTIONS)}
     server_config(settings)  # a bad setting fails here, not in every replica
     num_gpus = args.get("num_gpus")
     if num_gpus is None:
@@ -207,3 +205,24 @@ def build_app(args: Mapping[str, Any]) -> serve.Application:
     options["ray_actor_options"] = {"num_gpus": num_gpus, "num_cpus": args.get("num_cpus", 1)}
     deployment = serve.deployment(name="LoraServe", **options)(LoraServe)
     return deployment.bind(settings)
+
+
+def run(args: Mapping[str, Any], address: str | None, grpc_port: int, http: tuple[str, int]) -> int:
+    """`loraserve ray-serve`: join the Ray cluster at `address` (None: start a local one),
+    start Serve's proxies (gRPC on `grpc_port`, HTTP on `http`), run the application until
+    interrupted, then shut Serve down."""
+    import ray
+    from ray.serve.config import gRPCOptions
+
+    ray.init(address=address)
+    serve.start(
+        http_options={"host": http[0], "port": http[1]},
+        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS),
+    )
+    try:
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+    return 0
