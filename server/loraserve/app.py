@@ -80,7 +80,6 @@ def build_runtime(config: ServerConfig, metrics: Metrics) -> Runtime:
         prepare=manager.prepare,
     )
     catalog = AdapterCatalog(store, publisher, manager)
-    StoreWatcher(store, manager.forget, config.store_refresh_ms / 1000).start()
     for name, directory in config.adapters:
         catalog.share(name, directory)
         log.info("shared adapter %r from %s with every tenant", name, directory)
@@ -94,8 +93,11 @@ def build_runtime(config: ServerConfig, metrics: Metrics) -> Runtime:
             "device": str(loaded.device),
         }
     )
+    engine = AsyncEngine(core)
+    interval_s = config.store_refresh_ms / 1000
+    StoreWatcher(store, manager.forget, interval_s, running=lambda: engine.alive).start()
     return Runtime(
-        engine=AsyncEngine(core),
+        engine=engine,
         adapters=catalog,
         model=ModelFacts(loaded.quantization, str(loaded.device), core.max_context),
     )
