@@ -150,3 +150,12 @@ def test_the_watcher_drops_what_another_store_deleted(pair, base):  # noqa: F811
     finally:
         watcher.stop()
     assert forgotten == [store_key(manifest)]
+
+
+def test_a_delete_takes_the_versions_the_other_store_just_published(pair, base):  # noqa: F811
+    one, other = pair
+    first = one.publish_dir("acme", "chat", base.first)
+    assert other.store.lookup("acme", "chat") == store_key(first)
+    second = one.publish_dir("acme", "chat", base.second)  # not in the other's index yet
+    assert other.store.delete("acme", "chat") == [first, second]
+    assert one.store.lookup("acme", "chat") is None

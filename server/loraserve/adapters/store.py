@@ -159,16 +159,18 @@ class AdapterStore:
         directory.mkdir()
         return directory
 
-    def delete(self, tenant: str, name: str, version: str | None = None) -> None:
-        """Delete one version, or every version of `name` when `version` is None.
-
-        `latest` moves back to the newest remaining version (by publish time).
+    def delete(self, tenant: str, name: str, version: str | None = None) -> list[AdapterManifest]:
+        """Delete one version, or every version of `name` when `version` is None; returns the
+        manifests deleted, oldest first (decided under the lock: other processes' uploads
+        included). `latest` moves back to the newest remaining version (by publish time).
         """
         self._dir(tenant, name, version)
         with self._shared.lock():
             self._catch_up()
             with self._lock:
                 index = self._known(tenant, name, version)
+            doomed_versions = [version] if version else sorted(index.versions, key=version_order)
+            deleted = [index.versions[v].manifest for v in doomed_versions]
             name_dir = self._dir(tenant, name)
             doomed = self._staging / self._shared.entry_name("deleted")
             remaining: NameIndex | None = None
@@ -188,6 +190,7 @@ class AdapterStore:
             self._publish_change((tenant, name), remaining)
             shutil.rmtree(doomed)
         log.info("deleted %s/%s%s", tenant, name, f"@{version}" if version else "")
+        return deleted
 
     def place(
         self, staged: Path, manifest: AdapterManifest, quota: TenantQuota = UNLIMITED
