@@ -321,17 +321,8 @@ class AdapterStore:
         with self._lock:
             if self._generation != before:
                 return
-            old = (
-                self._names if only is None else {k: v for k, v in self._names.items() if k == only}
-            )
-            for key, index in old.items():
-                kept = names.get(key)
-                gone = [
-                    i
-                    for v, i in index.versions.items()
-                    if kept is None or kept.versions.get(v) != i
-                ]
-                self._removed += [store_key(i.manifest) for i in gone]
+            for key in list(self._names) if only is None else [only]:
+                self._removed += _gone(self._names.get(key), names.get(key))
             if only is None:
                 self._names = names
             elif only in names:
@@ -479,6 +470,14 @@ class AdapterStore:
                 if index.versions:
                     names[key] = index
         return names
+
+
+def _gone(before: NameIndex | None, after: NameIndex | None) -> list[AdapterKey]:
+    """The keys of the versions in `before` that `after` no longer holds as they were."""
+    if before is None:
+        return []
+    kept = after.versions if after is not None else {}
+    return [store_key(i.manifest) for v, i in before.versions.items() if kept.get(v) != i]
 
 
 def _missing(target: Path) -> NoReturn:
