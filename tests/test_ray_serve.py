@@ -18,7 +18,7 @@ import pytest
 from tests.api.server_process import free_port
 
 from loraserve.v1 import adapters_pb2 as apb
-from loraserve.v1 import adapters_pb2_grpc, generation_pb2_grpc
+from loraserve.v1 import adapters_pb2_grpc, generation_pb2_grpc, server_pb2, server_pb2_grpc
 from loraserve.v1 import generation_pb2 as gpb
 from loraserve_client.upload import prepare_upload
 
@@ -34,6 +34,7 @@ RETRY_S = 120
 KEYS = {
     "alpha-key": {"tenant": "alpha", "scopes": ["generate", "adapters:write"]},
     "reader-key": {"tenant": "alpha", "scopes": ["generate"]},
+    "ops-key": {"tenant": "alpha", "scopes": ["admin"]},
 }  # docs/ray.md: retry UNAVAILABLE with backoff while Ray replaces a replica
 
 
@@ -177,6 +178,24 @@ def test_an_upload_through_one_replica_is_served_by_the_other(cluster, adapter_d
     assert tokens != generate(cluster)[0]
 
 
+def test_prefetch_and_server_info_go_through_ray(cluster, adapter_dirs):
+    upload(cluster, adapter_dirs["llama"]["r4-attn"], "warm")
+    stub = adapters_pb2_grpc.AdapterServiceStub(cluster)
+    request = apb.PrefetchAdapterRequest(name="warm")
+    with pytest.raises(grpc.RpcError) as caught:  # prefetching needs the admin scope
+        stub.PrefetchAdapter(request, metadata=metadata("warm"), timeout=60)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    reply, call = stub.PrefetchAdapter.with_call(
+        request, metadata=metadata("warm", key="ops-key"), timeout=60
+    )
+    assert reply.residency == apb.RESIDENCY_DEVICE
+    assert served_by(call)[0]
+    info = server_pb2_grpc.ServerServiceStub(cluster).GetServerInfo(
+        server_pb2.GetServerInfoRequest(), metadata=metadata(), timeout=60
+    )
+    assert info.device_slots == 2
+
+
 def test_a_multiplexed_id_other_than_the_adapter_is_refused(cluster):
     request = gpb.GenerateRequest(
         input=gpb.GenerationInput(text=PROMPT, adapter=gpb.AdapterRef(name="sticky"))
@@ -185,7 +204,7 @@ def test_a_multiplexed_id_other_than_the_adapter_is_refused(cluster):
     with pytest.raises(grpc.RpcError) as caught:
         stub.Generate(request, metadata=metadata("other"), timeout=60)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "must equal input.adapter.name" in caught.value.details()
+    assert "must equal the adapter's name" in caught.value.details()
 
 
 def test_keys_and_scopes_hold_through_ray(cluster, adapter_dirs):

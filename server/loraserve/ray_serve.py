@@ -6,9 +6,10 @@
 (`num_gpus=0` on CPU). Every replica opens the same adapter store root, shared as
 `adapters/store.py` describes, so an adapter uploaded through one replica is served by all.
 
-Ray's gRPC proxy serves `loraserve.v1.GenerationService` and `AdapterService` (`GRPC_SERVICERS`
-go to `serve.start`'s `grpc_servicer_functions`); a call names the application in `application`
-metadata and the adapter in `multiplexed_model_id`, which must equal `input.adapter.name`.
+Ray's gRPC proxy serves `loraserve.v1.GenerationService`, `AdapterService` and `ServerService`
+(`GRPC_SERVICERS` go to `serve.start`'s `grpc_servicer_functions`); a call names the application
+in `application` metadata and, for generation, prefetch and pin, the adapter in
+`multiplexed_model_id`, which must equal the adapter the request names.
 `@serve.multiplexed` with as many models per replica as the engine has device slots makes Ray
 route an adapter's requests to a replica that already holds it and load it elsewhere only when
 none does. Each call is translated by the same servicers as the plain gRPC server (`api/`), with
@@ -34,16 +35,19 @@ from ray.serve.grpc_util import RayServegRPCContext
 from loraserve.api.adapters import AdapterServicer
 from loraserve.api.auth import REQUIRED_SCOPES, Authenticator
 from loraserve.api.generation import GenerationServicer
+from loraserve.api.info import ServerInfoServicer
 from loraserve.api.state import ServerState
 from loraserve.app import build_runtime, warm_up
 from loraserve.config import ServerConfig, build_server_config
 from loraserve.metrics import Metrics
 from loraserve.v1 import adapters_pb2 as apb
 from loraserve.v1 import generation_pb2 as gpb
+from loraserve.v1 import server_pb2 as spb
 
 GRPC_SERVICERS = [
     "loraserve.v1.generation_pb2_grpc.add_GenerationServiceServicer_to_server",
     "loraserve.v1.adapters_pb2_grpc.add_AdapterServiceServicer_to_server",
+    "loraserve.v1.server_pb2_grpc.add_ServerServiceServicer_to_server",
 ]
 APP_NAME = "loraserve"
 DEPLOYMENT_OPTIONS = ("num_replicas", "max_ongoing_requests", "max_queued_requests")
@@ -93,6 +97,7 @@ class LoraServe:
         self._state.runtime = runtime
         self._generation = GenerationServicer(self._state)
         self._adapters = AdapterServicer(self._state)
+        self._info = ServerInfoServicer(self._state)
         replica = serve.get_replica_context().replica_id.unique_id
         self._replica = ((REPLICA_KEY, replica), (PID_KEY, str(os.getpid())))
 
@@ -107,13 +112,17 @@ class LoraServe:
     async def Generate(
         self, request: gpb.GenerateRequest, grpc_context: RayServegRPCContext
     ) -> gpb.GenerateResponse:
-        context = await self._admit(grpc_context, "Generate", request.input.adapter.name)
+        context = await self._admit(
+            grpc_context, GENERATION + "Generate", request.input.adapter.name
+        )
         return await self._generation.Generate(request, context)
 
     async def GenerateStream(
         self, request: gpb.GenerateStreamRequest, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[gpb.GenerateStreamResponse]:
-        context = await self._admit(grpc_context, "GenerateStream", request.input.adapter.name)
+        context = await self._admit(
+            grpc_context, GENERATION + "GenerateStream", request.input.adapter.name
+        )
         async for reply in self._generation.GenerateStream(request, context):
             yield reply
 
@@ -143,15 +152,35 @@ class LoraServe:
         context = self._checked(grpc_context, ADAPTERS + "UploadAdapter")
         return await self._adapters.UploadAdapter(request_stream, context)
 
+    async def PrefetchAdapter(
+        self, request: apb.PrefetchAdapterRequest, grpc_context: RayServegRPCContext
+    ) -> apb.PrefetchAdapterResponse:
+        context = await self._admit(grpc_context, ADAPTERS + "PrefetchAdapter", request.name)
+        return await self._adapters.PrefetchAdapter(request, context)
+
+    async def PinAdapter(
+        self, request: apb.PinAdapterRequest, grpc_context: RayServegRPCContext
+    ) -> apb.PinAdapterResponse:
+        context = await self._admit(grpc_context, ADAPTERS + "PinAdapter", request.name)
+        return await self._adapters.PinAdapter(request, context)
+
+    async def GetServerInfo(
+        self, request: spb.GetServerInfoRequest, grpc_context: RayServegRPCContext
+    ) -> spb.GetServerInfoResponse:
+        context = self._checked(grpc_context, "/loraserve.v1.ServerService/GetServerInfo")
+        return await self._info.GetServerInfo(request, context)
+
     async def _admit(
         self, grpc_context: RayServegRPCContext, method: str, adapter: str
     ) -> RayContext:
-        context = self._checked(grpc_context, GENERATION + method)
+        """The call's context for `method` on `adapter`, after the checks of `_checked`, once
+        Ray has recorded that this replica serves the adapter its call was routed by."""
+        context = self._checked(grpc_context, method)
         routed = serve.get_multiplexed_model_id()
         if routed and routed != adapter:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"multiplexed_model_id {routed[:64]!r} must equal input.adapter.name "
+                f"multiplexed_model_id {routed[:64]!r} must equal the adapter's name "
                 f"{adapter[:64]!r}: Ray routes on the one and the engine serves the other",
             )
         if routed:
