@@ -1,15 +1,16 @@
 """Composition: build the engine and its adapter parts from the configuration, run the server.
 
-`build_runtime` loads the base model, opens the adapter store, builds the engine core around
-it, the publisher that hands validated uploads to the host tier and the catalog the API
-serves, shares the start-up adapters with every tenant and starts the engine thread. `serve`
-runs the process: the gRPC server binds at once (health NOT_SERVING, calls UNAVAILABLE) so
-Kubernetes can probe it, and so does the OpenAI-compatible HTTP API when `http_port` is set
-(503 until then), the runtime is built off the event loop and warmed up with one generation,
-then health turns SERVING. SIGHUP reloads the API-keys file (a bad one is logged and the keys
-in use stay). SIGTERM or SIGINT drains both APIs (health NOT_SERVING and new calls refused at
-once, the listeners open until in-flight calls finish or the grace period ends) and `serve`
-returns 0; a failed start-up logs why and returns 1, a bad keys file or TLS file 2.
+`build_runtime` loads the base model, opens the adapter store (and the thread that keeps it
+current with other processes sharing its root), builds the engine core around it, the
+publisher that hands validated uploads to the host tier and the catalog the API serves,
+shares the start-up adapters with every tenant and starts the engine thread. `serve` runs the
+process: the gRPC server binds at once (health NOT_SERVING, calls UNAVAILABLE) so Kubernetes
+can probe it, and so does the OpenAI-compatible HTTP API when `http_port` is set (503 until
+then), the runtime is built off the event loop and warmed up with one generation, then health
+turns SERVING. SIGHUP reloads the API-keys file (a bad one is logged and the keys in use
+stay). SIGTERM or SIGINT drains both APIs (health NOT_SERVING and new calls refused at once,
+the listeners open until in-flight calls finish or the grace period ends) and `serve` returns
+0; a failed start-up logs why and returns 1, a bad keys file or TLS file 2.
 
 The only module that knows every layer; no layer imports it.
 """
@@ -29,6 +30,7 @@ from loraserve.adapters.catalog import AdapterCatalog
 from loraserve.adapters.manifest import base_fingerprint
 from loraserve.adapters.staging import AdapterPublisher
 from loraserve.adapters.store import AdapterStore
+from loraserve.adapters.store_watch import StoreWatcher
 from loraserve.api.auth import Authenticator
 from loraserve.api.http.server import HttpServer
 from loraserve.api.server import GrpcServer, tls_credentials
@@ -93,8 +95,11 @@ def build_runtime(config: ServerConfig, metrics: Metrics) -> Runtime:
             "device": str(loaded.device),
         }
     )
+    engine = AsyncEngine(core)
+    interval_s = config.store_refresh_ms / 1000
+    StoreWatcher(store, manager.forget, interval_s, running=lambda: engine.alive).start()
     return Runtime(
-        engine=AsyncEngine(core),
+        engine=engine,
         adapters=catalog,
         model=ModelFacts(loaded.quantization, str(loaded.device), core.max_context),
     )

@@ -1,4 +1,5 @@
-"""The `loraserve` command: `serve` runs the gRPC server; the client commands (`generate`,
+"""The `loraserve` command: `serve` runs the gRPC server, `ray-serve` runs it as a Ray Serve
+application (replicas of it, with the `ray` extra installed); the client commands (`generate`,
 `adapters`, `health`, `info`) come from `loraserve_client.cli` and never import torch.
 
 For `serve`: reads flags, `LORASERVE_*` environment variables and an optional JSON config file
@@ -113,6 +114,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         dest="api_keys",
         help="API-keys JSON file (keys, scopes, quotas); SIGHUP reloads it; none: dev mode",
     )
+    p.add_argument(
+        "--store-refresh-ms",
+        dest="store_refresh_ms",
+        type=int,
+        help="catch up with other processes sharing --adapter-dir this often (default 500)",
+    )
     p.add_argument("--max-upload-bytes", dest="max_upload_bytes", type=int)
     p.add_argument(
         "--upload-idle-timeout-seconds",
@@ -133,6 +140,42 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         help="host-RAM budget for adapter weights",
     )
+
+
+def _ray_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ray-serve",
+        help="run replicas of the server on Ray Serve (pip install 'loraserve[ray]'; docs/ray.md)",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="JSON file of server settings (as for serve --config) and deployment options",
+    )
+    p.add_argument("--address", help="the Ray cluster to join (default: start a local one)")
+    p.add_argument("--grpc-port", dest="grpc_port", type=int, default=9000)
+    p.add_argument("--http-host", dest="http_host", default="127.0.0.1")
+    p.add_argument("--http-port", dest="http_port", type=int, default=8000)
+    p.add_argument("--replicas", dest="num_replicas", type=int, help="fixed replica count")
+    p.add_argument("--max-ongoing-requests", dest="max_ongoing_requests", type=int)
+    p.add_argument(
+        "--max-queued-requests",
+        dest="max_queued_requests",
+        type=int,
+        help="past this many waiting for a replica, calls end RESOURCE_EXHAUSTED",
+    )
+    p.add_argument(
+        "--num-gpus", dest="num_gpus", type=float, help="per replica (default: 1 if any GPU)"
+    )
+
+
+def _ray_serve(args: argparse.Namespace) -> int:
+    from loraserve.ray_serve import run
+
+    options = ("num_replicas", "max_ongoing_requests", "max_queued_requests", "num_gpus")
+    settings = json.loads(args.config.read_text()) if args.config else {}
+    settings.update({k: getattr(args, k) for k in options if getattr(args, k) is not None})
+    return run(settings, args.address, args.grpc_port, (args.http_host, args.http_port))
 
 
 def _import_parser(adapter_actions: argparse._SubParsersAction) -> None:
@@ -211,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _ray_serve_parser(sub)
     _import_parser(add_client_commands(sub))
     return parser
 
@@ -230,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "ray-serve":
+        return _ray_serve(args)
     if getattr(args, "adapters_command", None) == "import":
         return _import(args)
     return run_command(args)

@@ -95,6 +95,8 @@ class ServerConfig:
     upload_idle_timeout_seconds: an upload whose next message takes longer is aborted.
     http_port: serve the OpenAI-compatible HTTP API there too, on `host` (None: off).
     served_model_name: the base model's `model` in that API (None: what `engine.model` says).
+    store_refresh_ms: how often this process catches up with what other processes sharing
+        `adapter_dir` changed (`latest` moves, listings, quotas); see `adapters/store.py`.
     """
 
     engine: EngineConfig = EngineConfig()
@@ -112,6 +114,7 @@ class ServerConfig:
     api_keys: str | None = None
     max_upload_bytes: int = 2 * 1024**3
     upload_idle_timeout_seconds: float = 30.0
+    store_refresh_ms: int = 500
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
@@ -123,7 +126,7 @@ class ServerConfig:
             raise ValueError("tls_cert and tls_key go together: give both, or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key too")
-        for name in ("upload_idle_timeout_seconds", "drain_grace_seconds"):
+        for name in ("upload_idle_timeout_seconds", "drain_grace_seconds", "store_refresh_ms"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 

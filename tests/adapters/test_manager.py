@@ -157,7 +157,7 @@ def test_pin_and_forget(tmp_path):
 
 
 def refuse_disk(*args, **kwargs):
-    pytest.fail("resolving a name touched the disk")
+    pytest.fail("resolving a name read more of the disk than one lstat")
 
 
 def test_names_resolve_from_memory_and_replacing_makes_a_new_key(tmp_path, monkeypatch):
@@ -168,13 +168,21 @@ def test_names_resolve_from_memory_and_replacing_makes_a_new_key(tmp_path, monke
     assert key == local_key("sql", first) and key.name == "sql" and key.source is Source.LOCAL
     publisher = AdapterPublisher(store, "fingerprint", manager.targets, MAX_RANK)
     stored = store_key(publisher.publish_dir("acme", "sql", write_peft(tmp_path / "mine")))
-    with monkeypatch.context() as nothing_on_disk:
-        for call in ("lstat", "stat", "open"):
-            nothing_on_disk.setattr(os, call, refuse_disk)
+    lstat, checked = os.lstat, []
+
+    def counted(path, *args, **kwargs):
+        checked.append(str(path))
+        return lstat(path, *args, **kwargs)
+
+    with monkeypatch.context() as from_memory:  # and one lstat: is that version still there?
+        for call in ("stat", "open", "scandir", "listdir"):
+            from_memory.setattr(os, call, refuse_disk)
+        from_memory.setattr(os, "lstat", counted)
         assert manager.resolve("sql", tenant="acme") == stored  # the tenant's own first
         assert manager.resolve("sql", tenant="acme", version="1") == stored
         assert manager.resolve("sql", tenant="beta") == key  # then the shared one
         assert manager.resolve(None) is None and manager.resolve("") is None
+    assert len(checked) == 3, checked
     with pytest.raises(AdapterNotFoundError, match="version '2'"):
         manager.resolve("sql", tenant="acme", version="2")
     assert manager.load("sql", first) == key  # the same files: the same key

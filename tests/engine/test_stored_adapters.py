@@ -53,12 +53,20 @@ def test_submission_resolves_from_memory_and_the_gauge_names_the_adapter(publish
     core, _, manifest = published
 
     def refuse(*args, **kwargs):
-        pytest.fail("submitting a request touched the disk")
+        pytest.fail("submitting a request read more of the disk than one lstat")
 
-    with monkeypatch.context() as nothing_on_disk:
-        for call in ("lstat", "stat", "open"):
-            nothing_on_disk.setattr(os, call, refuse)
+    lstat, checked = os.lstat, []
+
+    def counted(path, *args, **kwargs):
+        checked.append(path)
+        return lstat(path, *args, **kwargs)
+
+    with monkeypatch.context() as from_memory:  # and one lstat: is that version still there?
+        for call in ("stat", "open", "scandir", "listdir"):
+            from_memory.setattr(os, call, refuse)
+        from_memory.setattr(os, "lstat", counted)
         seq = core.make_sequence(request("sql"), Collected())
+    assert len(checked) == 1
     assert seq.adapter_key == store_key(manifest)
     core.add(seq)
     core.add(core.make_sequence(request("local", tenant=None), Collected()))

@@ -116,11 +116,7 @@ class AdapterCatalog:
                 f"adapter {shown(name)} is shared by the operator and read-only; a tenant "
                 "deletes only the adapters it uploaded"
             )
-        if version:
-            doomed = [self._manifest(tenant, name, version)]
-        else:
-            doomed = self._store.versions(tenant, name)
-        self._store.delete(tenant, name, version)
+        doomed = self._store.delete(tenant, name, version)
         for manifest in doomed:  # in-flight requests keep their slot; new ones cannot reach it
             self._manager.forget(store_key(manifest))
         return [m.version for m in doomed]

@@ -169,7 +169,8 @@ class AdapterManager:
         self, name: str | None, tenant: str | None = None, version: str | None = None
     ) -> AdapterKey | None:
         """The key of `name` for `tenant` (its own adapters first, then shared); None = base.
-        Answers from memory: safe on an event loop."""
+        Answers from memory and one `lstat` (is the stored version still there?): safe on an
+        event loop."""
         return self._registry.resolve(name, tenant, version)
 
     def forget(self, key: AdapterKey) -> None:

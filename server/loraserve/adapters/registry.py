@@ -1,7 +1,8 @@
 """Names -> adapter keys: adapters registered from directories, and each tenant's stored ones.
 
-`resolve(name, tenant, version)` answers from memory alone: the tenant's own stored adapters
-first (the store's index), then the ones registered under a name for every tenant.
+`resolve(name, tenant, version)` answers from memory (and the store's one `lstat`): the
+tenant's own stored adapters first (the store's index), then the ones registered under a name
+for every tenant.
 `directory(key)` says where a key's files are, for the loader thread; a replaced local
 adapter's directory stays known for the requests still holding its key.
 

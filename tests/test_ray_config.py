@@ -1,0 +1,50 @@
+"""deploy/ray/serve_config.yaml is a valid Ray Serve config whose servicers, import path and
+settings are the server's own, and `build_app` turns its args into the deployment they say
+(no cluster: the Ray cluster tests are in test_ray_serve.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loraserve.config import build_server_config
+
+schema = pytest.importorskip("ray.serve.schema")
+ray_serve = pytest.importorskip("loraserve.ray_serve")
+
+CONFIG = Path(__file__).parent.parent / "deploy/ray/serve_config.yaml"
+
+
+@pytest.fixture(scope="module")
+def config() -> dict:
+    return yaml.safe_load(CONFIG.read_text())
+
+
+def test_the_config_is_valid_for_ray_serve(config):
+    parsed = schema.ServeDeploySchema.model_validate(config)
+    assert parsed.grpc_options.grpc_servicer_functions == ray_serve.GRPC_SERVICERS
+    (app,) = parsed.applications
+    assert (app.name, app.route_prefix) == (ray_serve.APP_NAME, "/")
+    assert app.import_path == "loraserve.ray_serve:build_app"
+
+
+def test_the_args_are_server_settings_and_deployment_options(config):
+    args = config["applications"][0]["args"]
+    options = {*ray_serve.DEPLOYMENT_OPTIONS, *ray_serve.ACTOR_OPTIONS}
+    settings = {k: v for k, v in args.items() if k not in options}
+    server = build_server_config({}, {}, settings)  # an unknown setting raises
+    assert server.engine.device_slots == args["device_slots"]
+    deployment = ray_serve.build_app(args)._bound_deployment
+    assert deployment.ray_actor_options == {"num_gpus": 1, "num_cpus": 4}
+    assert deployment._deployment_config.max_queued_requests == args["max_queued_requests"]
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 4
+    assert deployment.init_args == (settings,)
+
+
+def test_a_bad_setting_fails_when_the_app_is_built():
+    with pytest.raises(ValueError, match="unknown settings"):
+        ray_serve.build_app({"modle": "/models/base"})
+    with pytest.raises(ValueError, match="store_refresh_ms"):
+        ray_serve.build_app({"store_refresh_ms": 0})

@@ -1,0 +1,252 @@
+"""Ray Serve: a local Ray cluster on loopback, two replicas of the tiny model behind Ray's gRPC
+proxy. An adapter's requests land on one replica (the trailing metadata names it), an upload
+through one replica is served by the other (the shared store), and a replica killed by SIGKILL
+is restarted by Ray while requests keep succeeding with the retry docs/ray.md documents."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+from tests.api.server_process import free_port
+
+from loraserve.v1 import adapters_pb2 as apb
+from loraserve.v1 import adapters_pb2_grpc, generation_pb2_grpc, server_pb2, server_pb2_grpc
+from loraserve.v1 import generation_pb2 as gpb
+from loraserve_client.upload import prepare_upload
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+pytestmark = pytest.mark.slow  # a Ray cluster and two replicas
+
+APP = "loraserve"
+PROMPT = "The quick brown fox"
+MAX_ONGOING, MAX_QUEUED = 2, 2  # per replica; waiting for a replica, per proxy
+RETRY_S = 120
+KEYS = {
+    "alpha-key": {"tenant": "alpha", "scopes": ["generate", "adapters:write"]},
+    "reader-key": {"tenant": "alpha", "scopes": ["generate"]},
+    "ops-key": {"tenant": "alpha", "scopes": ["admin"]},
+}  # docs/ray.md: retry UNAVAILABLE with backoff while Ray replaces a replica
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dirs, tmp_path_factory):
+    from ray.serve.config import gRPCOptions
+
+    from loraserve.ray_serve import GRPC_SERVICERS, build_app
+
+    store = tmp_path_factory.mktemp("ray-store")
+    keys_file = store.parent / "ray-keys.json"
+    keys_file.write_text(json.dumps({"keys": [{"key": k, **e} for k, e in KEYS.items()]}))
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": free_port()},
+            grpc_options=gRPCOptions(port=port, grpc_servicer_functions=GRPC_SERVICERS),
+        )
+        app = build_app(
+            {
+                "model": str(model_dirs["llama"]), "device": "cpu", "device_slots": 2,
+                "adapter_dir": str(store), "store_refresh_ms": 200, "api_keys": str(keys_file),
+                "num_replicas": 2, "num_cpus": 0.5, "max_ongoing_requests": MAX_ONGOING,
+                "max_queued_requests": MAX_QUEUED,
+            }
+        )  # fmt: skip
+        serve.run(app, name=APP, route_prefix="/")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            wait_for_route(channel)
+            yield channel
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def wait_for_route(channel: grpc.Channel, seconds: float = 60) -> None:
+    """Until the proxy routes to the application (it learns of it after `serve.run`)."""
+    from ray.serve.generated import serve_pb2, serve_pb2_grpc
+
+    stub = serve_pb2_grpc.RayServeAPIServiceStub(channel)
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            reply = stub.ListApplications(serve_pb2.ListApplicationsRequest(), timeout=10)
+            if APP in reply.application_names:
+                return
+        except grpc.RpcError:
+            pass  # the proxy is still starting
+        assert time.monotonic() < deadline, "Ray's gRPC proxy never routed to the application"
+        time.sleep(0.2)
+
+
+def metadata(adapter: str = "", key: str | None = "alpha-key") -> tuple[tuple[str, str], ...]:
+    entries = [("application", APP)]
+    if adapter:
+        entries.append(("multiplexed_model_id", adapter))
+    if key:
+        entries.append(("authorization", f"Bearer {key}"))
+    return tuple(entries)
+
+
+def served_by(call: Any) -> tuple[str, int]:
+    trailing = dict(call.trailing_metadata())
+    return trailing["loraserve-replica"], int(trailing["loraserve-pid"])
+
+
+def generate(channel: grpc.Channel, adapter: str = "") -> tuple[list[int], tuple[str, int]]:
+    """Greedy tokens for PROMPT on `adapter`, and (replica, pid) that served them."""
+    request = gpb.GenerateRequest(
+        input=gpb.GenerationInput(
+            text=PROMPT, adapter=gpb.AdapterRef(name=adapter), max_new_tokens=6, ignore_eos=True
+        )
+    )
+    stub = generation_pb2_grpc.GenerationServiceStub(channel)
+    reply, call = stub.Generate.with_call(request, metadata=metadata(adapter), timeout=60)
+    return list(reply.token_ids), served_by(call)
+
+
+def retrying(attempt: Callable[[], Any], seconds: float = RETRY_S) -> Any:
+    """`attempt()`, retried on UNAVAILABLE with backoff (docs/ray.md) until `seconds` pass."""
+    deadline, pause = time.monotonic() + seconds, 0.1
+    while True:
+        try:
+            return attempt()
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 2.0)
+
+
+def upload(channel: grpc.Channel, directory, name: str) -> tuple[apb.Adapter, tuple[str, int]]:
+    requests, _ = prepare_upload(directory, name, None, False, sys.stderr)
+    stub = adapters_pb2_grpc.AdapterServiceStub(channel)
+    reply, call = stub.UploadAdapter.with_call(requests, metadata=metadata(), timeout=120)
+    return reply.adapter, served_by(call)
+
+
+def test_an_adapter_s_requests_land_on_one_replica(cluster, adapter_dirs):
+    """Ray learns where an adapter is within ~0.1 s of its first request; a second request sent
+    before that may open it on the other replica too (then both hold it, and Ray rightly uses
+    both), so each try takes a fresh adapter until one stays on the replica that took it first.
+    Without affinity a try passes by chance 1 in 1024."""
+    adapter, _ = upload(cluster, adapter_dirs["llama"]["r8-all"], "sticky")
+    assert adapter.version == "1"
+    tokens, _ = generate(cluster, "sticky")
+    assert generate(cluster)[0] != tokens  # the base model differs: the adapter was applied
+    for attempt in range(8):
+        name = f"affine-{attempt}"
+        upload(cluster, adapter_dirs["llama"]["r8-all"], name)
+        first, holder = generate(cluster, name)
+        assert first == tokens  # the same files as "sticky", on either replica
+        if all(generate(cluster, name) == (tokens, holder) for _ in range(10)):
+            return
+    pytest.fail("no adapter's requests stayed on one replica")
+
+
+def test_streaming_gives_the_unary_tokens(cluster, adapter_dirs):
+    tokens, _ = generate(cluster, "sticky")
+    request = gpb.GenerateStreamRequest(
+        input=gpb.GenerationInput(
+            text=PROMPT, adapter=gpb.AdapterRef(name="sticky"), max_new_tokens=6, ignore_eos=True
+        )
+    )
+    stub = generation_pb2_grpc.GenerationServiceStub(cluster)
+    replies = list(stub.GenerateStream(request, metadata=metadata("sticky"), timeout=60))
+    assert [r.token.token_id for r in replies if r.HasField("token")] == tokens
+    assert replies[-1].final.usage.completion_tokens == 6
+
+
+def test_an_upload_through_one_replica_is_served_by_the_other(cluster, adapter_dirs):
+    for attempt in range(12):  # Ray picks the replica for a new adapter: find one it splits
+        name = f"moved-{attempt}"
+        _, uploader = upload(cluster, adapter_dirs["llama"]["r4-attn"], name)
+        tokens, server = generate(cluster, name)
+        if server != uploader:
+            break
+    else:
+        pytest.fail("Ray routed every new adapter to the replica that uploaded it")
+    assert tokens != generate(cluster)[0]
+
+
+def test_prefetch_and_server_info_go_through_ray(cluster, adapter_dirs):
+    upload(cluster, adapter_dirs["llama"]["r4-attn"], "warm")
+    stub = adapters_pb2_grpc.AdapterServiceStub(cluster)
+    request = apb.PrefetchAdapterRequest(name="warm")
+    with pytest.raises(grpc.RpcError) as caught:  # prefetching needs the admin scope
+        stub.PrefetchAdapter(request, metadata=metadata("warm"), timeout=60)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    reply, call = stub.PrefetchAdapter.with_call(
+        request, metadata=metadata("warm", key="ops-key"), timeout=60
+    )
+    assert reply.residency == apb.RESIDENCY_DEVICE
+    assert served_by(call)[0]
+    info = server_pb2_grpc.ServerServiceStub(cluster).GetServerInfo(
+        server_pb2.GetServerInfoRequest(), metadata=metadata(), timeout=60
+    )
+    assert info.device_slots == 2
+
+
+def test_a_multiplexed_id_other_than_the_adapter_is_refused(cluster):
+    request = gpb.GenerateRequest(
+        input=gpb.GenerationInput(text=PROMPT, adapter=gpb.AdapterRef(name="sticky"))
+    )
+    stub = generation_pb2_grpc.GenerationServiceStub(cluster)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Generate(request, metadata=metadata("other"), timeout=60)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "must equal the adapter's name" in caught.value.details()
+
+
+def test_keys_and_scopes_hold_through_ray(cluster, adapter_dirs):
+    request = gpb.GenerateRequest(input=gpb.GenerationInput(text=PROMPT, max_new_tokens=2))
+    stub = generation_pb2_grpc.GenerationServiceStub(cluster)
+    for key in (None, "wrong-key"):
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Generate(request, metadata=metadata(key=key), timeout=60)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert len(stub.Generate(request, metadata=metadata(key="reader-key"), timeout=60).token_ids)
+    requests, _ = prepare_upload(adapter_dirs["llama"]["r1-qv"], "nope", None, False, sys.stderr)
+    adapters = adapters_pb2_grpc.AdapterServiceStub(cluster)
+    with pytest.raises(grpc.RpcError) as caught:
+        adapters.UploadAdapter(requests, metadata=metadata(key="reader-key"), timeout=60)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_past_the_queue_bound_calls_end_resource_exhausted(cluster):
+    request = gpb.GenerateRequest(
+        input=gpb.GenerationInput(text=PROMPT, max_new_tokens=48, ignore_eos=True)
+    )
+    stub = generation_pb2_grpc.GenerationServiceStub(cluster)
+    calls = [stub.Generate.future(request, metadata=metadata(), timeout=120) for _ in range(16)]
+    codes = []
+    for call in calls:
+        error = call.exception()
+        codes.append(grpc.StatusCode.OK if error is None else error.code())
+    taken = 2 * MAX_ONGOING + MAX_QUEUED
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    assert codes.count(grpc.StatusCode.OK) >= taken, codes
+
+
+def test_a_killed_replica_is_restarted_and_requests_keep_succeeding(cluster):
+    tokens, (replica, pid) = generate(cluster, "sticky")
+    before = {generate(cluster)[1][0] for _ in range(8)} | {replica}
+    os.kill(pid, signal.SIGKILL)
+    again, _ = retrying(lambda: generate(cluster, "sticky"))
+    assert again == tokens  # served while Ray replaces the dead replica
+    deadline = time.monotonic() + RETRY_S
+    while True:  # the base model's requests spread over both replicas: one is the new one
+        _, (server, _) = retrying(lambda: generate(cluster))
+        if server not in before:
+            break
+        assert time.monotonic() < deadline, "Ray never brought a replacement replica up"
+    assert retrying(lambda: generate(cluster, "sticky"))[0] == tokens
