@@ -14,6 +14,11 @@ Adapter i's weights are the benchmark's adapter directory i mod 32 (each name is
 adapter to every tier and to PEFT; the disk holds 32 files). Each point is the median of
 `--repeats` runs after one warm-up.
 
+PEFT is given at most `--peft-max-adapters` (128): its `load_adapter` walks every module of the
+model, which grows with each adapter loaded, so 1,000 adapters take hours to load (474 took 27
+minutes on the 2-core machine of RESULTS.md). The JSON records PEFT's load time and the counts
+it was not run at.
+
     .venv/bin/python benchmarks/bench_adapter_sweep.py --out benchmarks/results/sweep.json \\
         --plot benchmarks/results/adapter_sweep.png
 """
@@ -26,6 +31,7 @@ import logging
 import shlex
 import statistics
 import sys
+import time
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -100,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--counts", type=int, nargs="+", default=list(COUNTS))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peft-max-adapters", type=int, default=128)
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--out", type=Path, required=True, help="JSON results")
     parser.add_argument("--plot", type=Path, required=True, help="PNG plot")
@@ -113,7 +120,12 @@ def main(argv: list[str] | None = None) -> None:
     dirs = list(prepare_lora_adapters(model_dir, DIRECTORIES, RANK, ALPHA, TARGETS).values())
     names = {f"a{i}": dirs[i % len(dirs)] for i in range(max(args.counts))}
     core = engine(model_dir, names)
-    peft, peft_loaded = load_peft(model_dir, names, "nf4", "fp32", "cpu")
+    peft_count = max((n for n in args.counts if n <= args.peft_max_adapters), default=0)
+    start = time.perf_counter()
+    peft, peft_loaded = load_peft(
+        model_dir, dict(list(names.items())[:peft_count]), "nf4", "fp32", "cpu"
+    )
+    peft_load_seconds = time.perf_counter() - start
     runs = {
         "engine": lambda w: run_engine(core, w, with_adapters=True).tokens,
         "peft_mixed_batch": partial(peft_chunks, peft, peft_loaded),
@@ -123,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     for count in args.counts:
         w = workload(count)
         for series, fn in runs.items():
+            if series.startswith("peft") and count > peft_count:
+                continue
             fn(w.head(4, 2))  # warm-up
             tok_s = [timed(partial(fn, w), core.device).tok_s for _ in range(args.repeats)]
             results[series][count] = tok_s
@@ -144,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     figure.savefig(args.plot, dpi=120)
     args.out.write_text(json.dumps({
         "medians_tok_s": medians, "runs_tok_s": results,
+        "peft_adapters_loaded": peft_count, "peft_load_seconds": peft_load_seconds,
+        "peft_not_run_at": [n for n in args.counts if n > peft_count],
         "config": {"model": MODEL.__dict__, "rank": RANK, "batch": BATCH,
                    "prompt_tokens": PROMPTS, "new_tokens": NEW_TOKENS},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
