@@ -95,7 +95,9 @@ def test_pathological_constraints_are_refused_quickly_while_streams_go_on(server
         assert stream.arrivals[-1] > ended, "the refusals did not overlap the streams"
         usual = statistics.median(stream.gaps(before=started))
         during = stream.gaps(after=started, before=ended + 0.5)
-        assert max(during, default=0.0) < max(0.5, 10 * usual), (
+        # a compile holding the GIL or the engine thread stalls streams for seconds; four
+        # compiles beside the engine on a loaded 2-core machine delay a token up to about 1 s
+        assert max(during, default=0.0) < max(1.5, 10 * usual), (
             f"a stream waited {max(during):.3f}s between tokens during the refusals "
             f"(usually {usual:.3f}s)"
         )
