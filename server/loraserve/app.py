@@ -37,7 +37,7 @@ from loraserve.engine.core import EngineCore
 from loraserve.metrics import Metrics
 from loraserve.model.loading import load_base_model, quantized_bytes
 from loraserve.model.tiny import default_model_dir
-from loraserve.types import DEFAULT_TENANT, GenerateRequest, SamplingParams
+from loraserve.types import DEFAULT_TENANT, GenerateRequest, LoraServeError, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,12 @@ def build_runtime(config: ServerConfig, metrics: Metrics) -> Runtime:
         adapters=catalog,
         model=ModelFacts(loaded.quantization, str(loaded.device), core.max_context),
     )
+
+
+def one_line(error: BaseException) -> str:
+    """An error's first line (library errors can run to a page)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 async def warm_up(engine: AsyncEngine) -> None:
@@ -205,8 +211,12 @@ async def _serve(config: ServerConfig, stop: asyncio.Event, build: RuntimeBuilde
             await server.set_serving(True)
             watcher = asyncio.ensure_future(watch_engine(state.runtime.engine, server))
             log.info("SERVING %s", config.model_name)
-        except Exception as error:  # a bad model, store or adapter: say why and exit 1
-            state.startup_error = f"start-up failed: {error}"
+        except (OSError, ValueError, LoraServeError) as error:  # a bad model, store, adapter
+            state.startup_error = f"start-up failed: {one_line(error)}"
+            log.error("%s", state.startup_error)
+            stop.set()
+        except Exception as error:  # a defect: the traceback helps
+            state.startup_error = f"start-up failed: {one_line(error)}"
             log.exception("start-up failed")
             stop.set()
     await stopping

@@ -2,7 +2,9 @@
 `adapters`, `health`, `info`) come from `loraserve_client.cli` and never import torch.
 
 For `serve`: reads flags, `LORASERVE_*` environment variables and an optional JSON config file
-once, builds the frozen `ServerConfig`, logs it, and hands it to the server.
+once (`loraserve.settings`: a wrong value ends start-up with one line), builds the frozen
+`ServerConfig`, sets up the log, says what it is loading before importing torch, and hands the
+configuration to the server.
 """
 
 from __future__ import annotations
@@ -15,113 +17,24 @@ import os
 import sys
 from pathlib import Path
 
-from loraserve.config import build_server_config
+import loraserve
+from loraserve.config import ServerConfig
+from loraserve.logs import configure as configure_logs
+from loraserve.settings import ConfigError, add_setting_flags, load_config
 from loraserve_client.cli import add_client_commands, run_command
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the gRPC server")
-    p.add_argument("--config", type=Path, help="JSON file of settings (flags and env win)")
-    p.add_argument("--model", help="HF model directory or hub id (default: built-in tiny model)")
-    p.add_argument("--quantization", choices=("nf4", "fp4", "int8", "none"))
-    p.add_argument("--compute-dtype", dest="compute_dtype", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--host", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="gRPC port (default 50051)")
-    p.add_argument(
-        "--device-slots",
-        dest="device_slots",
-        type=int,
-        help="adapters resident on the device at once",
-    )
-    p.add_argument("--max-rank", dest="max_rank", type=int, help="largest LoRA rank accepted")
-    p.add_argument("--max-batch-size", dest="max_batch_size", type=int)
-    p.add_argument("--max-context", dest="max_context", type=int)
-    p.add_argument(
-        "--max-prompt-bytes",
-        dest="max_prompt_bytes",
-        type=int,
-        help="longest prompt text, refused before tokenizing (default: 32 x max context)",
-    )
-    p.add_argument("--kv-cache-tokens", dest="kv_cache_tokens", type=int)
-    p.add_argument("--max-step-tokens", dest="max_step_tokens", type=int)
-    p.add_argument("--default-max-new-tokens", dest="default_max_new_tokens", type=int)
-    p.add_argument("--drain-grace-seconds", dest="drain_grace_seconds", type=float)
-    p.add_argument(
-        "--adapter",
-        dest="adapters",
-        action="append",
-        metavar="NAME=DIR",
-        help="load a PEFT LoRA directory at start-up (repeatable)",
+    p = sub.add_parser(
+        "serve",
+        help="run the gRPC server",
+        description="Every setting is also a LORASERVE_* environment variable and a --config "
+        "file key; see docs/configuration.md.",
     )
     p.add_argument(
-        "--metrics-port", dest="metrics_port", type=int, help="serve Prometheus /metrics here"
+        "--config", type=Path, help="JSON file of settings (flags and the environment win)"
     )
-    p.add_argument(
-        "--metrics-host",
-        dest="metrics_host",
-        help="address /metrics binds (default 127.0.0.1; it needs no key)",
-    )
-    p.add_argument(
-        "--metrics-names",
-        dest="metrics_names",
-        action="store_const",
-        const=True,
-        help="put tenant and adapter names in metric labels (gateway adapter affinity needs "
-        "them; anyone who can scrape /metrics then sees every tenant's)",
-    )
-    p.add_argument(
-        "--no-gateway-metrics",
-        dest="gateway_metrics",
-        action="store_const",
-        const=False,
-        help="leave out the vllm:* gauges that inference gateways scrape",
-    )
-    p.add_argument(
-        "--double-quant",
-        dest="double_quant",
-        action="store_const",
-        const=True,
-        help="double-quantize the 4-bit block scales (QLoRA's recipe; nf4 and fp4): about 0.4 "
-        "bits less per weight",
-    )
-    p.add_argument(
-        "--no-prefix-caching",
-        dest="prefix_caching",
-        action="store_const",
-        const=False,
-        help="recompute every prompt instead of sharing the KV of prefixes already seen",
-    )
-    p.add_argument("--max-waiting", dest="max_waiting", type=int, help="queued requests at most")
-    p.add_argument(
-        "--max-waiting-tokens", dest="max_waiting_tokens", type=int, help="queued prompt tokens"
-    )
-    p.add_argument("--adapter-dir", dest="adapter_dir", help="adapter store root (./adapters)")
-    p.add_argument(
-        "--api-keys",
-        dest="api_keys",
-        help="API-keys JSON file (keys, scopes, quotas); SIGHUP reloads it; none: dev mode",
-    )
-    p.add_argument("--max-upload-bytes", dest="max_upload_bytes", type=int)
-    p.add_argument(
-        "--upload-idle-timeout-seconds",
-        dest="upload_idle_timeout_seconds",
-        type=float,
-        help="abort an upload whose next message takes longer (default 30)",
-    )
-    p.add_argument("--tls-cert", dest="tls_cert", help="PEM certificate chain: serve over TLS")
-    p.add_argument("--tls-key", dest="tls_key", help="PEM private key of --tls-cert")
-    p.add_argument(
-        "--tls-client-ca",
-        dest="tls_client_ca",
-        help="PEM CA: require client certificates it signed (mTLS)",
-    )
-    p.add_argument(
-        "--host-cache-bytes",
-        dest="host_cache_bytes",
-        type=int,
-        help="host-RAM budget for adapter weights",
-    )
+    add_setting_flags(p)
 
 
 def _import_parser(adapter_actions: argparse._SubParsersAction) -> None:
@@ -177,38 +90,48 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from loraserve.app import serve
-
+def config_of(args: argparse.Namespace) -> ServerConfig:
+    """The `serve` command's configuration: its flags over the environment over --config."""
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-    file_values = json.loads(args.config.read_text()) if args.config else {}
+    return load_config(flags, args.config)
+
+
+def _serve(args: argparse.Namespace) -> int:
     try:
-        config = build_server_config(flags, os.environ, file_values)
-    except (ValueError, TypeError) as error:
-        print(f"loraserve: bad configuration: {error}", file=sys.stderr)
+        config = config_of(args)
+    except ConfigError as error:
+        print(f"loraserve: {error}", file=sys.stderr)
         return 2
-    logging.getLogger(__name__).info(
-        "configuration: %s", json.dumps(config.describe(), default=str)
+    configure_logs(config.log_format, config.log_level)
+    log = logging.getLogger("loraserve")
+    log.info(
+        "loraserve %s starting: loading %s (%s) on %s",
+        loraserve.__version__,
+        config.model_name,
+        config.engine.quantization,
+        config.engine.device,
     )
+    log.info("configuration: %s", json.dumps(config.describe(), default=str))
+    from loraserve.app import serve  # torch and transformers: seconds to import
+
     return asyncio.run(serve(config))
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=os.environ.get("LORASERVE_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for noisy in ("bitsandbytes", "httpx", "transformers.modeling_utils"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loraserve", description="Many LoRA adapters on one quantized base model, over gRPC."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _import_parser(add_client_commands(sub))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    configure_logs("text", os.environ.get("LORASERVE_LOG_LEVEL", "INFO"))
     if getattr(args, "adapters_command", None) == "import":
         return _import(args)
     return run_command(args)
