@@ -184,7 +184,7 @@ async def _serve(config: ServerConfig, stop: asyncio.Event, build: RuntimeBuilde
             "--tls-key, or terminate TLS in front of the server on this host",
             config.host,
         )
-    metrics = Metrics(names=config.metrics_names)
+    metrics = Metrics(names=config.metrics_names, process=True)
     state = ServerState(config, auth, metrics)
     metrics_server = None
     if config.metrics_port is not None:
