@@ -111,12 +111,14 @@ async def abort(
 
 async def abort_with(context: grpc.aio.ServicerContext, error: BaseException) -> NoReturn:
     """End the call with the mapped status and rich details; unexpected errors never leak
-    internals. At capacity, the `retry-after-ms` trailer repeats the RetryInfo hint."""
+    internals. At capacity, the standard `grpc-retry-pushback-ms` trailer (which gRPC's own
+    retries obey, in every language) and the older `retry-after-ms` repeat the RetryInfo hint."""
     code = status_of(error)
     message = "internal error; see server log"
     if code != grpc.StatusCode.INTERNAL:
         message = bounded_message(error)
     trailing = tuple(rpc_status.to_status(rich_status(code, message, error)).trailing_metadata)
     if isinstance(error, RETRYABLE):
-        trailing += (("retry-after-ms", str(RETRY_AFTER_S * 1000)),)
+        milliseconds = str(RETRY_AFTER_S * 1000)
+        trailing += (("grpc-retry-pushback-ms", milliseconds), ("retry-after-ms", milliseconds))
     await abort(context, code, message, trailing)
