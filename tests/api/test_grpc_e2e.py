@@ -20,8 +20,8 @@ from loraserve.api.server import SERVICE_NAMES
 from loraserve.app import build_runtime, serve
 from loraserve.config import EngineConfig, ServerConfig
 from loraserve.types import GenerateRequest, SamplingParams
-from loraserve.v1 import generation_pb2 as pb
-from loraserve.v1 import generation_pb2_grpc, server_pb2, server_pb2_grpc
+from loraserve_client.v1 import generation_pb2 as pb
+from loraserve_client.v1 import generation_pb2_grpc, server_pb2, server_pb2_grpc
 
 pytestmark = pytest.mark.slow  # real server processes
 

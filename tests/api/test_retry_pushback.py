@@ -11,9 +11,9 @@ import grpc
 import pytest
 from tests.api.server_process import free_port, running_server, scrape, value, wait_for_waiting
 
-from loraserve.v1 import generation_pb2 as gpb
-from loraserve.v1 import generation_pb2_grpc
 from loraserve_client import Client, ResourceExhausted
+from loraserve_client.v1 import generation_pb2 as gpb
+from loraserve_client.v1 import generation_pb2_grpc
 
 pytestmark = pytest.mark.slow  # a real server process
 

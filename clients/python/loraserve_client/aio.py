@@ -18,14 +18,6 @@ from typing import Any, TypeVar, cast
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loraserve.v1 import (
-    adapters_pb2,
-    adapters_pb2_grpc,
-    generation_pb2,
-    generation_pb2_grpc,
-    server_pb2,
-    server_pb2_grpc,
-)
 from loraserve_client.calls import DEFAULT_BACKOFF, Backoff, CallSettings
 from loraserve_client.errors import error_from_rpc
 from loraserve_client.messages import (
@@ -45,6 +37,14 @@ from loraserve_client.types import (
     StreamEvent,
 )
 from loraserve_client.upload import prepare_upload
+from loraserve_client.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    server_pb2,
+    server_pb2_grpc,
+)
 
 T = TypeVar("T")
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from loraserve.v1 import adapters_pb2
 from loraserve_client.errors import InvalidArgument
+from loraserve_client.v1 import adapters_pb2
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -33,8 +33,8 @@ from loraserve.types import (
     TokenEvent,
     TopLogprob,
 )
-from loraserve.v1 import generation_pb2 as pb
-from loraserve.v1 import generation_pb2_grpc
+from loraserve_client.v1 import generation_pb2 as pb
+from loraserve_client.v1 import generation_pb2_grpc
 
 FINISH_REASONS = {
     FinishReason.EOS: pb.FINISH_REASON_EOS,
