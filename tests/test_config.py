@@ -5,6 +5,7 @@ flags > environment > file > defaults; the reference is what the schema generate
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -142,11 +143,22 @@ def test_the_reference_is_what_the_schema_generates():
     )
 
 
+def actions(parser: argparse.ArgumentParser, path: str = "loraserve"):
+    """(command path, action) of every argument of every command."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from actions(sub, f"{path} {name}")
+        else:
+            yield path, action
+
+
 def test_the_reference_lists_every_setting_and_every_flag_has_help():
     assert set(reference_rows()) == set(Settings.model_fields)
-    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
-    for action in serve._actions:
-        assert action.help, f"{action.option_strings} has no help text"
+    found = list(actions(build_parser()))
+    assert len({path for path, _ in found}) > 8  # serve, generate, adapters upload, import, ...
+    for path, action in found:
+        assert action.help, f"{path} {action.option_strings or action.dest} has no help text"
 
 
 @pytest.mark.parametrize("name", sorted(Settings.model_fields))
@@ -261,15 +273,22 @@ def test_settings_checked_together_say_what_is_wrong(clean_env, flags, words):
             "directory or a hub id",
         ),
         ([], {}, "{not json", "config file {file}: not JSON: "),
+        (
+            ["adapters", "import", ".", "--tenant", "t", "--name", "n"],
+            {"LORASERVE_MAX_RANK": "lots"},
+            None,
+            "bad setting max_rank: 'lots' (LORASERVE_MAX_RANK) is not an integer >= 1",
+        ),
     ],
 )
-def test_serve_refuses_a_bad_setting_with_one_line(argv, environ, file_text, line, tmp_path):
+def test_the_command_refuses_a_bad_setting_with_one_line(argv, environ, file_text, line, tmp_path):
     config_file = tmp_path / "settings.json"
     if file_text is not None:
         config_file.write_text(file_text)
         argv = [*argv, "--config", str(config_file)]
+    command = argv if argv[:1] == ["adapters"] else ["serve", *argv]
     result = subprocess.run(
-        [sys.executable, "-m", "loraserve.cli", "serve", *argv],
+        [sys.executable, "-m", "loraserve.cli", *command],
         capture_output=True,
         text=True,
         timeout=120,

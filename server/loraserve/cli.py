@@ -37,33 +37,20 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     add_setting_flags(p)
 
 
+# The settings `adapters import` shares with `serve` (flag, environment, --config-free).
+IMPORT_SETTINGS = ("adapter_dir", "model", "quantization", "max_rank")
+
+
 def _import_parser(adapter_actions: argparse._SubParsersAction) -> None:
     p = adapter_actions.add_parser(
         "import",
         help="import a PEFT directory into the adapter store on this machine (no server needed)",
     )
     p.add_argument("directory", help="holds adapter_config.json and adapter_model.safetensors")
-    p.add_argument("--tenant", required=True)
-    p.add_argument("--name", required=True)
+    p.add_argument("--tenant", required=True, help="the tenant that will own the adapter")
+    p.add_argument("--name", required=True, help="the adapter's name")
     p.add_argument("--version", help="default: the next integer")
-    p.add_argument(
-        "--adapter-dir",
-        dest="adapter_dir",
-        default=os.environ.get("LORASERVE_ADAPTER_DIR", "adapters"),
-        help="adapter store root (default: $LORASERVE_ADAPTER_DIR or ./adapters)",
-    )
-    p.add_argument(
-        "--model",
-        default=os.environ.get("LORASERVE_MODEL"),
-        help="the base model the adapter must fit (default: the built-in one)",
-    )
-    p.add_argument("--quantization", default=os.environ.get("LORASERVE_QUANTIZATION", "nf4"))
-    p.add_argument(
-        "--max-rank",
-        dest="max_rank",
-        type=int,
-        default=int(os.environ.get("LORASERVE_MAX_RANK", "64")),
-    )
+    add_setting_flags(p, IMPORT_SETTINGS)
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -77,10 +64,16 @@ def _import(args: argparse.Namespace) -> int:
     from loraserve.model.tiny import default_model_dir
     from loraserve.types import LoraServeError
 
-    model = args.model or str(default_model_dir())
-    fingerprint = base_fingerprint(AutoConfig.from_pretrained(model).to_dict(), args.quantization)
-    store = AdapterStore(args.adapter_dir)
-    publisher = AdapterPublisher(store, fingerprint, lora_target_shapes(model), args.max_rank)
+    try:
+        config = load_config({name: getattr(args, name) for name in IMPORT_SETTINGS})
+    except ConfigError as error:
+        print(f"loraserve: {error}", file=sys.stderr)
+        return 2
+    engine = config.engine
+    model = engine.model or str(default_model_dir())
+    fingerprint = base_fingerprint(AutoConfig.from_pretrained(model).to_dict(), engine.quantization)
+    store = AdapterStore(config.adapter_dir)
+    publisher = AdapterPublisher(store, fingerprint, lora_target_shapes(model), engine.max_rank)
     try:
         manifest = publisher.publish_dir(args.tenant, args.name, args.directory, args.version)
     except LoraServeError as error:

@@ -155,9 +155,14 @@ def load_config(flags: Mapping[str, Any], config_file: Path | None = None) -> Se
     return settings.to_config()
 
 
-def add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting: `--name` (booleans also `--no-name`; lists repeat the flag)."""
+def add_setting_flags(
+    parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None
+) -> None:
+    """One flag per setting (or per setting in `names`): `--name` (booleans also `--no-name`;
+    lists repeat the flag)."""
     for name, field in Settings.model_fields.items():
+        if names is not None and name not in names:
+            continue
         default = "unset" if field.default is None else json.dumps(field.default)
         help_text = f"{field.description} [{accepted(name)}; default {default}; {env_of(name)}]"
         help_text = help_text.replace("%", "%%")
