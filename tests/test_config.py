@@ -304,3 +304,14 @@ def _environ_without_settings() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith("LORASERVE_")}
+
+
+def test_a_huge_or_odd_value_is_quoted_short_and_on_one_line(clean_env):
+    clean_env.setenv("LORASERVE_PORT", "9" * 100_000)
+    with pytest.raises(ConfigError) as refused:
+        load_config({})
+    assert len(str(refused.value)) < 300
+    clean_env.delenv("LORASERVE_PORT")
+    with pytest.raises(ConfigError) as refused:
+        load_config({"device": "cuda\n0"})
+    assert "\n" not in str(refused.value) and "'cuda\\n0'" in str(refused.value)

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from loraserve.config import EngineConfig, ServerConfig, ServerFields
+from loraserve.types import shown
 
 ENV_PREFIX = "LORASERVE_"
 
@@ -97,8 +98,8 @@ def _accepted_one(prop: Mapping[str, Any]) -> str:
 
 
 def _problems(error: ValidationError, values: Mapping[str, Any], where: Callable[[str], str]):
-    """One phrase per field the source got wrong; errors of the whole model are left to the
-    check of the merged values."""
+    """One phrase per field the source got wrong, the value quoted short and ASCII; errors of
+    the whole model are left to the check of the merged values."""
     for item in error.errors():
         if not item["loc"]:
             continue
@@ -107,9 +108,9 @@ def _problems(error: ValidationError, values: Mapping[str, Any], where: Callable
             yield f"{where(name)} is not a setting (see docs/configuration.md)"
         elif item["type"] == "value_error":
             reason = str(item["msg"]).removeprefix("Value error, ")
-            yield f"{name}: {values[name]!r} ({where(name)}): {reason}"
+            yield f"{name}: {shown(values[name])} ({where(name)}): {reason}"
         else:
-            yield f"{name}: {values[name]!r} ({where(name)}) is not {accepted(name)}"
+            yield f"{name}: {shown(values[name])} ({where(name)}) is not {accepted(name)}"
 
 
 def _checked(values: Mapping[str, Any], where: Callable[[str], str], text: str | None = None):
