@@ -44,17 +44,26 @@ log = logging.getLogger(__name__)
 RuntimeBuilder = Callable[[ServerConfig, Metrics], Runtime]
 
 
+def one_line(error: BaseException) -> str:
+    """An error's first line (library errors can run to a page)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def build_runtime(config: ServerConfig, metrics: Metrics) -> Runtime:
     """Load the base model, open the adapter store, load start-up adapters, start the engine."""
     engine_config = config.engine
     model = engine_config.model or str(default_model_dir())
-    loaded = load_base_model(
-        model,
-        engine_config.quantization,
-        engine_config.compute_dtype,
-        engine_config.device,
-        engine_config.double_quant,
-    )
+    try:
+        loaded = load_base_model(
+            model,
+            engine_config.quantization,
+            engine_config.compute_dtype,
+            engine_config.device,
+            engine_config.double_quant,
+        )
+    except (OSError, ValueError) as error:  # transformers' own words, often a page long
+        raise ValueError(f"cannot load the model {model!r}: {one_line(error)}") from error
     held = quantized_bytes(loaded.model)
     if held.quantized:
         log.info(
@@ -96,12 +105,6 @@ def build_runtime(config: ServerConfig, metrics: Metrics) -> Runtime:
         adapters=catalog,
         model=ModelFacts(loaded.quantization, str(loaded.device), core.max_context),
     )
-
-
-def one_line(error: BaseException) -> str:
-    """An error's first line (library errors can run to a page)."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 async def warm_up(engine: AsyncEngine) -> None:
