@@ -3,7 +3,7 @@ BUF ?= .tools/node_modules/.bin/buf
 
 .PHONY: proto lint format test bench
 
-proto:  ## regenerate server/loraserve/v1 from protos/
+proto:  ## regenerate clients/python/loraserve_client/v1 from protos/
 	$(PY) protos/generate.py
 
 lint:

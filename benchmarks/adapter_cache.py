@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -52,10 +51,11 @@ def build_zipf_engine(engine_config: EngineConfig, adapter_dirs: list[Path]) -> 
         engine_config.max_rank,
         DTYPES[engine_config.compute_dtype],
     )
-    config = replace(
-        engine_config,
-        device_slots=ZIPF_SLOTS,
-        host_cache_bytes=int(ZIPF_ADAPTERS * ZIPF_HOST_FRACTION * weights.nbytes),
+    config = engine_config.model_copy(
+        update=dict(
+            device_slots=ZIPF_SLOTS,
+            host_cache_bytes=int(ZIPF_ADAPTERS * ZIPF_HOST_FRACTION * weights.nbytes),
+        )
     )
     loaded = load_base_model(config.model, config.quantization, config.compute_dtype, config.device)
     core = EngineCore(loaded, config)

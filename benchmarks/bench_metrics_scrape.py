@@ -49,7 +49,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loraserve.v1 import generation_pb2, generation_pb2_grpc
+from loraserve_client.v1 import generation_pb2, generation_pb2_grpc
 
 PROMPT = "Write a short story about a lighthouse keeper who counts the ships at night."
 RUNNING = re.compile(rb"^loraserve_requests_running (\S+)$", re.MULTILINE)

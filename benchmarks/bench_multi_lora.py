@@ -290,7 +290,7 @@ def measure_prefix(config: BenchConfig, s: Setup, base: EngineConfig) -> dict:
     outputs: dict[bool, list[list[int]]] = {True: [], False: []}
     for caching in (True, False):
         settings = engine_config(base, w.burst, PREFIX_TOKENS + PREFIX_SUFFIX_TOKENS)
-        core = build_engine(replace(settings, prefix_caching=caching), adapters)
+        core = build_engine(settings.model_copy(update={"prefix_caching": caching}), adapters)
         run_prefix(core, w)  # warm-up
         for _ in range(config.repeats):
             times, tokens = run_prefix(core, w)

@@ -47,14 +47,15 @@ def engine_config(
     same prompts, which must be computed every time (`run_prefix` measures the cache)."""
     concurrent = concurrent or len(workload.prompts)
     per_request = math.ceil((max_prompt + workload.new_tokens) / KV_BLOCK_SIZE) * KV_BLOCK_SIZE
-    return replace(
-        base,
-        device_slots=len(workload.prompts),
-        kv_cache_tokens=concurrent * per_request,
-        kv_block_size=KV_BLOCK_SIZE,
-        max_context=max_prompt + workload.new_tokens,
-        max_batch_size=concurrent,
-        prefix_caching=False,
+    return base.model_copy(
+        update=dict(
+            device_slots=len(workload.prompts),
+            kv_cache_tokens=concurrent * per_request,
+            kv_block_size=KV_BLOCK_SIZE,
+            max_context=max_prompt + workload.new_tokens,
+            max_batch_size=concurrent,
+            prefix_caching=False,
+        )
     )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loraserve.config import build_server_config
+from loraserve.settings import load_config
 
 schema = pytest.importorskip("ray.serve.schema")
 ray_serve = pytest.importorskip("loraserve.ray_serve")
@@ -34,7 +34,7 @@ def test_the_args_are_server_settings_and_deployment_options(config):
     args = config["applications"][0]["args"]
     options = {*ray_serve.DEPLOYMENT_OPTIONS, *ray_serve.ACTOR_OPTIONS}
     settings = {k: v for k, v in args.items() if k not in options}
-    server = build_server_config({}, {}, settings)  # an unknown setting raises
+    server = load_config({}, file_values=settings)  # an unknown setting raises
     assert server.engine.device_slots == args["device_slots"]
     deployment = ray_serve.build_app(args)._bound_deployment
     assert deployment.ray_actor_options == {"num_gpus": 1, "num_cpus": 4}
@@ -44,7 +44,7 @@ def test_the_args_are_server_settings_and_deployment_options(config):
 
 
 def test_a_bad_setting_fails_when_the_app_is_built():
-    with pytest.raises(ValueError, match="unknown settings"):
+    with pytest.raises(ValueError, match="key .modle. is not a setting"):
         ray_serve.build_app({"modle": "/models/base"})
     with pytest.raises(ValueError, match="store_refresh_ms"):
         ray_serve.build_app({"store_refresh_ms": 0})

@@ -17,10 +17,10 @@ import grpc
 import pytest
 from tests.api.server_process import free_port
 
-from loraserve.v1 import adapters_pb2 as apb
-from loraserve.v1 import adapters_pb2_grpc, generation_pb2_grpc, server_pb2, server_pb2_grpc
-from loraserve.v1 import generation_pb2 as gpb
 from loraserve_client.upload import prepare_upload
+from loraserve_client.v1 import adapters_pb2 as apb
+from loraserve_client.v1 import adapters_pb2_grpc, generation_pb2_grpc, server_pb2, server_pb2_grpc
+from loraserve_client.v1 import generation_pb2 as gpb
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")

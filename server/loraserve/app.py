@@ -41,24 +41,33 @@ from loraserve.engine.core import EngineCore
 from loraserve.metrics import Metrics
 from loraserve.model.loading import load_base_model, quantized_bytes
 from loraserve.model.tiny import default_model_dir
-from loraserve.types import DEFAULT_TENANT, GenerateRequest, SamplingParams
+from loraserve.types import DEFAULT_TENANT, GenerateRequest, LoraServeError, SamplingParams
 
 log = logging.getLogger(__name__)
 
 RuntimeBuilder = Callable[[ServerConfig, Metrics], Runtime]
 
 
+def one_line(error: BaseException) -> str:
+    """An error's first line (library errors can run to a page)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def build_runtime(config: ServerConfig, metrics: Metrics) -> Runtime:
     """Load the base model, open the adapter store, load start-up adapters, start the engine."""
     engine_config = config.engine
     model = engine_config.model or str(default_model_dir())
-    loaded = load_base_model(
-        model,
-        engine_config.quantization,
-        engine_config.compute_dtype,
-        engine_config.device,
-        engine_config.double_quant,
-    )
+    try:
+        loaded = load_base_model(
+            model,
+            engine_config.quantization,
+            engine_config.compute_dtype,
+            engine_config.device,
+            engine_config.double_quant,
+        )
+    except (OSError, ValueError) as error:  # transformers' own words, often a page long
+        raise ValueError(f"cannot load the model {model!r}: {one_line(error)}") from error
     held = quantized_bytes(loaded.model)
     if held.quantized:
         log.info(
@@ -185,7 +194,7 @@ async def _serve(config: ServerConfig, stop: asyncio.Event, build: RuntimeBuilde
             "--tls-key, or terminate TLS in front of the server on this host",
             config.host,
         )
-    metrics = Metrics(names=config.metrics_names)
+    metrics = Metrics(names=config.metrics_names, process=True)
     state = ServerState(config, auth, metrics)
     metrics_server = None
     if config.metrics_port is not None:
@@ -219,8 +228,12 @@ async def _serve(config: ServerConfig, stop: asyncio.Event, build: RuntimeBuilde
             await server.set_serving(True)
             watcher = asyncio.ensure_future(watch_engine(state.runtime.engine, server))
             log.info("SERVING %s", config.model_name)
-        except Exception as error:  # a bad model, store or adapter: say why and exit 1
-            state.startup_error = f"start-up failed: {error}"
+        except (OSError, ValueError, LoraServeError) as error:  # a bad model, store, adapter
+            state.startup_error = f"start-up failed: {one_line(error)}"
+            log.error("%s", state.startup_error)
+            stop.set()
+        except Exception as error:  # a defect: the traceback helps
+            state.startup_error = f"start-up failed: {one_line(error)}"
             log.exception("start-up failed")
             stop.set()
     await stopping

@@ -1,77 +1,157 @@
-"""Configuration: frozen dataclasses built once at start-up and passed down.
+"""Configuration: every setting declared once, typed and checked, built once at start-up and
+passed down as frozen values.
 
-`build_server_config` merges flags, `LORASERVE_*` environment variables and a config file, with
-that precedence. Knows nothing about argument parsing or file formats: the CLI reads those.
+`EngineConfig` holds what the engine needs, `ServerFields` what the server around it needs,
+`ServerConfig` both. Each setting is one `setting(...)` line: its type, default, bounds and the
+help text that the flag, the environment variable, the config-file key and
+`docs/configuration.md` all share (`loraserve.settings` derives those). To add a setting, add
+one line here.
+
+Knows nothing about argument parsing, the environment or file formats: `loraserve.settings`
+reads those.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+
+JsonDict = dict[str, JsonValue]
 
 # Far above what any tokenizer averages, so a prompt of max_context tokens always fits; a
 # longer text could only be refused after tokenizing it, which is the work this bound avoids.
 PROMPT_BYTES_PER_TOKEN = 32
 TINY_MODEL_ID = "tiny-llama"
 
+Count = Annotated[int, Field(ge=1)]
+Seconds = Annotated[float, Field(gt=0)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Text = Annotated[str, Field(min_length=1)]
+ModuleName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
-@dataclass(frozen=True)
-class EngineConfig:
-    """Everything the engine needs to load the base model and size its caches.
 
-    model: a local HF directory or hub id; None serves the small built-in default model.
-    double_quant: QLoRA's double quantization of the 4-bit block scales (nf4 / fp4).
-    kv_cache_tokens: the KV budget in tokens, shared by all running sequences.
-    max_context: the most tokens (prompt + generated) one request may hold.
-    max_prompt_bytes: the longest prompt text accepted, in UTF-8 bytes, refused before it is
-        tokenized (None: PROMPT_BYTES_PER_TOKEN bytes per token of max_context).
-    max_step_tokens: the most tokens one engine step feeds the model (prefill is chunked to fit).
-    max_waiting, max_waiting_tokens: the queue's bound in requests and in prompt tokens.
-    device_slots: adapters resident on the device at once (slot 0, the base, is extra).
-    host_cache_bytes: the host-RAM tier's budget for adapter weights ready to load.
-    slot_patience_steps: steps a request waits for a slot before one is drained for it.
-    lora_target_modules: restrict which modules get LoRA slots, by last name component
-        (empty = every linear layer but the output embedding, and the input embedding).
-    prefix_caching: share the KV of prompt prefixes a tenant already sent on the same adapter.
-    max_constraint_bytes: the largest constraint (schema, regex, grammar, choices) accepted.
-    constraint_cache_entries, constraint_cache_bytes: the compiled-constraint cache's bounds.
-    constraint_compile_timeout_s: a constraint not compiled by then is refused.
-    """
+def setting(default: Any, help: str, *, flag: str | None = None, **bounds: Any) -> Any:
+    """One setting's declaration: default, help text, bounds (pydantic's `ge`, `pattern`, ...)
+    and, when it is not `--<name-with-dashes>`, its flag."""
+    extra: JsonDict | None = {"flag": flag} if flag else None
+    return Field(default, description=help, json_schema_extra=extra, **bounds)
 
-    model: str | None = None
-    quantization: str = "nf4"
-    double_quant: bool = False
-    compute_dtype: str = "fp32"
-    device: str = "auto"
-    max_rank: int = 64
-    device_slots: int = 8
-    host_cache_bytes: int = 4 * 1024**3
-    slot_patience_steps: int = 8
-    lora_target_modules: tuple[str, ...] = ()
-    kv_cache_tokens: int = 32768
-    kv_block_size: int = 16
-    max_context: int = 4096
-    max_prompt_bytes: int | None = None
-    max_batch_size: int = 64
-    max_step_tokens: int = 2048
-    max_waiting: int = 1024
-    max_waiting_tokens: int = 1 << 20
-    prefix_caching: bool = True
-    max_constraint_bytes: int = 64 * 1024
-    constraint_cache_entries: int = 256
-    constraint_cache_bytes: int = 64 * 1024**2
-    constraint_compile_timeout_s: float = 2.0
 
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, int) and not isinstance(value, bool) and value < 1:
-                raise ValueError(f"{f.name} must be >= 1, got {value}")
-        if not self.constraint_compile_timeout_s > 0:
-            raise ValueError("constraint_compile_timeout_s must be > 0")
+def _names(value: Any) -> Any:
+    """A comma-separated string (an environment variable) or a list as a tuple of names."""
+    if isinstance(value, str):
+        return tuple(item for item in value.split(",") if item)
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _adapter_pair(item: Any) -> tuple[str, str]:
+    if isinstance(item, str):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"adapter {item!r} must look like NAME=DIRECTORY")
+        return name, path
+    if isinstance(item, (list, tuple)) and len(item) == 2:
+        return item[0], item[1]
+    raise ValueError(f"adapter {item!r} must be NAME=DIRECTORY or a [name, directory] pair")
+
+
+def _looks_like_path(model: str) -> bool:
+    """A hub id is `name` or `org/name`; anything else names a local directory."""
+    return model.startswith((".", "/", "~")) or model.count("/") > 1
+
+
+def model_problem(model: str | None) -> str | None:
+    """What is wrong with `model` on this machine (None: nothing). Not part of the schema: a
+    deploy file or a Ray driver names paths of the machine the server will run on."""
+    if model is None:
+        return None
+    path = Path(model).expanduser()
+    if path.exists() and not (path / "config.json").is_file():
+        return "is not a model directory (no config.json in it)"
+    if not path.exists() and _looks_like_path(model):
+        return "no such directory; give an HF model directory or a hub id"
+    return None
+
+
+class EngineConfig(BaseModel):
+    """Everything the engine needs to load the base model and size its caches."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: Text | None = setting(
+        None, "local HF model directory or hub id (default: the small built-in model)"
+    )
+    quantization: Literal["nf4", "fp4", "int8", "none"] = setting(
+        "nf4", "how the base model's linear layers are stored"
+    )
+    double_quant: bool = setting(
+        False,
+        "double-quantize the 4-bit block scales (QLoRA's recipe; nf4 and fp4): about 0.4 bits "
+        "less per weight",
+    )
+    compute_dtype: Literal["fp32", "bf16", "fp16"] = setting(
+        "fp32", "dtype of activations and LoRA weights"
+    )
+    device: str = setting(
+        "auto", "auto, cpu, cuda or cuda:N", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$"
+    )
+    max_rank: Count = setting(64, "largest LoRA rank accepted")
+    device_slots: Count = setting(
+        8, "adapters resident on the device at once (slot 0, the base, is extra)"
+    )
+    host_cache_bytes: Count = setting(
+        4 * 1024**3, "host-RAM budget for adapter weights ready to load"
+    )
+    slot_patience_steps: Count = setting(
+        8, "engine steps a request waits for a slot before one is drained for it"
+    )
+    lora_target_modules: tuple[ModuleName, ...] = setting(
+        (),
+        "modules that get LoRA slots, by last name component (repeatable; comma-separated in "
+        "the environment; empty: every linear layer but the output embedding, and the input "
+        "embedding)",
+        flag="--lora-target-module",
+    )
+    kv_cache_tokens: Count = setting(
+        32768, "KV cache budget in tokens, shared by all running sequences"
+    )
+    kv_block_size: Count = setting(16, "tokens per KV cache block")
+    max_context: Count = setting(4096, "most tokens (prompt + generated) one request may hold")
+    max_prompt_bytes: Count | None = setting(
+        None,
+        f"longest prompt text in UTF-8 bytes, refused before tokenizing (default: "
+        f"{PROMPT_BYTES_PER_TOKEN} x max_context)",
+    )
+    max_batch_size: Count = setting(64, "sequences in the running batch at most")
+    max_step_tokens: Count = setting(
+        2048, "tokens one engine step feeds the model at most (prefill is chunked to fit)"
+    )
+    max_waiting: Count = setting(1024, "queued requests at most")
+    max_waiting_tokens: Count = setting(1 << 20, "queued prompt tokens at most")
+    prefix_caching: bool = setting(
+        True, "share the KV of prompt prefixes a tenant already sent on the same adapter"
+    )
+    max_constraint_bytes: Count = setting(
+        64 * 1024, "largest constraint (schema, regex, grammar, choices) accepted"
+    )
+    constraint_cache_entries: Count = setting(256, "compiled constraints kept at most")
+    constraint_cache_bytes: Count = setting(64 * 1024**2, "memory for compiled constraints at most")
+    constraint_compile_timeout_s: Seconds = setting(
+        2.0, "a constraint not compiled in this many seconds is refused"
+    )
+
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: Any) -> Any:
+        return _names(value)
+
+    @model_validator(mode="after")
+    def _fits(self) -> EngineConfig:
         if self.max_step_tokens < self.max_batch_size:
             raise ValueError("max_step_tokens must be >= max_batch_size (one token per sequence)")
+        return self
 
     @property
     def prompt_bytes_limit(self) -> int:
@@ -79,56 +159,85 @@ class EngineConfig:
         return self.max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * self.max_context
 
 
-@dataclass(frozen=True)
-class ServerConfig:
-    """The gRPC server's settings around one engine.
+class ServerFields(BaseModel):
+    """The gRPC server's settings around one engine."""
 
-    adapters: (name, PEFT directory) pairs loaded at start-up, shared by every tenant.
-    adapter_dir: the adapter store's root (uploads land here).
-    api_keys: the API-keys file (keys, tenants, scopes, quotas); None runs single-tenant
-        development mode. SIGHUP reads it again.
-    metrics_port, metrics_host: serve Prometheus /metrics there (the host is loopback unless
-        set); gateway_metrics adds the vllm:* gauges; metrics_names puts tenant and adapter
-        names in labels (off: the tenant label is empty and the gateway gauge names no adapter).
-    tls_cert, tls_key: PEM files to serve gRPC over TLS; tls_client_ca: also require client
-        certificates signed by this CA (mTLS).
-    upload_idle_timeout_seconds: an upload whose next message takes longer is aborted.
-    http_port: serve the OpenAI-compatible HTTP API there too, on `host` (None: off).
-    served_model_name: the base model's `model` in that API (None: what `engine.model` says).
-    store_refresh_ms: how often this process catches up with what other processes sharing
-        `adapter_dir` changed (`latest` moves, listings, quotas); see `adapters/store.py`.
-    """
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    engine: EngineConfig = EngineConfig()
-    host: str = "127.0.0.1"
-    port: int = 50051
-    default_max_new_tokens: int = 64
-    drain_grace_seconds: float = 30.0
-    max_message_bytes: int = 4 * 1024 * 1024
-    adapters: tuple[tuple[str, str], ...] = ()
-    metrics_port: int | None = None
-    metrics_host: str = "127.0.0.1"
-    gateway_metrics: bool = True
-    metrics_names: bool = False
-    adapter_dir: str = "adapters"
-    api_keys: str | None = None
-    max_upload_bytes: int = 2 * 1024**3
-    upload_idle_timeout_seconds: float = 30.0
-    store_refresh_ms: int = 500
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-    http_port: int | None = None
-    served_model_name: str | None = None
+    host: Text = setting("127.0.0.1", "address the gRPC server binds")
+    port: Port = setting(50051, "gRPC port")
+    http_port: Port | None = setting(
+        None, "also serve the OpenAI-compatible HTTP API on this port, on host (default: off)"
+    )
+    served_model_name: Text | None = setting(
+        None, "the base model's name in the HTTP API's `model` field (default: model)"
+    )
+    default_max_new_tokens: Count = setting(
+        64, "tokens generated when a request does not say how many"
+    )
+    drain_grace_seconds: Seconds = setting(
+        30.0, "on SIGTERM, how long calls in flight may take to finish"
+    )
+    max_message_bytes: Count = setting(4 * 1024 * 1024, "largest gRPC message, either way")
+    adapters: tuple[tuple[Text, Text], ...] = setting(
+        (),
+        "NAME=DIR: a PEFT LoRA directory shared with every tenant at start-up (repeatable; "
+        "comma-separated in the environment; [name, dir] pairs or NAME=DIR strings in the file)",
+        flag="--adapter",
+    )
+    metrics_port: Port | None = setting(None, "serve Prometheus /metrics on this port")
+    metrics_host: Text = setting(
+        "127.0.0.1", "address /metrics binds (loopback unless set; it needs no key)"
+    )
+    gateway_metrics: bool = setting(True, "export the vllm:* gauges inference gateways scrape")
+    metrics_names: bool = setting(
+        False,
+        "put tenant and adapter names in metric labels (gateway adapter affinity needs them; "
+        "anyone who can scrape /metrics then sees every tenant's)",
+    )
+    adapter_dir: Text = setting("adapters", "adapter store root (uploads land here)")
+    store_refresh_ms: Count = setting(
+        500,
+        "how often this process catches up with what other processes sharing adapter_dir "
+        "changed (latest versions, listings, quotas)",
+    )
+    api_keys: Text | None = setting(
+        None,
+        "API-keys JSON file (keys, tenants, scopes, quotas); SIGHUP reloads it; none: "
+        "single-tenant development mode",
+    )
+    max_upload_bytes: Count = setting(2 * 1024**3, "largest adapter upload")
+    upload_idle_timeout_seconds: Seconds = setting(
+        30.0, "abort an upload whose next message takes longer"
+    )
+    tls_cert: Text | None = setting(None, "PEM certificate chain: serve gRPC over TLS")
+    tls_key: Text | None = setting(None, "PEM private key of tls_cert")
+    tls_client_ca: Text | None = setting(
+        None, "PEM CA: require client certificates it signed (mTLS)"
+    )
+    log_format: Literal["text", "json"] = setting(
+        "text", "log lines as text, or as one JSON object each (for log collectors)"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = setting(
+        "INFO", "least severe log level written"
+    )
 
-    def __post_init__(self) -> None:
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _pairs(cls, value: Any) -> Any:
+        return tuple(_adapter_pair(item) for item in _names(value))
+
+    @model_validator(mode="after")
+    def _tls(self) -> ServerFields:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: give both, or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key too")
-        for name in ("upload_idle_timeout_seconds", "drain_grace_seconds", "store_refresh_ms"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        return self
+
+
+class ServerConfig(ServerFields):
+    engine: EngineConfig = EngineConfig()
 
     @property
     def model_name(self) -> str:
@@ -141,67 +250,4 @@ class ServerConfig:
 
     def describe(self) -> dict[str, object]:
         """Every setting, for the start-up log (no secrets are held here)."""
-        described = {f.name: getattr(self.engine, f.name) for f in fields(self.engine)}
-        described.update(
-            {f.name: getattr(self, f.name) for f in fields(self) if f.name != "engine"}
-        )
-        return described
-
-
-def build_server_config(
-    flags: Mapping[str, Any], environ: Mapping[str, str], file_values: Mapping[str, Any]
-) -> ServerConfig:
-    """Merge settings with precedence flags > environment (LORASERVE_<NAME>) > file > default.
-
-    Each source maps setting names (the dataclass field names) to values; flags left unset
-    are None. Environment values are parsed to the field's type.
-    """
-    engine_fields = {f.name: f for f in fields(EngineConfig)}
-    server_fields = {f.name: f for f in fields(ServerConfig) if f.name != "engine"}
-    unknown = set(file_values) - set(engine_fields) - set(server_fields)
-    if unknown:
-        raise ValueError(f"unknown settings in the config file: {', '.join(sorted(unknown))}")
-    values: dict[str, Any] = {}
-    for name, f in {**engine_fields, **server_fields}.items():
-        env = environ.get(f"LORASERVE_{name.upper()}")
-        if flags.get(name) is not None:
-            values[name] = flags[name]
-        elif env is not None:
-            values[name] = _parse(env, str(f.type), name)
-        elif name in file_values:
-            values[name] = file_values[name]
-    if "adapters" in values:
-        values["adapters"] = tuple(_adapter_pair(a) for a in values["adapters"])
-    if "lora_target_modules" in values:
-        values["lora_target_modules"] = tuple(values["lora_target_modules"])
-    engine = EngineConfig(**{k: v for k, v in values.items() if k in engine_fields})
-    return ServerConfig(engine=engine, **{k: v for k, v in values.items() if k in server_fields})
-
-
-def _parse(text: str, annotation: str, name: str) -> Any:
-    """An environment value as the field's annotated type ("int | None", "tuple[str, ...]")."""
-    kind = annotation.split("[")[0].split(" | ")[0]
-    try:
-        if kind == "bool":
-            return text.lower() in ("1", "true", "yes")
-        if kind == "int":
-            return int(text)
-        if kind == "float":
-            return float(text)
-    except ValueError as e:
-        raise ValueError(f"LORASERVE_{name.upper()}={text!r} is not a valid {kind}") from e
-    if kind == "tuple":
-        return tuple(item for item in text.split(",") if item)
-    return text
-
-
-def _adapter_pair(item: str | Sequence[str]) -> tuple[str, str]:
-    if isinstance(item, str):
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"adapter {item!r} must look like NAME=DIRECTORY")
-        return name, path
-    pair = tuple(item)
-    if len(pair) != 2:
-        raise ValueError(f"adapter {item!r} must be a [name, directory] pair")
-    return str(pair[0]), str(pair[1])
+        return {**self.engine.model_dump(), **self.model_dump(exclude={"engine"})}

@@ -23,7 +23,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -176,12 +184,20 @@ class _LiveCollector(Collector):
 class Metrics:
     """The metric objects; `attach_live` adds the scrape-time gauges once an engine exists.
 
-    names: put tenant and adapter names in labels (the server's default is not to)."""
+    names: put tenant and adapter names in labels (the server's default is not to).
+    process: add Prometheus's standard process_* (CPU, memory, file descriptors), python_info
+    and python_gc_* collectors (a server has them; tests that build many Metrics need not)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, names: bool = True) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, names: bool = True, process: bool = False
+    ) -> None:
         self.registry = registry or CollectorRegistry()
         self.names = names
         r = self.registry
+        if process:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
         self.requests_received = Counter(
             "loraserve_requests_received", "Generation requests accepted.", ["tenant"], registry=r
         )

@@ -38,16 +38,17 @@ from loraserve.api.generation import GenerationServicer
 from loraserve.api.info import ServerInfoServicer
 from loraserve.api.state import ServerState
 from loraserve.app import build_runtime, warm_up
-from loraserve.config import ServerConfig, build_server_config
+from loraserve.config import ServerConfig
 from loraserve.metrics import Metrics
-from loraserve.v1 import adapters_pb2 as apb
-from loraserve.v1 import generation_pb2 as gpb
-from loraserve.v1 import server_pb2 as spb
+from loraserve.settings import load_config
+from loraserve_client.v1 import adapters_pb2 as apb
+from loraserve_client.v1 import generation_pb2 as gpb
+from loraserve_client.v1 import server_pb2 as spb
 
 GRPC_SERVICERS = [
-    "loraserve.v1.generation_pb2_grpc.add_GenerationServiceServicer_to_server",
-    "loraserve.v1.adapters_pb2_grpc.add_AdapterServiceServicer_to_server",
-    "loraserve.v1.server_pb2_grpc.add_ServerServiceServicer_to_server",
+    "loraserve_client.v1.generation_pb2_grpc.add_GenerationServiceServicer_to_server",
+    "loraserve_client.v1.adapters_pb2_grpc.add_AdapterServiceServicer_to_server",
+    "loraserve_client.v1.server_pb2_grpc.add_ServerServiceServicer_to_server",
 ]
 APP_NAME = "loraserve"
 DEPLOYMENT_OPTIONS = ("num_replicas", "max_ongoing_requests", "max_queued_requests")
@@ -213,7 +214,7 @@ def refuse(context: RayServegRPCContext, code: grpc.StatusCode, details: str) ->
 def server_config(settings: Mapping[str, Any]) -> ServerConfig:
     """The replica's configuration: `settings` (the server's setting names, as in a config
     file) over the `LORASERVE_*` environment, as `loraserve serve` merges them."""
-    return build_server_config({}, os.environ, {k: v for k, v in settings.items()})
+    return load_config({}, file_values=settings)
 
 
 def build_app(args: Mapping[str, Any]) -> serve.Application:

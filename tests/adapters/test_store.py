@@ -218,6 +218,9 @@ def test_import_takes_safetensors_and_refuses_pickle_only_directories(base, tmp_
         publisher.publish_dir("acme", "chat", both)
     with pytest.raises(InvalidAdapterError, match="does not exist"):
         publisher.publish_dir("acme", "chat", tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidAdapterError, match=r"'.*empty' is empty: it must hold adapter_c"):
+        publisher.publish_dir("acme", "chat", tmp_path / "empty")
     assert [m.version for m in store.list_adapters("acme")[0]] == ["1"]
 
 

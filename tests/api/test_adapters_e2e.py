@@ -17,8 +17,6 @@ from tests.api.server_process import running_server
 from tests.engine.helpers import make_core, run
 
 from loraserve.types import GenerateRequest, SamplingParams
-from loraserve.v1 import adapters_pb2 as apb
-from loraserve.v1 import adapters_pb2_grpc
 from loraserve_client import (
     Client,
     NotFound,
@@ -26,6 +24,8 @@ from loraserve_client import (
     ResourceExhausted,
     Unauthenticated,
 )
+from loraserve_client.v1 import adapters_pb2 as apb
+from loraserve_client.v1 import adapters_pb2_grpc
 
 pytestmark = pytest.mark.slow  # real server processes
 

@@ -28,8 +28,8 @@ def test_checked_in_stubs_match_the_protos(tmp_path):
         check=True,
         capture_output=True,
     )
-    fresh_dir = tmp_path / "loraserve" / "v1"
-    checked_in_dir = REPO / "server" / "loraserve" / "v1"
+    fresh_dir = tmp_path / "loraserve_client" / "v1"
+    checked_in_dir = REPO / "clients" / "python" / "loraserve_client" / "v1"
     fresh = {p.name: p.read_bytes() for p in fresh_dir.iterdir() if p.is_file()}
     checked_in = {
         p.name: p.read_bytes()

@@ -13,7 +13,7 @@ from loraserve.types import (
     InvalidRequestError,
     TokenBias,
 )
-from loraserve.v1 import generation_pb2 as pb
+from loraserve_client.v1 import generation_pb2 as pb
 
 
 def translated(**fields) -> object:

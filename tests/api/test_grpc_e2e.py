@@ -20,8 +20,8 @@ from loraserve.api.server import SERVICE_NAMES
 from loraserve.app import build_runtime, serve
 from loraserve.config import EngineConfig, ServerConfig
 from loraserve.types import GenerateRequest, SamplingParams
-from loraserve.v1 import generation_pb2 as pb
-from loraserve.v1 import generation_pb2_grpc, server_pb2, server_pb2_grpc
+from loraserve_client.v1 import generation_pb2 as pb
+from loraserve_client.v1 import generation_pb2_grpc, server_pb2, server_pb2_grpc
 
 pytestmark = pytest.mark.slow  # real server processes
 
@@ -265,9 +265,22 @@ def test_serve_without_a_model_builds_and_serves_the_built_in_one(tmp_path):
     assert (home / ".cache" / "loraserve" / "models" / "tiny-llama-v1" / "config.json").is_file()
 
 
-def test_a_failed_start_up_says_why_and_exits_1(tmp_path):
+def test_a_missing_model_is_refused_in_one_line_before_start_up(tmp_path):
     command = [sys.executable, "-m", "loraserve.cli", "serve", "--port", str(free_port()),
                "--model", str(tmp_path / "no-such-model"), "--device", "cpu"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "no-such-model" in done.stderr
+
+
+def test_a_failed_start_up_says_why_in_one_line_and_exits_1(tmp_path):
+    model = tmp_path / "broken-model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    command = [sys.executable, "-m", "loraserve.cli", "serve", "--port", str(free_port()),
+               "--model", str(model), "--device", "cpu"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
-    assert "start-up failed" in done.stderr and "no-such-model" in done.stderr
+    failed = [line for line in done.stderr.splitlines() if "start-up failed" in line]
+    assert len(failed) == 1 and "no-such-architecture" in failed[0], done.stderr
+    assert "Traceback" not in done.stderr

@@ -16,9 +16,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tests.api.server_process import free_port, running_server, scrape, value, wait_for_waiting
 
-from loraserve.v1 import generation_pb2 as gpb
-from loraserve.v1 import generation_pb2_grpc
 from loraserve_client import Client, InvalidArgument, ResourceExhausted, Unauthenticated
+from loraserve_client.v1 import generation_pb2 as gpb
+from loraserve_client.v1 import generation_pb2_grpc
 
 pytestmark = pytest.mark.slow  # real server processes and Prometheus
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loraserve.v1 import (
+from loraserve_client.v1 import (
     adapters_pb2,
     adapters_pb2_grpc,
     generation_pb2,

@@ -3,12 +3,14 @@ arguments into request messages."""
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
 
 import loraserve_client
 from loraserve_client import GenerateOptions
-from loraserve_client.calls import Backoff
+from loraserve_client.calls import Backoff, service_config
 from loraserve_client.errors import LoraServeError, error_from_rpc, retry_after_seconds
 from loraserve_client.messages import generation_input
 
@@ -58,6 +60,7 @@ def test_each_status_maps_to_its_exception(code, cls):
         ((("retry-after-ms", "1500"),), 1.5),
         ((("other", "x"), ("retry-after-ms", b"20")), 0.02),
         ((("retry-after-ms", "soon"),), None),
+        ((("grpc-retry-pushback-ms", "700"), ("retry-after-ms", "1000")), 0.7),
         ((), None),
         (None, None),
     ],
@@ -68,13 +71,25 @@ def test_retry_after_comes_from_the_trailer(trailing, seconds):
     assert error.retry_after == seconds
 
 
-def test_backoff_grows_to_its_cap_with_jitter():
-    backoff = Backoff(initial=0.1, maximum=1.0, multiplier=2.0)
-    caps = [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
-    for retry, cap in enumerate(caps):
-        delays = [backoff.delay(retry) for _ in range(200)]
-        assert all(0 <= d <= cap for d in delays)
-        assert max(delays) > cap / 2 and len(set(delays)) > 100
+def test_the_service_config_retries_only_idempotent_methods_on_unavailable():
+    config = json.loads(service_config(3, Backoff(initial=0.1, maximum=1.0, multiplier=2.0)))
+    (method_config,) = config["methodConfig"]
+    names = {(n["service"], n["method"]) for n in method_config["name"]}
+    assert ("loraserve.v1.GenerationService", "Generate") not in names
+    assert ("loraserve.v1.AdapterService", "DeleteAdapter") not in names
+    assert ("grpc.health.v1.Health", "Check") in names
+    assert method_config["retryPolicy"] == {
+        "maxAttempts": 4,
+        "initialBackoff": "0.100s",
+        "maxBackoff": "1.000s",
+        "backoffMultiplier": 2.0,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    assert (
+        json.loads(service_config(9, Backoff()))["methodConfig"][0]["retryPolicy"]["maxAttempts"]
+        == 5
+    )  # gRPC's cap
+    assert json.loads(service_config(0, Backoff())) == {}
 
 
 def test_generation_input_sets_only_what_is_given():

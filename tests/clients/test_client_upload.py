@@ -40,7 +40,8 @@ def adapter_dir(tmp_path) -> Path:
     ("files", "words"),
     [
         ({CONFIG_FILE: CONFIG, "adapter_model.bin": b"x"}, ("pickle", "safetensors", ".bin")),
-        ({CONFIG_FILE: CONFIG}, ("pickle files are not accepted", "save_pretrained")),
+        ({CONFIG_FILE: CONFIG}, (f"has no {WEIGHTS_FILE}: save", "save_pretrained")),
+        ({}, ("is empty", CONFIG_FILE, WEIGHTS_FILE, "save_pretrained")),
         ({WEIGHTS_FILE: b"x"}, (f"no {CONFIG_FILE}",)),
         (None, ("is not a directory",)),
     ],
@@ -55,6 +56,8 @@ def test_refuses_locally_before_any_network_call(tmp_path, files, words):
     with Client(f"127.0.0.1:{free_port()}") as client, pytest.raises(InvalidArgument) as caught:
         client.upload_adapter(directory, "mine")
     assert all(word in caught.value.details for word in words), caught.value.details
+    if not any("pickle" in word for word in words):
+        assert "pickle" not in caught.value.details
 
 
 def test_header_first_then_chunks_that_reassemble_the_files(adapter_dir):

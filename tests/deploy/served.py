@@ -4,11 +4,14 @@ here, and the ports, probes and paths around it can be compared with the real se
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from unittest import mock
 
 from loraserve.cli import build_parser, serve_flags
-from loraserve.config import ServerConfig, build_server_config
+from loraserve.config import ServerConfig
+from loraserve.settings import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -19,7 +22,8 @@ def served_config(argv: Sequence[str], environ: Mapping[str, str]) -> ServerConf
     args = build_parser().parse_args(list(argv))
     assert args.command == "serve", argv
     assert args.config is None  # settings come from flags and the environment only
-    return build_server_config(serve_flags(args), environ, {})
+    with mock.patch.dict(os.environ, environ, clear=True):  # the server reads os.environ
+        return load_config(serve_flags(args))
 
 
 def probe_argv(argv: Sequence[str]) -> dict[str, object]:

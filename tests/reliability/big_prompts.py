@@ -14,8 +14,8 @@ import time
 
 import grpc
 
-from loraserve.v1 import generation_pb2 as gpb
-from loraserve.v1 import generation_pb2_grpc
+from loraserve_client.v1 import generation_pb2 as gpb
+from loraserve_client.v1 import generation_pb2_grpc
 
 PROMPT = "hello world, " * 307_000  # 3.99 MB: inside grpc's 4 MiB message limit
 

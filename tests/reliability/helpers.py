@@ -14,9 +14,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loraserve.v1 import adapters_pb2 as apb
-from loraserve.v1 import adapters_pb2_grpc, generation_pb2_grpc
-from loraserve.v1 import generation_pb2 as gpb
+from loraserve_client.v1 import adapters_pb2 as apb
+from loraserve_client.v1 import adapters_pb2_grpc, generation_pb2_grpc
+from loraserve_client.v1 import generation_pb2 as gpb
 
 WRITE = ["generate", "adapters:write"]
 KEYS = {

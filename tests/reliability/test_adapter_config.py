@@ -24,8 +24,8 @@ from tests.reliability.helpers import (
     with_config,
 )
 
-from loraserve.v1 import adapters_pb2 as apb
-from loraserve.v1 import adapters_pb2_grpc
+from loraserve_client.v1 import adapters_pb2 as apb
+from loraserve_client.v1 import adapters_pb2_grpc
 
 
 def setting(**values):

@@ -10,8 +10,8 @@ import grpc
 import pytest
 from tests.reliability.helpers import WEIGHTS, adapter_files, metadata, refusal, upload
 
-from loraserve.v1 import adapters_pb2 as apb
-from loraserve.v1 import adapters_pb2_grpc
+from loraserve_client.v1 import adapters_pb2 as apb
+from loraserve_client.v1 import adapters_pb2_grpc
 
 DEPTH = 100_000
 

@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load, save
 from tests.reliability.helpers import WEIGHTS, Server, adapter_files, metadata, upload
 
-from loraserve.v1 import adapters_pb2 as apb
-from loraserve.v1 import adapters_pb2_grpc, generation_pb2_grpc
-from loraserve.v1 import generation_pb2 as gpb
+from loraserve_client.v1 import adapters_pb2 as apb
+from loraserve_client.v1 import adapters_pb2_grpc, generation_pb2_grpc
+from loraserve_client.v1 import generation_pb2 as gpb
 
 pytestmark = pytest.mark.slow
 ADAPTERS, CLIENTS, MAX_NEW = 10, 6, 4

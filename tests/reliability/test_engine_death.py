@@ -15,8 +15,8 @@ from loraserve.api.state import Runtime
 from loraserve.app import build_runtime, serve
 from loraserve.config import EngineConfig, ServerConfig
 from loraserve.metrics import Metrics
-from loraserve.v1 import generation_pb2 as gpb
-from loraserve.v1 import generation_pb2_grpc
+from loraserve_client.v1 import generation_pb2 as gpb
+from loraserve_client.v1 import generation_pb2_grpc
 
 pytestmark = pytest.mark.slow  # builds a server
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -19,8 +19,8 @@ from tests.reliability.helpers import (
     upload,
 )
 
-from loraserve.v1 import generation_pb2 as gpb
-from loraserve.v1 import generation_pb2_grpc
+from loraserve_client.v1 import generation_pb2 as gpb
+from loraserve_client.v1 import generation_pb2_grpc
 
 TENSORS = 200_000
 TRAILER_LIMIT = 8192  # grpc's default limit on the metadata a client accepts

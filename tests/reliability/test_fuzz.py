@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tests.reliability.helpers import SHARED, metadata
 
-from loraserve.v1 import adapters_pb2 as apb
-from loraserve.v1 import generation_pb2 as gpb
-from loraserve.v1 import server_pb2 as spb
+from loraserve_client.v1 import adapters_pb2 as apb
+from loraserve_client.v1 import generation_pb2 as gpb
+from loraserve_client.v1 import server_pb2 as spb
 
 pytestmark = pytest.mark.slow
 FUZZ_SECONDS = 20.0

@@ -34,9 +34,9 @@ from tests.reliability.helpers import (
     upload_requests,
 )
 
-from loraserve.v1 import adapters_pb2_grpc, generation_pb2_grpc
-from loraserve.v1 import generation_pb2 as gpb
 from loraserve_client import Client
+from loraserve_client.v1 import adapters_pb2_grpc, generation_pb2_grpc
+from loraserve_client.v1 import generation_pb2 as gpb
 
 pytestmark = pytest.mark.slow  # a server process of its own
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

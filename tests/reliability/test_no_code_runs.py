@@ -22,8 +22,8 @@ from tests.reliability.helpers import (
     with_config,
 )
 
-from loraserve.v1 import generation_pb2 as gpb
-from loraserve.v1 import generation_pb2_grpc
+from loraserve_client.v1 import generation_pb2 as gpb
+from loraserve_client.v1 import generation_pb2_grpc
 
 
 class MarksWhenLoaded:

@@ -19,8 +19,8 @@ from tests.reliability.helpers import (
     upload_requests,
 )
 
-from loraserve.v1 import adapters_pb2_grpc, generation_pb2_grpc
-from loraserve.v1 import generation_pb2 as gpb
+from loraserve_client.v1 import adapters_pb2_grpc, generation_pb2_grpc
+from loraserve_client.v1 import generation_pb2 as gpb
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 

@@ -20,9 +20,9 @@ from tests.reliability.helpers import (
     upload_requests,
 )
 
-from loraserve.v1 import adapters_pb2 as apb
-from loraserve.v1 import adapters_pb2_grpc, generation_pb2_grpc
-from loraserve.v1 import generation_pb2 as gpb
+from loraserve_client.v1 import adapters_pb2 as apb
+from loraserve_client.v1 import adapters_pb2_grpc, generation_pb2_grpc
+from loraserve_client.v1 import generation_pb2 as gpb
 
 Call = Callable[[str, str, str], object]  # (key, name, version) -> reply
 

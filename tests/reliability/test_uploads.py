@@ -18,8 +18,8 @@ from tests.reliability.helpers import (
     upload_requests,
 )
 
-from loraserve.v1 import adapters_pb2 as apb
-from loraserve.v1 import adapters_pb2_grpc
+from loraserve_client.v1 import adapters_pb2 as apb
+from loraserve_client.v1 import adapters_pb2_grpc
 
 STALLED = 20
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar, cast
@@ -18,15 +18,7 @@ from typing import Any, TypeVar, cast
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loraserve.v1 import (
-    adapters_pb2,
-    adapters_pb2_grpc,
-    generation_pb2,
-    generation_pb2_grpc,
-    server_pb2,
-    server_pb2_grpc,
-)
-from loraserve_client.calls import DEFAULT_BACKOFF, Backoff, CallSettings, retrying_async
+from loraserve_client.calls import DEFAULT_BACKOFF, Backoff, CallSettings
 from loraserve_client.errors import error_from_rpc
 from loraserve_client.messages import (
     adapter_of,
@@ -45,6 +37,14 @@ from loraserve_client.types import (
     StreamEvent,
 )
 from loraserve_client.upload import prepare_upload
+from loraserve_client.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    server_pb2,
+    server_pb2_grpc,
+)
 
 T = TypeVar("T")
 
@@ -111,15 +111,14 @@ class AsyncClient:
         *,
         backoff: Backoff = DEFAULT_BACKOFF,
         credentials: grpc.ChannelCredentials | None = None,
-        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
         self.address = address
         self.settings = CallSettings(api_key, timeout, retries, backoff)
-        self._sleep = sleep
+        options = self.settings.channel_options()
         if credentials is None:
-            self._channel = grpc.aio.insecure_channel(address)
+            self._channel = grpc.aio.insecure_channel(address, options)
         else:
-            self._channel = grpc.aio.secure_channel(address, credentials)
+            self._channel = grpc.aio.secure_channel(address, credentials, options)
         self._generation = generation_pb2_grpc.GenerationServiceStub(self._channel)
         self._server = server_pb2_grpc.ServerServiceStub(self._channel)
         self._adapters = adapters_pb2_grpc.AdapterServiceStub(self._channel)
@@ -139,19 +138,13 @@ class AsyncClient:
     ) -> None:
         await self.close()
 
-    async def _call(
-        self, method: Callable[..., Any], request: Any, timeout: float | None, *, idempotent: bool
-    ) -> Any:
-        """One RPC with metadata and deadline; retried only when `idempotent`."""
+    async def _call(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
+        """One RPC with metadata and deadline (gRPC retries the idempotent ones: `calls`)."""
         settings = self.settings
-
-        async def attempt(seconds: float) -> Any:
-            return await method(request, timeout=seconds, metadata=settings.metadata())
-
-        retries = settings.retries if idempotent else 0
-        deadline = settings.deadline(timeout)
         try:
-            return await retrying_async(attempt, retries, settings.backoff, deadline, self._sleep)
+            return await method(
+                request, timeout=settings.seconds(timeout), metadata=settings.metadata()
+            )
         except grpc.RpcError as error:
             raise error_from_rpc(error) from error
 
@@ -167,7 +160,7 @@ class AsyncClient:
         (`adapter="sql", max_new_tokens=32`), which override `options`."""
         message = generation_input(prompt, GenerateOptions.merged(options, option_fields))
         request = generation_pb2.GenerateRequest(input=message)
-        reply = await self._call(self._generation.Generate, request, timeout, idempotent=False)
+        reply = await self._call(self._generation.Generate, request, timeout)
         return result_of(reply)
 
     def generate_stream(
@@ -189,13 +182,13 @@ class AsyncClient:
 
     async def server_info(self, timeout: float | None = None) -> dict[str, str | int]:
         request = server_pb2.GetServerInfoRequest()
-        reply = await self._call(self._server.GetServerInfo, request, timeout, idempotent=True)
+        reply = await self._call(self._server.GetServerInfo, request, timeout)
         return server_info_of(reply)
 
     async def health(self, service: str = "", timeout: float | None = None) -> str:
         """The status name (SERVING, NOT_SERVING, ...) of the server ("") or one service."""
         request = health_pb2.HealthCheckRequest(service=service)
-        reply = await self._call(self._health.Check, request, timeout, idempotent=True)
+        reply = await self._call(self._health.Check, request, timeout)
         return health_status_of(reply)
 
     async def upload_adapter(
@@ -212,7 +205,7 @@ class AsyncClient:
         )
         try:
             method = self._adapters.UploadAdapter
-            reply = await self._call(method, _in_threads(requests), timeout, idempotent=False)
+            reply = await self._call(method, _in_threads(requests), timeout)
         finally:
             if bar is not None:
                 bar.close()
@@ -223,7 +216,7 @@ class AsyncClient:
     ) -> tuple[list[Adapter], str]:
         """One page of adapters and the next page's token ("" after the last page)."""
         request = adapters_pb2.ListAdaptersRequest(page_size=page_size, page_token=page_token)
-        reply = await self._call(self._adapters.ListAdapters, request, timeout, idempotent=True)
+        reply = await self._call(self._adapters.ListAdapters, request, timeout)
         return [adapter_of(a) for a in reply.adapters], reply.next_page_token
 
     async def list_adapters(
@@ -241,7 +234,7 @@ class AsyncClient:
     ) -> Adapter:
         """One version, the latest when `version` is None."""
         request = adapters_pb2.GetAdapterRequest(name=name, version=version or "")
-        reply = await self._call(self._adapters.GetAdapter, request, timeout, idempotent=True)
+        reply = await self._call(self._adapters.GetAdapter, request, timeout)
         return adapter_of(reply.adapter)
 
     async def delete_adapter(
@@ -249,7 +242,7 @@ class AsyncClient:
     ) -> list[str]:
         """Delete one version, or every version when `version` is None; the versions deleted."""
         request = adapters_pb2.DeleteAdapterRequest(name=name, version=version or "")
-        reply = await self._call(self._adapters.DeleteAdapter, request, timeout, idempotent=False)
+        reply = await self._call(self._adapters.DeleteAdapter, request, timeout)
         return list(reply.deleted_versions)
 
     async def prefetch_adapter(
@@ -257,7 +250,7 @@ class AsyncClient:
     ) -> str:
         """Start loading into a device slot (admin scope); the residency now."""
         request = adapters_pb2.PrefetchAdapterRequest(name=name, version=version or "")
-        reply = await self._call(self._adapters.PrefetchAdapter, request, timeout, idempotent=False)
+        reply = await self._call(self._adapters.PrefetchAdapter, request, timeout)
         return residency_of(reply.residency)
 
     async def pin_adapter(
@@ -269,5 +262,5 @@ class AsyncClient:
     ) -> bool:
         """Keep resident in its device slot, or release the pin (admin scope); pinned now."""
         request = adapters_pb2.PinAdapterRequest(name=name, version=version or "", pinned=pinned)
-        reply = await self._call(self._adapters.PinAdapter, request, timeout, idempotent=False)
+        reply = await self._call(self._adapters.PinAdapter, request, timeout)
         return reply.pinned

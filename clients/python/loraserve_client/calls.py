@@ -1,39 +1,57 @@
-"""What every call carries, and how idempotent calls are retried.
+"""What every call carries, and which calls gRPC retries.
 
 Each call sends `authorization: Bearer <api key>` metadata when the client has a key, and has a
-deadline: the per-call timeout or the client's default, covering all of its attempts. Only
-UNAVAILABLE is retried, with capped exponential backoff and full jitter, and only as many times
-as the caller allows (the clients allow none for generate, upload and delete). Knows nothing
-about which RPC is made or its messages.
+deadline: the per-call timeout or the client's default, covering all of its attempts. Retries
+are gRPC's own, from the channel's service config (`retryPolicy`): only UNAVAILABLE, only for
+the idempotent methods (health, server info, list and get adapters), with capped exponential
+backoff and jitter, at most `retries` times (gRPC allows 4), and a server's
+`grpc-retry-pushback-ms` trailer obeyed. Generate, upload, delete, prefetch and pin are never
+retried. Knows nothing about messages.
 """
 
 from __future__ import annotations
 
-import random
-import time
-from collections.abc import Awaitable, Callable
+import json
 from dataclasses import dataclass
-from typing import TypeVar
 
-import grpc
-
-T = TypeVar("T")
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+# (service, method) of the calls that may be repeated without changing anything.
+IDEMPOTENT = (
+    ("grpc.health.v1.Health", "Check"),
+    ("loraserve.v1.ServerService", "GetServerInfo"),
+    ("loraserve.v1.AdapterService", "ListAdapters"),
+    ("loraserve.v1.AdapterService", "GetAdapter"),
+)
+MAX_ATTEMPTS = 5  # gRPC's cap on attempts, the first included
+RETRYABLE_CODES = ("UNAVAILABLE",)
 
 
 @dataclass(frozen=True)
 class Backoff:
-    """The wait before retry n (from 0): uniform in [0, min(maximum, initial * multiplier**n)]."""
+    """The wait before retry n (from 0): gRPC draws it uniformly in
+    [0, min(maximum, initial * multiplier**n)] seconds."""
 
     initial: float = 0.1
     maximum: float = 2.0
     multiplier: float = 2.0
 
-    def delay(self, retry: int) -> float:
-        return random.uniform(0.0, min(self.maximum, self.initial * self.multiplier**retry))
-
 
 DEFAULT_BACKOFF = Backoff()
+
+
+def service_config(retries: int, backoff: Backoff) -> str:
+    """The channel's service config: the retry policy of the idempotent methods (none when
+    `retries` is 0)."""
+    if retries < 1:
+        return json.dumps({})
+    policy = {
+        "maxAttempts": min(retries + 1, MAX_ATTEMPTS),
+        "initialBackoff": f"{backoff.initial:.3f}s",
+        "maxBackoff": f"{backoff.maximum:.3f}s",
+        "backoffMultiplier": backoff.multiplier,
+        "retryableStatusCodes": list(RETRYABLE_CODES),
+    }
+    names = [{"service": service, "method": method} for service, method in IDEMPOTENT]
+    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
 
 
 @dataclass(frozen=True)
@@ -52,60 +70,8 @@ class CallSettings:
         """The call's own timeout, else the client's."""
         return self.timeout if timeout is None else timeout
 
-    def deadline(self, timeout: float | None) -> float:
-        """The monotonic time by which the call, every attempt included, must end."""
-        return time.monotonic() + self.seconds(timeout)
-
-
-def remaining(deadline: float) -> float:
-    return max(deadline - time.monotonic(), 0.0)
-
-
-def _retry_delay(
-    error: grpc.RpcError, retry: int, retries: int, backoff: Backoff, deadline: float
-) -> float | None:
-    """How long to wait before retrying after `error`, or None to give up."""
-    if error.code() not in RETRYABLE or retry >= retries:
-        return None
-    delay = backoff.delay(retry)
-    return delay if time.monotonic() + delay < deadline else None
-
-
-def retrying(
-    attempt: Callable[[float], T],
-    retries: int,
-    backoff: Backoff,
-    deadline: float,
-    sleep: Callable[[float], object],
-) -> T:
-    """`attempt(seconds left)` until it succeeds or may not be retried; raises the last error."""
-    retry = 0
-    while True:
-        try:
-            return attempt(remaining(deadline))
-        except grpc.RpcError as error:
-            delay = _retry_delay(error, retry, retries, backoff, deadline)
-            if delay is None:
-                raise
-        sleep(delay)
-        retry += 1
-
-
-async def retrying_async(
-    attempt: Callable[[float], Awaitable[T]],
-    retries: int,
-    backoff: Backoff,
-    deadline: float,
-    sleep: Callable[[float], Awaitable[object]],
-) -> T:
-    """The grpc.aio twin of `retrying`."""
-    retry = 0
-    while True:
-        try:
-            return await attempt(remaining(deadline))
-        except grpc.RpcError as error:
-            delay = _retry_delay(error, retry, retries, backoff, deadline)
-            if delay is None:
-                raise
-        await sleep(delay)
-        retry += 1
+    def channel_options(self) -> list[tuple[str, object]]:
+        return [
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", service_config(self.retries, self.backoff)),
+        ]

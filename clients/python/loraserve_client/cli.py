@@ -253,11 +253,17 @@ def add_client_commands(
         return parser
 
     p = command(subparsers, "generate", _generate, "generate a completion")
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="the text to complete")
     p.add_argument("--adapter", help="adapter name (default: the base model alone)")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=0)
+    p.add_argument(
+        "--max-new-tokens",
+        dest="max_new_tokens",
+        type=int,
+        default=0,
+        help="tokens to generate at most (default: the server's default_max_new_tokens)",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="sampling seed, for repeatable sampled output")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument(
         "--ignore-eos",
@@ -306,7 +312,7 @@ def add_client_commands(
     actions = adapters.add_subparsers(dest="adapters_command", required=True, metavar="ACTION")
     p = command(actions, "upload", _upload, "upload a PEFT adapter directory")
     p.add_argument("directory", help="holds adapter_config.json and adapter_model.safetensors")
-    p.add_argument("--name", required=True)
+    p.add_argument("--name", required=True, help="the adapter's name (yours: per tenant)")
     p.add_argument("--version", help="default: the server assigns the next one")
     command(actions, "list", _list, "list adapters")
     for name, handler, text in (
@@ -314,8 +320,8 @@ def add_client_commands(
         ("delete", _delete, "delete a version (default: every version)"),
     ):
         p = command(actions, name, handler, text)
-        p.add_argument("name")
-        p.add_argument("--version")
+        p.add_argument("name", help="the adapter's name")
+        p.add_argument("--version", help="one version (default: see above)")
 
     p = command(subparsers, "health", _health, "print the health status (exit 1 unless SERVING)")
     p.add_argument("--service", default="", help="a service's full name (default: the server)")

@@ -8,7 +8,6 @@ nothing about the server's internals: only the loraserve.v1 contract and the hea
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -17,15 +16,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loraserve.v1 import (
-    adapters_pb2,
-    adapters_pb2_grpc,
-    generation_pb2,
-    generation_pb2_grpc,
-    server_pb2,
-    server_pb2_grpc,
-)
-from loraserve_client.calls import DEFAULT_BACKOFF, Backoff, CallSettings, retrying
+from loraserve_client.calls import DEFAULT_BACKOFF, Backoff, CallSettings
 from loraserve_client.errors import error_from_rpc
 from loraserve_client.messages import (
     adapter_of,
@@ -44,6 +35,14 @@ from loraserve_client.types import (
     StreamEvent,
 )
 from loraserve_client.upload import prepare_upload
+from loraserve_client.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    server_pb2,
+    server_pb2_grpc,
+)
 
 
 class GenerationStream:
@@ -91,8 +90,8 @@ class GenerationStream:
 
 class Client:
     """A blocking client. `timeout` is the default deadline of every call in seconds; `retries`
-    is how often health, server_info, list and get are retried on UNAVAILABLE, waiting
-    `backoff` between tries with `sleep`. `credentials` (grpc.ssl_channel_credentials) connect
+    is how often (at most 4) gRPC retries health, server_info, list and get on UNAVAILABLE,
+    waiting `backoff` between tries. `credentials` (grpc.ssl_channel_credentials) connect
     over TLS, with a client certificate for mTLS; without them the channel is plaintext."""
 
     def __init__(
@@ -104,15 +103,14 @@ class Client:
         *,
         backoff: Backoff = DEFAULT_BACKOFF,
         credentials: grpc.ChannelCredentials | None = None,
-        sleep: Callable[[float], object] = time.sleep,
     ) -> None:
         self.address = address
         self.settings = CallSettings(api_key, timeout, retries, backoff)
-        self._sleep = sleep
+        options = self.settings.channel_options()
         if credentials is None:
-            self._channel = grpc.insecure_channel(address)
+            self._channel = grpc.insecure_channel(address, options)
         else:
-            self._channel = grpc.secure_channel(address, credentials)
+            self._channel = grpc.secure_channel(address, credentials, options)
         self._generation = generation_pb2_grpc.GenerationServiceStub(self._channel)
         self._server = server_pb2_grpc.ServerServiceStub(self._channel)
         self._adapters = adapters_pb2_grpc.AdapterServiceStub(self._channel)
@@ -132,19 +130,11 @@ class Client:
     ) -> None:
         self.close()
 
-    def _call(
-        self, method: Callable[..., Any], request: Any, timeout: float | None, *, idempotent: bool
-    ) -> Any:
-        """One RPC with metadata and deadline; retried only when `idempotent`."""
+    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
+        """One RPC with metadata and deadline (gRPC retries the idempotent ones: `calls`)."""
         settings = self.settings
-
-        def attempt(seconds: float) -> Any:
-            return method(request, timeout=seconds, metadata=settings.metadata())
-
-        retries = settings.retries if idempotent else 0
-        deadline = settings.deadline(timeout)
         try:
-            return retrying(attempt, retries, settings.backoff, deadline, self._sleep)
+            return method(request, timeout=settings.seconds(timeout), metadata=settings.metadata())
         except grpc.RpcError as error:
             raise error_from_rpc(error) from error
 
@@ -160,7 +150,7 @@ class Client:
         (`adapter="sql", max_new_tokens=32`), which override `options`."""
         message = generation_input(prompt, GenerateOptions.merged(options, option_fields))
         request = generation_pb2.GenerateRequest(input=message)
-        reply = self._call(self._generation.Generate, request, timeout, idempotent=False)
+        reply = self._call(self._generation.Generate, request, timeout)
         return result_of(reply)
 
     def generate_stream(
@@ -182,13 +172,13 @@ class Client:
 
     def server_info(self, timeout: float | None = None) -> dict[str, str | int]:
         request = server_pb2.GetServerInfoRequest()
-        reply = self._call(self._server.GetServerInfo, request, timeout, idempotent=True)
+        reply = self._call(self._server.GetServerInfo, request, timeout)
         return server_info_of(reply)
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """The status name (SERVING, NOT_SERVING, ...) of the server ("") or one service."""
         request = health_pb2.HealthCheckRequest(service=service)
-        reply = self._call(self._health.Check, request, timeout, idempotent=True)
+        reply = self._call(self._health.Check, request, timeout)
         return health_status_of(reply)
 
     def upload_adapter(
@@ -207,7 +197,7 @@ class Client:
         """
         requests, bar = prepare_upload(directory, name, version, progress, sys.stderr)
         try:
-            reply = self._call(self._adapters.UploadAdapter, requests, timeout, idempotent=False)
+            reply = self._call(self._adapters.UploadAdapter, requests, timeout)
         finally:
             if bar is not None:
                 bar.close()
@@ -218,7 +208,7 @@ class Client:
     ) -> tuple[list[Adapter], str]:
         """One page of adapters and the next page's token ("" after the last page)."""
         request = adapters_pb2.ListAdaptersRequest(page_size=page_size, page_token=page_token)
-        reply = self._call(self._adapters.ListAdapters, request, timeout, idempotent=True)
+        reply = self._call(self._adapters.ListAdapters, request, timeout)
         return [adapter_of(a) for a in reply.adapters], reply.next_page_token
 
     def list_adapters(self, page_size: int = 100, timeout: float | None = None) -> list[Adapter]:
@@ -234,7 +224,7 @@ class Client:
     ) -> Adapter:
         """One version, the latest when `version` is None."""
         request = adapters_pb2.GetAdapterRequest(name=name, version=version or "")
-        reply = self._call(self._adapters.GetAdapter, request, timeout, idempotent=True)
+        reply = self._call(self._adapters.GetAdapter, request, timeout)
         return adapter_of(reply.adapter)
 
     def delete_adapter(
@@ -242,7 +232,7 @@ class Client:
     ) -> list[str]:
         """Delete one version, or every version when `version` is None; the versions deleted."""
         request = adapters_pb2.DeleteAdapterRequest(name=name, version=version or "")
-        reply = self._call(self._adapters.DeleteAdapter, request, timeout, idempotent=False)
+        reply = self._call(self._adapters.DeleteAdapter, request, timeout)
         return list(reply.deleted_versions)
 
     def prefetch_adapter(
@@ -250,7 +240,7 @@ class Client:
     ) -> str:
         """Start loading into a device slot (admin scope); the residency now."""
         request = adapters_pb2.PrefetchAdapterRequest(name=name, version=version or "")
-        reply = self._call(self._adapters.PrefetchAdapter, request, timeout, idempotent=False)
+        reply = self._call(self._adapters.PrefetchAdapter, request, timeout)
         return residency_of(reply.residency)
 
     def pin_adapter(
@@ -262,5 +252,5 @@ class Client:
     ) -> bool:
         """Keep resident in its device slot, or release the pin (admin scope); pinned now."""
         request = adapters_pb2.PinAdapterRequest(name=name, version=version or "", pinned=pinned)
-        reply = self._call(self._adapters.PinAdapter, request, timeout, idempotent=False)
+        reply = self._call(self._adapters.PinAdapter, request, timeout)
         return reply.pinned

@@ -86,14 +86,16 @@ ERROR_CLASSES: dict[grpc.StatusCode, type[LoraServeError]] = {
 
 
 def retry_after_seconds(metadata: Iterable[tuple[str, str | bytes]] | None) -> float | None:
-    """The `retry-after-ms` trailer in seconds, or None when it is absent or not a number."""
-    for key, value in metadata or ():
-        if key == "retry-after-ms":
-            try:
-                return int(value) / 1000
-            except ValueError:
-                return None
-    return None
+    """The server's hint in seconds: the standard `grpc-retry-pushback-ms` trailer, else the
+    older `retry-after-ms`; None when neither is there or it is not a number."""
+    hints = dict(metadata or ())
+    value = hints.get("grpc-retry-pushback-ms", hints.get("retry-after-ms"))
+    if value is None:
+        return None
+    try:
+        return int(value) / 1000
+    except ValueError:
+        return None
 
 
 def error_from_rpc(error: grpc.RpcError) -> LoraServeError:

@@ -13,7 +13,6 @@ from datetime import timezone
 
 from grpc_health.v1 import health_pb2
 
-from loraserve.v1 import adapters_pb2, generation_pb2, server_pb2
 from loraserve_client.types import (
     Adapter,
     AdapterFile,
@@ -24,6 +23,7 @@ from loraserve_client.types import (
     TokenChunk,
     TopLogprob,
 )
+from loraserve_client.v1 import adapters_pb2, generation_pb2, server_pb2
 
 FINISH_REASONS: dict[int, str] = {
     generation_pb2.FINISH_REASON_EOS: "eos",

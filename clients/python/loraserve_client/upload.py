@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from loraserve.v1 import adapters_pb2
 from loraserve_client.errors import InvalidArgument
+from loraserve_client.v1 import adapters_pb2
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -46,12 +46,22 @@ def adapter_files(directory: str | Path) -> list[LocalFile]:
     directory = Path(directory)
     if not directory.is_dir():
         raise InvalidArgument(f"{directory} is not a directory")
+    if not any(directory.iterdir()):
+        raise InvalidArgument(
+            f"{directory} is empty: an adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE}, "
+            "as PEFT's model.save_pretrained(dir) writes them"
+        )
     if not (directory / WEIGHTS_FILE).is_file():
         pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        found = f" (found {', '.join(pickles)})" if pickles else ""
+        if not pickles:
+            raise InvalidArgument(
+                f"{directory} has no {WEIGHTS_FILE}: save the adapter with PEFT's "
+                "model.save_pretrained(dir)"
+            )
         raise InvalidArgument(
-            f"{directory} has no {WEIGHTS_FILE}{found}: pickle files are not accepted; "
-            "save the adapter with safetensors: model.save_pretrained(dir, safe_serialization=True)"
+            f"{directory} has no {WEIGHTS_FILE} (found {', '.join(pickles)}): pickle files are "
+            "not accepted; save the adapter with safetensors: "
+            "model.save_pretrained(dir, safe_serialization=True)"
         )
     if not (directory / CONFIG_FILE).is_file():
         raise InvalidArgument(f"{directory} has no {CONFIG_FILE}")

@@ -300,6 +300,11 @@ class AdapterPublisher:
         src = Path(src_dir)
         if not src.is_dir():
             raise InvalidAdapterError(f"adapter directory {str(src)!r} does not exist")
+        if not any(src.iterdir()):
+            raise InvalidAdapterError(
+                f"adapter directory {str(src)!r} is empty: it must hold "
+                f"{' and '.join(ADAPTER_FILES)}, as PEFT's save_pretrained writes them"
+            )
         wanted: tuple[str, ...] = ADAPTER_FILES  # pickles only without safetensors: refused by name
         if not (src / peft_format.WEIGHTS_FILE).is_file():
             wanted += peft_format.PICKLE_FILES

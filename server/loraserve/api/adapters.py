@@ -37,8 +37,8 @@ from loraserve.types import (
     QuotaExceededError,
     shown,
 )
-from loraserve.v1 import adapters_pb2 as pb
-from loraserve.v1 import adapters_pb2_grpc
+from loraserve_client.v1 import adapters_pb2 as pb
+from loraserve_client.v1 import adapters_pb2_grpc
 
 MAX_CHUNK_BYTES = 1 << 20
 PREFETCH_WAIT_S = 30.0

@@ -1,14 +1,10 @@
-"""The one table from domain errors to gRPC status codes, the helper that aborts with it, and
-the context that counts every call's final status.
+"""The one table from domain errors to gRPC status codes, and the helper that aborts with it.
 
 Knows nothing about the engine: it sees exception types and messages only.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from typing import NoReturn
 
 import grpc
@@ -16,7 +12,6 @@ from google.protobuf.duration_pb2 import Duration
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from loraserve.metrics import Metrics
 from loraserve.types import (
     AdapterExistsError,
     AdapterIncompatibleError,
@@ -116,34 +111,14 @@ async def abort(
 
 async def abort_with(context: grpc.aio.ServicerContext, error: BaseException) -> NoReturn:
     """End the call with the mapped status and rich details; unexpected errors never leak
-    internals. At capacity, the `retry-after-ms` trailer repeats the RetryInfo hint."""
+    internals. At capacity, the standard `grpc-retry-pushback-ms` trailer (which gRPC's own
+    retries obey, in every language) and the older `retry-after-ms` repeat the RetryInfo hint."""
     code = status_of(error)
     message = "internal error; see server log"
     if code != grpc.StatusCode.INTERNAL:
         message = bounded_message(error)
     trailing = tuple(rpc_status.to_status(rich_status(code, message, error)).trailing_metadata)
     if isinstance(error, RETRYABLE):
-        trailing += (("retry-after-ms", str(RETRY_AFTER_S * 1000)),)
+        milliseconds = str(RETRY_AFTER_S * 1000)
+        trailing += (("grpc-retry-pushback-ms", milliseconds), ("retry-after-ms", milliseconds))
     await abort(context, code, message, trailing)
-
-
-@contextlib.asynccontextmanager
-async def observed(
-    metrics: Metrics, context: grpc.aio.ServicerContext, method: str
-) -> AsyncIterator[None]:
-    """Count the call's final status code; a deadline that passed also counts as a rejection."""
-    code = grpc.StatusCode.OK
-    try:
-        yield
-    except asyncio.CancelledError:
-        remaining = context.time_remaining()
-        expired = remaining is not None and remaining <= 0
-        code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-        if expired:
-            metrics.requests_rejected.labels("deadline").inc()
-        raise
-    except BaseException:
-        code = context.code() or grpc.StatusCode.UNKNOWN
-        raise
-    finally:
-        metrics.responses.labels(method, code.name).inc()

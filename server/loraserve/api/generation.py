@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from loraserve.api.access import CallRecord, observed
 from loraserve.api.auth import caller
-from loraserve.api.errors import abort_with, observed
+from loraserve.api.errors import abort_with
 from loraserve.api.state import ServerState
 from loraserve.types import (
     MAX_LOGIT_BIAS_TOKENS,
@@ -32,8 +33,8 @@ from loraserve.types import (
     TokenEvent,
     TopLogprob,
 )
-from loraserve.v1 import generation_pb2 as pb
-from loraserve.v1 import generation_pb2_grpc
+from loraserve_client.v1 import generation_pb2 as pb
+from loraserve_client.v1 import generation_pb2_grpc
 
 FINISH_REASONS = {
     FinishReason.EOS: pb.FINISH_REASON_EOS,
@@ -113,10 +114,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.state = state
 
     async def _events(
-        self, message: pb.GenerationInput, context: grpc.aio.ServicerContext
+        self, message: pb.GenerationInput, context: grpc.aio.ServicerContext, record: CallRecord
     ) -> AsyncIterator[TokenEvent | FinalEvent]:
         runtime = await self.state.runtime_or_abort(context)
         tenant = (await caller(context, self.state.auth)).tenant
+        record.named(tenant, message.adapter.name)
         limit = self.state.auth.quota(tenant).max_requests_in_flight
         with contextlib.ExitStack() as held:
             try:
@@ -127,6 +129,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 await abort_with(context, error)
             try:
                 async for event in events:
+                    if isinstance(event, TokenEvent):
+                        record.token()
+                    else:
+                        record.final(event)
                     yield event
             except LoraServeError as error:
                 await abort_with(context, error)
@@ -136,14 +142,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        async with observed(self.state.metrics, context, "Generate"):
-            return await self._generate(request, context)
+        async with observed(self.state.metrics, context, "Generate") as record:
+            return await self._generate(request, context, record)
 
     async def _generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, record: CallRecord
     ) -> pb.GenerateResponse:
         token_ids, logprobs, tops = [], [], []
-        async for event in self._events(request.input, context):
+        async for event in self._events(request.input, context, record):
             if isinstance(event, TokenEvent):
                 token_ids.append(event.token_id)
                 if event.logprob is not None:
@@ -164,8 +170,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     async def GenerateStream(
         self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        async with observed(self.state.metrics, context, "GenerateStream"):
-            async for event in self._events(request.input, context):
+        async with observed(self.state.metrics, context, "GenerateStream") as record:
+            async for event in self._events(request.input, context, record):
                 if isinstance(event, TokenEvent):
                     token = pb.TokenEvent(
                         token_id=event.token_id,

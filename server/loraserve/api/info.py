@@ -9,8 +9,8 @@ import grpc
 
 import loraserve
 from loraserve.api.state import ServerState
-from loraserve.v1 import server_pb2 as pb
-from loraserve.v1 import server_pb2_grpc
+from loraserve_client.v1 import server_pb2 as pb
+from loraserve_client.v1 import server_pb2_grpc
 
 
 class ServerInfoServicer(server_pb2_grpc.ServerServiceServicer):

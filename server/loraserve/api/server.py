@@ -28,7 +28,7 @@ from loraserve.api.generation import GenerationServicer
 from loraserve.api.info import ServerInfoServicer
 from loraserve.api.state import ServerState
 from loraserve.config import ServerConfig
-from loraserve.v1 import (
+from loraserve_client.v1 import (
     adapters_pb2,
     adapters_pb2_grpc,
     generation_pb2,

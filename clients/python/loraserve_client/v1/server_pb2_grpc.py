@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from loraserve.v1 import server_pb2 as loraserve_dot_v1_dot_server__pb2
+from loraserve_client.v1 import server_pb2 as loraserve__client_dot_v1_dot_server__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in loraserve/v1/server_pb2_grpc.py depends on'
+        + ' but the generated code in loraserve_client/v1/server_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,8 +37,8 @@ class ServerServiceStub:
         """
         self.GetServerInfo = channel.unary_unary(
                 '/loraserve.v1.ServerService/GetServerInfo',
-                request_serializer=loraserve_dot_v1_dot_server__pb2.GetServerInfoRequest.SerializeToString,
-                response_deserializer=loraserve_dot_v1_dot_server__pb2.GetServerInfoResponse.FromString,
+                request_serializer=loraserve__client_dot_v1_dot_server__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=loraserve__client_dot_v1_dot_server__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
 
 
@@ -57,8 +57,8 @@ def add_ServerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
-                    request_deserializer=loraserve_dot_v1_dot_server__pb2.GetServerInfoRequest.FromString,
-                    response_serializer=loraserve_dot_v1_dot_server__pb2.GetServerInfoResponse.SerializeToString,
+                    request_deserializer=loraserve__client_dot_v1_dot_server__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=loraserve__client_dot_v1_dot_server__pb2.GetServerInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,8 +87,8 @@ class ServerService:
             request,
             target,
             '/loraserve.v1.ServerService/GetServerInfo',
-            loraserve_dot_v1_dot_server__pb2.GetServerInfoRequest.SerializeToString,
-            loraserve_dot_v1_dot_server__pb2.GetServerInfoResponse.FromString,
+            loraserve__client_dot_v1_dot_server__pb2.GetServerInfoRequest.SerializeToString,
+            loraserve__client_dot_v1_dot_server__pb2.GetServerInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

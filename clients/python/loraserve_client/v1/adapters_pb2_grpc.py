@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from loraserve.v1 import adapters_pb2 as loraserve_dot_v1_dot_adapters__pb2
+from loraserve_client.v1 import adapters_pb2 as loraserve__client_dot_v1_dot_adapters__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in loraserve/v1/adapters_pb2_grpc.py depends on'
+        + ' but the generated code in loraserve_client/v1/adapters_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -38,33 +38,33 @@ class AdapterServiceStub:
         """
         self.UploadAdapter = channel.stream_unary(
                 '/loraserve.v1.AdapterService/UploadAdapter',
-                request_serializer=loraserve_dot_v1_dot_adapters__pb2.UploadAdapterRequest.SerializeToString,
-                response_deserializer=loraserve_dot_v1_dot_adapters__pb2.UploadAdapterResponse.FromString,
+                request_serializer=loraserve__client_dot_v1_dot_adapters__pb2.UploadAdapterRequest.SerializeToString,
+                response_deserializer=loraserve__client_dot_v1_dot_adapters__pb2.UploadAdapterResponse.FromString,
                 _registered_method=True)
         self.ListAdapters = channel.unary_unary(
                 '/loraserve.v1.AdapterService/ListAdapters',
-                request_serializer=loraserve_dot_v1_dot_adapters__pb2.ListAdaptersRequest.SerializeToString,
-                response_deserializer=loraserve_dot_v1_dot_adapters__pb2.ListAdaptersResponse.FromString,
+                request_serializer=loraserve__client_dot_v1_dot_adapters__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=loraserve__client_dot_v1_dot_adapters__pb2.ListAdaptersResponse.FromString,
                 _registered_method=True)
         self.GetAdapter = channel.unary_unary(
                 '/loraserve.v1.AdapterService/GetAdapter',
-                request_serializer=loraserve_dot_v1_dot_adapters__pb2.GetAdapterRequest.SerializeToString,
-                response_deserializer=loraserve_dot_v1_dot_adapters__pb2.GetAdapterResponse.FromString,
+                request_serializer=loraserve__client_dot_v1_dot_adapters__pb2.GetAdapterRequest.SerializeToString,
+                response_deserializer=loraserve__client_dot_v1_dot_adapters__pb2.GetAdapterResponse.FromString,
                 _registered_method=True)
         self.DeleteAdapter = channel.unary_unary(
                 '/loraserve.v1.AdapterService/DeleteAdapter',
-                request_serializer=loraserve_dot_v1_dot_adapters__pb2.DeleteAdapterRequest.SerializeToString,
-                response_deserializer=loraserve_dot_v1_dot_adapters__pb2.DeleteAdapterResponse.FromString,
+                request_serializer=loraserve__client_dot_v1_dot_adapters__pb2.DeleteAdapterRequest.SerializeToString,
+                response_deserializer=loraserve__client_dot_v1_dot_adapters__pb2.DeleteAdapterResponse.FromString,
                 _registered_method=True)
         self.PrefetchAdapter = channel.unary_unary(
                 '/loraserve.v1.AdapterService/PrefetchAdapter',
-                request_serializer=loraserve_dot_v1_dot_adapters__pb2.PrefetchAdapterRequest.SerializeToString,
-                response_deserializer=loraserve_dot_v1_dot_adapters__pb2.PrefetchAdapterResponse.FromString,
+                request_serializer=loraserve__client_dot_v1_dot_adapters__pb2.PrefetchAdapterRequest.SerializeToString,
+                response_deserializer=loraserve__client_dot_v1_dot_adapters__pb2.PrefetchAdapterResponse.FromString,
                 _registered_method=True)
         self.PinAdapter = channel.unary_unary(
                 '/loraserve.v1.AdapterService/PinAdapter',
-                request_serializer=loraserve_dot_v1_dot_adapters__pb2.PinAdapterRequest.SerializeToString,
-                response_deserializer=loraserve_dot_v1_dot_adapters__pb2.PinAdapterResponse.FromString,
+                request_serializer=loraserve__client_dot_v1_dot_adapters__pb2.PinAdapterRequest.SerializeToString,
+                response_deserializer=loraserve__client_dot_v1_dot_adapters__pb2.PinAdapterResponse.FromString,
                 _registered_method=True)
 
 
@@ -119,33 +119,33 @@ def add_AdapterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'UploadAdapter': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadAdapter,
-                    request_deserializer=loraserve_dot_v1_dot_adapters__pb2.UploadAdapterRequest.FromString,
-                    response_serializer=loraserve_dot_v1_dot_adapters__pb2.UploadAdapterResponse.SerializeToString,
+                    request_deserializer=loraserve__client_dot_v1_dot_adapters__pb2.UploadAdapterRequest.FromString,
+                    response_serializer=loraserve__client_dot_v1_dot_adapters__pb2.UploadAdapterResponse.SerializeToString,
             ),
             'ListAdapters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAdapters,
-                    request_deserializer=loraserve_dot_v1_dot_adapters__pb2.ListAdaptersRequest.FromString,
-                    response_serializer=loraserve_dot_v1_dot_adapters__pb2.ListAdaptersResponse.SerializeToString,
+                    request_deserializer=loraserve__client_dot_v1_dot_adapters__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=loraserve__client_dot_v1_dot_adapters__pb2.ListAdaptersResponse.SerializeToString,
             ),
             'GetAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.GetAdapter,
-                    request_deserializer=loraserve_dot_v1_dot_adapters__pb2.GetAdapterRequest.FromString,
-                    response_serializer=loraserve_dot_v1_dot_adapters__pb2.GetAdapterResponse.SerializeToString,
+                    request_deserializer=loraserve__client_dot_v1_dot_adapters__pb2.GetAdapterRequest.FromString,
+                    response_serializer=loraserve__client_dot_v1_dot_adapters__pb2.GetAdapterResponse.SerializeToString,
             ),
             'DeleteAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteAdapter,
-                    request_deserializer=loraserve_dot_v1_dot_adapters__pb2.DeleteAdapterRequest.FromString,
-                    response_serializer=loraserve_dot_v1_dot_adapters__pb2.DeleteAdapterResponse.SerializeToString,
+                    request_deserializer=loraserve__client_dot_v1_dot_adapters__pb2.DeleteAdapterRequest.FromString,
+                    response_serializer=loraserve__client_dot_v1_dot_adapters__pb2.DeleteAdapterResponse.SerializeToString,
             ),
             'PrefetchAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.PrefetchAdapter,
-                    request_deserializer=loraserve_dot_v1_dot_adapters__pb2.PrefetchAdapterRequest.FromString,
-                    response_serializer=loraserve_dot_v1_dot_adapters__pb2.PrefetchAdapterResponse.SerializeToString,
+                    request_deserializer=loraserve__client_dot_v1_dot_adapters__pb2.PrefetchAdapterRequest.FromString,
+                    response_serializer=loraserve__client_dot_v1_dot_adapters__pb2.PrefetchAdapterResponse.SerializeToString,
             ),
             'PinAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.PinAdapter,
-                    request_deserializer=loraserve_dot_v1_dot_adapters__pb2.PinAdapterRequest.FromString,
-                    response_serializer=loraserve_dot_v1_dot_adapters__pb2.PinAdapterResponse.SerializeToString,
+                    request_deserializer=loraserve__client_dot_v1_dot_adapters__pb2.PinAdapterRequest.FromString,
+                    response_serializer=loraserve__client_dot_v1_dot_adapters__pb2.PinAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,8 +175,8 @@ class AdapterService:
             request_iterator,
             target,
             '/loraserve.v1.AdapterService/UploadAdapter',
-            loraserve_dot_v1_dot_adapters__pb2.UploadAdapterRequest.SerializeToString,
-            loraserve_dot_v1_dot_adapters__pb2.UploadAdapterResponse.FromString,
+            loraserve__client_dot_v1_dot_adapters__pb2.UploadAdapterRequest.SerializeToString,
+            loraserve__client_dot_v1_dot_adapters__pb2.UploadAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -202,8 +202,8 @@ class AdapterService:
             request,
             target,
             '/loraserve.v1.AdapterService/ListAdapters',
-            loraserve_dot_v1_dot_adapters__pb2.ListAdaptersRequest.SerializeToString,
-            loraserve_dot_v1_dot_adapters__pb2.ListAdaptersResponse.FromString,
+            loraserve__client_dot_v1_dot_adapters__pb2.ListAdaptersRequest.SerializeToString,
+            loraserve__client_dot_v1_dot_adapters__pb2.ListAdaptersResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -229,8 +229,8 @@ class AdapterService:
             request,
             target,
             '/loraserve.v1.AdapterService/GetAdapter',
-            loraserve_dot_v1_dot_adapters__pb2.GetAdapterRequest.SerializeToString,
-            loraserve_dot_v1_dot_adapters__pb2.GetAdapterResponse.FromString,
+            loraserve__client_dot_v1_dot_adapters__pb2.GetAdapterRequest.SerializeToString,
+            loraserve__client_dot_v1_dot_adapters__pb2.GetAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -256,8 +256,8 @@ class AdapterService:
             request,
             target,
             '/loraserve.v1.AdapterService/DeleteAdapter',
-            loraserve_dot_v1_dot_adapters__pb2.DeleteAdapterRequest.SerializeToString,
-            loraserve_dot_v1_dot_adapters__pb2.DeleteAdapterResponse.FromString,
+            loraserve__client_dot_v1_dot_adapters__pb2.DeleteAdapterRequest.SerializeToString,
+            loraserve__client_dot_v1_dot_adapters__pb2.DeleteAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -283,8 +283,8 @@ class AdapterService:
             request,
             target,
             '/loraserve.v1.AdapterService/PrefetchAdapter',
-            loraserve_dot_v1_dot_adapters__pb2.PrefetchAdapterRequest.SerializeToString,
-            loraserve_dot_v1_dot_adapters__pb2.PrefetchAdapterResponse.FromString,
+            loraserve__client_dot_v1_dot_adapters__pb2.PrefetchAdapterRequest.SerializeToString,
+            loraserve__client_dot_v1_dot_adapters__pb2.PrefetchAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -310,8 +310,8 @@ class AdapterService:
             request,
             target,
             '/loraserve.v1.AdapterService/PinAdapter',
-            loraserve_dot_v1_dot_adapters__pb2.PinAdapterRequest.SerializeToString,
-            loraserve_dot_v1_dot_adapters__pb2.PinAdapterResponse.FromString,
+            loraserve__client_dot_v1_dot_adapters__pb2.PinAdapterRequest.SerializeToString,
+            loraserve__client_dot_v1_dot_adapters__pb2.PinAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
