@@ -44,7 +44,7 @@ def test_the_args_are_server_settings_and_deployment_options(config):
 
 
 def test_a_bad_setting_fails_when_the_app_is_built():
-    with pytest.raises(ValueError, match="key .modle. is not a setting"):
+    with pytest.raises(ValueError, match=r"key 'modle' is not a setting"):
         ray_serve.build_app({"modle": "/models/base"})
     with pytest.raises(ValueError, match="store_refresh_ms"):
         ray_serve.build_app({"store_refresh_ms": 0})
