@@ -15,6 +15,7 @@ Knows nothing about LoRA: it returns name -> tensor and leaves the meaning of na
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -69,22 +70,20 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         if f.readinto(data.numpy().data) != data.numel():
             raise invalid_weights(path, "the file changed while it was read")
     entries = sorted(
-        (
-            (name, _entry(path, name, value))
-            for name, value in header.items()
-            if name != METADATA_KEY
-        ),
-        key=lambda item: item[1][2],
+        (_entry(path, name, value) for name, value in header.items() if name != METADATA_KEY),
+        key=lambda entry: entry.begin,
     )
     tensors, end = {}, 0
-    for name, (dtype, shape, begin, stop) in entries:
-        if begin != end:
-            raise invalid_weights(path, f"tensor {shown(name)} does not start where the last ended")
-        end = stop
-        raw = data[begin:stop]
-        if begin % dtype.itemsize:  # a view of another dtype needs an aligned start
+    for entry in entries:
+        if entry.begin != end:
+            raise invalid_weights(
+                path, f"tensor {shown(entry.name)} does not start where the last ended"
+            )
+        end = entry.end
+        raw = data[entry.begin : entry.end]
+        if entry.begin % entry.dtype.itemsize:  # a view of another dtype needs an aligned start
             raw = raw.clone()
-        tensors[name] = raw.view(dtype).view(shape)
+        tensors[entry.name] = raw.view(entry.dtype).view(entry.shape)
     if end != data.numel():
         raise invalid_weights(path, f"{data.numel() - end} bytes after the last tensor")
     return tensors
@@ -117,8 +116,19 @@ def _read_header(f: BinaryIO, path: Path, size: int) -> dict:
     return header
 
 
-def _entry(path: Path, name: str, value: object) -> tuple[torch.dtype, list[int], int, int]:
-    """(dtype, shape, first byte, end byte) of one header entry, each checked."""
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor's header entry, checked: bytes [begin, end) of the data area."""
+
+    name: str
+    dtype: torch.dtype
+    shape: list[int]
+    begin: int
+    end: int
+
+
+def _entry(path: Path, name: str, value: object) -> _Entry:
+    """The header entry `value` of tensor `name`, each field checked."""
     what = f"tensor {shown(name)}"
     if not isinstance(value, dict):
         raise invalid_weights(path, f"{what}: its entry is not an object")
@@ -134,7 +144,7 @@ def _entry(path: Path, name: str, value: object) -> tuple[torch.dtype, list[int]
     begin, end = offsets
     if end - begin != math.prod(shape) * dtype.itemsize:
         raise invalid_weights(path, f"{what}: its byte range does not match its shape and dtype")
-    return dtype, shape, begin, end
+    return _Entry(name, dtype, shape, begin, end)
 
 
 def _size(n: object) -> bool:
