@@ -6,6 +6,8 @@ Each source is checked on its own first, so a wrong value is refused with one li
 setting, where the value came from (flag, variable or file), the value and what is accepted
 (`ConfigError`): the file strictly, since JSON has types (`"16"` is not a number), flags and
 variables as text. The merged values are then checked together (tls_cert needs tls_key).
+`load_local_config` also checks that a `model` directory exists here: the schema leaves paths
+alone, since deploy files and Ray drivers name paths of the machine the server runs on.
 
 `add_setting_flags` makes the `serve` flags and `reference_markdown` writes
 `docs/configuration.md` (`python -m loraserve.settings > docs/configuration.md`), both from the
