@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -65,14 +66,25 @@ def test_every_log_line_is_json_and_the_first_says_what_is_loading(server, model
     assert any(line["message"].startswith("SERVING") for line in lines)
 
 
+def access_lines_with(log_path: Path, method: str, statuses: set[str]) -> list[dict]:
+    """`method`'s access lines once one with each of `statuses` is written. An OK unary call's
+    line is written before its reply is sent; a refused call's status goes out first (grpc
+    sends an abort's status at once), so its line can follow the client's error by a moment."""
+    deadline = time.monotonic() + 30
+    while True:
+        lines = [json.loads(line) for line in access_lines(log_path, method)]
+        if statuses <= {line["status"] for line in lines} or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
 def test_each_generation_call_writes_one_access_line(server):
-    """A unary call's line is written before its reply is sent: no waiting needed."""
     address, _, log_path = server
     with Client(address, api_key=KEY, timeout=60) as client:
         result = client.generate("hello there", adapter="first", max_new_tokens=4, ignore_eos=True)
         with pytest.raises(InvalidArgument):
             client.generate("hello", max_new_tokens=5000)
-    unary = [json.loads(line) for line in access_lines(log_path, "Generate")]
+    unary = access_lines_with(log_path, "Generate", {"OK", "INVALID_ARGUMENT"})
     ok = next(line for line in unary if line["status"] == "OK")
     assert ok["tenant"] == "acme" and ok["adapter"] == "first"
     assert ok["prompt_tokens"] == result.prompt_tokens > 0
