@@ -3,7 +3,9 @@
 # (Prometheus, promtool and openssl from Debian, the buf CLI from npm), a virtual environment
 # in .venv with torch installed first (a bare torch requirement would pull a multi-GB CUDA
 # build onto a CPU machine; on a GPU machine this same pin installs the CUDA wheel), then the
-# project (with Ray Serve, the `ray` extra) and its compiled CPU kernels.
+# client distribution from clients/python (the server depends on it; installed from the checkout
+# first, so nothing looks for it on an index), then the project (with Ray Serve, the `ray` extra)
+# and its compiled CPU kernels. Both are editable: edits in the checkout take effect.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +26,7 @@ fi
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q torch==2.13.0
+.venv/bin/pip install -q -e ./clients/python
 .venv/bin/pip install -q -e '.[dev,bench,ray]'
 .venv/bin/python -m loraserve.model.kernels  # the C++ CPU kernels for this CPU
 npm install --silent --no-save --prefix .tools @bufbuild/buf
