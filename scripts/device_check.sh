@@ -10,6 +10,7 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --find-links .whl/ \
   bitsandbytes transformers peft accelerate grpcio grpcio-health-checking grpcio-reflection \
   grpcio-status protobuf prometheus-client pytest-asyncio llguidance jsonschema
+python3 -m pip install -q --no-deps --no-build-isolation -e ./clients/python  # the stubs
 python3 -m pip install -q --no-deps --no-build-isolation -e .
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
 python3 -m pytest tests/engine/test_parity.py tests/engine/test_logprob_parity.py \

@@ -1,7 +1,7 @@
 """The server distribution depends on the client distribution instead of bundling it: the root
 `loraserve` wheel holds `loraserve/` alone and requires `loraserve-client` in a range that takes
 the checkout's client version, and every install from a checkout (scripts/setup.sh, the
-Dockerfile) installs the client first, since no package index holds it.
+Dockerfile, the GPU check) installs the client first, since no package index holds it.
 
 The wheel is built offline by this environment's setuptools from a copy of the sources, so the
 checkout stays clean.
@@ -91,6 +91,7 @@ def pip_installs(script: Path) -> list[str]:
     [
         ("scripts/setup.sh", "./clients/python", ".[dev,bench,ray]"),
         ("deploy/docker/Dockerfile", "/src/clients/python", "/src"),
+        ("scripts/device_check.sh", "./clients/python", "."),
     ],
 )
 def test_installs_from_a_checkout_put_the_client_first(script, client, server):
