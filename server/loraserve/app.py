@@ -22,6 +22,7 @@ import ipaddress
 import logging
 import signal
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from prometheus_client import start_http_server
 
@@ -36,11 +37,11 @@ from loraserve.api.http.server import HttpServer
 from loraserve.api.server import GrpcServer, tls_credentials
 from loraserve.api.state import ModelFacts, Runtime, ServerState
 from loraserve.config import ServerConfig
+from loraserve.demo import demo_model
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.core import EngineCore
 from loraserve.metrics import Metrics
 from loraserve.model.loading import load_base_model, quantized_bytes
-from loraserve.model.tiny import default_model_dir
 from loraserve.types import DEFAULT_TENANT, GenerateRequest, LoraServeError, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -54,10 +55,28 @@ def one_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    model: str  # an HF model directory or hub id
+    shared_adapters: tuple[tuple[str, str], ...]  # (name, PEFT directory), for every tenant
+
+
+def served_model(config: ServerConfig) -> ServedModel:
+    """The configured model and adapters or, without a model, the built-in demo with its
+    adapters (trained on first use; an `--adapter` of the same name wins)."""
+    if config.engine.model is not None:
+        return ServedModel(config.engine.model, config.adapters)
+    demo = demo_model(rebuild=config.rebuild_demo)
+    given = {name for name, _ in config.adapters}
+    built_in = tuple((name, str(path)) for name, path in demo.adapters.items() if name not in given)
+    return ServedModel(str(demo.base), built_in + config.adapters)
+
+
 def build_runtime(config: ServerConfig, metrics: Metrics) -> Runtime:
     """Load the base model, open the adapter store, load start-up adapters, start the engine."""
     engine_config = config.engine
-    model = engine_config.model or str(default_model_dir())
+    served = served_model(config)
+    model = served.model
     try:
         loaded = load_base_model(
             model,
@@ -91,7 +110,7 @@ def build_runtime(config: ServerConfig, metrics: Metrics) -> Runtime:
         prepare=manager.prepare,
     )
     catalog = AdapterCatalog(store, publisher, manager)
-    for name, directory in config.adapters:
+    for name, directory in served.shared_adapters:
         catalog.share(name, directory)
         log.info("shared adapter %r from %s with every tenant", name, directory)
     metrics.attach_live(core.live_state, gateway=config.gateway_metrics)

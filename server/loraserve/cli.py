@@ -108,8 +108,8 @@ def _import(args: argparse.Namespace) -> int:
     from loraserve.adapters.manifest import base_fingerprint
     from loraserve.adapters.staging import AdapterPublisher
     from loraserve.adapters.store import AdapterStore
+    from loraserve.demo import demo_model
     from loraserve.model.loading import lora_target_shapes
-    from loraserve.model.tiny import default_model_dir
     from loraserve.types import LoraServeError
 
     try:
@@ -118,7 +118,7 @@ def _import(args: argparse.Namespace) -> int:
         print(f"loraserve: {error}", file=sys.stderr)
         return 2
     engine = config.engine
-    model = engine.model or str(default_model_dir())
+    model = engine.model or str(demo_model().base)
     fingerprint = base_fingerprint(AutoConfig.from_pretrained(model).to_dict(), engine.quantization)
     store = AdapterStore(config.adapter_dir)
     publisher = AdapterPublisher(store, fingerprint, lora_target_shapes(model), engine.max_rank)

@@ -23,7 +23,7 @@ JsonDict = dict[str, JsonValue]
 # Far above what any tokenizer averages, so a prompt of max_context tokens always fits; a
 # longer text could only be refused after tokenizing it, which is the work this bound avoids.
 PROMPT_BYTES_PER_TOKEN = 32
-TINY_MODEL_ID = "tiny-llama"
+DEMO_MODEL_ID = "loraserve-demo"
 
 Count = Annotated[int, Field(ge=1)]
 Seconds = Annotated[float, Field(gt=0)]
@@ -81,7 +81,9 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: Text | None = setting(
-        None, "local HF model directory or hub id (default: the small built-in model)"
+        None,
+        "local HF model directory or hub id (default: the built-in demo model and its "
+        "adapters, trained into the user's cache on first use)",
     )
     quantization: Literal["nf4", "fp4", "int8", "none"] = setting(
         "nf4", "how the base model's linear layers are stored"
@@ -195,6 +197,9 @@ class ServerFields(BaseModel):
         "put tenant and adapter names in metric labels (gateway adapter affinity needs them; "
         "anyone who can scrape /metrics then sees every tenant's)",
     )
+    rebuild_demo: bool = setting(
+        False, "train the built-in demo afresh instead of using the cached one (no --model only)"
+    )
     adapter_dir: Text = setting("adapters", "adapter store root (uploads land here)")
     store_refresh_ms: Count = setting(
         500,
@@ -241,12 +246,12 @@ class ServerConfig(ServerFields):
 
     @property
     def model_name(self) -> str:
-        return self.engine.model or "built-in tiny-llama (random weights)"
+        return self.engine.model or f"the built-in demo ({DEMO_MODEL_ID})"
 
     @property
     def base_model_id(self) -> str:
         """The base model's `model` in the OpenAI-compatible API."""
-        return self.served_model_name or self.engine.model or TINY_MODEL_ID
+        return self.served_model_name or self.engine.model or DEMO_MODEL_ID
 
     def describe(self) -> dict[str, object]:
         """Every setting, for the start-up log (no secrets are held here)."""

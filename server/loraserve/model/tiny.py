@@ -1,8 +1,8 @@
 """Tiny random-weight causal LMs with a locally trained tokenizer, written as real HF directories.
 
-Tests, benchmarks and `loraserve serve` without `--model` use these: nothing is downloaded, and
-the directory goes through the same loading code as a user's model. Shapes respect the
-bitsandbytes CPU constraint (quantized in-features a multiple of 64, out-features of 32).
+Tests and benchmarks use these: nothing is downloaded, and the directory goes through the same
+loading code as a user's model. Shapes respect the bitsandbytes CPU constraint (quantized
+in-features a multiple of 64, out-features of 32).
 
 Knows nothing about serving: it only writes config, safetensors weights and a tokenizer.
 """
@@ -88,22 +88,3 @@ def write_tiny_model(
     tokenizer.save_pretrained(path)
     return path
 
-
-def default_model_dir() -> Path:
-    """The built-in model served when no `--model` is given, built once into the user's cache."""
-    path = Path.home() / ".cache" / "loraserve" / "models" / "tiny-llama-v1"
-    if not (path / "config.json").exists():
-        staging = path.with_name(path.name + ".partial")
-        write_tiny_model(
-            staging,
-            "llama",
-            hidden_size=256,
-            intermediate_size=512,
-            num_layers=4,
-            num_heads=4,
-            num_kv_heads=4,
-            vocab_size=1024,
-            seed=1234,
-        )
-        staging.replace(path)
-    return path

@@ -1,0 +1,232 @@
+"""Train the demo: a small base model that repeats words, and one LoRA adapter per behaviour.
+
+The base learns its behaviour in full precision; its projections are then rounded through NF4
+(bitsandbytes' own quantizer, whose round trip is exact), so the weights written are the values
+the server computes with, and the adapters are trained on top of those: QLoRA's recipe. Each
+model is checked before it is written: teacher-forced on held-out prompts, where every greedy
+token must be right (then greedy decoding gives exactly the expected words).
+
+Knows nothing about caching or serving: it writes an HF model directory and PEFT adapter
+directories into the folder it is given, and reports what it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import bitsandbytes.functional as bnb
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+
+from loraserve.demo.language import (
+    ADAPTERS,
+    ANSWER,
+    BOS,
+    DESCRIPTIONS,
+    EOS,
+    PAD,
+    VOCABULARY,
+    build_tokenizer,
+    expected_words,
+    sample_words,
+)
+
+log = logging.getLogger(__name__)
+
+TOKEN_ID = {token: i for i, token in enumerate(VOCABULARY)}
+IGNORED = -100  # a label the loss skips
+QUANT_BLOCK = 64  # bitsandbytes' default 4-bit block, as the server quantizes
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the demo's weights; the same recipe writes the same bytes."""
+
+    seed: int = 0
+    hidden_size: int = 128
+    layers: int = 2
+    heads: int = 4
+    batch_size: int = 64
+    base_steps: int = 500
+    base_learning_rate: float = 3e-3
+    adapter_steps: dict[str, int] = field(
+        default_factory=lambda: {"upper": 200, "reverse": 500, "digits": 150}
+    )
+    adapter_learning_rate: float = 5e-3
+    rank: int = 8
+    alpha: int = 16
+    check_prompts: int = 256
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    labels: torch.Tensor  # [B, T]: the answer's ids and EOS, IGNORED elsewhere
+
+
+@dataclass(frozen=True)
+class TrainedBehaviour:
+    steps: int
+    seconds: float
+    exact_share: float  # of held-out prompts whose every greedy token is right
+
+
+def make_batch(rng: random.Random, behaviour: str, size: int, *, held_out: bool) -> Batch:
+    """`size` prompts with their expected answers, right-padded."""
+    rows: list[tuple[list[int], list[int]]] = []
+    for _ in range(size):
+        words = sample_words(rng, behaviour, held_out=held_out)
+        prompt = [TOKEN_ID[t] for t in (BOS, *words, ANSWER)]
+        answer = [TOKEN_ID[t] for t in (*expected_words(behaviour, words), EOS)]
+        rows.append((prompt + answer, [IGNORED] * len(prompt) + answer))
+    length = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((size, length), TOKEN_ID[PAD])
+    labels = torch.full((size, length), IGNORED)
+    for row, (ids, targets) in enumerate(rows):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(ids)] = torch.tensor(targets)
+    attention_mask = torch.zeros((size, length), dtype=torch.long)
+    for row, (ids, _) in enumerate(rows):
+        attention_mask[row, : len(ids)] = 1
+    return Batch(input_ids, attention_mask, labels)
+
+
+def fit(model: torch.nn.Module, behaviour: str, steps: int, learning_rate: float,
+        recipe: Recipe, rng: random.Random) -> None:  # fmt: skip
+    """Train the parameters that require grad on `behaviour`'s prompts (one-cycle schedule)."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.1
+    )
+    model.train()
+    for _ in range(steps):
+        batch = make_batch(rng, behaviour, recipe.batch_size, held_out=False)
+        loss = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
+        ).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
+
+
+@torch.no_grad()
+def exact_share(model: torch.nn.Module, behaviour: str, prompts: int, seed: int) -> float:
+    """The share of held-out prompts whose answer is right at every token, teacher-forced."""
+    batch = make_batch(random.Random(seed), behaviour, prompts, held_out=True)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    predicted = logits[:, :-1].argmax(-1)  # [B, T-1]: the token after each position
+    targets = batch.labels[:, 1:]
+    wrong = (predicted != targets) & (targets != IGNORED)
+    return 1.0 - wrong.any(dim=1).float().mean().item()
+
+
+@torch.no_grad()
+def round_through_nf4(model: PreTrainedModel) -> None:
+    """Replace each decoder projection's weight by its NF4 round trip (what the server holds)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in PROJECTIONS:
+            packed, state = bnb.quantize_4bit(
+                module.weight, blocksize=QUANT_BLOCK, quant_type="nf4"
+            )
+            module.weight.copy_(
+                bnb.dequantize_4bit(packed, state, blocksize=QUANT_BLOCK, quant_type="nf4")
+            )
+
+
+def base_config(recipe: Recipe) -> LlamaConfig:
+    tokenizer = build_tokenizer()
+    return LlamaConfig(
+        vocab_size=len(VOCABULARY),
+        hidden_size=recipe.hidden_size,
+        intermediate_size=2 * recipe.hidden_size,
+        num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads,
+        num_key_value_heads=recipe.heads,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def train_base(directory: Path, recipe: Recipe) -> TrainedBehaviour:
+    """Train the base to repeat, round it through NF4, check it and write it to `directory`."""
+    started = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    model = AutoModelForCausalLM.from_config(base_config(recipe), dtype=torch.float32)
+    rng = random.Random(recipe.seed)
+    fit(model, "base", recipe.base_steps, recipe.base_learning_rate, recipe, rng)
+    round_through_nf4(model)
+    share = exact_share(model, "base", recipe.check_prompts, recipe.seed + 1)
+    model.save_pretrained(directory)
+    build_tokenizer().save_pretrained(directory)
+    return TrainedBehaviour(recipe.base_steps, time.perf_counter() - started, share)
+
+
+def train_adapter(base: Path, behaviour: str, directory: Path, recipe: Recipe) -> TrainedBehaviour:
+    """Train one LoRA adapter for `behaviour` on the (NF4-rounded) base; write it as PEFT does."""
+    started = time.perf_counter()
+    seed = recipe.seed + 1 + ADAPTERS.index(behaviour)
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, target_modules=list(PROJECTIONS))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora)
+    steps = recipe.adapter_steps[behaviour]
+    fit(model, behaviour, steps, recipe.adapter_learning_rate, recipe, random.Random(seed))
+    share = exact_share(model, behaviour, recipe.check_prompts, seed)
+    assert isinstance(model, PeftModel)
+    model.save_pretrained(directory)
+    return TrainedBehaviour(steps, time.perf_counter() - started, share)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one thread: these matrices are too small to share, and on a busy machine two
+    spinning threads can make a step ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_demo(directory: Path, recipe: Recipe | None = None) -> dict[str, TrainedBehaviour]:
+    """Write `directory/base`, `directory/adapters/<name>` and `directory/demo.json` (the recipe
+    and what each behaviour measured); return the measurements by behaviour."""
+    recipe = recipe or Recipe()
+    with one_thread():
+        trained = _train_all(directory, recipe)
+    report = {"recipe": asdict(recipe), "trained": {k: asdict(v) for k, v in trained.items()}}
+    (directory / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
+    return trained
+
+
+def _train_all(directory: Path, recipe: Recipe) -> dict[str, TrainedBehaviour]:
+    trained = {"base": train_base(directory / "base", recipe)}
+    for behaviour in ADAPTERS:
+        adapter_dir = directory / "adapters" / behaviour
+        trained[behaviour] = train_adapter(directory / "base", behaviour, adapter_dir, recipe)
+    for behaviour, result in trained.items():
+        log.info(
+            "demo %s (%s): %d steps in %.1f s, %.1f%% of held-out prompts exact",
+            "base" if behaviour == "base" else f"adapter {behaviour!r}",
+            DESCRIPTIONS[behaviour],
+            result.steps,
+            result.seconds,
+            100 * result.exact_share,
+        )
+    return trained

@@ -1,0 +1,98 @@
+"""Training the demo: the same recipe writes the same bytes, the base holds exactly what NF4
+holds, and what it writes is a model and adapters that loraserve accepts like a user's.
+
+A few steps of a smaller recipe stand in for the default one (whose training and behaviour the
+quickstart test checks): these tests are about what gets written, not about how well it learns.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import bitsandbytes.functional as bnb
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig
+
+from loraserve.adapters.manifest import base_fingerprint
+from loraserve.adapters.staging import AdapterPublisher
+from loraserve.adapters.store import AdapterStore
+from loraserve.demo.language import ADAPTERS, BOS, EOS, VOCABULARY
+from loraserve.demo.training import (
+    IGNORED,
+    PROJECTIONS,
+    QUANT_BLOCK,
+    Recipe,
+    make_batch,
+    train_demo,
+)
+from loraserve.model.loading import lora_target_shapes
+
+SMALL = Recipe(
+    hidden_size=64,
+    layers=1,
+    heads=2,
+    batch_size=8,
+    base_steps=3,
+    adapter_steps={name: 2 for name in ADAPTERS},
+    check_prompts=8,
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("demo")
+    train_demo(directory, SMALL)
+    return directory
+
+
+def test_a_batch_labels_only_the_answer_and_its_end():
+    batch = make_batch(random.Random(0), "reverse", 4, held_out=False)
+    for ids, labels, mask in zip(batch.input_ids, batch.labels, batch.attention_mask):
+        length = int(mask.sum())
+        answer = labels[:length][labels[:length] != IGNORED].tolist()
+        prompt = ids[: length - len(answer)].tolist()
+        assert prompt[0] == VOCABULARY.index(BOS)
+        assert answer[-1] == VOCABULARY.index(EOS)
+        assert answer[:-1] == prompt[1:-1][::-1]  # the words, reversed
+        assert (labels[length:] == IGNORED).all()
+
+
+def test_the_same_recipe_writes_the_same_bytes(trained, tmp_path):
+    again = tmp_path / "again"
+    train_demo(again, SMALL)
+    written = sorted(p.relative_to(trained) for p in trained.rglob("*.safetensors"))
+    assert len(written) == 1 + len(ADAPTERS)
+    for relative in written:
+        assert (again / relative).read_bytes() == (trained / relative).read_bytes(), relative
+
+
+def test_the_base_projections_hold_exactly_nf4_values(trained):
+    weights = load_file(trained / "base" / "model.safetensors")
+    projections = [k for k in weights if k.split(".")[-2] in PROJECTIONS]
+    assert len(projections) == len(PROJECTIONS) * SMALL.layers
+    for name in projections:
+        packed, state = bnb.quantize_4bit(weights[name], blocksize=QUANT_BLOCK, quant_type="nf4")
+        again = bnb.dequantize_4bit(packed, state, blocksize=QUANT_BLOCK, quant_type="nf4")
+        assert torch.equal(again, weights[name]), name
+
+
+def test_the_report_says_what_each_behaviour_measured(trained):
+    report = json.loads((trained / "demo.json").read_text())
+    assert set(report["trained"]) == {"base", *ADAPTERS}
+    assert report["recipe"]["base_steps"] == SMALL.base_steps
+    assert all(0.0 <= t["exact_share"] <= 1.0 for t in report["trained"].values())
+
+
+def test_loraserve_accepts_the_adapters_for_the_base(trained, tmp_path):
+    base = trained / "base"
+    fingerprint = base_fingerprint(AutoConfig.from_pretrained(base).to_dict(), "nf4")
+    publisher = AdapterPublisher(AdapterStore(tmp_path / "store"), fingerprint,
+                                 lora_target_shapes(str(base)), max_rank=64)  # fmt: skip
+    for name in ADAPTERS:
+        manifest = publisher.publish_dir("demo", name, trained / "adapters" / name)
+        assert manifest.rank == SMALL.rank
+        assert set(manifest.target_modules) == set(PROJECTIONS)
