@@ -1,9 +1,10 @@
 """Composition: build the engine and its adapter parts from the configuration, run the server.
 
-`build_runtime` loads the base model, opens the adapter store (and the thread that keeps it
-current with other processes sharing its root), builds the engine core around it, the
-publisher that hands validated uploads to the host tier and the catalog the API serves,
-shares the start-up adapters with every tenant and starts the engine thread. `serve` runs the
+`build_runtime` loads the base model (without one configured, the built-in demo, trained into
+the user's cache on first use), opens the adapter store (and the thread that keeps it current
+with other processes sharing its root), builds the engine core around it, the publisher that
+hands validated uploads to the host tier and the catalog the API serves, shares the start-up
+adapters (the demo's too) with every tenant and starts the engine thread. `serve` runs the
 process: the gRPC server binds at once (health NOT_SERVING, calls UNAVAILABLE) so Kubernetes
 can probe it, and so does the OpenAI-compatible HTTP API when `http_port` is set (503 until
 then), the runtime is built off the event loop and warmed up with one generation, then health

@@ -248,23 +248,6 @@ def test_buf_curl_calls_health_and_generate_through_reflection(server, expected)
     assert reply["finishReason"] in ("FINISH_REASON_LENGTH", "FINISH_REASON_EOS")
 
 
-def test_serve_without_a_model_builds_and_serves_the_built_in_one(tmp_path):
-    """The README's third command: no --model, a fresh home, and it answers."""
-    home = tmp_path / "home"
-    flags = ["--device", "cpu", "--adapter-dir", str(tmp_path / "store")]
-    log = tmp_path / "server.log"
-    with running_server(*flags, log_path=log, env={"HOME": str(home)}) as (address, _):
-        channel = grpc.insecure_channel(address)
-        stub = generation_pb2_grpc.GenerationServiceStub(channel)
-        reply = stub.Generate(
-            pb.GenerateRequest(input=pb.GenerationInput(text="hello", max_new_tokens=5)),
-            timeout=60,
-        )
-        channel.close()
-    assert reply.usage.completion_tokens == 5
-    assert (home / ".cache" / "loraserve" / "models" / "tiny-llama-v1" / "config.json").is_file()
-
-
 def test_a_missing_model_is_refused_in_one_line_before_start_up(tmp_path):
     command = [sys.executable, "-m", "loraserve.cli", "serve", "--port", str(free_port()),
                "--model", str(tmp_path / "no-such-model"), "--device", "cpu"]  # fmt: skip

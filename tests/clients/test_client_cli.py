@@ -21,6 +21,7 @@ from loraserve_client.cli import DEFAULT_SERVER, add_client_commands, main
         ["adapters"],
         ["adapters", "upload", "dir"],
         ["generate", "hi", "--max-new-tokens", "many"],
+        ["generate", "hi", "--adapter", "a", "--each-adapter"],
         ["nonsense"],
     ],
 )
@@ -36,6 +37,12 @@ def test_unreachable_server_prints_the_code_and_exits_1(capsys):
     assert main(["health", "--server", dead, "--timeout", "5"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: UNAVAILABLE: ") and err.count("\n") == 1
+
+
+def test_each_adapter_cannot_stream(capsys):
+    dead = f"127.0.0.1:{free_port()}"
+    assert main(["generate", "hi", "--each-adapter", "--stream", "--server", dead]) == 2
+    assert "leave out --stream" in capsys.readouterr().err
 
 
 def test_upload_of_a_pickle_directory_is_refused(tmp_path, capsys):

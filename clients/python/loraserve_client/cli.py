@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,30 @@ def _print_alternatives(result: GenerateResult) -> None:
         print(f"{token:>8} {logprob:8.3f}  {shown}")
 
 
+BASE_LABEL = "(base)"
+
+
+def _each_adapter(client: Client, prompt: str, options: GenerateOptions, as_json: bool) -> int:
+    """The prompt through the base and every adapter this key sees, all sent at once (so the
+    server batches them together); one line each, in name order."""
+    names = sorted({adapter.name for adapter in client.list_adapters()})
+    adapters = [None, *names]
+
+    def generate(adapter: str | None) -> GenerateResult:
+        return client.generate(prompt, dataclasses.replace(options, adapter=adapter))
+
+    with ThreadPoolExecutor(len(adapters)) as pool:
+        results = list(pool.map(generate, adapters))
+    labels = [BASE_LABEL, *names]
+    if as_json:
+        _print_json(dict(zip(labels, results)))
+        return 0
+    width = max(len(label) for label in labels)
+    for label, result in zip(labels, results):
+        print(f"{label.ljust(width)}  {result.text.strip()}")
+    return 0
+
+
 def _generate(client: Client, args: argparse.Namespace) -> int:
     options = GenerateOptions(
         adapter=args.adapter,
@@ -97,6 +122,11 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
         top_logprobs=args.top_logprobs,
         logit_bias=dict(args.logit_bias),
     )
+    if args.each_adapter and args.stream:
+        print("error: --each-adapter prints whole answers; leave out --stream", file=sys.stderr)
+        return 2
+    if args.each_adapter:
+        return _each_adapter(client, args.prompt, options, args.json)
     if not args.stream:
         result = client.generate(args.prompt, options)
         if args.json:
@@ -254,7 +284,15 @@ def add_client_commands(
 
     p = command(subparsers, "generate", _generate, "generate a completion")
     p.add_argument("prompt", help="the text to complete")
-    p.add_argument("--adapter", help="adapter name (default: the base model alone)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--adapter", help="adapter name (default: the base model alone)")
+    which.add_argument(
+        "--each-adapter",
+        dest="each_adapter",
+        action="store_true",
+        help="send the prompt through the base and every adapter you can use, all at once, "
+        "and print one line each (not with --stream)",
+    )
     p.add_argument(
         "--max-new-tokens",
         dest="max_new_tokens",

@@ -1,7 +1,7 @@
 """The built-in demo: a small base model and LoRA adapters that visibly differ, trained offline.
 
 `loraserve serve` without `--model` serves it: `demo_model` returns the trained directories,
-training them into the user's cache the first time (about a minute on a laptop CPU), or again
+training them into the user's cache the first time (minutes on a small CPU), or again
 when asked to rebuild. The folder's name carries a digest of the recipe and the language, so a
 changed recipe trains afresh instead of serving stale weights. Concurrent processes build it
 once (a file lock), and a build killed halfway leaves nothing that looks finished.
@@ -63,7 +63,7 @@ def demo_model(rebuild: bool = False, recipe: Recipe | None = None) -> DemoModel
             return _located(root)
         for leftover in root.parent.glob(root.name + ".*.partial"):  # from a killed build
             shutil.rmtree(leftover, ignore_errors=True)
-        log.info("training the demo model and adapters (once, about a minute) into %s", root)
+        log.info("training the demo model and adapters (once, minutes on a CPU) into %s", root)
         staging = Path(tempfile.mkdtemp(prefix=root.name + ".", suffix=".partial", dir=root.parent))
         train_demo(staging, recipe)
         if root.exists():

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import bitsandbytes.functional as bnb
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
 from loraserve.demo.language import (
@@ -58,12 +58,14 @@ class Recipe:
     batch_size: int = 64
     base_steps: int = 500
     base_learning_rate: float = 3e-3
-    adapter_steps: dict[str, int] = field(
-        default_factory=lambda: {"upper": 200, "reverse": 500, "digits": 150}
+    adapter_steps: dict[str, int] = field(  # per round
+        default_factory=lambda: {"upper": 200, "reverse": 250, "digits": 150}
     )
-    adapter_learning_rate: float = 5e-3
-    rank: int = 8
-    alpha: int = 16
+    adapter_learning_rate: float = 1e-2  # the first round's; each next round's is half
+    adapter_rounds: int = 4
+    target_share: float = 0.99  # of held-out prompts exact, to stop training an adapter
+    rank: int = 16
+    alpha: int = 32
     check_prompts: int = 256
 
 
@@ -178,18 +180,30 @@ def train_base(directory: Path, recipe: Recipe) -> TrainedBehaviour:
 
 
 def train_adapter(base: Path, behaviour: str, directory: Path, recipe: Recipe) -> TrainedBehaviour:
-    """Train one LoRA adapter for `behaviour` on the (NF4-rounded) base; write it as PEFT does."""
+    """Train one LoRA adapter for `behaviour` on the (NF4-rounded) base; write it as PEFT does.
+
+    It trains in rounds, each at half the last one's learning rate, until the check passes
+    (`recipe.target_share`) or the rounds run out, and keeps the round that checked best: a
+    behaviour that moves attention, such as reversing, does not converge as reliably as one
+    that maps words."""
     started = time.perf_counter()
     seed = recipe.seed + 1 + ADAPTERS.index(behaviour)
     torch.manual_seed(seed)
+    rng = random.Random(seed)
     lora = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, target_modules=list(PROJECTIONS))
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora)
     steps = recipe.adapter_steps[behaviour]
-    fit(model, behaviour, steps, recipe.adapter_learning_rate, recipe, random.Random(seed))
-    share = exact_share(model, behaviour, recipe.check_prompts, seed)
-    assert isinstance(model, PeftModel)
+    best_share, best_weights, rounds = -1.0, get_peft_model_state_dict(model), 0
+    while rounds < recipe.adapter_rounds and best_share < recipe.target_share:
+        learning_rate = recipe.adapter_learning_rate / 2**rounds
+        fit(model, behaviour, steps, learning_rate, recipe, rng)
+        rounds += 1
+        share = exact_share(model, behaviour, recipe.check_prompts, seed)
+        if share > best_share:
+            best_share, best_weights = share, get_peft_model_state_dict(model)
+    set_peft_model_state_dict(model, best_weights)
     model.save_pretrained(directory)
-    return TrainedBehaviour(steps, time.perf_counter() - started, share)
+    return TrainedBehaviour(rounds * steps, time.perf_counter() - started, best_share)
 
 
 @contextmanager
