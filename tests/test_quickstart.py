@@ -4,8 +4,8 @@ The serve command (the third line of the README's first block) and the quickstar
 commands run from the repository root through a shell, as typed. Only the environment differs,
 moving the server to a free port and a fresh store (LORASERVE_PORT, LORASERVE_ADAPTER_DIR,
 LORASERVE_SERVER), so the commands themselves are untouched. Each documented output must be
-printed exactly (but for the space a completion starts with). Then each demo behaviour must hold on prompts training never saw, all of them
-sent at once so that they share batches.
+printed exactly (but for the space a completion starts with). Then each demo behaviour must
+hold on prompts training never saw, all of them sent at once so that they share batches.
 """
 
 from __future__ import annotations

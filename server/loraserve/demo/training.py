@@ -202,7 +202,7 @@ def train_adapter(base: Path, behaviour: str, directory: Path, recipe: Recipe) -
         if share > best_share:
             best_share, best_weights = share, get_peft_model_state_dict(model)
     set_peft_model_state_dict(model, best_weights)
-    model.save_pretrained(directory)
+    model.save_pretrained(str(directory))
     return TrainedBehaviour(rounds * steps, time.perf_counter() - started, best_share)
 
 

@@ -87,4 +87,3 @@ def write_tiny_model(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
-
