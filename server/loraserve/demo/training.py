@@ -93,13 +93,12 @@ def make_batch(rng: random.Random, behaviour: str, size: int, *, held_out: bool)
         rows.append((prompt + answer, [IGNORED] * len(prompt) + answer))
     length = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((size, length), TOKEN_ID[PAD])
+    attention_mask = torch.zeros((size, length), dtype=torch.long)
     labels = torch.full((size, length), IGNORED)
     for row, (ids, targets) in enumerate(rows):
         input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(ids)] = torch.tensor(targets)
-    attention_mask = torch.zeros((size, length), dtype=torch.long)
-    for row, (ids, _) in enumerate(rows):
         attention_mask[row, : len(ids)] = 1
+        labels[row, : len(ids)] = torch.tensor(targets)
     return Batch(input_ids, attention_mask, labels)
 
 
