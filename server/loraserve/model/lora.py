@@ -23,7 +23,13 @@ from transformers import PreTrainedModel
 from loraserve.model.kernels import native
 from loraserve.model.linear import BaseLinear
 from loraserve.model.lora_embedding import MultiLoraEmbedding
-from loraserve.model.slot_terms import ModuleWeights, SlotTerms, dequantized_weight, resolve_terms
+from loraserve.model.slot_terms import (
+    ModuleWeights,
+    SlotCopies,
+    SlotTerms,
+    dequantized_weight,
+    resolve_terms,
+)
 
 
 @dataclass(frozen=True)
@@ -179,15 +185,22 @@ class MultiLoraLinear(nn.Module):
         b: torch.Tensor,
         scale: torch.Tensor | None = None,
         shift: torch.Tensor | None = None,
+        copies: SlotCopies | None = None,
     ) -> None:
-        """a: [r, in]; b: [r, out] with scaling already folded in; scale, shift: [out] or None."""
-        r = a.shape[0]
-        self.lora_a[slot, :r].copy_(a, non_blocking=True)
-        self.lora_b[slot, :r].copy_(b, non_blocking=True)
-        if r < self.lora_a.shape[1]:  # what a previous adapter of higher rank left
-            self.lora_a[slot, r:].zero_()
-            self.lora_b[slot, r:].zero_()
+        """a: [r, in]; b: [r, out] with scaling already folded in; scale, shift: [out] or None.
+        copies: where to leave the copies of a and b for the caller to run (None: run now)."""
+        r, rank = a.shape[0], self.lora_a.shape[1]
+        pending = SlotCopies() if copies is None else copies
+        lora_a, lora_b = self.lora_a[slot], self.lora_b[slot]  # [max_rank, in], [max_rank, out]
+        if r < rank:  # what a previous adapter of higher rank left
+            lora_a[r:].zero_()
+            lora_b[r:].zero_()
+            lora_a, lora_b = lora_a[:r], lora_b[:r]
+        pending.add(lora_a, a)
+        pending.add(lora_b, b)
         self.terms.set_slot(slot, scale, shift)
+        if copies is None:
+            pending.run()
 
     def clear_slot(self, slot: int) -> None:
         self.lora_a[slot].zero_()
