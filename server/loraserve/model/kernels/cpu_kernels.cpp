@@ -148,6 +148,17 @@ at::Tensor transpose_scaled_op(const at::Tensor& src, double scale) {
   return dst;
 }
 
+// The positions in `tensors` of those holding a NaN or an infinity.
+std::vector<int64_t> nonfinite_op(at::TensorList tensors) {
+  std::vector<int64_t> found;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    check_cpu_f32(tensors[i], "every tensor");
+    if (any_nonfinite(tensors[i].data_ptr<float>(), tensors[i].numel()))
+      found.push_back(static_cast<int64_t>(i));
+  }
+  return found;
+}
+
 // From now on, torch ops called from this thread run on it alone (an OpenMP team of one): for
 // helper threads, such as the adapter loader, whose small ops would otherwise wait on the
 // engine's threads and hold them up in turn.
@@ -172,6 +183,7 @@ TORCH_LIBRARY(loraserve, m) {
       "lora_delta_(Tensor x, Tensor(a!) y, Tensor lora_a, Tensor lora_b, Tensor starts, "
       "Tensor ends, Tensor slots, Tensor ranks) -> ()");
   m.def("transpose_scaled(Tensor src, float scale) -> Tensor");
+  m.def("nonfinite(Tensor[] tensors) -> int[]");
 }
 
 TORCH_LIBRARY_IMPL(loraserve, CPU, m) {
@@ -180,4 +192,5 @@ TORCH_LIBRARY_IMPL(loraserve, CPU, m) {
   m.impl("paged_decode_attention", &paged_decode_attention_op);
   m.impl("lora_delta_", &lora_delta_op);
   m.impl("transpose_scaled", &transpose_scaled_op);
+  m.impl("nonfinite", &nonfinite_op);
 }
