@@ -138,13 +138,25 @@ void lora_delta_op(const at::Tensor& x, at::Tensor& y, const at::Tensor& lora_a,
              ranks.data_ptr<int64_t>(), starts.numel());
 }
 
-// [rows, cols] -> [cols, rows], times scale.
-at::Tensor transpose_scaled_op(const at::Tensor& src, double scale) {
-  check_cpu_f32(src, "src");
-  TORCH_CHECK(src.dim() == 2, "src must be [rows, cols]");
-  at::Tensor dst = at::empty({src.size(1), src.size(0)}, src.options());
-  transpose_scaled(src.data_ptr<float>(), src.size(0), src.size(1), static_cast<float>(scale),
-                   dst.data_ptr<float>());
+// Each src[i] [rows, cols] -> [cols, rows], times scale[i]: views of one new buffer.
+std::vector<at::Tensor> transpose_scaled_op(at::TensorList src, at::ArrayRef<double> scale) {
+  TORCH_CHECK(src.size() == scale.size(), "one scale per tensor");
+  int64_t total = 0;
+  for (const at::Tensor& t : src) {
+    check_cpu_f32(t, "src");
+    TORCH_CHECK(t.dim() == 2, "src must be [rows, cols]");
+    total += t.numel();
+  }
+  at::Tensor buffer = at::empty({total}, at::TensorOptions().dtype(at::kFloat));
+  std::vector<at::Tensor> dst;
+  int64_t offset = 0;
+  for (size_t i = 0; i < src.size(); ++i) {
+    const int64_t rows = src[i].size(0), cols = src[i].size(1);
+    dst.push_back(buffer.narrow(0, offset, rows * cols).view({cols, rows}));
+    transpose_scaled(src[i].data_ptr<float>(), rows, cols, static_cast<float>(scale[i]),
+                     dst.back().data_ptr<float>());
+    offset += rows * cols;
+  }
   return dst;
 }
 
@@ -182,7 +194,7 @@ TORCH_LIBRARY(loraserve, m) {
   m.def(
       "lora_delta_(Tensor x, Tensor(a!) y, Tensor lora_a, Tensor lora_b, Tensor starts, "
       "Tensor ends, Tensor slots, Tensor ranks) -> ()");
-  m.def("transpose_scaled(Tensor src, float scale) -> Tensor");
+  m.def("transpose_scaled(Tensor[] src, float[] scale) -> Tensor[]");
   m.def("nonfinite(Tensor[] tensors) -> int[]");
 }
 
