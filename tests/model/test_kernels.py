@@ -180,11 +180,13 @@ def test_transpose_scaled_equals_the_strided_copy():
     """Exactly the torch path's values (one float32 multiply each) on tiles and their edges,
     each B with its own scale, all as views of one buffer."""
     bs = [torch.randn(*shape) for shape in SHAPES]
+    bs += [torch.randn(40, 12).to(torch.bfloat16), torch.randn(12, 40).t()]  # any dtype, strides
     scales = [0.37 * (i + 1) for i in range(len(bs))]
     got = native().transpose_scaled(bs, scales)
     assert len(got) == len(bs)
     for b, scale, t in zip(bs, scales, got):
         assert t.shape == (b.shape[1], b.shape[0]) and t.is_contiguous()
-        assert torch.equal(t, b.t().contiguous().mul_(scale))
+        assert t.dtype == torch.float32
+        assert torch.equal(t, b.float().t().contiguous().mul_(scale))
     assert len({t.untyped_storage().data_ptr() for t in got}) == 1
     assert transposed_bs([], []) == []  # the op needs a tensor to dispatch on

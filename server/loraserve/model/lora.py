@@ -105,10 +105,9 @@ def transposed_bs(bs: list[torch.Tensor], scales: list[float]) -> list[torch.Ten
     [r, out] float32, times scales[i] (the adapter's alpha / r). On CPUs one compiled call
     for all of them, into one buffer (a strided copy per B was half of an adapter's load)."""
     ops = native()
-    bs = [b.to(torch.float32) for b in bs]
     if ops is not None and bs and all(b.device.type == "cpu" for b in bs):
-        return ops.transpose_scaled([b.contiguous() for b in bs], scales)
-    return [b.t().contiguous().mul_(scale) for b, scale in zip(bs, scales)]
+        return ops.transpose_scaled(bs, scales)
+    return [b.to(torch.float32).t().contiguous().mul_(scale) for b, scale in zip(bs, scales)]
 
 
 def lora_delta_reference(
@@ -174,6 +173,8 @@ class MultiLoraLinear(nn.Module):
         `slot_terms`). Raises ValueError saying why they cannot be served here."""
         if weights.embedding:
             raise ValueError("lora_embedding_A / _B target an embedding; this is a projection")
+        if weights.resolved:  # plain LoRA: nothing to compute against the base
+            return weights
         module = self.base.module
         base_weight = None if weights.magnitude is None else dequantized_weight(module)
         return resolve_terms(weights, base_weight, module.bias)

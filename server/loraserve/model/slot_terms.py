@@ -62,8 +62,12 @@ class ModuleWeights:
     @property
     def resolved(self) -> bool:
         """Whether nothing here still needs the base model to be served."""
-        raw = (self.magnitude, self.bias, self.lora_bias, self.base_copy)
-        return all(t is None for t in raw)
+        return (
+            self.magnitude is None
+            and self.bias is None
+            and self.lora_bias is None
+            and self.base_copy is None
+        )
 
     def _tensors(self) -> dict[str, Any]:
         names = ("a", "b", "magnitude", "bias", "lora_bias", "base_copy", "scale", "shift")

@@ -18,7 +18,8 @@ caller then takes its torch path, which is also each kernel's test oracle. The o
   serial_thread()                                      (torch ops of the calling thread run
                                                         on it alone from then on)
 
-All take contiguous float32 CPU tensors. Set LORASERVE_KERNELS=off to use the torch paths.
+All take contiguous float32 CPU tensors (transpose_scaled: any float dtype and strides). Set
+LORASERVE_KERNELS=off to use the torch paths.
 
 Knows nothing about models, adapters or batches: callers decide when an op applies.
 """

@@ -138,22 +138,25 @@ void lora_delta_op(const at::Tensor& x, at::Tensor& y, const at::Tensor& lora_a,
              ranks.data_ptr<int64_t>(), starts.numel());
 }
 
-// Each src[i] [rows, cols] -> [cols, rows], times scale[i]: views of one new buffer.
+// Each src[i] [rows, cols] (any float dtype, any strides) -> [cols, rows] float32, times
+// scale[i]: views of one new buffer.
 std::vector<at::Tensor> transpose_scaled_op(at::TensorList src, at::ArrayRef<double> scale) {
   TORCH_CHECK(src.size() == scale.size(), "one scale per tensor");
+  std::vector<at::Tensor> dense;
   int64_t total = 0;
   for (const at::Tensor& t : src) {
-    check_cpu_f32(t, "src");
-    TORCH_CHECK(t.dim() == 2, "src must be [rows, cols]");
+    TORCH_CHECK(t.device().is_cpu() && at::isFloatingType(t.scalar_type()) && t.dim() == 2,
+                "src must be [rows, cols] floating-point CPU tensors");
+    dense.push_back(t.to(at::kFloat).contiguous());
     total += t.numel();
   }
   at::Tensor buffer = at::empty({total}, at::TensorOptions().dtype(at::kFloat));
   std::vector<at::Tensor> dst;
   int64_t offset = 0;
-  for (size_t i = 0; i < src.size(); ++i) {
-    const int64_t rows = src[i].size(0), cols = src[i].size(1);
+  for (size_t i = 0; i < dense.size(); ++i) {
+    const int64_t rows = dense[i].size(0), cols = dense[i].size(1);
     dst.push_back(buffer.narrow(0, offset, rows * cols).view({cols, rows}));
-    transpose_scaled(src[i].data_ptr<float>(), rows, cols, static_cast<float>(scale[i]),
+    transpose_scaled(dense[i].data_ptr<float>(), rows, cols, static_cast<float>(scale[i]),
                      dst.back().data_ptr<float>());
     offset += rows * cols;
   }
