@@ -41,7 +41,7 @@ class FakeLayer(nn.Module):
     def resolve(self, weights):  # plain LoRA: nothing to compute against a base
         return weights
 
-    def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale=None, shift=None):
+    def set_slot(self, slot: int, a, b, scale=None, shift=None, copies=None):  # copies now
         self.clear_slot(slot)
         self.lora_a[slot, : a.shape[0]] = a
         self.lora_b[slot, : b.shape[0]] = b

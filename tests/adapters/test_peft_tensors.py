@@ -11,8 +11,10 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import KIND_SPECS, write_adapter
 
 from loraserve.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_peft_adapter
-from loraserve.adapters.peft_tensors import tensor_role
+from loraserve.adapters.peft_tensors import nonfinite_reference, not_finite, tensor_role
+from loraserve.model.kernels import native
 from loraserve.model.loading import lora_target_shapes
+from loraserve.model.slot_terms import ModuleWeights
 from loraserve.model.tiny import write_tiny_model
 from loraserve.types import AdapterIncompatibleError, InvalidAdapterError
 
@@ -146,3 +148,49 @@ def test_tensors_and_config_that_disagree_are_refused(case, bases, tmp_path):
     message = str(raised.value) + " ".join(raised.value.problems)
     for substring in substrings:
         assert substring in message
+
+
+def _with_values(size: int, where: dict[int, float], dtype=torch.float32) -> torch.Tensor:
+    t = torch.randn(size, generator=torch.Generator().manual_seed(size)).to(dtype)
+    for i, value in where.items():
+        t[i] = value
+    return t
+
+
+# Sizes around the kernel's blocking (8 or 16 lanes, 4 vectors per step) and a B of the
+# benchmark; values that are finite however large or small, and each kind of non-finite one at
+# the start, inside a block, and in the tail past the last vector.
+FINITE_EDGES = {0: 3.4e38, 1: -3.4e38, 2: 1e-45, 3: -0.0}
+NONFINITE_CASES = [
+    (size, {at % size: value})
+    for size in (1, 7, 8, 9, 63, 64, 65, 71, 16 * 2816)
+    for at in (0, 37, size - 1)
+    for value in (float("nan"), float("inf"), float("-inf"))
+]
+
+
+def test_compiled_nonfinite_equals_the_torch_reference():
+    if native() is None:
+        pytest.skip("no compiled kernels for this CPU")
+    tensors = [_with_values(4, FINITE_EDGES), torch.empty(0), torch.zeros(3, 5)]
+    tensors += [_with_values(size, where) for size, where in NONFINITE_CASES]
+    tensors += [_with_values(size, {}) for size in (1, 7, 65, 16 * 1024)]
+    want = list(range(3, 3 + len(NONFINITE_CASES)))
+    assert nonfinite_reference(tensors) == want
+    assert native().nonfinite(tensors) == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_not_finite_names_each_module_holding_a_nan_or_infinity_once(dtype):
+    def module(a_bad: float | None = None, b_bad: float | None = None) -> ModuleWeights:
+        a = _with_values(4 * 8, {} if a_bad is None else {5: a_bad}, dtype).view(4, 8)
+        b = _with_values(4 * 6, {} if b_bad is None else {23: b_bad}, dtype).view(4, 6)
+        return ModuleWeights(a, b)
+
+    modules = {
+        "fine": module(),
+        "nan-in-a": module(a_bad=float("nan")),
+        "inf-in-both": module(float("inf"), float("-inf")),
+        "huge-but-finite": module(b_bad=3e38),
+    }
+    assert not_finite(modules) == ["nan-in-a", "inf-in-both"]

@@ -23,6 +23,7 @@ from torch import nn
 from loraserve.model.attention import attend_context, attend_decode_gathered
 from loraserve.model.kernels import build, native
 from loraserve.model.linear import SMALL_BATCH_ROWS, BaseLinear, Packed4bit
+from loraserve.model.lora import transposed_bs
 
 pytestmark = pytest.mark.skipif(native() is None, reason="no compiled kernels for this CPU")
 REPO = Path(__file__).resolve().parents[2]
@@ -172,10 +173,20 @@ def test_lora_delta_kernel_equals_reference_over_long_and_short_segments(in_feat
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape", [(2816, 16), (1024, 64), (13, 9), (8, 8), (7, 3), (0, 4), (5, 0)])
-def test_transpose_scaled_equals_the_strided_copy(shape):
-    """Exactly the torch path's values (one float32 multiply each) on tiles and their edges."""
-    b = torch.randn(*shape)
-    got = native().transpose_scaled(b, 0.37)
-    assert got.shape == (shape[1], shape[0]) and got.is_contiguous()
-    assert torch.equal(got, b.t().contiguous().mul_(0.37))
+SHAPES = [(2816, 16), (1024, 64), (13, 9), (8, 8), (7, 3), (0, 4), (5, 0)]
+
+
+def test_transpose_scaled_equals_the_strided_copy():
+    """Exactly the torch path's values (one float32 multiply each) on tiles and their edges,
+    each B with its own scale, all as views of one buffer."""
+    bs = [torch.randn(*shape) for shape in SHAPES]
+    bs += [torch.randn(40, 12).to(torch.bfloat16), torch.randn(12, 40).t()]  # any dtype, strides
+    scales = [0.37 * (i + 1) for i in range(len(bs))]
+    got = native().transpose_scaled(bs, scales)
+    assert len(got) == len(bs)
+    for b, scale, t in zip(bs, scales, got):
+        assert t.shape == (b.shape[1], b.shape[0]) and t.is_contiguous()
+        assert t.dtype == torch.float32
+        assert torch.equal(t, b.float().t().contiguous().mul_(scale))
+    assert len({t.untyped_storage().data_ptr() for t in got}) == 1
+    assert transposed_bs([], []) == []  # the op needs a tensor to dispatch on

@@ -24,6 +24,7 @@ from loraserve.model.lora import (
     lora_delta_reference,
     wrap_lora_targets,
 )
+from loraserve.model.slot_terms import SlotCopies
 
 IN_FEATURES, OUT_FEATURES, MAX_RANK = 48, 40, 16
 # slot -> rank; slot 0 is the base model (no adapter). Slot 1, the most frequent under zipf,
@@ -215,6 +216,55 @@ def test_clear_slot_zeroes_only_that_slot():
     base = layer.base(x)
     assert torch.equal(y[0], base[0])
     assert not torch.allclose(y[1], base[1])
+
+
+def test_set_slot_with_copies_defers_them_and_ends_as_a_direct_fill():
+    direct, _ = _layer()
+    deferred, _ = _layer()
+    gen = torch.Generator().manual_seed(5)
+    fills = {2: 3, 5: MAX_RANK}  # slot -> rank: below the buffers' rank, and at it
+    copies = SlotCopies()
+    for slot, rank in fills.items():
+        a, b = torch.randn(rank, IN_FEATURES, generator=gen), torch.randn(rank, OUT_FEATURES)
+        direct.set_slot(slot, a, b)
+        deferred.set_slot(slot, a, b, copies=copies)
+    assert len(copies.destinations) == 4
+    assert not torch.equal(deferred.lora_a[5], direct.lora_a[5])  # nothing copied yet
+    copies.run()
+    assert torch.equal(deferred.lora_a, direct.lora_a)
+    assert torch.equal(deferred.lora_b, direct.lora_b)
+
+
+def _embedding(num_slots: int = 4) -> MultiLoraEmbedding:
+    torch.manual_seed(0)
+    return MultiLoraEmbedding(nn.Embedding(30, OUT_FEATURES), LoraContext(), num_slots, 8,
+                              torch.float32)  # fmt: skip
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_embedding_slot_refilled_with_a_lower_rank_or_cleared_holds_no_stale_rows(deferred):
+    layer = _embedding()
+    gen = torch.Generator().manual_seed(6)
+
+    def fill(slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.randn(rank, 30, generator=gen)  # [r, vocab]
+        b = torch.randn(rank, OUT_FEATURES, generator=gen)
+        copies = SlotCopies() if deferred else None
+        layer.set_slot(slot, a, b, copies=copies)
+        if copies is not None:
+            copies.run()
+        return a, b
+
+    fill(1, 8)
+    a, b = fill(1, 3)
+    assert torch.equal(layer.lora_a[1, :, :3], a.T) and not layer.lora_a[1, :, 3:].any()
+    assert torch.equal(layer.lora_b[1, :3], b) and not layer.lora_b[1, 3:].any()
+    assert layer.filled[1]
+    fill(2, 8)
+    layer.clear_slot(1)
+    layer.clear_slot(1)  # already clear
+    assert not layer.lora_a[1].any() and not layer.lora_b[1].any() and not layer.filled[1]
+    assert layer.lora_a[2].any() and layer.filled[2]
 
 
 # ---- wrap_lora_targets -----------------------------------------------------------------------

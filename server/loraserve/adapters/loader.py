@@ -20,6 +20,7 @@ import torch
 from loraserve.adapters.peft_format import LoraWeights
 from loraserve.model.kernels import native
 from loraserve.model.lora import LoraLayer
+from loraserve.model.slot_terms import SlotCopies
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,9 @@ Job = Callable[["torch.cuda.Stream | None"], None]
 
 
 def write_slot(layers: dict[str, LoraLayer], index: int, weights: LoraWeights) -> None:
-    """Copy resolved `weights` (see `AdapterManager.prepare`) into slot `index` of every layer;
-    layers it does not target are zeroed."""
+    """Copy resolved `weights` (see `AdapterManager.prepare`) into slot `index` of every layer,
+    in one batched copy; layers it does not target are zeroed."""
+    copies = SlotCopies()
     for name, layer in layers.items():
         module = weights.modules.get(name)
         if module is None:
@@ -36,7 +38,8 @@ def write_slot(layers: dict[str, LoraLayer], index: int, weights: LoraWeights) -
         elif not module.resolved:
             raise ValueError(f"{name}: the adapter's terms were not resolved against the base")
         else:
-            layer.set_slot(index, module.a, module.b, module.scale, module.shift)
+            layer.set_slot(index, module.a, module.b, module.scale, module.shift, copies)
+    copies.run()
 
 
 class Loader:

@@ -33,7 +33,14 @@ from loraserve.adapters.peft_config import (
     LoraAdapterConfig,
     parse_adapter_config,
 )
-from loraserve.adapters.peft_tensors import PAIRS, module_weights, not_finite, tensor_role
+from loraserve.adapters.peft_tensors import (
+    PAIRS,
+    CheckedModule,
+    checked_module,
+    module_weights,
+    not_finite,
+    tensor_role,
+)
 from loraserve.adapters.safetensors_file import read_safetensors
 from loraserve.model.slot_terms import ModuleWeights
 from loraserve.types import AdapterIncompatibleError, InvalidAdapterError, shown
@@ -120,14 +127,13 @@ def read_peft_adapter(
             continue
         parts.setdefault(role[0], {})[role[1]] = tensor
 
-    modules: dict[str, ModuleWeights] = {}
+    checked: dict[str, CheckedModule] = {}
     incompatible: list[str] = []
     for module, tensors in sorted(parts.items()):
-        weights = module_weights(
-            module, tensors, targets, config, max_rank, dtype, problems, incompatible
-        )
-        if weights is not None:
-            modules[module] = weights
+        found = checked_module(module, tensors, targets, config, max_rank, problems, incompatible)
+        if found is not None:
+            checked[module] = found
+    modules = module_weights(checked, dtype)
     for module in not_finite(modules):
         rank = modules.pop(module).a.shape[0]
         scale = config.scale(module, rank) if rank else 1.0

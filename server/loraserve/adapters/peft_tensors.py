@@ -11,9 +11,10 @@ suffix):
 - `base_layer.bias` or `bias` [out], a trained bias replacing the base module's, with
   `bias="lora_only"` (targeted modules only) or `bias="all"` (any module).
 
-`module_weights` checks one module's tensors against each other, the config and the base's
-target shape, and returns them in the compute dtype with the scaling folded into B and into
-lora_B's bias, every problem appended to the caller's lists.
+`checked_module` checks one module's tensors against each other, the config and the base's
+target shape, every problem appended to the caller's lists; `module_weights` converts the
+checked modules of an adapter to the compute dtype with the scaling folded into B and into
+lora_B's bias.
 
 Knows nothing about files, slots or the base model's weights.
 """
@@ -21,11 +22,13 @@ Knows nothing about files, slots or the base model's weights.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 
 from loraserve.adapters.peft_config import CONFIG_FILE, AdapterConfig
-from loraserve.model.lora import transposed_b
+from loraserve.model.kernels import native
+from loraserve.model.lora import transposed_bs
 from loraserve.model.slot_terms import ModuleWeights
 
 ALLOWED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -152,27 +155,53 @@ def not_finite(modules: dict[str, ModuleWeights]) -> list[str]:
                 tensors.append(t)
     if not tensors:
         return []
+    ops = native()
+    if ops is not None and all(
+        t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors
+    ):
+        flagged = ops.nonfinite(tensors)
+    else:
+        flagged = nonfinite_reference(tensors)
+    return list(dict.fromkeys(owners[i] for i in flagged))
+
+
+def nonfinite_reference(tensors: list[torch.Tensor]) -> list[int]:
+    """The positions in `tensors` of those holding a NaN or an infinity, by torch: the compiled
+    `nonfinite`'s oracle, and its stand-in for other dtypes and devices."""
     # The 2-norm is a fast filter (one fused pass; the inf-norm is ten times slower on CPUs):
     # a NaN or infinity makes it non-finite, and so does a finite value past ~1e19, which the
     # exact check of the few flagged tensors then clears.
     norms = torch.stack(torch._foreach_norm(tensors, ord=2))
     flagged = (~norms.isfinite()).nonzero().flatten().tolist()
-    bad = [owners[i] for i in flagged if not bool(tensors[i].isfinite().all())]
-    return list(dict.fromkeys(bad))
+    return [i for i in flagged if not bool(tensors[i].isfinite().all())]
 
 
-def module_weights(
+@dataclass(frozen=True)
+class CheckedModule:
+    """One module's tensors (role -> tensor, see `tensor_role`) once every check passed."""
+
+    parts: dict[str, torch.Tensor]
+    embedding: bool
+    target: tuple[int, int]  # the base module's (in_features, out_features)
+    scale: float  # what PEFT multiplies its delta by (1.0 without a pair)
+
+    @property
+    def has_pair(self) -> bool:
+        return PAIRS[self.embedding][0] in self.parts
+
+
+def checked_module(
     module: str,
     parts: dict[str, torch.Tensor],
     targets: dict[str, tuple[int, int]],
     config: AdapterConfig,
     max_rank: int,
-    dtype: torch.dtype,
     problems: list[str],
     incompatible: list[str],
-) -> ModuleWeights | None:
-    """The module's tensors (role -> tensor, see `tensor_role`) checked and converted; None
-    after adding what is wrong to `problems` (malformed) or `incompatible` (not this base)."""
+) -> CheckedModule | None:
+    """The module's tensors checked against each other, the config and the base's target
+    shape; None after adding what is wrong to `problems` (malformed) or `incompatible` (not
+    this base)."""
     embedding = any(role in parts for role in PAIRS[True])
     a_role, b_role = PAIRS[embedding]
     found = _form_problems(module, parts, embedding)
@@ -189,24 +218,43 @@ def module_weights(
     incompatible.extend(shapes)
     if found or shapes:
         return None
-    fan_in, fan_out = targets[module]
-    rank, scale = 0, 1.0
     if not has_pair:
+        return CheckedModule(parts, embedding, targets[module], 1.0)
+    rank = parts[a_role].shape[0]
+    if rank > max_rank:
+        incompatible.append(f"{module}: rank {rank} exceeds the server's max rank {max_rank}")
+        return None
+    if rank != config.rank(module):
+        problems.append(
+            f"{module}: {a_role} and {b_role} have rank {rank}, but {CONFIG_FILE} gives "
+            f"r={config.rank(module)} (r or rank_pattern) for this module"
+        )
+        return None
+    return CheckedModule(parts, embedding, targets[module], config.scale(module, rank))
+
+
+def module_weights(
+    checked: dict[str, CheckedModule], dtype: torch.dtype
+) -> dict[str, ModuleWeights]:
+    """Checked modules in the compute dtype `dtype`, with the scaling folded into B and into
+    lora_B's bias; every B is transposed in one call (`transposed_bs`)."""
+    paired = [name for name, module in checked.items() if module.has_pair]
+    bs = transposed_bs(
+        [checked[name].parts[PAIRS[checked[name].embedding][1]] for name in paired],
+        [checked[name].scale for name in paired],
+    )
+    transposed = dict(zip(paired, bs))  # module -> [r, out] float32
+    return {
+        name: _converted(module, transposed.get(name), dtype) for name, module in checked.items()
+    }
+
+
+def _converted(module: CheckedModule, b: torch.Tensor | None, dtype: torch.dtype) -> ModuleWeights:
+    parts, (fan_in, fan_out) = module.parts, module.target
+    if b is None:
         a, b = torch.zeros(0, fan_in, dtype=dtype), torch.zeros(0, fan_out, dtype=dtype)
-    else:
-        rank = parts[a_role].shape[0]
-        if rank > max_rank:
-            incompatible.append(f"{module}: rank {rank} exceeds the server's max rank {max_rank}")
-            return None
-        if rank != config.rank(module):
-            problems.append(
-                f"{module}: {a_role} and {b_role} have rank {rank}, but {CONFIG_FILE} gives "
-                f"r={config.rank(module)} (r or rank_pattern) for this module"
-            )
-            return None
-        scale = config.scale(module, rank)
-        a = parts[a_role].to(dtype)  # the reader's tensors are the process's own memory
-        b = transposed_b(parts[b_role], scale).to(dtype)  # [r, out]
+    else:  # the reader's tensors are the process's own memory: A is used as it is
+        a, b = parts[PAIRS[module.embedding][0]].to(dtype), b.to(dtype)
 
     def vector(role: str, factor: float = 1.0) -> torch.Tensor | None:
         return None if role not in parts else parts[role].to(torch.float32) * factor
@@ -215,9 +263,9 @@ def module_weights(
     return ModuleWeights(
         a,
         b,
-        embedding=embedding,
+        embedding=module.embedding,
         magnitude=vector("magnitude"),
         bias=vector("bias"),
-        lora_bias=vector("lora_bias", scale),
+        lora_bias=vector("lora_bias", module.scale),
         base_copy=None if copy is None else copy.clone(),
     )

@@ -73,19 +73,21 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         (_entry(path, name, value) for name, value in header.items() if name != METADATA_KEY),
         key=lambda entry: entry.begin,
     )
-    tensors, end = {}, 0
+    end = 0
     for entry in entries:
         if entry.begin != end:
             raise invalid_weights(
                 path, f"tensor {shown(entry.name)} does not start where the last ended"
             )
         end = entry.end
-        raw = data[entry.begin : entry.end]
+    if end != data.numel():
+        raise invalid_weights(path, f"{data.numel() - end} bytes after the last tensor")
+    tensors = {}
+    pieces = data.split([entry.end - entry.begin for entry in entries])  # they tile the data
+    for entry, raw in zip(entries, pieces):
         if entry.begin % entry.dtype.itemsize:  # a view of another dtype needs an aligned start
             raw = raw.clone()
         tensors[entry.name] = raw.view(entry.dtype).view(entry.shape)
-    if end != data.numel():
-        raise invalid_weights(path, f"{data.numel() - end} bytes after the last tensor")
     return tensors
 
 
@@ -129,22 +131,25 @@ class _Entry:
 
 def _entry(path: Path, name: str, value: object) -> _Entry:
     """The header entry `value` of tensor `name`, each field checked."""
-    what = f"tensor {shown(name)}"
     if not isinstance(value, dict):
-        raise invalid_weights(path, f"{what}: its entry is not an object")
+        raise _bad_entry(path, name, "its entry is not an object")
     name_of_dtype = value.get("dtype")
     dtype = DTYPES.get(name_of_dtype) if isinstance(name_of_dtype, str) else None
     if dtype is None:
-        raise invalid_weights(path, f"{what}: dtype {shown(str(name_of_dtype))} is unknown")
+        raise _bad_entry(path, name, f"dtype {shown(str(name_of_dtype))} is unknown")
     shape, offsets = value.get("shape"), value.get("data_offsets")
-    if not isinstance(shape, list) or not all(_size(n) for n in shape):
-        raise invalid_weights(path, f"{what}: shape is not a list of sizes")
+    if not isinstance(shape, list) or not all(map(_size, shape)):
+        raise _bad_entry(path, name, "shape is not a list of sizes")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_size, offsets)):
-        raise invalid_weights(path, f"{what}: data_offsets is not [begin, end]")
+        raise _bad_entry(path, name, "data_offsets is not [begin, end]")
     begin, end = offsets
     if end - begin != math.prod(shape) * dtype.itemsize:
-        raise invalid_weights(path, f"{what}: its byte range does not match its shape and dtype")
+        raise _bad_entry(path, name, "its byte range does not match its shape and dtype")
     return _Entry(name, dtype, shape, begin, end)
+
+
+def _bad_entry(path: Path, name: str, problem: str) -> InvalidAdapterError:
+    return invalid_weights(path, f"tensor {shown(name)}: {problem}")
 
 
 def _size(n: object) -> bool:

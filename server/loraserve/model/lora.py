@@ -23,7 +23,13 @@ from transformers import PreTrainedModel
 from loraserve.model.kernels import native
 from loraserve.model.linear import BaseLinear
 from loraserve.model.lora_embedding import MultiLoraEmbedding
-from loraserve.model.slot_terms import ModuleWeights, SlotTerms, dequantized_weight, resolve_terms
+from loraserve.model.slot_terms import (
+    ModuleWeights,
+    SlotCopies,
+    SlotTerms,
+    dequantized_weight,
+    resolve_terms,
+)
 
 
 @dataclass(frozen=True)
@@ -94,15 +100,14 @@ def add_lora_delta_(
     return y
 
 
-def transposed_b(b: torch.Tensor, scale: float) -> torch.Tensor:
-    """B as PEFT stores it, b: [out, r] (any float dtype), as the slots hold it: [r, out]
-    float32, times `scale` (the adapter's alpha / r). The compiled transpose on CPUs (a few
-    times faster than a strided copy: it is most of an adapter's load time)."""
+def transposed_bs(bs: list[torch.Tensor], scales: list[float]) -> list[torch.Tensor]:
+    """Each B as PEFT stores it, bs[i]: [out, r] (any float dtype), as the slots hold it:
+    [r, out] float32, times scales[i] (the adapter's alpha / r). On CPUs one compiled call
+    for all of them, into one buffer (a strided copy per B was half of an adapter's load)."""
     ops = native()
-    b = b.to(torch.float32)
-    if ops is not None and b.device.type == "cpu":
-        return ops.transpose_scaled(b.contiguous(), scale)
-    return b.t().contiguous().mul_(scale)
+    if ops is not None and bs and all(b.device.type == "cpu" for b in bs):
+        return ops.transpose_scaled(bs, scales)
+    return [b.to(torch.float32).t().contiguous().mul_(scale) for b, scale in zip(bs, scales)]
 
 
 def lora_delta_reference(
@@ -168,6 +173,8 @@ class MultiLoraLinear(nn.Module):
         `slot_terms`). Raises ValueError saying why they cannot be served here."""
         if weights.embedding:
             raise ValueError("lora_embedding_A / _B target an embedding; this is a projection")
+        if weights.resolved:  # plain LoRA: nothing to compute against the base
+            return weights
         module = self.base.module
         base_weight = None if weights.magnitude is None else dequantized_weight(module)
         return resolve_terms(weights, base_weight, module.bias)
@@ -179,15 +186,22 @@ class MultiLoraLinear(nn.Module):
         b: torch.Tensor,
         scale: torch.Tensor | None = None,
         shift: torch.Tensor | None = None,
+        copies: SlotCopies | None = None,
     ) -> None:
-        """a: [r, in]; b: [r, out] with scaling already folded in; scale, shift: [out] or None."""
-        r = a.shape[0]
-        self.lora_a[slot, :r].copy_(a, non_blocking=True)
-        self.lora_b[slot, :r].copy_(b, non_blocking=True)
-        if r < self.lora_a.shape[1]:  # what a previous adapter of higher rank left
-            self.lora_a[slot, r:].zero_()
-            self.lora_b[slot, r:].zero_()
+        """a: [r, in]; b: [r, out] with scaling already folded in; scale, shift: [out] or None.
+        copies: where to leave the copies of a and b for the caller to run (None: run now)."""
+        r, rank = a.shape[0], self.lora_a.shape[1]
+        pending = SlotCopies() if copies is None else copies
+        lora_a, lora_b = self.lora_a[slot], self.lora_b[slot]  # [max_rank, in], [max_rank, out]
+        if r < rank:  # what a previous adapter of higher rank left
+            lora_a[r:].zero_()
+            lora_b[r:].zero_()
+            lora_a, lora_b = lora_a[:r], lora_b[:r]
+        pending.add(lora_a, a)
+        pending.add(lora_b, b)
         self.terms.set_slot(slot, scale, shift)
+        if copies is None:
+            pending.run()
 
     def clear_slot(self, slot: int) -> None:
         self.lora_a[slot].zero_()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from loraserve.model.slot_terms import ModuleWeights, SlotTerms, resolve_terms
+from loraserve.model.slot_terms import ModuleWeights, SlotCopies, SlotTerms, resolve_terms
 
 if TYPE_CHECKING:
     from loraserve.model.lora import LoraContext
@@ -86,18 +86,25 @@ class MultiLoraEmbedding(nn.Module):
         b: torch.Tensor,
         scale: torch.Tensor | None = None,
         shift: torch.Tensor | None = None,
+        copies: SlotCopies | None = None,
     ) -> None:
-        """a: [r, vocab]; b: [r, hidden] with scaling folded in; scale, shift: [hidden] or None."""
+        """a: [r, vocab]; b: [r, hidden] with scaling folded in; scale, shift: [hidden] or None.
+        copies: where to leave the copies of a and b for the caller to run (None: run now)."""
         r = a.shape[0]
+        pending = SlotCopies() if copies is None else copies
         self.clear_slot(slot)
-        self.lora_a[slot, :, :r].copy_(a.T, non_blocking=True)
-        self.lora_b[slot, :r].copy_(b, non_blocking=True)
+        pending.add(self.lora_a[slot, :, :r], a.T)
+        pending.add(self.lora_b[slot, :r], b)
         self.filled[slot] = r > 0
         self.terms.set_slot(slot, scale, shift)
+        if copies is None:
+            pending.run()
 
     def clear_slot(self, slot: int) -> None:
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        """Zero the slot; one that holds no delta is all zeros already (see `set_slot`)."""
+        if self.filled[slot]:
+            self.lora_a[slot].zero_()
+            self.lora_b[slot].zero_()
         self.filled[slot] = False
         self.terms.clear_slot(slot)
 

@@ -15,14 +15,15 @@ an adapter is resolved against the base (`resolve_terms`): scale = m (none witho
 shift = b1 - m b0 + lb (m = 1 without DoRA; absent terms are zero). For the input embedding,
 PEFT's DoRA rescales the whole lookup the same way, with no bias.
 
-`SlotTerms` holds those vectors per slot for one layer and applies them to a batch's rows.
+`SlotTerms` holds those vectors per slot for one layer and applies them to a batch's rows;
+`SlotCopies` gathers the copies that fill a slot of every layer, to run them as one call.
 
 Knows nothing about adapter files, names or which adapter is in which slot.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import bitsandbytes as bnb
@@ -61,8 +62,12 @@ class ModuleWeights:
     @property
     def resolved(self) -> bool:
         """Whether nothing here still needs the base model to be served."""
-        raw = (self.magnitude, self.bias, self.lora_bias, self.base_copy)
-        return all(t is None for t in raw)
+        return (
+            self.magnitude is None
+            and self.bias is None
+            and self.lora_bias is None
+            and self.base_copy is None
+        )
 
     def _tensors(self) -> dict[str, Any]:
         names = ("a", "b", "magnitude", "bias", "lora_bias", "base_copy", "scale", "shift")
@@ -75,6 +80,24 @@ class ModuleWeights:
     def pinned(self) -> ModuleWeights:
         """The same weights in pinned host memory (for asynchronous copies to CUDA)."""
         return replace(self, **{n: t.pin_memory() for n, t in self._tensors().items()})
+
+
+@dataclass(frozen=True)
+class SlotCopies:
+    """Copies into slot buffers gathered from many layers, run as one batched copy: filling a
+    slot of every layer one `copy_` at a time costs more in calls than in bytes."""
+
+    destinations: list[torch.Tensor] = field(default_factory=list)
+    sources: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, destination: torch.Tensor, source: torch.Tensor) -> None:
+        self.destinations.append(destination)
+        self.sources.append(source)
+
+    def run(self) -> None:
+        """destinations[i] <- sources[i] for every i (asynchronous from pinned memory)."""
+        if self.destinations:
+            torch._foreach_copy_(self.destinations, self.sources, non_blocking=True)
 
 
 def dequantized_weight(module: nn.Linear) -> torch.Tensor:

@@ -11,11 +11,15 @@ caller then takes its torch path, which is also each kernel's test oracle. The o
                          context_lens [R] i32, block_size, window, scale) -> [R, H, D]
   lora_delta_(x [N, in], y [N, out], lora_a [S, R, in], lora_b [S, R, out],
               starts, ends, slots, ranks [G] i64)      (in place on y)
-  transpose_scaled(src [rows, cols], scale) -> [cols, rows] (src^T * scale)
+  transpose_scaled(src [[rows, cols]], scale [float]) -> [[cols, rows]] (each src^T * scale,
+                                                        views of one buffer)
+  nonfinite(tensors) -> [int]                          (positions of the tensors holding a NaN
+                                                        or an infinity)
   serial_thread()                                      (torch ops of the calling thread run
                                                         on it alone from then on)
 
-All take contiguous float32 CPU tensors. Set LORASERVE_KERNELS=off to use the torch paths.
+All take contiguous float32 CPU tensors (transpose_scaled: any float dtype and strides). Set
+LORASERVE_KERNELS=off to use the torch paths.
 
 Knows nothing about models, adapters or batches: callers decide when an op applies.
 """

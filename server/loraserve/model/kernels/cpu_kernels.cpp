@@ -138,14 +138,40 @@ void lora_delta_op(const at::Tensor& x, at::Tensor& y, const at::Tensor& lora_a,
              ranks.data_ptr<int64_t>(), starts.numel());
 }
 
-// [rows, cols] -> [cols, rows], times scale.
-at::Tensor transpose_scaled_op(const at::Tensor& src, double scale) {
-  check_cpu_f32(src, "src");
-  TORCH_CHECK(src.dim() == 2, "src must be [rows, cols]");
-  at::Tensor dst = at::empty({src.size(1), src.size(0)}, src.options());
-  transpose_scaled(src.data_ptr<float>(), src.size(0), src.size(1), static_cast<float>(scale),
-                   dst.data_ptr<float>());
+// Each src[i] [rows, cols] (any float dtype, any strides) -> [cols, rows] float32, times
+// scale[i]: views of one new buffer.
+std::vector<at::Tensor> transpose_scaled_op(at::TensorList src, at::ArrayRef<double> scale) {
+  TORCH_CHECK(src.size() == scale.size(), "one scale per tensor");
+  std::vector<at::Tensor> dense;
+  int64_t total = 0;
+  for (const at::Tensor& t : src) {
+    TORCH_CHECK(t.device().is_cpu() && at::isFloatingType(t.scalar_type()) && t.dim() == 2,
+                "src must be [rows, cols] floating-point CPU tensors");
+    dense.push_back(t.to(at::kFloat).contiguous());
+    total += t.numel();
+  }
+  at::Tensor buffer = at::empty({total}, at::TensorOptions().dtype(at::kFloat));
+  std::vector<at::Tensor> dst;
+  int64_t offset = 0;
+  for (size_t i = 0; i < dense.size(); ++i) {
+    const int64_t rows = dense[i].size(0), cols = dense[i].size(1);
+    dst.push_back(buffer.narrow(0, offset, rows * cols).view({cols, rows}));
+    transpose_scaled(dense[i].data_ptr<float>(), rows, cols, static_cast<float>(scale[i]),
+                     dst.back().data_ptr<float>());
+    offset += rows * cols;
+  }
   return dst;
+}
+
+// The positions in `tensors` of those holding a NaN or an infinity.
+std::vector<int64_t> nonfinite_op(at::TensorList tensors) {
+  std::vector<int64_t> found;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    check_cpu_f32(tensors[i], "every tensor");
+    if (any_nonfinite(tensors[i].data_ptr<float>(), tensors[i].numel()))
+      found.push_back(static_cast<int64_t>(i));
+  }
+  return found;
 }
 
 // From now on, torch ops called from this thread run on it alone (an OpenMP team of one): for
@@ -171,7 +197,8 @@ TORCH_LIBRARY(loraserve, m) {
   m.def(
       "lora_delta_(Tensor x, Tensor(a!) y, Tensor lora_a, Tensor lora_b, Tensor starts, "
       "Tensor ends, Tensor slots, Tensor ranks) -> ()");
-  m.def("transpose_scaled(Tensor src, float scale) -> Tensor");
+  m.def("transpose_scaled(Tensor[] src, float[] scale) -> Tensor[]");
+  m.def("nonfinite(Tensor[] tensors) -> int[]");
 }
 
 TORCH_LIBRARY_IMPL(loraserve, CPU, m) {
@@ -180,4 +207,5 @@ TORCH_LIBRARY_IMPL(loraserve, CPU, m) {
   m.impl("paged_decode_attention", &paged_decode_attention_op);
   m.impl("lora_delta_", &lora_delta_op);
   m.impl("transpose_scaled", &transpose_scaled_op);
+  m.impl("nonfinite", &nonfinite_op);
 }

@@ -87,6 +87,26 @@ inline void transpose_scaled(const float* src, int64_t rows, int64_t cols, float
     for (int64_t j = i < rows8 ? cols8 : 0; j < cols; ++j) dst[j * rows + i] = src[i * cols + j] * scale;
 }
 
+// Whether src [n] holds a NaN or an infinity (a float whose exponent bits are all set): one
+// pass, no floating-point compare, so no compiler flag or rounding mode can change the answer.
+inline bool any_nonfinite(const float* src, int64_t n) {
+  constexpr int32_t kExponent = 0x7f800000;
+  const int32_t* bits = reinterpret_cast<const int32_t*>(src);
+  vi seen = {};
+  int64_t i = 0;
+  for (; i + 4 * kLanes <= n; i += 4 * kLanes)
+    for (int u = 0; u < 4; ++u) {
+      const vi v = *reinterpret_cast<const vi*>(bits + i + u * kLanes) & kExponent;
+      seen |= v == kExponent;
+    }
+  for (; i + kLanes <= n; i += kLanes)
+    seen |= (*reinterpret_cast<const vi*>(bits + i) & kExponent) == kExponent;
+  bool found = false;
+  for (int l = 0; l < kLanes; ++l) found |= seen[l] != 0;
+  for (; i < n; ++i) found |= (bits[i] & kExponent) == kExponent;
+  return found;
+}
+
 // x [N, in]; y [N, out] (updated); lora_a [S, R, in]; lora_b [S, R, out]; segments: starts,
 // ends, slots, ranks [num_segments] int64.
 inline void lora_delta(const float* x, float* y, int64_t in, int64_t out, const float* lora_a,

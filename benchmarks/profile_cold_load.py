@@ -1,0 +1,65 @@
+"""Adapter cold-load latency alone: the benchmark's `adapter_cold_load_ms`, without the rest.
+
+Builds what `bench_multi_lora.py` builds for it (the default model, its 32 rank-16 adapters on
+all seven projections, each already in a device slot), then times `cold_load_ms` (disk to a
+ready slot, files in the page cache) `--loads` times and prints the median, p99 and minimum.
+To compare two trees side by side, run it alternately with each tree's `server` first on
+PYTHONPATH; to see where the time goes, run it under py-spy (the loads run on the thread
+named `loraserve-loader`):
+
+    .venv/bin/python benchmarks/profile_cold_load.py --loads 40
+    .venv/bin/py-spy record --native --threads -r 1000 -o cold.svg -- \
+        .venv/bin/python benchmarks/profile_cold_load.py --loads 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+
+import transformers
+
+from adapter_cache import cold_load_ms, percentile
+from bench_multi_lora import DEFAULT, TARGETS, TTFT_WAVES, make_workload
+from common import DEFAULT_CACHE_DIR, prepare_lora_adapters, prepare_model
+from engine_runs import build_engine, engine_config
+from loraserve.config import EngineConfig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--loads", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed loads first")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    transformers.logging.disable_progress_bar()
+    config = DEFAULT
+    model_dir = prepare_model(config.model, DEFAULT_CACHE_DIR)
+    adapter_dirs = prepare_lora_adapters(
+        model_dir, config.num_requests, config.rank, config.alpha, TARGETS, config.seed
+    )
+    workload = make_workload(config, list(adapter_dirs))
+    base = EngineConfig(
+        model=str(model_dir),
+        quantization=config.quantization,
+        compute_dtype=config.compute_dtype,
+        device=config.device,
+        max_rank=config.rank,
+        max_step_tokens=config.max_step_tokens,
+    )
+    high = config.prompt_tokens[1]
+    core = build_engine(engine_config(base, workload, high, TTFT_WAVES * len(workload.prompts)),
+                        adapter_dirs)  # fmt: skip
+    adapter_dir = next(iter(adapter_dirs.values()))
+    cold_load_ms(core, adapter_dir, args.warmup)
+    times = cold_load_ms(core, adapter_dir, args.loads)
+    print(
+        f"cold load ms over {args.loads}: p50 {statistics.median(times):.2f} "
+        f"p99 {percentile(times, 0.99):.2f} min {min(times):.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
