@@ -186,6 +186,18 @@ def engine_run(core: EngineCore, traces: list[Trace], with_adapters: bool, w: Wo
     return trace.tokens
 
 
+def base_engine_config(config: BenchConfig, model_dir: Path) -> EngineConfig:
+    """The engine settings every engine run of `config` starts from."""
+    return EngineConfig(
+        model=str(model_dir),
+        quantization=config.quantization,
+        compute_dtype=config.compute_dtype,
+        device=config.device,
+        max_rank=config.rank,
+        max_step_tokens=config.max_step_tokens,
+    )
+
+
 def setup(config: BenchConfig, cache_root: Path) -> Setup:
     """Build every artifact and load every model."""
     seconds: dict[str, float] = {}
@@ -197,14 +209,7 @@ def setup(config: BenchConfig, cache_root: Path) -> Setup:
     workload = make_workload(config, list(adapter_dirs))
     seconds["artifacts"] = time.perf_counter() - start
 
-    base = EngineConfig(
-        model=str(model_dir),
-        quantization=config.quantization,
-        compute_dtype=config.compute_dtype,
-        device=config.device,
-        max_rank=config.rank,
-        max_step_tokens=config.max_step_tokens,
-    )
+    base = base_engine_config(config, model_dir)
     high = config.prompt_tokens[1]
     start = time.perf_counter()
     settings = engine_config(base, workload, high, TTFT_WAVES * len(workload.prompts))

@@ -21,10 +21,9 @@ import statistics
 import transformers
 
 from adapter_cache import cold_load_ms, percentile
-from bench_multi_lora import DEFAULT, TARGETS, TTFT_WAVES, make_workload
+from bench_multi_lora import DEFAULT, TARGETS, TTFT_WAVES, base_engine_config, make_workload
 from common import DEFAULT_CACHE_DIR, prepare_lora_adapters, prepare_model
 from engine_runs import build_engine, engine_config
-from loraserve.config import EngineConfig
 
 
 def main() -> None:
@@ -41,14 +40,7 @@ def main() -> None:
         model_dir, config.num_requests, config.rank, config.alpha, TARGETS, config.seed
     )
     workload = make_workload(config, list(adapter_dirs))
-    base = EngineConfig(
-        model=str(model_dir),
-        quantization=config.quantization,
-        compute_dtype=config.compute_dtype,
-        device=config.device,
-        max_rank=config.rank,
-        max_step_tokens=config.max_step_tokens,
-    )
+    base = base_engine_config(config, model_dir)
     high = config.prompt_tokens[1]
     core = build_engine(engine_config(base, workload, high, TTFT_WAVES * len(workload.prompts)),
                         adapter_dirs)  # fmt: skip
