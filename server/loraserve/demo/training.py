@@ -229,17 +229,21 @@ def train_demo(directory: Path, recipe: Recipe | None = None) -> dict[str, Train
 
 
 def _train_all(directory: Path, recipe: Recipe) -> dict[str, TrainedBehaviour]:
-    trained = {"base": train_base(directory / "base", recipe)}
+    trained = {"base": _logged("base", train_base(directory / "base", recipe))}
     for behaviour in ADAPTERS:
         adapter_dir = directory / "adapters" / behaviour
-        trained[behaviour] = train_adapter(directory / "base", behaviour, adapter_dir, recipe)
-    for behaviour, result in trained.items():
-        log.info(
-            "demo %s (%s): %d steps in %.1f s, %.1f%% of held-out prompts exact",
-            "base" if behaviour == "base" else f"adapter {behaviour!r}",
-            DESCRIPTIONS[behaviour],
-            result.steps,
-            result.seconds,
-            100 * result.exact_share,
-        )
+        result = train_adapter(directory / "base", behaviour, adapter_dir, recipe)
+        trained[behaviour] = _logged(behaviour, result)
     return trained
+
+
+def _logged(behaviour: str, result: TrainedBehaviour) -> TrainedBehaviour:
+    log.info(
+        "demo %s (%s): %d steps in %.1f s, %.1f%% of held-out prompts exact",
+        "base" if behaviour == "base" else f"adapter {behaviour!r}",
+        DESCRIPTIONS[behaviour],
+        result.steps,
+        result.seconds,
+        100 * result.exact_share,
+    )
+    return result
