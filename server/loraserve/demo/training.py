@@ -63,7 +63,7 @@ class Recipe:
     )
     adapter_learning_rate: float = 1e-2  # the first round's; each next round's is half
     adapter_rounds: int = 4
-    target_share: float = 0.99  # of held-out prompts exact, to stop training an adapter
+    target_share: float = 1.0  # of the held-out check prompts exact, to stop training an adapter
     rank: int = 16
     alpha: int = 32
     check_prompts: int = 256
