@@ -43,7 +43,13 @@ from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.core import EngineCore
 from loraserve.metrics import Metrics
 from loraserve.model.loading import load_base_model, quantized_bytes
-from loraserve.types import DEFAULT_TENANT, GenerateRequest, LoraServeError, SamplingParams
+from loraserve.types import (
+    DEFAULT_TENANT,
+    AdapterRefusedError,
+    GenerateRequest,
+    LoraServeError,
+    SamplingParams,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +57,10 @@ RuntimeBuilder = Callable[[ServerConfig, Metrics], Runtime]
 
 
 def one_line(error: BaseException) -> str:
-    """An error's first line (library errors can run to a page)."""
+    """An error on one line: an adapter's refusal with every problem it lists (they are few and
+    short), any other error's first line (library errors can run to a page)."""
+    if isinstance(error, AdapterRefusedError):
+        return error.one_line()
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
 

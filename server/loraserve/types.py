@@ -62,12 +62,17 @@ class AdapterRefusedError(LoraServeError):
 
     def __init__(self, message: str, problems: list[str] | None = None, omitted: int = 0) -> None:
         problems = problems or []
+        self.headline = clip(message, MAX_HEADLINE_CHARS)
         self.problems = [clip(p, MAX_PROBLEM_CHARS) for p in problems[:MAX_PROBLEMS_SHOWN]]
         self.omitted = omitted + len(problems) - len(self.problems)
-        detail = "".join(f"\n  - {p}" for p in self.problems)
-        if self.omitted:
-            detail += f"\n  - and {self.omitted} more"
-        super().__init__(clip(message, MAX_HEADLINE_CHARS) + detail)
+        super().__init__(self.headline + "".join(f"\n  - {p}" for p in self._listed()))
+
+    def _listed(self) -> list[str]:
+        return self.problems + ([f"and {self.omitted} more"] if self.omitted else [])
+
+    def one_line(self) -> str:
+        """The headline and its problems on one line (for a log line)."""
+        return " ".join([self.headline, "; ".join(self._listed())]).strip()
 
     def reworded(self, message: str) -> AdapterRefusedError:
         """The same problems under a new headline (of the same error type)."""

@@ -267,3 +267,21 @@ def test_a_failed_start_up_says_why_in_one_line_and_exits_1(tmp_path):
     failed = [line for line in done.stderr.splitlines() if "start-up failed" in line]
     assert len(failed) == 1 and "no-such-architecture" in failed[0], done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_bad_start_up_adapter_lists_its_problems_on_the_failure_line(tmp_path, model_dirs):
+    adapter = tmp_path / "bad-lora"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(
+        '{"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}'
+    )
+    (adapter / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    command = [sys.executable, "-m", "loraserve.cli", "serve", "--port", str(free_port()),
+               "--model", str(model_dirs["llama"]), "--device", "cpu",
+               "--adapter-dir", str(tmp_path / "store"), "--adapter", f"bad={adapter}"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    failed = [line for line in done.stderr.splitlines() if "start-up failed" in line]
+    assert len(failed) == 1, done.stderr
+    # the headline names the adapter; the problem after it says what is wrong with which file
+    assert "adapter at 'bad-lora' is invalid: adapter_model.safetensors: header" in failed[0]
