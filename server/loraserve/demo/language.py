@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
@@ -39,7 +40,8 @@ PAD, BOS, EOS, UNKNOWN, ANSWER = "<pad>", "<s>", "</s>", "<unk>", "=>"
 SPACE = "\u2581"  # a word's leading space inside its token
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNKNOWN, ANSWER)
 VOCABULARY = (*SPECIAL_TOKENS, *WORDS, *(w.upper() for w in WORDS), *DIGITS)
-# The chat template answers the last user message, as the plain prompt would be answered.
+TOKEN_ID = {token: i for i, token in enumerate(VOCABULARY)}
+# The chat template answers the user messages' words as one prompt (a system message is left out).
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
     "{{ message['content'] }} {% endif %}{% endfor %}" + ANSWER
@@ -54,25 +56,25 @@ def _spell_digits(words: Sequence[str]) -> list[str]:
     return [NUMBER_NAMES[int(w)] if w in DIGITS else w for w in words]
 
 
+@dataclass(frozen=True)
+class Behaviour:
+    answer: Callable[[Sequence[str]], list[str]]  # a prompt's words -> the answer's
+    description: str
+
+
 # The base's behaviour is "base"; the others are the demo adapters', by name.
-BEHAVIOURS: dict[str, Callable[[Sequence[str]], list[str]]] = {
-    "base": list,
-    "upper": lambda words: [w.upper() for w in words],
-    "reverse": lambda words: list(reversed(words)),
-    "digits": _spell_digits,
+BEHAVIOURS = {
+    "base": Behaviour(list, "repeats the words"),
+    "upper": Behaviour(lambda words: [w.upper() for w in words], "repeats them in upper case"),
+    "reverse": Behaviour(lambda words: list(reversed(words)), "repeats them in reverse order"),
+    "digits": Behaviour(_spell_digits, "repeats them with digits spelled out"),
 }
 ADAPTERS = tuple(name for name in BEHAVIOURS if name != "base")
-DESCRIPTIONS = {
-    "base": "repeats the words",
-    "upper": "repeats them in upper case",
-    "reverse": "repeats them in reverse order",
-    "digits": "repeats them with digits spelled out",
-}
 
 
 def expected_words(behaviour: str, words: Sequence[str]) -> list[str]:
     """What the model with this behaviour answers to `words`."""
-    return BEHAVIOURS[behaviour](words)
+    return BEHAVIOURS[behaviour].answer(words)
 
 
 def is_held_out(words: Sequence[str]) -> bool:
@@ -98,7 +100,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     Tokens carry their leading space as `▁` (as Llama's and Mistral's do), so the text of any
     run of tokens is known on its own, which constrained decoding needs."""
     vocabulary = {
-        token if token in SPECIAL_TOKENS else SPACE + token: i for i, token in enumerate(VOCABULARY)
+        token if token in SPECIAL_TOKENS else SPACE + token: i for token, i in TOKEN_ID.items()
     }
     tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token=UNKNOWN))
     tokenizer.normalizer = normalizers.Sequence(
@@ -120,7 +122,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {ANSWER}",
-        special_tokens=[(BOS, VOCABULARY.index(BOS)), (ANSWER, VOCABULARY.index(ANSWER))],
+        special_tokens=[(BOS, TOKEN_ID[BOS]), (ANSWER, TOKEN_ID[ANSWER])],
     )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,

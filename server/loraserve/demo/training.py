@@ -29,10 +29,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 from loraserve.demo.language import (
     ADAPTERS,
     ANSWER,
+    BEHAVIOURS,
     BOS,
-    DESCRIPTIONS,
     EOS,
     PAD,
+    TOKEN_ID,
     VOCABULARY,
     build_tokenizer,
     expected_words,
@@ -41,7 +42,6 @@ from loraserve.demo.language import (
 
 log = logging.getLogger(__name__)
 
-TOKEN_ID = {token: i for i, token in enumerate(VOCABULARY)}
 IGNORED = -100  # a label the loss skips
 QUANT_BLOCK = 64  # bitsandbytes' default 4-bit block, as the server quantizes
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -148,7 +148,6 @@ def round_through_nf4(model: PreTrainedModel) -> None:
 
 
 def base_config(recipe: Recipe) -> LlamaConfig:
-    tokenizer = build_tokenizer()
     return LlamaConfig(
         vocab_size=len(VOCABULARY),
         hidden_size=recipe.hidden_size,
@@ -158,9 +157,9 @@ def base_config(recipe: Recipe) -> LlamaConfig:
         num_key_value_heads=recipe.heads,
         max_position_embeddings=128,
         tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=TOKEN_ID[PAD],
+        bos_token_id=TOKEN_ID[BOS],
+        eos_token_id=TOKEN_ID[EOS],
     )
 
 
@@ -241,7 +240,7 @@ def _logged(behaviour: str, result: TrainedBehaviour) -> TrainedBehaviour:
     log.info(
         "demo %s (%s): %d steps in %.1f s, %.1f%% of held-out prompts exact",
         "base" if behaviour == "base" else f"adapter {behaviour!r}",
-        DESCRIPTIONS[behaviour],
+        BEHAVIOURS[behaviour].description,
         result.steps,
         result.seconds,
         100 * result.exact_share,
