@@ -1,8 +1,9 @@
 """The compiled CPU kernels against their torch references, and the paths that choose them.
 
 Each op must equal its reference up to float32 summation order, on shapes that hit every
-remainder of the kernels' blocking (rows not a multiple of 4, columns not a multiple of 3 or 12,
-K not a multiple of the vector width), for NF4 and FP4, with and without bias and double
+remainder of the kernels' blocking (rows not a multiple of the vector width or of a pass,
+columns not a multiple of a tile, K not a multiple of the vector width or of a chunk, quantization
+blocks smaller and larger than a chunk), for NF4 and FP4, with and without bias and double
 quantization. Skipped where this CPU has no build (the torch paths then serve everything).
 """
 
@@ -30,7 +31,8 @@ REPO = Path(__file__).resolve().parents[2]
 RTOL, ATOL = 2e-5, 2e-5  # float32, another summation order
 
 
-def _quantized(out_features: int, in_features: int, quant_type: str, nested: bool, bias: bool):
+def _quantized(out_features: int, in_features: int, quant_type: str, nested: bool, bias: bool,
+               blocksize: int = 64):  # fmt: skip
     """A bitsandbytes Linear4bit with random weights, quantized on the CPU."""
     torch.manual_seed(out_features * 31 + in_features)
     dense = nn.Linear(in_features, out_features, bias=bias)
@@ -43,7 +45,11 @@ def _quantized(out_features: int, in_features: int, quant_type: str, nested: boo
         quant_type=quant_type,
     )
     layer.weight = bnb.nn.Params4bit(
-        dense.weight.data, requires_grad=False, compress_statistics=nested, quant_type=quant_type
+        dense.weight.data,
+        requires_grad=False,
+        compress_statistics=nested,
+        quant_type=quant_type,
+        blocksize=blocksize,
     )
     if bias:
         layer.bias = nn.Parameter(dense.bias.data, requires_grad=False)
@@ -54,7 +60,7 @@ def _dequantized(layer: bnb.nn.Linear4bit) -> torch.Tensor:
     return bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 7, 33, SMALL_BATCH_ROWS])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 12, 33, SMALL_BATCH_ROWS])
 @pytest.mark.parametrize(("out_features", "in_features"), [(96, 128), (13, 64), (40, 192)])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_linear_4bit_equals_dequantize_then_matmul(rows, out_features, in_features, quant_type):
@@ -62,6 +68,17 @@ def test_linear_4bit_equals_dequantize_then_matmul(rows, out_features, in_featur
     p = Packed4bit.of(layer)
     x = torch.randn(rows, in_features)
     got = native().linear_4bit(x, p.packed, p.absmax, p.code, p.blocksize, out_features, None)
+    torch.testing.assert_close(got, F.linear(x, _dequantized(layer)), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("blocksize", [32, 256])
+@pytest.mark.parametrize("rows", [2, 21])
+def test_linear_4bit_with_blocks_smaller_and_larger_than_a_chunk(rows, blocksize):
+    layer = _quantized(24, 512, "nf4", nested=False, bias=False, blocksize=blocksize)
+    p = Packed4bit.of(layer)
+    assert p.blocksize == blocksize
+    x = torch.randn(rows, 512)
+    got = native().linear_4bit(x, p.packed, p.absmax, p.code, p.blocksize, 24, None)
     torch.testing.assert_close(got, F.linear(x, _dequantized(layer)), rtol=RTOL, atol=ATOL)
 
 
@@ -79,8 +96,8 @@ def test_base_linear_on_4bit_equals_bitsandbytes(rows, nested):
     torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("rows", [1, 5, 12, SMALL_BATCH_ROWS])
-@pytest.mark.parametrize(("out_features", "in_features"), [(7, 100), (25, 64), (12, 3)])
+@pytest.mark.parametrize("rows", [1, 5, 12, 13, 17, SMALL_BATCH_ROWS])
+@pytest.mark.parametrize(("out_features", "in_features"), [(7, 100), (25, 64), (12, 3), (30, 300)])
 def test_linear_f32_equals_f_linear(rows, out_features, in_features):
     torch.manual_seed(rows)
     x, w, b = torch.randn(rows, in_features), torch.randn(out_features, in_features), None

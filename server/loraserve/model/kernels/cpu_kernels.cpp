@@ -14,6 +14,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <memory>
 #include <vector>
 
 #define LS_NAMESPACE loraserve_cpu
@@ -61,8 +63,8 @@ at::Tensor linear_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
               "packed must be contiguous uint8");
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
-  TORCH_CHECK(blocksize % (2 * kLanes) == 0 && K % blocksize == 0,
-              "blocksize must be a multiple of ", 2 * kLanes, " and divide K");
+  TORCH_CHECK(blocksize % kGroup == 0 && K % blocksize == 0,
+              "blocksize must be a multiple of ", kGroup, " and divide K");
   TORCH_CHECK(packed.numel() * 2 == N * K && absmax.numel() * blocksize == N * K &&
                   code.numel() == 16,
               "packed, absmax and code do not describe a [", N, ", ", K, "] weight");
@@ -82,10 +84,8 @@ at::Tensor linear_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
     check_cpu_f32(absmax, "absmax");
     scales.absmax = absmax.data_ptr<float>();
   }
-  at::Tensor permuted = at::empty({M, K}, x.options());
-  permute_like_decoded(x.data_ptr<float>(), M, K, permuted.data_ptr<float>());
   at::Tensor y = at::empty({M, N}, x.options());
-  gemm_4bit(permuted.data_ptr<float>(), M, K, packed.data_ptr<uint8_t>(), scales,
+  gemm_4bit(x.data_ptr<float>(), M, K, packed.data_ptr<uint8_t>(), scales,
             code.data_ptr<float>(), blocksize, N, y.data_ptr<float>());
   return add_bias(y, bias);
 }
