@@ -154,6 +154,21 @@ def test_every_variant_compiles(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(build.host_variant() is None, reason="no AVX2")
+def test_the_16_lane_kernels_equal_their_references(tmp_path):
+    """The blocking AVX-512 machines run (16 lanes), checked here in AVX2 instructions."""
+    env = dict(os.environ, LORASERVE_KERNELS="avx2-16", XDG_CACHE_HOME=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "not compiles and not kernels_are_off and not 16_lane"],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert " passed" in result.stdout
+    assert list(tmp_path.rglob("loraserve_cpu_avx2-16.so")), "the 16-lane build was not used"
+
+
+@pytest.mark.slow
 def test_the_torch_paths_serve_when_kernels_are_off():
     """With LORASERVE_KERNELS=off the runner's ragged batches still equal full forwards."""
     env = dict(os.environ, LORASERVE_KERNELS="off")

@@ -19,7 +19,8 @@ caller then takes its torch path, which is also each kernel's test oracle. The o
                                                         on it alone from then on)
 
 All take contiguous float32 CPU tensors (transpose_scaled: any float dtype and strides). Set
-LORASERVE_KERNELS=off to use the torch paths.
+LORASERVE_KERNELS=off to use the torch paths, or to a variant's name (`build.VARIANTS`) to load
+that one instead of this CPU's.
 
 Knows nothing about models, adapters or batches: callers decide when an op applies.
 """
@@ -41,10 +42,11 @@ log = logging.getLogger(__name__)
 @functools.cache
 def native() -> Any | None:
     """The loaded op namespace, or None when the kernels cannot run here (logged once)."""
-    if os.environ.get("LORASERVE_KERNELS", "on").lower() in ("0", "off", "false", "no"):
+    choice = os.environ.get("LORASERVE_KERNELS", "on").lower()
+    if choice in ("0", "off", "false", "no"):
         log.info("LORASERVE_KERNELS=off: using the torch paths")
         return None
-    variant = build.host_variant()
+    variant = build.VARIANTS.get(choice) or build.host_variant()
     if variant is None:
         log.info("no AVX2 on this CPU: loraserve's CPU kernels are off, torch paths serve")
         return None

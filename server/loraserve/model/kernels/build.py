@@ -42,6 +42,10 @@ VARIANTS = {
     "avx512": Variant(
         "avx512", 16, ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma")
     ),
+    # The AVX-512 build's 16-lane blocking, decoding order and remainders, in AVX2 instructions:
+    # never chosen for a CPU, only by LORASERVE_KERNELS=avx2-16, so that an AVX2 machine can
+    # test the logic AVX-512 machines run.
+    "avx2-16": Variant("avx2-16", 16, ("-mavx2", "-mfma", "-mf16c")),
 }
 
 
