@@ -20,7 +20,7 @@ inline void expand_block(const float* h, int64_t ldh, int64_t rank, const float*
     vf bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const vf*>(b + r * ldb + v * kLanes);
     for (int m = 0; m < MR; ++m) {
-      const vf hm = vf{} + h[m * ldh + r];
+      const vf hm = broadcast(h + m * ldh + r);
       for (int v = 0; v < NV; ++v) acc[m][v] += hm * bv[v];
     }
   }
