@@ -60,7 +60,7 @@ def _dequantized(layer: bnb.nn.Linear4bit) -> torch.Tensor:
     return bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 7, 12, 33, SMALL_BATCH_ROWS])
+@pytest.mark.parametrize("rows", [0, 1, 3, 4, 7, 12, 33, SMALL_BATCH_ROWS])
 @pytest.mark.parametrize(("out_features", "in_features"), [(96, 128), (13, 64), (40, 192)])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_linear_4bit_equals_dequantize_then_matmul(rows, out_features, in_features, quant_type):
@@ -96,7 +96,7 @@ def test_base_linear_on_4bit_equals_bitsandbytes(rows, nested):
     torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("rows", [1, 5, 12, 13, 17, SMALL_BATCH_ROWS])
+@pytest.mark.parametrize("rows", [0, 1, 5, 12, 13, 17, SMALL_BATCH_ROWS])
 @pytest.mark.parametrize(("out_features", "in_features"), [(7, 100), (25, 64), (12, 3), (30, 300)])
 def test_linear_f32_equals_f_linear(rows, out_features, in_features):
     torch.manual_seed(rows)

@@ -447,6 +447,7 @@ inline void decode_chunk(const uint8_t* packed, const Scales& scales, const Code
 inline void gemm_4bit(const float* x, int64_t M, int64_t K, const uint8_t* packed,
                       const Scales& scales, const float* code, int64_t blocksize, int64_t N,
                       float* y) {
+  if (M == 0) return;
   const CodeTables tables = code_tables(code);
   if (M <= 4) {
     std::unique_ptr<float[]> permuted(new float[M * K]);
@@ -472,6 +473,7 @@ inline void gemm_4bit(const float* x, int64_t M, int64_t K, const uint8_t* packe
 
 // x [M, K] fp32 contiguous; w [N, K] fp32 contiguous; y [M, N] fp32 contiguous.
 inline void gemm_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y) {
+  if (M == 0) return;
   const int64_t tiles = (N + kTileCols - 1) / kTileCols;
   // With few rows, streaming each weight row once, whole, is fastest (measured: up to 12 rows
   // with AVX2; from 16 the outer products win by 15%).
