@@ -79,13 +79,27 @@ def build(variant: Variant) -> Path:
     Concurrent builds of one variant are safe: each writes its own file and renames it into
     place. Raises RuntimeError with the compiler's output when the compiler fails.
     """
-    from torch.utils import cpp_extension
-
     target = library_path(variant)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.stem}.{os.getpid()}.partial")
+    started = time.monotonic()
+    log.info("compiling loraserve's %s CPU kernels into %s", variant.name, target.parent)
+    try:
+        compile_library(variant, SOURCE_DIR / "cpu_kernels.cpp", partial)
+    except RuntimeError:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, target)
+    log.info("compiled in %.0f s", time.monotonic() - started)
+    return target
+
+
+def compile_library(variant: Variant, source: Path, output: Path) -> None:
+    """Compile `source` (cpu_kernels.cpp, its headers beside it) for `variant` into `output`."""
+    from torch.utils import cpp_extension
+
     command = [
         os.environ.get("CXX", "c++"),
         "-shared",
@@ -97,22 +111,16 @@ def build(variant: Variant) -> Path:
         f"-DLS_LANES={variant.lanes}",
         *variant.flags,
         *(f"-isystem{path}" for path in cpp_extension.include_paths()),
-        str(SOURCE_DIR / "cpu_kernels.cpp"),
+        str(source),
         "-o",
-        str(partial),
+        str(output),
         *(f"-L{path}" for path in cpp_extension.library_paths()),
         "-lc10",
         "-ltorch_cpu",
     ]
-    started = time.monotonic()
-    log.info("compiling loraserve's %s CPU kernels into %s", variant.name, target.parent)
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        partial.unlink(missing_ok=True)
         raise RuntimeError(f"compiling {variant.name} kernels failed:\n{result.stderr[-4000:]}")
-    os.replace(partial, target)
-    log.info("compiled in %.0f s", time.monotonic() - started)
-    return target
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,135 @@
+"""The CPU kernels of a git revision against the working tree's, paired in one process.
+
+Compiles both trees' `model/kernels` for this CPU under two op namespaces (`ab_base`,
+`ab_tree`), builds the default benchmark model once (hidden 1024, 8 layers, NF4, fp32
+compute), prefills 32 prompts, and alternates the decode steps between the two builds, so that
+both see the same machine at the same moments: on a shared, noisy machine, runs minutes apart
+differ by more than a kernel change. Then profiles a few decode steps of each (per-op times).
+
+    .venv/bin/python benchmarks/ab_kernels.py --base 6b7fbde --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from torch.profiler import ProfilerActivity, profile
+
+import loraserve.model.attention
+import loraserve.model.linear
+import loraserve.model.lora
+from bench_multi_lora import DEFAULT, make_workload
+from common import DEFAULT_CACHE_DIR, prepare_model
+from engine_runs import Trace, engine_config, submit
+from loraserve.config import EngineConfig
+from loraserve.engine.core import EngineCore
+from loraserve.model.kernels import build
+from loraserve.model.loading import load_base_model
+
+KERNELS = Path("server/loraserve/model/kernels")
+CALLERS = (loraserve.model.linear, loraserve.model.attention, loraserve.model.lora)
+
+
+def compile_as(namespace: str, sources: dict[str, str], folder: Path) -> object:
+    """Compile these kernel sources (file name -> text) with their ops registered under
+    `namespace`; returns `torch.ops.<namespace>`."""
+    folder.mkdir(parents=True)
+    for name, text in sources.items():
+        if name == "cpu_kernels.cpp":
+            text = text.replace("TORCH_LIBRARY(loraserve,", f"TORCH_LIBRARY({namespace},")
+            text = text.replace("TORCH_LIBRARY_IMPL(loraserve,", f"TORCH_LIBRARY_IMPL({namespace},")
+        (folder / name).write_text(text)
+    variant = build.host_variant()
+    if variant is None:
+        raise SystemExit("this CPU has no AVX2: no kernels to compare")
+    library = folder / f"{namespace}.so"
+    build.compile_library(variant, folder / "cpu_kernels.cpp", library)
+    torch.ops.load_library(str(library))
+    return getattr(torch.ops, namespace)
+
+
+def sources_at(revision: str | None) -> dict[str, str]:
+    """The kernel sources at a git revision, or in the working tree (None)."""
+    if revision is None:
+        return {name: (KERNELS / name).read_text() for name in build.SOURCES}
+    return {name: git_show(revision, KERNELS / name) for name in build.SOURCES}
+
+
+def git_show(revision: str, path: Path) -> str:
+    command = ["git", "show", f"{revision}:{path}"]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+
+def use(ops: object) -> None:
+    """Every caller of `native()` gets `ops` from now on."""
+    for module in CALLERS:
+        module.native = lambda ops=ops: ops  # type: ignore[attr-defined]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", required=True, help="git revision whose kernels to compare")
+    parser.add_argument("--repeats", type=int, default=2, help="prefills, then decode steps")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    logging.basicConfig(level=logging.WARNING)
+    transformers.logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as tmp:
+        builds = {
+            "base": compile_as("ab_base", sources_at(args.base), Path(tmp, "base")),
+            "tree": compile_as("ab_tree", sources_at(None), Path(tmp, "tree")),
+        }
+    model_dir = prepare_model(DEFAULT.model, DEFAULT_CACHE_DIR)
+    workload = make_workload(DEFAULT, [""] * DEFAULT.num_requests)
+    workload = workload.head(DEFAULT.num_requests, args.new_tokens)
+    settings = engine_config(
+        EngineConfig(model=str(model_dir), max_step_tokens=DEFAULT.max_step_tokens),
+        workload,
+        DEFAULT.prompt_tokens[1],
+    )
+    use(builds["base"])
+    core = EngineCore(load_base_model(settings.model, "nf4", "fp32", "cpu"), settings)
+    submit(core, Trace(), workload.head(4, 2), with_adapters=False)  # warm-up
+    while core.has_work():
+        core.step()
+
+    steps: dict[str, list[float]] = {name: [] for name in builds}
+    for repeat in range(args.repeats):
+        submit(core, Trace(), workload, with_adapters=False)
+        core.step()  # the prefill, on whichever build came last
+        turn = repeat
+        while core.has_work():
+            name = list(builds)[turn % 2]
+            use(builds[name])
+            started = time.perf_counter()
+            core.step()
+            steps[name].append(time.perf_counter() - started)
+            turn += 1
+    for name, times in steps.items():
+        print(f"{name}: decode step median {statistics.median(times) * 1e3:.1f} ms, "
+              f"min {min(times) * 1e3:.1f} ms, {len(times)} steps")  # fmt: skip
+    ratio = statistics.median(steps["tree"]) / statistics.median(steps["base"])
+    print(f"tree / base, median decode step: {ratio:.3f}")
+
+    for name, ops in builds.items():
+        use(ops)
+        submit(core, Trace(), workload.head(DEFAULT.num_requests, 12), with_adapters=False)
+        core.step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            while core.has_work():
+                core.step()
+        print(f"\n{name}, 11 decode steps:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=4))
+
+
+if __name__ == "__main__":
+    main()
