@@ -320,7 +320,7 @@ inline void transpose_passes(const float* x, int64_t M, int64_t K, float* xt) {
 
 // *p in every lane (one vbroadcastss from memory; `vf{} + *p` would add a scalar first).
 inline vf broadcast(const float* p) {
-#if defined(__AVX512F__)
+#if LS_LANES == 16 && defined(__AVX512F__)
   return reinterpret_cast<vf>(_mm512_set1_ps(*p));
 #elif LS_LANES == 16  // 16 lanes without AVX-512: only the test build that checks that logic
   return vf{} + *p;
