@@ -128,8 +128,7 @@ inline CodeTables code_tables(const float* code) {
 }
 
 inline void decode_group(const uint8_t* bytes, const CodeTables& t, vf (&out)[kGroupVecs]) {
-  typedef uint8_t v16b __attribute__((vector_size(16), aligned(1)));
-  const vi q = __builtin_convertvector(*reinterpret_cast<const v16b*>(bytes), vi);
+  const vi q = __builtin_convertvector(*reinterpret_cast<const vb*>(bytes), vi);  // 16 bytes
   out[0] = __builtin_shuffle(t.values, q >> 4);
   out[1] = __builtin_shuffle(t.values, q & 15);
 }

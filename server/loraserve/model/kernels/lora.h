@@ -56,33 +56,20 @@ inline void expand(const float* h, int64_t ldh, int64_t n, int64_t rank, const f
 }
 
 // dst [cols, rows] = src [rows, cols]^T * scale: B as PEFT stores it ([out, r]) to the layout
-// the expand reads ([r, out]), at load time. 8 x 8 tiles go through AVX registers.
-inline void transpose_tile8(const float* src, int64_t lds, float* dst, int64_t ldd, __m256 s) {
-  __m256 r[8], t[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_mul_ps(_mm256_loadu_ps(src + i * lds), s);
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int i = 0; i < 4; ++i) {
-    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
-  }
+// the expand reads ([r, out]), at load time. 8 x 8 tiles go through AVX registers
+// (`store_transposed`, shared with the GEMMs' transposed activations).
+inline void transpose_tile8(const float* src, int64_t lds, float* dst, int64_t ldd, float scale) {
+  v8f rows[8];
+  for (int i = 0; i < 8; ++i) rows[i] = *reinterpret_cast<const v8f*>(src + i * lds) * scale;
+  store_transposed(rows, dst, ldd);
 }
 
 inline void transpose_scaled(const float* src, int64_t rows, int64_t cols, float scale,
                              float* dst) {
-  const __m256 s = _mm256_set1_ps(scale);
   const int64_t rows8 = rows - rows % 8, cols8 = cols - cols % 8;
   for (int64_t i = 0; i < rows8; i += 8)
     for (int64_t j = 0; j < cols8; j += 8)
-      transpose_tile8(src + i * cols + j, cols, dst + j * rows + i, rows, s);
+      transpose_tile8(src + i * cols + j, cols, dst + j * rows + i, rows, scale);
   for (int64_t i = 0; i < rows; ++i)  // the edges the tiles leave
     for (int64_t j = i < rows8 ? cols8 : 0; j < cols; ++j) dst[j * rows + i] = src[i * cols + j] * scale;
 }
