@@ -26,13 +26,10 @@ from torch.profiler import ProfilerActivity, profile
 import loraserve.model.attention
 import loraserve.model.linear
 import loraserve.model.lora
-from bench_multi_lora import DEFAULT, make_workload
-from common import DEFAULT_CACHE_DIR, prepare_model
-from engine_runs import Trace, engine_config, submit
-from loraserve.config import EngineConfig
-from loraserve.engine.core import EngineCore
+from bench_multi_lora import DEFAULT
+from engine_runs import Trace, submit
 from loraserve.model.kernels import build
-from loraserve.model.loading import load_base_model
+from profile_step import base_workload, warm_base_engine
 
 KERNELS = Path("server/loraserve/model/kernels")
 CALLERS = (loraserve.model.linear, loraserve.model.attention, loraserve.model.lora)
@@ -88,19 +85,9 @@ def main() -> None:
             "base": compile_as("ab_base", sources_at(args.base), Path(tmp, "base")),
             "tree": compile_as("ab_tree", sources_at(None), Path(tmp, "tree")),
         }
-    model_dir = prepare_model(DEFAULT.model, DEFAULT_CACHE_DIR)
-    workload = make_workload(DEFAULT, [""] * DEFAULT.num_requests)
-    workload = workload.head(DEFAULT.num_requests, args.new_tokens)
-    settings = engine_config(
-        EngineConfig(model=str(model_dir), max_step_tokens=DEFAULT.max_step_tokens),
-        workload,
-        DEFAULT.prompt_tokens[1],
-    )
+    workload = base_workload(args.new_tokens)
     use(builds["base"])
-    core = EngineCore(load_base_model(settings.model, "nf4", "fp32", "cpu"), settings)
-    submit(core, Trace(), workload.head(4, 2), with_adapters=False)  # warm-up
-    while core.has_work():
-        core.step()
+    core = warm_base_engine(workload)
 
     steps: dict[str, list[float]] = {name: [] for name in builds}
     for repeat in range(args.repeats):
@@ -120,14 +107,15 @@ def main() -> None:
     ratio = statistics.median(steps["tree"]) / statistics.median(steps["base"])
     print(f"tree / base, median decode step: {ratio:.3f}")
 
+    profiled = min(12, args.new_tokens)  # the engine is sized for --new-tokens
     for name, ops in builds.items():
         use(ops)
-        submit(core, Trace(), workload.head(DEFAULT.num_requests, 12), with_adapters=False)
+        submit(core, Trace(), workload.head(DEFAULT.num_requests, profiled), with_adapters=False)
         core.step()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             while core.has_work():
                 core.step()
-        print(f"\n{name}, 11 decode steps:")
+        print(f"\n{name}, {profiled - 1} decode steps:")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=4))
 
 

@@ -19,7 +19,7 @@ import transformers
 from torch.profiler import ProfilerActivity, profile
 
 from bench_multi_lora import DEFAULT, make_workload
-from common import DEFAULT_CACHE_DIR, prepare_model
+from common import DEFAULT_CACHE_DIR, Workload, prepare_model
 from engine_runs import Trace, engine_config, submit
 from loraserve.config import EngineConfig
 from loraserve.engine.core import EngineCore
@@ -35,6 +35,24 @@ def timed_steps(core: EngineCore, trace: Trace) -> list[float]:
     return times
 
 
+def base_workload(new_tokens: int) -> Workload:
+    """The default benchmark's 32 prompts, on the base model, each generating `new_tokens`."""
+    workload = make_workload(DEFAULT, [""] * DEFAULT.num_requests)
+    return workload.head(DEFAULT.num_requests, new_tokens)
+
+
+def warm_base_engine(workload: Workload) -> EngineCore:
+    """The default benchmark model (NF4, fp32 compute) in an engine sized for `workload`, warmed
+    up by a few short requests."""
+    model_dir = prepare_model(DEFAULT.model, DEFAULT_CACHE_DIR)
+    base = EngineConfig(model=str(model_dir), max_step_tokens=DEFAULT.max_step_tokens)
+    settings = engine_config(base, workload, DEFAULT.prompt_tokens[1])
+    core = EngineCore(load_base_model(settings.model, "nf4", "fp32", "cpu"), settings)
+    submit(core, Trace(), workload.head(4, 2), with_adapters=False)
+    timed_steps(core, Trace())
+    return core
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -44,16 +62,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     transformers.logging.disable_progress_bar()
-    model_dir = prepare_model(DEFAULT.model, DEFAULT_CACHE_DIR)
-    workload = make_workload(DEFAULT, [""] * DEFAULT.num_requests)
-    workload = workload.head(DEFAULT.num_requests, args.new_tokens)
-    base = EngineConfig(model=str(model_dir), max_step_tokens=DEFAULT.max_step_tokens)
-    settings = engine_config(base, workload, DEFAULT.prompt_tokens[1])
-    loaded = load_base_model(settings.model, "nf4", "fp32", "cpu")
-    core = EngineCore(loaded, settings)
-
-    submit(core, Trace(), workload.head(4, 2), with_adapters=False)  # warm-up
-    timed_steps(core, Trace())
+    workload = base_workload(args.new_tokens)
+    core = warm_base_engine(workload)
     submit(core, Trace(), workload, with_adapters=False)
     times = timed_steps(core, Trace())
     print(f"{args.threads} thread(s), {len(workload.prompts)} rows")
