@@ -25,6 +25,7 @@ from loraserve.model.attention import (
     PrefillRow,
     decode_kernel_applies,
 )
+from loraserve.model.host_memory import keep_freed_memory
 from loraserve.model.kv_cache import PagedKVCache
 from loraserve.model.linear import BaseLinear
 from loraserve.model.lora import LoraBatch, LoraContext
@@ -44,7 +45,8 @@ class ModelRunner:
     """Runs the model on a list of rows and returns the next-token logits of each row.
 
     Owns the model from here on: it switches the model's attention to the paged implementation
-    and its output projection to `BaseLinear`.
+    and its output projection to `BaseLinear`. On the CPU it also sets the process's malloc to
+    keep freed memory (`host_memory`): every forward frees what the next one allocates.
     """
 
     def __init__(
@@ -60,6 +62,8 @@ class ModelRunner:
         self.slot_ranks = slot_ranks  # slot -> rank of the adapter in it; shared, kept up to date
         self.device = next(model.parameters()).device
         self.decode_kernel = decode_kernel_applies(cache)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         model.set_attn_implementation(IMPLEMENTATION)
         if model.config._attn_implementation != IMPLEMENTATION:
             raise ValueError(

@@ -1,0 +1,49 @@
+"""The C library's malloc, set up for a process whose forwards allocate and free tensors of the
+same sizes every step.
+
+torch's CPU tensors come straight from malloc. By default glibc hands a freed block above its
+adaptive mmap threshold back to the kernel and trims the heap's free top, so the next step's
+tensors of the same sizes fault their pages in again, one 4 KiB page at a time. On the
+machines measured (docs/performance.md) a prefill step of the default benchmark took about
+450,000 such page faults. `keep_freed_memory` makes malloc keep freed memory for reuse: blocks
+up to glibc's largest mmap threshold (32 MiB on 64-bit) come from the heap, the heap grows 64
+MiB past each request (so larger blocks fit in its top too), and it is trimmed only past 1 GiB
+of free top. The process's resident memory then stays near its high-water mark between steps,
+as with any caching allocator.
+
+Knows nothing about models or tensors. Where the C library is not glibc it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+
+log = logging.getLogger(__name__)
+
+# mallopt(3) parameters and the values set.
+M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
+M_MMAP_THRESHOLD = -3
+SETTINGS = (
+    (M_MMAP_THRESHOLD, 32 << 20),  # glibc's maximum on 64-bit
+    (M_TOP_PAD, 64 << 20),  # larger blocks are mmapped only when the heap's top cannot hold them
+    (M_TRIM_THRESHOLD, 1 << 30),
+)
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Set glibc's malloc to reuse freed blocks instead of returning them to the kernel (once
+    per process); returns whether it applied."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    applied = all([bool(mallopt(option, value)) for option, value in SETTINGS])
+    if not applied:
+        log.info("malloc kept its defaults: this C library refused mallopt")
+    return applied
