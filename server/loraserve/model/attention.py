@@ -77,7 +77,8 @@ class DecodeRows:
 
 @dataclass(frozen=True)
 class AttentionBatch:
-    """How one forward's packed tokens map onto the cache's pools."""
+    """How one forward's packed tokens map onto the cache's pools. With no prefill rows, the
+    decode rows' tokens are every token of the forward, in order."""
 
     cache: PagedKVCache
     decode: DecodeRows | None
@@ -118,21 +119,36 @@ def paged_attention(
         kwargs = dict(kwargs, sliding_window=sliding_window)
         return attend_eager(module, query[0].transpose(0, 1), batch, scale, window, kwargs), None
     q = query[0].transpose(0, 1)  # [N, H, D]
-    out = torch.empty_like(q)
     k_pool, v_pool = batch.cache.pools(cast(int, module.layer_idx))  # [S, KVH, D] each
+    if batch.decode is not None and not batch.prefill:  # every token, in order: no gather
+        return attend_decode(q.contiguous(), k_pool, v_pool, batch, window, scale)[None], None
+    out = torch.empty_like(q)
     if batch.decode is not None:
-        d, ops = batch.decode, native()
-        attend = ops.paged_decode_attention if d.use_kernel and ops else attend_decode_gathered
-        out[d.tokens] = attend(
-            q[d.tokens].contiguous(), k_pool, v_pool, d.block_tables, d.context_lens,
-            batch.cache.block_size, window, scale,
-        )  # fmt: skip
+        tokens = batch.decode.tokens
+        out[tokens] = attend_decode(q[tokens].contiguous(), k_pool, v_pool, batch, window, scale)
     for row in batch.prefill:
         rows = slice(row.first, row.first + row.count)
         out[rows] = attend_context(
             q[rows], k_pool[row.read_slots], v_pool[row.read_slots], row.start, window, scale
         )
     return out.unsqueeze(0), None
+
+
+def attend_decode(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    batch: AttentionBatch,
+    window: int,
+    scale: float,
+) -> torch.Tensor:
+    """The decode rows' queries q [R, H, D] over their contexts in the pools -> [R, H, D]: by
+    the compiled kernel where it applies, else through a gathered batch."""
+    d, ops = cast(DecodeRows, batch.decode), native()
+    attend = ops.paged_decode_attention if d.use_kernel and ops else attend_decode_gathered
+    return attend(
+        q, k_pool, v_pool, d.block_tables, d.context_lens, batch.cache.block_size, window, scale
+    )
 
 
 def attend_context(
