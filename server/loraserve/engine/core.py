@@ -235,8 +235,8 @@ class EngineCore:
             for i, s in enumerate(plan.decode, start=len(plan.prefill)):
                 s.num_cached = len(s.token_ids)
                 picked.append(i)
-            if ready:
-                self._sample_and_emit(ready, out[picked], masks)
+            if ready:  # picked ascends: as many as the rows means every row, in order
+                self._sample_and_emit(ready, out if len(picked) == len(out) else out[picked], masks)
         except Exception as error:  # one bad step must not kill the engine
             stepped = [s for s, _ in plan.prefill] + list(plan.decode)
             log.exception("engine step failed; failing its %d sequences", len(stepped))

@@ -80,6 +80,8 @@ class ModelRunner:
         in the order of `rows`."""
         order = sorted(range(len(rows)), key=lambda i: rows[i].lora_slot)
         logits = self._forward([rows[i] for i in order])
+        if order == list(range(len(rows))):  # already in slot order (as base-only batches are)
+            return logits
         unsorted = torch.empty_like(logits)
         unsorted[order] = logits
         return unsorted
