@@ -2,9 +2,13 @@
 default workload, timed, then broken down by op with the torch profiler.
 
 Builds the default benchmark model (hidden 1024, 8 layers, NF4, fp32 compute), submits 32
-prompts of 64-128 tokens that all prefill in the first step, and steps the engine directly:
+prompts of 64-128 tokens that all prefill in the first step, and steps the engine directly.
+With `--floor` the model keeps its depth, vocabulary and heads' layout but has hidden size 128:
+its steps cost what a step costs besides the model's arithmetic (Python, op dispatch, the
+per-layer small ops, sampling over the whole vocabulary).
 
     .venv/bin/python benchmarks/profile_step.py --threads 2 --new-tokens 16
+    .venv/bin/python benchmarks/profile_step.py --threads 2 --new-tokens 64 --floor
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ import argparse
 import logging
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 import transformers
 from torch.profiler import ProfilerActivity, profile
 
 from bench_multi_lora import DEFAULT, make_workload
-from common import DEFAULT_CACHE_DIR, Workload, prepare_model
+from common import DEFAULT_CACHE_DIR, ModelSpec, Workload, prepare_model
 from engine_runs import Trace, engine_config, submit
 from loraserve.config import EngineConfig
 from loraserve.engine.core import EngineCore
@@ -41,10 +46,16 @@ def base_workload(new_tokens: int) -> Workload:
     return workload.head(DEFAULT.num_requests, new_tokens)
 
 
-def warm_base_engine(workload: Workload) -> EngineCore:
-    """The default benchmark model (NF4, fp32 compute) in an engine sized for `workload`, warmed
-    up by a few short requests."""
-    model_dir = prepare_model(DEFAULT.model, DEFAULT_CACHE_DIR)
+# The default model's depth and vocabulary at hidden size 128 (2 heads of 64): a step's cost
+# besides the arithmetic.
+FLOOR_MODEL = replace(DEFAULT.model, hidden_size=128, intermediate_size=256, num_heads=2,
+                      num_kv_heads=2)  # fmt: skip
+
+
+def warm_base_engine(workload: Workload, spec: ModelSpec = DEFAULT.model) -> EngineCore:
+    """The model of `spec` (NF4, fp32 compute) in an engine sized for `workload`, warmed up by a
+    few short requests."""
+    model_dir = prepare_model(spec, DEFAULT_CACHE_DIR)
     base = EngineConfig(model=str(model_dir), max_step_tokens=DEFAULT.max_step_tokens)
     settings = engine_config(base, workload, DEFAULT.prompt_tokens[1])
     core = EngineCore(load_base_model(settings.model, "nf4", "fp32", "cpu"), settings)
@@ -58,12 +69,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--rows", type=int, default=25, help="profiler table rows")
+    parser.add_argument("--floor", action="store_true", help="the model at hidden size 128")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     transformers.logging.disable_progress_bar()
     workload = base_workload(args.new_tokens)
-    core = warm_base_engine(workload)
+    core = warm_base_engine(workload, FLOOR_MODEL if args.floor else DEFAULT.model)
     submit(core, Trace(), workload, with_adapters=False)
     times = timed_steps(core, Trace())
     print(f"{args.threads} thread(s), {len(workload.prompts)} rows")
