@@ -120,12 +120,13 @@ def paged_attention(
         return attend_eager(module, query[0].transpose(0, 1), batch, scale, window, kwargs), None
     q = query[0].transpose(0, 1)  # [N, H, D]
     k_pool, v_pool = batch.cache.pools(cast(int, module.layer_idx))  # [S, KVH, D] each
-    if batch.decode is not None and not batch.prefill:  # every token, in order: no gather
-        return attend_decode(q.contiguous(), k_pool, v_pool, batch, window, scale)[None], None
+    decode, bs = batch.decode, batch.cache.block_size
+    if decode is not None and not batch.prefill:  # every token, in order: no gather
+        return attend_decode(q.contiguous(), k_pool, v_pool, decode, bs, window, scale)[None], None
     out = torch.empty_like(q)
-    if batch.decode is not None:
-        tokens = batch.decode.tokens
-        out[tokens] = attend_decode(q[tokens].contiguous(), k_pool, v_pool, batch, window, scale)
+    if decode is not None:
+        picked = q[decode.tokens].contiguous()
+        out[decode.tokens] = attend_decode(picked, k_pool, v_pool, decode, bs, window, scale)
     for row in batch.prefill:
         rows = slice(row.first, row.first + row.count)
         out[rows] = attend_context(
@@ -138,16 +139,17 @@ def attend_decode(
     q: torch.Tensor,
     k_pool: torch.Tensor,
     v_pool: torch.Tensor,
-    batch: AttentionBatch,
+    rows: DecodeRows,
+    block_size: int,
     window: int,
     scale: float,
 ) -> torch.Tensor:
-    """The decode rows' queries q [R, H, D] over their contexts in the pools -> [R, H, D]: by
-    the compiled kernel where it applies, else through a gathered batch."""
-    d, ops = cast(DecodeRows, batch.decode), native()
-    attend = ops.paged_decode_attention if d.use_kernel and ops else attend_decode_gathered
+    """The decode rows' queries q [R, H, D] over their contexts in the pools [S, KVH, D] ->
+    [R, H, D]: by the compiled kernel where it applies, else through a gathered batch."""
+    ops = native()
+    attend = ops.paged_decode_attention if rows.use_kernel and ops else attend_decode_gathered
     return attend(
-        q, k_pool, v_pool, d.block_tables, d.context_lens, batch.cache.block_size, window, scale
+        q, k_pool, v_pool, rows.block_tables, rows.context_lens, block_size, window, scale
     )
 
 
