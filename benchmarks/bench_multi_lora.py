@@ -26,8 +26,10 @@ against bf16; the RSS growth of 10,000 stored adapters.
 Every request generates exactly the configured number of tokens (greedy; `ignore_eos` for the
 engine, `min_new_tokens == max_new_tokens` for HF). Model and adapter loading happen before any
 timing. Each configuration is warmed up once on a small slice of the workload, then they run
-round-robin `--repeats` times and the medians are reported, because the machines this runs on
-are noisy. The random model and adapters are written once into a cache directory and reused.
+in `--repeats` rounds and the medians are reported, because the machines this runs on are
+noisy: each round runs the quick configurations (the engine's on 32 requests and plain
+`generate`, seconds each) three times, interleaved, then the slow ones (PEFT, Zipf) once. The
+random model and adapters are written once into a cache directory and reused.
 
 Run (from the repository root):
 
@@ -108,6 +110,9 @@ CONFIGURATIONS = (
     "peft_sequential",
     "engine_zipf",
 )
+# Configurations of seconds each: each round runs them INTERLEAVED_RUNS_PER_ROUND times
+INTERLEAVED = ("engine_base", "engine_multi_lora", "engine_constrained", "hf_generate_base")
+INTERLEAVED_RUNS_PER_ROUND = 3
 ZIPF_REQUEST_FACTOR = 4  # the Zipf workload has 4x the requests, batched to the same size
 TTFT_WAVES = 2  # a second wave as large as the first joins halfway through its decode
 # Prefix caching: requests over PREFIX_ADAPTERS adapters, each adapter's prompts sharing a prefix
@@ -252,22 +257,40 @@ def setup(config: BenchConfig, cache_root: Path) -> Setup:
     return Setup(runs, core, workload, traces, seconds, model_dir, adapter_dirs, base)
 
 
+def round_order(names: list[str], repeats: int) -> list[str]:
+    """The order of the timed runs: `repeats` rounds; in each, the configurations named in
+    INTERLEAVED run INTERLEAVED_RUNS_PER_ROUND times, in alternating order, then the others once.
+
+    On a machine whose speed drifts from minute to minute, a ratio of two short configurations
+    is only as good as the number of adjacent runs behind it: more of them, interleaved, steady
+    each median without more runs of the slow baselines.
+    """
+    interleaved = [n for n in names if n in INTERLEAVED]
+    order: list[str] = []
+    for _ in range(repeats):
+        for i in range(INTERLEAVED_RUNS_PER_ROUND):
+            order += interleaved if i % 2 == 0 else interleaved[::-1]
+        order += [n for n in names if n not in INTERLEAVED]
+    return order
+
+
 def measure(
     runs: dict[str, tuple[RunFn, Workload]], device: torch.device, repeats: int
 ) -> dict[str, list[Run]]:
-    """Warm each configuration up once, then time them round-robin `repeats` times."""
+    """Warm each configuration up once, then time them in `round_order`."""
     for name, (fn, workload) in runs.items():
         run = timed(partial(fn, workload.head(WARMUP_REQUESTS, WARMUP_NEW_TOKENS)), device)
         print(f"warm-up {name:<18} {run.seconds:7.1f} s", flush=True)
     results: dict[str, list[Run]] = {name: [] for name in runs}
-    for repeat in range(1, repeats + 1):
-        for name, (fn, workload) in runs.items():
-            run = timed(partial(fn, workload), device)
-            results[name].append(run)
-            print(
-                f"repeat {repeat}/{repeats} {name:<18} {run.seconds:7.1f} s {run.tok_s:9.1f} tok/s",
-                flush=True,
-            )
+    order = round_order(list(runs), repeats)
+    for i, name in enumerate(order, 1):
+        fn, workload = runs[name]
+        run = timed(partial(fn, workload), device)
+        results[name].append(run)
+        print(
+            f"run {i}/{len(order)} {name:<18} {run.seconds:7.1f} s {run.tok_s:9.1f} tok/s",
+            flush=True,
+        )
     return results
 
 
@@ -340,7 +363,7 @@ def compute_report(config: BenchConfig, s: Setup, results: dict[str, list[Run]],
     lengths = [len(p) for p in s.workload.prompts]
     flops = model_flops(shapes, lengths, s.workload.new_tokens)
     base_seconds = statistics.median(r.seconds for r in results["engine_base"])
-    timed_traces = s.traces["engine_base"][-config.repeats :]  # the warm-up's trace is first
+    timed_traces = s.traces["engine_base"][1:]  # the warm-up's trace is first
     steps = [t for trace in timed_traces for t in decode_step_seconds(trace, len(lengths))]
     middle = s.workload.new_tokens // 2
     step_flops = sum(decode_flops(shapes, p + middle) for p in lengths)
@@ -377,6 +400,10 @@ def compute_report(config: BenchConfig, s: Setup, results: dict[str, list[Run]],
                 "requests": ZIPF_REQUEST_FACTOR * config.num_requests,
                 "alpha": 1.0,
             },
+            "runs_per_round": {
+                name: INTERLEAVED_RUNS_PER_ROUND if name in INTERLEAVED else 1
+                for name in CONFIGURATIONS
+            },
             "ttft": {"waves": TTFT_WAVES, "second_wave_after_steps": config.new_tokens // 2},
         },
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -409,7 +436,10 @@ def parse_args(
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small model and workload")
     parser.add_argument(
-        "--repeats", type=int, help="timed runs per configuration (default: 5 with --quick, else 3)"
+        "--repeats",
+        type=int,
+        help="rounds of timed runs (default: 5 with --quick, else 3); each round runs the quick "
+        f"configurations {INTERLEAVED_RUNS_PER_ROUND} times and the others once",
     )
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default=DEFAULT.quantization)
     parser.add_argument("--compute-dtype", choices=tuple(DTYPES), default=DEFAULT.compute_dtype)
