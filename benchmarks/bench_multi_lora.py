@@ -20,7 +20,7 @@ second of engine_base against it; the wall time of one decode step of every requ
 that step's FLOPs at the peak; time to first token with one wave of requests arriving together
 and a second wave mid-run; time to first token of a burst whose prompts share a 512-token
 prefix per adapter (4 adapters) that earlier requests sent, with the prefix cache and without;
-adapter cold-load latency (disk to a ready slot); the bytes of the quantized projections
+adapter cold-load latency (disk to a ready slot, sampled after every round); the bytes of the quantized projections
 against bf16; the RSS growth of 10,000 stored adapters.
 
 Every request generates exactly the configured number of tokens (greedy; `ignore_eos` for the
@@ -45,10 +45,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from functools import partial
@@ -58,6 +60,7 @@ import torch
 import transformers
 
 from adapter_cache import (
+    COLD_LOADS,
     ZIPF_ADAPTERS,
     ZIPF_HOST_FRACTION,
     ZIPF_SLOTS,
@@ -257,8 +260,8 @@ def setup(config: BenchConfig, cache_root: Path) -> Setup:
     return Setup(runs, core, workload, traces, seconds, model_dir, adapter_dirs, base)
 
 
-def round_order(names: list[str], repeats: int) -> list[str]:
-    """The order of the timed runs: `repeats` rounds; in each, the configurations named in
+def rounds(names: list[str], repeats: int) -> list[list[str]]:
+    """The timed runs, round by round: `repeats` rounds; in each, the configurations named in
     INTERLEAVED run INTERLEAVED_RUNS_PER_ROUND times, in alternating order, then the others once.
 
     On a machine whose speed drifts from minute to minute, a ratio of two short configurations
@@ -266,31 +269,36 @@ def round_order(names: list[str], repeats: int) -> list[str]:
     each median without more runs of the slow baselines.
     """
     interleaved = [n for n in names if n in INTERLEAVED]
-    order: list[str] = []
-    for _ in range(repeats):
-        for i in range(INTERLEAVED_RUNS_PER_ROUND):
-            order += interleaved if i % 2 == 0 else interleaved[::-1]
-        order += [n for n in names if n not in INTERLEAVED]
-    return order
+    others = [n for n in names if n not in INTERLEAVED]
+    return [
+        [n for i in range(INTERLEAVED_RUNS_PER_ROUND) for n in interleaved[:: 1 - 2 * (i % 2)]]
+        + others
+        for _ in range(repeats)
+    ]
 
 
 def measure(
-    runs: dict[str, tuple[RunFn, Workload]], device: torch.device, repeats: int
+    runs: dict[str, tuple[RunFn, Workload]],
+    device: torch.device,
+    repeats: int,
+    after_round: Callable[[], None],
 ) -> dict[str, list[Run]]:
-    """Warm each configuration up once, then time them in `round_order`."""
+    """Warm each configuration up once, then time them in `rounds`, calling `after_round` after
+    each round."""
     for name, (fn, workload) in runs.items():
         run = timed(partial(fn, workload.head(WARMUP_REQUESTS, WARMUP_NEW_TOKENS)), device)
         print(f"warm-up {name:<18} {run.seconds:7.1f} s", flush=True)
     results: dict[str, list[Run]] = {name: [] for name in runs}
-    order = round_order(list(runs), repeats)
-    for i, name in enumerate(order, 1):
-        fn, workload = runs[name]
-        run = timed(partial(fn, workload), device)
-        results[name].append(run)
-        print(
-            f"run {i}/{len(order)} {name:<18} {run.seconds:7.1f} s {run.tok_s:9.1f} tok/s",
-            flush=True,
-        )
+    for number, names in enumerate(rounds(list(runs), repeats), 1):
+        for name in names:
+            fn, workload = runs[name]
+            run = timed(partial(fn, workload), device)
+            results[name].append(run)
+            print(
+                f"round {number}/{repeats} {name:<18} {run.seconds:7.1f} s {run.tok_s:9.1f} tok/s",
+                flush=True,
+            )
+        after_round()
     return results
 
 
@@ -494,14 +502,20 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     peak = matmul_gflops(dtype, device)
-    results = measure({name: s.runs[name] for name in only}, device, config.repeats)
+    # Cold loads are sampled after every round, so that their median spans the run's minutes
+    cold: list[float] = []
+    adapter_dir = next(iter(s.adapter_dirs.values()))
+    loads_per_round = math.ceil(COLD_LOADS / config.repeats)
+    results = measure(
+        {name: s.runs[name] for name in only}, device, config.repeats,
+        lambda: cold.extend(cold_load_ms(s.core, adapter_dir, loads_per_round)),
+    )  # fmt: skip
     if out is not None:  # what is measured so far survives a failure in what follows
         partial = {name: [asdict(r) for r in runs] for name, runs in results.items()}
         out.with_suffix(".partial.json").write_text(json.dumps(partial, indent=2) + "\n")
     ttfts = measure_ttft(s.core, s.workload, config.repeats)
     prefix = measure_prefix(config, s, s.base)
     peak = max(peak, matmul_gflops(dtype, device))
-    cold = cold_load_ms(s.core, next(iter(s.adapter_dirs.values())))
     cold_dora = dora_cold_load_ms(s.core, s.model_dir, config.rank, config.alpha, TARGETS)
     sizes = quantized_bytes(s.core.runner.model)
     double = load_base_model(str(s.model_dir), config.quantization, config.compute_dtype, "cpu",
