@@ -25,6 +25,7 @@ from loraserve.model.attention import attend_context, attend_decode_gathered
 from loraserve.model.kernels import build, native
 from loraserve.model.linear import SMALL_BATCH_ROWS, BaseLinear, Packed4bit
 from loraserve.model.lora import transposed_bs
+from loraserve.model.sampling import score_stats, score_stats_reference
 
 pytestmark = pytest.mark.skipif(native() is None, reason="no compiled kernels for this CPU")
 REPO = Path(__file__).resolve().parents[2]
@@ -222,3 +223,33 @@ def test_transpose_scaled_equals_the_strided_copy():
         assert torch.equal(t, b.float().t().contiguous().mul_(scale))
     assert len({t.untyped_storage().data_ptr() for t in got}) == 1
     assert transposed_bs([], []) == []  # the op needs a tensor to dispatch on
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 8, 17, 32_000])
+def test_score_stats_equals_argmax_amax_and_logsumexp(vocab):
+    """The first maximum (also across lanes and in the tail), NaN as the largest, rows of
+    -infinity, +infinity, ties, and log-sum-exp up to float32 rounding."""
+    torch.manual_seed(vocab)
+    rows = [torch.randn(vocab) * 8 for _ in range(6)]
+    inf, nan = float("inf"), float("nan")
+    rows[1][vocab // 2 :] = -inf  # some tokens ruled out
+    rows[2][:] = -inf  # nothing left
+    rows[3][vocab - 1] = inf  # +infinity in the tail
+    rows[4][vocab // 3] = nan
+    rows[4][vocab - 1] = nan  # the first NaN wins
+    top = rows[5].max() + 1
+    rows[5][vocab - 1] = top
+    rows[5][vocab // 2] = top  # a tie: the first index wins
+    scores = torch.stack(rows)
+    got, want = score_stats(scores), score_stats_reference(scores)
+    assert torch.equal(got.argmax, want.argmax)
+    torch.testing.assert_close(got.max, want.max, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(got.logsumexp, want.logsumexp, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_score_stats_of_large_and_tiny_spreads():
+    """exp underflows to (nearly) nothing far below the max and the sum stays exact near it."""
+    scores = torch.tensor([[0.0, -1e3, -87.5, -0.1], [1e30, 1e30, -1e30, 0.0]])
+    got, want = score_stats(scores), score_stats_reference(scores)
+    assert torch.equal(got.argmax, want.argmax)
+    torch.testing.assert_close(got.logsumexp, want.logsumexp, rtol=1e-6, atol=1e-6)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loraserve.model.kernels import native
 from loraserve.types import InvalidRequestError, SamplingParams
 
 NO_ALLOWED_TOKEN = (
@@ -121,6 +122,29 @@ def usable_scores(scores: torch.Tensor) -> torch.Tensor:
     return scores.amax(dim=-1).isfinite()
 
 
+@dataclass(frozen=True)
+class ScoreStats:
+    """Per row of [B, V] scores, as torch's argmax, amax and logsumexp give them."""
+
+    argmax: torch.Tensor  # [B] int64: the first index of the maximum (of the first NaN)
+    max: torch.Tensor  # [B] float32
+    logsumexp: torch.Tensor  # [B] float32
+
+
+def score_stats(scores: torch.Tensor) -> ScoreStats:
+    """scores: [B, V] float32. On CPUs one compiled call reads each row twice, where torch's
+    three ops read it five times (about 2 ms of a 32 x 32,000 decode step)."""
+    ops = native()
+    if ops is not None and scores.device.type == "cpu" and scores.is_contiguous():
+        return ScoreStats(*ops.score_stats(scores))
+    return score_stats_reference(scores)
+
+
+def score_stats_reference(scores: torch.Tensor) -> ScoreStats:
+    """`score_stats` by torch: the compiled op's oracle, and its stand-in off the CPU."""
+    return ScoreStats(scores.argmax(dim=-1), scores.amax(dim=-1), scores.logsumexp(dim=-1))
+
+
 def sample_next_tokens(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
@@ -152,10 +176,11 @@ def sample_next_tokens(
     if biased:
         apply_logit_bias(scores, params)
 
-    usable = usable_scores(scores)
+    stats = score_stats(raw)
+    usable = stats.max.isfinite() if scores is raw else usable_scores(scores)
     if allowed is not None:
         _mask(scores, allowed, errors)
-    tokens = scores.argmax(dim=-1)
+    tokens = stats.argmax if scores is raw and allowed is None else scores.argmax(dim=-1)
     for row, p in enumerate(params):
         if p.greedy or row in errors:
             continue
@@ -166,7 +191,7 @@ def sample_next_tokens(
             continue
         usable[row] &= drawable
 
-    normaliser = raw.logsumexp(dim=-1, keepdim=True)  # [B, 1]
+    normaliser = stats.logsumexp.unsqueeze(1)  # [B, 1]
     logprobs = (raw.gather(1, tokens[:, None]) - normaliser).squeeze(1)
     return Sampled(tokens, logprobs, usable, errors, _top(raw, normaliser, params))
 

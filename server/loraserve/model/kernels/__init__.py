@@ -15,6 +15,8 @@ caller then takes its torch path, which is also each kernel's test oracle. The o
                                                         views of one buffer)
   nonfinite(tensors) -> [int]                          (positions of the tensors holding a NaN
                                                         or an infinity)
+  score_stats(scores [B, V]) -> argmax [B] i64, max [B], logsumexp [B]  (as torch's argmax,
+                                                        amax and logsumexp, one op)
   serial_thread()                                      (torch ops of the calling thread run
                                                         on it alone from then on)
 

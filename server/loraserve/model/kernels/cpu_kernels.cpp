@@ -13,15 +13,18 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <tuple>
 #include <vector>
 
 #define LS_NAMESPACE loraserve_cpu
 #include "gemm.h"
 #include "attention.h"
 #include "lora.h"
+#include "scores.h"
 
 namespace {
 
@@ -174,6 +177,20 @@ std::vector<int64_t> nonfinite_op(at::TensorList tensors) {
   return found;
 }
 
+// argmax [B] int64, max [B] and logsumexp [B] of each row of scores [B, V].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> score_stats_op(const at::Tensor& scores) {
+  check_cpu_f32(scores, "scores");
+  TORCH_CHECK(scores.dim() == 2 && scores.size(1) >= 1 && scores.size(1) < (int64_t{1} << 31),
+              "scores must be [B, V] with 1 <= V < 2^31");
+  const int64_t B = scores.size(0), V = scores.size(1);
+  at::Tensor argmax = at::empty({B}, scores.options().dtype(at::kLong));
+  at::Tensor max = at::empty({B}, scores.options());
+  at::Tensor logsumexp = at::empty({B}, scores.options());
+  score_stats(scores.data_ptr<float>(), B, V, argmax.data_ptr<int64_t>(), max.data_ptr<float>(),
+              logsumexp.data_ptr<float>());
+  return {argmax, max, logsumexp};
+}
+
 // From now on, torch ops called from this thread run on it alone (an OpenMP team of one): for
 // helper threads, such as the adapter loader, whose small ops would otherwise wait on the
 // engine's threads and hold them up in turn.
@@ -199,6 +216,7 @@ TORCH_LIBRARY(loraserve, m) {
       "Tensor ends, Tensor slots, Tensor ranks) -> ()");
   m.def("transpose_scaled(Tensor[] src, float[] scale) -> Tensor[]");
   m.def("nonfinite(Tensor[] tensors) -> int[]");
+  m.def("score_stats(Tensor scores) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(loraserve, CPU, m) {
@@ -208,4 +226,5 @@ TORCH_LIBRARY_IMPL(loraserve, CPU, m) {
   m.impl("lora_delta_", &lora_delta_op);
   m.impl("transpose_scaled", &transpose_scaled_op);
   m.impl("nonfinite", &nonfinite_op);
+  m.impl("score_stats", &score_stats_op);
 }
