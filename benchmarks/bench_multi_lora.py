@@ -20,8 +20,8 @@ second of engine_base against it; the wall time of one decode step of every requ
 that step's FLOPs at the peak; time to first token with one wave of requests arriving together
 and a second wave mid-run; time to first token of a burst whose prompts share a 512-token
 prefix per adapter (4 adapters) that earlier requests sent, with the prefix cache and without;
-adapter cold-load latency (disk to a ready slot, sampled after every round); the bytes of the quantized projections
-against bf16; the RSS growth of 10,000 stored adapters.
+adapter cold-load latency (disk to a ready slot, sampled after every round); the bytes of the
+quantized projections against bf16; the RSS growth of 10,000 stored adapters.
 
 Every request generates exactly the configured number of tokens (greedy; `ignore_eos` for the
 engine, `min_new_tokens == max_new_tokens` for HF). Model and adapter loading happen before any
