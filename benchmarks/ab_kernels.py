@@ -54,15 +54,17 @@ def compile_as(namespace: str, sources: dict[str, str], folder: Path) -> object:
 
 
 def sources_at(revision: str | None) -> dict[str, str]:
-    """The kernel sources at a git revision, or in the working tree (None)."""
+    """The kernel sources (C++ files and headers) at a git revision, or in the working tree
+    (None)."""
     if revision is None:
         return {name: (KERNELS / name).read_text() for name in build.SOURCES}
-    return {name: git_show(revision, KERNELS / name) for name in build.SOURCES}
+    listing = git("ls-tree", "--name-only", f"{revision}:{KERNELS}").split()
+    names = [name for name in listing if name.endswith((".cpp", ".h"))]
+    return {name: git("show", f"{revision}:{KERNELS / name}") for name in names}
 
 
-def git_show(revision: str, path: Path) -> str:
-    command = ["git", "show", f"{revision}:{path}"]
-    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout
 
 
 def use(ops: object) -> None:

@@ -67,7 +67,7 @@ inline void softmax_inplace(float* scores, int64_t n) {
 // [R] int32 (the query sits at position context_lens[r] - 1 and sees keys from
 // max(0, len - window) when window > 0); out [R, H, D].
 //
-// One row at a time per thread, walking its positions in order: the keys of every head at a
+// One row at a time per thread (rows differ in length: taken as threads get to them), walking its positions in order: the keys of every head at a
 // position are one contiguous [KVH, D] run of the pool, read once for all heads.
 inline void paged_decode_attention(const float* q, const float* k_pool, const float* v_pool,
                                    const int32_t* block_tables, int64_t max_blocks,
@@ -75,10 +75,10 @@ inline void paged_decode_attention(const float* q, const float* k_pool, const fl
                                    int64_t KVH, int64_t D, int64_t block_size, int64_t window,
                                    float scale, float* out) {
   const int64_t group = H / KVH;
-  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(R, [&](WorkQueue& queue) {
     std::vector<float> scores;
     std::vector<int64_t> slots;
-    for (int64_t r = begin; r < end; ++r) {
+    queue.each([&](int64_t r) {
       const int64_t len = context_lens[r];
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
       const int64_t n = len - first;
@@ -103,7 +103,7 @@ inline void paged_decode_attention(const float* q, const float* k_pool, const fl
         for (int64_t h = 0; h < H; ++h)
           axpy(scores[h * n + j], values + (h / group) * D, D, out_row + h * D);
       }
-    }
+    });
   });
 }
 

@@ -13,6 +13,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -21,6 +22,7 @@
 #include <vector>
 
 #define LS_NAMESPACE loraserve_cpu
+#include "parallel.h"
 #include "gemm.h"
 #include "attention.h"
 #include "lora.h"

@@ -213,9 +213,11 @@ inline void permute_like_decoded(const float* x, int64_t M, int64_t K, float* ou
 template <int MR>
 inline void gemv_4bit(const float* x, int64_t K, const uint8_t* packed, const Scales& scales,
                       const CodeTables& tables, int64_t blocksize, int64_t N, float* y) {
-  at::parallel_for(0, N, kTileCols, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n)
-      gemv_rows_4bit<MR>(x, K, packed, scales, tables, blocksize, n, y, N);
+  parallel_items((N + kTileCols - 1) / kTileCols, [&](WorkQueue& queue) {
+    queue.each([&](int64_t t) {
+      for (int64_t n = t * kTileCols; n < std::min((t + 1) * kTileCols, N); ++n)
+        gemv_rows_4bit<MR>(x, K, packed, scales, tables, blocksize, n, y, N);
+    });
   });
 }
 
@@ -385,10 +387,10 @@ template <int64_t kLdw, class ChunkOf>
 inline void gemm_outer(const float* xt, int64_t M, int64_t K, int64_t N, ChunkOf chunk_of,
                        float* y) {
   const int64_t tiles = (N + kTileCols - 1) / kTileCols, ldsums = padded_rows(M);
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(tiles, [&](WorkQueue& queue) {
     std::unique_ptr<float[]> scratch(new float[kTileCols * kDepth]);
     std::unique_ptr<float[]> sums(new float[kTileCols * ldsums]);
-    for (int64_t t = begin; t < end; ++t) {
+    queue.each([&](int64_t t) {
       const int64_t n0 = t * kTileCols, cols = std::min<int64_t>(kTileCols, N - n0);
       std::fill(sums.get(), sums.get() + kTileCols * ldsums, 0.0f);
       for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
@@ -405,7 +407,7 @@ inline void gemm_outer(const float* xt, int64_t M, int64_t K, int64_t N, ChunkOf
       }
       for (int64_t m = 0; m < M; ++m)
         for (int64_t c = 0; c < cols; ++c) y[m * N + n0 + c] = sums[c * ldsums + m];
-    }
+    });
   });
 }
 
@@ -477,11 +479,11 @@ inline void gemm_f32(const float* x, int64_t M, int64_t K, const float* w, int64
   // With few rows, streaming each weight row once, whole, is fastest (measured: up to 12 rows
   // with AVX2; from 16 the outer products win by 15%).
   if (M <= 3 * kLanes / 2) {
-    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
+    parallel_items(tiles, [&](WorkQueue& queue) {
+      queue.each([&](int64_t t) {
         const int64_t n0 = t * kTileCols, cols = std::min<int64_t>(kTileCols, N - n0);
         dot_tile(x, M, K, w + n0 * K, K, cols, y + n0, N);
-      }
+      });
     });
     return;
   }

@@ -106,9 +106,9 @@ inline void lora_delta(const float* x, float* y, int64_t in, int64_t out, const 
       chunk_segment.push_back(s);
       chunk_start.push_back(t);
     }
-  at::parallel_for(0, int64_t(chunk_segment.size()), 1, [&](int64_t begin, int64_t end) {
+  parallel_items(int64_t(chunk_segment.size()), [&](WorkQueue& queue) {
     std::vector<float> shrunk(kLoraChunkTokens * R);
-    for (int64_t c = begin; c < end; ++c) {
+    queue.each([&](int64_t c) {
       const int64_t s = chunk_segment[c], t0 = chunk_start[c];
       const int64_t n = std::min(kLoraChunkTokens, ends[s] - t0);
       const int64_t rank = ranks[s];
@@ -116,7 +116,7 @@ inline void lora_delta(const float* x, float* y, int64_t in, int64_t out, const 
       const float* b = lora_b + slots[s] * R * out;
       dot_tile(x + t0 * in, n, in, a, in, rank, shrunk.data(), rank);  // [n, rank]
       expand(shrunk.data(), rank, n, rank, b, out, y + t0 * out);
-    }
+    });
   });
 }
 

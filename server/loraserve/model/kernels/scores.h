@@ -65,13 +65,13 @@ inline RowStats row_stats(const float* x, int64_t V) {
 // scores [B, V] -> argmax [B], max [B], logsumexp [B]: rows in parallel.
 inline void score_stats(const float* scores, int64_t B, int64_t V, int64_t* argmax, float* max,
                         float* logsumexp) {
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
+  parallel_items(B, [&](WorkQueue& queue) {
+    queue.each([&](int64_t b) {
       const RowStats s = row_stats(scores + b * V, V);
       argmax[b] = s.argmax;
       max[b] = s.max;
       logsumexp[b] = s.logsumexp;
-    }
+    });
   });
 }
 

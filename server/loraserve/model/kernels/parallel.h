@@ -1,0 +1,40 @@
+// Work split between torch's threads as they get to it. Each kernel's items (tiles of output
+// columns, rows, chunks of a segment) are handed out in small ranges from one counter instead
+// of a fixed share per thread: on a shared machine a core is often slower for a while (another
+// process, the server's own loader or event loop), and with fixed shares the other threads
+// would wait for it at the end of every call.
+
+namespace LS_NAMESPACE {
+
+class WorkQueue {
+ public:
+  WorkQueue(int64_t items, int64_t threads)
+      : items_(items), grab_(std::max<int64_t>(1, items / (16 * threads))) {}
+
+  // fn(i) for every item i this thread takes, until none are left.
+  template <class Fn>
+  void each(Fn fn) {
+    for (;;) {
+      const int64_t begin = std::min(taken_.fetch_add(grab_), items_);
+      const int64_t end = std::min(begin + grab_, items_);
+      if (begin == end) return;
+      for (int64_t i = begin; i < end; ++i) fn(i);
+    }
+  }
+
+ private:
+  const int64_t items_, grab_;
+  std::atomic<int64_t> taken_{0};
+};
+
+// body(queue) once on each of torch's threads (once in all on a single-threaded thread, or
+// inside a parallel region): body sets up its thread's scratch, then calls queue.each.
+template <class Body>
+inline void parallel_items(int64_t items, Body body) {
+  if (items <= 0) return;
+  const int64_t threads = std::clamp<int64_t>(at::get_num_threads(), 1, items);
+  WorkQueue queue(items, threads);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { body(queue); });
+}
+
+}  // namespace LS_NAMESPACE
