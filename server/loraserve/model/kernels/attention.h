@@ -67,8 +67,9 @@ inline void softmax_inplace(float* scores, int64_t n) {
 // [R] int32 (the query sits at position context_lens[r] - 1 and sees keys from
 // max(0, len - window) when window > 0); out [R, H, D].
 //
-// One row at a time per thread (rows differ in length: taken as threads get to them), walking its positions in order: the keys of every head at a
-// position are one contiguous [KVH, D] run of the pool, read once for all heads.
+// One row at a time per thread (rows are taken as threads get to them: they differ in length),
+// walking its positions in order: the keys of every head at a position are one contiguous
+// [KVH, D] run of the pool, read once for all heads.
 inline void paged_decode_attention(const float* q, const float* k_pool, const float* v_pool,
                                    const int32_t* block_tables, int64_t max_blocks,
                                    const int32_t* context_lens, int64_t R, int64_t H,
