@@ -5,10 +5,12 @@ Builds the default benchmark model (hidden 1024, 8 layers, NF4, fp32 compute), s
 prompts of 64-128 tokens that all prefill in the first step, and steps the engine directly.
 With `--floor` the model keeps its depth, vocabulary and heads' layout but has hidden size 128:
 its steps cost what a step costs besides the model's arithmetic (Python, op dispatch, the
-per-layer small ops, sampling over the whole vocabulary).
+per-layer small ops, sampling over the whole vocabulary). With `--adapters` every row is on its
+own adapter (the benchmark's 32, rank 16 on all seven projections): what a multi-LoRA step adds.
 
     .venv/bin/python benchmarks/profile_step.py --threads 2 --new-tokens 16
     .venv/bin/python benchmarks/profile_step.py --threads 2 --new-tokens 64 --floor
+    .venv/bin/python benchmarks/profile_step.py --threads 2 --new-tokens 32 --adapters
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ import torch
 import transformers
 from torch.profiler import ProfilerActivity, profile
 
-from bench_multi_lora import DEFAULT, make_workload
-from common import DEFAULT_CACHE_DIR, ModelSpec, Workload, prepare_model
-from engine_runs import Trace, engine_config, submit
+from bench_multi_lora import DEFAULT, TARGETS, base_engine_config, make_workload
+from common import DEFAULT_CACHE_DIR, ModelSpec, Workload, prepare_lora_adapters, prepare_model
+from engine_runs import Trace, build_engine, engine_config, submit
 from loraserve.config import EngineConfig
 from loraserve.engine.core import EngineCore
 from loraserve.model.loading import load_base_model
@@ -64,26 +66,49 @@ def warm_base_engine(workload: Workload, spec: ModelSpec = DEFAULT.model) -> Eng
     return core
 
 
+def warm_lora_engine(new_tokens: int) -> tuple[EngineCore, Workload]:
+    """The default model with the benchmark's 32 adapters (rank 16, all seven projections), each
+    in its own slot, and the 32 prompts each on its own adapter, generating `new_tokens`."""
+    model_dir = prepare_model(DEFAULT.model, DEFAULT_CACHE_DIR)
+    adapter_dirs = prepare_lora_adapters(model_dir, DEFAULT.num_requests, DEFAULT.rank,
+                                         DEFAULT.alpha, TARGETS, DEFAULT.seed)  # fmt: skip
+    workload = make_workload(DEFAULT, list(adapter_dirs)).head(DEFAULT.num_requests, new_tokens)
+    settings = engine_config(base_engine_config(DEFAULT, model_dir), workload,
+                             DEFAULT.prompt_tokens[1])  # fmt: skip
+    core = build_engine(settings, adapter_dirs)
+    submit(core, Trace(), workload.head(4, 2), with_adapters=True)
+    timed_steps(core, Trace())
+    return core, workload
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--rows", type=int, default=25, help="profiler table rows")
     parser.add_argument("--floor", action="store_true", help="the model at hidden size 128")
+    parser.add_argument(
+        "--adapters", action="store_true", help="every row on its own adapter (32 adapters)"
+    )
     args = parser.parse_args()
+    if args.floor and args.adapters:
+        parser.error("--adapters runs the default model's adapters; it does not go with --floor")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     transformers.logging.disable_progress_bar()
-    workload = base_workload(args.new_tokens)
-    core = warm_base_engine(workload, FLOOR_MODEL if args.floor else DEFAULT.model)
-    submit(core, Trace(), workload, with_adapters=False)
+    if args.adapters:
+        core, workload = warm_lora_engine(args.new_tokens)
+    else:
+        workload = base_workload(args.new_tokens)
+        core = warm_base_engine(workload, FLOOR_MODEL if args.floor else DEFAULT.model)
+    submit(core, Trace(), workload, with_adapters=args.adapters)
     times = timed_steps(core, Trace())
     print(f"{args.threads} thread(s), {len(workload.prompts)} rows")
     print(f"prefill step {times[0] * 1e3:.0f} ms ({sum(map(len, workload.prompts))} tokens)")
     print(f"decode step median {statistics.median(times[1:]) * 1e3:.1f} ms, "
           f"min {min(times[1:]) * 1e3:.1f} ms")  # fmt: skip
 
-    submit(core, Trace(), workload, with_adapters=False)
+    submit(core, Trace(), workload, with_adapters=args.adapters)
     with profile(activities=[ProfilerActivity.CPU]) as prefill:
         core.step()
     with profile(activities=[ProfilerActivity.CPU]) as decode:
