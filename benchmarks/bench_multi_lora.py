@@ -27,7 +27,7 @@ Every request generates exactly the configured number of tokens (greedy; `ignore
 engine, `min_new_tokens == max_new_tokens` for HF). Model and adapter loading happen before any
 timing. Each configuration is warmed up once on a small slice of the workload, then they run
 in `--repeats` rounds and the medians are reported, because the machines this runs on are
-noisy: each round runs the quick configurations (the engine's on 32 requests and plain
+noisy: each round runs the short configurations (the engine's on 32 requests and plain
 `generate`, seconds each) three times, interleaved, then the slow ones (PEFT, Zipf) once. The
 random model and adapters are written once into a cache directory and reused.
 
@@ -270,11 +270,10 @@ def rounds(names: list[str], repeats: int) -> list[list[str]]:
     """
     interleaved = [n for n in names if n in INTERLEAVED]
     others = [n for n in names if n not in INTERLEAVED]
-    return [
-        [n for i in range(INTERLEAVED_RUNS_PER_ROUND) for n in interleaved[:: 1 - 2 * (i % 2)]]
-        + others
-        for _ in range(repeats)
-    ]
+    one_round = []
+    for i in range(INTERLEAVED_RUNS_PER_ROUND):
+        one_round += interleaved if i % 2 == 0 else interleaved[::-1]
+    return [one_round + others for _ in range(repeats)]
 
 
 def measure(
@@ -446,7 +445,7 @@ def parse_args(
     parser.add_argument(
         "--repeats",
         type=int,
-        help="rounds of timed runs (default: 5 with --quick, else 3); each round runs the quick "
+        help="rounds of timed runs (default: 5 with --quick, else 3); each round runs the short "
         f"configurations {INTERLEAVED_RUNS_PER_ROUND} times and the others once",
     )
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default=DEFAULT.quantization)
