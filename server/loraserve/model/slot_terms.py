@@ -190,7 +190,6 @@ class SlotTerms(nn.Module):
         self.register_buffer("shift", torch.zeros(shape, dtype=dtype, device=device))
         self.scaled = [False] * num_slots
         self.shifted = [False] * num_slots
-        self.with_terms: set[int] = set()  # the slots whose scaled or shifted is on
 
     @property
     def slot_nbytes(self) -> int:
@@ -202,21 +201,18 @@ class SlotTerms(nn.Module):
         if scale is not None:
             self.scale[slot].copy_(scale, non_blocking=True)
             self.scaled[slot] = True
-            self.with_terms.add(slot)
         if shift is not None:
             self.shift[slot].copy_(shift, non_blocking=True)
             self.shifted[slot] = True
-            self.with_terms.add(slot)
 
     def clear_slot(self, slot: int) -> None:
         """Turn both terms off for `slot` (their rows are read only while a term is on)."""
         self.scaled[slot] = self.shifted[slot] = False
-        self.with_terms.discard(slot)
 
     def apply_(self, y: torch.Tensor, batch: LoraBatch) -> None:
         """y: [N, out], updated in place on the rows of each segment whose slot has terms.
         Costs nothing per segment while no slot of this layer has a term (plain LoRA)."""
-        if not self.with_terms:
+        if not (any(self.scaled) or any(self.shifted)):
             return
         for seg in batch.segments:
             rows = y[seg.start : seg.end]
