@@ -7,10 +7,13 @@ With `--floor` the model keeps its depth, vocabulary and heads' layout but has h
 its steps cost what a step costs besides the model's arithmetic (Python, op dispatch, the
 per-layer small ops, sampling over the whole vocabulary). With `--adapters` every row is on its
 own adapter (the benchmark's 32, rank 16 on all seven projections): what a multi-LoRA step adds.
+With `--device cuda` the profiler also times the GPU's kernels: a decode step's wall time beside
+the time its kernels kept the GPU busy is what launch overhead (and a CUDA graph) is worth.
 
     .venv/bin/python benchmarks/profile_step.py --threads 2 --new-tokens 16
     .venv/bin/python benchmarks/profile_step.py --threads 2 --new-tokens 64 --floor
     .venv/bin/python benchmarks/profile_step.py --threads 2 --new-tokens 32 --adapters
+    python3 benchmarks/profile_step.py --device cuda --compute-dtype bf16 --new-tokens 32
 """
 
 from __future__ import annotations
@@ -23,14 +26,20 @@ from dataclasses import replace
 
 import torch
 import transformers
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from bench_multi_lora import DEFAULT, TARGETS, base_engine_config, make_workload
+from bench_multi_lora import (
+    DEFAULT,
+    TARGETS,
+    BenchConfig,
+    base_engine_config,
+    make_workload,
+)
 from common import DEFAULT_CACHE_DIR, ModelSpec, Workload, prepare_lora_adapters, prepare_model
 from engine_runs import Trace, build_engine, engine_config, submit
-from loraserve.config import EngineConfig
 from loraserve.engine.core import EngineCore
-from loraserve.model.loading import load_base_model
+from loraserve.model.loading import DTYPES, load_base_model
 
 
 def timed_steps(core: EngineCore, trace: Trace) -> list[float]:
@@ -54,27 +63,31 @@ FLOOR_MODEL = replace(DEFAULT.model, hidden_size=128, intermediate_size=256, num
                       num_kv_heads=2)  # fmt: skip
 
 
-def warm_base_engine(workload: Workload, spec: ModelSpec = DEFAULT.model) -> EngineCore:
-    """The model of `spec` (NF4, fp32 compute) in an engine sized for `workload`, warmed up by a
-    few short requests."""
+def warm_base_engine(
+    workload: Workload, spec: ModelSpec = DEFAULT.model, bench: BenchConfig = DEFAULT
+) -> EngineCore:
+    """The model of `spec` (NF4, `bench`'s compute dtype and device) in an engine sized for
+    `workload`, warmed up by a few short requests."""
     model_dir = prepare_model(spec, DEFAULT_CACHE_DIR)
-    base = EngineConfig(model=str(model_dir), max_step_tokens=DEFAULT.max_step_tokens)
-    settings = engine_config(base, workload, DEFAULT.prompt_tokens[1])
-    core = EngineCore(load_base_model(settings.model, "nf4", "fp32", "cpu"), settings)
+    settings = engine_config(base_engine_config(bench, model_dir), workload,
+                             bench.prompt_tokens[1])  # fmt: skip
+    core = EngineCore(
+        load_base_model(settings.model, "nf4", bench.compute_dtype, settings.device), settings
+    )
     submit(core, Trace(), workload.head(4, 2), with_adapters=False)
     timed_steps(core, Trace())
     return core
 
 
-def warm_lora_engine(new_tokens: int) -> tuple[EngineCore, Workload]:
+def warm_lora_engine(new_tokens: int, bench: BenchConfig = DEFAULT) -> tuple[EngineCore, Workload]:
     """The default model with the benchmark's 32 adapters (rank 16, all seven projections), each
     in its own slot, and the 32 prompts each on its own adapter, generating `new_tokens`."""
     model_dir = prepare_model(DEFAULT.model, DEFAULT_CACHE_DIR)
     adapter_dirs = prepare_lora_adapters(model_dir, DEFAULT.num_requests, DEFAULT.rank,
                                          DEFAULT.alpha, TARGETS, DEFAULT.seed)  # fmt: skip
     workload = make_workload(DEFAULT, list(adapter_dirs)).head(DEFAULT.num_requests, new_tokens)
-    settings = engine_config(base_engine_config(DEFAULT, model_dir), workload,
-                             DEFAULT.prompt_tokens[1])  # fmt: skip
+    settings = engine_config(base_engine_config(bench, model_dir), workload,
+                             bench.prompt_tokens[1])  # fmt: skip
     core = build_engine(settings, adapter_dirs)
     submit(core, Trace(), workload.head(4, 2), with_adapters=True)
     timed_steps(core, Trace())
@@ -90,32 +103,47 @@ def main() -> None:
     parser.add_argument(
         "--adapters", action="store_true", help="every row on its own adapter (32 adapters)"
     )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--compute-dtype", choices=tuple(DTYPES), default=DEFAULT.compute_dtype)
     args = parser.parse_args()
+    bench = replace(DEFAULT, device=args.device, compute_dtype=args.compute_dtype)
     if args.floor and args.adapters:
         parser.error("--adapters runs the default model's adapters; it does not go with --floor")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     transformers.logging.disable_progress_bar()
     if args.adapters:
-        core, workload = warm_lora_engine(args.new_tokens)
+        core, workload = warm_lora_engine(args.new_tokens, bench)
     else:
         workload = base_workload(args.new_tokens)
-        core = warm_base_engine(workload, FLOOR_MODEL if args.floor else DEFAULT.model)
+        core = warm_base_engine(workload, FLOOR_MODEL if args.floor else DEFAULT.model, bench)
     submit(core, Trace(), workload, with_adapters=args.adapters)
     times = timed_steps(core, Trace())
-    print(f"{args.threads} thread(s), {len(workload.prompts)} rows")
+    print(f"{args.threads} thread(s), {len(workload.prompts)} rows, {args.compute_dtype} on "
+          f"{core.device}")  # fmt: skip
     print(f"prefill step {times[0] * 1e3:.0f} ms ({sum(map(len, workload.prompts))} tokens)")
     print(f"decode step median {statistics.median(times[1:]) * 1e3:.1f} ms, "
           f"min {min(times[1:]) * 1e3:.1f} ms")  # fmt: skip
 
+    on_gpu = core.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_gpu else [])]
     submit(core, Trace(), workload, with_adapters=args.adapters)
-    with profile(activities=[ProfilerActivity.CPU]) as prefill:
+    with profile(activities=activities) as prefill:
         core.step()
-    with profile(activities=[ProfilerActivity.CPU]) as decode:
-        timed_steps(core, Trace())
+    with profile(activities=activities) as decode:
+        decode_times = timed_steps(core, Trace())
     for name, prof in (("prefill step", prefill), (f"{args.new_tokens - 1} decode steps", decode)):
         print(f"\n{name}:")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+        if on_gpu:
+            print(prof.key_averages().table(sort_by="self_device_time_total",
+                                            row_limit=args.rows))  # fmt: skip
+    if on_gpu:
+        kernels = [e for e in decode.key_averages() if e.device_type == DeviceType.CUDA]
+        busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3
+        wall_ms = sum(decode_times) * 1e3
+        print(f"decode steps (profiled): {wall_ms / len(decode_times):.2f} ms each, the GPU's "
+              f"kernels busy {busy_ms / len(decode_times):.2f} ms of it")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,20 +1,50 @@
 #!/usr/bin/env bash
 # Run on a lent GPU machine (the session's device tool), from the repo root: the parity tests on
-# CUDA and the multi-LoRA benchmark with --device cuda; logs and JSON land in $OUT.
+# CUDA, the multi-LoRA benchmark with --device cuda, and profiled decode steps; logs and JSON
+# land in $OUT. Each stage has its own time limit and runs even when one before it failed, so
+# that one call inside the device's 10-minute limit brings back whatever could be measured.
 #
-# That machine's image has torch (CUDA) but no bitsandbytes and an older transformers, and it
-# cannot download: carry wheels for Python 3.12 in .whl/ first (see docs/gpu.md).
-set -euo pipefail
+#     bash scripts/device_check.sh                  # all stages: tests bench profile
+#     BUDGET_S=150 bash scripts/device_check.sh tests profile
+#
+# That machine's image has torch (CUDA) but no bitsandbytes, an older transformers and none of
+# pydantic, google-re2 or llguidance, and it cannot download: carry Python 3.12 wheels in .whl/
+# first (scripts/device_wheels.sh). They are unpacked into a folder on PYTHONPATH, ahead of the
+# image's own packages; the checkout's server/ and clients/python/ are imported in place.
+set -uo pipefail
 OUT=${OUT:-/tmp/loraserve-device}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --find-links .whl/ \
-  bitsandbytes transformers peft accelerate grpcio grpcio-health-checking grpcio-reflection \
-  grpcio-status protobuf prometheus-client pytest-asyncio llguidance jsonschema
-python3 -m pip install -q --no-deps --no-build-isolation -e ./clients/python  # the stubs
-python3 -m pip install -q --no-deps --no-build-isolation -e .
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
-python3 -m pytest tests/engine/test_parity.py tests/engine/test_logprob_parity.py \
-  tests/engine/test_constrained.py -q -p no:cacheprovider -k cuda 2>&1 \
-  | tee "$OUT/gpu_tests.log"
-python3 benchmarks/bench_multi_lora.py --device cuda --compute-dtype bf16 --repeats 3 \
-  --out "$OUT/multi_lora_cuda_bf16.json" 2>&1 | tee "$OUT/bench.log"
+BUDGET_S=${BUDGET_S:-580}  # the whole script's seconds; the device call's limit is 600
+SITE=/tmp/loraserve-site
+mkdir -p "$OUT" "$SITE"
+for wheel in .whl/*; do python3 -m zipfile -e "$wheel" "$SITE"; done
+export PYTHONPATH="$SITE:$PWD/server:$PWD/clients/python" PYTHONUNBUFFERED=1
+
+STAGES=" ${*:-tests bench profile} "
+left() { echo $((BUDGET_S - SECONDS - $1)); }  # seconds left, keeping $1 for what follows
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  lscpu | grep -E "^Model name|^CPU\(s\)"
+  python3 -c "import sys, torch, transformers, bitsandbytes, peft
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda,
+      'transformers', transformers.__version__, 'bitsandbytes', bitsandbytes.__version__,
+      'peft', peft.__version__)"
+} 2>&1 | tee "$OUT/machine.txt"
+
+if [[ $STAGES == *" tests "* ]]; then
+  timeout 150 python3 -m pytest tests/engine/test_parity.py -q -p no:cacheprovider -k cuda 2>&1 \
+    | tee "$OUT/gpu_tests.log"
+fi
+
+if [[ $STAGES == *" bench "* ]]; then  # a .partial.json holds the rounds if the rest is cut off
+  timeout "$(left 75)" python3 benchmarks/bench_multi_lora.py --device cuda --compute-dtype bf16 \
+    --repeats "${REPEATS:-2}" --out "$OUT/multi_lora_cuda_bf16.json" 2>&1 | tee "$OUT/bench.log"
+fi
+
+if [[ $STAGES == *" profile "* ]]; then
+  timeout "$(left 40)" python3 benchmarks/profile_step.py --device cuda --compute-dtype bf16 \
+    --new-tokens 32 --rows 15 2>&1 | tee "$OUT/profile_cuda_bf16.log"
+  timeout "$(left 0)" python3 benchmarks/profile_step.py --device cuda --compute-dtype bf16 \
+    --new-tokens 32 --rows 15 --adapters 2>&1 | tee "$OUT/profile_cuda_bf16_adapters.log"
+fi
+exit 0

@@ -91,7 +91,6 @@ def pip_installs(script: Path) -> list[str]:
     [
         ("scripts/setup.sh", "./clients/python", ".[dev,bench,ray]"),
         ("deploy/docker/Dockerfile", "/src/clients/python", "/src"),
-        ("scripts/device_check.sh", "./clients/python", "."),
     ],
 )
 def test_installs_from_a_checkout_put_the_client_first(script, client, server):
