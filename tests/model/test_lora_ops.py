@@ -21,7 +21,9 @@ from loraserve.model.lora import (
     MultiLoraEmbedding,
     MultiLoraLinear,
     add_lora_delta_,
+    gathered_lora_delta_,
     lora_delta_reference,
+    segmented_lora_delta_,
     wrap_lora_targets,
 )
 from loraserve.model.slot_terms import SlotCopies
@@ -85,10 +87,21 @@ def _token_slots(row_slots: list[int], row_len: int) -> torch.Tensor:
     return torch.tensor(row_slots).repeat_interleave(row_len)  # [N] int64
 
 
+# Each form of the delta, as `add_lora_delta_` calls it: the dispatch (on a CPU, the compiled
+# kernel in fp32, the segment loop in bf16), the segment loop, and the gathered (BGMV) form that
+# a GPU takes for decode-sized batches, run here on the CPU against the same reference.
+FORMS = {
+    "dispatch": add_lora_delta_,
+    "segmented": segmented_lora_delta_,
+    "gathered": lambda y, x, batch, a, b: gathered_lora_delta_(y, x, batch.token_slots, a, b),
+}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=["fp32", "bf16"])
 @pytest.mark.parametrize("row_len", [1, 5], ids=["per-token", "segments"])
 @pytest.mark.parametrize("mix", list(MIXES))
-def test_add_lora_delta_matches_reference(mix, row_len, dtype):
+def test_add_lora_delta_matches_reference(mix, row_len, dtype, form):
     row_slots = MIXES[mix](random.Random(mix), NUM_ROWS)
     batch = LoraBatch.for_rows(row_slots, [row_len] * len(row_slots), SLOT_RANKS)
     lora_a, lora_b = _slot_weights(dtype)
@@ -96,8 +109,9 @@ def test_add_lora_delta_matches_reference(mix, row_len, dtype):
     base = _x(NUM_ROWS * row_len, dtype, seed=2)[:, :OUT_FEATURES]  # [N, out], as base(x) gives
     y = base.clone()
 
-    got = add_lora_delta_(y, x, batch, lora_a, lora_b)
+    got = FORMS[form](y, x, batch, lora_a, lora_b)
     slots = _token_slots(row_slots, row_len)
+    assert torch.equal(batch.token_slots, slots)
     want = base.float() + lora_delta_reference(x.float(), slots, lora_a.float(), lora_b.float())
 
     assert got is y, "the delta is not added in place"

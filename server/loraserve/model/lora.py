@@ -48,14 +48,22 @@ class LoraBatch:
 
     The runner orders rows by slot, so a batch has one segment per distinct adapter in it.
     `table` holds the same segments as tensors for the compiled kernel: [4, G] int64 rows of
-    starts, ends, slots and ranks.
+    starts, ends, slots and ranks. `token_slots` [N] int64, on the model's device, is every
+    token's slot (0 for the base), for the gathered form.
     """
 
     segments: tuple[LoraSegment, ...]
     table: torch.Tensor
+    token_slots: torch.Tensor
 
     @classmethod
-    def for_rows(cls, row_slots: list[int], row_tokens: list[int], slot_ranks: list[int]):
+    def for_rows(
+        cls,
+        row_slots: list[int],
+        row_tokens: list[int],
+        slot_ranks: list[int],
+        device: torch.device | str = "cpu",
+    ) -> LoraBatch:
         """Rows laid end to end, row b holding row_tokens[b] tokens on slot row_slots[b];
         slot_ranks[s] = rank of slot s."""
         segments: list[LoraSegment] = []
@@ -73,7 +81,13 @@ class LoraBatch:
              [g.slot for g in segments], [g.rank for g in segments]],
             dtype=torch.int64,
         ).reshape(4, len(segments))  # fmt: skip
-        return cls(tuple(segments), table)
+        token_slots = torch.tensor(row_slots).repeat_interleave(torch.tensor(row_tokens))
+        return cls(tuple(segments), table, token_slots.to(device))
+
+
+# The gathered form copies every token's slot weights, N * R * (in + out) elements: above this
+# (a prefill-sized batch) the copies cost more than the launches they save.
+GATHERED_MAX_ELEMENTS = 1 << 24
 
 
 def add_lora_delta_(
@@ -85,18 +99,48 @@ def add_lora_delta_(
     scaling folded in. Ranks below R are zero-padded, so each segment uses its slot's own rank.
 
     On the CPU in fp32, one compiled call covers every segment (shrink and expand per chunk of
-    a segment's tokens, chunks in parallel); elsewhere one fused multiply-add per segment, on
-    views of the slot buffers. Neither gathers copies of the weights.
+    a segment's tokens, chunks in parallel). On a GPU, a decode-sized batch of several adapters
+    takes the gathered form (`gathered_lora_delta_`, four launches however many adapters);
+    otherwise one fused multiply-add per segment (`segmented_lora_delta_`).
     """
     ops = native()
     if ops is not None and y.device.type == "cpu" and y.dtype == x.dtype == torch.float32:
         starts, ends, slots, ranks = batch.table
         ops.lora_delta_(x.contiguous(), y, lora_a, lora_b, starts, ends, slots, ranks)
         return y
+    gathered = x.shape[0] * lora_a.shape[1] * (lora_a.shape[2] + lora_b.shape[2])
+    if y.device.type != "cpu" and len(batch.segments) > 2 and gathered <= GATHERED_MAX_ELEMENTS:
+        return gathered_lora_delta_(y, x, batch.token_slots, lora_a, lora_b)
+    return segmented_lora_delta_(y, x, batch, lora_a, lora_b)
+
+
+def segmented_lora_delta_(
+    y: torch.Tensor, x: torch.Tensor, batch: LoraBatch, lora_a: torch.Tensor, lora_b: torch.Tensor
+) -> torch.Tensor:
+    """`add_lora_delta_` as one shrink and one fused expand-and-add per segment (SGMV's work in
+    2 x G calls), on views of the slot buffers at each slot's own rank: nothing is copied."""
     for seg in batch.segments:
         rows = slice(seg.start, seg.end)
         shrunk = F.linear(x[rows], lora_a[seg.slot, : seg.rank])  # [n, r]
         y[rows].addmm_(shrunk, lora_b[seg.slot, : seg.rank])
+    return y
+
+
+def gathered_lora_delta_(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    token_slots: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+) -> torch.Tensor:
+    """`add_lora_delta_` in Punica's BGMV form: every token's slot weights gathered, then one
+    batched shrink and one batched expand-and-add, at the full padded rank R (the padding and
+    slot 0 are zeros, so they add exactly zero to finite values). token_slots: [N] int64 on
+    y's device. Copies N * R * (in + out) elements; four launches for any mix of adapters."""
+    a = lora_a.index_select(0, token_slots)  # [N, R, in]
+    b = lora_b.index_select(0, token_slots)  # [N, R, out]
+    shrunk = torch.bmm(a, x.unsqueeze(-1))  # [N, R, 1]
+    y.unsqueeze(1).baddbmm_(shrunk.transpose(1, 2), b)  # [N, 1, out] += [N, 1, R] @ [N, R, out]
     return y
 
 

@@ -100,7 +100,9 @@ class ModelRunner:
         positions = starts[row_of] + torch.arange(row_of.numel(), device=device) - firsts[row_of]
         self.cache.prepare(tables[row_of, positions // bs] * bs + positions % bs)
         input_ids = torch.tensor([t for r in rows for t in r.tokens], device=device)[None]
-        self.lora.batch = LoraBatch.for_rows([r.lora_slot for r in rows], counts, self.slot_ranks)
+        self.lora.batch = LoraBatch.for_rows(
+            [r.lora_slot for r in rows], counts, self.slot_ranks, device
+        )
         try:
             out = self.model(
                 input_ids=input_ids,
