@@ -78,7 +78,7 @@ def sample(name: str, model_dir: Path) -> Sample:
     if kind == "boolean":
         return Sample(str(not default).lower(), not default, not default)
     if kind == "integer":
-        number = 9400 if default is None else default + 1
+        number = min(9400, prop.get("maximum", 9400)) if default is None else default + 1
         return Sample(str(number), number, number)
     if kind == "number":
         return Sample(str(default * 2), default * 2, default * 2)

@@ -1,17 +1,18 @@
 """Composition: build the engine and its adapter parts from the configuration, run the server.
 
-`build_runtime` loads the base model (without one configured, the built-in demo, trained into
-the user's cache on first use), opens the adapter store (and the thread that keeps it current
-with other processes sharing its root), builds the engine core around it, the publisher that
-hands validated uploads to the host tier and the catalog the API serves, shares the start-up
-adapters (the demo's too) with every tenant and starts the engine thread. `serve` runs the
-process: the gRPC server binds at once (health NOT_SERVING, calls UNAVAILABLE) so Kubernetes
-can probe it, and so does the OpenAI-compatible HTTP API when `http_port` is set (503 until
-then), the runtime is built off the event loop and warmed up with one generation, then health
-turns SERVING. SIGHUP reloads the API-keys file (a bad one is logged and the keys in use
-stay). SIGTERM or SIGINT drains both APIs (health NOT_SERVING and new calls refused at once,
-the listeners open until in-flight calls finish or the grace period ends) and `serve` returns
-0; a failed start-up logs why and returns 1, a bad keys file or TLS file 2.
+`build_runtime` sets the compute threads (`model.cpus`), loads the base model (without one
+configured, the built-in demo, trained into the user's cache on first use), opens the adapter
+store (and the thread that keeps it current with other processes sharing its root), builds the
+engine core around it, the publisher that hands validated uploads to the host tier and the
+catalog the API serves, shares the start-up adapters (the demo's too) with every tenant and
+starts the engine thread. `serve` runs the process: the gRPC server binds at once (health
+NOT_SERVING, calls UNAVAILABLE) so Kubernetes can probe it, and so does the OpenAI-compatible
+HTTP API when `http_port` is set (503 until then), the runtime is built off the event loop and
+warmed up with one generation, then health turns SERVING. SIGHUP reloads the API-keys file (a
+bad one is logged and the keys in use stay). SIGTERM or SIGINT drains both APIs (health
+NOT_SERVING and new calls refused at once, the listeners open until in-flight calls finish or
+the grace period ends) and `serve` returns 0; a failed start-up logs why and returns 1, a bad
+keys file or TLS file 2.
 
 The only module that knows every layer; no layer imports it.
 """
@@ -42,6 +43,7 @@ from loraserve.demo import demo_model
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.core import EngineCore
 from loraserve.metrics import Metrics
+from loraserve.model.cpus import set_compute_threads
 from loraserve.model.loading import load_base_model, quantized_bytes
 from loraserve.types import (
     DEFAULT_TENANT,
@@ -85,6 +87,7 @@ def served_model(config: ServerConfig) -> ServedModel:
 def build_runtime(config: ServerConfig, metrics: Metrics) -> Runtime:
     """Load the base model, open the adapter store, load start-up adapters, start the engine."""
     engine_config = config.engine
+    threads = set_compute_threads(engine_config.compute_threads)
     served = served_model(config)
     model = served.model
     try:
@@ -131,6 +134,7 @@ def build_runtime(config: ServerConfig, metrics: Metrics) -> Runtime:
             "quantization": loaded.quantization,
             "compute_dtype": engine_config.compute_dtype,
             "device": str(loaded.device),
+            "compute_threads": str(threads),
         }
     )
     engine = AsyncEngine(core)

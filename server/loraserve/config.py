@@ -99,6 +99,12 @@ class EngineConfig(BaseModel):
     device: str = setting(
         "auto", "auto, cpu, cuda or cuda:N", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$"
     )
+    compute_threads: Count | None = setting(
+        None,
+        "threads for the model's CPU arithmetic (default: the CPUs this process may use, its "
+        "affinity mask capped by its cgroup's CPU quota)",
+        le=4096,
+    )
     max_rank: Count = setting(64, "largest LoRA rank accepted")
     device_slots: Count = setting(
         8, "adapters resident on the device at once (slot 0, the base, is extra)"

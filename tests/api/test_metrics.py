@@ -36,7 +36,7 @@ def server(model_dirs, adapter_dirs, tmp_path_factory):
     flags = [
         "--model", str(model_dirs["llama"]), "--device", "cpu", "--device-slots", "1",
         "--metrics-port", str(metrics_port), "--metrics-names", "--api-keys", str(keys),
-        "--adapter-dir", str(root / "store"), "--max-context", "600",
+        "--adapter-dir", str(root / "store"), "--max-context", "600", "--compute-threads", "1",
         "--adapter", f"first={adapter_dirs['llama']['r4-attn']}",
         "--adapter", f"second={adapter_dirs['llama']['r8-all']}",
     ]  # fmt: skip
@@ -97,6 +97,7 @@ def test_every_metric_moves_as_requests_run_fail_and_adapters_churn(server, adap
     assert value(after, "loraserve_kv_cache_usage_ratio") == 0
     info = [f for f in text_string_to_metric_families(after) if f.name == "loraserve_build_info"]
     assert info and info[0].samples[0].labels["quantization"] == "nf4"
+    assert info[0].samples[0].labels["compute_threads"] == "1"
 
 
 def promtool_check(exposition: str) -> list[str]:

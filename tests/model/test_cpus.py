@@ -1,0 +1,88 @@
+"""The CPUs a process may use: cgroup CPU quotas read from real files laid out as cgroup v2 and
+v1 mount them, capped affinity counts, and torch's thread count set from them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraserve.model.cpus import UsableCpus, cgroup_cpu_quota, set_compute_threads, usable_cpus
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_v2_takes_the_tightest_limit_on_the_way_up(tmp_path):
+    _write(tmp_path / "kubepods" / "cpu.max", "400000 100000\n")
+    _write(tmp_path / "kubepods" / "pod1" / "cpu.max", "150000 100000\n")
+    _write(tmp_path / "kubepods" / "pod1" / "ctr" / "cpu.max", "max 100000\n")
+
+    assert cgroup_cpu_quota(tmp_path, "0::/kubepods/pod1/ctr\n") == 1.5
+    assert cgroup_cpu_quota(tmp_path, "0::/kubepods\n") == 4.0
+
+
+def test_v2_without_a_limit_anywhere_is_none(tmp_path):
+    _write(tmp_path / "user.slice" / "cpu.max", "max 100000\n")
+
+    assert cgroup_cpu_quota(tmp_path, "0::/user.slice\n") is None
+    assert cgroup_cpu_quota(tmp_path, "0::/\n") is None  # no cpu.max at all
+
+
+def test_v1_reads_the_cpu_controllers_mount(tmp_path):
+    mount = tmp_path / "cpu,cpuacct"
+    _write(mount / "docker" / "cpu.cfs_quota_us", "300000\n")
+    _write(mount / "docker" / "cpu.cfs_period_us", "100000\n")
+    _write(mount / "docker" / "abc" / "cpu.cfs_quota_us", "-1\n")
+    _write(mount / "docker" / "abc" / "cpu.cfs_period_us", "100000\n")
+    membership = "4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n0::/\n"
+
+    assert cgroup_cpu_quota(tmp_path, membership) == 3.0
+
+
+def test_v1_split_controllers_and_unlimited(tmp_path):
+    _write(tmp_path / "cpu" / "cpu.cfs_quota_us", "-1\n")
+    _write(tmp_path / "cpu" / "cpu.cfs_period_us", "100000\n")
+
+    assert cgroup_cpu_quota(tmp_path, "2:cpuacct:/\n1:cpu:/\n") is None
+
+
+def test_unreadable_or_foreign_files_are_no_limit(tmp_path):
+    _write(tmp_path / "a" / "cpu.max", "lots\n")
+    _write(tmp_path / "b" / "cpu.max", "100000 0\n")
+
+    assert cgroup_cpu_quota(tmp_path, "0::/a\n") is None
+    assert cgroup_cpu_quota(tmp_path, "0::/b\n") is None
+
+
+def test_a_path_above_the_namespace_reads_the_mount_only(tmp_path):
+    _write(tmp_path / "cpu.max", "200000 100000\n")
+    _write(tmp_path.parent / "cpu.max", "100000 100000\n")  # outside the mount: never read
+
+    assert cgroup_cpu_quota(tmp_path, "0::/../../elsewhere\n") == 2.0
+
+
+@pytest.mark.parametrize(
+    ("affinity", "quota", "count"),
+    [(8, None, 8), (8, 1.5, 2), (8, 0.2, 1), (4, 16.0, 4), (2, 2.0, 2)],
+)
+def test_count_is_the_affinity_capped_by_the_quota_rounded_up(affinity, quota, count):
+    assert UsableCpus(affinity, quota).count == count
+
+
+def test_this_process_has_at_least_one_cpu():
+    cpus = usable_cpus()
+    assert 1 <= cpus.count <= cpus.affinity
+
+
+def test_set_compute_threads_sets_torch_and_defaults_to_the_usable_cpus():
+    before = torch.get_num_threads()
+    try:
+        assert set_compute_threads(1) == 1
+        assert torch.get_num_threads() == 1
+        assert set_compute_threads(None) == usable_cpus().count == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
