@@ -101,8 +101,9 @@ class EngineConfig(BaseModel):
     )
     compute_threads: Count | None = setting(
         None,
-        "threads for the model's CPU arithmetic (default: the CPUs this process may use, its "
-        "affinity mask capped by its cgroup's CPU quota)",
+        "threads for the model's CPU arithmetic (default: torch's count, from OMP_NUM_THREADS "
+        "or the physical cores, capped by the CPUs this process may use: its affinity mask and "
+        "its cgroup's CPU quota)",
         le=4096,
     )
     max_rank: Count = setting(64, "largest LoRA rank accepted")

@@ -78,11 +78,13 @@ def test_this_process_has_at_least_one_cpu():
     assert 1 <= cpus.count <= cpus.affinity
 
 
-def test_set_compute_threads_sets_torch_and_defaults_to_the_usable_cpus():
+def test_set_compute_threads_sets_torch_and_by_default_caps_its_count():
     before = torch.get_num_threads()
     try:
         assert set_compute_threads(1) == 1
         assert torch.get_num_threads() == 1
+        assert set_compute_threads(None) == 1  # torch's count (1 now) is within the CPUs
+        torch.set_num_threads(usable_cpus().count + 3)  # as OMP_NUM_THREADS past the quota
         assert set_compute_threads(None) == usable_cpus().count == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)

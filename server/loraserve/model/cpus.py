@@ -1,10 +1,11 @@
-"""How many threads the model's CPU arithmetic gets: the CPUs this process may use.
+"""How many threads the model's CPU arithmetic gets: no more than the CPUs this process may use.
 
-torch starts one compute thread per CPU in the process's affinity mask, and knows nothing of
-a container's CPU quota (cgroup `cpu.max`, or `cpu.cfs_quota_us` under cgroup v1): a pod
-limited to 2 CPUs on a 64-core node would run 64 threads that the quota then stalls, each
-step waiting at every op's end for the slowest. `usable_cpus` reads both; `set_compute_threads`
-hands torch (and the compiled kernels, which share its thread pool) a count.
+torch starts one compute thread per physical core it sees (or `OMP_NUM_THREADS`, which Ray sets
+for its replicas), and knows nothing of a container's CPU quota (cgroup `cpu.max`, or
+`cpu.cfs_quota_us` under cgroup v1): a pod limited to 2 CPUs on a 64-core node would run 32 or
+64 threads that the quota then stalls, each step waiting at every op's end for the slowest.
+`usable_cpus` reads the affinity mask and the quota; `set_compute_threads` hands torch (and the
+compiled kernels, which share its thread pool) a count within them.
 
 Knows nothing about models or the engine: the composition root decides when to call it.
 """
@@ -104,10 +105,11 @@ def usable_cpus() -> UsableCpus:
 
 
 def set_compute_threads(threads: int | None) -> int:
-    """Give torch `threads` compute threads (None: `usable_cpus().count`); returns the count.
-    Threads that start torch work after this call take it too (the engine's step thread)."""
+    """Give torch `threads` compute threads (None: torch's own count, capped by
+    `usable_cpus().count`); returns the count. Threads that start torch work after this call
+    take it too (the engine's step thread)."""
     cpus = usable_cpus()
-    count = threads or cpus.count
+    count = threads or min(torch.get_num_threads(), cpus.count)
     torch.set_num_threads(count)
     quota = "no CPU quota" if cpus.quota is None else f"a CPU quota of {cpus.quota:g}"
     log.info("%d compute threads (%d CPUs in the affinity mask, %s)", count, cpus.affinity, quota)
