@@ -2,8 +2,8 @@
 
 The oracle for DoRA is PEFT's `DoraLinearLayer` / `DoraEmbeddingLayer` called as PEFT's eval
 forward calls them; for LoRA biases and the embedding lookup, PEFT's formulas. Each batch mixes
-every kind of slot with base-only rows, through the compiled kernel and through the torch loop,
-over a dense and an NF4 base.
+every kind of slot with base-only rows, through the compiled kernel, the torch loop and the
+gathered form, over a dense and an NF4 base.
 """
 
 from __future__ import annotations
@@ -98,10 +98,14 @@ ADAPTERS = {
 }
 
 
-@pytest.fixture(params=["kernel", "torch-loop"])
+@pytest.fixture(params=["kernel", "torch-loop", "gathered"])
 def path(request, monkeypatch):
-    if request.param == "torch-loop":
+    """The CPU's compiled kernel, the per-segment torch loop, or the gathered form a GPU takes
+    (delta and slot terms), here on the CPU."""
+    if request.param != "kernel":
         monkeypatch.setattr(lora_module, "native", lambda: None)
+    if request.param == "gathered":
+        monkeypatch.setattr(lora_module, "takes_gathered_form", lambda *_: True)
     return request.param
 
 
@@ -129,11 +133,12 @@ def test_every_kind_of_slot_matches_peft_in_one_batch(quantized, path):
                 assert (want - base(x[rows])).abs().max() > 0.1
 
 
-def test_a_cleared_slot_drops_its_terms():
+def test_a_cleared_slot_drops_its_terms(path):
     context = LoraContext()
     layer = MultiLoraLinear(_base(False), context, SLOTS, 8, torch.float32)
-    w = layer.resolve(ADAPTERS[3].weights())
-    layer.set_slot(3, w.a, w.b, w.scale, w.shift)
+    for slot in (1, 3):  # slot 1 keeps its terms: the layer still applies terms to every row
+        w = layer.resolve(ADAPTERS[slot].weights())
+        layer.set_slot(slot, w.a, w.b, w.scale, w.shift)
     layer.clear_slot(3)
     x = _randn(ROW_TOKENS, IN, seed=5)
     context.batch = LoraBatch.for_rows([3], [ROW_TOKENS], [0, 0, 0, RANK, 0, 0])

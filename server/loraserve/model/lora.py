@@ -108,10 +108,21 @@ def add_lora_delta_(
         starts, ends, slots, ranks = batch.table
         ops.lora_delta_(x.contiguous(), y, lora_a, lora_b, starts, ends, slots, ranks)
         return y
-    gathered = x.shape[0] * lora_a.shape[1] * (lora_a.shape[2] + lora_b.shape[2])
-    if y.device.type != "cpu" and len(batch.segments) > 2 and gathered <= GATHERED_MAX_ELEMENTS:
+    if takes_gathered_form(batch, x, lora_a, lora_b):
         return gathered_lora_delta_(y, x, batch.token_slots, lora_a, lora_b)
     return segmented_lora_delta_(y, x, batch, lora_a, lora_b)
+
+
+def takes_gathered_form(
+    batch: LoraBatch, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
+) -> bool:
+    """Whether this forward's delta and slot terms take the gathered form: on a GPU, where each
+    launch costs more than its arithmetic, for more than two adapters, while the copies stay
+    under GATHERED_MAX_ELEMENTS. x: [N, in]; lora_a: [S, R, in]; lora_b: [S, R, out]."""
+    if x.device.type == "cpu" or len(batch.segments) <= 2:
+        return False
+    copied = x.shape[0] * lora_a.shape[1] * (lora_a.shape[2] + lora_b.shape[2])
+    return copied <= GATHERED_MAX_ELEMENTS
 
 
 def segmented_lora_delta_(
@@ -258,9 +269,10 @@ class MultiLoraLinear(nn.Module):
         batch = self.context.batch
         if batch is None or not batch.segments:
             return y
-        flat_y = y.view(-1, self.out_features)
-        add_lora_delta_(flat_y, x.reshape(-1, self.in_features), batch, self.lora_a, self.lora_b)
-        self.terms.apply_(flat_y, batch)
+        flat_y, flat_x = y.view(-1, self.out_features), x.reshape(-1, self.in_features)
+        add_lora_delta_(flat_y, flat_x, batch, self.lora_a, self.lora_b)
+        gathered = takes_gathered_form(batch, flat_x, self.lora_a, self.lora_b)
+        self.terms.apply_(flat_y, batch, gathered)
         return y
 
 

@@ -176,7 +176,8 @@ def resolve_terms(
 
 class SlotTerms(nn.Module):
     """Per-slot output affine terms of one layer: rows on slot s become rows * scale[s] +
-    shift[s]. scale, shift: [num_slots, out]; a slot without a term skips it."""
+    shift[s]. scale, shift: [num_slots, out]; a slot without a term skips it, and its rows hold
+    the identity (ones, zeros) for the gathered form, which applies every row's term at once."""
 
     scale: torch.Tensor
     shift: torch.Tensor
@@ -206,13 +207,25 @@ class SlotTerms(nn.Module):
             self.shifted[slot] = True
 
     def clear_slot(self, slot: int) -> None:
-        """Turn both terms off for `slot` (their rows are read only while a term is on)."""
+        """Turn both terms off for `slot`, its rows back to the identity."""
+        if self.scaled[slot]:
+            self.scale[slot].fill_(1)
+        if self.shifted[slot]:
+            self.shift[slot].zero_()
         self.scaled[slot] = self.shifted[slot] = False
 
-    def apply_(self, y: torch.Tensor, batch: LoraBatch) -> None:
-        """y: [N, out], updated in place on the rows of each segment whose slot has terms.
+    def apply_(self, y: torch.Tensor, batch: LoraBatch, gathered: bool = False) -> None:
+        """y: [N, out], updated in place on the rows of each segment whose slot has terms, or
+        (gathered) every row at once by its slot's rows, gathered with `batch.token_slots`.
         Costs nothing per segment while no slot of this layer has a term (plain LoRA)."""
-        if not (any(self.scaled) or any(self.shifted)):
+        scaled, shifted = any(self.scaled), any(self.shifted)
+        if not (scaled or shifted):
+            return
+        if gathered:
+            if scaled:
+                y.mul_(self.scale.index_select(0, batch.token_slots))
+            if shifted:
+                y.add_(self.shift.index_select(0, batch.token_slots))
             return
         for seg in batch.segments:
             rows = y[seg.start : seg.end]
