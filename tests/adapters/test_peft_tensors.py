@@ -194,3 +194,24 @@ def test_not_finite_names_each_module_holding_a_nan_or_infinity_once(dtype):
         "huge-but-finite": module(b_bad=3e38),
     }
     assert not_finite(modules) == ["nan-in-a", "inf-in-both"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("spec", ["dora-embed-r4", "lora-bias-r4"])
+def test_read_weights_count_all_the_memory_they_keep_alive(spec, dtype, bases, tmp_path):
+    arch = "qwen2" if spec == "lora-bias-r4" else "llama"
+    directory = _written(bases, tmp_path, arch, spec)
+    weights = read_peft_adapter(directory, lora_target_shapes(str(bases[arch])), 8, dtype)
+    names = ("a", "b", "magnitude", "bias", "lora_bias", "base_copy", "scale", "shift")
+    tensors = [
+        t
+        for module in weights.modules.values()
+        for t in (getattr(module, n) for n in names)
+        if t is not None
+    ]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    # the host tier's budget counts each storage once, whole: in fp32 the A tensors are views
+    # of the file's buffer, whose B as stored is dead once transposed but alive all the same
+    assert weights.nbytes == sum(storages.values()) >= sum(t.nbytes for t in tensors)
+    if dtype == torch.float32:
+        assert weights.nbytes >= (directory / WEIGHTS_FILE).stat().st_size - 64 * 1024

@@ -65,7 +65,11 @@ class LoraWeights:
 
     @property
     def nbytes(self) -> int:
-        return sum(m.nbytes for m in self.modules.values())
+        """Host bytes holding these weights costs: each storage under them once."""
+        storages: dict[int, int] = {}
+        for module in self.modules.values():
+            storages.update(module.storages())
+        return sum(storages.values())
 
 
 def _read_config(directory: Path, problems: list[str]) -> AdapterConfig | None:

@@ -73,9 +73,14 @@ class ModuleWeights:
         names = ("a", "b", "magnitude", "bias", "lora_bias", "base_copy", "scale", "shift")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self._tensors().values())
+    def storages(self) -> dict[int, int]:
+        """The memory under these tensors, storage address -> bytes. A view keeps its whole
+        storage alive: A as read is a view of the adapter file's buffer (which also holds B as
+        stored), so the storage, not the view, is what holding these weights costs."""
+        return {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in self._tensors().values()
+        }
 
     def pinned(self) -> ModuleWeights:
         """The same weights in pinned host memory (for asynchronous copies to CUDA)."""
