@@ -6,6 +6,7 @@
 #
 #     bash scripts/device_check.sh                  # all stages: tests bench profile
 #     BUDGET_S=150 bash scripts/device_check.sh tests profile
+#     BENCH_ARGS="--only engine_multi_lora hf_generate_base" bash scripts/device_check.sh bench
 #
 # That machine's image has torch (CUDA) but no bitsandbytes, an older transformers and none of
 # pydantic, google-re2 or llguidance, and it cannot download: carry Python 3.12 wheels in .whl/
@@ -38,7 +39,8 @@ fi
 
 if [[ $STAGES == *" bench "* ]]; then  # a .partial.json holds the rounds if the rest is cut off
   timeout "$(left 75)" python3 benchmarks/bench_multi_lora.py --device cuda --compute-dtype bf16 \
-    --repeats "${REPEATS:-2}" --out "$OUT/multi_lora_cuda_bf16.json" 2>&1 | tee "$OUT/bench.log"
+    --repeats "${REPEATS:-2}" ${BENCH_ARGS:-} --out "$OUT/multi_lora_cuda_bf16.json" 2>&1 \
+    | tee "$OUT/bench.log"
 fi
 
 if [[ $STAGES == *" profile "* ]]; then
