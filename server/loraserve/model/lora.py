@@ -13,6 +13,7 @@ numbers and tensors. The runner sets one `LoraBatch` per forward on the shared `
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -48,13 +49,20 @@ class LoraBatch:
 
     The runner orders rows by slot, so a batch has one segment per distinct adapter in it.
     `table` holds the same segments as tensors for the compiled kernel: [4, G] int64 rows of
-    starts, ends, slots and ranks. `token_slots` [N] int64, on the model's device, is every
-    token's slot (0 for the base), for the gathered form.
+    starts, ends, slots and ranks. `token_slots` is built for the gathered form when it asks.
     """
 
     segments: tuple[LoraSegment, ...]
     table: torch.Tensor
-    token_slots: torch.Tensor
+    row_slots: tuple[int, ...]
+    row_tokens: tuple[int, ...]
+    device: torch.device
+
+    @functools.cached_property
+    def token_slots(self) -> torch.Tensor:
+        """[N] int64 on `device`: every token's slot (0 for the base)."""
+        slots = [slot for slot, count in zip(self.row_slots, self.row_tokens) for _ in range(count)]
+        return torch.tensor(slots, dtype=torch.int64, device=self.device)
 
     @classmethod
     def for_rows(
@@ -81,8 +89,9 @@ class LoraBatch:
              [g.slot for g in segments], [g.rank for g in segments]],
             dtype=torch.int64,
         ).reshape(4, len(segments))  # fmt: skip
-        token_slots = torch.tensor(row_slots).repeat_interleave(torch.tensor(row_tokens))
-        return cls(tuple(segments), table, token_slots.to(device))
+        return cls(
+            tuple(segments), table, tuple(row_slots), tuple(row_tokens), torch.device(device)
+        )
 
 
 # The gathered form copies every token's slot weights, N * R * (in + out) elements: above this
