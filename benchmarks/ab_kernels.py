@@ -26,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 import loraserve.model.attention
 import loraserve.model.linear
 import loraserve.model.lora
+import loraserve.model.sampling
 from bench_multi_lora import DEFAULT
 from engine_runs import Trace, submit
 from loraserve.model.kernels import build
@@ -33,6 +34,9 @@ from profile_step import base_workload, warm_base_engine
 
 KERNELS = Path("server/loraserve/model/kernels")
 CALLERS = (loraserve.model.linear, loraserve.model.attention, loraserve.model.lora)
+# Callers of ops that older revisions lack: swapped only when the build has the op, else they
+# keep the installed build's in both arms.
+LATER_CALLERS = {loraserve.model.sampling: "score_stats"}
 
 
 def compile_as(namespace: str, sources: dict[str, str], folder: Path) -> object:
@@ -68,8 +72,10 @@ def git(*args: str) -> str:
 
 
 def use(ops: object) -> None:
-    """Every caller of `native()` gets `ops` from now on."""
-    for module in CALLERS:
+    """Every caller of `native()` gets `ops` from now on (those of `LATER_CALLERS` whose op
+    `ops` has)."""
+    callers = [*CALLERS, *(m for m, op in LATER_CALLERS.items() if hasattr(ops, op))]
+    for module in callers:
         module.native = lambda ops=ops: ops  # type: ignore[attr-defined]
 
 
