@@ -39,7 +39,7 @@ from bench_multi_lora import (
 from common import DEFAULT_CACHE_DIR, ModelSpec, Workload, prepare_lora_adapters, prepare_model
 from engine_runs import Trace, build_engine, engine_config, submit
 from loraserve.engine.core import EngineCore
-from loraserve.model.loading import DTYPES, load_base_model
+from loraserve.model.loading import DTYPES
 
 
 def timed_steps(core: EngineCore, trace: Trace) -> list[float]:
@@ -71,9 +71,7 @@ def warm_base_engine(
     model_dir = prepare_model(spec, DEFAULT_CACHE_DIR)
     settings = engine_config(base_engine_config(bench, model_dir), workload,
                              bench.prompt_tokens[1])  # fmt: skip
-    core = EngineCore(
-        load_base_model(settings.model, "nf4", bench.compute_dtype, settings.device), settings
-    )
+    core = build_engine(settings, {})
     submit(core, Trace(), workload.head(4, 2), with_adapters=False)
     timed_steps(core, Trace())
     return core
