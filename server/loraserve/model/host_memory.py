@@ -1,15 +1,17 @@
 """The C library's malloc, set up for a process whose forwards allocate and free tensors of the
 same sizes every step.
 
-torch's CPU tensors come straight from malloc. By default glibc hands a freed block above its
-adaptive mmap threshold back to the kernel and trims the heap's free top, so the next step's
-tensors of the same sizes fault their pages in again, one 4 KiB page at a time. On the
-machines measured (docs/performance.md) a prefill step of the default benchmark took about
-450,000 such page faults. `keep_freed_memory` makes malloc keep freed memory for reuse: blocks
-up to glibc's largest mmap threshold (32 MiB on 64-bit) come from the heap, the heap grows 64
-MiB past each request (so larger blocks fit in its top too), and it is trimmed only past 1 GiB
-of free top. The process's resident memory then stays near its high-water mark between steps,
-as with any caching allocator.
+torch's CPU tensors come straight from malloc. By default glibc maps every block above its
+adaptive mmap threshold (at most 32 MiB) on its own and unmaps it when freed, and trims the
+heap's free top, so the next step's tensors of the same sizes fault their pages in again, one
+4 KiB page at a time. On the machines measured (docs/performance.md) a prefill step of the
+default benchmark took about 450,000 such page faults. `keep_freed_memory` makes malloc keep
+freed memory for reuse: no block is mapped on its own (every one comes from a heap, so a freed
+one is there for the next request, whatever its size), the heap grows 64 MiB past each request
+(fewer system calls), and it is trimmed only past 1 GiB of free top. One exception is glibc's:
+a thread other than the main one allocates from heaps of at most 64 MiB, and a block larger
+than that is still mapped on its own. The process's resident memory then stays near its
+high-water mark between steps, as with any caching allocator.
 
 Knows nothing about models or tensors. Where the C library is not glibc it does nothing.
 """
@@ -25,10 +27,10 @@ log = logging.getLogger(__name__)
 # mallopt(3) parameters and the values set.
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
-M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 SETTINGS = (
-    (M_MMAP_THRESHOLD, 32 << 20),  # glibc's maximum on 64-bit
-    (M_TOP_PAD, 64 << 20),  # larger blocks are mmapped only when the heap's top cannot hold them
+    (M_MMAP_MAX, 0),  # no block mapped on its own
+    (M_TOP_PAD, 64 << 20),
     (M_TRIM_THRESHOLD, 1 << 30),
 )
 
