@@ -12,6 +12,8 @@ import random
 import pytest
 import torch
 
+from loraserve.model import attention
+from loraserve.model import runner as runner_module
 from loraserve.model.blocks import BlockAllocator
 from loraserve.model.kv_cache import PagedKVCache
 from loraserve.model.loading import load_base_model
@@ -103,6 +105,36 @@ def test_ragged_prefill_then_decode_matches_full_forward(arch, model_dirs):
     for _ in range(7):
         logits = h.step({i: (p, 1) for i, p in pos.items()})
         h.check(logits, pos)
+        pos = {i: p + 1 for i, p in pos.items()}
+    h.assert_spare_blocks_untouched()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_gathered_decode_matches_full_forward_building_its_context_once_a_step(
+    arch, model_dirs, monkeypatch
+):
+    """Decode rows by the torch path (CUDA's, and the CPU's for pools the kernel does not take):
+    the same logits, and the padded batch's pool slots and mask built by the first layer that
+    asks, once per window, and shared by every other layer."""
+    monkeypatch.setattr(runner_module, "decode_kernel_applies", lambda cache: False)
+    windows: list[int] = []
+    build = attention.decode_context
+
+    def counted(tables, lens, block_size, window, longest, dtype):
+        windows.append(window)
+        return build(tables, lens, block_size, window, longest, dtype)
+
+    monkeypatch.setattr(attention, "decode_context", counted)
+    prompts = [3, 9, 6, 2]
+    h = Harness(model_dirs[arch], len(prompts), seed=3)
+    pos = dict(enumerate(prompts))
+    h.step({i: (0, n) for i, n in pos.items()})
+    assert windows == []  # prefill rows gather their own context
+    for _ in range(5):
+        windows.clear()
+        logits = h.step({i: (p, 1) for i, p in pos.items()})
+        h.check(logits, pos)
+        assert windows and len(windows) == len(set(windows)), windows
         pos = {i: p + 1 for i, p in pos.items()}
     h.assert_spare_blocks_untouched()
 

@@ -91,7 +91,7 @@ def _token_slots(row_slots: list[int], row_len: int) -> torch.Tensor:
 # kernel in fp32, the segment loop in bf16), the segment loop, and the gathered (BGMV) form that
 # a GPU takes for decode-sized batches, run here on the CPU against the same reference.
 FORMS = {
-    "dispatch": add_lora_delta_,
+    "dispatch": lambda y, x, batch, a, b: add_lora_delta_(y, x, batch, a, b, gathered=False),
     "segmented": segmented_lora_delta_,
     "gathered": lambda y, x, batch, a, b: gathered_lora_delta_(y, x, batch.token_slots, a, b),
 }

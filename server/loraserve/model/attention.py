@@ -9,7 +9,8 @@ keyword of the model call, says which tokens belong to which row:
 - decode rows (one new token) are attended together: on the CPU in fp32 by one compiled kernel
   call that reads each row's keys and values in place through its block table, never copying
   the context; elsewhere (CUDA, other dtypes) by one SDPA call over their contexts gathered
-  into a padded batch, which is also the kernel's test oracle;
+  into a padded batch, which is also the kernel's test oracle (the batch's pool slots and mask
+  are built once per forward and window, for every layer);
 - prefill rows (a prompt chunk) each gather their context once and run one SDPA call, causal
   from the chunk's first position (and within the sliding window, where the layer has one).
 
@@ -28,7 +29,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import torch
@@ -65,14 +66,27 @@ class DecodeRows:
     """Rows with one new token each.
 
     tokens: [R] int64, each row's token in the packed sequence; block_tables: [R, B] int32;
-    context_lens: [R] int32, context length including the new token; use_kernel: whether the
-    compiled kernel attends them (else the gathered batch does).
+    context_lens: [R] int32, context length including the new token; longest: the largest of
+    context_lens, as the host knows it; use_kernel: whether the compiled kernel attends them
+    (else the gathered batch does).
     """
 
     tokens: torch.Tensor
     block_tables: torch.Tensor
     context_lens: torch.Tensor
+    longest: int
     use_kernel: bool
+
+
+@dataclass(frozen=True)
+class GatheredContext:
+    """Decode rows' contexts as a padded batch of L = the longest context: slots [R, L] int64,
+    each position's pool index (0 where padded); visible [R, L] bool; bias [R, 1, 1, L] in the
+    queries' dtype, 0 where visible and -inf elsewhere (how SDPA reads `visible`)."""
+
+    slots: torch.Tensor
+    visible: torch.Tensor
+    bias: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -83,6 +97,22 @@ class AttentionBatch:
     cache: PagedKVCache
     decode: DecodeRows | None
     prefill: tuple[PrefillRow, ...]
+    _contexts: dict[tuple[int, torch.dtype], GatheredContext] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    def decode_context(self, window: int, dtype: torch.dtype) -> GatheredContext:
+        """The decode rows' gathered contexts for layers of this window (0: none), built by the
+        first layer that asks and shared by the rest."""
+        key = (window, dtype)
+        if key not in self._contexts:
+            rows = self.decode
+            assert rows is not None, "a batch without decode rows has no decode context"
+            self._contexts[key] = decode_context(
+                rows.block_tables, rows.context_lens, self.cache.block_size, window,
+                rows.longest, dtype,
+            )  # fmt: skip
+        return self._contexts[key]
 
 
 def paged_attention(
@@ -120,13 +150,13 @@ def paged_attention(
         return attend_eager(module, query[0].transpose(0, 1), batch, scale, window, kwargs), None
     q = query[0].transpose(0, 1)  # [N, H, D]
     k_pool, v_pool = batch.cache.pools(cast(int, module.layer_idx))  # [S, KVH, D] each
-    decode, bs = batch.decode, batch.cache.block_size
+    decode = batch.decode
     if decode is not None and not batch.prefill:  # every token, in order: no gather
-        return attend_decode(q.contiguous(), k_pool, v_pool, decode, bs, window, scale)[None], None
+        return attend_decode(q.contiguous(), k_pool, v_pool, batch, window, scale)[None], None
     out = torch.empty_like(q)
     if decode is not None:
         picked = q[decode.tokens].contiguous()
-        out[decode.tokens] = attend_decode(picked, k_pool, v_pool, decode, bs, window, scale)
+        out[decode.tokens] = attend_decode(picked, k_pool, v_pool, batch, window, scale)
     for row in batch.prefill:
         rows = slice(row.first, row.first + row.count)
         out[rows] = attend_context(
@@ -139,18 +169,20 @@ def attend_decode(
     q: torch.Tensor,
     k_pool: torch.Tensor,
     v_pool: torch.Tensor,
-    rows: DecodeRows,
-    block_size: int,
+    batch: AttentionBatch,
     window: int,
     scale: float,
 ) -> torch.Tensor:
-    """The decode rows' queries q [R, H, D] over their contexts in the pools [S, KVH, D] ->
-    [R, H, D]: by the compiled kernel where it applies, else through a gathered batch."""
+    """The batch's decode rows' queries q [R, H, D] over their contexts in the pools [S, KVH, D]
+    -> [R, H, D]: by the compiled kernel where it applies, else through the gathered batch."""
+    rows = cast(DecodeRows, batch.decode)
     ops = native()
-    attend = ops.paged_decode_attention if rows.use_kernel and ops else attend_decode_gathered
-    return attend(
-        q, k_pool, v_pool, rows.block_tables, rows.context_lens, block_size, window, scale
-    )
+    if rows.use_kernel and ops is not None:
+        return ops.paged_decode_attention(
+            q, k_pool, v_pool, rows.block_tables, rows.context_lens, batch.cache.block_size,
+            window, scale,
+        )  # fmt: skip
+    return attend_gathered(q, k_pool, v_pool, batch.decode_context(window, q.dtype), scale)
 
 
 def attend_context(
@@ -183,13 +215,25 @@ def attend_decode_gathered(
     window: int,
     scale: float,
 ) -> torch.Tensor:
-    """The decode kernel's semantics in torch: q [R, H, D] over each row's context, gathered
-    from the pools [S, KVH, D] into a padded batch [R, L] -> [R, H, D]."""
-    slots, visible = decode_context(block_tables, context_lens, block_size, window)
-    k = k_pool[slots].transpose(1, 2)  # [R, KVH, L, D]
-    v = v_pool[slots].transpose(1, 2)
+    """The decode kernel's semantics in torch, with its signature: q [R, H, D] over each row's
+    context, gathered from the pools [S, KVH, D] into a padded batch -> [R, H, D]."""
+    longest = int(context_lens.max())
+    context = decode_context(block_tables, context_lens, block_size, window, longest, q.dtype)
+    return attend_gathered(q, k_pool, v_pool, context, scale)
+
+
+def attend_gathered(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    context: GatheredContext,
+    scale: float,
+) -> torch.Tensor:
+    """q [R, H, D] over the rows' contexts gathered from the pools [S, KVH, D] -> [R, H, D]."""
+    k = k_pool[context.slots].transpose(1, 2)  # [R, KVH, L, D]
+    v = v_pool[context.slots].transpose(1, 2)
     out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k, v, attn_mask=visible[:, None, None, :], scale=scale, enable_gqa=True
+        q.unsqueeze(2), k, v, attn_mask=context.bias, scale=scale, enable_gqa=True
     )  # [R, H, 1, D]
     return out[:, :, 0]
 
@@ -208,18 +252,24 @@ def context_mask(
 
 
 def decode_context(
-    block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int, window: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode rows' contexts as a padded batch: (pool slots [R, L] int64, 0 where padded;
-    visible [R, L] bool), L the longest context. block_tables: [R, B]; context_lens: [R]."""
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_size: int,
+    window: int,
+    longest: int,
+    dtype: torch.dtype,
+) -> GatheredContext:
+    """Decode rows' contexts as a padded batch of L = `longest` (the largest of context_lens)
+    positions. block_tables: [R, B]; context_lens: [R]."""
     lens = context_lens.long()
-    positions = torch.arange(int(lens.max()), device=block_tables.device)  # [L]
+    positions = torch.arange(longest, device=block_tables.device)  # [L]
     tables = block_tables.long()
     slots = tables[:, positions // block_size] * block_size + positions % block_size  # [R, L]
     visible = positions < lens[:, None]  # [R, L]
     if window:
         visible &= positions > lens[:, None] - 1 - window
-    return torch.where(visible, slots, 0), visible
+    bias = torch.where(visible, 0.0, float("-inf")).to(dtype)[:, None, None, :]
+    return GatheredContext(torch.where(visible, slots, 0), visible, bias)
 
 
 EagerAttention = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
@@ -257,12 +307,11 @@ def attend_eager(
         return eager(module, query, key, value, mask, dropout=0.0, scaling=scale, **kwargs)[0]
 
     if batch.decode is not None:
-        d = batch.decode
-        slots, visible = decode_context(
-            d.block_tables, d.context_lens, batch.cache.block_size, window
-        )
-        k, v = k_pool[slots].transpose(1, 2), v_pool[slots].transpose(1, 2)  # [R, KVH, L, D]
-        out[d.tokens] = attend(q[d.tokens].unsqueeze(2), k, v, visible[:, None])[:, 0]
+        context = batch.decode_context(window, q.dtype)
+        k = k_pool[context.slots].transpose(1, 2)  # [R, KVH, L, D]
+        v = v_pool[context.slots].transpose(1, 2)
+        tokens = batch.decode.tokens
+        out[tokens] = attend(q[tokens].unsqueeze(2), k, v, context.visible[:, None])[:, 0]
     for row in batch.prefill:
         rows = slice(row.first, row.first + row.count)
         k = k_pool[row.read_slots].transpose(0, 1)[None]  # [1, KVH, context, D]

@@ -100,7 +100,13 @@ GATHERED_MAX_ELEMENTS = 1 << 24
 
 
 def add_lora_delta_(
-    y: torch.Tensor, x: torch.Tensor, batch: LoraBatch, lora_a: torch.Tensor, lora_b: torch.Tensor
+    y: torch.Tensor,
+    x: torch.Tensor,
+    batch: LoraBatch,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    *,
+    gathered: bool,
 ) -> torch.Tensor:
     """y[t] += (x[t] @ lora_a[s_t].T) @ lora_b[s_t] for every token t on slot s_t != 0; returns y.
 
@@ -108,8 +114,9 @@ def add_lora_delta_(
     scaling folded in. Ranks below R are zero-padded, so each segment uses its slot's own rank.
 
     On the CPU in fp32, one compiled call covers every segment (shrink and expand per chunk of
-    a segment's tokens, chunks in parallel). On a GPU, a decode-sized batch of several adapters
-    takes the gathered form (`gathered_lora_delta_`, four launches however many adapters);
+    a segment's tokens, chunks in parallel). Elsewhere, with `gathered` (what
+    `takes_gathered_form` says of this forward: on a GPU, a decode-sized batch of several
+    adapters), the gathered form (`gathered_lora_delta_`, four launches however many adapters);
     otherwise one fused multiply-add per segment (`segmented_lora_delta_`).
     """
     ops = native()
@@ -117,7 +124,7 @@ def add_lora_delta_(
         starts, ends, slots, ranks = batch.table
         ops.lora_delta_(x.contiguous(), y, lora_a, lora_b, starts, ends, slots, ranks)
         return y
-    if takes_gathered_form(batch, x, lora_a, lora_b):
+    if gathered:
         return gathered_lora_delta_(y, x, batch.token_slots, lora_a, lora_b)
     return segmented_lora_delta_(y, x, batch, lora_a, lora_b)
 
@@ -279,8 +286,8 @@ class MultiLoraLinear(nn.Module):
         if batch is None or not batch.segments:
             return y
         flat_y, flat_x = y.view(-1, self.out_features), x.reshape(-1, self.in_features)
-        add_lora_delta_(flat_y, flat_x, batch, self.lora_a, self.lora_b)
         gathered = takes_gathered_form(batch, flat_x, self.lora_a, self.lora_b)
+        add_lora_delta_(flat_y, flat_x, batch, self.lora_a, self.lora_b, gathered=gathered)
         self.terms.apply_(flat_y, batch, gathered)
         return y
 

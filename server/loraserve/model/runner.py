@@ -14,6 +14,7 @@ Knows nothing about requests, sampling, scheduling or adapter names: rows carry 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 from transformers import PreTrainedModel
@@ -93,11 +94,15 @@ class ModelRunner:
         tables = torch.tensor(
             [r.block_table + [0] * (blocks - len(r.block_table)) for r in rows], device=device
         )  # [B, blocks] int64
+        firsts = list(accumulate(counts, initial=0))[:-1]  # each row's first packed token
+        tokens = sum(counts)
         count_t = torch.tensor(counts, device=device)  # [B]
+        first_t = torch.tensor(firsts, device=device)  # [B]
         starts = torch.tensor([r.start for r in rows], device=device)  # [B]
-        firsts = count_t.cumsum(0) - count_t  # [B]: each row's first token in the packed sequence
-        row_of = torch.repeat_interleave(torch.arange(len(rows), device=device), count_t)  # [N]
-        positions = starts[row_of] + torch.arange(row_of.numel(), device=device) - firsts[row_of]
+        row_of = torch.repeat_interleave(
+            torch.arange(len(rows), device=device), count_t, output_size=tokens
+        )  # [N]
+        positions = starts[row_of] + torch.arange(tokens, device=device) - first_t[row_of]
         self.cache.prepare(tables[row_of, positions // bs] * bs + positions % bs)
         input_ids = torch.tensor([t for r in rows for t in r.tokens], device=device)[None]
         self.lora.batch = LoraBatch.for_rows(
@@ -109,7 +114,7 @@ class ModelRunner:
                 position_ids=positions[None],
                 cache=self.cache,
                 use_cache=True,
-                logits_to_keep=firsts + count_t - 1,
+                logits_to_keep=first_t + count_t - 1,
                 attention_batch=self._attention_batch(rows, tables, firsts),
             )
         finally:
@@ -117,7 +122,7 @@ class ModelRunner:
         return out.logits[0].float()  # [B, V]
 
     def _attention_batch(
-        self, rows: list[RowInput], tables: torch.Tensor, firsts: torch.Tensor
+        self, rows: list[RowInput], tables: torch.Tensor, firsts: list[int]
     ) -> AttentionBatch:
         """Rows of one token as decode rows, every other row as a prefill row."""
         bs = self.cache.block_size
@@ -127,16 +132,16 @@ class ModelRunner:
             row = rows[b]
             context = torch.arange(row.start + len(row.tokens), device=self.device)
             read_slots = tables[b, context // bs] * bs + context % bs
-            prefill.append(PrefillRow(int(firsts[b]), len(row.tokens), row.start, read_slots))
+            prefill.append(PrefillRow(firsts[b], len(row.tokens), row.start, read_slots))
         decode_rows = None
         if decode:
             index = torch.tensor(decode, device=self.device)
+            context_lens = [rows[b].start + 1 for b in decode]
             decode_rows = DecodeRows(
-                tokens=firsts[index],
+                tokens=torch.tensor([firsts[b] for b in decode], device=self.device),
                 block_tables=tables[index].to(torch.int32),
-                context_lens=torch.tensor(
-                    [rows[b].start + 1 for b in decode], dtype=torch.int32, device=self.device
-                ),
+                context_lens=torch.tensor(context_lens, dtype=torch.int32, device=self.device),
+                longest=max(context_lens),
                 use_kernel=self.decode_kernel,
             )
         return AttentionBatch(self.cache, decode_rows, tuple(prefill))
