@@ -107,7 +107,8 @@ class AttentionBatch:
         key = (window, dtype)
         if key not in self._contexts:
             rows = self.decode
-            assert rows is not None, "a batch without decode rows has no decode context"
+            if rows is None:
+                raise ValueError("a batch without decode rows has no decode context")
             self._contexts[key] = decode_context(
                 rows.block_tables, rows.context_lens, self.cache.block_size, window,
                 rows.longest, dtype,
