@@ -32,7 +32,8 @@ from engine_runs import Trace, submit
 from loraserve.model.kernels import build
 from profile_step import base_workload, warm_base_engine
 
-KERNELS = Path("server/loraserve/model/kernels")
+REPO = Path(__file__).resolve().parent.parent
+KERNELS = Path("server/loraserve/model/kernels")  # from the repository's root
 CALLERS = (loraserve.model.linear, loraserve.model.attention, loraserve.model.lora)
 # Callers of ops that older revisions lack: swapped only when the build has the op, else they
 # keep the installed build's in both arms.
@@ -61,14 +62,16 @@ def sources_at(revision: str | None) -> dict[str, str]:
     """The kernel sources (C++ files and headers) at a git revision, or in the working tree
     (None)."""
     if revision is None:
-        return {name: (KERNELS / name).read_text() for name in build.SOURCES}
+        return {name: (REPO / KERNELS / name).read_text() for name in build.SOURCES}
     listing = git("ls-tree", "--name-only", f"{revision}:{KERNELS}").split()
     names = [name for name in listing if name.endswith((".cpp", ".h"))]
     return {name: git("show", f"{revision}:{KERNELS / name}") for name in names}
 
 
 def git(*args: str) -> str:
-    return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout
+    return subprocess.run(
+        ["git", *args], capture_output=True, text=True, check=True, cwd=REPO
+    ).stdout
 
 
 def use(ops: object) -> None:
