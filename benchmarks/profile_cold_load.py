@@ -3,11 +3,13 @@
 Builds what `bench_multi_lora.py` builds for it (the default model, its 32 rank-16 adapters on
 all seven projections, each already in a device slot), then times `cold_load_ms` (disk to a
 ready slot, files in the page cache) `--loads` times and prints the median, p99 and minimum.
+With `--dora` the adapter loaded is the benchmark's DoRA one (`adapter_cold_load_dora_ms`).
 To compare two trees side by side, run it alternately with each tree's `server` first on
 PYTHONPATH; to see where the time goes, run it under py-spy (the loads run on the thread
 named `loraserve-loader`):
 
     .venv/bin/python benchmarks/profile_cold_load.py --loads 40
+    .venv/bin/python benchmarks/profile_cold_load.py --loads 20 --dora
     .venv/bin/py-spy record --native --threads -r 1000 -o cold.svg -- \
         .venv/bin/python benchmarks/profile_cold_load.py --loads 400
 """
@@ -30,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--loads", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5, help="untimed loads first")
+    parser.add_argument("--dora", action="store_true", help="load a DoRA adapter")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -45,10 +48,14 @@ def main() -> None:
     core = build_engine(engine_config(base, workload, high, TTFT_WAVES * len(workload.prompts)),
                         adapter_dirs)  # fmt: skip
     adapter_dir = next(iter(adapter_dirs.values()))
+    if args.dora:
+        dora = prepare_lora_adapters(model_dir, 1, config.rank, config.alpha, TARGETS, dora=True)
+        adapter_dir = next(iter(dora.values()))
     cold_load_ms(core, adapter_dir, args.warmup)
     times = cold_load_ms(core, adapter_dir, args.loads)
+    kind = "DoRA cold load" if args.dora else "cold load"
     print(
-        f"cold load ms over {args.loads}: p50 {statistics.median(times):.2f} "
+        f"{kind} ms over {args.loads}: p50 {statistics.median(times):.2f} "
         f"p99 {percentile(times, 0.99):.2f} min {min(times):.2f}"
     )
 

@@ -15,9 +15,10 @@ from peft.tuners.lora.dora import DoraEmbeddingLayer, DoraLinearLayer
 from torch import nn
 
 import loraserve.model.lora as lora_module
+from loraserve.model.kernels import native
 from loraserve.model.lora import LoraBatch, LoraContext, MultiLoraLinear
 from loraserve.model.lora_embedding import MultiLoraEmbedding
-from loraserve.model.slot_terms import ModuleWeights
+from loraserve.model.slot_terms import ModuleWeights, dequantized_weight, weight_norm
 
 IN, OUT, VOCAB, RANK, SLOTS = 64, 96, 50, 4, 6
 SCALING = 1.5
@@ -150,6 +151,37 @@ def test_a_trained_bias_needs_a_base_bias():
     layer = MultiLoraLinear(nn.Linear(IN, OUT, bias=False), LoraContext(), 2, 8, torch.float32)
     with pytest.raises(ValueError, match="base module has none"):
         layer.resolve(ADAPTERS[5].weights())
+
+
+@pytest.mark.skipif(native() is None, reason="no compiled kernels for this CPU")
+@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "nf4"])
+def test_doras_norm_through_the_base_kernel_equals_the_merged_rows_norm(quantized):
+    """The rescale a DoRA slot gets is magnitude / ||W + B A||, whether the norm is expanded
+    through the base's own small-batch kernel (on the CPU) or taken over merged rows."""
+    base = _base(quantized)
+    layer = MultiLoraLinear(base, LoraContext(), 2, 8, torch.float32)
+    weights = ADAPTERS[1].weights()
+    assert layer.base.project(weights.a) is not None  # the expanded form is the one taken
+    merged = weight_norm(dequantized_weight(base), weights.a, weights.b)
+    for _ in range(2):  # the base's row norms are computed by the first call, reused after
+        scale = layer.resolve(weights).scale
+        torch.testing.assert_close(scale, weights.magnitude / merged, rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(native() is None, reason="no compiled kernels for this CPU")
+def test_a_delta_that_nearly_undoes_its_base_row_gets_that_rows_norm_formed_directly():
+    base = _base(False)
+    layer = MultiLoraLinear(base, LoraContext(), 2, 8, torch.float32)
+    a = _randn(RANK, IN, seed=7, std=0.3)
+    a[0] = base.weight[5].detach()
+    b = _randn(RANK, OUT, seed=8, std=0.01)
+    b[:, 5] = 0.0
+    b[0, 5] = -(1 - 1e-3)  # row 5 of W + b^T a is a thousandth of W's row 5
+    weights = ModuleWeights(a, b, magnitude=torch.ones(OUT))
+    merged = weight_norm(base.weight.detach(), a, b)
+    assert merged[5] < 2e-3 * base.weight[5].norm()
+    scale = layer.resolve(weights).scale
+    torch.testing.assert_close(scale, 1 / merged, rtol=1e-5, atol=0)
 
 
 def test_a_zero_weight_norm_is_refused():

@@ -141,6 +141,19 @@ class BaseLinear(nn.Module):
         )
         self.dense = on_cpu and type(module) is nn.Linear and weight.dtype == torch.float32
 
+    def project(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """rows [M, in] float32 -> rows W^T [M, out], without the bias, by the CPU's
+        small-batch kernels; None where they do not take this projection or this many rows."""
+        ops = native()
+        if ops is None or rows.dtype != torch.float32 or rows.shape[0] > SMALL_BATCH_ROWS:
+            return None
+        rows = rows.contiguous()
+        if self.packed is not None:
+            return self.packed.matmul(ops, rows, None)
+        if self.dense:
+            return ops.linear_f32(rows, self.module.weight, None)
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] -> [..., out]."""
         ops = native()

@@ -29,7 +29,9 @@ from loraserve.model.slot_terms import (
     SlotCopies,
     SlotTerms,
     dequantized_weight,
+    expanded_weight_norm,
     resolve_terms,
+    weight_norm,
 )
 
 
@@ -233,6 +235,7 @@ class MultiLoraLinear(nn.Module):
             torch.zeros(num_slots, max_rank, self.out_features, dtype=dtype, device=device),
         )
         self.terms = SlotTerms(num_slots, self.out_features, dtype, device)
+        self._base_row_norms_sq: torch.Tensor | None = None  # [out] float64, for DoRA
 
     @property
     def slot_nbytes(self) -> int:
@@ -246,9 +249,22 @@ class MultiLoraLinear(nn.Module):
             raise ValueError("lora_embedding_A / _B target an embedding; this is a projection")
         if weights.resolved:  # plain LoRA: nothing to compute against the base
             return weights
+        norm = None if weights.magnitude is None else self._merged_norm(weights.a, weights.b)
+        return resolve_terms(weights, norm, self.base.module.bias)
+
+    def _merged_norm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """||W + b^T a|| of each output's row (DoRA's weight norm), W the dequantized base
+        weight: expanded through the base's own kernel where it takes a's rows (one small
+        GEMM, no dequantization after the first), else formed directly."""
         module = self.base.module
-        base_weight = None if weights.magnitude is None else dequantized_weight(module)
-        return resolve_terms(weights, base_weight, module.bias)
+        projected = self.base.project(a.float()) if a.shape[0] else None
+        if projected is None:
+            return weight_norm(dequantized_weight(module), a, b)
+        if self._base_row_norms_sq is None:  # computed once, by whichever thread needs it
+            self._base_row_norms_sq = dequantized_weight(module).double().square().sum(1)
+        return expanded_weight_norm(
+            self._base_row_norms_sq, projected, a, b, lambda: dequantized_weight(module)
+        )
 
     def set_slot(
         self,

@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from loraserve.model.slot_terms import ModuleWeights, SlotCopies, SlotTerms, resolve_terms
+from loraserve.model.slot_terms import (
+    ModuleWeights,
+    SlotCopies,
+    SlotTerms,
+    resolve_terms,
+    weight_norm,
+)
 
 if TYPE_CHECKING:
     from loraserve.model.lora import LoraContext
@@ -77,7 +83,8 @@ class MultiLoraEmbedding(nn.Module):
                     "the adapter's saved copy of the base embedding differs from this base "
                     "model's (trained on another base, or with a resized vocabulary)"
                 )
-        return resolve_terms(weights, weight.T if weights.magnitude is not None else None, None)
+        norm = None if weights.magnitude is None else weight_norm(weight.T, weights.a, weights.b)
+        return resolve_terms(weights, norm, None)
 
     def set_slot(
         self,

@@ -23,6 +23,7 @@ Knows nothing about adapter files, names or which adapter is in which slot.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
     from loraserve.model.lora import LoraBatch
 
 NORM_CHUNK_ROWS = 1024  # rows of the merged weight formed at once for DoRA's norm
+# `expanded_weight_norm` forms a row directly when its squared norm is under this fraction of
+# ||w||^2 + ||d||^2: the float64 sum then keeps at least ~14 of its ~16 digits.
+CANCELLATION = 0.25
 
 
 @dataclass(frozen=True)
@@ -135,14 +139,40 @@ def weight_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch
     return torch.cat(norms)
 
 
+def expanded_weight_norm(
+    row_norms_sq: torch.Tensor,
+    projected: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    weight: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """`weight_norm` without forming a merged row: with w the base row of an output and
+    d = b^T a its delta, ||w + d||^2 = ||w||^2 + 2 b . (a w) + b^T (a a^T) b, in float64.
+
+    row_norms_sq: [out] ||w||^2 of every base row; projected: [r, out] a W^T (the base's own
+    matmul of a's rows, no bias); a: [r, in]; b: [r, out] -> [out] float32. Where the delta
+    nearly undoes its base row, the sum's rounding would show: those rows (their squared norm
+    under CANCELLATION of ||w||^2 + ||d||^2) are formed directly from `weight()` ([out, in])."""
+    a64, b64 = a.double(), b.double()
+    cross = (b64 * projected.double()).sum(0)  # [out]: b . (a w)
+    delta_sq = ((a64 @ a64.T @ b64) * b64).sum(0)  # [out]: ||d||^2
+    norm_sq = row_norms_sq + 2 * cross + delta_sq
+    norms = norm_sq.clamp_min(0).sqrt().float()
+    unsure = (norm_sq < CANCELLATION * (row_norms_sq + delta_sq)).nonzero().flatten()
+    if unsure.numel():
+        norms[unsure] = weight_norm(weight()[unsure], a, b[:, unsure])
+    return norms
+
+
 def resolve_terms(
-    weights: ModuleWeights, base_weight: torch.Tensor | None, base_bias: torch.Tensor | None
+    weights: ModuleWeights, merged_norm: torch.Tensor | None, base_bias: torch.Tensor | None
 ) -> ModuleWeights:
     """`weights` with its DoRA magnitude and bias terms turned into `scale` and `shift`.
 
-    base_weight: [out, in], needed only when the module has a magnitude; base_bias: [out] or
-    None. The terms are computed in float32 where the base lives and kept where `weights`
-    lives, in its dtype. Raises ValueError saying why they cannot be served.
+    merged_norm: [out] float32, ||W + B A|| of each output's row (`weight_norm`), needed only
+    when the module has a magnitude; base_bias: [out] or None. The terms are computed in
+    float32 where the base lives and kept where `weights` lives, in its dtype. Raises
+    ValueError saying why they cannot be served.
     """
     if weights.resolved:
         return weights
@@ -150,16 +180,16 @@ def resolve_terms(
         raise ValueError("DoRA with a lora_B bias: PEFT trains no lora_B bias with DoRA")
     if weights.bias is not None and base_bias is None:
         raise ValueError("the adapter carries a trained bias, but the base module has none")
-    device = next((t.device for t in (base_bias, base_weight) if t is not None), weights.b.device)
+    device = next((t.device for t in (base_bias, merged_norm) if t is not None), weights.b.device)
 
     def f32(t: torch.Tensor | None) -> torch.Tensor:
         return torch.zeros((), device=device) if t is None else t.to(device, torch.float32)
 
     scale = None
     if weights.magnitude is not None:
-        if base_weight is None:
-            raise ValueError("DoRA needs the base weight")
-        scale = f32(weights.magnitude) / weight_norm(base_weight, weights.a, weights.b)
+        if merged_norm is None:
+            raise ValueError("DoRA needs the norm of the merged weight")
+        scale = f32(weights.magnitude) / merged_norm
     shift = None
     if weights.bias is not None or weights.lora_bias is not None or scale is not None:
         m = 1.0 if scale is None else scale
