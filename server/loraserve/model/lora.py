@@ -31,6 +31,7 @@ from loraserve.model.slot_terms import (
     dequantized_weight,
     expanded_weight_norm,
     resolve_terms,
+    row_norms_squared,
     weight_norm,
 )
 
@@ -261,7 +262,7 @@ class MultiLoraLinear(nn.Module):
         if projected is None:
             return weight_norm(dequantized_weight(module), a, b)
         if self._base_row_norms_sq is None:  # computed once, by whichever thread needs it
-            self._base_row_norms_sq = dequantized_weight(module).double().square().sum(1)
+            self._base_row_norms_sq = row_norms_squared(dequantized_weight(module))
         return expanded_weight_norm(
             self._base_row_norms_sq, projected, a, b, lambda: dequantized_weight(module)
         )

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 NORM_CHUNK_ROWS = 1024  # rows of the merged weight formed at once for DoRA's norm
 # `expanded_weight_norm` forms a row directly when its squared norm is under this fraction of
-# ||w||^2 + ||d||^2: the float64 sum then keeps at least ~14 of its ~16 digits.
+# ||w||^2 + ||d||^2: elsewhere its error stays within a few float32 roundings (`a W^T` comes
+# from a float32 matmul), as does the merged row's own norm.
 CANCELLATION = 0.25
 
 
@@ -139,6 +140,12 @@ def weight_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch
     return torch.cat(norms)
 
 
+def row_norms_squared(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> [out] float64: ||w||^2 of each row, NORM_CHUNK_ROWS rows at a time."""
+    chunks = weight.split(NORM_CHUNK_ROWS)
+    return torch.cat([chunk.double().square().sum(1) for chunk in chunks])
+
+
 def expanded_weight_norm(
     row_norms_sq: torch.Tensor,
     projected: torch.Tensor,
@@ -149,10 +156,11 @@ def expanded_weight_norm(
     """`weight_norm` without forming a merged row: with w the base row of an output and
     d = b^T a its delta, ||w + d||^2 = ||w||^2 + 2 b . (a w) + b^T (a a^T) b, in float64.
 
-    row_norms_sq: [out] ||w||^2 of every base row; projected: [r, out] a W^T (the base's own
-    matmul of a's rows, no bias); a: [r, in]; b: [r, out] -> [out] float32. Where the delta
-    nearly undoes its base row, the sum's rounding would show: those rows (their squared norm
-    under CANCELLATION of ||w||^2 + ||d||^2) are formed directly from `weight()` ([out, in])."""
+    row_norms_sq: [out] ||w||^2 of every base row (`row_norms_squared`); projected: [r, out]
+    a W^T (the base's own matmul of a's rows, no bias); a: [r, in]; b: [r, out] -> [out]
+    float32. Where the delta nearly undoes its base row, the sum's rounding would show: those
+    rows (their squared norm under CANCELLATION of ||w||^2 + ||d||^2) are formed directly from
+    `weight()` ([out, in])."""
     a64, b64 = a.double(), b.double()
     cross = (b64 * projected.double()).sum(0)  # [out]: b . (a w)
     delta_sq = ((a64 @ a64.T @ b64) * b64).sum(0)  # [out]: ||d||^2
