@@ -87,6 +87,18 @@ def test_the_report_says_what_each_behaviour_measured(trained):
     assert all(0.0 <= t["exact_share"] <= 1.0 for t in report["trained"].values())
 
 
+def test_each_adapter_names_its_base_where_the_base_will_be(trained, tmp_path):
+    """The demo is written into a staging directory and then moved: the adapters' configs name
+    the base at its final home, not in the staging directory."""
+    for name in ADAPTERS:
+        config = json.loads((trained / "adapters" / name / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == str(trained / "base")
+    staged, home = tmp_path / "staging", tmp_path / "home"
+    train_demo(staged, SMALL, home=home)
+    config = json.loads((staged / "adapters" / ADAPTERS[0] / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(home / "base")
+
+
 def test_loraserve_accepts_the_adapters_for_the_base(trained, tmp_path):
     base = trained / "base"
     fingerprint = base_fingerprint(AutoConfig.from_pretrained(base).to_dict(), "nf4")

@@ -65,7 +65,7 @@ def demo_model(rebuild: bool = False, recipe: Recipe | None = None) -> DemoModel
             shutil.rmtree(leftover, ignore_errors=True)
         log.info("training the demo model and adapters (once, minutes on a CPU) into %s", root)
         staging = Path(tempfile.mkdtemp(prefix=root.name + ".", suffix=".partial", dir=root.parent))
-        train_demo(staging, recipe)
+        train_demo(staging, recipe, home=root)
         if root.exists():
             retired = Path(
                 tempfile.mkdtemp(prefix=root.name + ".", suffix=".partial", dir=root.parent)

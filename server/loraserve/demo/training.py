@@ -177,8 +177,11 @@ def train_base(directory: Path, recipe: Recipe) -> TrainedBehaviour:
     return TrainedBehaviour(recipe.base_steps, time.perf_counter() - started, share)
 
 
-def train_adapter(base: Path, behaviour: str, directory: Path, recipe: Recipe) -> TrainedBehaviour:
-    """Train one LoRA adapter for `behaviour` on the (NF4-rounded) base; write it as PEFT does.
+def train_adapter(
+    base: Path, behaviour: str, directory: Path, recipe: Recipe, base_location: Path | None = None
+) -> TrainedBehaviour:
+    """Train one LoRA adapter for `behaviour` on the (NF4-rounded) base; write it as PEFT does,
+    its config naming the base at `base_location` (default: `base`, where it is read from).
 
     It trains in rounds, each at half the last one's learning rate, until the check passes
     (`recipe.target_share`) or the rounds run out, and keeps the round that checked best: a
@@ -200,6 +203,7 @@ def train_adapter(base: Path, behaviour: str, directory: Path, recipe: Recipe) -
         if share > best_share:
             best_share, best_weights = share, get_peft_model_state_dict(model)
     set_peft_model_state_dict(model, best_weights)
+    model.peft_config["default"].base_model_name_or_path = str(base_location or base)
     model.save_pretrained(str(directory))
     return TrainedBehaviour(rounds * steps, time.perf_counter() - started, best_share)
 
@@ -216,22 +220,26 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def train_demo(directory: Path, recipe: Recipe | None = None) -> dict[str, TrainedBehaviour]:
+def train_demo(
+    directory: Path, recipe: Recipe | None = None, home: Path | None = None
+) -> dict[str, TrainedBehaviour]:
     """Write `directory/base`, `directory/adapters/<name>` and `directory/demo.json` (the recipe
-    and what each behaviour measured); return the measurements by behaviour."""
+    and what each behaviour measured); return the measurements by behaviour. home: where
+    `directory` is moved once written (default: it stays), so that each adapter's config names
+    the base where it will be."""
     recipe = recipe or Recipe()
     with one_thread():
-        trained = _train_all(directory, recipe)
+        trained = _train_all(directory, recipe, (home or directory) / "base")
     report = {"recipe": asdict(recipe), "trained": {k: asdict(v) for k, v in trained.items()}}
     (directory / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
     return trained
 
 
-def _train_all(directory: Path, recipe: Recipe) -> dict[str, TrainedBehaviour]:
+def _train_all(directory: Path, recipe: Recipe, base_location: Path) -> dict[str, TrainedBehaviour]:
     trained = {"base": _logged("base", train_base(directory / "base", recipe))}
     for behaviour in ADAPTERS:
         adapter_dir = directory / "adapters" / behaviour
-        result = train_adapter(directory / "base", behaviour, adapter_dir, recipe)
+        result = train_adapter(directory / "base", behaviour, adapter_dir, recipe, base_location)
         trained[behaviour] = _logged(behaviour, result)
     return trained
 
