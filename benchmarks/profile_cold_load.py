@@ -3,7 +3,9 @@
 Builds what `bench_multi_lora.py` builds for it (the default model, its 32 rank-16 adapters on
 all seven projections, each already in a device slot), then times `cold_load_ms` (disk to a
 ready slot, files in the page cache) `--loads` times and prints the median, p99 and minimum.
-With `--dora` the adapter loaded is the benchmark's DoRA one (`adapter_cold_load_dora_ms`).
+With `--dora` the adapter loaded is the benchmark's DoRA one (`adapter_cold_load_dora_ms`);
+`--max-rank` sizes the slots for a larger rank than the adapters' 16 (the server's default is
+64), as a server that accepts higher ranks has them.
 To compare two trees side by side, run it alternately with each tree's `server` first on
 PYTHONPATH; to see where the time goes, run it under py-spy (the loads run on the thread
 named `loraserve-loader`):
@@ -33,6 +35,7 @@ def main() -> None:
     parser.add_argument("--loads", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5, help="untimed loads first")
     parser.add_argument("--dora", action="store_true", help="load a DoRA adapter")
+    parser.add_argument("--max-rank", type=int, help="the slots' rank (default: the adapters')")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -44,6 +47,8 @@ def main() -> None:
     )
     workload = make_workload(config, list(adapter_dirs))
     base = base_engine_config(config, model_dir)
+    if args.max_rank is not None:
+        base = base.model_copy(update={"max_rank": args.max_rank})
     high = config.prompt_tokens[1]
     core = build_engine(engine_config(base, workload, high, TTFT_WAVES * len(workload.prompts)),
                         adapter_dirs)  # fmt: skip

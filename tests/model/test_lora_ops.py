@@ -232,6 +232,29 @@ def test_clear_slot_zeroes_only_that_slot():
     assert not torch.allclose(y[1], base[1])
 
 
+@pytest.mark.parametrize("deferred", [False, True])
+def test_a_slot_refilled_at_any_rank_or_cleared_holds_exactly_its_adapter(deferred):
+    """Only the rows an earlier adapter wrote are zeroed on a refill: whatever the order of
+    ranks and clears, the slot holds the new adapter's rows and zeros past them."""
+    layer, _ = _layer()
+    gen = torch.Generator().manual_seed(7)
+    slot = 3
+    for rank in (2, MAX_RANK, 0, 5, 1, None, 4, None, None, MAX_RANK - 1, 3):
+        if rank is None:
+            layer.clear_slot(slot)
+            a, b = torch.zeros(0, IN_FEATURES), torch.zeros(0, OUT_FEATURES)
+        else:
+            a = torch.randn(rank, IN_FEATURES, generator=gen)
+            b = torch.randn(rank, OUT_FEATURES, generator=gen)
+            copies = SlotCopies() if deferred else None
+            layer.set_slot(slot, a, b, copies=copies)
+            if copies is not None:
+                copies.run()
+        r = a.shape[0]
+        assert torch.equal(layer.lora_a[slot, :r], a) and torch.equal(layer.lora_b[slot, :r], b)
+        assert not layer.lora_a[slot, r:].any() and not layer.lora_b[slot, r:].any(), rank
+
+
 def test_set_slot_with_copies_defers_them_and_ends_as_a_direct_fill():
     direct, _ = _layer()
     deferred, _ = _layer()

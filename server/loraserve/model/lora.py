@@ -236,6 +236,8 @@ class MultiLoraLinear(nn.Module):
             torch.zeros(num_slots, max_rank, self.out_features, dtype=dtype, device=device),
         )
         self.terms = SlotTerms(num_slots, self.out_features, dtype, device)
+        # per slot: how many leading rows of lora_a / lora_b may be non-zero (the rest are)
+        self._rows_written = [0] * num_slots
         self._base_row_norms_sq: torch.Tensor | None = None  # [out] float64, for DoRA
 
     @property
@@ -278,22 +280,25 @@ class MultiLoraLinear(nn.Module):
     ) -> None:
         """a: [r, in]; b: [r, out] with scaling already folded in; scale, shift: [out] or None.
         copies: where to leave the copies of a and b for the caller to run (None: run now)."""
-        r, rank = a.shape[0], self.lora_a.shape[1]
+        r, written = a.shape[0], self._rows_written[slot]
         pending = SlotCopies() if copies is None else copies
-        lora_a, lora_b = self.lora_a[slot], self.lora_b[slot]  # [max_rank, in], [max_rank, out]
-        if r < rank:  # what a previous adapter of higher rank left
-            lora_a[r:].zero_()
-            lora_b[r:].zero_()
-            lora_a, lora_b = lora_a[:r], lora_b[:r]
-        pending.add(lora_a, a)
-        pending.add(lora_b, b)
+        if r < written:  # what a previous adapter of higher rank left
+            self.lora_a[slot, r:written].zero_()
+            self.lora_b[slot, r:written].zero_()
+        self._rows_written[slot] = r
+        pending.add(self.lora_a[slot, :r], a)  # [r, in] of [max_rank, in]
+        pending.add(self.lora_b[slot, :r], b)  # [r, out] of [max_rank, out]
         self.terms.set_slot(slot, scale, shift)
         if copies is None:
             pending.run()
 
     def clear_slot(self, slot: int) -> None:
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        """Zero the slot: only the rows an adapter wrote (a slot never filled is all zeros)."""
+        written = self._rows_written[slot]
+        if written:
+            self.lora_a[slot, :written].zero_()
+            self.lora_b[slot, :written].zero_()
+            self._rows_written[slot] = 0
         self.terms.clear_slot(slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
