@@ -147,12 +147,7 @@ class BaseLinear(nn.Module):
         ops = native()
         if ops is None or rows.dtype != torch.float32 or rows.shape[0] > SMALL_BATCH_ROWS:
             return None
-        rows = rows.contiguous()
-        if self.packed is not None:
-            return self.packed.matmul(ops, rows, None)
-        if self.dense:
-            return ops.linear_f32(rows, self.module.weight, None)
-        return None
+        return self._small_batch(ops, rows.contiguous(), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] -> [..., out]."""
@@ -162,16 +157,23 @@ class BaseLinear(nn.Module):
         rows = x.reshape(-1, self.in_features).contiguous()
         bias = None if self.module.bias is None else self.module.bias.float()
         small = rows.shape[0] <= SMALL_BATCH_ROWS
-        p = self.packed
-        if p is not None and small:
-            y = p.matmul(ops, rows, bias)
-        elif p is not None:
+        y = self._small_batch(ops, rows, bias) if small else None
+        if y is None and self.packed is not None:
             dtype = prefill_gemm_dtype()
-            y = F.linear(rows.to(dtype), p.dequantize(dtype)).float()
+            y = F.linear(rows.to(dtype), self.packed.dequantize(dtype)).float()
             if bias is not None:
                 y += bias
-        elif self.dense and small:
-            y = ops.linear_f32(rows, self.module.weight, bias)
-        else:
+        elif y is None:
             return self.module(x)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _small_batch(
+        self, ops: Any, rows: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """rows [M, in] float32, contiguous, M at most SMALL_BATCH_ROWS -> [M, out] by the
+        small-batch kernels; None where they do not take this projection."""
+        if self.packed is not None:
+            return self.packed.matmul(ops, rows, bias)
+        if self.dense:
+            return ops.linear_f32(rows, self.module.weight, bias)
+        return None
