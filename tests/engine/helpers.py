@@ -5,11 +5,12 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import bitsandbytes as bnb
 import torch
 
 from loraserve.config import EngineConfig
 from loraserve.engine.core import EngineCore
-from loraserve.model.loading import load_base_model
+from loraserve.model.loading import LoadedModel, load_base_model
 from loraserve.types import FinalEvent, GenerateRequest, TokenEvent, TopLogprob
 
 
@@ -45,6 +46,23 @@ def make_core(
     config = EngineConfig(**settings)
     loaded = load_base_model(str(model_dir), quantization, dtype, device, config.double_quant)
     return EngineCore(loaded, config, store=store)
+
+
+def load_reference_base(
+    model_dir, quantization="nf4", dtype="fp32", device="cpu", double_quant=False
+) -> LoadedModel:
+    """The base as the PEFT references load it, computing in `dtype` on every CPU.
+
+    On CPUs with AVX512-BF16, bitsandbytes' CPU Linear4bit repacks its weight and computes in
+    bf16 whatever the compute dtype (its input and block scales rounded to bf16): a reference
+    that is 1e-2 off the fp32 result. Turned off here, it dequantizes and multiplies in `dtype`,
+    as it does on every other CPU, so one tolerance holds everywhere.
+    """
+    loaded = load_base_model(str(model_dir), quantization, dtype, device, double_quant)
+    for module in loaded.model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return loaded
 
 
 @contextmanager

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel
-from tests.engine.helpers import make_core, run
+from tests.engine.helpers import load_reference_base, make_core, run
 from tests.engine.test_parity import LOGIT_TOLERANCE, MAX_NEW, PROMPTS, first_difference
 
 from loraserve.model.loading import load_base_model, quantized_bytes
@@ -47,7 +47,7 @@ def test_mixed_batch_on_a_double_quantized_base_matches_peft(model_dirs, adapter
     results = run(core, {0: requests[:2], 2: requests[2:]})
     tolerance = LOGIT_TOLERANCE["nf4", "fp32"]
     for request, got in zip(requests, results):
-        loaded = load_base_model(str(model_dirs["llama"]), "nf4", "fp32", "cpu", double_quant=True)
+        loaded = load_reference_base(model_dirs["llama"], "nf4", "fp32", "cpu", double_quant=True)
         model = loaded.model
         if request.adapter is not None:
             model = PeftModel.from_pretrained(model, adapter_dirs["llama"][request.adapter])

@@ -14,10 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel
-from tests.engine.helpers import make_core, run
+from tests.engine.helpers import load_reference_base, make_core, run
 from tests.engine.test_parity import DEVICES, LOGIT_TOLERANCE
 
-from loraserve.model.loading import load_base_model
 from loraserve.types import GenerateRequest, SamplingParams, TokenBias
 
 pytestmark = pytest.mark.slow  # PEFT forwards per request
@@ -31,7 +30,7 @@ def reference(core, model_dir, adapter_dirs, request, tokens, quantization) -> t
     """[len(tokens), V] float32 on the CPU: PEFT's logits each of `tokens` was chosen from,
     `request.adapter` alone, on the core's device."""
     prompt = core.tokenizer.encode(request.prompt)
-    loaded = load_base_model(str(model_dir), quantization, "fp32", str(core.device))
+    loaded = load_reference_base(model_dir, quantization, "fp32", str(core.device))
     model = loaded.model
     if request.adapter is not None:
         model = PeftModel.from_pretrained(model, adapter_dirs[request.adapter])

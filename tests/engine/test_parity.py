@@ -15,25 +15,19 @@ at most one request per architecture may part at all.
 
 from __future__ import annotations
 
-import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
 from peft import PeftModel
 from tests.conftest import ADAPTER_SPECS, ARCHS, KIND_SPECS
-from tests.engine.helpers import make_core, run
+from tests.engine.helpers import load_reference_base, make_core, run
 
-from loraserve.model.loading import load_base_model
 from loraserve.types import GenerateRequest, SamplingParams
 
 pytestmark = pytest.mark.slow  # PEFT's generate for every architecture and quantization
 
-# Largest |logit difference| allowed against PEFT, per (quantization, compute dtype).
-# On CPUs with AVX512-BF16, bitsandbytes' CPU 4-bit matmul (PEFT's side) rounds its output to
-# bf16 even with fp32 compute, so an input difference of 1e-7 (another attention kernel, another
-# summation order) can flip one bf16 rounding step of a projection and move the logits by ~1e-2.
-# Elsewhere both sides compute in fp32 and differ by the summation order only.
-NF4_TOLERANCE = 5e-2 if bnb_functional.has_avx512bf16() else 1e-3
-LOGIT_TOLERANCE = {("nf4", "fp32"): NF4_TOLERANCE, ("none", "fp32"): 1e-4}
+# Largest |logit difference| allowed against PEFT, per (quantization, compute dtype): both sides
+# compute in fp32 (`load_reference_base`) and differ by the summation order only.
+LOGIT_TOLERANCE = {("nf4", "fp32"): 1e-3, ("none", "fp32"): 1e-4}
 PROMPTS = [
     "LoRA adapts a frozen base model",
     "The quick brown fox",
@@ -57,7 +51,7 @@ def peft_reference(
     each token was chosen from, by one teacher-forced forward over prompt + tokens.
 
     """
-    loaded = load_base_model(str(model_dir), quantization, dtype, device)
+    loaded = load_reference_base(model_dir, quantization, dtype, device)
     model = loaded.model
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter_dirs[adapter])
