@@ -14,8 +14,9 @@ from pathlib import Path
 import bitsandbytes.functional as bnb
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from loraserve.adapters.manifest import base_fingerprint
 from loraserve.adapters.staging import AdapterPublisher
@@ -26,7 +27,9 @@ from loraserve.demo.training import (
     PROJECTIONS,
     QUANT_BLOCK,
     Recipe,
+    fit,
     make_batch,
+    snapshot_weights,
     train_demo,
 )
 from loraserve.model.loading import lora_target_shapes
@@ -85,6 +88,25 @@ def test_the_report_says_what_each_behaviour_measured(trained):
     assert set(report["trained"]) == {"base", *ADAPTERS}
     assert report["recipe"]["base_steps"] == SMALL.base_steps
     assert all(0.0 <= t["exact_share"] <= 1.0 for t in report["trained"].values())
+
+
+def test_an_adapter_that_misses_its_check_trains_every_round_of_every_attempt(trained):
+    # A few steps never make a check prompt exact, so nothing stops an adapter early.
+    report = json.loads((trained / "demo.json").read_text())
+    for name in ADAPTERS:
+        want = SMALL.adapter_attempts * SMALL.adapter_rounds * SMALL.adapter_steps[name]
+        assert report["trained"][name]["steps"] == want, name
+        assert report["trained"][name]["exact_share"] < SMALL.target_share
+
+
+def test_a_kept_round_is_not_changed_by_the_rounds_after_it(trained):
+    lora = LoraConfig(r=SMALL.rank, lora_alpha=SMALL.alpha, target_modules=list(PROJECTIONS))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(trained / "base"), lora)
+    kept = snapshot_weights(model)
+    before = {name: weight.clone() for name, weight in kept.items()}
+    fit(model, "reverse", 2, 1e-2, SMALL, random.Random(0))
+    assert any(not torch.equal(kept[n], w) for n, w in get_peft_model_state_dict(model).items())
+    assert all(torch.equal(kept[name], weight) for name, weight in before.items())
 
 
 def test_each_adapter_names_its_base_where_the_base_will_be(trained, tmp_path):

@@ -56,16 +56,20 @@ class Recipe:
     layers: int = 2
     heads: int = 4
     batch_size: int = 64
-    base_steps: int = 500
+    base_steps: int = 700
     base_learning_rate: float = 3e-3
     adapter_steps: dict[str, int] = field(  # per round
-        default_factory=lambda: {"upper": 200, "reverse": 250, "digits": 150}
+        default_factory=lambda: {"upper": 200, "reverse": 400, "digits": 150}
     )
-    adapter_learning_rate: float = 1e-2  # the first round's; each next round's is half
-    adapter_rounds: int = 4
+    # The first round's learning rate; each next round's is half. `reverse` moves attention
+    # rather than mapping words: at 1e-2, rank 16 and 250 steps a round it converged on one CPU
+    # and stalled under half exact on another (another summation order, another trajectory).
+    adapter_learning_rate: float = 3e-3
+    adapter_rounds: int = 4  # per attempt
+    adapter_attempts: int = 3  # fresh starts, while the check fails
     target_share: float = 1.0  # of the held-out check prompts exact, to stop training an adapter
-    rank: int = 16
-    alpha: int = 32
+    rank: int = 32
+    alpha: int = 64
     check_prompts: int = 256
 
 
@@ -183,29 +187,61 @@ def train_adapter(
     """Train one LoRA adapter for `behaviour` on the (NF4-rounded) base; write it as PEFT does,
     its config naming the base at `base_location` (default: `base`, where it is read from).
 
-    It trains in rounds, each at half the last one's learning rate, until the check passes
-    (`recipe.target_share`) or the rounds run out, and keeps the round that checked best: a
-    behaviour that moves attention, such as reversing, does not converge as reliably as one
-    that maps words."""
+    An attempt trains in rounds, each at half the last one's learning rate, until the check
+    passes (`recipe.target_share`) or its rounds run out; an attempt that runs out is followed
+    by another from a fresh initialisation and seed, up to `recipe.adapter_attempts`, and the
+    round that checked best of all is kept: a behaviour that moves attention, such as reversing,
+    does not converge from every start."""
     started = time.perf_counter()
-    seed = recipe.seed + 1 + ADAPTERS.index(behaviour)
+    check_seed = recipe.seed + 1 + ADAPTERS.index(behaviour)
+    best: Attempt | None = None
+    steps = 0
+    for attempt in range(recipe.adapter_attempts):
+        if best is not None and best.share >= recipe.target_share:
+            break
+        result = _attempt(base, behaviour, recipe, check_seed, check_seed + 1000 * attempt)
+        steps += result.steps
+        if best is None or result.share > best.share:
+            best = result
+    assert best is not None, "a recipe has at least one attempt"
+    lora = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, target_modules=list(PROJECTIONS))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora)
+    set_peft_model_state_dict(model, best.weights)
+    model.peft_config["default"].base_model_name_or_path = str(base_location or base)
+    model.save_pretrained(str(directory))
+    return TrainedBehaviour(steps, time.perf_counter() - started, best.share)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    share: float  # of the check prompts exact, at the best round
+    weights: dict[str, torch.Tensor]  # the adapter's state at that round
+    steps: int  # trained, all rounds
+
+
+def _attempt(base: Path, behaviour: str, recipe: Recipe, check_seed: int, seed: int) -> Attempt:
+    """One attempt of `train_adapter`: a fresh adapter from `seed`, trained round by round."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     lora = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, target_modules=list(PROJECTIONS))
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora)
     steps = recipe.adapter_steps[behaviour]
-    best_share, best_weights, rounds = -1.0, get_peft_model_state_dict(model), 0
-    while rounds < recipe.adapter_rounds and best_share < recipe.target_share:
-        learning_rate = recipe.adapter_learning_rate / 2**rounds
-        fit(model, behaviour, steps, learning_rate, recipe, rng)
-        rounds += 1
-        share = exact_share(model, behaviour, recipe.check_prompts, seed)
+    best_share, best_weights, trained = -1.0, snapshot_weights(model), 0
+    for round_ in range(recipe.adapter_rounds):
+        if best_share >= recipe.target_share:
+            break
+        fit(model, behaviour, steps, recipe.adapter_learning_rate / 2**round_, recipe, rng)
+        trained += steps
+        share = exact_share(model, behaviour, recipe.check_prompts, check_seed)
         if share > best_share:
-            best_share, best_weights = share, get_peft_model_state_dict(model)
-    set_peft_model_state_dict(model, best_weights)
-    model.peft_config["default"].base_model_name_or_path = str(base_location or base)
-    model.save_pretrained(str(directory))
-    return TrainedBehaviour(rounds * steps, time.perf_counter() - started, best_share)
+            best_share, best_weights = share, snapshot_weights(model)
+    return Attempt(best_share, best_weights, trained)
+
+
+def snapshot_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights now (PEFT's state dict shares storage with the live parameters,
+    which the next round would go on changing)."""
+    return {name: t.detach().clone() for name, t in get_peft_model_state_dict(model).items()}
 
 
 @contextmanager
@@ -236,16 +272,19 @@ def train_demo(
 
 
 def _train_all(directory: Path, recipe: Recipe, base_location: Path) -> dict[str, TrainedBehaviour]:
-    trained = {"base": _logged("base", train_base(directory / "base", recipe))}
+    trained = {"base": _logged("base", train_base(directory / "base", recipe), recipe.target_share)}
     for behaviour in ADAPTERS:
         adapter_dir = directory / "adapters" / behaviour
         result = train_adapter(directory / "base", behaviour, adapter_dir, recipe, base_location)
-        trained[behaviour] = _logged(behaviour, result)
+        trained[behaviour] = _logged(behaviour, result, recipe.target_share)
     return trained
 
 
-def _logged(behaviour: str, result: TrainedBehaviour) -> TrainedBehaviour:
-    log.info(
+def _logged(behaviour: str, result: TrainedBehaviour, target_share: float) -> TrainedBehaviour:
+    """Logs what `behaviour` measured: a warning when it missed its check (its answers will
+    not all be right)."""
+    log.log(
+        logging.INFO if result.exact_share >= target_share else logging.WARNING,
         "demo %s (%s): %d steps in %.1f s, %.1f%% of held-out prompts exact",
         "base" if behaviour == "base" else f"adapter {behaviour!r}",
         BEHAVIOURS[behaviour].description,
