@@ -6,8 +6,9 @@ copying its weights, and picks per call:
 - 4-bit (NF4 / FP4) on the CPU, at most `SMALL_BATCH_ROWS` rows (decode): the fused kernel,
   which decodes a few output columns at a time into cache inside the GEMM, never the whole
   weight;
-- 4-bit on the CPU, more rows (prefill): bitsandbytes' own dequantize once, then one GEMM in
-  the fastest dtype this CPU has natively (bf16 where it has AVX512-BF16 or AMX, else fp32);
+- 4-bit on the CPU, more rows (prefill): bitsandbytes' own dequantize once, then one fp32
+  GEMM (bf16 measured slower on a CPU with AVX512-BF16, and less exact: a prompt's tokens would
+  depend on how its prefill was split into steps, as with a cached prefix);
 - fp32 weights on the CPU, at most `SMALL_BATCH_ROWS` rows: the small-batch kernel;
 - anything else (CUDA, int8, bf16 / fp16 weights, no compiled kernels): the module itself.
 
@@ -17,7 +18,6 @@ order. Knows nothing about LoRA, adapters or batches: it sees rows of activation
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,13 +31,6 @@ from loraserve.model.kernels import native
 # Up to this many rows the fused small-batch kernels beat dequantize + GEMM (see
 # docs/performance.md); above it the one big GEMM amortises the dequantization.
 SMALL_BATCH_ROWS = 256
-
-
-@functools.cache
-def prefill_gemm_dtype() -> torch.dtype:
-    """bf16 where this CPU computes it natively, else fp32 (emulated bf16 is slower)."""
-    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return torch.bfloat16 if native_bf16 else torch.float32
 
 
 @dataclass(frozen=True)
@@ -104,9 +97,9 @@ class Packed4bit:
         per_block = self.nested.absmax2.repeat_interleave(256)[: self.absmax.numel()]
         return codes * per_block + self.nested.offset
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """[N, K] in `dtype`: bitsandbytes' own dequantization."""
-        weight = torch.ops.bitsandbytes.dequantize_4bit(
+    def dequantize(self) -> torch.Tensor:
+        """[N, K] float32: bitsandbytes' own dequantization."""
+        return torch.ops.bitsandbytes.dequantize_4bit(
             self.packed,
             self.scales(),
             self.blocksize,
@@ -114,7 +107,6 @@ class Packed4bit:
             (self.out_features, self.in_features),
             torch.float32,
         )
-        return weight.to(dtype)
 
     def matmul(self, ops: Any, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """rows [M, K] fp32 -> [M, N] through the fused kernel."""
@@ -159,10 +151,7 @@ class BaseLinear(nn.Module):
         small = rows.shape[0] <= SMALL_BATCH_ROWS
         y = self._small_batch(ops, rows, bias) if small else None
         if y is None and self.packed is not None:
-            dtype = prefill_gemm_dtype()
-            y = F.linear(rows.to(dtype), self.packed.dequantize(dtype)).float()
-            if bias is not None:
-                y += bias
+            y = F.linear(rows, self.packed.dequantize(), bias)
         elif y is None:
             return self.module(x)
         return y.view(*x.shape[:-1], self.out_features)
