@@ -26,6 +26,7 @@ from loraserve.model.kernels import build, native
 from loraserve.model.linear import SMALL_BATCH_ROWS, BaseLinear, Packed4bit
 from loraserve.model.lora import transposed_bs
 from loraserve.model.sampling import score_stats, score_stats_reference
+from loraserve.model.slot_terms import dequantized_weight
 
 pytestmark = pytest.mark.skipif(native() is None, reason="no compiled kernels for this CPU")
 REPO = Path(__file__).resolve().parents[2]
@@ -95,6 +96,19 @@ def test_base_linear_on_4bit_equals_bitsandbytes(rows, nested):
     got = BaseLinear(layer)(x)
     assert got.shape == want.shape == (1, rows, 64)
     torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_a_4bit_base_keeps_its_layout_through_a_bf16_forward():
+    """bitsandbytes would repack the weight at this forward on AVX512-BF16 CPUs (then DoRA's
+    weight norms could not read it); elsewhere it never does."""
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 128), requires_grad=False, quant_type="nf4")
+    layer = layer.to("cpu").eval()
+    before = _dequantized(layer)
+    BaseLinear(layer)(torch.randn(3, 128, dtype=torch.bfloat16))
+    assert Packed4bit.of(layer) is not None
+    assert torch.equal(dequantized_weight(layer), before)
 
 
 @pytest.mark.parametrize("rows", [0, 1, 5, 12, 13, 17, SMALL_BATCH_ROWS])

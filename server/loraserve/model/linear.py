@@ -127,6 +127,11 @@ class BaseLinear(nn.Module):
         self.in_features = module.in_features
         self.out_features = module.out_features
         weight = module.weight
+        if isinstance(module, bnb.nn.Linear4bit):
+            # On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight in place at
+            # its first CPU forward in eval mode (bf16 compute), into a layout that neither the
+            # kernels nor DoRA's weight norms read, keeping the old bytes alive beside the new.
+            module.support_avx512bf16_for_cpu = False
         on_cpu = weight.device.type == "cpu" and native() is not None
         self.packed = (
             Packed4bit.of(module) if on_cpu and isinstance(module, bnb.nn.Linear4bit) else None
