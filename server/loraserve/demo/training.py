@@ -23,7 +23,13 @@ from pathlib import Path
 
 import bitsandbytes.functional as bnb
 import torch
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
 from loraserve.demo.language import (
@@ -181,6 +187,13 @@ def train_base(directory: Path, recipe: Recipe) -> TrainedBehaviour:
     return TrainedBehaviour(recipe.base_steps, time.perf_counter() - started, share)
 
 
+@dataclass(frozen=True)
+class Attempt:
+    share: float  # of the check prompts exact, at the best round
+    weights: dict[str, torch.Tensor]  # the adapter's state at that round
+    steps: int  # trained, all rounds
+
+
 def train_adapter(
     base: Path, behaviour: str, directory: Path, recipe: Recipe, base_location: Path | None = None
 ) -> TrainedBehaviour:
@@ -204,27 +217,18 @@ def train_adapter(
         if best is None or result.share > best.share:
             best = result
     assert best is not None, "a recipe has at least one attempt"
-    lora = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, target_modules=list(PROJECTIONS))
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora)
+    model = _fresh_adapter(base, recipe)
     set_peft_model_state_dict(model, best.weights)
     model.peft_config["default"].base_model_name_or_path = str(base_location or base)
     model.save_pretrained(str(directory))
     return TrainedBehaviour(steps, time.perf_counter() - started, best.share)
 
 
-@dataclass(frozen=True)
-class Attempt:
-    share: float  # of the check prompts exact, at the best round
-    weights: dict[str, torch.Tensor]  # the adapter's state at that round
-    steps: int  # trained, all rounds
-
-
 def _attempt(base: Path, behaviour: str, recipe: Recipe, check_seed: int, seed: int) -> Attempt:
     """One attempt of `train_adapter`: a fresh adapter from `seed`, trained round by round."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    lora = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, target_modules=list(PROJECTIONS))
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora)
+    model = _fresh_adapter(base, recipe)
     steps = recipe.adapter_steps[behaviour]
     best_share, best_weights, trained = -1.0, snapshot_weights(model), 0
     for round_ in range(recipe.adapter_rounds):
@@ -236,6 +240,12 @@ def _attempt(base: Path, behaviour: str, recipe: Recipe, check_seed: int, seed: 
         if share > best_share:
             best_share, best_weights = share, snapshot_weights(model)
     return Attempt(best_share, best_weights, trained)
+
+
+def _fresh_adapter(base: Path, recipe: Recipe) -> PeftModel:
+    """The base with a newly initialised LoRA adapter of the recipe's shape on every projection."""
+    lora = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, target_modules=list(PROJECTIONS))
+    return get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora)
 
 
 def snapshot_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
