@@ -216,7 +216,8 @@ def train_adapter(
         steps += result.steps
         if best is None or result.share > best.share:
             best = result
-    assert best is not None, "a recipe has at least one attempt"
+    if best is None:
+        raise ValueError(f"recipe.adapter_attempts is {recipe.adapter_attempts}; it must be >= 1")
     model = _fresh_adapter(base, recipe)
     set_peft_model_state_dict(model, best.weights)
     model.peft_config["default"].base_model_name_or_path = str(base_location or base)
