@@ -5,12 +5,10 @@ runs through transformers' eager attention over the paged cache): the plain LoRA
 ADAPTER_SPECS, and the other kinds PEFT trains (KIND_SPECS: DoRA, also on the embedding, LoRA
 on the input embedding, lora_B and trained base biases) with plain LoRA and base-only requests.
 
-Greedy tokens must match PEFT's `generate` token for token. The one allowance: on CPUs with
-AVX512-BF16, bitsandbytes' NF4 matmul rounds projection outputs to bf16, so transformers' own
-cached decode and its full forward can pick different tokens where two logits are within that
-rounding. Where our tokens part from
-PEFT's, PEFT's own logits must rank the two tokens within the tolerance (a numerical tie), and
-at most one request per architecture may part at all.
+Greedy tokens must match PEFT's `generate` token for token, but for numerical ties (another
+summation order): where our tokens part from PEFT's, PEFT's own logits must rank the two tokens
+within the tolerance, and at most one request per architecture may part at all. The reference
+computes in fp32 on every CPU (`load_reference_base`).
 """
 
 from __future__ import annotations
