@@ -90,9 +90,10 @@ def test_the_report_says_what_each_behaviour_measured(trained):
     assert all(0.0 <= t["exact_share"] <= 1.0 for t in report["trained"].values())
 
 
-def test_an_adapter_that_misses_its_check_trains_every_round_of_every_attempt(trained):
+def test_a_model_that_misses_its_check_trains_every_round_of_every_attempt(trained):
     # A few steps never make a check prompt exact, so nothing stops an adapter early.
     report = json.loads((trained / "demo.json").read_text())
+    assert report["trained"]["base"]["steps"] == SMALL.base_rounds * SMALL.base_steps
     for name in ADAPTERS:
         want = SMALL.adapter_attempts * SMALL.adapter_rounds * SMALL.adapter_steps[name]
         assert report["trained"][name]["steps"] == want, name

@@ -62,7 +62,8 @@ class Recipe:
     layers: int = 2
     heads: int = 4
     batch_size: int = 64
-    base_steps: int = 700
+    base_steps: int = 700  # per round
+    base_rounds: int = 3
     base_learning_rate: float = 3e-3
     adapter_steps: dict[str, int] = field(  # per round
         default_factory=lambda: {"upper": 200, "reverse": 400, "digits": 150}
@@ -174,17 +175,30 @@ def base_config(recipe: Recipe) -> LlamaConfig:
 
 
 def train_base(directory: Path, recipe: Recipe) -> TrainedBehaviour:
-    """Train the base to repeat, round it through NF4, check it and write it to `directory`."""
+    """Train the base to repeat, round it through NF4, check it and write it to `directory`.
+
+    Like an adapter's, its training goes in rounds (each at half the last one's learning rate,
+    from the last round's rounded weights) until the check passes or `recipe.base_rounds` run
+    out, and the round that checked best is written."""
     started = time.perf_counter()
     torch.manual_seed(recipe.seed)
     model = AutoModelForCausalLM.from_config(base_config(recipe), dtype=torch.float32)
     rng = random.Random(recipe.seed)
-    fit(model, "base", recipe.base_steps, recipe.base_learning_rate, recipe, rng)
-    round_through_nf4(model)
-    share = exact_share(model, "base", recipe.check_prompts, recipe.seed + 1)
+    best_share, best_weights, trained = -1.0, model.state_dict(), 0
+    for round_ in range(recipe.base_rounds):
+        if best_share >= recipe.target_share:
+            break
+        fit(model, "base", recipe.base_steps, recipe.base_learning_rate / 2**round_, recipe, rng)
+        trained += recipe.base_steps
+        round_through_nf4(model)
+        share = exact_share(model, "base", recipe.check_prompts, recipe.seed + 1)
+        if share > best_share:
+            best_share = share
+            best_weights = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    model.load_state_dict(best_weights)
     model.save_pretrained(directory)
     build_tokenizer().save_pretrained(directory)
-    return TrainedBehaviour(recipe.base_steps, time.perf_counter() - started, share)
+    return TrainedBehaviour(trained, time.perf_counter() - started, best_share)
 
 
 @dataclass(frozen=True)
