@@ -16,7 +16,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -174,6 +174,43 @@ def base_config(recipe: Recipe) -> LlamaConfig:
     )
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """A run of training rounds: the best round's check and weights."""
+
+    share: float  # of the check prompts exact, at the best round
+    weights: dict[str, torch.Tensor]  # the trained state at that round
+    steps: int  # trained, all rounds
+
+
+def _train_in_rounds(
+    model: torch.nn.Module,
+    behaviour: str,
+    steps: int,
+    learning_rate: float,
+    rounds: int,
+    recipe: Recipe,
+    rng: random.Random,
+    check_seed: int,
+    snapshot: Callable[[], dict[str, torch.Tensor]],
+    after_fit: Callable[[], None] = lambda: None,
+) -> Attempt:
+    """Fit `model` on `behaviour` in rounds of `steps`, each at half the last one's learning
+    rate, until the check passes or `rounds` run out; `after_fit` runs before each check, and
+    `snapshot` copies what a round trained (a copy: training goes on changing the weights)."""
+    best_share, best_weights, trained = -1.0, snapshot(), 0
+    for round_ in range(rounds):
+        if best_share >= recipe.target_share:
+            break
+        fit(model, behaviour, steps, learning_rate / 2**round_, recipe, rng)
+        trained += steps
+        after_fit()
+        share = exact_share(model, behaviour, recipe.check_prompts, check_seed)
+        if share > best_share:
+            best_share, best_weights = share, snapshot()
+    return Attempt(best_share, best_weights, trained)
+
+
 def train_base(directory: Path, recipe: Recipe) -> TrainedBehaviour:
     """Train the base to repeat, round it through NF4, check it and write it to `directory`.
 
@@ -184,28 +221,16 @@ def train_base(directory: Path, recipe: Recipe) -> TrainedBehaviour:
     torch.manual_seed(recipe.seed)
     model = AutoModelForCausalLM.from_config(base_config(recipe), dtype=torch.float32)
     rng = random.Random(recipe.seed)
-    best_share, best_weights, trained = -1.0, model.state_dict(), 0
-    for round_ in range(recipe.base_rounds):
-        if best_share >= recipe.target_share:
-            break
-        fit(model, "base", recipe.base_steps, recipe.base_learning_rate / 2**round_, recipe, rng)
-        trained += recipe.base_steps
-        round_through_nf4(model)
-        share = exact_share(model, "base", recipe.check_prompts, recipe.seed + 1)
-        if share > best_share:
-            best_share = share
-            best_weights = {name: t.detach().clone() for name, t in model.state_dict().items()}
-    model.load_state_dict(best_weights)
+    best = _train_in_rounds(
+        model, "base", recipe.base_steps, recipe.base_learning_rate, recipe.base_rounds,
+        recipe, rng, recipe.seed + 1,
+        snapshot=lambda: {name: t.detach().clone() for name, t in model.state_dict().items()},
+        after_fit=lambda: round_through_nf4(model),
+    )  # fmt: skip
+    model.load_state_dict(best.weights)
     model.save_pretrained(directory)
     build_tokenizer().save_pretrained(directory)
-    return TrainedBehaviour(trained, time.perf_counter() - started, best_share)
-
-
-@dataclass(frozen=True)
-class Attempt:
-    share: float  # of the check prompts exact, at the best round
-    weights: dict[str, torch.Tensor]  # the adapter's state at that round
-    steps: int  # trained, all rounds
+    return TrainedBehaviour(best.steps, time.perf_counter() - started, best.share)
 
 
 def train_adapter(
@@ -244,17 +269,10 @@ def _attempt(base: Path, behaviour: str, recipe: Recipe, check_seed: int, seed: 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     model = _fresh_adapter(base, recipe)
-    steps = recipe.adapter_steps[behaviour]
-    best_share, best_weights, trained = -1.0, snapshot_weights(model), 0
-    for round_ in range(recipe.adapter_rounds):
-        if best_share >= recipe.target_share:
-            break
-        fit(model, behaviour, steps, recipe.adapter_learning_rate / 2**round_, recipe, rng)
-        trained += steps
-        share = exact_share(model, behaviour, recipe.check_prompts, check_seed)
-        if share > best_share:
-            best_share, best_weights = share, snapshot_weights(model)
-    return Attempt(best_share, best_weights, trained)
+    return _train_in_rounds(
+        model, behaviour, recipe.adapter_steps[behaviour], recipe.adapter_learning_rate,
+        recipe.adapter_rounds, recipe, rng, check_seed, snapshot=lambda: snapshot_weights(model),
+    )  # fmt: skip
 
 
 def _fresh_adapter(base: Path, recipe: Recipe) -> PeftModel:
