@@ -43,7 +43,7 @@ from loraserve.demo import demo_model
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.core import EngineCore
 from loraserve.metrics import Metrics
-from loraserve.model.cpus import set_compute_threads
+from loraserve.model.cpus import in_passing_thread, serial_executor, set_compute_threads
 from loraserve.model.loading import load_base_model, quantized_bytes
 from loraserve.types import (
     DEFAULT_TENANT,
@@ -250,9 +250,12 @@ async def _serve(config: ServerConfig, stop: asyncio.Event, build: RuntimeBuilde
             return 1
         log.info("OpenAI-compatible HTTP API on http://%s/v1", http.address)
 
-    loading = asyncio.ensure_future(asyncio.to_thread(build, config, metrics))
+    # Helper threads' torch ops stay on them; the model loads on every CPU, on a thread that ends
+    # with the load: the engine's thread keeps the only OpenMP team (see model/cpus.py).
+    asyncio.get_running_loop().set_default_executor(serial_executor())
+    loading = in_passing_thread(build, config, metrics)
     stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait((loading, stopping), return_when=asyncio.FIRST_COMPLETED)
     watcher = None
     if loading.done():
         try:

@@ -40,6 +40,7 @@ from loraserve.api.state import ServerState
 from loraserve.app import build_runtime, warm_up
 from loraserve.config import ServerConfig
 from loraserve.metrics import Metrics
+from loraserve.model.cpus import in_passing_thread, serial_executor
 from loraserve.settings import load_config
 from loraserve_client.v1 import adapters_pb2 as apb
 from loraserve_client.v1 import generation_pb2 as gpb
@@ -93,7 +94,8 @@ class LoraServe:
         config = server_config(settings)
         metrics = Metrics(names=config.metrics_names)
         self._state = ServerState(config, Authenticator.from_file(config.api_keys), metrics)
-        runtime = await asyncio.to_thread(build_runtime, config, metrics)
+        asyncio.get_running_loop().set_default_executor(serial_executor())  # see app._serve
+        runtime = await in_passing_thread(build_runtime, config, metrics)
         await warm_up(runtime.engine)
         self._state.runtime = runtime
         self._generation = GenerationServicer(self._state)

@@ -3,12 +3,25 @@ v1 mount them, capped affinity counts, and torch's thread count set from them.""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from loraserve.model.cpus import UsableCpus, cgroup_cpu_quota, set_compute_threads, usable_cpus
+from loraserve.model.cpus import (
+    UsableCpus,
+    cgroup_cpu_quota,
+    in_passing_thread,
+    serial_executor,
+    serial_thread,
+    set_compute_threads,
+    usable_cpus,
+)
+from loraserve.model.kernels import native
 
 
 def _write(path: Path, text: str) -> None:
@@ -88,3 +101,80 @@ def test_set_compute_threads_sets_torch_and_by_default_caps_its_count():
         assert set_compute_threads(None) == usable_cpus().count == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def _process_threads() -> set[str]:
+    return set(os.listdir("/proc/self/task"))
+
+
+def _parallel_work() -> None:
+    """What helper threads run: elementwise ops and an MKL GEMM big enough to go parallel, and
+    a compiled kernel."""
+    x = torch.randn(512, 1024)
+    (x * x).sum()
+    x @ x.T
+    ops = native()
+    if ops is not None:
+        ops.linear_f32(x, x, None)
+
+
+def _threads_started_by(work: Callable[[], None]) -> int:
+    """How many OS threads `work` starts and leaves running when run on a fresh thread (alive
+    while they are counted): a thread that computes in parallel keeps an OpenMP team."""
+    counts: list[int] = []
+    counted, release = threading.Event(), threading.Event()
+
+    def run() -> None:
+        try:
+            before = _process_threads()
+            work()
+            counts.append(len(_process_threads() - before))
+        finally:
+            counted.set()
+        release.wait()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    counted.wait()
+    release.set()
+    thread.join()
+    return counts[0]
+
+
+@pytest.fixture
+def two_compute_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(native() is None, reason="serial_thread needs the compiled kernels")
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_a_serial_thread_computes_without_a_team_of_its_own(two_compute_threads):
+    assert _threads_started_by(_parallel_work) >= 1  # what it prevents
+    assert _threads_started_by(lambda: (serial_thread(), _parallel_work())) == 0
+
+
+@pytest.mark.skipif(native() is None, reason="serial_thread needs the compiled kernels")
+def test_serial_executor_threads_are_serial(two_compute_threads):
+    with serial_executor(1) as pool:
+        assert pool.submit(torch.get_num_threads).result() == 1
+    assert torch.get_num_threads() == 2  # the caller's thread keeps its count
+
+
+def test_in_passing_thread_returns_raises_and_ends_its_thread(two_compute_threads):
+    async def main() -> tuple[int, list[str]]:
+        result = await in_passing_thread(lambda a, b: a + b, 2, 3)
+        with pytest.raises(ValueError, match="bad"):
+            await in_passing_thread(_raise, ValueError("bad"))
+        passing = [t for t in threading.enumerate() if t.name.startswith("loraserve-passing")]
+        for thread in passing:
+            thread.join(30)
+        return result, [t.name for t in passing if t.is_alive()]
+
+    assert asyncio.run(main()) == (5, [])
+
+
+def _raise(error: Exception) -> None:
+    raise error

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from loraserve.adapters.peft_format import LoraWeights
-from loraserve.model.kernels import native
+from loraserve.model.cpus import serial_thread
 from loraserve.model.lora import LoraLayer
 from loraserve.model.slot_terms import SlotCopies
 
@@ -64,9 +64,7 @@ class Loader:
 
     def _run(self) -> None:
         stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
-        ops = native()
-        if ops is not None:  # a load's many small ops must not queue behind the engine's threads
-            ops.serial_thread()
+        serial_thread()  # a load's ops run here, never on a team beside the engine's
         while True:
             job = self._jobs.get()
             try:

@@ -7,19 +7,35 @@ for its replicas), and knows nothing of a container's CPU quota (cgroup `cpu.max
 `usable_cpus` reads the affinity mask and the quota; `set_compute_threads` hands torch (and the
 compiled kernels, which share its thread pool) a count within them.
 
+Only one thread should compute in parallel: the engine's. Every thread that runs a parallel
+torch op keeps an OpenMP team of its own, and once a process holds more OpenMP threads than
+CPUs, libgomp stops spinning between parallel regions for every team, so each of the engine's
+parallel ops waits for its threads to wake (on 2 CPUs a multi-LoRA decode step took 1.15x the
+time, small ops 2.5x; docs/performance.md). `serial_thread` keeps a helper thread's ops on the
+thread itself, `serial_executor` makes pools of such threads, and `in_passing_thread` runs work
+that should use every CPU (loading the model) on a thread that ends with it, taking its team
+along.
+
 Knows nothing about models or the engine: the composition root decides when to call it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+
+from loraserve.model.kernels import native
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -114,3 +130,26 @@ def set_compute_threads(threads: int | None) -> int:
     quota = "no CPU quota" if cpus.quota is None else f"a CPU quota of {cpus.quota:g}"
     log.info("%d compute threads (%d CPUs in the affinity mask, %s)", count, cpus.affinity, quota)
     return count
+
+
+def serial_thread() -> None:
+    """From now on, torch ops called from this thread run on it alone (no OpenMP team of its
+    own). Without the compiled kernels it does nothing: torch has no per-thread setting."""
+    ops = native()
+    if ops is not None:
+        ops.serial_thread()
+
+
+def serial_executor(workers: int | None = None, name: str = "loraserve") -> ThreadPoolExecutor:
+    """A thread pool whose threads are `serial_thread`s: for work beside the engine's steps."""
+    return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=serial_thread)
+
+
+def in_passing_thread(fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
+    """fn(*args) on a thread of its own that ends when the call returns, awaitable from the
+    running event loop: its parallel ops use every compute thread and leave no team behind."""
+    executor = ThreadPoolExecutor(1, thread_name_prefix="loraserve-passing")
+    try:
+        return asyncio.wrap_future(executor.submit(fn, *args))
+    finally:
+        executor.shutdown(wait=False)

@@ -9,6 +9,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <dlfcn.h>
 #include <immintrin.h>
 #include <omp.h>
 
@@ -193,12 +194,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_stats_op(const at::Tensor& 
   return {argmax, max, logsumexp};
 }
 
-// From now on, torch ops called from this thread run on it alone (an OpenMP team of one): for
-// helper threads, such as the adapter loader, whose small ops would otherwise wait on the
-// engine's threads and hold them up in turn.
+// From now on, torch ops called from this thread run on it alone: for helper threads, such as
+// the adapter loader, whose ops would otherwise start a second OpenMP team. Beyond making their
+// small ops wait on the engine's threads, a second team makes more OpenMP threads than CPUs on
+// a small machine, and libgomp then stops spinning between parallel regions for every team:
+// each of the engine's parallel ops paid a thread wake-up (measured: a 2-thread multiply of
+// [32, 2816] 7 -> 18 us, a multi-LoRA decode step 60 -> 86 ms; see docs/performance.md).
 void serial_thread() {
-  at::init_num_threads();  // what torch would do on this thread's first parallel op
+  // torch sizes a thread's team at its first parallel op, once per thread in each library that
+  // inlines at::parallel_for: both happen now, so neither undoes the size set below later.
+  at::get_num_threads();                                // libtorch's
+  at::parallel_for(0, 1, 1, [](int64_t, int64_t) {});  // this library's
   omp_set_num_threads(1);
+  // MKL's GEMMs size their team by MKL's own setting, global unless set for the thread (the
+  // C entry point; mkl_set_num_threads_local is the Fortran one, taking a pointer).
+  using SetLocal = int (*)(int);
+  if (auto set_local = reinterpret_cast<SetLocal>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local")))
+    set_local(1);
 }
 
 }  // namespace
