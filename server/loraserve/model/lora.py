@@ -52,7 +52,8 @@ class LoraBatch:
 
     The runner orders rows by slot, so a batch has one segment per distinct adapter in it.
     `table` holds the same segments as tensors for the compiled kernel: [4, G] int64 rows of
-    starts, ends, slots and ranks. `token_slots` is built for the gathered form when it asks.
+    starts, ends, slots and ranks (`columns`: those rows, split once for every layer).
+    `token_slots` is built for the gathered form when it asks.
     """
 
     segments: tuple[LoraSegment, ...]
@@ -60,6 +61,11 @@ class LoraBatch:
     row_slots: tuple[int, ...]
     row_tokens: tuple[int, ...]
     device: torch.device
+
+    @functools.cached_property
+    def columns(self) -> tuple[torch.Tensor, ...]:
+        """The table's rows: starts, ends, slots, ranks, each [G] int64."""
+        return self.table.unbind(0)
 
     @functools.cached_property
     def token_slots(self) -> torch.Tensor:
@@ -124,7 +130,7 @@ def add_lora_delta_(
     """
     ops = native()
     if ops is not None and y.device.type == "cpu" and y.dtype == x.dtype == torch.float32:
-        starts, ends, slots, ranks = batch.table
+        starts, ends, slots, ranks = batch.columns
         ops.lora_delta_(x.contiguous(), y, lora_a, lora_b, starts, ends, slots, ranks)
         return y
     if gathered:
