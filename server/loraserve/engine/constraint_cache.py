@@ -22,11 +22,12 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 from loraserve.metrics import Metrics
+from loraserve.model.cpus import serial_executor
 from loraserve.model.grammar import Grammar
 from loraserve.types import CapacityError, Constraint, ConstraintKind, InvalidRequestError
 
@@ -79,7 +80,7 @@ class ConstraintCache:
         self.timeout_s = timeout_s
         self._metrics = metrics
         self._max_pending = workers * PENDING_PER_WORKER
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="loraserve-grammar")
+        self._pool = serial_executor(workers, "loraserve-grammar")
         self._lock = threading.Lock()
         # key -> the grammar, or the message it was refused with; least recently used first
         self._entries: OrderedDict[ConstraintKey, Grammar | str] = OrderedDict()

@@ -14,12 +14,13 @@ Knows nothing about sampling or requests beyond their grammar state and `ignore_
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
 from loraserve.engine.sequence import Sequence
+from loraserve.model.cpus import serial_executor
 from loraserve.model.grammar import GrammarCompiler, GrammarState
 from loraserve.model.sampling import AllowedTokens
 
@@ -67,7 +68,7 @@ class MaskFiller:
         # [max_rows, words] int32; reused each step: a step's masks are on the device (or
         # sampled from) before the next step fills it again
         self._buffer = torch.zeros((max_rows, compiler.words), dtype=torch.int32, pin_memory=pinned)
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="loraserve-masks")
+        self._thread = serial_executor(1, "loraserve-masks")
 
     def start(self, seqs: Seq[Sequence]) -> PendingMasks | None:
         rows = [row for row, seq in enumerate(seqs) if seq.grammar is not None]
