@@ -80,7 +80,21 @@ def _ray_serve_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
+# After each parallel region libgomp's workers spin about 3 ms (300,000 spins) before they
+# sleep: where the server shares its CPUs (other processes, a CPU quota), that spinning takes
+# them from everything else. 10,000 spins (about 0.1 ms) still bridge the engine's gaps
+# between a step's ops: decode steps measured as fast, and a test run beside a busy process
+# 2.1x faster (docs/performance.md, "Threads"). libgomp reads it when torch loads; the
+# environment's value wins.
+OPENMP_SPIN_COUNT = "10000"
+
+
+def _short_openmp_spin() -> None:
+    os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)
+
+
 def _ray_serve(args: argparse.Namespace) -> int:
+    _short_openmp_spin()  # before Ray starts its processes here, and before torch loads
     from loraserve.ray_serve import run
 
     options = ("num_replicas", "max_ongoing_requests", "max_queued_requests", "num_gpus")
@@ -152,6 +166,7 @@ def _serve(args: argparse.Namespace) -> int:
         config.engine.device,
     )
     log.info("configuration: %s", json.dumps(config.describe(), default=str))
+    _short_openmp_spin()
     from loraserve.app import serve  # torch and transformers: seconds to import
 
     return asyncio.run(serve(config))

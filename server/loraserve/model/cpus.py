@@ -10,8 +10,8 @@ compiled kernels, which share its thread pool) a count within them.
 Only one thread should compute in parallel: the engine's. Every thread that runs a parallel
 torch op keeps an OpenMP team of its own, and once a process holds more OpenMP threads than
 CPUs, libgomp stops spinning between parallel regions for every team, so each of the engine's
-parallel ops waits for its threads to wake (on 2 CPUs a multi-LoRA decode step took 1.15x the
-time, small ops 2.5x; docs/performance.md). `serial_thread` keeps a helper thread's ops on the
+parallel ops waits for its threads to wake (on 2 CPUs a multi-LoRA decode step took 1.14x the
+time; docs/performance.md). `serial_thread` keeps a helper thread's ops on the
 thread itself, `serial_executor` makes pools of such threads, and `in_passing_thread` runs work
 that should use every CPU (loading the model) on a thread that ends with it, taking its team
 along.

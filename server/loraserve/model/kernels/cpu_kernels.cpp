@@ -198,8 +198,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_stats_op(const at::Tensor& 
 // the adapter loader, whose ops would otherwise start a second OpenMP team. Beyond making their
 // small ops wait on the engine's threads, a second team makes more OpenMP threads than CPUs on
 // a small machine, and libgomp then stops spinning between parallel regions for every team:
-// each of the engine's parallel ops paid a thread wake-up (measured: a 2-thread multiply of
-// [32, 2816] 7 -> 18 us, a multi-LoRA decode step 60 -> 86 ms; see docs/performance.md).
+// each of the engine's parallel ops paid a thread wake-up (a multi-LoRA decode step took 88 ms
+// instead of 77; docs/performance.md, "Threads").
 void serial_thread() {
   // torch sizes a thread's team at its first parallel op, once per thread in each library that
   // inlines at::parallel_for: both happen now, so neither undoes the size set below later.
