@@ -7,6 +7,13 @@ layers run transformers' own eager attention over the paged cache.
 
 from __future__ import annotations
 
+import os
+
+# The engines tests run compute beside other threads (adapter loads), the servers the tests
+# start, and whatever else a CI machine runs: spin as briefly as `loraserve serve` does (see
+# docs/performance.md, "Threads"). libgomp reads it when torch loads.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path

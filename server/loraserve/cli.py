@@ -4,8 +4,8 @@ Serve (`loraserve.ray_serve`); the client commands (`generate`,
 
 For `serve`: reads flags, `LORASERVE_*` environment variables and an optional JSON config file
 once (`loraserve.settings`: a wrong value ends start-up with one line), builds the frozen
-`ServerConfig`, sets up the log, says what it is loading before importing torch, and hands the
-configuration to the server.
+`ServerConfig`, sets up the log, says what it is loading, bounds OpenMP's spinning before
+importing torch (`OPENMP_SPIN_COUNT`), and hands the configuration to the server.
 """
 
 from __future__ import annotations
