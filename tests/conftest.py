@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 
+from loraserve.cli import OPENMP_SPIN_COUNT  # imports no torch
+
 # The engines tests run compute beside other threads (adapter loads), the servers the tests
 # start, and whatever else a CI machine runs: spin as briefly as `loraserve serve` does (see
 # docs/performance.md, "Threads"). libgomp reads it when torch loads.
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)
 
 import logging
 from dataclasses import dataclass, field

@@ -103,7 +103,8 @@ class EngineConfig(BaseModel):
         None,
         "threads for the model's CPU arithmetic (default: torch's count, from OMP_NUM_THREADS "
         "or the physical cores, capped by the CPUs this process may use: its affinity mask and "
-        "its cgroup's CPU quota)",
+        "its cgroup's CPU quota); they spin about 0.1 ms after each parallel op before they "
+        "sleep (GOMP_SPINCOUNT=10000, unless the environment sets GOMP_SPINCOUNT)",
         le=4096,
     )
     max_rank: Count = setting(64, "largest LoRA rank accepted")
