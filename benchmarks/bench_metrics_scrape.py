@@ -104,24 +104,21 @@ def is_serving(address: str) -> bool:
 
 
 @contextmanager
-def running_server(config: BenchConfig, log_path: Path) -> Iterator[tuple[str, str]]:
-    """Yield (gRPC address, metrics URL) of a SERVING `loraserve serve`; stop it on exit."""
-    port, metrics_port = free_ports(2)
-    command = [
-        sys.executable, "-m", "loraserve.cli", "serve", "--device", config.device,
-        "--port", str(port), "--metrics-port", str(metrics_port),
-        "--max-batch-size", str(config.max_batch_size),
-    ]  # fmt: skip
+def serving(flags: list[str], log_path: Path, startup_timeout: float) -> Iterator[str]:
+    """Yield the gRPC address of a SERVING `loraserve serve <flags>` on a free loopback port
+    (its output in `log_path`); stop it on exit."""
+    (port,) = free_ports(1)
+    command = [sys.executable, "-m", "loraserve.cli", "serve", "--port", str(port), *flags]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     address = f"127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + config.startup_timeout
+        deadline = time.monotonic() + startup_timeout
         while not is_serving(address):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"server not SERVING; its log:\n{log_path.read_text()}")
             time.sleep(0.2)
-        yield address, f"http://127.0.0.1:{metrics_port}/metrics"
+        yield address
     finally:
         process.terminate()
         try:
@@ -129,6 +126,18 @@ def running_server(config: BenchConfig, log_path: Path) -> Iterator[tuple[str, s
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextmanager
+def running_server(config: BenchConfig, log_path: Path) -> Iterator[tuple[str, str]]:
+    """Yield (gRPC address, metrics URL) of a SERVING `loraserve serve`; stop it on exit."""
+    (metrics_port,) = free_ports(1)
+    flags = [
+        "--device", config.device, "--metrics-port", str(metrics_port),
+        "--max-batch-size", str(config.max_batch_size),
+    ]  # fmt: skip
+    with serving(flags, log_path, config.startup_timeout) as address:
+        yield address, f"http://127.0.0.1:{metrics_port}/metrics"
 
 
 # ---- load and scrapes ----------------------------------------------------------------------

@@ -17,7 +17,6 @@ import argparse
 import json
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench_metrics_scrape import free_ports, is_serving
+from bench_metrics_scrape import serving
 from bench_multi_lora import DEFAULT, make_workload
 from common import DEFAULT_CACHE_DIR, prepare_model
 from loraserve_client import Client
@@ -36,39 +35,27 @@ STARTUP_TIMEOUT_S = 300.0
 
 def served_rates(model_dir: Path, rounds: int, log_path: Path) -> list[float]:
     """Generated tokens per second of each round after the first."""
-    (port,) = free_ports(1)
-    command = [
-        sys.executable, "-m", "loraserve.cli", "serve", "--model", str(model_dir),
-        "--port", str(port), "--max-batch-size", str(DEFAULT.num_requests),
+    flags = [
+        "--model", str(model_dir), "--max-batch-size", str(DEFAULT.num_requests),
         "--adapter-dir", tempfile.mkdtemp(prefix="bench-served-"),
     ]  # fmt: skip
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    address = f"127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not is_serving(address):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the server did not start; see {log_path}")
-            time.sleep(0.5)
-        prompts = make_workload(DEFAULT, [""] * DEFAULT.num_requests).prompts
-        with Client(address, timeout=600) as client, ThreadPoolExecutor(len(prompts)) as pool:
+    prompts = make_workload(DEFAULT, [""] * DEFAULT.num_requests).prompts
+    with (
+        serving(flags, log_path, STARTUP_TIMEOUT_S) as address,
+        Client(address, timeout=600) as client,
+        ThreadPoolExecutor(len(prompts)) as pool,
+    ):
 
-            def generate(prompt: tuple[int, ...]) -> int:
-                reply = client.generate(
-                    list(prompt), max_new_tokens=DEFAULT.new_tokens, ignore_eos=True
-                )
-                return len(reply.token_ids)
+        def generate(prompt: tuple[int, ...]) -> int:
+            options = {"max_new_tokens": DEFAULT.new_tokens, "ignore_eos": True}
+            return len(client.generate(list(prompt), **options).token_ids)
 
-            rates = []
-            for _ in range(rounds):
-                start = time.perf_counter()
-                tokens = sum(pool.map(generate, prompts))
-                rates.append(tokens / (time.perf_counter() - start))
-        return rates[1:]
-    finally:
-        process.terminate()
-        process.wait()
+        rates = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            tokens = sum(pool.map(generate, prompts))
+            rates.append(tokens / (time.perf_counter() - start))
+    return rates[1:]
 
 
 def main() -> None:

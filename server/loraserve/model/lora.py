@@ -51,21 +51,16 @@ class LoraBatch:
     """The maximal runs of consecutive tokens on one non-zero slot, for one forward.
 
     The runner orders rows by slot, so a batch has one segment per distinct adapter in it.
-    `table` holds the same segments as tensors for the compiled kernel: [4, G] int64 rows of
-    starts, ends, slots and ranks (`columns`: those rows, split once for every layer).
-    `token_slots` is built for the gathered form when it asks.
+    `columns` holds the same segments as tensors for the compiled kernel, built once for every
+    layer: starts, ends, slots and ranks, each [G] int64. `token_slots` is built for the
+    gathered form when it asks.
     """
 
     segments: tuple[LoraSegment, ...]
-    table: torch.Tensor
+    columns: tuple[torch.Tensor, ...]
     row_slots: tuple[int, ...]
     row_tokens: tuple[int, ...]
     device: torch.device
-
-    @functools.cached_property
-    def columns(self) -> tuple[torch.Tensor, ...]:
-        """The table's rows: starts, ends, slots, ranks, each [G] int64."""
-        return self.table.unbind(0)
 
     @functools.cached_property
     def token_slots(self) -> torch.Tensor:
@@ -99,8 +94,9 @@ class LoraBatch:
             dtype=torch.int64,
         ).reshape(4, len(segments))  # fmt: skip
         return cls(
-            tuple(segments), table, tuple(row_slots), tuple(row_tokens), torch.device(device)
-        )
+            tuple(segments), table.unbind(0), tuple(row_slots), tuple(row_tokens),
+            torch.device(device),
+        )  # fmt: skip
 
 
 # The gathered form copies every token's slot weights, N * R * (in + out) elements: above this
