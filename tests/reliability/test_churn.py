@@ -67,9 +67,13 @@ def generate(channel: grpc.Channel, name: str, version: str, prompt: str) -> lis
     return list(reply.token_ids)
 
 
-def churn(server: Server, weights: list[dict[str, bytes]], seconds: float, rounds: int) -> Report:
-    """Run CLIENTS request loops and one upload/delete loop until `rounds` uploads are done and
-    `seconds` have passed; every answer is checked against its adapter alone."""
+def churn(
+    server: Server, weights: list[dict[str, bytes]], seconds: float, rounds: int, answers: int = 0
+) -> Report:
+    """Run CLIENTS request loops and one upload/delete loop until `rounds` uploads are done,
+    `answers` requests have been answered OK and `seconds` have passed; every answer is checked
+    against its adapter alone. Counting answers, not time, keeps the mix the same on a busy
+    machine, where uploads can outpace generation."""
     report = Report()
     live: dict[tuple[str, str], int] = {}  # (name, version) -> index of the weights it holds
     lock = threading.Lock()
@@ -109,7 +113,14 @@ def churn(server: Server, weights: list[dict[str, bytes]], seconds: float, round
         def churner() -> None:
             rng = random.Random(-1)
             adapters = adapters_pb2_grpc.AdapterServiceStub(channel)
-            while report.uploads < rounds or time.monotonic() - started < seconds:
+
+            def more() -> bool:
+                with lock:
+                    answered = report.requests["OK"]
+                elapsed = time.monotonic() - started
+                return report.uploads < rounds or answered < answers or elapsed < seconds
+
+            while more():
                 name, i = f"churn-{rng.randrange(ADAPTERS)}", rng.randrange(ADAPTERS)
                 version = upload(server, KEY, name, weights[i]).adapter.version
                 with lock:
@@ -140,7 +151,7 @@ def churn(server: Server, weights: list[dict[str, bytes]], seconds: float, round
 
 
 def test_uploads_and_deletes_under_load_never_mix_adapters(server, weights):
-    report = churn(server, weights, seconds=0, rounds=12)
+    report = churn(server, weights, seconds=0, rounds=12, answers=2 * CLIENTS)
     print(f"figure: {dict(report.requests)}, {report.uploads} uploads, {report.deletes} deletes")
     assert report.mismatches == []
     assert report.requests["OK"] >= 2 * CLIENTS and report.deletes >= 6, report
