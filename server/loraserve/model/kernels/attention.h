@@ -63,6 +63,16 @@ inline void softmax_inplace(float* scores, int64_t n) {
   for (j = 0; j < n; ++j) scores[j] *= inv;
 }
 
+// A position's keys (or values) of every head are one [KVH, D] run, often a page of their own:
+// the hardware prefetchers stop at page boundaries, so the run kAhead positions on is fetched
+// while this one is used.
+constexpr int64_t kAhead = 2;
+
+inline void prefetch_position(const float* run, int64_t floats) {
+  const char* bytes = reinterpret_cast<const char*>(run);
+  for (int64_t offset = 0; offset < floats * 4; offset += 64) _mm_prefetch(bytes + offset, _MM_HINT_T0);
+}
+
 // q [R, H, D]; k_pool, v_pool [S, KVH, D]; block_tables [R, max_blocks] int32; context_lens
 // [R] int32 (the query sits at position context_lens[r] - 1 and sees keys from
 // max(0, len - window) when window > 0); out [R, H, D].
@@ -93,6 +103,7 @@ inline void paged_decode_attention(const float* q, const float* k_pool, const fl
       float* out_row = out + r * H * D;
       scores.resize(H * n);  // [H, n]
       for (int64_t j = 0; j < n; ++j) {
+        if (j + kAhead < n) prefetch_position(k_pool + slots[j + kAhead] * KVH * D, KVH * D);
         const float* keys = k_pool + slots[j] * KVH * D;
         for (int64_t h = 0; h < H; ++h)
           scores[h * n + j] = scale * dot(q_row + h * D, keys + (h / group) * D, D);
@@ -100,6 +111,7 @@ inline void paged_decode_attention(const float* q, const float* k_pool, const fl
       for (int64_t h = 0; h < H; ++h) softmax_inplace(scores.data() + h * n, n);
       for (int64_t i = 0; i < H * D; ++i) out_row[i] = 0.f;
       for (int64_t j = 0; j < n; ++j) {
+        if (j + kAhead < n) prefetch_position(v_pool + slots[j + kAhead] * KVH * D, KVH * D);
         const float* values = v_pool + slots[j] * KVH * D;
         for (int64_t h = 0; h < H; ++h)
           axpy(scores[h * n + j], values + (h / group) * D, D, out_row + h * D);

@@ -238,9 +238,16 @@ inline void gemv_4bit(const float* x, int64_t K, const uint8_t* packed, const Sc
 // activations (kDepth x kPassRows) fit in L1 together. Sums carry over chunks in a per-tile
 // [kTileCols, rows] buffer, written to y once per tile.
 
-constexpr int kMaxRowVecs = 2;  // vectors of rows per micro-kernel: 12 sums, 2 row vectors and
-                                // a broadcast take 15 of AVX2's 16 registers
+constexpr int kMaxRowVecs = 2;                       // vectors of rows per micro-kernel
 constexpr int64_t kPassRows = kMaxRowVecs * kLanes;  // rows of x per pass
+// Sums a micro-kernel keeps in registers: with 2 row vectors and a broadcast, 27 of AVX-512's 32
+// registers (a whole tile's columns at once: 0.82 -> 0.95 of the one-core matmul peak) or 15 of
+// AVX2's 16.
+#if defined(__AVX512F__)
+constexpr int kAccRegs = 24;
+#else
+constexpr int kAccRegs = 12;
+#endif
 constexpr int64_t kDepth = 128;                      // k per chunk (a multiple of kGroup)
 
 // Row vectors in the pass of x that starts at row m0.
@@ -296,18 +303,20 @@ inline v8f gather_decoded(const float* row, int64_t j) {
 #endif
 }
 
-// x [M, K] -> xt: the pass starting at row m0 lies at xt + m0 * K as [K, width] (rows past M
-// are zeros). With kDecoded, position j of each row holds k = decoded_k(j).
+// x [M, K] -> xt, columns [j0, j1) of every pass: the pass starting at row m0 lies at
+// xt + m0 * K as [K, width] (rows past M are zeros). With kDecoded, position j of each row holds
+// k = decoded_k(j). j0 is a multiple of 8; j1 is too, or K.
 template <bool kDecoded>
-inline void transpose_passes(const float* x, int64_t M, int64_t K, float* xt) {
-  const int64_t whole = kDecoded ? K : K - K % 8;  // 4-bit K is a multiple of kGroup
+inline void transpose_passes(const float* x, int64_t M, int64_t K, int64_t j0, int64_t j1,
+                             float* xt) {
+  const int64_t whole = kDecoded ? j1 : std::min(j1, K - K % 8);  // 4-bit K: a multiple of kGroup
   for (int64_t m0 = 0; m0 < M; m0 += kPassRows) {
     const int64_t width = pass_vectors(M, m0) * kLanes;
     float* dst = xt + m0 * K;
     for (int64_t r0 = 0; r0 < width; r0 += 8) {
       const int64_t rows = std::clamp<int64_t>(M - m0 - r0, 0, 8);
       const float* src = x + (m0 + r0) * K;
-      for (int64_t j = 0; j < whole; j += 8) {
+      for (int64_t j = j0; j < whole; j += 8) {
         v8f block[8];
         for (int r = 0; r < 8; ++r) {
           if (r >= rows) {
@@ -320,7 +329,7 @@ inline void transpose_passes(const float* x, int64_t M, int64_t K, float* xt) {
         }
         store_transposed(block, dst + j * width + r0, width);
       }
-      for (int64_t j = whole; j < K; ++j)  // fp32 K past the last multiple of 8
+      for (int64_t j = std::max(whole, j0); j < j1; ++j)  // fp32 K past the last multiple of 8
         for (int64_t r = 0; r < 8; ++r) dst[j * width + r0 + r] = r < rows ? src[r * K + j] : 0.0f;
     }
   }
@@ -374,8 +383,8 @@ inline void outer_block(const float* xt, const float* w, int64_t runtime_ldw, in
 template <int MV, int64_t kLdw>
 inline void outer_tile(const float* xt, const float* w, int64_t ldw, int64_t depth, float* sums,
                        int64_t ldsums) {
-  constexpr int NR = kTileCols / MV;
-  static_assert(NR * MV == kTileCols, "a tile's columns split evenly into column blocks");
+  constexpr int NR = std::min(kTileCols, kAccRegs / MV);
+  static_assert(kTileCols % NR == 0, "a tile's columns split evenly into column blocks");
   for (int n = 0; n < kTileCols; n += NR)
     outer_block<MV, NR, kLdw>(xt, w + n * ldw, ldw, depth, sums + n * ldsums, ldsums);
 }
@@ -389,12 +398,28 @@ struct WeightChunk {
 // y [M, N] = x [M, K] @ W^T where `chunk_of(n0, cols, k0, depth, scratch)` gives the
 // WeightChunk of weight rows n0.. (kTileCols of them, zeros past `cols`) and k0..k0 + depth,
 // written to `scratch` [kTileCols, kDepth] if it is not read in place; its ld is always kLdw
-// unless kLdw is 0. xt: x transposed by transpose_passes in the order the chunks keep k.
-template <int64_t kLdw, class ChunkOf>
-inline void gemm_outer(const float* xt, int64_t M, int64_t K, int64_t N, ChunkOf chunk_of,
+// unless kLdw is 0. kDecoded: the chunks keep k in decoded order (decoded_k), so x is transposed
+// in that order too.
+//
+// The threads first transpose x together, a range of k each, and wait until all of it is done
+// (every range taken is being done by a running thread, so the wait ends): transposed by the
+// calling thread alone, it cost as much as a few tiles, and the other thread then read all of it
+// from the first one's cache.
+template <int64_t kLdw, bool kDecoded, class ChunkOf>
+inline void gemm_outer(const float* x, int64_t M, int64_t K, int64_t N, ChunkOf chunk_of,
                        float* y) {
   const int64_t tiles = (N + kTileCols - 1) / kTileCols, ldsums = padded_rows(M);
+  const int64_t ranges = (K + kDepth - 1) / kDepth;
+  std::unique_ptr<float[]> xt(new float[ldsums * K]);
+  std::atomic<int64_t> transposed{0};
+  WorkQueue transposing(ranges, std::min<int64_t>(at::get_num_threads(), tiles));
   parallel_items(tiles, [&](WorkQueue& queue) {
+    transposing.each([&](int64_t r) {
+      transpose_passes<kDecoded>(x, M, K, r * kDepth, std::min(K, (r + 1) * kDepth), xt.get());
+      transposed.fetch_add(1, std::memory_order_release);
+    });
+    for (int spins = 1; transposed.load(std::memory_order_acquire) < ranges; ++spins)
+      spins % 1024 ? _mm_pause() : std::this_thread::yield();  // yield to a descheduled peer
     std::unique_ptr<float[]> scratch(new float[kTileCols * kDepth]);
     std::unique_ptr<float[]> sums(new float[kTileCols * ldsums]);
     queue.each([&](int64_t t) {
@@ -405,11 +430,11 @@ inline void gemm_outer(const float* xt, int64_t M, int64_t K, int64_t N, ChunkOf
         const WeightChunk chunk = chunk_of(n0, cols, k0, depth, scratch.get());
         for (int64_t m0 = 0; m0 < M; m0 += kPassRows) {
           const int64_t width = pass_vectors(M, m0) * kLanes;
-          const float* x = xt + m0 * K + k0 * width;
+          const float* xp = xt.get() + m0 * K + k0 * width;
           if (width == kLanes)
-            outer_tile<1, kLdw>(x, chunk.w, chunk.ld, depth, sums.get() + m0, ldsums);
+            outer_tile<1, kLdw>(xp, chunk.w, chunk.ld, depth, sums.get() + m0, ldsums);
           else
-            outer_tile<2, kLdw>(x, chunk.w, chunk.ld, depth, sums.get() + m0, ldsums);
+            outer_tile<2, kLdw>(xp, chunk.w, chunk.ld, depth, sums.get() + m0, ldsums);
         }
       }
       for (int64_t m = 0; m < M; ++m)
@@ -468,9 +493,7 @@ inline void gemm_4bit(const float* x, int64_t M, int64_t K, const uint8_t* packe
       default: return gemv_4bit<4>(p, K, packed, scales, tables, blocksize, N, y);
     }
   }
-  std::unique_ptr<float[]> xt(new float[padded_rows(M) * K]);
-  transpose_passes<true>(x, M, K, xt.get());
-  gemm_outer<kDepth>(xt.get(), M, K, N,
+  gemm_outer<kDepth, true>(x, M, K, N,
                      [&](int64_t n0, int64_t cols, int64_t k0, int64_t depth, float* scratch) {
                        decode_chunk(packed, scales, tables, blocksize, N, K, n0, cols, k0,
                                     depth, scratch);
@@ -494,11 +517,9 @@ inline void gemm_f32(const float* x, int64_t M, int64_t K, const float* w, int64
     });
     return;
   }
-  std::unique_ptr<float[]> xt(new float[padded_rows(M) * K]);
-  transpose_passes<false>(x, M, K, xt.get());
   // Read in place (copying each chunk costs more than the constant stride saves), except the
   // last tile's rows, padded with zeros.
-  gemm_outer<0>(xt.get(), M, K, N,
+  gemm_outer<0, false>(x, M, K, N,
                 [&](int64_t n0, int64_t cols, int64_t k0, int64_t depth, float* scratch) {
                   if (cols == kTileCols) return WeightChunk{w + n0 * K + k0, K};
                   for (int64_t c = 0; c < kTileCols; ++c) {
