@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from loraserve.model.attention import attend_context, attend_decode_gathered
 from loraserve.model.kernels import build, native
@@ -237,6 +238,17 @@ def test_transpose_scaled_equals_the_strided_copy():
         assert torch.equal(t, b.float().t().contiguous().mul_(scale))
     assert len({t.untyped_storage().data_ptr() for t in got}) == 1
     assert transposed_bs([], []) == []  # the op needs a tensor to dispatch on
+
+
+@pytest.mark.parametrize("rows", [1, 5, 300])
+@pytest.mark.parametrize("dim", [1, 15, 16, 17, 1000, 1024])
+def test_rms_norm_equals_llama_rms_norm(rows, dim):
+    torch.manual_seed(rows * dim)
+    norm = LlamaRMSNorm(dim, eps=1e-5)
+    norm.weight.data = torch.randn(dim)
+    x = torch.randn(rows, dim) * 3
+    got = native().rms_norm(x, norm.weight, norm.variance_epsilon)
+    torch.testing.assert_close(got, norm(x), rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 8, 17, 32_000])

@@ -30,6 +30,7 @@ from loraserve.model.host_memory import keep_freed_memory
 from loraserve.model.kv_cache import PagedKVCache
 from loraserve.model.linear import BaseLinear
 from loraserve.model.lora import LoraBatch, LoraContext
+from loraserve.model.norms import fuse_rms_norms
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,10 @@ class RowInput:
 class ModelRunner:
     """Runs the model on a list of rows and returns the next-token logits of each row.
 
-    Owns the model from here on: it switches the model's attention to the paged implementation
-    and its output projection to `BaseLinear`. On the CPU it also sets the process's malloc to
-    keep freed memory (`host_memory`): every forward frees what the next one allocates.
+    Owns the model from here on: it switches the model's attention to the paged implementation,
+    its output projection to `BaseLinear` and its Llama-style RMSNorms to `FusedRMSNorm`. On
+    the CPU it also sets the process's malloc to keep freed memory (`host_memory`): every
+    forward frees what the next one allocates.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class ModelRunner:
         output = model.get_output_embeddings()
         if not isinstance(output, BaseLinear):
             model.set_output_embeddings(BaseLinear(output))
+        fuse_rms_norms(model)
 
     @torch.inference_mode()
     def forward(self, rows: list[RowInput]) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parent
-SOURCES = ("cpu_kernels.cpp", "parallel.h", "gemm.h", "attention.h", "lora.h", "scores.h")
+SOURCES = ("cpu_kernels.cpp", "parallel.h", "gemm.h", "attention.h", "lora.h", "scores.h", "norm.h")
 
 
 @dataclass(frozen=True)

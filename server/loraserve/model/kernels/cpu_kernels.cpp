@@ -29,6 +29,7 @@
 #include "attention.h"
 #include "lora.h"
 #include "scores.h"
+#include "norm.h"
 
 namespace {
 
@@ -195,6 +196,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_stats_op(const at::Tensor& 
   return {argmax, max, logsumexp};
 }
 
+// y [M, D] = Llama's RMSNorm of x [M, D] with weight [D].
+at::Tensor rms_norm_op(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_cpu_f32(x, "x");
+  check_cpu_f32(weight, "weight");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 1 && weight.size(0) == x.size(1),
+              "x must be [M, D] and weight [D]");
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  rms_norm(x.data_ptr<float>(), x.size(0), x.size(1), weight.data_ptr<float>(),
+           static_cast<float>(eps), y.data_ptr<float>());
+  return y;
+}
+
 // From now on, torch ops called from this thread run on it alone: for helper threads, such as
 // the adapter loader, whose ops would otherwise start a second OpenMP team. Beyond making their
 // small ops wait on the engine's threads, a second team makes more OpenMP threads than CPUs on
@@ -232,6 +245,7 @@ TORCH_LIBRARY(loraserve, m) {
   m.def("transpose_scaled(Tensor[] src, float[] scale) -> Tensor[]");
   m.def("nonfinite(Tensor[] tensors) -> int[]");
   m.def("score_stats(Tensor scores) -> (Tensor, Tensor, Tensor)");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(loraserve, CPU, m) {
@@ -242,4 +256,5 @@ TORCH_LIBRARY_IMPL(loraserve, CPU, m) {
   m.impl("transpose_scaled", &transpose_scaled_op);
   m.impl("nonfinite", &nonfinite_op);
   m.impl("score_stats", &score_stats_op);
+  m.impl("rms_norm", &rms_norm_op);
 }

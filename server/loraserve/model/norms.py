@@ -1,0 +1,66 @@
+"""RMSNorm layers through the CPU kernel: one op per call instead of transformers' six.
+
+`fuse_rms_norms(model)` swaps each RMSNorm whose forward is the Llama family's (Llama, Mistral,
+Qwen2/3, Phi-3 and the others transformers copies it to: the same bytecode) for `FusedRMSNorm`,
+which runs the compiled `rms_norm` on float32 CPU inputs and the wrapped module otherwise.
+Norms of another formula (Gemma's `1 + weight`, LayerNorm) are left alone.
+
+Knows nothing about batches, caches or adapters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from loraserve.model.kernels import native
+
+
+def computes_llama_rms_norm(module: nn.Module) -> bool:
+    """Whether `module`'s forward is transformers' Llama RMSNorm, code for code."""
+    forward = getattr(type(module).forward, "__code__", None)
+    reference = LlamaRMSNorm.forward.__code__
+    return (
+        forward is not None
+        and forward.co_code == reference.co_code
+        and forward.co_consts == reference.co_consts
+        and forward.co_names == reference.co_names
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and isinstance(getattr(module, "variance_epsilon", None), float)
+    )
+
+
+class FusedRMSNorm(nn.Module):
+    """The wrapped Llama-style RMSNorm, by the compiled kernel where it applies."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., D] -> [..., D]."""
+        ops = native()
+        weight = self.module.weight
+        if (
+            ops is None
+            or x.device.type != "cpu"
+            or x.dtype != torch.float32
+            or weight.dtype != torch.float32
+        ):
+            return self.module(x)
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        return ops.rms_norm(rows, weight, self.module.variance_epsilon).view(x.shape)
+
+
+def fuse_rms_norms(model: nn.Module) -> int:
+    """Wrap every Llama-style RMSNorm of `model` in `FusedRMSNorm`; returns how many."""
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if not isinstance(parent, FusedRMSNorm) and computes_llama_rms_norm(child)
+    ]
+    for parent, name, child in targets:
+        setattr(parent, name, FusedRMSNorm(child))
+    return len(targets)
