@@ -7,6 +7,14 @@ both see the same machine at the same moments: on a shared, noisy machine, runs 
 differ by more than a kernel change. Then profiles a few decode steps of each (per-op times).
 
     .venv/bin/python benchmarks/ab_kernels.py --base 6b7fbde --repeats 2
+
+With `--projections` it times the kernels alone instead, on the default model's shapes: one
+round is every 4-bit projection of a decode step (8 layers x 7, 32 rows, random NF4 bytes,
+each layer its own weights) and then the fp32 output projection, the two builds alternating
+round by round, with 64 MB read between rounds so that the weights come from memory as in a
+model. Steps of the engine vary by more than a few percent; these rounds do not.
+
+    .venv/bin/python benchmarks/ab_kernels.py --base 6b7fbde --projections --threads 2
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -26,9 +35,11 @@ from torch.profiler import ProfilerActivity, profile
 import loraserve.model.attention
 import loraserve.model.linear
 import loraserve.model.lora
+import loraserve.model.norms
 import loraserve.model.sampling
 from bench_multi_lora import DEFAULT
 from engine_runs import Trace, submit
+from loraserve.model.host_memory import keep_freed_memory
 from loraserve.model.kernels import build
 from profile_step import base_workload, warm_base_engine
 
@@ -38,6 +49,9 @@ CALLERS = (loraserve.model.linear, loraserve.model.attention, loraserve.model.lo
 # Callers of ops that older revisions lack: swapped only when the build has the op, else they
 # keep the installed build's in both arms.
 LATER_CALLERS = {loraserve.model.sampling: "score_stats"}
+# Callers whose module falls back to torch's ops without theirs: an older build without the op
+# runs them the torch way, as that revision did (through the wrapper, which costs a call).
+FALLBACK_CALLERS = {loraserve.model.norms: "rms_norm"}
 
 
 def compile_as(namespace: str, sources: dict[str, str], folder: Path) -> object:
@@ -76,10 +90,52 @@ def git(*args: str) -> str:
 
 def use(ops: object) -> None:
     """Every caller of `native()` gets `ops` from now on (those of `LATER_CALLERS` whose op
-    `ops` has)."""
+    `ops` has; those of `FALLBACK_CALLERS` whose op it lacks get None: the torch path)."""
     callers = [*CALLERS, *(m for m, op in LATER_CALLERS.items() if hasattr(ops, op))]
     for module in callers:
         module.native = lambda ops=ops: ops  # type: ignore[attr-defined]
+    for module, op in FALLBACK_CALLERS.items():
+        chosen = ops if hasattr(ops, op) else None
+        module.native = lambda chosen=chosen: chosen  # type: ignore[attr-defined]
+
+
+def compare_projections(builds: dict[str, object], rounds: int) -> None:
+    """Rounds of a decode step's projections (see the module's docstring), alternating builds;
+    prints each build's median round and the ratio, per kernel."""
+    keep_freed_memory()  # as the engine's runner does: no fresh pages per call
+    spec, rows = DEFAULT.model, DEFAULT.num_requests
+    hidden, inner = spec.hidden_size, spec.intermediate_size
+    shapes = [(hidden, hidden)] * 4 + [(hidden, inner)] * 2 + [(inner, hidden)]  # (K, N)
+    generator = torch.Generator().manual_seed(0)
+    layers = [
+        (
+            torch.randn(rows, k, generator=generator),
+            torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=generator),
+            torch.rand(n * k // 64, generator=generator),
+            n,
+        )
+        for _ in range(spec.num_layers)
+        for k, n in shapes
+    ]
+    code = torch.linspace(-1.0, 1.0, 16)  # any 16 values: the kernels' work does not depend on them
+    head = torch.randn(spec.vocab_size, hidden, generator=generator)
+    head_rows = torch.randn(rows, hidden, generator=generator)
+    flush = torch.randn(16 << 20)  # 64 MB
+    times: dict[tuple[str, str], list[float]] = {}
+    for turn in range(rounds):
+        for name in list(builds) if turn % 2 else list(builds)[::-1]:
+            ops: Any = builds[name]
+            flush.sum()
+            started = time.perf_counter()
+            for x, packed, absmax, n in layers:
+                ops.linear_4bit(x, packed, absmax, code, 64, n, None)
+            ended = time.perf_counter()
+            ops.linear_f32(head_rows, head, None)
+            times.setdefault((name, "linear_4bit x 56"), []).append(ended - started)
+            times.setdefault((name, "linear_f32 (lm_head)"), []).append(time.perf_counter() - ended)
+    for kernel in ("linear_4bit x 56", "linear_f32 (lm_head)"):
+        base, tree = (statistics.median(times[name, kernel][2:]) * 1e3 for name in builds)
+        print(f"{kernel}: base {base:.2f} ms, tree {tree:.2f} ms, tree / base {tree / base:.3f}")
 
 
 def main() -> None:
@@ -87,8 +143,11 @@ def main() -> None:
     parser.add_argument("--base", required=True, help="git revision whose kernels to compare")
     parser.add_argument("--repeats", type=int, default=2, help="prefills, then decode steps")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--projections", action="store_true", help="the GEMM kernels alone")
+    parser.add_argument("--rounds", type=int, default=30, help="with --projections")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     transformers.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,6 +155,9 @@ def main() -> None:
             "base": compile_as("ab_base", sources_at(args.base), Path(tmp, "base")),
             "tree": compile_as("ab_tree", sources_at(None), Path(tmp, "tree")),
         }
+    if args.projections:
+        compare_projections(builds, args.rounds)
+        return
     workload = base_workload(args.new_tokens)
     use(builds["base"])
     core = warm_base_engine(workload)

@@ -70,7 +70,8 @@ constexpr int64_t kAhead = 2;
 
 inline void prefetch_position(const float* run, int64_t floats) {
   const char* bytes = reinterpret_cast<const char*>(run);
-  for (int64_t offset = 0; offset < floats * 4; offset += 64) _mm_prefetch(bytes + offset, _MM_HINT_T0);
+  for (int64_t offset = 0; offset < floats * 4; offset += 64)
+    _mm_prefetch(bytes + offset, _MM_HINT_T0);
 }
 
 // q [R, H, D]; k_pool, v_pool [S, KVH, D]; block_tables [R, max_blocks] int32; context_lens

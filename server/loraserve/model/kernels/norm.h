@@ -8,7 +8,8 @@ namespace LS_NAMESPACE {
 inline void rms_norm(const float* x, int64_t M, int64_t D, const float* weight, float eps,
                      float* y) {
   // Rows in parallel only when there are enough of them to pay for waking the threads.
-  at::parallel_for(0, M, std::max<int64_t>(1, (int64_t{1} << 16) / D), [&](int64_t m0, int64_t m1) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / D);
+  at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float* row = x + m * D;
       float* out = y + m * D;
@@ -21,9 +22,10 @@ inline void rms_norm(const float* x, int64_t M, int64_t D, const float* weight, 
       float total = hsum(acc);
       for (; d < D; ++d) total += row[d] * row[d];
       const float inv = 1.f / std::sqrt(total / static_cast<float>(D) + eps);
-      for (d = 0; d + kLanes <= D; d += kLanes)
-        *reinterpret_cast<vf*>(out + d) =
-            *reinterpret_cast<const vf*>(weight + d) * (*reinterpret_cast<const vf*>(row + d) * inv);
+      for (d = 0; d + kLanes <= D; d += kLanes) {
+        const vf normed = *reinterpret_cast<const vf*>(row + d) * inv;
+        *reinterpret_cast<vf*>(out + d) = *reinterpret_cast<const vf*>(weight + d) * normed;
+      }
       for (; d < D; ++d) out[d] = weight[d] * (row[d] * inv);
     }
   });
