@@ -33,6 +33,7 @@ import transformers
 from torch.profiler import ProfilerActivity, profile
 
 import loraserve.model.attention
+import loraserve.model.kv_cache
 import loraserve.model.linear
 import loraserve.model.lora
 import loraserve.model.norms
@@ -51,7 +52,7 @@ CALLERS = (loraserve.model.linear, loraserve.model.attention, loraserve.model.lo
 LATER_CALLERS = {loraserve.model.sampling: "score_stats"}
 # Callers whose module falls back to torch's ops without theirs: an older build without the op
 # runs them the torch way, as that revision did (through the wrapper, which costs a call).
-FALLBACK_CALLERS = {loraserve.model.norms: "rms_norm"}
+FALLBACK_CALLERS = {loraserve.model.norms: "rms_norm", loraserve.model.kv_cache: "kv_write_"}
 
 
 def compile_as(namespace: str, sources: dict[str, str], folder: Path) -> object:

@@ -240,6 +240,20 @@ def test_transpose_scaled_equals_the_strided_copy():
     assert transposed_bs([], []) == []  # the op needs a tensor to dispatch on
 
 
+@pytest.mark.parametrize(("tokens", "kv_heads", "head_dim"), [(1, 1, 1), (7, 2, 17), (300, 4, 64)])
+def test_kv_write_equals_index_copy_from_the_projections_strided_output(tokens, kv_heads, head_dim):
+    torch.manual_seed(tokens)
+    projected = torch.randn(tokens, kv_heads, head_dim)  # as the projection's view leaves it
+    states = projected.transpose(0, 1)  # [kv_heads, tokens, head_dim], not contiguous
+    slots = torch.randperm(2 * tokens + 3)[:tokens]
+    pool = torch.randn(2 * tokens + 3, kv_heads, head_dim)
+    want = pool.clone().index_copy_(0, slots, projected)
+    native().kv_write_(pool, slots, states)
+    assert torch.equal(pool, want)
+    with pytest.raises(RuntimeError, match="outside"):
+        native().kv_write_(pool, torch.full((tokens,), pool.shape[0]), states)
+
+
 @pytest.mark.parametrize("rows", [1, 5, 300])
 @pytest.mark.parametrize("dim", [1, 15, 16, 17, 1000, 1024])
 def test_rms_norm_equals_llama_rms_norm(rows, dim):

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
+from loraserve.model.kernels import native
+
 
 class PagedKVCache(Cache):
     """A transformers `Cache` over block-paged pools, indexed per step by the runner."""
@@ -56,8 +58,14 @@ class PagedKVCache(Cache):
         """key_states, value_states: [1, kv_heads, N, head_dim], written to the pools; returned
         unchanged."""
         key_pool, value_pool = self.pools(layer_idx)
+        ops = native()
         for pool, states in ((key_pool, key_states), (value_pool, value_states)):
-            pool.index_copy_(0, self._write_slots, states[0].transpose(0, 1).to(pool.dtype))
+            source = states[0].to(pool.dtype)  # [kv_heads, N, head_dim]
+            on_cpu = pool.device.type == "cpu" and pool.dtype == torch.float32
+            if ops is not None and on_cpu and source.stride(-1) == 1:
+                ops.kv_write_(pool, self._write_slots, source)  # one copy per token and head
+            else:
+                pool.index_copy_(0, self._write_slots, source.transpose(0, 1))
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

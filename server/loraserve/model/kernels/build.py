@@ -25,7 +25,10 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parent
-SOURCES = ("cpu_kernels.cpp", "parallel.h", "gemm.h", "attention.h", "lora.h", "scores.h", "norm.h")
+SOURCES = (
+    "cpu_kernels.cpp", "parallel.h", "gemm.h", "attention.h", "lora.h", "scores.h", "norm.h",
+    "kv.h",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@
 #include "lora.h"
 #include "scores.h"
 #include "norm.h"
+#include "kv.h"
 
 namespace {
 
@@ -208,6 +209,24 @@ at::Tensor rms_norm_op(const at::Tensor& x, const at::Tensor& weight, double eps
   return y;
 }
 
+// pool [S, KVH, D][slots[n]] = states [KVH, N, D][:, n] (states strided, D contiguous).
+void kv_write_op(at::Tensor& pool, const at::Tensor& slots, const at::Tensor& states) {
+  check_cpu_f32(pool, "pool");
+  check_cpu(slots, at::kLong, "slots");
+  TORCH_CHECK(states.device().is_cpu() && states.scalar_type() == at::kFloat &&
+                  states.dim() == 3 && states.stride(2) == 1,
+              "states must be a float32 CPU [KVH, N, D] tensor with D contiguous");
+  TORCH_CHECK(pool.dim() == 3 && states.size(0) == pool.size(1) &&
+                  states.size(2) == pool.size(2) && slots.dim() == 1 &&
+                  slots.size(0) == states.size(1),
+              "pool [S, KVH, D], slots [N] and states [KVH, N, D] disagree");
+  const int64_t* index = slots.data_ptr<int64_t>();
+  for (int64_t n = 0; n < slots.size(0); ++n)
+    TORCH_CHECK(index[n] >= 0 && index[n] < pool.size(0), "slot ", index[n], " is outside");
+  kv_write(pool.data_ptr<float>(), index, states.data_ptr<float>(), states.size(0),
+           states.size(1), states.size(2), states.stride(0), states.stride(1));
+}
+
 // From now on, torch ops called from this thread run on it alone: for helper threads, such as
 // the adapter loader, whose ops would otherwise start a second OpenMP team. Beyond making their
 // small ops wait on the engine's threads, a second team makes more OpenMP threads than CPUs on
@@ -246,6 +265,7 @@ TORCH_LIBRARY(loraserve, m) {
   m.def("nonfinite(Tensor[] tensors) -> int[]");
   m.def("score_stats(Tensor scores) -> (Tensor, Tensor, Tensor)");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("kv_write_(Tensor(a!) pool, Tensor slots, Tensor states) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(loraserve, CPU, m) {
@@ -257,4 +277,5 @@ TORCH_LIBRARY_IMPL(loraserve, CPU, m) {
   m.impl("nonfinite", &nonfinite_op);
   m.impl("score_stats", &score_stats_op);
   m.impl("rms_norm", &rms_norm_op);
+  m.impl("kv_write_", &kv_write_op);
 }
