@@ -17,12 +17,15 @@ caller then takes its torch path, which is also each kernel's test oracle. The o
                                                         or an infinity)
   score_stats(scores [B, V]) -> argmax [B] i64, max [B], logsumexp [B]  (as torch's argmax,
                                                         amax and logsumexp, one op)
+  rms_norm(x [M, D], weight [D], eps) -> [M, D]        (transformers' Llama RMSNorm)
+  kv_write_(pool [S, KVH, D], slots [N] i64, states [KVH, N, D])  (pool[slots[n]] = states[:, n];
+                                                        states strided, D contiguous)
   serial_thread()                                      (torch ops of the calling thread run
                                                         on it alone from then on)
 
-All take contiguous float32 CPU tensors (transpose_scaled: any float dtype and strides). Set
-LORASERVE_KERNELS=off to use the torch paths, or to a variant's name (`build.VARIANTS`) to load
-that one instead of this CPU's.
+All take contiguous float32 CPU tensors (transpose_scaled: any float dtype and strides;
+kv_write_'s states: any strides but D's). Set LORASERVE_KERNELS=off to use the torch paths, or
+to a variant's name (`build.VARIANTS`) to load that one instead of this CPU's.
 
 Knows nothing about models, adapters or batches: callers decide when an op applies.
 """
