@@ -23,7 +23,7 @@ needs_kernels = pytest.mark.skipif(native() is None, reason="no compiled kernels
 
 @pytest.mark.parametrize("norm", [LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm, Qwen3RMSNorm,
                                   Phi3RMSNorm])  # fmt: skip
-def test_the_llama_family_s_norms_are_recognised(norm):
+def test_norms_of_the_llama_family_are_recognised(norm):
     assert computes_llama_rms_norm(norm(64))
 
 
