@@ -46,9 +46,9 @@ class RowInput:
 class ModelRunner:
     """Runs the model on a list of rows and returns the next-token logits of each row.
 
-    Owns the model from here on: it switches the model's attention to the paged implementation,
-    its output projection to `BaseLinear` and its Llama-style RMSNorms to `FusedRMSNorm`. On
-    the CPU it also sets the process's malloc to keep freed memory (`host_memory`): every
+    Owns the model from here on: it switches the model's attention to the paged implementation
+    and its output projection to `BaseLinear`. On the CPU it also swaps its Llama-style RMSNorms
+    for `FusedRMSNorm` and sets the process's malloc to keep freed memory (`host_memory`): every
     forward frees what the next one allocates.
     """
 
@@ -67,6 +67,7 @@ class ModelRunner:
         self.decode_kernel = decode_kernel_applies(cache)
         if self.device.type == "cpu":
             keep_freed_memory()
+            fuse_rms_norms(model)  # a GPU's host time would only pay the wrapper's call
         model.set_attn_implementation(IMPLEMENTATION)
         if model.config._attn_implementation != IMPLEMENTATION:
             raise ValueError(
@@ -76,7 +77,6 @@ class ModelRunner:
         output = model.get_output_embeddings()
         if not isinstance(output, BaseLinear):
             model.set_output_embeddings(BaseLinear(output))
-        fuse_rms_norms(model)
 
     @torch.inference_mode()
     def forward(self, rows: list[RowInput]) -> torch.Tensor:
