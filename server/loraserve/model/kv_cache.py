@@ -59,10 +59,11 @@ class PagedKVCache(Cache):
         unchanged."""
         key_pool, value_pool = self.pools(layer_idx)
         ops = native()
+        if key_pool.device.type != "cpu" or key_pool.dtype != torch.float32:
+            ops = None
         for pool, states in ((key_pool, key_states), (value_pool, value_states)):
             source = states[0].to(pool.dtype)  # [kv_heads, N, head_dim]
-            on_cpu = pool.device.type == "cpu" and pool.dtype == torch.float32
-            if ops is not None and on_cpu and source.stride(-1) == 1:
+            if ops is not None and source.stride(-1) == 1:
                 ops.kv_write_(pool, self._write_slots, source)  # one copy per token and head
             else:
                 pool.index_copy_(0, self._write_slots, source.transpose(0, 1))

@@ -242,8 +242,8 @@ void serial_thread() {
   // MKL's GEMMs size their team by MKL's own setting, global unless set for the thread (the
   // C entry point; mkl_set_num_threads_local is the Fortran one, taking a pointer).
   using SetLocal = int (*)(int);
-  if (auto set_local = reinterpret_cast<SetLocal>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local")))
-    set_local(1);
+  auto set_local = reinterpret_cast<SetLocal>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+  if (set_local != nullptr) set_local(1);
 }
 
 }  // namespace

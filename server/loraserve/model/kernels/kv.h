@@ -8,8 +8,7 @@ namespace LS_NAMESPACE {
 // pool [S, KVH, D].
 inline void kv_write(float* pool, const int64_t* slots, const float* states, int64_t KVH,
                      int64_t N, int64_t D, int64_t stride_h, int64_t stride_n) {
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (KVH * D));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, N, rows_grain(KVH * D), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       float* dst = pool + slots[n] * KVH * D;
       for (int64_t h = 0; h < KVH; ++h)

@@ -7,9 +7,7 @@ namespace LS_NAMESPACE {
 // x, y [M, D]; weight [D].
 inline void rms_norm(const float* x, int64_t M, int64_t D, const float* weight, float eps,
                      float* y) {
-  // Rows in parallel only when there are enough of them to pay for waking the threads.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / D);
-  at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+  at::parallel_for(0, M, rows_grain(D), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float* row = x + m * D;
       float* out = y + m * D;

@@ -37,4 +37,11 @@ inline void parallel_items(int64_t items, Body body) {
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { body(queue); });
 }
 
+// at::parallel_for's grain for rows of `floats_per_row` floats each: a call over fewer than
+// 2^16 floats (a decode step's rows) stays on the calling thread, since waking the others
+// would cost more than it shares.
+inline int64_t rows_grain(int64_t floats_per_row) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / floats_per_row);
+}
+
 }  // namespace LS_NAMESPACE
