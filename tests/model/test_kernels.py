@@ -87,6 +87,15 @@ def test_linear_4bit_with_blocks_smaller_and_larger_than_a_chunk(rows, blocksize
     torch.testing.assert_close(got, F.linear(x, _dequantized(layer)), rtol=RTOL, atol=ATOL)
 
 
+def test_linear_4bit_refuses_a_blocksize_that_is_not_a_power_of_two():
+    rows, out_features, in_features, blocksize = 8, 16, 192, 96
+    packed = torch.zeros(out_features * in_features // 2, dtype=torch.uint8)
+    absmax = torch.ones(out_features * in_features // blocksize)
+    with pytest.raises(RuntimeError, match="power of two"):
+        native().linear_4bit(torch.randn(rows, in_features), packed, absmax, torch.zeros(16),
+                             blocksize, out_features, None)  # fmt: skip
+
+
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "double-quant"])
 @pytest.mark.parametrize("rows", [2, SMALL_BATCH_ROWS + 1], ids=["kernel", "dequantize"])
 def test_base_linear_on_4bit_equals_bitsandbytes(rows, nested):

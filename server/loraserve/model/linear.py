@@ -68,7 +68,8 @@ class Packed4bit:
         if getattr(state, "packing_format_for_cpu", False) or len(state.shape) != 2:
             return None
         out_features, in_features = state.shape
-        if in_features % state.blocksize or state.blocksize % 32:
+        blocksize = state.blocksize
+        if in_features % blocksize or blocksize < 32 or blocksize & (blocksize - 1):
             return None
         nested = None
         if state.nested:

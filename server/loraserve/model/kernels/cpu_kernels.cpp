@@ -72,8 +72,8 @@ at::Tensor linear_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
               "packed must be contiguous uint8");
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
-  TORCH_CHECK(blocksize % kGroup == 0 && K % blocksize == 0,
-              "blocksize must be a multiple of ", kGroup, " and divide K");
+  TORCH_CHECK(blocksize >= kGroup && (blocksize & (blocksize - 1)) == 0 && K % blocksize == 0,
+              "blocksize must be a power of two from ", kGroup, " and divide K");
   TORCH_CHECK(packed.numel() * 2 == N * K && absmax.numel() * blocksize == N * K &&
                   code.numel() == 16,
               "packed, absmax and code do not describe a [", N, ", ", K, "] weight");

@@ -136,8 +136,15 @@ inline void decode_group(const uint8_t* bytes, const CodeTables& t, vf (&out)[kG
 #else  // 16 lanes without AVX-512: only the test build that checks that logic
   const vi q = __builtin_convertvector(*reinterpret_cast<const vb*>(bytes), vi);  // 16 bytes
 #endif
+#if defined(__AVX512F__)
+  // vpermps reads only the low 4 bits of each index: the low nibble needs no mask.
+  const __m512 values = reinterpret_cast<__m512>(t.values);
+  out[0] = reinterpret_cast<vf>(_mm512_permutexvar_ps(reinterpret_cast<__m512i>(q >> 4), values));
+  out[1] = reinterpret_cast<vf>(_mm512_permutexvar_ps(reinterpret_cast<__m512i>(q), values));
+#else
   out[0] = __builtin_shuffle(t.values, q >> 4);
   out[1] = __builtin_shuffle(t.values, q & 15);
+#endif
 }
 #else
 // AVX2 has no 16-entry float permute, so each of a code value's four bytes is looked up for 32
@@ -444,31 +451,28 @@ inline void gemm_outer(const float* x, int64_t M, int64_t K, int64_t N, ChunkOf 
 }
 
 // Weight rows n0..n0 + cols, k0..k0 + depth of the packed 4-bit weight, decoded into dst
-// [kTileCols, kDepth] (rows past `cols` zeroed). K % blocksize == 0, and k0, depth and blocksize
-// are multiples of kGroup.
+// [kTileCols, kDepth] (rows past `cols` zeroed). The blocksize is 2^blocksize_log2 and divides
+// K; k0, depth and blocksize are multiples of kGroup (so a group lies in one block).
 //
 // Each row's bytes for the next chunk (the same row's next k, else the next tile's row) are
 // prefetched: a chunk reads one cache line per row, and the hardware prefetchers do not keep up
 // with kTileCols such streams, so weights that come from memory, not cache, would stall.
 inline void decode_chunk(const uint8_t* packed, const Scales& scales, const CodeTables& tables,
-                         int64_t blocksize, int64_t N, int64_t K, int64_t n0, int64_t cols,
+                         int blocksize_log2, int64_t N, int64_t K, int64_t n0, int64_t cols,
                          int64_t k0, int64_t depth, float* dst) {
-  const int64_t blocks_per_row = K / blocksize;
+  const int64_t blocks_per_row = K >> blocksize_log2;
   for (int64_t c = 0; c < cols; ++c) {
     const int64_t next = k0 + depth < K ? (n0 + c) * K + k0 + depth : (n0 + kTileCols + c) * K;
     if (next < N * K) _mm_prefetch(reinterpret_cast<const char*>(packed + next / 2), _MM_HINT_T0);
-    const uint8_t* bytes = packed + (n0 + c) * K / 2;
+    const uint8_t* bytes = packed + ((n0 + c) * K + k0) / 2;
+    const int64_t row_blocks = (n0 + c) * blocks_per_row;
     float* out = dst + c * kDepth;
-    for (int64_t k = k0; k < k0 + depth;) {
-      const int64_t block = k / blocksize;
-      const int64_t stop = std::min(k0 + depth, (block + 1) * blocksize);
-      const vf scale = vf{} + scales((n0 + c) * blocks_per_row + block);
-      for (; k < stop; k += kGroup) {
-        vf w[kGroupVecs];
-        decode_group(bytes + k / 2, tables, w);
-        for (int v = 0; v < kGroupVecs; ++v)
-          *reinterpret_cast<vf*>(out + k - k0 + v * kLanes) = w[v] * scale;
-      }
+    for (int64_t j = 0; j < depth; j += kGroup) {
+      const vf scale = vf{} + scales(row_blocks + ((k0 + j) >> blocksize_log2));
+      vf w[kGroupVecs];
+      decode_group(bytes + j / 2, tables, w);
+      for (int v = 0; v < kGroupVecs; ++v)
+        *reinterpret_cast<vf*>(out + j + v * kLanes) = w[v] * scale;
     }
   }
   for (int64_t c = cols; c < kTileCols; ++c)
@@ -476,12 +480,13 @@ inline void decode_chunk(const uint8_t* packed, const Scales& scales, const Code
 }
 
 // x [M, K] fp32; packed [N * K / 2] uint8; scales: one per block of `blocksize`; code [16] fp32;
-// y [M, N] fp32. K % blocksize == 0 and blocksize % kGroup == 0.
+// y [M, N] fp32. blocksize is a power of two from kGroup, and divides K.
 inline void gemm_4bit(const float* x, int64_t M, int64_t K, const uint8_t* packed,
                       const Scales& scales, const float* code, int64_t blocksize, int64_t N,
                       float* y) {
   if (M == 0) return;
   const CodeTables tables = code_tables(code);
+  const int blocksize_log2 = __builtin_ctzll(blocksize);
   if (M <= 4) {
     std::unique_ptr<float[]> permuted(new float[M * K]);
     permute_like_decoded(x, M, K, permuted.get());
@@ -495,7 +500,7 @@ inline void gemm_4bit(const float* x, int64_t M, int64_t K, const uint8_t* packe
   }
   gemm_outer<kDepth, true>(x, M, K, N,
                      [&](int64_t n0, int64_t cols, int64_t k0, int64_t depth, float* scratch) {
-                       decode_chunk(packed, scales, tables, blocksize, N, K, n0, cols, k0,
+                       decode_chunk(packed, scales, tables, blocksize_log2, N, K, n0, cols, k0,
                                     depth, scratch);
                        return WeightChunk{scratch, kDepth};
                      },
