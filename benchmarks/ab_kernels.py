@@ -15,6 +15,11 @@ round by round, with 64 MB read between rounds so that the weights come from mem
 model. Steps of the engine vary by more than a few percent; these rounds do not.
 
     .venv/bin/python benchmarks/ab_kernels.py --base 6b7fbde --projections --threads 2
+
+With `--lora-prefill` it times the LoRA kernel alone the same way, on a prefill of the default
+workload (32 prompts of 64-128 tokens, each on its own rank-16 adapter, every projection).
+
+    .venv/bin/python benchmarks/ab_kernels.py --base 6b7fbde --lora-prefill --rounds 16
 """
 
 from __future__ import annotations
@@ -105,8 +110,6 @@ def compare_projections(builds: dict[str, object], rounds: int) -> None:
     prints each build's median round and the ratio, per kernel."""
     keep_freed_memory()  # as the engine's runner does: no fresh pages per call
     spec, rows = DEFAULT.model, DEFAULT.num_requests
-    hidden, inner = spec.hidden_size, spec.intermediate_size
-    shapes = [(hidden, hidden)] * 4 + [(hidden, inner)] * 2 + [(inner, hidden)]  # (K, N)
     generator = torch.Generator().manual_seed(0)
     layers = [
         (
@@ -116,25 +119,74 @@ def compare_projections(builds: dict[str, object], rounds: int) -> None:
             n,
         )
         for _ in range(spec.num_layers)
-        for k, n in shapes
+        for k, n in projection_shapes()
     ]
     code = torch.linspace(-1.0, 1.0, 16)  # any 16 values: the kernels' work does not depend on them
-    head = torch.randn(spec.vocab_size, hidden, generator=generator)
-    head_rows = torch.randn(rows, hidden, generator=generator)
+    head = torch.randn(spec.vocab_size, spec.hidden_size, generator=generator)
+    head_rows = torch.randn(rows, spec.hidden_size, generator=generator)
+
+    def one_round(ops: Any) -> dict[str, float]:
+        started = time.perf_counter()
+        for x, packed, absmax, n in layers:
+            ops.linear_4bit(x, packed, absmax, code, 64, n, None)
+        ended = time.perf_counter()
+        ops.linear_f32(head_rows, head, None)
+        return {"linear_4bit x 56": ended - started,
+                "linear_f32 (lm_head)": time.perf_counter() - ended}  # fmt: skip
+
+    alternate(builds, rounds, one_round)
+
+
+def compare_lora_prefill(builds: dict[str, object], rounds: int) -> None:
+    """Rounds of a prefill's LoRA deltas on the default workload's shapes (32 prompts of 64-128
+    tokens, each on its own rank-16 slot; the seven projections of every layer), alternating
+    builds; prints each build's median round and the ratio."""
+    keep_freed_memory()
+    spec, rank, slots = DEFAULT.model, DEFAULT.rank, DEFAULT.num_requests + 1
+    generator = torch.Generator().manual_seed(0)
+    low, high = DEFAULT.prompt_tokens
+    lengths = torch.randint(low, high + 1, (DEFAULT.num_requests,), generator=generator)
+    ends = torch.cumsum(lengths, 0)
+    segments = (ends - lengths, ends, torch.arange(1, slots), torch.full_like(lengths, rank))
+    tokens = int(ends[-1])
+    layers = [
+        (
+            torch.randn(tokens, k, generator=generator),
+            torch.zeros(tokens, n),
+            torch.randn(slots, rank, k, generator=generator) * 0.01,
+            torch.randn(slots, rank, n, generator=generator) * 0.01,
+        )
+        for _ in range(spec.num_layers)
+        for k, n in projection_shapes()
+    ]
+
+    def one_round(ops: Any) -> dict[str, float]:
+        started = time.perf_counter()
+        for x, y, lora_a, lora_b in layers:
+            ops.lora_delta_(x, y, lora_a, lora_b, *segments)
+        return {f"lora_delta_ x 56 ({tokens} tokens)": time.perf_counter() - started}
+
+    alternate(builds, rounds, one_round)
+
+
+def projection_shapes() -> list[tuple[int, int]]:
+    """(K, N) of one layer's seven projections in the default model."""
+    hidden, inner = DEFAULT.model.hidden_size, DEFAULT.model.intermediate_size
+    return [(hidden, hidden)] * 4 + [(hidden, inner)] * 2 + [(inner, hidden)]
+
+
+def alternate(builds: dict[str, object], rounds: int, one_round: Any) -> None:
+    """`one_round(ops)` (kernel name -> seconds) for each build in turn, the order reversed
+    every round, with 64 MB read before each, so that the weights come from memory as in a
+    model; prints each kernel's median round (the first two are warm-up) and the ratio."""
     flush = torch.randn(16 << 20)  # 64 MB
     times: dict[tuple[str, str], list[float]] = {}
     for turn in range(rounds):
         for name in list(builds) if turn % 2 else list(builds)[::-1]:
-            ops: Any = builds[name]
             flush.sum()
-            started = time.perf_counter()
-            for x, packed, absmax, n in layers:
-                ops.linear_4bit(x, packed, absmax, code, 64, n, None)
-            ended = time.perf_counter()
-            ops.linear_f32(head_rows, head, None)
-            times.setdefault((name, "linear_4bit x 56"), []).append(ended - started)
-            times.setdefault((name, "linear_f32 (lm_head)"), []).append(time.perf_counter() - ended)
-    for kernel in ("linear_4bit x 56", "linear_f32 (lm_head)"):
+            for kernel, seconds in one_round(builds[name]).items():
+                times.setdefault((name, kernel), []).append(seconds)
+    for kernel in dict.fromkeys(kernel for _, kernel in times):
         base, tree = (statistics.median(times[name, kernel][2:]) * 1e3 for name in builds)
         print(f"{kernel}: base {base:.2f} ms, tree {tree:.2f} ms, tree / base {tree / base:.3f}")
 
@@ -145,7 +197,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="prefills, then decode steps")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--projections", action="store_true", help="the GEMM kernels alone")
-    parser.add_argument("--rounds", type=int, default=30, help="with --projections")
+    parser.add_argument(
+        "--lora-prefill", action="store_true", help="the LoRA kernel alone, on a prefill"
+    )
+    parser.add_argument("--rounds", type=int, default=30, help="with --projections, --lora-prefill")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -158,6 +213,9 @@ def main() -> None:
         }
     if args.projections:
         compare_projections(builds, args.rounds)
+        return
+    if args.lora_prefill:
+        compare_lora_prefill(builds, args.rounds)
         return
     workload = base_workload(args.new_tokens)
     use(builds["base"])

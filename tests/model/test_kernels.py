@@ -211,15 +211,17 @@ def test_lora_delta_kernel_equals_reference_over_long_and_short_segments(in_feat
     """Segments longer than a chunk of 16 tokens, rows not a multiple of the 4-row block,
     output widths with vector and scalar tails, ranks from 1 to the slot buffer's maximum."""
     torch.manual_seed(in_features)
-    slots, max_rank = 5, 8
+    slots, max_rank = 5, 16
     lora_a = torch.randn(slots, max_rank, in_features)
     lora_b = torch.randn(slots, max_rank, out_features)
     segments = [
-        (0, 37, 2, 8),
+        (0, 37, 2, 16),
         (37, 38, 4, 1),
         (40, 45, 1, 3),
         (45, 80, 3, 5),
-    ]  # start, end, slot, rank
+        (80, 99, 4, 10),
+        (99, 101, 1, 8),
+    ]  # start, end, slot, rank: every remainder of the shrink's 3- and 6-rank blocks
     n = segments[-1][1]
     x, y = torch.randn(n, in_features), torch.randn(n, out_features)
     want = y.clone()

@@ -63,29 +63,34 @@ inline void dot_block(const float* x, int64_t ldx, const float* w, int64_t ldw, 
     }
 }
 
-template <int MR>
+template <int MR, int NR>
 inline void dot_rows(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K,
                      int64_t cols, float* y, int64_t ldy) {
   int64_t n = 0;
-  for (; n + kColBlock <= cols; n += kColBlock)
-    dot_block<MR, kColBlock>(x, ldx, w + n * ldw, ldw, K, y + n, ldy);
+  for (; n + NR <= cols; n += NR)
+    dot_block<MR, NR>(x, ldx, w + n * ldw, ldw, K, y + n, ldy);
   switch (cols - n) {
+    case 5: dot_block<MR, 5>(x, ldx, w + n * ldw, ldw, K, y + n, ldy); break;
+    case 4: dot_block<MR, 4>(x, ldx, w + n * ldw, ldw, K, y + n, ldy); break;
+    case 3: dot_block<MR, 3>(x, ldx, w + n * ldw, ldw, K, y + n, ldy); break;
     case 2: dot_block<MR, 2>(x, ldx, w + n * ldw, ldw, K, y + n, ldy); break;
     case 1: dot_block<MR, 1>(x, ldx, w + n * ldw, ldw, K, y + n, ldy); break;
     default: break;
   }
 }
 
-// Every row of x against `cols` weight rows w[cols, K] (ldw apart): y[:, :cols].
+// Every row of x against `cols` weight rows w[cols, K] (ldw apart): y[:, :cols], NR columns
+// per block.
+template <int NR = kColBlock>
 inline void dot_tile(const float* x, int64_t M, int64_t K, const float* w, int64_t ldw,
                      int64_t cols, float* y, int64_t ldy) {
   int64_t m = 0;
   for (; m + kRowBlock <= M; m += kRowBlock)
-    dot_rows<kRowBlock>(x + m * K, K, w, ldw, K, cols, y + m * ldy, ldy);
+    dot_rows<kRowBlock, NR>(x + m * K, K, w, ldw, K, cols, y + m * ldy, ldy);
   switch (M - m) {
-    case 3: dot_rows<3>(x + m * K, K, w, ldw, K, cols, y + m * ldy, ldy); break;
-    case 2: dot_rows<2>(x + m * K, K, w, ldw, K, cols, y + m * ldy, ldy); break;
-    case 1: dot_rows<1>(x + m * K, K, w, ldw, K, cols, y + m * ldy, ldy); break;
+    case 3: dot_rows<3, NR>(x + m * K, K, w, ldw, K, cols, y + m * ldy, ldy); break;
+    case 2: dot_rows<2, NR>(x + m * K, K, w, ldw, K, cols, y + m * ldy, ldy); break;
+    case 1: dot_rows<1, NR>(x + m * K, K, w, ldw, K, cols, y + m * ldy, ldy); break;
     default: break;
   }
 }
