@@ -424,7 +424,7 @@ inline void gemm_outer(const float* x, int64_t M, int64_t K, int64_t N, ChunkOf 
   const int64_t ranges = (K + kDepth - 1) / kDepth;
   std::unique_ptr<float[]> xt(new float[ldsums * K]);
   std::atomic<int64_t> transposed{0};
-  WorkQueue transposing(ranges, std::min<int64_t>(at::get_num_threads(), tiles));
+  WorkQueue transposing(ranges, team_size(tiles));  // the same threads as the tiles' queue
   parallel_items(tiles, [&](WorkQueue& queue) {
     transposing.each([&](int64_t r) {
       transpose_passes<kDecoded>(x, M, K, r * kDepth, std::min(K, (r + 1) * kDepth), xt.get());

@@ -27,12 +27,17 @@ class WorkQueue {
   std::atomic<int64_t> taken_{0};
 };
 
+// The threads a call over `items` work items runs on: torch's, at most one per item.
+inline int64_t team_size(int64_t items) {
+  return std::clamp<int64_t>(at::get_num_threads(), 1, items);
+}
+
 // body(queue) once on each of torch's threads (once in all on a single-threaded thread, or
 // inside a parallel region): body sets up its thread's scratch, then calls queue.each.
 template <class Body>
 inline void parallel_items(int64_t items, Body body) {
   if (items <= 0) return;
-  const int64_t threads = std::clamp<int64_t>(at::get_num_threads(), 1, items);
+  const int64_t threads = team_size(items);
   WorkQueue queue(items, threads);
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { body(queue); });
 }
