@@ -9,7 +9,7 @@ namespace LS_NAMESPACE {
 constexpr int64_t kLoraChunkTokens = 16;
 // Ranks per shrink block (dot products of 4 rows of x with this many rows of A at once): as
 // many sums as the GEMMs' micro-kernel keeps in registers, 6 with AVX-512's 32 (a rank-16
-// slot in three blocks, not five of 3 and one of 1: a prefill's delta 0.78x the time), 3 with
+// slot in three blocks, not five of 3 and one of 1: a prefill's deltas 0.90x the time), 3 with
 // AVX2's 16.
 constexpr int kShrinkColumns = kAccRegs / kRowBlock;
 constexpr int kExpandVectors = 3;  // output vectors per expand block (4 rows x 3: 12 registers)
