@@ -6,7 +6,8 @@ caller then takes its torch path, which is also each kernel's test oracle. The o
 
   linear_f32(x [M, K], weight [N, K], bias?) -> [M, N]
   linear_4bit(x [M, K], packed [N*K/2] u8, absmax [N*K/blocksize], code [16], blocksize, N,
-              bias?) -> [M, N]                       (bitsandbytes NF4 / FP4 layout)
+              bias?) -> [M, N]                       (bitsandbytes NF4 / FP4 layout; blocksize a
+                                                        power of two from 32)
   paged_decode_attention(q [R, H, D], k_pool [S, KVH, D], v_pool, block_tables [R, B] i32,
                          context_lens [R] i32, block_size, window, scale) -> [R, H, D]
   lora_delta_(x [N, in], y [N, out], lora_a [S, R, in], lora_b [S, R, out],
