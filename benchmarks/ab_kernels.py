@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +176,9 @@ def projection_shapes() -> list[tuple[int, int]]:
     return [(hidden, hidden)] * 4 + [(hidden, inner)] * 2 + [(inner, hidden)]
 
 
-def alternate(builds: dict[str, object], rounds: int, one_round: Any) -> None:
+def alternate(
+    builds: dict[str, object], rounds: int, one_round: Callable[[Any], dict[str, float]]
+) -> None:
     """`one_round(ops)` (kernel name -> seconds) for each build in turn, the order reversed
     every round, with 64 MB read before each, so that the weights come from memory as in a
     model; prints each kernel's median round (the first two are warm-up) and the ratio."""
@@ -196,8 +199,9 @@ def main() -> None:
     parser.add_argument("--base", required=True, help="git revision whose kernels to compare")
     parser.add_argument("--repeats", type=int, default=2, help="prefills, then decode steps")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--projections", action="store_true", help="the GEMM kernels alone")
-    parser.add_argument(
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--projections", action="store_true", help="the GEMM kernels alone")
+    mode.add_argument(
         "--lora-prefill", action="store_true", help="the LoRA kernel alone, on a prefill"
     )
     parser.add_argument("--rounds", type=int, default=30, help="with --projections, --lora-prefill")
