@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import tomllib
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,3 +98,24 @@ def test_installs_from_a_checkout_put_the_client_first(script, client, server):
     installs = pip_installs(REPO / script)
     assert client in installs and server in installs, installs
     assert installs.index(client) < installs.index(server), installs
+
+
+def wheel_list(script: str, array: str) -> set[str]:
+    """The distribution names in one bash array of `script`, e.g. `carried=(a==1 b)`."""
+    found = re.search(rf"^{array}=\((.*?)\)", script, re.MULTILINE | re.DOTALL)
+    assert found, f"scripts/device_wheels.sh: no `{array}=(...)` list"
+    return {canonicalize_name(Requirement(word).name) for word in found.group(1).split()}
+
+
+def test_the_gpu_check_carries_every_runtime_dependency_its_image_lacks():
+    """A lent GPU machine has no network: a dependency that is neither in its image nor carried
+    as a wheel stops the CUDA tests at import (as pydantic-settings and grpcio-health-checking
+    did once)."""
+    script = (REPO / "scripts" / "device_wheels.sh").read_text()
+    covered = wheel_list(script, "image_has") | wheel_list(script, "carried")
+    needed = {
+        canonicalize_name(Requirement(r).name)
+        for pyproject in (REPO / "pyproject.toml", REPO / "clients" / "python" / "pyproject.toml")
+        for r in project(pyproject)["dependencies"]
+    } - {"loraserve-client"}  # imported in place from the checkout
+    assert needed <= covered, f"add to scripts/device_wheels.sh: {sorted(needed - covered)}"
