@@ -34,6 +34,7 @@ from typing import cast
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -47,6 +48,9 @@ IMPLEMENTATION = "loraserve_paged"
 # one is attended by its architecture's eager attention, never by plain softmax attention.
 VARIANTS = ("softcap", "s_aux", "sinks")
 _logged_kinds: set[tuple[str, tuple[str, ...], bool]] = set()
+# The SDPA backends a forward may use (`torch.nn.attention.sdpa_kernel`): all but cuDNN's, which
+# builds a graph for every new shape, and a decode batch's padded context is longer every step.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
+from torch.nn.attention import sdpa_kernel
 from transformers import PreTrainedModel
 
 from loraserve.model.attention import (
     IMPLEMENTATION,
+    SDPA_BACKENDS,
     AttentionBatch,
     DecodeRows,
     PrefillRow,
@@ -49,7 +51,8 @@ class ModelRunner:
     Owns the model from here on: it switches the model's attention to the paged implementation
     and its output projection to `BaseLinear`. On the CPU it also swaps its Llama-style RMSNorms
     for `FusedRMSNorm` and sets the process's malloc to keep freed memory (`host_memory`): every
-    forward frees what the next one allocates.
+    forward frees what the next one allocates. Every forward runs with the SDPA backends of
+    `attention.SDPA_BACKENDS`.
     """
 
     def __init__(
@@ -112,14 +115,15 @@ class ModelRunner:
             [r.lora_slot for r in rows], counts, self.slot_ranks, device
         )
         try:
-            out = self.model(
-                input_ids=input_ids,
-                position_ids=positions[None],
-                cache=self.cache,
-                use_cache=True,
-                logits_to_keep=first_t + count_t - 1,
-                attention_batch=self._attention_batch(rows, tables, firsts),
-            )
+            with sdpa_kernel(SDPA_BACKENDS):
+                out = self.model(
+                    input_ids=input_ids,
+                    position_ids=positions[None],
+                    cache=self.cache,
+                    use_cache=True,
+                    logits_to_keep=first_t + count_t - 1,
+                    attention_batch=self._attention_batch(rows, tables, firsts),
+                )
         finally:
             self.lora.batch = None
         return out.logits[0].float()  # [B, V]
