@@ -7,6 +7,9 @@ set of prompts and one output length:
 
   engine_base         this engine, every request on the base model (no adapter)
   engine_multi_lora   this engine, every request on a different adapter, one continuous batch
+  engine_multi_lora_bf16_slots
+                      the same with `lora_slot_dtype="bf16"` (the adapters, stored in fp32, are
+                      rounded to bf16 in the slots: a speed figure, not a parity one)
   engine_constrained  engine_multi_lora with every request constrained to its own JSON schema
                       (compiled in the warm-up, so the timed runs find it cached)
   hf_generate_base    transformers `generate` on the base: all requests in one left-padded batch
@@ -108,6 +111,7 @@ WARMUP_REQUESTS, WARMUP_NEW_TOKENS = 4, 2
 CONFIGURATIONS = (
     "engine_base",
     "engine_multi_lora",
+    "engine_multi_lora_bf16_slots",
     "engine_constrained",
     "hf_generate_base",
     "peft_mixed_batch",
@@ -115,7 +119,13 @@ CONFIGURATIONS = (
     "engine_zipf",
 )
 # Configurations of seconds each: each round runs them INTERLEAVED_RUNS_PER_ROUND times
-INTERLEAVED = ("engine_base", "engine_multi_lora", "engine_constrained", "hf_generate_base")
+INTERLEAVED = (
+    "engine_base",
+    "engine_multi_lora",
+    "engine_multi_lora_bf16_slots",
+    "engine_constrained",
+    "hf_generate_base",
+)
 INTERLEAVED_RUNS_PER_ROUND = 3
 ZIPF_REQUEST_FACTOR = 4  # the Zipf workload has 4x the requests, batched to the same size
 TTFT_WAVES = 2  # a second wave as large as the first joins halfway through its decode
@@ -225,6 +235,11 @@ def setup(config: BenchConfig, cache_root: Path) -> Setup:
     core = build_engine(settings, adapter_dirs)
     seconds["engine"] = time.perf_counter() - start
     start = time.perf_counter()
+    bf16_slots_core = build_engine(
+        settings.model_copy(update={"lora_slot_dtype": "bf16"}), adapter_dirs
+    )
+    seconds["engine_bf16_slots"] = time.perf_counter() - start
+    start = time.perf_counter()
     zipf_core = build_zipf_engine(engine_config(base, workload, high), list(adapter_dirs.values()))
     count = ZIPF_REQUEST_FACTOR * len(workload.prompts)
     names = [f"zipf-{i}" for i in range(ZIPF_ADAPTERS)]
@@ -248,6 +263,10 @@ def setup(config: BenchConfig, cache_root: Path) -> Setup:
         "engine_base": (partial(engine_run, core, traces["engine_base"], False), workload),
         "engine_multi_lora": (
             partial(engine_run, core, traces["engine_multi_lora"], True), workload,
+        ),
+        "engine_multi_lora_bf16_slots": (
+            partial(engine_run, bf16_slots_core, traces["engine_multi_lora_bf16_slots"], True),
+            workload,
         ),
         "engine_constrained": (
             partial(engine_run, core, traces["engine_constrained"], True),
@@ -365,6 +384,7 @@ def rebatched_identical(base: EngineConfig, adapters: dict[str, Path], w: Prefix
 RATIOS = {  # name: (numerator, denominator)
     "engine_over_hf_generate_base": ("engine_base", "hf_generate_base"),
     "multi_lora_over_base": ("engine_multi_lora", "engine_base"),
+    "multi_lora_bf16_slots_over_base": ("engine_multi_lora_bf16_slots", "engine_base"),
     "constrained_over_multi_lora": ("engine_constrained", "engine_multi_lora"),
     "zipf_over_base": ("engine_zipf", "engine_base"),
     "multi_lora_over_peft_mixed": ("engine_multi_lora", "peft_mixed_batch"),

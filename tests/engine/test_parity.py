@@ -13,9 +13,13 @@ computes in fp32 on every CPU (`load_reference_base`).
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from tests.conftest import ADAPTER_SPECS, ARCHS, KIND_SPECS
 from tests.engine.helpers import load_reference_base, make_core, run
 
@@ -151,3 +155,41 @@ def test_other_adapter_kinds_match_peft_in_a_batch_with_plain_lora_and_base(
         base = run(core, {0: [GenerateRequest(prompt=request.prompt, sampling=request.sampling)]})
         assert (got.logits[0] - base[0].logits[0]).abs().max() > 0.1, request.adapter
     check_against_peft(core, requests, results, model_dirs[arch], adapters, "nf4", "fp32", device)
+
+
+def stored_in_bf16(adapter_dir: Path, out_dir: Path) -> Path:
+    """A copy of a PEFT adapter directory with its LoRA tensors (A, B, DoRA magnitudes, lora_B
+    biases) saved in bf16; what else it saves (the base embedding's copy) stays as it was."""
+    shutil.copytree(adapter_dir, out_dir)
+    weights = out_dir / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    converted = {n: t.to(torch.bfloat16) if "lora_" in n else t for n, t in tensors.items()}
+    save_file(converted, weights)
+    return out_dir
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_bf16_slots_serve_adapters_stored_in_bf16_as_peft_does(
+    arch, model_dirs, adapter_dirs, kind_adapter_dirs, tmp_path
+):
+    """`lora_slot_dtype="bf16"` under fp32 compute: slots hold A and B as the adapter stores
+    them and the scaling apart (alpha / r is not a power of two for several of these), so the
+    batch matches PEFT, which computes in fp32 with the same bf16 values."""
+    sources = {**adapter_dirs[arch], **kind_adapter_dirs[arch]}
+    names = ["r1-qv", "r8-rslora", "r32-kv-up", "r64-all", "r2-o-down", "dora-bias-r8",
+             "lora-bias-r4", "embed-r4"]  # fmt: skip
+    adapters = {name: stored_in_bf16(sources[name], tmp_path / name) for name in names}
+    core = make_core(model_dirs[arch], max_step_tokens=64, lora_slot_dtype="bf16")
+    slot_dtypes = {m.lora_a.dtype for m in core.runner.model.modules() if hasattr(m, "scales")}
+    assert slot_dtypes == {torch.bfloat16}
+    for name, directory in adapters.items():
+        core.adapters.load(name, directory)
+    requests = [
+        GenerateRequest(
+            prompt=prompt, adapter=adapter, sampling=SamplingParams(max_new_tokens=MAX_NEW)
+        )
+        for prompt, adapter in zip(PROMPTS, [*names, None, None])
+    ]
+    arrivals = {3 * i: requests[2 * i : 2 * i + 2] for i in range(len(requests) // 2)}
+    results = run(core, arrivals)
+    check_against_peft(core, requests, results, model_dirs[arch], adapters, "nf4", "fp32", "cpu")

@@ -206,14 +206,20 @@ def test_the_torch_paths_serve_when_kernels_are_off():
     assert " passed" in result.stdout
 
 
+@pytest.mark.parametrize("slot_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("in_features", "out_features"), [(64, 37), (40, 100), (8, 3)])
-def test_lora_delta_kernel_equals_reference_over_long_and_short_segments(in_features, out_features):
+def test_lora_delta_kernel_equals_reference_over_long_and_short_segments(
+    in_features, out_features, slot_dtype
+):
     """Segments longer than a chunk of 16 tokens, rows not a multiple of the 4-row block,
-    output widths with vector and scalar tails, ranks from 1 to the slot buffer's maximum."""
+    output widths with vector and scalar tails, ranks from 1 to the slot buffer's maximum;
+    slots in float32 with the scaling folded in, or in bfloat16 with a scaling per slot."""
     torch.manual_seed(in_features)
     slots, max_rank = 5, 16
-    lora_a = torch.randn(slots, max_rank, in_features)
-    lora_b = torch.randn(slots, max_rank, out_features)
+    lora_a = torch.randn(slots, max_rank, in_features).to(slot_dtype)
+    lora_b = torch.randn(slots, max_rank, out_features).to(slot_dtype)
+    bf16 = slot_dtype == torch.bfloat16
+    scales = torch.tensor([1.0, 0.375, 2.0, 1.0, 0.1]) if bf16 else None
     segments = [
         (0, 37, 2, 16),
         (37, 38, 4, 1),
@@ -226,9 +232,11 @@ def test_lora_delta_kernel_equals_reference_over_long_and_short_segments(in_feat
     x, y = torch.randn(n, in_features), torch.randn(n, out_features)
     want = y.clone()
     for start, end, slot, rank in segments:
-        want[start:end] += (x[start:end] @ lora_a[slot, :rank].T) @ lora_b[slot, :rank]
+        shrunk = x[start:end] @ lora_a[slot, :rank].float().T
+        scale = 1.0 if scales is None else float(scales[slot])
+        want[start:end] += (shrunk * scale) @ lora_b[slot, :rank].float()
     starts, ends, slot_ids, ranks = (torch.tensor(column) for column in zip(*segments))
-    native().lora_delta_(x, y, lora_a, lora_b, starts, ends, slot_ids, ranks)
+    native().lora_delta_(x, y, lora_a, lora_b, starts, ends, slot_ids, ranks, scales)
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
 
 

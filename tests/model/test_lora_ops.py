@@ -20,6 +20,7 @@ from loraserve.model.lora import (
     LoraContext,
     MultiLoraEmbedding,
     MultiLoraLinear,
+    SlotScales,
     add_lora_delta_,
     gathered_lora_delta_,
     lora_delta_reference,
@@ -91,9 +92,13 @@ def _token_slots(row_slots: list[int], row_len: int) -> torch.Tensor:
 # kernel in fp32, the segment loop in bf16), the segment loop, and the gathered (BGMV) form that
 # a GPU takes for decode-sized batches, run here on the CPU against the same reference.
 FORMS = {
-    "dispatch": lambda y, x, batch, a, b: add_lora_delta_(y, x, batch, a, b, gathered=False),
+    "dispatch": lambda y, x, batch, a, b, scales=None: add_lora_delta_(
+        y, x, batch, a, b, gathered=False, scales=scales
+    ),
     "segmented": segmented_lora_delta_,
-    "gathered": lambda y, x, batch, a, b: gathered_lora_delta_(y, x, batch.token_slots, a, b),
+    "gathered": lambda y, x, batch, a, b, scales=None: gathered_lora_delta_(
+        y, x, batch.token_slots, a, b, scales
+    ),
 }
 
 
@@ -122,6 +127,37 @@ def test_add_lora_delta_matches_reference(mix, row_len, dtype, form):
     assert torch.equal(got[on_base], base[on_base]), "tokens on slot 0 changed"
     if mix != "base-only":  # the comparison is not vacuous
         assert (want - base.float()).abs().max() > 0.5
+
+
+# Slot -> the scaling a bf16 slot keeps apart from B: powers of two and others (0.375 and 3
+# are not folded into B without rounding it in bf16).
+SLOT_SCALES = [1.0, 0.375, 2.0, 3.0, 0.5, 1.0, 0.1, 4.0, 0.375, 1.5, 2.0, 0.25, 3.0]
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("row_len", [1, 5], ids=["per-token", "segments"])
+@pytest.mark.parametrize("mix", ["distinct", "zipf", "base-mixed-in"])
+def test_bf16_slots_with_their_scales_under_fp32_compute_match_the_reference(mix, row_len, form):
+    """Slots narrower than x: widened to fp32 where they are read, each slot's scaling applied
+    to x @ A^T; as close to the fp32 reference on the same values as fp32 slots are."""
+    row_slots = MIXES[mix](random.Random(mix), NUM_ROWS)
+    batch = LoraBatch.for_rows(row_slots, [row_len] * len(row_slots), SLOT_RANKS)
+    lora_a, lora_b = _slot_weights(torch.bfloat16)
+    scales = SlotScales(len(SLOT_RANKS), torch.device("cpu"))
+    for slot, scale in enumerate(SLOT_SCALES):
+        scales.set(slot, scale)
+    x = _x(NUM_ROWS * row_len, torch.float32)
+    y = torch.zeros(NUM_ROWS * row_len, OUT_FEATURES)
+
+    got = FORMS[form](y, x, batch, lora_a, lora_b, scales)
+    want = lora_delta_reference(x, batch.token_slots, lora_a, lora_b, scales)
+    folded = lora_delta_reference(
+        x, batch.token_slots, lora_a.float(), lora_b.float() * scales.values[:, None, None]
+    )
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max() / want.abs().max() <= TOLERANCE[torch.float32]
+    assert (want - folded).abs().max() / want.abs().max() <= TOLERANCE[torch.float32]
+    assert want.abs().max() > 0.5
 
 
 def _runs(row_slots: list[int], row_len: int) -> list[tuple[int, int, int, int]]:
@@ -270,6 +306,45 @@ def test_set_slot_with_copies_defers_them_and_ends_as_a_direct_fill():
     copies.run()
     assert torch.equal(deferred.lora_a, direct.lora_a)
     assert torch.equal(deferred.lora_b, direct.lora_b)
+
+
+def test_a_bf16_slot_holds_b_as_stored_and_the_scaling_apart():
+    """B comes with the scaling folded in (in fp32, as the adapter's tensors are converted);
+    a bf16 slot holds B as the adapter stored it, bit for bit, and the scaling beside it, so
+    the layer's output is that of an fp32 slot with the same adapter."""
+    torch.manual_seed(0)
+    base = nn.Linear(IN_FEATURES, OUT_FEATURES)
+    narrow, wide = LoraContext(), LoraContext()
+    bf16_layer = MultiLoraLinear(base, narrow, 4, MAX_RANK, torch.float32, torch.bfloat16)
+    fp32_layer = MultiLoraLinear(base, wide, 4, MAX_RANK, torch.float32)
+    gen = torch.Generator().manual_seed(8)
+    stored = {}  # slot -> (a, b) as a bf16 adapter stores them, and its scaling
+    for slot, (rank, scale) in {1: (4, 0.375), 2: (MAX_RANK, 3.0), 3: (2, 0.0)}.items():
+        a = torch.randn(rank, IN_FEATURES, generator=gen).to(torch.bfloat16)
+        b = torch.randn(rank, OUT_FEATURES, generator=gen).to(torch.bfloat16)
+        stored[slot] = (a, b, scale)
+        folded = b.float() * scale
+        bf16_layer.set_slot(slot, a.float(), folded, lora_scale=scale)
+        fp32_layer.set_slot(slot, a.float(), folded, lora_scale=scale)
+
+    assert bf16_layer.lora_a.dtype == bf16_layer.lora_b.dtype == torch.bfloat16
+    terms = fp32_layer.terms.slot_nbytes
+    assert (bf16_layer.slot_nbytes - terms - 4) * 2 == fp32_layer.slot_nbytes - terms
+    assert fp32_layer.scales is None and bf16_layer.scales is not None
+    for slot, (a, b, scale) in stored.items():
+        rank = a.shape[0]
+        assert torch.equal(bf16_layer.lora_a[slot, :rank], a)
+        if scale:  # a zero scaling leaves B zero, folded, with a scaling of 1
+            assert torch.equal(bf16_layer.lora_b[slot, :rank], b)
+        assert bf16_layer.scales.of(slot) == (scale or 1.0)
+        assert float(bf16_layer.scales.values[slot]) == (scale or 1.0)
+    _, got = _forward(bf16_layer, narrow, [1, 2, 0, 3, 2], 3, [0, 4, MAX_RANK, 2])
+    _, want = _forward(fp32_layer, wide, [1, 2, 0, 3, 2], 3, [0, 4, MAX_RANK, 2])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(got[0], got[2])
+
+    bf16_layer.clear_slot(2)
+    assert bf16_layer.scales.of(2) == 1.0 and not bf16_layer.lora_b[2].any()
 
 
 def _embedding(num_slots: int = 4) -> MultiLoraEmbedding:

@@ -38,7 +38,10 @@ def write_slot(layers: dict[str, LoraLayer], index: int, weights: LoraWeights) -
         elif not module.resolved:
             raise ValueError(f"{name}: the adapter's terms were not resolved against the base")
         else:
-            layer.set_slot(index, module.a, module.b, module.scale, module.shift, copies)
+            layer.set_slot(
+                index, module.a, module.b, module.scale, module.shift, copies,
+                lora_scale=module.lora_scale,
+            )  # fmt: skip
     copies.run()
 
 

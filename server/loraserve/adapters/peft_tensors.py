@@ -268,4 +268,5 @@ def _converted(module: CheckedModule, b: torch.Tensor | None, dtype: torch.dtype
         bias=vector("bias"),
         lora_bias=vector("lora_bias", module.scale),
         base_copy=None if copy is None else copy.clone(),
+        lora_scale=module.scale,
     )

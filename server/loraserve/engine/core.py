@@ -94,6 +94,7 @@ class EngineCore:
             config.max_rank,
             loaded.compute_dtype,
             config.lora_target_modules,
+            torch.bfloat16 if config.lora_slot_dtype == "bf16" else loaded.compute_dtype,
         )
         self.inbox = Inbox()
         self.adapters = AdapterManager(

@@ -2,10 +2,13 @@
 
 Every wrapped projection computes, for each token t on slot s, `y = base(x) + x A_s^T B_s`: the
 adapter's scaling (alpha / r, or alpha / sqrt(r) for rsLoRA) is folded into B when a slot is
-filled. A slot may also hold a per-output affine term, applied to its rows after the delta:
-`y = y * scale_s + shift_s` (DoRA's rescale and the adapter's bias terms, see `slot_terms`);
-slots without one skip it. Slot 0 is all zeros: "no adapter" needs no branch. The input
-embedding gets the same slots as a lookup (`lora_embedding`).
+filled. Slots may be narrower than the compute dtype (bf16 slots under fp32 compute: half the
+bytes to hold and to stream each step); those keep B as the adapter stores it and the scaling
+apart, applied to `x A_s^T`, since folding it in would round B. A slot may also hold a
+per-output affine term, applied to its rows after the delta: `y = y * scale_s + shift_s`
+(DoRA's rescale and the adapter's bias terms, see `slot_terms`); slots without one skip it.
+Slot 0 is all zeros: "no adapter" needs no branch. The input embedding gets the same slots as a
+lookup (`lora_embedding`).
 
 Knows nothing about adapter names, files or which adapter lives in which slot: it sees slot
 numbers and tensors. The runner sets one `LoraBatch` per forward on the shared `LoraContext`.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -112,11 +116,14 @@ def add_lora_delta_(
     lora_b: torch.Tensor,
     *,
     gathered: bool,
+    scales: SlotScales | None = None,
 ) -> torch.Tensor:
-    """y[t] += (x[t] @ lora_a[s_t].T) @ lora_b[s_t] for every token t on slot s_t != 0; returns y.
+    """y[t] += (x[t] @ lora_a[s_t].T) * scale[s_t] @ lora_b[s_t] for every token t on slot s_t
+    != 0; returns y.
 
-    y: [N, out] (updated in place); x: [N, in]; lora_a: [S, R, in]; lora_b: [S, R, out] with the
-    scaling folded in. Ranks below R are zero-padded, so each segment uses its slot's own rank.
+    y: [N, out] (updated in place); x: [N, in]; lora_a: [S, R, in]; lora_b: [S, R, out], in the
+    compute dtype or narrower; `scales`: each slot's scaling, or None where it is folded into
+    lora_b. Ranks below R are zero-padded, so each segment uses its slot's own rank.
 
     On the CPU in fp32, one compiled call covers every segment (shrink and expand per chunk of
     a segment's tokens, chunks in parallel). Elsewhere, with `gathered` (what
@@ -127,11 +134,12 @@ def add_lora_delta_(
     ops = native()
     if ops is not None and y.device.type == "cpu" and y.dtype == x.dtype == torch.float32:
         starts, ends, slots, ranks = batch.columns
-        ops.lora_delta_(x.contiguous(), y, lora_a, lora_b, starts, ends, slots, ranks)
+        values = None if scales is None else scales.values
+        ops.lora_delta_(x.contiguous(), y, lora_a, lora_b, starts, ends, slots, ranks, values)
         return y
     if gathered:
-        return gathered_lora_delta_(y, x, batch.token_slots, lora_a, lora_b)
-    return segmented_lora_delta_(y, x, batch, lora_a, lora_b)
+        return gathered_lora_delta_(y, x, batch.token_slots, lora_a, lora_b, scales)
+    return segmented_lora_delta_(y, x, batch, lora_a, lora_b, scales)
 
 
 def takes_gathered_form(
@@ -147,14 +155,22 @@ def takes_gathered_form(
 
 
 def segmented_lora_delta_(
-    y: torch.Tensor, x: torch.Tensor, batch: LoraBatch, lora_a: torch.Tensor, lora_b: torch.Tensor
+    y: torch.Tensor,
+    x: torch.Tensor,
+    batch: LoraBatch,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scales: SlotScales | None = None,
 ) -> torch.Tensor:
     """`add_lora_delta_` as one shrink and one fused expand-and-add per segment (SGMV's work in
-    2 x G calls), on views of the slot buffers at each slot's own rank: nothing is copied."""
+    2 x G calls), on views of the slot buffers at each slot's own rank: nothing is copied
+    (but slots narrower than x, widened per segment)."""
     for seg in batch.segments:
         rows = slice(seg.start, seg.end)
-        shrunk = F.linear(x[rows], lora_a[seg.slot, : seg.rank])  # [n, r]
-        y[rows].addmm_(shrunk, lora_b[seg.slot, : seg.rank])
+        shrunk = F.linear(x[rows], lora_a[seg.slot, : seg.rank].to(x.dtype))  # [n, r]
+        if scales is not None:
+            shrunk *= scales.of(seg.slot)
+        y[rows].addmm_(shrunk, lora_b[seg.slot, : seg.rank].to(y.dtype))
     return y
 
 
@@ -164,14 +180,18 @@ def gathered_lora_delta_(
     token_slots: torch.Tensor,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
+    scales: SlotScales | None = None,
 ) -> torch.Tensor:
     """`add_lora_delta_` in Punica's BGMV form: every token's slot weights gathered, then one
     batched shrink and one batched expand-and-add, at the full padded rank R (the padding and
     slot 0 are zeros, so they add exactly zero to finite values). token_slots: [N] int64 on
-    y's device. Copies N * R * (in + out) elements; four launches for any mix of adapters."""
-    a = lora_a.index_select(0, token_slots)  # [N, R, in]
-    b = lora_b.index_select(0, token_slots)  # [N, R, out]
+    y's device. Copies N * R * (in + out) elements; four launches for any mix of adapters
+    (slots narrower than x, or scales, add one or two)."""
+    a = lora_a.index_select(0, token_slots).to(x.dtype)  # [N, R, in]
+    b = lora_b.index_select(0, token_slots).to(y.dtype)  # [N, R, out]
     shrunk = torch.bmm(a, x.unsqueeze(-1))  # [N, R, 1]
+    if scales is not None:
+        shrunk *= scales.values.index_select(0, token_slots).to(shrunk.dtype)[:, None, None]
     y.unsqueeze(1).baddbmm_(shrunk.transpose(1, 2), b)  # [N, 1, out] += [N, 1, R] @ [N, R, out]
     return y
 
@@ -187,14 +207,40 @@ def transposed_bs(bs: list[torch.Tensor], scales: list[float]) -> list[torch.Ten
 
 
 def lora_delta_reference(
-    x: torch.Tensor, token_slots: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
+    x: torch.Tensor,
+    token_slots: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scales: SlotScales | None = None,
 ) -> torch.Tensor:
     """Slow, obviously-correct reference for the delta `add_lora_delta_` adds: one token at a
-    time, full padded rank. x: [N, in]; token_slots: [N] int; returns [N, out]."""
-    rows = [
-        (x[t] @ lora_a[int(token_slots[t])].T) @ lora_b[int(token_slots[t])] for t in range(len(x))
-    ]
+    time, full padded rank, slots widened to x's dtype. x: [N, in]; token_slots: [N] int;
+    returns [N, out]."""
+    rows = []
+    for t in range(len(x)):
+        slot = int(token_slots[t])
+        shrunk = x[t] @ lora_a[slot].to(x.dtype).T
+        if scales is not None:
+            shrunk = shrunk * scales.of(slot)
+        rows.append(shrunk @ lora_b[slot].to(x.dtype))
     return torch.stack(rows) if rows else x.new_zeros(0, lora_b.shape[-1])
+
+
+class SlotScales:
+    """Each slot's LoRA scaling, for slots that keep it apart from B: `values` [S] float32 on
+    the slots' device (what kernels read) and the same numbers on the host (what a loop over
+    segments reads without a device-to-host copy). Slot 0 and empty slots hold 1."""
+
+    def __init__(self, num_slots: int, device: torch.device) -> None:
+        self.values = torch.ones(num_slots, dtype=torch.float32, device=device)
+        self._host = [1.0] * num_slots
+
+    def of(self, slot: int) -> float:
+        return self._host[slot]
+
+    def set(self, slot: int, scale: float) -> None:
+        self.values[slot] = scale
+        self._host[slot] = scale
 
 
 class LoraContext:
@@ -208,9 +254,11 @@ class MultiLoraLinear(nn.Module):
     """A projection plus stacked LoRA slot buffers: `y = (base(x) + lora_delta(x)) * scale +
     shift`, the affine term only on slots that have one (`SlotTerms`).
 
-    lora_a: [num_slots, max_rank, in_features]; lora_b: [num_slots, max_rank, out_features].
-    Both keep rank-major rows, so a slot of rank r is the leading r rows of each buffer. The
-    base projection runs through `BaseLinear`, which keeps the wrapped module as `base.module`.
+    lora_a: [num_slots, max_rank, in_features]; lora_b: [num_slots, max_rank, out_features],
+    in `slot_dtype` (default: the compute dtype `dtype`; narrower slots keep each adapter's
+    scaling in `scales`, not in B). Both keep rank-major rows, so a slot of rank r is the
+    leading r rows of each buffer. The base projection runs through `BaseLinear`, which keeps
+    the wrapped module as `base.module`.
     """
 
     lora_a: torch.Tensor
@@ -223,6 +271,7 @@ class MultiLoraLinear(nn.Module):
         num_slots: int,
         max_rank: int,
         dtype: torch.dtype,
+        slot_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.base = BaseLinear(base)
@@ -230,13 +279,16 @@ class MultiLoraLinear(nn.Module):
         self.in_features = base.in_features
         self.out_features = base.out_features
         device = next(base.parameters()).device
+        slot_dtype = slot_dtype or dtype
         self.register_buffer(
-            "lora_a", torch.zeros(num_slots, max_rank, self.in_features, dtype=dtype, device=device)
+            "lora_a",
+            torch.zeros(num_slots, max_rank, self.in_features, dtype=slot_dtype, device=device),
         )
         self.register_buffer(
             "lora_b",
-            torch.zeros(num_slots, max_rank, self.out_features, dtype=dtype, device=device),
+            torch.zeros(num_slots, max_rank, self.out_features, dtype=slot_dtype, device=device),
         )
+        self.scales = None if slot_dtype == dtype else SlotScales(num_slots, device)
         self.terms = SlotTerms(num_slots, self.out_features, dtype, device)
         # per slot: how many leading rows of lora_a / lora_b may be non-zero (the rest are)
         self._rows_written = [0] * num_slots
@@ -245,7 +297,8 @@ class MultiLoraLinear(nn.Module):
     @property
     def slot_nbytes(self) -> int:
         """Device bytes one slot of this layer takes."""
-        return self.lora_a[0].nbytes + self.lora_b[0].nbytes + self.terms.slot_nbytes
+        scale = 0 if self.scales is None else self.scales.values[0].nbytes
+        return self.lora_a[0].nbytes + self.lora_b[0].nbytes + scale + self.terms.slot_nbytes
 
     def resolve(self, weights: ModuleWeights) -> ModuleWeights:
         """`weights` with its DoRA and bias terms computed against this layer's base (see
@@ -279,15 +332,23 @@ class MultiLoraLinear(nn.Module):
         scale: torch.Tensor | None = None,
         shift: torch.Tensor | None = None,
         copies: SlotCopies | None = None,
+        lora_scale: float = 1.0,
     ) -> None:
-        """a: [r, in]; b: [r, out] with scaling already folded in; scale, shift: [out] or None.
-        copies: where to leave the copies of a and b for the caller to run (None: run now)."""
+        """a: [r, in]; b: [r, out] with the adapter's scaling `lora_scale` already folded in;
+        scale, shift: [out] or None. Slots narrower than the compute dtype hold b / lora_scale
+        (B as the adapter stores it: exact when it is stored in the slots' dtype) and the
+        scaling apart. copies: where to leave the copies of a and b for the caller to run (None:
+        run now)."""
         r, written = a.shape[0], self._rows_written[slot]
         pending = SlotCopies() if copies is None else copies
         if r < written:  # what a previous adapter of higher rank left
             self.lora_a[slot, r:written].zero_()
             self.lora_b[slot, r:written].zero_()
         self._rows_written[slot] = r
+        if self.scales is not None:
+            unfold = lora_scale not in (0.0, 1.0)  # a zero scaling left B all zeros: keep it
+            b = b / lora_scale if unfold else b
+            self.scales.set(slot, lora_scale if unfold else 1.0)
         pending.add(self.lora_a[slot, :r], a)  # [r, in] of [max_rank, in]
         pending.add(self.lora_b[slot, :r], b)  # [r, out] of [max_rank, out]
         self.terms.set_slot(slot, scale, shift)
@@ -301,6 +362,8 @@ class MultiLoraLinear(nn.Module):
             self.lora_a[slot, :written].zero_()
             self.lora_b[slot, :written].zero_()
             self._rows_written[slot] = 0
+        if self.scales is not None:
+            self.scales.set(slot, 1.0)
         self.terms.clear_slot(slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -311,7 +374,9 @@ class MultiLoraLinear(nn.Module):
             return y
         flat_y, flat_x = y.view(-1, self.out_features), x.reshape(-1, self.in_features)
         gathered = takes_gathered_form(batch, flat_x, self.lora_a, self.lora_b)
-        add_lora_delta_(flat_y, flat_x, batch, self.lora_a, self.lora_b, gathered=gathered)
+        add_lora_delta_(
+            flat_y, flat_x, batch, self.lora_a, self.lora_b, gathered=gathered, scales=self.scales
+        )
         self.terms.apply_(flat_y, batch, gathered)
         return y
 
@@ -331,9 +396,11 @@ def wrap_lora_targets(
     max_rank: int,
     dtype: torch.dtype,
     target_names: tuple[str, ...] = (),
+    slot_dtype: torch.dtype | None = None,
 ) -> dict[str, LoraLayer]:
-    """Replace every linear projection inside the decoder by a `MultiLoraLinear`, and the input
-    embedding by a `MultiLoraEmbedding`, in place.
+    """Replace every linear projection inside the decoder by a `MultiLoraLinear` (slots in
+    `slot_dtype`, default `dtype`), and the input embedding by a `MultiLoraEmbedding` (slots in
+    `dtype`), in place.
 
     The output embedding (lm_head) is left alone. `target_names`, when given, restricts wrapping
     to modules whose last name component is listed (e.g. ("q_proj", "v_proj", "embed_tokens")).
@@ -354,8 +421,13 @@ def wrap_lora_targets(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         module = getattr(parent, child)
-        kind = MultiLoraEmbedding if module is input_embeddings else MultiLoraLinear
-        layer = kind(module, context, num_slots, max_rank, dtype)
+        layer: LoraLayer
+        if module is input_embeddings:
+            embedding = cast(nn.Embedding, module)
+            layer = MultiLoraEmbedding(embedding, context, num_slots, max_rank, dtype)
+        else:
+            linear = cast(nn.Linear, module)
+            layer = MultiLoraLinear(linear, context, num_slots, max_rank, dtype, slot_dtype)
         setattr(parent, child, layer)
         wrapped[name] = layer
     return wrapped

@@ -94,9 +94,11 @@ class MultiLoraEmbedding(nn.Module):
         scale: torch.Tensor | None = None,
         shift: torch.Tensor | None = None,
         copies: SlotCopies | None = None,
+        lora_scale: float = 1.0,
     ) -> None:
-        """a: [r, vocab]; b: [r, hidden] with scaling folded in; scale, shift: [hidden] or None.
-        copies: where to leave the copies of a and b for the caller to run (None: run now)."""
+        """a: [r, vocab]; b: [r, hidden] with the scaling `lora_scale` folded in (these slots are
+        in the compute dtype and keep it so); scale, shift: [hidden] or None. copies: where to
+        leave the copies of a and b for the caller to run (None: run now)."""
         r = a.shape[0]
         pending = SlotCopies() if copies is None else copies
         self.clear_slot(slot)

@@ -45,8 +45,9 @@ CANCELLATION = 0.25
 class ModuleWeights:
     """One adapter's tensors for one wrapped module.
 
-    a: [r, in]; b: [r, out] with the scaling folded in (for the input embedding, in is the
-    vocabulary and out the hidden size); embedding: read from PEFT's lora_embedding_A / _B.
+    a: [r, in]; b: [r, out] with the scaling `lora_scale` folded in (for the input embedding,
+    in is the vocabulary and out the hidden size); embedding: read from PEFT's lora_embedding_A
+    / _B.
     As read from the adapter's files a module may also carry, each [out] in float32:
     `magnitude` (DoRA), `bias` (a trained bias replacing the base's) and `lora_bias` (lora_B's
     bias, scaling folded in), and for the embedding `base_copy` [vocab, hidden], the copy of
@@ -63,6 +64,7 @@ class ModuleWeights:
     base_copy: torch.Tensor | None = None
     scale: torch.Tensor | None = None
     shift: torch.Tensor | None = None
+    lora_scale: float = 1.0
 
     @property
     def resolved(self) -> bool:

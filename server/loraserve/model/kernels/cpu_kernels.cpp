@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -128,23 +129,41 @@ at::Tensor paged_decode_attention_op(const at::Tensor& q, const at::Tensor& k_po
   return out;
 }
 
-// y [N, out] += the LoRA delta of x [N, in] over token segments on slots.
+// y [N, out] += the LoRA delta of x [N, in] over token segments on slots; the slots float32 or
+// bfloat16, scales [S] float32 (none: every slot's scaling is folded into its B).
 void lora_delta_op(const at::Tensor& x, at::Tensor& y, const at::Tensor& lora_a,
                    const at::Tensor& lora_b, const at::Tensor& starts, const at::Tensor& ends,
-                   const at::Tensor& slots, const at::Tensor& ranks) {
+                   const at::Tensor& slots, const at::Tensor& ranks,
+                   const c10::optional<at::Tensor>& scales) {
   check_cpu_f32(x, "x");
   check_cpu_f32(y, "y");
-  check_cpu_f32(lora_a, "lora_a");
-  check_cpu_f32(lora_b, "lora_b");
+  const auto slot_type = lora_a.scalar_type();
+  TORCH_CHECK((slot_type == at::kFloat || slot_type == at::kBFloat16) &&
+                  lora_b.scalar_type() == slot_type && lora_a.device().is_cpu() &&
+                  lora_b.device().is_cpu() && lora_a.is_contiguous() && lora_b.is_contiguous(),
+              "lora_a and lora_b must be contiguous CPU tensors, both float32 or both bfloat16");
   for (const at::Tensor* t : {&starts, &ends, &slots, &ranks}) check_cpu(*t, at::kLong, "segments");
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0) &&
                   lora_a.size(2) == x.size(1) && lora_b.size(2) == y.size(1) &&
                   lora_a.size(1) == lora_b.size(1),
               "x [N, in], y [N, out], lora_a [S, R, in], lora_b [S, R, out] do not match");
-  lora_delta(x.data_ptr<float>(), y.data_ptr<float>(), x.size(1), y.size(1),
-             lora_a.data_ptr<float>(), lora_b.data_ptr<float>(), lora_a.size(1),
-             starts.data_ptr<int64_t>(), ends.data_ptr<int64_t>(), slots.data_ptr<int64_t>(),
-             ranks.data_ptr<int64_t>(), starts.numel());
+  const float* scale = nullptr;
+  if (scales.has_value() && scales->defined()) {
+    check_cpu_f32(*scales, "scales");
+    TORCH_CHECK(scales->dim() == 1 && scales->size(0) == lora_a.size(0), "scales must be [S]");
+    scale = scales->data_ptr<float>();
+  }
+  auto run = [&](auto* a, auto* b) {
+    lora_delta(x.data_ptr<float>(), y.data_ptr<float>(), x.size(1), y.size(1), a, b, scale,
+               lora_a.size(1), starts.data_ptr<int64_t>(),
+               ends.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), ranks.data_ptr<int64_t>(),
+               starts.numel());
+  };
+  if (slot_type == at::kFloat)
+    run(lora_a.data_ptr<float>(), lora_b.data_ptr<float>());
+  else
+    run(reinterpret_cast<const bf16*>(lora_a.data_ptr<at::BFloat16>()),
+        reinterpret_cast<const bf16*>(lora_b.data_ptr<at::BFloat16>()));
 }
 
 // Each src[i] [rows, cols] (any float dtype, any strides) -> [cols, rows] float32, times
@@ -260,7 +279,7 @@ TORCH_LIBRARY(loraserve, m) {
       "Tensor context_lens, int block_size, int window, float scale) -> Tensor");
   m.def(
       "lora_delta_(Tensor x, Tensor(a!) y, Tensor lora_a, Tensor lora_b, Tensor starts, "
-      "Tensor ends, Tensor slots, Tensor ranks) -> ()");
+      "Tensor ends, Tensor slots, Tensor ranks, Tensor? scales=None) -> ()");
   m.def("transpose_scaled(Tensor[] src, float[] scale) -> Tensor[]");
   m.def("nonfinite(Tensor[] tensors) -> int[]");
   m.def("score_stats(Tensor scores) -> (Tensor, Tensor, Tensor)");

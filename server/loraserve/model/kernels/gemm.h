@@ -20,6 +20,27 @@ typedef float vf __attribute__((vector_size(kLanes * 4), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(kLanes * 4), aligned(4)));
 typedef uint8_t vb __attribute__((vector_size(kLanes), aligned(1)));
 
+// bfloat16 as torch stores it: the upper 16 bits of a float. Widened exactly by a shift, after
+// one zero-extending load (the compiler splits `__builtin_convertvector` into halves).
+typedef uint16_t bf16;
+
+inline vf load_vf(const float* p) { return *reinterpret_cast<const vf*>(p); }
+inline vf load_vf(const bf16* p) {
+#if LS_LANES == 16 && defined(__AVX512F__)
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return reinterpret_cast<vf>(_mm512_slli_epi32(wide, 16));
+#elif LS_LANES == 8
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return reinterpret_cast<vf>(_mm256_slli_epi32(wide, 16));
+#else  // 16 lanes without AVX-512: only the test build that checks that logic
+  typedef uint16_t vh __attribute__((vector_size(kLanes * 2), aligned(2)));
+  typedef uint32_t vu __attribute__((vector_size(kLanes * 4), aligned(4)));
+  return reinterpret_cast<vf>(__builtin_convertvector(*reinterpret_cast<const vh*>(p), vu) << 16);
+#endif
+}
+inline float to_float(float v) { return v; }
+inline float to_float(bf16 v) { return std::bit_cast<float>(uint32_t(v) << 16); }
+
 constexpr int kRowBlock = 4;     // rows of x per micro-kernel call
 constexpr int kColBlock = 3;     // output columns per micro-kernel call
 constexpr int kTileCols = 12;    // columns decoded per tile (a multiple of kColBlock)
@@ -39,9 +60,10 @@ inline float hsum(vf v) {
   return quarter[0];
 }
 
-// y[m * ldy + n] = sum_k x[m * ldx + k] * w[n * ldw + k], for m < MR, n < NR.
-template <int MR, int NR>
-inline void dot_block(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K,
+// y[m * ldy + n] = sum_k x[m * ldx + k] * w[n * ldw + k], for m < MR, n < NR; w is float or
+// bf16 (widened as it is loaded).
+template <int MR, int NR, class W>
+inline void dot_block(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K,
                       float* y, int64_t ldy) {
   vf acc[MR][NR];
   for (int m = 0; m < MR; ++m)
@@ -49,7 +71,7 @@ inline void dot_block(const float* x, int64_t ldx, const float* w, int64_t ldw, 
   const int64_t kv = K - K % kLanes;
   for (int64_t k = 0; k < kv; k += kLanes) {
     vf wv[NR];
-    for (int n = 0; n < NR; ++n) wv[n] = *reinterpret_cast<const vf*>(w + n * ldw + k);
+    for (int n = 0; n < NR; ++n) wv[n] = load_vf(w + n * ldw + k);
     for (int m = 0; m < MR; ++m) {
       const vf xv = *reinterpret_cast<const vf*>(x + m * ldx + k);
       for (int n = 0; n < NR; ++n) acc[m][n] += xv * wv[n];
@@ -58,13 +80,13 @@ inline void dot_block(const float* x, int64_t ldx, const float* w, int64_t ldw, 
   for (int m = 0; m < MR; ++m)
     for (int n = 0; n < NR; ++n) {
       float total = hsum(acc[m][n]);
-      for (int64_t k = kv; k < K; ++k) total += x[m * ldx + k] * w[n * ldw + k];
+      for (int64_t k = kv; k < K; ++k) total += x[m * ldx + k] * to_float(w[n * ldw + k]);
       y[m * ldy + n] = total;
     }
 }
 
-template <int MR, int NR>
-inline void dot_rows(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K,
+template <int MR, int NR, class W>
+inline void dot_rows(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K,
                      int64_t cols, float* y, int64_t ldy) {
   int64_t n = 0;
   for (; n + NR <= cols; n += NR)
@@ -81,8 +103,8 @@ inline void dot_rows(const float* x, int64_t ldx, const float* w, int64_t ldw, i
 
 // Every row of x against `cols` weight rows w[cols, K] (ldw apart): y[:, :cols], NR columns
 // per block.
-template <int NR = kColBlock>
-inline void dot_tile(const float* x, int64_t M, int64_t K, const float* w, int64_t ldw,
+template <int NR = kColBlock, class W>
+inline void dot_tile(const float* x, int64_t M, int64_t K, const W* w, int64_t ldw,
                      int64_t cols, float* y, int64_t ldy) {
   int64_t m = 0;
   for (; m + kRowBlock <= M; m += kRowBlock)

@@ -1,5 +1,7 @@
 // The batched LoRA delta over segments of tokens that share a slot:
-// y[t] += (x[t] @ A[s].T[:, :rank]) @ B[s][:rank] for every token t of a segment on slot s.
+// y[t] += (x[t] @ A[s].T[:, :rank]) * scale[s] @ B[s][:rank] for every token t of a segment on
+// slot s. The slots hold float32 or bfloat16 (widened as they are loaded; x, y and the sums
+// stay float32); without scales, every slot has its adapter's scaling folded into B.
 //
 // A segment is split into chunks of a few tokens so that a batch of one adapter (a long
 // prefill) still uses every thread, while each chunk reads its slot's A and B once.
@@ -15,15 +17,15 @@ constexpr int kShrinkColumns = kAccRegs / kRowBlock;
 constexpr int kExpandVectors = 3;  // output vectors per expand block (4 rows x 3: 12 registers)
 
 // y[m, c:c + NV * kLanes] += h[m, :rank] @ b[:rank, c:c + NV * kLanes] for m < MR.
-template <int MR, int NV>
-inline void expand_block(const float* h, int64_t ldh, int64_t rank, const float* b, int64_t ldb,
+template <int MR, int NV, class T>
+inline void expand_block(const float* h, int64_t ldh, int64_t rank, const T* b, int64_t ldb,
                          float* y, int64_t ldy) {
   vf acc[MR][NV];
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = *reinterpret_cast<const vf*>(y + m * ldy + v * kLanes);
   for (int64_t r = 0; r < rank; ++r) {
     vf bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const vf*>(b + r * ldb + v * kLanes);
+    for (int v = 0; v < NV; ++v) bv[v] = load_vf(b + r * ldb + v * kLanes);
     for (int m = 0; m < MR; ++m) {
       const vf hm = broadcast(h + m * ldh + r);
       for (int v = 0; v < NV; ++v) acc[m][v] += hm * bv[v];
@@ -33,8 +35,8 @@ inline void expand_block(const float* h, int64_t ldh, int64_t rank, const float*
     for (int v = 0; v < NV; ++v) *reinterpret_cast<vf*>(y + m * ldy + v * kLanes) = acc[m][v];
 }
 
-template <int MR>
-inline void expand_rows(const float* h, int64_t ldh, int64_t rank, const float* b, int64_t out,
+template <int MR, class T>
+inline void expand_rows(const float* h, int64_t ldh, int64_t rank, const T* b, int64_t out,
                         float* y, int64_t ldy) {
   constexpr int64_t wide = kExpandVectors * kLanes;
   int64_t c = 0;
@@ -43,11 +45,12 @@ inline void expand_rows(const float* h, int64_t ldh, int64_t rank, const float* 
   for (; c + kLanes <= out; c += kLanes) expand_block<MR, 1>(h, ldh, rank, b + c, out, y + c, ldy);
   for (; c < out; ++c)
     for (int m = 0; m < MR; ++m)
-      for (int64_t r = 0; r < rank; ++r) y[m * ldy + c] += h[m * ldh + r] * b[r * out + c];
+      for (int64_t r = 0; r < rank; ++r) y[m * ldy + c] += h[m * ldh + r] * to_float(b[r * out + c]);
 }
 
 // y[:n] += h[:n, :rank] @ b[:rank, :out]; h [n, ldh], b [rank, out], y [n, out].
-inline void expand(const float* h, int64_t ldh, int64_t n, int64_t rank, const float* b,
+template <class T>
+inline void expand(const float* h, int64_t ldh, int64_t n, int64_t rank, const T* b,
                    int64_t out, float* y) {
   int64_t m = 0;
   for (; m + kRowBlock <= n; m += kRowBlock)
@@ -99,10 +102,11 @@ inline bool any_nonfinite(const float* src, int64_t n) {
   return found;
 }
 
-// x [N, in]; y [N, out] (updated); lora_a [S, R, in]; lora_b [S, R, out]; segments: starts,
-// ends, slots, ranks [num_segments] int64.
-inline void lora_delta(const float* x, float* y, int64_t in, int64_t out, const float* lora_a,
-                       const float* lora_b, int64_t R, const int64_t* starts,
+// x [N, in]; y [N, out] (updated); lora_a [S, R, in]; lora_b [S, R, out] (T: float or bf16);
+// scales [S] or null; segments: starts, ends, slots, ranks [num_segments] int64.
+template <class T>
+inline void lora_delta(const float* x, float* y, int64_t in, int64_t out, const T* lora_a,
+                       const T* lora_b, const float* scales, int64_t R, const int64_t* starts,
                        const int64_t* ends, const int64_t* slots, const int64_t* ranks,
                        int64_t num_segments) {
   std::vector<int64_t> chunk_segment, chunk_start;
@@ -117,9 +121,11 @@ inline void lora_delta(const float* x, float* y, int64_t in, int64_t out, const 
       const int64_t s = chunk_segment[c], t0 = chunk_start[c];
       const int64_t n = std::min(kLoraChunkTokens, ends[s] - t0);
       const int64_t rank = ranks[s];
-      const float* a = lora_a + slots[s] * R * in;
-      const float* b = lora_b + slots[s] * R * out;
+      const T* a = lora_a + slots[s] * R * in;
+      const T* b = lora_b + slots[s] * R * out;
       dot_tile<kShrinkColumns>(x + t0 * in, n, in, a, in, rank, shrunk.data(), rank);  // [n, rank]
+      if (scales != nullptr && scales[slots[s]] != 1.0f)
+        for (int64_t i = 0; i < n * rank; ++i) shrunk[i] *= scales[slots[s]];
       expand(shrunk.data(), rank, n, rank, b, out, y + t0 * out);
     });
   });
