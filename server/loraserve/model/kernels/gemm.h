@@ -27,11 +27,11 @@ typedef uint16_t bf16;
 inline vf load_vf(const float* p) { return *reinterpret_cast<const vf*>(p); }
 inline vf load_vf(const bf16* p) {
 #if LS_LANES == 16 && defined(__AVX512F__)
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return reinterpret_cast<vf>(_mm512_slli_epi32(wide, 16));
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return reinterpret_cast<vf>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 #elif LS_LANES == 8
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return reinterpret_cast<vf>(_mm256_slli_epi32(wide, 16));
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return reinterpret_cast<vf>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
 #else  // 16 lanes without AVX-512: only the test build that checks that logic
   typedef uint16_t vh __attribute__((vector_size(kLanes * 2), aligned(2)));
   typedef uint32_t vu __attribute__((vector_size(kLanes * 4), aligned(4)));

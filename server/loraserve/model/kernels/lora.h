@@ -45,7 +45,8 @@ inline void expand_rows(const float* h, int64_t ldh, int64_t rank, const T* b, i
   for (; c + kLanes <= out; c += kLanes) expand_block<MR, 1>(h, ldh, rank, b + c, out, y + c, ldy);
   for (; c < out; ++c)
     for (int m = 0; m < MR; ++m)
-      for (int64_t r = 0; r < rank; ++r) y[m * ldy + c] += h[m * ldh + r] * to_float(b[r * out + c]);
+      for (int64_t r = 0; r < rank; ++r)
+        y[m * ldy + c] += h[m * ldh + r] * to_float(b[r * out + c]);
 }
 
 // y[:n] += h[:n, :rank] @ b[:rank, :out]; h [n, ldh], b [rank, out], y [n, out].
