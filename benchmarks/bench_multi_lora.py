@@ -9,7 +9,8 @@ set of prompts and one output length:
   engine_multi_lora   this engine, every request on a different adapter, one continuous batch
   engine_multi_lora_bf16_slots
                       the same with `lora_slot_dtype="bf16"` (the adapters, stored in fp32, are
-                      rounded to bf16 in the slots: a speed figure, not a parity one)
+                      rounded to bf16 in the slots: a speed figure, not a parity one); fp32
+                      compute only (in bf16 the slots already are)
   engine_constrained  engine_multi_lora with every request constrained to its own JSON schema
                       (compiled in the warm-up, so the timed runs find it cached)
   hf_generate_base    transformers `generate` on the base: all requests in one left-padded batch
@@ -235,9 +236,10 @@ def setup(config: BenchConfig, cache_root: Path) -> Setup:
     core = build_engine(settings, adapter_dirs)
     seconds["engine"] = time.perf_counter() - start
     start = time.perf_counter()
-    bf16_slots_core = build_engine(
-        settings.model_copy(update={"lora_slot_dtype": "bf16"}), adapter_dirs
-    )
+    bf16_slots_core = None  # in a 16-bit compute dtype the slots are already 16-bit
+    if config.compute_dtype == "fp32":
+        bf16_slots = settings.model_copy(update={"lora_slot_dtype": "bf16"})
+        bf16_slots_core = build_engine(bf16_slots, adapter_dirs)
     seconds["engine_bf16_slots"] = time.perf_counter() - start
     start = time.perf_counter()
     zipf_core = build_zipf_engine(engine_config(base, workload, high), list(adapter_dirs.values()))
@@ -264,10 +266,6 @@ def setup(config: BenchConfig, cache_root: Path) -> Setup:
         "engine_multi_lora": (
             partial(engine_run, core, traces["engine_multi_lora"], True), workload,
         ),
-        "engine_multi_lora_bf16_slots": (
-            partial(engine_run, bf16_slots_core, traces["engine_multi_lora_bf16_slots"], True),
-            workload,
-        ),
         "engine_constrained": (
             partial(engine_run, core, traces["engine_constrained"], True),
             replace(workload, schemas=json_schemas(len(workload.prompts))),
@@ -277,6 +275,12 @@ def setup(config: BenchConfig, cache_root: Path) -> Setup:
         "peft_sequential": (partial(run_peft_sequential, peft, peft_loaded), workload),
         "engine_zipf": (partial(engine_run, zipf_core, traces["engine_zipf"], True), zipf),
     }  # fmt: skip
+    if bf16_slots_core is not None:
+        bf16_traces = traces["engine_multi_lora_bf16_slots"]
+        runs["engine_multi_lora_bf16_slots"] = (
+            partial(engine_run, bf16_slots_core, bf16_traces, True),
+            workload,
+        )
     return Setup(runs, core, workload, traces, seconds, model_dir, adapter_dirs, base)
 
 
@@ -544,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
     adapter_dir = next(iter(s.adapter_dirs.values()))
     loads_per_round = math.ceil(COLD_LOADS / config.repeats)
     results = measure(
-        {name: s.runs[name] for name in only}, device, config.repeats,
+        {name: s.runs[name] for name in only if name in s.runs}, device, config.repeats,
         lambda: cold.extend(cold_load_ms(s.core, adapter_dir, loads_per_round)),
     )  # fmt: skip
     if out is not None:  # what is measured so far survives a failure in what follows
