@@ -25,6 +25,8 @@ inline void expand_block(const float* h, int64_t ldh, int64_t rank, const T* b, 
     for (int v = 0; v < NV; ++v) acc[m][v] = *reinterpret_cast<const vf*>(y + m * ldy + v * kLanes);
   for (int64_t r = 0; r < rank; ++r) {
     vf bv[NV];
+    if constexpr (sizeof(T) == 2)  // see kBf16PrefetchAhead
+      _mm_prefetch(reinterpret_cast<const char*>(b + r * ldb + kBf16PrefetchAhead), _MM_HINT_T0);
     for (int v = 0; v < NV; ++v) bv[v] = load_vf(b + r * ldb + v * kLanes);
     for (int m = 0; m < MR; ++m) {
       const vf hm = broadcast(h + m * ldh + r);
