@@ -240,7 +240,7 @@ def setup(config: BenchConfig, cache_root: Path) -> Setup:
     if config.compute_dtype == "fp32":
         bf16_slots = settings.model_copy(update={"lora_slot_dtype": "bf16"})
         bf16_slots_core = build_engine(bf16_slots, adapter_dirs)
-    seconds["engine_bf16_slots"] = time.perf_counter() - start
+        seconds["engine_bf16_slots"] = time.perf_counter() - start
     start = time.perf_counter()
     zipf_core = build_zipf_engine(engine_config(base, workload, high), list(adapter_dirs.values()))
     count = ZIPF_REQUEST_FACTOR * len(workload.prompts)
@@ -347,8 +347,8 @@ def measure_prefix(config: BenchConfig, s: Setup, base: EngineConfig) -> dict:
     )  # fmt: skip
     ttfts: dict[bool, list[float]] = {True: [], False: []}
     outputs: dict[bool, list[list[int]]] = {True: [], False: []}
+    settings = engine_config(base, w.burst, PREFIX_TOKENS + PREFIX_SUFFIX_TOKENS)
     for caching in (True, False):
-        settings = engine_config(base, w.burst, PREFIX_TOKENS + PREFIX_SUFFIX_TOKENS)
         core = build_engine(settings.model_copy(update={"prefix_caching": caching}), adapters)
         run_prefix(core, w)  # warm-up
         for _ in range(config.repeats):
@@ -360,7 +360,8 @@ def measure_prefix(config: BenchConfig, s: Setup, base: EngineConfig) -> dict:
     identical = outputs[True] == outputs[False]
     # Where the cache changed a greedy token: does re-batching alone change one too? In a 16-bit
     # compute dtype it can (GEMMs round differently at other row counts). None: not asked.
-    rebatched = None if identical else rebatched_identical(base, adapters, w)
+    uncached = outputs[False][: len(w.burst.prompts)]  # the first timed run's tokens
+    rebatched = None if identical else uncached == rebatched_tokens(settings, adapters, w)
     return {
         "prefix_ttft_ms_p50_cached": with_cache,
         "prefix_ttft_ms_p50_uncached": without,
@@ -370,16 +371,13 @@ def measure_prefix(config: BenchConfig, s: Setup, base: EngineConfig) -> dict:
     }
 
 
-def rebatched_identical(base: EngineConfig, adapters: dict[str, Path], w: PrefixWorkload) -> bool:
-    """Whether the burst's greedy tokens, without the prefix cache, are the same when its
-    prefill is split into steps of a quarter the tokens."""
-    settings = engine_config(base, w.burst, PREFIX_TOKENS + PREFIX_SUFFIX_TOKENS)
-    tokens = []
-    for step_tokens in (settings.max_step_tokens, settings.max_step_tokens // 4):
-        core = build_engine(settings.model_copy(update={"max_step_tokens": step_tokens}), adapters)
-        tokens.append(run_prefix(core, w)[1])
-        del core
-    return tokens[0] == tokens[1]
+def rebatched_tokens(
+    settings: EngineConfig, adapters: dict[str, Path], w: PrefixWorkload
+) -> list[list[int]]:
+    """The burst's greedy tokens without the prefix cache (`settings` has it off), its prefill
+    split into steps of a quarter the tokens `settings` gives it."""
+    quarter = settings.model_copy(update={"max_step_tokens": settings.max_step_tokens // 4})
+    return run_prefix(build_engine(quarter, adapters), w)[1]
 
 
 # ---- reporting -----------------------------------------------------------------------------
