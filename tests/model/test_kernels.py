@@ -65,7 +65,7 @@ def _dequantized(layer: bnb.nn.Linear4bit) -> torch.Tensor:
     return bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
 
 
-@pytest.mark.parametrize("rows", [0, 1, 3, 4, 7, 12, 33, SMALL_BATCH_ROWS])
+@pytest.mark.parametrize("rows", [0, 1, 3, 4, 7, 12, 17, 32, 33, SMALL_BATCH_ROWS])
 @pytest.mark.parametrize(("out_features", "in_features"), [(96, 128), (13, 64), (40, 192)])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_linear_4bit_equals_dequantize_then_matmul(rows, out_features, in_features, quant_type):
@@ -77,7 +77,7 @@ def test_linear_4bit_equals_dequantize_then_matmul(rows, out_features, in_featur
 
 
 @pytest.mark.parametrize("blocksize", [32, 256])
-@pytest.mark.parametrize("rows", [2, 21])
+@pytest.mark.parametrize("rows", [2, 21, 40])
 def test_linear_4bit_with_blocks_smaller_and_larger_than_a_chunk(rows, blocksize):
     layer = _quantized(24, 512, "nf4", nested=False, bias=False, blocksize=blocksize)
     p = Packed4bit.of(layer)
@@ -97,7 +97,9 @@ def test_linear_4bit_refuses_a_blocksize_that_is_not_a_power_of_two():
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "double-quant"])
-@pytest.mark.parametrize("rows", [2, SMALL_BATCH_ROWS + 1], ids=["kernel", "dequantize"])
+@pytest.mark.parametrize(
+    "rows", [2, 32, 33, SMALL_BATCH_ROWS + 1], ids=["rows", "one-pass", "passes", "dequantize"]
+)
 def test_base_linear_on_4bit_equals_bitsandbytes(rows, nested):
     layer = _quantized(64, 128, "nf4", nested=nested, bias=True)
     x = torch.randn(1, rows, 128)
@@ -121,7 +123,7 @@ def test_a_4bit_base_keeps_its_layout_through_a_bf16_forward():
     assert torch.equal(dequantized_weight(layer), before)
 
 
-@pytest.mark.parametrize("rows", [0, 1, 5, 12, 13, 17, SMALL_BATCH_ROWS])
+@pytest.mark.parametrize("rows", [0, 1, 5, 12, 13, 17, 30, 32, 33, SMALL_BATCH_ROWS])
 @pytest.mark.parametrize(("out_features", "in_features"), [(7, 100), (25, 64), (12, 3), (30, 300)])
 def test_linear_f32_equals_f_linear(rows, out_features, in_features):
     torch.manual_seed(rows)

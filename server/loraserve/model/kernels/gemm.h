@@ -6,9 +6,11 @@
 // set (AVX2: 8 lanes, AVX-512: 16 lanes); only the compiler's lowering differs between them.
 //
 // The 4-bit path never materialises the whole weight: for 1 to 4 rows each weight is decoded
-// into registers and used at once; for more, a tile of a few output columns is decoded, one
-// chunk of k at a time, into a small fp32 buffer (the same values bitsandbytes' dequantize
-// gives: code[q] * absmax) that stays in L1 while every row of x is multiplied against it. A
+// into registers and used at once; for up to one pass of rows (a decode step), a block of
+// output columns decodes one group of k at a time while the previous group's multiply-adds run;
+// for more, a tile of a few output columns is decoded, one chunk of k at a time, into a small
+// fp32 buffer (the same values bitsandbytes' dequantize gives: code[q] * absmax) that stays in
+// L1 while every pass of rows of x is multiplied against it. A
 // decoded chunk keeps each group of 2 * LS_LANES consecutive k as its even-k elements then its
 // odd-k elements (that is how nibbles unpack fastest), so x is permuted the same way once per
 // call: the dot products are unchanged by the shared order.
@@ -164,6 +166,11 @@ inline CodeTables code_tables(const float* code) {
   return t;
 }
 
+// The table of a block's decoded weights, code[q] * scale: the same products as scaling each
+// decoded weight, one multiply a block instead of one a vector.
+constexpr bool kScaledTables = true;
+inline CodeTables scaled(const CodeTables& t, vf scale) { return CodeTables{t.values * scale}; }
+
 inline void decode_group(const uint8_t* bytes, const CodeTables& t, vf (&out)[kGroupVecs]) {
 #if defined(__AVX512F__)
   // One vpmovzxbd: GCC lowers the generic conversion below to 16 scalar byte loads and inserts,
@@ -195,6 +202,10 @@ inline int64_t decoded_k(int64_t j) {
 struct CodeTables {
   __m256i planes[4];  // byte p of code[0..15], in both 128-bit lanes
 };
+
+// The byte planes cannot be scaled: each decoded vector is multiplied by its block's scale.
+constexpr bool kScaledTables = false;
+inline const CodeTables& scaled(const CodeTables& t, vf) { return t; }
 
 inline CodeTables code_tables(const float* code) {
   alignas(32) uint8_t bytes[4][32];
@@ -272,7 +283,7 @@ inline void gemv_4bit(const float* x, int64_t K, const uint8_t* packed, const Sc
   });
 }
 
-// ---- 5 rows and more: outer products over chunks that stay in L1 ----
+// ---- 5 rows and more (past one pass with 16 lanes): outer products over chunks in L1 ----
 //
 // x is transposed once per call into passes of up to kPassRows rows, each [K, width] with its
 // rows padded with zeros to whole vectors. For every tile of kTileCols output columns and every
@@ -439,31 +450,52 @@ struct WeightChunk {
   int64_t ld;
 };
 
+// x [M, K] transposed into passes (transpose_passes) by the threads of one parallel_items call
+// together, a range of kDepth k each: transposed by the calling thread alone it cost as much as
+// a few tiles, and the other threads then read all of it from that one's cache. kDecoded: in
+// decoded order (decoded_k).
+template <bool kDecoded>
+class SharedTranspose {
+ public:
+  // `threads`: the team of the parallel_items call, every one of which calls wait_for_all.
+  SharedTranspose(const float* x, int64_t M, int64_t K, int64_t threads)
+      : x_(x), M_(M), K_(K), ranges_((K + kDepth - 1) / kDepth),
+        data_(new float[padded_rows(M) * K]), queue_(ranges_, threads) {}
+
+  // This thread's share of the work, then a wait for the others' (every range taken is being
+  // done by a running thread, so the wait ends); the pass that starts at row m0 lies at
+  // result + m0 * K as [K, width].
+  const float* wait_for_all() {
+    queue_.each([&](int64_t r) {
+      transpose_passes<kDecoded>(x_, M_, K_, r * kDepth, std::min(K_, (r + 1) * kDepth),
+                                 data_.get());
+      done_.fetch_add(1, std::memory_order_release);
+    });
+    for (int spins = 1; done_.load(std::memory_order_acquire) < ranges_; ++spins)
+      spins % 1024 ? _mm_pause() : std::this_thread::yield();  // yield to a descheduled peer
+    return data_.get();
+  }
+
+ private:
+  const float* x_;
+  const int64_t M_, K_, ranges_;
+  std::unique_ptr<float[]> data_;
+  WorkQueue queue_;
+  std::atomic<int64_t> done_{0};
+};
+
 // y [M, N] = x [M, K] @ W^T where `chunk_of(n0, cols, k0, depth, scratch)` gives the
 // WeightChunk of weight rows n0.. (kTileCols of them, zeros past `cols`) and k0..k0 + depth,
 // written to `scratch` [kTileCols, kDepth] if it is not read in place; its ld is always kLdw
 // unless kLdw is 0. kDecoded: the chunks keep k in decoded order (decoded_k), so x is transposed
 // in that order too.
-//
-// The threads first transpose x together, a range of k each, and wait until all of it is done
-// (every range taken is being done by a running thread, so the wait ends): transposed by the
-// calling thread alone, it cost as much as a few tiles, and the other thread then read all of it
-// from the first one's cache.
 template <int64_t kLdw, bool kDecoded, class ChunkOf>
 inline void gemm_outer(const float* x, int64_t M, int64_t K, int64_t N, ChunkOf chunk_of,
                        float* y) {
   const int64_t tiles = (N + kTileCols - 1) / kTileCols, ldsums = padded_rows(M);
-  const int64_t ranges = (K + kDepth - 1) / kDepth;
-  std::unique_ptr<float[]> xt(new float[ldsums * K]);
-  std::atomic<int64_t> transposed{0};
-  WorkQueue transposing(ranges, team_size(tiles));  // the same threads as the tiles' queue
+  SharedTranspose<kDecoded> transposed(x, M, K, team_size(tiles));
   parallel_items(tiles, [&](WorkQueue& queue) {
-    transposing.each([&](int64_t r) {
-      transpose_passes<kDecoded>(x, M, K, r * kDepth, std::min(K, (r + 1) * kDepth), xt.get());
-      transposed.fetch_add(1, std::memory_order_release);
-    });
-    for (int spins = 1; transposed.load(std::memory_order_acquire) < ranges; ++spins)
-      spins % 1024 ? _mm_pause() : std::this_thread::yield();  // yield to a descheduled peer
+    const float* xt = transposed.wait_for_all();
     std::unique_ptr<float[]> scratch(new float[kTileCols * kDepth]);
     std::unique_ptr<float[]> sums(new float[kTileCols * ldsums]);
     queue.each([&](int64_t t) {
@@ -474,7 +506,7 @@ inline void gemm_outer(const float* x, int64_t M, int64_t K, int64_t N, ChunkOf 
         const WeightChunk chunk = chunk_of(n0, cols, k0, depth, scratch.get());
         for (int64_t m0 = 0; m0 < M; m0 += kPassRows) {
           const int64_t width = pass_vectors(M, m0) * kLanes;
-          const float* xp = xt.get() + m0 * K + k0 * width;
+          const float* xp = xt + m0 * K + k0 * width;
           if (width == kLanes)
             outer_tile<1, kLdw>(xp, chunk.w, chunk.ld, depth, sums.get() + m0, ldsums);
           else
@@ -498,22 +530,212 @@ inline void decode_chunk(const uint8_t* packed, const Scales& scales, const Code
                          int blocksize_log2, int64_t N, int64_t K, int64_t n0, int64_t cols,
                          int64_t k0, int64_t depth, float* dst) {
   const int64_t blocks_per_row = K >> blocksize_log2;
+  // k0 is a block's start, or the chunk lies in one block
+  const int64_t block_step = std::min(depth, int64_t{1} << blocksize_log2);
   for (int64_t c = 0; c < cols; ++c) {
     const int64_t next = k0 + depth < K ? (n0 + c) * K + k0 + depth : (n0 + kTileCols + c) * K;
     if (next < N * K) _mm_prefetch(reinterpret_cast<const char*>(packed + next / 2), _MM_HINT_T0);
     const uint8_t* bytes = packed + ((n0 + c) * K + k0) / 2;
     const int64_t row_blocks = (n0 + c) * blocks_per_row;
     float* out = dst + c * kDepth;
-    for (int64_t j = 0; j < depth; j += kGroup) {
-      const vf scale = vf{} + scales(row_blocks + ((k0 + j) >> blocksize_log2));
-      vf w[kGroupVecs];
-      decode_group(bytes + j / 2, tables, w);
-      for (int v = 0; v < kGroupVecs; ++v)
-        *reinterpret_cast<vf*>(out + j + v * kLanes) = w[v] * scale;
+    for (int64_t b0 = 0; b0 < depth; b0 += block_step) {  // each block of the chunk
+      const vf scale = vf{} + scales(row_blocks + ((k0 + b0) >> blocksize_log2));
+      const auto& block_tables = scaled(tables, scale);
+      for (int64_t j = b0; j < b0 + block_step; j += kGroup) {
+        vf w[kGroupVecs];
+        decode_group(bytes + j / 2, block_tables, w);
+        for (int v = 0; v < kGroupVecs; ++v)
+          *reinterpret_cast<vf*>(out + j + v * kLanes) = kScaledTables ? w[v] : w[v] * scale;
+      }
     }
   }
   for (int64_t c = cols; c < kTileCols; ++c)
     std::fill(dst + c * kDepth, dst + c * kDepth + depth, 0.0f);
+}
+
+// ---- one pass of rows (at most kPassRows: a decode step): sums in registers for all of K ----
+//
+// With a single pass of rows nothing reads a chunk of weights twice, so a block of columns keeps
+// its sums in registers over the whole of K and takes its weights one group (kGroup k) at a
+// time. A 4-bit group is decoded while the previous group's multiply-adds run: a few
+// instructions beside many multiply-adds, which out-of-order execution runs side by side,
+// instead of a phase of its own per chunk (about a fifth of the kernel's time, `perf annotate`).
+// fp32 weights are read in place.
+
+// Taken with 16 lanes (AVX-512, where it was measured: a decode step's 4-bit projections 0.94x
+// the time of the chunked path; and the 16-lane test build). AVX2's decoding needs more of its
+// 16 registers than the sums leave it.
+constexpr bool kOnePass = kLanes == 16;
+
+// One group of NR weight rows, as the one-pass kernel reads it: weight (n, k0 + k) at row[n][k].
+template <int NR>
+struct GroupView {
+  const float* row[NR];
+};
+
+// A block's 4-bit weight rows decoded a group at a time, one group ahead of the one read. Each
+// row's next cache line is prefetched as a chunk of kDepth starts (the next kDepth k of the row,
+// else the same row of the next block): the hardware prefetchers do not follow NR interleaved
+// streams.
+template <int NR>
+class Decoded4bitGroups {
+ public:
+  // Rows n0 .. n0 + NR; rows past N repeat the last one.
+  Decoded4bitGroups(const uint8_t* packed, const Scales& scales, const CodeTables& tables,
+                    int blocksize_log2, int64_t N, int64_t K, int64_t n0)
+      : scales_(scales), tables_(tables), blocksize_log2_(blocksize_log2), K_(K),
+        next_rows_(n0 + 2 * NR <= N ? packed + (n0 + NR) * K / 2 : nullptr) {
+    for (int n = 0; n < NR; ++n) {
+      const int64_t row = std::min(n0 + n, N - 1);
+      rows_[n] = packed + row * K / 2;
+      first_block_[n] = (row * K) >> blocksize_log2;
+    }
+    decode(0, decoded_[0]);
+  }
+
+  // The group from k0, for k0 = 0, kGroup, 2 kGroup, ... in turn.
+  GroupView<NR> at(int64_t k0) {
+    const int64_t group = k0 / kGroup;
+    if (k0 + kGroup < K_) decode(k0 + kGroup, decoded_[(group + 1) % 2]);
+    GroupView<NR> view;
+    for (int n = 0; n < NR; ++n) view.row[n] = decoded_[group % 2][n];
+    return view;
+  }
+
+ private:
+  void decode(int64_t k0, float (&w)[NR][kGroup]) {
+    const bool prefetch = k0 % kDepth == 0;
+    const int64_t ahead = k0 + kDepth;
+#pragma GCC unroll 16
+    for (int n = 0; n < NR; ++n) {
+      if (prefetch && ahead < K_)
+        _mm_prefetch(reinterpret_cast<const char*>(rows_[n] + ahead / 2), _MM_HINT_T0);
+      else if (prefetch && next_rows_ != nullptr)
+        _mm_prefetch(reinterpret_cast<const char*>(next_rows_ + n * K_ / 2), _MM_HINT_T0);
+      const vf scale = vf{} + scales_(first_block_[n] + (k0 >> blocksize_log2_));
+      vf v[kGroupVecs];
+      decode_group(rows_[n] + k0 / 2, scaled(tables_, scale), v);
+      for (int i = 0; i < kGroupVecs; ++i)
+        *reinterpret_cast<vf*>(w[n] + i * kLanes) = kScaledTables ? v[i] : v[i] * scale;
+    }
+  }
+
+  const Scales& scales_;
+  const CodeTables& tables_;
+  const int blocksize_log2_;
+  const int64_t K_;
+  const uint8_t* const next_rows_;
+  const uint8_t* rows_[NR];
+  int64_t first_block_[NR];
+  alignas(64) float decoded_[2][NR][kGroup];  // the group being read, and the next
+};
+
+// A block's fp32 weight rows read in place; each row's lines kPrefetchAhead k ahead (else the
+// same row of the next block) are prefetched: one row of the output projection is a 4 KB page,
+// where the hardware prefetchers start over.
+template <int NR>
+class InPlaceGroups {
+ public:
+  static constexpr int64_t kPrefetchAhead = 4 * kGroup;
+
+  // Rows n0 .. n0 + NR of w [N, K]; rows past N repeat the last one.
+  InPlaceGroups(const float* w, int64_t N, int64_t K, int64_t n0)
+      : K_(K), next_rows_(n0 + 2 * NR <= N ? w + (n0 + NR) * K : nullptr) {
+    for (int n = 0; n < NR; ++n) rows_[n] = w + std::min(n0 + n, N - 1) * K;
+  }
+
+  GroupView<NR> at(int64_t k0) {
+    const int64_t ahead = k0 + kPrefetchAhead;
+    GroupView<NR> view;
+#pragma GCC unroll 16
+    for (int n = 0; n < NR; ++n) {
+      const float* line = ahead < K_                ? rows_[n] + ahead
+                          : next_rows_ != nullptr ? next_rows_ + n * K_ + (ahead - K_)
+                                                  : nullptr;
+      if (line != nullptr)
+        for (int64_t j = 0; j < kGroup; j += 64 / sizeof(float))
+          _mm_prefetch(reinterpret_cast<const char*>(line + j), _MM_HINT_T0);
+      view.row[n] = rows_[n] + k0;
+    }
+    return view;
+  }
+
+ private:
+  const int64_t K_;
+  const float* const next_rows_;
+  const float* rows_[NR];
+};
+
+// sums[n][v] += row[n][k] * xt[k][v-th vector of rows], for k < depth (kGroup when kWhole).
+template <int MV, int NR, bool kWhole>
+inline void multiply_group(const GroupView<NR>& w, const float* xt, int64_t depth,
+                           vf (&acc)[NR][MV]) {
+  constexpr int64_t ldxt = MV * kLanes;
+  const int64_t end = kWhole ? kGroup : depth;
+#pragma GCC unroll 32  // whole groups: one loop body, so the sums stay in registers across it
+  for (int64_t k = 0; k < end; ++k) {
+    vf xv[MV];
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) xv[v] = *reinterpret_cast<const vf*>(xt + k * ldxt + v * kLanes);
+#pragma GCC unroll 16
+    for (int n = 0; n < NR; ++n) {
+      const vf wv = broadcast(w.row[n] + k);
+#pragma GCC unroll 4
+      for (int v = 0; v < MV; ++v) acc[n][v] += wv * xv[v];
+    }
+  }
+}
+
+// y[:, n0 .. n0 + NR) (the columns before N) for the rows of one pass, MV vectors of them, from
+// xt [K, MV * kLanes] (transposed, in the groups' order of k).
+template <int MV, int NR, class Groups>
+inline void columns_one_pass(const float* xt, int64_t M, int64_t K, int64_t N, int64_t n0,
+                             Groups& groups, float* y) {
+  for (int64_t m = 0; m < M; ++m)  // y's lines, to be written at the end
+    _mm_prefetch(reinterpret_cast<const char*>(y + m * N + n0), _MM_HINT_ET0);
+  vf acc[NR][MV] = {};
+  int64_t k0 = 0;
+  for (; k0 + kGroup <= K; k0 += kGroup)
+    multiply_group<MV, NR, true>(groups.at(k0), xt + k0 * MV * kLanes, kGroup, acc);
+  if (k0 < K)  // fp32 weights: K need not be a multiple of kGroup
+    multiply_group<MV, NR, false>(groups.at(k0), xt + k0 * MV * kLanes, K - k0, acc);
+  alignas(64) float sums[NR][MV * kLanes];
+  for (int n = 0; n < NR; ++n)
+    for (int v = 0; v < MV; ++v) *reinterpret_cast<vf*>(sums[n] + v * kLanes) = acc[n][v];
+  const int64_t cols = std::min<int64_t>(NR, N - n0);
+  for (int64_t m = 0; m < M; ++m)  // row by row: each row's columns are one run of y
+    for (int64_t n = 0; n < cols; ++n) y[m * N + n0 + n] = sums[n][m];
+}
+
+// y [M, N] = x [M, K] @ W^T for M at most kPassRows (MV vectors of rows), in blocks of NR
+// columns whose weights `groups_of(n0)` gives. kDecoded: the groups keep k in decoded order.
+template <int MV, int NR, bool kDecoded, class GroupsOf>
+inline void gemm_one_pass(const float* x, int64_t M, int64_t K, int64_t N, GroupsOf groups_of,
+                          float* y) {
+  const int64_t blocks = (N + NR - 1) / NR;
+  SharedTranspose<kDecoded> transposed(x, M, K, team_size(blocks));
+  parallel_items(blocks, [&](WorkQueue& queue) {
+    const float* xt = transposed.wait_for_all();
+    queue.each([&](int64_t b) {
+      auto groups = groups_of(b * NR);
+      columns_one_pass<MV, NR>(xt, M, K, N, b * NR, groups, y);
+    });
+  });
+}
+
+// 4-bit columns per block: their sums and 4 registers for the decoding (more spill the sums).
+constexpr int decoded_columns(int row_vectors) {
+  return std::min(kTileCols, (kAccRegs - 4) / row_vectors);
+}
+
+template <int MV>
+inline void gemm_4bit_one_pass(const float* x, int64_t M, int64_t K, const uint8_t* packed,
+                               const Scales& scales, const CodeTables& tables,
+                               int blocksize_log2, int64_t N, float* y) {
+  constexpr int NR = decoded_columns(MV);
+  gemm_one_pass<MV, NR, true>(x, M, K, N, [&](int64_t n0) {
+    return Decoded4bitGroups<NR>(packed, scales, tables, blocksize_log2, N, K, n0);
+  }, y);
 }
 
 // x [M, K] fp32; packed [N * K / 2] uint8; scales: one per block of `blocksize`; code [16] fp32;
@@ -534,6 +756,10 @@ inline void gemm_4bit(const float* x, int64_t M, int64_t K, const uint8_t* packe
       case 3: return gemv_4bit<3>(p, K, packed, scales, tables, blocksize, N, y);
       default: return gemv_4bit<4>(p, K, packed, scales, tables, blocksize, N, y);
     }
+  }
+  if (kOnePass && M <= kPassRows) {
+    const auto one_pass = pass_vectors(M, 0) == 1 ? gemm_4bit_one_pass<1> : gemm_4bit_one_pass<2>;
+    return one_pass(x, M, K, packed, scales, tables, blocksize_log2, N, y);
   }
   gemm_outer<kDepth, true>(x, M, K, N,
                      [&](int64_t n0, int64_t cols, int64_t k0, int64_t depth, float* scratch) {
@@ -558,6 +784,11 @@ inline void gemm_f32(const float* x, int64_t M, int64_t K, const float* w, int64
       });
     });
     return;
+  }
+  if (kOnePass && M <= kPassRows) {  // here two vectors of rows
+    constexpr int NR = std::min(kTileCols, kAccRegs / 2);
+    return gemm_one_pass<2, NR, false>(
+        x, M, K, N, [&](int64_t n0) { return InPlaceGroups<NR>(w, N, K, n0); }, y);
   }
   // Read in place (copying each chunk costs more than the constant stride saves), except the
   // last tile's rows, padded with zeros.
