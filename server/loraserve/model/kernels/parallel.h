@@ -1,5 +1,5 @@
 // Work split between torch's threads as they get to it. Each kernel's items (tiles of output
-// columns, rows, chunks of a segment) are handed out in small ranges from one counter instead
+// columns, rows, chunks of a segment) are handed out in runs from one counter instead
 // of a fixed share per thread: on a shared machine a core is often slower for a while (another
 // process, the server's own loader or event loop), and with fixed shares the other threads
 // would wait for it at the end of every call.
@@ -8,22 +8,28 @@ namespace LS_NAMESPACE {
 
 class WorkQueue {
  public:
-  WorkQueue(int64_t items, int64_t threads)
-      : items_(items), grab_(std::max<int64_t>(1, items / (16 * threads))) {}
+  WorkQueue(int64_t items, int64_t threads) : items_(items), threads_(threads) {}
 
-  // fn(i) for every item i this thread takes, until none are left.
+  // fn(i) for every item i this thread takes, until none are left. Each take is a run of
+  // consecutive items, a 1 / (2 * threads) share of those left: long runs first (neighbouring
+  // items share cache lines and prefetches), single items at the end, so the threads finish
+  // together.
   template <class Fn>
   void each(Fn fn) {
+    int64_t begin = taken_.load(std::memory_order_relaxed);
     for (;;) {
-      const int64_t begin = std::min(taken_.fetch_add(grab_), items_);
-      const int64_t end = std::min(begin + grab_, items_);
-      if (begin == end) return;
+      int64_t end;
+      do {
+        if (begin >= items_) return;
+        end = begin + std::max<int64_t>(1, (items_ - begin) / (2 * threads_));
+      } while (!taken_.compare_exchange_weak(begin, end, std::memory_order_relaxed));
       for (int64_t i = begin; i < end; ++i) fn(i);
+      begin = taken_.load(std::memory_order_relaxed);
     }
   }
 
  private:
-  const int64_t items_, grab_;
+  const int64_t items_, threads_;
   std::atomic<int64_t> taken_{0};
 };
 
