@@ -64,14 +64,18 @@ inline void softmax_inplace(float* scores, int64_t n) {
 }
 
 // A position's keys (or values) of every head are one [KVH, D] run, often a page of their own:
-// the hardware prefetchers stop at page boundaries, so the run kAhead positions on is fetched
-// while this one is used.
-constexpr int64_t kAhead = 2;
+// the hardware prefetchers stop at page boundaries, so the runs ahead are fetched while this
+// one is used: kAheadL1 positions on into L1, and kAheadL2 on into L2, which keeps more lines
+// in flight than L1's fill buffers alone (decode attention over 8 layers' pools from memory:
+// 0.86x the time of L1 prefetches alone, one-off, 2026-11-30; 4 or 10 on: less). Written out
+// where used: GCC 12 compiled a helper taking the slots by reference without any prefetch
+// (check with objdump after changing them).
+constexpr int64_t kAheadL1 = 2, kAheadL2 = 6;
 
+template <_mm_hint kHint>
 inline void prefetch_position(const float* run, int64_t floats) {
   const char* bytes = reinterpret_cast<const char*>(run);
-  for (int64_t offset = 0; offset < floats * 4; offset += 64)
-    _mm_prefetch(bytes + offset, _MM_HINT_T0);
+  for (int64_t offset = 0; offset < floats * 4; offset += 64) _mm_prefetch(bytes + offset, kHint);
 }
 
 // q [R, H, D]; k_pool, v_pool [S, KVH, D]; block_tables [R, max_blocks] int32; context_lens
@@ -104,7 +108,10 @@ inline void paged_decode_attention(const float* q, const float* k_pool, const fl
       float* out_row = out + r * H * D;
       scores.resize(H * n);  // [H, n]
       for (int64_t j = 0; j < n; ++j) {
-        if (j + kAhead < n) prefetch_position(k_pool + slots[j + kAhead] * KVH * D, KVH * D);
+        if (j + kAheadL1 < n)
+          prefetch_position<_MM_HINT_T0>(k_pool + slots[j + kAheadL1] * KVH * D, KVH * D);
+        if (j + kAheadL2 < n)
+          prefetch_position<_MM_HINT_T1>(k_pool + slots[j + kAheadL2] * KVH * D, KVH * D);
         const float* keys = k_pool + slots[j] * KVH * D;
         for (int64_t h = 0; h < H; ++h)
           scores[h * n + j] = scale * dot(q_row + h * D, keys + (h / group) * D, D);
@@ -112,7 +119,10 @@ inline void paged_decode_attention(const float* q, const float* k_pool, const fl
       for (int64_t h = 0; h < H; ++h) softmax_inplace(scores.data() + h * n, n);
       for (int64_t i = 0; i < H * D; ++i) out_row[i] = 0.f;
       for (int64_t j = 0; j < n; ++j) {
-        if (j + kAhead < n) prefetch_position(v_pool + slots[j + kAhead] * KVH * D, KVH * D);
+        if (j + kAheadL1 < n)
+          prefetch_position<_MM_HINT_T0>(v_pool + slots[j + kAheadL1] * KVH * D, KVH * D);
+        if (j + kAheadL2 < n)
+          prefetch_position<_MM_HINT_T1>(v_pool + slots[j + kAheadL2] * KVH * D, KVH * D);
         const float* values = v_pool + slots[j] * KVH * D;
         for (int64_t h = 0; h < H; ++h)
           axpy(scores[h * n + j], values + (h / group) * D, D, out_row + h * D);
