@@ -401,13 +401,33 @@ inline vf broadcast(const float* p) {
 #endif
 }
 
+// acc[n][v] += column(n)[k] * xt[k * MV * kLanes + v * kLanes + lane], for k < depth and NR
+// columns (column(n): column n's weight for k = 0) and MV vectors of rows. Unrolled by kGroup:
+// a whole group is one loop body, across which a caller's sums stay in registers.
+template <int MV, int NR, class Column>
+inline void multiply_columns(Column column, const float* xt, int64_t depth, vf (&acc)[NR][MV]) {
+  constexpr int64_t ldxt = MV * kLanes;
+#pragma GCC unroll 32
+  for (int64_t k = 0; k < depth; ++k) {
+    vf xv[MV];
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) xv[v] = *reinterpret_cast<const vf*>(xt + k * ldxt + v * kLanes);
+#pragma GCC unroll 16
+    for (int n = 0; n < NR; ++n) {
+      const vf wv = broadcast(column(n) + k);
+#pragma GCC unroll 4
+      for (int v = 0; v < MV; ++v) acc[n][v] += wv * xv[v];
+    }
+  }
+}
+static_assert(kGroup == 32, "multiply_columns unrolls by a group");
+
 // sums[n][rows] += sum over `depth` k of w[n * ldw + k] * xt[k * MV * kLanes + rows], for NR
 // columns and MV vectors of rows. ldw is kLdw when that is not 0: with both strides constant, a
 // k step moves just two pointers.
 template <int MV, int NR, int64_t kLdw>
 inline void outer_block(const float* xt, const float* w, int64_t runtime_ldw, int64_t depth,
                         float* sums, int64_t ldsums) {
-  constexpr int64_t ldxt = MV * kLanes;
   const int64_t ldw = kLdw != 0 ? kLdw : runtime_ldw;
   vf acc[NR][MV];
 #pragma GCC unroll 16
@@ -415,17 +435,7 @@ inline void outer_block(const float* xt, const float* w, int64_t runtime_ldw, in
 #pragma GCC unroll 4
     for (int v = 0; v < MV; ++v)
       acc[n][v] = *reinterpret_cast<const vf*>(sums + n * ldsums + v * kLanes);
-  for (int64_t k = 0; k < depth; ++k) {
-    vf xv[MV];
-#pragma GCC unroll 4
-    for (int v = 0; v < MV; ++v) xv[v] = *reinterpret_cast<const vf*>(xt + k * ldxt + v * kLanes);
-#pragma GCC unroll 16
-    for (int n = 0; n < NR; ++n) {
-      const vf wv = broadcast(w + n * ldw + k);
-#pragma GCC unroll 4
-      for (int v = 0; v < MV; ++v) acc[n][v] += wv * xv[v];
-    }
-  }
+  multiply_columns<MV, NR>([&](int n) { return w + n * ldw; }, xt, depth, acc);
 #pragma GCC unroll 16
   for (int n = 0; n < NR; ++n)
 #pragma GCC unroll 4
@@ -666,26 +676,6 @@ class InPlaceGroups {
   const float* rows_[NR];
 };
 
-// sums[n][v] += row[n][k] * xt[k][v-th vector of rows], for k < depth (kGroup when kWhole).
-template <int MV, int NR, bool kWhole>
-inline void multiply_group(const GroupView<NR>& w, const float* xt, int64_t depth,
-                           vf (&acc)[NR][MV]) {
-  constexpr int64_t ldxt = MV * kLanes;
-  const int64_t end = kWhole ? kGroup : depth;
-#pragma GCC unroll 32  // whole groups: one loop body, so the sums stay in registers across it
-  for (int64_t k = 0; k < end; ++k) {
-    vf xv[MV];
-#pragma GCC unroll 4
-    for (int v = 0; v < MV; ++v) xv[v] = *reinterpret_cast<const vf*>(xt + k * ldxt + v * kLanes);
-#pragma GCC unroll 16
-    for (int n = 0; n < NR; ++n) {
-      const vf wv = broadcast(w.row[n] + k);
-#pragma GCC unroll 4
-      for (int v = 0; v < MV; ++v) acc[n][v] += wv * xv[v];
-    }
-  }
-}
-
 // y[:, n0 .. n0 + NR) (the columns before N) for the rows of one pass, MV vectors of them, from
 // xt [K, MV * kLanes] (transposed, in the groups' order of k).
 template <int MV, int NR, class Groups>
@@ -695,10 +685,12 @@ inline void columns_one_pass(const float* xt, int64_t M, int64_t K, int64_t N, i
     _mm_prefetch(reinterpret_cast<const char*>(y + m * N + n0), _MM_HINT_ET0);
   vf acc[NR][MV] = {};
   int64_t k0 = 0;
-  for (; k0 + kGroup <= K; k0 += kGroup)
-    multiply_group<MV, NR, true>(groups.at(k0), xt + k0 * MV * kLanes, kGroup, acc);
-  if (k0 < K)  // fp32 weights: K need not be a multiple of kGroup
-    multiply_group<MV, NR, false>(groups.at(k0), xt + k0 * MV * kLanes, K - k0, acc);
+  const auto multiply = [&](int64_t depth) {
+    const GroupView<NR> w = groups.at(k0);
+    multiply_columns<MV, NR>([&](int n) { return w.row[n]; }, xt + k0 * MV * kLanes, depth, acc);
+  };
+  for (; k0 + kGroup <= K; k0 += kGroup) multiply(kGroup);  // a constant: one unrolled body
+  if (k0 < K) multiply(K - k0);  // fp32 weights: K need not be a multiple of kGroup
   alignas(64) float sums[NR][MV * kLanes];
   for (int n = 0; n < NR; ++n)
     for (int v = 0; v < MV; ++v) *reinterpret_cast<vf*>(sums[n] + v * kLanes) = acc[n][v];
