@@ -24,7 +24,14 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from loraserve.model.attention import attend_context, attend_decode_gathered
 from loraserve.model.kernels import build, native
-from loraserve.model.linear import SMALL_BATCH_ROWS, BaseLinear, Packed4bit
+from loraserve.model.linear import (
+    SMALL_BATCH_ROWS,
+    BaseLinear,
+    Packed4bit,
+    SharedInputGroup,
+    link_shared_inputs,
+    matmul_group,
+)
 from loraserve.model.lora import transposed_bs
 from loraserve.model.sampling import score_stats, score_stats_reference
 from loraserve.model.slot_terms import dequantized_weight
@@ -108,6 +115,75 @@ def test_base_linear_on_4bit_equals_bitsandbytes(rows, nested):
     got = BaseLinear(layer)(x)
     assert got.shape == want.shape == (1, rows, 64)
     torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 4, 5, 17, 32, 33, SMALL_BATCH_ROWS])
+def test_linear_4bit_group_equals_one_call_per_weight(rows):
+    """Weights of different widths (tails of a block of columns), block sizes, double
+    quantization and biases, sharing one input: each output exactly as its own call gives it."""
+    layers = [
+        _quantized(40, 256, "nf4", nested=False, bias=True),
+        _quantized(13, 256, "fp4", nested=True, bias=False),
+        _quantized(96, 256, "nf4", nested=False, bias=False, blocksize=256),
+    ]
+    weights = [Packed4bit.of(layer) for layer in layers]
+    biases = [None if layer.bias is None else layer.bias.data for layer in layers]
+    x = torch.randn(rows, 256)
+    got = matmul_group(native(), x, weights, biases)
+    for output, weight, bias, layer in zip(got, weights, biases, layers, strict=True):
+        assert torch.equal(output, weight.matmul(native(), x, bias))
+        want = F.linear(x, _dequantized(layer), bias)
+        torch.testing.assert_close(output, want, rtol=RTOL, atol=ATOL)
+
+
+class _Attention(nn.Module):
+    """q, k and v of one input, as transformers' attention modules call them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj = BaseLinear(_quantized(64, 128, "nf4", nested=False, bias=True))
+        self.k_proj = BaseLinear(_quantized(32, 128, "nf4", nested=True, bias=False))
+        self.v_proj = BaseLinear(_quantized(32, 128, "fp4", nested=False, bias=False))
+        self.o_proj = BaseLinear(_quantized(128, 64, "nf4", nested=False, bias=False))
+
+
+def _unlinked(attention: _Attention, x: torch.Tensor) -> list[torch.Tensor]:
+    layers = (attention.q_proj, attention.k_proj, attention.v_proj)
+    return [F.linear(x, _dequantized(p.module), p.bias()) for p in layers]
+
+
+def test_linked_projections_each_take_their_own_output_of_one_shared_call():
+    attention = _Attention()
+    projections = {f"layer.{n}": m for n, m in attention.named_children()}
+    (group,) = link_shared_inputs(projections)
+    assert group.members == [attention.q_proj, attention.k_proj, attention.v_proj]
+    assert attention.o_proj.group is None
+    for rows in (3, 32, SMALL_BATCH_ROWS + 1):
+        x = torch.randn(1, rows, 128)
+        want = _unlinked(attention, x)
+        for order in ((0, 1, 2), (2, 0, 1), (1, 1, 0, 2)):  # any order; one member twice
+            layers = (attention.q_proj, attention.k_proj, attention.v_proj)
+            got = {i: layers[i](x) for i in order}
+            for i, output in got.items():
+                torch.testing.assert_close(output, want[i], rtol=RTOL, atol=ATOL)
+
+
+def test_a_linked_projection_called_with_another_input_computes_for_that_input():
+    attention = _Attention()
+    SharedInputGroup([attention.q_proj, attention.k_proj, attention.v_proj])
+    x, other = torch.randn(4, 128), torch.randn(4, 128)
+    attention.q_proj(x)  # leaves k's and v's outputs for x pending
+    want = _unlinked(attention, other)
+    torch.testing.assert_close(attention.k_proj(other), want[1], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(attention.v_proj(other), want[2], rtol=RTOL, atol=ATOL)
+
+
+def test_shared_input_groups_link_only_4bit_projections_of_one_input_size():
+    attention = _Attention()
+    with pytest.raises(ValueError, match="one input size"):
+        SharedInputGroup([attention.q_proj, attention.o_proj])
+    dense = BaseLinear(nn.Linear(128, 32))
+    assert link_shared_inputs({"q_proj": attention.q_proj, "k_proj": dense}) == []
 
 
 def test_a_4bit_base_keeps_its_layout_through_a_bf16_forward():

@@ -13,11 +13,16 @@ copying its weights, and picks per call:
 - anything else (CUDA, int8, bf16 / fp16 weights, no compiled kernels): the module itself.
 
 Every path gives the values bitsandbytes' dequantize-then-matmul gives, up to the summation
-order. Knows nothing about LoRA, adapters or batches: it sees rows of activations.
+order. Projections a module calls one after another on the same activations (attention's q, k
+and v; an MLP's gate and up) can be linked as one `SharedInputGroup`: on the 4-bit small-batch
+path the first of them called with a tensor computes them all in one kernel call (one transpose
+of the rows, one parallel region, one call from Python), and the others take their outputs.
+Knows nothing about LoRA, adapters or batches: it sees rows of activations.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +124,21 @@ class Packed4bit:
         )  # fmt: skip
 
 
+def matmul_group(
+    ops: Any, rows: torch.Tensor, weights: list[Packed4bit], biases: list[torch.Tensor | None]
+) -> list[torch.Tensor]:
+    """rows [M, K] fp32 -> [M, N_i] for each weight, in one kernel call."""
+    nested = [w.nested for w in weights]
+    return ops.linear_4bit_group(
+        rows, [w.packed for w in weights], [w.absmax for w in weights],
+        [w.code for w in weights], [w.blocksize for w in weights],
+        [w.out_features for w in weights], biases,
+        [None if n is None else n.absmax2 for n in nested],
+        [None if n is None else n.code2 for n in nested],
+        [0.0 if n is None else n.offset for n in nested],
+    )  # fmt: skip
+
+
 class BaseLinear(nn.Module):
     """y = base(x) by the fastest path this call's rows allow; the wrapped module is kept."""
 
@@ -138,6 +158,7 @@ class BaseLinear(nn.Module):
             Packed4bit.of(module) if on_cpu and isinstance(module, bnb.nn.Linear4bit) else None
         )
         self.dense = on_cpu and type(module) is nn.Linear and weight.dtype == torch.float32
+        self.group: SharedInputGroup | None = None
 
     def project(self, rows: torch.Tensor) -> torch.Tensor | None:
         """rows [M, in] float32 -> rows W^T [M, out], without the bias, by the CPU's
@@ -153,14 +174,20 @@ class BaseLinear(nn.Module):
         if ops is None or x.dtype != torch.float32:
             return self.module(x)
         rows = x.reshape(-1, self.in_features).contiguous()
-        bias = None if self.module.bias is None else self.module.bias.float()
         small = rows.shape[0] <= SMALL_BATCH_ROWS
+        if small and self.group is not None:
+            return self.group.output(self, ops, x, rows).view(*x.shape[:-1], self.out_features)
+        bias = self.bias()
         y = self._small_batch(ops, rows, bias) if small else None
         if y is None and self.packed is not None:
             y = F.linear(rows, self.packed.dequantize(), bias)
         elif y is None:
             return self.module(x)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def bias(self) -> torch.Tensor | None:
+        """[out] float32, or None."""
+        return None if self.module.bias is None else self.module.bias.float()
 
     def _small_batch(
         self, ops: Any, rows: torch.Tensor, bias: torch.Tensor | None
@@ -172,3 +199,59 @@ class BaseLinear(nn.Module):
         if self.dense:
             return ops.linear_f32(rows, self.module.weight, bias)
         return None
+
+
+class SharedInputGroup:
+    """4-bit projections the model calls one after another on the same input tensor.
+
+    The first member called with a tensor computes every member's output for it in one kernel
+    call and keeps the others'; a member called with that same tensor object takes its output.
+    Any other call (another tensor, or a member whose output was taken) computes them all again.
+    This holds the model to one contract, which transformers' attention and MLP modules keep:
+    nothing writes into the input between the members' calls (inference tensors have no version
+    counter to check it by).
+    """
+
+    def __init__(self, members: list[BaseLinear]) -> None:
+        self.members = members
+        self.weights = [m.packed for m in members if m.packed is not None]
+        if len(self.weights) != len(members) or len({m.in_features for m in members}) != 1:
+            raise ValueError("a shared-input group needs 4-bit projections of one input size")
+        self._input: torch.Tensor | None = None
+        self._pending: dict[int, torch.Tensor] = {}  # member index -> its output for _input
+        for member in members:
+            member.group = self
+
+    def output(
+        self, member: BaseLinear, ops: Any, x: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """`member`'s output [M, out] for x, whose rows [M, in] float32 are `rows`."""
+        index = self.members.index(member)
+        if x is self._input and index in self._pending:
+            output = self._pending.pop(index)
+            if not self._pending:
+                self._input = None
+            return output
+        outputs = matmul_group(ops, rows, self.weights, [m.bias() for m in self.members])
+        self._input = x
+        self._pending = {i: y for i, y in enumerate(outputs) if i != index}
+        return outputs[index]
+
+
+# Sibling projections by their names in a module, as transformers' Llama-style models call them.
+SHARED_INPUT_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def link_shared_inputs(projections: Mapping[str, BaseLinear]) -> list[SharedInputGroup]:
+    """Link the 4-bit projections of `projections` (keyed by module path) that one module calls
+    on the same input, named as in SHARED_INPUT_NAMES; any two or more of a set that are here."""
+    groups = []
+    parents = {name.rpartition(".")[0] for name in projections}
+    for parent in sorted(parents):
+        prefix = f"{parent}." if parent else ""
+        for names in SHARED_INPUT_NAMES:
+            members = [projections.get(prefix + name) for name in names]
+            present = [m for m in members if m is not None and m.packed is not None]
+            if len(present) >= 2 and len({m.in_features for m in present}) == 1:
+                groups.append(SharedInputGroup(present))
+    return groups

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <span>
 #include <thread>
 #include <tuple>
 #include <vector>
@@ -60,19 +61,15 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight,
   return add_bias(y, bias);
 }
 
-// y [M, N] = x [M, K] @ dequantize(packed, absmax, code)[N, K]^T + bias. absmax is fp32, or
-// uint8 when bitsandbytes double-quantized it (then absmax2, code2 and offset decode it).
-at::Tensor linear_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                       const at::Tensor& code, int64_t blocksize, int64_t out_features,
-                       const c10::optional<at::Tensor>& bias,
+// The 4-bit weight [N, K] of dequantize(packed, absmax, code), checked. absmax is fp32, or uint8
+// when bitsandbytes double-quantized it (then absmax2, code2 and offset decode it).
+Weight4bit weight_4bit(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+                       int64_t blocksize, int64_t N, int64_t K,
                        const c10::optional<at::Tensor>& absmax2,
                        const c10::optional<at::Tensor>& code2, double offset) {
-  check_cpu_f32(x, "x");
   check_cpu_f32(code, "code");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(),
               "packed must be contiguous uint8");
-  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
-  const int64_t M = x.size(0), K = x.size(1), N = out_features;
   TORCH_CHECK(blocksize >= kGroup && (blocksize & (blocksize - 1)) == 0 && K % blocksize == 0,
               "blocksize must be a power of two from ", kGroup, " and divide K");
   TORCH_CHECK(packed.numel() * 2 == N * K && absmax.numel() * blocksize == N * K &&
@@ -94,10 +91,57 @@ at::Tensor linear_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
     check_cpu_f32(absmax, "absmax");
     scales.absmax = absmax.data_ptr<float>();
   }
-  at::Tensor y = at::empty({M, N}, x.options());
-  gemm_4bit(x.data_ptr<float>(), M, K, packed.data_ptr<uint8_t>(), scales,
-            code.data_ptr<float>(), blocksize, N, y.data_ptr<float>());
+  return Weight4bit{packed.data_ptr<uint8_t>(), scales, code.data_ptr<float>(), blocksize, N};
+}
+
+void check_rows(const at::Tensor& x) {
+  check_cpu_f32(x, "x");
+  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
+}
+
+// y [M, N] = x [M, K] @ dequantize(packed, absmax, code)[N, K]^T + bias (see weight_4bit).
+at::Tensor linear_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                       const at::Tensor& code, int64_t blocksize, int64_t out_features,
+                       const c10::optional<at::Tensor>& bias,
+                       const c10::optional<at::Tensor>& absmax2,
+                       const c10::optional<at::Tensor>& code2, double offset) {
+  check_rows(x);
+  const int64_t M = x.size(0), K = x.size(1);
+  const Weight4bit weight =
+      weight_4bit(packed, absmax, code, blocksize, out_features, K, absmax2, code2, offset);
+  at::Tensor y = at::empty({M, out_features}, x.options());
+  float* out = y.data_ptr<float>();
+  gemm_4bit(x.data_ptr<float>(), M, K, {&weight, 1}, {&out, 1});
   return add_bias(y, bias);
+}
+
+// linear_4bit of several weights that read the same x, in one call: element i of each list
+// describes weight i.
+std::vector<at::Tensor> linear_4bit_group(
+    const at::Tensor& x, at::TensorList packed, at::TensorList absmax, at::TensorList code,
+    at::IntArrayRef blocksize, at::IntArrayRef out_features,
+    const c10::List<c10::optional<at::Tensor>>& bias,
+    const c10::List<c10::optional<at::Tensor>>& absmax2,
+    const c10::List<c10::optional<at::Tensor>>& code2, at::ArrayRef<double> offset) {
+  check_rows(x);
+  const size_t n = packed.size();
+  TORCH_CHECK(absmax.size() == n && code.size() == n && blocksize.size() == n &&
+                  out_features.size() == n && bias.size() == n && absmax2.size() == n &&
+                  code2.size() == n && offset.size() == n,
+              "every list must hold one entry per weight");
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<Weight4bit> weights;
+  std::vector<at::Tensor> ys;
+  std::vector<float*> outs;
+  for (size_t i = 0; i < n; ++i) {
+    weights.push_back(weight_4bit(packed[i], absmax[i], code[i], blocksize[i], out_features[i],
+                                  K, absmax2[i], code2[i], offset[i]));
+    ys.push_back(at::empty({M, out_features[i]}, x.options()));
+    outs.push_back(ys.back().data_ptr<float>());
+  }
+  gemm_4bit(x.data_ptr<float>(), M, K, weights, outs);
+  for (size_t i = 0; i < n; ++i) add_bias(ys[i], bias[i]);
+  return ys;
 }
 
 void check_cpu(const at::Tensor& t, at::ScalarType type, const char* name) {
@@ -275,6 +319,10 @@ TORCH_LIBRARY(loraserve, m) {
       "int out_features, Tensor? bias, Tensor? absmax2=None, Tensor? code2=None, "
       "float offset=0.0) -> Tensor");
   m.def(
+      "linear_4bit_group(Tensor x, Tensor[] packed, Tensor[] absmax, Tensor[] code, "
+      "int[] blocksize, int[] out_features, Tensor?[] bias, Tensor?[] absmax2, Tensor?[] code2, "
+      "float[] offset) -> Tensor[]");
+  m.def(
       "paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, "
       "Tensor context_lens, int block_size, int window, float scale) -> Tensor");
   m.def(
@@ -290,6 +338,7 @@ TORCH_LIBRARY(loraserve, m) {
 TORCH_LIBRARY_IMPL(loraserve, CPU, m) {
   m.impl("linear_f32", &linear_f32);
   m.impl("linear_4bit", &linear_4bit);
+  m.impl("linear_4bit_group", &linear_4bit_group);
   m.impl("paged_decode_attention", &paged_decode_attention_op);
   m.impl("lora_delta_", &lora_delta_op);
   m.impl("transpose_scaled", &transpose_scaled_op);

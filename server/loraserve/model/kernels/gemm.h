@@ -699,18 +699,30 @@ inline void columns_one_pass(const float* xt, int64_t M, int64_t K, int64_t N, i
     for (int64_t n = 0; n < cols; ++n) y[m * N + n0 + n] = sums[n][m];
 }
 
-// y [M, N] = x [M, K] @ W^T for M at most kPassRows (MV vectors of rows), in blocks of NR
-// columns whose weights `groups_of(n0)` gives. kDecoded: the groups keep k in decoded order.
+// One output of a one-pass call: y [M, N].
+struct PassOutput {
+  int64_t N;
+  float* y;
+};
+
+// outputs[i].y = x [M, K] @ W_i^T for M at most kPassRows (MV vectors of rows), in blocks of NR
+// columns whose weights `groups_of(i, n0)` gives: several weights that read the same x share one
+// transpose of it and one parallel region. kDecoded: the groups keep k in decoded order.
 template <int MV, int NR, bool kDecoded, class GroupsOf>
-inline void gemm_one_pass(const float* x, int64_t M, int64_t K, int64_t N, GroupsOf groups_of,
-                          float* y) {
-  const int64_t blocks = (N + NR - 1) / NR;
+inline void gemm_one_pass(const float* x, int64_t M, int64_t K,
+                          std::span<const PassOutput> outputs, GroupsOf groups_of) {
+  std::vector<int64_t> first_block{0};  // output i's blocks: first_block[i] .. first_block[i + 1]
+  for (const PassOutput& out : outputs) first_block.push_back(first_block.back() + (out.N + NR - 1) / NR);
+  const int64_t blocks = first_block.back();
   SharedTranspose<kDecoded> transposed(x, M, K, team_size(blocks));
   parallel_items(blocks, [&](WorkQueue& queue) {
     const float* xt = transposed.wait_for_all();
     queue.each([&](int64_t b) {
-      auto groups = groups_of(b * NR);
-      columns_one_pass<MV, NR>(xt, M, K, N, b * NR, groups, y);
+      size_t i = 0;
+      while (b >= first_block[i + 1]) ++i;
+      const int64_t n0 = (b - first_block[i]) * NR;
+      auto groups = groups_of(i, n0);
+      columns_one_pass<MV, NR>(xt, M, K, outputs[i].N, n0, groups, outputs[i].y);
     });
   });
 }
@@ -720,46 +732,71 @@ constexpr int decoded_columns(int row_vectors) {
   return std::min(kTileCols, (kAccRegs - 4) / row_vectors);
 }
 
+// One 4-bit weight [N, K] as the kernels read it: packed [N * K / 2] uint8; scales: one per
+// block of `blocksize` (a power of two from kGroup that divides K); code [16] fp32.
+struct Weight4bit {
+  const uint8_t* packed;
+  Scales scales;
+  const float* code;
+  int64_t blocksize;
+  int64_t N;
+};
+
 template <int MV>
-inline void gemm_4bit_one_pass(const float* x, int64_t M, int64_t K, const uint8_t* packed,
-                               const Scales& scales, const CodeTables& tables,
-                               int blocksize_log2, int64_t N, float* y) {
+inline void gemm_4bit_one_pass(const float* x, int64_t M, int64_t K,
+                               std::span<const Weight4bit> weights, std::span<float* const> ys) {
   constexpr int NR = decoded_columns(MV);
-  gemm_one_pass<MV, NR, true>(x, M, K, N, [&](int64_t n0) {
-    return Decoded4bitGroups<NR>(packed, scales, tables, blocksize_log2, N, K, n0);
-  }, y);
+  std::vector<CodeTables> tables;
+  std::vector<PassOutput> outputs;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    tables.push_back(code_tables(weights[i].code));
+    outputs.push_back({weights[i].N, ys[i]});
+  }
+  gemm_one_pass<MV, NR, true>(x, M, K, outputs, [&](size_t i, int64_t n0) {
+    const Weight4bit& w = weights[i];
+    return Decoded4bitGroups<NR>(w.packed, w.scales, tables[i], __builtin_ctzll(w.blocksize),
+                                 w.N, K, n0);
+  });
 }
 
-// x [M, K] fp32; packed [N * K / 2] uint8; scales: one per block of `blocksize`; code [16] fp32;
-// y [M, N] fp32. blocksize is a power of two from kGroup, and divides K.
-inline void gemm_4bit(const float* x, int64_t M, int64_t K, const uint8_t* packed,
-                      const Scales& scales, const float* code, int64_t blocksize, int64_t N,
-                      float* y) {
+// ys[i] [M, N_i] = x [M, K] @ dequantize(weights[i])^T, x fp32. Up to one pass of rows the
+// weights share one transpose of x and one parallel region; otherwise one call each.
+inline void gemm_4bit(const float* x, int64_t M, int64_t K, std::span<const Weight4bit> weights,
+                      std::span<float* const> ys) {
   if (M == 0) return;
-  const CodeTables tables = code_tables(code);
-  const int blocksize_log2 = __builtin_ctzll(blocksize);
-  if (M <= 4) {
-    std::unique_ptr<float[]> permuted(new float[M * K]);
-    permute_like_decoded(x, M, K, permuted.get());
-    const float* p = permuted.get();
-    switch (M) {
-      case 1: return gemv_4bit<1>(p, K, packed, scales, tables, blocksize, N, y);
-      case 2: return gemv_4bit<2>(p, K, packed, scales, tables, blocksize, N, y);
-      case 3: return gemv_4bit<3>(p, K, packed, scales, tables, blocksize, N, y);
-      default: return gemv_4bit<4>(p, K, packed, scales, tables, blocksize, N, y);
-    }
-  }
-  if (kOnePass && M <= kPassRows) {
+  if (kOnePass && M > 4 && M <= kPassRows) {
     const auto one_pass = pass_vectors(M, 0) == 1 ? gemm_4bit_one_pass<1> : gemm_4bit_one_pass<2>;
-    return one_pass(x, M, K, packed, scales, tables, blocksize_log2, N, y);
+    return one_pass(x, M, K, weights, ys);
   }
-  gemm_outer<kDepth, true>(x, M, K, N,
-                     [&](int64_t n0, int64_t cols, int64_t k0, int64_t depth, float* scratch) {
-                       decode_chunk(packed, scales, tables, blocksize_log2, N, K, n0, cols, k0,
-                                    depth, scratch);
-                       return WeightChunk{scratch, kDepth};
-                     },
-                     y);
+  std::unique_ptr<float[]> permuted;
+  if (M <= 4) {
+    permuted.reset(new float[M * K]);
+    permute_like_decoded(x, M, K, permuted.get());
+  }
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const Weight4bit& w = weights[i];
+    const CodeTables tables = code_tables(w.code);
+    const int blocksize_log2 = __builtin_ctzll(w.blocksize);
+    float* y = ys[i];
+    if (M <= 4) {
+      const float* p = permuted.get();
+      switch (M) {
+        case 1: gemv_4bit<1>(p, K, w.packed, w.scales, tables, w.blocksize, w.N, y); break;
+        case 2: gemv_4bit<2>(p, K, w.packed, w.scales, tables, w.blocksize, w.N, y); break;
+        case 3: gemv_4bit<3>(p, K, w.packed, w.scales, tables, w.blocksize, w.N, y); break;
+        default: gemv_4bit<4>(p, K, w.packed, w.scales, tables, w.blocksize, w.N, y); break;
+      }
+      continue;
+    }
+    gemm_outer<kDepth, true>(x, M, K, w.N,
+                             [&](int64_t n0, int64_t cols, int64_t k0, int64_t depth,
+                                 float* scratch) {
+                               decode_chunk(w.packed, w.scales, tables, blocksize_log2, w.N, K,
+                                            n0, cols, k0, depth, scratch);
+                               return WeightChunk{scratch, kDepth};
+                             },
+                             y);
+  }
 }
 
 // x [M, K] fp32 contiguous; w [N, K] fp32 contiguous; y [M, N] fp32 contiguous.
@@ -779,8 +816,10 @@ inline void gemm_f32(const float* x, int64_t M, int64_t K, const float* w, int64
   }
   if (kOnePass && M <= kPassRows) {  // here two vectors of rows
     constexpr int NR = std::min(kTileCols, kAccRegs / 2);
-    return gemm_one_pass<2, NR, false>(
-        x, M, K, N, [&](int64_t n0) { return InPlaceGroups<NR>(w, N, K, n0); }, y);
+    const PassOutput out{N, y};
+    return gemm_one_pass<2, NR, false>(x, M, K, {&out, 1}, [&](size_t, int64_t n0) {
+      return InPlaceGroups<NR>(w, N, K, n0);
+    });
   }
   // Read in place (copying each chunk costs more than the constant stride saves), except the
   // last tile's rows, padded with zeros.
