@@ -15,17 +15,13 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from loraserve.model.kernels import native
+from loraserve.model.same_code import same_code
 
 
 def computes_llama_rms_norm(module: nn.Module) -> bool:
     """Whether `module`'s forward is transformers' Llama RMSNorm, code for code."""
-    forward = getattr(type(module).forward, "__code__", None)
-    reference = LlamaRMSNorm.forward.__code__
     return (
-        forward is not None
-        and forward.co_code == reference.co_code
-        and forward.co_consts == reference.co_consts
-        and forward.co_names == reference.co_names
+        same_code(getattr(type(module), "forward", None), LlamaRMSNorm.forward)
         and isinstance(getattr(module, "weight", None), torch.Tensor)
         and isinstance(getattr(module, "variance_epsilon", None), float)
     )

@@ -33,6 +33,7 @@ from loraserve.model.kv_cache import PagedKVCache
 from loraserve.model.linear import BaseLinear, link_shared_inputs
 from loraserve.model.lora import LoraBatch, LoraContext, MultiLoraLinear
 from loraserve.model.norms import fuse_rms_norms
+from loraserve.model.rotary import fuse_rotary
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,10 @@ class ModelRunner:
 
     Owns the model from here on: it switches the model's attention to the paged implementation
     and its output projection to `BaseLinear`. On the CPU it also swaps its Llama-style RMSNorms
-    for `FusedRMSNorm`, links the 4-bit projections that read one input (`SharedInputGroup`),
-    and sets the process's malloc to keep freed memory (`host_memory`): every forward frees
-    what the next one allocates. Every forward runs with the SDPA backends of
+    for `FusedRMSNorm` and its rotary embedding for the kernel's (`rotary`), links the 4-bit
+    projections that read one input (`SharedInputGroup`), and sets the process's malloc to keep
+    freed memory (`host_memory`): every forward frees what the next one allocates. Every
+    forward runs with the SDPA backends of
     `attention.SDPA_BACKENDS`.
     """
 
@@ -72,6 +74,7 @@ class ModelRunner:
         if self.device.type == "cpu":
             keep_freed_memory()
             fuse_rms_norms(model)  # a GPU's host time would only pay the wrapper's call
+            fuse_rotary(model)
             link_shared_inputs(
                 {n: m.base for n, m in model.named_modules() if isinstance(m, MultiLoraLinear)}
             )

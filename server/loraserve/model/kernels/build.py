@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).resolve().parent
 SOURCES = (
     "cpu_kernels.cpp", "parallel.h", "gemm.h", "attention.h", "lora.h", "scores.h", "norm.h",
-    "kv.h",
+    "kv.h", "rotary.h",
 )  # fmt: skip
 
 

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <dlfcn.h>
@@ -33,6 +34,7 @@
 #include "scores.h"
 #include "norm.h"
 #include "kv.h"
+#include "rotary.h"
 
 namespace {
 
@@ -272,6 +274,36 @@ at::Tensor rms_norm_op(const at::Tensor& x, const at::Tensor& weight, double eps
   return y;
 }
 
+HeadsLayout heads_layout(const at::Tensor& t) {
+  return HeadsLayout{t.size(0), t.size(1), t.size(2), t.size(3),
+                     t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// (q, k) rotated: each [B, H, S, D] float32 with D contiguous (q and k may differ in H); cos and
+// sin [B or 1, S, D] contiguous float32. The outputs keep their input's layout.
+std::tuple<at::Tensor, at::Tensor> rotary_op(const at::Tensor& q, const at::Tensor& k,
+                                             const at::Tensor& cos, const at::Tensor& sin) {
+  check_cpu_f32(cos, "cos");
+  check_cpu_f32(sin, "sin");
+  TORCH_CHECK(cos.dim() == 3 && cos.sizes() == sin.sizes() && cos.size(2) % 2 == 0,
+              "cos and sin must be [B, S, D] of one shape, D even");
+  std::vector<at::Tensor> outputs;
+  for (const at::Tensor& x : {q, k}) {
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4 &&
+                    x.stride(3) == 1,
+                "q and k must be float32 CPU [B, H, S, D] tensors with D contiguous");
+    TORCH_CHECK((cos.size(0) == x.size(0) || cos.size(0) == 1) && cos.size(1) == x.size(2) &&
+                    cos.size(2) == x.size(3),
+                "cos and sin must be [B or 1, S, D] for q and k [B, H, S, D]");
+    at::Tensor out = at::empty_like(x);
+    TORCH_CHECK(out.stride(3) == 1, "q and k must be dense");
+    rotate(x.data_ptr<float>(), heads_layout(x), cos.data_ptr<float>(), sin.data_ptr<float>(),
+           cos.size(0) == 1 ? 0 : cos.stride(0), out.data_ptr<float>(), heads_layout(out));
+    outputs.push_back(out);
+  }
+  return {outputs[0], outputs[1]};
+}
+
 // pool [S, KVH, D][slots[n]] = states [KVH, N, D][:, n] (states strided, D contiguous).
 void kv_write_op(at::Tensor& pool, const at::Tensor& slots, const at::Tensor& states) {
   check_cpu_f32(pool, "pool");
@@ -333,6 +365,7 @@ TORCH_LIBRARY(loraserve, m) {
   m.def("score_stats(Tensor scores) -> (Tensor, Tensor, Tensor)");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("kv_write_(Tensor(a!) pool, Tensor slots, Tensor states) -> ()");
+  m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(loraserve, CPU, m) {
@@ -346,4 +379,5 @@ TORCH_LIBRARY_IMPL(loraserve, CPU, m) {
   m.impl("score_stats", &score_stats_op);
   m.impl("rms_norm", &rms_norm_op);
   m.impl("kv_write_", &kv_write_op);
+  m.impl("rotary", &rotary_op);
 }

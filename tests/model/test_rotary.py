@@ -1,0 +1,94 @@
+"""The rotary embedding through the compiled kernel: the same bits as transformers' torch ops,
+which modeling modules are swapped, and that a swapped model computes exactly what it did."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import types
+
+import pytest
+import torch
+from tests.conftest import ARCHS
+from transformers import AutoModelForCausalLM
+from transformers.models.phi3 import modeling_phi3
+
+from loraserve.model.kernels import native
+from loraserve.model.rotary import (
+    LLAMA_ROTARY,
+    LLAMA_ROTATE_HALF,
+    computes_llama_rotary,
+    fuse_rotary,
+    kernel_rotary,
+)
+
+pytestmark = pytest.mark.skipif(native() is None, reason="no compiled kernels for this CPU")
+
+
+def _heads(batch, positions, heads, head_dim, seed):
+    """[B, H, S, D] as attention modules make it: a transposed view of [B, S, H, D]."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, positions, heads, head_dim, generator=gen).transpose(1, 2)
+
+
+@pytest.mark.parametrize(
+    ("batch", "angle_batch", "positions", "heads", "kv_heads", "head_dim"),
+    [(1, 1, 32, 16, 16, 64), (1, 1, 1, 4, 2, 64), (2, 2, 5, 3, 1, 40), (2, 1, 7, 2, 2, 6),
+     (1, 1, 3, 2, 1, 128)],
+)  # fmt: skip
+def test_the_kernel_gives_the_torch_ops_bits(batch, angle_batch, positions, heads, kv_heads,
+                                              head_dim):  # fmt: skip
+    """Head sizes with whole vectors, a vector and a tail, only a tail; grouped k heads; angles
+    per sequence or shared by the batch."""
+    q = _heads(batch, positions, heads, head_dim, seed=1) * 3
+    k = _heads(batch, positions, kv_heads, head_dim, seed=2)
+    cos, sin = torch.randn(2, angle_batch, positions, head_dim).unbind(0)
+    want_q, want_k = LLAMA_ROTARY(q, k, cos, sin)
+    got_q, got_k = kernel_rotary(LLAMA_ROTARY)(q, k, cos, sin)
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    assert got_q.stride() == q.stride() and got_k.stride() == k.stride()
+
+
+def test_what_the_kernel_does_not_take_goes_to_the_original():
+    q = _heads(1, 4, 2, 16, seed=3).to(torch.bfloat16)
+    cos, sin = torch.randn(2, 1, 4, 16, dtype=torch.bfloat16).unbind(0)
+    rotary = kernel_rotary(LLAMA_ROTARY)
+    assert all(map(torch.equal, rotary(q, q, cos, sin), LLAMA_ROTARY(q, q, cos, sin)))
+    layout = q.float().transpose(1, 2)  # [B, S, H, D] with unsqueeze_dim=2
+    angles = cos.float(), sin.float()
+    got = rotary(layout, layout, *angles, unsqueeze_dim=2)
+    assert all(map(torch.equal, got, LLAMA_ROTARY(layout, layout, *angles, unsqueeze_dim=2)))
+
+
+def test_only_modules_with_llamas_code_are_recognised():
+    assert not computes_llama_rotary(modeling_phi3)  # a partial rotary: other code
+    assert not computes_llama_rotary(types.ModuleType("no_rotary"))
+
+
+def test_fuse_rotary_swaps_a_modules_global_once(monkeypatch):
+    module = types.ModuleType("modeling_copy")
+    module.apply_rotary_pos_emb, module.rotate_half = LLAMA_ROTARY, LLAMA_ROTATE_HALF
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    layer = type("Attention", (torch.nn.Module,), {"__module__": module.__name__})()
+    assert fuse_rotary(layer) == 1
+    assert inspect.unwrap(module.apply_rotary_pos_emb) is LLAMA_ROTARY
+    assert fuse_rotary(layer) == 0  # already swapped
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_model_with_the_kernel_rotary_computes_exactly_what_it_did(arch, model_dirs, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(model_dirs[arch], dtype=torch.float32).eval()
+    modeling = sys.modules[type(model).__module__]
+    # an engine earlier in this process may have swapped it: start from transformers' own
+    monkeypatch.setattr(
+        modeling, "apply_rotary_pos_emb", inspect.unwrap(modeling.apply_rotary_pos_emb)
+    )
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1)
+    )
+    with torch.inference_mode():
+        before = model(ids).logits
+        assert fuse_rotary(model) == 1
+        after = model(ids).logits
+    assert modeling.apply_rotary_pos_emb is not inspect.unwrap(modeling.apply_rotary_pos_emb)
+    assert torch.equal(after, before)
