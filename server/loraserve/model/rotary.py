@@ -83,5 +83,6 @@ def fuse_rotary(model: nn.Module) -> int:
     modules = {sys.modules.get(type(m).__module__) for m in model.modules()}
     swapped = [m for m in modules if m is not None and computes_llama_rotary(m)]
     for module in swapped:
-        module.apply_rotary_pos_emb = kernel_rotary(module.apply_rotary_pos_emb)
+        functions = vars(module)  # the module's globals, where its attention looks them up
+        functions["apply_rotary_pos_emb"] = kernel_rotary(functions["apply_rotary_pos_emb"])
     return len(swapped)
