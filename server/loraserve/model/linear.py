@@ -217,6 +217,7 @@ class SharedInputGroup:
         self.weights = [m.packed for m in members if m.packed is not None]
         if len(self.weights) != len(members) or len({m.in_features for m in members}) != 1:
             raise ValueError("a shared-input group needs 4-bit projections of one input size")
+        self.biases = [m.bias() for m in members]  # the base's: fixed while it serves
         self._input: torch.Tensor | None = None
         self._pending: dict[int, torch.Tensor] = {}  # member index -> its output for _input
         for member in members:
@@ -232,7 +233,7 @@ class SharedInputGroup:
             if not self._pending:
                 self._input = None
             return output
-        outputs = matmul_group(ops, rows, self.weights, [m.bias() for m in self.members])
+        outputs = matmul_group(ops, rows, self.weights, self.biases)
         self._input = x
         self._pending = {i: y for i, y in enumerate(outputs) if i != index}
         return outputs[index]
