@@ -20,6 +20,7 @@ from loraserve.model.rotary import (
     computes_llama_rotary,
     fuse_rotary,
     kernel_rotary,
+    kernel_rotary_in_use,
 )
 
 pytestmark = pytest.mark.skipif(native() is None, reason="no compiled kernels for this CPU")
@@ -44,20 +45,36 @@ def test_the_kernel_gives_the_torch_ops_bits(batch, angle_batch, positions, head
     k = _heads(batch, positions, kv_heads, head_dim, seed=2)
     cos, sin = torch.randn(2, angle_batch, positions, head_dim).unbind(0)
     want_q, want_k = LLAMA_ROTARY(q, k, cos, sin)
-    got_q, got_k = kernel_rotary(LLAMA_ROTARY)(q, k, cos, sin)
+    with kernel_rotary_in_use():
+        got_q, got_k = kernel_rotary(_refused)(q, k, cos, sin)
     assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
     assert got_q.stride() == q.stride() and got_k.stride() == k.stride()
+
+
+def _refused(*args, **kwargs):
+    raise AssertionError("the original ran where the kernel should have")
 
 
 def test_what_the_kernel_does_not_take_goes_to_the_original():
     q = _heads(1, 4, 2, 16, seed=3).to(torch.bfloat16)
     cos, sin = torch.randn(2, 1, 4, 16, dtype=torch.bfloat16).unbind(0)
     rotary = kernel_rotary(LLAMA_ROTARY)
-    assert all(map(torch.equal, rotary(q, q, cos, sin), LLAMA_ROTARY(q, q, cos, sin)))
-    layout = q.float().transpose(1, 2)  # [B, S, H, D] with unsqueeze_dim=2
-    angles = cos.float(), sin.float()
-    got = rotary(layout, layout, *angles, unsqueeze_dim=2)
+    with kernel_rotary_in_use():
+        assert all(map(torch.equal, rotary(q, q, cos, sin), LLAMA_ROTARY(q, q, cos, sin)))
+        layout = q.float().transpose(1, 2)  # [B, S, H, D] with unsqueeze_dim=2
+        angles = cos.float(), sin.float()
+        got = rotary(layout, layout, *angles, unsqueeze_dim=2)
     assert all(map(torch.equal, got, LLAMA_ROTARY(layout, layout, *angles, unsqueeze_dim=2)))
+
+
+def test_outside_the_runners_forwards_the_original_runs():
+    """Another model in the process (a PEFT baseline, `generate`) gets transformers' own."""
+    q = _heads(1, 4, 2, 16, seed=4)
+    cos, sin = torch.randn(2, 1, 4, 16).unbind(0)
+    with pytest.raises(AssertionError, match="the original ran"):
+        kernel_rotary(_refused)(q, q, cos, sin)
+    with kernel_rotary_in_use():
+        kernel_rotary(_refused)(q, q, cos, sin)  # the kernel
 
 
 def test_only_modules_with_llamas_code_are_recognised():
@@ -89,6 +106,9 @@ def test_a_model_with_the_kernel_rotary_computes_exactly_what_it_did(arch, model
     with torch.inference_mode():
         before = model(ids).logits
         assert fuse_rotary(model) == 1
-        after = model(ids).logits
-    assert modeling.apply_rotary_pos_emb is not inspect.unwrap(modeling.apply_rotary_pos_emb)
+        assert inspect.unwrap(modeling.apply_rotary_pos_emb) is not modeling.apply_rotary_pos_emb
+        # every call of this forward must take the kernel: the original would raise
+        monkeypatch.setattr(modeling, "apply_rotary_pos_emb", kernel_rotary(_refused))
+        with kernel_rotary_in_use():
+            after = model(ids).logits
     assert torch.equal(after, before)

@@ -4,9 +4,10 @@ transformers' attention modules call `apply_rotary_pos_emb` as a global of their
 module, so that is where `fuse_rotary(model)` swaps it: in each modeling module of `model`'s
 attention layers whose `apply_rotary_pos_emb` and `rotate_half` are the Llama family's, code for
 code (Llama, Mistral, Qwen2/3 and the others transformers copies them to). The replacement runs
-the compiled `rotary` on float32 CPU tensors, which rounds as the torch ops do (the same bits),
-and the original function on anything else; it serves every model of those architectures in
-this process. Partial or interleaved rotary variants have other code and are left alone.
+the compiled `rotary`, which rounds as the torch ops do (the same bits), only on float32 CPU
+tensors and only inside `kernel_rotary_in_use()` (the runner's forwards); any other caller in
+the process (a PEFT model, `generate`) runs transformers' own function, as if nothing were
+swapped. Partial or interleaved rotary variants have other code and are left alone.
 
 Knows nothing about batches, caches or adapters.
 """
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from types import ModuleType
 
 import torch
@@ -30,6 +33,18 @@ Rotary = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 # Llama's own, kept before any swap (the swap replaces modeling_llama's too)
 LLAMA_ROTARY: Rotary = modeling_llama.apply_rotary_pos_emb
 LLAMA_ROTATE_HALF = modeling_llama.rotate_half
+
+_IN_USE: ContextVar[bool] = ContextVar("kernel_rotary_in_use", default=False)
+
+
+@contextmanager
+def kernel_rotary_in_use() -> Iterator[None]:
+    """Within this block the swapped functions run the kernel where it applies."""
+    token = _IN_USE.set(True)
+    try:
+        yield
+    finally:
+        _IN_USE.reset(token)
 
 
 def computes_llama_rotary(module: ModuleType) -> bool:
@@ -54,6 +69,7 @@ def kernel_rotary(original: Rotary) -> Rotary:
         ops = native()
         if (
             ops is None
+            or not _IN_USE.get()
             or unsqueeze_dim != 1
             or not all(
                 t.dtype == torch.float32 and t.device.type == "cpu" for t in (q, k, cos, sin)

@@ -33,7 +33,7 @@ from loraserve.model.kv_cache import PagedKVCache
 from loraserve.model.linear import BaseLinear, link_shared_inputs
 from loraserve.model.lora import LoraBatch, LoraContext, MultiLoraLinear
 from loraserve.model.norms import fuse_rms_norms
-from loraserve.model.rotary import fuse_rotary
+from loraserve.model.rotary import fuse_rotary, kernel_rotary_in_use
 
 
 @dataclass(frozen=True)
@@ -51,11 +51,10 @@ class ModelRunner:
 
     Owns the model from here on: it switches the model's attention to the paged implementation
     and its output projection to `BaseLinear`. On the CPU it also swaps its Llama-style RMSNorms
-    for `FusedRMSNorm` and its rotary embedding for the kernel's (`rotary`), links the 4-bit
-    projections that read one input (`SharedInputGroup`), and sets the process's malloc to keep
-    freed memory (`host_memory`): every forward frees what the next one allocates. Every
-    forward runs with the SDPA backends of
-    `attention.SDPA_BACKENDS`.
+    for `FusedRMSNorm` and its rotary embedding for the kernel's (`rotary`; in its forwards
+    only), links the 4-bit projections that read one input (`SharedInputGroup`), and sets the
+    process's malloc to keep freed memory (`host_memory`): every forward frees what the next
+    one allocates. Every forward runs with the SDPA backends of `attention.SDPA_BACKENDS`.
     """
 
     def __init__(
@@ -122,7 +121,7 @@ class ModelRunner:
             [r.lora_slot for r in rows], counts, self.slot_ranks, device
         )
         try:
-            with sdpa_kernel(SDPA_BACKENDS):
+            with sdpa_kernel(SDPA_BACKENDS), kernel_rotary_in_use():
                 out = self.model(
                     input_ids=input_ids,
                     position_ids=positions[None],
