@@ -295,8 +295,7 @@ std::tuple<at::Tensor, at::Tensor> rotary_op(const at::Tensor& q, const at::Tens
     TORCH_CHECK((cos.size(0) == x.size(0) || cos.size(0) == 1) && cos.size(1) == x.size(2) &&
                     cos.size(2) == x.size(3),
                 "cos and sin must be [B or 1, S, D] for q and k [B, H, S, D]");
-    at::Tensor out = at::empty_like(x);
-    TORCH_CHECK(out.stride(3) == 1, "q and k must be dense");
+    at::Tensor out = at::empty_like(x);  // x's layout where it is dense, else contiguous
     rotate(x.data_ptr<float>(), heads_layout(x), cos.data_ptr<float>(), sin.data_ptr<float>(),
            cos.size(0) == 1 ? 0 : cos.stride(0), out.data_ptr<float>(), heads_layout(out));
     outputs.push_back(out);

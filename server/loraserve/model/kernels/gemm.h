@@ -712,7 +712,8 @@ template <int MV, int NR, bool kDecoded, class GroupsOf>
 inline void gemm_one_pass(const float* x, int64_t M, int64_t K,
                           std::span<const PassOutput> outputs, GroupsOf groups_of) {
   std::vector<int64_t> first_block{0};  // output i's blocks: first_block[i] .. first_block[i + 1]
-  for (const PassOutput& out : outputs) first_block.push_back(first_block.back() + (out.N + NR - 1) / NR);
+  for (const PassOutput& out : outputs)
+    first_block.push_back(first_block.back() + (out.N + NR - 1) / NR);
   const int64_t blocks = first_block.back();
   SharedTranspose<kDecoded> transposed(x, M, K, team_size(blocks));
   parallel_items(blocks, [&](WorkQueue& queue) {
