@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import ADAPTER_SPECS, ARCHS, KIND_SPECS
 from tests.engine.helpers import load_reference_base, make_core, run
 
+from loraserve.model.linear import BaseLinear
 from loraserve.types import GenerateRequest, SamplingParams
 
 pytestmark = pytest.mark.slow  # PEFT's generate for every architecture and quantization
@@ -193,3 +194,24 @@ def test_bf16_slots_serve_adapters_stored_in_bf16_as_peft_does(
     arrivals = {3 * i: requests[2 * i : 2 * i + 2] for i in range(len(requests) // 2)}
     results = run(core, arrivals)
     check_against_peft(core, requests, results, model_dirs[arch], adapters, "nf4", "fp32", "cpu")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_projections_no_adapter_targets_still_match_peft(arch, model_dirs, adapter_dirs):
+    """With LoRA slots on q and v only, the other projections run unwrapped by LoRA (through
+    `BaseLinear` all the same): an adapter on q and v and the base still give PEFT's tokens."""
+    core = make_core(model_dirs[arch], lora_target_modules=("q_proj", "v_proj"))
+    attention = core.runner.model.model.layers[0].self_attn
+    assert isinstance(attention.k_proj, BaseLinear)  # not bitsandbytes' forward
+    assert attention.k_proj.group is attention.q_proj.base.group is not None
+    core.adapters.load("r1-qv", adapter_dirs[arch]["r1-qv"])
+    requests = [
+        GenerateRequest(
+            prompt=prompt, adapter=adapter, sampling=SamplingParams(max_new_tokens=MAX_NEW)
+        )
+        for prompt, adapter in zip(PROMPTS[:4], ["r1-qv", None, "r1-qv", None])
+    ]
+    results = run(core, {0: requests})
+    check_against_peft(
+        core, requests, results, model_dirs[arch], adapter_dirs[arch], "nf4", "fp32", "cpu"
+    )

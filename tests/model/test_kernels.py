@@ -31,6 +31,7 @@ from loraserve.model.linear import (
     SharedInputGroup,
     link_shared_inputs,
     matmul_group,
+    wrap_projections,
 )
 from loraserve.model.lora import transposed_bs
 from loraserve.model.sampling import score_stats, score_stats_reference
@@ -154,8 +155,7 @@ def _unlinked(attention: _Attention, x: torch.Tensor) -> list[torch.Tensor]:
 
 def test_linked_projections_each_take_their_own_output_of_one_shared_call():
     attention = _Attention()
-    projections = {f"layer.{n}": m for n, m in attention.named_children()}
-    (group,) = link_shared_inputs(projections)
+    (group,) = link_shared_inputs(attention)
     assert group.members == [attention.q_proj, attention.k_proj, attention.v_proj]
     assert attention.o_proj.group is None
     for rows in (3, 32, SMALL_BATCH_ROWS + 1):
@@ -182,8 +182,27 @@ def test_shared_input_groups_link_only_4bit_projections_of_one_input_size():
     attention = _Attention()
     with pytest.raises(ValueError, match="one input size"):
         SharedInputGroup([attention.q_proj, attention.o_proj])
-    dense = BaseLinear(nn.Linear(128, 32))
-    assert link_shared_inputs({"q_proj": attention.q_proj, "k_proj": dense}) == []
+    attention.k_proj = BaseLinear(nn.Linear(128, 32))  # fp32: the group is q and v
+    (group,) = link_shared_inputs(attention)
+    assert group.members == [attention.q_proj, attention.v_proj]
+
+
+def test_every_projection_runs_through_a_base_linear_and_wrappers_keep_theirs():
+    """A LoRA layer keeps its BaseLinear as a child; projections nothing wrapped get one."""
+    model = nn.Sequential()
+    model.add_module("mlp", nn.Module())
+    model.mlp.gate_proj = nn.Sequential(BaseLinear(_quantized(64, 128, "nf4", False, False)))
+    model.mlp.up_proj = _quantized(64, 128, "nf4", nested=False, bias=False)
+    model.mlp.down_proj = nn.Linear(64, 128)
+    assert wrap_projections(model) == 2
+    assert wrap_projections(model) == 0
+    assert isinstance(model.mlp.up_proj, BaseLinear) and isinstance(model.mlp.down_proj, BaseLinear)
+    (group,) = link_shared_inputs(model)
+    assert group.members == [model.mlp.gate_proj[0], model.mlp.up_proj]
+    x = torch.randn(5, 128)
+    want = F.linear(x, _dequantized(model.mlp.up_proj.module))
+    model.mlp.gate_proj(x)
+    torch.testing.assert_close(model.mlp.up_proj(x), want, rtol=RTOL, atol=ATOL)
 
 
 def test_a_4bit_base_keeps_its_layout_through_a_bf16_forward():

@@ -22,7 +22,6 @@ Knows nothing about LoRA, adapters or batches: it sees rows of activations.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,20 +238,42 @@ class SharedInputGroup:
         return outputs[index]
 
 
+def wrap_projections(model: nn.Module) -> int:
+    """Wrap, in place, every `nn.Linear` of `model` that no `BaseLinear` runs yet (projections
+    no adapter targets, the output projection) in one; returns how many."""
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        if not isinstance(parent, BaseLinear)
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear)
+    ]
+    for parent, name, child in targets:
+        setattr(parent, name, BaseLinear(child))
+    return len(targets)
+
+
+def base_linear_of(module: nn.Module | None) -> BaseLinear | None:
+    """The `BaseLinear` `module` runs its matmul through: itself, or its direct child (a wrapper
+    such as a LoRA layer keeps it as one); None for anything else."""
+    if module is None or isinstance(module, BaseLinear):
+        return module
+    return next((m for m in module.children() if isinstance(m, BaseLinear)), None)
+
+
 # Sibling projections by their names in a module, as transformers' Llama-style models call them.
 SHARED_INPUT_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def link_shared_inputs(projections: Mapping[str, BaseLinear]) -> list[SharedInputGroup]:
-    """Link the 4-bit projections of `projections` (keyed by module path) that one module calls
-    on the same input, named as in SHARED_INPUT_NAMES; any two or more of a set that are here."""
+def link_shared_inputs(model: nn.Module) -> list[SharedInputGroup]:
+    """Link the 4-bit projections each module of `model` calls on one input, named as in
+    SHARED_INPUT_NAMES (any two or more of a set that run through `BaseLinear`s)."""
     groups = []
-    parents = {name.rpartition(".")[0] for name in projections}
-    for parent in sorted(parents):
-        prefix = f"{parent}." if parent else ""
+    for parent in model.modules():
         for names in SHARED_INPUT_NAMES:
-            members = [projections.get(prefix + name) for name in names]
-            present = [m for m in members if m is not None and m.packed is not None]
-            if len(present) >= 2 and len({m.in_features for m in present}) == 1:
+            children = [getattr(parent, name, None) for name in names]
+            bases = [base_linear_of(c) for c in children if isinstance(c, nn.Module)]
+            present = [b for b in bases if b is not None and b.packed is not None]
+            if len(present) >= 2 and len({b.in_features for b in present}) == 1:
                 groups.append(SharedInputGroup(present))
     return groups

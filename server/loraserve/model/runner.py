@@ -30,8 +30,8 @@ from loraserve.model.attention import (
 )
 from loraserve.model.host_memory import keep_freed_memory
 from loraserve.model.kv_cache import PagedKVCache
-from loraserve.model.linear import BaseLinear, link_shared_inputs
-from loraserve.model.lora import LoraBatch, LoraContext, MultiLoraLinear
+from loraserve.model.linear import BaseLinear, link_shared_inputs, wrap_projections
+from loraserve.model.lora import LoraBatch, LoraContext
 from loraserve.model.norms import fuse_rms_norms
 from loraserve.model.rotary import fuse_rotary, kernel_rotary_in_use
 
@@ -52,9 +52,10 @@ class ModelRunner:
     Owns the model from here on: it switches the model's attention to the paged implementation
     and its output projection to `BaseLinear`. On the CPU it also swaps its Llama-style RMSNorms
     for `FusedRMSNorm` and its rotary embedding for the kernel's (`rotary`; in its forwards
-    only), links the 4-bit projections that read one input (`SharedInputGroup`), and sets the
-    process's malloc to keep freed memory (`host_memory`): every forward frees what the next
-    one allocates. Every forward runs with the SDPA backends of `attention.SDPA_BACKENDS`.
+    only), runs every projection through `BaseLinear` (those no adapter targets too), links the
+    4-bit ones that read one input (`SharedInputGroup`), and sets the process's malloc to keep
+    freed memory (`host_memory`): every forward frees what the next one allocates. Every forward
+    runs with the SDPA backends of `attention.SDPA_BACKENDS`.
     """
 
     def __init__(
@@ -74,9 +75,8 @@ class ModelRunner:
             keep_freed_memory()
             fuse_rms_norms(model)  # a GPU's host time would only pay the wrapper's call
             fuse_rotary(model)
-            link_shared_inputs(
-                {n: m.base for n, m in model.named_modules() if isinstance(m, MultiLoraLinear)}
-            )
+            wrap_projections(model)  # those no adapter targets, which LoRA left as they were
+            link_shared_inputs(model)
         model.set_attn_implementation(IMPLEMENTATION)
         if model.config._attn_implementation != IMPLEMENTATION:
             raise ValueError(
