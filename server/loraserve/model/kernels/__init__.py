@@ -23,6 +23,9 @@ caller then takes its torch path, which is also each kernel's test oracle. The o
                                                         states strided, D contiguous)
   serial_thread()                                      (torch ops of the calling thread run
                                                         on it alone from then on)
+  team_waits() -> (calls, seconds)                     (parallel calls run on a team so far, and
+                                                        how long their callers waited at their
+                                                        ends for the rest of the team)
 
 All take contiguous float32 CPU tensors (transpose_scaled: any float dtype and strides;
 kv_write_'s states: any strides but D's). Set LORASERVE_KERNELS=off to use the torch paths, or

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <atomic>
 #include <bit>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -340,10 +341,19 @@ void serial_thread() {
   if (set_local != nullptr) set_local(1);
 }
 
+// (calls, seconds): the parallel calls that ran on a team so far, and how long their calling
+// thread waited at their ends for the rest of the team (TeamWaits).
+std::tuple<int64_t, double> team_waits_op() {
+  const TeamWaits& waits = team_waits();
+  return {waits.calls.load(std::memory_order_relaxed),
+          waits.waited_ns.load(std::memory_order_relaxed) * 1e-9};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(loraserve, m) {
   m.def("serial_thread() -> ()", &serial_thread);
+  m.def("team_waits() -> (int, float)", &team_waits_op);
   m.def("linear_f32(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def(
       "linear_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, "

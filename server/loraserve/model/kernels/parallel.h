@@ -38,6 +38,26 @@ inline int64_t team_size(int64_t items) {
   return std::clamp<int64_t>(at::get_num_threads(), 1, items);
 }
 
+// The calls of parallel_items that ran on a team, and how long their calling thread waited, once
+// its own share was done, for the rest of the team to finish (a team thread that another
+// process keeps off its core holds up every call until the scheduler runs it). Counted since
+// the library loaded; readers take differences.
+struct TeamWaits {
+  std::atomic<int64_t> calls{0};
+  std::atomic<int64_t> waited_ns{0};
+};
+
+inline TeamWaits& team_waits() {
+  static TeamWaits waits;
+  return waits;
+}
+
+inline int64_t steady_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 // body(queue) once on each of torch's threads (once in all on a single-threaded thread, or
 // inside a parallel region): body sets up its thread's scratch, then calls queue.each.
 template <class Body>
@@ -45,7 +65,19 @@ inline void parallel_items(int64_t items, Body body) {
   if (items <= 0) return;
   const int64_t threads = team_size(items);
   WorkQueue queue(items, threads);
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { body(queue); });
+  if (threads == 1 || at::in_parallel_region()) {
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { body(queue); });
+    return;
+  }
+  int64_t caller_done = 0;  // written by the calling thread (number 0 of the team) alone
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    body(queue);
+    if (at::get_thread_num() == 0) caller_done = steady_ns();
+  });
+  TeamWaits& waits = team_waits();
+  waits.calls.fetch_add(1, std::memory_order_relaxed);
+  if (caller_done != 0)
+    waits.waited_ns.fetch_add(steady_ns() - caller_done, std::memory_order_relaxed);
 }
 
 // at::parallel_for's grain for rows of `floats_per_row` floats each: a call over fewer than
