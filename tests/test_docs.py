@@ -238,7 +238,7 @@ def exported_names() -> set[str]:
     metrics = Metrics(CollectorRegistry(), process=True)
     tier = TierStats(0, 0, 0, 0)
     adapters = AdapterStats(0, 1, 0, 0, 0, tier, tier)
-    metrics.attach_live(lambda: LiveState(0, 0, 0.0, adapters, (), ()))
+    metrics.attach_live(lambda: LiveState(0, 0, 0.0, adapters, (), (), team_wait_seconds=0.0))
     names = set()
     for family in metrics.registry.collect():
         names.add(family.name)

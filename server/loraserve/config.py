@@ -123,6 +123,12 @@ class EngineConfig(BaseModel):
     slot_patience_steps: Count = setting(
         8, "engine steps a request waits for a slot before one is drained for it"
     )
+    adaptive_threads: bool = setting(
+        True,
+        "run decode steps on fewer compute threads while other processes keep the CPUs busy "
+        "(measured by how long each parallel op waits for its threads; probed again after a "
+        "hold), so that a preempted thread does not stall every op; outputs do not change",
+    )
     lora_target_modules: tuple[ModuleName, ...] = setting(
         (),
         "modules that get LoRA slots, by last name component (repeatable; comma-separated in "

@@ -86,6 +86,8 @@ class LiveState:
     running_adapters: tuple[str, ...]
     waiting_adapters: tuple[str, ...]
     prefix_cache: tuple[int, int, int] = (0, 0, 0)  # (cached blocks, queried, hit)
+    compute_threads: int = 1  # what the next decode step runs on
+    team_wait_seconds: float | None = None  # None: no compiled kernels to count it
     updated_at: float = field(default_factory=time.time)
 
 
@@ -152,6 +154,18 @@ class _LiveCollector(Collector):
             "Prompt KV blocks found in the prefix cache (not recomputed).",
             value=hit,
         )
+        yield GaugeMetricFamily(
+            "loraserve_compute_threads",
+            "Threads the next decode step computes on (fewer while other processes hold the CPUs).",
+            value=state.compute_threads,
+        )
+        if state.team_wait_seconds is not None:
+            yield CounterMetricFamily(
+                "loraserve_compute_team_wait_seconds",
+                "Time parallel ops' calling threads waited at the ops' ends for the rest of "
+                "their compute threads (rises while other processes hold the CPUs).",
+                value=state.team_wait_seconds,
+            )
         if not self.gateway:
             return
         yield GaugeMetricFamily(

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import shutil
 import threading
 from dataclasses import replace
 
 import pytest
+import torch
 from tests.conftest import ADAPTER_SPECS
 from tests.engine.helpers import Collected, make_core, run
 
 from loraserve.engine.async_engine import AsyncEngine
+from loraserve.model.compute_team import DecodeThreads, ThreadGovernor
 from loraserve.types import (
     CapacityError,
     FinalEvent,
@@ -150,6 +153,34 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch(model_dirs, adapt
     assert len(distinct) == 4, "different seeds drew the same tokens"
     assert argmax.tokens != alone.tokens, "temperature 0.8 sampled the greedy tokens"
     assert_idle(core)
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one compute thread: nothing to lower")
+def test_decode_steps_on_fewer_threads_give_the_same_outputs(model_dirs, adapter_dirs):
+    """A neighbour process never changes an output: with the decode steps' threads stepped down
+    to one (as the governor does while other processes hold the CPUs), the same requests give
+    the same tokens and logits, bit for bit."""
+    core = ready_core(model_dirs, adapter_dirs, "nf4")
+    assert core.threads is not None, "adaptive threads are on by default"
+    arrivals = {
+        0: [request(PROMPTS[0], None, 8), request(PROMPTS[1], "r8-all", 8)],
+        1: [request(PROMPTS[2], "r4-attn", 6), request(PROMPTS[3], "r64-all", 8)],
+    }
+    every_thread = run(core, arrivals)
+    # every decode step's cores count as taken and every change as paying, with no probe back:
+    # two threads for the first decode step, one from the second on
+    governor = ThreadGovernor(
+        2, window_s=0.0, contended_share=-1.0, margin=-math.inf, first_hold_s=math.inf
+    )
+    core.threads = DecodeThreads(governor)
+    try:
+        fewer = run(core, arrivals)
+        assert core.threads.threads == torch.get_num_threads() == 1  # the last steps' count
+    finally:
+        torch.set_num_threads(core.max_threads)
+    for want, got in zip(every_thread, fewer, strict=True):
+        assert got.tokens == want.tokens
+        assert all(torch.equal(a, b) for a, b in zip(want.logits, got.logits, strict=True))
 
 
 # ---- cancellation ----------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from loraserve.engine.scheduler import Scheduler
 from loraserve.engine.sequence import EmitFn, Sequence
 from loraserve.metrics import LiveState, Metrics
 from loraserve.model.blocks import BlockAllocator
+from loraserve.model.compute_team import DecodeThreads, ThreadGovernor, team_wait_seconds
 from loraserve.model.detokenizer import token_text
 from loraserve.model.grammar import GrammarCompiler
 from loraserve.model.kv_cache import PagedKVCache
@@ -160,6 +161,12 @@ class EngineCore:
         self.steps = 0
         self.updated_at = time.time()
         self._by_id: dict[int, Sequence] = {}
+        # fewer threads for decode steps while other processes hold the CPUs (see compute_team)
+        self.max_threads = torch.get_num_threads()
+        adaptive = (
+            config.adaptive_threads and self.max_threads > 1 and team_wait_seconds() is not None
+        )
+        self.threads = DecodeThreads(ThreadGovernor(self.max_threads)) if adaptive else None
 
     # ---- requests -----------------------------------------------------------------------
 
@@ -247,9 +254,14 @@ class EngineCore:
         return True
 
     def _forward(self, phase: str, rows: list[RowInput]) -> torch.Tensor:
+        if self.threads is not None:
+            self.threads.decode_step() if phase == "decode" else self.threads.other_step()
         started = time.perf_counter()
         logits = self.runner.forward(rows)
-        self.metrics.step_duration.labels(phase).observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.metrics.step_duration.labels(phase).observe(elapsed)
+        if self.threads is not None:
+            self.threads.finish(elapsed, len(rows), time.monotonic())
         return logits
 
     def _sample_and_emit(
@@ -388,6 +400,8 @@ class EngineCore:
                 self.allocator.counters.queried_blocks,
                 self.allocator.counters.hit_blocks,
             ),
+            compute_threads=self.max_threads if self.threads is None else self.threads.threads,
+            team_wait_seconds=team_wait_seconds(),
             updated_at=self.updated_at,
         )
 
