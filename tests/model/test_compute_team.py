@@ -102,22 +102,21 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.skipif(native() is None, reason="no compiled kernels to count waits")
-def test_decode_steps_take_the_governed_count_and_other_steps_every_thread(restore_threads):
-    governor = ThreadGovernor(3, window_s=0.0, contended_share=-1.0)  # every window "taken"
-    threads = DecodeThreads(governor)
-    threads.other_step()
+def test_decode_steps_run_on_the_governed_count_and_leave_every_thread_after(restore_threads):
+    governor = ThreadGovernor(3, window_s=0.0, contended_share=-1.0, margin=-math.inf)
+    threads = DecodeThreads(governor)  # every window "taken", every change "pays"
+    torch.set_num_threads(3)
+    seen = [threads.run(ROWS, torch.get_num_threads) for _ in range(4)]
+    assert seen == [3, 2, 2, 1]  # a trial, its verdict, the next trial
+    assert torch.get_num_threads() == 3  # between decode steps: the configured count
+    with pytest.raises(RuntimeError, match="step failed"):
+        threads.run(ROWS, _failing_step)
     assert torch.get_num_threads() == 3
-    threads.finish(STEP, ROWS, now=0.0)  # not a decode step: nothing recorded
-    assert governor.threads == 3
-    threads.decode_step()
-    assert torch.get_num_threads() == 3
-    threads.finish(STEP, ROWS, now=0.0)
-    assert governor.threads == 2
-    threads.decode_step()
-    assert torch.get_num_threads() == 2
-    threads.other_step()
-    assert torch.get_num_threads() == 3
+
+
+def _failing_step() -> None:
+    assert torch.get_num_threads() == 1
+    raise RuntimeError("step failed")
 
 
 @pytest.mark.skipif(native() is None, reason="no compiled kernels to count waits")

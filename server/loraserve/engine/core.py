@@ -254,14 +254,12 @@ class EngineCore:
         return True
 
     def _forward(self, phase: str, rows: list[RowInput]) -> torch.Tensor:
-        if self.threads is not None:
-            self.threads.decode_step() if phase == "decode" else self.threads.other_step()
         started = time.perf_counter()
-        logits = self.runner.forward(rows)
-        elapsed = time.perf_counter() - started
-        self.metrics.step_duration.labels(phase).observe(elapsed)
-        if self.threads is not None:
-            self.threads.finish(elapsed, len(rows), time.monotonic())
+        if phase == "decode" and self.threads is not None:
+            logits = self.threads.run(len(rows), lambda: self.runner.forward(rows))
+        else:
+            logits = self.runner.forward(rows)
+        self.metrics.step_duration.labels(phase).observe(time.perf_counter() - started)
         return logits
 
     def _sample_and_emit(

@@ -3,23 +3,30 @@
 Every parallel op ends when the slowest thread of its team does. When another process keeps a
 core busy, the scheduler runs one of the team's threads only part of the time, and each op's
 calling thread waits for it at the op's end: on 2 cores beside `yes > /dev/null`, a decode step
-took 151-171 ms on two threads and 93 ms on one (50-52 ms on two when quiet; benchmarks/
-RESULTS.md). The compiled kernels count that wait (`team_waits`); while it takes a tenth of the
+took 153-165 ms on two threads and 97-98 ms on one (52-54 ms on two when quiet;
+benchmarks/RESULTS.md). The compiled kernels count that wait (`team_waits`); while it takes a tenth of the
 decode steps' time or more, `ThreadGovernor` tries one thread fewer, keeps it if the steps get
 faster, and probes one more again after a hold that doubles each time a change did not pay.
 
-Only decode steps are governed: their ops (the compiled kernels, elementwise torch ops) give the
-same numbers on any number of threads, so a neighbour never changes an output. Steps with a
-prefill run on every thread, since a GEMM's result may depend on its team's size.
+Only decode steps are governed, and only while they run: their ops (the compiled kernels,
+elementwise torch ops) give the same numbers on any number of threads, so a neighbour never
+changes an output. Steps with a prefill run on every thread, since a GEMM's result may depend
+on its team's size.
 
 Knows nothing about the engine or models: the engine says which steps are decode steps.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 
 from loraserve.model.kernels import native
+
+T = TypeVar("T")
 
 # The waits' share of the steps' time from which fewer threads are tried (quiet: about 0.003 of
 # a decode step; beside a busy process: 0.15-0.3).
@@ -108,36 +115,33 @@ class ThreadGovernor:
 
 
 class DecodeThreads:
-    """Applies a `ThreadGovernor` to the calling thread's steps: `decode_step` before a decode
-    step, `other_step` before any other, `finish` after either, with the step's time."""
+    """Runs the calling thread's decode steps on the count a `ThreadGovernor` gives, and feeds
+    it each step's time, rows and waits. Between decode steps the thread keeps the governor's
+    `max_threads`, so nothing else it runs (a prefill, sampling, an engine built after this one
+    on the same thread) inherits a lowered count."""
 
     def __init__(self, governor: ThreadGovernor) -> None:
         self.governor = governor
-        self._waited_before: float | None = None
 
     @property
     def threads(self) -> int:
         """The count the next decode step gets."""
         return self.governor.threads
 
-    def decode_step(self) -> None:
-        self._apply(self.governor.threads)
-        self._waited_before = team_wait_seconds()
+    def run(self, rows: int, forward: Callable[[], T]) -> T:
+        """forward() as a decode step of `rows` rows."""
+        _set_threads(self.governor.threads)
+        waited_before = team_wait_seconds() or 0.0
+        started = time.perf_counter()
+        try:
+            return forward()
+        finally:
+            step_s = time.perf_counter() - started
+            waited = (team_wait_seconds() or 0.0) - waited_before
+            _set_threads(self.governor.max_threads)
+            self.governor.record(step_s, waited, rows, time.monotonic())
 
-    def other_step(self) -> None:
-        self._apply(self.governor.max_threads)
-        self._waited_before = None
 
-    def finish(self, step_s: float, rows: int, now: float) -> None:
-        """After the step `decode_step` or `other_step` began: a decode step's time, rows and
-        waits go to the governor."""
-        waited_after = team_wait_seconds()
-        if self._waited_before is None or waited_after is None:
-            return
-        self.governor.record(step_s, waited_after - self._waited_before, rows, now)
-        self._waited_before = None
-
-    @staticmethod
-    def _apply(threads: int) -> None:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+def _set_threads(threads: int) -> None:
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
