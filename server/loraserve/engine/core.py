@@ -161,10 +161,13 @@ class EngineCore:
         self.steps = 0
         self.updated_at = time.time()
         self._by_id: dict[int, Sequence] = {}
-        # fewer threads for decode steps while other processes hold the CPUs (see compute_team)
+        # fewer threads for CPU decode steps while other processes hold the CPUs (compute_team)
         self.max_threads = torch.get_num_threads()
         adaptive = (
-            config.adaptive_threads and self.max_threads > 1 and team_wait_seconds() is not None
+            config.adaptive_threads
+            and self.device.type == "cpu"
+            and self.max_threads > 1
+            and team_wait_seconds() is not None
         )
         self.threads = DecodeThreads(ThreadGovernor(self.max_threads)) if adaptive else None
 
