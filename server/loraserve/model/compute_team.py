@@ -4,9 +4,10 @@ Every parallel op ends when the slowest thread of its team does. When another pr
 core busy, the scheduler runs one of the team's threads only part of the time, and each op's
 calling thread waits for it at the op's end: on 2 cores beside `yes > /dev/null`, a decode step
 took 108-161 ms on two threads and 95-103 ms governed (52-54 ms on two when quiet;
-benchmarks/RESULTS.md). The compiled kernels count that wait (`team_waits`); while it takes a tenth of the
-decode steps' time or more, `ThreadGovernor` tries one thread fewer, keeps it if the steps get
-faster, and probes one more again after a hold that doubles each time a change did not pay.
+benchmarks/RESULTS.md). The compiled kernels count that wait (`team_waits`); while it takes a
+tenth of the decode steps' time or more, `ThreadGovernor` tries one thread fewer, keeps it if
+the steps get faster, and probes one more again after a hold that doubles each time a change
+did not pay.
 
 Only decode steps are governed, and only while they run: their ops (the compiled kernels,
 elementwise torch ops) give the same numbers on any number of threads, so a neighbour never
