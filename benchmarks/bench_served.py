@@ -7,39 +7,67 @@ benchmarks' models), `--max-batch-size 32`, then runs `--rounds` rounds of 32 co
 Generate calls (the benchmark's 64-128-token random prompts, 64 new tokens each, `ignore_eos`),
 each round timed from the first call to the last reply. The first round is a warm-up and is
 not counted; later rounds find the prompts in the prefix cache, so the figure is mostly decode.
+With `--neighbour` a process that keeps one CPU busy (`yes > /dev/null`) runs beside the
+server for the counted rounds; `--serve-args` adds flags to `loraserve serve` (for example
+`--no-adaptive-threads`). At the end the server's `/metrics` give the thread count its next
+decode step gets and the time its parallel ops waited for their threads.
 
     .venv/bin/python benchmarks/bench_served.py --out benchmarks/results/served.json
+    .venv/bin/python benchmarks/bench_served.py --neighbour --serve-args=--no-adaptive-threads
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench_metrics_scrape import serving
+from bench_metrics_scrape import free_ports, scrape, serving
 from bench_multi_lora import DEFAULT, make_workload
 from common import DEFAULT_CACHE_DIR, prepare_model
 from loraserve_client import Client
 from machine import machine_info
 
 STARTUP_TIMEOUT_S = 300.0
+NEIGHBOUR = "exec yes > /dev/null"
 
 
-def served_rates(model_dir: Path, rounds: int, log_path: Path) -> list[float]:
-    """Generated tokens per second of each round after the first."""
+@dataclass(frozen=True)
+class Served:
+    rates: list[float]  # generated tokens per second of each round after the first
+    compute_threads: float | None  # loraserve_compute_threads at the end
+    team_wait_seconds: float | None  # loraserve_compute_team_wait_seconds_total at the end
+
+
+def metric(text: str, name: str) -> float | None:
+    """The value of an unlabelled sample `name` in Prometheus text, or None."""
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return None if found is None else float(found.group(1))
+
+
+def served_rates(
+    model_dir: Path, rounds: int, log_path: Path, extra_flags: list[str], neighbour: bool
+) -> Served:
+    """`rounds` rounds against a server started with `extra_flags` too, the counted ones beside
+    the neighbour if `neighbour`; then the server's thread metrics."""
+    (metrics_port,) = free_ports(1)
     flags = [
         "--model", str(model_dir), "--max-batch-size", str(DEFAULT.num_requests),
         "--adapter-dir", tempfile.mkdtemp(prefix="bench-served-"),
+        "--metrics-port", str(metrics_port), *extra_flags,
     ]  # fmt: skip
     prompts = make_workload(DEFAULT, [""] * DEFAULT.num_requests).prompts
+    busy = None
     with (
         serving(flags, log_path, STARTUP_TIMEOUT_S) as address,
         Client(address, timeout=600) as client,
@@ -51,29 +79,55 @@ def served_rates(model_dir: Path, rounds: int, log_path: Path) -> list[float]:
             return len(client.generate(list(prompt), **options).token_ids)
 
         rates = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            tokens = sum(pool.map(generate, prompts))
-            rates.append(tokens / (time.perf_counter() - start))
-    return rates[1:]
+        try:
+            for round_ in range(rounds):
+                if neighbour and round_ == 1:  # after the warm-up
+                    busy = subprocess.Popen(NEIGHBOUR, shell=True)
+                start = time.perf_counter()
+                tokens = sum(pool.map(generate, prompts))
+                rates.append(tokens / (time.perf_counter() - start))
+        finally:
+            if busy is not None:
+                busy.kill()
+                busy.wait()
+        _, body = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+    text = body.decode()
+    return Served(
+        rates[1:],
+        metric(text, "loraserve_compute_threads"),
+        metric(text, "loraserve_compute_team_wait_seconds_total"),
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="rounds, the first not counted")
     parser.add_argument("--out", type=Path, help="write the results as JSON to this file")
+    parser.add_argument(
+        "--neighbour", action="store_true", help=f"run `{NEIGHBOUR}` beside the counted rounds"
+    )
+    parser.add_argument("--serve-args", default="", help="more flags for loraserve serve")
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be >= 2 (the first is a warm-up)")
     model_dir = prepare_model(DEFAULT.model, DEFAULT_CACHE_DIR)
     log_path = Path(tempfile.gettempdir()) / "bench_served.log"
-    rates = served_rates(model_dir, args.rounds, log_path)
+    served = served_rates(
+        model_dir, args.rounds, log_path, shlex.split(args.serve_args), args.neighbour
+    )
+    rates = served.rates
     median = statistics.median(rates)
-    print(f"served tok/s per round {[round(r, 1) for r in rates]}, median {median:.1f}")
+    print(f"served tok/s per round {[round(r, 1) for r in rates]}, median {median:.1f}; "
+          f"compute threads at the end {served.compute_threads}, team waits "
+          f"{served.team_wait_seconds} s")  # fmt: skip
     if args.out is not None:
         result = {
             "served_tok_s": median,
             "rounds_tok_s": rates,
+            "neighbour": NEIGHBOUR if args.neighbour else None,
+            "serve_args": args.serve_args,
+            "compute_threads_at_end": served.compute_threads,
+            "team_wait_seconds_at_end": served.team_wait_seconds,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": machine_info(),
             "command": shlex.join([sys.executable, *sys.argv]),
