@@ -14,8 +14,16 @@ from pathlib import Path
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tests.api.server_process import free_port, running_server, scrape, value, wait_for_waiting
+from tests.api.server_process import (
+    free_port,
+    running_server,
+    samples,
+    scrape,
+    value,
+    wait_for_waiting,
+)
 
+from loraserve.model.kernels import native
 from loraserve_client import Client, InvalidArgument, ResourceExhausted, Unauthenticated
 from loraserve_client.v1 import generation_pb2 as gpb
 from loraserve_client.v1 import generation_pb2_grpc
@@ -98,6 +106,9 @@ def test_every_metric_moves_as_requests_run_fail_and_adapters_churn(server, adap
     info = [f for f in text_string_to_metric_families(after) if f.name == "loraserve_build_info"]
     assert info and info[0].samples[0].labels["quantization"] == "nf4"
     assert info[0].samples[0].labels["compute_threads"] == "1"
+    assert value(after, "loraserve_compute_threads") == 1  # one thread: nothing to govern
+    if native() is not None:  # the server's CPU is this one: it counts its ops' waits too
+        assert ("loraserve_compute_team_wait_seconds_total", ()) in samples(after)
 
 
 def promtool_check(exposition: str) -> list[str]:
