@@ -43,7 +43,7 @@ class Run:
 
 def decode_run(core: EngineCore, new_tokens: int, governed: bool, neighbour: bool) -> Run:
     """One workload from a fresh governor; the prefill step is not counted."""
-    core.threads = DecodeThreads(ThreadGovernor(core.max_threads)) if governed else None
+    core.decode_threads = DecodeThreads(ThreadGovernor(core.max_threads)) if governed else None
     submit(core, Trace(), base_workload(new_tokens), with_adapters=False)
     core.step()  # the prefill
     steps, waits = [], []
@@ -52,7 +52,7 @@ def decode_run(core: EngineCore, new_tokens: int, governed: bool, neighbour: boo
         core.step()
         steps.append(time.perf_counter() - started)
         waits.append((team_wait_seconds() or 0.0) - waited)
-    final = core.threads.threads if core.threads is not None else core.max_threads
+    final = core.decode_threads.threads if core.decode_threads is not None else core.max_threads
     return Run(neighbour, governed, statistics.median(steps) * 1e3,
                statistics.median(waits) * 1e3, final)  # fmt: skip
 

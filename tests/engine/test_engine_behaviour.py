@@ -161,7 +161,7 @@ def test_decode_steps_on_fewer_threads_give_the_same_outputs(model_dirs, adapter
     to one (as the governor does while other processes hold the CPUs), the same requests give
     the same tokens and logits, bit for bit."""
     core = ready_core(model_dirs, adapter_dirs, "nf4")
-    assert core.threads is not None, "adaptive threads are on by default"
+    assert core.decode_threads is not None, "adaptive threads are on by default"
     arrivals = {
         0: [request(PROMPTS[0], None, 8), request(PROMPTS[1], "r8-all", 8)],
         1: [request(PROMPTS[2], "r4-attn", 6), request(PROMPTS[3], "r64-all", 8)],
@@ -172,9 +172,9 @@ def test_decode_steps_on_fewer_threads_give_the_same_outputs(model_dirs, adapter
     governor = ThreadGovernor(
         2, window_s=0.0, contended_share=-1.0, margin=-math.inf, first_hold_s=math.inf
     )
-    core.threads = DecodeThreads(governor)
+    core.decode_threads = DecodeThreads(governor)
     fewer = run(core, arrivals)
-    assert core.threads.threads == 1
+    assert core.decode_threads.threads == 1
     assert torch.get_num_threads() == core.max_threads  # between steps: every thread
     for want, got in zip(every_thread, fewer, strict=True):
         assert got.tokens == want.tokens

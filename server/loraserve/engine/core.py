@@ -169,7 +169,7 @@ class EngineCore:
             and self.max_threads > 1
             and team_wait_seconds() is not None
         )
-        self.threads = DecodeThreads(ThreadGovernor(self.max_threads)) if adaptive else None
+        self.decode_threads = DecodeThreads(ThreadGovernor(self.max_threads)) if adaptive else None
 
     # ---- requests -----------------------------------------------------------------------
 
@@ -258,8 +258,8 @@ class EngineCore:
 
     def _forward(self, phase: str, rows: list[RowInput]) -> torch.Tensor:
         started = time.perf_counter()
-        if phase == "decode" and self.threads is not None:
-            logits = self.threads.run(len(rows), lambda: self.runner.forward(rows))
+        if phase == "decode" and self.decode_threads is not None:
+            logits = self.decode_threads.run(len(rows), lambda: self.runner.forward(rows))
         else:
             logits = self.runner.forward(rows)
         self.metrics.step_duration.labels(phase).observe(time.perf_counter() - started)
@@ -401,7 +401,9 @@ class EngineCore:
                 self.allocator.counters.queried_blocks,
                 self.allocator.counters.hit_blocks,
             ),
-            compute_threads=self.max_threads if self.threads is None else self.threads.threads,
+            compute_threads=(
+                self.max_threads if self.decode_threads is None else self.decode_threads.threads
+            ),
             team_wait_seconds=team_wait_seconds(),
             updated_at=self.updated_at,
         )
