@@ -18,7 +18,7 @@ import logging
 import statistics
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import transformers
@@ -87,7 +87,7 @@ def main() -> None:
     if args.out:
         record = {"machine": machine_info(), "max_threads": core.max_threads,
                   "new_tokens": args.new_tokens, "neighbour": NEIGHBOUR,
-                  "runs": [run.__dict__ for run in runs]}  # fmt: skip
+                  "runs": [asdict(run) for run in runs]}  # fmt: skip
         args.out.write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shlex
 import statistics
 import subprocess
@@ -31,6 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench_metrics_scrape import free_ports, scrape, serving
 from bench_multi_lora import DEFAULT, make_workload
@@ -50,9 +51,12 @@ class Served:
 
 
 def metric(text: str, name: str) -> float | None:
-    """The value of an unlabelled sample `name` in Prometheus text, or None."""
-    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    return None if found is None else float(found.group(1))
+    """The value of the unlabelled sample `name` in Prometheus text, or None."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and not sample.labels:
+                return float(sample.value)
+    return None
 
 
 def served_rates(
