@@ -229,6 +229,20 @@ def test_linear_f32_equals_f_linear(rows, out_features, in_features):
     torch.testing.assert_close(got, F.linear(x, w, b), rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("rows", [1, 4, 5, 24, 25, 32, 33, 70, SMALL_BATCH_ROWS])
+@pytest.mark.parametrize(("out_features", "in_features"), [(7, 100), (25, 64), (30, 300), (13, 37)])
+def test_linear_f32_of_a_bf16_weight_gives_the_bits_of_its_fp32_values(
+    rows, out_features, in_features
+):
+    """Widened as it is read: the same sums, bit for bit, as the fp32 weight of those values."""
+    torch.manual_seed(rows + out_features)
+    x = torch.randn(rows, in_features)
+    narrow = torch.randn(out_features, in_features).to(torch.bfloat16)
+    bias = torch.randn(out_features) if rows % 2 else None
+    got = native().linear_f32(x, narrow, bias)
+    assert torch.equal(got, native().linear_f32(x, narrow.float(), bias))
+
+
 def _paged_context(lengths, kv_heads, head_dim, block_size, seed=0):
     """Pools with each row's context in scattered blocks: (k_pool, v_pool, tables [R, B])."""
     gen = torch.Generator().manual_seed(seed)

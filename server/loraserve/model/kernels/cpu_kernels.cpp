@@ -51,16 +51,24 @@ at::Tensor add_bias(at::Tensor y, const c10::optional<at::Tensor>& bias) {
   return y;
 }
 
-// y [M, N] = x [M, K] @ weight [N, K]^T + bias
+// y [M, N] = x [M, K] @ weight [N, K]^T + bias; weight float32, or bfloat16 (widened exactly:
+// the same sums as a float32 weight of those values).
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight,
                       const c10::optional<at::Tensor>& bias) {
   check_cpu_f32(x, "x");
-  check_cpu_f32(weight, "weight");
+  TORCH_CHECK(weight.device().is_cpu() && weight.is_contiguous() &&
+                  (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16),
+              "weight must be a contiguous float32 or bfloat16 CPU tensor");
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
               "x [M, K] and weight [N, K] must share K");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
-  gemm_f32(x.data_ptr<float>(), M, K, weight.data_ptr<float>(), N, y.data_ptr<float>());
+  if (weight.scalar_type() == at::kFloat)
+    gemm_dense(x.data_ptr<float>(), M, K, weight.data_ptr<float>(), N, y.data_ptr<float>());
+  else
+    gemm_dense(x.data_ptr<float>(), M, K,
+               reinterpret_cast<const bf16*>(weight.data_ptr<at::BFloat16>()), N,
+               y.data_ptr<float>());
   return add_bias(y, bias);
 }
 

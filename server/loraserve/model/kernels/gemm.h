@@ -92,7 +92,10 @@ inline void dot_block(const float* x, int64_t ldx, const W* w, int64_t ldw, int6
   for (int m = 0; m < MR; ++m)
     for (int n = 0; n < NR; ++n) {
       float total = hsum(acc[m][n]);
-      for (int64_t k = kv; k < K; ++k) total += x[m * ldx + k] * to_float(w[n * ldw + k]);
+      // A multiply-add written out: whether GCC contracts the product into one must not
+      // depend on W (a bf16 weight gives the sums of fp32 weights of its values).
+      for (int64_t k = kv; k < K; ++k)
+        total = __builtin_fmaf(x[m * ldx + k], to_float(w[n * ldw + k]), total);
       y[m * ldy + n] = total;
     }
 }
@@ -676,6 +679,53 @@ class InPlaceGroups {
   const float* rows_[NR];
 };
 
+// A block's bf16 weight rows widened to fp32 a group at a time (exactly: a shift), one group
+// ahead of the one read, as Decoded4bitGroups does; each row's line kBf16PrefetchAhead k on
+// (else the same row of the next block) is prefetched. Half the bytes of fp32 rows.
+template <int NR>
+class WidenedGroups {
+ public:
+  // Rows n0 .. n0 + NR of w [N, K]; rows past N repeat the last one.
+  WidenedGroups(const bf16* w, int64_t N, int64_t K, int64_t n0)
+      : K_(K), next_rows_(n0 + 2 * NR <= N ? w + (n0 + NR) * K : nullptr) {
+    for (int n = 0; n < NR; ++n) rows_[n] = w + std::min(n0 + n, N - 1) * K;
+    widen(0, widened_[0]);
+  }
+
+  // The group from k0, for k0 = 0, kGroup, 2 kGroup, ... in turn.
+  GroupView<NR> at(int64_t k0) {
+    const int64_t group = k0 / kGroup;
+    if (k0 + kGroup < K_) widen(k0 + kGroup, widened_[(group + 1) % 2]);
+    GroupView<NR> view;
+    for (int n = 0; n < NR; ++n) view.row[n] = widened_[group % 2][n];
+    return view;
+  }
+
+ private:
+  void widen(int64_t k0, float (&w)[NR][kGroup]) {
+    const int64_t ahead = k0 + kBf16PrefetchAhead;
+    const bool whole = k0 + kGroup <= K_;
+#pragma GCC unroll 16
+    for (int n = 0; n < NR; ++n) {
+      const bf16* line = ahead < K_                ? rows_[n] + ahead
+                         : next_rows_ != nullptr ? next_rows_ + n * K_ + (ahead - K_)
+                                                 : nullptr;
+      if (line != nullptr) _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T0);
+      if (whole) {
+        for (int i = 0; i < kGroupVecs; ++i)
+          *reinterpret_cast<vf*>(w[n] + i * kLanes) = load_vf(rows_[n] + k0 + i * kLanes);
+      } else {  // the last k of a row whose K is not a multiple of kGroup
+        for (int64_t k = k0; k < K_; ++k) w[n][k - k0] = to_float(rows_[n][k]);
+      }
+    }
+  }
+
+  const int64_t K_;
+  const bf16* const next_rows_;
+  const bf16* rows_[NR];
+  alignas(64) float widened_[2][NR][kGroup];  // the group being read, and the next
+};
+
 // y[:, n0 .. n0 + NR) (the columns before N) for the rows of one pass, MV vectors of them, from
 // xt [K, MV * kLanes] (transposed, in the groups' order of k).
 template <int MV, int NR, class Groups>
@@ -800,8 +850,17 @@ inline void gemm_4bit(const float* x, int64_t M, int64_t K, std::span<const Weig
   }
 }
 
-// x [M, K] fp32 contiguous; w [N, K] fp32 contiguous; y [M, N] fp32 contiguous.
-inline void gemm_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y) {
+// out[:n] = row[:n] widened to fp32.
+inline void widen_row(const bf16* row, int64_t n, float* out) {
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) *reinterpret_cast<vf*>(out + k) = load_vf(row + k);
+  for (; k < n; ++k) out[k] = to_float(row[k]);
+}
+
+// x [M, K] fp32 contiguous; w [N, K] fp32 or bf16 (widened exactly as it is read: the same
+// sums as fp32 weights of those values), contiguous; y [M, N] fp32 contiguous.
+template <class W>
+inline void gemm_dense(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y) {
   if (M == 0) return;
   const int64_t tiles = (N + kTileCols - 1) / kTileCols;
   // With few rows, streaming each weight row once, whole, is fastest (measured: up to 12 rows
@@ -819,20 +878,35 @@ inline void gemm_f32(const float* x, int64_t M, int64_t K, const float* w, int64
     constexpr int NR = std::min(kTileCols, kAccRegs / 2);
     const PassOutput out{N, y};
     return gemm_one_pass<2, NR, false>(x, M, K, {&out, 1}, [&](size_t, int64_t n0) {
-      return InPlaceGroups<NR>(w, N, K, n0);
+      if constexpr (sizeof(W) == 2)
+        return WidenedGroups<NR>(w, N, K, n0);
+      else
+        return InPlaceGroups<NR>(w, N, K, n0);
     });
   }
-  // Read in place (copying each chunk costs more than the constant stride saves), except the
-  // last tile's rows, padded with zeros.
+  // fp32 rows are read in place (copying each chunk costs more than the constant stride
+  // saves), except the last tile's, padded with zeros. bf16 rows are widened into the chunk,
+  // each row's next chunk (else the next tile's row) prefetched, as decode_chunk does.
   gemm_outer<0, false>(x, M, K, N,
                 [&](int64_t n0, int64_t cols, int64_t k0, int64_t depth, float* scratch) {
-                  if (cols == kTileCols) return WeightChunk{w + n0 * K + k0, K};
+                  if constexpr (sizeof(W) == 4)
+                    if (cols == kTileCols) return WeightChunk{w + n0 * K + k0, K};
                   for (int64_t c = 0; c < kTileCols; ++c) {
                     float* out = scratch + c * kDepth;
-                    if (c < cols)
-                      std::copy_n(w + (n0 + c) * K + k0, depth, out);
-                    else
+                    const W* row = w + (n0 + c) * K + k0;
+                    if (c >= cols) {
                       std::fill(out, out + depth, 0.0f);
+                    } else if constexpr (sizeof(W) == 4) {
+                      std::copy_n(row, depth, out);
+                    } else {
+                      const W* next = k0 + kDepth < K ? row + kDepth
+                                      : n0 + kTileCols + c < N ? w + (n0 + kTileCols + c) * K
+                                                              : nullptr;
+                      if (next != nullptr)
+                        for (int64_t k = 0; k < kDepth; k += 64 / sizeof(W))
+                          _mm_prefetch(reinterpret_cast<const char*>(next + k), _MM_HINT_T0);
+                      widen_row(row, depth, out);
+                    }
                   }
                   return WeightChunk{scratch, kDepth};
                 },

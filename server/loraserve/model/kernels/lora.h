@@ -48,7 +48,8 @@ inline void expand_rows(const float* h, int64_t ldh, int64_t rank, const T* b, i
   for (; c < out; ++c)
     for (int m = 0; m < MR; ++m)
       for (int64_t r = 0; r < rank; ++r)
-        y[m * ldy + c] += h[m * ldh + r] * to_float(b[r * out + c]);
+        y[m * ldy + c] = __builtin_fmaf(h[m * ldh + r], to_float(b[r * out + c]),
+                                        y[m * ldy + c]);  // as dot_block's tail
 }
 
 // y[:n] += h[:n, :rank] @ b[:rank, :out]; h [n, ldh], b [rank, out], y [n, out].
