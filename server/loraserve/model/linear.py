@@ -9,7 +9,11 @@ copying its weights, and picks per call:
 - 4-bit on the CPU, more rows (prefill): bitsandbytes' own dequantize once, then one fp32
   GEMM (bf16 measured slower on a CPU with AVX512-BF16, and less exact: a prompt's tokens would
   depend on how its prefill was split into steps, as with a cached prefix);
-- fp32 weights on the CPU, at most `SMALL_BATCH_ROWS` rows: the small-batch kernel;
+- fp32 weights on the CPU, at most `SMALL_BATCH_ROWS` rows: the small-batch kernel. Where
+  every value of such a weight is a bfloat16 (a checkpoint stored in bf16, loaded for fp32
+  compute), it may be held in bf16 (`hold_narrow`, `model/narrow.py`): half the memory and
+  half the bytes a call reads, and the kernel widens it exactly, so the sums are those of the
+  fp32 weight;
 - anything else (CUDA, int8, bf16 / fp16 weights, no compiled kernels): the module itself.
 
 Every path gives the values bitsandbytes' dequantize-then-matmul gives, up to the summation
@@ -157,7 +161,18 @@ class BaseLinear(nn.Module):
             Packed4bit.of(module) if on_cpu and isinstance(module, bnb.nn.Linear4bit) else None
         )
         self.dense = on_cpu and type(module) is nn.Linear and weight.dtype == torch.float32
+        self.narrowed = False  # the fp32 weight's values, held in bf16 (`hold_narrow`)
         self.group: SharedInputGroup | None = None
+
+    def hold_narrow(self, weight: torch.Tensor) -> nn.Parameter:
+        """Hold `weight` [out, in] bf16, the dense fp32 weight's values exactly (`narrow`), in
+        its place (the kernel widens it as it reads it); returns the new parameter."""
+        if not self.dense or weight.dtype != torch.bfloat16:
+            raise ValueError("only a dense fp32 weight is held in bf16")
+        parameter = nn.Parameter(weight, requires_grad=False)
+        self.module.weight = parameter
+        self.narrowed = True
+        return parameter
 
     def project(self, rows: torch.Tensor) -> torch.Tensor | None:
         """rows [M, in] float32 -> rows W^T [M, out], without the bias, by the CPU's
@@ -180,6 +195,8 @@ class BaseLinear(nn.Module):
         y = self._small_batch(ops, rows, bias) if small else None
         if y is None and self.packed is not None:
             y = F.linear(rows, self.packed.dequantize(), bias)
+        elif y is None and self.narrowed:
+            y = F.linear(rows, self.module.weight.float(), bias)
         elif y is None:
             return self.module(x)
         return y.view(*x.shape[:-1], self.out_features)

@@ -13,6 +13,7 @@ Knows nothing about requests, sampling, scheduling or adapter names: rows carry 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -32,8 +33,11 @@ from loraserve.model.host_memory import keep_freed_memory
 from loraserve.model.kv_cache import PagedKVCache
 from loraserve.model.linear import BaseLinear, link_shared_inputs, wrap_projections
 from loraserve.model.lora import LoraBatch, LoraContext
+from loraserve.model.narrow import narrow_exact_weights
 from loraserve.model.norms import fuse_rms_norms
 from loraserve.model.rotary import fuse_rotary, kernel_rotary_in_use
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,8 +57,10 @@ class ModelRunner:
     and its output projection to `BaseLinear`. On the CPU it also swaps its Llama-style RMSNorms
     for `FusedRMSNorm` and its rotary embedding for the kernel's (`rotary`; in its forwards
     only), runs every projection through `BaseLinear` (those no adapter targets too), links the
-    4-bit ones that read one input (`SharedInputGroup`), and sets the process's malloc to keep
-    freed memory (`host_memory`): every forward frees what the next one allocates. Every forward
+    4-bit ones that read one input (`SharedInputGroup`), holds fp32 weights whose values are all
+    bf16 in bf16 (`narrow`: a bf16 checkpoint's output projection, and a tied embedding), and
+    sets the process's malloc to keep freed memory (`host_memory`): every forward frees what the
+    next one allocates. Every forward
     runs with the SDPA backends of `attention.SDPA_BACKENDS`.
     """
 
@@ -77,6 +83,10 @@ class ModelRunner:
             fuse_rotary(model)
             wrap_projections(model)  # those no adapter targets, which LoRA left as they were
             link_shared_inputs(model)
+            narrowed = narrow_exact_weights(model)
+            if narrowed:
+                log.info("fp32 weights whose values are all bf16 now held in bf16: %.1f MB "
+                         "freed", narrowed / 2**20)  # fmt: skip
         model.set_attn_implementation(IMPLEMENTATION)
         if model.config._attn_implementation != IMPLEMENTATION:
             raise ValueError(

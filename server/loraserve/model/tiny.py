@@ -60,10 +60,13 @@ def write_tiny_model(
     max_position_embeddings: int = 2048,
     initializer_range: float = 0.1,
     seed: int = 0,
+    weights_dtype: torch.dtype = torch.float32,
+    tie_word_embeddings: bool = False,
     **config_overrides,
 ) -> Path:
     """Write a random `arch` model ("llama", "mistral", "qwen2", "gemma2", ...) and tokenizer to
-    `path`; `config_overrides` are further keywords of the architecture's config."""
+    `path`, its weights stored as `weights_dtype` (bf16, as most published checkpoints are);
+    `config_overrides` are further keywords of the architecture's config."""
     path = Path(path)
     tokenizer = build_tokenizer(vocab_size)
     config = AutoConfig.for_model(
@@ -76,7 +79,7 @@ def write_tiny_model(
         vocab_size=vocab_size,
         max_position_embeddings=max_position_embeddings,
         initializer_range=initializer_range,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -84,6 +87,6 @@ def write_tiny_model(
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(path)
+    model.to(weights_dtype).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -1,0 +1,87 @@
+"""fp32 weights whose values are all bf16, held in bf16 (`model/narrow.py`).
+
+What may be held so and what may not, and that every output keeps its bits. Skipped where this
+CPU has no kernel build (the dense weights then run through their modules, in fp32).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from loraserve.model.kernels import native
+from loraserve.model.linear import SMALL_BATCH_ROWS, wrap_projections
+from loraserve.model.narrow import narrow_exact_weights
+
+pytestmark = pytest.mark.skipif(native() is None, reason="no compiled kernels for this CPU")
+
+
+class ScaledEmbedding(nn.Embedding):
+    """An embedding that computes on its weight's dtype (as Gemma's scaled one does)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * torch.tensor(3.3, dtype=self.weight.dtype)
+
+
+def _model(values: torch.dtype, tied: bool = False, embedding: type = nn.Embedding) -> nn.Module:
+    """An embedding, an output projection (tied to it or not) and a projection with a bias,
+    their weights `values`' values held in fp32, each projection run by a BaseLinear."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.embed = embedding(50, 40)
+    model.head = nn.Linear(40, 50, bias=False)
+    model.proj = nn.Linear(40, 40)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(parameter.to(values).float())
+    if tied:
+        model.head.weight = model.embed.weight
+    wrap_projections(model)
+    return model
+
+
+def _outputs(model: nn.Module, rows: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 40, generator=generator)
+    ids = torch.randint(0, 50, (rows,), generator=generator)
+    return [model.head(x), model.proj(x), model.embed(ids)]
+
+
+@pytest.mark.parametrize("rows", [1, 30, 100, SMALL_BATCH_ROWS + 3])
+def test_weights_of_bf16_values_are_held_in_bf16_and_every_output_keeps_its_bits(rows):
+    model = _model(torch.bfloat16)
+    before = _outputs(model, rows)
+    assert narrow_exact_weights(model) == 2 * (50 * 40 + 40 * 40)  # half of their fp32 bytes
+    assert model.head.module.weight.dtype == model.proj.module.weight.dtype == torch.bfloat16
+    assert model.proj.module.bias.dtype == torch.float32
+    assert model.embed.weight.dtype == torch.float32  # an embedding alone is left as it is
+    after = _outputs(model, rows)
+    assert all(torch.equal(a, b) and a.dtype == torch.float32 for a, b in zip(after, before))
+    assert narrow_exact_weights(model) == 0  # once
+
+
+@pytest.mark.parametrize("rows", [1, 30, SMALL_BATCH_ROWS + 3])
+def test_a_tied_output_projection_and_its_embedding_share_one_bf16_weight(rows):
+    model = _model(torch.bfloat16, tied=True)
+    before = _outputs(model, rows)
+    assert narrow_exact_weights(model) == 2 * (50 * 40 + 40 * 40)
+    assert model.head.module.weight is model.embed.weight
+    assert model.embed.weight.dtype == torch.bfloat16
+    after = _outputs(model, rows)
+    assert all(torch.equal(a, b) and a.dtype == torch.float32 for a, b in zip(after, before))
+
+
+def test_weights_with_values_bf16_lacks_stay_fp32():
+    model = _model(torch.float32)
+    assert narrow_exact_weights(model) == 0
+    assert model.head.module.weight.dtype == model.proj.module.weight.dtype == torch.float32
+
+
+def test_a_weight_tied_to_an_embedding_that_computes_on_it_stays_fp32():
+    model = _model(torch.bfloat16, tied=True, embedding=ScaledEmbedding)
+    before = _outputs(model, 5)
+    assert narrow_exact_weights(model) == 2 * 40 * 40  # the projection's only
+    assert model.head.module.weight is model.embed.weight
+    assert model.embed.weight.dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(model, 5), before))
