@@ -20,6 +20,10 @@ With `--lora-prefill` it times the LoRA kernel alone the same way, on a prefill 
 workload (32 prompts of 64-128 tokens, each on its own rank-16 adapter, every projection).
 
     .venv/bin/python benchmarks/ab_kernels.py --base 6b7fbde --lora-prefill --rounds 16
+
+With `--lora-decode`, on a decode step of it instead (32 tokens, each on its own adapter).
+
+    .venv/bin/python benchmarks/ab_kernels.py --base 6b7fbde --lora-decode --rounds 30
 """
 
 from __future__ import annotations
@@ -138,14 +142,15 @@ def compare_projections(builds: dict[str, object], rounds: int) -> None:
     alternate(builds, rounds, one_round)
 
 
-def compare_lora_prefill(builds: dict[str, object], rounds: int) -> None:
-    """Rounds of a prefill's LoRA deltas on the default workload's shapes (32 prompts of 64-128
-    tokens, each on its own rank-16 slot; the seven projections of every layer), alternating
-    builds; prints each build's median round and the ratio."""
+def compare_lora(builds: dict[str, object], rounds: int, decode: bool) -> None:
+    """Rounds of a step's LoRA deltas on the default workload's shapes (a prefill of 32 prompts
+    of 64-128 tokens, or a decode step of one token each, each on its own rank-16 slot; the seven
+    projections of every layer, each layer its own slots), alternating builds; prints each
+    build's median round and the ratio."""
     keep_freed_memory()
     spec, rank, slots = DEFAULT.model, DEFAULT.rank, DEFAULT.num_requests + 1
     generator = torch.Generator().manual_seed(0)
-    low, high = DEFAULT.prompt_tokens
+    low, high = (1, 1) if decode else DEFAULT.prompt_tokens
     lengths = torch.randint(low, high + 1, (DEFAULT.num_requests,), generator=generator)
     ends = torch.cumsum(lengths, 0)
     segments = (ends - lengths, ends, torch.arange(1, slots), torch.full_like(lengths, rank))
@@ -204,7 +209,10 @@ def main() -> None:
     mode.add_argument(
         "--lora-prefill", action="store_true", help="the LoRA kernel alone, on a prefill"
     )
-    parser.add_argument("--rounds", type=int, default=30, help="with --projections, --lora-prefill")
+    mode.add_argument(
+        "--lora-decode", action="store_true", help="the LoRA kernel alone, on a decode step"
+    )
+    parser.add_argument("--rounds", type=int, default=30, help="with --projections, --lora-*")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -218,8 +226,8 @@ def main() -> None:
     if args.projections:
         compare_projections(builds, args.rounds)
         return
-    if args.lora_prefill:
-        compare_lora_prefill(builds, args.rounds)
+    if args.lora_prefill or args.lora_decode:
+        compare_lora(builds, args.rounds, decode=args.lora_decode)
         return
     workload = base_workload(args.new_tokens)
     use(builds["base"])

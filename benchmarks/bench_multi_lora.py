@@ -492,6 +492,12 @@ def parse_args(
     parser.add_argument("--compute-dtype", choices=tuple(DTYPES), default=DEFAULT.compute_dtype)
     parser.add_argument("--device", default=DEFAULT.device, help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument(
+        "--checkpoint-dtype",
+        choices=("fp32", "bf16"),
+        default=DEFAULT.model.weights_dtype,
+        help="how the random model's checkpoint stores its weights (published ones: bf16)",
+    )
+    parser.add_argument(
         "--max-step-tokens", type=int, default=DEFAULT.max_step_tokens, help="engine tokens/step"
     )
     parser.add_argument(
@@ -514,6 +520,7 @@ def parse_args(
         parser.error("--repeats must be >= 1")
     config = replace(
         preset,
+        model=replace(preset.model, weights_dtype=args.checkpoint_dtype),
         repeats=args.repeats or preset.repeats,
         quantization=args.quantization,
         compute_dtype=args.compute_dtype,

@@ -37,9 +37,13 @@ class ModelSpec:
     vocab_size: int
     initializer_range: float = 0.02
     seed: int = 0
+    weights_dtype: str = "fp32"  # how the checkpoint stores its weights: "fp32" or "bf16"
 
     def cache_key(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True)
+        fields = asdict(self)
+        if self.weights_dtype == "fp32":  # the key fp32 models had before the field
+            del fields["weights_dtype"]
+        text = json.dumps(fields, sort_keys=True)
         return "llama-" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -59,6 +63,7 @@ def prepare_model(spec: ModelSpec, cache_root: Path = DEFAULT_CACHE_DIR) -> Path
             vocab_size=spec.vocab_size,
             initializer_range=spec.initializer_range,
             seed=spec.seed,
+            weights_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[spec.weights_dtype],
         )
         staging.replace(path)
     return path
