@@ -172,8 +172,8 @@ def test_a_bf16_checkpoint_in_fp32_compute_holds_its_dense_weights_in_bf16_same_
     quantization, tied, tmp_path, monkeypatch
 ):
     """Its fp32 weights' values are all bf16, so the runner keeps them in bf16 (the output
-    projection and an embedding tied to it; unquantized, every projection): the logits are those
-    of the fp32 weights, bit for bit, through prefill and decode steps."""
+    projection and the input embedding, tied or not; unquantized, every projection): the logits
+    are those of the fp32 weights, bit for bit, through prefill and decode steps."""
     model_dir = write_tiny_model(
         tmp_path / "bf16", "llama", weights_dtype=torch.bfloat16, tie_word_embeddings=tied
     )
@@ -204,7 +204,9 @@ def test_a_bf16_checkpoint_in_fp32_compute_holds_its_dense_weights_in_bf16_same_
     narrowed, got = run()
     head = narrowed.model.get_output_embeddings()
     assert head.module.weight.dtype == torch.bfloat16
-    assert (head.module.weight is narrowed.model.get_input_embeddings().weight) == tied
+    embedding = narrowed.model.get_input_embeddings()
+    assert embedding.weight.dtype == torch.bfloat16
+    assert (head.module.weight is embedding.weight) == tied
     projection = narrowed.model.model.layers[0].self_attn.q_proj
     assert (projection.module.weight.dtype == torch.bfloat16) == (quantization == "none")
     monkeypatch.setattr(runner_module, "narrow_exact_weights", lambda model: 0)

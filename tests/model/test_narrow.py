@@ -12,6 +12,8 @@ from torch import nn
 
 from loraserve.model.kernels import native
 from loraserve.model.linear import SMALL_BATCH_ROWS, wrap_projections
+from loraserve.model.lora import LoraBatch, LoraContext
+from loraserve.model.lora_embedding import MultiLoraEmbedding
 from loraserve.model.narrow import narrow_exact_weights
 
 pytestmark = pytest.mark.skipif(native() is None, reason="no compiled kernels for this CPU")
@@ -52,10 +54,10 @@ def _outputs(model: nn.Module, rows: int) -> list[torch.Tensor]:
 def test_weights_of_bf16_values_are_held_in_bf16_and_every_output_keeps_its_bits(rows):
     model = _model(torch.bfloat16)
     before = _outputs(model, rows)
-    assert narrow_exact_weights(model) == 2 * (50 * 40 + 40 * 40)  # half of their fp32 bytes
-    assert model.head.module.weight.dtype == model.proj.module.weight.dtype == torch.bfloat16
+    assert narrow_exact_weights(model) == 2 * (2 * 50 * 40 + 40 * 40)  # half their fp32 bytes
+    for weight in (model.head.module.weight, model.proj.module.weight, model.embed.weight):
+        assert weight.dtype == torch.bfloat16
     assert model.proj.module.bias.dtype == torch.float32
-    assert model.embed.weight.dtype == torch.float32  # an embedding alone is left as it is
     after = _outputs(model, rows)
     assert all(torch.equal(a, b) and a.dtype == torch.float32 for a, b in zip(after, before))
     assert narrow_exact_weights(model) == 0  # once
@@ -75,7 +77,31 @@ def test_a_tied_output_projection_and_its_embedding_share_one_bf16_weight(rows):
 def test_weights_with_values_bf16_lacks_stay_fp32():
     model = _model(torch.float32)
     assert narrow_exact_weights(model) == 0
-    assert model.head.module.weight.dtype == model.proj.module.weight.dtype == torch.float32
+    for weight in (model.head.module.weight, model.proj.module.weight, model.embed.weight):
+        assert weight.dtype == torch.float32
+
+
+def test_an_embedding_that_renormalizes_its_weight_stays_fp32():
+    model = _model(torch.bfloat16)
+    model.embed.max_norm = 1.0
+    assert narrow_exact_weights(model) == 2 * (50 * 40 + 40 * 40)  # the projections only
+    assert model.embed.weight.dtype == torch.float32
+
+
+def test_an_embedding_lora_over_a_bf16_held_embedding_gives_the_same_bits():
+    model = _model(torch.bfloat16)
+    context = LoraContext()
+    embedding = MultiLoraEmbedding(model.embed, context, 2, 4, torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    embedding.set_slot(1, torch.randn(4, 50, generator=generator),
+                       torch.randn(4, 40, generator=generator))  # fmt: skip
+    ids = torch.randint(0, 50, (7,), generator=generator)
+    context.batch = LoraBatch.for_rows([0, 1], [3, 4], [0, 4], torch.device("cpu"))
+    before = embedding(ids)
+    narrow_exact_weights(model)
+    assert model.embed.weight.dtype == torch.bfloat16 and embedding.base is model.embed
+    after = embedding(ids)
+    assert after.dtype == torch.float32 and torch.equal(after, before)
 
 
 def test_a_weight_tied_to_an_embedding_that_computes_on_it_stays_fp32():

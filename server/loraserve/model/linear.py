@@ -164,15 +164,13 @@ class BaseLinear(nn.Module):
         self.narrowed = False  # the fp32 weight's values, held in bf16 (`hold_narrow`)
         self.group: SharedInputGroup | None = None
 
-    def hold_narrow(self, weight: torch.Tensor) -> nn.Parameter:
-        """Hold `weight` [out, in] bf16, the dense fp32 weight's values exactly (`narrow`), in
-        its place (the kernel widens it as it reads it); returns the new parameter."""
+    def hold_narrow(self, weight: nn.Parameter) -> None:
+        """Run on `weight` [out, in] bf16, the dense fp32 weight's values exactly (`narrow`), in
+        its place: the kernel widens it as it reads it."""
         if not self.dense or weight.dtype != torch.bfloat16:
             raise ValueError("only a dense fp32 weight is held in bf16")
-        parameter = nn.Parameter(weight, requires_grad=False)
-        self.module.weight = parameter
+        self.module.weight = weight
         self.narrowed = True
-        return parameter
 
     def project(self, rows: torch.Tensor) -> torch.Tensor | None:
         """rows [M, in] float32 -> rows W^T [M, out], without the bias, by the CPU's

@@ -3,10 +3,10 @@
 A checkpoint stored in bf16 (as published ones are) and loaded for fp32 compute holds bf16
 values in fp32. `narrow_exact_weights` finds each such weight that can be held in bf16 without
 changing any result, and holds it so: a `BaseLinear`'s dense weight (the output projection; with
-an unquantized base, every projection), whose kernel widens it exactly as it reads it, together
-with any plain `nn.Embedding` that shares it (tied embeddings), whose output is widened after
-the lookup (also exact). A weight shared with anything else, or any embedding that computes on
-its weight (Gemma's scaled one), stays as it is.
+an unquantized base, every projection), whose kernel widens it exactly as it reads it, and a
+plain `nn.Embedding`'s (the input embedding, tied to the output projection or not), whose
+lookups are widened after the fact (also exact). A weight held by anything else as well, or an
+embedding that computes on its weight (Gemma's scaled one, or one with `max_norm`), stays fp32.
 
 Knows nothing about adapters, batches or devices beyond the CPU kernels `BaseLinear` picks.
 """
@@ -25,29 +25,41 @@ CHUNK_ROWS = 4096
 
 
 def narrow_exact_weights(model: nn.Module) -> int:
-    """Hold in bf16 every weight of `model` that allows it (see the module's docstring);
+    """Hold in bf16 every fp32 weight of `model` that allows it (see the module's docstring);
     returns the bytes this freed."""
-    holders: dict[int, list[nn.Module]] = defaultdict(list)  # parameter -> modules holding it
+    dense = {
+        id(m.module): m for m in model.modules() if isinstance(m, BaseLinear) and m.dense
+    }  # the nn.Linear each dense BaseLinear runs, by id
+    holders: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
+    parameters: dict[int, nn.Parameter] = {}
     for module in model.modules():
-        for parameter in module.parameters(recurse=False):
-            holders[id(parameter)].append(module)
+        for name, parameter in module.named_parameters(recurse=False):
+            holders[id(parameter)].append((module, name))
+            parameters[id(parameter)] = parameter
     freed = 0
-    for module in list(model.modules()):
-        if not isinstance(module, BaseLinear) or not module.dense or module.narrowed:
-            continue
-        weight = module.module.weight
-        others = [m for m in holders[id(weight)] if m is not module.module]
-        embeddings = [m for m in others if type(m) is nn.Embedding]
-        if len(embeddings) != len(others):
+    for key, held in holders.items():
+        weight = parameters[key]
+        if weight.dtype != torch.float32 or not all(
+            name == "weight" and (id(module) in dense or is_plain_lookup(module))
+            for module, name in held
+        ):
             continue
         narrow = bf16_if_exact(weight.detach())
         if narrow is None:
             continue
-        parameter = module.hold_narrow(narrow)
-        for embedding in embeddings:
-            hold_narrow_embedding(embedding, parameter)
+        parameter = nn.Parameter(narrow, requires_grad=False)
+        for module, _ in held:
+            if id(module) in dense:
+                dense[id(module)].hold_narrow(parameter)
+            else:
+                hold_narrow_embedding(module, parameter)
         freed += weight.numel() * (weight.element_size() - narrow.element_size())
     return freed
+
+
+def is_plain_lookup(module: nn.Module) -> bool:
+    """Whether `module` is an embedding whose forward only looks rows of its weight up."""
+    return type(module) is nn.Embedding and module.max_norm is None
 
 
 def bf16_if_exact(weight: torch.Tensor) -> torch.Tensor | None:
@@ -61,7 +73,7 @@ def bf16_if_exact(weight: torch.Tensor) -> torch.Tensor | None:
     return narrow
 
 
-def hold_narrow_embedding(embedding: nn.Embedding, weight: nn.Parameter) -> None:
+def hold_narrow_embedding(embedding: nn.Module, weight: nn.Parameter) -> None:
     """`embedding` looks its rows up in `weight` (bf16, its fp32 weight's values) from now on
     and gives them widened to fp32: the rows its fp32 weight gave."""
     embedding.weight = weight

@@ -58,7 +58,7 @@ class ModelRunner:
     for `FusedRMSNorm` and its rotary embedding for the kernel's (`rotary`; in its forwards
     only), runs every projection through `BaseLinear` (those no adapter targets too), links the
     4-bit ones that read one input (`SharedInputGroup`), holds fp32 weights whose values are all
-    bf16 in bf16 (`narrow`: a bf16 checkpoint's output projection, and a tied embedding), and
+    bf16 in bf16 (`narrow`: a bf16 checkpoint's output projection and input embedding), and
     sets the process's malloc to keep freed memory (`host_memory`): every forward frees what the
     next one allocates. Every forward
     runs with the SDPA backends of `attention.SDPA_BACKENDS`.
