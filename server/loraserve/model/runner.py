@@ -85,7 +85,7 @@ class ModelRunner:
             link_shared_inputs(model)
             narrowed = narrow_exact_weights(model)
             if narrowed:
-                log.info("fp32 weights whose values are all bf16 now held in bf16: %.1f MB "
+                log.info("fp32 weights whose values are all bf16 now held in bf16: %.1f MiB "
                          "freed", narrowed / 2**20)  # fmt: skip
         model.set_attn_implementation(IMPLEMENTATION)
         if model.config._attn_implementation != IMPLEMENTATION:
