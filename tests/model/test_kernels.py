@@ -278,15 +278,29 @@ def test_paged_decode_attention_equals_sdpa_over_the_gathered_context(
 
 
 @pytest.mark.slow
-def test_every_variant_compiles(tmp_path):
-    """The AVX-512 build compiles even on a machine without AVX-512 (and vice versa)."""
+def test_every_variant_compiles_and_only_recent_builds_stay(tmp_path):
+    """The AVX-512 build compiles even on a machine without AVX-512 (and vice versa), and each
+    new build leaves its instruction set's KEEP_BUILDS most recently used builds in the cache."""
+    cache = tmp_path / "loraserve" / "kernels"
+    stale = {}
+    for name in build.VARIANTS:
+        stale[name] = [cache / f"torch-0.0-{age:012d}-{name}" for age in range(1, 7)]
+        for age, folder in enumerate(stale[name], start=1):
+            folder.mkdir(parents=True)
+            (folder / f"loraserve_cpu_{name}.so").write_bytes(b"")
+            os.utime(folder, (1e9 - age, 1e9 - age))  # the first, the most recently used
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
     result = subprocess.run(
         [sys.executable, "-m", "loraserve.model.kernels", "--all"],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert len(list(tmp_path.rglob("*.so"))) == len(build.VARIANTS)
+    for name in build.VARIANTS:
+        kept = sorted(cache.glob(f"torch-*-{name}"))
+        assert len(kept) == build.KEEP_BUILDS
+        assert set(stale[name][: build.KEEP_BUILDS - 1]) < set(kept)  # and the new build
+    built = [p for p in cache.rglob("*.so") if p.stat().st_size > 0]
+    assert len(built) == len(build.VARIANTS)
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@
 (by `scripts/setup.sh`, or here on first use when a compiler is available), else None: every
 caller then takes its torch path, which is also each kernel's test oracle. The ops:
 
-  linear_f32(x [M, K], weight [N, K], bias?) -> [M, N]
+  linear_f32(x [M, K], weight [N, K], bias?) -> [M, N]   (weight float32, or bfloat16 widened
+                                                        exactly as it is read)
   linear_4bit(x [M, K], packed [N*K/2] u8, absmax [N*K/blocksize], code [16], blocksize, N,
               bias?) -> [M, N]                       (bitsandbytes NF4 / FP4 layout; blocksize a
                                                         power of two from 32)
@@ -27,8 +28,9 @@ caller then takes its torch path, which is also each kernel's test oracle. The o
                                                         how long their callers waited at their
                                                         ends for the rest of the team)
 
-All take contiguous float32 CPU tensors (transpose_scaled: any float dtype and strides;
-kv_write_'s states: any strides but D's). Set LORASERVE_KERNELS=off to use the torch paths, or
+All take contiguous float32 CPU tensors (linear_f32's weight and lora_delta_'s slots: or
+bfloat16; transpose_scaled: any float dtype and strides; kv_write_'s states: any strides but
+D's). Set LORASERVE_KERNELS=off to use the torch paths, or
 to a variant's name (`build.VARIANTS`) to load that one instead of this CPU's.
 
 Knows nothing about models, adapters or batches: callers decide when an op applies.

@@ -3,7 +3,9 @@
 `python -m loraserve.model.kernels` (run by `scripts/setup.sh`) builds the variant this
 CPU runs; `--all` builds every variant (a compile check for CPUs this machine does not have).
 A build lands in a folder named after the torch version, the sources' hash and the instruction
-set, so a changed source or another torch never loads a stale library.
+set, so a changed source or another torch never loads a stale library. Each use of a build
+touches its folder; a new build removes all but the KEEP_BUILDS most recently used builds of
+its instruction set, so that upgrades do not pile libraries up in the cache.
 
 Knows nothing about when a kernel is used: `kernels/__init__.py` loads the library it builds.
 """
@@ -11,9 +13,11 @@ Knows nothing about when a kernel is used: `kernels/__init__.py` loads the libra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,6 +29,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parent
+KEEP_BUILDS = 4  # of each instruction set in the cache, the most recently used
 SOURCES = (
     "cpu_kernels.cpp", "parallel.h", "gemm.h", "attention.h", "lora.h", "scores.h", "norm.h",
     "kv.h", "rotary.h",
@@ -84,6 +89,8 @@ def build(variant: Variant) -> Path:
     """
     target = library_path(variant)
     if target.exists():
+        with contextlib.suppress(OSError):  # a read-only cache serves all the same
+            os.utime(target.parent)  # used: the builds pruned are the least recently used
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.stem}.{os.getpid()}.partial")
@@ -96,7 +103,23 @@ def build(variant: Variant) -> Path:
         raise
     os.replace(partial, target)
     log.info("compiled in %.0f s", time.monotonic() - started)
+    for folder in prune(variant):
+        log.info("removed the kernel build %s (not used lately)", folder)
     return target
+
+
+def prune(variant: Variant, keep: int = KEEP_BUILDS) -> list[Path]:
+    """Remove all but the `keep` most recently used builds of `variant` from the cache (a
+    process that has one loaded keeps it: the file lives on until it is unmapped); returns the
+    folders removed."""
+    builds = sorted(
+        (f for f in cache_root().glob(f"torch-*-{variant.name}") if f.is_dir()),
+        key=lambda folder: folder.stat().st_mtime,
+        reverse=True,
+    )
+    for folder in builds[keep:]:
+        shutil.rmtree(folder, ignore_errors=True)
+    return builds[keep:]
 
 
 def compile_library(variant: Variant, source: Path, output: Path) -> None:
