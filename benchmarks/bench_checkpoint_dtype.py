@@ -10,6 +10,7 @@ decode step, the ratio, and the bytes the two engines' unquantized weights hold.
 
     .venv/bin/python benchmarks/bench_checkpoint_dtype.py --rows 1
     .venv/bin/python benchmarks/bench_checkpoint_dtype.py --rows 32 --quantization none
+    .venv/bin/python benchmarks/bench_checkpoint_dtype.py --rows 1 --vocab-size 128256
 """
 
 from __future__ import annotations
@@ -46,14 +47,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of prefill, then decode")
     parser.add_argument("--quantization", choices=("nf4", "none"), default="nf4")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--vocab-size", type=int, default=DEFAULT.model.vocab_size, help="e.g. Llama 3's 128256"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     transformers.logging.disable_progress_bar()
     workload = base_workload(args.new_tokens).head(args.rows, args.new_tokens)
     bench = replace(DEFAULT, quantization=args.quantization)
+    spec = replace(DEFAULT.model, vocab_size=args.vocab_size)
     cores: dict[str, EngineCore] = {
-        dtype: warm_base_engine(workload, replace(DEFAULT.model, weights_dtype=dtype), bench)
+        dtype: warm_base_engine(workload, replace(spec, weights_dtype=dtype), bench)
         for dtype in DTYPES
     }
     steps: dict[str, list[float]] = {dtype: [] for dtype in DTYPES}
@@ -70,8 +75,8 @@ def main() -> None:
                     steps[dtype].append(time.perf_counter() - started)
             turn += 1
     median = {dtype: statistics.median(times) * 1e3 for dtype, times in steps.items()}
-    print(f"{args.rows} rows, {args.quantization}, {args.threads} threads, "
-          f"{len(steps['fp32'])} decode steps each")  # fmt: skip
+    print(f"{args.rows} rows, {args.quantization}, vocabulary {args.vocab_size}, "
+          f"{args.threads} threads, {len(steps['fp32'])} decode steps each")  # fmt: skip
     for dtype, core in cores.items():
         held = unquantized_weight_bytes(core.runner.model) / 2**20
         print(f"stored {dtype}: decode step median {median[dtype]:.2f} ms, unquantized weights "
