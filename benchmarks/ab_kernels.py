@@ -2,19 +2,21 @@
 
 Compiles both trees' `model/kernels` for this CPU under two op namespaces (`ab_base`,
 `ab_tree`), builds the default benchmark model once (hidden 1024, 8 layers, NF4, fp32
-compute), prefills 32 prompts, and alternates the decode steps between the two builds, so that
-both see the same machine at the same moments: on a shared, noisy machine, runs minutes apart
-differ by more than a kernel change. Then profiles a few decode steps of each (per-op times).
+compute), prefills 32 prompts (`--rows`), and alternates the decode steps between the two
+builds, so that both see the same machine at the same moments: on a shared, noisy machine, runs
+minutes apart differ by more than a kernel change. Then profiles a few decode steps of each
+(per-op times).
 
     .venv/bin/python benchmarks/ab_kernels.py --base 6b7fbde --repeats 2
 
 With `--projections` it times the kernels alone instead, on the default model's shapes: one
-round is every 4-bit projection of a decode step (8 layers x 7, 32 rows, random NF4 bytes,
-each layer its own weights) and then the fp32 output projection, the two builds alternating
-round by round, with 64 MB read between rounds so that the weights come from memory as in a
-model. Steps of the engine vary by more than a few percent; these rounds do not.
+round is every 4-bit projection of a decode step (8 layers x 7, 32 rows or `--rows`, random
+NF4 bytes, each layer its own weights) and then the fp32 output projection, the two builds
+alternating round by round, with 64 MB read between rounds so that the weights come from
+memory as in a model. Steps of the engine vary by more than a few percent; these rounds do not.
 
     .venv/bin/python benchmarks/ab_kernels.py --base 6b7fbde --projections --threads 2
+    .venv/bin/python benchmarks/ab_kernels.py --base 6b7fbde --projections --rows 1
 
 With `--lora-prefill` it times the LoRA kernel alone the same way, on a prefill of the default
 workload (32 prompts of 64-128 tokens, each on its own rank-16 adapter, every projection).
@@ -110,11 +112,11 @@ def use(ops: object) -> None:
         module.native = lambda chosen=chosen: chosen  # type: ignore[attr-defined]
 
 
-def compare_projections(builds: dict[str, object], rounds: int) -> None:
-    """Rounds of a decode step's projections (see the module's docstring), alternating builds;
-    prints each build's median round and the ratio, per kernel."""
+def compare_projections(builds: dict[str, object], rounds: int, rows: int) -> None:
+    """Rounds of a decode step's projections for `rows` rows (see the module's docstring),
+    alternating builds; prints each build's median round and the ratio, per kernel."""
     keep_freed_memory()  # as the engine's runner does: no fresh pages per call
-    spec, rows = DEFAULT.model, DEFAULT.num_requests
+    spec = DEFAULT.model
     generator = torch.Generator().manual_seed(0)
     layers = [
         (
@@ -214,6 +216,9 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=30, help="with --projections, --lora-*")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--rows", type=int, default=DEFAULT.num_requests, help="decode rows (--projections: of x)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -224,12 +229,12 @@ def main() -> None:
             "tree": compile_as("ab_tree", sources_at(None), Path(tmp, "tree")),
         }
     if args.projections:
-        compare_projections(builds, args.rounds)
+        compare_projections(builds, args.rounds, args.rows)
         return
     if args.lora_prefill or args.lora_decode:
         compare_lora(builds, args.rounds, decode=args.lora_decode)
         return
-    workload = base_workload(args.new_tokens)
+    workload = base_workload(args.new_tokens).head(args.rows, args.new_tokens)
     use(builds["base"])
     core = warm_base_engine(workload)
 
@@ -254,7 +259,7 @@ def main() -> None:
     profiled = min(12, args.new_tokens)  # the engine is sized for --new-tokens
     for name, ops in builds.items():
         use(ops)
-        submit(core, Trace(), workload.head(DEFAULT.num_requests, profiled), with_adapters=False)
+        submit(core, Trace(), workload.head(args.rows, profiled), with_adapters=False)
         core.step()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             while core.has_work():

@@ -244,29 +244,51 @@ inline void decode_group(const uint8_t* bytes, const CodeTables& t, vf (&out)[kG
 #endif
 
 // For 1 to 4 rows: each weight is decoded into registers and used at once, never stored. The
-// block scale multiplies each block's partial sums, not every weight.
+// block scale multiplies each block's partial sums, not every weight. NC output columns at a
+// time, each row's sums of a column in two accumulators (independent chains of multiply-adds),
+// and each step prefetches a line kGemvAhead bytes on. One column at a time without prefetches,
+// one row streamed its weights at 10 GB/s; with both changes 17 (56 decode projections 0.66x
+// the time, paired, 2026-12-01), with either alone at most 11. AVX2's decoding needs the
+// registers more columns would take.
 template <int MR>
-inline void gemv_rows_4bit(const float* x, int64_t K, const uint8_t* packed,
+constexpr int kGemvCols = kLanes == 16 ? (MR <= 2 ? 4 : 2) : 1;
+constexpr int64_t kGemvAhead = 4096;  // bytes, at least, between a line read and one prefetched
+
+template <int MR, int NC>
+inline void gemv_cols_4bit(const float* x, int64_t K, const uint8_t* packed,
                            const Scales& scales, const CodeTables& tables, int64_t blocksize,
-                           int64_t n, float* y, int64_t ldy) {
-  const uint8_t* bytes = packed + n * K / 2;
+                           int64_t n0, int64_t N, float* y, int64_t ldy) {
   const int64_t blocks_per_row = K / blocksize;
-  vf acc[MR];
-  for (int m = 0; m < MR; ++m) acc[m] = vf{};
+  // The columns' bytes are one run, and the next columns' follow it: a group step reads NC * 16
+  // bytes of this run and prefetches the line as far on as the run is long, or kGemvAhead.
+  const uint8_t* ahead = packed + n0 * K / 2 + std::max<int64_t>(NC * K / 2, kGemvAhead);
+  const uint8_t* end = packed + N * K / 2;
+  vf acc[MR][NC];
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < NC; ++c) acc[m][c] = vf{};
   for (int64_t b = 0; b < blocks_per_row; ++b) {
-    vf part[MR];
-    for (int m = 0; m < MR; ++m) part[m] = vf{};
+    vf part[MR][NC][2];
+    for (int m = 0; m < MR; ++m)
+      for (int c = 0; c < NC; ++c) part[m][c][0] = part[m][c][1] = vf{};
     for (int64_t k = b * blocksize; k < (b + 1) * blocksize; k += kGroup) {
-      vf w[kGroupVecs];
-      decode_group(bytes + k / 2, tables, w);
-      for (int m = 0; m < MR; ++m)
-        for (int v = 0; v < kGroupVecs; ++v)
-          part[m] += *reinterpret_cast<const vf*>(x + m * K + k + v * kLanes) * w[v];
+      const int64_t read = k / kGroup * NC * 16;  // bytes of the run read before this step
+      if (read % 64 == 0 && ahead + read < end)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + read), _MM_HINT_T0);
+      for (int c = 0; c < NC; ++c) {
+        vf w[kGroupVecs];
+        decode_group(packed + (n0 + c) * K / 2 + k / 2, tables, w);
+        for (int m = 0; m < MR; ++m)
+          for (int v = 0; v < kGroupVecs; ++v)
+            part[m][c][v % 2] += *reinterpret_cast<const vf*>(x + m * K + k + v * kLanes) * w[v];
+      }
     }
-    const vf scale = vf{} + scales(n * blocks_per_row + b);
-    for (int m = 0; m < MR; ++m) acc[m] += part[m] * scale;
+    for (int c = 0; c < NC; ++c) {
+      const vf scale = vf{} + scales((n0 + c) * blocks_per_row + b);
+      for (int m = 0; m < MR; ++m) acc[m][c] += (part[m][c][0] + part[m][c][1]) * scale;
+    }
   }
-  for (int m = 0; m < MR; ++m) y[m * ldy + n] = hsum(acc[m]);
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < NC; ++c) y[m * ldy + n0 + c] = hsum(acc[m][c]);
 }
 
 // x [M, K] with each row's k in decoded order, for the 1-to-4-row 4-bit path.
@@ -278,10 +300,16 @@ inline void permute_like_decoded(const float* x, int64_t M, int64_t K, float* ou
 template <int MR>
 inline void gemv_4bit(const float* x, int64_t K, const uint8_t* packed, const Scales& scales,
                       const CodeTables& tables, int64_t blocksize, int64_t N, float* y) {
+  constexpr int NC = kGemvCols<MR>;
+  static_assert(kTileCols % NC == 0, "a tile's columns split evenly into column blocks");
   parallel_items((N + kTileCols - 1) / kTileCols, [&](WorkQueue& queue) {
     queue.each([&](int64_t t) {
-      for (int64_t n = t * kTileCols; n < std::min((t + 1) * kTileCols, N); ++n)
-        gemv_rows_4bit<MR>(x, K, packed, scales, tables, blocksize, n, y, N);
+      const int64_t end = std::min((t + 1) * kTileCols, N);
+      int64_t n = t * kTileCols;
+      for (; n + NC <= end; n += NC)
+        gemv_cols_4bit<MR, NC>(x, K, packed, scales, tables, blocksize, n, N, y, N);
+      for (; n < end; ++n)
+        gemv_cols_4bit<MR, 1>(x, K, packed, scales, tables, blocksize, n, N, y, N);
     });
   });
 }
