@@ -73,7 +73,7 @@ def _dequantized(layer: bnb.nn.Linear4bit) -> torch.Tensor:
     return bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
 
 
-@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 7, 12, 17, 32, 33, SMALL_BATCH_ROWS])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 6, 7, 12, 17, 32, 33, SMALL_BATCH_ROWS])
 @pytest.mark.parametrize(("out_features", "in_features"), [(96, 128), (13, 64), (40, 192)])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_linear_4bit_equals_dequantize_then_matmul(rows, out_features, in_features, quant_type):

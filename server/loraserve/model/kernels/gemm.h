@@ -5,7 +5,7 @@
 // Written once with GCC vector extensions of LS_LANES floats and compiled once per instruction
 // set (AVX2: 8 lanes, AVX-512: 16 lanes); only the compiler's lowering differs between them.
 //
-// The 4-bit path never materialises the whole weight: for 1 to 4 rows each weight is decoded
+// The 4-bit path never materialises the whole weight: for 1 to 6 rows each weight is decoded
 // into registers and used at once; for up to one pass of rows (a decode step), a block of
 // output columns decodes one group of k at a time while the previous group's multiply-adds run;
 // for more, a tile of a few output columns is decoded, one chunk of k at a time, into a small
@@ -243,15 +243,18 @@ inline void decode_group(const uint8_t* bytes, const CodeTables& t, vf (&out)[kG
 }
 #endif
 
-// For 1 to 4 rows: each weight is decoded into registers and used at once, never stored. The
-// block scale multiplies each block's partial sums, not every weight. NC output columns at a
-// time, each row's sums of a column in two accumulators (independent chains of multiply-adds),
-// and each step prefetches a line kGemvAhead bytes on. One column at a time without prefetches,
-// one row streamed its weights at 10 GB/s; with both changes 17 (56 decode projections 0.66x
-// the time, paired, 2026-12-01), with either alone at most 11. AVX2's decoding needs the
-// registers more columns would take.
+// For 1 to kGemvRows rows: each weight is decoded into registers and used at once, never
+// stored. The block scale multiplies each block's partial sums, not every weight. NC output
+// columns at a time, each row's sums of a column in two accumulators up to 4 rows (independent
+// chains of multiply-adds), and each step prefetches a line kGemvAhead bytes on. One column at
+// a time without prefetches, one row streamed its weights at 10 GB/s; with both changes 17 (56
+// decode projections 0.66x the time, paired, 2026-12-01), with either alone at most 11. With
+// AVX-512 it also beats the one-pass outer products up to 6 rows (5: 9.1 against 15.1 ms for
+// the 56 projections; 6: 13.7 against 17.1; 8: 20.9 against 16.1; one-offs); AVX2's decoding
+// needs the registers more columns or rows would take.
 template <int MR>
-constexpr int kGemvCols = kLanes == 16 ? (MR <= 2 ? 4 : 2) : 1;
+constexpr int kGemvCols = kLanes == 16 ? (MR <= 2 ? 4 : MR <= 4 ? 2 : 1) : 1;
+constexpr int64_t kGemvRows = kLanes == 16 ? 6 : 4;
 constexpr int64_t kGemvAhead = 4096;  // bytes, at least, between a line read and one prefetched
 
 template <int MR, int NC>
@@ -267,9 +270,11 @@ inline void gemv_cols_4bit(const float* x, int64_t K, const uint8_t* packed,
   for (int m = 0; m < MR; ++m)
     for (int c = 0; c < NC; ++c) acc[m][c] = vf{};
   for (int64_t b = 0; b < blocks_per_row; ++b) {
-    vf part[MR][NC][2];
+    constexpr int kParts = MR <= 4 ? 2 : 1;  // more rows: chains enough, registers too few
+    vf part[MR][NC][kParts];
     for (int m = 0; m < MR; ++m)
-      for (int c = 0; c < NC; ++c) part[m][c][0] = part[m][c][1] = vf{};
+      for (int c = 0; c < NC; ++c)
+        for (int i = 0; i < kParts; ++i) part[m][c][i] = vf{};
     for (int64_t k = b * blocksize; k < (b + 1) * blocksize; k += kGroup) {
       const int64_t read = k / kGroup * NC * 16;  // bytes of the run read before this step
       if (read % 64 == 0 && ahead + read < end)
@@ -279,19 +284,24 @@ inline void gemv_cols_4bit(const float* x, int64_t K, const uint8_t* packed,
         decode_group(packed + (n0 + c) * K / 2 + k / 2, tables, w);
         for (int m = 0; m < MR; ++m)
           for (int v = 0; v < kGroupVecs; ++v)
-            part[m][c][v % 2] += *reinterpret_cast<const vf*>(x + m * K + k + v * kLanes) * w[v];
+            part[m][c][v % kParts] +=
+                *reinterpret_cast<const vf*>(x + m * K + k + v * kLanes) * w[v];
       }
     }
     for (int c = 0; c < NC; ++c) {
       const vf scale = vf{} + scales((n0 + c) * blocks_per_row + b);
-      for (int m = 0; m < MR; ++m) acc[m][c] += (part[m][c][0] + part[m][c][1]) * scale;
+      for (int m = 0; m < MR; ++m) {
+        vf sum = part[m][c][0];
+        for (int i = 1; i < kParts; ++i) sum += part[m][c][i];
+        acc[m][c] += sum * scale;
+      }
     }
   }
   for (int m = 0; m < MR; ++m)
     for (int c = 0; c < NC; ++c) y[m * ldy + n0 + c] = hsum(acc[m][c]);
 }
 
-// x [M, K] with each row's k in decoded order, for the 1-to-4-row 4-bit path.
+// x [M, K] with each row's k in decoded order, for the 1-to-kGemvRows-row 4-bit path.
 inline void permute_like_decoded(const float* x, int64_t M, int64_t K, float* out) {
   for (int64_t m = 0; m < M; ++m)
     for (int64_t j = 0; j < K; ++j) out[m * K + j] = x[m * K + decoded_k(j)];
@@ -843,12 +853,12 @@ inline void gemm_4bit_one_pass(const float* x, int64_t M, int64_t K,
 inline void gemm_4bit(const float* x, int64_t M, int64_t K, std::span<const Weight4bit> weights,
                       std::span<float* const> ys) {
   if (M == 0) return;
-  if (kOnePass && M > 4 && M <= kPassRows) {
+  if (kOnePass && M > kGemvRows && M <= kPassRows) {
     const auto one_pass = pass_vectors(M, 0) == 1 ? gemm_4bit_one_pass<1> : gemm_4bit_one_pass<2>;
     return one_pass(x, M, K, weights, ys);
   }
   std::unique_ptr<float[]> permuted;
-  if (M <= 4) {
+  if (M <= kGemvRows) {
     permuted.reset(new float[M * K]);
     permute_like_decoded(x, M, K, permuted.get());
   }
@@ -857,13 +867,15 @@ inline void gemm_4bit(const float* x, int64_t M, int64_t K, std::span<const Weig
     const CodeTables tables = code_tables(w.code);
     const int blocksize_log2 = __builtin_ctzll(w.blocksize);
     float* y = ys[i];
-    if (M <= 4) {
+    if (M <= kGemvRows) {
       const float* p = permuted.get();
       switch (M) {
         case 1: gemv_4bit<1>(p, K, w.packed, w.scales, tables, w.blocksize, w.N, y); break;
         case 2: gemv_4bit<2>(p, K, w.packed, w.scales, tables, w.blocksize, w.N, y); break;
         case 3: gemv_4bit<3>(p, K, w.packed, w.scales, tables, w.blocksize, w.N, y); break;
-        default: gemv_4bit<4>(p, K, w.packed, w.scales, tables, w.blocksize, w.N, y); break;
+        case 4: gemv_4bit<4>(p, K, w.packed, w.scales, tables, w.blocksize, w.N, y); break;
+        case 5: gemv_4bit<5>(p, K, w.packed, w.scales, tables, w.blocksize, w.N, y); break;
+        default: gemv_4bit<6>(p, K, w.packed, w.scales, tables, w.blocksize, w.N, y); break;
       }
       continue;
     }
