@@ -624,37 +624,58 @@ struct GroupView {
   const float* row[NR];
 };
 
-// A block's 4-bit weight rows decoded a group at a time, one group ahead of the one read. Each
-// row's next cache line is prefetched as a chunk of kDepth starts (the next kDepth k of the row,
-// else the same row of the next block): the hardware prefetchers do not follow NR interleaved
-// streams.
+// NR weight rows as the one-pass kernel reads them, filled into fp32 a group at a time, one group
+// ahead of the one read: `Rows::fill(k0, group)` writes the group from k0, and its work runs
+// beside the previous group's multiply-adds. `Rows` calls `start()` once its own members are set.
+template <int NR, class Rows>
+class GroupsAhead {
+ public:
+  // The group from k0, for k0 = 0, kGroup, 2 kGroup, ... in turn.
+  GroupView<NR> at(int64_t k0) {
+    const int64_t group = k0 / kGroup;
+    if (k0 + kGroup < K_) rows().fill(k0 + kGroup, groups_[(group + 1) % 2]);
+    GroupView<NR> view;
+    for (int n = 0; n < NR; ++n) view.row[n] = groups_[group % 2][n];
+    return view;
+  }
+
+ protected:
+  explicit GroupsAhead(int64_t K) : K_(K) {}
+  void start() { rows().fill(0, groups_[0]); }
+
+  const int64_t K_;
+
+ private:
+  Rows& rows() { return static_cast<Rows&>(*this); }
+
+  alignas(64) float groups_[2][NR][kGroup];  // the group being read, and the next
+};
+
+// A block's 4-bit weight rows, decoded. Each row's next cache line is prefetched as a chunk of
+// kDepth starts (the next kDepth k of the row, else the same row of the next block): the
+// hardware prefetchers do not follow NR interleaved streams.
 template <int NR>
-class Decoded4bitGroups {
+class Decoded4bitGroups : public GroupsAhead<NR, Decoded4bitGroups<NR>> {
+  using Base = GroupsAhead<NR, Decoded4bitGroups<NR>>;
+  friend Base;
+  using Base::K_;
+
  public:
   // Rows n0 .. n0 + NR; rows past N repeat the last one.
   Decoded4bitGroups(const uint8_t* packed, const Scales& scales, const CodeTables& tables,
                     int blocksize_log2, int64_t N, int64_t K, int64_t n0)
-      : scales_(scales), tables_(tables), blocksize_log2_(blocksize_log2), K_(K),
+      : Base(K), scales_(scales), tables_(tables), blocksize_log2_(blocksize_log2),
         next_rows_(n0 + 2 * NR <= N ? packed + (n0 + NR) * K / 2 : nullptr) {
     for (int n = 0; n < NR; ++n) {
       const int64_t row = std::min(n0 + n, N - 1);
       rows_[n] = packed + row * K / 2;
       first_block_[n] = (row * K) >> blocksize_log2;
     }
-    decode(0, decoded_[0]);
-  }
-
-  // The group from k0, for k0 = 0, kGroup, 2 kGroup, ... in turn.
-  GroupView<NR> at(int64_t k0) {
-    const int64_t group = k0 / kGroup;
-    if (k0 + kGroup < K_) decode(k0 + kGroup, decoded_[(group + 1) % 2]);
-    GroupView<NR> view;
-    for (int n = 0; n < NR; ++n) view.row[n] = decoded_[group % 2][n];
-    return view;
+    Base::start();
   }
 
  private:
-  void decode(int64_t k0, float (&w)[NR][kGroup]) {
+  void fill(int64_t k0, float (&w)[NR][kGroup]) {
     const bool prefetch = k0 % kDepth == 0;
     const int64_t ahead = k0 + kDepth;
 #pragma GCC unroll 16
@@ -674,11 +695,9 @@ class Decoded4bitGroups {
   const Scales& scales_;
   const CodeTables& tables_;
   const int blocksize_log2_;
-  const int64_t K_;
   const uint8_t* const next_rows_;
   const uint8_t* rows_[NR];
   int64_t first_block_[NR];
-  alignas(64) float decoded_[2][NR][kGroup];  // the group being read, and the next
 };
 
 // A block's fp32 weight rows read in place; each row's lines kPrefetchAhead k ahead (else the
@@ -717,30 +736,24 @@ class InPlaceGroups {
   const float* rows_[NR];
 };
 
-// A block's bf16 weight rows widened to fp32 a group at a time (exactly: a shift), one group
-// ahead of the one read, as Decoded4bitGroups does; each row's line kBf16PrefetchAhead k on
-// (else the same row of the next block) is prefetched. Half the bytes of fp32 rows.
+// A block's bf16 weight rows, widened to fp32 (exactly: a shift): half the bytes of fp32 rows.
+// Each row's line kBf16PrefetchAhead k on (else the same row of the next block) is prefetched.
 template <int NR>
-class WidenedGroups {
+class WidenedGroups : public GroupsAhead<NR, WidenedGroups<NR>> {
+  using Base = GroupsAhead<NR, WidenedGroups<NR>>;
+  friend Base;
+  using Base::K_;
+
  public:
   // Rows n0 .. n0 + NR of w [N, K]; rows past N repeat the last one.
   WidenedGroups(const bf16* w, int64_t N, int64_t K, int64_t n0)
-      : K_(K), next_rows_(n0 + 2 * NR <= N ? w + (n0 + NR) * K : nullptr) {
+      : Base(K), next_rows_(n0 + 2 * NR <= N ? w + (n0 + NR) * K : nullptr) {
     for (int n = 0; n < NR; ++n) rows_[n] = w + std::min(n0 + n, N - 1) * K;
-    widen(0, widened_[0]);
-  }
-
-  // The group from k0, for k0 = 0, kGroup, 2 kGroup, ... in turn.
-  GroupView<NR> at(int64_t k0) {
-    const int64_t group = k0 / kGroup;
-    if (k0 + kGroup < K_) widen(k0 + kGroup, widened_[(group + 1) % 2]);
-    GroupView<NR> view;
-    for (int n = 0; n < NR; ++n) view.row[n] = widened_[group % 2][n];
-    return view;
+    Base::start();
   }
 
  private:
-  void widen(int64_t k0, float (&w)[NR][kGroup]) {
+  void fill(int64_t k0, float (&w)[NR][kGroup]) {
     const int64_t ahead = k0 + kBf16PrefetchAhead;
     const bool whole = k0 + kGroup <= K_;
 #pragma GCC unroll 16
@@ -758,10 +771,8 @@ class WidenedGroups {
     }
   }
 
-  const int64_t K_;
   const bf16* const next_rows_;
   const bf16* rows_[NR];
-  alignas(64) float widened_[2][NR][kGroup];  // the group being read, and the next
 };
 
 // y[:, n0 .. n0 + NR) (the columns before N) for the rows of one pass, MV vectors of them, from
