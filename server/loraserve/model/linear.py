@@ -165,8 +165,8 @@ class BaseLinear(nn.Module):
         self.group: SharedInputGroup | None = None
 
     def hold_narrow(self, weight: nn.Parameter) -> None:
-        """Run on `weight` [out, in] bf16, the dense fp32 weight's values exactly (`narrow`), in
-        its place: the kernel widens it as it reads it."""
+        """Run on `weight` [out, in] bf16, which holds the dense fp32 weight's values exactly
+        (`model/narrow.py` checks), in its place: the kernel widens it as it reads it."""
         if not self.dense or weight.dtype != torch.bfloat16:
             raise ValueError("only a dense fp32 weight is held in bf16")
         self.module.weight = weight

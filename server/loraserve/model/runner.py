@@ -60,8 +60,7 @@ class ModelRunner:
     4-bit ones that read one input (`SharedInputGroup`), holds fp32 weights whose values are all
     bf16 in bf16 (`narrow`: a bf16 checkpoint's output projection and input embedding), and
     sets the process's malloc to keep freed memory (`host_memory`): every forward frees what the
-    next one allocates. Every forward
-    runs with the SDPA backends of `attention.SDPA_BACKENDS`.
+    next one allocates. Every forward runs with the SDPA backends of `attention.SDPA_BACKENDS`.
     """
 
     def __init__(

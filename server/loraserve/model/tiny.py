@@ -65,8 +65,9 @@ def write_tiny_model(
     **config_overrides,
 ) -> Path:
     """Write a random `arch` model ("llama", "mistral", "qwen2", "gemma2", ...) and tokenizer to
-    `path`, its weights stored as `weights_dtype` (bf16, as most published checkpoints are);
-    `config_overrides` are further keywords of the architecture's config."""
+    `path`, its weights stored as `weights_dtype` (published checkpoints mostly store bf16), its
+    output projection tied to the input embedding if `tie_word_embeddings`; `config_overrides`
+    are further keywords of the architecture's config."""
     path = Path(path)
     tokenizer = build_tokenizer(vocab_size)
     config = AutoConfig.for_model(
