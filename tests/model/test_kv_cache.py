@@ -19,7 +19,6 @@ from loraserve.model.kv_cache import PagedKVCache
 from loraserve.model.loading import load_base_model
 from loraserve.model.lora import LoraContext
 from loraserve.model.runner import ModelRunner, RowInput
-from loraserve.model.tiny import write_tiny_model
 
 BLOCK_SIZE = 4
 SEQ_LEN = 24
@@ -165,52 +164,3 @@ def test_prompt_in_chunks_equals_one_prefill(model_dirs):
     for start in range(0, SEQ_LEN, 5):
         chunked = h.step({1: (start, min(5, SEQ_LEN - start))})[1]
     h.check({0: whole, 1: chunked}, {0: SEQ_LEN - 1, 1: SEQ_LEN - 1})
-
-
-@pytest.mark.parametrize(("quantization", "tied"), [("none", False), ("nf4", False), ("nf4", True)])
-def test_a_bf16_checkpoint_in_fp32_compute_holds_its_dense_weights_in_bf16_same_logits(
-    quantization, tied, tmp_path, monkeypatch
-):
-    """Its fp32 weights' values are all bf16, so the runner keeps them in bf16 (the output
-    projection and the input embedding, tied or not; unquantized, every projection): the logits
-    are those of the fp32 weights, bit for bit, through prefill and decode steps."""
-    model_dir = write_tiny_model(
-        tmp_path / "bf16", "llama", weights_dtype=torch.bfloat16, tie_word_embeddings=tied
-    )
-    prompts = [5, 9, 2]
-
-    def run() -> tuple[ModelRunner, list[torch.Tensor]]:
-        model = load_base_model(str(model_dir), quantization, "fp32", "cpu").model
-        config = model.config
-        per_seq = -(-SEQ_LEN // BLOCK_SIZE)
-        cache = PagedKVCache(
-            config.num_hidden_layers, 1 + len(prompts) * per_seq, BLOCK_SIZE,
-            config.num_key_value_heads, config.hidden_size // config.num_attention_heads,
-            torch.float32, torch.device("cpu"),
-        )  # fmt: skip
-        runner = ModelRunner(model, cache, LoraContext(), [0])
-        tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(len(prompts))]
-        tokens = torch.Generator().manual_seed(0)
-        seqs = [torch.randint(3, config.vocab_size, (SEQ_LEN,), generator=tokens).tolist()
-                for _ in prompts]  # fmt: skip
-        steps = [runner.forward([RowInput(s[:n], 0, t) for s, n, t in zip(seqs, prompts, tables)])]
-        for step in range(4):
-            steps.append(runner.forward(
-                [RowInput(s[n + step : n + step + 1], n + step, t)
-                 for s, n, t in zip(seqs, prompts, tables)]
-            ))  # fmt: skip
-        return runner, steps
-
-    narrowed, got = run()
-    head = narrowed.model.get_output_embeddings()
-    assert head.module.weight.dtype == torch.bfloat16
-    embedding = narrowed.model.get_input_embeddings()
-    assert embedding.weight.dtype == torch.bfloat16
-    assert (head.module.weight is embedding.weight) == tied
-    projection = narrowed.model.model.layers[0].self_attn.q_proj
-    assert (projection.module.weight.dtype == torch.bfloat16) == (quantization == "none")
-    monkeypatch.setattr(runner_module, "narrow_exact_weights", lambda model: 0)
-    kept, want = run()
-    assert kept.model.get_output_embeddings().module.weight.dtype == torch.float32
-    for step, (g, w) in enumerate(zip(got, want)):
-        assert torch.equal(g, w), f"step {step}"

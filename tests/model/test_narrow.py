@@ -1,7 +1,8 @@
 """fp32 weights whose values are all bf16, held in bf16 (`model/narrow.py`).
 
-What may be held so and what may not, and that every output keeps its bits. Skipped where this
-CPU has no kernel build (the dense weights then run through their modules, in fp32).
+What may be held so and what may not, and that every output keeps its bits: of the modules, and
+of a runner's prefill and decode steps on a checkpoint stored in bf16. Skipped where this CPU
+has no kernel build (the dense weights then run through their modules, in fp32).
 """
 
 from __future__ import annotations
@@ -10,13 +11,20 @@ import pytest
 import torch
 from torch import nn
 
+from loraserve.model import runner as runner_module
 from loraserve.model.kernels import native
+from loraserve.model.kv_cache import PagedKVCache
 from loraserve.model.linear import SMALL_BATCH_ROWS, wrap_projections
+from loraserve.model.loading import load_base_model
 from loraserve.model.lora import LoraBatch, LoraContext
 from loraserve.model.lora_embedding import MultiLoraEmbedding
 from loraserve.model.narrow import narrow_exact_weights
+from loraserve.model.runner import ModelRunner, RowInput
+from loraserve.model.tiny import write_tiny_model
 
 pytestmark = pytest.mark.skipif(native() is None, reason="no compiled kernels for this CPU")
+BLOCK_TOKENS = 4
+SEQUENCE_TOKENS = 24
 
 
 class ScaledEmbedding(nn.Embedding):
@@ -111,3 +119,52 @@ def test_a_weight_tied_to_an_embedding_that_computes_on_it_stays_fp32():
     assert model.head.module.weight is model.embed.weight
     assert model.embed.weight.dtype == torch.float32
     assert all(torch.equal(a, b) for a, b in zip(_outputs(model, 5), before))
+
+
+@pytest.mark.parametrize(("quantization", "tied"), [("none", False), ("nf4", False), ("nf4", True)])
+def test_a_bf16_checkpoint_in_fp32_compute_holds_its_dense_weights_in_bf16_same_logits(
+    quantization, tied, tmp_path, monkeypatch
+):
+    """Its fp32 weights' values are all bf16, so the runner keeps them in bf16 (the output
+    projection and the input embedding, tied or not; unquantized, every projection): the logits
+    are those of the fp32 weights, bit for bit, through prefill and decode steps."""
+    model_dir = write_tiny_model(
+        tmp_path / "bf16", "llama", weights_dtype=torch.bfloat16, tie_word_embeddings=tied
+    )
+    prompts = [5, 9, 2]
+
+    def run() -> tuple[ModelRunner, list[torch.Tensor]]:
+        model = load_base_model(str(model_dir), quantization, "fp32", "cpu").model
+        config = model.config
+        per_seq = -(-SEQUENCE_TOKENS // BLOCK_TOKENS)
+        cache = PagedKVCache(
+            config.num_hidden_layers, 1 + len(prompts) * per_seq, BLOCK_TOKENS,
+            config.num_key_value_heads, config.hidden_size // config.num_attention_heads,
+            torch.float32, torch.device("cpu"),
+        )  # fmt: skip
+        runner = ModelRunner(model, cache, LoraContext(), [0])
+        tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(len(prompts))]
+        tokens = torch.Generator().manual_seed(0)
+        seqs = [torch.randint(3, config.vocab_size, (SEQUENCE_TOKENS,), generator=tokens).tolist()
+                for _ in prompts]  # fmt: skip
+        steps = [runner.forward([RowInput(s[:n], 0, t) for s, n, t in zip(seqs, prompts, tables)])]
+        for step in range(4):
+            steps.append(runner.forward(
+                [RowInput(s[n + step : n + step + 1], n + step, t)
+                 for s, n, t in zip(seqs, prompts, tables)]
+            ))  # fmt: skip
+        return runner, steps
+
+    narrowed, got = run()
+    head = narrowed.model.get_output_embeddings()
+    assert head.module.weight.dtype == torch.bfloat16
+    embedding = narrowed.model.get_input_embeddings()
+    assert embedding.weight.dtype == torch.bfloat16
+    assert (head.module.weight is embedding.weight) == tied
+    projection = narrowed.model.model.layers[0].self_attn.q_proj
+    assert (projection.module.weight.dtype == torch.bfloat16) == (quantization == "none")
+    monkeypatch.setattr(runner_module, "narrow_exact_weights", lambda model: 0)
+    kept, want = run()
+    assert kept.model.get_output_embeddings().module.weight.dtype == torch.float32
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert torch.equal(g, w), f"step {step}"
