@@ -266,11 +266,11 @@ inline void gemv_cols_4bit(const float* x, int64_t K, const uint8_t* packed,
   // bytes of this run and prefetches the line as far on as the run is long, or kGemvAhead.
   const uint8_t* ahead = packed + n0 * K / 2 + std::max<int64_t>(NC * K / 2, kGemvAhead);
   const uint8_t* end = packed + N * K / 2;
+  constexpr int kParts = MR <= 4 ? 2 : 1;  // more rows: chains enough, registers too few
   vf acc[MR][NC];
   for (int m = 0; m < MR; ++m)
     for (int c = 0; c < NC; ++c) acc[m][c] = vf{};
   for (int64_t b = 0; b < blocks_per_row; ++b) {
-    constexpr int kParts = MR <= 4 ? 2 : 1;  // more rows: chains enough, registers too few
     vf part[MR][NC][kParts];
     for (int m = 0; m < MR; ++m)
       for (int c = 0; c < NC; ++c)
@@ -736,6 +736,13 @@ class InPlaceGroups {
   const float* rows_[NR];
 };
 
+// out[:n] = row[:n] widened to fp32.
+inline void widen_row(const bf16* row, int64_t n, float* out) {
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) *reinterpret_cast<vf*>(out + k) = load_vf(row + k);
+  for (; k < n; ++k) out[k] = to_float(row[k]);
+}
+
 // A block's bf16 weight rows, widened to fp32 (exactly: a shift): half the bytes of fp32 rows.
 // Each row's line kBf16PrefetchAhead k on (else the same row of the next block) is prefetched.
 template <int NR>
@@ -762,12 +769,11 @@ class WidenedGroups : public GroupsAhead<NR, WidenedGroups<NR>> {
                          : next_rows_ != nullptr ? next_rows_ + n * K_ + (ahead - K_)
                                                  : nullptr;
       if (line != nullptr) _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T0);
-      if (whole) {
+      if (whole)  // a constant trip count: widen_row's loop over a runtime count cost 5-7%
         for (int i = 0; i < kGroupVecs; ++i)
           *reinterpret_cast<vf*>(w[n] + i * kLanes) = load_vf(rows_[n] + k0 + i * kLanes);
-      } else {  // the last k of a row whose K is not a multiple of kGroup
-        for (int64_t k = k0; k < K_; ++k) w[n][k - k0] = to_float(rows_[n][k]);
-      }
+      else  // the last k of a row whose K is not a multiple of kGroup
+        widen_row(rows_[n] + k0, K_ - k0, w[n]);
     }
   }
 
@@ -899,13 +905,6 @@ inline void gemm_4bit(const float* x, int64_t M, int64_t K, std::span<const Weig
                              },
                              y);
   }
-}
-
-// out[:n] = row[:n] widened to fp32.
-inline void widen_row(const bf16* row, int64_t n, float* out) {
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes) *reinterpret_cast<vf*>(out + k) = load_vf(row + k);
-  for (; k < n; ++k) out[k] = to_float(row[k]);
 }
 
 // x [M, K] fp32 contiguous; w [N, K] fp32 or bf16 (widened exactly as it is read: the same
