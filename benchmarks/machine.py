@@ -24,6 +24,10 @@ import transformers
 
 PEAK_SIZE = 2048
 PEAK_TRIES = 5
+# Environment variables that hold a run to fewer instructions than the CPU has (MKL's GEMMs,
+# torch's vectorised ops, loraserve's kernels): set to all three "avx2" / "AVX2", an AVX-512
+# machine runs the code an AVX2-only CPU would.
+INSTRUCTION_LIMITS = ("MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "LORASERVE_KERNELS")
 
 
 def cpu_model() -> tuple[str, list[str]]:
@@ -52,6 +56,7 @@ def machine_info() -> dict:
         "cpu_model": name,
         "cpu_vector_features": vector,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "instruction_limits": {k: os.environ[k] for k in INSTRUCTION_LIMITS if k in os.environ},
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
