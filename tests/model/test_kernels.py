@@ -23,7 +23,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from loraserve.model.attention import attend_context, attend_decode_gathered
-from loraserve.model.kernels import build, native
+from loraserve.model.kernels import build, chosen_variant, native
 from loraserve.model.linear import (
     SMALL_BATCH_ROWS,
     BaseLinear,
@@ -134,6 +134,39 @@ def test_linear_4bit_group_equals_one_call_per_weight(rows):
     for output, weight, bias, layer in zip(got, weights, biases, layers, strict=True):
         assert torch.equal(output, weight.matmul(native(), x, bias))
         want = F.linear(x, _dequantized(layer), bias)
+        torch.testing.assert_close(output, want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.skipif(
+    chosen_variant() != build.VARIANTS["avx512"], reason="AVX-512's column-vector path"
+)
+@pytest.mark.parametrize("rows", [6, 7, 8, 9, 10, 11, 12])
+@pytest.mark.parametrize(
+    ("in_features", "blocksizes"), [(320, (32, 64, 64)), (768, (256, 128, 64))],
+    ids=["k-ends-mid-chunk", "blocks-past-a-chunk"],
+)  # fmt: skip
+def test_6_to_12_rows_give_the_bits_these_rows_get_in_a_16_row_call(rows, in_features, blocksizes):
+    """From 6 to 12 rows the AVX-512 build runs whole blocks of 32 columns with the columns in
+    the vectors' lanes; 16 rows run with the rows in them: each output sums the same products
+    in the same order. NF4 and FP4, plain and double-quantized scales, blocks smaller and larger
+    than a decoded chunk of 128 k, alone and sharing one call; a weight whose width leaves a
+    tail of columns sends the call to the other paths."""
+    shapes = [(64, "nf4", False), (96, "fp4", True), (40, "nf4", False)]
+    layers = [
+        _quantized(out, in_features, kind, nested=nested, bias=False, blocksize=blocksize)
+        for (out, kind, nested), blocksize in zip(shapes, blocksizes, strict=True)
+    ]
+    weights = [Packed4bit.of(layer) for layer in layers]
+    x = torch.randn(16, in_features)
+    ops = native()
+    for group in (weights[:1], weights[:2]):
+        sixteen = matmul_group(ops, x, group, [None] * len(group))
+        few = matmul_group(ops, x[:rows].contiguous(), group, [None] * len(group))
+        for got, want in zip(few, sixteen, strict=True):
+            assert torch.equal(got, want[:rows])
+    got = matmul_group(ops, x[:rows].contiguous(), weights, [None] * len(weights))
+    for output, layer in zip(got, layers, strict=True):
+        want = F.linear(x[:rows], _dequantized(layer))
         torch.testing.assert_close(output, want, rtol=RTOL, atol=ATOL)
 
 

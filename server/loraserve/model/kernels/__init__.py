@@ -50,14 +50,27 @@ from loraserve.model.kernels import build
 log = logging.getLogger(__name__)
 
 
+OFF = ("0", "off", "false", "no")  # LORASERVE_KERNELS values that turn the kernels off
+
+
+def _choice() -> str:
+    return os.environ.get("LORASERVE_KERNELS", "on").lower()
+
+
+def chosen_variant() -> build.Variant | None:
+    """The build `native()` loads: the one LORASERVE_KERNELS names, else this CPU's; None when
+    LORASERVE_KERNELS turns the kernels off or the CPU has no AVX2."""
+    choice = _choice()
+    return None if choice in OFF else build.VARIANTS.get(choice) or build.host_variant()
+
+
 @functools.cache
 def native() -> Any | None:
     """The loaded op namespace, or None when the kernels cannot run here (logged once)."""
-    choice = os.environ.get("LORASERVE_KERNELS", "on").lower()
-    if choice in ("0", "off", "false", "no"):
+    if _choice() in OFF:
         log.info("LORASERVE_KERNELS=off: using the torch paths")
         return None
-    variant = build.VARIANTS.get(choice) or build.host_variant()
+    variant = chosen_variant()
     if variant is None:
         log.info("no AVX2 on this CPU: loraserve's CPU kernels are off, torch paths serve")
         return None

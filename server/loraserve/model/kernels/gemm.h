@@ -5,9 +5,12 @@
 // Written once with GCC vector extensions of LS_LANES floats and compiled once per instruction
 // set (AVX2: 8 lanes, AVX-512: 16 lanes); only the compiler's lowering differs between them.
 //
-// The 4-bit path never materialises the whole weight: for 1 to 6 rows each weight is decoded
-// into registers and used at once; for up to one pass of rows (a decode step), a block of
-// output columns decodes one group of k at a time while the previous group's multiply-adds run;
+// The 4-bit path never materialises the whole weight: for 1 to 4 rows (with AVX-512 1 to 5, and
+// 6 where the next path does not take the weight) each weight is decoded into registers and
+// used at once; from 6 to 12 rows with AVX-512, a block of 32 output columns is decoded a chunk
+// of k at a time into vectors of 16 columns, each row's x[k] broadcast against them; for up to
+// one pass of rows (a decode step), a block of output columns decodes one group of k at a time
+// while the previous group's multiply-adds run;
 // for more, a tile of a few output columns is decoded, one chunk of k at a time, into a small
 // fp32 buffer (the same values bitsandbytes' dequantize gives: code[q] * absmax) that stays in
 // L1 while every pass of rows of x is multiplied against it. A
@@ -143,7 +146,12 @@ struct Scales {
 
   float operator()(int64_t block) const {
     if (absmax != nullptr) return absmax[block];
-    return code2[absmax8[block]] * absmax2[block / 256] + offset;
+    // Rounded, then offset, as bitsandbytes' dequantize does: the compiler would fuse the two
+    // into one multiply-add in some callers and not in others, and the kernels' paths would
+    // then scale the same block differently.
+    float scale = code2[absmax8[block]] * absmax2[block / 256];
+    asm("" : "+x"(scale));
+    return scale + offset;
   }
 };
 
@@ -250,8 +258,9 @@ inline void decode_group(const uint8_t* bytes, const CodeTables& t, vf (&out)[kG
 // a time without prefetches, one row streamed its weights at 10 GB/s; with both changes 17 (56
 // decode projections 0.66x the time, paired, 2026-12-01), with either alone at most 11. With
 // AVX-512 it also beats the one-pass outer products up to 6 rows (5: 9.1 against 15.1 ms for
-// the 56 projections; 6: 13.7 against 17.1; 8: 20.9 against 16.1; one-offs); AVX2's decoding
-// needs the registers more columns or rows would take.
+// the 56 projections; 6: 13.7 against 17.1; 8: 20.9 against 16.1; one-offs), though 6 rows go
+// to the column-vector path below where it takes the weight; AVX2's decoding needs the
+// registers more columns or rows would take.
 template <int MR>
 constexpr int kGemvCols = kLanes == 16 ? (MR <= 2 ? 4 : MR <= 4 ? 2 : 1) : 1;
 constexpr int64_t kGemvRows = kLanes == 16 ? 6 : 4;
@@ -865,11 +874,147 @@ inline void gemm_4bit_one_pass(const float* x, int64_t M, int64_t K,
   });
 }
 
-// ys[i] [M, N_i] = x [M, K] @ dequantize(weights[i])^T, x fp32. Up to one pass of rows the
-// weights share one transpose of x and one parallel region; otherwise one call each.
-inline void gemm_4bit(const float* x, int64_t M, int64_t K, std::span<const Weight4bit> weights,
-                      std::span<float* const> ys) {
-  if (M == 0) return;
+// ---- 6 to 12 rows with AVX-512: the lanes hold output columns, not rows ----
+//
+// The one-pass kernel holds rows in its vectors' lanes, so from 7 to 16 rows it runs one vector
+// of 16 and 8 rows cost what 16 do. Here a vector holds 16 output columns at one k instead: each
+// chunk of k of a block of 32 columns is decoded into an L1 buffer (each lane's 4 bytes gathered
+// from its column's row of the packed weight), and every row's x[k] is broadcast against it, so
+// the multiply-adds are the rows' own. Each output sums its products over k in the order the
+// one-pass kernel does (the groups' decoded order, one chain of multiply-adds): the same bits.
+// The 56 projections of a decode step on two threads, paired against the paths before
+// (`ab_kernels.py --projections`, 2026-12-01): 6 rows 0.91-0.92x the GEMV's time, 7 rows 0.68x
+// the one-pass kernel's, 8 rows 0.68x, 10 rows 0.81x, 12 rows 0.89x; 3, 4 and 5 rows 1.36x,
+// 1.19x and 1.01-1.05x the GEMV's, and 16 rows slower than one pass (one-off), so those stay
+// where they were. The decoding is about half of its time: gathers, where the other paths load
+// each column's bytes whole (a 16 x 16 byte transpose instead measured slower still).
+#if defined(__AVX512F__)
+constexpr int64_t kFewestColumnVectorRows = 6;  // fewer run as fast or faster by the GEMV above
+constexpr int64_t kMostColumnVectorRows = 12;   // 2 x 12 sums in registers
+constexpr int64_t kVectorColumns = 32;          // columns per block: two vectors of 16
+constexpr int64_t kColumnDepth = 128;           // k per decoded chunk: 16 KB of weights
+
+// w[j][c][:] = columns n0 + 16c .. n0 + 16c + 15 at the chunk's j-th k in decoded order, for the
+// chunk k0 .. k0 + depth (a multiple of kGroup, within one row). Not inlined: its registers
+// would push the caller's sums out of theirs.
+__attribute__((noinline)) inline void decode_column_vectors(
+    const uint8_t* packed, const Scales& scales, const CodeTables& tables, int blocksize_log2,
+    int64_t K, int64_t n0, int64_t k0, int64_t depth, float (*w)[2][16]) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 code = reinterpret_cast<__m512>(tables.values);
+  const int64_t blocks_per_row = K >> blocksize_log2;
+  const int64_t ahead = k0 + 2 * kColumnDepth;  // this chunk's rows, two chunks on
+  for (int c = 0; c < 2; ++c) {
+    const int64_t first = n0 + 16 * c;
+    const __m512i rows = _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32(first), lanes),
+                                            _mm512_set1_epi32(K / 2));  // byte offsets
+    if (ahead < K)
+      for (int i = 0; i < 16; ++i)
+        _mm_prefetch(reinterpret_cast<const char*>(packed + (first + i) * K / 2 + ahead / 2),
+                     _MM_HINT_T0);
+    __m512 scale = _mm512_setzero_ps();
+    for (int64_t g = 0; g < depth; g += kGroup) {
+      const int64_t k = k0 + g;
+      if (g == 0 || (k & ((int64_t{1} << blocksize_log2) - 1)) == 0) {
+        alignas(64) float block_scales[16];
+        for (int i = 0; i < 16; ++i)
+          block_scales[i] = scales((first + i) * blocks_per_row + (k >> blocksize_log2));
+        scale = _mm512_load_ps(block_scales);
+      }
+      for (int d = 0; d < 4; ++d) {  // 4 bytes of each column: its k + 8d .. k + 8d + 7
+        const __m512i q = _mm512_i32gather_epi32(rows, packed + k / 2 + 4 * d, 1);
+        for (int b = 0; b < 4; ++b) {
+          const int j = 4 * d + b;  // vpermps reads only each index's low 4 bits
+          const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 8 * b + 4), code);
+          const __m512 odd = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 8 * b), code);
+          _mm512_store_ps(w[g + j][c], _mm512_mul_ps(even, scale));
+          _mm512_store_ps(w[g + 16 + j][c], _mm512_mul_ps(odd, scale));
+        }
+      }
+    }
+  }
+}
+
+// y[:, n0 .. n0 + 32) for the M rows of x [M, K].
+template <int M>
+inline void column_vector_block(const float* x, int64_t K, const uint8_t* packed,
+                                const Scales& scales, const CodeTables& tables,
+                                int blocksize_log2, int64_t n0, float* y, int64_t N) {
+  __m512 acc[M][2];
+  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  alignas(64) float w[kColumnDepth][2][16];
+  for (int64_t k0 = 0; k0 < K; k0 += kColumnDepth) {
+    const int64_t depth = std::min(kColumnDepth, K - k0);
+    decode_column_vectors(packed, scales, tables, blocksize_log2, K, n0, k0, depth, w);
+    for (int64_t g = 0; g < depth; g += kGroup) {
+#pragma GCC unroll 32
+      for (int j = 0; j < kGroup; ++j) {
+        const float* column_x = x + k0 + g + decoded_k(j);
+        const __m512 w0 = _mm512_load_ps(w[g + j][0]);
+        const __m512 w1 = _mm512_load_ps(w[g + j][1]);
+#pragma GCC unroll 12
+        for (int m = 0; m < M; ++m) {
+          const __m512 xv = _mm512_set1_ps(column_x[m * K]);
+          acc[m][0] = _mm512_fmadd_ps(xv, w0, acc[m][0]);
+          acc[m][1] = _mm512_fmadd_ps(xv, w1, acc[m][1]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    _mm512_storeu_ps(y + m * N + n0, acc[m][0]);
+    _mm512_storeu_ps(y + m * N + n0 + 16, acc[m][1]);
+  }
+}
+
+// Whether the column-vector path takes a weight: whole blocks of columns, and every byte offset
+// within an int32 (the gathers' indices).
+inline bool takes_column_vectors(const Weight4bit& w, int64_t K) {
+  return w.N % kVectorColumns == 0 && w.N * K / 2 <= std::numeric_limits<int32_t>::max();
+}
+
+// ys[i] [M, N_i] = x [M, K] @ dequantize(weights[i])^T: every weight's blocks of columns in one
+// parallel region.
+template <int M>
+inline void gemm_4bit_columns(const float* x, int64_t K, std::span<const Weight4bit> weights,
+                              std::span<float* const> ys) {
+  std::vector<CodeTables> tables;
+  std::vector<int64_t> first_block{0};  // weight i's blocks: first_block[i] .. first_block[i + 1]
+  for (const Weight4bit& w : weights) {
+    tables.push_back(code_tables(w.code));
+    first_block.push_back(first_block.back() + w.N / kVectorColumns);
+  }
+  parallel_items(first_block.back(), [&](WorkQueue& queue) {
+    queue.each([&](int64_t b) {
+      size_t i = 0;
+      while (b >= first_block[i + 1]) ++i;
+      const Weight4bit& w = weights[i];
+      column_vector_block<M>(x, K, w.packed, w.scales, tables[i], __builtin_ctzll(w.blocksize),
+                             (b - first_block[i]) * kVectorColumns, ys[i], w.N);
+    });
+  });
+}
+
+// gemm_4bit_columns<M> for a runtime M from kFewestColumnVectorRows to kMostColumnVectorRows.
+inline void gemm_4bit_columns(const float* x, int64_t M, int64_t K,
+                              std::span<const Weight4bit> weights, std::span<float* const> ys) {
+  static_assert(kFewestColumnVectorRows == 6 && kMostColumnVectorRows == 12);
+  switch (M) {
+    case 6: return gemm_4bit_columns<6>(x, K, weights, ys);
+    case 7: return gemm_4bit_columns<7>(x, K, weights, ys);
+    case 8: return gemm_4bit_columns<8>(x, K, weights, ys);
+    case 9: return gemm_4bit_columns<9>(x, K, weights, ys);
+    case 10: return gemm_4bit_columns<10>(x, K, weights, ys);
+    case 11: return gemm_4bit_columns<11>(x, K, weights, ys);
+    default: return gemm_4bit_columns<12>(x, K, weights, ys);
+  }
+}
+#endif
+
+// gemm_4bit by the paths that hold rows in vectors' lanes (or, for the GEMV, k). Up to one pass
+// of rows the weights share one transpose of x and one parallel region; otherwise one call each.
+inline void gemm_4bit_rows(const float* x, int64_t M, int64_t K,
+                           std::span<const Weight4bit> weights, std::span<float* const> ys) {
   if (kOnePass && M > kGemvRows && M <= kPassRows) {
     const auto one_pass = pass_vectors(M, 0) == 1 ? gemm_4bit_one_pass<1> : gemm_4bit_one_pass<2>;
     return one_pass(x, M, K, weights, ys);
@@ -905,6 +1050,29 @@ inline void gemm_4bit(const float* x, int64_t M, int64_t K, std::span<const Weig
                              },
                              y);
   }
+}
+
+// ys[i] [M, N_i] = x [M, K] @ dequantize(weights[i])^T, x fp32. Each weight takes the path its
+// own call would (its output has the same bits alone or beside others); up to one pass of rows
+// the weights of one path share one transpose of x and one parallel region.
+inline void gemm_4bit(const float* x, int64_t M, int64_t K, std::span<const Weight4bit> weights,
+                      std::span<float* const> ys) {
+  if (M == 0) return;
+#if defined(__AVX512F__)
+  if (M >= kFewestColumnVectorRows && M <= kMostColumnVectorRows) {
+    std::vector<Weight4bit> columns, rows;
+    std::vector<float*> column_ys, row_ys;
+    for (size_t i = 0; i < weights.size(); ++i) {
+      const bool taken = takes_column_vectors(weights[i], K);
+      (taken ? columns : rows).push_back(weights[i]);
+      (taken ? column_ys : row_ys).push_back(ys[i]);
+    }
+    if (!columns.empty()) gemm_4bit_columns(x, M, K, columns, column_ys);
+    if (!rows.empty()) gemm_4bit_rows(x, M, K, rows, row_ys);
+    return;
+  }
+#endif
+  gemm_4bit_rows(x, M, K, weights, ys);
 }
 
 // x [M, K] fp32 contiguous; w [N, K] fp32 or bf16 (widened exactly as it is read: the same
