@@ -150,7 +150,7 @@ def test_6_to_12_rows_give_the_bits_these_rows_get_in_a_16_row_call(rows, in_fea
     the vectors' lanes; 16 rows run with the rows in them: each output sums the same products
     in the same order. NF4 and FP4, plain and double-quantized scales, blocks smaller and larger
     than a decoded chunk of 128 k, alone and sharing one call; a weight whose width leaves a
-    tail of columns sends the call to the other paths."""
+    tail of columns takes the other paths, beside them in the same call."""
     shapes = [(64, "nf4", False), (96, "fp4", True), (40, "nf4", False)]
     layers = [
         _quantized(out, in_features, kind, nested=nested, bias=False, blocksize=blocksize)
