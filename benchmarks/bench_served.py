@@ -3,8 +3,9 @@
 `bench_multi_lora.py` steps the engine on its own thread; this measures the whole server: its
 engine thread beside the gRPC, start-up and helper threads. It starts `loraserve serve` on the
 default benchmark model (hidden 1024, 8 layers, NF4, fp32 compute; written once like the other
-benchmarks' models), `--max-batch-size 32`, then runs `--rounds` rounds of 32 concurrent unary
-Generate calls (the benchmark's 64-128-token random prompts, 64 new tokens each, `ignore_eos`),
+benchmarks' models), `--max-batch-size 32`, then runs `--rounds` rounds of 32 (`--concurrency`)
+concurrent unary Generate calls (the benchmark's 64-128-token random prompts, 64 new tokens each,
+`ignore_eos`),
 each round timed from the first call to the last reply. The first round is a warm-up and is
 not counted; later rounds find the prompts in the prefix cache, so the figure is mostly decode.
 With `--neighbour` a process that keeps one CPU busy (`yes > /dev/null`) runs beside the
@@ -14,6 +15,7 @@ decode step gets and the time its parallel ops waited for their threads.
 
     .venv/bin/python benchmarks/bench_served.py --out benchmarks/results/served.json
     .venv/bin/python benchmarks/bench_served.py --neighbour --serve-args=--no-adaptive-threads
+    .venv/bin/python benchmarks/bench_served.py --concurrency 8   # decode steps of 8 rows
 """
 
 from __future__ import annotations
@@ -60,17 +62,22 @@ def metric(text: str, name: str) -> float | None:
 
 
 def served_rates(
-    model_dir: Path, rounds: int, log_path: Path, extra_flags: list[str], neighbour: bool
+    model_dir: Path,
+    rounds: int,
+    concurrency: int,
+    log_path: Path,
+    extra_flags: list[str],
+    neighbour: bool,
 ) -> Served:
-    """`rounds` rounds against a server started with `extra_flags` too, the counted ones beside
-    the neighbour if `neighbour`; then the server's thread metrics."""
+    """`rounds` rounds of `concurrency` calls against a server started with `extra_flags` too,
+    the counted ones beside the neighbour if `neighbour`; then the server's thread metrics."""
     (metrics_port,) = free_ports(1)
     flags = [
         "--model", str(model_dir), "--max-batch-size", str(DEFAULT.num_requests),
         "--adapter-dir", tempfile.mkdtemp(prefix="bench-served-"),
         "--metrics-port", str(metrics_port), *extra_flags,
     ]  # fmt: skip
-    prompts = make_workload(DEFAULT, [""] * DEFAULT.num_requests).prompts
+    prompts = make_workload(DEFAULT, [""] * DEFAULT.num_requests).prompts[:concurrency]
     busy = None
     with (
         serving(flags, log_path, STARTUP_TIMEOUT_S) as address,
@@ -111,14 +118,21 @@ def main() -> None:
         "--neighbour", action="store_true", help=f"run `{NEIGHBOUR}` beside the counted rounds"
     )
     parser.add_argument("--serve-args", default="", help="more flags for loraserve serve")
+    parser.add_argument(
+        "--concurrency", type=int, default=DEFAULT.num_requests,
+        help=f"concurrent calls a round (1-{DEFAULT.num_requests})",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be >= 2 (the first is a warm-up)")
+    if not 1 <= args.concurrency <= DEFAULT.num_requests:
+        parser.error(f"--concurrency must be from 1 to {DEFAULT.num_requests}")
     model_dir = prepare_model(DEFAULT.model, DEFAULT_CACHE_DIR)
     log_path = Path(tempfile.gettempdir()) / "bench_served.log"
     served = served_rates(
-        model_dir, args.rounds, log_path, shlex.split(args.serve_args), args.neighbour
-    )
+        model_dir, args.rounds, args.concurrency, log_path, shlex.split(args.serve_args),
+        args.neighbour,
+    )  # fmt: skip
     rates = served.rates
     median = statistics.median(rates)
     print(f"served tok/s per round {[round(r, 1) for r in rates]}, median {median:.1f}; "
@@ -128,6 +142,7 @@ def main() -> None:
         result = {
             "served_tok_s": median,
             "rounds_tok_s": rates,
+            "concurrency": args.concurrency,
             "neighbour": NEIGHBOUR if args.neighbour else None,
             "serve_args": args.serve_args,
             "compute_threads_at_end": served.compute_threads,
