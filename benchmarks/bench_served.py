@@ -5,9 +5,9 @@ engine thread beside the gRPC, start-up and helper threads. It starts `loraserve
 default benchmark model (hidden 1024, 8 layers, NF4, fp32 compute; written once like the other
 benchmarks' models), `--max-batch-size 32`, then runs `--rounds` rounds of 32 (`--concurrency`)
 concurrent unary Generate calls (the benchmark's 64-128-token random prompts, 64 new tokens each,
-`ignore_eos`),
-each round timed from the first call to the last reply. The first round is a warm-up and is
-not counted; later rounds find the prompts in the prefix cache, so the figure is mostly decode.
+`ignore_eos`), each round timed from the first call to the last reply. The first round is a
+warm-up and is not counted; later rounds find the prompts in the prefix cache, so the figure is
+mostly decode.
 With `--neighbour` a process that keeps one CPU busy (`yes > /dev/null`) runs beside the
 server for the counted rounds; `--serve-args` adds flags to `loraserve serve` (for example
 `--no-adaptive-threads`). At the end the server's `/metrics` give the thread count its next

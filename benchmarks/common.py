@@ -20,6 +20,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from loraserve.model.loading import DTYPES
 from loraserve.model.tiny import write_tiny_model
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loraserve" / "bench"
@@ -63,7 +64,7 @@ def prepare_model(spec: ModelSpec, cache_root: Path = DEFAULT_CACHE_DIR) -> Path
             vocab_size=spec.vocab_size,
             initializer_range=spec.initializer_range,
             seed=spec.seed,
-            weights_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[spec.weights_dtype],
+            weights_dtype=DTYPES[spec.weights_dtype],
         )
         staging.replace(path)
     return path

@@ -30,15 +30,13 @@ def narrow_exact_weights(model: nn.Module) -> int:
     dense = {
         id(m.module): m for m in model.modules() if isinstance(m, BaseLinear) and m.dense
     }  # the nn.Linear each dense BaseLinear runs, by id
-    holders: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
-    parameters: dict[int, nn.Parameter] = {}
+    holders: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)  # by parameter id
     for module in model.modules():
         for name, parameter in module.named_parameters(recurse=False):
             holders[id(parameter)].append((module, name))
-            parameters[id(parameter)] = parameter
     freed = 0
-    for key, held in holders.items():
-        weight = parameters[key]
+    for held in holders.values():
+        weight = getattr(*held[0])
         if weight.dtype != torch.float32 or not all(
             name == "weight" and (id(module) in dense or is_plain_lookup(module))
             for module, name in held

@@ -67,12 +67,13 @@ def chosen_variant() -> build.Variant | None:
 @functools.cache
 def native() -> Any | None:
     """The loaded op namespace, or None when the kernels cannot run here (logged once)."""
-    if _choice() in OFF:
-        log.info("LORASERVE_KERNELS=off: using the torch paths")
-        return None
     variant = chosen_variant()
     if variant is None:
-        log.info("no AVX2 on this CPU: loraserve's CPU kernels are off, torch paths serve")
+        log.info(
+            "LORASERVE_KERNELS=off: using the torch paths"
+            if _choice() in OFF
+            else "no AVX2 on this CPU: loraserve's CPU kernels are off, torch paths serve"
+        )
         return None
     try:
         path = build.build(variant)
