@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import time
 from dataclasses import replace
 
 import bitsandbytes as bnb
@@ -27,7 +26,7 @@ import transformers
 from torch import nn
 
 from bench_multi_lora import DEFAULT
-from engine_runs import Trace, submit
+from engine_runs import alternate_decode_steps
 from loraserve.engine.core import EngineCore
 from profile_step import base_workload, warm_base_engine
 
@@ -61,19 +60,7 @@ def main() -> None:
         dtype: warm_base_engine(workload, replace(spec, weights_dtype=dtype), bench)
         for dtype in DTYPES
     }
-    steps: dict[str, list[float]] = {dtype: [] for dtype in DTYPES}
-    for repeat in range(args.repeats):
-        for core in cores.values():
-            submit(core, Trace(), workload, with_adapters=False)
-            core.step()  # the prefill, not timed
-        turn = repeat
-        while any(core.has_work() for core in cores.values()):
-            for dtype in DTYPES if turn % 2 else DTYPES[::-1]:
-                if cores[dtype].has_work():
-                    started = time.perf_counter()
-                    cores[dtype].step()
-                    steps[dtype].append(time.perf_counter() - started)
-            turn += 1
+    steps = alternate_decode_steps(cores, workload, args.repeats, with_adapters=False)
     median = {dtype: statistics.median(times) * 1e3 for dtype, times in steps.items()}
     print(f"{args.rows} rows, {args.quantization}, vocabulary {args.vocab_size}, "
           f"{args.threads} threads, {len(steps['fp32'])} decode steps each")  # fmt: skip

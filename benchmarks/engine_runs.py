@@ -171,6 +171,28 @@ def run_engine(core: EngineCore, workload: Workload, with_adapters: bool) -> Tra
     return trace
 
 
+def alternate_decode_steps(cores: dict[str, EngineCore], workload: Workload, repeats: int,
+                           with_adapters: bool) -> dict[str, list[float]]:  # fmt: skip
+    """Each engine's decode steps of `workload`, `repeats` times, the engines' steps
+    alternating (the first to go changes every step) so that all see the same machine at the
+    same moments; each round's prefill is not timed."""
+    steps: dict[str, list[float]] = {name: [] for name in cores}
+    for repeat in range(repeats):
+        for core in cores.values():
+            submit(core, Trace(), workload, with_adapters)
+            core.step()
+        turn = repeat
+        while any(core.has_work() for core in cores.values()):
+            order = list(cores) if turn % 2 else list(cores)[::-1]
+            for name in order:
+                if cores[name].has_work():
+                    started = time.perf_counter()
+                    cores[name].step()
+                    steps[name].append(time.perf_counter() - started)
+            turn += 1
+    return steps
+
+
 def decode_step_seconds(trace: Trace, requests: int) -> list[float]:
     """The steps after the first when the first step prefilled every request (each then
     decodes one token per step): one decode step of `requests` rows each."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
+from loraserve.model import huge_pages
 from loraserve.model.kernels import native
 
 
@@ -36,12 +37,8 @@ class PagedKVCache(Cache):
         super().__init__(layers=[])
         self.block_size = block_size
         pool_shape = (num_blocks * block_size, kv_heads, head_dim)
-        self.key_pools = [
-            torch.zeros(pool_shape, dtype=dtype, device=device) for _ in range(num_layers)
-        ]
-        self.value_pools = [
-            torch.zeros(pool_shape, dtype=dtype, device=device) for _ in range(num_layers)
-        ]
+        self.key_pools = [huge_pages.zeros(pool_shape, dtype, device) for _ in range(num_layers)]
+        self.value_pools = [huge_pages.zeros(pool_shape, dtype, device) for _ in range(num_layers)]
         self._write_slots = torch.zeros(0, dtype=torch.int64, device=device)
 
     def pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from loraserve.model import huge_pages
 from loraserve.model.kernels import native
 from loraserve.model.linear import BaseLinear
 from loraserve.model.lora_embedding import MultiLoraEmbedding
@@ -281,12 +282,10 @@ class MultiLoraLinear(nn.Module):
         device = next(base.parameters()).device
         slot_dtype = slot_dtype or dtype
         self.register_buffer(
-            "lora_a",
-            torch.zeros(num_slots, max_rank, self.in_features, dtype=slot_dtype, device=device),
+            "lora_a", huge_pages.zeros((num_slots, max_rank, self.in_features), slot_dtype, device)
         )
         self.register_buffer(
-            "lora_b",
-            torch.zeros(num_slots, max_rank, self.out_features, dtype=slot_dtype, device=device),
+            "lora_b", huge_pages.zeros((num_slots, max_rank, self.out_features), slot_dtype, device)
         )
         self.scales = None if slot_dtype == dtype else SlotScales(num_slots, device)
         self.terms = SlotTerms(num_slots, self.out_features, dtype, device)

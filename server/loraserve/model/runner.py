@@ -21,6 +21,7 @@ import torch
 from torch.nn.attention import sdpa_kernel
 from transformers import PreTrainedModel
 
+from loraserve.model import huge_pages
 from loraserve.model.attention import (
     IMPLEMENTATION,
     SDPA_BACKENDS,
@@ -58,9 +59,11 @@ class ModelRunner:
     for `FusedRMSNorm` and its rotary embedding for the kernel's (`rotary`; in its forwards
     only), runs every projection through `BaseLinear` (those no adapter targets too), links the
     4-bit ones that read one input (`SharedInputGroup`), holds fp32 weights whose values are all
-    bf16 in bf16 (`narrow`: a bf16 checkpoint's output projection and input embedding), and
-    sets the process's malloc to keep freed memory (`host_memory`): every forward frees what the
-    next one allocates. Every forward runs with the SDPA backends of `attention.SDPA_BACKENDS`.
+    bf16 in bf16 (`narrow`: a bf16 checkpoint's output projection and input embedding), moves
+    the large unquantized weights onto huge pages (`huge_pages`, as the KV pools and LoRA slots
+    are allocated), and sets the process's malloc to keep freed memory (`host_memory`): every
+    forward frees what the next one allocates. Every forward runs with the SDPA backends of
+    `attention.SDPA_BACKENDS`.
     """
 
     def __init__(
@@ -86,6 +89,10 @@ class ModelRunner:
             if narrowed:
                 log.info("fp32 weights whose values are all bf16 now held in bf16: %.1f MiB "
                          "freed", narrowed / 2**20)  # fmt: skip
+            if huge_pages.available():
+                moved = huge_pages.adopt_parameters(model)
+                log.info("on 2 MiB pages: the KV pools, the LoRA slots and %.1f MiB of "
+                         "unquantized weights", moved / 2**20)  # fmt: skip
         model.set_attn_implementation(IMPLEMENTATION)
         if model.config._attn_implementation != IMPLEMENTATION:
             raise ValueError(
