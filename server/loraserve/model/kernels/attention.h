@@ -113,8 +113,9 @@ inline void paged_decode_attention(const float* q, const float* k_pool, const fl
         if (j + kAheadL2 < n)
           prefetch_position<_MM_HINT_T1>(k_pool + slots[j + kAheadL2] * KVH * D, KVH * D);
         const float* keys = k_pool + slots[j] * KVH * D;
-        for (int64_t h = 0; h < H; ++h)
-          scores[h * n + j] = scale * dot(q_row + h * D, keys + (h / group) * D, D);
+        for (int64_t g = 0, h = 0; g < KVH; ++g)
+          for (int64_t i = 0; i < group; ++i, ++h)
+            scores[h * n + j] = scale * dot(q_row + h * D, keys + g * D, D);
       }
       for (int64_t h = 0; h < H; ++h) softmax_inplace(scores.data() + h * n, n);
       for (int64_t i = 0; i < H * D; ++i) out_row[i] = 0.f;
@@ -124,8 +125,9 @@ inline void paged_decode_attention(const float* q, const float* k_pool, const fl
         if (j + kAheadL2 < n)
           prefetch_position<_MM_HINT_T1>(v_pool + slots[j + kAheadL2] * KVH * D, KVH * D);
         const float* values = v_pool + slots[j] * KVH * D;
-        for (int64_t h = 0; h < H; ++h)
-          axpy(scores[h * n + j], values + (h / group) * D, D, out_row + h * D);
+        for (int64_t g = 0, h = 0; g < KVH; ++g)
+          for (int64_t i = 0; i < group; ++i, ++h)
+            axpy(scores[h * n + j], values + g * D, D, out_row + h * D);
       }
     });
   });
