@@ -77,10 +77,12 @@ def warm_base_engine(
     return core
 
 
-def warm_lora_engine(new_tokens: int, bench: BenchConfig = DEFAULT) -> tuple[EngineCore, Workload]:
-    """The default model with the benchmark's 32 adapters (rank 16, all seven projections), each
-    in its own slot, and the 32 prompts each on its own adapter, generating `new_tokens`."""
-    model_dir = prepare_model(DEFAULT.model, DEFAULT_CACHE_DIR)
+def warm_lora_engine(
+    new_tokens: int, bench: BenchConfig = DEFAULT, spec: ModelSpec = DEFAULT.model
+) -> tuple[EngineCore, Workload]:
+    """The model of `spec` with the benchmark's 32 adapters (rank 16, all seven projections),
+    each in its own slot, and the 32 prompts each on its own adapter, generating `new_tokens`."""
+    model_dir = prepare_model(spec, DEFAULT_CACHE_DIR)
     adapter_dirs = prepare_lora_adapters(model_dir, DEFAULT.num_requests, DEFAULT.rank,
                                          DEFAULT.alpha, TARGETS, DEFAULT.seed)  # fmt: skip
     workload = make_workload(DEFAULT, list(adapter_dirs)).head(DEFAULT.num_requests, new_tokens)

@@ -2,9 +2,9 @@
 
 What goes there and what does not, that the kernel is asked for huge pages for exactly the
 tensor's whole 2 MiB runs, that the memory goes when the tensor does, and that a runner whose
-KV pools live there computes the logits it computes without them. Where the kernel is read
-(`/proc/self/smaps`), the tests skip unless transparent huge pages are in `madvise` mode (in
-`always` mode every mapping is eligible, so nothing tells them apart).
+KV pools and output projection live there computes the logits it computes without them. Where
+the kernel is read (`/proc/self/smaps`), the tests skip unless transparent huge pages are in
+`madvise` mode (in `always` mode every mapping is eligible, so nothing tells them apart).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 from loraserve.model import huge_pages
 from loraserve.model.kv_cache import PagedKVCache
 from loraserve.model.loading import load_base_model
-from loraserve.model.lora import LoraContext
+from loraserve.model.lora import LoraContext, MultiLoraLinear
 from loraserve.model.runner import ModelRunner, RowInput
 from loraserve.model.tiny import write_tiny_model
 
@@ -93,40 +93,46 @@ def test_what_is_not_eligible_is_a_plain_tensor(shape, device, switch, monkeypat
         assert not t.any()
         if madvise_mode():
             assert not eligible_for_huge_pages(t.data_ptr())
-    moved = torch.ones(shape, device=device)
-    assert huge_pages.adopt(moved) is moved
 
 
 @needs_madvise
-def test_adopt_copies_the_values_and_the_mapping_goes_with_the_tensor():
-    values = torch.randn(3, HUGE // 4)
-    moved = huge_pages.adopt(values)
-    assert torch.equal(moved, values) and moved.data_ptr() != values.data_ptr()
-    address = moved.data_ptr()
+def test_the_mapping_goes_with_the_tensor():
+    t = huge_pages.zeros((3, HUGE // 4), torch.float32)
+    address = t.data_ptr()
     assert eligible_for_huge_pages(address)
-    del moved
+    del t
     gc.collect()
     assert not eligible_for_huge_pages(address)
 
 
-def test_adopt_parameters_moves_large_float_weights_keeping_ties_and_quantized_bytes():
+def test_lora_slots_of_2_mib_and_more_are_on_huge_pages():
+    layer = MultiLoraLinear(nn.Linear(1024, 4096), LoraContext(), 8, 16, torch.float32)
+    assert layer.lora_b.nbytes == HUGE and layer.lora_a.nbytes == HUGE // 4
+    assert not layer.lora_b.any()
+    if huge_pages.available():
+        assert layer.lora_b.data_ptr() % HUGE == 0
+        if madvise_mode():
+            assert eligible_for_huge_pages(layer.lora_b.data_ptr())
+            assert not eligible_for_huge_pages(layer.lora_a.data_ptr())
+
+
+def test_adopt_parameters_moves_large_float_weights_keeping_ties():
+    """Small ones and packed (quantized) bytes stay; a tied weight moves once."""
     torch.manual_seed(0)
     model = nn.Module()
     model.embed = nn.Embedding(4096, 256)  # 4 MiB
     model.head = nn.Linear(256, 4096, bias=False)
     model.head.weight = model.embed.weight  # tied
     model.small = nn.Linear(16, 16)
-    packed = nn.Parameter(
-        torch.randint(0, 255, (HUGE * 2,), dtype=torch.uint8), requires_grad=False
-    )
-    model.packed = packed
+    packed = torch.randint(0, 255, (HUGE * 2,), dtype=torch.uint8)
+    model.packed = nn.Parameter(packed, requires_grad=False)
     before = {name: (p.data_ptr(), p.detach().clone()) for name, p in model.named_parameters()}
     moved = huge_pages.adopt_parameters(model)
     assert model.head.weight is model.embed.weight
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name][1]), name
-    assert model.packed.data_ptr() == before["packed"][0]
     assert model.small.weight.data_ptr() == before["small.weight"][0]
+    assert model.packed.data_ptr() == before["packed"][0]
     if not huge_pages.available():
         assert moved == 0
         return
@@ -137,19 +143,19 @@ def test_adopt_parameters_moves_large_float_weights_keeping_ties_and_quantized_b
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "none"])
-def test_a_runner_with_its_pools_on_huge_pages_gives_the_same_logits(quantization, tmp_path,
-                                                                     monkeypatch):  # fmt: skip
-    """KV pools of 2 MiB and more (and, unquantized, the large weights) on huge pages: the
-    logits of a prefill and four decode steps are those of the same runner without them."""
-    model_dir = write_tiny_model(tmp_path / "model", "llama")
+def test_a_runner_on_huge_pages_gives_the_logits_it_gives_without(quantization, tmp_path,
+                                                                  monkeypatch):  # fmt: skip
+    """KV pools of 3 MiB and an output projection of 2 MiB on huge pages: the logits of a
+    prefill and four decode steps are those of the same runner without them."""
+    model_dir = write_tiny_model(tmp_path / "model", "llama", vocab_size=4096)
     prompts, per_seq, block = [5, 9, 2], 8, 4
 
-    def run() -> tuple[PagedKVCache, list[torch.Tensor]]:
+    def run() -> tuple[ModelRunner, list[torch.Tensor]]:
         model = load_base_model(str(model_dir), quantization, "fp32", "cpu").model
         config = model.config
         head_dim = config.hidden_size // config.num_attention_heads
         position_bytes = config.num_key_value_heads * head_dim * 4
-        blocks = -(-3 * HUGE // (position_bytes * block))  # pools of 3 MiB or so
+        blocks = -(-3 * HUGE // (position_bytes * block))
         cache = PagedKVCache(
             config.num_hidden_layers, blocks, block, config.num_key_value_heads, head_dim,
             torch.float32, torch.device("cpu"),
@@ -165,17 +171,18 @@ def test_a_runner_with_its_pools_on_huge_pages_gives_the_same_logits(quantizatio
                 [RowInput(s[n + step : n + step + 1], n + step, t)
                  for s, n, t in zip(seqs, prompts, tables)]
             ))  # fmt: skip
-        return cache, steps
+        return runner, steps
 
-    cache, got = run()
-    key_pool, value_pool = cache.pools(0)
+    runner, got = run()
+    head = runner.model.get_output_embeddings().module.weight  # 4096 x 128 fp32: 2 MiB
     if huge_pages.available():
-        assert key_pool.data_ptr() % HUGE == 0 and value_pool.data_ptr() % HUGE == 0
-        if madvise_mode():
-            assert eligible_for_huge_pages(key_pool.data_ptr())
+        for tensor in (*runner.cache.pools(0), head):
+            assert tensor.data_ptr() % HUGE == 0
+            if madvise_mode():
+                assert eligible_for_huge_pages(tensor.data_ptr())
     monkeypatch.setenv(huge_pages.SWITCH, "off")
     plain, want = run()
     if madvise_mode():
-        assert not eligible_for_huge_pages(plain.pools(0)[0].data_ptr())
+        assert not eligible_for_huge_pages(plain.cache.pools(0)[0].data_ptr())
     for step, (g, w) in enumerate(zip(got, want)):
         assert torch.equal(g, w), f"step {step}"

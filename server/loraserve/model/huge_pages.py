@@ -1,20 +1,22 @@
 """Long-lived host tensors on 2 MiB pages.
 
-The engine's largest host tensors live as long as the process and are read through in every
-decode step: the KV pools, the LoRA slot buffers, and the unquantized weights (the output
-projection, the input embedding). On 4 KiB pages each of those reads crosses a page every 4 KiB
-(a position's keys in the default benchmark model are one 4 KiB run, and so is a row of its
-output projection), and every page is one more translation for the TLB to miss. Linux backs
-anonymous memory with transparent huge pages where a process asks for them
-(`madvise(MADV_HUGEPAGE)`: the `madvise` mode, most distributions' default) or everywhere
-(`always`); torch's allocator does not ask.
+The KV pools, the LoRA slot buffers and the unquantized weights (the output projection, the
+input embedding) live as long as the process and are read in every decode step, the pools and
+slots a few KiB here and a few there: a row's context is its blocks, scattered over the pools
+(in the default benchmark model each position's keys are a 4 KiB run of their own), and a
+step's adapters are whichever slots its rows use. On 4 KiB pages nearly every such run is one
+more address translation for the TLB to miss. Linux backs anonymous memory with transparent huge
+pages where a process asks for them (`madvise(MADV_HUGEPAGE)`: the `madvise` mode, most
+distributions' default) or everywhere (`always`); torch's allocator does not ask.
 
 `zeros` maps such memory for one tensor, aligned to 2 MiB, asks for huge pages for its whole
 2 MiB runs (a last partial run stays on 4 KiB pages: no memory is wasted) and zeroes it, so its
-pages are faulted in now, not in a step; `adopt` moves a tensor's values there. Each tensor has
-a mapping of its own, unmapped when the tensor is freed. Where huge pages cannot be had (not
-Linux, THP set to `never`, `LORASERVE_HUGE_PAGES=off`, a device tensor, fewer than 2 MiB) both
-fall back to plain tensors: the values are the same either way, only where they live differs.
+pages are faulted in now, not in a step; `adopt_parameters` moves a module's floating-point
+parameters there. Each tensor has a mapping of its own, unmapped when the tensor is freed.
+Where huge pages cannot be had (not Linux, THP set to `never`, `LORASERVE_HUGE_PAGES=off`, a
+device tensor, fewer than 2 MiB) tensors stay torch's: the values are the same either way, only
+where they live differs. 4-bit weights' packed bytes stay where they are loaded: moved as well,
+they measured no faster (docs/performance.md).
 
 Knows nothing about particular models: only shapes, dtypes, devices and a module's parameters.
 """
@@ -74,25 +76,14 @@ def zeros(
     return tensor.view(shape).zero_()
 
 
-def adopt(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor`'s values on huge pages where it is eligible (a contiguous copy), else
-    `tensor` itself."""
-    if not eligible(tuple(tensor.shape), tensor.dtype, tensor.device):
-        return tensor
-    moved = zeros(tuple(tensor.shape), tensor.dtype)
-    return moved.copy_(tensor)
-
-
 def adopt_parameters(module: nn.Module) -> int:
     """Move each eligible floating-point parameter of `module` onto huge pages in place (the
-    `Parameter` objects stay, so tied weights stay tied); returns the bytes moved. Quantized
-    weights (packed integers, which their layers' kernels hold references to) stay where they
-    are."""
+    `Parameter` objects stay, so tied weights stay tied); returns the bytes moved."""
     moved = 0
     for parameter in module.parameters():
         if parameter.is_floating_point() and eligible(
             tuple(parameter.shape), parameter.dtype, parameter.device
         ):
-            parameter.data = adopt(parameter.data)
+            parameter.data = zeros(tuple(parameter.shape), parameter.dtype).copy_(parameter)
             moved += parameter.nbytes
     return moved

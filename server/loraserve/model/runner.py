@@ -60,10 +60,10 @@ class ModelRunner:
     only), runs every projection through `BaseLinear` (those no adapter targets too), links the
     4-bit ones that read one input (`SharedInputGroup`), holds fp32 weights whose values are all
     bf16 in bf16 (`narrow`: a bf16 checkpoint's output projection and input embedding), moves
-    the large unquantized weights onto huge pages (`huge_pages`, as the KV pools and LoRA slots
-    are allocated), and sets the process's malloc to keep freed memory (`host_memory`): every
-    forward frees what the next one allocates. Every forward runs with the SDPA backends of
-    `attention.SDPA_BACKENDS`.
+    its large unquantized weights onto huge pages (`huge_pages`, where the KV pools and LoRA
+    slots are allocated), and sets the process's malloc to keep freed memory (`host_memory`):
+    every forward frees what the next one allocates. Every forward runs with the SDPA backends
+    of `attention.SDPA_BACKENDS`.
     """
 
     def __init__(
