@@ -95,6 +95,19 @@ def test_what_is_not_eligible_is_a_plain_tensor(shape, device, switch, monkeypat
             assert not eligible_for_huge_pages(t.data_ptr())
 
 
+def test_a_refused_mapping_gives_a_plain_tensor(monkeypatch, caplog):
+    """Out of mappings (vm.max_map_count) or refused by the kernel: ordinary zeros, a warning."""
+
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(huge_pages.mmap, "mmap", refuse)
+    monkeypatch.setattr(huge_pages, "available", lambda: True)
+    t = huge_pages.zeros((2, HUGE // 4), torch.float32)
+    assert t.shape == (2, HUGE // 4) and not t.any()
+    assert "huge pages refused" in caplog.text
+
+
 @needs_madvise
 def test_the_mapping_goes_with_the_tensor():
     t = huge_pages.zeros((3, HUGE // 4), torch.float32)

@@ -14,7 +14,7 @@ distributions' default) or everywhere (`always`); torch's allocator does not ask
 pages are faulted in now, not in a step; `adopt_parameters` moves a module's floating-point
 parameters there. Each tensor has a mapping of its own, unmapped when the tensor is freed.
 Where huge pages cannot be had (not Linux, THP set to `never`, `LORASERVE_HUGE_PAGES=off`, a
-device tensor, fewer than 2 MiB) tensors stay torch's: the values are the same either way, only
+device tensor, fewer than 2 MiB, a mapping the kernel refuses) tensors stay torch's: the values are the same either way, only
 where they live differs. 4-bit weights' packed bytes stay where they are loaded: moved as well,
 they measured no faster (docs/performance.md).
 
@@ -24,6 +24,7 @@ Knows nothing about particular models: only shapes, dtypes, devices and a module
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 import mmap
 import os
@@ -31,6 +32,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 HUGE_PAGE = 2 << 20
 SWITCH = "LORASERVE_HUGE_PAGES"
@@ -67,10 +70,14 @@ def zeros(
     if not eligible(shape, dtype, device):
         return torch.zeros(shape, dtype=dtype, device=device)
     count, nbytes = math.prod(shape), _nbytes(shape, dtype)
-    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    offset = -ctypes.addressof(ctypes.c_char.from_buffer(mapping)) % HUGE_PAGE
-    # whole huge pages only: the tensor's last partial one stays on 4 KiB pages, not 2 MiB
-    mapping.madvise(mmap.MADV_HUGEPAGE, offset, nbytes // HUGE_PAGE * HUGE_PAGE)
+    try:
+        mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        offset = -ctypes.addressof(ctypes.c_char.from_buffer(mapping)) % HUGE_PAGE
+        # whole huge pages only: the tensor's last partial one stays on 4 KiB pages, not 2 MiB
+        mapping.madvise(mmap.MADV_HUGEPAGE, offset, nbytes // HUGE_PAGE * HUGE_PAGE)
+    except OSError as error:  # out of mappings (vm.max_map_count), or a kernel that refuses
+        log.warning("huge pages refused (%s): %s on 4 KiB pages", error, tuple(shape))
+        return torch.zeros(shape, dtype=dtype, device=device)
     # the tensor holds a reference to the mapping; the mapping is unmapped once both are gone
     tensor = torch.frombuffer(mapping, dtype=dtype, count=count, offset=offset)
     return tensor.view(shape).zero_()
