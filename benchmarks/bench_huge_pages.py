@@ -5,9 +5,9 @@ One engine is built as the server builds it (the KV pools, the LoRA slots and th
 unquantized weights on transparent huge pages, `loraserve/model/huge_pages.py`), the other with
 `LORASERVE_HUGE_PAGES=off`; both run the default benchmark model (hidden 1024, 8 layers, NF4,
 fp32 compute; `--hidden-size` and `--intermediate-size` change its widths) and its 32 prompts
-(`--rows` of them), their decode steps alternating so that both see the same
-machine at the same moments. Prints each engine's median decode step, the ratio, and how much
-of the process the kernel backs with huge pages (`AnonHugePages`).
+(`--rows` of them), their decode steps alternating so that both see the same machine at the
+same moments. Prints each engine's median decode step, the ratio, and how much of the process
+the kernel backs with huge pages (`AnonHugePages`).
 
     .venv/bin/python benchmarks/bench_huge_pages.py
     .venv/bin/python benchmarks/bench_huge_pages.py --adapters

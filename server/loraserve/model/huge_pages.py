@@ -14,9 +14,9 @@ distributions' default) or everywhere (`always`); torch's allocator does not ask
 pages are faulted in now, not in a step; `adopt_parameters` moves a module's floating-point
 parameters there. Each tensor has a mapping of its own, unmapped when the tensor is freed.
 Where huge pages cannot be had (not Linux, THP set to `never`, `LORASERVE_HUGE_PAGES=off`, a
-device tensor, fewer than 2 MiB, a mapping the kernel refuses) tensors stay torch's: the values are the same either way, only
-where they live differs. 4-bit weights' packed bytes stay where they are loaded: moved as well,
-they measured no faster (docs/performance.md).
+device tensor, fewer than 2 MiB, a mapping the kernel refuses) tensors stay torch's: the values
+are the same either way, only where they live differs. 4-bit weights' packed bytes stay where
+they are loaded: moved as well, they measured no faster (docs/performance.md).
 
 Knows nothing about particular models: only shapes, dtypes, devices and a module's parameters.
 """
