@@ -91,8 +91,8 @@ class ModelRunner:
                          "freed", narrowed / 2**20)  # fmt: skip
             if huge_pages.available():
                 moved = huge_pages.adopt_parameters(model)
-                log.info("on 2 MiB pages: the KV pools, the LoRA slots and %.1f MiB of "
-                         "unquantized weights", moved / 2**20)  # fmt: skip
+                log.info("on 2 MiB pages: each KV pool, LoRA slot buffer and unquantized weight "
+                         "of 2 MiB or more (%.1f MiB of weights)", moved / 2**20)  # fmt: skip
         model.set_attn_implementation(IMPLEMENTATION)
         if model.config._attn_implementation != IMPLEMENTATION:
             raise ValueError(
