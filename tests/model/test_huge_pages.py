@@ -10,17 +10,17 @@ the kernel is read (`/proc/self/smaps`), the tests skip unless transparent huge 
 from __future__ import annotations
 
 import gc
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from tests.model.runner_steps import BLOCK_TOKENS, prefill_and_decode
 from torch import nn
 
 from loraserve.model import huge_pages
-from loraserve.model.kv_cache import PagedKVCache
-from loraserve.model.loading import load_base_model
 from loraserve.model.lora import LoraContext, MultiLoraLinear
-from loraserve.model.runner import ModelRunner, RowInput
+from loraserve.model.runner import ModelRunner
 from loraserve.model.tiny import write_tiny_model
 
 HUGE = huge_pages.HUGE_PAGE
@@ -161,30 +161,13 @@ def test_a_runner_on_huge_pages_gives_the_logits_it_gives_without(quantization, 
     """KV pools of 3 MiB and an output projection of 2 MiB on huge pages: the logits of a
     prefill and four decode steps are those of the same runner without them."""
     model_dir = write_tiny_model(tmp_path / "model", "llama", vocab_size=4096)
-    prompts, per_seq, block = [5, 9, 2], 8, 4
+    config = json.loads((model_dir / "config.json").read_text())
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    position_bytes = config["num_key_value_heads"] * head_dim * 4  # fp32
+    blocks = -(-3 * HUGE // (position_bytes * BLOCK_TOKENS))  # pools of 3 MiB
 
     def run() -> tuple[ModelRunner, list[torch.Tensor]]:
-        model = load_base_model(str(model_dir), quantization, "fp32", "cpu").model
-        config = model.config
-        head_dim = config.hidden_size // config.num_attention_heads
-        position_bytes = config.num_key_value_heads * head_dim * 4
-        blocks = -(-3 * HUGE // (position_bytes * block))
-        cache = PagedKVCache(
-            config.num_hidden_layers, blocks, block, config.num_key_value_heads, head_dim,
-            torch.float32, torch.device("cpu"),
-        )  # fmt: skip
-        runner = ModelRunner(model, cache, LoraContext(), [0])
-        tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(len(prompts))]
-        tokens = torch.Generator().manual_seed(0)
-        seqs = [torch.randint(3, config.vocab_size, (24,), generator=tokens).tolist()
-                for _ in prompts]  # fmt: skip
-        steps = [runner.forward([RowInput(s[:n], 0, t) for s, n, t in zip(seqs, prompts, tables)])]
-        for step in range(4):
-            steps.append(runner.forward(
-                [RowInput(s[n + step : n + step + 1], n + step, t)
-                 for s, n, t in zip(seqs, prompts, tables)]
-            ))  # fmt: skip
-        return runner, steps
+        return prefill_and_decode(model_dir, quantization, num_blocks=blocks)
 
     runner, got = run()
     head = runner.model.get_output_embeddings().module.weight  # 4096 x 128 fp32: 2 MiB

@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.model.runner_steps import prefill_and_decode
 from torch import nn
 
 from loraserve.model import runner as runner_module
 from loraserve.model.kernels import native
-from loraserve.model.kv_cache import PagedKVCache
 from loraserve.model.linear import SMALL_BATCH_ROWS, wrap_projections
-from loraserve.model.loading import load_base_model
 from loraserve.model.lora import LoraBatch, LoraContext
 from loraserve.model.lora_embedding import MultiLoraEmbedding
 from loraserve.model.narrow import narrow_exact_weights
-from loraserve.model.runner import ModelRunner, RowInput
+from loraserve.model.runner import ModelRunner
 from loraserve.model.tiny import write_tiny_model
 
 pytestmark = pytest.mark.skipif(native() is None, reason="no compiled kernels for this CPU")
-BLOCK_TOKENS = 4
-SEQUENCE_TOKENS = 24
 
 
 class ScaledEmbedding(nn.Embedding):
@@ -131,29 +128,9 @@ def test_a_bf16_checkpoint_in_fp32_compute_holds_its_dense_weights_in_bf16_same_
     model_dir = write_tiny_model(
         tmp_path / "bf16", "llama", weights_dtype=torch.bfloat16, tie_word_embeddings=tied
     )
-    prompts = [5, 9, 2]
 
     def run() -> tuple[ModelRunner, list[torch.Tensor]]:
-        model = load_base_model(str(model_dir), quantization, "fp32", "cpu").model
-        config = model.config
-        per_seq = -(-SEQUENCE_TOKENS // BLOCK_TOKENS)
-        cache = PagedKVCache(
-            config.num_hidden_layers, 1 + len(prompts) * per_seq, BLOCK_TOKENS,
-            config.num_key_value_heads, config.hidden_size // config.num_attention_heads,
-            torch.float32, torch.device("cpu"),
-        )  # fmt: skip
-        runner = ModelRunner(model, cache, LoraContext(), [0])
-        tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(len(prompts))]
-        tokens = torch.Generator().manual_seed(0)
-        seqs = [torch.randint(3, config.vocab_size, (SEQUENCE_TOKENS,), generator=tokens).tolist()
-                for _ in prompts]  # fmt: skip
-        steps = [runner.forward([RowInput(s[:n], 0, t) for s, n, t in zip(seqs, prompts, tables)])]
-        for step in range(4):
-            steps.append(runner.forward(
-                [RowInput(s[n + step : n + step + 1], n + step, t)
-                 for s, n, t in zip(seqs, prompts, tables)]
-            ))  # fmt: skip
-        return runner, steps
+        return prefill_and_decode(model_dir, quantization)
 
     narrowed, got = run()
     head = narrowed.model.get_output_embeddings()
