@@ -85,7 +85,8 @@ def zeros(
 
 def adopt_parameters(module: nn.Module) -> int:
     """Move each eligible floating-point parameter of `module` onto huge pages in place (the
-    `Parameter` objects stay, so tied weights stay tied); returns the bytes moved."""
+    `Parameter` objects stay, so tied weights stay tied), one at a time: each is held twice
+    while it is copied. Returns the bytes moved."""
     moved = 0
     for parameter in module.parameters():
         if parameter.is_floating_point() and eligible(
