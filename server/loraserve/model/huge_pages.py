@@ -24,6 +24,7 @@ Knows nothing about particular models: only shapes, dtypes, devices and a module
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import math
 import mmap
@@ -43,15 +44,18 @@ THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 def available() -> bool:
     """Whether this kernel gives huge pages to memory that asks for them, and the environment
     does not turn them off (`LORASERVE_HUGE_PAGES=off`)."""
-    if os.environ.get(SWITCH, "").lower() in ("off", "0", "false") or not hasattr(
-        mmap, "MADV_HUGEPAGE"
-    ):
+    return os.environ.get(SWITCH, "").lower() not in ("off", "0", "false") and _kernel_gives()
+
+
+@functools.cache
+def _kernel_gives() -> bool:
+    """Whether this kernel backs memory that asks (read once: the mode is the host's)."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
         return False
     try:
-        mode = THP_MODE.read_text()
+        return "[never]" not in THP_MODE.read_text()
     except OSError:
         return False
-    return "[never]" not in mode
 
 
 def eligible(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> bool:
@@ -60,7 +64,7 @@ def eligible(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | 
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * dtype.itemsize
 
 
 def zeros(
