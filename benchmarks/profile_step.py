@@ -64,14 +64,17 @@ FLOOR_MODEL = replace(DEFAULT.model, hidden_size=128, intermediate_size=256, num
 
 
 def warm_base_engine(
-    workload: Workload, spec: ModelSpec = DEFAULT.model, bench: BenchConfig = DEFAULT
+    workload: Workload,
+    spec: ModelSpec = DEFAULT.model,
+    bench: BenchConfig = DEFAULT,
+    **overrides: object,
 ) -> EngineCore:
     """The model of `spec` (NF4, `bench`'s compute dtype and device) in an engine sized for
-    `workload`, warmed up by a few short requests."""
+    `workload` (with `overrides` of its settings), warmed up by a few short requests."""
     model_dir = prepare_model(spec, DEFAULT_CACHE_DIR)
     settings = engine_config(base_engine_config(bench, model_dir), workload,
                              bench.prompt_tokens[1])  # fmt: skip
-    core = build_engine(settings, {})
+    core = build_engine(settings.model_copy(update=overrides), {})
     submit(core, Trace(), workload.head(4, 2), with_adapters=False)
     timed_steps(core, Trace())
     return core

@@ -22,8 +22,11 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from tests.conftest import ADAPTER_SPECS, ARCHS, KIND_SPECS
 from tests.engine.helpers import load_reference_base, make_core, run
+from transformers import DynamicCache
 
+from loraserve.model.kernels import native
 from loraserve.model.linear import BaseLinear
+from loraserve.model.loading import DTYPES
 from loraserve.types import GenerateRequest, SamplingParams
 
 pytestmark = pytest.mark.slow  # PEFT's generate for every architecture and quantization
@@ -31,6 +34,11 @@ pytestmark = pytest.mark.slow  # PEFT's generate for every architecture and quan
 # Largest |logit difference| allowed against PEFT, per (quantization, compute dtype): both sides
 # compute in fp32 (`load_reference_base`) and differ by the summation order only.
 LOGIT_TOLERANCE = {("nf4", "fp32"): 1e-3, ("none", "fp32"): 1e-4}
+# The same with keys and values rounded to a 16-bit KV cache's dtype on both sides: a value the
+# two summation orders leave near a rounding boundary can round one unit apart (measured
+# 2026-12-01: up to 1.1e-3 with bf16, 5.3e-4 with fp16; against an unrounded reference at least
+# 1.5e-2 and 1.9e-3).
+KV_LOGIT_TOLERANCE = {"bf16": 4e-3, "fp16": 1e-3}
 PROMPTS = [
     "LoRA adapts a frozen base model",
     "The quick brown fox",
@@ -47,17 +55,43 @@ MAX_NEW = 10
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
+class RoundedKVCache(DynamicCache):
+    """transformers' cache with every key and value rounded to `kv_dtype` as it is stored:
+    attention then reads the rounded context, as it does from loraserve's narrower pools."""
+
+    def __init__(self, kv_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.kv_dtype = kv_dtype
+
+    def update(self, keys, values, layer_idx, *args, **kwargs):
+        def rounded(states):
+            return states.to(self.kv_dtype).to(states.dtype)
+
+        return super().update(rounded(keys), rounded(values), layer_idx, *args, **kwargs)
+
+
 def peft_reference(
-    model_dir, adapter_dirs, adapter, prompt_ids, quantization="nf4", dtype="fp32", device="cpu"
+    model_dir,
+    adapter_dirs,
+    adapter,
+    prompt_ids,
+    quantization="nf4",
+    dtype="fp32",
+    device="cpu",
+    kv_dtype=None,
 ):
     """Greedy tokens of PeftModel.generate with `adapter` alone (None: base only), and the logits
-    each token was chosen from, by one teacher-forced forward over prompt + tokens.
-
+    each token was chosen from, by one teacher-forced forward over prompt + tokens; with
+    `kv_dtype` ("bf16", "fp16"), keys and values are rounded to it wherever they are attended.
     """
     loaded = load_reference_base(model_dir, quantization, dtype, device)
     model = loaded.model
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter_dirs[adapter])
+
+    def cache():
+        return None if kv_dtype is None else RoundedKVCache(DTYPES[kv_dtype])
+
     out = model.generate(
         torch.tensor([prompt_ids], device=loaded.device),
         attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=loaded.device),
@@ -66,23 +100,26 @@ def peft_reference(
         output_logits=True,
         return_dict_in_generate=True,
         pad_token_id=loaded.tokenizer.pad_token_id,
+        cache=cache(),
     )
     tokens = out.sequences[0, len(prompt_ids) :].tolist()
     with torch.no_grad():
-        logits = model(out.sequences[:, :-1]).logits[0, len(prompt_ids) - 1 :].float()
-    return tokens, list(logits)
+        forward = model(out.sequences[:, :-1], cache=cache())
+    return tokens, list(forward.logits[0, len(prompt_ids) - 1 :].float())
 
 
-def check_against_peft(core, requests, results, model_dir, adapters, quantization, dtype, device):
+def check_against_peft(
+    core, requests, results, model_dir, adapters, quantization, dtype, device, kv_dtype=None
+):
     """Each request's tokens and logits against PEFT's with its adapter alone (see the module
     docstring for the one allowance). adapters: name -> PEFT directory."""
     arch = model_dir.name
-    tolerance = LOGIT_TOLERANCE[quantization, dtype]
+    tolerance = KV_LOGIT_TOLERANCE[kv_dtype] if kv_dtype else LOGIT_TOLERANCE[quantization, dtype]
     exact = 0
     for request, got in zip(requests, results):
         prompt_ids = core.tokenizer.encode(request.prompt)
         want_tokens, want_logits = peft_reference(
-            model_dir, adapters, request.adapter, prompt_ids, quantization, dtype, device
+            model_dir, adapters, request.adapter, prompt_ids, quantization, dtype, device, kv_dtype
         )
         same = first_difference(got.tokens, want_tokens)
         exact += same == len(want_tokens) == len(got.tokens)
@@ -194,6 +231,42 @@ def test_bf16_slots_serve_adapters_stored_in_bf16_as_peft_does(
     arrivals = {3 * i: requests[2 * i : 2 * i + 2] for i in range(len(requests) // 2)}
     results = run(core, arrivals)
     check_against_peft(core, requests, results, model_dirs[arch], adapters, "nf4", "fp32", "cpu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kv_dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_16_bit_kv_cache_matches_peft_attending_over_rounded_keys_and_values(
+    arch, kv_dtype, device, model_dirs, adapter_dirs
+):
+    """`kv_cache_dtype` bf16 or fp16 under fp32 compute: the pools hold that dtype, and the
+    mixed batch (prefill beside decode, the decode kernel widening what it reads) matches PEFT
+    whose cache rounds every key and value to it. Against PEFT with an fp32 cache the prompt's
+    logits part by more than the tolerance: the rounding is real, and the comparison sees it."""
+    core = make_core(model_dirs[arch], device=device, max_step_tokens=64, kv_cache_dtype=kv_dtype)
+    pools = core.cache.key_pools + core.cache.value_pools
+    assert {pool.dtype for pool in pools} == {DTYPES[kv_dtype]}
+    assert core.runner.decode_kernel == (device == "cpu" and native() is not None)
+    names = ["r1-qv", "r8-all", "r64-all", None]
+    for name in filter(None, names):
+        core.adapters.load(name, adapter_dirs[arch][name])
+    requests = [
+        GenerateRequest(
+            prompt=prompt, adapter=adapter, sampling=SamplingParams(max_new_tokens=MAX_NEW)
+        )
+        for prompt, adapter in zip(PROMPTS, names * 2)
+    ]
+    arrivals = {3 * i: requests[2 * i : 2 * i + 2] for i in range(len(requests) // 2)}
+    results = run(core, arrivals)
+    check_against_peft(
+        core, requests, results, model_dirs[arch], adapter_dirs[arch], "nf4", "fp32", device,
+        kv_dtype,
+    )  # fmt: skip
+    prompt_ids = core.tokenizer.encode(requests[-1].prompt)
+    _, unrounded = peft_reference(
+        model_dirs[arch], adapter_dirs[arch], None, prompt_ids, device=device
+    )
+    assert (results[-1].logits[0] - unrounded[0]).abs().max() > KV_LOGIT_TOLERANCE[kv_dtype]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

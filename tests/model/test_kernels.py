@@ -287,13 +287,20 @@ def _paged_context(lengths, kv_heads, head_dim, block_size, seed=0):
     return torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), tables
 
 
+KV_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("pool_dtype", KV_DTYPES, ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("window", [0, 5])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 4, 32), (8, 2, 64), (6, 3, 40)])
 def test_paged_decode_attention_equals_sdpa_over_the_gathered_context(
-    heads, kv_heads, head_dim, window
+    heads, kv_heads, head_dim, window, pool_dtype
 ):
+    """16-bit pools are widened exactly as they are read: the same sums as fp32 pools of their
+    values (which `attend_context` is given here), up to the summation order."""
     lengths, block_size = [1, 4, 5, 17, 40], 4
     k_pool, v_pool, tables = _paged_context(lengths, kv_heads, head_dim, block_size)
+    k_pool, v_pool = k_pool.to(pool_dtype), v_pool.to(pool_dtype)
     q = torch.randn(len(lengths), heads, head_dim)
     scale = head_dim**-0.5
     got = native().paged_decode_attention(
@@ -305,7 +312,8 @@ def test_paged_decode_attention_equals_sdpa_over_the_gathered_context(
     for r, n in enumerate(lengths):
         position = torch.arange(n)
         slots = tables[r].long()[position // block_size] * block_size + position % block_size
-        want = attend_context(q[r : r + 1], k_pool[slots], v_pool[slots], n - 1, window, scale)
+        k, v = k_pool[slots].float(), v_pool[slots].float()
+        want = attend_context(q[r : r + 1], k, v, n - 1, window, scale)
         torch.testing.assert_close(got[r], want[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(gathered[r], want[0], rtol=1e-5, atol=1e-5)
 
@@ -417,18 +425,23 @@ def test_transpose_scaled_equals_the_strided_copy():
     assert transposed_bs([], []) == []  # the op needs a tensor to dispatch on
 
 
+@pytest.mark.parametrize("pool_dtype", KV_DTYPES, ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize(("tokens", "kv_heads", "head_dim"), [(1, 1, 1), (7, 2, 17), (300, 4, 64)])
-def test_kv_write_equals_index_copy_from_the_projections_strided_output(tokens, kv_heads, head_dim):
+def test_kv_write_equals_index_copy_from_the_projections_strided_output(
+    tokens, kv_heads, head_dim, pool_dtype
+):
     torch.manual_seed(tokens)
     projected = torch.randn(tokens, kv_heads, head_dim)  # as the projection's view leaves it
-    states = projected.transpose(0, 1)  # [kv_heads, tokens, head_dim], not contiguous
+    states = projected.transpose(0, 1).to(pool_dtype)  # [kv_heads, tokens, head_dim], strided
     slots = torch.randperm(2 * tokens + 3)[:tokens]
-    pool = torch.randn(2 * tokens + 3, kv_heads, head_dim)
-    want = pool.clone().index_copy_(0, slots, projected)
+    pool = torch.randn(2 * tokens + 3, kv_heads, head_dim).to(pool_dtype)
+    want = pool.clone().index_copy_(0, slots, projected.to(pool_dtype))
     native().kv_write_(pool, slots, states)
     assert torch.equal(pool, want)
     with pytest.raises(RuntimeError, match="outside"):
         native().kv_write_(pool, torch.full((tokens,), pool.shape[0]), states)
+    with pytest.raises(RuntimeError, match="pool's dtype"):
+        native().kv_write_(pool, slots, states.to(torch.float64))
 
 
 @pytest.mark.parametrize("rows", [1, 5, 300])

@@ -35,7 +35,7 @@ from loraserve.model.compute_team import DecodeThreads, ThreadGovernor, team_wai
 from loraserve.model.detokenizer import token_text
 from loraserve.model.grammar import GrammarCompiler
 from loraserve.model.kv_cache import PagedKVCache
-from loraserve.model.loading import LoadedModel
+from loraserve.model.loading import DTYPES, LoadedModel
 from loraserve.model.lora import LoraContext, wrap_lora_targets
 from loraserve.model.runner import ModelRunner, RowInput
 from loraserve.model.sampling import Sampled, sample_next_tokens
@@ -120,7 +120,7 @@ class EngineCore:
             block,
             getattr(model_config, "num_key_value_heads", None) or heads,
             head_dim,
-            loaded.compute_dtype,
+            DTYPES.get(config.kv_cache_dtype, loaded.compute_dtype),  # "compute": not a key
             loaded.device,
         )
         self.runner = ModelRunner(loaded.model, self.cache, self.lora, self.adapters.slot_ranks)

@@ -7,10 +7,11 @@ written their keys and values into the pools when it is called. An `AttentionBat
 keyword of the model call, says which tokens belong to which row:
 
 - decode rows (one new token) are attended together: on the CPU in fp32 by one compiled kernel
-  call that reads each row's keys and values in place through its block table, never copying
-  the context; elsewhere (CUDA, other dtypes) by one SDPA call over their contexts gathered
-  into a padded batch, which is also the kernel's test oracle (the batch's pool slots and mask
-  are built once per forward and window, for every layer);
+  call that reads each row's keys and values in place through its block table (pools in fp32,
+  bf16 or fp16, widened as they are read), never copying the context; elsewhere (CUDA, other
+  compute dtypes) by one SDPA call over their contexts gathered into a padded batch, which is
+  also the kernel's test oracle (the batch's pool slots and mask are built once per forward and
+  window, for every layer);
 - prefill rows (a prompt chunk) each gather their context once and run one SDPA call, causal
   from the chunk's first position (and within the sliding window, where the layer has one).
 
@@ -39,7 +40,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from loraserve.model.kernels import native
-from loraserve.model.kv_cache import PagedKVCache
+from loraserve.model.kv_cache import KERNEL_DTYPES, PagedKVCache
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +165,8 @@ def paged_attention(
         out[decode.tokens] = attend_decode(picked, k_pool, v_pool, batch, window, scale)
     for row in batch.prefill:
         rows = slice(row.first, row.first + row.count)
-        out[rows] = attend_context(
-            q[rows], k_pool[row.read_slots], v_pool[row.read_slots], row.start, window, scale
-        )
+        k, v = (pool[row.read_slots].to(q.dtype) for pool in (k_pool, v_pool))
+        out[rows] = attend_context(q[rows], k, v, row.start, window, scale)
     return out.unsqueeze(0), None
 
 
@@ -182,7 +182,7 @@ def attend_decode(
     -> [R, H, D]: by the compiled kernel where it applies, else through the gathered batch."""
     rows = cast(DecodeRows, batch.decode)
     ops = native()
-    if rows.use_kernel and ops is not None:
+    if rows.use_kernel and ops is not None and q.dtype == torch.float32:
         return ops.paged_decode_attention(
             q, k_pool, v_pool, rows.block_tables, rows.context_lens, batch.cache.block_size,
             window, scale,
@@ -235,8 +235,8 @@ def attend_gathered(
     scale: float,
 ) -> torch.Tensor:
     """q [R, H, D] over the rows' contexts gathered from the pools [S, KVH, D] -> [R, H, D]."""
-    k = k_pool[context.slots].transpose(1, 2)  # [R, KVH, L, D]
-    v = v_pool[context.slots].transpose(1, 2)
+    k = k_pool[context.slots].to(q.dtype).transpose(1, 2)  # [R, KVH, L, D]
+    v = v_pool[context.slots].to(q.dtype).transpose(1, 2)
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2), k, v, attn_mask=context.bias, scale=scale, enable_gqa=True
     )  # [R, H, 1, D]
@@ -313,14 +313,14 @@ def attend_eager(
 
     if batch.decode is not None:
         context = batch.decode_context(window, q.dtype)
-        k = k_pool[context.slots].transpose(1, 2)  # [R, KVH, L, D]
-        v = v_pool[context.slots].transpose(1, 2)
+        k = k_pool[context.slots].to(q.dtype).transpose(1, 2)  # [R, KVH, L, D]
+        v = v_pool[context.slots].to(q.dtype).transpose(1, 2)
         tokens = batch.decode.tokens
         out[tokens] = attend(q[tokens].unsqueeze(2), k, v, context.visible[:, None])[:, 0]
     for row in batch.prefill:
         rows = slice(row.first, row.first + row.count)
-        k = k_pool[row.read_slots].transpose(0, 1)[None]  # [1, KVH, context, D]
-        v = v_pool[row.read_slots].transpose(0, 1)[None]
+        k = k_pool[row.read_slots].to(q.dtype).transpose(0, 1)[None]  # [1, KVH, context, D]
+        v = v_pool[row.read_slots].to(q.dtype).transpose(0, 1)[None]
         visible = context_mask(row.start, row.count, k.shape[2], window, q.device)
         out[rows] = attend(q[rows].transpose(0, 1)[None], k, v, visible[None])[0]
     return out.unsqueeze(0)
@@ -346,9 +346,10 @@ def _log_path(module: torch.nn.Module, variant: tuple[str, ...], window: int) ->
 
 
 def decode_kernel_applies(cache: PagedKVCache) -> bool:
-    """Whether decode rows over `cache` can use the compiled kernel (fp32 pools on the CPU)."""
+    """Whether decode rows over `cache` can use the compiled kernel (CPU pools of a dtype it
+    reads; the queries must also be fp32, which `attend_decode` checks)."""
     pool = cache.pools(0)[0]
-    return native() is not None and pool.device.type == "cpu" and pool.dtype == torch.float32
+    return native() is not None and pool.device.type == "cpu" and pool.dtype in KERNEL_DTYPES
 
 
 AttentionInterface.register(IMPLEMENTATION, paged_attention)

@@ -9,6 +9,11 @@ forward the runner calls `prepare(write_slots)` with the flat pool index of each
 `update` writes the tokens into the pools. It returns them unchanged: the attention
 implementation (`model/attention.py`) reads each row's context from `pools(layer_idx)` itself.
 
+The pools may hold a narrower dtype than the model computes in (`kv_cache_dtype`: bf16 or
+fp16 under fp32 compute): each new key and value is rounded to it as it is written, and every
+reader widens what it reads, so all attention (decode and prefill, with or without the prefix
+cache) sees the same rounded context.
+
 Knows nothing about sequences, adapters, masks or scheduling: only flat pool indices.
 """
 
@@ -19,6 +24,9 @@ from transformers.cache_utils import Cache
 
 from loraserve.model import huge_pages
 from loraserve.model.kernels import native
+
+# Pool dtypes the compiled CPU kernels read and write (fp32 compute).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class PagedKVCache(Cache):
@@ -56,10 +64,10 @@ class PagedKVCache(Cache):
         unchanged."""
         key_pool, value_pool = self.pools(layer_idx)
         ops = native()
-        if key_pool.device.type != "cpu" or key_pool.dtype != torch.float32:
+        if key_pool.device.type != "cpu" or key_pool.dtype not in KERNEL_DTYPES:
             ops = None
         for pool, states in ((key_pool, key_states), (value_pool, value_states)):
-            source = states[0].to(pool.dtype)  # [kv_heads, N, head_dim]
+            source = states[0].to(pool.dtype)  # [kv_heads, N, head_dim], rounded to the pool's
             if ops is not None and source.stride(-1) == 1:
                 ops.kv_write_(pool, self._write_slots, source)  # one copy per token and head
             else:

@@ -25,22 +25,23 @@ inline vf exp_nonpositive(vf x) {
   return p * reinterpret_cast<vf>(bits);
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
+// The pools' element T: float, or bf16 or fp16 (widened exactly as they are loaded).
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
   vf acc = vf{};
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    acc += *reinterpret_cast<const vf*>(a + i) * *reinterpret_cast<const vf*>(b + i);
+  for (; i + kLanes <= n; i += kLanes) acc += *reinterpret_cast<const vf*>(a + i) * load_vf(b + i);
   float total = hsum(acc);
-  for (; i < n; ++i) total += a[i] * b[i];
+  for (; i < n; ++i) total += a[i] * to_float(b[i]);
   return total;
 }
 
 // out[0:D] += w * v[0:D]
-inline void axpy(float w, const float* v, int64_t D, float* out) {
+template <typename T>
+inline void axpy(float w, const T* v, int64_t D, float* out) {
   int64_t d = 0;
-  for (; d + kLanes <= D; d += kLanes)
-    *reinterpret_cast<vf*>(out + d) += w * *reinterpret_cast<const vf*>(v + d);
-  for (; d < D; ++d) out[d] += w * v[d];
+  for (; d + kLanes <= D; d += kLanes) *reinterpret_cast<vf*>(out + d) += w * load_vf(v + d);
+  for (; d < D; ++d) out[d] += w * to_float(v[d]);
 }
 
 // Softmax of scores[0:n] in place.
@@ -72,20 +73,23 @@ inline void softmax_inplace(float* scores, int64_t n) {
 // (check with objdump after changing them).
 constexpr int64_t kAheadL1 = 2, kAheadL2 = 6;
 
-template <_mm_hint kHint>
-inline void prefetch_position(const float* run, int64_t floats) {
+template <_mm_hint kHint, typename T>
+inline void prefetch_position(const T* run, int64_t elements) {
   const char* bytes = reinterpret_cast<const char*>(run);
-  for (int64_t offset = 0; offset < floats * 4; offset += 64) _mm_prefetch(bytes + offset, kHint);
+  const int64_t size = elements * int64_t(sizeof(T));
+  for (int64_t offset = 0; offset < size; offset += 64) _mm_prefetch(bytes + offset, kHint);
 }
 
-// q [R, H, D]; k_pool, v_pool [S, KVH, D]; block_tables [R, max_blocks] int32; context_lens
-// [R] int32 (the query sits at position context_lens[r] - 1 and sees keys from
-// max(0, len - window) when window > 0); out [R, H, D].
+// q [R, H, D] fp32; k_pool, v_pool [S, KVH, D] of T (fp32, or 16-bit: half the bytes to read,
+// and decode attention is bound by them); block_tables [R, max_blocks] int32; context_lens [R]
+// int32 (the query sits at position context_lens[r] - 1 and sees keys from max(0, len -
+// window) when window > 0); out [R, H, D] fp32.
 //
 // One row at a time per thread (rows are taken as threads get to them: they differ in length),
 // walking its positions in order: the keys of every head at a position are one contiguous
 // [KVH, D] run of the pool, read once for all heads.
-inline void paged_decode_attention(const float* q, const float* k_pool, const float* v_pool,
+template <typename T>
+inline void paged_decode_attention(const float* q, const T* k_pool, const T* v_pool,
                                    const int32_t* block_tables, int64_t max_blocks,
                                    const int32_t* context_lens, int64_t R, int64_t H,
                                    int64_t KVH, int64_t D, int64_t block_size, int64_t window,
@@ -112,7 +116,7 @@ inline void paged_decode_attention(const float* q, const float* k_pool, const fl
           prefetch_position<_MM_HINT_T0>(k_pool + slots[j + kAheadL1] * KVH * D, KVH * D);
         if (j + kAheadL2 < n)
           prefetch_position<_MM_HINT_T1>(k_pool + slots[j + kAheadL2] * KVH * D, KVH * D);
-        const float* keys = k_pool + slots[j] * KVH * D;
+        const T* keys = k_pool + slots[j] * KVH * D;
         for (int64_t g = 0, h = 0; g < KVH; ++g)
           for (int64_t i = 0; i < group; ++i, ++h)
             scores[h * n + j] = scale * dot(q_row + h * D, keys + g * D, D);
@@ -124,7 +128,7 @@ inline void paged_decode_attention(const float* q, const float* k_pool, const fl
           prefetch_position<_MM_HINT_T0>(v_pool + slots[j + kAheadL1] * KVH * D, KVH * D);
         if (j + kAheadL2 < n)
           prefetch_position<_MM_HINT_T1>(v_pool + slots[j + kAheadL2] * KVH * D, KVH * D);
-        const float* values = v_pool + slots[j] * KVH * D;
+        const T* values = v_pool + slots[j] * KVH * D;
         for (int64_t g = 0, h = 0; g < KVH; ++g)
           for (int64_t i = 0; i < group; ++i, ++h)
             axpy(scores[h * n + j], values + g * D, D, out_row + h * D);

@@ -48,7 +48,7 @@ class Variant:
 VARIANTS = {
     "avx2": Variant("avx2", 8, ("-mavx2", "-mfma", "-mf16c")),
     "avx512": Variant(
-        "avx512", 16, ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma")
+        "avx512", 16, ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c")
     ),
     # The AVX-512 build's 16-lane blocking, decoding order and remainders, in AVX2 instructions:
     # never chosen for a CPU, only by LORASERVE_KERNELS=avx2-16, so that an AVX2 machine can

@@ -161,14 +161,34 @@ void check_cpu(const at::Tensor& t, at::ScalarType type, const char* name) {
               " must be a contiguous ", c10::toString(type), " CPU tensor");
 }
 
-// out [R, H, D]: decode attention of q [R, H, D] over the paged pools [S, KVH, D].
+// Calls f with a value of the C++ type of a KV pool's elements: float, bf16 or fp16.
+template <typename F>
+void with_kv_element(const at::Tensor& pool, F&& f) {
+  TORCH_CHECK(pool.device().is_cpu() && pool.is_contiguous(), "KV pools must be contiguous CPU "
+              "tensors");
+  switch (pool.scalar_type()) {
+    case at::kFloat:
+      return f(float{});
+    case at::kBFloat16:
+      return f(bf16{});
+    case at::kHalf:
+      return f(fp16{});
+    default:
+      TORCH_CHECK(false, "KV pools must be float32, bfloat16 or float16, not ",
+                  c10::toString(pool.scalar_type()));
+  }
+}
+
+// out [R, H, D]: decode attention of q [R, H, D] (float32) over the paged pools [S, KVH, D]
+// (float32, bfloat16 or float16, both alike).
 at::Tensor paged_decode_attention_op(const at::Tensor& q, const at::Tensor& k_pool,
                                      const at::Tensor& v_pool, const at::Tensor& block_tables,
                                      const at::Tensor& context_lens, int64_t block_size,
                                      int64_t window, double scale) {
   check_cpu_f32(q, "q");
-  check_cpu_f32(k_pool, "k_pool");
-  check_cpu_f32(v_pool, "v_pool");
+  TORCH_CHECK(v_pool.scalar_type() == k_pool.scalar_type() && v_pool.device().is_cpu() &&
+                  v_pool.is_contiguous(),
+              "v_pool must be a contiguous CPU tensor of k_pool's dtype");
   check_cpu(block_tables, at::kInt, "block_tables");
   check_cpu(context_lens, at::kInt, "context_lens");
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 3 && k_pool.sizes() == v_pool.sizes() &&
@@ -178,10 +198,14 @@ at::Tensor paged_decode_attention_op(const at::Tensor& q, const at::Tensor& k_po
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == R && context_lens.numel() == R,
               "block_tables [R, max_blocks] and context_lens [R] must have one row per query");
   at::Tensor out = at::empty({R, H, D}, q.options());
-  paged_decode_attention(q.data_ptr<float>(), k_pool.data_ptr<float>(),
-                         v_pool.data_ptr<float>(), block_tables.data_ptr<int32_t>(),
-                         block_tables.size(1), context_lens.data_ptr<int32_t>(), R, H, KVH, D,
-                         block_size, window, static_cast<float>(scale), out.data_ptr<float>());
+  with_kv_element(k_pool, [&](auto element) {
+    using T = decltype(element);
+    paged_decode_attention(q.data_ptr<float>(), static_cast<const T*>(k_pool.data_ptr()),
+                           static_cast<const T*>(v_pool.data_ptr()),
+                           block_tables.data_ptr<int32_t>(), block_tables.size(1),
+                           context_lens.data_ptr<int32_t>(), R, H, KVH, D, block_size, window,
+                           static_cast<float>(scale), out.data_ptr<float>());
+  });
   return out;
 }
 
@@ -315,11 +339,10 @@ std::tuple<at::Tensor, at::Tensor> rotary_op(const at::Tensor& q, const at::Tens
 
 // pool [S, KVH, D][slots[n]] = states [KVH, N, D][:, n] (states strided, D contiguous).
 void kv_write_op(at::Tensor& pool, const at::Tensor& slots, const at::Tensor& states) {
-  check_cpu_f32(pool, "pool");
   check_cpu(slots, at::kLong, "slots");
-  TORCH_CHECK(states.device().is_cpu() && states.scalar_type() == at::kFloat &&
+  TORCH_CHECK(states.device().is_cpu() && states.scalar_type() == pool.scalar_type() &&
                   states.dim() == 3 && states.stride(2) == 1,
-              "states must be a float32 CPU [KVH, N, D] tensor with D contiguous");
+              "states must be a CPU [KVH, N, D] tensor of the pool's dtype with D contiguous");
   TORCH_CHECK(pool.dim() == 3 && states.size(0) == pool.size(1) &&
                   states.size(2) == pool.size(2) && slots.dim() == 1 &&
                   slots.size(0) == states.size(1),
@@ -327,8 +350,11 @@ void kv_write_op(at::Tensor& pool, const at::Tensor& slots, const at::Tensor& st
   const int64_t* index = slots.data_ptr<int64_t>();
   for (int64_t n = 0; n < slots.size(0); ++n)
     TORCH_CHECK(index[n] >= 0 && index[n] < pool.size(0), "slot ", index[n], " is outside");
-  kv_write(pool.data_ptr<float>(), index, states.data_ptr<float>(), states.size(0),
-           states.size(1), states.size(2), states.stride(0), states.stride(1));
+  with_kv_element(pool, [&](auto element) {
+    using T = decltype(element);
+    kv_write(static_cast<T*>(pool.data_ptr()), index, static_cast<const T*>(states.data_ptr()),
+             states.size(0), states.size(1), states.size(2), states.stride(0), states.stride(1));
+  });
 }
 
 // From now on, torch ops called from this thread run on it alone: for helper threads, such as

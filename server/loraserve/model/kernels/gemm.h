@@ -52,6 +52,29 @@ constexpr int64_t kBf16PrefetchAhead = 256;
 inline float to_float(float v) { return v; }
 inline float to_float(bf16 v) { return std::bit_cast<float>(uint32_t(v) << 16); }
 
+// IEEE half precision as torch stores it, widened exactly by F16C's conversion (a distinct type
+// from bf16, which is a plain uint16_t, so that overloads tell them apart).
+struct fp16 {
+  uint16_t bits;
+};
+
+inline vf load_vf(const fp16* p) {
+#if LS_LANES == 16 && defined(__AVX512F__)
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return reinterpret_cast<vf>(_mm512_cvtph_ps(half));
+#elif LS_LANES == 8
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return reinterpret_cast<vf>(_mm256_cvtph_ps(half));
+#else  // 16 lanes without AVX-512: only the test build that checks that logic
+  const __m256 low = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256 high = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  typedef float v8 __attribute__((vector_size(32), aligned(4)));
+  return __builtin_shufflevector(reinterpret_cast<v8>(low), reinterpret_cast<v8>(high), 0, 1, 2,
+                                 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#endif
+}
+inline float to_float(fp16 v) { return _cvtsh_ss(v.bits); }
+
 constexpr int kRowBlock = 4;     // rows of x per micro-kernel call
 constexpr int kColBlock = 3;     // output columns per micro-kernel call
 constexpr int kTileCols = 12;    // columns decoded per tile (a multiple of kColBlock)
