@@ -4,9 +4,10 @@ process.
 The engines differ only in `kv_cache_dtype` (fp32 compute on the CPU, the default benchmark
 model: hidden 1024, 8 layers, 16 kv heads of 64, NF4). Each gets `--rows` random prompts of
 `--prompt-tokens` tokens (the default benchmark's 64-128, or longer contexts, where attention
-takes more of a step), prefilled in one untimed step; then their decode steps alternate, so that
-all see the same machine at the same moments. Prints each engine's median decode step, its ratio
-to the fp32 cache's, and the bytes the cache holds per token.
+takes more of a step), prefilled in one step; then their decode steps alternate, so that all see
+the same machine at the same moments. Prints each engine's median decode step and prefill step
+(timed in rounds of their own, the engines taking turns), their ratios to the fp32 cache's, and
+the bytes the cache holds per token.
 
     .venv/bin/python benchmarks/bench_kv_dtype.py
     .venv/bin/python benchmarks/bench_kv_dtype.py --prompt-tokens 1024 1024 --new-tokens 32
@@ -17,17 +18,30 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import time
 from dataclasses import replace
 
 import torch
 import transformers
 
 from bench_multi_lora import DEFAULT, make_workload
-from engine_runs import alternate_decode_steps
+from common import Workload
+from engine_runs import Trace, alternate_decode_steps, submit
 from loraserve.engine.core import EngineCore
 from profile_step import warm_base_engine
 
 KV_DTYPES = ("compute", "bf16", "fp16")
+
+
+def prefill_seconds(core: EngineCore, workload: Workload) -> float:
+    """The time of the step that prefills every prompt of `workload` (then run to the end)."""
+    submit(core, Trace(), workload, with_adapters=False)
+    started = time.perf_counter()
+    core.step()
+    seconds = time.perf_counter() - started
+    while core.has_work():
+        core.step()
+    return seconds
 
 
 def main() -> None:
@@ -55,13 +69,20 @@ def main() -> None:
         kv: warm_base_engine(workload, bench=bench, kv_cache_dtype=kv) for kv in KV_DTYPES
     }
     steps = alternate_decode_steps(cores, workload, args.repeats, with_adapters=False)
-    median = {kv: statistics.median(times) * 1e3 for kv, times in steps.items()}
+    decode = {kv: statistics.median(times) * 1e3 for kv, times in steps.items()}
+    prefills: dict[str, list[float]] = {kv: [] for kv in KV_DTYPES}
+    for repeat in range(args.repeats):
+        for kv in KV_DTYPES if repeat % 2 else KV_DTYPES[::-1]:
+            prefills[kv].append(prefill_seconds(cores[kv], workload))
+    prefill = {kv: statistics.median(times) * 1e3 for kv, times in prefills.items()}
     print(f"{args.rows} rows, prompts of {low}-{high} tokens, {args.new_tokens} new tokens, "
-          f"{args.threads} threads, {len(steps['compute'])} decode steps each")  # fmt: skip
+          f"{args.threads} threads, {len(steps['compute'])} decode steps and "
+          f"{args.repeats} prefill steps each")  # fmt: skip
     for kv, core in cores.items():
         name = "fp32" if kv == "compute" else kv
-        print(f"{name} cache: decode step median {median[kv]:.2f} ms "
-              f"({median[kv] / median['compute']:.3f} of fp32's), "
+        print(f"{name} cache: decode step median {decode[kv]:.2f} ms "
+              f"({decode[kv] / decode['compute']:.3f} of fp32's), prefill step {prefill[kv]:.0f} "
+              f"ms ({prefill[kv] / prefill['compute']:.3f}), "
               f"{core.cache.bytes_per_token() / 1024:.0f} KiB a token")  # fmt: skip
 
 

@@ -1,6 +1,7 @@
 """Prefix caching in the engine: a prompt prefix a tenant already sent on the same adapter is
 shared, not recomputed; other adapters and other tenants never share it; greedy outputs are
-the same with and without the cache."""
+the same with and without the cache, with the KV cache in the compute dtype or in fp16 (whose
+shared blocks hold the rounded keys and values a recomputed prefix rounds to again)."""
 
 from __future__ import annotations
 
@@ -30,11 +31,11 @@ SEQUENCE = [
 ]
 
 
-@pytest.fixture(scope="module")
-def cores(model_dirs, adapter_dirs):
+@pytest.fixture(scope="module", params=["compute", "fp16"])
+def cores(request, model_dirs, adapter_dirs):
     made = {}
     for caching in (True, False):
-        core = make_core(model_dirs["llama"], prefix_caching=caching)
+        core = make_core(model_dirs["llama"], prefix_caching=caching, kv_cache_dtype=request.param)
         for name in ("r8-all", "r4-attn"):
             core.adapters.load(name, adapter_dirs["llama"][name])
         made[caching] = core

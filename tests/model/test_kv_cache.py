@@ -25,10 +25,26 @@ SEQ_LEN = 24
 LOGIT_TOLERANCE = 1e-5  # fp32, unquantized
 
 
-def test_bytes_per_token_counts_keys_and_values_of_every_layer():
-    cache = PagedKVCache(3, 5, BLOCK_SIZE, 2, 16, torch.bfloat16, torch.device("cpu"))
-    assert cache.bytes_per_token() == 2 * 3 * 2 * 16 * 2
+@pytest.mark.parametrize(("dtype", "size"), [(torch.float32, 4), (torch.bfloat16, 2)])
+def test_bytes_per_token_counts_keys_and_values_of_every_layer(dtype, size):
+    cache = PagedKVCache(3, 5, BLOCK_SIZE, 2, 16, dtype, torch.device("cpu"))
+    assert cache.bytes_per_token() == 2 * 3 * 2 * 16 * size
     assert cache.key_pools[0].shape == (5 * BLOCK_SIZE, 2, 16)
+    assert cache.dtype == dtype
+
+
+def test_a_16_bit_pool_holds_each_written_key_rounded_to_it():
+    """fp32 states written into an fp16 pool (the kernel's path on this CPU, index_copy_
+    elsewhere) hold what torch's rounding gives."""
+    cache = PagedKVCache(1, 3, BLOCK_SIZE, 2, 16, torch.float16, torch.device("cpu"))
+    keys, values = torch.randn(2, 1, 2, 5, 16).unbind(0)  # [1, kv_heads, N, head_dim] each
+    slots = torch.tensor([4, 9, 10, 1, 7])
+    cache.prepare(slots)
+    returned_keys, returned_values = cache.update(keys, values, 0)
+    assert returned_keys is keys and returned_values is values
+    key_pool, value_pool = cache.pools(0)
+    assert torch.equal(key_pool[slots], keys[0].transpose(0, 1).half())
+    assert torch.equal(value_pool[slots], values[0].transpose(0, 1).half())
 
 
 # ---- ModelRunner over the paged cache ------------------------------------------------------

@@ -123,6 +123,10 @@ class EngineCore:
             DTYPES.get(config.kv_cache_dtype, loaded.compute_dtype),  # "compute": not a key
             loaded.device,
         )
+        per_token = self.cache.bytes_per_token()
+        log.info("KV cache: %d tokens of %.0f KiB in %s, %.1f MiB", self.allocator.capacity_tokens,
+                 per_token / 1024, str(self.cache.dtype).removeprefix("torch."),
+                 num_blocks * block * per_token / 2**20)  # fmt: skip
         self.runner = ModelRunner(loaded.model, self.cache, self.lora, self.adapters.slot_ranks)
         self.scheduler = Scheduler(
             self.allocator,

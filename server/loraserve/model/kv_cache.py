@@ -81,6 +81,11 @@ class PagedKVCache(Cache):
     def is_compileable(self) -> bool:
         return False
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the pools hold keys and values in."""
+        return self.key_pools[0].dtype
+
     def bytes_per_token(self) -> int:
         pool = self.key_pools[0]
         return 2 * len(self.key_pools) * pool.shape[1] * pool.shape[2] * pool.element_size()
