@@ -7,8 +7,9 @@ on the input embedding, lora_B and trained base biases) with plain LoRA and base
 
 Greedy tokens must match PEFT's `generate` token for token, but for numerical ties (another
 summation order): where our tokens part from PEFT's, PEFT's own logits must rank the two tokens
-within the tolerance, and at most one request per architecture may part at all. The reference
-computes in fp32 on every CPU (`load_reference_base`).
+within the tolerance, and in fp32 at most one request per architecture may part at all (in
+bf16, whose logits are 2^-8 apart near 4, ties are common: any request may part at one). The
+reference computes in the same dtype on every CPU (`load_reference_base`).
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ from loraserve.types import GenerateRequest, SamplingParams
 pytestmark = pytest.mark.slow  # PEFT's generate for every architecture and quantization
 
 # Largest |logit difference| allowed against PEFT, per (quantization, compute dtype): both sides
-# compute in fp32 (`load_reference_base`) and differ by the summation order only.
-LOGIT_TOLERANCE = {("nf4", "fp32"): 1e-3, ("none", "fp32"): 1e-4}
+# compute in that dtype (`load_reference_base`) and differ by the summation order only (in
+# bf16 also by where each side rounds: decode attention sums in fp32 on the CPU; measured
+# 2026-12-01 up to 0.10 before that and 0.08 after it, in bf16 units of 2^-5 near 4).
+LOGIT_TOLERANCE = {("nf4", "fp32"): 1e-3, ("none", "fp32"): 1e-4, ("nf4", "bf16"): 0.125}
 # The same with keys and values rounded to a 16-bit KV cache's dtype on both sides: a value the
 # two summation orders leave near a rounding boundary can round one unit apart (measured
 # 2026-12-01: up to 1.1e-3 with bf16, 5.3e-4 with fp16; against an unrounded reference at least
@@ -132,7 +135,8 @@ def check_against_peft(
         for step in range(compared):  # the logits agree up to and including any parting step
             diff = (got.logits[step] - want_logits[step]).abs().max().item()
             assert diff <= tolerance, f"{arch} {request.adapter} step {step}: {diff}"
-    assert exact >= len(requests) - 1, f"{arch}: only {exact} of {len(requests)} token-exact"
+    if dtype == "fp32":
+        assert exact >= len(requests) - 1, f"{arch}: only {exact} of {len(requests)} token-exact"
     assert core.kv_used_tokens == 0
     assert core.adapters.stats().references == 0
 

@@ -6,12 +6,12 @@ every row's new tokens laid end to end (batch size 1, no padding); the model's c
 written their keys and values into the pools when it is called. An `AttentionBatch`, passed as a
 keyword of the model call, says which tokens belong to which row:
 
-- decode rows (one new token) are attended together: on the CPU in fp32 by one compiled kernel
-  call that reads each row's keys and values in place through its block table (pools in fp32,
-  bf16 or fp16, widened as they are read), never copying the context; elsewhere (CUDA, other
-  compute dtypes) by one SDPA call over their contexts gathered into a padded batch, which is
-  also the kernel's test oracle (the batch's pool slots and mask are built once per forward and
-  window, for every layer);
+- decode rows (one new token) are attended together: on the CPU by one compiled kernel call
+  that reads each row's keys and values in place through its block table (pools in fp32, bf16
+  or fp16, widened as they are read; the arithmetic in fp32 whatever the compute dtype), never
+  copying the context; elsewhere (CUDA) by one SDPA call over their contexts gathered into a
+  padded batch, which is also the kernel's test oracle (the batch's pool slots and mask are
+  built once per forward and window, for every layer);
 - prefill rows (a prompt chunk) each gather their context once and run one SDPA call, causal
   from the chunk's first position (and within the sliding window, where the layer has one).
 
@@ -179,14 +179,16 @@ def attend_decode(
     scale: float,
 ) -> torch.Tensor:
     """The batch's decode rows' queries q [R, H, D] over their contexts in the pools [S, KVH, D]
-    -> [R, H, D]: by the compiled kernel where it applies, else through the gathered batch."""
+    -> [R, H, D]: by the compiled kernel where it applies (in fp32: 16-bit queries are widened
+    and the output rounded back, as SDPA accumulates them), else through the gathered batch."""
     rows = cast(DecodeRows, batch.decode)
     ops = native()
-    if rows.use_kernel and ops is not None and q.dtype == torch.float32:
-        return ops.paged_decode_attention(
-            q, k_pool, v_pool, rows.block_tables, rows.context_lens, batch.cache.block_size,
-            window, scale,
+    if rows.use_kernel and ops is not None:
+        out = ops.paged_decode_attention(
+            q.float(), k_pool, v_pool, rows.block_tables, rows.context_lens,
+            batch.cache.block_size, window, scale,
         )  # fmt: skip
+        return out.to(q.dtype)
     return attend_gathered(q, k_pool, v_pool, batch.decode_context(window, q.dtype), scale)
 
 
@@ -346,8 +348,8 @@ def _log_path(module: torch.nn.Module, variant: tuple[str, ...], window: int) ->
 
 
 def decode_kernel_applies(cache: PagedKVCache) -> bool:
-    """Whether decode rows over `cache` can use the compiled kernel (CPU pools of a dtype it
-    reads; the queries must also be fp32, which `attend_decode` checks)."""
+    """Whether decode rows over `cache` can use the compiled kernel: CPU pools of a dtype it
+    reads (fp32, bf16, fp16), whatever the compute dtype."""
     pool = cache.pools(0)[0]
     return native() is not None and pool.device.type == "cpu" and pool.dtype in KERNEL_DTYPES
 

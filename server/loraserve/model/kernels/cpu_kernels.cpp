@@ -161,12 +161,12 @@ void check_cpu(const at::Tensor& t, at::ScalarType type, const char* name) {
               " must be a contiguous ", c10::toString(type), " CPU tensor");
 }
 
-// Calls f with a value of the C++ type of a KV pool's elements: float, bf16 or fp16.
+// Calls f with a value of the C++ type of `t`'s elements (float, bf16 or fp16), for kernels
+// that read KV pools or LoRA slots of any of these dtypes; `what` names them in errors.
 template <typename F>
-void with_kv_element(const at::Tensor& pool, F&& f) {
-  TORCH_CHECK(pool.device().is_cpu() && pool.is_contiguous(), "KV pools must be contiguous CPU "
-              "tensors");
-  switch (pool.scalar_type()) {
+void with_element(const at::Tensor& t, const char* what, F&& f) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), what, " must be contiguous CPU tensors");
+  switch (t.scalar_type()) {
     case at::kFloat:
       return f(float{});
     case at::kBFloat16:
@@ -174,8 +174,8 @@ void with_kv_element(const at::Tensor& pool, F&& f) {
     case at::kHalf:
       return f(fp16{});
     default:
-      TORCH_CHECK(false, "KV pools must be float32, bfloat16 or float16, not ",
-                  c10::toString(pool.scalar_type()));
+      TORCH_CHECK(false, what, " must be float32, bfloat16 or float16, not ",
+                  c10::toString(t.scalar_type()));
   }
 }
 
@@ -198,7 +198,7 @@ at::Tensor paged_decode_attention_op(const at::Tensor& q, const at::Tensor& k_po
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == R && context_lens.numel() == R,
               "block_tables [R, max_blocks] and context_lens [R] must have one row per query");
   at::Tensor out = at::empty({R, H, D}, q.options());
-  with_kv_element(k_pool, [&](auto element) {
+  with_element(k_pool, "KV pools", [&](auto element) {
     using T = decltype(element);
     paged_decode_attention(q.data_ptr<float>(), static_cast<const T*>(k_pool.data_ptr()),
                            static_cast<const T*>(v_pool.data_ptr()),
@@ -209,19 +209,18 @@ at::Tensor paged_decode_attention_op(const at::Tensor& q, const at::Tensor& k_po
   return out;
 }
 
-// y [N, out] += the LoRA delta of x [N, in] over token segments on slots; the slots float32 or
-// bfloat16, scales [S] float32 (none: every slot's scaling is folded into its B).
+// y [N, out] += the LoRA delta of x [N, in] over token segments on slots; the slots float32,
+// bfloat16 or float16 (both alike), scales [S] float32 (none: every slot's scaling is folded
+// into its B).
 void lora_delta_op(const at::Tensor& x, at::Tensor& y, const at::Tensor& lora_a,
                    const at::Tensor& lora_b, const at::Tensor& starts, const at::Tensor& ends,
                    const at::Tensor& slots, const at::Tensor& ranks,
                    const c10::optional<at::Tensor>& scales) {
   check_cpu_f32(x, "x");
   check_cpu_f32(y, "y");
-  const auto slot_type = lora_a.scalar_type();
-  TORCH_CHECK((slot_type == at::kFloat || slot_type == at::kBFloat16) &&
-                  lora_b.scalar_type() == slot_type && lora_a.device().is_cpu() &&
-                  lora_b.device().is_cpu() && lora_a.is_contiguous() && lora_b.is_contiguous(),
-              "lora_a and lora_b must be contiguous CPU tensors, both float32 or both bfloat16");
+  TORCH_CHECK(lora_b.scalar_type() == lora_a.scalar_type() && lora_b.device().is_cpu() &&
+                  lora_b.is_contiguous(),
+              "lora_b must be a contiguous CPU tensor of lora_a's dtype");
   for (const at::Tensor* t : {&starts, &ends, &slots, &ranks}) check_cpu(*t, at::kLong, "segments");
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0) &&
                   lora_a.size(2) == x.size(1) && lora_b.size(2) == y.size(1) &&
@@ -233,17 +232,13 @@ void lora_delta_op(const at::Tensor& x, at::Tensor& y, const at::Tensor& lora_a,
     TORCH_CHECK(scales->dim() == 1 && scales->size(0) == lora_a.size(0), "scales must be [S]");
     scale = scales->data_ptr<float>();
   }
-  auto run = [&](auto* a, auto* b) {
-    lora_delta(x.data_ptr<float>(), y.data_ptr<float>(), x.size(1), y.size(1), a, b, scale,
-               lora_a.size(1), starts.data_ptr<int64_t>(),
-               ends.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), ranks.data_ptr<int64_t>(),
-               starts.numel());
-  };
-  if (slot_type == at::kFloat)
-    run(lora_a.data_ptr<float>(), lora_b.data_ptr<float>());
-  else
-    run(reinterpret_cast<const bf16*>(lora_a.data_ptr<at::BFloat16>()),
-        reinterpret_cast<const bf16*>(lora_b.data_ptr<at::BFloat16>()));
+  with_element(lora_a, "LoRA slots", [&](auto element) {
+    using T = decltype(element);
+    lora_delta(x.data_ptr<float>(), y.data_ptr<float>(), x.size(1), y.size(1),
+               static_cast<const T*>(lora_a.data_ptr()), static_cast<const T*>(lora_b.data_ptr()),
+               scale, lora_a.size(1), starts.data_ptr<int64_t>(), ends.data_ptr<int64_t>(),
+               slots.data_ptr<int64_t>(), ranks.data_ptr<int64_t>(), starts.numel());
+  });
 }
 
 // Each src[i] [rows, cols] (any float dtype, any strides) -> [cols, rows] float32, times
@@ -350,7 +345,7 @@ void kv_write_op(at::Tensor& pool, const at::Tensor& slots, const at::Tensor& st
   const int64_t* index = slots.data_ptr<int64_t>();
   for (int64_t n = 0; n < slots.size(0); ++n)
     TORCH_CHECK(index[n] >= 0 && index[n] < pool.size(0), "slot ", index[n], " is outside");
-  with_kv_element(pool, [&](auto element) {
+  with_element(pool, "KV pools", [&](auto element) {
     using T = decltype(element);
     kv_write(static_cast<T*>(pool.data_ptr()), index, static_cast<const T*>(states.data_ptr()),
              states.size(0), states.size(1), states.size(2), states.stride(0), states.stride(1));

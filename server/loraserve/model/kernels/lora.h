@@ -106,8 +106,8 @@ inline bool any_nonfinite(const float* src, int64_t n) {
   return found;
 }
 
-// x [N, in]; y [N, out] (updated); lora_a [S, R, in]; lora_b [S, R, out] (T: float or bf16);
-// scales [S] or null; segments: starts, ends, slots, ranks [num_segments] int64.
+// x [N, in]; y [N, out] (updated); lora_a [S, R, in]; lora_b [S, R, out] (T: float, bf16 or
+// fp16); scales [S] or null; segments: starts, ends, slots, ranks [num_segments] int64.
 template <class T>
 inline void lora_delta(const float* x, float* y, int64_t in, int64_t out, const T* lora_a,
                        const T* lora_b, const float* scales, int64_t R, const int64_t* starts,
