@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import bitsandbytes as bnb
@@ -11,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from loraserve.model.loading import load_base_model
+from loraserve.model.loading import has_amx, load_base_model
 from loraserve.model.tiny import write_tiny_model
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -119,10 +120,18 @@ def test_nf4_weights_are_the_checkpoint_weights_within_one_nf4_step(model_dirs):
         assert error.max() > 0, f"{name} was not quantized"
 
 
-def test_bf16_compute_dtype_is_applied(model_dirs):
+def test_bf16_compute_dtype_is_applied(model_dirs, caplog):
+    caplog.set_level(logging.INFO, logger="loraserve.model.loading")
     loaded = load_base_model(str(model_dirs["llama"]), "none", "bf16", "cpu")
     assert loaded.compute_dtype == torch.bfloat16
     assert loaded.model.lm_head.weight.dtype == torch.bfloat16
+    assert "AMX" not in caplog.text  # already bf16: nothing to suggest
+
+
+def test_fp32_on_a_cpu_with_amx_suggests_bf16_compute(model_dirs, caplog):
+    caplog.set_level(logging.INFO, logger="loraserve.model.loading")
+    load_base_model(str(model_dirs["llama"]), "none", "fp32", "cpu")
+    assert ("--compute-dtype bf16" in caplog.text) == has_amx()
 
 
 def test_nf4_keeps_cpu_misfit_layers_unquantized_and_generates(model_96):
