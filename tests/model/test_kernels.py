@@ -25,10 +25,12 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from loraserve.model.attention import attend_context, attend_decode_gathered
 from loraserve.model.kernels import build, chosen_variant, native
 from loraserve.model.linear import (
+    AMX_WIDENED_MAX_ROWS,
     SMALL_BATCH_ROWS,
     BaseLinear,
     Packed4bit,
     SharedInputGroup,
+    has_amx,
     link_shared_inputs,
     matmul_group,
     wrap_projections,
@@ -246,9 +248,30 @@ def test_a_4bit_base_keeps_its_layout_through_a_bf16_forward():
     layer.weight = bnb.nn.Params4bit(torch.randn(64, 128), requires_grad=False, quant_type="nf4")
     layer = layer.to("cpu").eval()
     before = _dequantized(layer)
-    BaseLinear(layer)(torch.randn(3, 128, dtype=torch.bfloat16))
+    BaseLinear(layer)(torch.randn(SMALL_BATCH_ROWS + 1, 128, dtype=torch.bfloat16))  # its forward
     assert Packed4bit.of(layer) is not None
     assert torch.equal(dequantized_weight(layer), before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_16_bit_rows_take_the_4bit_kernel_widened_up_to_their_limit(dtype):
+    """Decode-sized rows in a 16-bit compute dtype: the fp32 kernel's output on the widened
+    rows, rounded once; more rows than the limit (32 with AMX): bitsandbytes' own forward."""
+    torch.manual_seed(1)
+    layer = bnb.nn.Linear4bit(128, 64, bias=True, compute_dtype=dtype, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 128), requires_grad=False, quant_type="nf4")
+    layer.bias = nn.Parameter(torch.randn(64).to(dtype), requires_grad=False)
+    layer = layer.to("cpu").eval()
+    base = BaseLinear(layer)
+    limit = AMX_WIDENED_MAX_ROWS if has_amx() else SMALL_BATCH_ROWS
+    for rows in (1, 5, limit):
+        x = torch.randn(1, rows, 128).to(dtype)
+        got = base(x)
+        assert got.dtype == dtype and got.shape == (1, rows, 64)
+        assert torch.equal(got, base(x.float()).to(dtype))
+    x = torch.randn(limit + 1, 128).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(base(x), layer(x))
 
 
 @pytest.mark.parametrize("rows", [0, 1, 5, 12, 13, 17, 30, 32, 33, SMALL_BATCH_ROWS])

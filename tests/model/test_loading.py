@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from loraserve.model.loading import has_amx, load_base_model
+from loraserve.model.linear import has_amx
+from loraserve.model.loading import load_base_model
 from loraserve.model.tiny import write_tiny_model
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

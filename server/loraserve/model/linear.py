@@ -26,6 +26,7 @@ Knows nothing about LoRA, adapters or batches: it sees rows of activations.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,21 @@ from loraserve.model.kernels import native
 # Up to this many rows the fused small-batch kernels beat dequantize + GEMM (see
 # docs/performance.md); above it the one big GEMM amortises the dequantization.
 SMALL_BATCH_ROWS = 256
+# Under a 16-bit compute dtype, up to this many rows (SMALL_BATCH_ROWS without AMX) widen to
+# fp32 for the 4-bit kernel rather than dequantize the whole weight for a 16-bit GEMM: with AMX
+# a bf16 decode step of 8 rows took 19 ms against 36, of 32 rows 39 against 45, of 64 rows 70
+# against 59 (docs/performance.md).
+AMX_WIDENED_MAX_ROWS = 32
+NARROW_DTYPES = (torch.bfloat16, torch.float16)
+CONTIGUOUS = torch.contiguous_format
+
+
+@functools.cache
+def has_amx() -> bool:
+    """Whether this CPU has AMX tiles, in which torch's bf16 GEMMs run (torch's own check; False
+    where this torch has none)."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check and check())
 
 
 @dataclass(frozen=True)
@@ -183,21 +199,31 @@ class BaseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] -> [..., out]."""
         ops = native()
-        if ops is None or x.dtype != torch.float32:
+        if ops is None or (x.dtype != torch.float32 and not self._widens(x)):
             return self.module(x)
-        rows = x.reshape(-1, self.in_features).contiguous()
+        rows = x.reshape(-1, self.in_features).to(torch.float32, memory_format=CONTIGUOUS)
         small = rows.shape[0] <= SMALL_BATCH_ROWS
         if small and self.group is not None:
-            return self.group.output(self, ops, x, rows).view(*x.shape[:-1], self.out_features)
-        bias = self.bias()
-        y = self._small_batch(ops, rows, bias) if small else None
-        if y is None and self.packed is not None:
-            y = F.linear(rows, self.packed.dequantize(), bias)
-        elif y is None and self.narrowed:
-            y = F.linear(rows, self.module.weight.float(), bias)
-        elif y is None:
-            return self.module(x)
-        return y.view(*x.shape[:-1], self.out_features)
+            y = self.group.output(self, ops, x, rows)
+        else:
+            bias = self.bias()
+            y = self._small_batch(ops, rows, bias) if small else None
+            if y is None and self.packed is not None:
+                y = F.linear(rows, self.packed.dequantize(), bias)
+            elif y is None and self.narrowed:
+                y = F.linear(rows, self.module.weight.float(), bias)
+            elif y is None:
+                return self.module(x)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _widens(self, x: torch.Tensor) -> bool:
+        """Whether a 16-bit x (bf16 or fp16 compute) takes the 4-bit kernel, widened to fp32
+        and its output rounded back, rather than bitsandbytes' dequantize of the whole weight to
+        x's dtype and a GEMM in it (which more rows keep: on AMX's tiles where the CPU has
+        them)."""
+        rows = x.numel() // self.in_features
+        most = AMX_WIDENED_MAX_ROWS if has_amx() else SMALL_BATCH_ROWS
+        return self.packed is not None and x.dtype in NARROW_DTYPES and rows <= most
 
     def bias(self) -> torch.Tensor | None:
         """[out] float32, or None."""

@@ -33,6 +33,8 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import is_flash_attn_2_available
 
+from loraserve.model.linear import has_amx
+
 log = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
@@ -147,13 +149,6 @@ def _prequantized(config) -> str | None:
     if qc.get("load_in_8bit"):
         return "int8"
     return qc.get("bnb_4bit_quant_type", "fp4")
-
-
-def has_amx() -> bool:
-    """Whether this CPU has AMX tiles, in which torch's bf16 GEMMs run (torch's own check; False
-    where this torch has none)."""
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(check and check())
 
 
 def load_base_model(
