@@ -129,10 +129,9 @@ def add_lora_delta_(
     On the CPU, one compiled call covers every segment (shrink and expand per chunk of a
     segment's tokens, chunks in parallel), in fp32: in a 16-bit compute dtype the rows are
     widened and the delta, summed in fp32, is added to y in one rounding. Elsewhere, with
-    `gathered` (what
-    `takes_gathered_form` says of this forward: on a GPU, a decode-sized batch of several
-    adapters), the gathered form (`gathered_lora_delta_`, four launches however many adapters);
-    otherwise one fused multiply-add per segment (`segmented_lora_delta_`).
+    `gathered` (what `takes_gathered_form` says of this forward: on a GPU, a decode-sized batch
+    of several adapters), the gathered form (`gathered_lora_delta_`, four launches however many
+    adapters); otherwise one fused multiply-add per segment (`segmented_lora_delta_`).
     """
     ops = native()
     if ops is not None and y.device.type == "cpu" and y.dtype == x.dtype:
