@@ -365,10 +365,11 @@ class EngineCore:
             self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
-        seq.emit(FinalEvent(reason, seq.prompt_len, seq.num_generated, seq.detokenizer.text))
+        # Counted before the final event goes out: whoever has seen it can scrape its counts.
         self.metrics.requests_finished.labels(seq.tenant, reason.value).inc()
         self.metrics.prompt_tokens.labels(seq.tenant).inc(seq.prompt_len)
         self.metrics.request_duration.observe(time.monotonic() - seq.arrived_at)
+        seq.emit(FinalEvent(reason, seq.prompt_len, seq.num_generated, seq.detokenizer.text))
         self._release(seq)
 
     def fail_all(self, error: Exception) -> None:
