@@ -137,13 +137,10 @@ def add_lora_delta_(
     if ops is not None and y.device.type == "cpu" and y.dtype == x.dtype:
         starts, ends, slots, ranks = batch.columns
         values = None if scales is None else scales.values
-        if x.dtype == torch.float32:
-            ops.lora_delta_(x.contiguous(), y, lora_a, lora_b, starts, ends, slots, ranks, values)
-            return y
-        rows = x.to(torch.float32, memory_format=torch.contiguous_format)
-        delta = torch.zeros(y.shape, dtype=torch.float32)
-        ops.lora_delta_(rows, delta, lora_a, lora_b, starts, ends, slots, ranks, values)
-        return y.add_(delta)
+        rows = x.to(torch.float32, memory_format=torch.contiguous_format)  # fp32: x itself
+        sums = y if y.dtype == torch.float32 else torch.zeros(y.shape, dtype=torch.float32)
+        ops.lora_delta_(rows, sums, lora_a, lora_b, starts, ends, slots, ranks, values)
+        return y if sums is y else y.add_(sums)
     if gathered:
         return gathered_lora_delta_(y, x, batch.token_slots, lora_a, lora_b, scales)
     return segmented_lora_delta_(y, x, batch, lora_a, lora_b, scales)
