@@ -25,11 +25,13 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from loraserve.model.attention import attend_context, attend_decode_gathered
 from loraserve.model.kernels import build, chosen_variant, native
 from loraserve.model.linear import (
+    AMX_TILE_MIN_ROWS,
     AMX_WIDENED_MAX_ROWS,
     SMALL_BATCH_ROWS,
     BaseLinear,
     Packed4bit,
     SharedInputGroup,
+    amx_tiles,
     has_amx,
     link_shared_inputs,
     matmul_group,
@@ -253,25 +255,111 @@ def test_a_4bit_base_keeps_its_layout_through_a_bf16_forward():
     assert torch.equal(dequantized_weight(layer), before)
 
 
+def _compute_in(dtype: torch.dtype, out_features: int = 64) -> BaseLinear:
+    """A 4-bit projection of 128 inputs with a bias, computing in `dtype`."""
+    torch.manual_seed(out_features)
+    layer = bnb.nn.Linear4bit(128, out_features, bias=True, compute_dtype=dtype, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(
+        torch.randn(out_features, 128), requires_grad=False, quant_type="nf4"
+    )
+    layer.bias = nn.Parameter(torch.randn(out_features).to(dtype), requires_grad=False)
+    return BaseLinear(layer.to("cpu").eval())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_16_bit_rows_take_the_4bit_kernel_widened_up_to_their_limit(dtype):
     """Decode-sized rows in a 16-bit compute dtype: the fp32 kernel's output on the widened
-    rows, rounded once; more rows than the limit (32 with AMX): bitsandbytes' own forward."""
-    torch.manual_seed(1)
-    layer = bnb.nn.Linear4bit(128, 64, bias=True, compute_dtype=dtype, quant_type="nf4")
-    layer.weight = bnb.nn.Params4bit(torch.randn(64, 128), requires_grad=False, quant_type="nf4")
-    layer.bias = nn.Parameter(torch.randn(64).to(dtype), requires_grad=False)
-    layer = layer.to("cpu").eval()
-    base = BaseLinear(layer)
+    rows, rounded once; more rows than the limit (32 with AMX; bf16 rows from
+    AMX_TILE_MIN_ROWS go to the tiles where the kernels may use them, up to SMALL_BATCH_ROWS):
+    bitsandbytes' own forward."""
+    base = _compute_in(dtype)
+    tiles = dtype == torch.bfloat16 and amx_tiles()
     limit = AMX_WIDENED_MAX_ROWS if has_amx() else SMALL_BATCH_ROWS
+    if tiles:
+        limit = AMX_TILE_MIN_ROWS - 1
     for rows in (1, 5, limit):
         x = torch.randn(1, rows, 128).to(dtype)
         got = base(x)
         assert got.dtype == dtype and got.shape == (1, rows, 64)
         assert torch.equal(got, base(x.float()).to(dtype))
-    x = torch.randn(limit + 1, 128).to(dtype)
+    x = torch.randn((SMALL_BATCH_ROWS if tiles else limit) + 1, 128).to(dtype)
     with torch.no_grad():
-        assert torch.equal(base(x), layer(x))
+        assert torch.equal(base(x), base.module(x))
+
+
+amx = pytest.mark.skipif(not amx_tiles(), reason="no AMX tiles the kernels may use here")
+
+
+def _in_tiles(x: torch.Tensor, layers: list, biases: list | None = None) -> list[torch.Tensor]:
+    weights = [Packed4bit.of(layer) for layer in layers]
+    return matmul_group(native(), x, weights, biases or [None] * len(layers))
+
+
+@amx
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "double-quant"])
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+def test_amx_tiles_decode_the_weight_to_bf16_as_bitsandbytes_rounds_it(
+    quant_type, nested, blocksize
+):
+    """Rows of the identity pick the weight's columns out exactly: every output is the bf16
+    weight that bitsandbytes' dequantize, rounded to bf16, gives (times one, plus zeros). 88
+    columns: the last block of 32 is 24 wide; 512 k: two calls of SMALL_BATCH_ROWS rows."""
+    layer = _quantized(88, 512, quant_type, nested, bias=False, blocksize=blocksize)
+    want = _dequantized(layer).to(torch.bfloat16)
+    identity = torch.eye(512, dtype=torch.bfloat16)
+    for first in range(0, 512, SMALL_BATCH_ROWS):
+        (got,) = _in_tiles(identity[first : first + SMALL_BATCH_ROWS], [layer])
+        assert torch.equal(got, want[:, first : first + SMALL_BATCH_ROWS].T)
+
+
+@amx
+@pytest.mark.parametrize("rows", [0, 1, 7, 16, 17, 32, 33, 64, 100, SMALL_BATCH_ROWS])
+@pytest.mark.parametrize(("out_features", "in_features"), [(96, 128), (13, 64), (40, 192)])
+def test_amx_tiles_sum_bf16_products_in_fp32_and_round_once(rows, out_features, in_features):
+    """One pass of 32 rows or up to eight; any tail of columns; bias added before rounding."""
+    layer = _quantized(out_features, in_features, "nf4", nested=False, bias=True)
+    x = torch.randn(rows, in_features).to(torch.bfloat16)
+    bias = layer.bias.data
+    (got,) = _in_tiles(x, [layer], [bias])
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
+    weight = _dequantized(layer).to(torch.bfloat16).float()
+    want = F.linear(x.float(), weight, bias)
+    # fp32 sums in another order, then one rounding to bf16 (at most half of 2^-7 relative)
+    torch.testing.assert_close(got.float(), want, rtol=2**-8, atol=1e-4)
+
+
+@amx
+def test_amx_tiles_of_a_group_equal_each_weight_alone():
+    layers = [
+        _quantized(40, 256, "nf4", nested=False, bias=False),
+        _quantized(13, 256, "fp4", nested=True, bias=False),
+        _quantized(96, 256, "nf4", nested=False, bias=False, blocksize=256),
+    ]
+    x = torch.randn(33, 256).to(torch.bfloat16)
+    for layer, got in zip(layers, _in_tiles(x, layers), strict=True):
+        assert torch.equal(got, _in_tiles(x, [layer])[0])
+
+
+@amx
+def test_amx_tiles_refuse_more_rows_than_a_call_takes():
+    layer = _quantized(16, 64, "nf4", nested=False, bias=False)
+    with pytest.raises(RuntimeError, match=f"at most {SMALL_BATCH_ROWS} rows"):
+        _in_tiles(torch.randn(SMALL_BATCH_ROWS + 1, 64).to(torch.bfloat16), [layer])
+
+
+@amx
+def test_bf16_rows_from_the_tile_minimum_to_the_small_batch_limit_run_in_amx_tiles():
+    """Alone and linked as one shared-input group: each output as its own tile call gives it."""
+    projections = [_compute_in(torch.bfloat16, width) for width in (64, 32, 32)]
+    SharedInputGroup(projections)
+    for rows in (AMX_TILE_MIN_ROWS, 40, SMALL_BATCH_ROWS):
+        x = torch.randn(1, rows, 128).to(torch.bfloat16)
+        for projection in (projections[1], projections[0], projections[2]):
+            got = projection(x)
+            assert got.dtype == torch.bfloat16 and got.shape == (1, rows, projection.out_features)
+            (alone,) = _in_tiles(x[0], [projection.module], [projection.bias()])
+            assert torch.equal(got[0], alone)
 
 
 @pytest.mark.parametrize("rows", [0, 1, 5, 12, 13, 17, 30, 32, 33, SMALL_BATCH_ROWS])

@@ -9,6 +9,10 @@ copying its weights, and picks per call:
 - 4-bit on the CPU, more rows (prefill): bitsandbytes' own dequantize once, then one fp32
   GEMM (bf16 measured slower on a CPU with AVX512-BF16, and less exact: a prompt's tokens would
   depend on how its prefill was split into steps, as with a cached prefix);
+- 4-bit under bf16 compute, from `AMX_TILE_MIN_ROWS` to `SMALL_BATCH_ROWS` rows, on a CPU
+  whose AMX tiles the kernels may use: the tile kernel, which decodes the weight to bf16 (as
+  bitsandbytes' dequantize to bf16 rounds it) into tiles inside the GEMM and sums in fp32;
+  fewer bf16 rows (and fp16 rows) are widened to fp32 for the fused kernel;
 - fp32 weights on the CPU, at most `SMALL_BATCH_ROWS` rows: the small-batch kernel. Where
   every value of such a weight is a bfloat16 (a checkpoint stored in bf16, loaded for fp32
   compute), it may be held in bf16 (`hold_narrow`, `model/narrow.py`): half the memory and
@@ -45,6 +49,11 @@ SMALL_BATCH_ROWS = 256
 # a bf16 decode step of 8 rows took 19 ms against 36, of 32 rows 39 against 45, of 64 rows 70
 # against 59 (docs/performance.md).
 AMX_WIDENED_MAX_ROWS = 32
+# Under bf16 compute, where the kernels may use this CPU's AMX tiles, from this many rows up to
+# SMALL_BATCH_ROWS the 4-bit weight is decoded to bf16 into tiles inside the GEMM: a decode
+# step's three projection shapes took 0.44 ms against the widened kernel's 0.51 at 8 rows, 0.54
+# against 1.40 at 32, and 2.5 against dequantize + bf16 GEMM's 4.2 at 256 (docs/performance.md).
+AMX_TILE_MIN_ROWS = 8
 NARROW_DTYPES = (torch.bfloat16, torch.float16)
 CONTIGUOUS = torch.contiguous_format
 
@@ -55,6 +64,14 @@ def has_amx() -> bool:
     where this torch has none)."""
     check = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(check and check())
+
+
+@functools.cache
+def amx_tiles() -> bool:
+    """Whether the kernels multiply bf16 rows in this CPU's AMX tiles (the CPU has them, the
+    OS lets this process use them, and the loaded build has the code)."""
+    ops = native()
+    return ops is not None and bool(ops.amx_usable())
 
 
 @dataclass(frozen=True)
@@ -146,9 +163,11 @@ class Packed4bit:
 def matmul_group(
     ops: Any, rows: torch.Tensor, weights: list[Packed4bit], biases: list[torch.Tensor | None]
 ) -> list[torch.Tensor]:
-    """rows [M, K] fp32 -> [M, N_i] for each weight, in one kernel call."""
+    """rows [M, K] -> [M, N_i] for each weight, in one kernel call: fp32 rows by the fused
+    kernel, bf16 rows in AMX tiles (`amx_tiles()`), each output in its rows' dtype."""
     nested = [w.nested for w in weights]
-    return ops.linear_4bit_group(
+    kernel = ops.linear_4bit_amx if rows.dtype == torch.bfloat16 else ops.linear_4bit_group
+    return kernel(
         rows, [w.packed for w in weights], [w.absmax for w in weights],
         [w.code for w in weights], [w.blocksize for w in weights],
         [w.out_features for w in weights], biases,
@@ -199,6 +218,15 @@ class BaseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] -> [..., out]."""
         ops = native()
+        packed = self.packed
+        if ops is not None and packed is not None and self._in_tiles(x):
+            rows = x.reshape(-1, self.in_features).contiguous()
+            y = (
+                self.group.output(self, ops, x, rows)
+                if self.group is not None
+                else matmul_group(ops, rows, [packed], [self.bias()])[0]
+            )
+            return y.view(*x.shape[:-1], self.out_features)
         if ops is None or (x.dtype != torch.float32 and not self._widens(x)):
             return self.module(x)
         rows = x.reshape(-1, self.in_features).to(torch.float32, memory_format=CONTIGUOUS)
@@ -215,6 +243,15 @@ class BaseLinear(nn.Module):
             elif y is None:
                 return self.module(x)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _in_tiles(self, x: torch.Tensor) -> bool:
+        """Whether bf16 x (bf16 compute) is multiplied by the 4-bit weight in AMX tiles."""
+        rows = x.numel() // self.in_features
+        return (
+            x.dtype == torch.bfloat16
+            and AMX_TILE_MIN_ROWS <= rows <= SMALL_BATCH_ROWS
+            and amx_tiles()
+        )
 
     def _widens(self, x: torch.Tensor) -> bool:
         """Whether a 16-bit x (bf16 or fp16 compute) takes the 4-bit kernel, widened to fp32
@@ -266,7 +303,8 @@ class SharedInputGroup:
     def output(
         self, member: BaseLinear, ops: Any, x: torch.Tensor, rows: torch.Tensor
     ) -> torch.Tensor:
-        """`member`'s output [M, out] for x, whose rows [M, in] float32 are `rows`."""
+        """`member`'s output [M, out] for x, whose rows [M, in] (float32, or bf16 for AMX
+        tiles: see `matmul_group`) are `rows`."""
         index = self.members.index(member)
         if x is self._input and index in self._pending:
             output = self._pending.pop(index)

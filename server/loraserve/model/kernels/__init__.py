@@ -9,6 +9,13 @@ caller then takes its torch path, which is also each kernel's test oracle. The o
   linear_4bit(x [M, K], packed [N*K/2] u8, absmax [N*K/blocksize], code [16], blocksize, N,
               bias?) -> [M, N]                       (bitsandbytes NF4 / FP4 layout; blocksize a
                                                         power of two from 32)
+  linear_4bit_amx(x [M, K] bf16, [packed], [absmax], [code], [blocksize], [N], [bias?], ...)
+              -> [[M, N] bf16]                       (several linear_4bit weights, in AMX tiles:
+                                                        each weight rounded to bf16 as bitsandbytes
+                                                        dequantizes it, fp32 sums; M at most 256)
+  amx_usable() -> bool                                 (whether linear_4bit_amx runs here: the
+                                                        AVX-512 build, a CPU with AMX-BF16, and an
+                                                        OS that lets this process use the tiles)
   paged_decode_attention(q [R, H, D], k_pool [S, KVH, D], v_pool, block_tables [R, B] i32,
                          context_lens [R] i32, block_size, window, scale) -> [R, H, D]
   lora_delta_(x [N, in], y [N, out], lora_a [S, R, in], lora_b [S, R, out],

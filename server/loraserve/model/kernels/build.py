@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).resolve().parent
 KEEP_BUILDS = 4  # of each instruction set in the cache, the most recently used
 SOURCES = (
-    "cpu_kernels.cpp", "parallel.h", "gemm.h", "attention.h", "lora.h", "scores.h", "norm.h",
-    "kv.h", "rotary.h",
+    "cpu_kernels.cpp", "parallel.h", "gemm.h", "amx.h", "attention.h", "lora.h", "scores.h",
+    "norm.h", "kv.h", "rotary.h",
 )  # fmt: skip
 
 

@@ -31,6 +31,7 @@
 #define LS_NAMESPACE loraserve_cpu
 #include "parallel.h"
 #include "gemm.h"
+#include "amx.h"
 #include "attention.h"
 #include "lora.h"
 #include "scores.h"
@@ -127,6 +128,25 @@ at::Tensor linear_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
   return add_bias(y, bias);
 }
 
+// The weights [N_i, K] element i of each list describes (see weight_4bit), checked.
+std::vector<Weight4bit> weights_4bit(
+    int64_t K, at::TensorList packed, at::TensorList absmax, at::TensorList code,
+    at::IntArrayRef blocksize, at::IntArrayRef out_features,
+    const c10::List<c10::optional<at::Tensor>>& bias,
+    const c10::List<c10::optional<at::Tensor>>& absmax2,
+    const c10::List<c10::optional<at::Tensor>>& code2, at::ArrayRef<double> offset) {
+  const size_t n = packed.size();
+  TORCH_CHECK(absmax.size() == n && code.size() == n && blocksize.size() == n &&
+                  out_features.size() == n && bias.size() == n && absmax2.size() == n &&
+                  code2.size() == n && offset.size() == n,
+              "every list must hold one entry per weight");
+  std::vector<Weight4bit> weights;
+  for (size_t i = 0; i < n; ++i)
+    weights.push_back(weight_4bit(packed[i], absmax[i], code[i], blocksize[i], out_features[i],
+                                  K, absmax2[i], code2[i], offset[i]));
+  return weights;
+}
+
 // linear_4bit of several weights that read the same x, in one call: element i of each list
 // describes weight i.
 std::vector<at::Tensor> linear_4bit_group(
@@ -136,24 +156,66 @@ std::vector<at::Tensor> linear_4bit_group(
     const c10::List<c10::optional<at::Tensor>>& absmax2,
     const c10::List<c10::optional<at::Tensor>>& code2, at::ArrayRef<double> offset) {
   check_rows(x);
-  const size_t n = packed.size();
-  TORCH_CHECK(absmax.size() == n && code.size() == n && blocksize.size() == n &&
-                  out_features.size() == n && bias.size() == n && absmax2.size() == n &&
-                  code2.size() == n && offset.size() == n,
-              "every list must hold one entry per weight");
   const int64_t M = x.size(0), K = x.size(1);
-  std::vector<Weight4bit> weights;
+  const std::vector<Weight4bit> weights = weights_4bit(K, packed, absmax, code, blocksize,
+                                                       out_features, bias, absmax2, code2, offset);
   std::vector<at::Tensor> ys;
   std::vector<float*> outs;
-  for (size_t i = 0; i < n; ++i) {
-    weights.push_back(weight_4bit(packed[i], absmax[i], code[i], blocksize[i], out_features[i],
-                                  K, absmax2[i], code2[i], offset[i]));
-    ys.push_back(at::empty({M, out_features[i]}, x.options()));
+  for (const Weight4bit& w : weights) {
+    ys.push_back(at::empty({M, w.N}, x.options()));
     outs.push_back(ys.back().data_ptr<float>());
   }
   gemm_4bit(x.data_ptr<float>(), M, K, weights, outs);
-  for (size_t i = 0; i < n; ++i) add_bias(ys[i], bias[i]);
+  for (size_t i = 0; i < ys.size(); ++i) add_bias(ys[i], bias[i]);
   return ys;
+}
+
+bool amx_usable_op() {
+#ifdef LS_AMX
+  return amx_usable();
+#else
+  return false;
+#endif
+}
+
+// linear_4bit_group for bf16 x, in AMX tiles: the weights dequantized to bf16, fp32 sums, the
+// outputs bf16 (see amx.h). Only where amx_usable().
+std::vector<at::Tensor> linear_4bit_amx(
+    const at::Tensor& x, at::TensorList packed, at::TensorList absmax, at::TensorList code,
+    at::IntArrayRef blocksize, at::IntArrayRef out_features,
+    const c10::List<c10::optional<at::Tensor>>& bias,
+    const c10::List<c10::optional<at::Tensor>>& absmax2,
+    const c10::List<c10::optional<at::Tensor>>& code2, at::ArrayRef<double> offset) {
+#ifdef LS_AMX
+  TORCH_CHECK(amx_usable(), "this CPU, or its kernel, gives loraserve no AMX tiles");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.is_contiguous() &&
+                  x.dim() == 2,
+              "x must be a contiguous bfloat16 CPU tensor [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(M <= kAmxMaxRows && K % kAmxStepK == 0, "x must have at most ", kAmxMaxRows,
+              " rows and K a multiple of ", kAmxStepK);
+  const std::vector<Weight4bit> weights = weights_4bit(K, packed, absmax, code, blocksize,
+                                                       out_features, bias, absmax2, code2, offset);
+  std::vector<at::Tensor> ys;
+  std::vector<uint16_t*> outs;
+  std::vector<const float*> biases;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    ys.push_back(at::empty({M, weights[i].N}, x.options()));
+    outs.push_back(reinterpret_cast<uint16_t*>(ys.back().data_ptr<at::BFloat16>()));
+    const bool biased = bias[i].has_value() && bias[i]->defined();
+    if (biased) {
+      check_cpu_f32(*bias[i], "bias");
+      TORCH_CHECK(bias[i]->numel() == weights[i].N, "a bias must hold one value per output");
+    }
+    biases.push_back(biased ? bias[i]->data_ptr<float>() : nullptr);
+  }
+  if (M > 0)
+    gemm_4bit_amx(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K, weights,
+                  biases, outs);
+  return ys;
+#else
+  TORCH_CHECK(false, "this build of loraserve's kernels has no AMX code");
+#endif
 }
 
 void check_cpu(const at::Tensor& t, at::ScalarType type, const char* name) {
@@ -393,6 +455,11 @@ TORCH_LIBRARY(loraserve, m) {
       "linear_4bit_group(Tensor x, Tensor[] packed, Tensor[] absmax, Tensor[] code, "
       "int[] blocksize, int[] out_features, Tensor?[] bias, Tensor?[] absmax2, Tensor?[] code2, "
       "float[] offset) -> Tensor[]");
+  m.def("amx_usable() -> bool", &amx_usable_op);
+  m.def(
+      "linear_4bit_amx(Tensor x, Tensor[] packed, Tensor[] absmax, Tensor[] code, "
+      "int[] blocksize, int[] out_features, Tensor?[] bias, Tensor?[] absmax2, Tensor?[] code2, "
+      "float[] offset) -> Tensor[]");
   m.def(
       "paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, "
       "Tensor context_lens, int block_size, int window, float scale) -> Tensor");
@@ -411,6 +478,7 @@ TORCH_LIBRARY_IMPL(loraserve, CPU, m) {
   m.impl("linear_f32", &linear_f32);
   m.impl("linear_4bit", &linear_4bit);
   m.impl("linear_4bit_group", &linear_4bit_group);
+  m.impl("linear_4bit_amx", &linear_4bit_amx);
   m.impl("paged_decode_attention", &paged_decode_attention_op);
   m.impl("lora_delta_", &lora_delta_op);
   m.impl("transpose_scaled", &transpose_scaled_op);

@@ -1,0 +1,245 @@
+// bf16 rows against a 4-bit weight in AMX tiles (Intel's Advanced Matrix Extensions), for bf16
+// compute on CPUs that have them: y[M, N] = bf16(x[M, K] @ W[N, K]^T + bias), W dequantized to
+// bf16 the way bitsandbytes' dequantize to bf16 rounds it (code[q] * absmax in fp32, rounded to
+// nearest even), products summed in fp32.
+//
+// A tile multiply (TDPBF16PS) takes a [16, 32] bf16 tile of weights, a [16 pairs of k, 16 rows]
+// tile of x whose k come in pairs, and adds their products to a [16 columns, 16 rows] fp32 tile
+// of sums; it does in one instruction what 512 fp32 multiply-adds do, so the work left is
+// decoding the weight. Each work item is a block of 32 output columns: a chunk of k at a time
+// is decoded, 32 k (16 packed bytes) of a column per vector, straight into the two weight tiles'
+// row layout (a packed byte holds k and k + 1 of one column, exactly a tile row's pair), and
+// multiplied against every pass of 32 rows of x. x is rearranged once per call into the pairs
+// the x tiles read. Sums leave the tiles once per block, transposed into y's rows.
+//
+// Compiled into the AVX-512 build only, for the CPU features AMX implies (`#pragma GCC target`
+// below), and used only where `amx_usable()` says this CPU and kernel allow the tiles.
+
+#if LS_LANES == 16 && defined(__AVX512F__)
+#define LS_AMX 1
+
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+namespace LS_NAMESPACE {
+
+// Whether this CPU has AMX-BF16 tiles and AVX512-BF16, and Linux lets this process use the
+// tiles (asked for once: their state is too large to be saved for every process by default).
+inline bool amx_usable() {
+  static const bool usable = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tiles = (d >> 24) & 1, bf16_tiles = (d >> 22) & 1;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+    const bool avx512_bf16 = (a >> 5) & 1;
+    constexpr long kRequestPermission = 0x1023;  // ARCH_REQ_XCOMP_PERM
+    constexpr long kTileData = 18;               // XFEATURE_XTILEDATA
+    return tiles && bf16_tiles && avx512_bf16 &&
+           syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return usable;
+}
+
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-bf16,avx512bf16,avx512bw,avx512vl")
+
+constexpr int64_t kAmxStepK = 32;    // k per tile multiply: 16 pairs
+constexpr int64_t kAmxColumns = 32;  // output columns per work item: two weight tiles
+constexpr int64_t kAmxPassRows = 32;  // rows of x per pass: two x tiles
+constexpr int64_t kAmxChunkSteps = 8;  // steps decoded before they are multiplied (16 KB in L1)
+constexpr int64_t kTileElements = 16 * 32;  // bf16 in a full tile (1 KB)
+constexpr int64_t kAmxMaxPasses = 8;
+constexpr int64_t kAmxMaxRows = kAmxMaxPasses * kAmxPassRows;  // rows of x a call takes
+
+// Tiles: sums of (column tile c, row tile r) in tile 2c + r; weights in 4 and 5; x in 6 and 7.
+// Every tile is 16 rows of 64 bytes.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// The tiles configured for this thread while it lives, released after (a thread that leaves
+// them configured has their 8 KB saved at every context switch).
+class TileSession {
+ public:
+  TileSession() {
+    TileConfig config;
+    for (int t = 0; t < 8; ++t) {
+      config.colsb[t] = 64;
+      config.rows[t] = 16;
+    }
+    // Not _tile_loadconfig: GCC's declares only the first 8 bytes read, and drops the stores of
+    // the rest as dead.
+    asm volatile("ldtilecfg %0" : : "m"(config));
+  }
+  ~TileSession() { _tile_release(); }
+  TileSession(const TileSession&) = delete;
+  TileSession& operator=(const TileSession&) = delete;
+};
+
+// The 16 code values times a block's scale, rounded to bf16, in the low half of a vector.
+inline __m512i scaled_bf16_table(__m512 code, float scale) {
+  const __m256bh table = _mm512_cvtneps_pbh(_mm512_mul_ps(code, _mm512_set1_ps(scale)));
+  return _mm512_castsi256_si512(reinterpret_cast<__m256i>(table));
+}
+
+// 16 packed bytes (32 k of one column) as 32 bf16 in k order: a byte's high nibble is the even
+// k, its low nibble the odd one, so byte j's two codes become word indices 2j and 2j + 1.
+inline __m512i decode_bf16(const uint8_t* bytes, __m512i table) {
+  const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  const __m512i index = _mm512_ternarylogic_epi32(  // (q >> 4) | ((q << 16) & 0xF0000)
+      _mm512_srli_epi32(q, 4), _mm512_slli_epi32(q, 16), _mm512_set1_epi32(0x000F0000), 0xF8);
+  return _mm512_permutexvar_epi16(index, table);
+}
+
+// x [M, K] bf16 (as uint32 pairs of k) into the x tiles' layout: for pass p and row tile r,
+// [K / 2 pairs][16 rows] of pairs, rows past M zero. K is a multiple of kAmxStepK.
+inline std::vector<uint32_t> pack_rows(const uint32_t* x, int64_t M, int64_t K) {
+  const int64_t pairs = K / 2;
+  const int64_t tiles = (M + kAmxPassRows - 1) / kAmxPassRows * 2;
+  std::vector<uint32_t> packed(tiles * pairs * 16);
+  for (int64_t t = 0; t < tiles; ++t)
+    for (int64_t j0 = 0; j0 < 16; j0 += 8)
+      for (int64_t k0 = 0; k0 < pairs; k0 += 8) {
+        v8f rows[8];
+        for (int r = 0; r < 8; ++r) {
+          const int64_t m = t * 16 + j0 + r;
+          rows[r] = m < M ? *reinterpret_cast<const v8f*>(x + m * pairs + k0) : v8f{};
+        }
+        // the 32-bit pairs move as floats, bit for bit
+        store_transposed(rows, reinterpret_cast<float*>(packed.data() + (t * pairs + k0) * 16 + j0),
+                         16);
+      }
+  return packed;
+}
+
+// Decodes steps [s0, s0 + steps) of columns n0 .. n0 + 31 of `w` into `tiles` (per step, the
+// two weight tiles' rows); columns past N are zero.
+inline void decode_steps(const Weight4bit& w, __m512 code, int64_t K, int64_t n0, int64_t s0,
+                         int64_t steps, uint16_t* tiles) {
+  const int block_shift = __builtin_ctzll(w.blocksize);
+  for (int64_t c = 0; c < kAmxColumns; ++c) {
+    uint16_t* out = tiles + (c / 16) * kTileElements + (c % 16) * 32;
+    const int64_t n = n0 + c;
+    if (n >= w.N) {
+      for (int64_t s = 0; s < steps; ++s)
+        _mm512_storeu_si512(out + s * 2 * kTileElements, _mm512_setzero_si512());
+      continue;
+    }
+    const uint8_t* row = w.packed + n * K / 2;
+    // this column's bytes of the next chunk (two lines), read while this chunk is multiplied
+    const int64_t next = (s0 + steps) * kAmxStepK / 2;
+    if (next < K / 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + next), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row + next + 64), _MM_HINT_T0);
+    }
+    __m512i table = _mm512_setzero_si512();
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t k = (s0 + s) * kAmxStepK;
+      if (s == 0 || (k & (w.blocksize - 1)) == 0)  // blocksize: a power of two
+        table = scaled_bf16_table(code, w.scales((n * K + k) >> block_shift));
+      _mm512_storeu_si512(out + s * 2 * kTileElements, decode_bf16(row + k / 2, table));
+    }
+  }
+}
+
+// One block of 32 output columns from n0 of `w`, every row of x: y[m, n0 + c] for c < 32.
+inline void amx_block(const Weight4bit& w, __m512 code, const uint32_t* xp, int64_t M, int64_t K,
+                      int64_t n0, const float* bias, uint16_t* y) {
+  const int64_t pairs = K / 2, steps = K / kAmxStepK;
+  const int64_t passes = (M + kAmxPassRows - 1) / kAmxPassRows;
+  alignas(64) uint16_t weights[kAmxChunkSteps * 2 * kTileElements];
+  alignas(64) float sums[kAmxMaxPasses * 4 * 256];  // per pass, the four sum tiles
+  const bool spill = passes > 1;  // one pass keeps its sums in the tiles throughout
+  if (!spill) {
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  }
+  for (int64_t s0 = 0; s0 < steps; s0 += kAmxChunkSteps) {
+    const int64_t chunk = std::min(kAmxChunkSteps, steps - s0);
+    decode_steps(w, code, K, n0, s0, chunk, weights);
+    for (int64_t p = 0; p < passes; ++p) {
+      float* pass_sums = sums + p * 4 * 256;
+      if (spill && s0 == 0) {
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+      } else if (spill) {
+        _tile_loadd(0, pass_sums, 64); _tile_loadd(1, pass_sums + 256, 64);
+        _tile_loadd(2, pass_sums + 512, 64); _tile_loadd(3, pass_sums + 768, 64);
+      }
+      const uint32_t* x0 = xp + (2 * p * pairs + s0 * 16) * 16;
+      const uint32_t* x1 = x0 + pairs * 16;
+      for (int64_t s = 0; s < chunk; ++s) {
+        _tile_loadd(4, weights + s * 2 * kTileElements, 64);
+        _tile_loadd(5, weights + (s * 2 + 1) * kTileElements, 64);
+        _tile_loadd(6, x0 + s * 256, 64);
+        _tile_loadd(7, x1 + s * 256, 64);
+        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+      }
+      if (spill) {
+        _tile_stored(0, pass_sums, 64); _tile_stored(1, pass_sums + 256, 64);
+        _tile_stored(2, pass_sums + 512, 64); _tile_stored(3, pass_sums + 768, 64);
+      }
+    }
+  }
+  if (!spill) {
+    _tile_stored(0, sums, 64); _tile_stored(1, sums + 256, 64);
+    _tile_stored(2, sums + 512, 64); _tile_stored(3, sums + 768, 64);
+  }
+  // sums tile (c, r) of pass p is [16 columns][16 rows]: transposed into rows, biased, rounded
+  const int64_t columns = std::min(kAmxColumns, w.N - n0);
+  for (int64_t p = 0; p < passes; ++p)
+    for (int t = 0; t < 4; ++t) {
+      const int c = t / 2, r = t % 2;
+      const int64_t first = n0 + c * 16, width = std::min<int64_t>(16, columns - c * 16);
+      if (width <= 0) continue;
+      alignas(64) float rows[16 * 16];
+      const float* tile = sums + (p * 4 + t) * 256;
+      for (int bi = 0; bi < 2; ++bi)
+        for (int bj = 0; bj < 2; ++bj) {
+          v8f block[8];
+          for (int i = 0; i < 8; ++i)
+            block[i] = *reinterpret_cast<const v8f*>(tile + (bi * 8 + i) * 16 + bj * 8);
+          store_transposed(block, rows + bj * 8 * 16 + bi * 8, 16);
+        }
+      const __mmask16 mask = static_cast<__mmask16>((1u << width) - 1);
+      const __m512 b = bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, bias + first);
+      for (int j = 0; j < 16; ++j) {
+        const int64_t m = p * kAmxPassRows + r * 16 + j;
+        if (m >= M) break;
+        const __m256bh out = _mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(rows + j * 16), b));
+        _mm256_mask_storeu_epi16(y + m * w.N + first, mask, reinterpret_cast<__m256i>(out));
+      }
+    }
+}
+
+// Every weight's y_i = x @ W_i^T + bias_i in one parallel region; x [M, K] bf16 as uint16, M at
+// most kAmxMaxRows.
+
+inline void gemm_4bit_amx(const uint16_t* x, int64_t M, int64_t K,
+                          std::span<const Weight4bit> weights, std::span<const float* const> biases,
+                          std::span<uint16_t* const> ys) {
+  const std::vector<uint32_t> xp = pack_rows(reinterpret_cast<const uint32_t*>(x), M, K);
+  std::vector<int64_t> first_block{0};  // weight i's blocks: first_block[i] .. first_block[i + 1]
+  for (const Weight4bit& w : weights)
+    first_block.push_back(first_block.back() + (w.N + kAmxColumns - 1) / kAmxColumns);
+  parallel_items(first_block.back(), [&](WorkQueue& queue) {
+    const TileSession session;
+    queue.each([&](int64_t b) {
+      size_t i = 0;
+      while (b >= first_block[i + 1]) ++i;
+      const Weight4bit& w = weights[i];
+      amx_block(w, _mm512_loadu_ps(w.code), xp.data(), M, K, (b - first_block[i]) * kAmxColumns,
+                biases[i], ys[i]);
+    });
+  });
+}
+
+#pragma GCC pop_options
+
+}  // namespace LS_NAMESPACE
+
+#endif
