@@ -44,7 +44,7 @@ inline bool amx_usable() {
 #pragma GCC push_options
 #pragma GCC target("amx-tile,amx-bf16,avx512bf16,avx512bw,avx512vl")
 
-constexpr int64_t kAmxStepK = 32;    // k per tile multiply: 16 pairs
+constexpr int64_t kAmxStepK = 32;    // k per tile multiply: 16 pairs (a shift of 5)
 constexpr int64_t kAmxColumns = 32;  // output columns per work item: two weight tiles
 constexpr int64_t kAmxPassRows = 32;  // rows of x per pass: two x tiles
 constexpr int64_t kAmxChunkSteps = 8;  // steps decoded before they are multiplied (16 KB in L1)
@@ -118,7 +118,9 @@ inline std::vector<uint32_t> pack_rows(const uint32_t* x, int64_t M, int64_t K) 
 }
 
 // Decodes steps [s0, s0 + steps) of columns n0 .. n0 + 31 of `w` into `tiles` (per step, the
-// two weight tiles' rows); columns past N are zero.
+// two weight tiles' rows); columns past N are zero. kNested: whether w's scales are double-
+// quantized (else each is one load, which the multiply broadcasts from memory itself).
+template <bool kNested>
 inline void decode_steps(const Weight4bit& w, __m512 code, int64_t K, int64_t n0, int64_t s0,
                          int64_t steps, uint16_t* tiles) {
   const int block_shift = __builtin_ctzll(w.blocksize);
@@ -137,12 +139,16 @@ inline void decode_steps(const Weight4bit& w, __m512 code, int64_t K, int64_t n0
       _mm_prefetch(reinterpret_cast<const char*>(row + next), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(row + next + 64), _MM_HINT_T0);
     }
-    __m512i table = _mm512_setzero_si512();
-    for (int64_t s = 0; s < steps; ++s) {
+    for (int64_t s = 0; s < steps;) {  // one quantization block (or what the chunk has of it)
       const int64_t k = (s0 + s) * kAmxStepK;
-      if (s == 0 || (k & (w.blocksize - 1)) == 0)  // blocksize: a power of two
-        table = scaled_bf16_table(code, w.scales((n * K + k) >> block_shift));
-      _mm512_storeu_si512(out + s * 2 * kTileElements, decode_bf16(row + k / 2, table));
+      const int64_t block = (n * K + k) >> block_shift;  // blocksize: a power of two
+      const int64_t end =
+          std::min(steps, s + ((w.blocksize - (k & (w.blocksize - 1))) >> 5));  // 32 k a step
+      const float scale = kNested ? w.scales(block) : w.scales.absmax[block];
+      const __m512i table = scaled_bf16_table(code, scale);
+      for (; s < end; ++s)
+        _mm512_storeu_si512(out + s * 2 * kTileElements,
+                            decode_bf16(row + (s0 + s) * kAmxStepK / 2, table));
     }
   }
 }
@@ -160,7 +166,10 @@ inline void amx_block(const Weight4bit& w, __m512 code, const uint32_t* xp, int6
   }
   for (int64_t s0 = 0; s0 < steps; s0 += kAmxChunkSteps) {
     const int64_t chunk = std::min(kAmxChunkSteps, steps - s0);
-    decode_steps(w, code, K, n0, s0, chunk, weights);
+    if (w.scales.absmax != nullptr)
+      decode_steps<false>(w, code, K, n0, s0, chunk, weights);
+    else
+      decode_steps<true>(w, code, K, n0, s0, chunk, weights);
     for (int64_t p = 0; p < passes; ++p) {
       float* pass_sums = sums + p * 4 * 256;
       if (spill && s0 == 0) {
