@@ -517,6 +517,35 @@ def test_lora_delta_kernel_equals_reference_over_long_and_short_segments(
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("slot_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("row_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(("in_features", "out_features"), [(64, 37), (40, 100)])
+def test_lora_delta_kernel_on_16_bit_rows_adds_the_fp32_delta_in_one_rounding(
+    in_features, out_features, row_dtype, slot_dtype
+):
+    """16-bit x and y: bit for bit, the fp32 kernel's delta over the widened rows added to the
+    widened y and rounded once (what torch's y.add_(delta) gives), chunk tails and all; a NaN
+    in y stays a NaN (whose bits torch's own conversions do not agree on)."""
+    torch.manual_seed(out_features)
+    lora_a = torch.randn(4, 8, in_features).to(slot_dtype)
+    lora_b = torch.randn(4, 8, out_features).to(slot_dtype)
+    scales = torch.tensor([1.0, 0.375, 2.0, 1.0])
+    starts, ends, slots, ranks = (torch.tensor(c) for c in zip((0, 21, 3, 8), (21, 23, 1, 1),
+                                                               (23, 40, 2, 5)))  # fmt: skip
+    x = torch.randn(40, in_features).to(row_dtype)
+    y = torch.randn(40, out_features).to(row_dtype)
+    y[22, 3] = float("nan")
+    delta = torch.zeros(40, out_features)
+    native().lora_delta_(x.float(), delta, lora_a, lora_b, starts, ends, slots, ranks, scales)
+    want = (y.float() + delta).to(row_dtype)
+    native().lora_delta_(x, y, lora_a, lora_b, starts, ends, slots, ranks, scales)
+    assert torch.equal(y.isnan(), want.isnan()) and y.isnan().sum() == 1
+    finite = ~want.isnan()
+    assert torch.equal(y[finite].view(torch.int16), want[finite].view(torch.int16))
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        native().lora_delta_(x, y.float(), lora_a, lora_b, starts, ends, slots, ranks, scales)
+
+
 SHAPES = [(2816, 16), (1024, 64), (13, 9), (8, 8), (7, 3), (0, 4), (5, 0)]
 
 

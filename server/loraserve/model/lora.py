@@ -127,20 +127,18 @@ def add_lora_delta_(
     lora_b. Ranks below R are zero-padded, so each segment uses its slot's own rank.
 
     On the CPU, one compiled call covers every segment (shrink and expand per chunk of a
-    segment's tokens, chunks in parallel), in fp32: in a 16-bit compute dtype the rows are
-    widened and the delta, summed in fp32, is added to y in one rounding. Elsewhere, with
+    segment's tokens, chunks in parallel), in fp32: in a 16-bit compute dtype it widens each
+    chunk's rows and adds the chunk's delta, summed in fp32, to y in one rounding. Elsewhere, with
     `gathered` (what `takes_gathered_form` says of this forward: on a GPU, a decode-sized batch
     of several adapters), the gathered form (`gathered_lora_delta_`, four launches however many
     adapters); otherwise one fused multiply-add per segment (`segmented_lora_delta_`).
     """
     ops = native()
-    if ops is not None and y.device.type == "cpu" and y.dtype == x.dtype:
+    if ops is not None and y.device.type == "cpu" and y.dtype == x.dtype and y.is_contiguous():
         starts, ends, slots, ranks = batch.columns
         values = None if scales is None else scales.values
-        rows = x.to(torch.float32, memory_format=torch.contiguous_format)  # fp32: x itself
-        sums = y if y.dtype == torch.float32 else torch.zeros(y.shape, dtype=torch.float32)
-        ops.lora_delta_(rows, sums, lora_a, lora_b, starts, ends, slots, ranks, values)
-        return y if sums is y else y.add_(sums)
+        ops.lora_delta_(x.contiguous(), y, lora_a, lora_b, starts, ends, slots, ranks, values)
+        return y
     if gathered:
         return gathered_lora_delta_(y, x, batch.token_slots, lora_a, lora_b, scales)
     return segmented_lora_delta_(y, x, batch, lora_a, lora_b, scales)

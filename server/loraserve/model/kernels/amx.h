@@ -153,12 +153,63 @@ inline void decode_steps(const Weight4bit& w, __m512 code, int64_t K, int64_t n0
   }
 }
 
+// Where a chunk's weight tiles are: tile (step s, column tile c) starts at base + s * step +
+// c * tile (bf16 elements), its 16 rows row_bytes apart.
+struct StagedTiles {
+  const uint16_t* base;
+  int64_t step, tile, row_bytes;
+};
+
+// The chunk layout decode_steps and copy_steps write: per step, two tiles of 64-byte rows.
+inline StagedTiles in_buffer(const uint16_t* buffer) {
+  return {buffer, 2 * kTileElements, kTileElements, 64};
+}
+
+// A 4-bit weight, decoded into the chunk buffer.
+struct Decoded4bit {
+  const Weight4bit& w;
+  __m512 code;
+  int64_t K;
+
+  int64_t columns() const { return w.N; }
+  StagedTiles stage(int64_t n0, int64_t s0, int64_t steps, uint16_t* buffer) const {
+    if (w.scales.absmax != nullptr)
+      decode_steps<false>(w, code, K, n0, s0, steps, buffer);
+    else
+      decode_steps<true>(w, code, K, n0, s0, steps, buffer);
+    return in_buffer(buffer);
+  }
+};
+
+// A bf16 weight [N, K] (a dense projection, the output projection): its rows are the weight
+// tiles' rows as they are, read in place; a last block of fewer than 32 columns is copied
+// beside zeros.
+struct DenseBf16 {
+  const uint16_t* weight;
+  int64_t N, K;
+
+  int64_t columns() const { return N; }
+  StagedTiles stage(int64_t n0, int64_t s0, int64_t steps, uint16_t* buffer) const {
+    if (n0 + kAmxColumns <= N)
+      return {weight + n0 * K + s0 * kAmxStepK, kAmxStepK, 16 * K, 2 * K};
+    for (int64_t c = 0; c < kAmxColumns; ++c)
+      for (int64_t s = 0; s < steps; ++s) {
+        const int64_t n = n0 + c;
+        _mm512_storeu_si512(buffer + s * 2 * kTileElements + (c / 16) * kTileElements + (c % 16) * 32,
+                            n < N ? _mm512_loadu_si512(weight + n * K + (s0 + s) * kAmxStepK)
+                                  : _mm512_setzero_si512());
+      }
+    return in_buffer(buffer);
+  }
+};
+
 // One block of 32 output columns from n0 of `w`, every row of x: y[m, n0 + c] for c < 32.
-inline void amx_block(const Weight4bit& w, __m512 code, const uint32_t* xp, int64_t M, int64_t K,
-                      int64_t n0, const float* bias, uint16_t* y) {
-  const int64_t pairs = K / 2, steps = K / kAmxStepK;
+template <class Source>
+inline void amx_block(const Source& w, const uint32_t* xp, int64_t M, int64_t K, int64_t n0,
+                      const float* bias, uint16_t* y) {
+  const int64_t pairs = K / 2, steps = K / kAmxStepK, N = w.columns();
   const int64_t passes = (M + kAmxPassRows - 1) / kAmxPassRows;
-  alignas(64) uint16_t weights[kAmxChunkSteps * 2 * kTileElements];
+  alignas(64) uint16_t buffer[kAmxChunkSteps * 2 * kTileElements];
   alignas(64) float sums[kAmxMaxPasses * 4 * 256];  // per pass, the four sum tiles
   const bool spill = passes > 1;  // one pass keeps its sums in the tiles throughout
   if (!spill) {
@@ -166,10 +217,7 @@ inline void amx_block(const Weight4bit& w, __m512 code, const uint32_t* xp, int6
   }
   for (int64_t s0 = 0; s0 < steps; s0 += kAmxChunkSteps) {
     const int64_t chunk = std::min(kAmxChunkSteps, steps - s0);
-    if (w.scales.absmax != nullptr)
-      decode_steps<false>(w, code, K, n0, s0, chunk, weights);
-    else
-      decode_steps<true>(w, code, K, n0, s0, chunk, weights);
+    const StagedTiles tiles = w.stage(n0, s0, chunk, buffer);
     for (int64_t p = 0; p < passes; ++p) {
       float* pass_sums = sums + p * 4 * 256;
       if (spill && s0 == 0) {
@@ -181,8 +229,9 @@ inline void amx_block(const Weight4bit& w, __m512 code, const uint32_t* xp, int6
       const uint32_t* x0 = xp + (2 * p * pairs + s0 * 16) * 16;
       const uint32_t* x1 = x0 + pairs * 16;
       for (int64_t s = 0; s < chunk; ++s) {
-        _tile_loadd(4, weights + s * 2 * kTileElements, 64);
-        _tile_loadd(5, weights + (s * 2 + 1) * kTileElements, 64);
+        const uint16_t* a = tiles.base + s * tiles.step;
+        _tile_loadd(4, a, tiles.row_bytes);
+        _tile_loadd(5, a + tiles.tile, tiles.row_bytes);
         _tile_loadd(6, x0 + s * 256, 64);
         _tile_loadd(7, x1 + s * 256, 64);
         _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
@@ -199,7 +248,7 @@ inline void amx_block(const Weight4bit& w, __m512 code, const uint32_t* xp, int6
     _tile_stored(2, sums + 512, 64); _tile_stored(3, sums + 768, 64);
   }
   // sums tile (c, r) of pass p is [16 columns][16 rows]: transposed into rows, biased, rounded
-  const int64_t columns = std::min(kAmxColumns, w.N - n0);
+  const int64_t columns = std::min(kAmxColumns, N - n0);
   for (int64_t p = 0; p < passes; ++p)
     for (int t = 0; t < 4; ++t) {
       const int c = t / 2, r = t % 2;
@@ -215,34 +264,33 @@ inline void amx_block(const Weight4bit& w, __m512 code, const uint32_t* xp, int6
           store_transposed(block, rows + bj * 8 * 16 + bi * 8, 16);
         }
       const __mmask16 mask = static_cast<__mmask16>((1u << width) - 1);
-      const __m512 b = bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, bias + first);
+      const __m512 b =
+          bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, bias + first);
       for (int j = 0; j < 16; ++j) {
         const int64_t m = p * kAmxPassRows + r * 16 + j;
         if (m >= M) break;
         const __m256bh out = _mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(rows + j * 16), b));
-        _mm256_mask_storeu_epi16(y + m * w.N + first, mask, reinterpret_cast<__m256i>(out));
+        _mm256_mask_storeu_epi16(y + m * N + first, mask, reinterpret_cast<__m256i>(out));
       }
     }
 }
 
-// Every weight's y_i = x @ W_i^T + bias_i in one parallel region; x [M, K] bf16 as uint16, M at
-// most kAmxMaxRows.
-
-inline void gemm_4bit_amx(const uint16_t* x, int64_t M, int64_t K,
-                          std::span<const Weight4bit> weights, std::span<const float* const> biases,
-                          std::span<uint16_t* const> ys) {
+// Every weight's y_i = x @ W_i^T + bias_i in one parallel region, its blocks of 32 columns the
+// work items; x [M, K] bf16 as uint16, M at most kAmxMaxRows; Source: Decoded4bit or DenseBf16.
+template <class Source>
+inline void gemm_amx(const uint16_t* x, int64_t M, int64_t K, std::span<const Source> weights,
+                     std::span<const float* const> biases, std::span<uint16_t* const> ys) {
   const std::vector<uint32_t> xp = pack_rows(reinterpret_cast<const uint32_t*>(x), M, K);
   std::vector<int64_t> first_block{0};  // weight i's blocks: first_block[i] .. first_block[i + 1]
-  for (const Weight4bit& w : weights)
-    first_block.push_back(first_block.back() + (w.N + kAmxColumns - 1) / kAmxColumns);
+  for (const Source& w : weights)
+    first_block.push_back(first_block.back() + (w.columns() + kAmxColumns - 1) / kAmxColumns);
   parallel_items(first_block.back(), [&](WorkQueue& queue) {
     const TileSession session;
     queue.each([&](int64_t b) {
       size_t i = 0;
       while (b >= first_block[i + 1]) ++i;
-      const Weight4bit& w = weights[i];
-      amx_block(w, _mm512_loadu_ps(w.code), xp.data(), M, K, (b - first_block[i]) * kAmxColumns,
-                biases[i], ys[i]);
+      amx_block(weights[i], xp.data(), M, K, (b - first_block[i]) * kAmxColumns, biases[i],
+                ys[i]);
     });
   });
 }

@@ -26,6 +26,7 @@
 #include <span>
 #include <thread>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #define LS_NAMESPACE loraserve_cpu
@@ -209,10 +210,44 @@ std::vector<at::Tensor> linear_4bit_amx(
     }
     biases.push_back(biased ? bias[i]->data_ptr<float>() : nullptr);
   }
+  std::vector<Decoded4bit> sources;
+  for (const Weight4bit& w : weights) sources.push_back({w, _mm512_loadu_ps(w.code), K});
   if (M > 0)
-    gemm_4bit_amx(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K, weights,
-                  biases, outs);
+    gemm_amx<Decoded4bit>(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K,
+                          sources, biases, outs);
   return ys;
+#else
+  TORCH_CHECK(false, "this build of loraserve's kernels has no AMX code");
+#endif
+}
+
+// y [M, N] = bf16(x [M, K] @ weight [N, K]^T + bias), both bf16, in AMX tiles: fp32 sums of
+// the exact products, rounded once. Only where amx_usable().
+at::Tensor linear_bf16_amx(const at::Tensor& x, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& bias) {
+#ifdef LS_AMX
+  TORCH_CHECK(amx_usable(), "this CPU, or its kernel, gives loraserve no AMX tiles");
+  for (const at::Tensor* t : {&x, &weight})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->is_contiguous() &&
+                    t->dim() == 2,
+                "x and weight must be contiguous bfloat16 CPU tensors [M, K] and [N, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(weight.size(1) == K && M <= kAmxMaxRows && K % kAmxStepK == 0,
+              "x [M, K] and weight [N, K] must share K, a multiple of ", kAmxStepK,
+              ", and M be at most ", kAmxMaxRows);
+  const float* b = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    check_cpu_f32(*bias, "bias");
+    TORCH_CHECK(bias->numel() == N, "a bias must hold one value per output");
+    b = bias->data_ptr<float>();
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  const DenseBf16 source{reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()), N, K};
+  uint16_t* out = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  if (M > 0)
+    gemm_amx<DenseBf16>(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K,
+                        {&source, 1}, {&b, 1}, {&out, 1});
+  return y;
 #else
   TORCH_CHECK(false, "this build of loraserve's kernels has no AMX code");
 #endif
@@ -278,8 +313,8 @@ void lora_delta_op(const at::Tensor& x, at::Tensor& y, const at::Tensor& lora_a,
                    const at::Tensor& lora_b, const at::Tensor& starts, const at::Tensor& ends,
                    const at::Tensor& slots, const at::Tensor& ranks,
                    const c10::optional<at::Tensor>& scales) {
-  check_cpu_f32(x, "x");
-  check_cpu_f32(y, "y");
+  TORCH_CHECK(x.scalar_type() == y.scalar_type() && y.device().is_cpu() && y.is_contiguous(),
+              "x and y must share a dtype, and y be a contiguous CPU tensor");
   TORCH_CHECK(lora_b.scalar_type() == lora_a.scalar_type() && lora_b.device().is_cpu() &&
                   lora_b.is_contiguous(),
               "lora_b must be a contiguous CPU tensor of lora_a's dtype");
@@ -294,12 +329,16 @@ void lora_delta_op(const at::Tensor& x, at::Tensor& y, const at::Tensor& lora_a,
     TORCH_CHECK(scales->dim() == 1 && scales->size(0) == lora_a.size(0), "scales must be [S]");
     scale = scales->data_ptr<float>();
   }
-  with_element(lora_a, "LoRA slots", [&](auto element) {
-    using T = decltype(element);
-    lora_delta(x.data_ptr<float>(), y.data_ptr<float>(), x.size(1), y.size(1),
-               static_cast<const T*>(lora_a.data_ptr()), static_cast<const T*>(lora_b.data_ptr()),
-               scale, lora_a.size(1), starts.data_ptr<int64_t>(), ends.data_ptr<int64_t>(),
-               slots.data_ptr<int64_t>(), ranks.data_ptr<int64_t>(), starts.numel());
+  with_element(x, "x and y", [&](auto row_element) {
+    using X = decltype(row_element);
+    with_element(lora_a, "LoRA slots", [&](auto element) {
+      using T = decltype(element);
+      lora_delta(static_cast<const X*>(x.data_ptr()), static_cast<X*>(y.data_ptr()), x.size(1),
+                 y.size(1), static_cast<const T*>(lora_a.data_ptr()),
+                 static_cast<const T*>(lora_b.data_ptr()), scale, lora_a.size(1),
+                 starts.data_ptr<int64_t>(), ends.data_ptr<int64_t>(), slots.data_ptr<int64_t>(),
+                 ranks.data_ptr<int64_t>(), starts.numel());
+    });
   });
 }
 
@@ -456,6 +495,7 @@ TORCH_LIBRARY(loraserve, m) {
       "int[] blocksize, int[] out_features, Tensor?[] bias, Tensor?[] absmax2, Tensor?[] code2, "
       "float[] offset) -> Tensor[]");
   m.def("amx_usable() -> bool", &amx_usable_op);
+  m.def("linear_bf16_amx(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def(
       "linear_4bit_amx(Tensor x, Tensor[] packed, Tensor[] absmax, Tensor[] code, "
       "int[] blocksize, int[] out_features, Tensor?[] bias, Tensor?[] absmax2, Tensor?[] code2, "
@@ -479,6 +519,7 @@ TORCH_LIBRARY_IMPL(loraserve, CPU, m) {
   m.impl("linear_4bit", &linear_4bit);
   m.impl("linear_4bit_group", &linear_4bit_group);
   m.impl("linear_4bit_amx", &linear_4bit_amx);
+  m.impl("linear_bf16_amx", &linear_bf16_amx);
   m.impl("paged_decode_attention", &paged_decode_attention_op);
   m.impl("lora_delta_", &lora_delta_op);
   m.impl("transpose_scaled", &transpose_scaled_op);

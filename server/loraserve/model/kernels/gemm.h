@@ -75,6 +75,39 @@ inline vf load_vf(const fp16* p) {
 }
 inline float to_float(fp16 v) { return _cvtsh_ss(v.bits); }
 
+// A float rounded to nearest even, as torch converts it: bf16 by its upper 16 bits (a NaN to
+// the quiet NaN torch gives), fp16 by F16C.
+inline void store_rounded(bf16* p, vf v) {
+  typedef uint32_t vu __attribute__((vector_size(kLanes * 4), aligned(4)));
+  typedef uint16_t vh __attribute__((vector_size(kLanes * 2), aligned(2)));
+  const vu bits = reinterpret_cast<vu>(v);
+  const vu rounded = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16;
+  const vu nan = reinterpret_cast<vu>(v != v);  // all ones where v is a NaN
+  *reinterpret_cast<vh*>(p) = __builtin_convertvector((rounded & ~nan) | (nan & 0x7FC0), vh);
+}
+inline void store_rounded(fp16* p, vf v) {
+#if LS_LANES == 16 && defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT));
+#elif LS_LANES == 8
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT));
+#else  // 16 lanes without AVX-512: only the test build that checks that logic
+  typedef float v8 __attribute__((vector_size(32), aligned(4)));
+  const v8 low = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const v8 high = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtps_ph(reinterpret_cast<__m256>(low), _MM_FROUND_TO_NEAREST_INT));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8),
+                   _mm256_cvtps_ph(reinterpret_cast<__m256>(high), _MM_FROUND_TO_NEAREST_INT));
+#endif
+}
+inline void round_to(bf16* p, float v) {
+  const uint32_t bits = std::bit_cast<uint32_t>(v);
+  *p = v != v ? bf16{0x7FC0} : static_cast<bf16>((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16);
+}
+inline void round_to(fp16* p, float v) { p->bits = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT); }
+
 constexpr int kRowBlock = 4;     // rows of x per micro-kernel call
 constexpr int kColBlock = 3;     // output columns per micro-kernel call
 constexpr int kTileCols = 12;    // columns decoded per tile (a multiple of kColBlock)

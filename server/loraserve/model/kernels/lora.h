@@ -1,7 +1,9 @@
 // The batched LoRA delta over segments of tokens that share a slot:
 // y[t] += (x[t] @ A[s].T[:, :rank]) * scale[s] @ B[s][:rank] for every token t of a segment on
-// slot s. The slots hold float32 or bfloat16 (widened as they are loaded; x, y and the sums
-// stay float32); without scales, every slot has its adapter's scaling folded into B.
+// slot s. The slots hold float32, bfloat16 or float16 (widened as they are loaded); x and y
+// are float32, or both 16-bit (a 16-bit compute dtype: each chunk's rows are widened, its
+// delta summed in float32 apart from y and added to y in one rounding); without scales, every
+// slot has its adapter's scaling folded into B.
 //
 // A segment is split into chunks of a few tokens so that a batch of one adapter (a long
 // prefill) still uses every thread, while each chunk reads its slot's A and B once.
@@ -106,13 +108,32 @@ inline bool any_nonfinite(const float* src, int64_t n) {
   return found;
 }
 
-// x [N, in]; y [N, out] (updated); lora_a [S, R, in]; lora_b [S, R, out] (T: float, bf16 or
-// fp16); scales [S] or null; segments: starts, ends, slots, ranks [num_segments] int64.
-template <class T>
-inline void lora_delta(const float* x, float* y, int64_t in, int64_t out, const T* lora_a,
+// n rows of a 16-bit x [n, ld] widened into out [n, ld].
+template <class X>
+inline void widen_rows(const X* x, int64_t n, int64_t ld, float* out) {
+  const int64_t count = n * ld, whole = count - count % kLanes;
+  for (int64_t i = 0; i < whole; i += kLanes) *reinterpret_cast<vf*>(out + i) = load_vf(x + i);
+  for (int64_t i = whole; i < count; ++i) out[i] = to_float(x[i]);
+}
+
+// y[i] = round(y[i] + delta[i]) for i < count: a 16-bit y plus a float32 delta, rounded once.
+template <class X>
+inline void add_rounded(X* y, const float* delta, int64_t count) {
+  const int64_t whole = count - count % kLanes;
+  for (int64_t i = 0; i < whole; i += kLanes)
+    store_rounded(y + i, load_vf(y + i) + *reinterpret_cast<const vf*>(delta + i));
+  for (int64_t i = whole; i < count; ++i) round_to(y + i, to_float(y[i]) + delta[i]);
+}
+
+// x [N, in]; y [N, out] (updated; X: float, bf16 or fp16, as x); lora_a [S, R, in]; lora_b
+// [S, R, out] (T: float, bf16 or fp16); scales [S] or null; segments: starts, ends, slots, ranks
+// [num_segments] int64.
+template <class T, class X>
+inline void lora_delta(const X* x, X* y, int64_t in, int64_t out, const T* lora_a,
                        const T* lora_b, const float* scales, int64_t R, const int64_t* starts,
                        const int64_t* ends, const int64_t* slots, const int64_t* ranks,
                        int64_t num_segments) {
+  constexpr bool kWidened = !std::is_same_v<X, float>;
   std::vector<int64_t> chunk_segment, chunk_start;
   for (int64_t s = 0; s < num_segments; ++s)
     for (int64_t t = starts[s]; t < ends[s]; t += kLoraChunkTokens) {
@@ -121,16 +142,31 @@ inline void lora_delta(const float* x, float* y, int64_t in, int64_t out, const 
     }
   parallel_items(int64_t(chunk_segment.size()), [&](WorkQueue& queue) {
     std::vector<float> shrunk(kLoraChunkTokens * R);
+    // a 16-bit chunk's rows, widened, and its delta
+    std::vector<float> rows(kWidened ? kLoraChunkTokens * in : 0);
+    std::vector<float> delta(kWidened ? kLoraChunkTokens * out : 0);
     queue.each([&](int64_t c) {
       const int64_t s = chunk_segment[c], t0 = chunk_start[c];
       const int64_t n = std::min(kLoraChunkTokens, ends[s] - t0);
       const int64_t rank = ranks[s];
       const T* a = lora_a + slots[s] * R * in;
       const T* b = lora_b + slots[s] * R * out;
-      dot_tile<kShrinkColumns>(x + t0 * in, n, in, a, in, rank, shrunk.data(), rank);  // [n, rank]
+      const float* xs;
+      float* ys;
+      if constexpr (kWidened) {
+        widen_rows(x + t0 * in, n, in, rows.data());
+        std::fill_n(delta.data(), n * out, 0.0f);
+        xs = rows.data();
+        ys = delta.data();
+      } else {
+        xs = x + t0 * in;
+        ys = y + t0 * out;
+      }
+      dot_tile<kShrinkColumns>(xs, n, in, a, in, rank, shrunk.data(), rank);  // [n, rank]
       if (scales != nullptr && scales[slots[s]] != 1.0f)
         for (int64_t i = 0; i < n * rank; ++i) shrunk[i] *= scales[slots[s]];
-      expand(shrunk.data(), rank, n, rank, b, out, y + t0 * out);
+      expand(shrunk.data(), rank, n, rank, b, out, ys);
+      if constexpr (kWidened) add_rounded(y + t0 * out, delta.data(), n * out);
     });
   });
 }
