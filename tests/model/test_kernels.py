@@ -25,6 +25,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from loraserve.model.attention import attend_context, attend_decode_gathered
 from loraserve.model.kernels import build, chosen_variant, native
 from loraserve.model.linear import (
+    AMX_DENSE_MAX_ROWS,
     AMX_TILE_MIN_ROWS,
     AMX_WIDENED_MAX_ROWS,
     SMALL_BATCH_ROWS,
@@ -346,6 +347,43 @@ def test_amx_tiles_refuse_more_rows_than_a_call_takes():
     layer = _quantized(16, 64, "nf4", nested=False, bias=False)
     with pytest.raises(RuntimeError, match=f"at most {SMALL_BATCH_ROWS} rows"):
         _in_tiles(torch.randn(SMALL_BATCH_ROWS + 1, 64).to(torch.bfloat16), [layer])
+
+
+@amx
+@pytest.mark.parametrize("rows", [1, 17, 32, 33, 64, SMALL_BATCH_ROWS])
+@pytest.mark.parametrize(("out_features", "in_features"), [(96, 128), (13, 64), (40, 192)])
+def test_amx_tiles_multiply_a_bf16_weight_as_it_is_stored(rows, out_features, in_features):
+    """Rows of the identity give the weight's bits back; random rows the fp32 sums of the
+    exact products, rounded once, bias added before; any tail of columns."""
+    torch.manual_seed(rows)
+    weight = torch.randn(out_features, in_features).to(torch.bfloat16)
+    bias = torch.randn(out_features)
+    identity = torch.eye(in_features, dtype=torch.bfloat16)[:rows]
+    got = native().linear_bf16_amx(identity, weight, None)
+    assert torch.equal(got, weight[:, : len(identity)].T)
+    x = torch.randn(rows, in_features).to(torch.bfloat16)
+    got = native().linear_bf16_amx(x, weight, bias)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
+    want = F.linear(x.float(), weight.float(), bias)
+    torch.testing.assert_close(got.float(), want, rtol=2**-8, atol=1e-4)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        native().linear_bf16_amx(x[:, :-16].contiguous(), weight[:, :-16].contiguous(), None)
+
+
+@amx
+def test_a_bf16_weight_runs_in_amx_tiles_up_to_its_row_limit():
+    torch.manual_seed(3)
+    layer = nn.Linear(128, 40, bias=True).to(torch.bfloat16)
+    base = BaseLinear(layer)
+    for rows in (1, AMX_DENSE_MAX_ROWS):
+        x = torch.randn(2, rows, 128).to(torch.bfloat16)
+        got = base(x)
+        assert got.shape == (2, rows, 40) and got.dtype == torch.bfloat16
+        want = native().linear_bf16_amx(x.reshape(-1, 128), layer.weight, base.bias())
+        assert torch.equal(got, want.view(2, rows, 40))
+    x = torch.randn(AMX_DENSE_MAX_ROWS + 1, 128).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(base(x), layer(x))
 
 
 @amx

@@ -12,13 +12,16 @@ copying its weights, and picks per call:
 - 4-bit under bf16 compute, from `AMX_TILE_MIN_ROWS` to `SMALL_BATCH_ROWS` rows, on a CPU
   whose AMX tiles the kernels may use: the tile kernel, which decodes the weight to bf16 (as
   bitsandbytes' dequantize to bf16 rounds it) into tiles inside the GEMM and sums in fp32;
-  fewer bf16 rows (and fp16 rows) are widened to fp32 for the fused kernel;
+  fewer bf16 rows (and fp16 rows) are widened to fp32 for the fused kernel; a bf16 weight
+  (the output projection under bf16 compute), up to `AMX_DENSE_MAX_ROWS` rows, is read into
+  the tiles as it is stored;
 - fp32 weights on the CPU, at most `SMALL_BATCH_ROWS` rows: the small-batch kernel. Where
   every value of such a weight is a bfloat16 (a checkpoint stored in bf16, loaded for fp32
   compute), it may be held in bf16 (`hold_narrow`, `model/narrow.py`): half the memory and
   half the bytes a call reads, and the kernel widens it exactly, so the sums are those of the
   fp32 weight;
-- anything else (CUDA, int8, bf16 / fp16 weights, no compiled kernels): the module itself.
+- anything else (CUDA, int8, 16-bit weights the tiles do not take, no compiled kernels): the
+  module itself.
 
 Every path gives the values bitsandbytes' dequantize-then-matmul gives, up to the summation
 order. Projections a module calls one after another on the same activations (attention's q, k
@@ -54,6 +57,12 @@ AMX_WIDENED_MAX_ROWS = 32
 # step's three projection shapes took 0.44 ms against the widened kernel's 0.51 at 8 rows, 0.54
 # against 1.40 at 32, and 2.5 against dequantize + bf16 GEMM's 4.2 at 256 (docs/performance.md).
 AMX_TILE_MIN_ROWS = 8
+# A bf16 weight (the output projection, an unquantized projection under bf16 compute) is read
+# into tiles as it is stored, up to this many rows: the output projection of 32,000 x 1,024
+# took 1.7 ms against torch's bf16 matmul's 2.7 at 32 rows, 2.3 against 3.7 at 64, 8.1 against
+# 7.5 at 256 (docs/performance.md).
+AMX_DENSE_MAX_ROWS = 64
+AMX_STEP_K = 32  # the tiles take k 32 at a time: in_features must be a multiple
 NARROW_DTYPES = (torch.bfloat16, torch.float16)
 CONTIGUOUS = torch.contiguous_format
 
@@ -196,6 +205,7 @@ class BaseLinear(nn.Module):
             Packed4bit.of(module) if on_cpu and isinstance(module, bnb.nn.Linear4bit) else None
         )
         self.dense = on_cpu and type(module) is nn.Linear and weight.dtype == torch.float32
+        self.dense_bf16 = on_cpu and type(module) is nn.Linear and weight.dtype == torch.bfloat16
         self.narrowed = False  # the fp32 weight's values, held in bf16 (`hold_narrow`)
         self.group: SharedInputGroup | None = None
 
@@ -218,15 +228,8 @@ class BaseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] -> [..., out]."""
         ops = native()
-        packed = self.packed
-        if ops is not None and packed is not None and self._in_tiles(x):
-            rows = x.reshape(-1, self.in_features).contiguous()
-            y = (
-                self.group.output(self, ops, x, rows)
-                if self.group is not None
-                else matmul_group(ops, rows, [packed], [self.bias()])[0]
-            )
-            return y.view(*x.shape[:-1], self.out_features)
+        if ops is not None and self._in_tiles(x):
+            return self._tiles(ops, x)
         if ops is None or (x.dtype != torch.float32 and not self._widens(x)):
             return self.module(x)
         rows = x.reshape(-1, self.in_features).to(torch.float32, memory_format=CONTIGUOUS)
@@ -245,13 +248,24 @@ class BaseLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _in_tiles(self, x: torch.Tensor) -> bool:
-        """Whether bf16 x (bf16 compute) is multiplied by the 4-bit weight in AMX tiles."""
+        """Whether bf16 x (bf16 compute) is multiplied by the weight in AMX tiles."""
+        if x.dtype != torch.bfloat16 or self.in_features % AMX_STEP_K or not amx_tiles():
+            return False
         rows = x.numel() // self.in_features
-        return (
-            x.dtype == torch.bfloat16
-            and AMX_TILE_MIN_ROWS <= rows <= SMALL_BATCH_ROWS
-            and amx_tiles()
-        )
+        if self.packed is not None:
+            return AMX_TILE_MIN_ROWS <= rows <= SMALL_BATCH_ROWS
+        return self.dense_bf16 and rows <= AMX_DENSE_MAX_ROWS
+
+    def _tiles(self, ops: Any, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] bf16 -> [..., out] bf16, in AMX tiles (see `_in_tiles`)."""
+        rows = x.reshape(-1, self.in_features).contiguous()
+        if self.packed is None:
+            y = ops.linear_bf16_amx(rows, self.module.weight, self.bias())
+        elif self.group is not None:
+            y = self.group.output(self, ops, x, rows)
+        else:
+            y = matmul_group(ops, rows, [self.packed], [self.bias()])[0]
+        return y.view(*x.shape[:-1], self.out_features)
 
     def _widens(self, x: torch.Tensor) -> bool:
         """Whether a 16-bit x (bf16 or fp16 compute) takes the 4-bit kernel, widened to fp32
