@@ -633,6 +633,25 @@ def test_rms_norm_equals_llama_rms_norm(rows, dim):
     torch.testing.assert_close(got, norm(x), rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dim", [15, 16, 17, 1024])
+def test_rms_norm_in_16_bits_rounds_where_llama_rms_norm_rounds(dim, dtype):
+    """The normalised row rounded to the dtype before the weight multiplies it, the product
+    rounded again: transformers' values but where the sum of squares, in another order, moves
+    a value across a rounding boundary (one unit in the last place)."""
+    torch.manual_seed(dim)
+    norm = LlamaRMSNorm(dim, eps=1e-5).to(dtype)
+    norm.weight.data = torch.randn(dim).to(dtype)
+    x = (torch.randn(300, dim) * 3).to(dtype)
+    got, want = native().rms_norm(x, norm.weight, norm.variance_epsilon), norm(x)
+    assert got.dtype == dtype
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10  # at the top of a binade; twice below
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 * ulp, atol=1e-6)
+    assert (got == want).float().mean() > 0.99
+    with pytest.raises(RuntimeError, match="x's dtype"):
+        native().rms_norm(x, norm.weight.float(), norm.variance_epsilon)
+
+
 @pytest.mark.parametrize("vocab", [1, 7, 8, 17, 32_000])
 def test_score_stats_equals_argmax_amax_and_logsumexp(vocab):
     """The first maximum (also across lanes and in the tail), NaN as the largest, rows of

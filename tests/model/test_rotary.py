@@ -32,18 +32,21 @@ def _heads(batch, positions, heads, head_dim, seed):
     return torch.randn(batch, positions, heads, head_dim, generator=gen).transpose(1, 2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])  # fmt: skip
 @pytest.mark.parametrize(
     ("batch", "angle_batch", "positions", "heads", "kv_heads", "head_dim"),
     [(1, 1, 32, 16, 16, 64), (1, 1, 1, 4, 2, 64), (2, 2, 5, 3, 1, 40), (2, 1, 7, 2, 2, 6),
      (1, 1, 3, 2, 1, 128)],
 )  # fmt: skip
 def test_the_kernel_gives_the_torch_ops_bits(batch, angle_batch, positions, heads, kv_heads,
-                                              head_dim):  # fmt: skip
+                                              head_dim, dtype):  # fmt: skip
     """Head sizes with whole vectors, a vector and a tail, only a tail; grouped k heads; angles
-    per sequence or shared by the batch."""
-    q = _heads(batch, positions, heads, head_dim, seed=1) * 3
-    k = _heads(batch, positions, kv_heads, head_dim, seed=2)
-    cos, sin = torch.randn(2, angle_batch, positions, head_dim).unbind(0)
+    per sequence or shared by the batch; in fp32, and in 16 bits (each product and the sum
+    rounded as torch's ops in that dtype round them)."""
+    q = (_heads(batch, positions, heads, head_dim, seed=1) * 3).to(dtype)
+    k = _heads(batch, positions, kv_heads, head_dim, seed=2).to(dtype)
+    cos, sin = torch.randn(2, angle_batch, positions, head_dim).to(dtype).unbind(0)
     want_q, want_k = LLAMA_ROTARY(q, k, cos, sin)
     with kernel_rotary_in_use():
         got_q, got_k = kernel_rotary(_refused)(q, k, cos, sin)
@@ -56,11 +59,14 @@ def _refused(*args, **kwargs):
 
 
 def test_what_the_kernel_does_not_take_goes_to_the_original():
-    q = _heads(1, 4, 2, 16, seed=3).to(torch.bfloat16)
-    cos, sin = torch.randn(2, 1, 4, 16, dtype=torch.bfloat16).unbind(0)
+    q = _heads(1, 4, 2, 16, seed=3).to(torch.float64)
+    cos, sin = torch.randn(2, 1, 4, 16, dtype=torch.float64).unbind(0)
     rotary = kernel_rotary(LLAMA_ROTARY)
     with kernel_rotary_in_use():
         assert all(map(torch.equal, rotary(q, q, cos, sin), LLAMA_ROTARY(q, q, cos, sin)))
+        mixed = rotary(q.float(), q.float(), cos.bfloat16(), sin.bfloat16())  # mixed dtypes
+        assert all(map(torch.equal, mixed, LLAMA_ROTARY(q.float(), q.float(), cos.bfloat16(),
+                                                         sin.bfloat16())))  # fmt: skip
         layout = q.float().transpose(1, 2)  # [B, S, H, D] with unsqueeze_dim=2
         angles = cos.float(), sin.float()
         got = rotary(layout, layout, *angles, unsqueeze_dim=2)

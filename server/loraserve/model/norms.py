@@ -2,7 +2,8 @@
 
 `fuse_rms_norms(model)` swaps each RMSNorm whose forward is the Llama family's (Llama, Mistral,
 Qwen2/3, Phi-3 and the others transformers copies it to: the same bytecode) for `FusedRMSNorm`,
-which runs the compiled `rms_norm` on float32 CPU inputs and the wrapped module otherwise.
+which runs the compiled `rms_norm` on CPU inputs of float32, bfloat16 or float16 (weight of
+the input's dtype) and the wrapped module otherwise.
 Norms of another formula (Gemma's `1 + weight`, LayerNorm) are left alone.
 
 Knows nothing about batches, caches or adapters.
@@ -16,6 +17,8 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from loraserve.model.kernels import native
 from loraserve.model.same_code import same_code
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernel reads
 
 
 def computes_llama_rms_norm(module: nn.Module) -> bool:
@@ -41,8 +44,8 @@ class FusedRMSNorm(nn.Module):
         if (
             ops is None
             or x.device.type != "cpu"
-            or x.dtype != torch.float32
-            or weight.dtype != torch.float32
+            or x.dtype not in KERNEL_DTYPES
+            or weight.dtype != x.dtype
         ):
             return self.module(x)
         rows = x.reshape(-1, x.shape[-1]).contiguous()

@@ -4,10 +4,11 @@ transformers' attention modules call `apply_rotary_pos_emb` as a global of their
 module, so that is where `fuse_rotary(model)` swaps it: in each modeling module of `model`'s
 attention layers whose `apply_rotary_pos_emb` and `rotate_half` are the Llama family's, code for
 code (Llama, Mistral, Qwen2/3 and the others transformers copies them to). The replacement runs
-the compiled `rotary`, which rounds as the torch ops do (the same bits), only on float32 CPU
-tensors and only inside `kernel_rotary_in_use()` (the runner's forwards); any other caller in
-the process (a PEFT model, `generate`) runs transformers' own function, as if nothing were
-swapped. Partial or interleaved rotary variants have other code and are left alone.
+the compiled `rotary`, which rounds as the torch ops do (the same bits), only on CPU tensors of
+one dtype (float32, bfloat16 or float16) and only inside `kernel_rotary_in_use()` (the runner's
+forwards); any other caller in the process (a PEFT model, `generate`) runs transformers' own
+function, as if nothing were swapped. Partial or interleaved rotary variants have other code
+and are left alone.
 
 Knows nothing about batches, caches or adapters.
 """
@@ -26,6 +27,7 @@ from torch import nn
 from transformers.models.llama import modeling_llama
 
 from loraserve.model.kernels import native
+from loraserve.model.norms import KERNEL_DTYPES
 from loraserve.model.same_code import same_code
 
 Rotary = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -71,9 +73,8 @@ def kernel_rotary(original: Rotary) -> Rotary:
             ops is None
             or not _IN_USE.get()
             or unsqueeze_dim != 1
-            or not all(
-                t.dtype == torch.float32 and t.device.type == "cpu" for t in (q, k, cos, sin)
-            )
+            or q.dtype not in KERNEL_DTYPES
+            or not all(t.dtype == q.dtype and t.device.type == "cpu" for t in (q, k, cos, sin))
             or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
             or q.dim() != 4
             or k.dim() != 4

@@ -394,13 +394,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_stats_op(const at::Tensor& 
 
 // y [M, D] = Llama's RMSNorm of x [M, D] with weight [D].
 at::Tensor rms_norm_op(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  check_cpu_f32(x, "x");
-  check_cpu_f32(weight, "weight");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.is_contiguous() &&
+                  weight.device().is_cpu(),
+              "weight must be a contiguous CPU tensor of x's dtype");
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 1 && weight.size(0) == x.size(1),
               "x must be [M, D] and weight [D]");
   at::Tensor y = at::empty(x.sizes(), x.options());
-  rms_norm(x.data_ptr<float>(), x.size(0), x.size(1), weight.data_ptr<float>(),
-           static_cast<float>(eps), y.data_ptr<float>());
+  with_element(x, "x", [&](auto element) {
+    using X = decltype(element);
+    rms_norm(static_cast<const X*>(x.data_ptr()), x.size(0), x.size(1),
+             static_cast<const X*>(weight.data_ptr()), static_cast<float>(eps),
+             static_cast<X*>(y.data_ptr()));
+  });
   return y;
 }
 
@@ -409,25 +414,30 @@ HeadsLayout heads_layout(const at::Tensor& t) {
                      t.stride(0), t.stride(1), t.stride(2)};
 }
 
-// (q, k) rotated: each [B, H, S, D] float32 with D contiguous (q and k may differ in H); cos and
-// sin [B or 1, S, D] contiguous float32. The outputs keep their input's layout.
+// (q, k) rotated: each [B, H, S, D] with D contiguous (q and k may differ in H); cos and sin
+// [B or 1, S, D] contiguous; all four float32, bfloat16 or float16 alike. The outputs keep
+// their input's layout.
 std::tuple<at::Tensor, at::Tensor> rotary_op(const at::Tensor& q, const at::Tensor& k,
                                              const at::Tensor& cos, const at::Tensor& sin) {
-  check_cpu_f32(cos, "cos");
-  check_cpu_f32(sin, "sin");
-  TORCH_CHECK(cos.dim() == 3 && cos.sizes() == sin.sizes() && cos.size(2) % 2 == 0,
-              "cos and sin must be [B, S, D] of one shape, D even");
+  TORCH_CHECK(cos.dim() == 3 && cos.sizes() == sin.sizes() && cos.size(2) % 2 == 0 &&
+                  sin.scalar_type() == cos.scalar_type() && sin.is_contiguous(),
+              "cos and sin must be contiguous [B, S, D] of one shape and dtype, D even");
   std::vector<at::Tensor> outputs;
   for (const at::Tensor& x : {q, k}) {
-    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4 &&
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == cos.scalar_type() && x.dim() == 4 &&
                     x.stride(3) == 1,
-                "q and k must be float32 CPU [B, H, S, D] tensors with D contiguous");
+                "q and k must be CPU [B, H, S, D] tensors of cos's dtype with D contiguous");
     TORCH_CHECK((cos.size(0) == x.size(0) || cos.size(0) == 1) && cos.size(1) == x.size(2) &&
                     cos.size(2) == x.size(3),
                 "cos and sin must be [B or 1, S, D] for q and k [B, H, S, D]");
     at::Tensor out = at::empty_like(x);  // x's layout where it is dense, else contiguous
-    rotate(x.data_ptr<float>(), heads_layout(x), cos.data_ptr<float>(), sin.data_ptr<float>(),
-           cos.size(0) == 1 ? 0 : cos.stride(0), out.data_ptr<float>(), heads_layout(out));
+    with_element(cos, "cos and sin", [&](auto element) {
+      using X = decltype(element);
+      rotate(static_cast<const X*>(x.data_ptr()), heads_layout(x),
+             static_cast<const X*>(cos.data_ptr()), static_cast<const X*>(sin.data_ptr()),
+             cos.size(0) == 1 ? 0 : cos.stride(0), static_cast<X*>(out.data_ptr()),
+             heads_layout(out));
+    });
     outputs.push_back(out);
   }
   return {outputs[0], outputs[1]};

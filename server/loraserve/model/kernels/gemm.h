@@ -102,11 +102,33 @@ inline void store_rounded(fp16* p, vf v) {
                    _mm256_cvtps_ph(reinterpret_cast<__m256>(high), _MM_FROUND_TO_NEAREST_INT));
 #endif
 }
+
 inline void round_to(bf16* p, float v) {
   const uint32_t bits = std::bit_cast<uint32_t>(v);
   *p = v != v ? bf16{0x7FC0} : static_cast<bf16>((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16);
 }
 inline void round_to(fp16* p, float v) { p->bits = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT); }
+inline void store_rounded(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
+inline void round_to(float* p, float v) { *p = v; }
+// v rounded to X's precision (nearest even) and widened back: what a torch op in X rounds its
+// fp32 result to. Float: v itself.
+template <class X>
+inline vf rounded_as(vf v) {
+  if constexpr (std::is_same_v<X, float>) {
+    return v;
+  } else {
+    alignas(64) X narrow[kLanes];
+    store_rounded(narrow, v);
+    return load_vf(narrow);
+  }
+}
+// One value rounded as rounded_as<X> rounds a vector of them.
+template <class X>
+inline float rounded_as(float v) {
+  X narrow;
+  round_to(&narrow, v);
+  return to_float(narrow);
+}
 
 constexpr int kRowBlock = 4;     // rows of x per micro-kernel call
 constexpr int kColBlock = 3;     // output columns per micro-kernel call
