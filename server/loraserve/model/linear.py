@@ -54,14 +54,15 @@ SMALL_BATCH_ROWS = 256
 AMX_WIDENED_MAX_ROWS = 32
 # Under bf16 compute, where the kernels may use this CPU's AMX tiles, from this many rows up to
 # SMALL_BATCH_ROWS the 4-bit weight is decoded to bf16 into tiles inside the GEMM: a decode
-# step's three projection shapes took 0.44 ms against the widened kernel's 0.51 at 8 rows, 0.54
-# against 1.40 at 32, and 2.5 against dequantize + bf16 GEMM's 4.2 at 256 (docs/performance.md).
+# step's 56 projections (benchmarks/bench_amx_tiles.py, 2 threads) took 8.9 ms against the
+# widened kernel's 9.9 at 8 rows (8.9 against 8.4 at 6), 9.5 against 22.7 at 32, and 31.1
+# against dequantize + bf16 GEMM's 60.8 at 256.
 AMX_TILE_MIN_ROWS = 8
 # A bf16 weight (the output projection, an unquantized projection under bf16 compute) is read
 # into tiles as it is stored, up to this many rows: the output projection of 32,000 x 1,024
-# took 1.7 ms against torch's bf16 matmul's 2.7 at 32 rows, 2.3 against 3.7 at 64, 8.1 against
-# 7.5 at 256 (docs/performance.md).
-AMX_DENSE_MAX_ROWS = 64
+# took 2.2 ms against torch's bf16 GEMM's 2.8 at one row, 2.3 against 3.5 at 32, 5.1 against
+# 6.7 at 128, 8.8 against 9.1 at 256 (the same benchmark).
+AMX_DENSE_MAX_ROWS = 128
 AMX_STEP_K = 32  # the tiles take k 32 at a time: in_features must be a multiple
 NARROW_DTYPES = (torch.bfloat16, torch.float16)
 CONTIGUOUS = torch.contiguous_format
