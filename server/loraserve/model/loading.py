@@ -184,9 +184,9 @@ def load_base_model(
     else:
         actual = "none"
     if target.type == "cpu" and dtype == torch.float32 and has_amx():
-        log.info("this CPU multiplies bf16 in AMX tiles: --compute-dtype bf16 runs faster than "
-                 "fp32, its prefill about twice as fast (outputs then match PEFT computing in "
-                 "bf16, not in fp32; docs/performance.md)")  # fmt: skip
+        log.info("this CPU multiplies bf16 in AMX tiles: --compute-dtype bf16 runs about twice "
+                 "as fast as fp32 (outputs then match PEFT computing in bf16, not in fp32; "
+                 "docs/performance.md)")  # fmt: skip
     attention = attention_implementation(config, target)
     log.info("%s: loading with %s attention", type(config).__name__, attention)
     loaded = AutoModelForCausalLM.from_pretrained(
