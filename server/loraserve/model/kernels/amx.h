@@ -90,7 +90,8 @@ inline __m512i scaled_bf16_table(__m512 code, float scale) {
 // 16 packed bytes (32 k of one column) as 32 bf16 in k order: a byte's high nibble is the even
 // k, its low nibble the odd one, so byte j's two codes become word indices 2j and 2j + 1.
 inline __m512i decode_bf16(const uint8_t* bytes, __m512i table) {
-  const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  const __m512i q =
+      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
   const __m512i index = _mm512_ternarylogic_epi32(  // (q >> 4) | ((q << 16) & 0xF0000)
       _mm512_srli_epi32(q, 4), _mm512_slli_epi32(q, 16), _mm512_set1_epi32(0x000F0000), 0xF8);
   return _mm512_permutexvar_epi16(index, table);
@@ -111,8 +112,8 @@ inline std::vector<uint32_t> pack_rows(const uint32_t* x, int64_t M, int64_t K) 
           rows[r] = m < M ? *reinterpret_cast<const v8f*>(x + m * pairs + k0) : v8f{};
         }
         // the 32-bit pairs move as floats, bit for bit
-        store_transposed(rows, reinterpret_cast<float*>(packed.data() + (t * pairs + k0) * 16 + j0),
-                         16);
+        float* out = reinterpret_cast<float*>(packed.data() + (t * pairs + k0) * 16 + j0);
+        store_transposed(rows, out, 16);
       }
   return packed;
 }
@@ -160,7 +161,8 @@ struct StagedTiles {
   int64_t step, tile, row_bytes;
 };
 
-// The chunk layout decode_steps and copy_steps write: per step, two tiles of 64-byte rows.
+// The chunk layout decode_steps and DenseBf16's tail copy write: per step, two tiles of 64-byte
+// rows.
 inline StagedTiles in_buffer(const uint16_t* buffer) {
   return {buffer, 2 * kTileElements, kTileElements, 64};
 }
@@ -192,13 +194,14 @@ struct DenseBf16 {
   StagedTiles stage(int64_t n0, int64_t s0, int64_t steps, uint16_t* buffer) const {
     if (n0 + kAmxColumns <= N)
       return {weight + n0 * K + s0 * kAmxStepK, kAmxStepK, 16 * K, 2 * K};
-    for (int64_t c = 0; c < kAmxColumns; ++c)
-      for (int64_t s = 0; s < steps; ++s) {
-        const int64_t n = n0 + c;
-        _mm512_storeu_si512(buffer + s * 2 * kTileElements + (c / 16) * kTileElements + (c % 16) * 32,
+    for (int64_t c = 0; c < kAmxColumns; ++c) {
+      uint16_t* out = buffer + (c / 16) * kTileElements + (c % 16) * 32;
+      const int64_t n = n0 + c;
+      for (int64_t s = 0; s < steps; ++s)
+        _mm512_storeu_si512(out + s * 2 * kTileElements,
                             n < N ? _mm512_loadu_si512(weight + n * K + (s0 + s) * kAmxStepK)
                                   : _mm512_setzero_si512());
-      }
+    }
     return in_buffer(buffer);
   }
 };
