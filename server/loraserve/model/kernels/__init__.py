@@ -35,9 +35,10 @@ caller then takes its torch path, which is also each kernel's test oracle. The o
                                                         how long their callers waited at their
                                                         ends for the rest of the team)
 
-All take contiguous float32 CPU tensors (linear_f32's weight and lora_delta_'s slots: or
-bfloat16; transpose_scaled: any float dtype and strides; kv_write_'s states: any strides but
-D's). Set LORASERVE_KERNELS=off to use the torch paths, or
+All take contiguous float32 CPU tensors (linear_f32's weight: or bfloat16; lora_delta_'s
+slots, and its x and y together, rms_norm's and rotary's tensors, each op's alike: or bfloat16
+or float16; the *_amx ops: bfloat16 rows; transpose_scaled: any float dtype and strides;
+kv_write_'s states: any strides but D's). Set LORASERVE_KERNELS=off to use the torch paths, or
 to a variant's name (`build.VARIANTS`) to load that one instead of this CPU's.
 
 Knows nothing about models, adapters or batches: callers decide when an op applies.
