@@ -21,35 +21,32 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import bitsandbytes.functional as bnb_functional
 import torch
 import torch.nn.functional as F
 
 from bench_multi_lora import DEFAULT
 from loraserve.model.host_memory import keep_freed_memory
 from loraserve.model.kernels import native
-from loraserve.model.linear import NestedScales, Packed4bit, amx_tiles, matmul_group
+from loraserve.model.linear import Packed4bit, amx_tiles, matmul_group
 
 ROWS = (1, 2, 4, 6, 8, 16, 32, 64, 128, 256)
-NF4 = torch.tensor(  # bitsandbytes' NF4 code values
-    [-1.0, -0.6961928, -0.5250730, -0.3949175, -0.2844414, -0.1848449, -0.0910500, 0.0,
-     0.0795803, 0.1609302, 0.2461123, 0.3379152, 0.4407098, 0.5626170, 0.7229568, 1.0]
-)  # fmt: skip
 
 
 def decode_weights(generator: torch.Generator) -> list[Packed4bit]:
     """The default model's 56 projections as random NF4 weights (blocks of 64, plain scales)."""
     hidden, inner = DEFAULT.model.hidden_size, DEFAULT.model.intermediate_size
     shapes = [(hidden, hidden)] * 4 + [(inner, hidden)] * 2 + [(hidden, inner)]  # (N, K)
-    nested: NestedScales | None = None
+    nf4 = bnb_functional.get_4bit_type("nf4", device="cpu")
     return [
         Packed4bit(
             torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=generator),
             torch.rand(n * k // 64, generator=generator) * 0.1,
-            NF4,
+            nf4,
             64,
             n,
             k,
-            nested,
+            None,
         )
         for _ in range(DEFAULT.model.num_layers)
         for n, k in shapes

@@ -39,8 +39,8 @@ from torch.nn.attention import SDPBackend
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from loraserve.model.kernels import native
-from loraserve.model.kv_cache import KERNEL_DTYPES, PagedKVCache
+from loraserve.model.kernels import KERNEL_DTYPES, native
+from loraserve.model.kv_cache import PagedKVCache
 
 log = logging.getLogger(__name__)
 

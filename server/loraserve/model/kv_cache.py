@@ -23,10 +23,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from loraserve.model import huge_pages
-from loraserve.model.kernels import native
-
-# Pool dtypes the compiled CPU kernels read and write (widened to fp32 as they are read).
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from loraserve.model.kernels import KERNEL_DTYPES, native
 
 
 class PagedKVCache(Cache):

@@ -15,10 +15,8 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from loraserve.model.kernels import native
+from loraserve.model.kernels import KERNEL_DTYPES, native
 from loraserve.model.same_code import same_code
-
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernel reads
 
 
 def computes_llama_rms_norm(module: nn.Module) -> bool:

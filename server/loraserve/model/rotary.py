@@ -26,8 +26,7 @@ import torch
 from torch import nn
 from transformers.models.llama import modeling_llama
 
-from loraserve.model.kernels import native
-from loraserve.model.norms import KERNEL_DTYPES
+from loraserve.model.kernels import KERNEL_DTYPES, native
 from loraserve.model.same_code import same_code
 
 Rotary = Callable[..., tuple[torch.Tensor, torch.Tensor]]

@@ -58,6 +58,10 @@ from loraserve.model.kernels import build
 log = logging.getLogger(__name__)
 
 
+# Element dtypes the element-generic ops (KV pools, LoRA rows and slots, RMSNorm, rotary) read
+# and write, widening to fp32 as they read.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 OFF = ("0", "off", "false", "no")  # LORASERVE_KERNELS values that turn the kernels off
 
 

@@ -179,6 +179,30 @@ bool amx_usable_op() {
 #endif
 }
 
+#ifdef LS_AMX
+// x [M, K] as the AMX ops take it, checked (and that the tiles may be used here).
+void check_amx_rows(const at::Tensor& x) {
+  TORCH_CHECK(amx_usable(), "this CPU, or its kernel, gives loraserve no AMX tiles");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.is_contiguous() &&
+                  x.dim() == 2,
+              "x must be a contiguous bfloat16 CPU tensor [M, K]");
+  TORCH_CHECK(x.size(0) <= kAmxMaxRows && x.size(1) % kAmxStepK == 0, "x must have at most ",
+              kAmxMaxRows, " rows and K a multiple of ", kAmxStepK);
+}
+
+// A float32 bias [N] for the AMX ops, checked; null when absent.
+const float* amx_bias(const c10::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  check_cpu_f32(*bias, "bias");
+  TORCH_CHECK(bias->numel() == N, "a bias must hold one value per output");
+  return bias->data_ptr<float>();
+}
+
+const uint16_t* bf16_data(const at::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+#endif
+
 // linear_4bit_group for bf16 x, in AMX tiles: the weights dequantized to bf16, fp32 sums, the
 // outputs bf16 (see amx.h). Only where amx_usable().
 std::vector<at::Tensor> linear_4bit_amx(
@@ -188,13 +212,8 @@ std::vector<at::Tensor> linear_4bit_amx(
     const c10::List<c10::optional<at::Tensor>>& absmax2,
     const c10::List<c10::optional<at::Tensor>>& code2, at::ArrayRef<double> offset) {
 #ifdef LS_AMX
-  TORCH_CHECK(amx_usable(), "this CPU, or its kernel, gives loraserve no AMX tiles");
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.is_contiguous() &&
-                  x.dim() == 2,
-              "x must be a contiguous bfloat16 CPU tensor [M, K]");
+  check_amx_rows(x);
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(M <= kAmxMaxRows && K % kAmxStepK == 0, "x must have at most ", kAmxMaxRows,
-              " rows and K a multiple of ", kAmxStepK);
   const std::vector<Weight4bit> weights = weights_4bit(K, packed, absmax, code, blocksize,
                                                        out_features, bias, absmax2, code2, offset);
   std::vector<at::Tensor> ys;
@@ -203,18 +222,11 @@ std::vector<at::Tensor> linear_4bit_amx(
   for (size_t i = 0; i < weights.size(); ++i) {
     ys.push_back(at::empty({M, weights[i].N}, x.options()));
     outs.push_back(reinterpret_cast<uint16_t*>(ys.back().data_ptr<at::BFloat16>()));
-    const bool biased = bias[i].has_value() && bias[i]->defined();
-    if (biased) {
-      check_cpu_f32(*bias[i], "bias");
-      TORCH_CHECK(bias[i]->numel() == weights[i].N, "a bias must hold one value per output");
-    }
-    biases.push_back(biased ? bias[i]->data_ptr<float>() : nullptr);
+    biases.push_back(amx_bias(bias[i], weights[i].N));
   }
   std::vector<Decoded4bit> sources;
   for (const Weight4bit& w : weights) sources.push_back({w, _mm512_loadu_ps(w.code), K});
-  if (M > 0)
-    gemm_amx<Decoded4bit>(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K,
-                          sources, biases, outs);
+  if (M > 0) gemm_amx<Decoded4bit>(bf16_data(x), M, K, sources, biases, outs);
   return ys;
 #else
   TORCH_CHECK(false, "this build of loraserve's kernels has no AMX code");
@@ -226,27 +238,16 @@ std::vector<at::Tensor> linear_4bit_amx(
 at::Tensor linear_bf16_amx(const at::Tensor& x, const at::Tensor& weight,
                            const c10::optional<at::Tensor>& bias) {
 #ifdef LS_AMX
-  TORCH_CHECK(amx_usable(), "this CPU, or its kernel, gives loraserve no AMX tiles");
-  for (const at::Tensor* t : {&x, &weight})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->is_contiguous() &&
-                    t->dim() == 2,
-                "x and weight must be contiguous bfloat16 CPU tensors [M, K] and [N, K]");
+  check_amx_rows(x);
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kBFloat16 &&
+                  weight.is_contiguous() && weight.dim() == 2 && weight.size(1) == x.size(1),
+              "weight must be a contiguous bfloat16 CPU tensor [N, K] sharing x's K");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(weight.size(1) == K && M <= kAmxMaxRows && K % kAmxStepK == 0,
-              "x [M, K] and weight [N, K] must share K, a multiple of ", kAmxStepK,
-              ", and M be at most ", kAmxMaxRows);
-  const float* b = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    check_cpu_f32(*bias, "bias");
-    TORCH_CHECK(bias->numel() == N, "a bias must hold one value per output");
-    b = bias->data_ptr<float>();
-  }
+  const float* b = amx_bias(bias, N);
   at::Tensor y = at::empty({M, N}, x.options());
-  const DenseBf16 source{reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()), N, K};
+  const DenseBf16 source{bf16_data(weight), N, K};
   uint16_t* out = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  if (M > 0)
-    gemm_amx<DenseBf16>(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K,
-                        {&source, 1}, {&b, 1}, {&out, 1});
+  if (M > 0) gemm_amx<DenseBf16>(bf16_data(x), M, K, {&source, 1}, {&b, 1}, {&out, 1});
   return y;
 #else
   TORCH_CHECK(false, "this build of loraserve's kernels has no AMX code");
