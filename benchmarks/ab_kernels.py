@@ -26,6 +26,8 @@ workload (32 prompts of 64-128 tokens, each on its own rank-16 adapter, every pr
 With `--lora-decode`, on a decode step of it instead (32 tokens, each on its own adapter).
 
     .venv/bin/python benchmarks/ab_kernels.py --base 6b7fbde --lora-decode --rounds 30
+
+`--compute-dtype bf16` gives the LoRA rounds bf16 rows and slots (bf16 compute's deltas).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from bench_multi_lora import DEFAULT
 from engine_runs import Trace, submit
 from loraserve.model.host_memory import keep_freed_memory
 from loraserve.model.kernels import build
+from loraserve.model.loading import DTYPES
 from profile_step import base_workload, warm_base_engine
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,11 +147,13 @@ def compare_projections(builds: dict[str, object], rounds: int, rows: int) -> No
     alternate(builds, rounds, one_round)
 
 
-def compare_lora(builds: dict[str, object], rounds: int, decode: bool) -> None:
+def compare_lora(
+    builds: dict[str, object], rounds: int, decode: bool, dtype: torch.dtype
+) -> None:
     """Rounds of a step's LoRA deltas on the default workload's shapes (a prefill of 32 prompts
     of 64-128 tokens, or a decode step of one token each, each on its own rank-16 slot; the seven
-    projections of every layer, each layer its own slots), alternating builds; prints each
-    build's median round and the ratio."""
+    projections of every layer, each layer its own slots; rows and slots in `dtype`), alternating
+    builds; prints each build's median round and the ratio."""
     keep_freed_memory()
     spec, rank, slots = DEFAULT.model, DEFAULT.rank, DEFAULT.num_requests + 1
     generator = torch.Generator().manual_seed(0)
@@ -159,10 +164,10 @@ def compare_lora(builds: dict[str, object], rounds: int, decode: bool) -> None:
     tokens = int(ends[-1])
     layers = [
         (
-            torch.randn(tokens, k, generator=generator),
-            torch.zeros(tokens, n),
-            torch.randn(slots, rank, k, generator=generator) * 0.01,
-            torch.randn(slots, rank, n, generator=generator) * 0.01,
+            torch.randn(tokens, k, generator=generator).to(dtype),
+            torch.zeros(tokens, n, dtype=dtype),
+            (torch.randn(slots, rank, k, generator=generator) * 0.01).to(dtype),
+            (torch.randn(slots, rank, n, generator=generator) * 0.01).to(dtype),
         )
         for _ in range(spec.num_layers)
         for k, n in projection_shapes()
@@ -217,6 +222,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30, help="with --projections, --lora-*")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
+        "--compute-dtype", choices=sorted(DTYPES), default="fp32",
+        help="with --lora-*: the rows' and the slots' dtype",
+    )  # fmt: skip
+    parser.add_argument(
         "--rows", type=int, default=DEFAULT.num_requests, help="decode rows (--projections: of x)"
     )
     args = parser.parse_args()
@@ -232,7 +241,7 @@ def main() -> None:
         compare_projections(builds, args.rounds, args.rows)
         return
     if args.lora_prefill or args.lora_decode:
-        compare_lora(builds, args.rounds, decode=args.lora_decode)
+        compare_lora(builds, args.rounds, args.lora_decode, DTYPES[args.compute_dtype])
         return
     workload = base_workload(args.new_tokens).head(args.rows, args.new_tokens)
     use(builds["base"])

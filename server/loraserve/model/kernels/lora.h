@@ -18,13 +18,17 @@ constexpr int64_t kLoraChunkTokens = 16;
 constexpr int kShrinkColumns = kAccRegs / kRowBlock;
 constexpr int kExpandVectors = 3;  // output vectors per expand block (4 rows x 3: 12 registers)
 
-// y[m, c:c + NV * kLanes] += h[m, :rank] @ b[:rank, c:c + NV * kLanes] for m < MR.
-template <int MR, int NV, class T>
+// y[m, c:c + NV * kLanes] += h[m, :rank] @ b[:rank, c:c + NV * kLanes] for m < MR. A float y
+// carries the sums; a 16-bit Y gets them summed in fp32 from zero, then added in one rounding
+// (what torch's y.add_(delta) gives for a separate fp32 delta, without writing one).
+template <int MR, int NV, class T, class Y>
 inline void expand_block(const float* h, int64_t ldh, int64_t rank, const T* b, int64_t ldb,
-                         float* y, int64_t ldy) {
+                         Y* y, int64_t ldy) {
+  constexpr bool kFloatY = std::is_same_v<Y, float>;
   vf acc[MR][NV];
   for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) acc[m][v] = *reinterpret_cast<const vf*>(y + m * ldy + v * kLanes);
+    for (int v = 0; v < NV; ++v)
+      acc[m][v] = kFloatY ? load_vf(y + m * ldy + v * kLanes) : vf{};
   for (int64_t r = 0; r < rank; ++r) {
     vf bv[NV];
     if constexpr (sizeof(T) == 2)  // see kBf16PrefetchAhead
@@ -36,28 +40,34 @@ inline void expand_block(const float* h, int64_t ldh, int64_t rank, const T* b, 
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) *reinterpret_cast<vf*>(y + m * ldy + v * kLanes) = acc[m][v];
+    for (int v = 0; v < NV; ++v) {
+      Y* out = y + m * ldy + v * kLanes;
+      store_rounded(out, kFloatY ? acc[m][v] : load_vf(out) + acc[m][v]);
+    }
 }
 
-template <int MR, class T>
+template <int MR, class T, class Y>
 inline void expand_rows(const float* h, int64_t ldh, int64_t rank, const T* b, int64_t out,
-                        float* y, int64_t ldy) {
+                        Y* y, int64_t ldy) {
   constexpr int64_t wide = kExpandVectors * kLanes;
   int64_t c = 0;
   for (; c + wide <= out; c += wide)
     expand_block<MR, kExpandVectors>(h, ldh, rank, b + c, out, y + c, ldy);
   for (; c + kLanes <= out; c += kLanes) expand_block<MR, 1>(h, ldh, rank, b + c, out, y + c, ldy);
   for (; c < out; ++c)
-    for (int m = 0; m < MR; ++m)
+    for (int m = 0; m < MR; ++m) {
+      Y& target = y[m * ldy + c];
+      float sum = std::is_same_v<Y, float> ? to_float(target) : 0.0f;
       for (int64_t r = 0; r < rank; ++r)
-        y[m * ldy + c] = __builtin_fmaf(h[m * ldh + r], to_float(b[r * out + c]),
-                                        y[m * ldy + c]);  // as dot_block's tail
+        sum = __builtin_fmaf(h[m * ldh + r], to_float(b[r * out + c]), sum);  // as dot_block's tail
+      round_to(&target, std::is_same_v<Y, float> ? sum : to_float(target) + sum);
+    }
 }
 
-// y[:n] += h[:n, :rank] @ b[:rank, :out]; h [n, ldh], b [rank, out], y [n, out].
-template <class T>
+// y[:n] += h[:n, :rank] @ b[:rank, :out]; h [n, ldh], b [rank, out], y [n, out] (as expand_block).
+template <class T, class Y>
 inline void expand(const float* h, int64_t ldh, int64_t n, int64_t rank, const T* b,
-                   int64_t out, float* y) {
+                   int64_t out, Y* y) {
   int64_t m = 0;
   for (; m + kRowBlock <= n; m += kRowBlock)
     expand_rows<kRowBlock>(h + m * ldh, ldh, rank, b, out, y + m * out, out);
@@ -116,15 +126,6 @@ inline void widen_rows(const X* x, int64_t n, int64_t ld, float* out) {
   for (int64_t i = whole; i < count; ++i) out[i] = to_float(x[i]);
 }
 
-// y[i] = round(y[i] + delta[i]) for i < count: a 16-bit y plus a float32 delta, rounded once.
-template <class X>
-inline void add_rounded(X* y, const float* delta, int64_t count) {
-  const int64_t whole = count - count % kLanes;
-  for (int64_t i = 0; i < whole; i += kLanes)
-    store_rounded(y + i, load_vf(y + i) + *reinterpret_cast<const vf*>(delta + i));
-  for (int64_t i = whole; i < count; ++i) round_to(y + i, to_float(y[i]) + delta[i]);
-}
-
 // x [N, in]; y [N, out] (updated; X: float, bf16 or fp16, as x); lora_a [S, R, in]; lora_b
 // [S, R, out] (T: float, bf16 or fp16); scales [S] or null; segments: starts, ends, slots, ranks
 // [num_segments] int64.
@@ -142,9 +143,7 @@ inline void lora_delta(const X* x, X* y, int64_t in, int64_t out, const T* lora_
     }
   parallel_items(int64_t(chunk_segment.size()), [&](WorkQueue& queue) {
     std::vector<float> shrunk(kLoraChunkTokens * R);
-    // a 16-bit chunk's rows, widened, and its delta
-    std::vector<float> rows(kWidened ? kLoraChunkTokens * in : 0);
-    std::vector<float> delta(kWidened ? kLoraChunkTokens * out : 0);
+    std::vector<float> rows(kWidened ? kLoraChunkTokens * in : 0);  // a 16-bit chunk's, widened
     queue.each([&](int64_t c) {
       const int64_t s = chunk_segment[c], t0 = chunk_start[c];
       const int64_t n = std::min(kLoraChunkTokens, ends[s] - t0);
@@ -152,21 +151,16 @@ inline void lora_delta(const X* x, X* y, int64_t in, int64_t out, const T* lora_
       const T* a = lora_a + slots[s] * R * in;
       const T* b = lora_b + slots[s] * R * out;
       const float* xs;
-      float* ys;
       if constexpr (kWidened) {
         widen_rows(x + t0 * in, n, in, rows.data());
-        std::fill_n(delta.data(), n * out, 0.0f);
         xs = rows.data();
-        ys = delta.data();
       } else {
         xs = x + t0 * in;
-        ys = y + t0 * out;
       }
       dot_tile<kShrinkColumns>(xs, n, in, a, in, rank, shrunk.data(), rank);  // [n, rank]
       if (scales != nullptr && scales[slots[s]] != 1.0f)
         for (int64_t i = 0; i < n * rank; ++i) shrunk[i] *= scales[slots[s]];
-      expand(shrunk.data(), rank, n, rank, b, out, ys);
-      if constexpr (kWidened) add_rounded(y + t0 * out, delta.data(), n * out);
+      expand(shrunk.data(), rank, n, rank, b, out, y + t0 * out);
     });
   });
 }
