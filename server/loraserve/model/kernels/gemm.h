@@ -111,15 +111,30 @@ inline void round_to(fp16* p, float v) { p->bits = _cvtss_sh(v, _MM_FROUND_TO_NE
 inline void store_rounded(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
 inline void round_to(float* p, float v) { *p = v; }
 // v rounded to X's precision (nearest even) and widened back: what a torch op in X rounds its
-// fp32 result to. Float: v itself.
+// fp32 result to. Float: v itself. In registers: store_rounded's bits, kept in the upper half
+// (bf16), or F16C's conversion there and back (fp16).
 template <class X>
 inline vf rounded_as(vf v) {
   if constexpr (std::is_same_v<X, float>) {
     return v;
+  } else if constexpr (std::is_same_v<X, bf16>) {
+    typedef uint32_t vu __attribute__((vector_size(kLanes * 4), aligned(4)));
+    const vu bits = reinterpret_cast<vu>(v);
+    const vu rounded = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000u;
+    const vu nan = reinterpret_cast<vu>(v != v);  // all ones where v is a NaN
+    return reinterpret_cast<vf>((rounded & ~nan) | (nan & 0x7FC00000u));
   } else {
+#if LS_LANES == 16 && defined(__AVX512F__)
+    return reinterpret_cast<vf>(_mm512_cvtph_ps(
+        _mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT)));
+#elif LS_LANES == 8
+    return reinterpret_cast<vf>(_mm256_cvtph_ps(
+        _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT)));
+#else  // 16 lanes without AVX-512: only the test build that checks that logic
     alignas(64) X narrow[kLanes];
     store_rounded(narrow, v);
     return load_vf(narrow);
+#endif
   }
 }
 // One value rounded as rounded_as<X> rounds a vector of them.

@@ -41,14 +41,20 @@ struct HeadsLayout {
   int64_t batch, head, position;
 };
 
-// out = rotary(x) for x and out laid out as given, cos and sin [B or 1, S, D] contiguous.
+// out = rotary(x) for x and out laid out as given, cos and sin [B or 1, S, D] contiguous. Rows
+// go in x's memory order: heads innermost where x is [B, S, H, D] seen through a transpose (as
+// a projection's output is), so that each thread reads and writes one run (a 3,183-token bf16
+// prefill's q and k: 0.42 the time of positions innermost, one-off, 2026-12-01).
 template <class X>
 inline void rotate(const X* x, const HeadsLayout& in, const X* cos, const X* sin,
                    int64_t cos_batch_stride, X* out, const HeadsLayout& to) {
   const int64_t rows = in.B * in.H * in.S;
+  const bool heads_inner = in.head < in.position;
   at::parallel_for(0, rows, rows_grain(in.D), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / (in.H * in.S), h = r / in.S % in.H, s = r % in.S;
+      const int64_t b = r / (in.H * in.S);
+      const int64_t h = heads_inner ? r % in.H : r / in.S % in.H;
+      const int64_t s = heads_inner ? r / in.H % in.S : r % in.S;
       const int64_t angle = b * cos_batch_stride + s * in.D;
       rotate_row(x + b * in.batch + h * in.head + s * in.position, cos + angle, sin + angle,
                  in.D, out + b * to.batch + h * to.head + s * to.position);
