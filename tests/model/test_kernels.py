@@ -467,6 +467,32 @@ def test_paged_decode_attention_equals_sdpa_over_the_gathered_context(
         torch.testing.assert_close(gathered[r], want[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("query_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_paged_decode_attention_of_16_bit_strided_queries_gives_the_widened_queries_bits(
+    query_dtype,
+):
+    """Queries in a 16-bit dtype, seen through a transpose (as the model's projection leaves
+    them): bit for bit the fp32 kernel's output over the widened, contiguous queries, rounded
+    once to the queries' dtype; and fp32 queries through a transpose as contiguous ones."""
+    lengths, block_size, heads, head_dim = [1, 6, 23], 4, 4, 32
+    k_pool, v_pool, tables = _paged_context(lengths, 2, head_dim, block_size, seed=3)
+    k_pool, v_pool = k_pool.to(torch.bfloat16), v_pool.to(torch.bfloat16)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    query = torch.randn(heads, len(lengths), head_dim)  # [H, R, D], as the model has it
+    q = query.to(query_dtype).transpose(0, 1)  # [R, H, D], rows not contiguous
+    assert not q.is_contiguous()
+    attend = native().paged_decode_attention
+    got = attend(q, k_pool, v_pool, tables, lens, block_size, 0, head_dim**-0.5)
+    want = attend(q.float().contiguous(), k_pool, v_pool, tables, lens, block_size, 0,
+                  head_dim**-0.5)  # fmt: skip
+    assert got.dtype == query_dtype
+    assert torch.equal(got.view(torch.int16), want.to(query_dtype).view(torch.int16))
+    strided = attend(query.transpose(0, 1), k_pool, v_pool, tables, lens, block_size, 0, 0.2)
+    contiguous = attend(query.transpose(0, 1).contiguous(), k_pool, v_pool, tables, lens,
+                        block_size, 0, 0.2)  # fmt: skip
+    assert torch.equal(strided, contiguous)
+
+
 @pytest.mark.slow
 def test_every_variant_compiles_and_only_recent_builds_stay(tmp_path):
     """The AVX-512 build compiles even on a machine without AVX-512 (and vice versa), and each

@@ -158,10 +158,10 @@ def paged_attention(
     k_pool, v_pool = batch.cache.pools(cast(int, module.layer_idx))  # [S, KVH, D] each
     decode = batch.decode
     if decode is not None and not batch.prefill:  # every token, in order: no gather
-        return attend_decode(q.contiguous(), k_pool, v_pool, batch, window, scale)[None], None
+        return attend_decode(q, k_pool, v_pool, batch, window, scale)[None], None
     out = torch.empty_like(q)
     if decode is not None:
-        picked = q[decode.tokens].contiguous()
+        picked = q[decode.tokens]
         out[decode.tokens] = attend_decode(picked, k_pool, v_pool, batch, window, scale)
     for row in batch.prefill:
         rows = slice(row.first, row.first + row.count)
@@ -178,17 +178,17 @@ def attend_decode(
     window: int,
     scale: float,
 ) -> torch.Tensor:
-    """The batch's decode rows' queries q [R, H, D] over their contexts in the pools [S, KVH, D]
-    -> [R, H, D]: by the compiled kernel where it applies (in fp32: 16-bit queries are widened
-    and the output rounded back, as SDPA accumulates them), else through the gathered batch."""
+    """The batch's decode rows' queries q [R, H, D] (D contiguous) over their contexts in the
+    pools [S, KVH, D] -> [R, H, D]: by the compiled kernel where it applies (in fp32: 16-bit
+    queries are widened as it reads them and its output rounded once, as SDPA accumulates
+    them), else through the gathered batch."""
     rows = cast(DecodeRows, batch.decode)
     ops = native()
-    if rows.use_kernel and ops is not None:
-        out = ops.paged_decode_attention(
-            q.float(), k_pool, v_pool, rows.block_tables, rows.context_lens,
+    if rows.use_kernel and ops is not None and q.stride(-1) == 1:
+        return ops.paged_decode_attention(
+            q, k_pool, v_pool, rows.block_tables, rows.context_lens,
             batch.cache.block_size, window, scale,
         )  # fmt: skip
-        return out.to(q.dtype)
     return attend_gathered(q, k_pool, v_pool, batch.decode_context(window, q.dtype), scale)
 
 

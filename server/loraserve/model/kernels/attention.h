@@ -80,24 +80,32 @@ inline void prefetch_position(const T* run, int64_t elements) {
   for (int64_t offset = 0; offset < size; offset += 64) _mm_prefetch(bytes + offset, kHint);
 }
 
-// q [R, H, D] fp32; k_pool, v_pool [S, KVH, D] of T (fp32, or 16-bit: half the bytes to read,
-// and decode attention is bound by them); block_tables [R, max_blocks] int32; context_lens [R]
-// int32 (the query sits at position context_lens[r] - 1 and sees keys from max(0, len -
-// window) when window > 0); out [R, H, D] fp32.
+// Where the queries are: q [R, H, D] with these strides in elements (D contiguous).
+struct QueryLayout {
+  int64_t row, head;
+};
+
+// q [R, H, D] of Q (fp32, or 16-bit: widened as it is read, exactly); k_pool, v_pool [S, KVH, D]
+// of T (fp32, or 16-bit: half the bytes to read, and decode attention is bound by them);
+// block_tables [R, max_blocks] int32; context_lens [R] int32 (the query sits at position
+// context_lens[r] - 1 and sees keys from max(0, len - window) when window > 0); out [R, H, D]
+// contiguous, of Q: summed in fp32 and rounded once (what widening q, attending in fp32 and
+// converting the output gives, without the three copies).
 //
 // One row at a time per thread (rows are taken as threads get to them: they differ in length),
 // walking its positions in order: the keys of every head at a position are one contiguous
 // [KVH, D] run of the pool, read once for all heads.
-template <typename T>
-inline void paged_decode_attention(const float* q, const T* k_pool, const T* v_pool,
-                                   const int32_t* block_tables, int64_t max_blocks,
-                                   const int32_t* context_lens, int64_t R, int64_t H,
-                                   int64_t KVH, int64_t D, int64_t block_size, int64_t window,
-                                   float scale, float* out) {
+template <typename T, typename Q>
+inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, const T* k_pool,
+                                   const T* v_pool, const int32_t* block_tables,
+                                   int64_t max_blocks, const int32_t* context_lens, int64_t R,
+                                   int64_t H, int64_t KVH, int64_t D, int64_t block_size,
+                                   int64_t window, float scale, Q* out) {
   const int64_t group = H / KVH;
   parallel_items(R, [&](WorkQueue& queue) {
     std::vector<float> scores;
     std::vector<int64_t> slots;
+    std::vector<float> q_row(H * D), out_row(H * D);  // the row's queries and output, in fp32
     queue.each([&](int64_t r) {
       const int64_t len = context_lens[r];
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
@@ -108,8 +116,9 @@ inline void paged_decode_attention(const float* q, const T* k_pool, const T* v_p
         const int64_t pos = first + j;
         slots[j] = int64_t(table[pos / block_size]) * block_size + pos % block_size;
       }
-      const float* q_row = q + r * H * D;
-      float* out_row = out + r * H * D;
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t d = 0; d < D; ++d)
+          q_row[h * D + d] = to_float(q[r * q_layout.row + h * q_layout.head + d]);
       scores.resize(H * n);  // [H, n]
       for (int64_t j = 0; j < n; ++j) {
         if (j + kAheadL1 < n)
@@ -119,10 +128,10 @@ inline void paged_decode_attention(const float* q, const T* k_pool, const T* v_p
         const T* keys = k_pool + slots[j] * KVH * D;
         for (int64_t g = 0, h = 0; g < KVH; ++g)
           for (int64_t i = 0; i < group; ++i, ++h)
-            scores[h * n + j] = scale * dot(q_row + h * D, keys + g * D, D);
+            scores[h * n + j] = scale * dot(q_row.data() + h * D, keys + g * D, D);
       }
       for (int64_t h = 0; h < H; ++h) softmax_inplace(scores.data() + h * n, n);
-      for (int64_t i = 0; i < H * D; ++i) out_row[i] = 0.f;
+      std::fill(out_row.begin(), out_row.end(), 0.f);
       for (int64_t j = 0; j < n; ++j) {
         if (j + kAheadL1 < n)
           prefetch_position<_MM_HINT_T0>(v_pool + slots[j + kAheadL1] * KVH * D, KVH * D);
@@ -131,8 +140,12 @@ inline void paged_decode_attention(const float* q, const T* k_pool, const T* v_p
         const T* values = v_pool + slots[j] * KVH * D;
         for (int64_t g = 0, h = 0; g < KVH; ++g)
           for (int64_t i = 0; i < group; ++i, ++h)
-            axpy(scores[h * n + j], values + g * D, D, out_row + h * D);
+            axpy(scores[h * n + j], values + g * D, D, out_row.data() + h * D);
       }
+      Q* to = out + r * H * D;
+      int64_t i = 0;
+      for (; i + kLanes <= H * D; i += kLanes) store_rounded(to + i, load_vf(out_row.data() + i));
+      for (; i < H * D; ++i) round_to(to + i, out_row[i]);
     });
   });
 }

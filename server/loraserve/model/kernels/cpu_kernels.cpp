@@ -260,10 +260,9 @@ void check_cpu(const at::Tensor& t, at::ScalarType type, const char* name) {
 }
 
 // Calls f with a value of the C++ type of `t`'s elements (float, bf16 or fp16), for kernels
-// that read KV pools or LoRA slots of any of these dtypes; `what` names them in errors.
+// that read rows, KV pools or LoRA slots of any of these dtypes; `what` names them in errors.
 template <typename F>
-void with_element(const at::Tensor& t, const char* what, F&& f) {
-  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), what, " must be contiguous CPU tensors");
+void with_dtype(const at::Tensor& t, const char* what, F&& f) {
   switch (t.scalar_type()) {
     case at::kFloat:
       return f(float{});
@@ -277,32 +276,46 @@ void with_element(const at::Tensor& t, const char* what, F&& f) {
   }
 }
 
-// out [R, H, D]: decode attention of q [R, H, D] (float32) over the paged pools [S, KVH, D]
-// (float32, bfloat16 or float16, both alike).
+// with_dtype for a contiguous CPU tensor (checked).
+template <typename F>
+void with_element(const at::Tensor& t, const char* what, F&& f) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), what, " must be contiguous CPU tensors");
+  with_dtype(t, what, f);
+}
+
+// out [R, H, D] of q's dtype: decode attention of q [R, H, D] (float32, bfloat16 or float16; D
+// contiguous, rows and heads any stride) over the paged pools [S, KVH, D] (float32, bfloat16 or
+// float16, both alike).
 at::Tensor paged_decode_attention_op(const at::Tensor& q, const at::Tensor& k_pool,
                                      const at::Tensor& v_pool, const at::Tensor& block_tables,
                                      const at::Tensor& context_lens, int64_t block_size,
                                      int64_t window, double scale) {
-  check_cpu_f32(q, "q");
+  TORCH_CHECK(q.device().is_cpu() && q.dim() == 3 && q.stride(2) == 1,
+              "q must be a CPU [R, H, D] tensor with D contiguous");
   TORCH_CHECK(v_pool.scalar_type() == k_pool.scalar_type() && v_pool.device().is_cpu() &&
                   v_pool.is_contiguous(),
               "v_pool must be a contiguous CPU tensor of k_pool's dtype");
   check_cpu(block_tables, at::kInt, "block_tables");
   check_cpu(context_lens, at::kInt, "context_lens");
-  TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 3 && k_pool.sizes() == v_pool.sizes() &&
+  TORCH_CHECK(k_pool.dim() == 3 && k_pool.sizes() == v_pool.sizes() &&
                   q.size(2) == k_pool.size(2) && q.size(1) % k_pool.size(1) == 0,
               "q [R, H, D] and pools [S, KVH, D] do not match");
   const int64_t R = q.size(0), H = q.size(1), D = q.size(2), KVH = k_pool.size(1);
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == R && context_lens.numel() == R,
               "block_tables [R, max_blocks] and context_lens [R] must have one row per query");
   at::Tensor out = at::empty({R, H, D}, q.options());
-  with_element(k_pool, "KV pools", [&](auto element) {
-    using T = decltype(element);
-    paged_decode_attention(q.data_ptr<float>(), static_cast<const T*>(k_pool.data_ptr()),
-                           static_cast<const T*>(v_pool.data_ptr()),
-                           block_tables.data_ptr<int32_t>(), block_tables.size(1),
-                           context_lens.data_ptr<int32_t>(), R, H, KVH, D, block_size, window,
-                           static_cast<float>(scale), out.data_ptr<float>());
+  const QueryLayout layout{q.stride(0), q.stride(1)};
+  with_dtype(q, "q", [&](auto query) {
+    using Q = decltype(query);
+    with_element(k_pool, "KV pools", [&](auto element) {
+      using T = decltype(element);
+      paged_decode_attention(static_cast<const Q*>(q.data_ptr()), layout,
+                             static_cast<const T*>(k_pool.data_ptr()),
+                             static_cast<const T*>(v_pool.data_ptr()),
+                             block_tables.data_ptr<int32_t>(), block_tables.size(1),
+                             context_lens.data_ptr<int32_t>(), R, H, KVH, D, block_size, window,
+                             static_cast<float>(scale), static_cast<Q*>(out.data_ptr()));
+    });
   });
   return out;
 }
