@@ -147,9 +147,7 @@ def compare_projections(builds: dict[str, object], rounds: int, rows: int) -> No
     alternate(builds, rounds, one_round)
 
 
-def compare_lora(
-    builds: dict[str, object], rounds: int, decode: bool, dtype: torch.dtype
-) -> None:
+def compare_lora(builds: dict[str, object], rounds: int, decode: bool, dtype: torch.dtype) -> None:
     """Rounds of a step's LoRA deltas on the default workload's shapes (a prefill of 32 prompts
     of 64-128 tokens, or a decode step of one token each, each on its own rank-16 slot; the seven
     projections of every layer, each layer its own slots; rows and slots in `dtype`), alternating
