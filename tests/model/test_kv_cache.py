@@ -47,6 +47,39 @@ def test_a_16_bit_pool_holds_each_written_key_rounded_to_it():
     assert torch.equal(value_pool[slots], values[0].transpose(0, 1).half())
 
 
+class _Layer(torch.nn.Module):
+    layer_idx = 0
+
+
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_new_prompt_attends_over_its_own_states_as_over_its_gathered_context(pool_dtype):
+    """Prefill rows with no earlier positions: the output equals, bit for bit, SDPA over the
+    context gathered from the pools (the forward's own keys and values where the pools hold
+    them exactly; the pools' rounded values where they are narrower)."""
+    heads, kv_heads, head_dim, counts = 4, 2, 16, (5, 3)
+    cache = PagedKVCache(1, 6, BLOCK_SIZE, kv_heads, head_dim, pool_dtype, torch.device("cpu"))
+    tokens = sum(counts)
+    slots = torch.tensor([9, 10, 11, 12, 13, 4, 5, 6])  # row 0 straddles two blocks
+    # [1, N, heads, D] seen as [1, heads, N, D], as a projection's output reaches attention
+    query = torch.randn(1, tokens, heads, head_dim).transpose(1, 2)
+    key, value = (torch.randn(1, tokens, kv_heads, head_dim).transpose(1, 2) for _ in range(2))
+    cache.prepare(slots)
+    cache.update(key, value, 0)
+    rows = (
+        attention.PrefillRow(0, counts[0], 0, slots[: counts[0]]),
+        attention.PrefillRow(counts[0], counts[1], 0, slots[counts[0] :]),
+    )
+    batch = attention.AttentionBatch(cache, None, rows)
+    got, _ = attention.paged_attention(_Layer(), query, key, value, None, attention_batch=batch)
+    q = query[0].transpose(0, 1)  # [N, heads, D]
+    key_pool, value_pool = cache.pools(0)
+    for row in rows:
+        span = slice(row.first, row.first + row.count)
+        k, v = (pool[row.read_slots].float() for pool in (key_pool, value_pool))
+        want = attention.attend_context(q[span], k, v, 0, 0, head_dim**-0.5)
+        assert torch.equal(got[0, span], want)
+
+
 # ---- ModelRunner over the paged cache ------------------------------------------------------
 
 

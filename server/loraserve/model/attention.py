@@ -165,7 +165,10 @@ def paged_attention(
         out[decode.tokens] = attend_decode(picked, k_pool, v_pool, batch, window, scale)
     for row in batch.prefill:
         rows = slice(row.first, row.first + row.count)
-        k, v = (pool[row.read_slots].to(q.dtype) for pool in (k_pool, v_pool))
+        if row.start == 0 and k_pool.dtype == q.dtype:  # its context is this forward's states
+            k, v = (states[0, :, rows].transpose(0, 1) for states in (key, value))
+        else:
+            k, v = (pool[row.read_slots].to(q.dtype) for pool in (k_pool, v_pool))
         out[rows] = attend_context(q[rows], k, v, row.start, window, scale)
     return out.unsqueeze(0), None
 
