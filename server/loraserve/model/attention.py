@@ -12,8 +12,10 @@ keyword of the model call, says which tokens belong to which row:
   copying the context; elsewhere (CUDA) by one SDPA call over their contexts gathered into a
   padded batch, which is also the kernel's test oracle (the batch's pool slots and mask are
   built once per forward and window, for every layer);
-- prefill rows (a prompt chunk) each gather their context once and run one SDPA call, causal
-  from the chunk's first position (and within the sliding window, where the layer has one).
+- prefill rows (a prompt chunk) each run one SDPA call, causal from the chunk's first position
+  (and within the sliding window, where the layer has one), over their context: a new prompt's
+  is this forward's own keys and values (where the pools hold the compute dtype: the same
+  values), any other row's is gathered from the pools once.
 
 A layer whose attention needs what these do not compute (logit softcapping, attention sinks:
 the `VARIANTS` keywords it passes) is attended by its architecture's own eager attention
