@@ -31,6 +31,7 @@ APP = "loraserve"
 PROMPT = "The quick brown fox"
 MAX_ONGOING, MAX_QUEUED = 2, 2  # per replica; waiting for a replica, per proxy
 RETRY_S = 120
+MATCHING_TIMEOUT = "RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S"
 KEYS = {
     "alpha-key": {"tenant": "alpha", "scopes": ["generate", "adapters:write"]},
     "reader-key": {"tenant": "alpha", "scopes": ["generate"]},
@@ -48,6 +49,13 @@ def cluster(model_dirs, tmp_path_factory):
     keys_file = store.parent / "ray-keys.json"
     keys_file.write_text(json.dumps({"keys": [{"key": k, **e} for k, e in KEYS.items()]}))
     port = free_port()
+    # Ray's router holds an adapter's second request until it learns which replica opened the
+    # adapter (the replica reports it within ~0.1 s), by default for 1-2 s, then routes it
+    # anywhere. On a loaded machine the report can take longer: a wait long enough for it keeps
+    # the affinity test about routing, not about the machine's load. Read by Ray's processes,
+    # which ray.init starts with this environment.
+    saved = os.environ.get(MATCHING_TIMEOUT)
+    os.environ[MATCHING_TIMEOUT] = "30"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(
@@ -69,6 +77,10 @@ def cluster(model_dirs, tmp_path_factory):
     finally:
         serve.shutdown()
         ray.shutdown()
+        if saved is None:
+            os.environ.pop(MATCHING_TIMEOUT)
+        else:
+            os.environ[MATCHING_TIMEOUT] = saved
 
 
 def wait_for_route(channel: grpc.Channel, seconds: float = 60) -> None:
@@ -135,10 +147,11 @@ def upload(channel: grpc.Channel, directory, name: str) -> tuple[apb.Adapter, tu
 
 
 def test_an_adapter_s_requests_land_on_one_replica(cluster, adapter_dirs):
-    """Ray learns where an adapter is within ~0.1 s of its first request; a second request sent
-    before that may open it on the other replica too (then both hold it, and Ray rightly uses
-    both), so each try takes a fresh adapter until one stays on the replica that took it first.
-    Without affinity a try passes by chance 1 in 1024."""
+    """Ray learns where an adapter is within ~0.1 s of its first request, and holds a second
+    request sent before that until it does (up to MATCHING_TIMEOUT); should one still open it on
+    the other replica too (then both hold it, and Ray rightly uses both), the next try takes a
+    fresh adapter, until one stays on the replica that took it first. Without affinity a try
+    passes by chance 1 in 1024."""
     adapter, _ = upload(cluster, adapter_dirs["llama"]["r8-all"], "sticky")
     assert adapter.version == "1"
     tokens, _ = generate(cluster, "sticky")
