@@ -17,6 +17,10 @@ constexpr int64_t kLoraChunkTokens = 16;
 // AVX2's 16.
 constexpr int kShrinkColumns = kAccRegs / kRowBlock;
 constexpr int kExpandVectors = 3;  // output vectors per expand block (4 rows x 3: 12 registers)
+// One row (a decode step's token) on 16-bit slots: blocks of 2 vectors. A decode step's 56
+// deltas on bf16 slots took 0.94x the time of 3 (6: 1.07x, 1: 0.96x; fp32 slots gain nothing;
+// `ab_kernels.py --lora-decode --compute-dtype bf16`, 2026-12-01).
+constexpr int kExpandVectorsOneRow16bit = 2;
 
 // y[m, c:c + NV * kLanes] += h[m, :rank] @ b[:rank, c:c + NV * kLanes] for m < MR. A float y
 // carries the sums; a 16-bit Y gets them summed in fp32 from zero, then added in one rounding
@@ -49,10 +53,11 @@ inline void expand_block(const float* h, int64_t ldh, int64_t rank, const T* b, 
 template <int MR, class T, class Y>
 inline void expand_rows(const float* h, int64_t ldh, int64_t rank, const T* b, int64_t out,
                         Y* y, int64_t ldy) {
-  constexpr int64_t wide = kExpandVectors * kLanes;
+  constexpr int NV = sizeof(T) == 2 && MR == 1 ? kExpandVectorsOneRow16bit : kExpandVectors;
+  constexpr int64_t wide = NV * kLanes;
   int64_t c = 0;
   for (; c + wide <= out; c += wide)
-    expand_block<MR, kExpandVectors>(h, ldh, rank, b + c, out, y + c, ldy);
+    expand_block<MR, NV>(h, ldh, rank, b + c, out, y + c, ldy);
   for (; c + kLanes <= out; c += kLanes) expand_block<MR, 1>(h, ldh, rank, b + c, out, y + c, ldy);
   for (; c < out; ++c)
     for (int m = 0; m < MR; ++m) {
