@@ -54,9 +54,9 @@ def cluster(model_dirs, tmp_path_factory):
     # anywhere. On a loaded machine the report can take longer: a wait long enough for it keeps
     # the affinity test about routing, not about the machine's load. Read by Ray's processes,
     # which ray.init starts with this environment.
-    saved = os.environ.get(MATCHING_TIMEOUT)
-    os.environ[MATCHING_TIMEOUT] = "30"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(MATCHING_TIMEOUT, "30")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(
             http_options={"host": "127.0.0.1", "port": free_port()},
@@ -77,10 +77,6 @@ def cluster(model_dirs, tmp_path_factory):
     finally:
         serve.shutdown()
         ray.shutdown()
-        if saved is None:
-            os.environ.pop(MATCHING_TIMEOUT)
-        else:
-            os.environ[MATCHING_TIMEOUT] = saved
 
 
 def wait_for_route(channel: grpc.Channel, seconds: float = 60) -> None:
