@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -50,6 +50,16 @@ class Served:
     rates: list[float]  # generated tokens per second of each round after the first
     compute_threads: float | None  # loraserve_compute_threads at the end
     team_wait_seconds: float | None  # loraserve_compute_team_wait_seconds_total at the end
+    forward: dict[str, Forwards]  # phase -> the engine's forwards during the counted rounds
+    counted_seconds: float  # wall time of the counted rounds
+
+
+@dataclass(frozen=True)
+class Forwards:
+    """The engine's model forwards of one phase (`loraserve_step_duration_seconds`)."""
+
+    count: int
+    seconds: float
 
 
 def metric(text: str, name: str) -> float | None:
@@ -61,6 +71,20 @@ def metric(text: str, name: str) -> float | None:
     return None
 
 
+def forwards(text: str) -> dict[str, Forwards]:
+    """phase -> the forwards counted so far in Prometheus text."""
+    count: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            phase = sample.labels.get("phase")
+            if sample.name == "loraserve_step_duration_seconds_count":
+                count[phase] = sample.value
+            elif sample.name == "loraserve_step_duration_seconds_sum":
+                seconds[phase] = sample.value
+    return {phase: Forwards(int(count[phase]), seconds[phase]) for phase in count}
+
+
 def served_rates(
     model_dir: Path,
     rounds: int,
@@ -70,7 +94,8 @@ def served_rates(
     neighbour: bool,
 ) -> Served:
     """`rounds` rounds of `concurrency` calls against a server started with `extra_flags` too,
-    the counted ones beside the neighbour if `neighbour`; then the server's thread metrics."""
+    the counted ones beside the neighbour if `neighbour`; then the server's thread metrics and
+    the engine's forwards during the counted rounds."""
     (metrics_port,) = free_ports(1)
     flags = [
         "--model", str(model_dir), "--max-batch-size", str(DEFAULT.num_requests),
@@ -79,6 +104,7 @@ def served_rates(
     ]  # fmt: skip
     prompts = make_workload(DEFAULT, [""] * DEFAULT.num_requests).prompts[:concurrency]
     busy = None
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     with (
         serving(flags, log_path, STARTUP_TIMEOUT_S) as address,
         Client(address, timeout=600) as client,
@@ -89,24 +115,36 @@ def served_rates(
             options = {"max_new_tokens": DEFAULT.new_tokens, "ignore_eos": True}
             return len(client.generate(list(prompt), **options).token_ids)
 
-        rates = []
+        rates, durations = [], []
         try:
             for round_ in range(rounds):
-                if neighbour and round_ == 1:  # after the warm-up
-                    busy = subprocess.Popen(NEIGHBOUR, shell=True)
+                if round_ == 1:  # after the warm-up
+                    before = forwards(scrape(metrics_url)[1].decode())
+                    if neighbour:
+                        busy = subprocess.Popen(NEIGHBOUR, shell=True)
                 start = time.perf_counter()
                 tokens = sum(pool.map(generate, prompts))
-                rates.append(tokens / (time.perf_counter() - start))
+                durations.append(time.perf_counter() - start)
+                rates.append(tokens / durations[-1])
         finally:
             if busy is not None:
                 busy.kill()
                 busy.wait()
-        _, body = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
-    text = body.decode()
+        text = scrape(metrics_url)[1].decode()
+    after = forwards(text)
+    counted = {
+        phase: Forwards(
+            now.count - before.get(phase, Forwards(0, 0.0)).count,
+            now.seconds - before.get(phase, Forwards(0, 0.0)).seconds,
+        )
+        for phase, now in after.items()
+    }
     return Served(
         rates[1:],
         metric(text, "loraserve_compute_threads"),
         metric(text, "loraserve_compute_team_wait_seconds_total"),
+        counted,
+        sum(durations[1:]),
     )
 
 
@@ -135,9 +173,14 @@ def main() -> None:
     )  # fmt: skip
     rates = served.rates
     median = statistics.median(rates)
+    forward_seconds = sum(f.seconds for f in served.forward.values())
+    busy_share = forward_seconds / served.counted_seconds
     print(f"served tok/s per round {[round(r, 1) for r in rates]}, median {median:.1f}; "
           f"compute threads at the end {served.compute_threads}, team waits "
           f"{served.team_wait_seconds} s")  # fmt: skip
+    for phase, f in sorted(served.forward.items()):
+        print(f"{phase}: {f.count} forwards, {1000 * f.seconds / max(f.count, 1):.1f} ms each")
+    print(f"the engine's forwards took {busy_share:.3f} of the counted rounds' wall time")
     if args.out is not None:
         result = {
             "served_tok_s": median,
@@ -147,6 +190,8 @@ def main() -> None:
             "serve_args": args.serve_args,
             "compute_threads_at_end": served.compute_threads,
             "team_wait_seconds_at_end": served.team_wait_seconds,
+            "forwards": {phase: asdict(f) for phase, f in served.forward.items()},
+            "forward_share_of_wall": busy_share,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": machine_info(),
             "command": shlex.join([sys.executable, *sys.argv]),

@@ -250,7 +250,7 @@ def test_a_16_bit_kv_cache_matches_peft_attending_over_rounded_keys_and_values(
     core = make_core(model_dirs[arch], device=device, max_step_tokens=64, kv_cache_dtype=kv_dtype)
     pools = core.cache.key_pools + core.cache.value_pools
     assert {pool.dtype for pool in pools} == {DTYPES[kv_dtype]}
-    assert core.runner.decode_kernel == (device == "cpu" and native() is not None)
+    assert core.runner.paged_kernels == (device == "cpu" and native() is not None)
     names = ["r1-qv", "r8-all", "r64-all", None]
     for name in filter(None, names):
         core.adapters.load(name, adapter_dirs[arch][name])

@@ -493,6 +493,91 @@ def test_paged_decode_attention_of_16_bit_strided_queries_gives_the_widened_quer
     assert torch.equal(strided, contiguous)
 
 
+# Prefill rows (count, start): a new prompt of 2 tokens; one past a 32-lane tile; a chunk after
+# a cached prefix; chunks whose context spans several 64-position steps of the kernel.
+PREFILL_SPANS = [(2, 0), (33, 0), (5, 7), (17, 40), (40, 200)]
+
+
+def _prefill_batch(spans, heads, kv_heads, head_dim, block_size, query_dtype=torch.float32):
+    """q [N + 2, H, D] (two rows that are no prefill row's, last), the pools, and the rows'
+    tables as the kernel takes them: (q, k_pool, v_pool, tables, firsts, counts, starts)."""
+    k_pool, v_pool, tables = _paged_context([c + s for c, s in spans], kv_heads, head_dim,
+                                            block_size)  # fmt: skip
+    counts = torch.tensor([c for c, _ in spans])
+    firsts = torch.cumsum(counts, 0) - counts
+    starts = torch.tensor([s for _, s in spans])
+    q = torch.randn(int(counts.sum()) + 2, heads, head_dim).to(query_dtype)
+    return q, k_pool, v_pool, tables, firsts, counts, starts
+
+
+@pytest.mark.parametrize("pool_dtype", KV_DTYPES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("window", [0, 5, 64])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"), [(4, 4, 32), (8, 2, 64), (6, 3, 40), (7, 1, 20)]
+)
+def test_paged_prefill_attention_equals_sdpa_over_the_gathered_context(
+    heads, kv_heads, head_dim, window, pool_dtype
+):
+    """Each prefill row's queries over its context read from the pools in place (16-bit pools
+    widened exactly): SDPA's causal attention over the gathered context, up to the summation
+    order; rows that are no prefill row's are left as they were."""
+    block_size, scale = 4, head_dim**-0.5
+    q, k_pool, v_pool, tables, firsts, counts, starts = _prefill_batch(
+        PREFILL_SPANS, heads, kv_heads, head_dim, block_size
+    )
+    k_pool, v_pool = k_pool.to(pool_dtype), v_pool.to(pool_dtype)
+    out = torch.full_like(q, 7.0)
+    native().paged_prefill_attention_(
+        q, out, k_pool, v_pool, tables, firsts, counts, starts, block_size, window, scale
+    )
+    for r, (count, start) in enumerate(PREFILL_SPANS):
+        position = torch.arange(start + count)
+        slots = tables[r].long()[position // block_size] * block_size + position % block_size
+        k, v = k_pool[slots].float(), v_pool[slots].float()
+        rows = slice(int(firsts[r]), int(firsts[r]) + count)
+        want = attend_context(q[rows], k, v, start, window, scale)
+        torch.testing.assert_close(out[rows], want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[-2:], torch.full_like(out[-2:], 7.0))
+
+
+@pytest.mark.parametrize("query_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_paged_prefill_attention_of_16_bit_strided_queries_gives_the_widened_queries_bits(
+    query_dtype,
+):
+    """Queries in a 16-bit dtype seen through a transpose (as the model's projection leaves
+    them): bit for bit the fp32 kernel's output over the widened, contiguous queries, rounded
+    once to the queries' dtype; fp32 queries through a transpose as contiguous ones."""
+    block_size, heads, head_dim = 4, 4, 32
+    q, k_pool, v_pool, tables, firsts, counts, starts = _prefill_batch(
+        PREFILL_SPANS, heads, 2, head_dim, block_size
+    )
+    k_pool, v_pool = k_pool.to(torch.bfloat16), v_pool.to(torch.bfloat16)
+    rows = (tables, firsts, counts, starts, block_size, 0, head_dim**-0.5)
+    attend = native().paged_prefill_attention_
+
+    def attended(queries):
+        out = torch.zeros(queries.shape, dtype=queries.dtype)
+        attend(queries, out, k_pool, v_pool, *rows)
+        return out
+
+    strided = q.transpose(0, 1).contiguous().transpose(0, 1)  # [N, H, D], heads outermost
+    assert not strided.is_contiguous()
+    got = attended(strided.to(query_dtype))
+    want = attended(strided.to(query_dtype).float().contiguous()).to(query_dtype)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    assert torch.equal(attended(strided), attended(q))
+
+
+def test_paged_prefill_attention_refuses_rows_outside_the_queries_or_their_tables():
+    q, k_pool, v_pool, tables, firsts, counts, starts = _prefill_batch([(3, 0), (2, 5)], 2, 2, 8, 4)
+    attend = native().paged_prefill_attention_
+    out = torch.empty_like(q)
+    with pytest.raises(RuntimeError, match="outside q or its block table"):
+        attend(q, out, k_pool, v_pool, tables, firsts, counts + 10, starts, 4, 0, 1.0)
+    with pytest.raises(RuntimeError, match="outside q or its block table"):
+        attend(q, out, k_pool, v_pool, tables, firsts, counts, starts + 100, 4, 0, 1.0)
+
+
 @pytest.mark.slow
 def test_every_variant_compiles_and_only_recent_builds_stay(tmp_path):
     """The AVX-512 build compiles even on a machine without AVX-512 (and vice versa), and each

@@ -15,6 +15,7 @@ import torch
 from loraserve.model import attention
 from loraserve.model import runner as runner_module
 from loraserve.model.blocks import BlockAllocator
+from loraserve.model.kernels import native
 from loraserve.model.kv_cache import PagedKVCache
 from loraserve.model.loading import load_base_model
 from loraserve.model.lora import LoraContext
@@ -53,21 +54,23 @@ class _Layer(torch.nn.Module):
 
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_a_new_prompt_attends_over_its_own_states_as_over_its_gathered_context(pool_dtype):
-    """Prefill rows with no earlier positions: the output equals, bit for bit, SDPA over the
-    context gathered from the pools (the forward's own keys and values where the pools hold
-    them exactly; the pools' rounded values where they are narrower)."""
+    """Prefill rows with no earlier positions, by the torch path (no kernel tables): the output
+    equals, bit for bit, SDPA over the context gathered from the pools (the forward's own keys
+    and values where the pools hold them exactly; the pools' rounded values where they are
+    narrower)."""
     heads, kv_heads, head_dim, counts = 4, 2, 16, (5, 3)
     cache = PagedKVCache(1, 6, BLOCK_SIZE, kv_heads, head_dim, pool_dtype, torch.device("cpu"))
     tokens = sum(counts)
-    slots = torch.tensor([9, 10, 11, 12, 13, 4, 5, 6])  # row 0 straddles two blocks
+    tables = (torch.tensor([2, 3]), torch.tensor([1]))  # row 0 straddles two blocks
+    slots = torch.tensor([8, 9, 10, 11, 12, 4, 5, 6])
     # [1, N, heads, D] seen as [1, heads, N, D], as a projection's output reaches attention
     query = torch.randn(1, tokens, heads, head_dim).transpose(1, 2)
     key, value = (torch.randn(1, tokens, kv_heads, head_dim).transpose(1, 2) for _ in range(2))
     cache.prepare(slots)
     cache.update(key, value, 0)
     rows = (
-        attention.PrefillRow(0, counts[0], 0, slots[: counts[0]]),
-        attention.PrefillRow(counts[0], counts[1], 0, slots[counts[0] :]),
+        attention.PrefillRow(0, counts[0], 0, tables[0]),
+        attention.PrefillRow(counts[0], counts[1], 0, tables[1]),
     )
     batch = attention.AttentionBatch(cache, None, rows)
     got, _ = attention.paged_attention(_Layer(), query, key, value, None, attention_batch=batch)
@@ -75,7 +78,9 @@ def test_a_new_prompt_attends_over_its_own_states_as_over_its_gathered_context(p
     key_pool, value_pool = cache.pools(0)
     for row in rows:
         span = slice(row.first, row.first + row.count)
-        k, v = (pool[row.read_slots].float() for pool in (key_pool, value_pool))
+        read = row.read_slots(BLOCK_SIZE)
+        assert torch.equal(read, slots[span])
+        k, v = (pool[read].float() for pool in (key_pool, value_pool))
         want = attention.attend_context(q[span], k, v, 0, 0, head_dim**-0.5)
         assert torch.equal(got[0, span], want)
 
@@ -162,10 +167,10 @@ def test_ragged_prefill_then_decode_matches_full_forward(arch, model_dirs):
 def test_gathered_decode_matches_full_forward_building_its_context_once_a_step(
     arch, model_dirs, monkeypatch
 ):
-    """Decode rows by the torch path (CUDA's, and the CPU's for pools the kernel does not take):
+    """Decode rows by the torch path (CUDA's, and the CPU's for pools the kernels do not take):
     the same logits, and the padded batch's pool slots and mask built by the first layer that
     asks, once per window, and shared by every other layer."""
-    monkeypatch.setattr(runner_module, "decode_kernel_applies", lambda cache: False)
+    monkeypatch.setattr(runner_module, "paged_kernels_apply", lambda cache: False)
     windows: list[int] = []
     build = attention.decode_context
 
@@ -188,9 +193,20 @@ def test_gathered_decode_matches_full_forward_building_its_context_once_a_step(
     h.assert_spare_blocks_untouched()
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_chunked_prefill_mixed_with_decode_matches_full_forward(arch, model_dirs):
+def test_chunked_prefill_mixed_with_decode_matches_full_forward(
+    arch, kernels, model_dirs, monkeypatch
+):
+    """Prefill chunks after earlier ones (their context partly in the pools) beside decode
+    rows: by the paged kernels where they run here, and by the torch paths (SDPA per row over
+    its gathered context, CUDA's path)."""
+    if not kernels:
+        monkeypatch.setattr(runner_module, "paged_kernels_apply", lambda cache: False)
+    elif native() is None:
+        pytest.skip("no compiled kernels here")
     h = Harness(model_dirs[arch], 3, seed=1)
+    assert h.runner.paged_kernels == kernels
     # Sequence 0's prompt of 11 tokens arrives in chunks of 6 and 5, the first ending mid-block,
     # next to sequence 1's prefill and then its decode, and sequence 2 joining late.
     steps = [

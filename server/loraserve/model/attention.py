@@ -12,10 +12,13 @@ keyword of the model call, says which tokens belong to which row:
   copying the context; elsewhere (CUDA) by one SDPA call over their contexts gathered into a
   padded batch, which is also the kernel's test oracle (the batch's pool slots and mask are
   built once per forward and window, for every layer);
-- prefill rows (a prompt chunk) each run one SDPA call, causal from the chunk's first position
-  (and within the sliding window, where the layer has one), over their context: a new prompt's
-  is this forward's own keys and values (where the pools hold the compute dtype: the same
-  values), any other row's is gathered from the pools once.
+- prefill rows (a prompt chunk) attend causally from the chunk's first position (and within the
+  sliding window, where the layer has one) over their context, the chunk included: on the CPU
+  all of them by one compiled kernel call that reads the pools in place through the rows'
+  block tables (a cached prefix or an earlier chunk is never copied); elsewhere each row by one
+  SDPA call over its context, which is this forward's own keys and values for a new prompt
+  (where the pools hold the compute dtype: the same values), else gathered from the pools (the
+  kernel's test oracle).
 
 A layer whose attention needs what these do not compute (logit softcapping, attention sinks:
 the `VARIANTS` keywords it passes) is attended by its architecture's own eager attention
@@ -59,13 +62,29 @@ SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDP
 @dataclass(frozen=True)
 class PrefillRow:
     """`count` new tokens at packed positions [first, first + count), sequence positions
-    [start, start + count); read_slots: [start + count] int64, the pool index of every position
-    of the row's context, new tokens included."""
+    [start, start + count); block_table: [B] int64, the row's blocks."""
 
     first: int
     count: int
     start: int
-    read_slots: torch.Tensor
+    block_table: torch.Tensor
+
+    def read_slots(self, block_size: int) -> torch.Tensor:
+        """[start + count] int64: the pool index of every position of the row's context, new
+        tokens included."""
+        context = torch.arange(self.start + self.count, device=self.block_table.device)
+        return self.block_table[context // block_size] * block_size + context % block_size
+
+
+@dataclass(frozen=True)
+class PrefillTables:
+    """The prefill rows as the compiled kernel reads them, in their order: firsts, counts,
+    starts [P] int64 (as each `PrefillRow`'s); block_tables [P, B] int32."""
+
+    firsts: torch.Tensor
+    counts: torch.Tensor
+    starts: torch.Tensor
+    block_tables: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -99,11 +118,13 @@ class GatheredContext:
 @dataclass(frozen=True)
 class AttentionBatch:
     """How one forward's packed tokens map onto the cache's pools. With no prefill rows, the
-    decode rows' tokens are every token of the forward, in order."""
+    decode rows' tokens are every token of the forward, in order. prefill_tables: the prefill
+    rows for the compiled kernel, None where it does not attend them."""
 
     cache: PagedKVCache
     decode: DecodeRows | None
     prefill: tuple[PrefillRow, ...]
+    prefill_tables: PrefillTables | None = None
     _contexts: dict[tuple[int, torch.dtype], GatheredContext] = field(
         default_factory=dict, repr=False, compare=False
     )
@@ -161,16 +182,24 @@ def paged_attention(
     decode = batch.decode
     if decode is not None and not batch.prefill:  # every token, in order: no gather
         return attend_decode(q, k_pool, v_pool, batch, window, scale)[None], None
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [N, H, D] contiguous
     if decode is not None:
         picked = q[decode.tokens]
         out[decode.tokens] = attend_decode(picked, k_pool, v_pool, batch, window, scale)
+    tables, ops = batch.prefill_tables, native()
+    if tables is not None and ops is not None and q.stride(-1) == 1:
+        ops.paged_prefill_attention_(
+            q, out, k_pool, v_pool, tables.block_tables, tables.firsts, tables.counts,
+            tables.starts, batch.cache.block_size, window, scale,
+        )  # fmt: skip
+        return out.unsqueeze(0), None
     for row in batch.prefill:
         rows = slice(row.first, row.first + row.count)
         if row.start == 0 and k_pool.dtype == q.dtype:  # its context is this forward's states
             k, v = (states[0, :, rows].transpose(0, 1) for states in (key, value))
         else:
-            k, v = (pool[row.read_slots].to(q.dtype) for pool in (k_pool, v_pool))
+            slots = row.read_slots(batch.cache.block_size)
+            k, v = (pool[slots].to(q.dtype) for pool in (k_pool, v_pool))
         out[rows] = attend_context(q[rows], k, v, row.start, window, scale)
     return out.unsqueeze(0), None
 
@@ -326,8 +355,9 @@ def attend_eager(
         out[tokens] = attend(q[tokens].unsqueeze(2), k, v, context.visible[:, None])[:, 0]
     for row in batch.prefill:
         rows = slice(row.first, row.first + row.count)
-        k = k_pool[row.read_slots].to(q.dtype).transpose(0, 1)[None]  # [1, KVH, context, D]
-        v = v_pool[row.read_slots].to(q.dtype).transpose(0, 1)[None]
+        slots = row.read_slots(batch.cache.block_size)
+        k = k_pool[slots].to(q.dtype).transpose(0, 1)[None]  # [1, KVH, context, D]
+        v = v_pool[slots].to(q.dtype).transpose(0, 1)[None]
         visible = context_mask(row.start, row.count, k.shape[2], window, q.device)
         out[rows] = attend(q[rows].transpose(0, 1)[None], k, v, visible[None])[0]
     return out.unsqueeze(0)
@@ -352,9 +382,9 @@ def _log_path(module: torch.nn.Module, variant: tuple[str, ...], window: int) ->
     log.info("%s %slayers: %s", kind[0], sliding, how)
 
 
-def decode_kernel_applies(cache: PagedKVCache) -> bool:
-    """Whether decode rows over `cache` can use the compiled kernel: CPU pools of a dtype it
-    reads (fp32, bf16, fp16), whatever the compute dtype."""
+def paged_kernels_apply(cache: PagedKVCache) -> bool:
+    """Whether decode and prefill rows over `cache` can use the compiled kernels: CPU pools of
+    a dtype they read (fp32, bf16, fp16), whatever the compute dtype."""
     pool = cache.pools(0)[0]
     return native() is not None and pool.device.type == "cpu" and pool.dtype in KERNEL_DTYPES
 

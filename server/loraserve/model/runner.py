@@ -28,7 +28,8 @@ from loraserve.model.attention import (
     AttentionBatch,
     DecodeRows,
     PrefillRow,
-    decode_kernel_applies,
+    PrefillTables,
+    paged_kernels_apply,
 )
 from loraserve.model.host_memory import keep_freed_memory
 from loraserve.model.kv_cache import PagedKVCache
@@ -78,7 +79,7 @@ class ModelRunner:
         self.lora = lora
         self.slot_ranks = slot_ranks  # slot -> rank of the adapter in it; shared, kept up to date
         self.device = next(model.parameters()).device
-        self.decode_kernel = decode_kernel_applies(cache)
+        self.paged_kernels = paged_kernels_apply(cache)
         if self.device.type == "cpu":
             keep_freed_memory()
             fuse_rms_norms(model)  # a GPU's host time would only pay the wrapper's call
@@ -154,14 +155,19 @@ class ModelRunner:
         self, rows: list[RowInput], tables: torch.Tensor, firsts: list[int]
     ) -> AttentionBatch:
         """Rows of one token as decode rows, every other row as a prefill row."""
-        bs = self.cache.block_size
         decode = [b for b, r in enumerate(rows) if len(r.tokens) == 1]
-        prefill = []
-        for b in sorted(set(range(len(rows))) - set(decode)):
-            row = rows[b]
-            context = torch.arange(row.start + len(row.tokens), device=self.device)
-            read_slots = tables[b, context // bs] * bs + context % bs
-            prefill.append(PrefillRow(firsts[b], len(row.tokens), row.start, read_slots))
+        chunks = [b for b, r in enumerate(rows) if len(r.tokens) > 1]
+        prefill = tuple(
+            PrefillRow(firsts[b], len(rows[b].tokens), rows[b].start, tables[b]) for b in chunks
+        )
+        prefill_tables = None
+        if chunks and self.paged_kernels:
+            prefill_tables = PrefillTables(
+                firsts=torch.tensor([firsts[b] for b in chunks]),
+                counts=torch.tensor([len(rows[b].tokens) for b in chunks]),
+                starts=torch.tensor([rows[b].start for b in chunks]),
+                block_tables=tables[chunks].to(torch.int32),
+            )
         decode_rows = None
         if decode:
             index = torch.tensor(decode, device=self.device)
@@ -171,6 +177,6 @@ class ModelRunner:
                 block_tables=tables[index].to(torch.int32),
                 context_lens=torch.tensor(context_lens, dtype=torch.int32, device=self.device),
                 longest=max(context_lens),
-                use_kernel=self.decode_kernel,
+                use_kernel=self.paged_kernels,
             )
-        return AttentionBatch(self.cache, decode_rows, tuple(prefill))
+        return AttentionBatch(self.cache, decode_rows, prefill, prefill_tables)

@@ -18,6 +18,10 @@ caller then takes its torch path, which is also each kernel's test oracle. The o
                                                         OS that lets this process use the tiles)
   paged_decode_attention(q [R, H, D], k_pool [S, KVH, D], v_pool, block_tables [R, B] i32,
                          context_lens [R] i32, block_size, window, scale) -> [R, H, D]
+  paged_prefill_attention_(q [N, H, D], out [N, H, D], k_pool, v_pool, block_tables [P, B] i32,
+                           firsts, counts, starts [P] i64, block_size, window, scale)
+                                                       (in place on out's rows of the P prefill
+                                                        rows: causal over each row's context)
   lora_delta_(x [N, in], y [N, out], lora_a [S, R, in], lora_b [S, R, out],
               starts, ends, slots, ranks [G] i64)      (in place on y)
   transpose_scaled(src [[rows, cols]], scale [float]) -> [[cols, rows]] (each src^T * scale,
@@ -37,8 +41,9 @@ caller then takes its torch path, which is also each kernel's test oracle. The o
 
 All take contiguous float32 CPU tensors (linear_f32's weight: or bfloat16; lora_delta_'s
 slots, and its x and y together, rms_norm's and rotary's tensors, each op's alike: or bfloat16
-or float16; the *_amx ops: bfloat16 rows; transpose_scaled: any float dtype and strides;
-kv_write_'s states: any strides but D's). Set LORASERVE_KERNELS=off to use the torch paths, or
+or float16; the attention ops' pools: or bfloat16 or float16, their q any of the three and
+any strides but D's, their output q's dtype; the *_amx ops: bfloat16 rows; transpose_scaled:
+any float dtype and strides; kv_write_'s states: any strides but D's). Set LORASERVE_KERNELS=off to use the torch paths, or
 to a variant's name (`build.VARIANTS`) to load that one instead of this CPU's.
 
 Knows nothing about models, adapters or batches: callers decide when an op applies.

@@ -320,6 +320,56 @@ at::Tensor paged_decode_attention_op(const at::Tensor& q, const at::Tensor& k_po
   return out;
 }
 
+// out's prefill rows = their queries' attention over their contexts in the pools (see
+// paged_prefill_attention); out [N, H, D] contiguous, of q's dtype; the other rows untouched.
+void paged_prefill_attention_op(const at::Tensor& q, at::Tensor& out, const at::Tensor& k_pool,
+                                const at::Tensor& v_pool, const at::Tensor& block_tables,
+                                const at::Tensor& firsts, const at::Tensor& counts,
+                                const at::Tensor& starts, int64_t block_size, int64_t window,
+                                double scale) {
+  TORCH_CHECK(q.device().is_cpu() && q.dim() == 3 && q.stride(2) == 1,
+              "q must be a CPU [N, H, D] tensor with D contiguous");
+  TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.sizes() == q.sizes() &&
+                  out.scalar_type() == q.scalar_type(),
+              "out must be a contiguous CPU tensor of q's shape and dtype");
+  TORCH_CHECK(v_pool.scalar_type() == k_pool.scalar_type() && v_pool.device().is_cpu() &&
+                  v_pool.is_contiguous() && k_pool.device().is_cpu() && k_pool.is_contiguous(),
+              "the pools must be contiguous CPU tensors of one dtype");
+  TORCH_CHECK(k_pool.dim() == 3 && k_pool.sizes() == v_pool.sizes() &&
+                  q.size(2) == k_pool.size(2) && q.size(1) % k_pool.size(1) == 0,
+              "q [N, H, D] and pools [S, KVH, D] do not match");
+  check_cpu(block_tables, at::kInt, "block_tables");
+  for (const at::Tensor* t : {&firsts, &counts, &starts}) check_cpu(*t, at::kLong, "rows");
+  const int64_t P = firsts.numel();
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == P && counts.numel() == P &&
+                  starts.numel() == P,
+              "block_tables [P, max_blocks], firsts, counts and starts [P] must have one row "
+              "per prefill row");
+  const int64_t* first = firsts.data_ptr<int64_t>();
+  const int64_t* count = counts.data_ptr<int64_t>();
+  const int64_t* start = starts.data_ptr<int64_t>();
+  for (int64_t p = 0; p < P; ++p) {
+    TORCH_CHECK(count[p] >= 1 && first[p] >= 0 && first[p] + count[p] <= q.size(0) &&
+                    start[p] >= 0 &&
+                    start[p] + count[p] <= block_tables.size(1) * block_size,
+                "prefill row ", p, " lies outside q or its block table");
+  }
+  const PrefillRows rows{first, count, start, block_tables.data_ptr<int32_t>(),
+                         block_tables.size(1)};
+  const QueryLayout layout{q.stride(0), q.stride(1)};
+  with_dtype(q, "q", [&](auto query) {
+    using Q = decltype(query);
+    with_element(k_pool, "KV pools", [&](auto element) {
+      using T = decltype(element);
+      paged_prefill_attention(static_cast<const Q*>(q.data_ptr()), layout,
+                              static_cast<const T*>(k_pool.data_ptr()),
+                              static_cast<const T*>(v_pool.data_ptr()), rows, P, q.size(1),
+                              k_pool.size(1), q.size(2), block_size, window,
+                              static_cast<float>(scale), static_cast<Q*>(out.data_ptr()));
+    });
+  });
+}
+
 // y [N, out] += the LoRA delta of x [N, in] over token segments on slots; the slots float32,
 // bfloat16 or float16 (both alike), scales [S] float32 (none: every slot's scaling is folded
 // into its B).
@@ -528,6 +578,10 @@ TORCH_LIBRARY(loraserve, m) {
       "paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, "
       "Tensor context_lens, int block_size, int window, float scale) -> Tensor");
   m.def(
+      "paged_prefill_attention_(Tensor q, Tensor(a!) out, Tensor k_pool, Tensor v_pool, "
+      "Tensor block_tables, Tensor firsts, Tensor counts, Tensor starts, int block_size, "
+      "int window, float scale) -> ()");
+  m.def(
       "lora_delta_(Tensor x, Tensor(a!) y, Tensor lora_a, Tensor lora_b, Tensor starts, "
       "Tensor ends, Tensor slots, Tensor ranks, Tensor? scales=None) -> ()");
   m.def("transpose_scaled(Tensor[] src, float[] scale) -> Tensor[]");
@@ -545,6 +599,7 @@ TORCH_LIBRARY_IMPL(loraserve, CPU, m) {
   m.impl("linear_4bit_amx", &linear_4bit_amx);
   m.impl("linear_bf16_amx", &linear_bf16_amx);
   m.impl("paged_decode_attention", &paged_decode_attention_op);
+  m.impl("paged_prefill_attention_", &paged_prefill_attention_op);
   m.impl("lora_delta_", &lora_delta_op);
   m.impl("transpose_scaled", &transpose_scaled_op);
   m.impl("nonfinite", &nonfinite_op);

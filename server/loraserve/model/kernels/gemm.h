@@ -487,6 +487,23 @@ inline void store_transposed(const v8f (&rows)[8], float* out, int64_t ldo) {
   }
 }
 
+// dst [cols, rows] (rows of ldd floats) = src [rows, cols]^T * scale (src rows lds floats
+// apart): 8 x 8 tiles through AVX registers (store_transposed), the edges one by one.
+inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst,
+                      int64_t ldd, float scale = 1.0f) {
+  const int64_t rows8 = rows - rows % 8, cols8 = cols - cols % 8;
+  for (int64_t i = 0; i < rows8; i += 8)
+    for (int64_t j = 0; j < cols8; j += 8) {
+      v8f tile[8];
+      for (int r = 0; r < 8; ++r)
+        tile[r] = *reinterpret_cast<const v8f*>(src + (i + r) * lds + j) * scale;
+      store_transposed(tile, dst + j * ldd + i, ldd);
+    }
+  for (int64_t i = 0; i < rows; ++i)  // the edges the tiles leave
+    for (int64_t j = i < rows8 ? cols8 : 0; j < cols; ++j)
+      dst[j * ldd + i] = src[i * lds + j] * scale;
+}
+
 // row[decoded_k(j + t)] for t < 8, j a multiple of 8.
 inline v8f gather_decoded(const float* row, int64_t j) {
 #if LS_LANES == 16

@@ -85,22 +85,10 @@ inline void expand(const float* h, int64_t ldh, int64_t n, int64_t rank, const T
 }
 
 // dst [cols, rows] = src [rows, cols]^T * scale: B as PEFT stores it ([out, r]) to the layout
-// the expand reads ([r, out]), at load time. 8 x 8 tiles go through AVX registers
-// (`store_transposed`, shared with the GEMMs' transposed activations).
-inline void transpose_tile8(const float* src, int64_t lds, float* dst, int64_t ldd, float scale) {
-  v8f rows[8];
-  for (int i = 0; i < 8; ++i) rows[i] = *reinterpret_cast<const v8f*>(src + i * lds) * scale;
-  store_transposed(rows, dst, ldd);
-}
-
+// the expand reads ([r, out]), at load time.
 inline void transpose_scaled(const float* src, int64_t rows, int64_t cols, float scale,
                              float* dst) {
-  const int64_t rows8 = rows - rows % 8, cols8 = cols - cols % 8;
-  for (int64_t i = 0; i < rows8; i += 8)
-    for (int64_t j = 0; j < cols8; j += 8)
-      transpose_tile8(src + i * cols + j, cols, dst + j * rows + i, rows, scale);
-  for (int64_t i = 0; i < rows; ++i)  // the edges the tiles leave
-    for (int64_t j = i < rows8 ? cols8 : 0; j < cols; ++j) dst[j * rows + i] = src[i * cols + j] * scale;
+  transpose(src, rows, cols, cols, dst, rows, scale);
 }
 
 // Whether src [n] holds a NaN or an infinity (a float whose exponent bits are all set): one
