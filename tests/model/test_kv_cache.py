@@ -85,6 +85,34 @@ def test_a_new_prompt_attends_over_its_own_states_as_over_its_gathered_context(p
         assert torch.equal(got[0, span], want)
 
 
+def test_prefill_rows_past_the_kernels_limit_for_their_dtype_go_to_sdpa(monkeypatch):
+    """The split is by chunk length and the queries' dtype, decided once per forward; the
+    kernel's tables keep its rows' entries in order."""
+    monkeypatch.setitem(attention.KERNEL_MAX_CHUNK, torch.float32, 5)
+    cache = PagedKVCache(1, 8, BLOCK_SIZE, 2, 8, torch.float32, torch.device("cpu"))
+    counts, starts = [3, 10, 4], [0, 2, 9]
+    firsts = [0, 3, 13]
+    tables = torch.tensor([[1, 0, 0], [2, 3, 4], [5, 6, 7]])
+    rows = tuple(
+        attention.PrefillRow(f, c, s, t) for f, c, s, t in zip(firsts, counts, starts, tables)
+    )
+    kernel_tables = attention.PrefillTables(
+        torch.tensor(firsts), torch.tensor(counts), torch.tensor(starts), tables.int()
+    )
+    batch = attention.AttentionBatch(cache, None, rows, kernel_tables)
+    split = batch.prefill_split(torch.float32)
+    assert split.sdpa == (rows[1],)
+    assert split.kernel is not None
+    assert split.kernel.firsts.tolist() == [0, 13] and split.kernel.counts.tolist() == [3, 4]
+    assert split.kernel.starts.tolist() == [0, 9]
+    assert torch.equal(split.kernel.block_tables, tables[[0, 2]].int())
+    assert batch.prefill_split(torch.float32) is split
+    wide = batch.prefill_split(torch.bfloat16)  # 16-bit queries: the limit of 16-bit chunks
+    assert wide.kernel is kernel_tables and wide.sdpa == ()
+    no_kernel = attention.AttentionBatch(cache, None, rows)
+    assert no_kernel.prefill_split(torch.float32) == attention.PrefillSplit(None, rows)
+
+
 # ---- ModelRunner over the paged cache ------------------------------------------------------
 
 
@@ -193,20 +221,23 @@ def test_gathered_decode_matches_full_forward_building_its_context_once_a_step(
     h.assert_spare_blocks_untouched()
 
 
-@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
+@pytest.mark.parametrize("paths", ["kernels", "torch", "both"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_chunked_prefill_mixed_with_decode_matches_full_forward(
-    arch, kernels, model_dirs, monkeypatch
+    arch, paths, model_dirs, monkeypatch
 ):
     """Prefill chunks after earlier ones (their context partly in the pools) beside decode
-    rows: by the paged kernels where they run here, and by the torch paths (SDPA per row over
-    its gathered context, CUDA's path)."""
-    if not kernels:
+    rows: by the paged kernels where they run here, by the torch paths (SDPA per row over its
+    gathered context, CUDA's path), and by both in one forward (chunks past the kernel's limit,
+    lowered to 5 tokens here, take SDPA)."""
+    if paths == "torch":
         monkeypatch.setattr(runner_module, "paged_kernels_apply", lambda cache: False)
     elif native() is None:
         pytest.skip("no compiled kernels here")
+    if paths == "both":
+        monkeypatch.setitem(attention.KERNEL_MAX_CHUNK, torch.float32, 5)
     h = Harness(model_dirs[arch], 3, seed=1)
-    assert h.runner.paged_kernels == kernels
+    assert h.runner.paged_kernels == (paths != "torch")
     # Sequence 0's prompt of 11 tokens arrives in chunks of 6 and 5, the first ending mid-block,
     # next to sequence 1's prefill and then its decode, and sequence 2 joining late.
     steps = [

@@ -14,11 +14,11 @@ keyword of the model call, says which tokens belong to which row:
   built once per forward and window, for every layer);
 - prefill rows (a prompt chunk) attend causally from the chunk's first position (and within the
   sliding window, where the layer has one) over their context, the chunk included: on the CPU
-  all of them by one compiled kernel call that reads the pools in place through the rows'
-  block tables (a cached prefix or an earlier chunk is never copied); elsewhere each row by one
-  SDPA call over its context, which is this forward's own keys and values for a new prompt
-  (where the pools hold the compute dtype: the same values), else gathered from the pools (the
-  kernel's test oracle).
+  those with chunks up to `KERNEL_MAX_CHUNK` by one compiled kernel call that reads the pools
+  in place through the rows' block tables (a cached prefix or an earlier chunk is never
+  copied); longer chunks, and every row elsewhere, by one SDPA call each over the row's context,
+  which is this forward's own keys and values for a new prompt (where the pools hold the
+  compute dtype: the same values), else gathered from the pools (the kernel's test oracle).
 
 A layer whose attention needs what these do not compute (logit softcapping, attention sinks:
 the `VARIANTS` keywords it passes) is attended by its architecture's own eager attention
@@ -86,6 +86,31 @@ class PrefillTables:
     starts: torch.Tensor
     block_tables: torch.Tensor
 
+    def picked(self, keep: torch.Tensor) -> PrefillTables:
+        """The rows where keep [P] bool is true."""
+        return PrefillTables(
+            self.firsts[keep], self.counts[keep], self.starts[keep], self.block_tables[keep]
+        )
+
+
+# The longest prefill chunk the compiled kernel attends, by the queries' dtype; longer chunks go
+# to SDPA, whose blocked GEMMs outrun the kernel's broadcasts on large tiles (AMX's, in bf16).
+# One-off timings on the 2-core AMX Xeon, 2026-12-01: prefill steps of the default model, the
+# limit at 0 (all SDPA) / 128 / 256 / past every chunk, medians of 3 alternating: bf16, 32
+# prompts of 64-128 tokens 494 / 446 / 460 / 454 ms, 8 of 192 248 / 246 / 254 / 247, 8 of 320
+# 386 / 382 / 382 / 413, one of 2,000 392 / 411 / 389 / 580; fp32 (0 / 512 / 1,024 / past),
+# 8 of 528 2,792 / 2,795 / 2,745 / 2,696, one of 2,000 1,533 / 1,539 / 1,530 / 1,622.
+KERNEL_MAX_CHUNK = {torch.float32: 1024}
+KERNEL_MAX_CHUNK_16_BIT = 192
+
+
+@dataclass(frozen=True)
+class PrefillSplit:
+    """The prefill rows the compiled kernel attends (None: none) and the rest, for SDPA."""
+
+    kernel: PrefillTables | None
+    sdpa: tuple[PrefillRow, ...]
+
 
 @dataclass(frozen=True)
 class DecodeRows:
@@ -119,7 +144,7 @@ class GatheredContext:
 class AttentionBatch:
     """How one forward's packed tokens map onto the cache's pools. With no prefill rows, the
     decode rows' tokens are every token of the forward, in order. prefill_tables: the prefill
-    rows for the compiled kernel, None where it does not attend them."""
+    rows as the compiled kernel takes them, None where it does not run."""
 
     cache: PagedKVCache
     decode: DecodeRows | None
@@ -128,6 +153,28 @@ class AttentionBatch:
     _contexts: dict[tuple[int, torch.dtype], GatheredContext] = field(
         default_factory=dict, repr=False, compare=False
     )
+    _splits: dict[torch.dtype, PrefillSplit] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    def prefill_split(self, dtype: torch.dtype) -> PrefillSplit:
+        """Which prefill rows the kernel attends for queries of `dtype` (chunks up to its
+        `KERNEL_MAX_CHUNK`; none without `prefill_tables`), decided by the first layer that asks
+        and shared by the rest."""
+        if dtype not in self._splits:
+            tables, limit = (
+                self.prefill_tables,
+                KERNEL_MAX_CHUNK.get(dtype, KERNEL_MAX_CHUNK_16_BIT),
+            )
+            short = [row.count <= limit for row in self.prefill]
+            if tables is None or not any(short):
+                split = PrefillSplit(None, self.prefill)
+            else:
+                kernel = tables if all(short) else tables.picked(torch.tensor(short))
+                rest = tuple(row for row, fits in zip(self.prefill, short, strict=True) if not fits)
+                split = PrefillSplit(kernel, rest)
+            self._splits[dtype] = split
+        return self._splits[dtype]
 
     def decode_context(self, window: int, dtype: torch.dtype) -> GatheredContext:
         """The decode rows' gathered contexts for layers of this window (0: none), built by the
@@ -186,14 +233,17 @@ def paged_attention(
     if decode is not None:
         picked = q[decode.tokens]
         out[decode.tokens] = attend_decode(picked, k_pool, v_pool, batch, window, scale)
-    tables, ops = batch.prefill_tables, native()
-    if tables is not None and ops is not None and q.stride(-1) == 1:
-        ops.paged_prefill_attention_(
-            q, out, k_pool, v_pool, tables.block_tables, tables.firsts, tables.counts,
-            tables.starts, batch.cache.block_size, window, scale,
-        )  # fmt: skip
-        return out.unsqueeze(0), None
-    for row in batch.prefill:
+    ops, prefill = native(), batch.prefill
+    if batch.prefill_tables is not None and ops is not None and q.stride(-1) == 1:
+        split = batch.prefill_split(q.dtype)
+        if split.kernel is not None:
+            tables = split.kernel
+            ops.paged_prefill_attention_(
+                q, out, k_pool, v_pool, tables.block_tables, tables.firsts, tables.counts,
+                tables.starts, batch.cache.block_size, window, scale,
+            )  # fmt: skip
+        prefill = split.sdpa
+    for row in prefill:
         rows = slice(row.first, row.first + row.count)
         if row.start == 0 and k_pool.dtype == q.dtype:  # its context is this forward's states
             k, v = (states[0, :, rows].transpose(0, 1) for states in (key, value))
