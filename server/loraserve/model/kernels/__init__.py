@@ -43,8 +43,9 @@ All take contiguous float32 CPU tensors (linear_f32's weight: or bfloat16; lora_
 slots, and its x and y together, rms_norm's and rotary's tensors, each op's alike: or bfloat16
 or float16; the attention ops' pools: or bfloat16 or float16, their q any of the three and
 any strides but D's, their output q's dtype; the *_amx ops: bfloat16 rows; transpose_scaled:
-any float dtype and strides; kv_write_'s states: any strides but D's). Set LORASERVE_KERNELS=off to use the torch paths, or
-to a variant's name (`build.VARIANTS`) to load that one instead of this CPU's.
+any float dtype and strides; kv_write_'s states: any strides but D's). Set
+LORASERVE_KERNELS=off to use the torch paths, or to a variant's name (`build.VARIANTS`) to load
+that one instead of this CPU's.
 
 Knows nothing about models, adapters or batches: callers decide when an op applies.
 """
