@@ -217,21 +217,13 @@ inline void value_block(const float* p, const float* const* values, int64_t n, i
     for (int v = 0; v < NV; ++v) *reinterpret_cast<vf*>(ot + (d0 + i) * L + v * kLanes) = acc[i][v];
 }
 
-// score_block, value_block for the last rest < kPrefillBlock<NV> keys (or d), as one block of
-// that many: the largest NB first, down to 1.
-template <int NB, int NV>
-inline void score_rest(int64_t rest, const float* qt, const float* const* keys, int64_t D,
-                       float scale, float* s) {
+// block.template operator()<rest>() for a rest from 1 to NB: the last keys (or d) of a
+// score_block or value_block loop as one block of that many.
+template <int NB, class Block>
+inline void rest_block(int64_t rest, Block block) {
   if constexpr (NB > 1)
-    if (rest != NB) return score_rest<NB - 1, NV>(rest, qt, keys, D, scale, s);
-  score_block<NB, NV>(qt, keys, D, scale, s);
-}
-template <int NB, int NV>
-inline void value_rest(int64_t rest, const float* p, const float* const* values, int64_t n,
-                       int64_t d0, float* ot) {
-  if constexpr (NB > 1)
-    if (rest != NB) return value_rest<NB - 1, NV>(rest, p, values, n, d0, ot);
-  value_block<NB, NV>(p, values, n, d0, ot);
+    if (rest != NB) return rest_block<NB - 1>(rest, block);
+  block.template operator()<NB>();
 }
 
 // One kv head's online-softmax state for a work item's lanes (the first NV vectors).
@@ -376,7 +368,10 @@ inline void attend_prefill_item(const PrefillCall<T, Q>& c, PrefillScratch& x, i
       int64_t j = 0;
       for (; j + kBlock <= n; j += kBlock)
         score_block<kBlock, NV>(qt, x.keys.data() + j, D, c.scale, s + j * L);
-      if (j < n) score_rest<kBlock - 1, NV>(n - j, qt, x.keys.data() + j, D, c.scale, s + j * L);
+      if (j < n)
+        rest_block<kBlock - 1>(n - j, [&]<int NB>() {
+          score_block<NB, NV>(qt, x.keys.data() + j, D, c.scale, s + j * L);
+        });
       for (j = 0; j < n; ++j) {  // keys a lane does not see: -inf
         const int32_t pos = int32_t(c0 + j);
         for (int v = 0; v < NV; ++v) {
@@ -390,7 +385,10 @@ inline void attend_prefill_item(const PrefillCall<T, Q>& c, PrefillScratch& x, i
       x.softmax[g].template step<NV>(s, n, ot, D);
       int64_t d = 0;
       for (; d + kBlock <= D; d += kBlock) value_block<kBlock, NV>(s, x.values.data(), n, d, ot);
-      if (d < D) value_rest<kBlock - 1, NV>(D - d, s, x.values.data(), n, d, ot);
+      if (d < D)
+        rest_block<kBlock - 1>(D - d, [&]<int NB>() {
+          value_block<NB, NV>(s, x.values.data(), n, d, ot);
+        });
     }
   }
   for (int64_t g = 0; g < KVH; ++g) {  // each head's lanes' outputs: transposed back, scaled
