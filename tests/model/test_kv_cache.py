@@ -78,8 +78,9 @@ def test_a_new_prompt_attends_over_its_own_states_as_over_its_gathered_context(p
     key_pool, value_pool = cache.pools(0)
     for row in rows:
         span = slice(row.first, row.first + row.count)
-        read = row.read_slots(BLOCK_SIZE)
+        read = batch.read_slots(row)
         assert torch.equal(read, slots[span])
+        assert batch.read_slots(row) is read
         k, v = (pool[read].float() for pool in (key_pool, value_pool))
         want = attention.attend_context(q[span], k, v, 0, 0, head_dim**-0.5)
         assert torch.equal(got[0, span], want)

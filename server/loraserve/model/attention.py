@@ -69,12 +69,6 @@ class PrefillRow:
     start: int
     block_table: torch.Tensor
 
-    def read_slots(self, block_size: int) -> torch.Tensor:
-        """[start + count] int64: the pool index of every position of the row's context, new
-        tokens included."""
-        context = torch.arange(self.start + self.count, device=self.block_table.device)
-        return self.block_table[context // block_size] * block_size + context % block_size
-
 
 @dataclass(frozen=True)
 class PrefillTables:
@@ -156,25 +150,34 @@ class AttentionBatch:
     _splits: dict[torch.dtype, PrefillSplit] = field(
         default_factory=dict, repr=False, compare=False
     )
+    _read_slots: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def prefill_split(self, dtype: torch.dtype) -> PrefillSplit:
         """Which prefill rows the kernel attends for queries of `dtype` (chunks up to its
         `KERNEL_MAX_CHUNK`; none without `prefill_tables`), decided by the first layer that asks
         and shared by the rest."""
         if dtype not in self._splits:
-            tables, limit = (
-                self.prefill_tables,
-                KERNEL_MAX_CHUNK.get(dtype, KERNEL_MAX_CHUNK_16_BIT),
-            )
+            limit = KERNEL_MAX_CHUNK.get(dtype, KERNEL_MAX_CHUNK_16_BIT)
             short = [row.count <= limit for row in self.prefill]
-            if tables is None or not any(short):
+            if self.prefill_tables is None or not any(short):
                 split = PrefillSplit(None, self.prefill)
             else:
-                kernel = tables if all(short) else tables.picked(torch.tensor(short))
+                kernel = self.prefill_tables
+                if not all(short):
+                    kernel = kernel.picked(torch.tensor(short))
                 rest = tuple(row for row, fits in zip(self.prefill, short, strict=True) if not fits)
                 split = PrefillSplit(kernel, rest)
             self._splits[dtype] = split
         return self._splits[dtype]
+
+    def read_slots(self, row: PrefillRow) -> torch.Tensor:
+        """[start + count] int64: the pool index of every position of a prefill row's context,
+        new tokens included; built by the first layer that asks and shared by the rest."""
+        if row.first not in self._read_slots:
+            bs = self.cache.block_size
+            context = torch.arange(row.start + row.count, device=row.block_table.device)
+            self._read_slots[row.first] = row.block_table[context // bs] * bs + context % bs
+        return self._read_slots[row.first]
 
     def decode_context(self, window: int, dtype: torch.dtype) -> GatheredContext:
         """The decode rows' gathered contexts for layers of this window (0: none), built by the
@@ -248,7 +251,7 @@ def paged_attention(
         if row.start == 0 and k_pool.dtype == q.dtype:  # its context is this forward's states
             k, v = (states[0, :, rows].transpose(0, 1) for states in (key, value))
         else:
-            slots = row.read_slots(batch.cache.block_size)
+            slots = batch.read_slots(row)
             k, v = (pool[slots].to(q.dtype) for pool in (k_pool, v_pool))
         out[rows] = attend_context(q[rows], k, v, row.start, window, scale)
     return out.unsqueeze(0), None
@@ -405,7 +408,7 @@ def attend_eager(
         out[tokens] = attend(q[tokens].unsqueeze(2), k, v, context.visible[:, None])[:, 0]
     for row in batch.prefill:
         rows = slice(row.first, row.first + row.count)
-        slots = row.read_slots(batch.cache.block_size)
+        slots = batch.read_slots(row)
         k = k_pool[slots].to(q.dtype).transpose(0, 1)[None]  # [1, KVH, context, D]
         v = v_pool[slots].to(q.dtype).transpose(0, 1)[None]
         visible = context_mask(row.start, row.count, k.shape[2], window, q.device)
