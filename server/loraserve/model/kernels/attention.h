@@ -151,15 +151,6 @@ inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, cons
   });
 }
 
-
-// src [n] (float, or 16-bit: widened exactly) into dst [n] floats.
-template <typename T>
-inline void widen_row(const T* src, int64_t n, float* dst) {
-  int64_t e = 0;
-  for (; e + kLanes <= n; e += kLanes) *reinterpret_cast<vf*>(dst + e) = load_vf(src + e);
-  for (; e < n; ++e) dst[e] = to_float(src[e]);
-}
-
 // Prefill attention: a work item is up to 32 (query token, head of a kv group) pairs of one
 // row, for every kv head, the pairs in the lanes of NV vectors (as few as hold them: a short
 // chunk after a cached prefix fills one). Its queries are transposed once into qt [KVH, D,
@@ -331,7 +322,8 @@ inline void attend_prefill_item(const PrefillCall<T, Q>& c, PrefillScratch& x, i
   for (int64_t g = 0; g < KVH; ++g) {  // each head's lanes' queries, widened, transposed
     for (int64_t l = 0; l < lanes; ++l) {
       const int64_t i = (f0 + l) / group, h = g * group + (f0 + l) % group;
-      widen_row(c.q + (first + i) * c.q_layout.row + h * c.q_layout.head, D, x.rows.data() + l * D);
+      const Q* query = c.q + (first + i) * c.q_layout.row + h * c.q_layout.head;
+      widen_row(query, D, x.rows.data() + l * D);
     }
     transpose(x.rows.data(), L, D, D, x.qt.data() + g * D * L, L);
   }

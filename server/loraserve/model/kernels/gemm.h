@@ -855,8 +855,9 @@ class InPlaceGroups {
   const float* rows_[NR];
 };
 
-// out[:n] = row[:n] widened to fp32.
-inline void widen_row(const bf16* row, int64_t n, float* out) {
+// out[:n] = row[:n] widened to fp32 (float, bf16 or fp16; exactly).
+template <class T>
+inline void widen_row(const T* row, int64_t n, float* out) {
   int64_t k = 0;
   for (; k + kLanes <= n; k += kLanes) *reinterpret_cast<vf*>(out + k) = load_vf(row + k);
   for (; k < n; ++k) out[k] = to_float(row[k]);

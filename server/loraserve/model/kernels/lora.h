@@ -111,14 +111,6 @@ inline bool any_nonfinite(const float* src, int64_t n) {
   return found;
 }
 
-// n rows of a 16-bit x [n, ld] widened into out [n, ld].
-template <class X>
-inline void widen_rows(const X* x, int64_t n, int64_t ld, float* out) {
-  const int64_t count = n * ld, whole = count - count % kLanes;
-  for (int64_t i = 0; i < whole; i += kLanes) *reinterpret_cast<vf*>(out + i) = load_vf(x + i);
-  for (int64_t i = whole; i < count; ++i) out[i] = to_float(x[i]);
-}
-
 // x [N, in]; y [N, out] (updated; X: float, bf16 or fp16, as x); lora_a [S, R, in]; lora_b
 // [S, R, out] (T: float, bf16 or fp16); scales [S] or null; segments: starts, ends, slots, ranks
 // [num_segments] int64.
@@ -145,7 +137,7 @@ inline void lora_delta(const X* x, X* y, int64_t in, int64_t out, const T* lora_
       const T* b = lora_b + slots[s] * R * out;
       const float* xs;
       if constexpr (kWidened) {
-        widen_rows(x + t0 * in, n, in, rows.data());
+        widen_row(x + t0 * in, n * in, rows.data());  // n rows of in
         xs = rows.data();
       } else {
         xs = x + t0 * in;
