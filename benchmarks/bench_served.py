@@ -11,7 +11,9 @@ mostly decode.
 With `--neighbour` a process that keeps one CPU busy (`yes > /dev/null`) runs beside the
 server for the counted rounds; `--serve-args` adds flags to `loraserve serve` (for example
 `--no-adaptive-threads`). At the end the server's `/metrics` give the thread count its next
-decode step gets and the time its parallel ops waited for their threads.
+decode step gets and the time its parallel ops waited for their threads, and, from before and
+after the counted rounds, the engine's forwards in them (how many, how long each, and their
+share of the rounds' wall time: the rest is the server's own work and waiting).
 
     .venv/bin/python benchmarks/bench_served.py --out benchmarks/results/served.json
     .venv/bin/python benchmarks/bench_served.py --neighbour --serve-args=--no-adaptive-threads
