@@ -8,6 +8,11 @@
 
 namespace LS_NAMESPACE {
 
+// The pool slot of position pos of a row whose block table is table.
+inline int64_t pool_slot(const int32_t* table, int64_t pos, int64_t block_size) {
+  return int64_t(table[pos / block_size]) * block_size + pos % block_size;
+}
+
 // exp(x) for x <= 0 (softmax after subtracting the max): 2^(x log2 e) split into 2^n * 2^f,
 // f in [-0.5, 0.5], with a degree-6 polynomial for 2^f (relative error below 2e-7).
 inline vf exp_nonpositive(vf x) {
@@ -115,7 +120,7 @@ inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, cons
       slots.resize(n);
       for (int64_t j = 0; j < n; ++j) {
         const int64_t pos = first + j;
-        slots[j] = int64_t(table[pos / block_size]) * block_size + pos % block_size;
+        slots[j] = pool_slot(table, pos, block_size);
       }
       for (int64_t h = 0; h < H; ++h)
         for (int64_t d = 0; d < D; ++d)
@@ -334,8 +339,7 @@ inline void attend_prefill_item(const PrefillCall<T, Q>& c, PrefillScratch& x, i
   for (int64_t c0 = lowest; c0 <= last; c0 += c.chunk) {
     const int64_t n = std::min(c.chunk, last + 1 - c0);
     for (int64_t j = 0; j < n; ++j) {
-      const int64_t pos = c0 + j;
-      x.slots[j] = int64_t(table[pos / c.block_size]) * c.block_size + pos % c.block_size;
+      x.slots[j] = pool_slot(table, c0 + j, c.block_size);
       if constexpr (kWidened)
         for (int64_t g = 0; g < KVH; ++g) {  // into [KVH, chunk, D]: a head's rows D apart
           widen_row(c.k_pool + x.slots[j] * run + g * D, D,

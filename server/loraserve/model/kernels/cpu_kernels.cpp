@@ -283,6 +283,19 @@ void with_element(const at::Tensor& t, const char* what, F&& f) {
   with_dtype(t, what, f);
 }
 
+// What both attention ops take: q [rows, H, D] on the CPU, D contiguous; the pools [S, KVH, D]
+// contiguous CPU tensors of one dtype, KVH dividing H.
+void check_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool) {
+  TORCH_CHECK(q.device().is_cpu() && q.dim() == 3 && q.stride(2) == 1,
+              "q must be a CPU [rows, H, D] tensor with D contiguous");
+  TORCH_CHECK(v_pool.scalar_type() == k_pool.scalar_type() && v_pool.device().is_cpu() &&
+                  v_pool.is_contiguous() && k_pool.device().is_cpu() && k_pool.is_contiguous(),
+              "the pools must be contiguous CPU tensors of one dtype");
+  TORCH_CHECK(k_pool.dim() == 3 && k_pool.sizes() == v_pool.sizes() &&
+                  q.size(2) == k_pool.size(2) && q.size(1) % k_pool.size(1) == 0,
+              "q [rows, H, D] and pools [S, KVH, D] do not match");
+}
+
 // out [R, H, D] of q's dtype: decode attention of q [R, H, D] (float32, bfloat16 or float16; D
 // contiguous, rows and heads any stride) over the paged pools [S, KVH, D] (float32, bfloat16 or
 // float16, both alike).
@@ -290,16 +303,9 @@ at::Tensor paged_decode_attention_op(const at::Tensor& q, const at::Tensor& k_po
                                      const at::Tensor& v_pool, const at::Tensor& block_tables,
                                      const at::Tensor& context_lens, int64_t block_size,
                                      int64_t window, double scale) {
-  TORCH_CHECK(q.device().is_cpu() && q.dim() == 3 && q.stride(2) == 1,
-              "q must be a CPU [R, H, D] tensor with D contiguous");
-  TORCH_CHECK(v_pool.scalar_type() == k_pool.scalar_type() && v_pool.device().is_cpu() &&
-                  v_pool.is_contiguous(),
-              "v_pool must be a contiguous CPU tensor of k_pool's dtype");
+  check_attention(q, k_pool, v_pool);
   check_cpu(block_tables, at::kInt, "block_tables");
   check_cpu(context_lens, at::kInt, "context_lens");
-  TORCH_CHECK(k_pool.dim() == 3 && k_pool.sizes() == v_pool.sizes() &&
-                  q.size(2) == k_pool.size(2) && q.size(1) % k_pool.size(1) == 0,
-              "q [R, H, D] and pools [S, KVH, D] do not match");
   const int64_t R = q.size(0), H = q.size(1), D = q.size(2), KVH = k_pool.size(1);
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == R && context_lens.numel() == R,
               "block_tables [R, max_blocks] and context_lens [R] must have one row per query");
@@ -327,17 +333,10 @@ void paged_prefill_attention_op(const at::Tensor& q, at::Tensor& out, const at::
                                 const at::Tensor& firsts, const at::Tensor& counts,
                                 const at::Tensor& starts, int64_t block_size, int64_t window,
                                 double scale) {
-  TORCH_CHECK(q.device().is_cpu() && q.dim() == 3 && q.stride(2) == 1,
-              "q must be a CPU [N, H, D] tensor with D contiguous");
+  check_attention(q, k_pool, v_pool);
   TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.sizes() == q.sizes() &&
                   out.scalar_type() == q.scalar_type(),
               "out must be a contiguous CPU tensor of q's shape and dtype");
-  TORCH_CHECK(v_pool.scalar_type() == k_pool.scalar_type() && v_pool.device().is_cpu() &&
-                  v_pool.is_contiguous() && k_pool.device().is_cpu() && k_pool.is_contiguous(),
-              "the pools must be contiguous CPU tensors of one dtype");
-  TORCH_CHECK(k_pool.dim() == 3 && k_pool.sizes() == v_pool.sizes() &&
-                  q.size(2) == k_pool.size(2) && q.size(1) % k_pool.size(1) == 0,
-              "q [N, H, D] and pools [S, KVH, D] do not match");
   check_cpu(block_tables, at::kInt, "block_tables");
   for (const at::Tensor* t : {&firsts, &counts, &starts}) check_cpu(*t, at::kLong, "rows");
   const int64_t P = firsts.numel();
