@@ -130,6 +130,48 @@ def test_add_lora_delta_matches_reference(mix, row_len, dtype, form):
         assert (want - base.float()).abs().max() > 0.5
 
 
+# bf16 rows on bf16 slots run in AMX tiles where the CPU has them: chunks of 12 to 16 tokens
+# (kLoraTileMinTokens, kLoraChunkTokens), in_features a multiple of 32, ranks up to 64; the rest
+# take the widened path, in the same call. Ranks: one group of 16 or part of one, several, one
+# and two expand steps of 32, and past 64; rows: too few for tiles, a part of a tile, a tile,
+# a tile and a short tail, a tile and a tile's part, several.
+TILE_SLOT_RANKS = [0, 1, 16, 17, 32, 33, 64, 5, 72]
+
+
+@pytest.mark.parametrize("row_len", [7, 13, 16, 21, 28, 40])
+@pytest.mark.parametrize(("in_features", "out_features"), [(64, 40), (96, 16), (128, 71), (48, 33)])
+def test_bf16_chunks_match_a_reference_that_rounds_x_a_to_bf16(row_len, in_features, out_features):
+    """The delta in bf16 (tiles or widened rows) against x @ A^T rounded to bf16, then @ B in
+    fp32, added to y in one rounding: within a unit of y's last place, plus what one unit of
+    h's rounding moves (the tiles sum in their own order)."""
+    gen = torch.Generator().manual_seed(row_len * 1000 + in_features + out_features)
+    max_rank = 80
+    lora_a = torch.zeros(len(TILE_SLOT_RANKS), max_rank, in_features)
+    lora_b = torch.zeros(len(TILE_SLOT_RANKS), max_rank, out_features)
+    for slot, rank in enumerate(TILE_SLOT_RANKS):
+        lora_a[slot, :rank] = torch.randn(rank, in_features, generator=gen) / in_features**0.5
+        lora_b[slot, :rank] = torch.randn(rank, out_features, generator=gen) / max(rank, 1) ** 0.5
+    lora_a, lora_b = lora_a.bfloat16(), lora_b.bfloat16()
+    row_slots = list(range(len(TILE_SLOT_RANKS))) + [2, 6, 0, 8]
+    num_tokens = row_len * len(row_slots)
+    x = torch.randn(num_tokens, in_features, generator=gen).bfloat16()
+    base = torch.randn(num_tokens, out_features, generator=gen).bfloat16()
+    batch = LoraBatch.for_rows(row_slots, [row_len] * len(row_slots), TILE_SLOT_RANKS)
+
+    got = add_lora_delta_(base.clone(), x, batch, lora_a, lora_b, gathered=False)
+
+    slots = _token_slots(row_slots, row_len)
+    a, b = lora_a[slots].float(), lora_b[slots].float()  # [N, R, in], [N, R, out]
+    h = torch.einsum("ni,nri->nr", x.float(), a).bfloat16().float()
+    delta = torch.einsum("nr,nro->no", h, b)
+    want = base.float() + delta
+    ulp = want.abs().clamp(min=2**-126) * 2**-8  # a unit of bf16's last place, about
+    h_ulp = torch.einsum("nr,nro->no", h.abs() * 2**-8, b.abs())
+    assert ((got.float() - want).abs() <= ulp + h_ulp).all()
+    assert torch.equal(got[slots == 0], base[slots == 0]), "tokens on slot 0 changed"
+    assert delta.abs().max() > 0.5  # the comparison is not vacuous
+
+
 # Slot -> the scaling a bf16 slot keeps apart from B: powers of two and others (0.375 and 3
 # are not folded into B without rounding it in bf16).
 SLOT_SCALES = [1.0, 0.375, 2.0, 3.0, 0.5, 1.0, 0.1, 4.0, 0.375, 1.5, 2.0, 0.25, 3.0]

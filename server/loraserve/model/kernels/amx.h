@@ -298,6 +298,145 @@ inline void gemm_amx(const uint16_t* x, int64_t M, int64_t K, std::span<const So
   });
 }
 
+// ---- A LoRA delta's chunk of tokens in tiles ---------------------------------------------
+//
+// y[t] += bf16(x[t] @ a[:rank].T * scale) @ b[:rank] for the tokens of one chunk (at most 16,
+// one segment), x, y and the slot's a [rank, in] and b [rank, out] bf16. The shrink takes x's
+// rows from memory as the first operand and, for each 32 k, every rank's 16 pairs of k as the
+// second (a 16 x 16 transpose of 32-bit pairs); its fp32 sums, scaled, leave the tiles rounded to
+// bf16 (where a bf16 model rounds lora_A's output); ranks past the adapter's are zero (its a's
+// rows are paired as zeros), up to a multiple of 32.
+// The expand takes those as the first operand and, for each 16 output columns, 32 ranks of b
+// with rows r and r + 1 interleaved as the second; each block's fp32 sums are added to y's rows
+// in one rounding, as the widened path adds its sums.
+
+constexpr int64_t kLoraTileTokens = 16;  // tokens a chunk in tiles takes: a tile's rows
+constexpr int64_t kLoraTileMaxRank = 64;  // four shrink sum tiles; two expand steps
+
+// Tiles 0-3: the shrink's sums of ranks 16g .. 16g + 15 (tile 0 then an expand block's sums);
+// tile 4: x's rows, then h's first 32 ranks; tile 1: h's next 32; tile 5: the paired a or b.
+// All are 64 bytes wide; tile 5 has 16 rows (pairs), the others one per token of the chunk.
+class LoraTiles {
+ public:
+  LoraTiles() = default;
+  ~LoraTiles() {
+    if (tokens_ != 0) _tile_release();
+  }
+  LoraTiles(const LoraTiles&) = delete;
+  LoraTiles& operator=(const LoraTiles&) = delete;
+
+  void configure(int64_t tokens) {
+    if (tokens == tokens_) return;
+    TileConfig config;
+    for (int t = 0; t < 6; ++t) {
+      config.colsb[t] = 64;
+      config.rows[t] = static_cast<uint8_t>(t == 5 ? 16 : tokens);
+    }
+    asm volatile("ldtilecfg %0" : : "m"(config));  // see TileSession
+    tokens_ = tokens;
+  }
+
+ private:
+  int64_t tokens_ = 0;
+};
+
+// pairs[p * 16 + r] = a's k0 + 2p and k0 + 2p + 1 of rank r0 + r (zero from rank `ranks` on):
+// the shrink's second operand for 32 k.
+inline void pair_ranks(const uint16_t* a, int64_t in, int64_t r0, int64_t ranks, int64_t k0,
+                       uint32_t* pairs) {
+  for (int64_t i = 0; i < 16; i += 8)
+    for (int64_t j = 0; j < 16; j += 8) {  // ranks i.., pairs j..
+      v8f rows[8];
+      for (int r = 0; r < 8; ++r)
+        rows[r] = r0 + i + r < ranks
+                      ? *reinterpret_cast<const v8f*>(a + (r0 + i + r) * in + k0 + 2 * j)
+                      : v8f{};
+      // the 32-bit pairs move as floats, bit for bit
+      store_transposed(rows, reinterpret_cast<float*>(pairs + j * 16 + i), 16);
+    }
+}
+
+// pairs[p][2c + j] = b[q0 + 2p + j][c0 + c] for c < 16 (zero past `columns`, and from rank
+// `ranks` on): the expand's second operand for 32 ranks and 16 columns.
+inline void pair_columns(const uint16_t* b, int64_t out, int64_t q0, int64_t ranks, int64_t c0,
+                         int64_t columns, uint16_t* pairs) {
+  const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, columns)) - 1);
+  const __m512i interleave = _mm512_set_epi16(
+      47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+      39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);  // even[0], odd[0], even[1], ...
+  for (int64_t p = 0; p < 16; ++p) {
+    const int64_t r = q0 + 2 * p;
+    const __m512i even = r < ranks ? _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(
+                                         mask, b + r * out + c0))
+                                   : _mm512_setzero_si512();
+    const __m512i odd = r + 1 < ranks ? _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(
+                                            mask, b + (r + 1) * out + c0))
+                                      : _mm512_setzero_si512();
+    _mm512_store_si512(pairs + p * 32, _mm512_permutex2var_epi16(even, interleave, odd));
+  }
+}
+
+// The delta of `tokens` (1 to 16) rows of x [.., in] (in a multiple of 32) into y [.., out] from
+// a [rank, in] and b [rank, out] (rank 1 to kLoraTileMaxRank), their scaling `scale` apart.
+inline void lora_chunk_amx(const uint16_t* x, int64_t tokens, int64_t in, const uint16_t* a,
+                           const uint16_t* b, int64_t rank, float scale, uint16_t* y,
+                           int64_t out, LoraTiles& tiles) {
+  alignas(64) uint32_t pairs[16 * 16];
+  alignas(64) float sums[kLoraTileTokens * kLoraTileMaxRank];      // [token][rank]
+  alignas(64) uint16_t h[kLoraTileTokens * kLoraTileMaxRank] = {};  // [token][rank], bf16
+  tiles.configure(tokens);
+  const int64_t groups = (rank + 15) / 16;
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  for (int64_t k0 = 0; k0 < in; k0 += kAmxStepK) {
+    _tile_loadd(4, x + k0, in * 2);
+    for (int64_t g = 0; g < groups; ++g) {
+      pair_ranks(a, in, 16 * g, rank, k0, pairs);
+      _tile_loadd(5, pairs, 64);
+      switch (g) {  // tile numbers are immediates
+        case 0: _tile_dpbf16ps(0, 4, 5); break;
+        case 1: _tile_dpbf16ps(1, 4, 5); break;
+        case 2: _tile_dpbf16ps(2, 4, 5); break;
+        default: _tile_dpbf16ps(3, 4, 5); break;
+      }
+    }
+  }
+  constexpr int64_t kSumsRow = kLoraTileMaxRank * 4;  // bytes
+  _tile_stored(0, sums, kSumsRow); _tile_stored(1, sums + 16, kSumsRow);
+  _tile_stored(2, sums + 32, kSumsRow); _tile_stored(3, sums + 48, kSumsRow);
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* row = sums + t * kLoraTileMaxRank + 16 * g;
+      store_rounded(h + t * kLoraTileMaxRank + 16 * g, load_vf(row) * scale);
+    }
+  const int64_t steps = (rank + 31) / 32;
+  _tile_loadd(4, h, kLoraTileMaxRank * 2);
+  if (steps > 1) _tile_loadd(1, h + 32, kLoraTileMaxRank * 2);
+  uint16_t* const paired = reinterpret_cast<uint16_t*>(pairs);
+  for (int64_t c0 = 0; c0 < out; c0 += 16) {
+    const int64_t columns = std::min<int64_t>(16, out - c0);
+    _tile_zero(0);
+    pair_columns(b, out, 0, rank, c0, columns, paired);
+    _tile_loadd(5, paired, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    if (steps > 1) {
+      pair_columns(b, out, 32, rank, c0, columns, paired);
+      _tile_loadd(5, paired, 64);
+      _tile_dpbf16ps(0, 1, 5);
+    }
+    _tile_stored(0, sums, 64);
+    for (int64_t t = 0; t < tokens; ++t) {
+      uint16_t* target = y + t * out + c0;
+      const float* delta = sums + t * 16;
+      if (columns == 16) {
+        store_rounded(target, load_vf(target) + load_vf(delta));
+      } else {
+        for (int64_t c = 0; c < columns; ++c)
+          round_to(target + c, to_float(target[c]) + delta[c]);
+      }
+    }
+  }
+}
+
 #pragma GCC pop_options
 
 }  // namespace LS_NAMESPACE

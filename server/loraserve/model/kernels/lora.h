@@ -3,14 +3,32 @@
 // slot s. The slots hold float32, bfloat16 or float16 (widened as they are loaded); x and y
 // are float32, or both 16-bit (a 16-bit compute dtype: each chunk's rows are widened, its
 // delta summed in float32 apart from y and added to y in one rounding); without scales, every
-// slot has its adapter's scaling folded into B.
+// slot has its adapter's scaling folded into B. Where the CPU has AMX tiles, chunks of bf16 rows
+// on bf16 slots run in them instead (`amx.h`: x @ A^T is rounded to bf16 before it meets B).
 //
 // A segment is split into chunks of a few tokens so that a batch of one adapter (a long
 // prefill) still uses every thread, while each chunk reads its slot's A and B once.
 
 namespace LS_NAMESPACE {
 
-constexpr int64_t kLoraChunkTokens = 16;
+constexpr int64_t kLoraChunkTokens = 16;  // kLoraTileTokens, where chunks go to AMX tiles
+
+#ifdef LS_AMX
+// Chunks of at least this many tokens on bf16 rows and slots run in AMX tiles (`amx.h`), where
+// the CPU allows them, in is a multiple of 32 and the rank at most kLoraTileMaxRank. A chunk in
+// tiles pairs its slot's whole B whatever its tokens, so short ones stay with the widened rows
+// (192 chunks of rank 16, 1,024 x 2,816, two threads: 1 token 1.1-1.2 ms in tiles against 0.55,
+// 8 tokens 1.7-1.8 against 1.5, 12 tokens 2.0-2.1 against 2.1-2.3, 16 tokens 2.4 against
+// 2.9-3.1; benchmarks/RESULTS.md, 2026-12-01).
+constexpr int64_t kLoraTileMinTokens = 12;
+
+inline bool takes_lora_tiles(int64_t tokens, int64_t in, int64_t rank) {
+  return tokens >= kLoraTileMinTokens && in % kAmxStepK == 0 && rank <= kLoraTileMaxRank &&
+         amx_usable();
+}
+static_assert(kLoraChunkTokens <= kLoraTileTokens);
+#endif
+
 // Ranks per shrink block (dot products of 4 rows of x with this many rows of A at once): as
 // many sums as the GEMMs' micro-kernel keeps in registers, 6 with AVX-512's 32 (a rank-16
 // slot in three blocks, not five of 3 and one of 1: a prefill's deltas 0.90x the time), 3 with
@@ -129,12 +147,24 @@ inline void lora_delta(const X* x, X* y, int64_t in, int64_t out, const T* lora_
   parallel_items(int64_t(chunk_segment.size()), [&](WorkQueue& queue) {
     std::vector<float> shrunk(kLoraChunkTokens * R);
     std::vector<float> rows(kWidened ? kLoraChunkTokens * in : 0);  // a 16-bit chunk's, widened
+#ifdef LS_AMX
+    LoraTiles tiles;
+#endif
     queue.each([&](int64_t c) {
       const int64_t s = chunk_segment[c], t0 = chunk_start[c];
       const int64_t n = std::min(kLoraChunkTokens, ends[s] - t0);
       const int64_t rank = ranks[s];
       const T* a = lora_a + slots[s] * R * in;
       const T* b = lora_b + slots[s] * R * out;
+#ifdef LS_AMX
+      if constexpr (std::is_same_v<X, bf16> && std::is_same_v<T, bf16>) {
+        if (takes_lora_tiles(n, in, rank)) {
+          const float scale = scales == nullptr ? 1.0f : scales[slots[s]];
+          lora_chunk_amx(x + t0 * in, n, in, a, b, rank, scale, y + t0 * out, out, tiles);
+          return;
+        }
+      }
+#endif
       const float* xs;
       if constexpr (kWidened) {
         widen_row(x + t0 * in, n * in, rows.data());  // n rows of in
