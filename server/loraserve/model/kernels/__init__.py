@@ -25,7 +25,7 @@ caller then takes its torch path, which is also each kernel's test oracle. The o
   lora_delta_(x [N, in], y [N, out], lora_a [S, R, in], lora_b [S, R, out],
               starts, ends, slots, ranks [G] i64)      (in place on y; bf16 rows on bf16 slots in
                                                         AMX tiles, where amx_usable(), for chunks
-                                                        of 12-16 tokens: x @ A^T rounded to bf16)
+                                                        of 8-16 tokens: x @ A^T rounded to bf16)
   transpose_scaled(src [[rows, cols]], scale [float]) -> [[cols, rows]] (each src^T * scale,
                                                         views of one buffer)
   nonfinite(tensors) -> [int]                          (positions of the tensors holding a NaN

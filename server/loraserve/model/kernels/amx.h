@@ -313,9 +313,10 @@ inline void gemm_amx(const uint16_t* x, int64_t M, int64_t K, std::span<const So
 constexpr int64_t kLoraTileTokens = 16;  // tokens a chunk in tiles takes: a tile's rows
 constexpr int64_t kLoraTileMaxRank = 64;  // four shrink sum tiles; two expand steps
 
-// Tiles 0-3: the shrink's sums of ranks 16g .. 16g + 15 (tile 0 then an expand block's sums);
-// tile 4: x's rows, then h's first 32 ranks; tile 1: h's next 32; tile 5: the paired a or b.
-// All are 64 bytes wide; tile 5 has 16 rows (pairs), the others one per token of the chunk.
+// Tiles 0-3: the shrink's sums of ranks 16g .. 16g + 15 (tiles 0 and 2 then two expand blocks'
+// sums); tile 4: x's rows, then h's first 32 ranks; tile 1: h's next 32; tiles 5 and 6: the
+// paired a or b. All are 64 bytes wide; tiles 5 and 6 have 16 rows (pairs), the others one per
+// token of the chunk.
 class LoraTiles {
  public:
   LoraTiles() = default;
@@ -328,9 +329,9 @@ class LoraTiles {
   void configure(int64_t tokens) {
     if (tokens == tokens_) return;
     TileConfig config;
-    for (int t = 0; t < 6; ++t) {
+    for (int t = 0; t < 7; ++t) {
       config.colsb[t] = 64;
-      config.rows[t] = static_cast<uint8_t>(t == 5 ? 16 : tokens);
+      config.rows[t] = static_cast<uint8_t>(t >= 5 ? 16 : tokens);
     }
     asm volatile("ldtilecfg %0" : : "m"(config));  // see TileSession
     tokens_ = tokens;
@@ -411,29 +412,42 @@ inline void lora_chunk_amx(const uint16_t* x, int64_t tokens, int64_t in, const 
   const int64_t steps = (rank + 31) / 32;
   _tile_loadd(4, h, kLoraTileMaxRank * 2);
   if (steps > 1) _tile_loadd(1, h + 32, kLoraTileMaxRank * 2);
-  uint16_t* const paired = reinterpret_cast<uint16_t*>(pairs);
-  for (int64_t c0 = 0; c0 < out; c0 += 16) {
-    const int64_t columns = std::min<int64_t>(16, out - c0);
+  alignas(64) uint16_t paired[2][16 * 32];  // b's pairs for two blocks of 16 columns
+  // Two blocks at a time, in sum tiles 0 and 2 from pairs in tiles 5 and 6, so that one
+  // block's multiplies do not wait for the other's sums to leave the tiles.
+  for (int64_t c0 = 0; c0 < out; c0 += 32) {
+    const int64_t widths[2] = {std::min<int64_t>(16, out - c0), std::min<int64_t>(16, out - c0 - 16)};
+    const bool both = widths[1] > 0;
     _tile_zero(0);
-    pair_columns(b, out, 0, rank, c0, columns, paired);
-    _tile_loadd(5, paired, 64);
-    _tile_dpbf16ps(0, 4, 5);
-    if (steps > 1) {
-      pair_columns(b, out, 32, rank, c0, columns, paired);
-      _tile_loadd(5, paired, 64);
-      _tile_dpbf16ps(0, 1, 5);
-    }
-    _tile_stored(0, sums, 64);
-    for (int64_t t = 0; t < tokens; ++t) {
-      uint16_t* target = y + t * out + c0;
-      const float* delta = sums + t * 16;
-      if (columns == 16) {
-        store_rounded(target, load_vf(target) + load_vf(delta));
+    if (both) _tile_zero(2);
+    for (int64_t q = 0; q < steps; ++q) {
+      pair_columns(b, out, 32 * q, rank, c0, widths[0], paired[0]);
+      _tile_loadd(5, paired[0], 64);
+      if (both) {
+        pair_columns(b, out, 32 * q, rank, c0 + 16, widths[1], paired[1]);
+        _tile_loadd(6, paired[1], 64);
+      }
+      if (q == 0) {
+        _tile_dpbf16ps(0, 4, 5);
+        if (both) _tile_dpbf16ps(2, 4, 6);
       } else {
-        for (int64_t c = 0; c < columns; ++c)
-          round_to(target + c, to_float(target[c]) + delta[c]);
+        _tile_dpbf16ps(0, 1, 5);
+        if (both) _tile_dpbf16ps(2, 1, 6);
       }
     }
+    _tile_stored(0, sums, 64);
+    if (both) _tile_stored(2, sums + 256, 64);
+    for (int block = 0; block < (both ? 2 : 1); ++block)
+      for (int64_t t = 0; t < tokens; ++t) {
+        uint16_t* target = y + t * out + c0 + 16 * block;
+        const float* delta = sums + 256 * block + t * 16;
+        if (widths[block] == 16) {
+          store_rounded(target, load_vf(target) + load_vf(delta));
+        } else {
+          for (int64_t c = 0; c < widths[block]; ++c)
+            round_to(target + c, to_float(target[c]) + delta[c]);
+        }
+      }
   }
 }
 

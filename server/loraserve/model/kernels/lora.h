@@ -17,10 +17,10 @@ constexpr int64_t kLoraChunkTokens = 16;  // kLoraTileTokens, where chunks go to
 // Chunks of at least this many tokens on bf16 rows and slots run in AMX tiles (`amx.h`), where
 // the CPU allows them, in is a multiple of 32 and the rank at most kLoraTileMaxRank. A chunk in
 // tiles pairs its slot's whole B whatever its tokens, so short ones stay with the widened rows
-// (192 chunks of rank 16, 1,024 x 2,816, two threads: 1 token 1.1-1.2 ms in tiles against 0.55,
-// 8 tokens 1.7-1.8 against 1.5, 12 tokens 2.0-2.1 against 2.1-2.3, 16 tokens 2.4 against
-// 2.9-3.1; benchmarks/RESULTS.md, 2026-12-01).
-constexpr int64_t kLoraTileMinTokens = 12;
+// (192 chunks of rank 16, 1,024 x 2,816, two threads: 1 token 0.82-0.84 ms in tiles against
+// 0.52-0.54, 4 tokens 1.00-1.05 against 0.76, 8 tokens 1.22-1.34 against 1.35-1.43, 16 tokens
+// 1.84-2.08 against 2.66-2.71; benchmarks/RESULTS.md, 2026-12-01).
+constexpr int64_t kLoraTileMinTokens = 8;
 
 inline bool takes_lora_tiles(int64_t tokens, int64_t in, int64_t rank) {
   return tokens >= kLoraTileMinTokens && in % kAmxStepK == 0 && rank <= kLoraTileMaxRank &&
