@@ -152,7 +152,7 @@ def test_bf16_chunks_match_a_reference_that_rounds_x_a_to_bf16(row_len, in_featu
         lora_a[slot, :rank] = torch.randn(rank, in_features, generator=gen) / in_features**0.5
         lora_b[slot, :rank] = torch.randn(rank, out_features, generator=gen) / max(rank, 1) ** 0.5
     lora_a, lora_b = lora_a.bfloat16(), lora_b.bfloat16()
-    row_slots = list(range(len(TILE_SLOT_RANKS))) + [2, 6, 0, 8]
+    row_slots = [*range(len(TILE_SLOT_RANKS)), 2, 6, 0, 8]
     num_tokens = row_len * len(row_slots)
     x = torch.randn(num_tokens, in_features, generator=gen).bfloat16()
     base = torch.randn(num_tokens, out_features, generator=gen).bfloat16()

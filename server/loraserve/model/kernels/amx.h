@@ -306,9 +306,9 @@ inline void gemm_amx(const uint16_t* x, int64_t M, int64_t K, std::span<const So
 // second (a 16 x 16 transpose of 32-bit pairs); its fp32 sums, scaled, leave the tiles rounded to
 // bf16 (where a bf16 model rounds lora_A's output); ranks past the adapter's are zero (its a's
 // rows are paired as zeros), up to a multiple of 32.
-// The expand takes those as the first operand and, for each 16 output columns, 32 ranks of b
-// with rows r and r + 1 interleaved as the second; each block's fp32 sums are added to y's rows
-// in one rounding, as the widened path adds its sums.
+// The expand takes those as the first operand and, for each block of 16 output columns, 32
+// ranks of b with rows r and r + 1 interleaved as the second; each block's fp32 sums are added
+// to y's rows in one rounding, as the widened path adds its sums.
 
 constexpr int64_t kLoraTileTokens = 16;  // tokens a chunk in tiles takes: a tile's rows
 constexpr int64_t kLoraTileMaxRank = 64;  // four shrink sum tiles; two expand steps
@@ -416,7 +416,8 @@ inline void lora_chunk_amx(const uint16_t* x, int64_t tokens, int64_t in, const 
   // Two blocks at a time, in sum tiles 0 and 2 from pairs in tiles 5 and 6, so that one
   // block's multiplies do not wait for the other's sums to leave the tiles.
   for (int64_t c0 = 0; c0 < out; c0 += 32) {
-    const int64_t widths[2] = {std::min<int64_t>(16, out - c0), std::min<int64_t>(16, out - c0 - 16)};
+    const int64_t widths[2] = {std::min<int64_t>(16, out - c0),
+                               std::min<int64_t>(16, out - c0 - 16)};
     const bool both = widths[1] > 0;
     _tile_zero(0);
     if (both) _tile_zero(2);
