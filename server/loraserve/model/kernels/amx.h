@@ -97,6 +97,15 @@ inline __m512i decode_bf16(const uint8_t* bytes, __m512i table) {
   return _mm512_permutexvar_epi16(index, table);
 }
 
+// dst[p * 16 + r] = src[r * ld + p] for 8 rows r and 8 pairs p: the first `rows` of the rows
+// from src (ld pairs apart), the rest zero; the 32-bit pairs move as floats, bit for bit.
+inline void transpose_pairs(const uint32_t* src, int64_t ld, int64_t rows, uint32_t* dst) {
+  v8f block[8];
+  for (int r = 0; r < 8; ++r)
+    block[r] = r < rows ? *reinterpret_cast<const v8f*>(src + r * ld) : v8f{};
+  store_transposed(block, reinterpret_cast<float*>(dst), 16);
+}
+
 // x [M, K] bf16 (as uint32 pairs of k) into the x tiles' layout: for pass p and row tile r,
 // [K / 2 pairs][16 rows] of pairs, rows past M zero. K is a multiple of kAmxStepK.
 inline std::vector<uint32_t> pack_rows(const uint32_t* x, int64_t M, int64_t K) {
@@ -106,14 +115,9 @@ inline std::vector<uint32_t> pack_rows(const uint32_t* x, int64_t M, int64_t K) 
   for (int64_t t = 0; t < tiles; ++t)
     for (int64_t j0 = 0; j0 < 16; j0 += 8)
       for (int64_t k0 = 0; k0 < pairs; k0 += 8) {
-        v8f rows[8];
-        for (int r = 0; r < 8; ++r) {
-          const int64_t m = t * 16 + j0 + r;
-          rows[r] = m < M ? *reinterpret_cast<const v8f*>(x + m * pairs + k0) : v8f{};
-        }
-        // the 32-bit pairs move as floats, bit for bit
-        float* out = reinterpret_cast<float*>(packed.data() + (t * pairs + k0) * 16 + j0);
-        store_transposed(rows, out, 16);
+        const int64_t m = t * 16 + j0;
+        transpose_pairs(x + m * pairs + k0, pairs, M - m,
+                        packed.data() + (t * pairs + k0) * 16 + j0);
       }
   return packed;
 }
@@ -345,16 +349,10 @@ class LoraTiles {
 // the shrink's second operand for 32 k.
 inline void pair_ranks(const uint16_t* a, int64_t in, int64_t r0, int64_t ranks, int64_t k0,
                        uint32_t* pairs) {
+  const uint32_t* rows = reinterpret_cast<const uint32_t*>(a + r0 * in + k0);
   for (int64_t i = 0; i < 16; i += 8)
-    for (int64_t j = 0; j < 16; j += 8) {  // ranks i.., pairs j..
-      v8f rows[8];
-      for (int r = 0; r < 8; ++r)
-        rows[r] = r0 + i + r < ranks
-                      ? *reinterpret_cast<const v8f*>(a + (r0 + i + r) * in + k0 + 2 * j)
-                      : v8f{};
-      // the 32-bit pairs move as floats, bit for bit
-      store_transposed(rows, reinterpret_cast<float*>(pairs + j * 16 + i), 16);
-    }
+    for (int64_t j = 0; j < 16; j += 8)  // ranks i.., pairs j..
+      transpose_pairs(rows + i * (in / 2) + j, in / 2, ranks - r0 - i, pairs + j * 16 + i);
 }
 
 // pairs[p][2c + j] = b[q0 + 2p + j][c0 + c] for c < 16 (zero past `columns`, and from rank

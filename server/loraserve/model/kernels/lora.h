@@ -11,7 +11,7 @@
 
 namespace LS_NAMESPACE {
 
-constexpr int64_t kLoraChunkTokens = 16;  // kLoraTileTokens, where chunks go to AMX tiles
+constexpr int64_t kLoraChunkTokens = 16;  // at most a tile's rows (kLoraTileTokens, amx.h)
 
 #ifdef LS_AMX
 // Chunks of at least this many tokens on bf16 rows and slots run in AMX tiles (`amx.h`), where
