@@ -441,7 +441,9 @@ KV_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 @pytest.mark.parametrize("pool_dtype", KV_DTYPES, ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("window", [0, 5])
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 4, 32), (8, 2, 64), (6, 3, 40)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"), [(4, 4, 32), (8, 2, 64), (6, 3, 40), (20, 5, 128), (3, 1, 8)]
+)
 def test_paged_decode_attention_equals_sdpa_over_the_gathered_context(
     heads, kv_heads, head_dim, window, pool_dtype
 ):

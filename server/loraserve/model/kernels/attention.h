@@ -31,45 +31,6 @@ inline vf exp_nonpositive(vf x) {
   return p * reinterpret_cast<vf>(bits);
 }
 
-// The pools' element T: float, or bf16 or fp16 (widened exactly as they are loaded).
-template <typename T>
-inline float dot(const float* a, const T* b, int64_t n) {
-  vf acc = vf{};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) acc += *reinterpret_cast<const vf*>(a + i) * load_vf(b + i);
-  float total = hsum(acc);
-  for (; i < n; ++i) total += a[i] * to_float(b[i]);
-  return total;
-}
-
-// out[0:D] += w * v[0:D]
-template <typename T>
-inline void axpy(float w, const T* v, int64_t D, float* out) {
-  int64_t d = 0;
-  for (; d + kLanes <= D; d += kLanes) *reinterpret_cast<vf*>(out + d) += w * load_vf(v + d);
-  for (; d < D; ++d) out[d] += w * to_float(v[d]);
-}
-
-// Softmax of scores[0:n] in place.
-inline void softmax_inplace(float* scores, int64_t n) {
-  float top = scores[0];
-  for (int64_t j = 1; j < n; ++j) top = std::max(top, scores[j]);
-  vf sum_v = vf{};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    const vf e = exp_nonpositive(*reinterpret_cast<const vf*>(scores + j) - top);
-    *reinterpret_cast<vf*>(scores + j) = e;
-    sum_v += e;
-  }
-  float sum = hsum(sum_v);
-  for (; j < n; ++j) {
-    scores[j] = exp_nonpositive(vf{} + (scores[j] - top))[0];
-    sum += scores[j];
-  }
-  const float inv = 1.f / sum;
-  for (j = 0; j < n; ++j) scores[j] *= inv;
-}
-
 // A position's keys (or values) of every head are one [KVH, D] run, often a page of their own:
 // the hardware prefetchers stop at page boundaries, so the runs ahead are fetched while this
 // one is used: kAheadL1 positions on into L1, and kAheadL2 on into L2, which keeps more lines
@@ -91,6 +52,114 @@ struct QueryLayout {
   int64_t row, head;
 };
 
+// The source lane of output lane o when two vectors, each holding kLanes / W heads' partial
+// sums in runs of W lanes, fold into one holding twice the heads in runs of W / 2: the low half
+// of each run (high: its high half), a's heads first.
+constexpr int fold_lane(int o, int W, bool high) {
+  const int half_run = W / 2, from_b = o < kLanes / 2 ? 0 : kLanes, p = o % (kLanes / 2);
+  return from_b + p / half_run * W + p % half_run + (high ? half_run : 0);
+}
+template <int W, int... O>
+inline vf fold_pair(vf a, vf b, std::integer_sequence<int, O...>) {
+  return __builtin_shufflevector(a, b, fold_lane(O, W, false)...) +
+         __builtin_shufflevector(a, b, fold_lane(O, W, true)...);
+}
+// One vector whose lane i is the sum of acc[i]'s lanes (acc[0..W) overwritten): kLanes heads'
+// dot products reduced together, kLanes - 1 folds of two shuffles and an add for them all,
+// where a horizontal sum each would take log2(kLanes) shuffles and adds apiece.
+template <int W = kLanes>
+inline vf transpose_sum(vf* acc) {
+  if constexpr (W == 1) {
+    return acc[0];
+  } else {
+    for (int i = 0; i < W / 2; ++i)
+      acc[i] = fold_pair<W>(acc[2 * i], acc[2 * i + 1], std::make_integer_sequence<int, kLanes>{});
+    return transpose_sum<W / 2>(acc);
+  }
+}
+
+// The lanes of q[0:D] * k[0:D] summed over D's vectors (a tail past them into lane 0): VPH =
+// D / kLanes where it is one of the common ones (unrolled, two chains), else 0 (any D).
+template <int VPH, typename T>
+inline vf dot_lanes(const float* q, const T* k, int64_t D) {
+  vf a = vf{}, b = vf{};
+  if constexpr (VPH > 0) {
+    for (int v = 0; v + 1 < VPH; v += 2) {
+      a += load_vf(q + v * kLanes) * load_vf(k + v * kLanes);
+      b += load_vf(q + (v + 1) * kLanes) * load_vf(k + (v + 1) * kLanes);
+    }
+    if constexpr (VPH % 2 == 1) a += load_vf(q + (VPH - 1) * kLanes) * load_vf(k + (VPH - 1) * kLanes);
+  } else {
+    int64_t d = 0;
+    for (; d + 2 * kLanes <= D; d += 2 * kLanes) {
+      a += load_vf(q + d) * load_vf(k + d);
+      b += load_vf(q + d + kLanes) * load_vf(k + d + kLanes);
+    }
+    if (d + kLanes <= D) {
+      a += load_vf(q + d) * load_vf(k + d);
+      d += kLanes;
+    }
+    float tail = 0.f;
+    for (; d < D; ++d) tail += q[d] * to_float(k[d]);
+    a[0] += tail;
+  }
+  return a + b;
+}
+
+// s[0:H] = scale * (each q head's row of q_rows [H, D] . its kv head's keys at keys +
+// kv_offset[h]); s is padded to whole vectors (lanes past H: 0).
+template <int VPH, typename T>
+inline void decode_scores(const float* q_rows, const T* keys, const int64_t* kv_offset,
+                          int64_t H, int64_t D, float scale, float* s) {
+  for (int64_t h0 = 0; h0 < H; h0 += kLanes) {
+    vf acc[kLanes];
+    for (int i = 0; i < kLanes; ++i) {
+      const int64_t h = h0 + i;
+      acc[i] = h < H ? dot_lanes<VPH>(q_rows + h * D, keys + kv_offset[h], D) : vf{};
+    }
+    *reinterpret_cast<vf*>(s + h0) = transpose_sum(acc) * scale;
+  }
+}
+
+// A row's output vectors in slices of NV vectors of one head: slice i covers out_row[out[i],
+// + NV * kLanes) and reads each position's values from head[i]'s kv head at offset in[i].
+struct ValueSlices {
+  std::vector<int64_t> head, in, out;
+};
+
+// For slices [first, first + count) (count <= kAccRegs / NV, their sums in registers): out_row
+// += sum over the block's positions j of weights[j, head] * values[j][in : in + NV * kLanes].
+// weights [positions, Hp]. Where ahead is given, positions ahead of the block's (ahead[0] is
+// the block's first) are fetched into L2 kAheadL2 / 2 positions on as it walks them.
+template <int NV, typename T>
+inline void decode_values(const float* weights, int64_t Hp, const T* const* values,
+                          int64_t positions, const ValueSlices& slices, int64_t first,
+                          int64_t count, float* out_row, const T* const* ahead,
+                          int64_t ahead_count, int64_t run) {
+  constexpr int kSlices = kAccRegs / NV;
+  vf acc[kSlices][NV];
+  for (int i = 0; i < kSlices; ++i)
+    if (i < count)
+      for (int v = 0; v < NV; ++v)
+        acc[i][v] = load_vf(out_row + slices.out[first + i] + v * kLanes);
+  for (int64_t j = 0; j < positions; ++j) {
+    if (ahead != nullptr && j + kAheadL2 / 2 < ahead_count)
+      prefetch_position<_MM_HINT_T1>(ahead[j + kAheadL2 / 2], run);
+    const float* w_j = weights + j * Hp;
+    for (int i = 0; i < kSlices; ++i) {
+      if (i < count) {
+        const vf w = broadcast(w_j + slices.head[first + i]);
+        const T* v_j = values[j] + slices.in[first + i];
+        for (int v = 0; v < NV; ++v) acc[i][v] += w * load_vf(v_j + v * kLanes);
+      }
+    }
+  }
+  for (int i = 0; i < kSlices; ++i)
+    if (i < count)
+      for (int v = 0; v < NV; ++v)
+        *reinterpret_cast<vf*>(out_row + slices.out[first + i] + v * kLanes) = acc[i][v];
+}
+
 // q [R, H, D] of Q (fp32, or 16-bit: widened as it is read, exactly); k_pool, v_pool [S, KVH, D]
 // of T (fp32, or 16-bit: half the bytes to read, and decode attention is bound by them);
 // block_tables [R, max_blocks] int32; context_lens [R] int32 (the query sits at position
@@ -98,60 +167,111 @@ struct QueryLayout {
 // contiguous, of Q: summed in fp32 and rounded once (what widening q, attending in fp32 and
 // converting the output gives, without the three copies).
 //
-// One row at a time per thread (rows are taken as threads get to them: they differ in length),
-// walking its positions in order: the keys of every head at a position are one contiguous
-// [KVH, D] run of the pool, read once for all heads.
+// One row at a time per thread (rows are taken as threads get to them: they differ in length).
+// Scores walk the row's positions in order, each position's keys of every head one contiguous
+// [KVH, D] run read once: each head's dot product as a vector of partial sums, kLanes heads'
+// reduced together (transpose_sum), so the scores are [positions, heads] with heads in the
+// lanes, and the softmax over positions is vertical. Values walk blocks of kValueBlock positions;
+// within one, slices of the output (a few vectors of one head each) keep their sums in registers
+// across the block's positions, each slice reading its part of every position's run. The
+// softmax's denominator divides the output once at the end.
+constexpr int64_t kValueBlock = 16;
 template <typename T, typename Q>
 inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, const T* k_pool,
                                    const T* v_pool, const int32_t* block_tables,
                                    int64_t max_blocks, const int32_t* context_lens, int64_t R,
                                    int64_t H, int64_t KVH, int64_t D, int64_t block_size,
                                    int64_t window, float scale, Q* out) {
-  const int64_t group = H / KVH;
+  const int64_t group = H / KVH, Hp = (H + kLanes - 1) / kLanes * kLanes, run = KVH * D;
+  const int64_t vectors = D / kLanes, vector_part = vectors * kLanes;
+  // Values' slices: as many vectors of a head as divide its vectors evenly, up to 4.
+  const int NV = vectors % 4 == 0 ? 4 : vectors % 2 == 0 ? 2 : 1;
+  const int64_t per_head = vectors / NV, slice_count = H * per_head;
+  const int64_t slices_at_once = kAccRegs / NV;
+  std::vector<int64_t> kv_offset(H);
+  ValueSlices slices{std::vector<int64_t>(slice_count), std::vector<int64_t>(slice_count),
+                     std::vector<int64_t>(slice_count)};
+  for (int64_t h = 0; h < H; ++h) kv_offset[h] = h / group * D;
+  for (int64_t i = 0; i < slice_count; ++i) {
+    const int64_t h = i / per_head, d = i % per_head * NV * kLanes;
+    slices.head[i] = h;
+    slices.in[i] = kv_offset[h] + d;
+    slices.out[i] = h * D + d;
+  }
+  const auto scores_of = vector_part != D ? decode_scores<0, T>
+                         : vectors == 4   ? decode_scores<4, T>
+                         : vectors == 8   ? decode_scores<8, T>
+                         : vectors == 2   ? decode_scores<2, T>
+                                          : decode_scores<0, T>;
+  const auto values_of = NV == 4 ? decode_values<4, T> : NV == 2 ? decode_values<2, T>
+                                                                 : decode_values<1, T>;
+  // 16-bit values take more instructions a line (widening), so fewer lines are in flight as
+  // the slices walk them: fetched into L2 ahead of the block's first slices.
+  constexpr bool kFetchValues = !std::is_same_v<T, float>;
   parallel_items(R, [&](WorkQueue& queue) {
-    std::vector<float> scores;
-    std::vector<int64_t> slots;
-    std::vector<float> q_row(H * D), out_row(H * D);  // the row's queries and output, in fp32
+    std::vector<float> scores, q_rows(H * D), out_row(H * D), inverse_sums(Hp);
+    std::vector<const T*> keys, values;
     queue.each([&](int64_t r) {
       const int64_t len = context_lens[r];
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
       const int64_t n = len - first;
       const int32_t* table = block_tables + r * max_blocks;
-      slots.resize(n);
+      keys.resize(n);
+      values.resize(n);
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t pos = first + j;
-        slots[j] = pool_slot(table, pos, block_size);
+        const int64_t at = pool_slot(table, first + j, block_size) * run;
+        keys[j] = k_pool + at;
+        values[j] = v_pool + at;
       }
       for (int64_t h = 0; h < H; ++h)
         for (int64_t d = 0; d < D; ++d)
-          q_row[h * D + d] = to_float(q[r * q_layout.row + h * q_layout.head + d]);
-      scores.resize(H * n);  // [H, n]
+          q_rows[h * D + d] = to_float(q[r * q_layout.row + h * q_layout.head + d]);
+      scores.resize(n * Hp);  // [n, Hp]
       for (int64_t j = 0; j < n; ++j) {
-        if (j + kAheadL1 < n)
-          prefetch_position<_MM_HINT_T0>(k_pool + slots[j + kAheadL1] * KVH * D, KVH * D);
-        if (j + kAheadL2 < n)
-          prefetch_position<_MM_HINT_T1>(k_pool + slots[j + kAheadL2] * KVH * D, KVH * D);
-        const T* keys = k_pool + slots[j] * KVH * D;
-        for (int64_t g = 0, h = 0; g < KVH; ++g)
-          for (int64_t i = 0; i < group; ++i, ++h)
-            scores[h * n + j] = scale * dot(q_row.data() + h * D, keys + g * D, D);
+        if (j + kAheadL1 < n) prefetch_position<_MM_HINT_T0>(keys[j + kAheadL1], run);
+        if (j + kAheadL2 < n) prefetch_position<_MM_HINT_T1>(keys[j + kAheadL2], run);
+        scores_of(q_rows.data(), keys[j], kv_offset.data(), H, D, scale, scores.data() + j * Hp);
       }
-      for (int64_t h = 0; h < H; ++h) softmax_inplace(scores.data() + h * n, n);
+      for (int64_t h0 = 0; h0 < Hp; h0 += kLanes) {  // softmax over positions, heads in lanes
+        vf top = load_vf(scores.data() + h0);
+        for (int64_t j = 1; j < n; ++j) {
+          const vf s = load_vf(scores.data() + j * Hp + h0);
+          top = s > top ? s : top;
+        }
+        vf sum = vf{};
+        for (int64_t j = 0; j < n; ++j) {
+          vf& s = *reinterpret_cast<vf*>(scores.data() + j * Hp + h0);
+          s = exp_nonpositive(s - top);
+          sum += s;
+        }
+        *reinterpret_cast<vf*>(inverse_sums.data() + h0) = 1.f / sum;
+      }
       std::fill(out_row.begin(), out_row.end(), 0.f);
-      for (int64_t j = 0; j < n; ++j) {
-        if (j + kAheadL1 < n)
-          prefetch_position<_MM_HINT_T0>(v_pool + slots[j + kAheadL1] * KVH * D, KVH * D);
-        if (j + kAheadL2 < n)
-          prefetch_position<_MM_HINT_T1>(v_pool + slots[j + kAheadL2] * KVH * D, KVH * D);
-        const T* values = v_pool + slots[j] * KVH * D;
-        for (int64_t g = 0, h = 0; g < KVH; ++g)
-          for (int64_t i = 0; i < group; ++i, ++h)
-            axpy(scores[h * n + j], values + g * D, D, out_row.data() + h * D);
+      if constexpr (kFetchValues)
+        for (int64_t j = 0; j < std::min(n, kAheadL2 / 2); ++j)
+          prefetch_position<_MM_HINT_T1>(values[j], run);
+      for (int64_t j0 = 0; j0 < n; j0 += kValueBlock) {
+        const int64_t positions = std::min(kValueBlock, n - j0);
+        const float* weights = scores.data() + j0 * Hp;
+        for (int64_t s = 0; s < slice_count; s += slices_at_once)
+          values_of(weights, Hp, values.data() + j0, positions, slices, s,
+                    std::min(slices_at_once, slice_count - s), out_row.data(),
+                    kFetchValues && s == 0 ? values.data() + j0 : nullptr, n - j0, run);
+        if (vector_part < D)  // D's tail past its vectors
+          for (int64_t j = 0; j < positions; ++j)
+            for (int64_t h = 0; h < H; ++h)
+              for (int64_t d = vector_part; d < D; ++d)
+                out_row[h * D + d] +=
+                    weights[j * Hp + h] * to_float(values[j0 + j][kv_offset[h] + d]);
       }
       Q* to = out + r * H * D;
-      int64_t i = 0;
-      for (; i + kLanes <= H * D; i += kLanes) store_rounded(to + i, load_vf(out_row.data() + i));
-      for (; i < H * D; ++i) round_to(to + i, out_row[i]);
+      for (int64_t h = 0; h < H; ++h) {
+        const float inverse = inverse_sums[h];
+        int64_t d = 0;
+        for (; d + kLanes <= D; d += kLanes)
+          store_rounded(to + h * D + d, load_vf(out_row.data() + h * D + d) * inverse);
+        for (; d < D; ++d) round_to(to + h * D + d, out_row[h * D + d] * inverse);
+      }
     });
   });
 }
