@@ -27,7 +27,14 @@ With `--lora-decode`, on a decode step of it instead (32 tokens, each on its own
 
     .venv/bin/python benchmarks/ab_kernels.py --base 6b7fbde --lora-decode --rounds 30
 
-`--compute-dtype bf16` gives the LoRA rounds bf16 rows and slots (bf16 compute's deltas).
+With `--attention`, decode attention alone over pools in scattered blocks: the default model's
+step (32 rows of 96-160 positions, 16 heads of 64, 8 layers), 32 rows of 1,024 positions and
+one row of 4,000 in the shape of Llama 3 8B's layer (32 query heads over 8 kv heads of 128).
+
+    .venv/bin/python benchmarks/ab_kernels.py --base 6b7fbde --attention --rounds 16
+
+`--compute-dtype bf16` gives the LoRA rounds bf16 rows and slots (bf16 compute's deltas), and
+the attention rounds bf16 queries and pools.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ import loraserve.model.norms
 import loraserve.model.sampling
 from bench_multi_lora import DEFAULT
 from engine_runs import Trace, submit
+from loraserve.model import huge_pages
 from loraserve.model.host_memory import keep_freed_memory
 from loraserve.model.kernels import build
 from loraserve.model.loading import DTYPES
@@ -180,6 +188,52 @@ def compare_lora(builds: dict[str, object], rounds: int, decode: bool, dtype: to
     alternate(builds, rounds, one_round)
 
 
+def compare_attention(builds: dict[str, object], rounds: int, dtype: torch.dtype) -> None:
+    """Rounds of decode attention on the shapes of the module's docstring, queries and pools in
+    `dtype`, each row's blocks of 16 positions scattered over its pools (on huge pages, as the
+    engine's), alternating builds; prints each build's median round and the ratio, per shape."""
+    generator = torch.Generator().manual_seed(0)
+    block_size = 16
+
+    def case(lengths: list[int], heads: int, kv_heads: int, head_dim: int) -> tuple:
+        blocks = [-(-n // block_size) for n in lengths]
+        order = torch.randperm(sum(blocks), generator=generator).to(torch.int32)
+        tables = torch.zeros(len(lengths), max(blocks), dtype=torch.int32)
+        for row, first in enumerate(torch.tensor([0, *blocks]).cumsum(0)[:-1].tolist()):
+            tables[row, : blocks[row]] = order[first : first + blocks[row]]
+        pool = (sum(blocks) * block_size, kv_heads, head_dim)
+        k, v = (huge_pages.zeros(pool, dtype) for _ in range(2))  # as the engine's pools
+        for half in (k, v):
+            half.copy_(torch.randn(pool, generator=generator))
+        q = torch.randn(len(lengths), heads, head_dim, generator=generator).to(dtype)
+        return q, k, v, tables, torch.tensor(lengths, dtype=torch.int32), head_dim**-0.5
+
+    prompts = torch.randint(64, 129, (DEFAULT.num_requests,), generator=generator) + 32
+    spec = DEFAULT.model
+    default_model = [
+        case(
+            prompts.tolist(), spec.num_heads, spec.num_kv_heads, spec.hidden_size // spec.num_heads
+        )
+        for _ in range(spec.num_layers)
+    ]
+    shapes = {
+        f"default model, 32 rows x {spec.num_layers} layers": default_model,
+        "32 x 8 heads of 128, 32 rows of 1,024": [case([1024] * 32, 32, 8, 128)],
+        "32 x 8 heads of 128, 1 row of 4,000": [case([4000], 32, 8, 128)],
+    }
+
+    def one_round(ops: Any) -> dict[str, float]:
+        times = {}
+        for name, layers in shapes.items():
+            started = time.perf_counter()
+            for q, k, v, tables, lens, scale in layers:
+                ops.paged_decode_attention(q, k, v, tables, lens, block_size, 0, scale)
+            times[name] = time.perf_counter() - started
+        return times
+
+    alternate(builds, rounds, one_round)
+
+
 def projection_shapes() -> list[tuple[int, int]]:
     """(K, N) of one layer's seven projections in the default model."""
     hidden, inner = DEFAULT.model.hidden_size, DEFAULT.model.intermediate_size
@@ -217,11 +271,14 @@ def main() -> None:
     mode.add_argument(
         "--lora-decode", action="store_true", help="the LoRA kernel alone, on a decode step"
     )
-    parser.add_argument("--rounds", type=int, default=30, help="with --projections, --lora-*")
+    mode.add_argument("--attention", action="store_true", help="decode attention alone")
+    parser.add_argument(
+        "--rounds", type=int, default=30, help="with --projections, --lora-*, --attention"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--compute-dtype", choices=sorted(DTYPES), default="fp32",
-        help="with --lora-*: the rows' and the slots' dtype",
+        help="with --lora-*: the rows' and the slots' dtype; with --attention: q's and the pools'",
     )  # fmt: skip
     parser.add_argument(
         "--rows", type=int, default=DEFAULT.num_requests, help="decode rows (--projections: of x)"
@@ -237,6 +294,9 @@ def main() -> None:
         }
     if args.projections:
         compare_projections(builds, args.rounds, args.rows)
+        return
+    if args.attention:
+        compare_attention(builds, args.rounds, DTYPES[args.compute_dtype])
         return
     if args.lora_prefill or args.lora_decode:
         compare_lora(builds, args.rounds, args.lora_decode, DTYPES[args.compute_dtype])

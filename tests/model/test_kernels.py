@@ -469,6 +469,31 @@ def test_paged_decode_attention_equals_sdpa_over_the_gathered_context(
         torch.testing.assert_close(gathered[r], want[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pool_dtype", KV_DTYPES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("window", [0, 300])
+def test_long_decode_rows_are_attended_in_parts_whatever_the_batch_around_them(window, pool_dtype):
+    """Rows longer than one part (256 positions) are split into parts that threads share and
+    merged after: equal to SDPA over the whole context, and each row's output the same bits
+    alone as in the batch (the parts depend on its length, not on the rows beside it)."""
+    lengths, block_size, heads, kv_heads, head_dim = [700, 3, 257, 256, 513], 16, 8, 2, 32
+    k_pool, v_pool, tables = _paged_context(lengths, kv_heads, head_dim, block_size, seed=5)
+    k_pool, v_pool = k_pool.to(pool_dtype), v_pool.to(pool_dtype)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    q = torch.randn(len(lengths), heads, head_dim)
+    scale = head_dim**-0.5
+    attend = native().paged_decode_attention
+    got = attend(q, k_pool, v_pool, tables, lens, block_size, window, scale)
+    for r, n in enumerate(lengths):
+        position = torch.arange(n)
+        slots = tables[r].long()[position // block_size] * block_size + position % block_size
+        k, v = k_pool[slots].float(), v_pool[slots].float()
+        want = attend_context(q[r : r + 1], k, v, n - 1, window, scale)
+        torch.testing.assert_close(got[r], want[0], rtol=1e-5, atol=1e-5)
+        rows = slice(r, r + 1)
+        alone = attend(q[rows], k_pool, v_pool, tables[rows], lens[rows], block_size, window, scale)
+        assert torch.equal(alone[0], got[r])
+
+
 @pytest.mark.parametrize("query_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_paged_decode_attention_of_16_bit_strided_queries_gives_the_widened_queries_bits(
     query_dtype,

@@ -167,15 +167,28 @@ inline void decode_values(const float* weights, int64_t Hp, const T* const* valu
 // contiguous, of Q: summed in fp32 and rounded once (what widening q, attending in fp32 and
 // converting the output gives, without the three copies).
 //
-// One row at a time per thread (rows are taken as threads get to them: they differ in length).
-// Scores walk the row's positions in order, each position's keys of every head one contiguous
-// [KVH, D] run read once: each head's dot product as a vector of partial sums, kLanes heads'
-// reduced together (transpose_sum), so the scores are [positions, heads] with heads in the
-// lanes, and the softmax over positions is vertical. Values walk blocks of kValueBlock positions;
-// within one, slices of the output (a few vectors of one head each) keep their sums in registers
-// across the block's positions, each slice reading its part of every position's run. The
-// softmax's denominator divides the output once at the end.
-constexpr int64_t kValueBlock = 16;
+// A row's positions are attended in parts of at most kDecodePart, each part a work item taken
+// as threads get to them (rows differ in length, and a long row, or fewer rows than threads,
+// still shares the work); a row of several parts merges their unnormalised outputs, maxima and
+// sums after (as flash decoding does). The parts depend on the row's length alone, so its
+// output is the same whatever the batch around it. Within a part, scores walk the positions in
+// order, each position's keys of every head one contiguous [KVH, D] run read once: each head's
+// dot product as a vector of partial sums, kLanes heads' reduced together (transpose_sum), so
+// the scores are [positions, heads] with heads in the lanes, and the softmax over positions is
+// vertical. Values walk blocks of kValueBlock positions; within one, slices of the output (a
+// few vectors of one head each) keep their sums in registers across the block's positions,
+// each slice reading its part of every position's run. The softmax's denominator divides the
+// output once at the end.
+constexpr int64_t kDecodePart = 256, kValueBlock = 16;
+
+// One part's unnormalised output [H, D], and per head (padded to Hp) its largest score and the
+// sum of exp(score - largest).
+struct DecodePart {
+  float* out;
+  float* top;
+  float* sum;
+};
+
 template <typename T, typename Q>
 inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, const T* k_pool,
                                    const T* v_pool, const int32_t* block_tables,
@@ -208,18 +221,57 @@ inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, cons
   // 16-bit values take more instructions a line (widening), so fewer lines are in flight as
   // the slices walk them: fetched into L2 ahead of the block's first slices.
   constexpr bool kFetchValues = !std::is_same_v<T, float>;
-  parallel_items(R, [&](WorkQueue& queue) {
-    std::vector<float> scores, q_rows(H * D), out_row(H * D), inverse_sums(Hp);
+  // Work items in row order: row r's are [first_item[r], first_item[r + 1]).
+  std::vector<int64_t> first_item(R + 1), item_row;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t n = window > 0 ? std::min<int64_t>(context_lens[r], window) : context_lens[r];
+    first_item[r] = int64_t(item_row.size());
+    item_row.insert(item_row.end(), std::max<int64_t>(1, (n + kDecodePart - 1) / kDecodePart), r);
+  }
+  first_item[R] = int64_t(item_row.size());
+  const int64_t items = first_item[R];
+  const bool split = items > R;  // a row of several parts: their partial results kept to merge
+  std::vector<float> part_out(split ? items * H * D : 0), part_stats(split ? items * 2 * Hp : 0);
+  const auto part = [&](int64_t item) {
+    return DecodePart{part_out.data() + item * H * D, part_stats.data() + item * 2 * Hp,
+                      part_stats.data() + item * 2 * Hp + Hp};
+  };
+  // out's row r (of Q): weights[p][h] * parts[p].out[h] summed over its parts, each head divided
+  // by its weights' sum of the parts' sums.
+  const auto write_row = [&](int64_t r, const DecodePart* parts, const float* weights,
+                             int64_t count) {
+    Q* to = out + r * H * D;
+    for (int64_t h = 0; h < H; ++h) {
+      float total = 0.f;
+      for (int64_t p = 0; p < count; ++p) total += weights[p * Hp + h] * parts[p].sum[h];
+      const float inverse = 1.f / total;
+      int64_t d = 0;
+      for (; d + kLanes <= D; d += kLanes) {
+        vf o = vf{};
+        for (int64_t p = 0; p < count; ++p)
+          o += load_vf(parts[p].out + h * D + d) * weights[p * Hp + h];
+        store_rounded(to + h * D + d, o * inverse);
+      }
+      for (; d < D; ++d) {
+        float o = 0.f;
+        for (int64_t p = 0; p < count; ++p) o += parts[p].out[h * D + d] * weights[p * Hp + h];
+        round_to(to + h * D + d, o * inverse);
+      }
+    }
+  };
+  parallel_items(items, [&](WorkQueue& queue) {
+    std::vector<float> scores, q_rows(H * D), out_row(H * D), top(Hp), sum(Hp), ones(Hp, 1.f);
     std::vector<const T*> keys, values;
-    queue.each([&](int64_t r) {
-      const int64_t len = context_lens[r];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      const int64_t n = len - first;
+    queue.each([&](int64_t item) {
+      const int64_t r = item_row[item], len = context_lens[r];
+      const int64_t begin = (window > 0 ? std::max<int64_t>(0, len - window) : 0) +
+                            (item - first_item[r]) * kDecodePart;
+      const int64_t n = std::min(kDecodePart, len - begin);
       const int32_t* table = block_tables + r * max_blocks;
       keys.resize(n);
       values.resize(n);
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t at = pool_slot(table, first + j, block_size) * run;
+        const int64_t at = pool_slot(table, begin + j, block_size) * run;
         keys[j] = k_pool + at;
         values[j] = v_pool + at;
       }
@@ -233,20 +285,24 @@ inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, cons
         scores_of(q_rows.data(), keys[j], kv_offset.data(), H, D, scale, scores.data() + j * Hp);
       }
       for (int64_t h0 = 0; h0 < Hp; h0 += kLanes) {  // softmax over positions, heads in lanes
-        vf top = load_vf(scores.data() + h0);
+        vf largest = load_vf(scores.data() + h0);
         for (int64_t j = 1; j < n; ++j) {
           const vf s = load_vf(scores.data() + j * Hp + h0);
-          top = s > top ? s : top;
+          largest = s > largest ? s : largest;
         }
-        vf sum = vf{};
+        vf total = vf{};
         for (int64_t j = 0; j < n; ++j) {
           vf& s = *reinterpret_cast<vf*>(scores.data() + j * Hp + h0);
-          s = exp_nonpositive(s - top);
-          sum += s;
+          s = exp_nonpositive(s - largest);
+          total += s;
         }
-        *reinterpret_cast<vf*>(inverse_sums.data() + h0) = 1.f / sum;
+        *reinterpret_cast<vf*>(top.data() + h0) = largest;
+        *reinterpret_cast<vf*>(sum.data() + h0) = total;
       }
-      std::fill(out_row.begin(), out_row.end(), 0.f);
+      const bool alone = first_item[r + 1] - first_item[r] == 1;
+      const DecodePart mine =
+          alone ? DecodePart{out_row.data(), top.data(), sum.data()} : part(item);
+      std::fill(mine.out, mine.out + H * D, 0.f);
       if constexpr (kFetchValues)
         for (int64_t j = 0; j < std::min(n, kAheadL2 / 2); ++j)
           prefetch_position<_MM_HINT_T1>(values[j], run);
@@ -255,23 +311,44 @@ inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, cons
         const float* weights = scores.data() + j0 * Hp;
         for (int64_t s = 0; s < slice_count; s += slices_at_once)
           values_of(weights, Hp, values.data() + j0, positions, slices, s,
-                    std::min(slices_at_once, slice_count - s), out_row.data(),
+                    std::min(slices_at_once, slice_count - s), mine.out,
                     kFetchValues && s == 0 ? values.data() + j0 : nullptr, n - j0, run);
         if (vector_part < D)  // D's tail past its vectors
           for (int64_t j = 0; j < positions; ++j)
             for (int64_t h = 0; h < H; ++h)
               for (int64_t d = vector_part; d < D; ++d)
-                out_row[h * D + d] +=
+                mine.out[h * D + d] +=
                     weights[j * Hp + h] * to_float(values[j0 + j][kv_offset[h] + d]);
       }
-      Q* to = out + r * H * D;
-      for (int64_t h = 0; h < H; ++h) {
-        const float inverse = inverse_sums[h];
-        int64_t d = 0;
-        for (; d + kLanes <= D; d += kLanes)
-          store_rounded(to + h * D + d, load_vf(out_row.data() + h * D + d) * inverse);
-        for (; d < D; ++d) round_to(to + h * D + d, out_row[h * D + d] * inverse);
+      if (alone) {
+        write_row(r, &mine, ones.data(), 1);
+      } else {
+        std::copy(top.begin(), top.end(), mine.top);
+        std::copy(sum.begin(), sum.end(), mine.sum);
       }
+    });
+  });
+  if (!split) return;
+  parallel_items(R, [&](WorkQueue& queue) {  // rows of several parts: their parts merged
+    std::vector<DecodePart> parts;
+    std::vector<float> weights;
+    queue.each([&](int64_t r) {
+      const int64_t count = first_item[r + 1] - first_item[r];
+      if (count == 1) return;
+      parts.resize(count);
+      weights.resize(count * Hp);
+      for (int64_t p = 0; p < count; ++p) parts[p] = part(first_item[r] + p);
+      for (int64_t h0 = 0; h0 < Hp; h0 += kLanes) {  // exp(part's max - row's max)
+        vf largest = load_vf(parts[0].top + h0);
+        for (int64_t p = 1; p < count; ++p) {
+          const vf t = load_vf(parts[p].top + h0);
+          largest = t > largest ? t : largest;
+        }
+        for (int64_t p = 0; p < count; ++p)
+          *reinterpret_cast<vf*>(weights.data() + p * Hp + h0) =
+              exp_nonpositive(load_vf(parts[p].top + h0) - largest);
+      }
+      write_row(r, parts.data(), weights.data(), count);
     });
   });
 }
