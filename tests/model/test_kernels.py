@@ -439,6 +439,15 @@ def _paged_context(lengths, kv_heads, head_dim, block_size, seed=0):
 KV_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+def _attended_alone(q, k_pool, v_pool, table, length, block_size, window, scale):
+    """One decode row's query q [H, D] over its context of `length` positions, gathered out of
+    the pools through its block table and widened to fp32, by SDPA: [H, D]."""
+    position = torch.arange(length)
+    slots = table.long()[position // block_size] * block_size + position % block_size
+    k, v = k_pool[slots].float(), v_pool[slots].float()
+    return attend_context(q[None], k, v, length - 1, window, scale)[0]
+
+
 @pytest.mark.parametrize("pool_dtype", KV_DTYPES, ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("window", [0, 5])
 @pytest.mark.parametrize(
@@ -461,12 +470,9 @@ def test_paged_decode_attention_equals_sdpa_over_the_gathered_context(
     lens = torch.tensor(lengths, dtype=torch.int32)
     gathered = attend_decode_gathered(q, k_pool, v_pool, tables, lens, block_size, window, scale)
     for r, n in enumerate(lengths):
-        position = torch.arange(n)
-        slots = tables[r].long()[position // block_size] * block_size + position % block_size
-        k, v = k_pool[slots].float(), v_pool[slots].float()
-        want = attend_context(q[r : r + 1], k, v, n - 1, window, scale)
-        torch.testing.assert_close(got[r], want[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(gathered[r], want[0], rtol=1e-5, atol=1e-5)
+        want = _attended_alone(q[r], k_pool, v_pool, tables[r], n, block_size, window, scale)
+        torch.testing.assert_close(got[r], want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gathered[r], want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("pool_dtype", KV_DTYPES, ids=["fp32", "bf16", "fp16"])
@@ -484,11 +490,8 @@ def test_long_decode_rows_are_attended_in_parts_whatever_the_batch_around_them(w
     attend = native().paged_decode_attention
     got = attend(q, k_pool, v_pool, tables, lens, block_size, window, scale)
     for r, n in enumerate(lengths):
-        position = torch.arange(n)
-        slots = tables[r].long()[position // block_size] * block_size + position % block_size
-        k, v = k_pool[slots].float(), v_pool[slots].float()
-        want = attend_context(q[r : r + 1], k, v, n - 1, window, scale)
-        torch.testing.assert_close(got[r], want[0], rtol=1e-5, atol=1e-5)
+        want = _attended_alone(q[r], k_pool, v_pool, tables[r], n, block_size, window, scale)
+        torch.testing.assert_close(got[r], want, rtol=1e-5, atol=1e-5)
         rows = slice(r, r + 1)
         alone = attend(q[rows], k_pool, v_pool, tables[rows], lens[rows], block_size, window, scale)
         assert torch.equal(alone[0], got[r])

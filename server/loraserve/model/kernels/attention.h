@@ -72,8 +72,8 @@ inline vf transpose_sum(vf* acc) {
   if constexpr (W == 1) {
     return acc[0];
   } else {
-    for (int i = 0; i < W / 2; ++i)
-      acc[i] = fold_pair<W>(acc[2 * i], acc[2 * i + 1], std::make_integer_sequence<int, kLanes>{});
+    constexpr auto lanes = std::make_integer_sequence<int, kLanes>{};
+    for (int i = 0; i < W / 2; ++i) acc[i] = fold_pair<W>(acc[2 * i], acc[2 * i + 1], lanes);
     return transpose_sum<W / 2>(acc);
   }
 }
@@ -88,7 +88,8 @@ inline vf dot_lanes(const float* q, const T* k, int64_t D) {
       a += load_vf(q + v * kLanes) * load_vf(k + v * kLanes);
       b += load_vf(q + (v + 1) * kLanes) * load_vf(k + (v + 1) * kLanes);
     }
-    if constexpr (VPH % 2 == 1) a += load_vf(q + (VPH - 1) * kLanes) * load_vf(k + (VPH - 1) * kLanes);
+    if constexpr (VPH % 2 == 1)
+      a += load_vf(q + (VPH - 1) * kLanes) * load_vf(k + (VPH - 1) * kLanes);
   } else {
     int64_t d = 0;
     for (; d + 2 * kLanes <= D; d += 2 * kLanes) {
@@ -113,6 +114,7 @@ inline void decode_scores(const float* q_rows, const T* keys, const int64_t* kv_
                           int64_t H, int64_t D, float scale, float* s) {
   for (int64_t h0 = 0; h0 < H; h0 += kLanes) {
     vf acc[kLanes];
+#pragma GCC unroll 16  // the sums in registers, not memory
     for (int i = 0; i < kLanes; ++i) {
       const int64_t h = h0 + i;
       acc[i] = h < H ? dot_lanes<VPH>(q_rows + h * D, keys + kv_offset[h], D) : vf{};
@@ -146,10 +148,14 @@ inline void decode_values(const float* weights, int64_t Hp, const T* const* valu
     if (ahead != nullptr && j + kAheadL2 / 2 < ahead_count)
       prefetch_position<_MM_HINT_T1>(ahead[j + kAheadL2 / 2], run);
     const float* w_j = weights + j * Hp;
+    // Unrolled, or GCC keeps the sums in memory (it stops unrolling by itself once widening
+    // 16-bit values lengthens the body, and for NV < 4): 0.90x the time over GQA bf16 pools.
+#pragma GCC unroll 24
     for (int i = 0; i < kSlices; ++i) {
       if (i < count) {
         const vf w = broadcast(w_j + slices.head[first + i]);
         const T* v_j = values[j] + slices.in[first + i];
+#pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) acc[i][v] += w * load_vf(v_j + v * kLanes);
       }
     }
@@ -231,10 +237,11 @@ inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, cons
   first_item[R] = int64_t(item_row.size());
   const int64_t items = first_item[R];
   const bool split = items > R;  // a row of several parts: their partial results kept to merge
-  std::vector<float> part_out(split ? items * H * D : 0), part_stats(split ? items * 2 * Hp : 0);
+  const std::unique_ptr<float[]> part_out(split ? new float[items * H * D] : nullptr),
+      part_stats(split ? new float[items * 2 * Hp] : nullptr);  // each part writes its own
   const auto part = [&](int64_t item) {
-    return DecodePart{part_out.data() + item * H * D, part_stats.data() + item * 2 * Hp,
-                      part_stats.data() + item * 2 * Hp + Hp};
+    return DecodePart{part_out.get() + item * H * D, part_stats.get() + item * 2 * Hp,
+                      part_stats.get() + item * 2 * Hp + Hp};
   };
   // out's row r (of Q): weights[p][h] * parts[p].out[h] summed over its parts, each head divided
   // by its weights' sum of the parts' sums.
