@@ -131,13 +131,12 @@ struct ValueSlices {
 
 // For slices [first, first + count) (count <= kAccRegs / NV, their sums in registers): out_row
 // += sum over the block's positions j of weights[j, head] * values[j][in : in + NV * kLanes].
-// weights [positions, Hp]. Where ahead is given, positions ahead of the block's (ahead[0] is
-// the block's first) are fetched into L2 kAheadL2 / 2 positions on as it walks them.
+// weights [positions, Hp]. values[j] for j < fetch_until (past the block's positions, up to
+// the part's end) are fetched into L2 kAheadL2 / 2 positions ahead as the block is walked.
 template <int NV, typename T>
 inline void decode_values(const float* weights, int64_t Hp, const T* const* values,
                           int64_t positions, const ValueSlices& slices, int64_t first,
-                          int64_t count, float* out_row, const T* const* ahead,
-                          int64_t ahead_count, int64_t run) {
+                          int64_t count, float* out_row, int64_t fetch_until, int64_t run) {
   constexpr int kSlices = kAccRegs / NV;
   vf acc[kSlices][NV];
   for (int i = 0; i < kSlices; ++i)
@@ -145,8 +144,8 @@ inline void decode_values(const float* weights, int64_t Hp, const T* const* valu
       for (int v = 0; v < NV; ++v)
         acc[i][v] = load_vf(out_row + slices.out[first + i] + v * kLanes);
   for (int64_t j = 0; j < positions; ++j) {
-    if (ahead != nullptr && j + kAheadL2 / 2 < ahead_count)
-      prefetch_position<_MM_HINT_T1>(ahead[j + kAheadL2 / 2], run);
+    if (j + kAheadL2 / 2 < fetch_until)
+      prefetch_position<_MM_HINT_T1>(values[j + kAheadL2 / 2], run);
     const float* w_j = weights + j * Hp;
     // Unrolled, or GCC keeps the sums in memory (it stops unrolling by itself once widening
     // 16-bit values lengthens the body, and for NV < 4): 0.90x the time over GQA bf16 pools.
@@ -268,6 +267,7 @@ inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, cons
   };
   parallel_items(items, [&](WorkQueue& queue) {
     std::vector<float> scores, q_rows(H * D), out_row(H * D), top(Hp), sum(Hp), ones(Hp, 1.f);
+    const DecodePart own{out_row.data(), top.data(), sum.data()};  // a row of one part's
     std::vector<const T*> keys, values;
     queue.each([&](int64_t item) {
       const int64_t r = item_row[item], len = context_lens[r];
@@ -285,6 +285,8 @@ inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, cons
       for (int64_t h = 0; h < H; ++h)
         for (int64_t d = 0; d < D; ++d)
           q_rows[h * D + d] = to_float(q[r * q_layout.row + h * q_layout.head + d]);
+      const bool alone = first_item[r + 1] - first_item[r] == 1;
+      const DecodePart mine = alone ? own : part(item);
       scores.resize(n * Hp);  // [n, Hp]
       for (int64_t j = 0; j < n; ++j) {
         if (j + kAheadL1 < n) prefetch_position<_MM_HINT_T0>(keys[j + kAheadL1], run);
@@ -303,12 +305,9 @@ inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, cons
           s = exp_nonpositive(s - largest);
           total += s;
         }
-        *reinterpret_cast<vf*>(top.data() + h0) = largest;
-        *reinterpret_cast<vf*>(sum.data() + h0) = total;
+        *reinterpret_cast<vf*>(mine.top + h0) = largest;
+        *reinterpret_cast<vf*>(mine.sum + h0) = total;
       }
-      const bool alone = first_item[r + 1] - first_item[r] == 1;
-      const DecodePart mine =
-          alone ? DecodePart{out_row.data(), top.data(), sum.data()} : part(item);
       std::fill(mine.out, mine.out + H * D, 0.f);
       if constexpr (kFetchValues)
         for (int64_t j = 0; j < std::min(n, kAheadL2 / 2); ++j)
@@ -319,7 +318,7 @@ inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, cons
         for (int64_t s = 0; s < slice_count; s += slices_at_once)
           values_of(weights, Hp, values.data() + j0, positions, slices, s,
                     std::min(slices_at_once, slice_count - s), mine.out,
-                    kFetchValues && s == 0 ? values.data() + j0 : nullptr, n - j0, run);
+                    kFetchValues && s == 0 ? n - j0 : 0, run);
         if (vector_part < D)  // D's tail past its vectors
           for (int64_t j = 0; j < positions; ++j)
             for (int64_t h = 0; h < H; ++h)
@@ -327,12 +326,7 @@ inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, cons
                 mine.out[h * D + d] +=
                     weights[j * Hp + h] * to_float(values[j0 + j][kv_offset[h] + d]);
       }
-      if (alone) {
-        write_row(r, &mine, ones.data(), 1);
-      } else {
-        std::copy(top.begin(), top.end(), mine.top);
-        std::copy(sum.begin(), sum.end(), mine.sum);
-      }
+      if (alone) write_row(r, &mine, ones.data(), 1);
     });
   });
   if (!split) return;
