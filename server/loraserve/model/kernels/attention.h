@@ -78,71 +78,81 @@ inline vf transpose_sum(vf* acc) {
   }
 }
 
-// The lanes of q[0:D] * k[0:D] summed over D's vectors (a tail past them into lane 0): VPH =
-// D / kLanes where it is one of the common ones (unrolled, two chains), else 0 (any D).
-template <int VPH, typename T>
-inline vf dot_lanes(const float* q, const T* k, int64_t D) {
-  vf a = vf{}, b = vf{};
-  if constexpr (VPH > 0) {
-    for (int v = 0; v + 1 < VPH; v += 2) {
-      a += load_vf(q + v * kLanes) * load_vf(k + v * kLanes);
-      b += load_vf(q + (v + 1) * kLanes) * load_vf(k + (v + 1) * kLanes);
-    }
-    if constexpr (VPH % 2 == 1)
-      a += load_vf(q + (VPH - 1) * kLanes) * load_vf(k + (VPH - 1) * kLanes);
-  } else {
-    int64_t d = 0;
-    for (; d + 2 * kLanes <= D; d += 2 * kLanes) {
-      a += load_vf(q + d) * load_vf(k + d);
-      b += load_vf(q + d + kLanes) * load_vf(k + d + kLanes);
-    }
-    if (d + kLanes <= D) {
-      a += load_vf(q + d) * load_vf(k + d);
-      d += kLanes;
-    }
-    float tail = 0.f;
-    for (; d < D; ++d) tail += q[d] * to_float(k[d]);
-    a[0] += tail;
-  }
-  return a + b;
-}
-
 // s[0:H] = scale * (each q head's row of q_rows [H, D] . its kv head's keys at keys +
-// kv_offset[h]); s is padded to whole vectors (lanes past H: 0).
-template <int VPH, typename T>
+// kv_offset[h]); s is padded to whole vectors (lanes past H: 0). Each head's dot product is a
+// vector of partial sums over D's vectors (a tail past them added into lane 0), kLanes heads'
+// reduced together. VPH = D / kLanes where it is one of the common ones (unrolled), else 0
+// (any D). G consecutive q heads share a kv head (G divides the model's group and kLanes): each
+// vector of its keys is loaded, and widened, once for the G of them.
+template <int VPH, int G, typename T>
 inline void decode_scores(const float* q_rows, const T* keys, const int64_t* kv_offset,
                           int64_t H, int64_t D, float scale, float* s) {
+  const int64_t stride = VPH > 0 ? VPH * kLanes : D, vectors = stride / kLanes;
   for (int64_t h0 = 0; h0 < H; h0 += kLanes) {
     vf acc[kLanes];
 #pragma GCC unroll 16  // the sums in registers, not memory
-    for (int i = 0; i < kLanes; ++i) {
+    for (int i = 0; i < kLanes; i += G) {
+      for (int g = 0; g < G; ++g) acc[i + g] = vf{};
       const int64_t h = h0 + i;
-      acc[i] = h < H ? dot_lanes<VPH>(q_rows + h * D, keys + kv_offset[h], D) : vf{};
+      if (h >= H) continue;  // H is a multiple of G: a run of G heads is all there or not
+      const float* q_h = q_rows + h * stride;
+      const T* k_h = keys + kv_offset[h];
+#pragma GCC unroll 8
+      for (int64_t v = 0; v < vectors; ++v) {
+        const vf k = load_vf(k_h + v * kLanes);
+#pragma GCC unroll 8
+        for (int g = 0; g < G; ++g) acc[i + g] += load_vf(q_h + g * stride + v * kLanes) * k;
+      }
+      if constexpr (VPH == 0) {
+        for (int g = 0; g < G; ++g) {
+          float tail = 0.f;
+          for (int64_t d = vectors * kLanes; d < D; ++d)
+            tail += q_h[g * D + d] * to_float(k_h[d]);
+          acc[i + g][0] += tail;
+        }
+      }
     }
     *reinterpret_cast<vf*>(s + h0) = transpose_sum(acc) * scale;
   }
 }
 
-// A row's output vectors in slices of NV vectors of one head: slice i covers out_row[out[i],
-// + NV * kLanes) and reads each position's values from head[i]'s kv head at offset in[i].
+// Decode scores for runs of G heads: unrolled over D's vectors where there are 2, 4 or 8.
+template <int G, typename T>
+inline auto scores_kernel(int64_t D) {
+  const int64_t vectors = D / kLanes;
+  if (vectors * kLanes != D) return decode_scores<0, G, T>;
+  return vectors == 4   ? decode_scores<4, G, T>
+         : vectors == 8 ? decode_scores<8, G, T>
+         : vectors == 2 ? decode_scores<2, G, T>
+                        : decode_scores<0, G, T>;
+}
+
+// A row's output vectors in slices of NV vectors of G consecutive q heads that share a kv head:
+// slice i covers out_row[out[i] + g * head_stride, + NV * kLanes) for g < G, weighted by heads
+// head[i] + g, and reads each position's values once for them all, at offset in[i] of its run.
 struct ValueSlices {
   std::vector<int64_t> head, in, out;
+  int64_t head_stride;
 };
 
-// For slices [first, first + count) (count <= kAccRegs / NV, their sums in registers): out_row
-// += sum over the block's positions j of weights[j, head] * values[j][in : in + NV * kLanes].
-// weights [positions, Hp]. values[j] for j < fetch_until (past the block's positions, up to
-// the part's end) are fetched into L2 kAheadL2 / 2 positions ahead as the block is walked.
-template <int NV, typename T>
+// For slices [first, first + count) (count <= kAccRegs / (NV * G), their sums in registers):
+// out_row += sum over the block's positions j of weights[j, head] * values[j][in : in + NV *
+// kLanes]. weights [positions, Hp]. values[j] for j < fetch_until (past the block's positions,
+// up to the part's end) are fetched into L2 kAheadL2 / 2 positions ahead as the block is walked.
+template <int NV, int G, typename T>
 inline void decode_values(const float* weights, int64_t Hp, const T* const* values,
                           int64_t positions, const ValueSlices& slices, int64_t first,
                           int64_t count, float* out_row, int64_t fetch_until, int64_t run) {
-  constexpr int kSlices = kAccRegs / NV;
-  vf acc[kSlices][NV];
+  constexpr int kSlices = kAccRegs / (NV * G);
+  static_assert(kSlices > 0, "a slice's sums must fit in the registers");
+  vf acc[kSlices][G][NV];
+  const auto out_of = [&](int i, int g) {
+    return out_row + slices.out[first + i] + g * slices.head_stride;
+  };
   for (int i = 0; i < kSlices; ++i)
     if (i < count)
-      for (int v = 0; v < NV; ++v)
-        acc[i][v] = load_vf(out_row + slices.out[first + i] + v * kLanes);
+      for (int g = 0; g < G; ++g)
+        for (int v = 0; v < NV; ++v) acc[i][g][v] = load_vf(out_of(i, g) + v * kLanes);
   for (int64_t j = 0; j < positions; ++j) {
     if (j + kAheadL2 / 2 < fetch_until)
       prefetch_position<_MM_HINT_T1>(values[j + kAheadL2 / 2], run);
@@ -152,17 +162,24 @@ inline void decode_values(const float* weights, int64_t Hp, const T* const* valu
 #pragma GCC unroll 24
     for (int i = 0; i < kSlices; ++i) {
       if (i < count) {
-        const vf w = broadcast(w_j + slices.head[first + i]);
         const T* v_j = values[j] + slices.in[first + i];
+        vf x[NV];
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[i][v] += w * load_vf(v_j + v * kLanes);
+        for (int v = 0; v < NV; ++v) x[v] = load_vf(v_j + v * kLanes);
+#pragma GCC unroll 8
+        for (int g = 0; g < G; ++g) {
+          const vf w = broadcast(w_j + slices.head[first + i] + g);
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) acc[i][g][v] += w * x[v];
+        }
       }
     }
   }
   for (int i = 0; i < kSlices; ++i)
     if (i < count)
-      for (int v = 0; v < NV; ++v)
-        *reinterpret_cast<vf*>(out_row + slices.out[first + i] + v * kLanes) = acc[i][v];
+      for (int g = 0; g < G; ++g)
+        for (int v = 0; v < NV; ++v)
+          *reinterpret_cast<vf*>(out_of(i, g) + v * kLanes) = acc[i][g][v];
 }
 
 // q [R, H, D] of Q (fp32, or 16-bit: widened as it is read, exactly); k_pool, v_pool [S, KVH, D]
@@ -181,10 +198,24 @@ inline void decode_values(const float* weights, int64_t Hp, const T* const* valu
 // dot product as a vector of partial sums, kLanes heads' reduced together (transpose_sum), so
 // the scores are [positions, heads] with heads in the lanes, and the softmax over positions is
 // vertical. Values walk blocks of kValueBlock positions; within one, slices of the output (a
-// few vectors of one head each) keep their sums in registers across the block's positions,
-// each slice reading its part of every position's run. The softmax's denominator divides the
-// output once at the end.
+// few vectors of each of the q heads that share a kv head) keep their sums in registers across
+// the block's positions, each slice reading its part of every position's run. Under grouped-
+// query attention each vector of keys or values is loaded (and widened) once for the q heads
+// that share it, not once per head. The softmax's denominator divides the output once at the
+// end.
 constexpr int64_t kDecodePart = 256, kValueBlock = 16;
+
+// decode_values for slices of NV vectors of G heads (as many vectors as fit in the registers).
+template <int G, typename T>
+inline auto values_kernel(int NV) {
+  if constexpr (4 * G <= kAccRegs) {
+    if (NV == 4) return decode_values<4, G, T>;
+  }
+  if constexpr (2 * G <= kAccRegs) {
+    if (NV == 2) return decode_values<2, G, T>;
+  }
+  return decode_values<1, G, T>;
+}
 
 // One part's unnormalised output [H, D], and per head (padded to Hp) its largest score and the
 // sum of exp(score - largest).
@@ -202,30 +233,32 @@ inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, cons
                                    int64_t window, float scale, Q* out) {
   const int64_t group = H / KVH, Hp = (H + kLanes - 1) / kLanes * kLanes, run = KVH * D;
   const int64_t vectors = D / kLanes, vector_part = vectors * kLanes;
-  // Values' slices: as many vectors of a head as divide its vectors evenly, up to 4.
-  const int NV = vectors % 4 == 0 ? 4 : vectors % 2 == 0 ? 2 : 1;
-  const int64_t per_head = vectors / NV, slice_count = H * per_head;
-  const int64_t slices_at_once = kAccRegs / NV;
+  // Runs of G q heads that share a kv head read its keys and values once for all G.
+  const int G = group % 8 == 0 ? 8 : group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;
+  // Values' slices: as many vectors of a head as divide its vectors evenly, up to 4, whose
+  // sums for the G heads fit in the registers.
+  const auto fits = [&](int nv) { return vectors % nv == 0 && nv * G <= kAccRegs; };
+  const int NV = fits(4) ? 4 : fits(2) ? 2 : 1;
+  const int64_t per_run = vectors / NV, slice_count = H / G * per_run;
+  const int64_t slices_at_once = kAccRegs / (NV * G);
   std::vector<int64_t> kv_offset(H);
   ValueSlices slices{std::vector<int64_t>(slice_count), std::vector<int64_t>(slice_count),
-                     std::vector<int64_t>(slice_count)};
+                     std::vector<int64_t>(slice_count), D};
   for (int64_t h = 0; h < H; ++h) kv_offset[h] = h / group * D;
   for (int64_t i = 0; i < slice_count; ++i) {
-    const int64_t h = i / per_head, d = i % per_head * NV * kLanes;
+    const int64_t h = i / per_run * G, d = i % per_run * NV * kLanes;
     slices.head[i] = h;
     slices.in[i] = kv_offset[h] + d;
     slices.out[i] = h * D + d;
   }
-  const auto scores_of = vector_part != D ? decode_scores<0, T>
-                         : vectors == 4   ? decode_scores<4, T>
-                         : vectors == 8   ? decode_scores<8, T>
-                         : vectors == 2   ? decode_scores<2, T>
-                                          : decode_scores<0, T>;
-  const auto values_of = NV == 4 ? decode_values<4, T> : NV == 2 ? decode_values<2, T>
-                                                                 : decode_values<1, T>;
-  // 16-bit values take more instructions a line (widening), so fewer lines are in flight as
-  // the slices walk them: fetched into L2 ahead of the block's first slices.
-  constexpr bool kFetchValues = !std::is_same_v<T, float>;
+  const auto scores_of = G == 8   ? scores_kernel<8, T>(D)
+                         : G == 4 ? scores_kernel<4, T>(D)
+                         : G == 2 ? scores_kernel<2, T>(D)
+                                  : scores_kernel<1, T>(D);
+  const auto values_of = G == 8   ? values_kernel<8, T>(NV)
+                         : G == 4 ? values_kernel<4, T>(NV)
+                         : G == 2 ? values_kernel<2, T>(NV)
+                                  : values_kernel<1, T>(NV);
   // Work items in row order: row r's are [first_item[r], first_item[r + 1]).
   std::vector<int64_t> first_item(R + 1), item_row;
   for (int64_t r = 0; r < R; ++r) {
@@ -309,16 +342,19 @@ inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, cons
         *reinterpret_cast<vf*>(mine.sum + h0) = total;
       }
       std::fill(mine.out, mine.out + H * D, 0.f);
-      if constexpr (kFetchValues)
-        for (int64_t j = 0; j < std::min(n, kAheadL2 / 2); ++j)
-          prefetch_position<_MM_HINT_T1>(values[j], run);
+      // Each pass of slices over a block reads a slice of every position's run, so the first
+      // fetches the runs into L2 ahead of it for the rest: a pass reads too little of a run
+      // to keep enough lines in flight by itself, the fewer the more q heads share a kv head
+      // (fp32 pools of 16 q heads over 2: 0.80x the time of fetching none).
+      for (int64_t j = 0; j < std::min(n, kAheadL2 / 2); ++j)
+        prefetch_position<_MM_HINT_T1>(values[j], run);
       for (int64_t j0 = 0; j0 < n; j0 += kValueBlock) {
         const int64_t positions = std::min(kValueBlock, n - j0);
         const float* weights = scores.data() + j0 * Hp;
         for (int64_t s = 0; s < slice_count; s += slices_at_once)
           values_of(weights, Hp, values.data() + j0, positions, slices, s,
                     std::min(slices_at_once, slice_count - s), mine.out,
-                    kFetchValues && s == 0 ? n - j0 : 0, run);
+                    s == 0 ? n - j0 : 0, run);
         if (vector_part < D)  // D's tail past its vectors
           for (int64_t j = 0; j < positions; ++j)
             for (int64_t h = 0; h < H; ++h)
