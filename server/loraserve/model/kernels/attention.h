@@ -259,6 +259,11 @@ inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, cons
                          : G == 4 ? values_kernel<4, T>(NV)
                          : G == 2 ? values_kernel<2, T>(NV)
                                   : values_kernel<1, T>(NV);
+  // Each pass of slices over a block reads a slice of every position's run; the first fetches
+  // the runs into L2 ahead of it for the rest where a pass alone keeps too few lines in flight:
+  // 16-bit values (more instructions a line, widening) and q heads sharing a kv head (fewer
+  // lines a pass; fp32 pools of 16 q heads over 2: 0.80x the time of fetching none).
+  const bool fetch_values = !std::is_same_v<T, float> || G > 1;
   // Work items in row order: row r's are [first_item[r], first_item[r + 1]).
   std::vector<int64_t> first_item(R + 1), item_row;
   for (int64_t r = 0; r < R; ++r) {
@@ -342,19 +347,16 @@ inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, cons
         *reinterpret_cast<vf*>(mine.sum + h0) = total;
       }
       std::fill(mine.out, mine.out + H * D, 0.f);
-      // Each pass of slices over a block reads a slice of every position's run, so the first
-      // fetches the runs into L2 ahead of it for the rest: a pass reads too little of a run
-      // to keep enough lines in flight by itself, the fewer the more q heads share a kv head
-      // (fp32 pools of 16 q heads over 2: 0.80x the time of fetching none).
-      for (int64_t j = 0; j < std::min(n, kAheadL2 / 2); ++j)
-        prefetch_position<_MM_HINT_T1>(values[j], run);
+      if (fetch_values)
+        for (int64_t j = 0; j < std::min(n, kAheadL2 / 2); ++j)
+          prefetch_position<_MM_HINT_T1>(values[j], run);
       for (int64_t j0 = 0; j0 < n; j0 += kValueBlock) {
         const int64_t positions = std::min(kValueBlock, n - j0);
         const float* weights = scores.data() + j0 * Hp;
         for (int64_t s = 0; s < slice_count; s += slices_at_once)
           values_of(weights, Hp, values.data() + j0, positions, slices, s,
                     std::min(slices_at_once, slice_count - s), mine.out,
-                    s == 0 ? n - j0 : 0, run);
+                    fetch_values && s == 0 ? n - j0 : 0, run);
         if (vector_part < D)  // D's tail past its vectors
           for (int64_t j = 0; j < positions; ++j)
             for (int64_t h = 0; h < H; ++h)
