@@ -9,6 +9,13 @@ minutes apart differ by more than a kernel change. Then profiles a few decode st
 
     .venv/bin/python benchmarks/ab_kernels.py --base 6b7fbde --repeats 2
 
+`--compute-dtype`, `--kv-heads` and `--prompt-tokens` change that model and workload: fewer kv
+heads than its 16 q heads give it grouped-query attention, and longer prompts give decode
+attention more context to read (the prefill then takes as many steps as the step budget needs).
+
+    .venv/bin/python benchmarks/ab_kernels.py --base 2c96085 --compute-dtype bf16 --kv-heads 4 \
+        --prompt-tokens 960 1024 --new-tokens 24
+
 With `--projections` it times the kernels alone instead, on the default model's shapes: one
 round is every 4-bit projection of a decode step (8 layers x 7, 32 rows or `--rows`, random
 NF4 bytes, each layer its own weights) and then the fp32 output projection, the two builds
@@ -47,6 +54,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +68,15 @@ import loraserve.model.linear
 import loraserve.model.lora
 import loraserve.model.norms
 import loraserve.model.sampling
-from bench_multi_lora import DEFAULT
+from bench_multi_lora import DEFAULT, make_workload
+from common import Workload
 from engine_runs import Trace, submit
+from loraserve.engine.core import EngineCore
 from loraserve.model import huge_pages
 from loraserve.model.host_memory import keep_freed_memory
 from loraserve.model.kernels import build
 from loraserve.model.loading import DTYPES
-from profile_step import base_workload, warm_base_engine
+from profile_step import warm_base_engine
 
 REPO = Path(__file__).resolve().parent.parent
 KERNELS = Path("server/loraserve/model/kernels")  # from the repository's root
@@ -236,6 +246,14 @@ def compare_attention(builds: dict[str, object], rounds: int, dtype: torch.dtype
     alternate(builds, rounds, one_round)
 
 
+def prefill(core: EngineCore, workload: Workload) -> None:
+    """Submit `workload` and step until every request has its first token."""
+    trace = Trace()
+    submit(core, trace, workload, with_adapters=False)
+    while not all(trace.token_times.values()):
+        core.step()
+
+
 def projection_shapes() -> list[tuple[int, int]]:
     """(K, N) of one layer's seven projections in the default model."""
     hidden, inner = DEFAULT.model.hidden_size, DEFAULT.model.intermediate_size
@@ -280,7 +298,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--compute-dtype", choices=sorted(DTYPES), default="fp32",
-        help="with --lora-*: the rows' and the slots' dtype; with --attention: q's and the pools'",
+        help="the engine's; with --lora-*: the rows' and the slots'; with --attention: q's and "
+        "the pools'",
+    )  # fmt: skip
+    parser.add_argument(
+        "--kv-heads", type=int, default=DEFAULT.model.num_kv_heads,
+        help="decode steps: the model's kv heads (fewer than its q heads: grouped-query)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--prompt-tokens", type=int, nargs=2, default=DEFAULT.prompt_tokens,
+        metavar=("LOW", "HIGH"), help="decode steps: the prompts' lengths",
     )  # fmt: skip
     parser.add_argument(
         "--rows", type=int, default=DEFAULT.num_requests, help="decode rows (--projections: of x)"
@@ -303,14 +330,19 @@ def main() -> None:
     if args.lora_prefill or args.lora_decode:
         compare_lora(builds, args.rounds, args.lora_decode, DTYPES[args.compute_dtype])
         return
-    workload = base_workload(args.new_tokens).head(args.rows, args.new_tokens)
+    bench = replace(
+        DEFAULT,
+        compute_dtype=args.compute_dtype,
+        prompt_tokens=tuple(args.prompt_tokens),
+        model=replace(DEFAULT.model, num_kv_heads=args.kv_heads),
+    )
+    workload = make_workload(bench, [""] * bench.num_requests).head(args.rows, args.new_tokens)
     use(builds["base"])
-    core = warm_base_engine(workload)
+    core = warm_base_engine(workload, bench.model, bench)
 
     steps: dict[str, list[float]] = {name: [] for name in builds}
     for repeat in range(args.repeats):
-        submit(core, Trace(), workload, with_adapters=False)
-        core.step()  # the prefill, on whichever build came last
+        prefill(core, workload)  # on whichever build came last
         turn = repeat
         while core.has_work():
             name = list(builds)[turn % 2]
@@ -328,8 +360,7 @@ def main() -> None:
     profiled = min(12, args.new_tokens)  # the engine is sized for --new-tokens
     for name, ops in builds.items():
         use(ops)
-        submit(core, Trace(), workload.head(args.rows, profiled), with_adapters=False)
-        core.step()
+        prefill(core, workload.head(args.rows, profiled))
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             while core.has_work():
                 core.step()
