@@ -37,7 +37,8 @@ With `--lora-decode`, on a decode step of it instead (32 tokens, each on its own
 With `--attention`, decode attention alone over pools in scattered blocks: the default model's
 step (32 rows of 96-160 positions, 16 heads of 64, 8 layers), 32 rows of 1,024 positions and
 one row of 4,000 in the shape of Llama 3 8B's layer (32 query heads over 8 kv heads of 128),
-and 32 rows of 1,024 in the shape of Qwen2.5 3B's (16 query heads over 2 kv heads of 128).
+and 32 rows of 1,024 in the shapes of Qwen2.5 3B's (16 query heads over 2 kv heads of 128)
+and 7B's (28 over 4).
 
     .venv/bin/python benchmarks/ab_kernels.py --base 6b7fbde --attention --rounds 16
 
@@ -232,6 +233,7 @@ def compare_attention(builds: dict[str, object], rounds: int, dtype: torch.dtype
         "32 x 8 heads of 128, 32 rows of 1,024": [case([1024] * 32, 32, 8, 128)],
         "32 x 8 heads of 128, 1 row of 4,000": [case([4000], 32, 8, 128)],
         "16 x 2 heads of 128, 32 rows of 1,024": [case([1024] * 32, 16, 2, 128)],
+        "28 x 4 heads of 128, 32 rows of 1,024": [case([1024] * 32, 28, 4, 128)],
     }
 
     def one_round(ops: Any) -> dict[str, float]:

@@ -451,10 +451,12 @@ def _attended_alone(q, k_pool, v_pool, table, length, block_size, window, scale)
 @pytest.mark.parametrize("pool_dtype", KV_DTYPES, ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("window", [0, 5])
 # Groups of q heads over a kv head: 1; 4; 2 with D past whole vectors; 4 past 16 heads; 3 over
-# D = 8 (the tail alone); 8 (two kv heads in a block of 16 heads); 6 (runs of 2 sharing loads).
+# D = 8 (the tail alone); 8 (two kv heads in a block of 16 heads); 6 (scores in runs of 2,
+# values in runs of 6); 7 and 5 (scores head by head, values in runs of the whole group).
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim"),
-    [(4, 4, 32), (8, 2, 64), (6, 3, 40), (20, 5, 128), (3, 1, 8), (16, 2, 64), (12, 2, 48)],
+    [(4, 4, 32), (8, 2, 64), (6, 3, 40), (20, 5, 128), (3, 1, 8), (16, 2, 64), (12, 2, 48),
+     (14, 2, 64), (15, 3, 32)],  # fmt: skip
 )
 def test_paged_decode_attention_equals_sdpa_over_the_gathered_context(
     heads, kv_heads, head_dim, window, pool_dtype

@@ -216,6 +216,19 @@ inline auto values_kernel(int NV) {
   }
   return decode_values<1, G, T>;
 }
+template <typename T>
+inline auto values_kernel(int G, int NV) {
+  switch (G) {
+    case 8: return values_kernel<8, T>(NV);
+    case 7: return values_kernel<7, T>(NV);
+    case 6: return values_kernel<6, T>(NV);
+    case 5: return values_kernel<5, T>(NV);
+    case 4: return values_kernel<4, T>(NV);
+    case 3: return values_kernel<3, T>(NV);
+    case 2: return values_kernel<2, T>(NV);
+    default: return values_kernel<1, T>(NV);
+  }
+}
 
 // One part's unnormalised output [H, D], and per head (padded to Hp) its largest score and the
 // sum of exp(score - largest).
@@ -233,20 +246,23 @@ inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, cons
                                    int64_t window, float scale, Q* out) {
   const int64_t group = H / KVH, Hp = (H + kLanes - 1) / kLanes * kLanes, run = KVH * D;
   const int64_t vectors = D / kLanes, vector_part = vectors * kLanes;
-  // Runs of G q heads that share a kv head read its keys and values once for all G.
+  // Runs of q heads that share a kv head read its keys and values once for the run. The scores'
+  // runs (G) lie whole in blocks of kLanes heads, so G divides kLanes as well as the group; the
+  // values' runs (GV) are whole groups of up to 8 heads (7 of Qwen2.5 7B's, 5 of its 14B's).
   const int G = group % 8 == 0 ? 8 : group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;
+  const int GV = group <= 8 ? int(group) : G;
   // Values' slices: as many vectors of a head as divide its vectors evenly, up to 4, whose
-  // sums for the G heads fit in the registers.
-  const auto fits = [&](int nv) { return vectors % nv == 0 && nv * G <= kAccRegs; };
+  // sums for the GV heads fit in the registers.
+  const auto fits = [&](int nv) { return vectors % nv == 0 && nv * GV <= kAccRegs; };
   const int NV = fits(4) ? 4 : fits(2) ? 2 : 1;
-  const int64_t per_run = vectors / NV, slice_count = H / G * per_run;
-  const int64_t slices_at_once = kAccRegs / (NV * G);
+  const int64_t per_run = vectors / NV, slice_count = H / GV * per_run;
+  const int64_t slices_at_once = kAccRegs / (NV * GV);
   std::vector<int64_t> kv_offset(H);
   ValueSlices slices{std::vector<int64_t>(slice_count), std::vector<int64_t>(slice_count),
                      std::vector<int64_t>(slice_count), D};
   for (int64_t h = 0; h < H; ++h) kv_offset[h] = h / group * D;
   for (int64_t i = 0; i < slice_count; ++i) {
-    const int64_t h = i / per_run * G, d = i % per_run * NV * kLanes;
+    const int64_t h = i / per_run * GV, d = i % per_run * NV * kLanes;
     slices.head[i] = h;
     slices.in[i] = kv_offset[h] + d;
     slices.out[i] = h * D + d;
@@ -255,15 +271,12 @@ inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, cons
                          : G == 4 ? scores_kernel<4, T>(D)
                          : G == 2 ? scores_kernel<2, T>(D)
                                   : scores_kernel<1, T>(D);
-  const auto values_of = G == 8   ? values_kernel<8, T>(NV)
-                         : G == 4 ? values_kernel<4, T>(NV)
-                         : G == 2 ? values_kernel<2, T>(NV)
-                                  : values_kernel<1, T>(NV);
+  const auto values_of = values_kernel<T>(GV, NV);
   // Each pass of slices over a block reads a slice of every position's run; the first fetches
   // the runs into L2 ahead of it for the rest where a pass alone keeps too few lines in flight:
   // 16-bit values (more instructions a line, widening) and q heads sharing a kv head (fewer
   // lines a pass; fp32 pools of 16 q heads over 2: 0.80x the time of fetching none).
-  const bool fetch_values = !std::is_same_v<T, float> || G > 1;
+  const bool fetch_values = !std::is_same_v<T, float> || GV > 1;
   // Work items in row order: row r's are [first_item[r], first_item[r + 1]).
   std::vector<int64_t> first_item(R + 1), item_row;
   for (int64_t r = 0; r < R; ++r) {
