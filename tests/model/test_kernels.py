@@ -455,8 +455,17 @@ def _attended_alone(q, k_pool, v_pool, table, length, block_size, window, scale)
 # values in runs of 6); 7 and 5 (scores head by head, values in runs of the whole group).
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim"),
-    [(4, 4, 32), (8, 2, 64), (6, 3, 40), (20, 5, 128), (3, 1, 8), (16, 2, 64), (12, 2, 48),
-     (14, 2, 64), (15, 3, 32)],  # fmt: skip
+    [
+        (4, 4, 32),
+        (8, 2, 64),
+        (6, 3, 40),
+        (20, 5, 128),
+        (3, 1, 8),
+        (16, 2, 64),
+        (12, 2, 48),
+        (14, 2, 64),
+        (15, 3, 32),
+    ],
 )
 def test_paged_decode_attention_equals_sdpa_over_the_gathered_context(
     heads, kv_heads, head_dim, window, pool_dtype
