@@ -2,10 +2,10 @@
 
 Compiles both trees' `model/kernels` for this CPU under two op namespaces (`ab_base`,
 `ab_tree`), builds the default benchmark model once (hidden 1024, 8 layers, NF4, fp32
-compute), prefills 32 prompts (`--rows`), and alternates the decode steps between the two
-builds, so that both see the same machine at the same moments: on a shared, noisy machine, runs
-minutes apart differ by more than a kernel change. Then profiles a few decode steps of each
-(per-op times).
+compute), prefills 32 prompts of 64-128 tokens (`--rows`: another number of them), and
+alternates the decode steps between the two builds, so that both see the same machine at the
+same moments: on a shared, noisy machine, runs minutes apart differ by more than a kernel
+change. Then profiles a few decode steps of each (per-op times).
 
     .venv/bin/python benchmarks/ab_kernels.py --base 6b7fbde --repeats 2
 
@@ -334,6 +334,7 @@ def main() -> None:
         return
     bench = replace(
         DEFAULT,
+        num_requests=max(DEFAULT.num_requests, args.rows),
         compute_dtype=args.compute_dtype,
         prompt_tokens=tuple(args.prompt_tokens),
         model=replace(DEFAULT.model, num_kv_heads=args.kv_heads),

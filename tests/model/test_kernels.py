@@ -175,6 +175,35 @@ def test_6_to_12_rows_give_the_bits_these_rows_get_in_a_16_row_call(rows, in_fea
         torch.testing.assert_close(output, want, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("rows", [17, 33, 65, 18, 40])
+def test_a_few_rows_past_a_multiple_of_16_run_as_a_call_of_their_own(rows):
+    """The last rows past a multiple of 16, up to 8 (8-lane builds: 1), take the few-rows path
+    after the rest instead of a whole vector's work: the first rows get the bits a call for
+    them alone gives, the last the bits of theirs, each weight of a shared call alike."""
+    lanes = chosen_variant().lanes
+    if rows % 16 > (8 if lanes == 16 else 1):
+        pytest.skip(f"{rows % 16} rows past a multiple of 16 run in passes with {lanes} lanes")
+    layers = [
+        _quantized(40, 320, "nf4", nested=False, bias=True),
+        _quantized(64, 320, "fp4", nested=True, bias=False, blocksize=32),
+    ]
+    weights = [Packed4bit.of(layer) for layer in layers]
+    biases = [None if layer.bias is None else layer.bias.data for layer in layers]
+    x = torch.randn(rows, 320)
+    head = rows - rows % 16
+    ops = native()
+    got = matmul_group(ops, x, weights, biases)
+    first = matmul_group(ops, x[:head].contiguous(), weights, biases)
+    last = matmul_group(ops, x[head:].contiguous(), weights, biases)
+    for output, head_rows, tail_rows, layer, bias in zip(
+        got, first, last, layers, biases, strict=True
+    ):
+        assert torch.equal(output[:head], head_rows)
+        assert torch.equal(output[head:], tail_rows)
+        want = F.linear(x, _dequantized(layer), bias)
+        torch.testing.assert_close(output, want, rtol=RTOL, atol=ATOL)
+
+
 class _Attention(nn.Module):
     """q, k and v of one input, as transformers' attention modules call them."""
 

@@ -126,6 +126,15 @@ inline auto scores_kernel(int64_t D) {
          : vectors == 2 ? decode_scores<2, G, T>
                         : decode_scores<0, G, T>;
 }
+template <typename T>
+inline auto scores_kernel(int G, int64_t D) {
+  switch (G) {
+    case 8: return scores_kernel<8, T>(D);
+    case 4: return scores_kernel<4, T>(D);
+    case 2: return scores_kernel<2, T>(D);
+    default: return scores_kernel<1, T>(D);
+  }
+}
 
 // A row's output vectors in slices of NV vectors of G consecutive q heads that share a kv head:
 // slice i covers out_row[out[i] + g * head_stride, + NV * kLanes) for g < G, weighted by heads
@@ -267,10 +276,7 @@ inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, cons
     slices.in[i] = kv_offset[h] + d;
     slices.out[i] = h * D + d;
   }
-  const auto scores_of = G == 8   ? scores_kernel<8, T>(D)
-                         : G == 4 ? scores_kernel<4, T>(D)
-                         : G == 2 ? scores_kernel<2, T>(D)
-                                  : scores_kernel<1, T>(D);
+  const auto scores_of = scores_kernel<T>(G, D);
   const auto values_of = values_kernel<T>(GV, NV);
   // Each pass of slices over a block reads a slice of every position's run; the first fetches
   // the runs into L2 ahead of it for the rest where a pass alone keeps too few lines in flight:

@@ -13,8 +13,9 @@
 // while the previous group's multiply-adds run;
 // for more, a tile of a few output columns is decoded, one chunk of k at a time, into a small
 // fp32 buffer (the same values bitsandbytes' dequantize gives: code[q] * absmax) that stays in
-// L1 while every pass of rows of x is multiplied against it. A
-// decoded chunk keeps each group of 2 * LS_LANES consecutive k as its even-k elements then its
+// L1 while every pass of rows of x is multiplied against it. Past 16 rows, the last 1 to 8
+// (AVX2: 1) rows of a batch that is not a multiple of 16 take the few-rows path on their
+// own instead of a whole vector's work. A decoded chunk keeps each group of 2 * LS_LANES consecutive k as its even-k elements then its
 // odd-k elements (that is how nibbles unpack fastest), so x is permuted the same way once per
 // call: the dot products are unchanged by the shared order.
 
@@ -1163,11 +1164,10 @@ inline void gemm_4bit_rows(const float* x, int64_t M, int64_t K,
   }
 }
 
-// ys[i] [M, N_i] = x [M, K] @ dequantize(weights[i])^T, x fp32. Each weight takes the path its
-// own call would (its output has the same bits alone or beside others); up to one pass of rows
-// the weights of one path share one transpose of x and one parallel region.
-inline void gemm_4bit(const float* x, int64_t M, int64_t K, std::span<const Weight4bit> weights,
-                      std::span<float* const> ys) {
+// ys[i] [M, N_i] = x [M, K] @ dequantize(weights[i])^T, x fp32: each weight by the path its
+// rows take.
+inline void gemm_4bit_paths(const float* x, int64_t M, int64_t K,
+                            std::span<const Weight4bit> weights, std::span<float* const> ys) {
   if (M == 0) return;
 #if defined(__AVX512F__)
   if (M >= kFewestColumnVectorRows && M <= kMostColumnVectorRows) {
@@ -1184,6 +1184,34 @@ inline void gemm_4bit(const float* x, int64_t M, int64_t K, std::span<const Weig
   }
 #endif
   gemm_4bit_rows(x, M, K, weights, ys);
+}
+
+// Rows the paths that hold rows in lanes round their work up to: a vector of 16 with AVX-512
+// (each vector of rows its own multiply-adds), a pass of two vectors of 8 with AVX2 (a pass of
+// one vector runs as many: its blocks take twice the columns).
+constexpr int64_t kRowGrain = 16;
+// Past a whole number of grains, this many rows or fewer run as a call of their own after the
+// grains (by the GEMV or the column-vector path): one more read of the weights, often still in
+// cache, instead of a grain's work for a few rows. A decode step's 56 projections on two threads
+// (`ab_kernels.py --projections`, 2026-12-02), after / before: with AVX-512, 17 rows 0.75x,
+// 22 rows 0.98x, 34 rows 0.81x, 38 rows 0.91x, 66 rows 0.95x (one-offs: 26 rows 1.06x, 44 rows
+// 1.00x); with AVX2, 17 rows 0.91x and 33 rows 0.92x, but 18 rows 1.01x and 34 rows 1.07x.
+constexpr int64_t kSplitTailRows = kLanes == 16 ? 8 : 1;
+
+// ys[i] [M, N_i] = x [M, K] @ dequantize(weights[i])^T, x fp32. Each weight takes the path its
+// own call would (its output has the same bits alone or beside others); up to one pass of rows
+// the weights of one path share one transpose of x and one parallel region. A few rows past a
+// whole number of grains (kSplitTailRows) get the bits a call of their own gives them.
+inline void gemm_4bit(const float* x, int64_t M, int64_t K, std::span<const Weight4bit> weights,
+                      std::span<float* const> ys) {
+  const int64_t tail = M % kRowGrain;
+  if (M < kRowGrain || tail == 0 || tail > kSplitTailRows)
+    return gemm_4bit_paths(x, M, K, weights, ys);
+  const int64_t head = M - tail;
+  gemm_4bit_paths(x, head, K, weights, ys);
+  std::vector<float*> tail_ys;
+  for (size_t i = 0; i < weights.size(); ++i) tail_ys.push_back(ys[i] + head * weights[i].N);
+  gemm_4bit_paths(x + head * K, tail, K, weights, tail_ys);
 }
 
 // x [M, K] fp32 contiguous; w [N, K] fp32 or bf16 (widened exactly as it is read: the same
