@@ -14,10 +14,11 @@
 // for more, a tile of a few output columns is decoded, one chunk of k at a time, into a small
 // fp32 buffer (the same values bitsandbytes' dequantize gives: code[q] * absmax) that stays in
 // L1 while every pass of rows of x is multiplied against it. Past 16 rows, the last 1 to 8
-// (AVX2: 1) rows of a batch that is not a multiple of 16 take the few-rows path on their
-// own instead of a whole vector's work. A decoded chunk keeps each group of 2 * LS_LANES consecutive k as its even-k elements then its
-// odd-k elements (that is how nibbles unpack fastest), so x is permuted the same way once per
-// call: the dot products are unchanged by the shared order.
+// (AVX2: 1) rows of a batch that is not a multiple of 16 take the few-rows paths on their own
+// instead of a whole vector's work. A decoded chunk keeps each group of 2 * LS_LANES
+// consecutive k as its even-k elements then its odd-k elements (that is how nibbles unpack
+// fastest), so x is permuted the same way once per call: the dot products are unchanged by the
+// shared order.
 
 namespace LS_NAMESPACE {
 
