@@ -1215,15 +1215,37 @@ inline void gemm_4bit(const float* x, int64_t M, int64_t K, std::span<const Weig
   gemm_4bit_paths(x + head * K, tail, K, weights, tail_ys);
 }
 
+// gemm_dense for at most one pass of rows, MV vectors of them: sums in registers over all of k.
+template <int MV, class W>
+inline void gemm_dense_one_pass(const float* x, int64_t M, int64_t K, const W* w, int64_t N,
+                                float* y) {
+  constexpr int NR = std::min(kTileCols, kAccRegs / MV);
+  const PassOutput out{N, y};
+  gemm_one_pass<MV, NR, false>(x, M, K, {&out, 1}, [&](size_t, int64_t n0) {
+    if constexpr (sizeof(W) == 2)
+      return WidenedGroups<NR>(w, N, K, n0);
+    else
+      return InPlaceGroups<NR>(w, N, K, n0);
+  });
+}
+
+// Rows up to which streaming each weight row once, whole, against every row (dot products) beats
+// the outer products. One bound for fp32 and bf16 weights keeps a bf16-held weight's bits those
+// of its fp32 values; it is bf16's, the weights of a bf16 checkpoint's output projection. The
+// 32,000 x 1,024 output projection on two threads (2026-12-02), dot products / outer products:
+// bf16 weights with AVX-512 1 row 3.3 / 4.4 ms, 4 rows 3.8 / 4.0, 5 rows 4.3 / 4.0, 6 rows 4.8 /
+// 4.2; with AVX2 4 rows 3.9 / 4.3, 5 rows 4.7 / 4.3. fp32 weights with AVX-512 4 rows 5.8 / 4.8
+// (fp32 would move to the outer products from 2 rows), 16 rows 9.4 / 4.9 (one vector of rows),
+// 24 rows 12.2 / 6.8 (two); with AVX2 4 rows 5.5 / 5.4, 5 rows 6.1 / 5.4, 12 rows 8.0 / 6.2.
+constexpr int64_t kDenseDotRows = 4;
+
 // x [M, K] fp32 contiguous; w [N, K] fp32 or bf16 (widened exactly as it is read: the same
 // sums as fp32 weights of those values), contiguous; y [M, N] fp32 contiguous.
 template <class W>
 inline void gemm_dense(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y) {
   if (M == 0) return;
   const int64_t tiles = (N + kTileCols - 1) / kTileCols;
-  // With few rows, streaming each weight row once, whole, is fastest (measured: up to 12 rows
-  // with AVX2; from 16 the outer products win by 15%).
-  if (M <= 3 * kLanes / 2) {
+  if (M <= kDenseDotRows) {
     parallel_items(tiles, [&](WorkQueue& queue) {
       queue.each([&](int64_t t) {
         const int64_t n0 = t * kTileCols, cols = std::min<int64_t>(kTileCols, N - n0);
@@ -1232,16 +1254,9 @@ inline void gemm_dense(const float* x, int64_t M, int64_t K, const W* w, int64_t
     });
     return;
   }
-  if (kOnePass && M <= kPassRows) {  // here two vectors of rows
-    constexpr int NR = std::min(kTileCols, kAccRegs / 2);
-    const PassOutput out{N, y};
-    return gemm_one_pass<2, NR, false>(x, M, K, {&out, 1}, [&](size_t, int64_t n0) {
-      if constexpr (sizeof(W) == 2)
-        return WidenedGroups<NR>(w, N, K, n0);
-      else
-        return InPlaceGroups<NR>(w, N, K, n0);
-    });
-  }
+  if (kOnePass && M <= kPassRows)
+    return pass_vectors(M, 0) == 1 ? gemm_dense_one_pass<1>(x, M, K, w, N, y)
+                                   : gemm_dense_one_pass<2>(x, M, K, w, N, y);
   // fp32 rows are read in place (copying each chunk costs more than the constant stride
   // saves), except the last tile's, padded with zeros. bf16 rows are widened into the chunk,
   // each row's next chunk (else the next tile's row) prefetched, as decode_chunk does.
