@@ -82,8 +82,7 @@ class ModuleWeights:
 
     def storages(self) -> dict[int, int]:
         """The memory under these tensors, storage address -> bytes. A view keeps its whole
-        storage alive: A as read is a view of the adapter file's buffer (which also holds B as
-        stored), so the storage, not the view, is what holding these weights costs."""
+        storage alive, so the storage, not the view, is what holding these weights costs."""
         return {
             t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
             for t in self._tensors().values()
