@@ -198,7 +198,7 @@ def test_not_finite_names_each_module_holding_a_nan_or_infinity_once(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("spec", ["dora-embed-r4", "lora-bias-r4"])
-def test_read_weights_count_their_memory_and_keep_no_file_buffer_alive(spec, dtype, bases, tmp_path):
+def test_read_weights_hold_no_memory_beyond_their_tensors(spec, dtype, bases, tmp_path):
     arch = "qwen2" if spec == "lora-bias-r4" else "llama"
     directory = _written(bases, tmp_path, arch, spec)
     weights = read_peft_adapter(directory, lora_target_shapes(str(bases[arch])), 8, dtype)

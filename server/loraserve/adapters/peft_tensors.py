@@ -247,9 +247,7 @@ def module_weights(
     )  # [r, out] float32
     a_parts = [checked[name].parts[a_role] for name, (a_role, _) in zip(paired, roles)]
     factors = dict(zip(paired, zip(in_one_buffer(a_parts, dtype), bs)))
-    return {
-        name: _converted(module, factors.get(name), dtype) for name, module in checked.items()
-    }
+    return {name: _converted(module, factors.get(name), dtype) for name, module in checked.items()}
 
 
 def in_one_buffer(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
