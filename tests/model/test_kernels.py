@@ -429,7 +429,7 @@ def test_bf16_rows_from_the_tile_minimum_to_the_small_batch_limit_run_in_amx_til
             assert torch.equal(got[0], alone)
 
 
-@pytest.mark.parametrize("rows", [0, 1, 5, 12, 13, 17, 30, 32, 33, SMALL_BATCH_ROWS])
+@pytest.mark.parametrize("rows", [0, 1, 5, 12, 13, 17, 30, 32, 33, 49, 64, 65, SMALL_BATCH_ROWS])
 @pytest.mark.parametrize(("out_features", "in_features"), [(7, 100), (25, 64), (12, 3), (30, 300)])
 def test_linear_f32_equals_f_linear(rows, out_features, in_features):
     torch.manual_seed(rows)
@@ -440,7 +440,7 @@ def test_linear_f32_equals_f_linear(rows, out_features, in_features):
     torch.testing.assert_close(got, F.linear(x, w, b), rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("rows", [1, 4, 5, 24, 25, 32, 33, 70, SMALL_BATCH_ROWS])
+@pytest.mark.parametrize("rows", [1, 4, 5, 24, 25, 32, 33, 49, 64, 70, SMALL_BATCH_ROWS])
 @pytest.mark.parametrize(("out_features", "in_features"), [(7, 100), (25, 64), (30, 300), (13, 37)])
 def test_linear_f32_of_a_bf16_weight_gives_the_bits_of_its_fp32_values(
     rows, out_features, in_features

@@ -932,9 +932,11 @@ struct PassOutput {
   float* y;
 };
 
-// outputs[i].y = x [M, K] @ W_i^T for M at most kPassRows (MV vectors of rows), in blocks of NR
-// columns whose weights `groups_of(i, n0)` gives: several weights that read the same x share one
-// transpose of it and one parallel region. kDecoded: the groups keep k in decoded order.
+// outputs[i].y = x [M, K] @ W_i^T in blocks of NR columns whose weights `groups_of(i, n0)`
+// gives, for M at most kPassRows (MV vectors of rows) or, past it, in passes of kPassRows rows
+// (the last of one vector or MV), each block running every pass in turn (its weights from cache
+// after the first): several weights that read the same x share one transpose of it and one
+// parallel region. kDecoded: the groups keep k in decoded order.
 template <int MV, int NR, bool kDecoded, class GroupsOf>
 inline void gemm_one_pass(const float* x, int64_t M, int64_t K,
                           std::span<const PassOutput> outputs, GroupsOf groups_of) {
@@ -949,8 +951,15 @@ inline void gemm_one_pass(const float* x, int64_t M, int64_t K,
       size_t i = 0;
       while (b >= first_block[i + 1]) ++i;
       const int64_t n0 = (b - first_block[i]) * NR;
-      auto groups = groups_of(i, n0);
-      columns_one_pass<MV, NR>(xt, M, K, outputs[i].N, n0, groups, outputs[i].y);
+      for (int64_t m0 = 0; m0 < M; m0 += kPassRows) {
+        auto groups = groups_of(i, n0);
+        const int64_t rows = std::min(kPassRows, M - m0);
+        float* y = outputs[i].y + m0 * outputs[i].N;
+        if (pass_vectors(M, m0) == 1)
+          columns_one_pass<1, NR>(xt + m0 * K, rows, K, outputs[i].N, n0, groups, y);
+        else
+          columns_one_pass<MV, NR>(xt + m0 * K, rows, K, outputs[i].N, n0, groups, y);
+      }
     });
   });
 }
@@ -1215,7 +1224,8 @@ inline void gemm_4bit(const float* x, int64_t M, int64_t K, std::span<const Weig
   gemm_4bit_paths(x + head * K, tail, K, weights, tail_ys);
 }
 
-// gemm_dense for at most one pass of rows, MV vectors of them: sums in registers over all of k.
+// gemm_dense in one pass of MV vectors of rows, or passes of up to kPassRows rows (the first MV
+// vectors): sums in registers over all of k.
 template <int MV, class W>
 inline void gemm_dense_one_pass(const float* x, int64_t M, int64_t K, const W* w, int64_t N,
                                 float* y) {
@@ -1238,6 +1248,14 @@ inline void gemm_dense_one_pass(const float* x, int64_t M, int64_t K, const W* w
 // (fp32 would move to the outer products from 2 rows), 16 rows 9.4 / 4.9 (one vector of rows),
 // 24 rows 12.2 / 6.8 (two); with AVX2 4 rows 5.5 / 5.4, 5 rows 6.1 / 5.4, 12 rows 8.0 / 6.2.
 constexpr int64_t kDenseDotRows = 4;
+// Rows up to which the one-pass kernel (AVX-512) beats the tile path, in two passes past
+// kPassRows: each block of columns reads its weights from memory once, for the first pass, and
+// from cache for the second. The same weight (2026-12-02), tile path / two passes: fp32 33 rows
+// 11.6-12.4 / 10.2-10.6 ms, 48 rows 12.3-12.4 / 10.5-10.7, 56 rows 14.1 / 12.5-12.9, 64 rows
+// 14.4-15.0 / 13.0-15.4; bf16 33 rows 10.8-11.0 / 10.7-11.4, 48 rows 11.4 / 10.7-11.4, 64 rows
+// 14.4-14.9 / 12.7-14.8; past 64 rows the passes lose (fp32 128 rows 27.9-28.0 / 28.9-30.1).
+// (The 4-bit kernel's weights are a quarter of the bytes: it gained nothing from more passes.)
+constexpr int64_t kDenseOnePassRows = 2 * kPassRows;
 
 // x [M, K] fp32 contiguous; w [N, K] fp32 or bf16 (widened exactly as it is read: the same
 // sums as fp32 weights of those values), contiguous; y [M, N] fp32 contiguous.
@@ -1254,7 +1272,7 @@ inline void gemm_dense(const float* x, int64_t M, int64_t K, const W* w, int64_t
     });
     return;
   }
-  if (kOnePass && M <= kPassRows)
+  if (kOnePass && M <= kDenseOnePassRows)
     return pass_vectors(M, 0) == 1 ? gemm_dense_one_pass<1>(x, M, K, w, N, y)
                                    : gemm_dense_one_pass<2>(x, M, K, w, N, y);
   // fp32 rows are read in place (copying each chunk costs more than the constant stride
