@@ -1254,7 +1254,7 @@ constexpr int64_t kDenseDotRows = 4;
 // 11.6-12.4 / 10.2-10.6 ms, 48 rows 12.3-12.4 / 10.5-10.7, 56 rows 14.1 / 12.5-12.9, 64 rows
 // 14.4-15.0 / 13.0-15.4; bf16 33 rows 10.8-11.0 / 10.7-11.4, 48 rows 11.4 / 10.7-11.4, 64 rows
 // 14.4-14.9 / 12.7-14.8; past 64 rows the passes lose (fp32 128 rows 27.9-28.0 / 28.9-30.1).
-// (The 4-bit kernel's weights are a quarter of the bytes: it gained nothing from more passes.)
+// (The 4-bit kernel, whose weights are an eighth of fp32's bytes, gained nothing from passes.)
 constexpr int64_t kDenseOnePassRows = 2 * kPassRows;
 
 // x [M, K] fp32 contiguous; w [N, K] fp32 or bf16 (widened exactly as it is read: the same
