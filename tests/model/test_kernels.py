@@ -651,19 +651,35 @@ def test_paged_prefill_attention_refuses_rows_outside_the_queries_or_their_table
         attend(q, out, k_pool, v_pool, tables, firsts, counts, starts + 100, 4, 0, 1.0)
 
 
+def other_variants() -> list[str]:
+    """The builds this CPU can run besides its own: the 16-lane logic in AVX2 instructions
+    everywhere, and the AVX2 build on a CPU with AVX-512."""
+    host = build.host_variant()
+    if host is None:
+        return []
+    return [name for name in ("avx2", "avx2-16") if name != host.name]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(build.host_variant() is None, reason="no AVX2")
-def test_the_16_lane_kernels_equal_their_references(tmp_path):
-    """The blocking AVX-512 machines run (16 lanes), checked here in AVX2 instructions."""
-    env = dict(os.environ, LORASERVE_KERNELS="avx2-16", XDG_CACHE_HOME=str(tmp_path))
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "not compiles and not kernels_are_off and not 16_lane"],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:]
-    assert " passed" in result.stdout
-    assert list(tmp_path.rglob("loraserve_cpu_avx2-16.so")), "the 16-lane build was not used"
+def test_the_other_variants_equal_their_references(tmp_path):
+    """This module's comparisons against every other build this CPU runs (`other_variants`), at
+    once, each in a process of its own: an AVX-512 machine tests what an AVX2-only one runs, and
+    an AVX2 machine the logic AVX-512 machines run."""
+    runs = {}
+    for name in other_variants():
+        cache = tmp_path / name
+        env = dict(os.environ, LORASERVE_KERNELS=name, XDG_CACHE_HOME=str(cache))
+        runs[name] = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+             "-k", "not kernels_are_off and not other_variants"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
+        )  # fmt: skip
+    for name, run in runs.items():
+        output, _ = run.communicate(timeout=900)
+        assert run.returncode == 0, f"{name}: {output[-3000:]}"
+        assert " passed" in output, f"{name}: {output[-3000:]}"
+        assert list((tmp_path / name).rglob(f"loraserve_cpu_{name}.so")), f"{name} was not used"
 
 
 @pytest.mark.slow
