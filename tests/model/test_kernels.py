@@ -675,11 +675,16 @@ def test_the_other_variants_equal_their_references(tmp_path):
              "-k", "not kernels_are_off and not other_variants"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
         )  # fmt: skip
-    for name, run in runs.items():
-        output, _ = run.communicate(timeout=900)
-        assert run.returncode == 0, f"{name}: {output[-3000:]}"
-        assert " passed" in output, f"{name}: {output[-3000:]}"
-        assert list((tmp_path / name).rglob(f"loraserve_cpu_{name}.so")), f"{name} was not used"
+    try:
+        for name, run in runs.items():
+            output, _ = run.communicate(timeout=900)
+            assert run.returncode == 0, f"{name}: {output[-3000:]}"
+            assert " passed" in output, f"{name}: {output[-3000:]}"
+            assert list((tmp_path / name).rglob(f"loraserve_cpu_{name}.so")), f"{name} unused"
+    finally:
+        for run in runs.values():
+            run.kill()
+            run.wait()
 
 
 @pytest.mark.slow
