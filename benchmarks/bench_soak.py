@@ -9,7 +9,13 @@ later. After every round it records the process's resident set (RSS). A server w
 grows with its traffic (a leak, or the allocator fragmenting) shows it as a climb after the
 first rounds have reached every batch shape's high-water mark.
 
-    .venv/bin/python benchmarks/bench_soak.py --seconds 600 --out benchmarks/results/soak.json
+With `--churn` the engine is the benchmark's Zipf one instead: 1,000 registered adapters (the
+32 files under 1,000 names), 32 device slots and a host tier that holds a quarter of them, and
+each request names one of the 1,000 at random, so adapters keep moving from disk to the host
+tier to a slot and out again; the host tier's budget then bounds what the process may grow by.
+
+    .venv/bin/python benchmarks/bench_soak.py --seconds 600 [--churn] \
+        --out benchmarks/results/soak.json
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pathlib import Path
 
 import transformers
 
+from adapter_cache import ZIPF_ADAPTERS, build_zipf_engine
 from bench_multi_lora import DEFAULT, TARGETS, base_engine_config, make_workload
 from common import DEFAULT_CACHE_DIR, Workload, prepare_lora_adapters, prepare_model
 from engine_runs import Trace, build_engine, engine_config, step_until_idle, submit
@@ -82,6 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=600)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--churn", action="store_true", help="1,000 adapters through 32 slots")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -96,9 +104,15 @@ def main() -> None:
         base_engine_config(config, model_dir), make_workload(config, list(adapter_dirs)),
         config.prompt_tokens[1], MOST_REQUESTS,
     )  # fmt: skip
-    core = build_engine(sized.model_copy(update={"prefix_caching": True}), adapter_dirs)
+    settings = sized.model_copy(update={"prefix_caching": True})
+    if args.churn:
+        core = build_zipf_engine(settings, list(adapter_dirs.values()))
+        names = [f"zipf-{i}" for i in range(ZIPF_ADAPTERS)]
+    else:
+        core = build_engine(settings, adapter_dirs)
+        names = sorted(adapter_dirs)
     built = rss_mib()
-    timeline = soak(core, sorted(adapter_dirs), args.seconds, args.seed)
+    timeline = soak(core, names, args.seconds, args.seed)
     third = timeline[len(timeline) // 3]
     summary = {
         "rss_mib_built": round(built, 1),
@@ -111,7 +125,7 @@ def main() -> None:
     print(json.dumps(summary, indent=2))
     if args.out:
         record = {"machine": machine_info(), "seconds": args.seconds, "seed": args.seed,
-                  "summary": summary, "timeline": timeline}  # fmt: skip
+                  "churn": args.churn, "summary": summary, "timeline": timeline}  # fmt: skip
         args.out.write_text(json.dumps(record, indent=2) + "\n")
 
 

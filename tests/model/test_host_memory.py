@@ -18,7 +18,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 # Page faults of allocating, touching and freeing a block of argv[3] MiB, twice, through the C
-# library, on the main thread or on a thread of its own (as the server's engine loop runs).
+# library: on the main thread, on a thread of its own (as the server's engine loop runs), or on
+# two threads alive together, the second allocating after the first freed (as an adapter read on
+# one thread is dropped while the loader thread reads another).
 PROBE = textwrap.dedent(
     """
     import ctypes, resource, sys, threading
@@ -31,20 +33,30 @@ PROBE = textwrap.dedent(
     size = int(sys.argv[3]) << 20
     faults = []
 
-    def allocate_twice():
-        for _ in range(2):
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            block = libc.malloc(size)
-            ctypes.memset(block, 1, size)
-            libc.free(block)
-            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    def allocate():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = libc.malloc(size)
+        ctypes.memset(block, 1, size)
+        libc.free(block)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+    def on_thread(work):
+        worker = threading.Thread(target=work)
+        worker.start()
+        return worker
 
     if sys.argv[2] == "thread":
-        worker = threading.Thread(target=allocate_twice)
-        worker.start()
-        worker.join()
+        on_thread(lambda: (allocate(), allocate())).join()
+    elif sys.argv[2] == "threads":
+        freed, done = threading.Event(), threading.Event()
+        first = on_thread(lambda: (allocate(), freed.set(), done.wait()))
+        freed.wait()
+        on_thread(allocate).join()
+        done.set()
+        first.join()
     else:
-        allocate_twice()
+        allocate()
+        allocate()
     print(faults[1])
     """
 )
@@ -62,8 +74,8 @@ def second_allocation_faults(mode: str, where: str, mib: int) -> int:
 
 # 24 MiB: below glibc's largest mmap threshold; 40 MiB: above it (a prefill's [3183, 2816] fp32
 # activations are 36 MB), below the 64 MiB of a thread's heap.
-@pytest.mark.parametrize("where", ["main", "thread"])
-@pytest.mark.parametrize("mib", [24, 40])
+@pytest.mark.parametrize("where", ["main", "thread", "threads"])
+@pytest.mark.parametrize("mib", [8, 24, 40])
 def test_freed_memory_is_reused_without_page_faults(where: str, mib: int) -> None:
     assert second_allocation_faults("keep", where, mib) < (mib << 20) // 4096 // 10
 
