@@ -72,8 +72,9 @@ def second_allocation_faults(mode: str, where: str, mib: int) -> int:
     return int(result.stdout)
 
 
-# 24 MiB: below glibc's largest mmap threshold; 40 MiB: above it (a prefill's [3183, 2816] fp32
-# activations are 36 MB), below the 64 MiB of a thread's heap.
+# 8 MiB: the order of an adapter's buffers in the host tier; 24 MiB: below glibc's largest mmap
+# threshold; 40 MiB: above it (a prefill's [3183, 2816] fp32 activations are 36 MB), below the
+# 64 MiB of a thread's heap.
 @pytest.mark.parametrize("where", ["main", "thread", "threads"])
 @pytest.mark.parametrize("mib", [8, 24, 40])
 def test_freed_memory_is_reused_without_page_faults(where: str, mib: int) -> None:
