@@ -18,10 +18,9 @@ own (up to 8 per core), and memory freed in one thread's heap is reused only by 
 adapters validated on one thread (registration, an upload) and dropped from the host tier later
 would stay resident beside those the loader thread reads in their place, and each thread's heap
 would keep its own high-water mark. Moving 1,000 adapters through 32 slots for 15 minutes grew
-the process by 3.7 GiB that way (the host tier holds 2.35), and by 0.5 GiB in one arena, where
-cold loads also ran on reused memory: 2.3 times as many rounds in the same time
-(benchmarks/RESULTS.md). The setting holds for threads that allocate after it: the engine applies
-it before its loader thread starts.
+the process by 3.7 GiB that way (the host tier holds 2.35), and by 0.5 GiB in one arena
+(benchmarks/RESULTS.md). The setting holds for threads that allocate after it: the engine
+applies it before its loader thread starts.
 
 Knows nothing about models or tensors. Where the C library is not glibc it does nothing.
 """
