@@ -100,7 +100,7 @@ class EngineCore:
         )
         self.inbox = Inbox()
         if loaded.device.type == "cpu":
-            keep_freed_memory()  # before the loader thread allocates: one arena (host_memory)
+            keep_freed_memory()  # before the loader thread allocates (model/host_memory)
         self.adapters = AdapterManager(
             layers,
             config.device_slots,

@@ -31,7 +31,6 @@ from loraserve.model.attention import (
     PrefillTables,
     paged_kernels_apply,
 )
-from loraserve.model.host_memory import keep_freed_memory
 from loraserve.model.kv_cache import PagedKVCache
 from loraserve.model.linear import BaseLinear, link_shared_inputs, wrap_projections
 from loraserve.model.lora import LoraBatch, LoraContext
@@ -81,7 +80,6 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.paged_kernels = paged_kernels_apply(cache)
         if self.device.type == "cpu":
-            keep_freed_memory()
             fuse_rms_norms(model)  # a GPU's host time would only pay the wrapper's call
             fuse_rotary(model)
             wrap_projections(model)  # those no adapter targets, which LoRA left as they were
