@@ -205,6 +205,15 @@ def test_prefetch_and_server_info_go_through_ray(cluster, adapter_dirs):
     assert info.device_slots == 2
 
 
+def test_replicas_start_with_one_malloc_arena(cluster):
+    """Ray's own threads allocate before any of loraserve's code runs in a replica, so the
+    replica's process gets the one-arena limit from the environment it starts with
+    (model/host_memory)."""
+    _, (_, pid) = generate(cluster)
+    with open(f"/proc/{pid}/environ", "rb") as environ:
+        assert b"MALLOC_ARENA_MAX=1" in environ.read().split(b"\0")
+
+
 def test_a_multiplexed_id_other_than_the_adapter_is_refused(cluster):
     request = gpb.GenerateRequest(
         input=gpb.GenerationInput(text=PROMPT, adapter=gpb.AdapterRef(name="sticky"))

@@ -5,7 +5,8 @@ Serve (`loraserve.ray_serve`); the client commands (`generate`,
 For `serve`: reads flags, `LORASERVE_*` environment variables and an optional JSON config file
 once (`loraserve.settings`: a wrong value ends start-up with one line), builds the frozen
 `ServerConfig`, sets up the log, says what it is loading, bounds OpenMP's spinning before
-importing torch (`OPENMP_SPIN_COUNT`), and hands the configuration to the server.
+importing torch (`OPENMP_SPIN_COUNT`), sets malloc up before any thread starts (one arena:
+`model/host_memory`), and hands the configuration to the server.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import loraserve
 from loraserve.logs import configure as configure_logs
+from loraserve.model.host_memory import keep_freed_memory
 from loraserve.settings import ConfigError, add_setting_flags, load_local_config
 from loraserve_client.cli import add_client_commands, run_command
 
@@ -167,6 +169,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     log.info("configuration: %s", json.dumps(config.describe(), default=str))
     _short_openmp_spin()
+    keep_freed_memory()  # before any thread allocates: one malloc arena (model/host_memory)
     from loraserve.app import serve  # torch and transformers: seconds to import
 
     return asyncio.run(serve(config))

@@ -41,6 +41,7 @@ from loraserve.app import build_runtime, warm_up
 from loraserve.config import ServerConfig
 from loraserve.metrics import Metrics
 from loraserve.model.cpus import in_passing_thread, serial_executor
+from loraserve.model.host_memory import ONE_ARENA_ENVIRONMENT
 from loraserve.settings import load_config
 from loraserve_client.v1 import adapters_pb2 as apb
 from loraserve_client.v1 import generation_pb2 as gpb
@@ -234,7 +235,12 @@ def build_app(args: Mapping[str, Any]) -> serve.Application:
     if "autoscaling_config" in args:
         options.pop("num_replicas", None)
         options["autoscaling_config"] = args["autoscaling_config"]
-    options["ray_actor_options"] = {"num_gpus": num_gpus, "num_cpus": args.get("num_cpus", 1)}
+    options["ray_actor_options"] = {
+        "num_gpus": num_gpus,
+        "num_cpus": args.get("num_cpus", 1),
+        # read by malloc as the replica's process starts, before Ray's threads (host_memory)
+        "runtime_env": {"env_vars": ONE_ARENA_ENVIRONMENT},
+    }
     deployment = serve.deployment(name="LoraServe", **options)(LoraServe)
     return deployment.bind(settings)
 

@@ -1,4 +1,5 @@
-"""malloc keeps what a forward frees: the next allocation of the same size faults no page in.
+"""malloc keeps what a forward frees: the next allocation of the same size faults no page in;
+and every thread allocates from one arena, set before the server's and the load's threads start.
 
 Each case runs in a fresh interpreter, whose malloc has its defaults until the code under test
 changes them (this test process may have changed its own already). Linux with glibc only.
@@ -6,12 +7,15 @@ changes them (this test process may have changed its own already). Linux with gl
 
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+from tests.api.server_process import free_port
 
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only"
@@ -85,3 +89,73 @@ def test_freed_memory_is_reused_without_page_faults(where: str, mib: int) -> Non
 def test_by_default_the_same_allocation_faults_its_pages_in_again(where: str) -> None:
     """What `keep_freed_memory` changes: without it the probe sees every page fault again."""
     assert second_allocation_faults("default", where, 40) > (40 << 20) // 4096 // 2
+
+
+# Defines arenas(): how many malloc arenas (heaps) the process has, from malloc_info(3)'s report.
+ARENAS = textwrap.dedent(
+    """
+    import ctypes, re, sys, tempfile, threading
+
+    def arenas():
+        libc = ctypes.CDLL(None)
+        libc.fopen.restype = ctypes.c_void_p
+        libc.fopen.argtypes = (ctypes.c_char_p, ctypes.c_char_p)
+        libc.fclose.argtypes = (ctypes.c_void_p,)
+        libc.malloc_info.argtypes = (ctypes.c_int, ctypes.c_void_p)
+        with tempfile.NamedTemporaryFile("r") as report:
+            stream = libc.fopen(report.name.encode(), b"w")
+            libc.malloc_info(0, stream)
+            libc.fclose(stream)
+            return len(re.findall("<heap nr=", report.read()))
+    """
+)
+
+
+def run_probe(script: str, *args: str) -> list[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", ARENAS + textwrap.dedent(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.stdout, result.stderr[-3000:]
+    return result.stdout.split()
+
+
+def test_serve_puts_the_threads_it_starts_on_one_arena(tmp_path: Path) -> None:
+    """`loraserve serve` starts gRPC, its executors and the loading thread (which fails here:
+    the directory has a config and no weights, so the server stops with status 1); every one of
+    them allocates from the main arena. Without the setting first, this process had 9."""
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 64}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    status, count = run_probe(
+        """
+        from loraserve import cli
+        status = cli.main(["serve", "--model", sys.argv[1], "--port", sys.argv[2]])
+        print(status, arenas())
+        """,
+        str(tmp_path),
+        str(free_port()),
+    )
+    assert (status, count) == ("1", "1")
+
+
+def test_loading_a_model_puts_its_threads_and_later_ones_on_one_arena(model_dirs) -> None:
+    """`load_base_model` sets the limit before transformers' loading threads and torch's
+    OpenMP team allocate, so a thread started after (the adapter loader) shares their arena.
+    Without it this process had 4 (a loader thread then takes one of them in turn)."""
+    (count,) = run_probe(
+        """
+        import torch
+        from loraserve.model.loading import load_base_model
+        load_base_model(sys.argv[1], "nf4", "fp32", "cpu")
+        torch.ones(512, 512).mm(torch.ones(512, 512))  # on every OpenMP thread
+        worker = threading.Thread(target=lambda: bytearray(1 << 20))
+        worker.start()
+        worker.join()
+        print(arenas())
+        """,
+        str(model_dirs["llama"]),
+    )
+    assert count == "1"

@@ -34,7 +34,6 @@ from loraserve.model.blocks import BlockAllocator
 from loraserve.model.compute_team import DecodeThreads, ThreadGovernor, team_wait_seconds
 from loraserve.model.detokenizer import token_text
 from loraserve.model.grammar import GrammarCompiler
-from loraserve.model.host_memory import keep_freed_memory
 from loraserve.model.kv_cache import PagedKVCache
 from loraserve.model.loading import DTYPES, LoadedModel
 from loraserve.model.lora import LoraContext, wrap_lora_targets
@@ -99,8 +98,6 @@ class EngineCore:
             torch.bfloat16 if config.lora_slot_dtype == "bf16" else loaded.compute_dtype,
         )
         self.inbox = Inbox()
-        if loaded.device.type == "cpu":
-            keep_freed_memory()  # before the loader thread allocates (model/host_memory)
         self.adapters = AdapterManager(
             layers,
             config.device_slots,

@@ -13,14 +13,19 @@ a thread other than the main one allocates from heaps of at most 64 MiB, and a b
 than that is still mapped on its own. The process's resident memory then stays near its
 high-water mark between steps, as with any caching allocator.
 
-Every thread allocates from one arena. glibc would give each thread that allocates a heap of its
-own (up to 8 per core), and memory freed in one thread's heap is reused only by that thread:
-adapters validated on one thread (registration, an upload) and dropped from the host tier later
-would stay resident beside those the loader thread reads in their place, and each thread's heap
-would keep its own high-water mark. Moving 1,000 adapters through 32 slots for 15 minutes grew
-the process by 3.7 GiB that way (the host tier holds 2.35), and by 0.5 GiB in one arena
-(benchmarks/RESULTS.md). The setting holds for threads that allocate after it: the engine
-applies it before its loader thread starts.
+Every thread allocates from one arena, if the setting comes before a second thread allocates.
+glibc gives each thread that allocates a heap of its own (an arena, up to 8 per core), and
+memory freed in one is reused only by the threads allocating from it: adapters validated on one
+thread (registration, an upload) and dropped from the host tier later stay resident beside those
+the loader thread reads in their place, and each heap keeps its own high-water mark. Moving
+1,000 adapters through 32 slots for 15 minutes grew the process by 3.7 GiB that way (the host
+tier holds 2.35), and by 0.5 GiB in one arena (benchmarks/RESULTS.md). The limit only stops new
+arenas: threads that allocated before it keep theirs, and a thread started after it takes one
+of those in turn, so it must come first. `loraserve serve` calls this before it starts any
+thread, and `load_base_model` before transformers' loading threads and torch's OpenMP team (for
+a process that built no threads of its own first); Ray starts its replicas with
+`MALLOC_ARENA_MAX=1` in their environment instead, since Ray's own threads run before any of
+loraserve's code.
 
 Knows nothing about models or tensors. Where the C library is not glibc it does nothing.
 """
@@ -44,6 +49,8 @@ SETTINGS = (
     (M_TRIM_THRESHOLD, 1 << 30),
     (M_ARENA_MAX, 1),  # every thread's blocks from one arena
 )
+# The same limit for a process that some other program starts (glibc reads it at start-up).
+ONE_ARENA_ENVIRONMENT = {"MALLOC_ARENA_MAX": "1"}
 
 
 @functools.cache
