@@ -138,7 +138,7 @@ def use(ops: object) -> None:
 def compare_projections(builds: dict[str, object], rounds: int, rows: int) -> None:
     """Rounds of a decode step's projections for `rows` rows (see the module's docstring),
     alternating builds; prints each build's median round and the ratio, per kernel."""
-    keep_freed_memory()  # as the engine does: no fresh pages per call
+    keep_freed_memory()  # as a CPU engine's process does: no fresh pages per call
     spec = DEFAULT.model
     generator = torch.Generator().manual_seed(0)
     layers = [

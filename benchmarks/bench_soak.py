@@ -35,7 +35,7 @@ from bench_multi_lora import DEFAULT, TARGETS, base_engine_config, make_workload
 from common import DEFAULT_CACHE_DIR, Workload, prepare_lora_adapters, prepare_model
 from engine_runs import Trace, build_engine, engine_config, step_until_idle, submit
 from loraserve.engine.core import EngineCore
-from loraserve.model.host_memory import keep_freed_memory
+from loraserve.model.host_memory import one_arena
 from machine import machine_info
 
 MOST_REQUESTS = 48  # a round's requests at most
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    keep_freed_memory()  # first, as `loraserve serve` does: one malloc arena for every thread
+    one_arena()  # first, as `loraserve serve` does (model/host_memory)
     logging.basicConfig(level=logging.WARNING)
     transformers.logging.disable_progress_bar()
     config = DEFAULT

@@ -22,7 +22,7 @@ from typing import Any
 
 import loraserve
 from loraserve.logs import configure as configure_logs
-from loraserve.model.host_memory import keep_freed_memory
+from loraserve.model.host_memory import one_arena
 from loraserve.settings import ConfigError, add_setting_flags, load_local_config
 from loraserve_client.cli import add_client_commands, run_command
 
@@ -169,7 +169,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     log.info("configuration: %s", json.dumps(config.describe(), default=str))
     _short_openmp_spin()
-    keep_freed_memory()  # before any thread allocates: one malloc arena (model/host_memory)
+    one_arena()  # before any thread allocates (model/host_memory)
     from loraserve.app import serve  # torch and transformers: seconds to import
 
     return asyncio.run(serve(config))

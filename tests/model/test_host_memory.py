@@ -28,9 +28,9 @@ pytestmark = pytest.mark.skipif(
 PROBE = textwrap.dedent(
     """
     import ctypes, resource, sys, threading
-    from loraserve.model.host_memory import keep_freed_memory
+    from loraserve.model.host_memory import keep_freed_memory, one_arena
     if sys.argv[1] == "keep":
-        assert keep_freed_memory()
+        assert keep_freed_memory() and one_arena()
     libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = (ctypes.c_void_p,)

@@ -13,19 +13,20 @@ a thread other than the main one allocates from heaps of at most 64 MiB, and a b
 than that is still mapped on its own. The process's resident memory then stays near its
 high-water mark between steps, as with any caching allocator.
 
-Every thread allocates from one arena, if the setting comes before a second thread allocates.
-glibc gives each thread that allocates a heap of its own (an arena, up to 8 per core), and
-memory freed in one is reused only by the threads allocating from it: adapters validated on one
-thread (registration, an upload) and dropped from the host tier later stay resident beside those
-the loader thread reads in their place, and each heap keeps its own high-water mark. Moving
-1,000 adapters through 32 slots for 15 minutes grew the process by 3.7 GiB that way (the host
-tier holds 2.35), and by 0.5 GiB in one arena (benchmarks/RESULTS.md). The limit only stops new
-arenas: threads that allocated before it keep theirs, and a thread started after it takes one
-of those in turn, so it must come first. `loraserve serve` calls this before it starts any
-thread, and `load_base_model` before transformers' loading threads and torch's OpenMP team (for
-a process that built no threads of its own first); Ray starts its replicas with
-`MALLOC_ARENA_MAX=1` in their environment instead, since Ray's own threads run before any of
-loraserve's code.
+`one_arena` makes every thread allocate from one arena. glibc gives each thread that allocates
+a heap of its own (an arena, up to 8 per core), and memory freed in one is reused only by the
+threads allocating from it: adapters validated on one thread (registration, an upload) and
+dropped from the host tier later stay resident beside those the loader thread reads in their
+place, and each heap keeps its own high-water mark. Moving 1,000 adapters through 32 slots grew
+the process by 3.2-3.4 GiB in 4 minutes that way (the host tier holds 2.35), and by 7-77 MiB in
+one arena (benchmarks/RESULTS.md). The limit only stops new arenas: threads that allocated
+before it keep theirs, and a thread started after it takes one of those in turn, so it must
+come first. `loraserve serve` sets it before it starts any thread, and `load_base_model` before
+transformers' loading threads and torch's OpenMP team (for a process that started no threads
+of its own first); Ray starts its replicas with `MALLOC_ARENA_MAX=1` in their environment
+instead, since Ray's own threads run before any of loraserve's code. It holds on every device
+(a GPU server's host tier churns too); keeping freed memory is for CPU engines, whose
+activations come from malloc.
 
 Knows nothing about models or tensors. Where the C library is not glibc it does nothing.
 """
@@ -43,12 +44,12 @@ M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
-SETTINGS = (
+KEEP_FREED = (
     (M_MMAP_MAX, 0),  # no block mapped on its own
     (M_TOP_PAD, 64 << 20),
     (M_TRIM_THRESHOLD, 1 << 30),
-    (M_ARENA_MAX, 1),  # every thread's blocks from one arena
 )
+ONE_ARENA = ((M_ARENA_MAX, 1),)
 # The same limit for a process that some other program starts (glibc reads it at start-up).
 ONE_ARENA_ENVIRONMENT = {"MALLOC_ARENA_MAX": "1"}
 
@@ -57,13 +58,25 @@ ONE_ARENA_ENVIRONMENT = {"MALLOC_ARENA_MAX": "1"}
 def keep_freed_memory() -> bool:
     """Set glibc's malloc to reuse freed blocks instead of returning them to the kernel (once
     per process); returns whether it applied."""
+    return _mallopt(KEEP_FREED)
+
+
+@functools.cache
+def one_arena() -> bool:
+    """Make every thread that has not allocated yet allocate from the arena of those that have
+    (one arena, if no second thread has allocated; once per process); returns whether it
+    applied."""
+    return _mallopt(ONE_ARENA)
+
+
+def _mallopt(settings: tuple[tuple[int, int], ...]) -> bool:
     try:
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    applied = all([bool(mallopt(option, value)) for option, value in SETTINGS])
+    applied = all([bool(mallopt(option, value)) for option, value in settings])
     if not applied:
         log.info("malloc kept its defaults: this C library refused mallopt")
     return applied

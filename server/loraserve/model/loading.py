@@ -33,7 +33,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import is_flash_attn_2_available
 
-from loraserve.model.host_memory import keep_freed_memory
+from loraserve.model.host_memory import keep_freed_memory, one_arena
 from loraserve.model.linear import has_amx
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,9 @@ def load_base_model(
         raise ValueError(f"compute dtype must be one of {tuple(DTYPES)}, got {compute_dtype!r}")
     dtype = DTYPES[compute_dtype]
     target = resolve_device(device)
-    keep_freed_memory()  # before the load starts threads that allocate (host_memory)
+    one_arena()  # before the load starts threads that allocate (host_memory)
+    if target.type == "cpu":
+        keep_freed_memory()
     config = AutoConfig.from_pretrained(model, trust_remote_code=False)
     kwargs: dict = {}
     actual = _prequantized(config)
