@@ -11,10 +11,15 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import KIND_SPECS, write_adapter
 
 from loraserve.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_peft_adapter
-from loraserve.adapters.peft_tensors import nonfinite_reference, not_finite, tensor_role
+from loraserve.adapters.peft_tensors import (
+    CheckedModule,
+    module_weights,
+    nonfinite_reference,
+    pair_factors_reference,
+    tensor_role,
+)
 from loraserve.model.kernels import native
 from loraserve.model.loading import lora_target_shapes
-from loraserve.model.slot_terms import ModuleWeights
 from loraserve.model.tiny import write_tiny_model
 from loraserve.types import AdapterIncompatibleError, InvalidAdapterError
 
@@ -181,19 +186,53 @@ def test_compiled_nonfinite_equals_the_torch_reference():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_not_finite_names_each_module_holding_a_nan_or_infinity_once(dtype):
-    def module(a_bad: float | None = None, b_bad: float | None = None) -> ModuleWeights:
-        a = _with_values(4 * 8, {} if a_bad is None else {5: a_bad}, dtype).view(4, 8)
-        b = _with_values(4 * 6, {} if b_bad is None else {23: b_bad}, dtype).view(4, 6)
-        return ModuleWeights(a, b)
+def test_module_weights_names_each_module_holding_a_nan_or_infinity_once(dtype):
+    """fp32: the compiled pass (where built); bf16: torch's. A B that is finite as stored but
+    not once scaled counts too."""
 
-    modules = {
+    def module(a_bad: float | None = None, b_bad: float | None = None, scale: float = 2.0):
+        a = _with_values(4 * 8, {} if a_bad is None else {5: a_bad}).view(4, 8)
+        b = _with_values(6 * 4, {} if b_bad is None else {23: b_bad}).view(6, 4)
+        return CheckedModule({"lora_A": a, "lora_B": b}, False, (8, 6), scale)
+
+    checked = {
         "fine": module(),
         "nan-in-a": module(a_bad=float("nan")),
         "inf-in-both": module(float("inf"), float("-inf")),
-        "huge-but-finite": module(b_bad=3e38),
+        "huge-but-finite": module(b_bad=3e38, scale=1.0),
+        "infinite-once-scaled": module(b_bad=3e38),
     }
-    assert not_finite(modules) == ["nan-in-a", "inf-in-both"]
+    converted = module_weights(checked, dtype)
+    assert converted.not_finite == ["nan-in-a", "inf-in-both", "infinite-once-scaled"]
+    assert list(converted.modules) == list(checked)
+
+
+def test_compiled_pair_factors_equal_the_torch_path():
+    """The same bits (a copy, one float32 multiply), every pair a view of one buffer, and the
+    same pairs flagged: non-finite values at the edges of the blocks and tiles, in A or B, as
+    stored or once scaled; any stored dtype and strides."""
+    if native() is None:
+        pytest.skip("no compiled kernels for this CPU")
+    shapes = [(16, 1024, 2816), (8, 13, 9), (3, 7, 1), (4, 64, 65), (1, 1, 1)]  # r, in, out
+    a_parts = [torch.randn(r, fan_in) for r, fan_in, _ in shapes]
+    b_parts = [torch.randn(fan_out, r) for r, _, fan_out in shapes]
+    a_parts += [torch.randn(4, 40).to(torch.bfloat16), torch.randn(40, 4).t()]
+    b_parts += [torch.randn(12, 4).to(torch.float16), torch.randn(4, 12).t()]
+    for size, where in NONFINITE_CASES[::4]:
+        a_parts += [_with_values(size, where).view(1, size), torch.randn(1, size)]
+        b_parts += [torch.randn(3, 1), _with_values(size, where).view(size, 1)]
+    a_parts.append(torch.randn(2, 9))
+    b_parts.append(_with_values(18, {17: 3e38}).view(9, 2))  # finite until scaled
+    scales = [0.37 * (i + 1) for i in range(len(a_parts))]
+    got = native().lora_factors(a_parts, b_parts, scales)
+    want = pair_factors_reference(a_parts, b_parts, scales, torch.float32)
+    assert got[2] == want.not_finite and len(want.not_finite) == len(NONFINITE_CASES[::4]) * 2 + 1
+    for name, got_part, want_part in (("A", got[0], want.a), ("B", got[1], want.b)):
+        assert len(got_part) == len(want_part) == len(a_parts), name
+        for g, w in zip(got_part, want_part):
+            assert g.dtype == torch.float32 and g.is_contiguous() and g.shape == w.shape, name
+            torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True, msg=name)
+    assert len({t.untyped_storage().data_ptr() for t in (*got[0], *got[1])}) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

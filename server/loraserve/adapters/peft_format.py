@@ -38,7 +38,6 @@ from loraserve.adapters.peft_tensors import (
     CheckedModule,
     checked_module,
     module_weights,
-    not_finite,
     tensor_role,
 )
 from loraserve.adapters.safetensors_file import read_safetensors
@@ -137,8 +136,9 @@ def read_peft_adapter(
         found = checked_module(module, tensors, targets, config, max_rank, problems, incompatible)
         if found is not None:
             checked[module] = found
-    modules = module_weights(checked, dtype)
-    for module in not_finite(modules):
+    converted = module_weights(checked, dtype)
+    modules = converted.modules
+    for module in converted.not_finite:
         rank = modules.pop(module).a.shape[0]
         scale = config.scale(module, rank) if rank else 1.0
         problems.append(

@@ -14,7 +14,7 @@ suffix):
 `checked_module` checks one module's tensors against each other, the config and the base's
 target shape, every problem appended to the caller's lists; `module_weights` converts the
 checked modules of an adapter to the compute dtype with the scaling folded into B and into
-lora_B's bias.
+lora_B's bias, and finds those that hold a NaN or an infinity.
 
 Knows nothing about files, slots or the base model's weights.
 """
@@ -143,26 +143,29 @@ def _form_problems(module: str, parts: dict[str, torch.Tensor], embedding: bool)
     return []
 
 
-def not_finite(modules: dict[str, ModuleWeights]) -> list[str]:
-    """The modules holding a NaN or an infinity (as stored, or once scaled): one pass over every
-    tensor of every module."""
+def _terms_not_finite(modules: dict[str, ModuleWeights]) -> list[str]:
+    """The modules whose DoRA magnitude, biases or base embedding copy hold a NaN or an
+    infinity: one pass over every such tensor (the pairs are checked as they are converted)."""
     owners, tensors = [], []
     for name, weights in modules.items():
-        for t in (weights.a, weights.b, weights.magnitude, weights.bias, weights.lora_bias,
-                  weights.base_copy):  # fmt: skip
+        for t in (weights.magnitude, weights.bias, weights.lora_bias, weights.base_copy):
             if t is not None and t.numel():
                 owners.append(name)
                 tensors.append(t)
+    return [owners[i] for i in _nonfinite(tensors)]
+
+
+def _nonfinite(tensors: list[torch.Tensor]) -> list[int]:
+    """The positions in `tensors` of those holding a NaN or an infinity: the compiled pass
+    for contiguous float32 CPU tensors, torch's otherwise."""
     if not tensors:
         return []
     ops = native()
     if ops is not None and all(
         t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors
     ):
-        flagged = ops.nonfinite(tensors)
-    else:
-        flagged = nonfinite_reference(tensors)
-    return list(dict.fromkeys(owners[i] for i in flagged))
+        return ops.nonfinite(tensors)
+    return nonfinite_reference(tensors)
 
 
 def nonfinite_reference(tensors: list[torch.Tensor]) -> list[int]:
@@ -233,27 +236,80 @@ def checked_module(
     return CheckedModule(parts, embedding, targets[module], config.scale(module, rank))
 
 
-def module_weights(
-    checked: dict[str, CheckedModule], dtype: torch.dtype
-) -> dict[str, ModuleWeights]:
+@dataclass(frozen=True)
+class ConvertedModules:
+    """An adapter's checked modules in the compute dtype, and which of them hold a NaN or an
+    infinity (as stored, or once scaled), in the order met."""
+
+    modules: dict[str, ModuleWeights]
+    not_finite: list[str]
+
+
+@dataclass(frozen=True)
+class PairFactors:
+    """Each pair's A [r, in] and B [r, out] (transposed, times its scale) in the compute dtype,
+    and the positions of the pairs either of which holds a NaN or an infinity."""
+
+    a: list[torch.Tensor]
+    b: list[torch.Tensor]
+    not_finite: list[int]
+
+
+def module_weights(checked: dict[str, CheckedModule], dtype: torch.dtype) -> ConvertedModules:
     """Checked modules in the compute dtype `dtype`, with the scaling folded into B and into
-    lora_B's bias; every B is transposed in one call (`transposed_bs`) and every A copied into
-    one buffer of its own (`in_one_buffer`)."""
+    lora_B's bias, and which are not finite; the pairs in one pass (`pair_factors`)."""
     paired = [name for name, module in checked.items() if module.has_pair]
     roles = [PAIRS[checked[name].embedding] for name in paired]
-    bs = transposed_bs(
+    pairs = pair_factors(
+        [checked[name].parts[a_role] for name, (a_role, _) in zip(paired, roles)],
         [checked[name].parts[b_role] for name, (_, b_role) in zip(paired, roles)],
         [checked[name].scale for name in paired],
-    )  # [r, out] float32
-    a_parts = [checked[name].parts[a_role] for name, (a_role, _) in zip(paired, roles)]
-    factors = dict(zip(paired, zip(in_one_buffer(a_parts, dtype), bs)))
-    return {name: _converted(module, factors.get(name), dtype) for name, module in checked.items()}
+        dtype,
+    )
+    factors = dict(zip(paired, zip(pairs.a, pairs.b)))
+    modules = {name: _converted(checked[name], factors.get(name), dtype) for name in checked}
+    flagged = {paired[i] for i in pairs.not_finite} | set(_terms_not_finite(modules))
+    return ConvertedModules(modules, [name for name in modules if name in flagged])
+
+
+def pair_factors(
+    a_parts: list[torch.Tensor],
+    b_parts: list[torch.Tensor],
+    scales: list[float],
+    dtype: torch.dtype,
+) -> PairFactors:
+    """Each A [r, in] copied and each B [out, r] transposed and times its scale, in `dtype`, all
+    in new buffers (as read, each is a view of the file's buffer, which would otherwise stay
+    alive as long as the adapter stays in the host tier, B as stored too), and which hold a NaN
+    or an infinity. On CPUs in float32 one compiled call writes them into one buffer and checks
+    each while it is in cache (`lora_factors`); torch otherwise, which is also its oracle."""
+    ops = native()
+    if (
+        ops is not None
+        and a_parts
+        and dtype == torch.float32
+        and all(t.device.type == "cpu" for t in (*a_parts, *b_parts))
+    ):
+        a, b, flagged = ops.lora_factors(a_parts, b_parts, scales)
+        return PairFactors(a, b, flagged)
+    return pair_factors_reference(a_parts, b_parts, scales, dtype)
+
+
+def pair_factors_reference(
+    a_parts: list[torch.Tensor],
+    b_parts: list[torch.Tensor],
+    scales: list[float],
+    dtype: torch.dtype,
+) -> PairFactors:
+    """`pair_factors` by torch (B's transposition compiled where it can be): the compiled
+    call's oracle, and its stand-in for other dtypes and devices."""
+    a = in_one_buffer(a_parts, dtype)
+    b = [t.to(dtype) for t in transposed_bs(b_parts, scales)]
+    return PairFactors(a, b, sorted(set(_nonfinite(a)) | set(_nonfinite(b))))
 
 
 def in_one_buffer(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-    """Copies of `tensors` in `dtype`, views of one new buffer. As read, each A is a view of
-    the file's buffer, which would keep all of that buffer (B as stored, too, dead once
-    transposed) alive as long as the adapter stays in the host tier: half as much memory again."""
+    """Copies of `tensors` in `dtype`, views of one new buffer."""
     if not tensors:
         return []
     sizes = [t.numel() for t in tensors]
@@ -265,12 +321,12 @@ def in_one_buffer(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch
 def _converted(
     module: CheckedModule, factors: tuple[torch.Tensor, torch.Tensor] | None, dtype: torch.dtype
 ) -> ModuleWeights:
-    """factors: (A [r, in] in `dtype`, B [r, out] float32), or None for a module with no pair."""
+    """factors: (A [r, in], B [r, out]) in `dtype`, or None for a module with no pair."""
     parts, (fan_in, fan_out) = module.parts, module.target
     if factors is None:
         a, b = torch.zeros(0, fan_in, dtype=dtype), torch.zeros(0, fan_out, dtype=dtype)
     else:
-        a, b = factors[0], factors[1].to(dtype)
+        a, b = factors
 
     def vector(role: str, factor: float = 1.0) -> torch.Tensor | None:
         return None if role not in parts else parts[role].to(torch.float32) * factor

@@ -30,6 +30,10 @@ caller then takes its torch path, which is also each kernel's test oracle. The o
                                                         views of one buffer)
   nonfinite(tensors) -> [int]                          (positions of the tensors holding a NaN
                                                         or an infinity)
+  lora_factors(a [[r, in]], b [[out, r]], scale [float]) -> [[r, in]], [[r, out]], [int]
+                                                       (each a copied, each b^T * scale, views of
+                                                        one buffer; the pairs holding a NaN or an
+                                                        infinity, each checked as it is written)
   score_stats(scores [B, V]) -> argmax [B] i64, max [B], logsumexp [B]  (as torch's argmax,
                                                         amax and logsumexp, one op)
   rms_norm(x [M, D], weight [D], eps) -> [M, D]        (transformers' Llama RMSNorm)
@@ -44,8 +48,8 @@ caller then takes its torch path, which is also each kernel's test oracle. The o
 All take contiguous float32 CPU tensors (linear_f32's weight: or bfloat16; lora_delta_'s
 slots, and its x and y together, rms_norm's and rotary's tensors, each op's alike: or bfloat16
 or float16; the attention ops' pools: or bfloat16 or float16, their q any of the three and
-any strides but D's, their output q's dtype; the *_amx ops: bfloat16 rows; transpose_scaled:
-any float dtype and strides; kv_write_'s states: any strides but D's). Set
+any strides but D's, their output q's dtype; the *_amx ops: bfloat16 rows; transpose_scaled
+and lora_factors: any float dtype and strides; kv_write_'s states: any strides but D's). Set
 LORASERVE_KERNELS=off to use the torch paths, or to a variant's name (`build.VARIANTS`) to load
 that one instead of this CPU's.
 

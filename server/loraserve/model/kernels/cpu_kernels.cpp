@@ -430,6 +430,43 @@ std::vector<at::Tensor> transpose_scaled_op(at::TensorList src, at::ArrayRef<dou
   return dst;
 }
 
+// What an adapter's pairs hold in the host tier, from a[i] [r, in] and b[i] [out, r] as PEFT
+// stores them (any float dtype, any strides): a[i] copied and b[i]^T * scale[i], float32, all
+// views of one new buffer; and the positions i whose copy of A or scaled B holds a NaN or an
+// infinity, each checked right after it is written, while it is still in cache.
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>> lora_factors_op(
+    at::TensorList a, at::TensorList b, at::ArrayRef<double> scale) {
+  TORCH_CHECK(a.size() == b.size() && b.size() == scale.size(), "one A, B and scale per pair");
+  int64_t total = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    for (const at::Tensor& t : {a[i], b[i]})
+      TORCH_CHECK(t.device().is_cpu() && at::isFloatingType(t.scalar_type()) && t.dim() == 2,
+                  "A and B must be 2-d floating-point CPU tensors");
+    TORCH_CHECK(a[i].size(0) == b[i].size(1), "A [r, in] and B [out, r] must share r");
+    total += a[i].numel() + b[i].numel();
+  }
+  at::Tensor buffer = at::empty({total}, at::TensorOptions().dtype(at::kFloat));
+  std::vector<at::Tensor> a_out, b_out;
+  std::vector<int64_t> nonfinite;
+  int64_t offset = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const at::Tensor a_dense = a[i].to(at::kFloat).contiguous();
+    const at::Tensor b_dense = b[i].to(at::kFloat).contiguous();
+    const int64_t rank = a_dense.size(0), out = b_dense.size(0), n_a = a_dense.numel();
+    a_out.push_back(buffer.narrow(0, offset, n_a).view(a_dense.sizes()));
+    b_out.push_back(buffer.narrow(0, offset + n_a, rank * out).view({rank, out}));
+    float* a_dst = a_out.back().data_ptr<float>();
+    float* b_dst = b_out.back().data_ptr<float>();
+    std::memcpy(a_dst, a_dense.data_ptr<float>(), n_a * sizeof(float));
+    bool bad = any_nonfinite(a_dst, n_a);
+    transpose_scaled(b_dense.data_ptr<float>(), out, rank, static_cast<float>(scale[i]), b_dst);
+    bad |= any_nonfinite(b_dst, rank * out);
+    if (bad) nonfinite.push_back(static_cast<int64_t>(i));
+    offset += n_a + rank * out;
+  }
+  return {a_out, b_out, nonfinite};
+}
+
 // The positions in `tensors` of those holding a NaN or an infinity.
 std::vector<int64_t> nonfinite_op(at::TensorList tensors) {
   std::vector<int64_t> found;
@@ -585,6 +622,7 @@ TORCH_LIBRARY(loraserve, m) {
       "Tensor ends, Tensor slots, Tensor ranks, Tensor? scales=None) -> ()");
   m.def("transpose_scaled(Tensor[] src, float[] scale) -> Tensor[]");
   m.def("nonfinite(Tensor[] tensors) -> int[]");
+  m.def("lora_factors(Tensor[] a, Tensor[] b, float[] scale) -> (Tensor[], Tensor[], int[])");
   m.def("score_stats(Tensor scores) -> (Tensor, Tensor, Tensor)");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("kv_write_(Tensor(a!) pool, Tensor slots, Tensor states) -> ()");
@@ -602,6 +640,7 @@ TORCH_LIBRARY_IMPL(loraserve, CPU, m) {
   m.impl("lora_delta_", &lora_delta_op);
   m.impl("transpose_scaled", &transpose_scaled_op);
   m.impl("nonfinite", &nonfinite_op);
+  m.impl("lora_factors", &lora_factors_op);
   m.impl("score_stats", &score_stats_op);
   m.impl("rms_norm", &rms_norm_op);
   m.impl("kv_write_", &kv_write_op);
