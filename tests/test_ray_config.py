@@ -37,7 +37,11 @@ def test_the_args_are_server_settings_and_deployment_options(config):
     server = load_config({}, file_values=settings)  # an unknown setting raises
     assert server.engine.device_slots == args["device_slots"]
     deployment = ray_serve.build_app(args)._bound_deployment
-    assert deployment.ray_actor_options == {"num_gpus": 1, "num_cpus": 4}
+    assert deployment.ray_actor_options == {
+        "num_gpus": 1,
+        "num_cpus": 4,
+        "runtime_env": {"env_vars": {"MALLOC_ARENA_MAX": "1"}},  # one arena (model/host_memory)
+    }
     assert deployment._deployment_config.max_queued_requests == args["max_queued_requests"]
     assert deployment._deployment_config.autoscaling_config.max_replicas == 4
     assert deployment.init_args == (settings,)
