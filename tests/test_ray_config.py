@@ -52,3 +52,5 @@ def test_a_bad_setting_fails_when_the_app_is_built():
         ray_serve.build_app({"modle": "/models/base"})
     with pytest.raises(ValueError, match="store_refresh_ms"):
         ray_serve.build_app({"store_refresh_ms": 0})
+    with pytest.raises(ValueError, match="metrics_port: under Ray"):  # replicas share nodes
+        ray_serve.build_app({"metrics_port": 9400})

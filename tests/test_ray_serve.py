@@ -10,12 +10,15 @@ import os
 import signal
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from tests.api.server_process import free_port
+from tests.prometheus_process import running_prometheus
 
 from loraserve_client.upload import prepare_upload
 from loraserve_client.v1 import adapters_pb2 as apb
@@ -27,7 +30,9 @@ serve = pytest.importorskip("ray.serve")
 
 pytestmark = pytest.mark.slow  # a Ray cluster and two replicas
 
+REPO = Path(__file__).resolve().parents[1]
 APP = "loraserve"
+RAY_DISCOVERY = "/tmp/ray/prom_metrics_service_discovery.json"  # written by Ray's dashboard
 PROMPT = "The quick brown fox"
 MAX_ONGOING, MAX_QUEUED = 2, 2  # per replica; waiting for a replica, per proxy
 RETRY_S = 120
@@ -36,11 +41,19 @@ KEYS = {
     "alpha-key": {"tenant": "alpha", "scopes": ["generate", "adapters:write"]},
     "reader-key": {"tenant": "alpha", "scopes": ["generate"]},
     "ops-key": {"tenant": "alpha", "scopes": ["admin"]},
+    "meter-key": {"tenant": "metered", "scopes": ["generate"]},  # the metrics tests' own
+    "scraped-key": {"tenant": "scraped", "scopes": ["generate"]},
 }  # docs/ray.md: retry UNAVAILABLE with backoff while Ray replaces a replica
 
 
 @pytest.fixture(scope="module")
-def cluster(model_dirs, tmp_path_factory):
+def metrics_port() -> int:
+    """Where Ray's metrics agent serves every replica's metrics to Prometheus."""
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dirs, tmp_path_factory, metrics_port):
     from ray.serve.config import gRPCOptions
 
     from loraserve.ray_serve import GRPC_SERVICERS, build_app
@@ -56,7 +69,11 @@ def cluster(model_dirs, tmp_path_factory):
     # which ray.init starts with this environment.
     with pytest.MonkeyPatch.context() as env:
         env.setenv(MATCHING_TIMEOUT, "30")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(
+            num_cpus=2, include_dashboard=False, log_to_driver=False,
+            _metrics_export_port=metrics_port,
+            _system_config={"metrics_report_interval_ms": 500},  # Ray's default: 10 s
+        )  # fmt: skip
     try:
         serve.start(
             http_options={"host": "127.0.0.1", "port": free_port()},
@@ -67,7 +84,7 @@ def cluster(model_dirs, tmp_path_factory):
                 "model": str(model_dirs["llama"]), "device": "cpu", "device_slots": 2,
                 "adapter_dir": str(store), "store_refresh_ms": 200, "api_keys": str(keys_file),
                 "num_replicas": 2, "num_cpus": 0.5, "max_ongoing_requests": MAX_ONGOING,
-                "max_queued_requests": MAX_QUEUED,
+                "max_queued_requests": MAX_QUEUED, "metrics_names": True,
             }
         )  # fmt: skip
         serve.run(app, name=APP, route_prefix="/")
@@ -212,6 +229,93 @@ def test_replicas_start_with_one_malloc_arena(cluster):
     _, (_, pid) = generate(cluster)
     with open(f"/proc/{pid}/environ", "rb") as environ:
         assert b"MALLOC_ARENA_MAX=1" in environ.read().split(b"\0")
+
+
+def test_every_replica_s_metrics_reach_prometheus_through_ray(cluster, metrics_port):
+    """Under Ray each replica's loraserve_* series are exported by Ray's metrics agent (with
+    Ray's `ray_` prefix and Serve's tags), holding the plain server's values: one tenant's
+    requests and tokens counted exactly, latency histograms with their buckets, and every
+    replica's scrape-time gauges."""
+    calls, new_tokens = 5, 3
+    request = gpb.GenerateRequest(
+        input=gpb.GenerationInput(text=PROMPT, max_new_tokens=new_tokens, ignore_eos=True)
+    )
+    stub = generation_pb2_grpc.GenerationServiceStub(cluster)
+    for _ in range(calls):
+        stub.Generate(request, metadata=metadata(key="meter-key"), timeout=60)
+    expected = {
+        "ray_loraserve_requests_received_total": calls,
+        "ray_loraserve_requests_finished_total": calls,
+        "ray_loraserve_generated_tokens_total": calls * new_tokens,
+    }
+    deadline = time.monotonic() + RETRY_S
+    while True:  # the agent exports what replicas pushed at its interval: wait for the totals
+        series = scraped(metrics_port)
+        metered = {
+            name: sum(
+                value for labels, value in series.get(name, ()) if labels["tenant"] == "metered"
+            )
+            for name in expected
+        }
+        if metered == expected:
+            break
+        assert all(metered[name] <= expected[name] for name in expected), metered
+        assert time.monotonic() < deadline, f"Ray's agent exported {metered}, not {expected}"
+        time.sleep(0.2)
+    finished = [labels for labels, _ in series["ray_loraserve_requests_finished_total"]]
+    assert {labels["finish_reason"] for labels in finished if labels["tenant"] == "metered"} == {
+        "length"
+    }
+    for labels in finished:
+        assert (labels["deployment"], labels["application"]) == ("LoraServe", APP)
+    slots = series["ray_loraserve_adapter_slots"]  # a scrape-time gauge
+    assert len({labels["replica"] for labels, value in slots if value == 2}) >= 2, slots
+    buckets = series["ray_loraserve_time_to_first_token_seconds_bucket"]
+    bounds = {labels["le"] for labels, _ in buckets}
+    assert {"0.01", "1.0", "80.0", "+Inf"} <= bounds, bounds
+    assert sum(v for _, v in series["ray_loraserve_time_to_first_token_seconds_count"]) >= calls
+    assert not any(name.startswith("ray_vllm") for name in series)  # gateways read pods
+
+
+def test_prometheus_reads_the_replicas_series_under_their_own_names(
+    cluster, metrics_port, tmp_path
+):
+    """The shipped deploy/prometheus/ray.yml, in a real Prometheus: Ray's agents found through
+    the service discovery file Ray's dashboard writes, and the `ray_` prefix taken off, so the
+    plain server's queries (docs/metrics.md, the Grafana dashboard) read the replicas' series."""
+    shipped = (REPO / "deploy" / "prometheus" / "ray.yml").read_text()
+    assert RAY_DISCOVERY in shipped
+    discovery = tmp_path / "discovery.json"
+    discovery.write_text(
+        json.dumps([{"labels": {"job": "ray"}, "targets": [f"127.0.0.1:{metrics_port}"]}])
+    )
+    config = tmp_path / "prometheus.yml"
+    config.write_text(shipped.replace(RAY_DISCOVERY, str(discovery)))
+    calls = 3
+    request = gpb.GenerateRequest(
+        input=gpb.GenerationInput(text=PROMPT, max_new_tokens=2, ignore_eos=True)
+    )
+    stub = generation_pb2_grpc.GenerationServiceStub(cluster)
+    for _ in range(calls):
+        stub.Generate(request, metadata=metadata(key="scraped-key"), timeout=60)
+    with running_prometheus(config, tmp_path / "tsdb") as prometheus:
+        query = 'sum(loraserve_requests_received_total{tenant="scraped"})'
+        assert prometheus.wait_for(query, calls) == calls
+        replicas = 'count(count by (replica) (loraserve_adapter_slots{deployment="LoraServe"}))'
+        assert prometheus.value(replicas) >= 2
+
+
+def scraped(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Every sample Ray's metrics agent serves now, by name: (labels, value) pairs."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
 
 
 def test_a_multiplexed_id_other_than_the_adapter_is_refused(cluster):

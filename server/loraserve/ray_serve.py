@@ -16,7 +16,8 @@ none does. Each call is translated by the same servicers as the plain gRPC serve
 the same keys, scopes, quotas and status codes; the API-key check the gRPC interceptor does is
 done here. Ray's own backpressure (`max_queued_requests`) ends a call RESOURCE_EXHAUSTED, as the
 engine's does. Every reply's trailing metadata names the replica that served it
-(`loraserve-replica`, `loraserve-pid`).
+(`loraserve-replica`, `loraserve-pid`). Each replica pushes its metrics to Ray's metrics agent
+(`ray_metrics`), which Prometheus scrapes on every node.
 
 Knows nothing about the engine's insides: it composes what `app` builds and `api` translates.
 """
@@ -42,6 +43,7 @@ from loraserve.config import ServerConfig
 from loraserve.metrics import Metrics
 from loraserve.model.cpus import in_passing_thread, serial_executor
 from loraserve.model.host_memory import ONE_ARENA_ENVIRONMENT
+from loraserve.ray_metrics import RegistryMirror, push_forever
 from loraserve.settings import load_config
 from loraserve_client.v1 import adapters_pb2 as apb
 from loraserve_client.v1 import generation_pb2 as gpb
@@ -99,6 +101,7 @@ class LoraServe:
         runtime = await in_passing_thread(build_runtime, config, metrics)
         await warm_up(runtime.engine)
         self._state.runtime = runtime
+        self._metrics_push = asyncio.create_task(push_forever(RegistryMirror(metrics.registry)))
         self._generation = GenerationServicer(self._state)
         self._adapters = AdapterServicer(self._state)
         self._info = ServerInfoServicer(self._state)
@@ -227,7 +230,12 @@ def build_app(args: Mapping[str, Any]) -> serve.Application:
     import ray
 
     settings = {k: v for k, v in args.items() if k not in (*DEPLOYMENT_OPTIONS, *ACTOR_OPTIONS)}
-    server_config(settings)  # a bad setting fails here, not in every replica
+    config = server_config(settings)  # a bad setting fails here, not in every replica
+    if config.metrics_port is not None:
+        raise ValueError(
+            "metrics_port: under Ray each replica's metrics go to Ray's metrics agent "
+            "(docs/ray.md#metrics); leave the setting out"
+        )
     num_gpus = args.get("num_gpus")
     if num_gpus is None:
         num_gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU") else 0

@@ -7,8 +7,6 @@ import json
 import shutil
 import subprocess
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -22,6 +20,7 @@ from tests.api.server_process import (
     value,
     wait_for_waiting,
 )
+from tests.prometheus_process import running_prometheus
 
 from loraserve.model.kernels import native
 from loraserve_client import Client, InvalidArgument, ResourceExhausted, Unauthenticated
@@ -189,9 +188,6 @@ def test_gateway_gauges_name_the_running_and_waiting_adapters(server):
 
 
 def test_a_real_prometheus_scrapes_our_series(server, tmp_path):
-    prometheus = shutil.which("prometheus")
-    if prometheus is None:
-        pytest.fail("prometheus not found: the README's set-up installs Debian's prometheus")
     address, metrics_port = server
     shipped = (REPO / "deploy" / "prometheus" / "prometheus.yml").read_text()
     assert "127.0.0.1:9400" in shipped
@@ -200,39 +196,9 @@ def test_a_real_prometheus_scrapes_our_series(server, tmp_path):
     with Client(address, api_key=KEY, timeout=60) as client:
         client.generate("scraped", max_new_tokens=3)
     want = value(scrape(metrics_port), "loraserve_requests_received_total", tenant="acme")
-    web_port = free_port()
-    process = subprocess.Popen(
-        [
-            prometheus,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{web_port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        query = urllib.parse.urlencode(
-            {"query": 'loraserve_requests_received_total{tenant="acme"}'}
-        )
-        url = f"http://127.0.0.1:{web_port}/api/v1/query?{query}"
-        deadline = time.monotonic() + 90
-        got = None
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(url, timeout=5) as reply:
-                    result = json.load(reply)["data"]["result"]
-                if result:
-                    got = float(result[0]["value"][1])
-                    if got == want:
-                        break
-            except OSError:
-                pass
-            time.sleep(0.5)
-        assert got == want
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with running_prometheus(config, tmp_path / "tsdb") as prometheus:
+        query = 'loraserve_requests_received_total{tenant="acme"}'
+        assert prometheus.wait_for(query, want) == want
 
 
 def test_queue_full_rejections_are_counted(model_dirs, tmp_path):
