@@ -52,5 +52,6 @@ def test_a_bad_setting_fails_when_the_app_is_built():
         ray_serve.build_app({"modle": "/models/base"})
     with pytest.raises(ValueError, match="store_refresh_ms"):
         ray_serve.build_app({"store_refresh_ms": 0})
-    with pytest.raises(ValueError, match="metrics_port: under Ray"):  # replicas share nodes
-        ray_serve.build_app({"metrics_port": 9400})
+    for setting in ("metrics_port", "http_port"):  # replicas share nodes; Ray's proxies serve
+        with pytest.raises(ValueError, match=f"{setting}: .* under Ray; leave the setting out"):
+            ray_serve.build_app({setting: 9400})

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import openai
 import pytest
 from tests.api.server_process import free_port
 from tests.prometheus_process import running_prometheus
@@ -53,7 +54,13 @@ def metrics_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(model_dirs, tmp_path_factory, metrics_port):
+def http_port() -> int:
+    """Ray's HTTP proxy: the OpenAI-compatible front of every replica."""
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dirs, tmp_path_factory, metrics_port, http_port):
     from ray.serve.config import gRPCOptions
 
     from loraserve.ray_serve import GRPC_SERVICERS, build_app
@@ -76,7 +83,7 @@ def cluster(model_dirs, tmp_path_factory, metrics_port):
         )  # fmt: skip
     try:
         serve.start(
-            http_options={"host": "127.0.0.1", "port": free_port()},
+            http_options={"host": "127.0.0.1", "port": http_port},
             grpc_options=gRPCOptions(port=port, grpc_servicer_functions=GRPC_SERVICERS),
         )
         app = build_app(
@@ -202,6 +209,40 @@ def test_an_upload_through_one_replica_is_served_by_the_other(cluster, adapter_d
     else:
         pytest.fail("Ray routed every new adapter to the replica that uploaded it")
     assert tokens != generate(cluster)[0]
+
+
+def test_the_openai_front_is_served_through_ray_s_http_proxy(cluster, http_port, adapter_dirs):
+    """Ray's HTTP proxy serves the replicas' OpenAI-compatible front to the real `openai`
+    client: the gRPC path's tokens for the adapter `model` names, whole or streamed, the
+    tenant's keys, and Ray's adapter header routing every call to the replica that holds it."""
+    upload(cluster, adapter_dirs["llama"]["r4-attn"], "front")
+    api = openai.OpenAI(
+        api_key="alpha-key", base_url=f"http://127.0.0.1:{http_port}/v1", max_retries=0,
+        timeout=120, default_headers={"serve_multiplexed_model_id": "front"},
+    )  # fmt: skip
+    greedy = {"temperature": 0, "extra_body": {"ignore_eos": True, "return_token_ids": True}}
+    replies = [
+        api.completions.with_raw_response.create(
+            model="front", prompt=PROMPT, max_tokens=6, **greedy
+        )
+        for _ in range(6)
+    ]  # the first opens the adapter on a replica, which tells Ray; the rest follow it there
+    replicas = {reply.headers["loraserve-replica"] for reply in replies}
+    assert len(replicas) == 1, replicas
+    want, (replica, _) = generate(cluster, "front")
+    assert {replica} == replicas  # a gRPC call goes where the HTTP calls opened the adapter
+    assert {tuple(reply.parse().choices[0].token_ids) for reply in replies} == {tuple(want)}
+    reply = replies[-1]
+    text = reply.parse().choices[0].text
+    chunks = api.completions.create(
+        model="front", prompt=PROMPT, max_tokens=6, stream=True, **greedy
+    )
+    assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices) == text
+    assert "front" in {model.id for model in api.models.list()}
+    with pytest.raises(openai.AuthenticationError):
+        api.with_options(api_key="wrong-key").completions.create(
+            model="front", prompt=PROMPT, max_tokens=2
+        )
 
 
 def test_prefetch_and_server_info_go_through_ray(cluster, adapter_dirs):

@@ -1,4 +1,4 @@
-"""Ray Serve: replicas that each run one engine, behind Ray Serve's gRPC proxy.
+"""Ray Serve: replicas that each run one engine, behind Ray Serve's gRPC and HTTP proxies.
 
 `build_app(args)` makes the application (`serve run deploy/ray/serve_config.yaml`, or
 `loraserve ray-serve`): one deployment, `LoraServe`, whose replicas each build a whole runtime
@@ -16,7 +16,9 @@ none does. Each call is translated by the same servicers as the plain gRPC serve
 the same keys, scopes, quotas and status codes; the API-key check the gRPC interceptor does is
 done here. Ray's own backpressure (`max_queued_requests`) ends a call RESOURCE_EXHAUSTED, as the
 engine's does. Every reply's trailing metadata names the replica that served it
-(`loraserve-replica`, `loraserve-pid`). Each replica pushes its metrics to Ray's metrics agent
+(`loraserve-replica`, `loraserve-pid`). Ray's HTTP proxy serves the OpenAI-compatible front
+(`api/http`), routed by adapter when a call carries Ray's `serve_multiplexed_model_id` header.
+Each replica pushes its metrics to Ray's metrics agent
 (`ray_metrics`), which Prometheus scrapes on every node.
 
 Knows nothing about the engine's insides: it composes what `app` builds and `api` translates.
@@ -26,16 +28,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, NoReturn
 
 import grpc
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
+from starlette.applications import Starlette
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraserve.api.adapters import AdapterServicer
 from loraserve.api.auth import REQUIRED_SCOPES, Authenticator
 from loraserve.api.generation import GenerationServicer
+from loraserve.api.http.routes import OpenAIFront
 from loraserve.api.info import ServerInfoServicer
 from loraserve.api.state import ServerState
 from loraserve.app import build_runtime, warm_up
@@ -57,6 +62,10 @@ GRPC_SERVICERS = [
 APP_NAME = "loraserve"
 DEPLOYMENT_OPTIONS = ("num_replicas", "max_ongoing_requests", "max_queued_requests")
 ACTOR_OPTIONS = ("autoscaling_config", "num_gpus", "num_cpus")
+RAYS_OWN = {  # server settings whose work Ray's processes do (docs/ray.md)
+    "metrics_port": "each replica's metrics go to Ray's metrics agent",
+    "http_port": "Ray's HTTP proxy serves the OpenAI-compatible front",
+}
 REPLICA_KEY, PID_KEY = "loraserve-replica", "loraserve-pid"
 GENERATION, ADAPTERS = "/loraserve.v1.GenerationService/", "/loraserve.v1.AdapterService/"
 
@@ -115,6 +124,12 @@ class LoraServe:
 
         slots = config.engine.device_slots
         self._hold = serve.multiplexed(max_num_models_per_replica=slots)(hold)
+
+    def __serve_build_asgi_app__(self) -> Starlette:
+        """The OpenAI-compatible front Ray's HTTP proxy serves (called once, after `__init__`)."""
+        app = OpenAIFront(self._state).app()
+        app.add_middleware(RayHttpMiddleware, hold=self._hold, replica=self._replica)
+        return app
 
     async def Generate(
         self, request: gpb.GenerateRequest, grpc_context: RayServegRPCContext
@@ -211,6 +226,37 @@ class LoraServe:
         return context
 
 
+class RayHttpMiddleware:
+    """What `LoraServe._admit` and `RayContext` do for gRPC calls, for the HTTP front's: a call
+    Ray routed by an adapter (its `serve_multiplexed_model_id` header) records that this replica
+    serves the adapter, and every response names the replica in its headers. The header only
+    steers routing; the body's `model` picks the weights."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        hold: Callable[[str], Awaitable[str]],
+        replica: tuple[tuple[str, str], ...],
+    ) -> None:
+        self.app = app
+        self.hold = hold
+        self.headers = [(key.encode(), value.encode()) for key, value in replica]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if routed := serve.get_multiplexed_model_id():
+            await self.hold(routed)
+
+        async def send_naming_replica(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *self.headers]}
+            await send(message)
+
+        await self.app(scope, receive, send_naming_replica)
+
+
 def refuse(context: RayServegRPCContext, code: grpc.StatusCode, details: str) -> NoReturn:
     context.set_code(code)
     context.set_details(details)
@@ -231,11 +277,9 @@ def build_app(args: Mapping[str, Any]) -> serve.Application:
 
     settings = {k: v for k, v in args.items() if k not in (*DEPLOYMENT_OPTIONS, *ACTOR_OPTIONS)}
     config = server_config(settings)  # a bad setting fails here, not in every replica
-    if config.metrics_port is not None:
-        raise ValueError(
-            "metrics_port: under Ray each replica's metrics go to Ray's metrics agent "
-            "(docs/ray.md#metrics); leave the setting out"
-        )
+    for name, work in RAYS_OWN.items():
+        if getattr(config, name) is not None:
+            raise ValueError(f"{name}: {work} under Ray; leave the setting out")
     num_gpus = args.get("num_gpus")
     if num_gpus is None:
         num_gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU") else 0
@@ -249,7 +293,7 @@ def build_app(args: Mapping[str, Any]) -> serve.Application:
         # read by malloc as the replica's process starts, before Ray's threads (host_memory)
         "runtime_env": {"env_vars": ONE_ARENA_ENVIRONMENT},
     }
-    deployment = serve.deployment(name="LoraServe", **options)(LoraServe)
+    deployment = serve.deployment(name="LoraServe", **options)(serve.ingress()(LoraServe))
     return deployment.bind(settings)
 
 
