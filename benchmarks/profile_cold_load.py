@@ -5,7 +5,8 @@ all seven projections, each already in a device slot), then times `cold_load_ms`
 ready slot, files in the page cache) `--loads` times and prints the median, p99 and minimum.
 With `--dora` the adapter loaded is the benchmark's DoRA one (`adapter_cold_load_dora_ms`);
 `--max-rank` sizes the slots for a larger rank than the adapters' 16 (the server's default is
-64), as a server that accepts higher ranks has them.
+64), as a server that accepts higher ranks has them; `--compute-dtype bf16` loads into a bf16
+engine's slots.
 To compare two trees side by side, run it alternately with each tree's `server` first on
 PYTHONPATH; to see where the time goes, run it under py-spy (the loads run on the thread
 named `loraserve-loader`):
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+from dataclasses import replace
 
 import transformers
 
@@ -28,6 +30,7 @@ from adapter_cache import cold_load_ms, percentile
 from bench_multi_lora import DEFAULT, TARGETS, TTFT_WAVES, base_engine_config, make_workload
 from common import DEFAULT_CACHE_DIR, prepare_lora_adapters, prepare_model
 from engine_runs import build_engine, engine_config
+from loraserve.model.loading import DTYPES
 
 
 def main() -> None:
@@ -36,11 +39,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed loads first")
     parser.add_argument("--dora", action="store_true", help="load a DoRA adapter")
     parser.add_argument("--max-rank", type=int, help="the slots' rank (default: the adapters')")
+    parser.add_argument("--compute-dtype", choices=tuple(DTYPES), default=DEFAULT.compute_dtype)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     transformers.logging.disable_progress_bar()
-    config = DEFAULT
+    config = replace(DEFAULT, compute_dtype=args.compute_dtype)
     model_dir = prepare_model(config.model, DEFAULT_CACHE_DIR)
     adapter_dirs = prepare_lora_adapters(
         model_dir, config.num_requests, config.rank, config.alpha, TARGETS, config.seed

@@ -111,9 +111,24 @@ ARENAS = textwrap.dedent(
 )
 
 
-def run_probe(script: str, *args: str) -> list[str]:
+# Records host_memory's warnings; prints "warned" or "quiet" at exit.
+WARNINGS = textwrap.dedent(
+    """
+    import atexit, logging
+    warned = []
+    handler = logging.Handler()
+    handler.emit = warned.append
+    logging.getLogger("loraserve.model.host_memory").addHandler(handler)
+    atexit.register(lambda: print("warned" if warned else "quiet"))
+    """
+)
+
+
+def run_probe(script: str, *args: str, warnings: bool = False) -> list[str]:
+    """The words `script` prints, run with `args` after ARENAS (and WARNINGS if asked)."""
+    prelude = ARENAS + (WARNINGS if warnings else "")
     result = subprocess.run(
-        [sys.executable, "-c", ARENAS + textwrap.dedent(script), *args],
+        [sys.executable, "-c", prelude + textwrap.dedent(script), *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -145,7 +160,7 @@ def test_loading_a_model_puts_its_threads_and_later_ones_on_one_arena(model_dirs
     """`load_base_model` sets the limit before transformers' loading threads and torch's
     OpenMP team allocate, so a thread started after (the adapter loader) shares their arena.
     Without it this process had 4 (a loader thread then takes one of them in turn)."""
-    (count,) = run_probe(
+    count, warned = run_probe(
         """
         import torch
         from loraserve.model.loading import load_base_model
@@ -157,5 +172,38 @@ def test_loading_a_model_puts_its_threads_and_later_ones_on_one_arena(model_dirs
         print(arenas())
         """,
         str(model_dirs["llama"]),
+        warnings=True,
     )
-    assert count == "1"
+    assert (count, warned) == ("1", "quiet")
+
+
+def test_a_program_whose_threads_allocated_first_is_warned(model_dirs) -> None:
+    """An embedding program that started an allocating thread before loading the model has two
+    arenas for good; the load says so, naming the environment variable that prevents it."""
+    count, warned = run_probe(
+        """
+        worker = threading.Thread(target=lambda: bytearray(1 << 20))
+        worker.start()
+        worker.join()
+        from loraserve.model.loading import load_base_model
+        load_base_model(sys.argv[1], "nf4", "fp32", "cpu")
+        print(arenas())
+        """,
+        str(model_dirs["llama"]),
+        warnings=True,
+    )
+    assert (count, warned) == ("2", "warned")
+
+
+def test_the_arena_count_is_malloc_info_s() -> None:
+    counts = run_probe(
+        """
+        from loraserve.model.host_memory import malloc_arenas
+        print(arenas(), malloc_arenas())
+        worker = threading.Thread(target=lambda: bytearray(1 << 20))
+        worker.start()
+        worker.join()
+        print(arenas(), malloc_arenas())
+        """
+    )
+    assert counts == ["1", "1", "2", "2"]

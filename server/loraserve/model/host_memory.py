@@ -24,7 +24,8 @@ before it keep theirs, and a thread started after it takes one of those in turn,
 come first. `loraserve serve` sets it before it starts any thread, and `load_base_model` before
 transformers' loading threads and torch's OpenMP team (for a process that started no threads
 of its own first); Ray starts its replicas with `MALLOC_ARENA_MAX=1` in their environment
-instead, since Ray's own threads run before any of loraserve's code. It holds on every device
+instead, since Ray's own threads run before any of loraserve's code. A program that started
+allocating threads first is warned (`warn_if_arenas_came_first`). It holds on every device
 (a GPU server's host tier churns too); keeping freed memory is for CPU engines, whose
 activations come from malloc.
 
@@ -67,6 +68,46 @@ def one_arena() -> bool:
     (one arena, if no second thread has allocated; once per process); returns whether it
     applied."""
     return _mallopt(ONE_ARENA)
+
+
+def malloc_arenas() -> int | None:
+    """How many arenas glibc's malloc has made so far (from malloc_info(3)'s report); None
+    where the C library cannot say."""
+    try:
+        libc = ctypes.CDLL(None)
+        open_memstream, malloc_info, fclose, free = (
+            libc.open_memstream, libc.malloc_info, libc.fclose, libc.free
+        )  # fmt: skip
+    except (OSError, AttributeError):
+        return None
+    open_memstream.restype = ctypes.c_void_p
+    open_memstream.argtypes = (ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t))
+    malloc_info.argtypes = (ctypes.c_int, ctypes.c_void_p)
+    fclose.argtypes = (ctypes.c_void_p,)
+    free.argtypes = (ctypes.c_void_p,)
+    report, size = ctypes.c_void_p(), ctypes.c_size_t()
+    stream = open_memstream(ctypes.byref(report), ctypes.byref(size))
+    if not stream:
+        return None
+    malloc_info(0, stream)
+    fclose(stream)  # sets report and size
+    try:
+        return ctypes.string_at(report, size.value).count(b"<heap nr=")
+    finally:
+        free(report)
+
+
+def warn_if_arenas_came_first() -> None:
+    """Log a warning when threads allocated from arenas of their own before `one_arena`: the
+    case of a program that embeds loraserve after starting threads of its own."""
+    arenas = malloc_arenas()
+    if arenas is not None and arenas > 1:
+        log.warning(
+            "malloc already had %d arenas when loraserve limited it to one: threads allocated "
+            "first, so memory freed in one is not reused by the others and the process can "
+            "grow under adapter churn; start it with MALLOC_ARENA_MAX=1 in its environment",
+            arenas,
+        )
 
 
 def _mallopt(settings: tuple[tuple[int, int], ...]) -> bool:

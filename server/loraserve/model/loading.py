@@ -33,7 +33,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import is_flash_attn_2_available
 
-from loraserve.model.host_memory import keep_freed_memory, one_arena
+from loraserve.model.host_memory import keep_freed_memory, one_arena, warn_if_arenas_came_first
 from loraserve.model.linear import has_amx
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,7 @@ def load_base_model(
     dtype = DTYPES[compute_dtype]
     target = resolve_device(device)
     one_arena()  # before the load starts threads that allocate (host_memory)
+    warn_if_arenas_came_first()
     if target.type == "cpu":
         keep_freed_memory()
     config = AutoConfig.from_pretrained(model, trust_remote_code=False)
