@@ -5,6 +5,7 @@ is restarted by Ray while requests keep succeeding with the retry docs/ray.md do
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -44,6 +45,7 @@ KEYS = {
     "ops-key": {"tenant": "alpha", "scopes": ["admin"]},
     "meter-key": {"tenant": "metered", "scopes": ["generate"]},  # the metrics tests' own
     "scraped-key": {"tenant": "scraped", "scopes": ["generate"]},
+    "leaver-key": {"tenant": "leaver", "scopes": ["generate"]},
 }  # docs/ray.md: retry UNAVAILABLE with backoff while Ray replaces a replica
 
 
@@ -316,6 +318,36 @@ def test_every_replica_s_metrics_reach_prometheus_through_ray(cluster, metrics_p
     assert {"0.01", "1.0", "80.0", "+Inf"} <= bounds, bounds
     assert sum(v for _, v in series["ray_loraserve_time_to_first_token_seconds_count"]) >= calls
     assert not any(name.startswith("ray_vllm") for name in series)  # gateways read pods
+
+
+def test_a_client_leaving_a_stream_through_ray_s_http_proxy_cancels_its_request(
+    cluster, http_port, metrics_port, model_dirs
+):
+    """A client that closes its connection mid-stream frees its place in the batch, as through
+    the plain server: the request ends `cancelled`, long before its 2,000 tokens."""
+    base = str(model_dirs["llama"])  # the base model's OpenAI name: the `model` setting
+    body = json.dumps(
+        {"model": base, "prompt": PROMPT, "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    )
+    connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=60)
+    connection.request(
+        "POST", "/v1/completions", body,
+        {"Authorization": "Bearer leaver-key", "Content-Type": "application/json"},
+    )  # fmt: skip
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.readline().startswith(b"data: ")  # the first token arrived
+    connection.close()
+    deadline = time.monotonic() + RETRY_S
+    while True:
+        finished = scraped(metrics_port).get("ray_loraserve_requests_finished_total", [])
+        reasons = {labels["finish_reason"] for labels, value in finished
+                   if labels["tenant"] == "leaver" and value}  # fmt: skip
+        if reasons:
+            break
+        assert time.monotonic() < deadline, "the request never ended"
+        time.sleep(0.2)
+    assert reasons == {"cancelled"}
 
 
 def test_prometheus_reads_the_replicas_series_under_their_own_names(
