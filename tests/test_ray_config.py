@@ -13,6 +13,7 @@ from loraserve.settings import load_config
 
 schema = pytest.importorskip("ray.serve.schema")
 ray_serve = pytest.importorskip("loraserve.ray_serve")
+AdapterAffinityRouter = pytest.importorskip("loraserve.ray_routing").AdapterAffinityRouter
 
 CONFIG = Path(__file__).parent.parent / "deploy/ray/serve_config.yaml"
 
@@ -32,7 +33,7 @@ def test_the_config_is_valid_for_ray_serve(config):
 
 def test_the_args_are_server_settings_and_deployment_options(config):
     args = config["applications"][0]["args"]
-    options = {*ray_serve.DEPLOYMENT_OPTIONS, *ray_serve.ACTOR_OPTIONS}
+    options = {*ray_serve.DEPLOYMENT_OPTIONS, *ray_serve.ACTOR_OPTIONS, *ray_serve.ROUTER_OPTIONS}
     settings = {k: v for k, v in args.items() if k not in options}
     server = load_config({}, file_values=settings)  # an unknown setting raises
     assert server.engine.device_slots == args["device_slots"]
@@ -45,6 +46,9 @@ def test_the_args_are_server_settings_and_deployment_options(config):
     assert deployment._deployment_config.max_queued_requests == args["max_queued_requests"]
     assert deployment._deployment_config.autoscaling_config.max_replicas == 4
     assert deployment.init_args == (settings,)
+    router = deployment._deployment_config.request_router_config
+    assert router.get_request_router_class() is AdapterAffinityRouter
+    assert router.request_router_kwargs == {"affinity_wait_s": args["affinity_wait_s"]}
 
 
 def test_a_bad_setting_fails_when_the_app_is_built():
@@ -55,3 +59,6 @@ def test_a_bad_setting_fails_when_the_app_is_built():
     for setting in ("metrics_port", "http_port"):  # replicas share nodes; Ray's proxies serve
         with pytest.raises(ValueError, match=f"{setting}: .* under Ray; leave the setting out"):
             ray_serve.build_app({setting: 9400})
+    for wait in (-1, float("nan"), float("inf"), "2", True):
+        with pytest.raises(ValueError, match=r"affinity_wait_s: .* not a number of seconds"):
+            ray_serve.build_app({"affinity_wait_s": wait})

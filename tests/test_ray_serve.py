@@ -1,7 +1,8 @@
 """Ray Serve: a local Ray cluster on loopback, two replicas of the tiny model behind Ray's gRPC
-proxy. An adapter's requests land on one replica (the trailing metadata names it), an upload
-through one replica is served by the other (the shared store), and a replica killed by SIGKILL
-is restarted by Ray while requests keep succeeding with the retry docs/ray.md documents."""
+and HTTP proxies. An adapter's requests land on its home replica (the trailing metadata names
+it) and overflow onto the other only when the home is full, an upload through one replica is
+served by the other (the shared store), and a replica killed by SIGKILL is restarted by Ray
+while requests keep succeeding with the retry docs/ray.md documents."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from loraserve_client.v1 import generation_pb2 as gpb
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
+rendezvous_weight = pytest.importorskip("loraserve.ray_routing").rendezvous_weight
 
 pytestmark = pytest.mark.slow  # a Ray cluster and two replicas
 
@@ -38,7 +40,10 @@ RAY_DISCOVERY = "/tmp/ray/prom_metrics_service_discovery.json"  # written by Ray
 PROMPT = "The quick brown fox"
 MAX_ONGOING, MAX_QUEUED = 2, 2  # per replica; waiting for a replica, per proxy
 RETRY_S = 120
-MATCHING_TIMEOUT = "RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S"
+# An adapter's request waits this long for its replica when the replica does not answer Ray's
+# probe (never full here but on purpose): long enough that a loaded machine never moves it, so
+# the tests check routing, not load; shorter than a call's timeout, for the killed replica.
+AFFINITY_WAIT_S = 30
 KEYS = {
     "alpha-key": {"tenant": "alpha", "scopes": ["generate", "adapters:write"]},
     "reader-key": {"tenant": "alpha", "scopes": ["generate"]},
@@ -71,13 +76,11 @@ def cluster(model_dirs, tmp_path_factory, metrics_port, http_port):
     keys_file = store.parent / "ray-keys.json"
     keys_file.write_text(json.dumps({"keys": [{"key": k, **e} for k, e in KEYS.items()]}))
     port = free_port()
-    # Ray's router holds an adapter's second request until it learns which replica opened the
-    # adapter (the replica reports it within ~0.1 s), by default for 1-2 s, then routes it
-    # anywhere. On a loaded machine the report can take longer: a wait long enough for it keeps
-    # the affinity test about routing, not about the machine's load. Read by Ray's processes,
-    # which ray.init starts with this environment.
+    # Ray's controller kills a proxy not ready within 5 s of its start, which a loaded machine
+    # can take; serve.start then fails, though it waits 60 s for the proxies. Read by Ray's
+    # processes, which ray.init starts with this environment.
     with pytest.MonkeyPatch.context() as env:
-        env.setenv(MATCHING_TIMEOUT, "30")
+        env.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
         ray.init(
             num_cpus=2, include_dashboard=False, log_to_driver=False,
             _metrics_export_port=metrics_port,
@@ -94,6 +97,7 @@ def cluster(model_dirs, tmp_path_factory, metrics_port, http_port):
                 "adapter_dir": str(store), "store_refresh_ms": 200, "api_keys": str(keys_file),
                 "num_replicas": 2, "num_cpus": 0.5, "max_ongoing_requests": MAX_ONGOING,
                 "max_queued_requests": MAX_QUEUED, "metrics_names": True,
+                "affinity_wait_s": AFFINITY_WAIT_S,
             }
         )  # fmt: skip
         serve.run(app, name=APP, route_prefix="/")
@@ -168,24 +172,73 @@ def upload(channel: grpc.Channel, directory, name: str) -> tuple[apb.Adapter, tu
     return reply.adapter, served_by(call)
 
 
-def test_an_adapter_s_requests_land_on_one_replica(cluster, adapter_dirs):
-    """Ray learns where an adapter is within ~0.1 s of its first request, and holds a second
-    request sent before that until it does (up to MATCHING_TIMEOUT); should one still open it on
-    the other replica too (then both hold it, and Ray rightly uses both), the next try takes a
-    fresh adapter, until one stays on the replica that took it first. Without affinity a try
-    passes by chance 1 in 1024."""
+@pytest.fixture(scope="module")
+def replicas(cluster) -> list[str]:
+    """Both replicas' ids: a call without an adapter goes to the less busy of the two, which
+    are equally idle between these calls, so each call finds either by chance."""
+    seen: set[str] = set()
+    for _ in range(64):
+        seen.add(generate(cluster)[1][0])
+        if len(seen) == 2:
+            return sorted(seen)
+    pytest.fail(f"64 calls found the replicas {seen}: the base model's calls are not spread")
+
+
+def home(adapter: str, replicas: list[str]) -> str:
+    """The replica `adapter`'s requests go to while none holds it (ray_routing)."""
+    return max(replicas, key=lambda replica: rendezvous_weight(adapter, replica))
+
+
+def named_after(replica: str, replicas: list[str], count: int) -> list[str]:
+    """`count` adapter names whose home is `replica`."""
+    names = (f"affine-{i}" for i in range(10_000))
+    return [name for name in names if home(name, replicas) == replica][:count]
+
+
+def test_an_adapter_s_requests_land_on_its_home_replica_from_the_first(
+    cluster, replicas, adapter_dirs
+):
+    """Every router ranks the replicas for an adapter the same way without waiting to learn
+    where it is, so each adapter's requests land together from its first, and different
+    adapters' on different replicas."""
     adapter, _ = upload(cluster, adapter_dirs["llama"]["r8-all"], "sticky")
     assert adapter.version == "1"
-    tokens, _ = generate(cluster, "sticky")
+    tokens, (holder, _) = generate(cluster, "sticky")
+    assert holder == home("sticky", replicas)
     assert generate(cluster)[0] != tokens  # the base model differs: the adapter was applied
-    for attempt in range(8):
-        name = f"affine-{attempt}"
-        upload(cluster, adapter_dirs["llama"]["r8-all"], name)
-        first, holder = generate(cluster, name)
-        assert first == tokens  # the same files as "sticky", on either replica
-        if all(generate(cluster, name) == (tokens, holder) for _ in range(10)):
-            return
-    pytest.fail("no adapter's requests stayed on one replica")
+    for replica in replicas:
+        for name in named_after(replica, replicas, 2):
+            upload(cluster, adapter_dirs["llama"]["r8-all"], name)
+            served = [generate(cluster, name) for _ in range(4)]
+            assert {server for _, (server, _) in served} == {replica}, name
+            assert all(got == tokens for got, _ in served)  # the same files as "sticky"
+
+
+def test_a_hot_adapter_overflows_onto_the_other_replica_when_its_home_is_full(
+    cluster, replicas, adapter_dirs
+):
+    """With its home running MAX_ONGOING of its requests, the adapter's next request goes to
+    the other replica at once, which then holds it too."""
+    upload(cluster, adapter_dirs["llama"]["r4-attn"], "hot")
+    stub = generation_pb2_grpc.GenerationServiceStub(cluster)
+    long = gpb.GenerateStreamRequest(
+        input=gpb.GenerationInput(
+            text=PROMPT, adapter=gpb.AdapterRef(name="hot"), max_new_tokens=2000, ignore_eos=True
+        )
+    )
+    streams = []
+    for _ in range(MAX_ONGOING):
+        stream = stub.GenerateStream(long, metadata=metadata("hot"), timeout=120)
+        assert next(stream).HasField("token")  # running on a replica
+        streams.append(stream)
+    _, (overflow, _) = generate(cluster, "hot")
+    for stream in streams:  # still running after the call: the home was full while it routed
+        stream.cancel()
+        with pytest.raises(grpc.RpcError) as ended:
+            list(stream)
+        assert ended.value.code() == grpc.StatusCode.CANCELLED, "a stream ended before the check"
+    (other,) = set(replicas) - {home("hot", replicas)}
+    assert overflow == other
 
 
 def test_streaming_gives_the_unary_tokens(cluster, adapter_dirs):
@@ -213,10 +266,13 @@ def test_an_upload_through_one_replica_is_served_by_the_other(cluster, adapter_d
     assert tokens != generate(cluster)[0]
 
 
-def test_the_openai_front_is_served_through_ray_s_http_proxy(cluster, http_port, adapter_dirs):
+def test_the_openai_front_is_served_through_ray_s_http_proxy(
+    cluster, replicas, http_port, adapter_dirs
+):
     """Ray's HTTP proxy serves the replicas' OpenAI-compatible front to the real `openai`
     client: the gRPC path's tokens for the adapter `model` names, whole or streamed, the
-    tenant's keys, and Ray's adapter header routing every call to the replica that holds it."""
+    tenant's keys, and the adapter header routing every call to the adapter's home replica, as
+    Ray's gRPC proxy does."""
     upload(cluster, adapter_dirs["llama"]["r4-attn"], "front")
     api = openai.OpenAI(
         api_key="alpha-key", base_url=f"http://127.0.0.1:{http_port}/v1", max_retries=0,
@@ -227,12 +283,11 @@ def test_the_openai_front_is_served_through_ray_s_http_proxy(cluster, http_port,
         api.completions.with_raw_response.create(
             model="front", prompt=PROMPT, max_tokens=6, **greedy
         )
-        for _ in range(6)
-    ]  # the first opens the adapter on a replica, which tells Ray; the rest follow it there
-    replicas = {reply.headers["loraserve-replica"] for reply in replies}
-    assert len(replicas) == 1, replicas
+        for _ in range(4)
+    ]
+    assert {reply.headers["loraserve-replica"] for reply in replies} == {home("front", replicas)}
     want, (replica, _) = generate(cluster, "front")
-    assert {replica} == replicas  # a gRPC call goes where the HTTP calls opened the adapter
+    assert replica == home("front", replicas)  # the gRPC proxy's router ranks replicas alike
     assert {tuple(reply.parse().choices[0].token_ids) for reply in replies} == {tuple(want)}
     reply = replies[-1]
     text = reply.parse().choices[0].text

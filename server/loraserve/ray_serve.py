@@ -10,16 +10,16 @@ Ray's gRPC proxy serves `loraserve.v1.GenerationService`, `AdapterService` and `
 (`GRPC_SERVICERS` go to `serve.start`'s `grpc_servicer_functions`); a call names the application
 in `application` metadata and, for generation, prefetch and pin, the adapter in
 `multiplexed_model_id`, which must equal the adapter the request names.
-`@serve.multiplexed` with as many models per replica as the engine has device slots makes Ray
-route an adapter's requests to a replica that already holds it and load it elsewhere only when
-none does. Each call is translated by the same servicers as the plain gRPC server (`api/`), with
-the same keys, scopes, quotas and status codes; the API-key check the gRPC interceptor does is
-done here. Ray's own backpressure (`max_queued_requests`) ends a call RESOURCE_EXHAUSTED, as the
-engine's does. Every reply's trailing metadata names the replica that served it
-(`loraserve-replica`, `loraserve-pid`). Ray's HTTP proxy serves the OpenAI-compatible front
-(`api/http`), routed by adapter when a call carries Ray's `serve_multiplexed_model_id` header.
-Each replica pushes its metrics to Ray's metrics agent
-(`ray_metrics`), which Prometheus scrapes on every node.
+`@serve.multiplexed` with as many models per replica as the engine has device slots records
+which adapters each replica holds, and `ray_routing`'s router sends an adapter's requests to
+those replicas, or to the adapter's home replica when none holds it. Each call is translated by
+the same servicers as the plain gRPC server (`api/`), with the same keys, scopes, quotas and
+status codes; the API-key check the gRPC interceptor does is done here. Ray's own backpressure
+(`max_queued_requests`) ends a call RESOURCE_EXHAUSTED, as the engine's does. Every reply's
+trailing metadata names the replica that served it (`loraserve-replica`, `loraserve-pid`).
+Ray's HTTP proxy serves the OpenAI-compatible front (`api/http`), routed by adapter when a call
+carries Ray's `serve_multiplexed_model_id` header. Each replica pushes its metrics to Ray's
+metrics agent (`ray_metrics`), which Prometheus scrapes on every node.
 
 Knows nothing about the engine's insides: it composes what `app` builds and `api` translates.
 """
@@ -49,6 +49,7 @@ from loraserve.metrics import Metrics
 from loraserve.model.cpus import in_passing_thread, serial_executor
 from loraserve.model.host_memory import ONE_ARENA_ENVIRONMENT
 from loraserve.ray_metrics import RegistryMirror, push_forever
+from loraserve.ray_routing import AFFINITY_WAIT_S, AdapterAffinityRouter
 from loraserve.settings import load_config
 from loraserve_client.v1 import adapters_pb2 as apb
 from loraserve_client.v1 import generation_pb2 as gpb
@@ -62,6 +63,7 @@ GRPC_SERVICERS = [
 APP_NAME = "loraserve"
 DEPLOYMENT_OPTIONS = ("num_replicas", "max_ongoing_requests", "max_queued_requests")
 ACTOR_OPTIONS = ("autoscaling_config", "num_gpus", "num_cpus")
+ROUTER_OPTIONS = ("affinity_wait_s",)
 RAYS_OWN = {  # server settings whose work Ray's processes do (docs/ray.md)
     "metrics_port": "each replica's metrics go to Ray's metrics agent",
     "http_port": "Ray's HTTP proxy serves the OpenAI-compatible front",
@@ -272,10 +274,12 @@ def server_config(settings: Mapping[str, Any]) -> ServerConfig:
 def build_app(args: Mapping[str, Any]) -> serve.Application:
     """The application for `serve run` / `serve.run`: `args` holds the server's settings and
     the deployment's `num_replicas`, `max_ongoing_requests`, `max_queued_requests`,
-    `autoscaling_config`, `num_gpus` (default: 1 when the cluster has GPUs) and `num_cpus`."""
+    `autoscaling_config`, `num_gpus` (default: 1 when the cluster has GPUs), `num_cpus` and the
+    router's `affinity_wait_s` (`ray_routing`)."""
     import ray
 
-    settings = {k: v for k, v in args.items() if k not in (*DEPLOYMENT_OPTIONS, *ACTOR_OPTIONS)}
+    not_settings = (*DEPLOYMENT_OPTIONS, *ACTOR_OPTIONS, *ROUTER_OPTIONS)
+    settings = {k: v for k, v in args.items() if k not in not_settings}
     config = server_config(settings)  # a bad setting fails here, not in every replica
     for name, work in RAYS_OWN.items():
         if getattr(config, name) is not None:
@@ -293,8 +297,20 @@ def build_app(args: Mapping[str, Any]) -> serve.Application:
         # read by malloc as the replica's process starts, before Ray's threads (host_memory)
         "runtime_env": {"env_vars": ONE_ARENA_ENVIRONMENT},
     }
+    options["request_router_config"] = {  # Ray's RequestRouterConfig
+        "request_router_class": AdapterAffinityRouter,
+        "request_router_kwargs": {"affinity_wait_s": affinity_wait(args)},
+    }
     deployment = serve.deployment(name="LoraServe", **options)(serve.ingress()(LoraServe))
     return deployment.bind(settings)
+
+
+def affinity_wait(args: Mapping[str, Any]) -> float:
+    """`affinity_wait_s`, checked: how long an adapter's request waits for its replicas."""
+    value = args.get("affinity_wait_s", AFFINITY_WAIT_S)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 600:
+        raise ValueError(f"affinity_wait_s: {value!r} is not a number of seconds in [0, 600]")
+    return float(value)
 
 
 def run(args: Mapping[str, Any], address: str | None, grpc_port: int, http: tuple[str, int]) -> int:
