@@ -12,8 +12,8 @@ A request goes past those replicas, one at a time in the adapter's rendezvous or
 they are all known to be full (their queues at `max_ongoing_requests`) or once it has waited
 `affinity_wait_s` for them: a hot adapter overflows onto its second replica, which then holds it
 and shares its load, and a replica that stops answering costs a request at most that wait.
-A request with no adapter goes to the less loaded of two replicas drawn at random, as with
-Ray's default router.
+A request with no adapter goes to the less loaded of two replicas drawn at random, first
+among those on the router's own node, as with Ray's default router.
 
 Knows nothing of weights or the engine: adapter names, replicas and their queue lengths.
 """
@@ -25,7 +25,7 @@ import random
 import time
 from typing import Any
 
-from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import LocalityMixin, PendingRequest, RequestRouter, RunningReplica
 
 AFFINITY_WAIT_S = 2.0
 
@@ -36,7 +36,7 @@ def rendezvous_weight(key: str, replica_id: str) -> bytes:
     return hashlib.blake2b(f"{key}\0{replica_id}".encode(), digest_size=8).digest()
 
 
-class AdapterAffinityRouter(RequestRouter):
+class AdapterAffinityRouter(LocalityMixin, RequestRouter):
     """Ray's request router for `LoraServe` (see the module doc)."""
 
     def initialize_state(self, **kwargs: Any) -> None:
@@ -52,7 +52,9 @@ class AdapterAffinityRouter(RequestRouter):
         queue lengths and sends the request to the least loaded replica with room)."""
         adapter = pending_request.metadata.multiplexed_model_id if pending_request else ""
         if not adapter or pending_request is None:
-            return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
+            nearby = self.apply_locality_routing(pending_request)  # this node's first, once
+            pool = [r for r in candidate_replicas if r.replica_id in nearby]
+            return [random.sample(pool, min(2, len(pool)))]
         order = sorted(
             candidate_replicas,
             key=lambda replica: rendezvous_weight(adapter, replica.replica_id.unique_id),
