@@ -48,7 +48,9 @@ def test_the_args_are_server_settings_and_deployment_options(config):
     assert deployment.init_args == (settings,)
     router = deployment._deployment_config.request_router_config
     assert router.get_request_router_class() is AdapterAffinityRouter
-    assert router.request_router_kwargs == {"affinity_wait_s": args["affinity_wait_s"]}
+    assert router.request_router_kwargs == {
+        "wait_s": args["affinity_wait_s"], "imbalance": args["affinity_imbalance"]
+    }  # fmt: skip
 
 
 def test_a_bad_setting_fails_when_the_app_is_built():
@@ -59,6 +61,9 @@ def test_a_bad_setting_fails_when_the_app_is_built():
     for setting in ("metrics_port", "http_port"):  # replicas share nodes; Ray's proxies serve
         with pytest.raises(ValueError, match=f"{setting}: .* under Ray; leave the setting out"):
             ray_serve.build_app({setting: 9400})
-    for wait in (-1, float("nan"), float("inf"), "2", True):
-        with pytest.raises(ValueError, match=r"affinity_wait_s: .* not a number of seconds"):
+    for wait in (-1, float("nan"), float("inf"), "2", True, 601):
+        with pytest.raises(ValueError, match=r"affinity_wait_s: .* is not a number in \[0, 600\]"):
             ray_serve.build_app({"affinity_wait_s": wait})
+    for imbalance in (0, 2.5, float("nan"), "4", False):
+        with pytest.raises(ValueError, match=r"affinity_imbalance: .* is not a whole number in"):
+            ray_serve.build_app({"affinity_imbalance": imbalance})

@@ -8,10 +8,13 @@ rendezvous hashing over the running replicas. Every router computes the same hom
 replicas without waiting for any report, so an adapter's requests land together from the first,
 through every proxy; when a replica comes or goes, only the adapters whose home it is move.
 
-A request goes past those replicas, one at a time in the adapter's rendezvous order, only when
-they are all known to be full (their queues at `max_ongoing_requests`) or once it has waited
-`affinity_wait_s` for them: a hot adapter overflows onto its second replica, which then holds it
-and shares its load, and a replica that stops answering costs a request at most that wait.
+A request also considers the next replica in the adapter's rendezvous order, and goes to the
+less busy of the two, when its replicas are all full (their queues at `max_ongoing_requests`),
+when the least busy of them runs `affinity_imbalance` more requests than the least busy replica
+of all, or once it has waited `affinity_wait_s` for them; past those, one replica at a time in
+that order. So a hot adapter overflows onto its second replica, which then holds it and shares
+its load; a skewed mix of adapters does not leave one replica idle; and a replica that stops
+answering costs a request at most that wait.
 A request with no adapter goes to the less loaded of two replicas drawn at random, first
 among those on the router's own node, as with Ray's default router.
 
@@ -23,11 +26,35 @@ from __future__ import annotations
 import hashlib
 import random
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from ray.serve.request_router import LocalityMixin, PendingRequest, RequestRouter, RunningReplica
 
 AFFINITY_WAIT_S = 2.0
+AFFINITY_IMBALANCE = 4
+
+
+@dataclass(frozen=True)
+class Affinity:
+    """When an adapter's request may leave its replicas (see the module doc)."""
+
+    wait_s: float = AFFINITY_WAIT_S
+    imbalance: int = AFFINITY_IMBALANCE
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    """What ranking needs of one replica, for one adapter."""
+
+    replica_id: str
+    holds: bool  # Ray has recorded that it holds the adapter
+    queue_len: int | None  # running and queued requests, as last known (None: not known)
+    capacity: int  # `max_ongoing_requests`
+
+    @property
+    def full(self) -> bool:
+        return self.queue_len is not None and self.queue_len >= self.capacity
 
 
 def rendezvous_weight(key: str, replica_id: str) -> bytes:
@@ -36,12 +63,37 @@ def rendezvous_weight(key: str, replica_id: str) -> bytes:
     return hashlib.blake2b(f"{key}\0{replica_id}".encode(), digest_size=8).digest()
 
 
+def adapter_ranks(
+    adapter: str, replicas: list[ReplicaView], waited_s: float, affinity: Affinity
+) -> list[list[str]]:
+    """Replica ids to try for a request naming `adapter`, in ranks: Ray takes the least busy
+    replica with room in the first rank that has one."""
+    order = sorted(
+        replicas, key=lambda replica: rendezvous_weight(adapter, replica.replica_id), reverse=True
+    )
+    preferred = [r for r in order if r.holds] or order[:1]
+    others = [r for r in order if r not in preferred]
+    busiest_allowed = min(_known_len(r) for r in replicas) + affinity.imbalance
+    stays = (
+        waited_s < affinity.wait_s
+        and not all(r.full for r in preferred)
+        and min(_known_len(r) for r in preferred) < busiest_allowed
+    )
+    if stays or not others:
+        return [[r.replica_id for r in preferred]]
+    return [[r.replica_id for r in [*preferred, others[0]]], *([r.replica_id] for r in others[1:])]
+
+
+def _known_len(replica: ReplicaView) -> int:
+    return replica.queue_len or 0
+
+
 class AdapterAffinityRouter(LocalityMixin, RequestRouter):
     """Ray's request router for `LoraServe` (see the module doc)."""
 
     def initialize_state(self, **kwargs: Any) -> None:
-        """`kwargs`: the deployment's `request_router_kwargs` (`affinity_wait_s`)."""
-        self._affinity_wait_s = float(kwargs.get("affinity_wait_s", AFFINITY_WAIT_S))
+        """`kwargs`: the deployment's `request_router_kwargs` (`Affinity`'s fields)."""
+        self._affinity = Affinity(**kwargs)
 
     async def choose_replicas(
         self,
@@ -55,18 +107,16 @@ class AdapterAffinityRouter(LocalityMixin, RequestRouter):
             nearby = self.apply_locality_routing(pending_request)  # this node's first, once
             pool = [r for r in candidate_replicas if r.replica_id in nearby]
             return [random.sample(pool, min(2, len(pool)))]
-        order = sorted(
-            candidate_replicas,
-            key=lambda replica: rendezvous_weight(adapter, replica.replica_id.unique_id),
-            reverse=True,
-        )
-        preferred = [r for r in order if adapter in r.multiplexed_model_ids] or order[:1]
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        views = [
+            ReplicaView(
+                replica_id=replica_id,
+                holds=adapter in replica.multiplexed_model_ids,
+                queue_len=self.replica_queue_len_cache.get(replica.replica_id),
+                capacity=replica.max_ongoing_requests,
+            )
+            for replica_id, replica in by_id.items()
+        ]
         waited_s = time.time() - pending_request.created_at
-        if waited_s < self._affinity_wait_s and not all(map(self._full, preferred)):
-            return [preferred]
-        return [preferred, *([r] for r in order if r not in preferred)]
-
-    def _full(self, replica: RunningReplica) -> bool:
-        """Whether `replica` last said its queue was full (unknown: not full)."""
-        queue_len = self.replica_queue_len_cache.get(replica.replica_id)
-        return queue_len is not None and queue_len >= replica.max_ongoing_requests
+        ranks = adapter_ranks(adapter, views, waited_s, self._affinity)
+        return [[by_id[replica_id] for replica_id in rank] for rank in ranks]

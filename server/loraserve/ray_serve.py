@@ -49,7 +49,7 @@ from loraserve.metrics import Metrics
 from loraserve.model.cpus import in_passing_thread, serial_executor
 from loraserve.model.host_memory import ONE_ARENA_ENVIRONMENT
 from loraserve.ray_metrics import RegistryMirror, push_forever
-from loraserve.ray_routing import AFFINITY_WAIT_S, AdapterAffinityRouter
+from loraserve.ray_routing import AdapterAffinityRouter
 from loraserve.settings import load_config
 from loraserve_client.v1 import adapters_pb2 as apb
 from loraserve_client.v1 import generation_pb2 as gpb
@@ -63,7 +63,7 @@ GRPC_SERVICERS = [
 APP_NAME = "loraserve"
 DEPLOYMENT_OPTIONS = ("num_replicas", "max_ongoing_requests", "max_queued_requests")
 ACTOR_OPTIONS = ("autoscaling_config", "num_gpus", "num_cpus")
-ROUTER_OPTIONS = ("affinity_wait_s",)
+ROUTER_OPTIONS = ("affinity_wait_s", "affinity_imbalance")
 RAYS_OWN = {  # server settings whose work Ray's processes do (docs/ray.md)
     "metrics_port": "each replica's metrics go to Ray's metrics agent",
     "http_port": "Ray's HTTP proxy serves the OpenAI-compatible front",
@@ -275,7 +275,7 @@ def build_app(args: Mapping[str, Any]) -> serve.Application:
     """The application for `serve run` / `serve.run`: `args` holds the server's settings and
     the deployment's `num_replicas`, `max_ongoing_requests`, `max_queued_requests`,
     `autoscaling_config`, `num_gpus` (default: 1 when the cluster has GPUs), `num_cpus` and the
-    router's `affinity_wait_s` (`ray_routing`)."""
+    router's `affinity_wait_s` and `affinity_imbalance` (`ray_routing`)."""
     import ray
 
     not_settings = (*DEPLOYMENT_OPTIONS, *ACTOR_OPTIONS, *ROUTER_OPTIONS)
@@ -299,18 +299,34 @@ def build_app(args: Mapping[str, Any]) -> serve.Application:
     }
     options["request_router_config"] = {  # Ray's RequestRouterConfig
         "request_router_class": AdapterAffinityRouter,
-        "request_router_kwargs": {"affinity_wait_s": affinity_wait(args)},
+        "request_router_kwargs": affinity(args),
     }
     deployment = serve.deployment(name="LoraServe", **options)(serve.ingress()(LoraServe))
     return deployment.bind(settings)
 
 
-def affinity_wait(args: Mapping[str, Any]) -> float:
-    """`affinity_wait_s`, checked: how long an adapter's request waits for its replicas."""
-    value = args.get("affinity_wait_s", AFFINITY_WAIT_S)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 600:
-        raise ValueError(f"affinity_wait_s: {value!r} is not a number of seconds in [0, 600]")
-    return float(value)
+def affinity(args: Mapping[str, Any]) -> dict[str, float]:
+    """The router's `Affinity` fields from `args`' `ROUTER_OPTIONS`, checked."""
+    fields = {}
+    if "affinity_wait_s" in args:
+        fields["wait_s"] = number(args, "affinity_wait_s", 0, 600)
+    if "affinity_imbalance" in args:
+        fields["imbalance"] = int(number(args, "affinity_imbalance", 1, 1_000_000, whole=True))
+    return fields
+
+
+def number(args: Mapping[str, Any], name: str, low: int, high: int, whole: bool = False) -> float:
+    """`args[name]`, refused unless a finite number in [low, high] (whole, when `whole`)."""
+    value = args[name]
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not low <= value <= high
+        or (whole and value != int(value))
+    ):
+        kind = "a whole number" if whole else "a number"
+        raise ValueError(f"{name}: {value!r} is not {kind} in [{low}, {high}]")
+    return value
 
 
 def run(args: Mapping[str, Any], address: str | None, grpc_port: int, http: tuple[str, int]) -> int:
