@@ -51,6 +51,7 @@ KEYS = {
     "meter-key": {"tenant": "metered", "scopes": ["generate"]},  # the metrics tests' own
     "scraped-key": {"tenant": "scraped", "scopes": ["generate"]},
     "leaver-key": {"tenant": "leaver", "scopes": ["generate"]},
+    "hot-key": {"tenant": "hot", "scopes": ["generate", "adapters:write"]},
 }  # docs/ray.md: retry UNAVAILABLE with backoff while Ray replaces a replica
 
 
@@ -140,7 +141,9 @@ def served_by(call: Any) -> tuple[str, int]:
     return trailing["loraserve-replica"], int(trailing["loraserve-pid"])
 
 
-def generate(channel: grpc.Channel, adapter: str = "") -> tuple[list[int], tuple[str, int]]:
+def generate(
+    channel: grpc.Channel, adapter: str = "", key: str = "alpha-key"
+) -> tuple[list[int], tuple[str, int]]:
     """Greedy tokens for PROMPT on `adapter`, and (replica, pid) that served them."""
     request = gpb.GenerateRequest(
         input=gpb.GenerationInput(
@@ -148,7 +151,7 @@ def generate(channel: grpc.Channel, adapter: str = "") -> tuple[list[int], tuple
         )
     )
     stub = generation_pb2_grpc.GenerationServiceStub(channel)
-    reply, call = stub.Generate.with_call(request, metadata=metadata(adapter), timeout=60)
+    reply, call = stub.Generate.with_call(request, metadata=metadata(adapter, key), timeout=60)
     return list(reply.token_ids), served_by(call)
 
 
@@ -165,10 +168,12 @@ def retrying(attempt: Callable[[], Any], seconds: float = RETRY_S) -> Any:
         pause = min(pause * 2, 2.0)
 
 
-def upload(channel: grpc.Channel, directory, name: str) -> tuple[apb.Adapter, tuple[str, int]]:
+def upload(
+    channel: grpc.Channel, directory, name: str, key: str = "alpha-key"
+) -> tuple[apb.Adapter, tuple[str, int]]:
     requests, _ = prepare_upload(directory, name, None, False, sys.stderr)
     stub = adapters_pb2_grpc.AdapterServiceStub(channel)
-    reply, call = stub.UploadAdapter.with_call(requests, metadata=metadata(), timeout=120)
+    reply, call = stub.UploadAdapter.with_call(requests, metadata=metadata(key=key), timeout=120)
     return reply.adapter, served_by(call)
 
 
@@ -215,11 +220,11 @@ def test_an_adapter_s_requests_land_on_its_home_replica_from_the_first(
 
 
 def test_a_hot_adapter_overflows_onto_the_other_replica_when_its_home_is_full(
-    cluster, replicas, adapter_dirs
+    cluster, replicas, adapter_dirs, metrics_port
 ):
     """With its home running MAX_ONGOING of its requests, the adapter's next request goes to
     the other replica at once, which then holds it too."""
-    upload(cluster, adapter_dirs["llama"]["r4-attn"], "hot")
+    upload(cluster, adapter_dirs["llama"]["r4-attn"], "hot", key="hot-key")
     stub = generation_pb2_grpc.GenerationServiceStub(cluster)
     long = gpb.GenerateStreamRequest(
         input=gpb.GenerationInput(
@@ -228,10 +233,10 @@ def test_a_hot_adapter_overflows_onto_the_other_replica_when_its_home_is_full(
     )
     streams = []
     for _ in range(MAX_ONGOING):
-        stream = stub.GenerateStream(long, metadata=metadata("hot"), timeout=120)
+        stream = stub.GenerateStream(long, metadata=metadata("hot", "hot-key"), timeout=120)
         assert next(stream).HasField("token")  # running on a replica
         streams.append(stream)
-    _, (overflow, _) = generate(cluster, "hot")
+    _, (overflow, _) = generate(cluster, "hot", key="hot-key")
     for stream in streams:  # still running after the call: the home was full while it routed
         stream.cancel()
         with pytest.raises(grpc.RpcError) as ended:
@@ -239,6 +244,22 @@ def test_a_hot_adapter_overflows_onto_the_other_replica_when_its_home_is_full(
         assert ended.value.code() == grpc.StatusCode.CANCELLED, "a stream ended before the check"
     (other,) = set(replicas) - {home("hot", replicas)}
     assert overflow == other
+    # The replica ends a cancelled stream a moment later: until it has, the home is still full
+    # for the tests after this one.
+    deadline = time.monotonic() + RETRY_S
+    while finished(metrics_port, tenant="hot", reason="cancelled") < MAX_ONGOING:
+        assert time.monotonic() < deadline, "the cancelled streams never ended"
+        time.sleep(0.2)
+
+
+def finished(metrics_port: int, tenant: str, reason: str) -> float:
+    """Requests of `tenant` that ended for `reason`, as Ray's metrics agent exports them now."""
+    samples = scraped(metrics_port).get("ray_loraserve_requests_finished_total", [])
+    return sum(
+        value
+        for labels, value in samples
+        if labels["tenant"] == tenant and labels["finish_reason"] == reason
+    )
 
 
 def test_streaming_gives_the_unary_tokens(cluster, adapter_dirs):
