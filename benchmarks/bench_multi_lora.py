@@ -11,6 +11,10 @@ set of prompts and one output length:
                       the same with `lora_slot_dtype="bf16"` (the adapters, stored in fp32, are
                       rounded to bf16 in the slots: a speed figure, not a parity one); fp32
                       compute only (in bf16 the slots already are)
+  engine_multi_lora_bf16_adapters
+                      engine_multi_lora with the same adapters stored in bf16 (as adapters
+                      trained in bf16 are), default settings: fp32 slots hold them as bf16
+                      rows, exactly; fp32 compute only
   engine_constrained  engine_multi_lora with every request constrained to its own JSON schema
                       (compiled in the warm-up, so the timed runs find it cached)
   hf_generate_base    transformers `generate` on the base: all requests in one left-padded batch
@@ -89,6 +93,7 @@ from common import (
     Workload,
     prepare_lora_adapters,
     prepare_model,
+    stored_in_bf16,
     timed,
 )
 from engine_runs import (
@@ -119,6 +124,7 @@ CONFIGURATIONS = (
     "engine_base",
     "engine_multi_lora",
     "engine_multi_lora_bf16_slots",
+    "engine_multi_lora_bf16_adapters",
     "engine_constrained",
     "hf_generate_base",
     "peft_mixed_batch",
@@ -136,6 +142,7 @@ INTERLEAVED = (
     "engine_base",
     "engine_multi_lora",
     "engine_multi_lora_bf16_slots",
+    "engine_multi_lora_bf16_adapters",
     "engine_constrained",
     "hf_generate_base",
 )
@@ -248,11 +255,14 @@ def setup(config: BenchConfig, cache_root: Path) -> Setup:
     core = build_engine(settings, adapter_dirs)
     seconds["engine"] = time.perf_counter() - start
     start = time.perf_counter()
-    bf16_slots_core = None  # in a 16-bit compute dtype the slots are already 16-bit
+    bf16_slots_core = bf16_adapters_core = None  # in a 16-bit compute dtype: 16-bit slots
     if config.compute_dtype == "fp32":
         bf16_slots = settings.model_copy(update={"lora_slot_dtype": "bf16"})
         bf16_slots_core = build_engine(bf16_slots, adapter_dirs)
         seconds["engine_bf16_slots"] = time.perf_counter() - start
+        start = time.perf_counter()
+        bf16_adapters_core = build_engine(settings, stored_in_bf16(adapter_dirs))
+        seconds["engine_bf16_adapters"] = time.perf_counter() - start
     start = time.perf_counter()
     zipf_core = build_zipf_engine(engine_config(base, workload, high), list(adapter_dirs.values()))
     count = ZIPF_REQUEST_FACTOR * len(workload.prompts)
@@ -287,12 +297,12 @@ def setup(config: BenchConfig, cache_root: Path) -> Setup:
         "peft_sequential": (partial(run_peft_sequential, peft, peft_loaded), workload),
         "engine_zipf": (partial(engine_run, zipf_core, traces["engine_zipf"], True), zipf),
     }  # fmt: skip
-    if bf16_slots_core is not None:
-        bf16_traces = traces["engine_multi_lora_bf16_slots"]
-        runs["engine_multi_lora_bf16_slots"] = (
-            partial(engine_run, bf16_slots_core, bf16_traces, True),
-            workload,
-        )
+    for name, narrow_core in (
+        ("engine_multi_lora_bf16_slots", bf16_slots_core),
+        ("engine_multi_lora_bf16_adapters", bf16_adapters_core),
+    ):
+        if narrow_core is not None:
+            runs[name] = (partial(engine_run, narrow_core, traces[name], True), workload)
     return Setup(runs, core, workload, traces, seconds, model_dir, adapter_dirs, base)
 
 
@@ -404,6 +414,7 @@ RATIOS = {  # name: (numerator, denominator)
     "engine_over_hf_generate_base": ("engine_base", "hf_generate_base"),
     "multi_lora_over_base": ("engine_multi_lora", "engine_base"),
     "multi_lora_bf16_slots_over_base": ("engine_multi_lora_bf16_slots", "engine_base"),
+    "multi_lora_bf16_adapters_over_base": ("engine_multi_lora_bf16_adapters", "engine_base"),
     "constrained_over_multi_lora": ("engine_constrained", "engine_multi_lora"),
     "zipf_over_base": ("engine_zipf", "engine_base"),
     "zipf_cold_host_over_base": ("engine_zipf_cold_host", "engine_base"),

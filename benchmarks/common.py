@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from loraserve.model.loading import DTYPES
@@ -163,3 +165,21 @@ def timed(fn: Callable[[], int], device: torch.device) -> Run:
     tokens = fn()
     synchronize(device)
     return Run(time.perf_counter() - start, time.process_time() - cpu_start, tokens)
+
+
+def stored_in_bf16(adapter_dirs: dict[str, Path]) -> dict[str, Path]:
+    """A copy of each PEFT adapter directory with its tensors saved in bf16 (as adapters trained
+    in bf16 are), written on first use next to the originals. Returns name -> directory."""
+    copies = {}
+    for name, directory in adapter_dirs.items():
+        copy = directory.parent.with_name(directory.parent.name + "-bf16") / directory.name
+        copies[name] = copy
+        if (copy / "adapter_config.json").exists():
+            continue
+        staging = copy.with_name(copy.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(directory, staging)
+        weights = staging / "adapter_model.safetensors"
+        save_file({k: t.to(torch.bfloat16) for k, t in load_file(weights).items()}, weights)
+        staging.replace(copy)
+    return copies

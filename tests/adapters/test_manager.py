@@ -41,8 +41,12 @@ class FakeLayer(nn.Module):
     def resolve(self, weights):  # plain LoRA: nothing to compute against a base
         return weights
 
-    def set_slot(self, slot: int, a, b, scale=None, shift=None, copies=None, lora_scale=1.0):
-        # copies run now; the scaling stays folded into b (slots in the compute dtype)
+    def set_slot(
+        self, slot: int, a, b, scale=None, shift=None, copies=None, lora_scale=1.0,
+        bf16_values=False,
+    ):  # fmt: skip
+        # copies run now; the scaling stays folded into b (slots in the compute dtype, as
+        # stored or not)
         self.clear_slot(slot)
         self.lora_a[slot, : a.shape[0]] = a
         self.lora_b[slot, : b.shape[0]] = b

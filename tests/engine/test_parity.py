@@ -28,6 +28,7 @@ from transformers import DynamicCache
 from loraserve.model.kernels import native
 from loraserve.model.linear import BaseLinear
 from loraserve.model.loading import DTYPES
+from loraserve.model.lora import MultiLoraLinear
 from loraserve.types import GenerateRequest, SamplingParams
 
 pytestmark = pytest.mark.slow  # PEFT's generate for every architecture and quantization
@@ -210,20 +211,29 @@ def stored_in_bf16(adapter_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+@pytest.mark.parametrize("slot_dtype", ["bf16", "auto"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_bf16_slots_serve_adapters_stored_in_bf16_as_peft_does(
-    arch, model_dirs, adapter_dirs, kind_adapter_dirs, tmp_path
+def test_adapters_stored_in_bf16_are_served_from_bf16_rows_as_peft_does(
+    arch, slot_dtype, model_dirs, adapter_dirs, kind_adapter_dirs, tmp_path
 ):
-    """`lora_slot_dtype="bf16"` under fp32 compute: slots hold A and B as the adapter stores
+    """Under fp32 compute, bf16 slots (`lora_slot_dtype="bf16"`), or float32 slots holding each
+    module stored in bf16 as bf16 rows (the default, "auto"), hold A and B as the adapter stores
     them and the scaling apart (alpha / r is not a power of two for several of these), so the
-    batch matches PEFT, which computes in fp32 with the same bf16 values."""
+    batch (under "auto" with one adapter stored in fp32 beside them) matches PEFT, which
+    computes in fp32 with the same values."""
     sources = {**adapter_dirs[arch], **kind_adapter_dirs[arch]}
     names = ["r1-qv", "r8-rslora", "r32-kv-up", "r64-all", "r2-o-down", "dora-bias-r8",
              "lora-bias-r4", "embed-r4"]  # fmt: skip
     adapters = {name: stored_in_bf16(sources[name], tmp_path / name) for name in names}
-    core = make_core(model_dirs[arch], max_step_tokens=64, lora_slot_dtype="bf16")
-    slot_dtypes = {m.lora_a.dtype for m in core.runner.model.modules() if hasattr(m, "scales")}
-    assert slot_dtypes == {torch.bfloat16}
+    if slot_dtype == "auto":  # beside one stored in fp32, which bf16 slots would round
+        adapters["r8-all"] = sources["r8-all"]
+        names.append("r8-all")
+    core = make_core(
+        model_dirs[arch], max_step_tokens=64, lora_slot_dtype=slot_dtype, device_slots=len(names)
+    )
+    layers = [m for m in core.runner.model.modules() if isinstance(m, MultiLoraLinear)]
+    want_dtype = torch.bfloat16 if slot_dtype == "bf16" else torch.float32
+    assert {layer.lora_a.dtype for layer in layers} == {want_dtype}
     for name, directory in adapters.items():
         core.adapters.load(name, directory)
     requests = [
@@ -235,6 +245,10 @@ def test_bf16_slots_serve_adapters_stored_in_bf16_as_peft_does(
     arrivals = {3 * i: requests[2 * i : 2 * i + 2] for i in range(len(requests) // 2)}
     results = run(core, arrivals)
     check_against_peft(core, requests, results, model_dirs[arch], adapters, "nf4", "fp32", "cpu")
+    if slot_dtype == "auto":  # every adapter is in a slot: as many slots as adapters
+        filled = [slot for slot, rank in enumerate(core.adapters.slot_ranks) if rank]
+        held = {layer.narrow.holds(slot) for layer in layers for slot in filled}
+        assert len(filled) == len(names) and held == {True, False}, "bf16 rows, and fp32 ones"
 
 
 @pytest.mark.parametrize("device", DEVICES)

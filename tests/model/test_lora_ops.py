@@ -20,11 +20,14 @@ from loraserve.model.lora import (
     LoraContext,
     MultiLoraEmbedding,
     MultiLoraLinear,
+    NarrowSlots,
     SlotScales,
     add_lora_delta_,
     gathered_lora_delta_,
     lora_delta_reference,
+    narrow_rows,
     segmented_lora_delta_,
+    slot_rows,
     wrap_lora_targets,
 )
 from loraserve.model.slot_terms import SlotCopies
@@ -93,12 +96,12 @@ def _token_slots(row_slots: list[int], row_len: int) -> torch.Tensor:
 # loop, and the gathered (BGMV) form that a GPU takes for decode-sized batches, run here on the
 # CPU against the same reference.
 FORMS = {
-    "dispatch": lambda y, x, batch, a, b, scales=None: add_lora_delta_(
-        y, x, batch, a, b, gathered=False, scales=scales
+    "dispatch": lambda y, x, batch, a, b, scales=None, narrow=None: add_lora_delta_(
+        y, x, batch, a, b, gathered=False, scales=scales, narrow=narrow
     ),
     "segmented": segmented_lora_delta_,
-    "gathered": lambda y, x, batch, a, b, scales=None: gathered_lora_delta_(
-        y, x, batch.token_slots, a, b, scales
+    "gathered": lambda y, x, batch, a, b, scales=None, narrow=None: gathered_lora_delta_(
+        y, x, batch.token_slots, a, b, scales, narrow
     ),
 }
 
@@ -201,6 +204,41 @@ def test_bf16_slots_with_their_scales_under_fp32_compute_match_the_reference(mix
     assert (got - want).abs().max() / want.abs().max() <= TOLERANCE[torch.float32]
     assert (want - folded).abs().max() / want.abs().max() <= TOLERANCE[torch.float32]
     assert want.abs().max() > 0.5
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("row_len", [1, 5], ids=["per-token", "segments"])
+@pytest.mark.parametrize("mix", ["distinct", "zipf", "base-mixed-in"])
+def test_float32_slots_holding_bf16_rows_match_the_reference(mix, row_len, form):
+    """Every other slot of float32 buffers holds bf16 rows in the first half of its bytes, its
+    scaling apart: each form reads each slot as it is held, and the delta is the one float32
+    slots give with the same values (widened) and the same scalings."""
+    row_slots = MIXES[mix](random.Random(mix), NUM_ROWS)
+    batch = LoraBatch.for_rows(row_slots, [row_len] * len(row_slots), SLOT_RANKS)
+    values_a, values_b = _slot_weights(torch.float32)
+    scales = SlotScales(len(SLOT_RANKS), torch.device("cpu"))
+    narrow = NarrowSlots(len(SLOT_RANKS), torch.device("cpu"))
+    lora_a, lora_b = torch.zeros_like(values_a), torch.zeros_like(values_b)
+    for slot, scale in enumerate(SLOT_SCALES):
+        if slot % 2:  # held as bf16 rows, the scaling apart
+            values_a[slot] = values_a[slot].bfloat16().float()
+            values_b[slot] = values_b[slot].bfloat16().float()
+            narrow.set(slot, True)
+            scales.set(slot, scale)
+            narrow_rows(lora_a, slot).copy_(values_a[slot])
+            narrow_rows(lora_b, slot).copy_(values_b[slot])
+        else:  # float32 rows, the scaling folded into B
+            values_b[slot] *= scale
+            lora_a[slot], lora_b[slot] = values_a[slot], values_b[slot]
+    x = _x(NUM_ROWS * row_len, torch.float32)
+    y = torch.zeros(NUM_ROWS * row_len, OUT_FEATURES)
+
+    got = FORMS[form](y, x, batch, lora_a, lora_b, scales, narrow)
+    want = lora_delta_reference(x, batch.token_slots, values_a, values_b, scales)
+    assert (got - want).abs().max() / want.abs().max() <= TOLERANCE[torch.float32]
+    assert want.abs().max() > 0.5
+    wide_only = FORMS[form](torch.zeros_like(y), x, batch, lora_a, lora_b, scales)
+    assert (wide_only - want).abs().max() / want.abs().max() > 0.1  # the flags are read
 
 
 def _runs(row_slots: list[int], row_len: int) -> list[tuple[int, int, int, int]]:
@@ -388,6 +426,76 @@ def test_a_bf16_slot_holds_b_as_stored_and_the_scaling_apart():
 
     bf16_layer.clear_slot(2)
     assert bf16_layer.scales.of(2) == 1.0 and not bf16_layer.lora_b[2].any()
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_a_float32_slot_holds_modules_stored_in_bf16_as_bf16_rows(deferred):
+    """With narrow slots, a module whose a and b / scaling are bf16 values goes into its slot as
+    bf16 rows, B as stored and the scaling apart; others as float32 rows, the scaling folded.
+    Refilled either way at any rank, or cleared, the slot holds exactly its adapter and zeros
+    past it (read at the full padded rank, as the gathered form reads it), and the layer's
+    output is that of plain float32 slots with the same adapter."""
+    torch.manual_seed(0)
+    base = nn.Linear(IN_FEATURES, OUT_FEATURES)
+    held, plain = LoraContext(), LoraContext()
+    layer = MultiLoraLinear(base, held, 4, MAX_RANK, torch.float32, narrow_slots=True)
+    reference = MultiLoraLinear(base, plain, 4, MAX_RANK, torch.float32)
+    assert layer.slot_nbytes == reference.slot_nbytes + 4 + 1  # a scaling and a flag
+    gen = torch.Generator().manual_seed(9)
+    slot = 2
+    fills = [(MAX_RANK, False, 0.375), (3, True, 0.375), (MAX_RANK, True, 3.0), (5, False, 2.0),
+             (7, True, 0.1), None, (MAX_RANK - 1, True, 1.0), (2, True, 0.0), (4, False, 0.5),
+             (1, True, 3.0)]  # fmt: skip
+    for fill in fills:
+        if fill is None:
+            layer.clear_slot(slot)
+            reference.clear_slot(slot)
+            assert not layer.lora_a[slot].any() and not layer.lora_b[slot].any()
+            assert not layer.narrow.holds(slot) and layer.scales.of(slot) == 1.0
+            continue
+        rank, bf16, scale = fill
+        a = torch.randn(rank, IN_FEATURES, generator=gen)
+        b = torch.randn(rank, OUT_FEATURES, generator=gen)
+        if bf16:
+            a, b = a.bfloat16().float(), b.bfloat16().float()
+        copies = SlotCopies() if deferred else None
+        layer.set_slot(slot, a, b * scale, copies=copies, lora_scale=scale, bf16_values=bf16)
+        reference.set_slot(slot, a, b * scale, lora_scale=scale)
+        if copies is not None:
+            copies.run()
+        assert layer.narrow.holds(slot) == bool(layer.narrow.flags[slot]) == bf16
+        rows_a, rows_b = (
+            slot_rows(layer.lora_a, slot, layer.narrow),
+            slot_rows(layer.lora_b, slot, layer.narrow),
+        )
+        assert rows_a.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        apart = bf16 and scale not in (0.0, 1.0)
+        assert layer.scales.of(slot) == (scale if apart else 1.0)
+        assert torch.equal(rows_a[:rank].float(), a)
+        if scale:  # a zero scaling leaves B zero, folded
+            assert torch.equal(rows_b[:rank].float(), b if apart else b * scale)
+        assert not rows_a[rank:].any() and not rows_b[rank:].any(), fill
+        _, got = _forward(layer, held, [slot, 0, slot], 2, [0, 0, MAX_RANK, 0])
+        _, want = _forward(reference, plain, [slot, 0, slot], 2, [0, 0, MAX_RANK, 0])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_values_change_nothing_where_slots_cannot_hold_bf16_rows():
+    """Without narrow slots (or with bf16 buffers) a module stored in bf16 fills the slot as
+    any other."""
+    torch.manual_seed(0)
+    base = nn.Linear(IN_FEATURES, OUT_FEATURES)
+    plain = MultiLoraLinear(base, LoraContext(), 2, MAX_RANK, torch.float32)
+    bf16_buffers = MultiLoraLinear(
+        base, LoraContext(), 2, MAX_RANK, torch.float32, torch.bfloat16, narrow_slots=True
+    )
+    assert plain.narrow is None and bf16_buffers.narrow is None
+    a = torch.randn(4, IN_FEATURES).bfloat16().float()
+    b = torch.randn(4, OUT_FEATURES).bfloat16().float()
+    plain.set_slot(1, a, b * 0.375, lora_scale=0.375, bf16_values=True)
+    assert torch.equal(plain.lora_b[1, :4], b * 0.375) and plain.scales is None
+    bf16_buffers.set_slot(1, a, b * 0.375, lora_scale=0.375, bf16_values=True)
+    assert torch.equal(bf16_buffers.lora_b[1, :4].float(), b)
 
 
 def _embedding(num_slots: int = 4) -> MultiLoraEmbedding:

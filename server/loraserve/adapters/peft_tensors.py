@@ -332,6 +332,9 @@ def _converted(
         return None if role not in parts else parts[role].to(torch.float32) * factor
 
     copy = parts.get("base_copy")
+    stored_bf16 = factors is not None and all(
+        parts[role].dtype == torch.bfloat16 for role in PAIRS[module.embedding]
+    )
     return ModuleWeights(
         a,
         b,
@@ -341,4 +344,5 @@ def _converted(
         lora_bias=vector("lora_bias", module.scale),
         base_copy=None if copy is None else copy.clone(),
         lora_scale=module.scale,
+        bf16_values=stored_bf16,
     )

@@ -96,6 +96,7 @@ class EngineCore:
             loaded.compute_dtype,
             config.lora_target_modules,
             torch.bfloat16 if config.lora_slot_dtype == "bf16" else loaded.compute_dtype,
+            narrow_slots=config.lora_slot_dtype == "auto",
         )
         self.inbox = Inbox()
         self.adapters = AdapterManager(

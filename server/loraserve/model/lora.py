@@ -4,7 +4,10 @@ Every wrapped projection computes, for each token t on slot s, `y = base(x) + x 
 adapter's scaling (alpha / r, or alpha / sqrt(r) for rsLoRA) is folded into B when a slot is
 filled. Slots may be narrower than the compute dtype (bf16 slots under fp32 compute: half the
 bytes to hold and to stream each step); those keep B as the adapter stores it and the scaling
-apart, applied to `x A_s^T`, since folding it in would round B. A slot may also hold a
+apart, applied to `x A_s^T`, since folding it in would round B. Float32 slots may also hold one
+adapter's module in bf16 where it was stored in bf16 (`NarrowSlots`: the first half of the
+slot's bytes, the scaling apart as in bf16 slots): exact, and half the bytes a step streams for
+its tokens. A slot may also hold a
 per-output affine term, applied to its rows after the delta: `y = y * scale_s + shift_s`
 (DoRA's rescale and the adapter's bias terms, see `slot_terms`); slots without one skip it.
 Slot 0 is all zeros: "no adapter" needs no branch. The input embedding gets the same slots as a
@@ -118,13 +121,15 @@ def add_lora_delta_(
     *,
     gathered: bool,
     scales: SlotScales | None = None,
+    narrow: NarrowSlots | None = None,
 ) -> torch.Tensor:
     """y[t] += (x[t] @ lora_a[s_t].T) * scale[s_t] @ lora_b[s_t] for every token t on slot s_t
     != 0; returns y.
 
     y: [N, out] (updated in place); x: [N, in]; lora_a: [S, R, in]; lora_b: [S, R, out], in the
     compute dtype or narrower; `scales`: each slot's scaling, or None where it is folded into
-    lora_b. Ranks below R are zero-padded, so each segment uses its slot's own rank.
+    lora_b; `narrow`: which float32 slots hold bf16 rows (`narrow_rows`), or None for none.
+    Ranks below R are zero-padded, so each segment uses its slot's own rank.
 
     On the CPU, one compiled call covers every segment (shrink and expand per chunk of a
     segment's tokens, chunks in parallel), in fp32: in a 16-bit compute dtype it widens each
@@ -137,11 +142,14 @@ def add_lora_delta_(
     if ops is not None and y.device.type == "cpu" and y.dtype == x.dtype and y.is_contiguous():
         starts, ends, slots, ranks = batch.columns
         values = None if scales is None else scales.values
-        ops.lora_delta_(x.contiguous(), y, lora_a, lora_b, starts, ends, slots, ranks, values)
+        flags = None if narrow is None else narrow.flags
+        ops.lora_delta_(
+            x.contiguous(), y, lora_a, lora_b, starts, ends, slots, ranks, values, flags
+        )
         return y
     if gathered:
-        return gathered_lora_delta_(y, x, batch.token_slots, lora_a, lora_b, scales)
-    return segmented_lora_delta_(y, x, batch, lora_a, lora_b, scales)
+        return gathered_lora_delta_(y, x, batch.token_slots, lora_a, lora_b, scales, narrow)
+    return segmented_lora_delta_(y, x, batch, lora_a, lora_b, scales, narrow)
 
 
 def takes_gathered_form(
@@ -163,16 +171,18 @@ def segmented_lora_delta_(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scales: SlotScales | None = None,
+    narrow: NarrowSlots | None = None,
 ) -> torch.Tensor:
     """`add_lora_delta_` as one shrink and one fused expand-and-add per segment (SGMV's work in
     2 x G calls), on views of the slot buffers at each slot's own rank: nothing is copied
     (but slots narrower than x, widened per segment)."""
     for seg in batch.segments:
         rows = slice(seg.start, seg.end)
-        shrunk = F.linear(x[rows], lora_a[seg.slot, : seg.rank].to(x.dtype))  # [n, r]
+        a = slot_rows(lora_a, seg.slot, narrow)[: seg.rank]
+        shrunk = F.linear(x[rows], a.to(x.dtype))  # [n, r]
         if scales is not None:
             shrunk *= scales.of(seg.slot)
-        y[rows].addmm_(shrunk, lora_b[seg.slot, : seg.rank].to(y.dtype))
+        y[rows].addmm_(shrunk, slot_rows(lora_b, seg.slot, narrow)[: seg.rank].to(y.dtype))
     return y
 
 
@@ -183,14 +193,15 @@ def gathered_lora_delta_(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scales: SlotScales | None = None,
+    narrow: NarrowSlots | None = None,
 ) -> torch.Tensor:
     """`add_lora_delta_` in Punica's BGMV form: every token's slot weights gathered, then one
     batched shrink and one batched expand-and-add, at the full padded rank R (the padding and
     slot 0 are zeros, so they add exactly zero to finite values). token_slots: [N] int64 on
     y's device. Copies N * R * (in + out) elements; four launches for any mix of adapters
-    (slots narrower than x, or scales, add one or two)."""
-    a = lora_a.index_select(0, token_slots).to(x.dtype)  # [N, R, in]
-    b = lora_b.index_select(0, token_slots).to(y.dtype)  # [N, R, out]
+    (slots narrower than x, scales, or slots holding bf16 rows add a few)."""
+    a = gathered_slot_rows(lora_a, token_slots, narrow).to(x.dtype)  # [N, R, in]
+    b = gathered_slot_rows(lora_b, token_slots, narrow).to(y.dtype)  # [N, R, out]
     shrunk = torch.bmm(a, x.unsqueeze(-1))  # [N, R, 1]
     if scales is not None:
         shrunk *= scales.values.index_select(0, token_slots).to(shrunk.dtype)[:, None, None]
@@ -214,6 +225,7 @@ def lora_delta_reference(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scales: SlotScales | None = None,
+    narrow: NarrowSlots | None = None,
 ) -> torch.Tensor:
     """Slow, obviously-correct reference for the delta `add_lora_delta_` adds: one token at a
     time, full padded rank, slots widened to x's dtype. x: [N, in]; token_slots: [N] int;
@@ -221,10 +233,10 @@ def lora_delta_reference(
     rows = []
     for t in range(len(x)):
         slot = int(token_slots[t])
-        shrunk = x[t] @ lora_a[slot].to(x.dtype).T
+        shrunk = x[t] @ slot_rows(lora_a, slot, narrow).to(x.dtype).T
         if scales is not None:
             shrunk = shrunk * scales.of(slot)
-        rows.append(shrunk @ lora_b[slot].to(x.dtype))
+        rows.append(shrunk @ slot_rows(lora_b, slot, narrow).to(x.dtype))
     return torch.stack(rows) if rows else x.new_zeros(0, lora_b.shape[-1])
 
 
@@ -245,6 +257,53 @@ class SlotScales:
         self._host[slot] = scale
 
 
+class NarrowSlots:
+    """Which slots of float32 buffers hold their module's A and B in bf16, in the first half of
+    the slot's bytes (`narrow_rows`), for a module the adapter stores in bf16: served with
+    the very same values, at half the bytes a step streams. `flags` [S] bool on the slots'
+    device (what kernels read); the same on the host (what a loop over segments reads)."""
+
+    def __init__(self, num_slots: int, device: torch.device) -> None:
+        self.flags = torch.zeros(num_slots, dtype=torch.bool, device=device)
+        self._host = [False] * num_slots
+
+    def holds(self, slot: int) -> bool:
+        return self._host[slot]
+
+    def set(self, slot: int, narrow: bool) -> None:
+        if self._host[slot] != narrow:
+            self.flags[slot] = narrow
+            self._host[slot] = narrow
+
+
+def narrow_rows(buffer: torch.Tensor, slot: int) -> torch.Tensor:
+    """Slot `slot` of a float32 slot buffer [S, R, F] seen as bf16 rows [R, F]: the first half
+    of the slot's bytes."""
+    _, rank, features = buffer.shape
+    return buffer[slot].view(-1).view(torch.bfloat16)[: rank * features].view(rank, features)
+
+
+def slot_rows(buffer: torch.Tensor, slot: int, narrow: NarrowSlots | None) -> torch.Tensor:
+    """The rows [R, F] slot `slot` of `buffer` [S, R, F] holds, as it holds them."""
+    if narrow is not None and narrow.holds(slot):
+        return narrow_rows(buffer, slot)
+    return buffer[slot]
+
+
+def gathered_slot_rows(
+    buffer: torch.Tensor, token_slots: torch.Tensor, narrow: NarrowSlots | None
+) -> torch.Tensor:
+    """Each token's slot rows out of `buffer` [S, R, F], widened where its slot holds bf16 ones:
+    [N, R, F] in the buffer's dtype; token_slots: [N] int64 on the buffer's device."""
+    wide = buffer.index_select(0, token_slots)
+    if narrow is None:
+        return wide
+    slots, rank, features = buffer.shape
+    halves = buffer.view(slots, -1).view(torch.bfloat16)[:, : rank * features]  # [S, R * F]
+    held = halves.index_select(0, token_slots).view(-1, rank, features).to(buffer.dtype)
+    return torch.where(narrow.flags.index_select(0, token_slots)[:, None, None], held, wide)
+
+
 class LoraContext:
     """The per-forward LoRA batch, shared by every wrapped layer of one model."""
 
@@ -259,8 +318,9 @@ class MultiLoraLinear(nn.Module):
     lora_a: [num_slots, max_rank, in_features]; lora_b: [num_slots, max_rank, out_features],
     in `slot_dtype` (default: the compute dtype `dtype`; narrower slots keep each adapter's
     scaling in `scales`, not in B). Both keep rank-major rows, so a slot of rank r is the
-    leading r rows of each buffer. The base projection runs through `BaseLinear`, which keeps
-    the wrapped module as `base.module`.
+    leading r rows of each buffer. With `narrow_slots`, float32 slots hold a module whose
+    values are all bf16 as bf16 rows (`narrow`, `narrow_rows`), its scaling in `scales`. The
+    base projection runs through `BaseLinear`, which keeps the wrapped module as `base.module`.
     """
 
     lora_a: torch.Tensor
@@ -274,6 +334,7 @@ class MultiLoraLinear(nn.Module):
         max_rank: int,
         dtype: torch.dtype,
         slot_dtype: torch.dtype | None = None,
+        narrow_slots: bool = False,
     ) -> None:
         super().__init__()
         self.base = BaseLinear(base)
@@ -288,7 +349,12 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer(
             "lora_b", huge_pages.zeros((num_slots, max_rank, self.out_features), slot_dtype, device)
         )
-        self.scales = None if slot_dtype == dtype else SlotScales(num_slots, device)
+        self.narrow = (
+            NarrowSlots(num_slots, device) if narrow_slots and slot_dtype == torch.float32 else None
+        )
+        self._narrower_slots = slot_dtype != dtype
+        keeps_scales = self._narrower_slots or self.narrow is not None
+        self.scales = SlotScales(num_slots, device) if keeps_scales else None
         self.terms = SlotTerms(num_slots, self.out_features, dtype, device)
         # per slot: how many leading rows of lora_a / lora_b may be non-zero (the rest are)
         self._rows_written = [0] * num_slots
@@ -298,7 +364,9 @@ class MultiLoraLinear(nn.Module):
     def slot_nbytes(self) -> int:
         """Device bytes one slot of this layer takes."""
         scale = 0 if self.scales is None else self.scales.values[0].nbytes
-        return self.lora_a[0].nbytes + self.lora_b[0].nbytes + scale + self.terms.slot_nbytes
+        flag = 0 if self.narrow is None else self.narrow.flags[0].nbytes
+        slot = self.lora_a[0].nbytes + self.lora_b[0].nbytes
+        return slot + scale + flag + self.terms.slot_nbytes
 
     def resolve(self, weights: ModuleWeights) -> ModuleWeights:
         """`weights` with its DoRA and bias terms computed against this layer's base (see
@@ -333,24 +401,32 @@ class MultiLoraLinear(nn.Module):
         shift: torch.Tensor | None = None,
         copies: SlotCopies | None = None,
         lora_scale: float = 1.0,
+        bf16_values: bool = False,
     ) -> None:
         """a: [r, in]; b: [r, out] with the adapter's scaling `lora_scale` already folded in;
-        scale, shift: [out] or None. Slots narrower than the compute dtype hold b / lora_scale
-        (B as the adapter stores it: exact when it is stored in the slots' dtype) and the
-        scaling apart. copies: where to leave the copies of a and b for the caller to run (None:
-        run now)."""
+        scale, shift: [out] or None; bf16_values: whether the adapter stores a and B (b /
+        lora_scale) in bf16. Slots narrower than the compute dtype, and float32 slots holding
+        bf16 values as bf16 rows (with `narrow_slots`), hold b / lora_scale (B as the adapter
+        stores it: exact when it is stored in the rows' dtype) and the scaling apart. copies:
+        where to leave the copies of a and b for the caller to run (None: run now)."""
+        narrow = bf16_values and self.narrow is not None
         r, written = a.shape[0], self._rows_written[slot]
         pending = SlotCopies() if copies is None else copies
-        if r < written:  # what a previous adapter of higher rank left
-            self.lora_a[slot, r:written].zero_()
-            self.lora_b[slot, r:written].zero_()
-        self._rows_written[slot] = r
+        # float32 rows this write fills whole; bf16 row r (a padding row) shares one with r - 1
+        kept = r // 2 if narrow else r
+        if kept < written:  # what a previous adapter of higher rank or other rows left
+            self.lora_a[slot, kept:written].zero_()
+            self.lora_b[slot, kept:written].zero_()
+        self._rows_written[slot] = -(-r // 2) if narrow else r
         if self.scales is not None:
-            unfold = lora_scale not in (0.0, 1.0)  # a zero scaling left B all zeros: keep it
-            b = b / lora_scale if unfold else b
-            self.scales.set(slot, lora_scale if unfold else 1.0)
-        pending.add(self.lora_a[slot, :r], a)  # [r, in] of [max_rank, in]
-        pending.add(self.lora_b[slot, :r], b)  # [r, out] of [max_rank, out]
+            # a zero scaling left B all zeros: keep it
+            apart = (narrow or self._narrower_slots) and lora_scale not in (0.0, 1.0)
+            b = b / lora_scale if apart else b
+            self.scales.set(slot, lora_scale if apart else 1.0)
+        if self.narrow is not None:
+            self.narrow.set(slot, narrow)
+        pending.add(slot_rows(self.lora_a, slot, self.narrow)[:r], a)  # [r, in] of [R, in]
+        pending.add(slot_rows(self.lora_b, slot, self.narrow)[:r], b)  # [r, out] of [R, out]
         self.terms.set_slot(slot, scale, shift)
         if copies is None:
             pending.run()
@@ -364,6 +440,8 @@ class MultiLoraLinear(nn.Module):
             self._rows_written[slot] = 0
         if self.scales is not None:
             self.scales.set(slot, 1.0)
+        if self.narrow is not None:
+            self.narrow.set(slot, False)
         self.terms.clear_slot(slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -375,8 +453,9 @@ class MultiLoraLinear(nn.Module):
         flat_y, flat_x = y.view(-1, self.out_features), x.reshape(-1, self.in_features)
         gathered = takes_gathered_form(batch, flat_x, self.lora_a, self.lora_b)
         add_lora_delta_(
-            flat_y, flat_x, batch, self.lora_a, self.lora_b, gathered=gathered, scales=self.scales
-        )
+            flat_y, flat_x, batch, self.lora_a, self.lora_b,
+            gathered=gathered, scales=self.scales, narrow=self.narrow,
+        )  # fmt: skip
         self.terms.apply_(flat_y, batch, gathered)
         return y
 
@@ -397,10 +476,12 @@ def wrap_lora_targets(
     dtype: torch.dtype,
     target_names: tuple[str, ...] = (),
     slot_dtype: torch.dtype | None = None,
+    narrow_slots: bool = False,
 ) -> dict[str, LoraLayer]:
     """Replace every linear projection inside the decoder by a `MultiLoraLinear` (slots in
-    `slot_dtype`, default `dtype`), and the input embedding by a `MultiLoraEmbedding` (slots in
-    `dtype`), in place.
+    `slot_dtype`, default `dtype`; with `narrow_slots`, float32 ones hold modules stored in bf16
+    as bf16 rows), and the input embedding by a `MultiLoraEmbedding` (slots in `dtype`), in
+    place.
 
     The output embedding (lm_head) is left alone. `target_names`, when given, restricts wrapping
     to modules whose last name component is listed (e.g. ("q_proj", "v_proj", "embed_tokens")).
@@ -427,7 +508,9 @@ def wrap_lora_targets(
             layer = MultiLoraEmbedding(embedding, context, num_slots, max_rank, dtype)
         else:
             linear = cast(nn.Linear, module)
-            layer = MultiLoraLinear(linear, context, num_slots, max_rank, dtype, slot_dtype)
+            layer = MultiLoraLinear(
+                linear, context, num_slots, max_rank, dtype, slot_dtype, narrow_slots
+            )
         setattr(parent, child, layer)
         wrapped[name] = layer
     return wrapped

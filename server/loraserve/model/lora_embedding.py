@@ -95,9 +95,11 @@ class MultiLoraEmbedding(nn.Module):
         shift: torch.Tensor | None = None,
         copies: SlotCopies | None = None,
         lora_scale: float = 1.0,
+        bf16_values: bool = False,
     ) -> None:
         """a: [r, vocab]; b: [r, hidden] with the scaling `lora_scale` folded in (these slots are
-        in the compute dtype and keep it so); scale, shift: [hidden] or None. copies: where to
+        in the compute dtype and keep it so, whatever dtype the adapter stores them in:
+        `bf16_values` changes nothing here); scale, shift: [hidden] or None. copies: where to
         leave the copies of a and b for the caller to run (None: run now)."""
         r = a.shape[0]
         pending = SlotCopies() if copies is None else copies

@@ -53,6 +53,8 @@ class ModuleWeights:
     bias, scaling folded in), and for the embedding `base_copy` [vocab, hidden], the copy of
     the base embedding PEFT saves next to an embedding LoRA. `resolve_terms` turns them into
     `scale` and `shift` ([out], in the compute dtype), which is what a slot holds.
+    `bf16_values`: the adapter stores A and B in bf16, so a and b / lora_scale hold bf16 values
+    (slots may then hold them in bf16, exactly).
     """
 
     a: torch.Tensor
@@ -65,6 +67,7 @@ class ModuleWeights:
     scale: torch.Tensor | None = None
     shift: torch.Tensor | None = None
     lora_scale: float = 1.0
+    bf16_values: bool = False
 
     @property
     def resolved(self) -> bool:

@@ -23,9 +23,12 @@ caller then takes its torch path, which is also each kernel's test oracle. The o
                                                        (in place on out's rows of the P prefill
                                                         rows: causal over each row's context)
   lora_delta_(x [N, in], y [N, out], lora_a [S, R, in], lora_b [S, R, out],
-              starts, ends, slots, ranks [G] i64)      (in place on y; bf16 rows on bf16 slots in
+              starts, ends, slots, ranks [G] i64, scales [S]?, narrow [S] bool?)
+                                                       (in place on y; bf16 rows on bf16 slots in
                                                         AMX tiles, where amx_usable(), for chunks
-                                                        of 8-16 tokens: x @ A^T rounded to bf16)
+                                                        of 8-16 tokens: x @ A^T rounded to bf16;
+                                                        float32 slots flagged in narrow hold bf16
+                                                        rows in their first half)
   transpose_scaled(src [[rows, cols]], scale [float]) -> [[cols, rows]] (each src^T * scale,
                                                         views of one buffer)
   nonfinite(tensors) -> [int]                          (positions of the tensors holding a NaN

@@ -371,11 +371,12 @@ void paged_prefill_attention_op(const at::Tensor& q, at::Tensor& out, const at::
 
 // y [N, out] += the LoRA delta of x [N, in] over token segments on slots; the slots float32,
 // bfloat16 or float16 (both alike), scales [S] float32 (none: every slot's scaling is folded
-// into its B).
+// into its B), narrow [S] bool (none: no slot holds bf16 within float32 slots; see lora.h).
 void lora_delta_op(const at::Tensor& x, at::Tensor& y, const at::Tensor& lora_a,
                    const at::Tensor& lora_b, const at::Tensor& starts, const at::Tensor& ends,
                    const at::Tensor& slots, const at::Tensor& ranks,
-                   const c10::optional<at::Tensor>& scales) {
+                   const c10::optional<at::Tensor>& scales,
+                   const c10::optional<at::Tensor>& narrow) {
   TORCH_CHECK(x.scalar_type() == y.scalar_type() && y.device().is_cpu() && y.is_contiguous(),
               "x and y must share a dtype, and y be a contiguous CPU tensor");
   TORCH_CHECK(lora_b.scalar_type() == lora_a.scalar_type() && lora_b.device().is_cpu() &&
@@ -392,13 +393,20 @@ void lora_delta_op(const at::Tensor& x, at::Tensor& y, const at::Tensor& lora_a,
     TORCH_CHECK(scales->dim() == 1 && scales->size(0) == lora_a.size(0), "scales must be [S]");
     scale = scales->data_ptr<float>();
   }
+  const bool* narrow_slots = nullptr;
+  if (narrow.has_value() && narrow->defined()) {
+    check_cpu(*narrow, at::kBool, "narrow");
+    TORCH_CHECK(narrow->dim() == 1 && narrow->size(0) == lora_a.size(0), "narrow must be [S]");
+    TORCH_CHECK(lora_a.scalar_type() == at::kFloat, "only float32 slots hold bf16 within them");
+    narrow_slots = narrow->data_ptr<bool>();
+  }
   with_element(x, "x and y", [&](auto row_element) {
     using X = decltype(row_element);
     with_element(lora_a, "LoRA slots", [&](auto element) {
       using T = decltype(element);
       lora_delta(static_cast<const X*>(x.data_ptr()), static_cast<X*>(y.data_ptr()), x.size(1),
                  y.size(1), static_cast<const T*>(lora_a.data_ptr()),
-                 static_cast<const T*>(lora_b.data_ptr()), scale, lora_a.size(1),
+                 static_cast<const T*>(lora_b.data_ptr()), scale, narrow_slots, lora_a.size(1),
                  starts.data_ptr<int64_t>(), ends.data_ptr<int64_t>(), slots.data_ptr<int64_t>(),
                  ranks.data_ptr<int64_t>(), starts.numel());
     });
@@ -619,7 +627,7 @@ TORCH_LIBRARY(loraserve, m) {
       "int window, float scale) -> ()");
   m.def(
       "lora_delta_(Tensor x, Tensor(a!) y, Tensor lora_a, Tensor lora_b, Tensor starts, "
-      "Tensor ends, Tensor slots, Tensor ranks, Tensor? scales=None) -> ()");
+      "Tensor ends, Tensor slots, Tensor ranks, Tensor? scales=None, Tensor? narrow=None) -> ()");
   m.def("transpose_scaled(Tensor[] src, float[] scale) -> Tensor[]");
   m.def("nonfinite(Tensor[] tensors) -> int[]");
   m.def("lora_factors(Tensor[] a, Tensor[] b, float[] scale) -> (Tensor[], Tensor[], int[])");

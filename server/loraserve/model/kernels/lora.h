@@ -3,7 +3,8 @@
 // slot s. The slots hold float32, bfloat16 or float16 (widened as they are loaded); x and y
 // are float32, or both 16-bit (a 16-bit compute dtype: each chunk's rows are widened, its
 // delta summed in float32 apart from y and added to y in one rounding); without scales, every
-// slot has its adapter's scaling folded into B. Where the CPU has AMX tiles, chunks of bf16 rows
+// slot has its adapter's scaling folded into B. Float32 slots may hold bf16 rows instead, in the
+// first half of their bytes (an adapter stored in bf16: the same values, half the bytes read). Where the CPU has AMX tiles, chunks of bf16 rows
 // on bf16 slots run in them instead (`amx.h`: x @ A^T is rounded to bf16 before it meets B).
 //
 // A segment is split into chunks of a few tokens so that a batch of one adapter (a long
@@ -129,14 +130,27 @@ inline bool any_nonfinite(const float* src, int64_t n) {
   return found;
 }
 
+// One chunk of n tokens on one slot, its rows xs already float: y[:n] += (xs[:n] @ a[:rank]^T)
+// * scale @ b[:rank]; a [rank, in] and b [rank, out] rows in T; shrunk: n * rank floats.
+template <class T, class Y>
+inline void lora_chunk(const float* xs, int64_t n, int64_t in, const T* a, const T* b,
+                       int64_t rank, float scale, int64_t out, float* shrunk, Y* y) {
+  dot_tile<kShrinkColumns>(xs, n, in, a, in, rank, shrunk, rank);  // [n, rank]
+  if (scale != 1.0f)
+    for (int64_t i = 0; i < n * rank; ++i) shrunk[i] *= scale;
+  expand(shrunk, rank, n, rank, b, out, y);
+}
+
 // x [N, in]; y [N, out] (updated; X: float, bf16 or fp16, as x); lora_a [S, R, in]; lora_b
-// [S, R, out] (T: float, bf16 or fp16); scales [S] or null; segments: starts, ends, slots, ranks
-// [num_segments] int64.
+// [S, R, out] (T: float, bf16 or fp16); scales [S] or null; narrow [S] or null: the float slots
+// that hold their adapter in bf16, A [R, in] and B [R, out] in the first half of each of their
+// slot's bytes (an adapter stored in bf16, served exactly at half the bytes); segments: starts,
+// ends, slots, ranks [num_segments] int64.
 template <class T, class X>
 inline void lora_delta(const X* x, X* y, int64_t in, int64_t out, const T* lora_a,
-                       const T* lora_b, const float* scales, int64_t R, const int64_t* starts,
-                       const int64_t* ends, const int64_t* slots, const int64_t* ranks,
-                       int64_t num_segments) {
+                       const T* lora_b, const float* scales, const bool* narrow, int64_t R,
+                       const int64_t* starts, const int64_t* ends, const int64_t* slots,
+                       const int64_t* ranks, int64_t num_segments) {
   constexpr bool kWidened = !std::is_same_v<X, float>;
   std::vector<int64_t> chunk_segment, chunk_start;
   for (int64_t s = 0; s < num_segments; ++s)
@@ -172,10 +186,16 @@ inline void lora_delta(const X* x, X* y, int64_t in, int64_t out, const T* lora_
       } else {
         xs = x + t0 * in;
       }
-      dot_tile<kShrinkColumns>(xs, n, in, a, in, rank, shrunk.data(), rank);  // [n, rank]
-      if (scales != nullptr && scales[slots[s]] != 1.0f)
-        for (int64_t i = 0; i < n * rank; ++i) shrunk[i] *= scales[slots[s]];
-      expand(shrunk.data(), rank, n, rank, b, out, y + t0 * out);
+      const float scale = scales == nullptr ? 1.0f : scales[slots[s]];
+      if constexpr (std::is_same_v<T, float>) {
+        if (narrow != nullptr && narrow[slots[s]]) {
+          lora_chunk(xs, n, in, reinterpret_cast<const bf16*>(a),
+                     reinterpret_cast<const bf16*>(b), rank, scale, out, shrunk.data(),
+                     y + t0 * out);
+          return;
+        }
+      }
+      lora_chunk(xs, n, in, a, b, rank, scale, out, shrunk.data(), y + t0 * out);
     });
   });
 }
