@@ -18,6 +18,11 @@ set of prompts and one output length:
   engine_constrained  engine_multi_lora with every request constrained to its own JSON schema
                       (compiled in the warm-up, so the timed runs find it cached)
   hf_generate_base    transformers `generate` on the base: all requests in one left-padded batch
+                      (on a CPU with AVX512-BF16 bitsandbytes computes it in bf16, whatever the
+                      compute dtype)
+  hf_generate_base_fp32_kernels
+                      the same with bitsandbytes' bf16 CPU path off: fp32 arithmetic, as the
+                      engine's (fp32 compute on a CPU with AVX512-BF16 only)
   peft_mixed_batch    HF PEFT `generate(adapter_names=...)`: one left-padded batch
   peft_sequential     HF PEFT, one request at a time, `set_adapter` before each
   engine_zipf         this engine, 4x the requests over 1,000 registered adapters drawn
@@ -72,6 +77,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from bitsandbytes.functional import has_avx512bf16
 
 from adapter_cache import (
     COLD_LOADS,
@@ -127,6 +133,7 @@ CONFIGURATIONS = (
     "engine_multi_lora_bf16_adapters",
     "engine_constrained",
     "hf_generate_base",
+    "hf_generate_base_fp32_kernels",
     "peft_mixed_batch",
     "peft_sequential",
     "engine_zipf",
@@ -145,6 +152,7 @@ INTERLEAVED = (
     "engine_multi_lora_bf16_adapters",
     "engine_constrained",
     "hf_generate_base",
+    "hf_generate_base_fp32_kernels",
 )
 INTERLEAVED_RUNS_PER_ROUND = 3
 ZIPF_REQUEST_FACTOR = 4  # the Zipf workload has 4x the requests, batched to the same size
@@ -276,6 +284,11 @@ def setup(config: BenchConfig, cache_root: Path) -> Setup:
     start = time.perf_counter()
     hf = load_hf(model_dir, config.quantization, config.compute_dtype, config.device)
     seconds["hf_generate_base"] = time.perf_counter() - start
+    hf_fp32 = None  # bitsandbytes' bf16 path runs under fp32 compute on AVX512-BF16 CPUs only
+    if config.compute_dtype == "fp32" and hf.device.type == "cpu" and has_avx512bf16():
+        hf_fp32 = load_hf(
+            model_dir, config.quantization, config.compute_dtype, config.device, False
+        )
     start = time.perf_counter()
     peft, peft_loaded = load_peft(
         model_dir, adapter_dirs, config.quantization, config.compute_dtype, config.device
@@ -297,6 +310,8 @@ def setup(config: BenchConfig, cache_root: Path) -> Setup:
         "peft_sequential": (partial(run_peft_sequential, peft, peft_loaded), workload),
         "engine_zipf": (partial(engine_run, zipf_core, traces["engine_zipf"], True), zipf),
     }  # fmt: skip
+    if hf_fp32 is not None:
+        runs["hf_generate_base_fp32_kernels"] = (partial(run_hf_generate, hf_fp32), workload)
     for name, narrow_core in (
         ("engine_multi_lora_bf16_slots", bf16_slots_core),
         ("engine_multi_lora_bf16_adapters", bf16_adapters_core),
@@ -412,6 +427,7 @@ def rebatched_tokens(
 
 RATIOS = {  # name: (numerator, denominator)
     "engine_over_hf_generate_base": ("engine_base", "hf_generate_base"),
+    "engine_over_hf_generate_base_fp32_kernels": ("engine_base", "hf_generate_base_fp32_kernels"),
     "multi_lora_over_base": ("engine_multi_lora", "engine_base"),
     "multi_lora_bf16_slots_over_base": ("engine_multi_lora_bf16_slots", "engine_base"),
     "multi_lora_bf16_adapters_over_base": ("engine_multi_lora_bf16_adapters", "engine_base"),

@@ -1,7 +1,12 @@
 """The baselines: plain transformers `generate` and HF PEFT, on the same quantized base.
 
   hf_generate_base    transformers `generate` on the base alone: all requests in one
-                      left-padded batch, no adapters
+                      left-padded batch, no adapters (on a CPU with AVX512-BF16, bitsandbytes
+                      computes its 4-bit projections in bf16 whatever the compute dtype: its
+                      input and block scales rounded to bf16)
+  hf_generate_base_fp32_kernels
+                      the same with that bf16 path off (`bf16_cpu_path=False`): bitsandbytes
+                      dequantizes and multiplies in the compute dtype, as on every other CPU
   peft_mixed_batch    PEFT `generate(adapter_names=...)`: all requests in one left-padded batch,
                       each row on its own adapter
   peft_sequential     PEFT one request at a time, `set_adapter` before each
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import bitsandbytes as bnb
 import torch
 from peft import PeftModel
 from transformers import PreTrainedModel
@@ -22,9 +28,17 @@ from common import Workload, check_generated
 from loraserve.model.loading import LoadedModel, load_base_model
 
 
-def load_hf(model_dir: Path, quantization: str, compute_dtype: str, device: str) -> LoadedModel:
-    """A fresh quantized base, loaded as the engine loads it, for `generate` alone."""
-    return load_base_model(str(model_dir), quantization, compute_dtype, device)
+def load_hf(
+    model_dir: Path, quantization: str, compute_dtype: str, device: str, bf16_cpu_path: bool = True
+) -> LoadedModel:
+    """A fresh quantized base, loaded as the engine loads it, for `generate` alone; without
+    `bf16_cpu_path`, bitsandbytes' AVX512-BF16 path for its 4-bit projections is off."""
+    loaded = load_base_model(str(model_dir), quantization, compute_dtype, device)
+    if not bf16_cpu_path:
+        for module in loaded.model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = False
+    return loaded
 
 
 def load_peft(
