@@ -7,9 +7,9 @@ bytes to hold and to stream each step); those keep B as the adapter stores it an
 apart, applied to `x A_s^T`, since folding it in would round B. Float32 slots may also hold one
 adapter's module in bf16 where it was stored in bf16 (`NarrowSlots`: the first half of the
 slot's bytes, the scaling apart as in bf16 slots): exact, and half the bytes a step streams for
-its tokens. A slot may also hold a
-per-output affine term, applied to its rows after the delta: `y = y * scale_s + shift_s`
-(DoRA's rescale and the adapter's bias terms, see `slot_terms`); slots without one skip it.
+its tokens. A slot may also hold a per-output affine term, applied to its rows after the delta:
+`y = y * scale_s + shift_s` (DoRA's rescale and the adapter's bias terms, see `slot_terms`);
+slots without one skip it.
 Slot 0 is all zeros: "no adapter" needs no branch. The input embedding gets the same slots as a
 lookup (`lora_embedding`).
 
