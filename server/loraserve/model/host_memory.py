@@ -97,9 +97,11 @@ def malloc_arenas() -> int | None:
         free(report)
 
 
+@functools.cache
 def warn_if_arenas_came_first() -> None:
     """Log a warning when threads allocated from arenas of their own before `one_arena`: the
-    case of a program that embeds loraserve after starting threads of its own."""
+    case of a program that embeds loraserve after starting threads of its own. Once per process
+    (arenas are never given back: a later load would only say it again)."""
     arenas = malloc_arenas()
     if arenas is not None and arenas > 1:
         log.warning(
