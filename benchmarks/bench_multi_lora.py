@@ -24,6 +24,9 @@ set of prompts and one output length:
                       the same with bitsandbytes' bf16 CPU path off: fp32 arithmetic, as the
                       engine's (fp32 compute on a CPU with AVX512-BF16 only)
   peft_mixed_batch    HF PEFT `generate(adapter_names=...)`: one left-padded batch
+  peft_mixed_batch_fp32_kernels
+                      the same with bitsandbytes' bf16 CPU path off (as
+                      hf_generate_base_fp32_kernels)
   peft_sequential     HF PEFT, one request at a time, `set_adapter` before each
   engine_zipf         this engine, 4x the requests over 1,000 registered adapters drawn
                       Zipf(alpha=1), 32 device slots, a host tier smaller than the adapters
@@ -135,6 +138,7 @@ CONFIGURATIONS = (
     "hf_generate_base",
     "hf_generate_base_fp32_kernels",
     "peft_mixed_batch",
+    "peft_mixed_batch_fp32_kernels",
     "peft_sequential",
     "engine_zipf",
     "engine_zipf_cold_host",
@@ -284,8 +288,10 @@ def setup(config: BenchConfig, cache_root: Path) -> Setup:
     start = time.perf_counter()
     hf = load_hf(model_dir, config.quantization, config.compute_dtype, config.device)
     seconds["hf_generate_base"] = time.perf_counter() - start
-    hf_fp32 = None  # bitsandbytes' bf16 path runs under fp32 compute on AVX512-BF16 CPUs only
-    if config.compute_dtype == "fp32" and hf.device.type == "cpu" and has_avx512bf16():
+    # bitsandbytes' bf16 path runs under fp32 compute on AVX512-BF16 CPUs only
+    fp32_kernels = config.compute_dtype == "fp32" and hf.device.type == "cpu" and has_avx512bf16()
+    hf_fp32 = None
+    if fp32_kernels:
         hf_fp32 = load_hf(
             model_dir, config.quantization, config.compute_dtype, config.device, False
         )
@@ -294,6 +300,12 @@ def setup(config: BenchConfig, cache_root: Path) -> Setup:
         model_dir, adapter_dirs, config.quantization, config.compute_dtype, config.device
     )
     seconds["peft"] = time.perf_counter() - start
+    peft_fp32 = None
+    if fp32_kernels:
+        peft_fp32 = load_peft(
+            model_dir, adapter_dirs, config.quantization, config.compute_dtype, config.device,
+            False,
+        )  # fmt: skip
 
     traces: dict[str, list[Trace]] = {name: [] for name in CONFIGURATIONS}
     runs: dict[str, tuple[RunFn, Workload]] = {
@@ -312,6 +324,8 @@ def setup(config: BenchConfig, cache_root: Path) -> Setup:
     }  # fmt: skip
     if hf_fp32 is not None:
         runs["hf_generate_base_fp32_kernels"] = (partial(run_hf_generate, hf_fp32), workload)
+    if peft_fp32 is not None:
+        runs["peft_mixed_batch_fp32_kernels"] = (partial(run_peft_mixed, *peft_fp32), workload)
     for name, narrow_core in (
         ("engine_multi_lora_bf16_slots", bf16_slots_core),
         ("engine_multi_lora_bf16_adapters", bf16_adapters_core),
@@ -435,6 +449,10 @@ RATIOS = {  # name: (numerator, denominator)
     "zipf_over_base": ("engine_zipf", "engine_base"),
     "zipf_cold_host_over_base": ("engine_zipf_cold_host", "engine_base"),
     "multi_lora_over_peft_mixed": ("engine_multi_lora", "peft_mixed_batch"),
+    "multi_lora_over_peft_mixed_fp32_kernels": (
+        "engine_multi_lora",
+        "peft_mixed_batch_fp32_kernels",
+    ),
     "multi_lora_over_peft_sequential": ("engine_multi_lora", "peft_sequential"),
 }
 

@@ -8,7 +8,9 @@
                       the same with that bf16 path off (`bf16_cpu_path=False`): bitsandbytes
                       dequantizes and multiplies in the compute dtype, as on every other CPU
   peft_mixed_batch    PEFT `generate(adapter_names=...)`: all requests in one left-padded batch,
-                      each row on its own adapter
+                      each row on its own adapter (its base as hf_generate_base's)
+  peft_mixed_batch_fp32_kernels
+                      the same with bitsandbytes' bf16 CPU path off
   peft_sequential     PEFT one request at a time, `set_adapter` before each
 
 Every request generates exactly the workload's number of tokens (greedy,
@@ -43,10 +45,11 @@ def load_hf(
 
 def load_peft(
     model_dir: Path, adapter_dirs: dict[str, Path], quantization: str, compute_dtype: str,
-    device: str,
+    device: str, bf16_cpu_path: bool = True,
 ) -> tuple[PeftModel, LoadedModel]:  # fmt: skip
-    """A fresh quantized base with every adapter loaded, LoRA weights in the compute dtype."""
-    loaded = load_hf(model_dir, quantization, compute_dtype, device)
+    """A fresh quantized base with every adapter loaded, LoRA weights in the compute dtype
+    (`bf16_cpu_path`: as `load_hf`)."""
+    loaded = load_hf(model_dir, quantization, compute_dtype, device, bf16_cpu_path)
     (first_name, first_dir), *rest = adapter_dirs.items()
     model = PeftModel.from_pretrained(loaded.model, first_dir, adapter_name=first_name)
     for name, directory in rest:
