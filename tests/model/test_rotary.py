@@ -98,6 +98,21 @@ def test_fuse_rotary_swaps_a_modules_global_once(monkeypatch):
     assert fuse_rotary(layer) == 0  # already swapped
 
 
+def test_a_helper_made_a_hub_kernel_module_is_compared_and_swapped_by_its_function(monkeypatch):
+    """transformers 5.25 with `kernels` turns apply_rotary_pos_emb into a module instance that
+    calls it: the module's function is the one compared, and the one the swap wraps."""
+    kernels = pytest.importorskip("kernels")
+    module = types.ModuleType("modeling_hub_copy")
+    wrapped = kernels.use_kernel_forward_from_hub("rotary_pos_emb")(LLAMA_ROTARY)
+    assert not isinstance(wrapped, types.FunctionType)
+    module.apply_rotary_pos_emb, module.rotate_half = wrapped, LLAMA_ROTATE_HALF
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    layer = type("Attention", (torch.nn.Module,), {"__module__": module.__name__})()
+    assert computes_llama_rotary(module)
+    assert fuse_rotary(layer) == 1
+    assert inspect.unwrap(module.apply_rotary_pos_emb) is LLAMA_ROTARY
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_a_model_with_the_kernel_rotary_computes_exactly_what_it_did(arch, model_dirs, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(model_dirs[arch], dtype=torch.float32).eval()

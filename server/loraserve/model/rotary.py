@@ -27,12 +27,14 @@ from torch import nn
 from transformers.models.llama import modeling_llama
 
 from loraserve.model.kernels import KERNEL_DTYPES, native
-from loraserve.model.same_code import same_code
+from loraserve.model.same_code import plain_function, same_code
 
 Rotary = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 # Llama's own, kept before any swap (the swap replaces modeling_llama's too)
-LLAMA_ROTARY: Rotary = modeling_llama.apply_rotary_pos_emb
+LLAMA_ROTARY: Rotary = (
+    plain_function(modeling_llama.apply_rotary_pos_emb) or modeling_llama.apply_rotary_pos_emb
+)
 LLAMA_ROTATE_HALF = modeling_llama.rotate_half
 
 _IN_USE: ContextVar[bool] = ContextVar("kernel_rotary_in_use", default=False)
@@ -100,5 +102,6 @@ def fuse_rotary(model: nn.Module) -> int:
     swapped = [m for m in modules if m is not None and computes_llama_rotary(m)]
     for module in swapped:
         functions = vars(module)  # the module's globals, where its attention looks them up
-        functions["apply_rotary_pos_emb"] = kernel_rotary(functions["apply_rotary_pos_emb"])
+        helper = functions["apply_rotary_pos_emb"]
+        functions["apply_rotary_pos_emb"] = kernel_rotary(plain_function(helper) or helper)
     return len(swapped)
