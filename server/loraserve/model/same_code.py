@@ -21,10 +21,10 @@ def plain_function(helper: Any) -> types.FunctionType | None:
     if isinstance(helper, types.FunctionType):
         return helper
     forward = getattr(type(helper), "forward", None)
-    code = getattr(forward, "__code__", None)
-    if code is None or "func" not in code.co_freevars:
+    if not isinstance(forward, types.FunctionType) or forward.__closure__ is None:
         return None
-    function = forward.__closure__[code.co_freevars.index("func")].cell_contents
+    names = forward.__code__.co_freevars
+    function = forward.__closure__[names.index("func")].cell_contents if "func" in names else None
     return function if isinstance(function, types.FunctionType) else None
 
 
