@@ -28,11 +28,14 @@ from loraserve.model.linear import (
     AMX_DENSE_MAX_ROWS,
     AMX_TILE_MIN_ROWS,
     AMX_WIDENED_MAX_ROWS,
+    PAIRS_DENSE_MIN_ROWS,
+    PAIRS_MIN_ROWS,
     SMALL_BATCH_ROWS,
     BaseLinear,
     Packed4bit,
     SharedInputGroup,
     amx_tiles,
+    bf16_pairs,
     has_amx,
     link_shared_inputs,
     matmul_group,
@@ -296,40 +299,51 @@ def _compute_in(dtype: torch.dtype, out_features: int = 64) -> BaseLinear:
     return BaseLinear(layer.to("cpu").eval())
 
 
+def _bf16_kernel_min_rows() -> int | None:
+    """The fewest bf16 rows of a 4-bit weight the bf16 kernel takes here (None: it runs
+    nowhere here)."""
+    if amx_tiles():
+        return AMX_TILE_MIN_ROWS
+    return PAIRS_MIN_ROWS if bf16_pairs() else None
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_16_bit_rows_take_the_4bit_kernel_widened_up_to_their_limit(dtype):
     """Decode-sized rows in a 16-bit compute dtype: the fp32 kernel's output on the widened
-    rows, rounded once; more rows than the limit (32 with AMX; bf16 rows from
-    AMX_TILE_MIN_ROWS go to the tiles where the kernels may use them, up to SMALL_BATCH_ROWS):
-    bitsandbytes' own forward."""
+    rows, rounded once; more rows than the limit (32 with AMX; bf16 rows from the bf16 kernel's
+    minimum go to it where it runs, up to SMALL_BATCH_ROWS): bitsandbytes' own forward."""
     base = _compute_in(dtype)
-    tiles = dtype == torch.bfloat16 and amx_tiles()
+    kernel_min = _bf16_kernel_min_rows() if dtype == torch.bfloat16 else None
     limit = AMX_WIDENED_MAX_ROWS if has_amx() else SMALL_BATCH_ROWS
-    if tiles:
-        limit = AMX_TILE_MIN_ROWS - 1
-    for rows in (1, 5, limit):
+    if kernel_min is not None:
+        limit = kernel_min - 1
+    for rows in (1, min(5, limit), limit):
         x = torch.randn(1, rows, 128).to(dtype)
         got = base(x)
         assert got.dtype == dtype and got.shape == (1, rows, 64)
         assert torch.equal(got, base(x.float()).to(dtype))
-    x = torch.randn((SMALL_BATCH_ROWS if tiles else limit) + 1, 128).to(dtype)
+    x = torch.randn((SMALL_BATCH_ROWS if kernel_min is not None else limit) + 1, 128).to(dtype)
     with torch.no_grad():
         assert torch.equal(base(x), base.module(x))
 
 
-amx = pytest.mark.skipif(not amx_tiles(), reason="no AMX tiles the kernels may use here")
+bf16_kernel = pytest.mark.skipif(
+    _bf16_kernel_min_rows() is None, reason="no bf16 kernel here (AMX tiles or AVX512-BF16)"
+)
 
 
-def _in_tiles(x: torch.Tensor, layers: list, biases: list | None = None) -> list[torch.Tensor]:
+def _in_bf16_kernel(
+    x: torch.Tensor, layers: list, biases: list | None = None
+) -> list[torch.Tensor]:
     weights = [Packed4bit.of(layer) for layer in layers]
     return matmul_group(native(), x, weights, biases or [None] * len(layers))
 
 
-@amx
+@bf16_kernel
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "double-quant"])
 @pytest.mark.parametrize("blocksize", [32, 64, 256])
-def test_amx_tiles_decode_the_weight_to_bf16_as_bitsandbytes_rounds_it(
+def test_the_bf16_kernel_decodes_the_weight_to_bf16_as_bitsandbytes_rounds_it(
     quant_type, nested, blocksize
 ):
     """Rows of the identity pick the weight's columns out exactly: every output is the bf16
@@ -339,19 +353,22 @@ def test_amx_tiles_decode_the_weight_to_bf16_as_bitsandbytes_rounds_it(
     want = _dequantized(layer).to(torch.bfloat16)
     identity = torch.eye(512, dtype=torch.bfloat16)
     for first in range(0, 512, SMALL_BATCH_ROWS):
-        (got,) = _in_tiles(identity[first : first + SMALL_BATCH_ROWS], [layer])
+        (got,) = _in_bf16_kernel(identity[first : first + SMALL_BATCH_ROWS], [layer])
         assert torch.equal(got, want[:, first : first + SMALL_BATCH_ROWS].T)
 
 
-@amx
-@pytest.mark.parametrize("rows", [0, 1, 7, 16, 17, 32, 33, 64, 100, SMALL_BATCH_ROWS])
+@bf16_kernel
+@pytest.mark.parametrize("rows", [0, 1, 7, 16, 17, 32, 33, 48, 64, 100, SMALL_BATCH_ROWS])
 @pytest.mark.parametrize(("out_features", "in_features"), [(96, 128), (13, 64), (40, 192)])
-def test_amx_tiles_sum_bf16_products_in_fp32_and_round_once(rows, out_features, in_features):
-    """One pass of 32 rows or up to eight; any tail of columns; bias added before rounding."""
+def test_the_bf16_kernel_sums_bf16_products_in_fp32_and_rounds_once(
+    rows, out_features, in_features
+):
+    """One pass of 32 rows or up to eight, the last of 16 rows or fewer; any tail of columns;
+    bias added before rounding."""
     layer = _quantized(out_features, in_features, "nf4", nested=False, bias=True)
     x = torch.randn(rows, in_features).to(torch.bfloat16)
     bias = layer.bias.data
-    (got,) = _in_tiles(x, [layer], [bias])
+    (got,) = _in_bf16_kernel(x, [layer], [bias])
     assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
     weight = _dequantized(layer).to(torch.bfloat16).float()
     want = F.linear(x.float(), weight, bias)
@@ -359,73 +376,78 @@ def test_amx_tiles_sum_bf16_products_in_fp32_and_round_once(rows, out_features, 
     torch.testing.assert_close(got.float(), want, rtol=2**-8, atol=1e-4)
 
 
-@amx
-def test_amx_tiles_of_a_group_equal_each_weight_alone():
+@bf16_kernel
+def test_the_bf16_kernel_on_a_group_equals_each_weight_alone():
     layers = [
         _quantized(40, 256, "nf4", nested=False, bias=False),
         _quantized(13, 256, "fp4", nested=True, bias=False),
         _quantized(96, 256, "nf4", nested=False, bias=False, blocksize=256),
     ]
     x = torch.randn(33, 256).to(torch.bfloat16)
-    for layer, got in zip(layers, _in_tiles(x, layers), strict=True):
-        assert torch.equal(got, _in_tiles(x, [layer])[0])
+    for layer, got in zip(layers, _in_bf16_kernel(x, layers), strict=True):
+        assert torch.equal(got, _in_bf16_kernel(x, [layer])[0])
 
 
-@amx
-def test_amx_tiles_refuse_more_rows_than_a_call_takes():
+@bf16_kernel
+def test_the_bf16_kernel_refuses_more_rows_than_a_call_takes():
     layer = _quantized(16, 64, "nf4", nested=False, bias=False)
     with pytest.raises(RuntimeError, match=f"at most {SMALL_BATCH_ROWS} rows"):
-        _in_tiles(torch.randn(SMALL_BATCH_ROWS + 1, 64).to(torch.bfloat16), [layer])
+        _in_bf16_kernel(torch.randn(SMALL_BATCH_ROWS + 1, 64).to(torch.bfloat16), [layer])
 
 
-@amx
+@bf16_kernel
 @pytest.mark.parametrize("rows", [1, 17, 32, 33, 64, SMALL_BATCH_ROWS])
 @pytest.mark.parametrize(("out_features", "in_features"), [(96, 128), (13, 64), (40, 192)])
-def test_amx_tiles_multiply_a_bf16_weight_as_it_is_stored(rows, out_features, in_features):
+def test_the_bf16_kernel_multiplies_a_bf16_weight_as_it_is_stored(rows, out_features, in_features):
     """Rows of the identity give the weight's bits back; random rows the fp32 sums of the
     exact products, rounded once, bias added before; any tail of columns."""
     torch.manual_seed(rows)
     weight = torch.randn(out_features, in_features).to(torch.bfloat16)
     bias = torch.randn(out_features)
     identity = torch.eye(in_features, dtype=torch.bfloat16)[:rows]
-    got = native().linear_bf16_amx(identity, weight, None)
+    got = native().linear_bf16(identity, weight, None)
     assert torch.equal(got, weight[:, : len(identity)].T)
     x = torch.randn(rows, in_features).to(torch.bfloat16)
-    got = native().linear_bf16_amx(x, weight, bias)
+    got = native().linear_bf16(x, weight, bias)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
     want = F.linear(x.float(), weight.float(), bias)
     torch.testing.assert_close(got.float(), want, rtol=2**-8, atol=1e-4)
     with pytest.raises(RuntimeError, match="multiple of 32"):
-        native().linear_bf16_amx(x[:, :-16].contiguous(), weight[:, :-16].contiguous(), None)
+        native().linear_bf16(x[:, :-16].contiguous(), weight[:, :-16].contiguous(), None)
 
 
-@amx
-def test_a_bf16_weight_runs_in_amx_tiles_up_to_its_row_limit():
+@bf16_kernel
+def test_a_bf16_weight_runs_in_the_bf16_kernel_within_its_row_limits():
+    """With AMX tiles from one row to AMX_DENSE_MAX_ROWS; by pair dot products from
+    PAIRS_DENSE_MIN_ROWS to SMALL_BATCH_ROWS; torch's bf16 GEMM outside them."""
     torch.manual_seed(3)
     layer = nn.Linear(128, 40, bias=True).to(torch.bfloat16)
     base = BaseLinear(layer)
-    for rows in (1, AMX_DENSE_MAX_ROWS):
-        x = torch.randn(2, rows, 128).to(torch.bfloat16)
-        got = base(x)
-        assert got.shape == (2, rows, 40) and got.dtype == torch.bfloat16
-        want = native().linear_bf16_amx(x.reshape(-1, 128), layer.weight, base.bias())
-        assert torch.equal(got, want.view(2, rows, 40))
-    x = torch.randn(AMX_DENSE_MAX_ROWS + 1, 128).to(torch.bfloat16)
-    with torch.no_grad():
-        assert torch.equal(base(x), layer(x))
+    low, high = (1, AMX_DENSE_MAX_ROWS) if amx_tiles() else (PAIRS_DENSE_MIN_ROWS, SMALL_BATCH_ROWS)
+    for rows in (low, high):
+        x = torch.randn(rows, 128).to(torch.bfloat16)
+        got = base(x[None])
+        assert got.shape == (1, rows, 40) and got.dtype == torch.bfloat16
+        want = native().linear_bf16(x, layer.weight, base.bias())
+        assert torch.equal(got[0], want)
+    for rows in {low - 1, high + 1} - {0}:
+        x = torch.randn(rows, 128).to(torch.bfloat16)
+        with torch.no_grad():
+            assert torch.equal(base(x), layer(x))
 
 
-@amx
-def test_bf16_rows_from_the_tile_minimum_to_the_small_batch_limit_run_in_amx_tiles():
-    """Alone and linked as one shared-input group: each output as its own tile call gives it."""
+@bf16_kernel
+def test_bf16_rows_from_the_kernel_minimum_to_the_small_batch_limit_run_in_the_bf16_kernel():
+    """Alone and linked as one shared-input group: each output as its own kernel call gives
+    it."""
     projections = [_compute_in(torch.bfloat16, width) for width in (64, 32, 32)]
     SharedInputGroup(projections)
-    for rows in (AMX_TILE_MIN_ROWS, 40, SMALL_BATCH_ROWS):
+    for rows in (_bf16_kernel_min_rows(), 40, SMALL_BATCH_ROWS):
         x = torch.randn(1, rows, 128).to(torch.bfloat16)
         for projection in (projections[1], projections[0], projections[2]):
             got = projection(x)
             assert got.dtype == torch.bfloat16 and got.shape == (1, rows, projection.out_features)
-            (alone,) = _in_tiles(x[0], [projection.module], [projection.bias()])
+            (alone,) = _in_bf16_kernel(x[0], [projection.module], [projection.bias()])
             assert torch.equal(got[0], alone)
 
 

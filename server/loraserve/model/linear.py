@@ -10,18 +10,20 @@ copying its weights, and picks per call:
   GEMM (bf16 measured slower on a CPU with AVX512-BF16, and less exact: a prompt's tokens would
   depend on how its prefill was split into steps, as with a cached prefix);
 - 4-bit under bf16 compute, from `AMX_TILE_MIN_ROWS` to `SMALL_BATCH_ROWS` rows, on a CPU
-  whose AMX tiles the kernels may use: the tile kernel, which decodes the weight to bf16 (as
-  bitsandbytes' dequantize to bf16 rounds it) into tiles inside the GEMM and sums in fp32;
-  fewer bf16 rows (and fp16 rows) are widened to fp32 for the fused kernel; a bf16 weight
-  (the output projection under bf16 compute), up to `AMX_DENSE_MAX_ROWS` rows, is read into
-  the tiles as it is stored;
+  whose AMX tiles the kernels may use: the bf16 kernel, which decodes the weight to bf16 (as
+  bitsandbytes' dequantize to bf16 rounds it) a chunk at a time inside the GEMM, multiplies in
+  the tiles and sums in fp32; on a CPU with AVX512-BF16 but no AMX (AMD Zen 4 and 5), the same
+  kernel from `PAIRS_MIN_ROWS` rows, multiplying by AVX512-BF16's pair dot products; fewer bf16
+  rows (and fp16 rows) are widened to fp32 for the fused kernel; a bf16 weight (the output
+  projection under bf16 compute) is read in place by the bf16 kernel, up to
+  `AMX_DENSE_MAX_ROWS` rows with tiles, from `PAIRS_DENSE_MIN_ROWS` without;
 - fp32 weights on the CPU, at most `SMALL_BATCH_ROWS` rows: the small-batch kernel. Where
   every value of such a weight is a bfloat16 (a checkpoint stored in bf16, loaded for fp32
   compute), it may be held in bf16 (`hold_narrow`, `model/narrow.py`): half the memory and
   half the bytes a call reads, and the kernel widens it exactly, so the sums are those of the
   fp32 weight;
-- anything else (CUDA, int8, 16-bit weights the tiles do not take, no compiled kernels): the
-  module itself.
+- anything else (CUDA, int8, 16-bit weights the bf16 kernels do not take, no compiled
+  kernels): the module itself.
 
 Every path gives the values bitsandbytes' dequantize-then-matmul gives, up to the summation
 order. Projections a module calls one after another on the same activations (attention's q, k
@@ -54,7 +56,7 @@ SMALL_BATCH_ROWS = 256
 AMX_WIDENED_MAX_ROWS = 32
 # Under bf16 compute, where the kernels may use this CPU's AMX tiles, from this many rows up to
 # SMALL_BATCH_ROWS the 4-bit weight is decoded to bf16 into tiles inside the GEMM: a decode
-# step's 56 projections (benchmarks/bench_amx_tiles.py, 2 threads) took 8.9 ms against the
+# step's 56 projections (benchmarks/bench_bf16_kernels.py, 2 threads) took 8.9 ms against the
 # widened kernel's 9.9 at 8 rows (8.9 against 8.4 at 6), 9.5 against 22.7 at 32, and 31.1
 # against dequantize + bf16 GEMM's 60.8 at 256.
 AMX_TILE_MIN_ROWS = 8
@@ -63,7 +65,17 @@ AMX_TILE_MIN_ROWS = 8
 # took 2.2 ms against torch's bf16 GEMM's 2.8 at one row, 2.3 against 3.5 at 32, 5.1 against
 # 6.7 at 128, 8.8 against 9.1 at 256 (the same benchmark).
 AMX_DENSE_MAX_ROWS = 128
-AMX_STEP_K = 32  # the tiles take k 32 at a time: in_features must be a multiple
+# Without AMX tiles, on a CPU with AVX512-BF16, the same bf16 kernel multiplies by pair dot
+# products from this many rows up to SMALL_BATCH_ROWS: a decode step's 56 projections (the same
+# benchmark, a 2-core AMD EPYC) took 14.2 ms against the widened kernel's 15.7 at 6 rows (17.0
+# against 12.3 at 4), 21.7 against 37.2 at 32, 150.8 against dequantize + bf16 GEMM's 194.6 at
+# 256. Every 16 rows cost what 16 do (the rows fill a vector's lanes).
+PAIRS_MIN_ROWS = 6
+# ... and reads a bf16 weight in place from this many rows up to SMALL_BATCH_ROWS: the output
+# projection took 5.9 ms against torch's bf16 GEMM's 6.6 at 8 rows (6.0 against 5.1 at 7), 7.1
+# against 8.6 at 32, 41.8 against 45.7 at 256.
+PAIRS_DENSE_MIN_ROWS = 8
+BF16_STEP_K = 32  # the bf16 kernels take k 32 at a time: in_features must be a multiple
 NARROW_DTYPES = (torch.bfloat16, torch.float16)
 CONTIGUOUS = torch.contiguous_format
 
@@ -82,6 +94,14 @@ def amx_tiles() -> bool:
     OS lets this process use them, and the loaded build has the code)."""
     ops = native()
     return ops is not None and bool(ops.amx_usable())
+
+
+@functools.cache
+def bf16_pairs() -> bool:
+    """Whether the kernels multiply bf16 rows by AVX512-BF16's pair dot products: this CPU has
+    them and no AMX tiles the kernels may use (which take precedence)."""
+    ops = native()
+    return ops is not None and bool(ops.bf16_pairs_usable()) and not amx_tiles()
 
 
 @dataclass(frozen=True)
@@ -174,9 +194,10 @@ def matmul_group(
     ops: Any, rows: torch.Tensor, weights: list[Packed4bit], biases: list[torch.Tensor | None]
 ) -> list[torch.Tensor]:
     """rows [M, K] -> [M, N_i] for each weight, in one kernel call: fp32 rows by the fused
-    kernel, bf16 rows in AMX tiles (`amx_tiles()`), each output in its rows' dtype."""
+    kernel, bf16 rows by the bf16 kernel (`amx_tiles()` or `bf16_pairs()`), each output in its
+    rows' dtype."""
     nested = [w.nested for w in weights]
-    kernel = ops.linear_4bit_amx if rows.dtype == torch.bfloat16 else ops.linear_4bit_group
+    kernel = ops.linear_4bit_bf16 if rows.dtype == torch.bfloat16 else ops.linear_4bit_group
     return kernel(
         rows, [w.packed for w in weights], [w.absmax for w in weights],
         [w.code for w in weights], [w.blocksize for w in weights],
@@ -229,8 +250,8 @@ class BaseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] -> [..., out]."""
         ops = native()
-        if ops is not None and self._in_tiles(x):
-            return self._tiles(ops, x)
+        if ops is not None and self._in_bf16_kernel(x):
+            return self._bf16_kernel(ops, x)
         if ops is None or (x.dtype != torch.float32 and not self._widens(x)):
             return self.module(x)
         rows = x.reshape(-1, self.in_features).to(torch.float32, memory_format=CONTIGUOUS)
@@ -248,20 +269,26 @@ class BaseLinear(nn.Module):
                 return self.module(x)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
-    def _in_tiles(self, x: torch.Tensor) -> bool:
-        """Whether bf16 x (bf16 compute) is multiplied by the weight in AMX tiles."""
-        if x.dtype != torch.bfloat16 or self.in_features % AMX_STEP_K or not amx_tiles():
+    def _in_bf16_kernel(self, x: torch.Tensor) -> bool:
+        """Whether bf16 x (bf16 compute) is multiplied by the weight in the bf16 kernel."""
+        if x.dtype != torch.bfloat16 or self.in_features % BF16_STEP_K:
             return False
         rows = x.numel() // self.in_features
-        if self.packed is not None:
-            return AMX_TILE_MIN_ROWS <= rows <= SMALL_BATCH_ROWS
-        return self.dense_bf16 and rows <= AMX_DENSE_MAX_ROWS
+        if amx_tiles():
+            if self.packed is not None:
+                return AMX_TILE_MIN_ROWS <= rows <= SMALL_BATCH_ROWS
+            return self.dense_bf16 and rows <= AMX_DENSE_MAX_ROWS
+        if bf16_pairs():
+            if self.packed is not None:
+                return PAIRS_MIN_ROWS <= rows <= SMALL_BATCH_ROWS
+            return self.dense_bf16 and PAIRS_DENSE_MIN_ROWS <= rows <= SMALL_BATCH_ROWS
+        return False
 
-    def _tiles(self, ops: Any, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] bf16 -> [..., out] bf16, in AMX tiles (see `_in_tiles`)."""
+    def _bf16_kernel(self, ops: Any, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] bf16 -> [..., out] bf16, by the bf16 kernel (see `_in_bf16_kernel`)."""
         rows = x.reshape(-1, self.in_features).contiguous()
         if self.packed is None:
-            y = ops.linear_bf16_amx(rows, self.module.weight, self.bias())
+            y = ops.linear_bf16(rows, self.module.weight, self.bias())
         elif self.group is not None:
             y = self.group.output(self, ops, x, rows)
         else:
@@ -318,8 +345,8 @@ class SharedInputGroup:
     def output(
         self, member: BaseLinear, ops: Any, x: torch.Tensor, rows: torch.Tensor
     ) -> torch.Tensor:
-        """`member`'s output [M, out] for x, whose rows [M, in] (float32, or bf16 for AMX
-        tiles: see `matmul_group`) are `rows`."""
+        """`member`'s output [M, out] for x, whose rows [M, in] (float32, or bf16 for the bf16
+        kernel: see `matmul_group`) are `rows`."""
         index = self.members.index(member)
         if x is self._input and index in self._pending:
             output = self._pending.pop(index)

@@ -34,7 +34,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import is_flash_attn_2_available
 
 from loraserve.model.host_memory import keep_freed_memory, one_arena, warn_if_arenas_came_first
-from loraserve.model.linear import has_amx
+from loraserve.model.linear import bf16_pairs, has_amx
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +188,11 @@ def load_base_model(
         actual = quantization
     else:
         actual = "none"
-    if target.type == "cpu" and dtype == torch.float32 and has_amx():
-        log.info("this CPU multiplies bf16 in AMX tiles: --compute-dtype bf16 runs about twice "
-                 "as fast as fp32 (outputs then match PEFT computing in bf16, not in fp32; "
-                 "docs/performance.md)")  # fmt: skip
+    if target.type == "cpu" and dtype == torch.float32 and (has_amx() or bf16_pairs()):
+        how, speed = ("in AMX tiles", "twice") if has_amx() else ("with AVX512-BF16", "1.6 times")
+        log.info("this CPU multiplies bf16 %s: --compute-dtype bf16 runs about %s as fast as "
+                 "fp32 (outputs then match PEFT computing in bf16, not in fp32; "
+                 "docs/performance.md)", how, speed)  # fmt: skip
     attention = attention_implementation(config, target)
     log.info("%s: loading with %s attention", type(config).__name__, attention)
     loaded = AutoModelForCausalLM.from_pretrained(

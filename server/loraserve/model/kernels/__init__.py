@@ -9,13 +9,20 @@ caller then takes its torch path, which is also each kernel's test oracle. The o
   linear_4bit(x [M, K], packed [N*K/2] u8, absmax [N*K/blocksize], code [16], blocksize, N,
               bias?) -> [M, N]                       (bitsandbytes NF4 / FP4 layout; blocksize a
                                                         power of two from 32)
-  linear_4bit_amx(x [M, K] bf16, [packed], [absmax], [code], [blocksize], [N], [bias?], ...)
-              -> [[M, N] bf16]                       (several linear_4bit weights, in AMX tiles:
-                                                        each weight rounded to bf16 as bitsandbytes
-                                                        dequantizes it, fp32 sums; M at most 256)
-  amx_usable() -> bool                                 (whether linear_4bit_amx runs here: the
-                                                        AVX-512 build, a CPU with AMX-BF16, and an
-                                                        OS that lets this process use the tiles)
+  linear_4bit_bf16(x [M, K] bf16, [packed], [absmax], [code], [blocksize], [N], [bias?], ...)
+              -> [[M, N] bf16]                       (several linear_4bit weights, each rounded
+                                                        to bf16 as bitsandbytes dequantizes it,
+                                                        fp32 sums; in AMX tiles where
+                                                        amx_usable(), else by AVX512-BF16's pair
+                                                        dot products; M at most 256)
+  linear_bf16(x [M, K] bf16, weight [N, K] bf16, bias?) -> [M, N] bf16  (the same for a bf16
+                                                        weight, read in place)
+  amx_usable() -> bool                                 (the AVX-512 build, a CPU with AMX-BF16,
+                                                        and an OS that lets this process use
+                                                        the tiles)
+  bf16_pairs_usable() -> bool                          (the AVX-512 build on a CPU with
+                                                        AVX512-BF16: the bf16 ops run here, in
+                                                        tiles or not)
   paged_decode_attention(q [R, H, D], k_pool [S, KVH, D], v_pool, block_tables [R, B] i32,
                          context_lens [R] i32, block_size, window, scale) -> [R, H, D]
   paged_prefill_attention_(q [N, H, D], out [N, H, D], k_pool, v_pool, block_tables [P, B] i32,
@@ -51,7 +58,7 @@ caller then takes its torch path, which is also each kernel's test oracle. The o
 All take contiguous float32 CPU tensors (linear_f32's weight: or bfloat16; lora_delta_'s
 slots, and its x and y together, rms_norm's and rotary's tensors, each op's alike: or bfloat16
 or float16; the attention ops' pools: or bfloat16 or float16, their q any of the three and
-any strides but D's, their output q's dtype; the *_amx ops: bfloat16 rows; transpose_scaled
+any strides but D's, their output q's dtype; the bf16 ops: bfloat16 rows; transpose_scaled
 and lora_factors: any float dtype and strides; kv_write_'s states: any strides but D's). Set
 LORASERVE_KERNELS=off to use the torch paths, or to a variant's name (`build.VARIANTS`) to load
 that one instead of this CPU's.

@@ -12,8 +12,13 @@
 // multiplied against every pass of 32 rows of x. x is rearranged once per call into the pairs
 // the x tiles read. Sums leave the tiles once per block, transposed into y's rows.
 //
+// Without AMX, on a CPU with AVX512-BF16 (AMD Zen 4 and 5), the same blocks, chunks and layouts
+// multiply by that extension's pair dot products instead (`pairs_block`, below), twice the
+// multiply-adds of an fp32 FMA per instruction.
+//
 // Compiled into the AVX-512 build only, for the CPU features AMX implies (`#pragma GCC target`
-// below), and used only where `amx_usable()` says this CPU and kernel allow the tiles.
+// below), and used only where `amx_usable()` says this CPU and kernel allow the tiles, or, for
+// the pair dot products, where `bf16_pairs_usable()` finds AVX512-BF16.
 
 #if LS_LANES == 16 && defined(__AVX512F__)
 #define LS_AMX 1
@@ -138,11 +143,15 @@ inline void decode_steps(const Weight4bit& w, __m512 code, int64_t K, int64_t n0
       continue;
     }
     const uint8_t* row = w.packed + n * K / 2;
-    // this column's bytes of the next chunk (two lines), read while this chunk is multiplied
+    // this column's bytes of the next chunk (two lines), read while this chunk is multiplied;
+    // after the last chunk, those of the next block's first (a thread takes runs of blocks)
     const int64_t next = (s0 + steps) * kAmxStepK / 2;
-    if (next < K / 2) {
-      _mm_prefetch(reinterpret_cast<const char*>(row + next), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(row + next + 64), _MM_HINT_T0);
+    const uint8_t* ahead = next < K / 2              ? row + next
+                           : n + kAmxColumns < w.N ? row + kAmxColumns * K / 2
+                                                   : nullptr;
+    if (ahead != nullptr) {
+      _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + 64), _MM_HINT_T0);
     }
     for (int64_t s = 0; s < steps;) {  // one quantization block (or what the chunk has of it)
       const int64_t k = (s0 + s) * kAmxStepK;
@@ -210,11 +219,43 @@ struct DenseBf16 {
   }
 };
 
-// One block of 32 output columns from n0 of `w`, every row of x: y[m, n0 + c] for c < 32.
+// A block's sums leave for y: sums tile (c, r) of pass p, at sums + (p * 4 + 2c + r) * 256, is
+// [16 columns][16 rows] fp32; each is transposed into y's rows (columns n0 + 16c .., rows
+// 32p + 16r ..), the bias added, rounded to bf16.
+inline void store_block(const float* sums, int64_t passes, int64_t M, int64_t N, int64_t n0,
+                        const float* bias, uint16_t* y) {
+  const int64_t columns = std::min(kAmxColumns, N - n0);
+  for (int64_t p = 0; p < passes; ++p)
+    for (int t = 0; t < 4; ++t) {
+      const int c = t / 2, r = t % 2;
+      const int64_t first = n0 + c * 16, width = std::min<int64_t>(16, columns - c * 16);
+      const int64_t m0 = p * kAmxPassRows + r * 16;
+      if (width <= 0 || m0 >= M) continue;
+      alignas(64) float rows[16 * 16];
+      const float* tile = sums + (p * 4 + t) * 256;
+      for (int bi = 0; bi < 2; ++bi)
+        for (int bj = 0; bj < 2; ++bj) {
+          v8f block[8];
+          for (int i = 0; i < 8; ++i)
+            block[i] = *reinterpret_cast<const v8f*>(tile + (bi * 8 + i) * 16 + bj * 8);
+          store_transposed(block, rows + bj * 8 * 16 + bi * 8, 16);
+        }
+      const __mmask16 mask = static_cast<__mmask16>((1u << width) - 1);
+      const __m512 b =
+          bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, bias + first);
+      for (int j = 0; j < 16 && m0 + j < M; ++j) {
+        const __m256bh out = _mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(rows + j * 16), b));
+        _mm256_mask_storeu_epi16(y + (m0 + j) * N + first, mask, reinterpret_cast<__m256i>(out));
+      }
+    }
+}
+
+// One block of 32 output columns from n0 of `w`, every row of x, in tiles: y[m, n0 + c] for
+// c < 32.
 template <class Source>
 inline void amx_block(const Source& w, const uint32_t* xp, int64_t M, int64_t K, int64_t n0,
                       const float* bias, uint16_t* y) {
-  const int64_t pairs = K / 2, steps = K / kAmxStepK, N = w.columns();
+  const int64_t pairs = K / 2, steps = K / kAmxStepK;
   const int64_t passes = (M + kAmxPassRows - 1) / kAmxPassRows;
   alignas(64) uint16_t buffer[kAmxChunkSteps * 2 * kTileElements];
   alignas(64) float sums[kAmxMaxPasses * 4 * 256];  // per pass, the four sum tiles
@@ -254,50 +295,109 @@ inline void amx_block(const Source& w, const uint32_t* xp, int64_t M, int64_t K,
     _tile_stored(0, sums, 64); _tile_stored(1, sums + 256, 64);
     _tile_stored(2, sums + 512, 64); _tile_stored(3, sums + 768, 64);
   }
-  // sums tile (c, r) of pass p is [16 columns][16 rows]: transposed into rows, biased, rounded
-  const int64_t columns = std::min(kAmxColumns, N - n0);
-  for (int64_t p = 0; p < passes; ++p)
-    for (int t = 0; t < 4; ++t) {
-      const int c = t / 2, r = t % 2;
-      const int64_t first = n0 + c * 16, width = std::min<int64_t>(16, columns - c * 16);
-      if (width <= 0) continue;
-      alignas(64) float rows[16 * 16];
-      const float* tile = sums + (p * 4 + t) * 256;
-      for (int bi = 0; bi < 2; ++bi)
-        for (int bj = 0; bj < 2; ++bj) {
-          v8f block[8];
-          for (int i = 0; i < 8; ++i)
-            block[i] = *reinterpret_cast<const v8f*>(tile + (bi * 8 + i) * 16 + bj * 8);
-          store_transposed(block, rows + bj * 8 * 16 + bi * 8, 16);
-        }
-      const __mmask16 mask = static_cast<__mmask16>((1u << width) - 1);
-      const __m512 b =
-          bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, bias + first);
-      for (int j = 0; j < 16; ++j) {
-        const int64_t m = p * kAmxPassRows + r * 16 + j;
-        if (m >= M) break;
-        const __m256bh out = _mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(rows + j * 16), b));
-        _mm256_mask_storeu_epi16(y + m * N + first, mask, reinterpret_cast<__m256i>(out));
+  store_block(sums, passes, M, w.columns(), n0, bias, y);
+}
+
+// ---- Without tiles: AVX512-BF16's pair dot products -------------------------------------
+//
+// The same blocks, chunks and layouts on a CPU with AVX512-BF16 but no AMX (AMD Zen 4 and 5):
+// VDPBF16PS adds to each of 16 fp32 lanes the two products of a lane's pair of bf16, so with a
+// pass's rows in the lanes (the x tiles' layout: for each pair of k, 16 rows' pairs) and one
+// column's pair of weights broadcast, one instruction does 32 multiply-adds, twice what an fp32
+// FMA does. Each column keeps its rows' sums in registers over a chunk, in the sum tiles' layout
+// between chunks; the block's sums leave by store_block as the tiles' do.
+
+// Whether this CPU has AVX512-BF16 (as AVX-512 needs no permission from the OS, nothing else
+// is asked).
+inline bool bf16_pairs_usable() {
+  static const bool usable = [] {
+    unsigned a, b, c, d;
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1);
+  }();
+  return usable;
+}
+
+// kRowTiles vectors of 16 rows (from x0, the next pairs * 16 on) against 16 / kRowTiles columns
+// from c0 of a chunk's staged weights, adding to the sum tiles of one pass. first: the chunk
+// is the block's first (the sums start at zero).
+template <int kRowTiles>
+inline void pairs_columns(const StagedTiles& w, int64_t chunk, int64_t c0, const uint32_t* x0,
+                          int64_t pairs, bool first, float* pass_sums) {
+  constexpr int kColumns = 16 / kRowTiles;
+  const int64_t column_words = w.row_bytes / 4;  // a column's pairs: 32-bit words apart
+  float* tile = pass_sums + (c0 / 16) * 2 * 256 + (c0 % 16) * 16;  // row tile r: + r * 256
+  __m512 acc[kColumns][kRowTiles];
+  for (int j = 0; j < kColumns; ++j)
+    for (int r = 0; r < kRowTiles; ++r)
+      acc[j][r] = first ? _mm512_setzero_ps() : _mm512_load_ps(tile + r * 256 + j * 16);
+  for (int64_t s = 0; s < chunk; ++s) {
+    const uint32_t* weights = reinterpret_cast<const uint32_t*>(
+                                  w.base + s * w.step + (c0 / 16) * w.tile) +
+                              (c0 % 16) * column_words;
+    const uint32_t* x = x0 + s * 256;
+    for (int q = 0; q < 16; ++q) {
+      __m512bh rows[kRowTiles];
+      for (int r = 0; r < kRowTiles; ++r)
+        rows[r] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + r * pairs * 16 + q * 16));
+      for (int j = 0; j < kColumns; ++j) {
+        const __m512bh pair =
+            reinterpret_cast<__m512bh>(_mm512_set1_epi32(weights[j * column_words + q]));
+        for (int r = 0; r < kRowTiles; ++r) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], pair, rows[r]);
       }
     }
+  }
+  for (int j = 0; j < kColumns; ++j)
+    for (int r = 0; r < kRowTiles; ++r) _mm512_store_ps(tile + r * 256 + j * 16, acc[j][r]);
+}
+
+// amx_block by pair dot products: one block of 32 output columns from n0 of `w`, every row.
+template <class Source>
+inline void pairs_block(const Source& w, const uint32_t* xp, int64_t M, int64_t K, int64_t n0,
+                        const float* bias, uint16_t* y) {
+  const int64_t pairs = K / 2, steps = K / kAmxStepK;
+  const int64_t passes = (M + kAmxPassRows - 1) / kAmxPassRows;
+  alignas(64) uint16_t buffer[kAmxChunkSteps * 2 * kTileElements];
+  alignas(64) float sums[kAmxMaxPasses * 4 * 256];
+  for (int64_t s0 = 0; s0 < steps; s0 += kAmxChunkSteps) {
+    const int64_t chunk = std::min(kAmxChunkSteps, steps - s0);
+    const StagedTiles tiles = w.stage(n0, s0, chunk, buffer);
+    for (int64_t p = 0; p < passes; ++p) {
+      const uint32_t* x0 = xp + (2 * p * pairs + s0 * 16) * 16;
+      float* pass_sums = sums + p * 4 * 256;
+      if (M - p * kAmxPassRows > 16) {
+        for (int64_t c0 = 0; c0 < kAmxColumns; c0 += 8)
+          pairs_columns<2>(tiles, chunk, c0, x0, pairs, s0 == 0, pass_sums);
+      } else {  // a pass of at most 16 rows: its second row tile is all zeros
+        for (int64_t c0 = 0; c0 < kAmxColumns; c0 += 16)
+          pairs_columns<1>(tiles, chunk, c0, x0, pairs, s0 == 0, pass_sums);
+      }
+    }
+  }
+  store_block(sums, passes, M, w.columns(), n0, bias, y);
 }
 
 // Every weight's y_i = x @ W_i^T + bias_i in one parallel region, its blocks of 32 columns the
-// work items; x [M, K] bf16 as uint16, M at most kAmxMaxRows; Source: Decoded4bit or DenseBf16.
+// work items, in AMX tiles where amx_usable() (else by pair dot products; bf16_pairs_usable()
+// must hold); x [M, K] bf16 as uint16, M at most kAmxMaxRows; Source: Decoded4bit or DenseBf16.
 template <class Source>
-inline void gemm_amx(const uint16_t* x, int64_t M, int64_t K, std::span<const Source> weights,
-                     std::span<const float* const> biases, std::span<uint16_t* const> ys) {
+inline void gemm_bf16(const uint16_t* x, int64_t M, int64_t K, std::span<const Source> weights,
+                      std::span<const float* const> biases, std::span<uint16_t* const> ys) {
   const std::vector<uint32_t> xp = pack_rows(reinterpret_cast<const uint32_t*>(x), M, K);
   std::vector<int64_t> first_block{0};  // weight i's blocks: first_block[i] .. first_block[i + 1]
   for (const Source& w : weights)
     first_block.push_back(first_block.back() + (w.columns() + kAmxColumns - 1) / kAmxColumns);
+  const bool tiles = amx_usable();
   parallel_items(first_block.back(), [&](WorkQueue& queue) {
-    const TileSession session;
+    std::optional<TileSession> session;
+    if (tiles) session.emplace();
     queue.each([&](int64_t b) {
       size_t i = 0;
       while (b >= first_block[i + 1]) ++i;
-      amx_block(weights[i], xp.data(), M, K, (b - first_block[i]) * kAmxColumns, biases[i],
-                ys[i]);
+      const int64_t n0 = (b - first_block[i]) * kAmxColumns;
+      if (tiles)
+        amx_block(weights[i], xp.data(), M, K, n0, biases[i], ys[i]);
+      else
+        pairs_block(weights[i], xp.data(), M, K, n0, biases[i], ys[i]);
     });
   });
 }

@@ -23,6 +23,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <span>
 #include <thread>
 #include <tuple>
@@ -179,10 +180,19 @@ bool amx_usable_op() {
 #endif
 }
 
+bool bf16_pairs_usable_op() {
 #ifdef LS_AMX
-// x [M, K] as the AMX ops take it, checked (and that the tiles may be used here).
-void check_amx_rows(const at::Tensor& x) {
-  TORCH_CHECK(amx_usable(), "this CPU, or its kernel, gives loraserve no AMX tiles");
+  return bf16_pairs_usable();
+#else
+  return false;
+#endif
+}
+
+#ifdef LS_AMX
+// x [M, K] as the bf16 ops take it, checked (and that this CPU has their instructions).
+void check_bf16_rows(const at::Tensor& x) {
+  TORCH_CHECK(amx_usable() || bf16_pairs_usable(),
+              "this CPU, or its kernel, gives loraserve neither AMX tiles nor AVX512-BF16");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.is_contiguous() &&
                   x.dim() == 2,
               "x must be a contiguous bfloat16 CPU tensor [M, K]");
@@ -190,8 +200,8 @@ void check_amx_rows(const at::Tensor& x) {
               kAmxMaxRows, " rows and K a multiple of ", kAmxStepK);
 }
 
-// A float32 bias [N] for the AMX ops, checked; null when absent.
-const float* amx_bias(const c10::optional<at::Tensor>& bias, int64_t N) {
+// A float32 bias [N] for the bf16 ops, checked; null when absent.
+const float* bf16_op_bias(const c10::optional<at::Tensor>& bias, int64_t N) {
   if (!bias.has_value() || !bias->defined()) return nullptr;
   check_cpu_f32(*bias, "bias");
   TORCH_CHECK(bias->numel() == N, "a bias must hold one value per output");
@@ -203,16 +213,17 @@ const uint16_t* bf16_data(const at::Tensor& t) {
 }
 #endif
 
-// linear_4bit_group for bf16 x, in AMX tiles: the weights dequantized to bf16, fp32 sums, the
-// outputs bf16 (see amx.h). Only where amx_usable().
-std::vector<at::Tensor> linear_4bit_amx(
+// linear_4bit_group for bf16 x: the weights dequantized to bf16, fp32 sums, the outputs bf16
+// (see amx.h); in AMX tiles where amx_usable(), else by AVX512-BF16's pair dot products where
+// bf16_pairs_usable().
+std::vector<at::Tensor> linear_4bit_bf16(
     const at::Tensor& x, at::TensorList packed, at::TensorList absmax, at::TensorList code,
     at::IntArrayRef blocksize, at::IntArrayRef out_features,
     const c10::List<c10::optional<at::Tensor>>& bias,
     const c10::List<c10::optional<at::Tensor>>& absmax2,
     const c10::List<c10::optional<at::Tensor>>& code2, at::ArrayRef<double> offset) {
 #ifdef LS_AMX
-  check_amx_rows(x);
+  check_bf16_rows(x);
   const int64_t M = x.size(0), K = x.size(1);
   const std::vector<Weight4bit> weights = weights_4bit(K, packed, absmax, code, blocksize,
                                                        out_features, bias, absmax2, code2, offset);
@@ -222,35 +233,35 @@ std::vector<at::Tensor> linear_4bit_amx(
   for (size_t i = 0; i < weights.size(); ++i) {
     ys.push_back(at::empty({M, weights[i].N}, x.options()));
     outs.push_back(reinterpret_cast<uint16_t*>(ys.back().data_ptr<at::BFloat16>()));
-    biases.push_back(amx_bias(bias[i], weights[i].N));
+    biases.push_back(bf16_op_bias(bias[i], weights[i].N));
   }
   std::vector<Decoded4bit> sources;
   for (const Weight4bit& w : weights) sources.push_back({w, _mm512_loadu_ps(w.code), K});
-  if (M > 0) gemm_amx<Decoded4bit>(bf16_data(x), M, K, sources, biases, outs);
+  if (M > 0) gemm_bf16<Decoded4bit>(bf16_data(x), M, K, sources, biases, outs);
   return ys;
 #else
-  TORCH_CHECK(false, "this build of loraserve's kernels has no AMX code");
+  TORCH_CHECK(false, "this build of loraserve's kernels has no bf16 code");
 #endif
 }
 
-// y [M, N] = bf16(x [M, K] @ weight [N, K]^T + bias), both bf16, in AMX tiles: fp32 sums of
-// the exact products, rounded once. Only where amx_usable().
-at::Tensor linear_bf16_amx(const at::Tensor& x, const at::Tensor& weight,
-                           const c10::optional<at::Tensor>& bias) {
+// y [M, N] = bf16(x [M, K] @ weight [N, K]^T + bias), both bf16: fp32 sums of the exact
+// products, rounded once; as linear_4bit_bf16, in tiles or by pair dot products.
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight,
+                       const c10::optional<at::Tensor>& bias) {
 #ifdef LS_AMX
-  check_amx_rows(x);
+  check_bf16_rows(x);
   TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kBFloat16 &&
                   weight.is_contiguous() && weight.dim() == 2 && weight.size(1) == x.size(1),
               "weight must be a contiguous bfloat16 CPU tensor [N, K] sharing x's K");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  const float* b = amx_bias(bias, N);
+  const float* b = bf16_op_bias(bias, N);
   at::Tensor y = at::empty({M, N}, x.options());
   const DenseBf16 source{bf16_data(weight), N, K};
   uint16_t* out = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  if (M > 0) gemm_amx<DenseBf16>(bf16_data(x), M, K, {&source, 1}, {&b, 1}, {&out, 1});
+  if (M > 0) gemm_bf16<DenseBf16>(bf16_data(x), M, K, {&source, 1}, {&b, 1}, {&out, 1});
   return y;
 #else
-  TORCH_CHECK(false, "this build of loraserve's kernels has no AMX code");
+  TORCH_CHECK(false, "this build of loraserve's kernels has no bf16 code");
 #endif
 }
 
@@ -613,9 +624,10 @@ TORCH_LIBRARY(loraserve, m) {
       "int[] blocksize, int[] out_features, Tensor?[] bias, Tensor?[] absmax2, Tensor?[] code2, "
       "float[] offset) -> Tensor[]");
   m.def("amx_usable() -> bool", &amx_usable_op);
-  m.def("linear_bf16_amx(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("bf16_pairs_usable() -> bool", &bf16_pairs_usable_op);
+  m.def("linear_bf16(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def(
-      "linear_4bit_amx(Tensor x, Tensor[] packed, Tensor[] absmax, Tensor[] code, "
+      "linear_4bit_bf16(Tensor x, Tensor[] packed, Tensor[] absmax, Tensor[] code, "
       "int[] blocksize, int[] out_features, Tensor?[] bias, Tensor?[] absmax2, Tensor?[] code2, "
       "float[] offset) -> Tensor[]");
   m.def(
@@ -641,8 +653,8 @@ TORCH_LIBRARY_IMPL(loraserve, CPU, m) {
   m.impl("linear_f32", &linear_f32);
   m.impl("linear_4bit", &linear_4bit);
   m.impl("linear_4bit_group", &linear_4bit_group);
-  m.impl("linear_4bit_amx", &linear_4bit_amx);
-  m.impl("linear_bf16_amx", &linear_bf16_amx);
+  m.impl("linear_4bit_bf16", &linear_4bit_bf16);
+  m.impl("linear_bf16", &linear_bf16);
   m.impl("paged_decode_attention", &paged_decode_attention_op);
   m.impl("paged_prefill_attention_", &paged_prefill_attention_op);
   m.impl("lora_delta_", &lora_delta_op);

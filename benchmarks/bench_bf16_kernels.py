@@ -1,16 +1,18 @@
-"""Where bf16 rows take AMX tiles: each path a bf16 projection can take, side by side.
+"""Where bf16 rows take the bf16 kernels: each path a bf16 projection can take, side by side.
 
-For bf16 compute on a CPU whose AMX tiles the kernels may use (`amx_tiles()`), times, at each
-row count, the three paths `BaseLinear` chooses between for a 4-bit weight: the tile kernel
-(`linear_4bit_amx`), the fp32 4-bit kernel on widened rows, and bitsandbytes' dequantize to
-bf16 followed by torch's bf16 GEMM; and the two paths for a bf16 weight (the output projection):
-the tile kernel (`linear_bf16_amx`) and torch's bf16 GEMM. One round is every 4-bit projection
+For bf16 compute on a CPU with bf16 kernels (AMX tiles, `amx_tiles()`, or else AVX512-BF16's
+pair dot products, `bf16_pairs()`), times, at each row count, the three paths `BaseLinear`
+chooses between for a 4-bit weight: the bf16 kernel (`linear_4bit_bf16`), the fp32 4-bit kernel
+on widened rows, and bitsandbytes' dequantize to bf16 followed by torch's bf16 GEMM; and the two
+paths for a bf16 weight (the output projection): the bf16 kernel (`linear_bf16`) and torch's bf16
+GEMM. One round is every 4-bit projection
 of a decode step of the default benchmark model (8 layers x 7, each layer its own random NF4
 weights), or its output projection; the paths alternate round by round, with 64 MB read
 before each round so that the weights come from memory as in a model. Prints each path's
-median round in ms; these medians set `AMX_TILE_MIN_ROWS` and `AMX_DENSE_MAX_ROWS`.
+median round in ms; these medians set `AMX_TILE_MIN_ROWS` and `AMX_DENSE_MAX_ROWS` (with tiles)
+or `PAIRS_MIN_ROWS` and `PAIRS_DENSE_MIN_ROWS` (without).
 
-    .venv/bin/python benchmarks/bench_amx_tiles.py --threads 2
+    .venv/bin/python benchmarks/bench_bf16_kernels.py --threads 2
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ import torch.nn.functional as F
 from bench_multi_lora import DEFAULT
 from loraserve.model.host_memory import keep_freed_memory
 from loraserve.model.kernels import native
-from loraserve.model.linear import Packed4bit, amx_tiles, matmul_group
+from loraserve.model.linear import Packed4bit, amx_tiles, bf16_pairs, matmul_group
 
-ROWS = (1, 2, 4, 6, 8, 16, 32, 64, 128, 256)
+ROWS = (1, 2, 4, 6, 7, 8, 16, 32, 64, 128, 256)
 
 
 def decode_weights(generator: torch.Generator) -> list[Packed4bit]:
@@ -72,7 +74,7 @@ def projection_paths(
 ) -> dict[str, Callable[[], object]]:
     """The three paths of a 4-bit weight for bf16 rows, each over all `weights` (x by K)."""
 
-    def tiles() -> None:
+    def bf16_kernel() -> None:
         for w in weights:
             matmul_group(ops, xs[w.in_features], [w], [None])
 
@@ -84,12 +86,12 @@ def projection_paths(
         for w in weights:
             F.linear(xs[w.in_features], w.dequantize().to(torch.bfloat16))
 
-    return {"tiles": tiles, "widened": widened, "dequantized": dequantized}
+    return {"kernel": bf16_kernel, "widened": widened, "dequantized": dequantized}
 
 
 def output_paths(ops: Any, head: torch.Tensor, x: torch.Tensor) -> dict[str, Callable[[], object]]:
     """The two paths of a bf16 weight for bf16 rows."""
-    return {"tiles": lambda: ops.linear_bf16_amx(x, head, None), "torch": lambda: F.linear(x, head)}
+    return {"kernel": lambda: ops.linear_bf16(x, head, None), "torch": lambda: F.linear(x, head)}
 
 
 def main() -> None:
@@ -98,17 +100,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12)
     args = parser.parse_args()
     ops = native()
-    if ops is None or not amx_tiles():
-        raise SystemExit("this CPU (or its kernel, or the kernels' build) gives no AMX tiles")
+    if ops is None or not (amx_tiles() or bf16_pairs()):
+        raise SystemExit("this CPU (or its kernel, or the kernels' build) runs no bf16 kernel")
     torch.set_num_threads(args.threads)
     keep_freed_memory()
     generator = torch.Generator().manual_seed(0)
     weights = decode_weights(generator)
     hidden, vocab = DEFAULT.model.hidden_size, DEFAULT.model.vocab_size
     head = (torch.randn(vocab, hidden, generator=generator) * 0.02).to(torch.bfloat16)
-    print(f"{args.threads} thread(s), {args.rounds} rounds, medians in ms")
-    print("rows | 56 NF4 projections: tiles, widened fp32 kernel, dequantize + bf16 GEMM"
-          " | output projection: tiles, torch bf16")  # fmt: skip
+    kernel = "AMX tiles" if amx_tiles() else "pair dot products"
+    print(f"{args.threads} thread(s), {args.rounds} rounds, medians in ms; bf16 kernel: {kernel}")
+    print("rows | 56 NF4 projections: bf16 kernel, widened fp32 kernel, dequantize + bf16 GEMM"
+          " | output projection: bf16 kernel, torch bf16")  # fmt: skip
     for rows in ROWS:
         xs = {
             k: torch.randn(rows, k, generator=generator).to(torch.bfloat16)
@@ -118,8 +121,8 @@ def main() -> None:
         projections = alternate(projection_paths(ops, weights, xs), args.rounds)
         output = alternate(output_paths(ops, head, xs[hidden]), args.rounds)
         print(
-            f"{rows:4d} | {projections['tiles']:7.2f} {projections['widened']:7.2f} "
-            f"{projections['dequantized']:7.2f} | {output['tiles']:6.2f} {output['torch']:6.2f}"
+            f"{rows:4d} | {projections['kernel']:7.2f} {projections['widened']:7.2f} "
+            f"{projections['dequantized']:7.2f} | {output['kernel']:6.2f} {output['torch']:6.2f}"
         )
 
 
