@@ -4,8 +4,9 @@
 # in .venv with torch installed first (a bare torch requirement would pull a multi-GB CUDA
 # build onto a CPU machine; on a GPU machine this same pin installs the CUDA wheel), then the
 # client distribution from clients/python (the server depends on it; installed from the checkout
-# first, so nothing looks for it on an index), then the project (with Ray Serve, the `ray` extra)
-# and its compiled CPU kernels. Both are editable: edits in the checkout take effect.
+# first, so nothing looks for it on an index), then the project (with Ray Serve, the `ray` extra;
+# the libraries whose internals it relies on at the versions in constraints.txt) and its compiled
+# CPU kernels. Both are editable: edits in the checkout take effect.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +28,6 @@ python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e ./clients/python
-.venv/bin/pip install -q -e '.[dev,bench,ray]'
+.venv/bin/pip install -q -c constraints.txt -e '.[dev,bench,ray]'  # the tested versions
 .venv/bin/python -m loraserve.model.kernels  # the C++ CPU kernels for this CPU
 npm install --silent --no-save --prefix .tools @bufbuild/buf
