@@ -10,7 +10,7 @@ of a decode step of the default benchmark model (8 layers x 7, each layer its ow
 weights), or its output projection; the paths alternate round by round, with 64 MB read
 before each round so that the weights come from memory as in a model. Prints each path's
 median round in ms; these medians set `AMX_TILE_MIN_ROWS` and `AMX_DENSE_MAX_ROWS` (with tiles)
-or `PAIRS_MIN_ROWS` and `PAIRS_DENSE_MIN_ROWS` (without).
+or `PAIRS_MIN_ROWS` (without).
 
     .venv/bin/python benchmarks/bench_bf16_kernels.py --threads 2
 """
@@ -32,7 +32,7 @@ from loraserve.model.host_memory import keep_freed_memory
 from loraserve.model.kernels import native
 from loraserve.model.linear import Packed4bit, amx_tiles, bf16_pairs, matmul_group
 
-ROWS = (1, 2, 4, 6, 7, 8, 16, 32, 64, 128, 256)
+ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64, 128, 256)
 
 
 def decode_weights(generator: torch.Generator) -> list[Packed4bit]:

@@ -28,7 +28,6 @@ from loraserve.model.linear import (
     AMX_DENSE_MAX_ROWS,
     AMX_TILE_MIN_ROWS,
     AMX_WIDENED_MAX_ROWS,
-    PAIRS_DENSE_MIN_ROWS,
     PAIRS_MIN_ROWS,
     SMALL_BATCH_ROWS,
     BaseLinear,
@@ -355,16 +354,22 @@ def test_the_bf16_kernel_decodes_the_weight_to_bf16_as_bitsandbytes_rounds_it(
     for first in range(0, 512, SMALL_BATCH_ROWS):
         (got,) = _in_bf16_kernel(identity[first : first + SMALL_BATCH_ROWS], [layer])
         assert torch.equal(got, want[:, first : first + SMALL_BATCH_ROWS].T)
+    for rows in (3, 8):  # folded rows (pair dot products): a row's lanes summed
+        (got,) = _in_bf16_kernel(identity[100 : 100 + rows], [layer])
+        assert torch.equal(got, want[:, 100 : 100 + rows].T)
 
 
 @bf16_kernel
-@pytest.mark.parametrize("rows", [0, 1, 7, 16, 17, 32, 33, 48, 64, 100, SMALL_BATCH_ROWS])
+@pytest.mark.parametrize(
+    "rows", [0, 1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 32, 33, 48, 64, 100, SMALL_BATCH_ROWS]
+)
 @pytest.mark.parametrize(("out_features", "in_features"), [(96, 128), (13, 64), (40, 192)])
 def test_the_bf16_kernel_sums_bf16_products_in_fp32_and_rounds_once(
     rows, out_features, in_features
 ):
-    """One pass of 32 rows or up to eight, the last of 16 rows or fewer; any tail of columns;
-    bias added before rounding."""
+    """One pass of 32 rows or up to eight, the last of 16 rows or fewer; up to 8 rows folded
+    four or two lanes to a row (pair dot products); any tail of columns; bias added before
+    rounding."""
     layer = _quantized(out_features, in_features, "nf4", nested=False, bias=True)
     x = torch.randn(rows, in_features).to(torch.bfloat16)
     bias = layer.bias.data
@@ -396,7 +401,7 @@ def test_the_bf16_kernel_refuses_more_rows_than_a_call_takes():
 
 
 @bf16_kernel
-@pytest.mark.parametrize("rows", [1, 17, 32, 33, 64, SMALL_BATCH_ROWS])
+@pytest.mark.parametrize("rows", [1, 4, 6, 17, 32, 33, 64, SMALL_BATCH_ROWS])
 @pytest.mark.parametrize(("out_features", "in_features"), [(96, 128), (13, 64), (40, 192)])
 def test_the_bf16_kernel_multiplies_a_bf16_weight_as_it_is_stored(rows, out_features, in_features):
     """Rows of the identity give the weight's bits back; random rows the fp32 sums of the
@@ -418,22 +423,21 @@ def test_the_bf16_kernel_multiplies_a_bf16_weight_as_it_is_stored(rows, out_feat
 
 @bf16_kernel
 def test_a_bf16_weight_runs_in_the_bf16_kernel_within_its_row_limits():
-    """With AMX tiles from one row to AMX_DENSE_MAX_ROWS; by pair dot products from
-    PAIRS_DENSE_MIN_ROWS to SMALL_BATCH_ROWS; torch's bf16 GEMM outside them."""
+    """With AMX tiles from one row to AMX_DENSE_MAX_ROWS; by pair dot products from one row to
+    SMALL_BATCH_ROWS; torch's bf16 GEMM past them."""
     torch.manual_seed(3)
     layer = nn.Linear(128, 40, bias=True).to(torch.bfloat16)
     base = BaseLinear(layer)
-    low, high = (1, AMX_DENSE_MAX_ROWS) if amx_tiles() else (PAIRS_DENSE_MIN_ROWS, SMALL_BATCH_ROWS)
-    for rows in (low, high):
+    high = AMX_DENSE_MAX_ROWS if amx_tiles() else SMALL_BATCH_ROWS
+    for rows in (1, high):
         x = torch.randn(rows, 128).to(torch.bfloat16)
         got = base(x[None])
         assert got.shape == (1, rows, 40) and got.dtype == torch.bfloat16
         want = native().linear_bf16(x, layer.weight, base.bias())
         assert torch.equal(got[0], want)
-    for rows in {low - 1, high + 1} - {0}:
-        x = torch.randn(rows, 128).to(torch.bfloat16)
-        with torch.no_grad():
-            assert torch.equal(base(x), layer(x))
+    x = torch.randn(high + 1, 128).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(base(x), layer(x))
 
 
 @bf16_kernel

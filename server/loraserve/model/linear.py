@@ -16,7 +16,7 @@ copying its weights, and picks per call:
   kernel from `PAIRS_MIN_ROWS` rows, multiplying by AVX512-BF16's pair dot products; fewer bf16
   rows (and fp16 rows) are widened to fp32 for the fused kernel; a bf16 weight (the output
   projection under bf16 compute) is read in place by the bf16 kernel, up to
-  `AMX_DENSE_MAX_ROWS` rows with tiles, from `PAIRS_DENSE_MIN_ROWS` without;
+  `AMX_DENSE_MAX_ROWS` rows with tiles, up to `SMALL_BATCH_ROWS` without;
 - fp32 weights on the CPU, at most `SMALL_BATCH_ROWS` rows: the small-batch kernel. Where
   every value of such a weight is a bfloat16 (a checkpoint stored in bf16, loaded for fp32
   compute), it may be held in bf16 (`hold_narrow`, `model/narrow.py`): half the memory and
@@ -67,14 +67,13 @@ AMX_TILE_MIN_ROWS = 8
 AMX_DENSE_MAX_ROWS = 128
 # Without AMX tiles, on a CPU with AVX512-BF16, the same bf16 kernel multiplies by pair dot
 # products from this many rows up to SMALL_BATCH_ROWS: a decode step's 56 projections (the same
-# benchmark, a 2-core AMD EPYC) took 14.2 ms against the widened kernel's 15.7 at 6 rows (17.0
-# against 12.3 at 4), 21.7 against 37.2 at 32, 150.8 against dequantize + bf16 GEMM's 194.6 at
-# 256. Every 16 rows cost what 16 do (the rows fill a vector's lanes).
-PAIRS_MIN_ROWS = 6
-# ... and reads a bf16 weight in place from this many rows up to SMALL_BATCH_ROWS: the output
-# projection took 5.9 ms against torch's bf16 GEMM's 6.6 at 8 rows (6.0 against 5.1 at 7), 7.1
-# against 8.6 at 32, 41.8 against 45.7 at 256.
-PAIRS_DENSE_MIN_ROWS = 8
+# benchmark, a 2-core AMD EPYC, 20 rounds) took 8.5 ms against the widened kernel's 9.8 at 4
+# rows (7.2 against 7.6 at 3, 8.1 against 5.9 at 2), 8.5 against 14.2 at 6, 21.4 against 37.3
+# at 32, 159.8 against dequantize + bf16 GEMM's 189.5 at 256. Up to 8 rows are folded into the
+# lanes (amx.h, pairs_fold); 9 to 16 rows cost what 16 do. A bf16 weight is read in place from
+# one row: the output projection took 3.3 ms against torch's bf16 GEMM's 3.6 at one row, 3.7
+# against 5.6 at 4, 6.8 against 8.9 at 32, 42.0 against 45.4 at 256.
+PAIRS_MIN_ROWS = 4
 BF16_STEP_K = 32  # the bf16 kernels take k 32 at a time: in_features must be a multiple
 NARROW_DTYPES = (torch.bfloat16, torch.float16)
 CONTIGUOUS = torch.contiguous_format
@@ -281,7 +280,7 @@ class BaseLinear(nn.Module):
         if bf16_pairs():
             if self.packed is not None:
                 return PAIRS_MIN_ROWS <= rows <= SMALL_BATCH_ROWS
-            return self.dense_bf16 and PAIRS_DENSE_MIN_ROWS <= rows <= SMALL_BATCH_ROWS
+            return self.dense_bf16 and rows <= SMALL_BATCH_ROWS
         return False
 
     def _bf16_kernel(self, ops: Any, x: torch.Tensor) -> torch.Tensor:

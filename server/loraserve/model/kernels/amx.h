@@ -221,9 +221,10 @@ struct DenseBf16 {
 
 // A block's sums leave for y: sums tile (c, r) of pass p, at sums + (p * 4 + 2c + r) * 256, is
 // [16 columns][16 rows] fp32; each is transposed into y's rows (columns n0 + 16c .., rows
-// 32p + 16r ..), the bias added, rounded to bf16.
+// 32p + 16r ..), the bias added, rounded to bf16. With fold > 1 (one pass, one row tile of at
+// most 16 / fold rows: see pairs_block) row j's sums are the tile's rows fold * j .. + fold - 1.
 inline void store_block(const float* sums, int64_t passes, int64_t M, int64_t N, int64_t n0,
-                        const float* bias, uint16_t* y) {
+                        const float* bias, uint16_t* y, int fold = 1) {
   const int64_t columns = std::min(kAmxColumns, N - n0);
   for (int64_t p = 0; p < passes; ++p)
     for (int t = 0; t < 4; ++t) {
@@ -243,8 +244,11 @@ inline void store_block(const float* sums, int64_t passes, int64_t M, int64_t N,
       const __mmask16 mask = static_cast<__mmask16>((1u << width) - 1);
       const __m512 b =
           bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, bias + first);
-      for (int j = 0; j < 16 && m0 + j < M; ++j) {
-        const __m256bh out = _mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(rows + j * 16), b));
+      for (int j = 0; j * fold < 16 && m0 + j < M; ++j) {
+        __m512 sum = b;
+        for (int h = 0; h < fold; ++h)
+          sum = _mm512_add_ps(sum, _mm512_load_ps(rows + (j * fold + h) * 16));
+        const __m256bh out = _mm512_cvtneps_pbh(sum);
         _mm256_mask_storeu_epi16(y + (m0 + j) * N + first, mask, reinterpret_cast<__m256i>(out));
       }
     }
@@ -350,10 +354,63 @@ inline void pairs_columns(const StagedTiles& w, int64_t chunk, int64_t c0, const
     for (int r = 0; r < kRowTiles; ++r) _mm512_store_ps(tile + r * 256 + j * 16, acc[j][r]);
 }
 
-// amx_block by pair dot products: one block of 32 output columns from n0 of `w`, every row.
+// Up to 8 rows fill half a vector's lanes or less, so they are folded: with fold F (2 for 5 to
+// 8 rows, 4 for up to 4), lane F * i + h holds row i's pair of k F * g + h, and one broadcast of
+// a column's F consecutive pairs meets all F of them, so a step takes 16 / F instructions instead
+// of 16; the F lanes of a row are summed as the block's sums leave (store_block).
+inline int pairs_fold(int64_t M) { return M <= 4 ? 4 : M <= 8 ? 2 : 1; }
+
+// x [M, K] bf16 (as uint32 pairs of k), M at most 16 / fold, in the folded lanes: for each group
+// g of `fold` pairs, 16 words, word fold * i + h = x[i][fold * g + h] (zero past M).
+inline std::vector<uint32_t> pack_folded(const uint32_t* x, int64_t M, int64_t K, int fold) {
+  const int64_t pairs = K / 2;
+  std::vector<uint32_t> packed(pairs / fold * 16);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t g = 0; g < pairs / fold; ++g)
+      for (int h = 0; h < fold; ++h) packed[g * 16 + i * fold + h] = x[i * pairs + g * fold + h];
+  return packed;
+}
+
+// pairs_columns for folded rows (one vector of lanes, 16 columns from c0): each column's kFold
+// consecutive pairs broadcast against the lanes of a group.
+template <int kFold>
+inline void folded_columns(const StagedTiles& w, int64_t chunk, int64_t c0, const uint32_t* x0,
+                           bool first, float* sums) {
+  constexpr int kGroups = 16 / kFold;  // groups of pairs in a step of 32 k
+  const int64_t column_words = w.row_bytes / 4;
+  float* tile = sums + (c0 / 16) * 2 * 256;
+  __m512 acc[16];
+  for (int j = 0; j < 16; ++j)
+    acc[j] = first ? _mm512_setzero_ps() : _mm512_load_ps(tile + j * 16);
+  for (int64_t s = 0; s < chunk; ++s) {
+    const uint32_t* weights =
+        reinterpret_cast<const uint32_t*>(w.base + s * w.step + (c0 / 16) * w.tile);
+    const uint32_t* x = x0 + s * kGroups * 16;
+    for (int g = 0; g < kGroups; ++g) {
+      const __m512bh lanes = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + g * 16));
+      for (int j = 0; j < 16; ++j) {
+        const uint32_t* pairs = weights + j * column_words + g * kFold;
+        __m512i broadcast;
+        if constexpr (kFold == 2) {
+          int64_t two;
+          std::memcpy(&two, pairs, sizeof two);
+          broadcast = _mm512_set1_epi64(two);
+        } else {
+          broadcast =
+              _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pairs)));
+        }
+        acc[j] = _mm512_dpbf16_ps(acc[j], reinterpret_cast<__m512bh>(broadcast), lanes);
+      }
+    }
+  }
+  for (int j = 0; j < 16; ++j) _mm512_store_ps(tile + j * 16, acc[j]);
+}
+
+// amx_block by pair dot products: one block of 32 output columns from n0 of `w`, every row; xp
+// as pack_rows packs x, or, with fold > 1, as pack_folded does.
 template <class Source>
 inline void pairs_block(const Source& w, const uint32_t* xp, int64_t M, int64_t K, int64_t n0,
-                        const float* bias, uint16_t* y) {
+                        const float* bias, uint16_t* y, int fold) {
   const int64_t pairs = K / 2, steps = K / kAmxStepK;
   const int64_t passes = (M + kAmxPassRows - 1) / kAmxPassRows;
   alignas(64) uint16_t buffer[kAmxChunkSteps * 2 * kTileElements];
@@ -361,6 +418,15 @@ inline void pairs_block(const Source& w, const uint32_t* xp, int64_t M, int64_t 
   for (int64_t s0 = 0; s0 < steps; s0 += kAmxChunkSteps) {
     const int64_t chunk = std::min(kAmxChunkSteps, steps - s0);
     const StagedTiles tiles = w.stage(n0, s0, chunk, buffer);
+    if (fold > 1) {  // one pass, one vector of lanes: steps of 16 words
+      for (int64_t c0 = 0; c0 < kAmxColumns; c0 += 16) {
+        if (fold == 2)
+          folded_columns<2>(tiles, chunk, c0, xp + s0 * 16 * 8, s0 == 0, sums);
+        else
+          folded_columns<4>(tiles, chunk, c0, xp + s0 * 16 * 4, s0 == 0, sums);
+      }
+      continue;
+    }
     for (int64_t p = 0; p < passes; ++p) {
       const uint32_t* x0 = xp + (2 * p * pairs + s0 * 16) * 16;
       float* pass_sums = sums + p * 4 * 256;
@@ -373,7 +439,7 @@ inline void pairs_block(const Source& w, const uint32_t* xp, int64_t M, int64_t 
       }
     }
   }
-  store_block(sums, passes, M, w.columns(), n0, bias, y);
+  store_block(sums, passes, M, w.columns(), n0, bias, y, fold);
 }
 
 // Every weight's y_i = x @ W_i^T + bias_i in one parallel region, its blocks of 32 columns the
@@ -382,11 +448,14 @@ inline void pairs_block(const Source& w, const uint32_t* xp, int64_t M, int64_t 
 template <class Source>
 inline void gemm_bf16(const uint16_t* x, int64_t M, int64_t K, std::span<const Source> weights,
                       std::span<const float* const> biases, std::span<uint16_t* const> ys) {
-  const std::vector<uint32_t> xp = pack_rows(reinterpret_cast<const uint32_t*>(x), M, K);
+  const bool tiles = amx_usable();
+  const int fold = tiles ? 1 : pairs_fold(M);
+  const uint32_t* rows = reinterpret_cast<const uint32_t*>(x);
+  const std::vector<uint32_t> xp =
+      fold > 1 ? pack_folded(rows, M, K, fold) : pack_rows(rows, M, K);
   std::vector<int64_t> first_block{0};  // weight i's blocks: first_block[i] .. first_block[i + 1]
   for (const Source& w : weights)
     first_block.push_back(first_block.back() + (w.columns() + kAmxColumns - 1) / kAmxColumns);
-  const bool tiles = amx_usable();
   parallel_items(first_block.back(), [&](WorkQueue& queue) {
     std::optional<TileSession> session;
     if (tiles) session.emplace();
@@ -397,7 +466,7 @@ inline void gemm_bf16(const uint16_t* x, int64_t M, int64_t K, std::span<const S
       if (tiles)
         amx_block(weights[i], xp.data(), M, K, n0, biases[i], ys[i]);
       else
-        pairs_block(weights[i], xp.data(), M, K, n0, biases[i], ys[i]);
+        pairs_block(weights[i], xp.data(), M, K, n0, biases[i], ys[i], fold);
     });
   });
 }
