@@ -688,25 +688,35 @@ def other_variants() -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(build.host_variant() is None, reason="no AVX2")
-def test_the_other_variants_equal_their_references(tmp_path):
+def test_the_other_variants_equal_their_references(every_variant_built):
     """This module's comparisons against every other build this CPU runs (`other_variants`), at
-    once, each in a process of its own: an AVX-512 machine tests what an AVX2-only one runs, and
-    an AVX2 machine the logic AVX-512 machines run."""
-    runs = {}
+    once, each in a process of its own, on the session's build of every variant: an AVX-512
+    machine tests what an AVX2-only one runs, and an AVX2 machine the logic AVX-512 machines
+    run. A use of a build touches its folder: each folder is dated back first, to show that the
+    run loaded its own variant."""
+    assert every_variant_built.returncode == 0, every_variant_built.stderr
+    env = dict(os.environ, XDG_CACHE_HOME=str(every_variant_built.cache_home))
+    runs, folders = {}, {}
     for name in other_variants():
-        cache = tmp_path / name
-        env = dict(os.environ, LORASERVE_KERNELS=name, XDG_CACHE_HOME=str(cache))
+        (library,) = [
+            path
+            for path in every_variant_built.kernels.rglob(f"loraserve_cpu_{name}.so")
+            if path.stat().st_size > 0
+        ]
+        folders[name] = library.parent
+        os.utime(folders[name], (1e9, 1e9))
         runs[name] = subprocess.Popen(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
              "-k", "not kernels_are_off and not other_variants"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dict(env, LORASERVE_KERNELS=name), cwd=REPO,
         )  # fmt: skip
     try:
         for name, run in runs.items():
             output, _ = run.communicate(timeout=900)
             assert run.returncode == 0, f"{name}: {output[-3000:]}"
             assert " passed" in output, f"{name}: {output[-3000:]}"
-            assert list((tmp_path / name).rglob(f"loraserve_cpu_{name}.so")), f"{name} unused"
+            assert folders[name].stat().st_mtime > 1e9, f"{name} unused"
     finally:
         for run in runs.values():
             run.kill()

@@ -3,10 +3,6 @@ there is no build for this CPU, these fail when a build that should exist does n
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from loraserve.model.kernels import build, chosen_variant, native
@@ -24,26 +20,14 @@ def test_the_kernels_this_cpu_runs_build_and_load():
 
 
 @pytest.mark.slow
-def test_every_variant_compiles_and_only_recent_builds_stay(tmp_path):
+def test_every_variant_compiles_and_only_recent_builds_stay(every_variant_built):
     """The AVX-512 build compiles even on a machine without AVX-512 (and vice versa), and each
     new build leaves its instruction set's KEEP_BUILDS most recently used builds in the cache."""
-    cache = tmp_path / "loraserve" / "kernels"
-    stale = {}
-    for name in build.VARIANTS:
-        stale[name] = [cache / f"torch-0.0-{age:012d}-{name}" for age in range(1, 7)]
-        for age, folder in enumerate(stale[name], start=1):
-            folder.mkdir(parents=True)
-            (folder / f"loraserve_cpu_{name}.so").write_bytes(b"")
-            os.utime(folder, (1e9 - age, 1e9 - age))  # the first, the most recently used
-    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
-    result = subprocess.run(
-        [sys.executable, "-m", "loraserve.model.kernels", "--all"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    for name in build.VARIANTS:
+    assert every_variant_built.returncode == 0, every_variant_built.stderr
+    cache = every_variant_built.kernels
+    for name, stale in every_variant_built.stale.items():
         kept = sorted(cache.glob(f"torch-*-{name}"))
         assert len(kept) == build.KEEP_BUILDS
-        assert set(stale[name][: build.KEEP_BUILDS - 1]) < set(kept)  # and the new build
+        assert set(stale[: build.KEEP_BUILDS - 1]) < set(kept)  # and the new build
     built = [p for p in cache.rglob("*.so") if p.stat().st_size > 0]
     assert len(built) == len(build.VARIANTS)

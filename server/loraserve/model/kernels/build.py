@@ -1,7 +1,8 @@
 """Compile loraserve's C++ CPU kernels, once per instruction set, into the user's cache.
 
 `python -m loraserve.model.kernels` (run by `scripts/setup.sh`) builds the variant this
-CPU runs; `--all` builds every variant (a compile check for CPUs this machine does not have).
+CPU runs; `--all` builds every variant at once, a compiler each (a compile check for CPUs this
+machine does not have).
 A build lands in a folder named after the torch version, the sources' hash and the instruction
 set, so a changed source or another torch never loads a stale library. Each use of a build
 touches its folder; a new build removes all but the KEEP_BUILDS most recently used builds of
@@ -21,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,13 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="every variant, not just this CPU's")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    variants = list(VARIANTS.values()) if args.all else [host_variant()]
-    if variants == [None]:
+    host = host_variant()
+    variants = list(VARIANTS.values()) if args.all else [host] if host is not None else []
+    if not variants:
         log.info("this CPU has no AVX2: loraserve uses its torch paths, nothing to compile")
         return 0
-    for variant in variants:
-        if variant is not None:
-            print(build(variant))
+    # each build is one compiler process: they share the cores, as a make -j would
+    with ThreadPoolExecutor(max_workers=min(len(variants), os.cpu_count() or 1)) as pool:
+        for library in pool.map(build, variants):
+            print(library)
     return 0
 
 
