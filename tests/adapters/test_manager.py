@@ -43,13 +43,13 @@ class FakeLayer(nn.Module):
 
     def set_slot(
         self, slot: int, a, b, scale=None, shift=None, copies=None, lora_scale=1.0,
-        bf16_values=False,
+        bf16_values=False, unscaled=False,
     ):  # fmt: skip
-        # copies run now; the scaling stays folded into b (slots in the compute dtype, as
-        # stored or not)
+        # copies run now; the scaling folded into b (slots in the compute dtype, as stored or
+        # not)
         self.clear_slot(slot)
         self.lora_a[slot, : a.shape[0]] = a
-        self.lora_b[slot, : b.shape[0]] = b
+        self.lora_b[slot, : b.shape[0]] = b * lora_scale if unscaled else b
 
     def clear_slot(self, slot: int) -> None:
         self.lora_a[slot].zero_()

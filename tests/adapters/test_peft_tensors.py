@@ -16,6 +16,7 @@ from loraserve.adapters.peft_tensors import (
     module_weights,
     nonfinite_reference,
     pair_factors_reference,
+    stored_pairs_reference,
     tensor_role,
 )
 from loraserve.model.kernels import native
@@ -205,6 +206,99 @@ def test_module_weights_names_each_module_holding_a_nan_or_infinity_once(dtype):
     converted = module_weights(checked, dtype)
     assert converted.not_finite == ["nan-in-a", "inf-in-both", "infinite-once-scaled"]
     assert list(converted.modules) == list(checked)
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_pairs_stored_in_16_bits_are_held_as_stored_and_checked_once_scaled(half):
+    """Under fp32 compute a plain pair stored in bf16 or fp16 stays in its dtype, B transposed
+    but not scaled (the slot write scales it), contiguous, all in one buffer; a pair is still
+    refused when it holds a NaN or an infinity as stored, or when B times the scaling leaves
+    float32's range. Pairs with other terms, or under bf16 compute, are converted as before."""
+    big, fp32_max = float(torch.finfo(half).max), torch.finfo(torch.float32).max
+
+    def module(a_bad=None, b_bad=None, scale=2.0, **terms):
+        a = _with_values(4 * 8, {} if a_bad is None else {5: a_bad}, half).view(4, 8)
+        b = _with_values(6 * 4, {} if b_bad is None else {23: b_bad}, half).view(6, 4)
+        return CheckedModule({"lora_A": a, "lora_B": b, **terms}, False, (8, 6), scale)
+
+    checked = {
+        "fine": module(),
+        "nan-in-a": module(a_bad=float("nan")),
+        "inf-in-b": module(b_bad=float("-inf")),
+        "largest-finite": module(b_bad=-big, scale=1.0),
+        "infinite-once-scaled": module(b_bad=big, scale=2 * fp32_max / big),
+        "dora": module(magnitude=torch.ones(6)),
+    }
+    converted = module_weights(checked, torch.float32)
+    assert converted.not_finite == ["nan-in-a", "inf-in-b", "infinite-once-scaled"]
+    for name in ("fine", "largest-finite"):
+        got, parts = converted.modules[name], checked[name].parts
+        assert got.unscaled and got.a.dtype == got.b.dtype == half
+        assert got.bf16_values == (half == torch.bfloat16)
+        assert torch.equal(got.a, parts["lora_A"]) and torch.equal(got.b, parts["lora_B"].t())
+        assert got.a.is_contiguous() and got.b.is_contiguous()
+    dora = converted.modules["dora"]
+    assert not dora.unscaled and dora.b.dtype == torch.float32
+    assert torch.equal(dora.b, checked["dora"].parts["lora_B"].float().t() * 2.0)
+    storages = {m.a.untyped_storage().data_ptr() for m in converted.modules.values() if m.unscaled}
+    assert len(storages) == 1
+    in_bf16 = module_weights({"fine": checked["fine"]}, torch.bfloat16).modules["fine"]
+    assert not in_bf16.unscaled
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_compiled_stored_pairs_equal_the_torch_path(half):
+    """The same bits (a copy and a transposition, nothing scaled), every pair a view of one
+    buffer, and the same pairs flagged: a NaN or an infinity anywhere in A or B, and a B whose
+    largest magnitude times the scaling overflows float32 (either side of the edge, either
+    sign of the scaling); any strides."""
+    if native() is None:
+        pytest.skip("no compiled kernels for this CPU")
+    big = float(torch.finfo(half).max)
+    edge = torch.finfo(torch.float32).max / big  # scalings past this overflow the largest B
+    shapes = [(16, 1024, 2816), (8, 13, 9), (3, 7, 1), (4, 64, 65), (1, 1, 1), (2, 5, 130)]
+    a_parts = [torch.randn(r, fan_in).to(half) for r, fan_in, _ in shapes]
+    b_parts = [torch.randn(fan_out, r).to(half) for r, _, fan_out in shapes]
+    scales = [0.37 * (i + 1) for i in range(len(shapes))]
+    a_parts.append(torch.randn(9, 4).to(half).t())  # strided A and B
+    b_parts.append(torch.randn(4, 12).to(half).t())
+    scales.append(-2.0)
+    for size, where in NONFINITE_CASES[::4]:
+        a_parts += [_with_values(size, where, half).view(1, size), torch.randn(1, size).to(half)]
+        b_parts += [torch.randn(3, 1).to(half), _with_values(size, where, half).view(size, 1)]
+        scales += [1.5, 0.5]
+    for scale in (edge * 0.999, edge * 1.001, -edge * 1.001, 1.0):
+        a_parts.append(torch.randn(2, 9).to(half))
+        b_parts.append(_with_values(18, {17: -big}, half).view(9, 2))
+        scales.append(scale)
+    got = native().lora_pairs_16(a_parts, b_parts, scales)
+    want = stored_pairs_reference(a_parts, b_parts, scales)
+    assert got[2] == want.not_finite and len(want.not_finite) == len(NONFINITE_CASES[::4]) * 2 + 2
+    for name, got_part, want_part in (("A", got[0], want.a), ("B", got[1], want.b)):
+        assert len(got_part) == len(want_part) == len(a_parts), name
+        for g, w in zip(got_part, want_part):
+            assert g.dtype == half and g.is_contiguous() and g.shape == w.shape, name
+            assert torch.equal(g.view(torch.int16), w.view(torch.int16)), name
+    assert len({t.untyped_storage().data_ptr() for t in (*got[0], *got[1])}) == 1
+
+
+def test_an_adapter_stored_in_16_bits_takes_half_the_host_bytes(bases, tmp_path):
+    """What the host tier counts for an adapter saved in bf16 or fp16 is what its pairs take
+    as stored: half of the same adapter read in float32, and no more than the file's tensors."""
+    directory = _written(bases, tmp_path, "llama", "embed-r4")
+    targets = lora_target_shapes(str(bases["llama"]))
+    wide = read_peft_adapter(directory, targets, 8, torch.float32)
+    tensors = load_file(directory / WEIGHTS_FILE)
+    for half in (torch.bfloat16, torch.float16):
+        save_file({n: t.to(half) for n, t in tensors.items()}, directory / WEIGHTS_FILE)
+        narrow = read_peft_adapter(directory, targets, 8, torch.float32)
+        projections = [n for n, m in narrow.modules.items() if not m.embedding]
+        assert projections and all(narrow.modules[n].unscaled for n in projections)
+        assert not narrow.modules[EMBED].unscaled  # the embedding's slots fold the scaling
+        assert sum(
+            narrow.modules[n].a.nbytes + narrow.modules[n].b.nbytes for n in projections
+        ) * 2 == sum(wide.modules[n].a.nbytes + wide.modules[n].b.nbytes for n in projections)
+        assert narrow.nbytes < wide.nbytes
 
 
 def test_compiled_pair_factors_equal_the_torch_path():

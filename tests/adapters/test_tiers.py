@@ -14,7 +14,7 @@ from loraserve.model.slot_terms import ModuleWeights
 def weights(nbytes: int) -> LoraWeights:
     a = torch.zeros(nbytes // 8, dtype=torch.float32)
     b = torch.zeros(nbytes // 8, dtype=torch.float32)
-    return LoraWeights({"m": ModuleWeights(a, b)}, rank=1, config={})
+    return LoraWeights({"m": ModuleWeights(a, b)}, rank=1, config={}, dtype=torch.float32)
 
 
 def test_host_cache_never_exceeds_its_byte_budget_and_evicts_lru():

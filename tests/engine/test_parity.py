@@ -211,7 +211,7 @@ def stored_in_bf16(adapter_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-@pytest.mark.parametrize("slot_dtype", ["bf16", "auto"])
+@pytest.mark.parametrize("slot_dtype", ["bf16", "auto", "compute"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_adapters_stored_in_bf16_are_served_from_bf16_rows_as_peft_does(
     arch, slot_dtype, model_dirs, adapter_dirs, kind_adapter_dirs, tmp_path
@@ -220,7 +220,8 @@ def test_adapters_stored_in_bf16_are_served_from_bf16_rows_as_peft_does(
     module stored in bf16 as bf16 rows (the default, "auto"), hold A and B as the adapter stores
     them and the scaling apart (alpha / r is not a power of two for several of these), so the
     batch (under "auto" with one adapter stored in fp32 beside them) matches PEFT, which
-    computes in fp32 with the same values."""
+    computes in fp32 with the same values. Plain float32 rows ("compute") get B scaled as the
+    host tier's bf16 copy is written into them, and match PEFT too."""
     sources = {**adapter_dirs[arch], **kind_adapter_dirs[arch]}
     names = ["r1-qv", "r8-rslora", "r32-kv-up", "r64-all", "r2-o-down", "dora-bias-r8",
              "lora-bias-r4", "embed-r4"]  # fmt: skip

@@ -480,6 +480,52 @@ def test_a_float32_slot_holds_modules_stored_in_bf16_as_bf16_rows(deferred):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("slots", ["compute", "narrow", "bf16"])
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_a_pair_held_as_stored_fills_each_kind_of_slot_exactly(half, slots):
+    """A 16-bit A and an unscaled B as the adapter stores them (`unscaled`: how the host tier
+    holds such a pair under fp32 compute): float32 rows get B times the scaling in one float32
+    multiply (what converting it to float32 with the scaling folded gives, bit for bit);
+    bf16 rows (narrow slots for bf16 values, or bf16 slots) get A and B as stored, rounded to
+    bf16 only from fp16, with the scaling apart. Refilled and deferred alike, the layer's
+    output is that of float32 slots holding the folded float32 form."""
+    torch.manual_seed(0)
+    base = nn.Linear(IN_FEATURES, OUT_FEATURES)
+    held, plain = LoraContext(), LoraContext()
+    slot_dtype = torch.bfloat16 if slots == "bf16" else torch.float32
+    layer = MultiLoraLinear(
+        base, held, 4, MAX_RANK, torch.float32, slot_dtype, narrow_slots=slots == "narrow"
+    )
+    reference = MultiLoraLinear(base, plain, 4, MAX_RANK, torch.float32)
+    gen = torch.Generator().manual_seed(10)
+    slot = 3
+    for i, (rank, scale) in enumerate([(MAX_RANK, 0.375), (3, 1.0), (5, 0.0), (7, 3.1)]):
+        a = torch.randn(rank, IN_FEATURES, generator=gen).to(half)
+        b = torch.randn(rank, OUT_FEATURES, generator=gen).to(half)
+        bf16 = half == torch.bfloat16
+        copies = SlotCopies() if i % 2 else None
+        layer.set_slot(slot, a, b, copies=copies, lora_scale=scale, bf16_values=bf16,
+                       unscaled=True)  # fmt: skip
+        if copies is not None:
+            copies.run()
+        apart = slots == "bf16" or (slots == "narrow" and bf16)
+        rows_a = slot_rows(layer.lora_a, slot, layer.narrow)
+        rows_b = slot_rows(layer.lora_b, slot, layer.narrow)
+        assert rows_a.dtype == (torch.bfloat16 if apart else torch.float32)
+        assert torch.equal(rows_a[:rank], a.to(rows_a.dtype))
+        assert torch.equal(rows_b[:rank], b.to(rows_b.dtype) if apart else b.float() * scale)
+        assert not rows_a[rank:].any() and not rows_b[rank:].any()
+        if layer.scales is not None:
+            assert layer.scales.of(slot) == (scale if apart else 1.0)
+            assert layer.scales.values[slot] == torch.tensor(layer.scales.of(slot))
+        # the reference holds the values the slot holds, in float32, the scaling folded in
+        a_held, b_held = rows_a[:rank].float(), b.to(rows_b.dtype).float()
+        reference.set_slot(slot, a_held, b_held * scale, lora_scale=scale)
+        _, got = _forward(layer, held, [slot, 0, slot], 2, [0, 0, 0, MAX_RANK])
+        _, want = _forward(reference, plain, [slot, 0, slot], 2, [0, 0, 0, MAX_RANK])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_values_change_nothing_where_slots_cannot_hold_bf16_rows():
     """Without narrow slots (or with bf16 buffers) a module stored in bf16 fills the slot as
     any other."""

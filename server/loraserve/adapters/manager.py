@@ -185,7 +185,7 @@ class AdapterManager:
     def keep_in_host(self, key: AdapterKey, weights: LoraWeights) -> None:
         """Weights validated elsewhere (a publish) for these targets, max rank and dtype: keep
         them in the host tier, so the first request for `key` reads nothing from disk."""
-        if any(m.b.dtype != self.dtype for m in weights.modules.values()):
+        if weights.dtype != self.dtype:
             raise ValueError(f"adapter {key} was validated in another dtype than {self.dtype}")
         self._host.put(key, self.prepare(weights, f"adapter {key}"))
 

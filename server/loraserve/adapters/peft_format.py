@@ -56,11 +56,13 @@ MAX_CONFIG_BYTES = 1 << 20
 
 @dataclass(frozen=True)
 class LoraWeights:
-    """A validated adapter: module path -> its tensors (scaling folded into B)."""
+    """A validated adapter: module path -> its tensors (scaling folded into B, or applied by
+    the slot write to a pair held as stored: `ModuleWeights.unscaled`)."""
 
     modules: dict[str, ModuleWeights]
     rank: int  # the largest rank over modules
     config: LoraAdapterConfig
+    dtype: torch.dtype  # the compute dtype they were converted for
 
     @property
     def nbytes(self) -> int:
@@ -155,4 +157,4 @@ def read_peft_adapter(
         raise AdapterIncompatibleError(
             f"adapter at {directory.name!r} does not fit this base model:", incompatible
         )
-    return LoraWeights(modules, max(m.a.shape[0] for m in modules.values()), config.fields)
+    return LoraWeights(modules, max(m.a.shape[0] for m in modules.values()), config.fields, dtype)

@@ -14,7 +14,8 @@ suffix):
 `checked_module` checks one module's tensors against each other, the config and the base's
 target shape, every problem appended to the caller's lists; `module_weights` converts the
 checked modules of an adapter to the compute dtype with the scaling folded into B and into
-lora_B's bias, and finds those that hold a NaN or an infinity.
+lora_B's bias (under fp32 compute a plain pair stored in 16 bits stays as stored, B without the
+scaling: `held_as_stored`), and finds those that hold a NaN or an infinity.
 
 Knows nothing about files, slots or the base model's weights.
 """
@@ -32,6 +33,7 @@ from loraserve.model.lora import transposed_bs
 from loraserve.model.slot_terms import ModuleWeights
 
 ALLOWED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 PEFT_PREFIX = "base_model.model."
 LORA_TENSOR = re.compile(
     r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
@@ -248,7 +250,8 @@ class ConvertedModules:
 @dataclass(frozen=True)
 class PairFactors:
     """Each pair's A [r, in] and B [r, out] (transposed, times its scale) in the compute dtype,
-    and the positions of the pairs either of which holds a NaN or an infinity."""
+    or as stored (`stored_pairs`), and the positions of the pairs either of which holds a NaN
+    or an infinity."""
 
     a: list[torch.Tensor]
     b: list[torch.Tensor]
@@ -257,19 +260,91 @@ class PairFactors:
 
 def module_weights(checked: dict[str, CheckedModule], dtype: torch.dtype) -> ConvertedModules:
     """Checked modules in the compute dtype `dtype`, with the scaling folded into B and into
-    lora_B's bias, and which are not finite; the pairs in one pass (`pair_factors`)."""
+    lora_B's bias, except the pairs `held_as_stored`; and which are not finite. The pairs in
+    one pass each (`pair_factors`, `stored_pairs`)."""
     paired = [name for name, module in checked.items() if module.has_pair]
-    roles = [PAIRS[checked[name].embedding] for name in paired]
+    as_stored = [name for name in paired if held_as_stored(checked[name], dtype)]
+    folded = [name for name in paired if name not in as_stored]
+    roles = [PAIRS[checked[name].embedding] for name in folded]
     pairs = pair_factors(
-        [checked[name].parts[a_role] for name, (a_role, _) in zip(paired, roles)],
-        [checked[name].parts[b_role] for name, (_, b_role) in zip(paired, roles)],
-        [checked[name].scale for name in paired],
+        [checked[name].parts[a_role] for name, (a_role, _) in zip(folded, roles)],
+        [checked[name].parts[b_role] for name, (_, b_role) in zip(folded, roles)],
+        [checked[name].scale for name in folded],
         dtype,
     )
-    factors = dict(zip(paired, zip(pairs.a, pairs.b)))
-    modules = {name: _converted(checked[name], factors.get(name), dtype) for name in checked}
-    flagged = {paired[i] for i in pairs.not_finite} | set(_terms_not_finite(modules))
+    stored = stored_pairs(
+        [checked[name].parts["lora_A"] for name in as_stored],
+        [checked[name].parts["lora_B"] for name in as_stored],
+        [checked[name].scale for name in as_stored],
+    )
+    factors = dict(zip(folded, zip(pairs.a, pairs.b))) | dict(
+        zip(as_stored, zip(stored.a, stored.b))
+    )
+    modules = {
+        name: _converted(checked[name], factors.get(name), dtype, name in as_stored)
+        for name in checked
+    }
+    flagged = (
+        {folded[i] for i in pairs.not_finite}
+        | {as_stored[i] for i in stored.not_finite}
+        | set(_terms_not_finite(modules))
+    )
     return ConvertedModules(modules, [name for name in modules if name in flagged])
+
+
+def held_as_stored(module: CheckedModule, dtype: torch.dtype) -> bool:
+    """Whether the module's pair is kept as the adapter stores it, in 16 bits with B not yet
+    scaled (the slot write scales it, or keeps the scaling apart): a plain projection pair
+    (no DoRA or bias terms, which are computed in the compute dtype) stored in bf16 or fp16
+    under fp32 compute. Exact, and half the host tier's bytes of fp32 copies."""
+    parts = module.parts
+    return (
+        dtype == torch.float32
+        and not module.embedding
+        and parts.keys() == {"lora_A", "lora_B"}
+        and parts["lora_A"].dtype == parts["lora_B"].dtype
+        and parts["lora_A"].dtype in HALF_DTYPES
+    )
+
+
+def stored_pairs(
+    a_parts: list[torch.Tensor], b_parts: list[torch.Tensor], scales: list[float]
+) -> PairFactors:
+    """Each 16-bit A [r, in] copied and each B [out, r] transposed, in its own dtype and not
+    scaled, in new buffers (one per dtype); and which hold a NaN or an infinity as stored, or
+    once B is scaled into float32 (`scales`: each pair's alpha / r). On CPUs one compiled call
+    per dtype (`lora_pairs_16`); torch otherwise, which is also its oracle."""
+    a: list[torch.Tensor] = [torch.empty(0)] * len(a_parts)
+    b: list[torch.Tensor] = [torch.empty(0)] * len(b_parts)
+    flagged: list[int] = []
+    ops = native()
+    for half in {t.dtype for t in a_parts}:
+        mine = [i for i, t in enumerate(a_parts) if t.dtype == half]
+        parts = ([a_parts[i] for i in mine], [b_parts[i] for i in mine], [scales[i] for i in mine])
+        if ops is not None and all(t.device.type == "cpu" for t in (*parts[0], *parts[1])):
+            got = PairFactors(*ops.lora_pairs_16(*parts))
+        else:
+            got = stored_pairs_reference(*parts)
+        for j, i in enumerate(mine):
+            a[i], b[i] = got.a[j], got.b[j]
+        flagged += [mine[j] for j in got.not_finite]
+    return PairFactors(a, b, sorted(flagged))
+
+
+def stored_pairs_reference(
+    a_parts: list[torch.Tensor], b_parts: list[torch.Tensor], scales: list[float]
+) -> PairFactors:
+    """`stored_pairs` for pairs of one 16-bit dtype, by torch: the compiled call's oracle, and
+    its stand-in elsewhere."""
+    half = a_parts[0].dtype
+    copies = in_one_buffer([*a_parts, *(t.t() for t in b_parts)], half)
+    a, b = copies[: len(a_parts)], copies[len(a_parts) :]
+    flagged = [
+        i
+        for i, scale in enumerate(scales)
+        if not (a[i].isfinite().all() and (b[i].float() * scale).isfinite().all())
+    ]
+    return PairFactors(a, b, flagged)
 
 
 def pair_factors(
@@ -309,19 +384,24 @@ def pair_factors_reference(
 
 
 def in_one_buffer(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-    """Copies of `tensors` in `dtype`, views of one new buffer."""
+    """Contiguous copies of `tensors` (any strides) in `dtype`, views of one new buffer."""
     if not tensors:
         return []
     sizes = [t.numel() for t in tensors]
     pieces = torch.empty(sum(sizes), dtype=dtype).split(sizes)
-    torch._foreach_copy_(pieces, [t.reshape(-1) for t in tensors])  # one call, any dtype
-    return [piece.view(t.shape) for piece, t in zip(pieces, tensors)]
+    copies = [piece.view(t.shape) for piece, t in zip(pieces, tensors)]
+    torch._foreach_copy_(copies, list(tensors))  # one call, any dtype
+    return copies
 
 
 def _converted(
-    module: CheckedModule, factors: tuple[torch.Tensor, torch.Tensor] | None, dtype: torch.dtype
+    module: CheckedModule,
+    factors: tuple[torch.Tensor, torch.Tensor] | None,
+    dtype: torch.dtype,
+    unscaled: bool,
 ) -> ModuleWeights:
-    """factors: (A [r, in], B [r, out]) in `dtype`, or None for a module with no pair."""
+    """factors: (A [r, in], B [r, out]) in `dtype` (B scaled), or as stored where `unscaled`
+    (`held_as_stored`); None for a module with no pair."""
     parts, (fan_in, fan_out) = module.parts, module.target
     if factors is None:
         a, b = torch.zeros(0, fan_in, dtype=dtype), torch.zeros(0, fan_out, dtype=dtype)
@@ -345,4 +425,5 @@ def _converted(
         base_copy=None if copy is None else copy.clone(),
         lora_scale=module.scale,
         bf16_values=stored_bf16,
+        unscaled=unscaled,
     )

@@ -402,13 +402,16 @@ class MultiLoraLinear(nn.Module):
         copies: SlotCopies | None = None,
         lora_scale: float = 1.0,
         bf16_values: bool = False,
+        unscaled: bool = False,
     ) -> None:
-        """a: [r, in]; b: [r, out] with the adapter's scaling `lora_scale` already folded in;
+        """a: [r, in]; b: [r, out] with the adapter's scaling `lora_scale` already folded in, or
+        without it where `unscaled` (a and b then the adapter's 16-bit values as stored);
         scale, shift: [out] or None; bf16_values: whether the adapter stores a and B (b /
         lora_scale) in bf16. Slots narrower than the compute dtype, and float32 slots holding
         bf16 values as bf16 rows (with `narrow_slots`), hold b / lora_scale (B as the adapter
-        stores it: exact when it is stored in the rows' dtype) and the scaling apart. copies:
-        where to leave the copies of a and b for the caller to run (None: run now)."""
+        stores it: exact when it is stored in the rows' dtype) and the scaling apart; others
+        hold b with it folded in. copies: where to leave the copies of a and b for the caller
+        to run (None: run now)."""
         narrow = bf16_values and self.narrow is not None
         r, written = a.shape[0], self._rows_written[slot]
         pending = SlotCopies() if copies is None else copies
@@ -418,15 +421,17 @@ class MultiLoraLinear(nn.Module):
             self.lora_a[slot, kept:written].zero_()
             self.lora_b[slot, kept:written].zero_()
         self._rows_written[slot] = -(-r // 2) if narrow else r
+        apart = False  # whether the slot keeps the scaling apart from B
         if self.scales is not None:
-            # a zero scaling left B all zeros: keep it
-            apart = (narrow or self._narrower_slots) and lora_scale not in (0.0, 1.0)
-            b = b / lora_scale if apart else b
+            # a zero scaling folded in left B all zeros: keep it
+            apart = (narrow or self._narrower_slots) and (unscaled or lora_scale not in (0.0, 1.0))
+            b = b / lora_scale if apart and not unscaled else b
             self.scales.set(slot, lora_scale if apart else 1.0)
         if self.narrow is not None:
             self.narrow.set(slot, narrow)
+        fold = lora_scale if unscaled and not apart else None
         pending.add(slot_rows(self.lora_a, slot, self.narrow)[:r], a)  # [r, in] of [R, in]
-        pending.add(slot_rows(self.lora_b, slot, self.narrow)[:r], b)  # [r, out] of [R, out]
+        pending.add(slot_rows(self.lora_b, slot, self.narrow)[:r], b, fold)  # [r, out] of [R, out]
         self.terms.set_slot(slot, scale, shift)
         if copies is None:
             pending.run()

@@ -96,16 +96,18 @@ class MultiLoraEmbedding(nn.Module):
         copies: SlotCopies | None = None,
         lora_scale: float = 1.0,
         bf16_values: bool = False,
+        unscaled: bool = False,
     ) -> None:
-        """a: [r, vocab]; b: [r, hidden] with the scaling `lora_scale` folded in (these slots are
-        in the compute dtype and keep it so, whatever dtype the adapter stores them in:
-        `bf16_values` changes nothing here); scale, shift: [hidden] or None. copies: where to
-        leave the copies of a and b for the caller to run (None: run now)."""
+        """a: [r, vocab]; b: [r, hidden] with the scaling `lora_scale` folded in, or without it
+        where `unscaled` (these slots are in the compute dtype and fold it in, whatever dtype
+        the adapter stores them in: `bf16_values` changes nothing here); scale, shift: [hidden]
+        or None. copies: where to leave the copies of a and b for the caller to run (None: run
+        now)."""
         r = a.shape[0]
         pending = SlotCopies() if copies is None else copies
         self.clear_slot(slot)
         pending.add(self.lora_a[slot, :, :r], a.T)
-        pending.add(self.lora_b[slot, :r], b)
+        pending.add(self.lora_b[slot, :r], b, lora_scale if unscaled else None)
         self.filled[slot] = r > 0
         self.terms.set_slot(slot, scale, shift)
         if copies is None:

@@ -55,6 +55,10 @@ class ModuleWeights:
     `scale` and `shift` ([out], in the compute dtype), which is what a slot holds.
     `bf16_values`: the adapter stores A and B in bf16, so a and b / lora_scale hold bf16 values
     (slots may then hold them in bf16, exactly).
+    `unscaled`: a and b are the adapter's own 16-bit values (bf16 or fp16, as stored) and b is
+    B^T without the scaling, which the slot write applies (`SlotCopies.add`'s `times`) or keeps
+    apart: how the host tier holds a plain pair stored in 16 bits under fp32 compute, in half
+    the bytes of fp32 and exactly.
     """
 
     a: torch.Tensor
@@ -68,6 +72,7 @@ class ModuleWeights:
     shift: torch.Tensor | None = None
     lora_scale: float = 1.0
     bf16_values: bool = False
+    unscaled: bool = False
 
     @property
     def resolved(self) -> bool:
@@ -98,20 +103,32 @@ class ModuleWeights:
 
 @dataclass(frozen=True)
 class SlotCopies:
-    """Copies into slot buffers gathered from many layers, run as one batched copy: filling a
-    slot of every layer one `copy_` at a time costs more in calls than in bytes."""
+    """Copies into slot buffers gathered from many layers, run as one batched copy (and one
+    batched multiply for those scaled on the way): filling a slot of every layer one `copy_`
+    at a time costs more in calls than in bytes."""
 
     destinations: list[torch.Tensor] = field(default_factory=list)
     sources: list[torch.Tensor] = field(default_factory=list)
+    scaled: list[torch.Tensor] = field(default_factory=list)
+    factors: list[float] = field(default_factory=list)
 
-    def add(self, destination: torch.Tensor, source: torch.Tensor) -> None:
+    def add(
+        self, destination: torch.Tensor, source: torch.Tensor, times: float | None = None
+    ) -> None:
+        """destination <- source, or source * times in the destination's dtype (a widened
+        16-bit B gets its scaling as fp32 folds it: one rounding of the exact product)."""
         self.destinations.append(destination)
         self.sources.append(source)
+        if times is not None:
+            self.scaled.append(destination)
+            self.factors.append(times)
 
     def run(self) -> None:
-        """destinations[i] <- sources[i] for every i (asynchronous from pinned memory)."""
+        """Every copy (asynchronous from pinned memory), then every scaling."""
         if self.destinations:
             torch._foreach_copy_(self.destinations, self.sources, non_blocking=True)
+        if self.scaled:
+            torch._foreach_mul_(self.scaled, self.factors)
 
 
 def dequantized_weight(module: nn.Linear) -> torch.Tensor:

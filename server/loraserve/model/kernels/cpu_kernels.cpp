@@ -486,6 +486,51 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t
   return {a_out, b_out, nonfinite};
 }
 
+// What the host tier holds of pairs stored in 16 bits (bf16 or fp16, one dtype for all) under
+// fp32 compute: a[i] [r, in] copied and b[i] [out, r] transposed, in their dtype and not
+// scaled, views of one new buffer; and the positions i whose A or B holds a NaN or an infinity,
+// or whose B times scale[i] leaves float32's range (the product of its largest magnitude, in
+// float32, as the slot write forms it, tested by its exponent bits).
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>> lora_pairs_16_op(
+    at::TensorList a, at::TensorList b, at::ArrayRef<double> scale) {
+  TORCH_CHECK(a.size() == b.size() && b.size() == scale.size(), "one A, B and scale per pair");
+  TORCH_CHECK(!a.empty(), "no pairs");
+  const at::ScalarType dtype = a[0].scalar_type();
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "pairs must be bf16 or fp16");
+  const uint16_t infinity_bits = dtype == at::kBFloat16 ? 0x7f80 : 0x7c00;
+  int64_t total = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    for (const at::Tensor& t : {a[i], b[i]})
+      TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 2,
+                  "A and B must be 2-d CPU tensors of one 16-bit dtype");
+    TORCH_CHECK(a[i].size(0) == b[i].size(1), "A [r, in] and B [out, r] must share r");
+    total += a[i].numel() + b[i].numel();
+  }
+  at::Tensor buffer = at::empty({total}, at::TensorOptions().dtype(dtype));
+  std::vector<at::Tensor> a_out, b_out;
+  std::vector<int64_t> nonfinite;
+  int64_t offset = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const at::Tensor a_dense = a[i].contiguous(), b_dense = b[i].contiguous();
+    const int64_t rank = a_dense.size(0), out = b_dense.size(0), n_a = a_dense.numel();
+    a_out.push_back(buffer.narrow(0, offset, n_a).view(a_dense.sizes()));
+    b_out.push_back(buffer.narrow(0, offset + n_a, rank * out).view({rank, out}));
+    auto* a_dst = static_cast<uint16_t*>(a_out.back().data_ptr());
+    std::memcpy(a_dst, a_dense.data_ptr(), n_a * sizeof(uint16_t));
+    const uint16_t a_most = max_magnitude_bits(a_dst, n_a);
+    const uint16_t b_most = transpose_16(static_cast<const uint16_t*>(b_dense.data_ptr()), out,
+                                         rank, static_cast<uint16_t*>(b_out.back().data_ptr()));
+    const float largest = dtype == at::kBFloat16 ? std::bit_cast<float>(uint32_t{b_most} << 16)
+                                                 : _cvtsh_ss(b_most);
+    const float scaled = largest * static_cast<float>(std::fabs(scale[i]));
+    if (a_most >= infinity_bits || b_most >= infinity_bits ||
+        (std::bit_cast<uint32_t>(scaled) & 0x7f800000u) == 0x7f800000u)
+      nonfinite.push_back(static_cast<int64_t>(i));
+    offset += n_a + rank * out;
+  }
+  return {a_out, b_out, nonfinite};
+}
+
 // The positions in `tensors` of those holding a NaN or an infinity.
 std::vector<int64_t> nonfinite_op(at::TensorList tensors) {
   std::vector<int64_t> found;
@@ -643,6 +688,7 @@ TORCH_LIBRARY(loraserve, m) {
   m.def("transpose_scaled(Tensor[] src, float[] scale) -> Tensor[]");
   m.def("nonfinite(Tensor[] tensors) -> int[]");
   m.def("lora_factors(Tensor[] a, Tensor[] b, float[] scale) -> (Tensor[], Tensor[], int[])");
+  m.def("lora_pairs_16(Tensor[] a, Tensor[] b, float[] scale) -> (Tensor[], Tensor[], int[])");
   m.def("score_stats(Tensor scores) -> (Tensor, Tensor, Tensor)");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("kv_write_(Tensor(a!) pool, Tensor slots, Tensor states) -> ()");
@@ -661,6 +707,7 @@ TORCH_LIBRARY_IMPL(loraserve, CPU, m) {
   m.impl("transpose_scaled", &transpose_scaled_op);
   m.impl("nonfinite", &nonfinite_op);
   m.impl("lora_factors", &lora_factors_op);
+  m.impl("lora_pairs_16", &lora_pairs_16_op);
   m.impl("score_stats", &score_stats_op);
   m.impl("rms_norm", &rms_norm_op);
   m.impl("kv_write_", &kv_write_op);

@@ -130,6 +130,36 @@ inline bool any_nonfinite(const float* src, int64_t n) {
   return found;
 }
 
+// ---- 16-bit pairs kept as stored (bf16 or fp16) ----------------------------------------
+// For either format a value's magnitude is its bits & 0x7fff: finite magnitudes order as
+// those integers do, and an infinity or a NaN is at or past the exponent's all-ones pattern
+// (`kInfinityBits`). So one integer maximum per tensor says whether it is finite and how
+// large it gets, with no floating-point compare.
+
+// The largest magnitude's bits among src [n].
+inline uint16_t max_magnitude_bits(const uint16_t* src, int64_t n) {
+  uint16_t most = 0;
+  for (int64_t i = 0; i < n; ++i) most = std::max<uint16_t>(most, src[i] & 0x7fff);
+  return most;
+}
+
+// dst [cols, rows] = src [rows, cols]^T, 16-bit elements, in blocks of 64 rows (read a few
+// cache lines at a time, written along dst's rows); returns max_magnitude_bits of src.
+inline uint16_t transpose_16(const uint16_t* src, int64_t rows, int64_t cols, uint16_t* dst) {
+  constexpr int64_t kBlock = 64;
+  uint16_t most = 0;
+  for (int64_t i0 = 0; i0 < rows; i0 += kBlock) {
+    const int64_t i1 = std::min(rows, i0 + kBlock);
+    for (int64_t j = 0; j < cols; ++j)
+      for (int64_t i = i0; i < i1; ++i) {
+        const uint16_t v = src[i * cols + j];
+        dst[j * rows + i] = v;
+        most = std::max<uint16_t>(most, v & 0x7fff);
+      }
+  }
+  return most;
+}
+
 // One chunk of n tokens on one slot, its rows xs already float: y[:n] += (xs[:n] @ a[:rank]^T)
 // * scale @ b[:rank]; a [rank, in] and b [rank, out] rows in T; shrunk: n * rank floats.
 template <class T, class Y>
