@@ -245,11 +245,20 @@ def test_a_hot_adapter_overflows_onto_the_other_replica_when_its_home_is_full(
     (other,) = set(replicas) - {home("hot", replicas)}
     assert overflow == other
     # The replica ends a cancelled stream a moment later: until it has, the home is still full
-    # for the tests after this one.
+    # for the tests after this one. On a loaded host Ray's proxy has been seen not to pass the
+    # cancellation on in time, so a stream may instead run to its length: either way it ended
+    # (with the overflow call, MAX_ONGOING + 1 of the tenant's requests).
     deadline = time.monotonic() + RETRY_S
-    while finished(metrics_port, tenant="hot", reason="cancelled") < MAX_ONGOING:
-        assert time.monotonic() < deadline, "the cancelled streams never ended"
+    ended = ended_by_reason(metrics_port, "hot")
+    while sum(ended.values()) < MAX_ONGOING + 1:
+        assert time.monotonic() < deadline, f"the streams never ended: {ended}"
         time.sleep(0.2)
+        ended = ended_by_reason(metrics_port, "hot")
+
+
+def ended_by_reason(metrics_port: int, tenant: str) -> dict[str, float]:
+    """`finished` for the two reasons a stream of this module's ends for: cancelled, length."""
+    return {reason: finished(metrics_port, tenant, reason) for reason in ("cancelled", "length")}
 
 
 def finished(metrics_port: int, tenant: str, reason: str) -> float:
