@@ -133,8 +133,8 @@ inline bool any_nonfinite(const float* src, int64_t n) {
 // ---- 16-bit pairs kept as stored (bf16 or fp16) ----------------------------------------
 // For either format a value's magnitude is its bits & 0x7fff: finite magnitudes order as
 // those integers do, and an infinity or a NaN is at or past the exponent's all-ones pattern
-// (`kInfinityBits`). So one integer maximum per tensor says whether it is finite and how
-// large it gets, with no floating-point compare.
+// (0x7f80 in bf16, 0x7c00 in fp16). So one integer maximum per tensor says whether it is
+// finite and how large it gets, with no floating-point compare.
 
 // The largest magnitude's bits among src [n].
 inline uint16_t max_magnitude_bits(const uint16_t* src, int64_t n) {
