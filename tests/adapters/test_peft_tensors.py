@@ -301,10 +301,12 @@ def test_an_adapter_stored_in_16_bits_takes_half_the_host_bytes(bases, tmp_path)
         assert narrow.nbytes < wide.nbytes
 
 
-def test_compiled_pair_factors_equal_the_torch_path():
-    """The same bits (a copy, one float32 multiply), every pair a view of one buffer, and the
-    same pairs flagged: non-finite values at the edges of the blocks and tiles, in A or B, as
-    stored or once scaled; any stored dtype and strides."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_pair_factors_equal_the_torch_path(dtype):
+    """The same bits (a copy, one float32 multiply, for bf16 compute rounded to nearest even),
+    every pair a view of one buffer, and the same pairs flagged: non-finite values at the edges
+    of the blocks and tiles, in A or B, as stored, once scaled, or once rounded to bf16; any
+    stored dtype and strides."""
     if native() is None:
         pytest.skip("no compiled kernels for this CPU")
     shapes = [(16, 1024, 2816), (8, 13, 9), (3, 7, 1), (4, 64, 65), (1, 1, 1)]  # r, in, out
@@ -317,14 +319,18 @@ def test_compiled_pair_factors_equal_the_torch_path():
         b_parts += [torch.randn(3, 1), _with_values(size, where).view(size, 1)]
     a_parts.append(torch.randn(2, 9))
     b_parts.append(_with_values(18, {17: 3e38}).view(9, 2))  # finite until scaled
-    scales = [0.37 * (i + 1) for i in range(len(a_parts))]
-    got = native().lora_factors(a_parts, b_parts, scales)
-    want = pair_factors_reference(a_parts, b_parts, scales, torch.float32)
-    assert got[2] == want.not_finite and len(want.not_finite) == len(NONFINITE_CASES[::4]) * 2 + 1
+    rounding = {0: 3.3e38, 1: 3.4e38, 2: 1e-40, 3: 1.00390625, 4: 1.01171875}  # overflow, ties
+    a_parts.append(_with_values(8, rounding).view(1, 8))  # finite until rounded to bf16
+    b_parts.append(torch.randn(5, 1))
+    scales = [0.37 * (i + 1) for i in range(len(a_parts) - 1)] + [1.0]
+    got = native().lora_factors(a_parts, b_parts, scales, dtype)
+    want = pair_factors_reference(a_parts, b_parts, scales, dtype)
+    flagged = len(NONFINITE_CASES[::4]) * 2 + 1 + (dtype == torch.bfloat16)
+    assert got[2] == want.not_finite and len(want.not_finite) == flagged
     for name, got_part, want_part in (("A", got[0], want.a), ("B", got[1], want.b)):
         assert len(got_part) == len(want_part) == len(a_parts), name
         for g, w in zip(got_part, want_part):
-            assert g.dtype == torch.float32 and g.is_contiguous() and g.shape == w.shape, name
+            assert g.dtype == dtype and g.is_contiguous() and g.shape == w.shape, name
             torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True, msg=name)
     assert len({t.untyped_storage().data_ptr() for t in (*got[0], *got[1])}) == 1
 

@@ -356,16 +356,17 @@ def pair_factors(
     """Each A [r, in] copied and each B [out, r] transposed and times its scale, in `dtype`, all
     in new buffers (as read, each is a view of the file's buffer, which would otherwise stay
     alive as long as the adapter stays in the host tier, B as stored too), and which hold a NaN
-    or an infinity. On CPUs in float32 one compiled call writes them into one buffer and checks
-    each while it is in cache (`lora_factors`); torch otherwise, which is also its oracle."""
+    or an infinity. On CPUs in float32 or bf16 one compiled call writes them into one buffer
+    and checks each while it is in cache (`lora_factors`); torch otherwise, which is also its
+    oracle."""
     ops = native()
     if (
         ops is not None
         and a_parts
-        and dtype == torch.float32
+        and dtype in (torch.float32, torch.bfloat16)
         and all(t.device.type == "cpu" for t in (*a_parts, *b_parts))
     ):
-        a, b, flagged = ops.lora_factors(a_parts, b_parts, scales)
+        a, b, flagged = ops.lora_factors(a_parts, b_parts, scales, dtype)
         return PairFactors(a, b, flagged)
     return pair_factors_reference(a_parts, b_parts, scales, dtype)
 

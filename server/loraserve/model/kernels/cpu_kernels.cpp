@@ -450,12 +450,16 @@ std::vector<at::Tensor> transpose_scaled_op(at::TensorList src, at::ArrayRef<dou
 }
 
 // What an adapter's pairs hold in the host tier, from a[i] [r, in] and b[i] [out, r] as PEFT
-// stores them (any float dtype, any strides): a[i] copied and b[i]^T * scale[i], float32, all
-// views of one new buffer; and the positions i whose copy of A or scaled B holds a NaN or an
-// infinity, each checked right after it is written, while it is still in cache.
+// stores them (any float dtype, any strides): a[i] copied and b[i]^T * scale[i], in float32, or
+// formed in float32 and rounded to bf16 (as torch rounds: to nearest, ties to even) for bf16
+// compute, all views of one new buffer; and the positions i whose A or scaled B holds a NaN or
+// an infinity in that dtype, each pair checked right after it is written, while in cache.
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>> lora_factors_op(
-    at::TensorList a, at::TensorList b, at::ArrayRef<double> scale) {
+    at::TensorList a, at::TensorList b, at::ArrayRef<double> scale,
+    std::optional<at::ScalarType> dtype) {
   TORCH_CHECK(a.size() == b.size() && b.size() == scale.size(), "one A, B and scale per pair");
+  const at::ScalarType out_dtype = dtype.value_or(at::kFloat);
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16, "dtype: float32 or bf16");
   int64_t total = 0;
   for (size_t i = 0; i < a.size(); ++i) {
     for (const at::Tensor& t : {a[i], b[i]})
@@ -464,24 +468,33 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t
     TORCH_CHECK(a[i].size(0) == b[i].size(1), "A [r, in] and B [out, r] must share r");
     total += a[i].numel() + b[i].numel();
   }
-  at::Tensor buffer = at::empty({total}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor buffer = at::empty({total}, at::TensorOptions().dtype(out_dtype));
   std::vector<at::Tensor> a_out, b_out;
   std::vector<int64_t> nonfinite;
+  std::vector<float> wide;  // a bf16 pair in float32 before it is rounded
   int64_t offset = 0;
   for (size_t i = 0; i < a.size(); ++i) {
     const at::Tensor a_dense = a[i].to(at::kFloat).contiguous();
     const at::Tensor b_dense = b[i].to(at::kFloat).contiguous();
     const int64_t rank = a_dense.size(0), out = b_dense.size(0), n_a = a_dense.numel();
+    const int64_t n = n_a + rank * out;  // the pair's A then B, adjacent in the buffer
     a_out.push_back(buffer.narrow(0, offset, n_a).view(a_dense.sizes()));
     b_out.push_back(buffer.narrow(0, offset + n_a, rank * out).view({rank, out}));
-    float* a_dst = a_out.back().data_ptr<float>();
-    float* b_dst = b_out.back().data_ptr<float>();
-    std::memcpy(a_dst, a_dense.data_ptr<float>(), n_a * sizeof(float));
-    bool bad = any_nonfinite(a_dst, n_a);
-    transpose_scaled(b_dense.data_ptr<float>(), out, rank, static_cast<float>(scale[i]), b_dst);
-    bad |= any_nonfinite(b_dst, rank * out);
+    if (out_dtype == at::kBFloat16) wide.resize(n);
+    float* pair = out_dtype == at::kFloat ? buffer.data_ptr<float>() + offset : wide.data();
+    std::memcpy(pair, a_dense.data_ptr<float>(), n_a * sizeof(float));
+    transpose_scaled(b_dense.data_ptr<float>(), out, rank, static_cast<float>(scale[i]),
+                     pair + n_a);
+    bool bad;
+    if (out_dtype == at::kFloat) {
+      bad = any_nonfinite(pair, n);
+    } else {
+      auto* rounded = static_cast<uint16_t*>(buffer.data_ptr()) + offset;
+      round_to_bf16(pair, n, rounded);
+      bad = max_magnitude_bits(rounded, n) >= 0x7f80;
+    }
     if (bad) nonfinite.push_back(static_cast<int64_t>(i));
-    offset += n_a + rank * out;
+    offset += n;
   }
   return {a_out, b_out, nonfinite};
 }
@@ -687,7 +700,8 @@ TORCH_LIBRARY(loraserve, m) {
       "Tensor ends, Tensor slots, Tensor ranks, Tensor? scales=None, Tensor? narrow=None) -> ()");
   m.def("transpose_scaled(Tensor[] src, float[] scale) -> Tensor[]");
   m.def("nonfinite(Tensor[] tensors) -> int[]");
-  m.def("lora_factors(Tensor[] a, Tensor[] b, float[] scale) -> (Tensor[], Tensor[], int[])");
+  m.def("lora_factors(Tensor[] a, Tensor[] b, float[] scale, ScalarType? dtype=None) -> "
+        "(Tensor[], Tensor[], int[])");
   m.def("lora_pairs_16(Tensor[] a, Tensor[] b, float[] scale) -> (Tensor[], Tensor[], int[])");
   m.def("score_stats(Tensor scores) -> (Tensor, Tensor, Tensor)");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
