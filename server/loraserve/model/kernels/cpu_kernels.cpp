@@ -449,6 +449,24 @@ std::vector<at::Tensor> transpose_scaled_op(at::TensorList src, at::ArrayRef<dou
   return dst;
 }
 
+// The elements of every pair a[i] [r, in], b[i] [out, r] in all, once each is checked: 2-d CPU
+// tensors sharing r, one scale per pair, and a dtype `dtype_ok` takes (else `dtypes` says what
+// it must be).
+template <class DtypeOk>
+int64_t pairs_elements(at::TensorList a, at::TensorList b, at::ArrayRef<double> scale,
+                       DtypeOk dtype_ok, const char* dtypes) {
+  TORCH_CHECK(a.size() == b.size() && b.size() == scale.size(), "one A, B and scale per pair");
+  int64_t total = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    for (const at::Tensor& t : {a[i], b[i]})
+      TORCH_CHECK(t.device().is_cpu() && dtype_ok(t.scalar_type()) && t.dim() == 2,
+                  "A and B must be 2-d CPU tensors, ", dtypes);
+    TORCH_CHECK(a[i].size(0) == b[i].size(1), "A [r, in] and B [out, r] must share r");
+    total += a[i].numel() + b[i].numel();
+  }
+  return total;
+}
+
 // What an adapter's pairs hold in the host tier, from a[i] [r, in] and b[i] [out, r] as PEFT
 // stores them (any float dtype, any strides): a[i] copied and b[i]^T * scale[i], in float32, or
 // formed in float32 and rounded to bf16 (as torch rounds: to nearest, ties to even) for bf16
@@ -457,17 +475,10 @@ std::vector<at::Tensor> transpose_scaled_op(at::TensorList src, at::ArrayRef<dou
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>> lora_factors_op(
     at::TensorList a, at::TensorList b, at::ArrayRef<double> scale,
     std::optional<at::ScalarType> dtype) {
-  TORCH_CHECK(a.size() == b.size() && b.size() == scale.size(), "one A, B and scale per pair");
   const at::ScalarType out_dtype = dtype.value_or(at::kFloat);
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16, "dtype: float32 or bf16");
-  int64_t total = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    for (const at::Tensor& t : {a[i], b[i]})
-      TORCH_CHECK(t.device().is_cpu() && at::isFloatingType(t.scalar_type()) && t.dim() == 2,
-                  "A and B must be 2-d floating-point CPU tensors");
-    TORCH_CHECK(a[i].size(0) == b[i].size(1), "A [r, in] and B [out, r] must share r");
-    total += a[i].numel() + b[i].numel();
-  }
+  const int64_t total = pairs_elements(
+      a, b, scale, [](at::ScalarType t) { return at::isFloatingType(t); }, "floating-point");
   at::Tensor buffer = at::empty({total}, at::TensorOptions().dtype(out_dtype));
   std::vector<at::Tensor> a_out, b_out;
   std::vector<int64_t> nonfinite;
@@ -506,19 +517,12 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t
 // float32, as the slot write forms it, tested by its exponent bits).
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>> lora_pairs_16_op(
     at::TensorList a, at::TensorList b, at::ArrayRef<double> scale) {
-  TORCH_CHECK(a.size() == b.size() && b.size() == scale.size(), "one A, B and scale per pair");
   TORCH_CHECK(!a.empty(), "no pairs");
   const at::ScalarType dtype = a[0].scalar_type();
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "pairs must be bf16 or fp16");
   const uint16_t infinity_bits = dtype == at::kBFloat16 ? 0x7f80 : 0x7c00;
-  int64_t total = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    for (const at::Tensor& t : {a[i], b[i]})
-      TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 2,
-                  "A and B must be 2-d CPU tensors of one 16-bit dtype");
-    TORCH_CHECK(a[i].size(0) == b[i].size(1), "A [r, in] and B [out, r] must share r");
-    total += a[i].numel() + b[i].numel();
-  }
+  const int64_t total = pairs_elements(
+      a, b, scale, [dtype](at::ScalarType t) { return t == dtype; }, "all of one 16-bit dtype");
   at::Tensor buffer = at::empty({total}, at::TensorOptions().dtype(dtype));
   std::vector<at::Tensor> a_out, b_out;
   std::vector<int64_t> nonfinite;
