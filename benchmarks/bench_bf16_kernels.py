@@ -98,6 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--rows", type=int, nargs="+", default=ROWS, help="row counts to time")
     args = parser.parse_args()
     ops = native()
     if ops is None or not (amx_tiles() or bf16_pairs()):
@@ -112,7 +113,7 @@ def main() -> None:
     print(f"{args.threads} thread(s), {args.rounds} rounds, medians in ms; bf16 kernel: {kernel}")
     print("rows | 56 NF4 projections: bf16 kernel, widened fp32 kernel, dequantize + bf16 GEMM"
           " | output projection: bf16 kernel, torch bf16")  # fmt: skip
-    for rows in ROWS:
+    for rows in args.rows:
         xs = {
             k: torch.randn(rows, k, generator=generator).to(torch.bfloat16)
             for k in {w.in_features for w in weights}

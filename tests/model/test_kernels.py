@@ -28,6 +28,7 @@ from loraserve.model.linear import (
     AMX_DENSE_MAX_ROWS,
     AMX_TILE_MIN_ROWS,
     AMX_WIDENED_MAX_ROWS,
+    GEMV_BF16_MIN_BLOCK,
     PAIRS_MIN_ROWS,
     SMALL_BATCH_ROWS,
     BaseLinear,
@@ -287,32 +288,35 @@ def test_a_4bit_base_keeps_its_layout_through_a_bf16_forward():
     assert torch.equal(dequantized_weight(layer), before)
 
 
-def _compute_in(dtype: torch.dtype, out_features: int = 64) -> BaseLinear:
+def _compute_in(dtype: torch.dtype, out_features: int = 64, blocksize: int = 64) -> BaseLinear:
     """A 4-bit projection of 128 inputs with a bias, computing in `dtype`."""
     torch.manual_seed(out_features)
     layer = bnb.nn.Linear4bit(128, out_features, bias=True, compute_dtype=dtype, quant_type="nf4")
     layer.weight = bnb.nn.Params4bit(
-        torch.randn(out_features, 128), requires_grad=False, quant_type="nf4"
+        torch.randn(out_features, 128), requires_grad=False, quant_type="nf4", blocksize=blocksize
     )
     layer.bias = nn.Parameter(torch.randn(out_features).to(dtype), requires_grad=False)
     return BaseLinear(layer.to("cpu").eval())
 
 
-def _bf16_kernel_min_rows() -> int | None:
-    """The fewest bf16 rows of a 4-bit weight the bf16 kernel takes here (None: it runs
-    nowhere here)."""
+def _bf16_kernel_min_rows(blocksize: int = 64) -> int | None:
+    """The fewest bf16 rows of a 4-bit weight with blocks of `blocksize` that the bf16 kernel
+    takes here (None: it runs nowhere here)."""
     if amx_tiles():
         return AMX_TILE_MIN_ROWS
-    return PAIRS_MIN_ROWS if bf16_pairs() else None
+    if not bf16_pairs():
+        return None
+    return 1 if blocksize >= GEMV_BF16_MIN_BLOCK else PAIRS_MIN_ROWS
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_16_bit_rows_take_the_4bit_kernel_widened_up_to_their_limit(dtype):
     """Decode-sized rows in a 16-bit compute dtype: the fp32 kernel's output on the widened
     rows, rounded once; more rows than the limit (32 with AMX; bf16 rows from the bf16 kernel's
-    minimum go to it where it runs, up to SMALL_BATCH_ROWS): bitsandbytes' own forward."""
-    base = _compute_in(dtype)
-    kernel_min = _bf16_kernel_min_rows() if dtype == torch.bfloat16 else None
+    minimum go to it where it runs, up to SMALL_BATCH_ROWS): bitsandbytes' own forward. Blocks
+    of 32 k: without tiles, the bf16 kernel takes those from PAIRS_MIN_ROWS rows."""
+    base = _compute_in(dtype, blocksize=32)
+    kernel_min = _bf16_kernel_min_rows(blocksize=32) if dtype == torch.bfloat16 else None
     limit = AMX_WIDENED_MAX_ROWS if has_amx() else SMALL_BATCH_ROWS
     if kernel_min is not None:
         limit = kernel_min - 1
@@ -354,23 +358,26 @@ def test_the_bf16_kernel_decodes_the_weight_to_bf16_as_bitsandbytes_rounds_it(
     for first in range(0, 512, SMALL_BATCH_ROWS):
         (got,) = _in_bf16_kernel(identity[first : first + SMALL_BATCH_ROWS], [layer])
         assert torch.equal(got, want[:, first : first + SMALL_BATCH_ROWS].T)
-    for rows in (3, 8):  # folded rows (pair dot products): a row's lanes summed
+    for rows in (1, 3, 5, 6, 8):  # k in the lanes up to 6 rows (without tiles), then folded
         (got,) = _in_bf16_kernel(identity[100 : 100 + rows], [layer])
         assert torch.equal(got, want[:, 100 : 100 + rows].T)
 
 
 @bf16_kernel
 @pytest.mark.parametrize(
-    "rows", [0, 1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 32, 33, 48, 64, 100, SMALL_BATCH_ROWS]
+    "rows", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 32, 33, 48, 64, 100, SMALL_BATCH_ROWS]
 )
 @pytest.mark.parametrize(("out_features", "in_features"), [(96, 128), (13, 64), (40, 192)])
+@pytest.mark.parametrize("blocksize", [32, 64])
 def test_the_bf16_kernel_sums_bf16_products_in_fp32_and_rounds_once(
-    rows, out_features, in_features
+    rows, out_features, in_features, blocksize
 ):
-    """One pass of 32 rows or up to eight, the last of 16 rows or fewer; up to 8 rows folded
-    four or two lanes to a row (pair dot products); any tail of columns; bias added before
-    rounding."""
-    layer = _quantized(out_features, in_features, "nf4", nested=False, bias=True)
+    """One pass of 32 rows or up to eight, the last of 16 rows or fewer; without tiles, up to 6
+    rows with k in the lanes (blocks of 64) or up to 8 folded four or two lanes to a row (blocks
+    of 32); any tail of columns; bias added before rounding."""
+    layer = _quantized(
+        out_features, in_features, "nf4", nested=False, bias=True, blocksize=blocksize
+    )
     x = torch.randn(rows, in_features).to(torch.bfloat16)
     bias = layer.bias.data
     (got,) = _in_bf16_kernel(x, [layer], [bias])
@@ -401,7 +408,7 @@ def test_the_bf16_kernel_refuses_more_rows_than_a_call_takes():
 
 
 @bf16_kernel
-@pytest.mark.parametrize("rows", [1, 4, 6, 17, 32, 33, 64, SMALL_BATCH_ROWS])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 17, 32, 33, 64, SMALL_BATCH_ROWS])
 @pytest.mark.parametrize(("out_features", "in_features"), [(96, 128), (13, 64), (40, 192)])
 def test_the_bf16_kernel_multiplies_a_bf16_weight_as_it_is_stored(rows, out_features, in_features):
     """Rows of the identity give the weight's bits back; random rows the fp32 sums of the

@@ -14,7 +14,8 @@
 //
 // Without AMX, on a CPU with AVX512-BF16 (AMD Zen 4 and 5), the same blocks, chunks and layouts
 // multiply by that extension's pair dot products instead (`pairs_block`, below), twice the
-// multiply-adds of an fp32 FMA per instruction.
+// multiply-adds of an fp32 FMA per instruction; up to 6 rows, with k in the lanes instead of
+// rows (`gemv_bf16`): each column's weights decoded into registers and used at once.
 //
 // Compiled into the AVX-512 build only, for the CPU features AMX implies (`#pragma GCC target`
 // below), and used only where `amx_usable()` says this CPU and kernel allow the tiles, or, for
@@ -442,6 +443,214 @@ inline void pairs_block(const Source& w, const uint32_t* xp, int64_t M, int64_t 
   store_block(sums, passes, M, w.columns(), n0, bias, y, fold);
 }
 
+// ---- One to six rows without tiles: k in the lanes ----------------------------------------
+//
+// A few rows leave most of the pair kernel's lanes idle however they are folded, and its chunk
+// buffer costs a store and a load of every decoded weight. Here a column's weights are decoded
+// into registers and used at once, as the fp32 GEMV does (gemm.h, gemv_cols_4bit): 32 packed
+// bytes (64 k) are widened to words and looked up twice in the block's table (its 16 code
+// values times its scale, rounded to bf16 as in the pair kernel), giving the high nibbles'
+// weights (the even k) and the low nibbles' (the odd k) in two vectors. x is rearranged once
+// per call into the same order (per 64 k: its 32 even k, then its 32 odd k), so each
+// VDPBF16PS takes 32 of a row's products: per 64 k and column, one widening, one shift and two
+// permutes, then two pair dot products a row. Blocks of at least 64 k that rows of K fill
+// exactly (a step's weights then share one block's table, and every column starts a block);
+// the rest take the pair kernel.
+
+constexpr int64_t kGemvBf16StepK = 64;   // k per step: 32 packed bytes of a column
+constexpr int64_t kGemvBf16MaxRows = 6;  // rows this path takes
+
+// Whether the k-in-lanes path takes M rows of K against these weights.
+inline bool gemv_bf16_takes(std::span<const Decoded4bit> weights, int64_t M, int64_t K) {
+  if (M < 1 || M > kGemvBf16MaxRows) return false;
+  for (const Decoded4bit& d : weights)
+    if (d.w.blocksize < kGemvBf16StepK || K % d.w.blocksize != 0) return false;
+  return true;
+}
+
+// x [M, K] bf16 in the path's order: per row and step of 64 k, the 32 even k, then the 32 odd.
+inline std::vector<uint16_t> pack_even_odd(const uint16_t* x, int64_t M, int64_t K) {
+  std::vector<uint16_t> out(M * K);
+  for (int64_t i = 0; i < M * K; i += kGemvBf16StepK)
+    for (int64_t j = 0; j < kGemvBf16StepK / 2; ++j) {
+      out[i + j] = x[i + 2 * j];
+      out[i + kGemvBf16StepK / 2 + j] = x[i + 2 * j + 1];
+    }
+  return out;
+}
+
+// A block's table: its code values times its scale, rounded to bf16, in both halves of the
+// vector, so that a word permute indexed by a whole byte (it reads the low 5 bits) finds the
+// low nibble's code whatever the high nibble's lowest bit is.
+inline __m512i gemv_bf16_table(__m512 code, float scale) {
+  const __m512 values = _mm512_mul_ps(code, _mm512_set1_ps(scale));
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(values, values));
+}
+
+// y[m, n] for MR rows and the NC columns from n0 of w: xq as pack_even_odd packs x.
+template <int MR, int NC, bool kNested>
+inline void gemv_bf16_columns(const Decoded4bit& d, const uint16_t* xq, int64_t n0,
+                              const float* bias, uint16_t* y) {
+  const Weight4bit& w = d.w;
+  const int64_t K = d.K, blocks = K / w.blocksize, steps = w.blocksize / kGemvBf16StepK;
+  const uint8_t* column = w.packed + n0 * (K / 2);  // column c's bytes: c * K / 2 on
+  // As gemv_cols_4bit: the columns' bytes are one run, the next columns' follow it, and each
+  // step prefetches the lines as far on as the run is long, or kGemvAhead.
+  const uint8_t* ahead = column + std::max<int64_t>(NC * K / 2, kGemvAhead);
+  const uint8_t* end = w.packed + w.N * (K / 2);
+  constexpr int kParts = MR <= 2 ? 2 : 1;  // the even and odd k's sums apart: more chains
+  __m512 acc[MR][NC][kParts];
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < NC; ++c)
+      for (int i = 0; i < kParts; ++i) acc[m][c][i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i table[NC];
+    for (int c = 0; c < NC; ++c) {
+      const int64_t block = (n0 + c) * blocks + b;
+      table[c] = gemv_bf16_table(d.code, kNested ? w.scales(block) : w.scales.absmax[block]);
+    }
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t k = (b * steps + s) * kGemvBf16StepK;
+      const int64_t read = k / kGemvBf16StepK * NC * 32;  // bytes of the run read before
+      for (int64_t line = read; line < read + NC * 32; line += 64)
+        if (ahead + line < end)
+          _mm_prefetch(reinterpret_cast<const char*>(ahead + line), _MM_HINT_T0);
+      __m512bh even_x[MR], odd_x[MR];
+      for (int m = 0; m < MR; ++m) {
+        even_x[m] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xq + m * K + k));
+        odd_x[m] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xq + m * K + k + 32));
+      }
+      for (int c = 0; c < NC; ++c) {
+        const __m512i q = _mm512_cvtepu8_epi16(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(column + c * (K / 2) + k / 2)));
+        const __m512bh even = reinterpret_cast<__m512bh>(
+            _mm512_permutexvar_epi16(_mm512_srli_epi16(q, 4), table[c]));
+        const __m512bh odd = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(q, table[c]));
+        for (int m = 0; m < MR; ++m) {
+          acc[m][c][0] = _mm512_dpbf16_ps(acc[m][c][0], even, even_x[m]);
+          acc[m][c][kParts - 1] = _mm512_dpbf16_ps(acc[m][c][kParts - 1], odd, odd_x[m]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < NC; ++c) {
+      __m512 sum = acc[m][c][0];
+      if constexpr (kParts > 1) sum = _mm512_add_ps(sum, acc[m][c][1]);
+      const int64_t n = n0 + c;
+      round_to(reinterpret_cast<bf16*>(y) + m * w.N + n,
+               _mm512_reduce_add_ps(sum) + (bias == nullptr ? 0.0f : bias[n]));
+    }
+}
+
+template <int MR, bool kNested>
+inline void gemv_bf16_block(const Decoded4bit& d, const uint16_t* xq, int64_t n0,
+                            const float* bias, uint16_t* y) {
+  constexpr int NC = MR <= 5 ? 4 : 2;  // columns a step decodes, each into its own sums
+  const int64_t end = std::min(n0 + kAmxColumns, d.w.N);
+  int64_t n = n0;
+  for (; n + NC <= end; n += NC) gemv_bf16_columns<MR, NC, kNested>(d, xq, n, bias, y);
+  for (; n < end; ++n) gemv_bf16_columns<MR, 1, kNested>(d, xq, n, bias, y);
+}
+
+// One block of 32 output columns from n0 of d's weight, M (1 to kGemvBf16MaxRows) rows.
+inline void gemv_bf16(const Decoded4bit& d, const uint16_t* xq, int64_t M, int64_t n0,
+                      const float* bias, uint16_t* y) {
+  const bool nested = d.w.scales.absmax == nullptr;
+  switch (M * 2 + nested) {
+    case 2: return gemv_bf16_block<1, false>(d, xq, n0, bias, y);
+    case 3: return gemv_bf16_block<1, true>(d, xq, n0, bias, y);
+    case 4: return gemv_bf16_block<2, false>(d, xq, n0, bias, y);
+    case 5: return gemv_bf16_block<2, true>(d, xq, n0, bias, y);
+    case 6: return gemv_bf16_block<3, false>(d, xq, n0, bias, y);
+    case 7: return gemv_bf16_block<3, true>(d, xq, n0, bias, y);
+    case 8: return gemv_bf16_block<4, false>(d, xq, n0, bias, y);
+    case 9: return gemv_bf16_block<4, true>(d, xq, n0, bias, y);
+    case 10: return gemv_bf16_block<5, false>(d, xq, n0, bias, y);
+    case 11: return gemv_bf16_block<5, true>(d, xq, n0, bias, y);
+    case 12: return gemv_bf16_block<6, false>(d, xq, n0, bias, y);
+    default: return gemv_bf16_block<6, true>(d, xq, n0, bias, y);
+  }
+}
+
+// The same for a bf16 weight [N, K] (DenseBf16): each 32 k of a column, as stored, are the
+// pairs a VDPBF16PS takes against a row's 32 k, also as stored (x needs no rearranging).
+template <int MR, int NC>
+inline void gemv_bf16_dense_columns(const DenseBf16& d, const uint16_t* x, int64_t n0,
+                                    const float* bias, uint16_t* y) {
+  const int64_t K = d.K;
+  const uint16_t* column = d.weight + n0 * K;  // column c's weights: c * K on
+  const uint16_t* ahead = column + std::max<int64_t>(NC * K, kGemvAhead / 2);
+  const uint16_t* end = d.weight + d.N * K;
+  constexpr int kParts = MR <= 2 ? 2 : 1;  // alternate steps' sums apart: more chains
+  __m512 acc[MR][NC][kParts];
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < NC; ++c)
+      for (int i = 0; i < kParts; ++i) acc[m][c][i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += kAmxStepK) {
+    const int64_t read = k / kAmxStepK * NC * kAmxStepK;  // elements of the run read before
+    for (int64_t line = read; line < read + NC * kAmxStepK; line += 32)
+      if (ahead + line < end)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + line), _MM_HINT_T0);
+    const int part = kParts > 1 ? static_cast<int>(k / kAmxStepK % 2) : 0;
+    __m512bh rows[MR];
+    for (int m = 0; m < MR; ++m)
+      rows[m] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + m * K + k));
+    for (int c = 0; c < NC; ++c) {
+      const __m512bh w = reinterpret_cast<__m512bh>(_mm512_loadu_si512(column + c * K + k));
+      for (int m = 0; m < MR; ++m)
+        acc[m][c][part] = _mm512_dpbf16_ps(acc[m][c][part], w, rows[m]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < NC; ++c) {
+      __m512 sum = acc[m][c][0];
+      if constexpr (kParts > 1) sum = _mm512_add_ps(sum, acc[m][c][1]);
+      const int64_t n = n0 + c;
+      round_to(reinterpret_cast<bf16*>(y) + m * d.N + n,
+               _mm512_reduce_add_ps(sum) + (bias == nullptr ? 0.0f : bias[n]));
+    }
+}
+
+template <int MR>
+inline void gemv_bf16_dense_block(const DenseBf16& d, const uint16_t* x, int64_t n0,
+                                  const float* bias, uint16_t* y) {
+  constexpr int NC = MR <= 5 ? 4 : 2;
+  const int64_t end = std::min(n0 + kAmxColumns, d.N);
+  int64_t n = n0;
+  for (; n + NC <= end; n += NC) gemv_bf16_dense_columns<MR, NC>(d, x, n, bias, y);
+  for (; n < end; ++n) gemv_bf16_dense_columns<MR, 1>(d, x, n, bias, y);
+}
+
+inline bool gemv_bf16_takes(std::span<const DenseBf16>, int64_t M, int64_t) {
+  return M >= 1 && M <= kGemvBf16MaxRows;
+}
+
+// One block of 32 output columns from n0 of a bf16 weight, M (1 to kGemvBf16MaxRows) rows of x
+// as they are.
+inline void gemv_bf16(const DenseBf16& d, const uint16_t* x, int64_t M, int64_t n0,
+                      const float* bias, uint16_t* y) {
+  switch (M) {
+    case 1: return gemv_bf16_dense_block<1>(d, x, n0, bias, y);
+    case 2: return gemv_bf16_dense_block<2>(d, x, n0, bias, y);
+    case 3: return gemv_bf16_dense_block<3>(d, x, n0, bias, y);
+    case 4: return gemv_bf16_dense_block<4>(d, x, n0, bias, y);
+    case 5: return gemv_bf16_dense_block<5>(d, x, n0, bias, y);
+    default: return gemv_bf16_dense_block<6>(d, x, n0, bias, y);
+  }
+}
+
+// x rearranged for the k-in-lanes path: 4-bit weights read it as pack_even_odd packs it; bf16
+// weights read x as it is (empty: nothing to hold).
+inline std::vector<uint16_t> gemv_rows(std::span<const Decoded4bit>, const uint16_t* x,
+                                       int64_t M, int64_t K) {
+  return pack_even_odd(x, M, K);
+}
+inline std::vector<uint16_t> gemv_rows(std::span<const DenseBf16>, const uint16_t*, int64_t,
+                                       int64_t) {
+  return {};
+}
+
 // Every weight's y_i = x @ W_i^T + bias_i in one parallel region, its blocks of 32 columns the
 // work items, in AMX tiles where amx_usable() (else by pair dot products; bf16_pairs_usable()
 // must hold); x [M, K] bf16 as uint16, M at most kAmxMaxRows; Source: Decoded4bit or DenseBf16.
@@ -449,10 +658,14 @@ template <class Source>
 inline void gemm_bf16(const uint16_t* x, int64_t M, int64_t K, std::span<const Source> weights,
                       std::span<const float* const> biases, std::span<uint16_t* const> ys) {
   const bool tiles = amx_usable();
-  const int fold = tiles ? 1 : pairs_fold(M);
+  const bool gemv = !tiles && gemv_bf16_takes(weights, M, K);
+  const int fold = tiles || gemv ? 1 : pairs_fold(M);
   const uint32_t* rows = reinterpret_cast<const uint32_t*>(x);
-  const std::vector<uint32_t> xp =
-      fold > 1 ? pack_folded(rows, M, K, fold) : pack_rows(rows, M, K);
+  const std::vector<uint32_t> xp = gemv       ? std::vector<uint32_t>()
+                                   : fold > 1 ? pack_folded(rows, M, K, fold)
+                                              : pack_rows(rows, M, K);
+  const std::vector<uint16_t> xq = gemv ? gemv_rows(weights, x, M, K) : std::vector<uint16_t>();
+  const uint16_t* gemv_x = xq.empty() ? x : xq.data();
   std::vector<int64_t> first_block{0};  // weight i's blocks: first_block[i] .. first_block[i + 1]
   for (const Source& w : weights)
     first_block.push_back(first_block.back() + (w.columns() + kAmxColumns - 1) / kAmxColumns);
@@ -463,6 +676,7 @@ inline void gemm_bf16(const uint16_t* x, int64_t M, int64_t K, std::span<const S
       size_t i = 0;
       while (b >= first_block[i + 1]) ++i;
       const int64_t n0 = (b - first_block[i]) * kAmxColumns;
+      if (gemv) return gemv_bf16(weights[i], gemv_x, M, n0, biases[i], ys[i]);
       if (tiles)
         amx_block(weights[i], xp.data(), M, K, n0, biases[i], ys[i]);
       else
