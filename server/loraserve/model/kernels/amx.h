@@ -487,6 +487,21 @@ inline __m512i gemv_bf16_table(__m512 code, float scale) {
   return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(values, values));
 }
 
+// y[m, n0 + c] (y [MR, N] bf16) = the sum of acc[m][c]'s parts and lanes, plus the bias,
+// rounded once: the k-in-lanes path's sums leaving.
+template <int MR, int NC, int kParts>
+inline void store_gemv_sums(const __m512 (&acc)[MR][NC][kParts], int64_t n0, int64_t N,
+                            const float* bias, uint16_t* y) {
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < NC; ++c) {
+      __m512 sum = acc[m][c][0];
+      for (int i = 1; i < kParts; ++i) sum = _mm512_add_ps(sum, acc[m][c][i]);
+      const int64_t n = n0 + c;
+      round_to(reinterpret_cast<bf16*>(y) + m * N + n,
+               _mm512_reduce_add_ps(sum) + (bias == nullptr ? 0.0f : bias[n]));
+    }
+}
+
 // y[m, n] for MR rows and the NC columns from n0 of w: xq as pack_even_odd packs x.
 template <int MR, int NC, bool kNested>
 inline void gemv_bf16_columns(const Decoded4bit& d, const uint16_t* xq, int64_t n0,
@@ -533,14 +548,7 @@ inline void gemv_bf16_columns(const Decoded4bit& d, const uint16_t* xq, int64_t 
       }
     }
   }
-  for (int m = 0; m < MR; ++m)
-    for (int c = 0; c < NC; ++c) {
-      __m512 sum = acc[m][c][0];
-      if constexpr (kParts > 1) sum = _mm512_add_ps(sum, acc[m][c][1]);
-      const int64_t n = n0 + c;
-      round_to(reinterpret_cast<bf16*>(y) + m * w.N + n,
-               _mm512_reduce_add_ps(sum) + (bias == nullptr ? 0.0f : bias[n]));
-    }
+  store_gemv_sums(acc, n0, w.N, bias, y);
 }
 
 template <int MR, bool kNested>
@@ -602,14 +610,7 @@ inline void gemv_bf16_dense_columns(const DenseBf16& d, const uint16_t* x, int64
         acc[m][c][part] = _mm512_dpbf16_ps(acc[m][c][part], w, rows[m]);
     }
   }
-  for (int m = 0; m < MR; ++m)
-    for (int c = 0; c < NC; ++c) {
-      __m512 sum = acc[m][c][0];
-      if constexpr (kParts > 1) sum = _mm512_add_ps(sum, acc[m][c][1]);
-      const int64_t n = n0 + c;
-      round_to(reinterpret_cast<bf16*>(y) + m * d.N + n,
-               _mm512_reduce_add_ps(sum) + (bias == nullptr ? 0.0f : bias[n]));
-    }
+  store_gemv_sums(acc, n0, d.N, bias, y);
 }
 
 template <int MR>
