@@ -15,9 +15,9 @@ copying its weights, and picks per call:
   the tiles and sums in fp32; on a CPU with AVX512-BF16 but no AMX (AMD Zen 4 and 5), the same
   kernel from `PAIRS_MIN_ROWS` rows (from one row where its blocks allow), multiplying by
   AVX512-BF16's pair dot products; fewer bf16 rows (and fp16 rows) are widened to fp32 for the
-  fused kernel; a bf16 weight (the output
-  projection under bf16 compute) is read in place by the bf16 kernel, up to
-  `AMX_DENSE_MAX_ROWS` rows with tiles, up to `SMALL_BATCH_ROWS` without;
+  fused kernel; a bf16 weight (the output projection under bf16 compute) is read in place by
+  the bf16 kernel, up to `AMX_DENSE_MAX_ROWS` rows with tiles, up to `SMALL_BATCH_ROWS`
+  without;
 - fp32 weights on the CPU, at most `SMALL_BATCH_ROWS` rows: the small-batch kernel. Where
   every value of such a weight is a bfloat16 (a checkpoint stored in bf16, loaded for fp32
   compute), it may be held in bf16 (`hold_narrow`, `model/narrow.py`): half the memory and
