@@ -500,8 +500,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t
     if (out_dtype == at::kFloat) {
       bad = any_nonfinite(pair, n);
     } else {
-      auto* rounded = static_cast<uint16_t*>(buffer.data_ptr()) + offset;
-      round_to_bf16(pair, n, rounded);
+      auto* rounded = static_cast<bf16*>(buffer.data_ptr()) + offset;
+      for (int64_t j = 0; j < n; ++j) round_to(rounded + j, pair[j]);  // as torch rounds
       bad = max_magnitude_bits(rounded, n) >= 0x7f80;
     }
     if (bad) nonfinite.push_back(static_cast<int64_t>(i));

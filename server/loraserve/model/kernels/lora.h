@@ -143,17 +143,6 @@ inline uint16_t max_magnitude_bits(const uint16_t* src, int64_t n) {
   return most;
 }
 
-// dst [n] = src [n] rounded to bf16 as torch rounds: to nearest, ties to even, a NaN to the
-// quiet NaN 0x7fc0.
-inline void round_to_bf16(const float* src, int64_t n, uint16_t* dst) {
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t bits = std::bit_cast<uint32_t>(src[i]);
-    const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
-    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-    dst[i] = nan ? uint16_t{0x7fc0} : static_cast<uint16_t>(rounded);
-  }
-}
-
 // dst [cols, rows] = src [rows, cols]^T, 16-bit elements, in blocks of 64 rows (read a few
 // cache lines at a time, written along dst's rows); returns max_magnitude_bits of src.
 inline uint16_t transpose_16(const uint16_t* src, int64_t rows, int64_t cols, uint16_t* dst) {
