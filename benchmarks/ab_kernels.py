@@ -20,10 +20,12 @@ With `--projections` it times the kernels alone instead, on the default model's 
 round is every 4-bit projection of a decode step (8 layers x 7, 32 rows or `--rows`, random
 NF4 bytes, each layer its own weights) and then the fp32 output projection, the two builds
 alternating round by round, with 64 MB read between rounds so that the weights come from
-memory as in a model. Steps of the engine vary by more than a few percent; these rounds do not.
+memory as in a model; with `--llama3-8b`, one Llama 3 8B layer's seven 4-bit projections
+instead. Steps of the engine vary by more than a few percent; these rounds do not.
 
     .venv/bin/python benchmarks/ab_kernels.py --base 6b7fbde --projections --threads 2
     .venv/bin/python benchmarks/ab_kernels.py --base 6b7fbde --projections --rows 1
+    .venv/bin/python benchmarks/ab_kernels.py --base 6b7fbde --projections --rows 1 --llama3-8b
 
 With `--lora-prefill` it times the LoRA kernel alone the same way, on a prefill of the default
 workload (32 prompts of 64-128 tokens, each on its own rank-16 adapter, every projection).
@@ -135,12 +137,16 @@ def use(ops: object) -> None:
         module.native = lambda chosen=chosen: chosen  # type: ignore[attr-defined]
 
 
-def compare_projections(builds: dict[str, object], rounds: int, rows: int) -> None:
-    """Rounds of a decode step's projections for `rows` rows (see the module's docstring),
-    alternating builds; prints each build's median round and the ratio, per kernel."""
+def compare_projections(
+    builds: dict[str, object], rounds: int, rows: int, llama3_8b: bool = False
+) -> None:
+    """Rounds of a decode step's projections for `rows` rows (see the module's docstring), or
+    with `llama3_8b` of one Llama 3 8B layer's seven, alternating builds; prints each build's
+    median round and the ratio, per kernel."""
     keep_freed_memory()  # as a CPU engine's process does: no fresh pages per call
     spec = DEFAULT.model
     generator = torch.Generator().manual_seed(0)
+    shapes = LLAMA3_8B_LAYER if llama3_8b else projection_shapes() * spec.num_layers
     layers = [
         (
             torch.randn(rows, k, generator=generator),
@@ -148,8 +154,7 @@ def compare_projections(builds: dict[str, object], rounds: int, rows: int) -> No
             torch.rand(n * k // 64, generator=generator),
             n,
         )
-        for _ in range(spec.num_layers)
-        for k, n in projection_shapes()
+        for k, n in shapes
     ]
     code = torch.linspace(-1.0, 1.0, 16)  # any 16 values: the kernels' work does not depend on them
     head = torch.randn(spec.vocab_size, spec.hidden_size, generator=generator)
@@ -160,6 +165,8 @@ def compare_projections(builds: dict[str, object], rounds: int, rows: int) -> No
         for x, packed, absmax, n in layers:
             ops.linear_4bit(x, packed, absmax, code, 64, n, None)
         ended = time.perf_counter()
+        if llama3_8b:
+            return {"linear_4bit x 7 (Llama 3 8B layer)": ended - started}
         ops.linear_f32(head_rows, head, None)
         return {"linear_4bit x 56": ended - started,
                 "linear_f32 (lm_head)": time.perf_counter() - ended}  # fmt: skip
@@ -256,6 +263,11 @@ def prefill(core: EngineCore, workload: Workload) -> None:
         core.step()
 
 
+# (K, N) of a Llama 3 8B layer's seven projections: q, k, v, o, gate, up, down.
+LLAMA3_8B_LAYER = [(4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096), (4096, 14336),
+                   (4096, 14336), (14336, 4096)]  # fmt: skip
+
+
 def projection_shapes() -> list[tuple[int, int]]:
     """(K, N) of one layer's seven projections in the default model."""
     hidden, inner = DEFAULT.model.hidden_size, DEFAULT.model.intermediate_size
@@ -314,7 +326,13 @@ def main() -> None:
     parser.add_argument(
         "--rows", type=int, default=DEFAULT.num_requests, help="decode rows (--projections: of x)"
     )
+    parser.add_argument(
+        "--llama3-8b", action="store_true",
+        help="with --projections: one Llama 3 8B layer's seven instead of the default model's",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.llama3_8b and not args.projections:
+        parser.error("--llama3-8b goes with --projections")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     transformers.logging.disable_progress_bar()
@@ -324,7 +342,7 @@ def main() -> None:
             "tree": compile_as("ab_tree", sources_at(None), Path(tmp, "tree")),
         }
     if args.projections:
-        compare_projections(builds, args.rounds, args.rows)
+        compare_projections(builds, args.rounds, args.rows, args.llama3_8b)
         return
     if args.attention:
         compare_attention(builds, args.rounds, DTYPES[args.compute_dtype])

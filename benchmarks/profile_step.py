@@ -1,5 +1,6 @@
 """Where one engine step's time goes: the prefill step and a decode step of the benchmark's
-default workload, timed, then broken down by op with the torch profiler.
+default workload (or its first `--requests` prompts), timed, then broken down by op with the
+torch profiler.
 
 Builds the default benchmark model (hidden 1024, 8 layers, NF4, fp32 compute), submits 32
 prompts of 64-128 tokens that all prefill in the first step, and steps the engine directly.
@@ -13,6 +14,7 @@ the time its kernels kept the GPU busy is what launch overhead (and a CUDA graph
     .venv/bin/python benchmarks/profile_step.py --threads 2 --new-tokens 16
     .venv/bin/python benchmarks/profile_step.py --threads 2 --new-tokens 64 --floor
     .venv/bin/python benchmarks/profile_step.py --threads 2 --new-tokens 32 --adapters
+    .venv/bin/python benchmarks/profile_step.py --threads 2 --new-tokens 64 --requests 1
     python3 benchmarks/profile_step.py --device cuda --compute-dtype bf16 --new-tokens 32
 """
 
@@ -51,10 +53,11 @@ def timed_steps(core: EngineCore, trace: Trace) -> list[float]:
     return times
 
 
-def base_workload(new_tokens: int) -> Workload:
-    """The default benchmark's 32 prompts, on the base model, each generating `new_tokens`."""
+def base_workload(new_tokens: int, requests: int = DEFAULT.num_requests) -> Workload:
+    """The first `requests` of the default benchmark's 32 prompts, on the base model, each
+    generating `new_tokens`."""
     workload = make_workload(DEFAULT, [""] * DEFAULT.num_requests)
-    return workload.head(DEFAULT.num_requests, new_tokens)
+    return workload.head(requests, new_tokens)
 
 
 # The default model's depth and vocabulary at hidden size 128 (2 heads of 64): a step's cost
@@ -102,6 +105,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--rows", type=int, default=25, help="profiler table rows")
+    parser.add_argument(
+        "--requests", type=int, default=DEFAULT.num_requests, help="rows of the batch (base only)"
+    )
     parser.add_argument("--floor", action="store_true", help="the model at hidden size 128")
     parser.add_argument(
         "--adapters", action="store_true", help="every row on its own adapter (32 adapters)"
@@ -112,13 +118,15 @@ def main() -> None:
     bench = replace(DEFAULT, device=args.device, compute_dtype=args.compute_dtype)
     if args.floor and args.adapters:
         parser.error("--adapters runs the default model's adapters; it does not go with --floor")
+    if args.adapters and args.requests != DEFAULT.num_requests:
+        parser.error("--adapters runs the benchmark's 32 rows; it does not go with --requests")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     transformers.logging.disable_progress_bar()
     if args.adapters:
         core, workload = warm_lora_engine(args.new_tokens, bench)
     else:
-        workload = base_workload(args.new_tokens)
+        workload = base_workload(args.new_tokens, args.requests)
         core = warm_base_engine(workload, FLOOR_MODEL if args.floor else DEFAULT.model, bench)
     submit(core, Trace(), workload, with_adapters=args.adapters)
     times = timed_steps(core, Trace())

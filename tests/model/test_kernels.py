@@ -103,6 +103,29 @@ def test_linear_4bit_with_blocks_smaller_and_larger_than_a_chunk(rows, blocksize
     torch.testing.assert_close(got, F.linear(x, _dequantized(layer)), rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("nested", [False, True], ids=["absmax", "nested"])
+@pytest.mark.parametrize(
+    ("in_features", "blocksize"), [(384, 64), (512, 128), (512, 256), (320, 64), (384, 32)]
+)
+def test_one_to_five_rows_equal_dequantize_then_matmul_in_either_decoded_order(
+    in_features, blocksize, nested
+):
+    """With AVX-512, 1-4 rows of weights whose 128 k are whole halves of blocks (K a multiple
+    of 128, blocks of a multiple of 64) read 64 bytes of a column a step, a step's two halves
+    scaled by their own blocks; the rest (320 k, blocks of 32, 5 rows) 16 bytes a step. A group
+    of both kinds takes each weight's x in its own order."""
+    layer = _quantized(40, in_features, "nf4", nested=nested, bias=False, blocksize=blocksize)
+    other = _quantized(24, in_features, "fp4", nested=nested, bias=False,
+                       blocksize=32 if blocksize > 32 else 64)  # fmt: skip
+    weights = [Packed4bit.of(layer), Packed4bit.of(other)]
+    for rows in range(1, 6):
+        x = torch.randn(rows, in_features)
+        got = matmul_group(native(), x, weights, [None, None])
+        for output, quantized in zip(got, (layer, other), strict=True):
+            want = F.linear(x, _dequantized(quantized))
+            torch.testing.assert_close(output, want, rtol=RTOL, atol=ATOL)
+
+
 def test_linear_4bit_refuses_a_blocksize_that_is_not_a_power_of_two():
     rows, out_features, in_features, blocksize = 8, 16, 192, 96
     packed = torch.zeros(out_features * in_features // 2, dtype=torch.uint8)
