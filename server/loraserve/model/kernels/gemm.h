@@ -414,9 +414,9 @@ inline void gemv_cols_4bit(const float* x, int64_t K, const uint8_t* packed,
 // vectors of weights for 7 shifts and 8 permutes, where the path above also widens every 16
 // bytes (vpmovzxbd) first. Lanes 0-7 are the step's first 64 k and lanes 8-15 its last, each in
 // one block, so a step's sums are scaled by one vector of the two blocks' scales. On the 2-core
-// AMD EPYC (2026-12-04, the two paths alternating) a decode step's 56 projections took 0.88x the
-// time at one row, 0.73x at 2, 0.80x at 3, 0.77x at 4, and a Llama 3 8B layer's 0.92x, 0.69x,
-// 0.90x and 0.90x; 5 rows, bound by their multiply-adds, 0.99x and 1.06x, so they stay above.
+// AMD EPYC (2026-12-04, `ab_kernels.py --projections`, two runs) a decode step's 56 projections
+// took 0.88-0.93x the time at one row and 0.73-0.80x at 2 to 4, a Llama 3 8B layer's 0.92-0.98x
+// and 0.69-0.90x; 5 rows, bound by their multiply-adds, 0.99x and 1.06x, so they stay above.
 constexpr int64_t kGemvWideStepK = 128;
 constexpr int64_t kGemvWideRows = 4;
 
