@@ -1242,7 +1242,7 @@ inline void gemm_4bit_rows(const float* x, int64_t M, int64_t K,
   }
   // x in each decoded order the GEMV's weights read it in, made when first needed
   std::unique_ptr<float[]> permuted, permuted_wide;
-  const auto gemv_rows = [&](int64_t blocksize) -> const float* {
+  const auto gemv_x = [&](int64_t blocksize) -> const float* {
 #if LS_LANES == 16 && defined(__AVX512F__)
     if (gemv_wide_takes(blocksize, M, K)) {
       if (!permuted_wide) {
@@ -1264,7 +1264,7 @@ inline void gemm_4bit_rows(const float* x, int64_t M, int64_t K,
     const int blocksize_log2 = __builtin_ctzll(w.blocksize);
     float* y = ys[i];
     if (M <= kGemvRows) {
-      const float* p = gemv_rows(w.blocksize);
+      const float* p = gemv_x(w.blocksize);
       switch (M) {
         case 1: gemv_4bit<1>(p, K, w.packed, w.scales, tables, w.blocksize, w.N, y); break;
         case 2: gemv_4bit<2>(p, K, w.packed, w.scales, tables, w.blocksize, w.N, y); break;
