@@ -406,22 +406,24 @@ inline void gemv_cols_4bit(const float* x, int64_t K, const uint8_t* packed,
     for (int c = 0; c < NC; ++c) y[m * ldy + n0 + c] = hsum(acc[m][c]);
 }
 
-#if LS_LANES == 16 && defined(__AVX512F__)
-// The same with AVX-512 for up to kGemvWideRows rows where a column's 128 k are whole blocks'
-// halves (blocks of a multiple of 64 k, K a multiple of 128): each step loads 64 packed bytes
-// of a column as 16 dwords, lane j holding k 8j to 8j + 7 of the step's, and its 8 nibbles,
-// shifted down in turn, index vpermps (it reads the low 4 bits) into the 16 code values: 8
-// vectors of weights for 7 shifts and 8 permutes, where the path above also widens every 16
-// bytes (vpmovzxbd) first. Lanes 0-7 are the step's first 64 k and lanes 8-15 its last, each in
-// one block, so a step's sums are scaled by one vector of the two blocks' scales. On the 2-core
-// AMD EPYC (2026-12-04, `ab_kernels.py --projections`, two runs) a decode step's 56 projections
-// took 0.88-0.93x the time at one row and 0.73-0.80x at 2 to 4, a Llama 3 8B layer's 0.92-0.98x
-// and 0.69-0.90x; 5 rows, bound by their multiply-adds, 0.99x and 1.06x, so they stay above.
-constexpr int64_t kGemvWideStepK = 128;
+#if (LS_LANES == 16 && defined(__AVX512F__)) || LS_LANES == 8
+#define LS_GEMV_WIDE 1
+// The same for up to kGemvWideRows rows where a column's blocks hold a multiple of 64 k and K is
+// a multiple of a step (8 k a lane: 128 with AVX-512, 64 with AVX2): each step loads a column's
+// packed bytes as one vector of dwords, lane j holding k 8j to 8j + 7 of the step's, and its 8
+// nibbles, shifted down in turn, index the code values (`wide_lookup`): 8 vectors of weights
+// for 7 shifts and 8 lookups, where the path above widens every 16 bytes (vpmovzxbd) first with
+// AVX-512, and looks up four byte planes and interleaves them with AVX2. A block's 64 k are 8
+// lanes, so a step's sums are scaled by one vector of its blocks' scales (AVX-512: two).
+// On the 2-core AMD EPYC (2026-12-04, `ab_kernels.py --projections`, two runs) with AVX-512 a
+// decode step's 56 projections took 0.88-0.93x the time at one row and 0.73-0.80x at 2 to 4, a
+// Llama 3 8B layer's 0.92-0.98x and 0.69-0.90x; 5 rows, bound by their multiply-adds, 0.99x and
+// 1.06x, so they stay above.
+constexpr int64_t kGemvWideStepK = 8 * kLanes;
 constexpr int64_t kGemvWideRows = 4;
 
 inline bool gemv_wide_takes(int64_t blocksize, int64_t M, int64_t K) {
-  return M <= kGemvWideRows && blocksize % (kGemvWideStepK / 2) == 0 && K % kGemvWideStepK == 0;
+  return M <= kGemvWideRows && blocksize % 64 == 0 && K % kGemvWideStepK == 0;
 }
 
 // Position j of the wide path's decoded order -> k: vector t of a step holds lane j's nibble t,
@@ -431,53 +433,95 @@ inline int64_t gemv_wide_decoded_k(int64_t j) {
   return j - i + 8 * lane + 2 * (t / 2) + (t % 2 == 0 ? 1 : 0);
 }
 
+typedef uint32_t vu __attribute__((vector_size(kLanes * 4), aligned(4)));
+
+// The 16 code values as wide_lookup reads them.
+struct WideCode {
+#if LS_LANES == 16
+  __m512 values;
+#else
+  __m256 low, high;  // code[0..7], code[8..15]
+#endif
+};
+
+inline WideCode wide_code(const float* code) {
+#if LS_LANES == 16
+  return WideCode{_mm512_loadu_ps(code)};
+#else
+  return WideCode{_mm256_loadu_ps(code), _mm256_loadu_ps(code + 8)};
+#endif
+}
+
+// code[each lane's low 4 bits of q]
+inline vf wide_lookup(const WideCode& code, vu q) {
+#if LS_LANES == 16
+  // vpermps reads only the low 4 bits of each index
+  return reinterpret_cast<vf>(_mm512_permutexvar_ps(reinterpret_cast<__m512i>(q), code.values));
+#else
+  // vpermps reads the low 3 bits; bit 3, shifted to the sign, picks the upper 8 values
+  const __m256i i = reinterpret_cast<__m256i>(q);
+  return reinterpret_cast<vf>(_mm256_blendv_ps(_mm256_permutevar8x32_ps(code.low, i),
+                                               _mm256_permutevar8x32_ps(code.high, i),
+                                               _mm256_castsi256_ps(_mm256_slli_epi32(i, 28))));
+#endif
+}
+
+// The scales of the step from k of the column whose first block is `first`: lanes of 8 k, 64 k
+// to a block (AVX-512: a step's two halves; AVX2: one).
+inline vf wide_scales(const Scales& scales, int64_t first, int64_t k, int64_t blocksize) {
+  const float low = scales(first + k / blocksize);
+#if LS_LANES == 16
+  const float high = scales(first + (k + kGemvWideStepK / 2) / blocksize);
+  return reinterpret_cast<vf>(_mm512_insertf32x8(_mm512_set1_ps(low), _mm256_set1_ps(high), 1));
+#else
+  return vf{} + low;
+#endif
+}
+
 template <int MR, int NC>
 inline void gemv_wide_cols_4bit(const float* x, int64_t K, const uint8_t* packed,
-                                const Scales& scales, const CodeTables& tables,
-                                int64_t blocksize, int64_t n0, int64_t N, float* y, int64_t ldy) {
+                                const Scales& scales, const WideCode& code, int64_t blocksize,
+                                int64_t n0, int64_t N, float* y, int64_t ldy) {
+  constexpr int64_t kStepBytes = kGemvWideStepK / 2;
   const int64_t blocks_per_row = K / blocksize;
   const uint8_t* ahead = packed + n0 * K / 2 + std::max<int64_t>(NC * K / 2, kGemvAhead);
   const uint8_t* end = packed + N * K / 2;
-  const __m512 code = reinterpret_cast<__m512>(tables.values);
   constexpr int kParts = MR * NC <= 4 ? 2 : 1;  // independent chains where registers allow
-  __m512 acc[MR][NC];
+  vf acc[MR][NC];
   for (int m = 0; m < MR; ++m)
-    for (int c = 0; c < NC; ++c) acc[m][c] = _mm512_setzero_ps();
+    for (int c = 0; c < NC; ++c) acc[m][c] = vf{};
   for (int64_t k = 0; k < K; k += kGemvWideStepK) {
-    const int64_t read = k / kGemvWideStepK * NC * 64;  // bytes of the run read before this step
+    const int64_t read = k / 2 * NC;  // bytes of the run read before this step
+    for (int64_t line = read; line < read + NC * kStepBytes; line += 64)
+      if (ahead + line < end) _mm_prefetch(reinterpret_cast<const char*>(ahead + line), _MM_HINT_T0);
+    vu nibbles[NC];
     for (int c = 0; c < NC; ++c)
-      if (ahead + read + 64 * c < end)
-        _mm_prefetch(reinterpret_cast<const char*>(ahead + read + 64 * c), _MM_HINT_T0);
-    __m512i nibbles[NC];
-    for (int c = 0; c < NC; ++c) nibbles[c] = _mm512_loadu_si512(packed + (n0 + c) * K / 2 + k / 2);
-    __m512 part[MR][NC][kParts];
+      nibbles[c] = *reinterpret_cast<const vu*>(packed + (n0 + c) * K / 2 + k / 2);
+    vf part[MR][NC][kParts];
 #pragma GCC unroll 8
     for (int t = 0; t < 8; ++t) {
-      __m512 rows[MR];
-      for (int m = 0; m < MR; ++m) rows[m] = _mm512_loadu_ps(x + m * K + k + t * kLanes);
+      vf rows[MR];
+      for (int m = 0; m < MR; ++m) rows[m] = load_vf(x + m * K + k + t * kLanes);
       for (int c = 0; c < NC; ++c) {
-        const __m512 w = _mm512_permutexvar_ps(nibbles[c], code);
-        nibbles[c] = _mm512_srli_epi32(nibbles[c], 4);
+        const vf w = wide_lookup(code, nibbles[c]);
+        nibbles[c] >>= 4;
         for (int m = 0; m < MR; ++m) {
-          __m512& sum = part[m][c][t % kParts];
-          sum = t < kParts ? _mm512_mul_ps(rows[m], w) : _mm512_fmadd_ps(rows[m], w, sum);
+          vf& sum = part[m][c][t % kParts];
+          sum = t < kParts ? rows[m] * w : sum + rows[m] * w;
         }
       }
     }
     for (int c = 0; c < NC; ++c) {
-      const int64_t block = (n0 + c) * blocks_per_row + k / blocksize;
-      const int64_t second = (n0 + c) * blocks_per_row + (k + kGemvWideStepK / 2) / blocksize;
-      const __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(scales(block)),
-                                              _mm256_set1_ps(scales(second)), 1);
+      const vf scale = wide_scales(scales, (n0 + c) * blocks_per_row, k, blocksize);
       for (int m = 0; m < MR; ++m) {
-        __m512 sum = part[m][c][0];
-        for (int i = 1; i < kParts; ++i) sum = _mm512_add_ps(sum, part[m][c][i]);
-        acc[m][c] = _mm512_fmadd_ps(sum, scale, acc[m][c]);
+        vf sum = part[m][c][0];
+        for (int i = 1; i < kParts; ++i) sum += part[m][c][i];
+        acc[m][c] += sum * scale;
       }
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int c = 0; c < NC; ++c) y[m * ldy + n0 + c] = _mm512_reduce_add_ps(acc[m][c]);
+    for (int c = 0; c < NC; ++c) y[m * ldy + n0 + c] = hsum(acc[m][c]);
 }
 #endif
 
@@ -487,7 +531,7 @@ inline void permute_like_decoded(const float* x, int64_t M, int64_t K, float* ou
     for (int64_t j = 0; j < K; ++j) out[m * K + j] = x[m * K + decoded_k(j)];
 }
 
-#if LS_LANES == 16 && defined(__AVX512F__)
+#ifdef LS_GEMV_WIDE
 // x [M, K] with each row's k in the wide path's decoded order.
 inline void permute_like_wide(const float* x, int64_t M, int64_t K, float* out) {
   for (int64_t m = 0; m < M; ++m)
@@ -498,23 +542,26 @@ inline void permute_like_wide(const float* x, int64_t M, int64_t K, float* out) 
 // x as permute_like_decoded (or, where gemv_wide_takes, permute_like_wide) orders it.
 template <int MR>
 inline void gemv_4bit(const float* x, int64_t K, const uint8_t* packed, const Scales& scales,
-                      const CodeTables& tables, int64_t blocksize, int64_t N, float* y) {
+                      const float* code, int64_t blocksize, int64_t N, float* y) {
   constexpr int NC = kGemvCols<MR>;
   static_assert(kTileCols % NC == 0, "a tile's columns split evenly into column blocks");
-#if LS_LANES == 16 && defined(__AVX512F__)
+  const CodeTables tables = code_tables(code);
+#ifdef LS_GEMV_WIDE
   const bool wide = gemv_wide_takes(blocksize, MR, K);
+  const WideCode wide_values = wide_code(code);
 #endif
   parallel_items((N + kTileCols - 1) / kTileCols, [&](WorkQueue& queue) {
     queue.each([&](int64_t t) {
       const int64_t end = std::min((t + 1) * kTileCols, N);
       int64_t n = t * kTileCols;
-#if LS_LANES == 16 && defined(__AVX512F__)
+#ifdef LS_GEMV_WIDE
       if constexpr (MR <= kGemvWideRows) {
         if (wide) {
           for (; n + NC <= end; n += NC)
-            gemv_wide_cols_4bit<MR, NC>(x, K, packed, scales, tables, blocksize, n, N, y, N);
+            gemv_wide_cols_4bit<MR, NC>(x, K, packed, scales, wide_values, blocksize, n, N, y,
+                                        N);
           for (; n < end; ++n)
-            gemv_wide_cols_4bit<MR, 1>(x, K, packed, scales, tables, blocksize, n, N, y, N);
+            gemv_wide_cols_4bit<MR, 1>(x, K, packed, scales, wide_values, blocksize, n, N, y, N);
           return;
         }
       }
@@ -1243,7 +1290,7 @@ inline void gemm_4bit_rows(const float* x, int64_t M, int64_t K,
   // x in each decoded order the GEMV's weights read it in, made when first needed
   std::unique_ptr<float[]> permuted, permuted_wide;
   const auto gemv_x = [&](int64_t blocksize) -> const float* {
-#if LS_LANES == 16 && defined(__AVX512F__)
+#ifdef LS_GEMV_WIDE
     if (gemv_wide_takes(blocksize, M, K)) {
       if (!permuted_wide) {
         permuted_wide.reset(new float[M * K]);
@@ -1266,12 +1313,12 @@ inline void gemm_4bit_rows(const float* x, int64_t M, int64_t K,
     if (M <= kGemvRows) {
       const float* p = gemv_x(w.blocksize);
       switch (M) {
-        case 1: gemv_4bit<1>(p, K, w.packed, w.scales, tables, w.blocksize, w.N, y); break;
-        case 2: gemv_4bit<2>(p, K, w.packed, w.scales, tables, w.blocksize, w.N, y); break;
-        case 3: gemv_4bit<3>(p, K, w.packed, w.scales, tables, w.blocksize, w.N, y); break;
-        case 4: gemv_4bit<4>(p, K, w.packed, w.scales, tables, w.blocksize, w.N, y); break;
-        case 5: gemv_4bit<5>(p, K, w.packed, w.scales, tables, w.blocksize, w.N, y); break;
-        default: gemv_4bit<6>(p, K, w.packed, w.scales, tables, w.blocksize, w.N, y); break;
+        case 1: gemv_4bit<1>(p, K, w.packed, w.scales, w.code, w.blocksize, w.N, y); break;
+        case 2: gemv_4bit<2>(p, K, w.packed, w.scales, w.code, w.blocksize, w.N, y); break;
+        case 3: gemv_4bit<3>(p, K, w.packed, w.scales, w.code, w.blocksize, w.N, y); break;
+        case 4: gemv_4bit<4>(p, K, w.packed, w.scales, w.code, w.blocksize, w.N, y); break;
+        case 5: gemv_4bit<5>(p, K, w.packed, w.scales, w.code, w.blocksize, w.N, y); break;
+        default: gemv_4bit<6>(p, K, w.packed, w.scales, w.code, w.blocksize, w.N, y); break;
       }
       continue;
     }
