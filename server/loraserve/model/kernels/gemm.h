@@ -347,6 +347,25 @@ inline void decode_group(const uint8_t* bytes, const CodeTables& t, vf (&out)[kG
 }
 #endif
 
+// acc[m][c] += (the sum of part[m][c]'s kParts chains) * scale for every row m: a GEMV's
+// partial sums of column c over a block (or step), scaled by its block's scale.
+template <int MR, int NC, int kParts>
+inline void add_scaled_parts(const vf (&part)[MR][NC][kParts], int c, vf scale,
+                             vf (&acc)[MR][NC]) {
+  for (int m = 0; m < MR; ++m) {
+    vf sum = part[m][c][0];
+    for (int i = 1; i < kParts; ++i) sum += part[m][c][i];
+    acc[m][c] += sum * scale;
+  }
+}
+
+// y[m, n0 + c] (rows ldy apart) = the sum of acc[m][c]'s lanes: a GEMV's sums leaving.
+template <int MR, int NC>
+inline void store_column_sums(const vf (&acc)[MR][NC], int64_t n0, float* y, int64_t ldy) {
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < NC; ++c) y[m * ldy + n0 + c] = hsum(acc[m][c]);
+}
+
 // For 1 to kGemvRows rows: each weight is decoded into registers and used at once, never
 // stored. The block scale multiplies each block's partial sums, not every weight. NC output
 // columns at a time, each row's sums of a column in two accumulators up to 4 rows (independent
@@ -393,17 +412,10 @@ inline void gemv_cols_4bit(const float* x, int64_t K, const uint8_t* packed,
                 *reinterpret_cast<const vf*>(x + m * K + k + v * kLanes) * w[v];
       }
     }
-    for (int c = 0; c < NC; ++c) {
-      const vf scale = vf{} + scales((n0 + c) * blocks_per_row + b);
-      for (int m = 0; m < MR; ++m) {
-        vf sum = part[m][c][0];
-        for (int i = 1; i < kParts; ++i) sum += part[m][c][i];
-        acc[m][c] += sum * scale;
-      }
-    }
+    for (int c = 0; c < NC; ++c)
+      add_scaled_parts(part, c, vf{} + scales((n0 + c) * blocks_per_row + b), acc);
   }
-  for (int m = 0; m < MR; ++m)
-    for (int c = 0; c < NC; ++c) y[m * ldy + n0 + c] = hsum(acc[m][c]);
+  store_column_sums(acc, n0, y, ldy);
 }
 
 #if (LS_LANES == 16 && defined(__AVX512F__)) || LS_LANES == 8
@@ -494,7 +506,8 @@ inline void gemv_wide_cols_4bit(const float* x, int64_t K, const uint8_t* packed
   for (int64_t k = 0; k < K; k += kGemvWideStepK) {
     const int64_t read = k / 2 * NC;  // bytes of the run read before this step
     for (int64_t line = read; line < read + NC * kStepBytes; line += 64)
-      if (ahead + line < end) _mm_prefetch(reinterpret_cast<const char*>(ahead + line), _MM_HINT_T0);
+      if (ahead + line < end)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + line), _MM_HINT_T0);
     vu nibbles[NC];
     for (int c = 0; c < NC; ++c)
       nibbles[c] = *reinterpret_cast<const vu*>(packed + (n0 + c) * K / 2 + k / 2);
@@ -512,17 +525,10 @@ inline void gemv_wide_cols_4bit(const float* x, int64_t K, const uint8_t* packed
         }
       }
     }
-    for (int c = 0; c < NC; ++c) {
-      const vf scale = wide_scales(scales, (n0 + c) * blocks_per_row, k, blocksize);
-      for (int m = 0; m < MR; ++m) {
-        vf sum = part[m][c][0];
-        for (int i = 1; i < kParts; ++i) sum += part[m][c][i];
-        acc[m][c] += sum * scale;
-      }
-    }
+    for (int c = 0; c < NC; ++c)
+      add_scaled_parts(part, c, wide_scales(scales, (n0 + c) * blocks_per_row, k, blocksize), acc);
   }
-  for (int m = 0; m < MR; ++m)
-    for (int c = 0; c < NC; ++c) y[m * ldy + n0 + c] = hsum(acc[m][c]);
+  store_column_sums(acc, n0, y, ldy);
 }
 #endif
 
