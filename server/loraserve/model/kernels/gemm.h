@@ -1314,8 +1314,6 @@ inline void gemm_4bit_rows(const float* x, int64_t M, int64_t K,
   };
   for (size_t i = 0; i < weights.size(); ++i) {
     const Weight4bit& w = weights[i];
-    const CodeTables tables = code_tables(w.code);
-    const int blocksize_log2 = __builtin_ctzll(w.blocksize);
     float* y = ys[i];
     if (M <= kGemvRows) {
       const float* p = gemv_x(w.blocksize);
@@ -1329,6 +1327,8 @@ inline void gemm_4bit_rows(const float* x, int64_t M, int64_t K,
       }
       continue;
     }
+    const CodeTables tables = code_tables(w.code);
+    const int blocksize_log2 = __builtin_ctzll(w.blocksize);
     gemm_outer<kDepth, true>(x, M, K, w.N,
                              [&](int64_t n0, int64_t cols, int64_t k0, int64_t depth,
                                  float* scratch) {
