@@ -453,19 +453,18 @@ inline void pairs_block(const Source& w, const uint32_t* xp, int64_t M, int64_t 
 // weights (the even k) and the low nibbles' (the odd k) in two vectors. x is rearranged once
 // per call into the same order (per 64 k: its 32 even k, then its 32 odd k), so each
 // VDPBF16PS takes 32 of a row's products: per 64 k and column, one widening, one shift and two
-// permutes, then two pair dot products a row. Blocks of at least 64 k that rows of K fill
-// exactly (a step's weights then share one block's table, and every column starts a block);
-// the rest take the pair kernel.
+// permutes, then two pair dot products a row. Blocks of at least 64 k (blocks divide K, so a
+// step's weights then share one block's table, and every column starts a block); blocks of 32
+// take the pair kernel.
 
 constexpr int64_t kGemvBf16StepK = 64;   // k per step: 32 packed bytes of a column
 constexpr int64_t kGemvBf16MaxRows = 6;  // rows this path takes
 
-// Whether the k-in-lanes path takes M rows of K against these weights.
-inline bool gemv_bf16_takes(std::span<const Decoded4bit> weights, int64_t M, int64_t K) {
+// Whether the k-in-lanes path takes M rows against these weights.
+inline bool gemv_bf16_takes(std::span<const Decoded4bit> weights, int64_t M) {
   if (M < 1 || M > kGemvBf16MaxRows) return false;
-  for (const Decoded4bit& d : weights)
-    if (d.w.blocksize < kGemvBf16StepK || K % d.w.blocksize != 0) return false;
-  return true;
+  return std::all_of(weights.begin(), weights.end(),
+                     [](const Decoded4bit& d) { return d.w.blocksize >= kGemvBf16StepK; });
 }
 
 // x [M, K] bf16 in the path's order: per row and step of 64 k, the 32 even k, then the 32 odd.
@@ -623,7 +622,7 @@ inline void gemv_bf16_dense_block(const DenseBf16& d, const uint16_t* x, int64_t
   for (; n < end; ++n) gemv_bf16_dense_columns<MR, 1>(d, x, n, bias, y);
 }
 
-inline bool gemv_bf16_takes(std::span<const DenseBf16>, int64_t M, int64_t) {
+inline bool gemv_bf16_takes(std::span<const DenseBf16>, int64_t M) {
   return M >= 1 && M <= kGemvBf16MaxRows;
 }
 
@@ -659,7 +658,7 @@ template <class Source>
 inline void gemm_bf16(const uint16_t* x, int64_t M, int64_t K, std::span<const Source> weights,
                       std::span<const float* const> biases, std::span<uint16_t* const> ys) {
   const bool tiles = amx_usable();
-  const bool gemv = !tiles && gemv_bf16_takes(weights, M, K);
+  const bool gemv = !tiles && gemv_bf16_takes(weights, M);
   const int fold = tiles || gemv ? 1 : pairs_fold(M);
   const uint32_t* rows = reinterpret_cast<const uint32_t*>(x);
   const std::vector<uint32_t> xp = gemv       ? std::vector<uint32_t>()
