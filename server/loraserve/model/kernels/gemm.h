@@ -480,11 +480,11 @@ inline vf wide_lookup(const WideCode& code, vu q) {
 }
 
 // The scales of the step from k of the column whose first block is `first`: lanes of 8 k, 64 k
-// to a block (AVX-512: a step's two halves; AVX2: one).
-inline vf wide_scales(const Scales& scales, int64_t first, int64_t k, int64_t blocksize) {
-  const float low = scales(first + k / blocksize);
+// to a block (AVX-512: a step's two halves; AVX2: one), blocks of 2^blocksize_log2 k.
+inline vf wide_scales(const Scales& scales, int64_t first, int64_t k, int blocksize_log2) {
+  const float low = scales(first + (k >> blocksize_log2));
 #if LS_LANES == 16
-  const float high = scales(first + (k + kGemvWideStepK / 2) / blocksize);
+  const float high = scales(first + ((k + kGemvWideStepK / 2) >> blocksize_log2));
   return reinterpret_cast<vf>(_mm512_insertf32x8(_mm512_set1_ps(low), _mm256_set1_ps(high), 1));
 #else
   return vf{} + low;
@@ -493,10 +493,10 @@ inline vf wide_scales(const Scales& scales, int64_t first, int64_t k, int64_t bl
 
 template <int MR, int NC>
 inline void gemv_wide_cols_4bit(const float* x, int64_t K, const uint8_t* packed,
-                                const Scales& scales, const WideCode& code, int64_t blocksize,
+                                const Scales& scales, const WideCode& code, int blocksize_log2,
                                 int64_t n0, int64_t N, float* y, int64_t ldy) {
   constexpr int64_t kStepBytes = kGemvWideStepK / 2;
-  const int64_t blocks_per_row = K / blocksize;
+  const int64_t blocks_per_row = K >> blocksize_log2;
   const uint8_t* ahead = packed + n0 * K / 2 + std::max<int64_t>(NC * K / 2, kGemvAhead);
   const uint8_t* end = packed + N * K / 2;
   constexpr int kParts = MR * NC <= 4 ? 2 : 1;  // independent chains where registers allow
@@ -526,7 +526,8 @@ inline void gemv_wide_cols_4bit(const float* x, int64_t K, const uint8_t* packed
       }
     }
     for (int c = 0; c < NC; ++c)
-      add_scaled_parts(part, c, wide_scales(scales, (n0 + c) * blocks_per_row, k, blocksize), acc);
+      add_scaled_parts(part, c, wide_scales(scales, (n0 + c) * blocks_per_row, k, blocksize_log2),
+                       acc);
   }
   store_column_sums(acc, n0, y, ldy);
 }
@@ -556,6 +557,7 @@ inline void gemv_4bit(const float* x, int64_t K, const uint8_t* packed, const Sc
 #ifdef LS_GEMV_WIDE
   const bool wide = gemv_wide_takes(blocksize, MR, K);
   const WideCode wide_values = wide_code(code);
+  const int blocksize_log2 = __builtin_ctzll(blocksize);
 #endif
   parallel_items((N + kTileCols - 1) / kTileCols, [&](WorkQueue& queue) {
     queue.each([&](int64_t t) {
@@ -565,10 +567,11 @@ inline void gemv_4bit(const float* x, int64_t K, const uint8_t* packed, const Sc
       if constexpr (MR <= kGemvWideRows) {
         if (wide) {
           for (; n + NC <= end; n += NC)
-            gemv_wide_cols_4bit<MR, NC>(x, K, packed, scales, wide_values, blocksize, n, N, y,
-                                        N);
+            gemv_wide_cols_4bit<MR, NC>(x, K, packed, scales, wide_values, blocksize_log2, n, N,
+                                        y, N);
           for (; n < end; ++n)
-            gemv_wide_cols_4bit<MR, 1>(x, K, packed, scales, wide_values, blocksize, n, N, y, N);
+            gemv_wide_cols_4bit<MR, 1>(x, K, packed, scales, wide_values, blocksize_log2, n, N,
+                                       y, N);
           return;
         }
       }
