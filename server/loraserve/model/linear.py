@@ -262,7 +262,9 @@ class BaseLinear(nn.Module):
             return self._bf16_kernel(ops, x)
         if ops is None or (x.dtype != torch.float32 and not self._widens(x)):
             return self.module(x)
-        rows = x.reshape(-1, self.in_features).to(torch.float32, memory_format=CONTIGUOUS)
+        rows = x.reshape(-1, self.in_features)
+        if x.dtype != torch.float32 or not rows.is_contiguous():  # `to` costs a call even as is
+            rows = rows.to(torch.float32, memory_format=CONTIGUOUS)
         small = rows.shape[0] <= SMALL_BATCH_ROWS
         if small and self.group is not None:
             y = self.group.output(self, ops, x, rows)
@@ -275,7 +277,8 @@ class BaseLinear(nn.Module):
                 y = F.linear(rows, self.module.weight.float(), bias)
             elif y is None:
                 return self.module(x)
-        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _in_bf16_kernel(self, x: torch.Tensor) -> bool:
         """Whether bf16 x (bf16 compute) is multiplied by the weight in the bf16 kernel."""
