@@ -510,6 +510,16 @@ def test_linear_f32_of_a_bf16_weight_gives_the_bits_of_its_fp32_values(
     assert torch.equal(got, native().linear_f32(x, narrow.float(), bias))
 
 
+@pytest.mark.parametrize("rows", [5, 6, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_f32_rows_in_a_half_vector_give_the_bits_of_a_whole_one(rows, dtype):
+    """A pass of at most 8 rows keeps its sums in vectors of 8 lanes (AVX-512): each row's
+    output has the bits it gets in a pass of 16 lanes, here beside more rows."""
+    torch.manual_seed(rows)
+    x, w = torch.randn(12, 300), torch.randn(30, 300).to(dtype)
+    assert torch.equal(native().linear_f32(x[:rows], w, None), native().linear_f32(x, w, None)[:rows])
+
+
 def _paged_context(lengths, kv_heads, head_dim, block_size, seed=0):
     """Pools with each row's context in scattered blocks: (k_pool, v_pool, tables [R, B])."""
     gen = torch.Generator().manual_seed(seed)

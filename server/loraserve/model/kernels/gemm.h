@@ -708,31 +708,44 @@ inline void transpose_passes(const float* x, int64_t M, int64_t K, int64_t j0, i
   }
 }
 
-// *p in every lane (one vbroadcastss from memory; `vf{} + *p` would add a scalar first).
-inline vf broadcast(const float* p) {
+// *p in every lane of a V, vf or v8f (one vbroadcastss from memory; `V{} + *p` would add a
+// scalar first).
+template <class V = vf>
+inline V broadcast(const float* p) {
+  if constexpr (sizeof(V) == 32) {
+    return reinterpret_cast<V>(_mm256_broadcast_ss(p));
+  } else {
 #if LS_LANES == 16 && defined(__AVX512F__)
-  return reinterpret_cast<vf>(_mm512_set1_ps(*p));
-#elif LS_LANES == 16  // 16 lanes without AVX-512: only the test build that checks that logic
-  return vf{} + *p;
-#else
-  return reinterpret_cast<vf>(_mm256_broadcast_ss(p));
+    return reinterpret_cast<V>(_mm512_set1_ps(*p));
+#else  // 16 lanes without AVX-512: only the test build that checks that logic
+    return V{} + *p;
 #endif
+  }
+}
+
+// A V (vf or v8f) from p, 4-byte aligned: a template argument drops the typedefs' alignment.
+template <class V>
+inline V load_as(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
 }
 
 // acc[n][v] += column(n)[k] * xt[k * MV * kLanes + v * kLanes + lane], for k < depth and NR
-// columns (column(n): column n's weight for k = 0) and MV vectors of rows. Unrolled by kGroup:
-// a whole group is one loop body, across which a caller's sums stay in registers.
-template <int MV, int NR, class Column>
-inline void multiply_columns(Column column, const float* xt, int64_t depth, vf (&acc)[NR][MV]) {
+// columns (column(n): column n's weight for k = 0) and MV vectors of rows, each a V: vf, or
+// v8f (MV = 1), the first 8 lanes of a one-vector pass. Unrolled by kGroup: a whole group is one
+// loop body, across which a caller's sums stay in registers.
+template <int MV, int NR, class Column, class V>
+inline void multiply_columns(Column column, const float* xt, int64_t depth, V (&acc)[NR][MV]) {
   constexpr int64_t ldxt = MV * kLanes;
 #pragma GCC unroll 32
   for (int64_t k = 0; k < depth; ++k) {
-    vf xv[MV];
+    V xv[MV];
 #pragma GCC unroll 4
-    for (int v = 0; v < MV; ++v) xv[v] = *reinterpret_cast<const vf*>(xt + k * ldxt + v * kLanes);
+    for (int v = 0; v < MV; ++v) xv[v] = load_as<V>(xt + k * ldxt + v * kLanes);
 #pragma GCC unroll 16
     for (int n = 0; n < NR; ++n) {
-      const vf wv = broadcast(column(n) + k);
+      const V wv = broadcast<V>(column(n) + k);
 #pragma GCC unroll 4
       for (int v = 0; v < MV; ++v) acc[n][v] += wv * xv[v];
     }
@@ -888,7 +901,7 @@ inline void decode_chunk(const uint8_t* packed, const Scales& scales, const Code
 // time. A 4-bit group is decoded while the previous group's multiply-adds run: a few
 // instructions beside many multiply-adds, which out-of-order execution runs side by side,
 // instead of a phase of its own per chunk (about a fifth of the kernel's time, `perf annotate`).
-// fp32 weights are read in place.
+// fp32 weights are read in place. A pass of at most 8 rows keeps its sums in 8-lane vectors.
 
 // Taken with 16 lanes (AVX-512, where it was measured: a decode step's 4-bit projections 0.94x
 // the time of the chunked path; and the 16-lane test build). AVX2's decoding needs more of its
@@ -1059,14 +1072,16 @@ class WidenedGroups : public GroupsAhead<NR, WidenedGroups<NR>> {
   const bf16* rows_[NR];
 };
 
-// y[:, n0 .. n0 + NR) (the columns before N) for the rows of one pass, MV vectors of them, from
-// xt [K, MV * kLanes] (transposed, in the groups' order of k).
-template <int MV, int NR, class Groups>
+// y[:, n0 .. n0 + NR) (the columns before N) for the rows of one pass, MV vectors of them (each a
+// V: vf, or v8f for a pass of at most 8 rows), from xt [K, MV * kLanes] (transposed, in the
+// groups' order of k).
+template <int MV, int NR, class V, class Groups>
 inline void columns_one_pass(const float* xt, int64_t M, int64_t K, int64_t N, int64_t n0,
                              Groups& groups, float* y) {
+  constexpr int kVectorLanes = sizeof(V) / sizeof(float);
   for (int64_t m = 0; m < M; ++m)  // y's lines, to be written at the end
     _mm_prefetch(reinterpret_cast<const char*>(y + m * N + n0), _MM_HINT_ET0);
-  vf acc[NR][MV] = {};
+  V acc[NR][MV] = {};
   int64_t k0 = 0;
   const auto multiply = [&](int64_t depth) {
     const GroupView<NR> w = groups.at(k0);
@@ -1074,13 +1089,21 @@ inline void columns_one_pass(const float* xt, int64_t M, int64_t K, int64_t N, i
   };
   for (; k0 + kGroup <= K; k0 += kGroup) multiply(kGroup);  // a constant: one unrolled body
   if (k0 < K) multiply(K - k0);  // fp32 weights: K need not be a multiple of kGroup
-  alignas(64) float sums[NR][MV * kLanes];
+  alignas(64) float sums[NR][MV * kVectorLanes];
   for (int n = 0; n < NR; ++n)
-    for (int v = 0; v < MV; ++v) *reinterpret_cast<vf*>(sums[n] + v * kLanes) = acc[n][v];
+    for (int v = 0; v < MV; ++v) std::memcpy(sums[n] + v * kVectorLanes, &acc[n][v], sizeof(V));
   const int64_t cols = std::min<int64_t>(NR, N - n0);
   for (int64_t m = 0; m < M; ++m)  // row by row: each row's columns are one run of y
     for (int64_t n = 0; n < cols; ++n) y[m * N + n0 + n] = sums[n][m];
 }
+
+// A pass of at most this many rows keeps its sums in vectors of 8 lanes (the first half of its
+// transposed rows' 16): the same multiply-adds, in the same order (the same bits), as 16 lanes,
+// but where a CPU runs AVX-512 as two 256-bit halves (AMD Zen 4) each costs half; where it has
+// whole 512-bit units, as many instructions. The output projection at 5-8 rows on the 2-core
+// EPYC (2026-12-04, paired): 32,000 x 1,024 bf16-held 0.68-0.71x the time, fp32 0.93-0.96x;
+// Llama 3 8B's 128,256 x 4,096 bf16-held 0.76-0.78x, fp32 0.99x.
+constexpr int64_t kHalfVectorRows = kLanes == 16 ? 8 : 0;
 
 // One output of a one-pass call: y [M, N].
 struct PassOutput {
@@ -1111,10 +1134,12 @@ inline void gemm_one_pass(const float* x, int64_t M, int64_t K,
         auto groups = groups_of(i, n0);
         const int64_t rows = std::min(kPassRows, M - m0);
         float* y = outputs[i].y + m0 * outputs[i].N;
-        if (pass_vectors(M, m0) == 1)
-          columns_one_pass<1, NR>(xt + m0 * K, rows, K, outputs[i].N, n0, groups, y);
+        if (rows <= kHalfVectorRows)
+          columns_one_pass<1, NR, v8f>(xt + m0 * K, rows, K, outputs[i].N, n0, groups, y);
+        else if (pass_vectors(M, m0) == 1)
+          columns_one_pass<1, NR, vf>(xt + m0 * K, rows, K, outputs[i].N, n0, groups, y);
         else
-          columns_one_pass<MV, NR>(xt + m0 * K, rows, K, outputs[i].N, n0, groups, y);
+          columns_one_pass<MV, NR, vf>(xt + m0 * K, rows, K, outputs[i].N, n0, groups, y);
       }
     });
   });
