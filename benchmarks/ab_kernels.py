@@ -235,8 +235,19 @@ def compare_attention(builds: dict[str, object], rounds: int, dtype: torch.dtype
         )
         for _ in range(spec.num_layers)
     ]
+    one_row = [
+        case(
+            prompts[:1].tolist(),
+            spec.num_heads,
+            spec.num_kv_heads,
+            spec.hidden_size // spec.num_heads,
+        )
+        for _ in range(spec.num_layers)
+    ]
     shapes = {
         f"default model, 32 rows x {spec.num_layers} layers": default_model,
+        f"default model, 1 row x {spec.num_layers} layers": one_row,
+        "32 x 8 heads of 128, 1 row of 200": [case([200], 32, 8, 128)],
         "32 x 8 heads of 128, 32 rows of 1,024": [case([1024] * 32, 32, 8, 128)],
         "32 x 8 heads of 128, 1 row of 4,000": [case([4000], 32, 8, 128)],
         "16 x 2 heads of 128, 32 rows of 1,024": [case([1024] * 32, 16, 2, 128)],

@@ -588,10 +588,12 @@ def test_paged_decode_attention_equals_sdpa_over_the_gathered_context(
 @pytest.mark.parametrize("pool_dtype", KV_DTYPES, ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("window", [0, 300])
 def test_long_decode_rows_are_attended_in_parts_whatever_the_batch_around_them(window, pool_dtype):
-    """Rows longer than one part (256 positions) are split into parts that threads share and
-    merged after: equal to SDPA over the whole context, and each row's output the same bits
-    alone as in the batch (the parts depend on its length, not on the rows beside it)."""
-    lengths, block_size, heads, kv_heads, head_dim = [700, 3, 257, 256, 513], 16, 8, 2, 32
+    """Rows longer than 64 positions are split into parts of equal length (but the last; up to
+    4 of at most 64, longer rows in parts of at most 256) that threads share and merged after:
+    equal to SDPA over the whole context, and each row's output the same bits alone as in the
+    batch (the parts depend on its length, not on the rows beside it)."""
+    lengths = [700, 3, 257, 64, 65, 1100, 513]
+    block_size, heads, kv_heads, head_dim = 16, 8, 2, 32
     k_pool, v_pool, tables = _paged_context(lengths, kv_heads, head_dim, block_size, seed=5)
     k_pool, v_pool = k_pool.to(pool_dtype), v_pool.to(pool_dtype)
     lens = torch.tensor(lengths, dtype=torch.int32)

@@ -198,21 +198,22 @@ inline void decode_values(const float* weights, int64_t Hp, const T* const* valu
 // contiguous, of Q: summed in fp32 and rounded once (what widening q, attending in fp32 and
 // converting the output gives, without the three copies).
 //
-// A row's positions are attended in parts of at most kDecodePart, each part a work item taken
-// as threads get to them (rows differ in length, and a long row, or fewer rows than threads,
-// still shares the work); a row of several parts merges their unnormalised outputs, maxima and
-// sums after (as flash decoding does). The parts depend on the row's length alone, so its
-// output is the same whatever the batch around it. Within a part, scores walk the positions in
-// order, each position's keys of every head one contiguous [KVH, D] run read once: each head's
-// dot product as a vector of partial sums, kLanes heads' reduced together (transpose_sum), so
-// the scores are [positions, heads] with heads in the lanes, and the softmax over positions is
-// vertical. Values walk blocks of kValueBlock positions; within one, slices of the output (a
-// few vectors of each of the q heads that share a kv head) keep their sums in registers across
-// the block's positions, each slice reading its part of every position's run. Under grouped-
-// query attention each vector of keys or values is loaded (and widened) once for the q heads
-// that share it, not once per head. The softmax's denominator divides the output once at the
-// end.
-constexpr int64_t kDecodePart = 256, kValueBlock = 16;
+// A row's positions are attended in parts of equal length (but the last): as few as hold at most
+// kDecodePart each, but no fewer than hold kShortPart each up to kShortParts (so one stream's row
+// of a few hundred positions is shared by that many threads), each part a work item taken as
+// threads get to them (rows differ in length, and a long row, or fewer rows than threads, still
+// shares the work); a row of several parts merges their unnormalised outputs, maxima and sums
+// after (as flash decoding does). The parts depend on the row's length alone, so its output is the
+// same whatever the batch around it. Within a part, scores walk the positions in order, each
+// position's keys of every head one contiguous [KVH, D] run read once: each head's dot product as
+// a vector of partial sums, kLanes heads' reduced together (transpose_sum), so the scores are
+// [positions, heads] with heads in the lanes, and the softmax over positions is vertical. Values
+// walk blocks of kValueBlock positions; within one, slices of the output (a few vectors of each of
+// the q heads that share a kv head) keep their sums in registers across the block's positions,
+// each slice reading its part of every position's run. Under grouped-query attention each vector
+// of keys or values is loaded (and widened) once for the q heads that share it, not once per head.
+// The softmax's denominator divides the output once at the end.
+constexpr int64_t kDecodePart = 256, kShortPart = 64, kShortParts = 4, kValueBlock = 16;
 
 // decode_values for slices of NV vectors of G heads (as many vectors as fit in the registers).
 template <int G, typename T>
@@ -284,11 +285,14 @@ inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, cons
   // lines a pass; fp32 pools of 16 q heads over 2: 0.80x the time of fetching none).
   const bool fetch_values = !std::is_same_v<T, float> || GV > 1;
   // Work items in row order: row r's are [first_item[r], first_item[r + 1]).
-  std::vector<int64_t> first_item(R + 1), item_row;
+  std::vector<int64_t> first_item(R + 1), item_row, part_len(R);
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = window > 0 ? std::min<int64_t>(context_lens[r], window) : context_lens[r];
+    const int64_t short_parts = std::min((n + kShortPart - 1) / kShortPart, kShortParts);
+    const int64_t parts = std::max<int64_t>({1, (n + kDecodePart - 1) / kDecodePart, short_parts});
+    part_len[r] = std::max<int64_t>(1, (n + parts - 1) / parts);
     first_item[r] = int64_t(item_row.size());
-    item_row.insert(item_row.end(), std::max<int64_t>(1, (n + kDecodePart - 1) / kDecodePart), r);
+    item_row.insert(item_row.end(), parts, r);
   }
   first_item[R] = int64_t(item_row.size());
   const int64_t items = first_item[R];
@@ -329,8 +333,8 @@ inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, cons
     queue.each([&](int64_t item) {
       const int64_t r = item_row[item], len = context_lens[r];
       const int64_t begin = (window > 0 ? std::max<int64_t>(0, len - window) : 0) +
-                            (item - first_item[r]) * kDecodePart;
-      const int64_t n = std::min(kDecodePart, len - begin);
+                            (item - first_item[r]) * part_len[r];
+      const int64_t n = std::min(part_len[r], len - begin);
       const int32_t* table = block_tables + r * max_blocks;
       keys.resize(n);
       values.resize(n);
