@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,11 +52,13 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from bench_metrics_scrape import free_ports
 from bench_multi_lora import DEFAULT, TARGETS, base_engine_config, make_workload
 from common import DEFAULT_CACHE_DIR, Workload, prepare_lora_adapters, prepare_model
 from engine_runs import Trace, build_engine, engine_config, run_engine, submit
 from loraserve.engine.core import EngineCore
 from machine import machine_info
+from profile_step import timed_steps
 
 LLAMA_CPP_VERSION = "0.3.36"  # llama-cpp-python's release whose vendored llama.cpp is built
 LLAMA_CPP_DIR = Path.home() / ".cache" / "loraserve" / "llama.cpp" / LLAMA_CPP_VERSION
@@ -225,11 +226,7 @@ def engine_speeds(core: EngineCore, shape: Shape) -> Speeds:
     workload = make_workload(config, [""] * shape.sequences).head(shape.sequences, shape.new_tokens)
     trace = Trace()
     submit(core, trace, workload, with_adapters=False)
-    steps = []
-    while core.has_work():
-        started = time.perf_counter()
-        core.step()
-        steps.append(time.perf_counter() - started)
+    steps = timed_steps(core, trace)
     if trace.errors:
         raise trace.errors[0]
     if trace.tokens != shape.sequences * shape.new_tokens or len(steps) != shape.new_tokens:
@@ -256,18 +253,12 @@ def convert_adapters(adapter_dirs: dict[str, Path], model_dir: Path, converter: 
     return files
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def llama_server(bin_dir: Path, model: Path, loras: list[Path], slots: int, context: int,
                  threads: int) -> Iterator[str]:  # fmt: skip
     """llama-server on loopback with `slots` slots of `context` tokens and every LoRA loaded
     (applied to none until a request names it); yields its URL once it reports healthy."""
-    port = free_port()
+    (port,) = free_ports(1)
     command = [
         str(bin_dir / "llama-server"), "-m", str(model), "-t", str(threads), "-tb", str(threads),
         "-c", str(slots * context), "-np", str(slots), "--host", "127.0.0.1", "--port", str(port),

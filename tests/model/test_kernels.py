@@ -588,8 +588,9 @@ def test_paged_decode_attention_equals_sdpa_over_the_gathered_context(
 @pytest.mark.parametrize("pool_dtype", KV_DTYPES, ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("window", [0, 300])
 def test_long_decode_rows_are_attended_in_parts_whatever_the_batch_around_them(window, pool_dtype):
-    """Rows longer than 64 positions are split into parts of equal length (but the last; up to
-    4 of at most 64, longer rows in parts of at most 256) that threads share and merged after:
+    """Rows longer than 64 positions are split into parts of equal length but the last (no
+    fewer than hold 64 positions each, up to 4; more for rows past 1,024, each part at most
+    256) that threads share and merged after:
     equal to SDPA over the whole context, and each row's output the same bits alone as in the
     batch (the parts depend on its length, not on the rows beside it)."""
     lengths = [700, 3, 257, 64, 65, 1100, 513]
