@@ -28,6 +28,10 @@ llama-cpp-python 0.3.36 vendors on PyPI, with its converter); `gguf` writes the 
     .venv/bin/pip install -e '.[llama-cpp]'
     .venv/bin/python benchmarks/bench_llama_cpp.py --out benchmarks/results/llama_cpp.json
     .venv/bin/python benchmarks/bench_llama_cpp.py --compute-dtype bf16
+    .venv/bin/python benchmarks/bench_llama_cpp.py --model tinyllama-1.1b --checkpoint-dtype bf16
+
+`--model tinyllama-1.1b` runs it all on a base of TinyLlama 1.1B's shape instead of the
+benchmark's default model.
 """
 
 from __future__ import annotations
@@ -53,8 +57,8 @@ import transformers
 from safetensors.torch import load_file
 
 from bench_metrics_scrape import free_ports
-from bench_multi_lora import DEFAULT, TARGETS, base_engine_config, make_workload
-from common import DEFAULT_CACHE_DIR, Workload, prepare_lora_adapters, prepare_model
+from bench_multi_lora import DEFAULT, TARGETS, BenchConfig, base_engine_config, make_workload
+from common import DEFAULT_CACHE_DIR, ModelSpec, Workload, prepare_lora_adapters, prepare_model
 from engine_runs import Trace, build_engine, engine_config, run_engine, submit
 from loraserve.engine.core import EngineCore
 from machine import machine_info
@@ -64,6 +68,13 @@ LLAMA_CPP_VERSION = "0.3.36"  # llama-cpp-python's release whose vendored llama.
 LLAMA_CPP_DIR = Path.home() / ".cache" / "loraserve" / "llama.cpp" / LLAMA_CPP_VERSION
 SERVED_QUANTIZATION = "Q4_0"
 SERVER_START_S = 300
+# Bases by name: the benchmark's default, and one of TinyLlama 1.1B's shape (hidden 2048, 22
+# layers, 32 query heads over 4 kv heads, vocabulary 32,000), a size served on CPUs, where a
+# token's time is mostly its weights' bytes rather than the host's work per layer.
+MODELS = {
+    "default": DEFAULT.model,
+    "tinyllama-1.1b": ModelSpec(2048, 5632, 22, 32, 4, 32000),
+}
 # GGUF variants: name -> llama-quantize's options, then its type (which follows the files)
 QUANTIZED = {
     "Q4_0": ["--leave-output-tensor", "Q4_0"],
@@ -218,10 +229,10 @@ def run_batched_bench(bin_dir: Path, model: Path, shapes: list[Shape], threads: 
     return {row["pl"]: Speeds(row["speed_pp"], row["speed_tg"]) for row in rows}
 
 
-def engine_speeds(core: EngineCore, shape: Shape) -> Speeds:
-    """The engine on `shape`: every prompt prefilled in its first step, then decode steps of
-    every sequence, each timed."""
-    config = replace(DEFAULT, num_requests=shape.sequences,
+def engine_speeds(core: EngineCore, bench: BenchConfig, shape: Shape) -> Speeds:
+    """The engine on `shape` (prompts drawn as `bench` draws them): every prompt prefilled in its
+    first step, then decode steps of every sequence, each timed."""
+    config = replace(bench, num_requests=shape.sequences,
                      prompt_tokens=(shape.prompt_tokens, shape.prompt_tokens))  # fmt: skip
     workload = make_workload(config, [""] * shape.sequences).head(shape.sequences, shape.new_tokens)
     trace = Trace()
@@ -338,6 +349,9 @@ def median_speeds(runs: list[Speeds]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", choices=sorted(MODELS), default="default", help="the random base's shape"
+    )
     parser.add_argument("--sequences", type=int, nargs="+", default=[1, DEFAULT.num_requests])
     parser.add_argument("--prompt-tokens", type=int, default=96, help="the default's mean")
     parser.add_argument("--new-tokens", type=int, default=DEFAULT.new_tokens)
@@ -367,12 +381,12 @@ def main() -> None:
     shapes = [Shape(n, args.prompt_tokens, args.new_tokens) for n in sorted(args.sequences)]
     most = shapes[-1].sequences
 
-    spec = replace(DEFAULT.model, weights_dtype=args.checkpoint_dtype)
+    spec = replace(MODELS[args.model], weights_dtype=args.checkpoint_dtype)
     model_dir = prepare_model(spec, DEFAULT_CACHE_DIR)
     files = prepare_gguf(model_dir, bin_dir)
     adapter_dirs = prepare_lora_adapters(model_dir, most, DEFAULT.rank, DEFAULT.alpha, TARGETS)
     adapter_files = convert_adapters(adapter_dirs, model_dir, converter)
-    bench = replace(DEFAULT, compute_dtype=args.compute_dtype, num_requests=most,
+    bench = replace(DEFAULT, model=spec, compute_dtype=args.compute_dtype, num_requests=most,
                     prompt_tokens=(args.prompt_tokens, args.prompt_tokens))  # fmt: skip
     workload = make_workload(bench, list(adapter_dirs)).head(most, args.new_tokens)
     settings = engine_config(base_engine_config(bench, model_dir), workload, args.prompt_tokens)
@@ -398,7 +412,7 @@ def main() -> None:
             for name in order:
                 if name == "loraserve":
                     for shape in shapes:
-                        batched[name][shape.sequences].append(engine_speeds(core, shape))
+                        batched[name][shape.sequences].append(engine_speeds(core, bench, shape))
                     for case, ids in cases.items():
                         on = replace(workload, adapters=tuple(names[i or 0] for i in ids))
                         served[name][case].append(engine_tok_s(core, on, ids[0] is not None))
@@ -420,8 +434,8 @@ def main() -> None:
         name: {case: statistics.median(r) for case, r in by_case.items()}
         for name, by_case in served.items()
     }
-    print(f"\n{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, "
-          f"{args.threads} threads; {args.checkpoint_dtype} checkpoint, loraserve NF4 in "
+    print(f"\n{args.model} model, {args.prompt_tokens}-token prompts, {args.new_tokens} new "
+          f"tokens, {args.threads} threads; {args.checkpoint_dtype} checkpoint, loraserve NF4 in "
           f"{args.compute_dtype}; median tok/s")  # fmt: skip
     print(
         f"{'':<18}"
