@@ -57,8 +57,15 @@ import transformers
 from safetensors.torch import load_file
 
 from bench_metrics_scrape import free_ports
-from bench_multi_lora import DEFAULT, TARGETS, BenchConfig, base_engine_config, make_workload
-from common import DEFAULT_CACHE_DIR, ModelSpec, Workload, prepare_lora_adapters, prepare_model
+from bench_multi_lora import (
+    BASES,
+    DEFAULT,
+    TARGETS,
+    BenchConfig,
+    base_engine_config,
+    make_workload,
+)
+from common import DEFAULT_CACHE_DIR, Workload, prepare_lora_adapters, prepare_model
 from engine_runs import Trace, build_engine, engine_config, run_engine, submit
 from loraserve.engine.core import EngineCore
 from machine import machine_info
@@ -68,13 +75,6 @@ LLAMA_CPP_VERSION = "0.3.36"  # llama-cpp-python's release whose vendored llama.
 LLAMA_CPP_DIR = Path.home() / ".cache" / "loraserve" / "llama.cpp" / LLAMA_CPP_VERSION
 SERVED_QUANTIZATION = "Q4_0"
 SERVER_START_S = 300
-# Bases by name: the benchmark's default, and one of TinyLlama 1.1B's shape (hidden 2048, 22
-# layers, 32 query heads over 4 kv heads, vocabulary 32,000), a size served on CPUs, where a
-# token's time is mostly its weights' bytes rather than the host's work per layer.
-MODELS = {
-    "default": DEFAULT.model,
-    "tinyllama-1.1b": ModelSpec(2048, 5632, 22, 32, 4, 32000),
-}
 # GGUF variants: name -> llama-quantize's options, then its type (which follows the files)
 QUANTIZED = {
     "Q4_0": ["--leave-output-tensor", "Q4_0"],
@@ -350,7 +350,7 @@ def median_speeds(runs: list[Speeds]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--model", choices=sorted(MODELS), default="default", help="the random base's shape"
+        "--model", choices=sorted(BASES), default="default", help="the random base's shape"
     )
     parser.add_argument("--sequences", type=int, nargs="+", default=[1, DEFAULT.num_requests])
     parser.add_argument("--prompt-tokens", type=int, default=96, help="the default's mean")
@@ -381,7 +381,7 @@ def main() -> None:
     shapes = [Shape(n, args.prompt_tokens, args.new_tokens) for n in sorted(args.sequences)]
     most = shapes[-1].sequences
 
-    spec = replace(MODELS[args.model], weights_dtype=args.checkpoint_dtype)
+    spec = replace(BASES[args.model], weights_dtype=args.checkpoint_dtype)
     model_dir = prepare_model(spec, DEFAULT_CACHE_DIR)
     files = prepare_gguf(model_dir, bin_dir)
     adapter_dirs = prepare_lora_adapters(model_dir, most, DEFAULT.rank, DEFAULT.alpha, TARGETS)

@@ -194,6 +194,13 @@ DEFAULT = BenchConfig(
     max_step_tokens=4096,
     repeats=3,
 )
+# Random bases by name, for the scripts that take `--model`: the default's, and one of TinyLlama
+# 1.1B's shape (hidden 2048, 22 layers, 32 query heads over 4 kv heads, vocabulary 32,000), a
+# size served on CPUs, where a token's weights outweigh the host's work per layer.
+BASES = {
+    "default": DEFAULT.model,
+    "tinyllama-1.1b": ModelSpec(2048, 5632, 22, 32, 4, 32000),
+}
 QUICK = replace(
     DEFAULT,
     model=ModelSpec(512, 1408, 4, 8, 8, 8000),

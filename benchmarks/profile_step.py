@@ -4,7 +4,9 @@ torch profiler.
 
 Builds the default benchmark model (hidden 1024, 8 layers, NF4, fp32 compute), submits 32
 prompts of 64-128 tokens that all prefill in the first step, and steps the engine directly.
-With `--floor` the model keeps its depth, vocabulary and heads' layout but has hidden size 128:
+`--model` picks another random base (`bench_multi_lora.BASES`: one of TinyLlama 1.1B's shape),
+`--checkpoint-dtype` how its checkpoint stores the weights (published ones: bf16).
+With `--floor` the model keeps its depth and vocabulary but has hidden size 128 (2 heads of 64):
 its steps cost what a step costs besides the model's arithmetic (Python, op dispatch, the
 per-layer small ops, sampling over the whole vocabulary). With `--adapters` every row is on its
 own adapter (the benchmark's 32, rank 16 on all seven projections): what a multi-LoRA step adds.
@@ -15,6 +17,8 @@ the time its kernels kept the GPU busy is what launch overhead (and a CUDA graph
     .venv/bin/python benchmarks/profile_step.py --threads 2 --new-tokens 64 --floor
     .venv/bin/python benchmarks/profile_step.py --threads 2 --new-tokens 32 --adapters
     .venv/bin/python benchmarks/profile_step.py --threads 2 --new-tokens 64 --requests 1
+    .venv/bin/python benchmarks/profile_step.py --model tinyllama-1.1b --checkpoint-dtype bf16 \
+        --compute-dtype bf16 --requests 1 --new-tokens 64
     python3 benchmarks/profile_step.py --device cuda --compute-dtype bf16 --new-tokens 32
 """
 
@@ -32,6 +36,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from bench_multi_lora import (
+    BASES,
     DEFAULT,
     TARGETS,
     BenchConfig,
@@ -60,10 +65,10 @@ def base_workload(new_tokens: int, requests: int = DEFAULT.num_requests) -> Work
     return workload.head(requests, new_tokens)
 
 
-# The default model's depth and vocabulary at hidden size 128 (2 heads of 64): a step's cost
-# besides the arithmetic.
-FLOOR_MODEL = replace(DEFAULT.model, hidden_size=128, intermediate_size=256, num_heads=2,
-                      num_kv_heads=2)  # fmt: skip
+def floor_of(spec: ModelSpec) -> ModelSpec:
+    """`spec`'s depth and vocabulary at hidden size 128 (2 heads of 64): what its steps cost
+    besides the arithmetic."""
+    return replace(spec, hidden_size=128, intermediate_size=256, num_heads=2, num_kv_heads=2)
 
 
 def warm_base_engine(
@@ -108,6 +113,15 @@ def main() -> None:
     parser.add_argument(
         "--requests", type=int, default=DEFAULT.num_requests, help="rows of the batch (base only)"
     )
+    parser.add_argument(
+        "--model", choices=sorted(BASES), default="default", help="the random base's shape"
+    )
+    parser.add_argument(
+        "--checkpoint-dtype",
+        choices=("fp32", "bf16"),
+        default=DEFAULT.model.weights_dtype,
+        help="how the random model's checkpoint stores its weights (published ones: bf16)",
+    )
     parser.add_argument("--floor", action="store_true", help="the model at hidden size 128")
     parser.add_argument(
         "--adapters", action="store_true", help="every row on its own adapter (32 adapters)"
@@ -115,23 +129,25 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--compute-dtype", choices=tuple(DTYPES), default=DEFAULT.compute_dtype)
     args = parser.parse_args()
-    bench = replace(DEFAULT, device=args.device, compute_dtype=args.compute_dtype)
+    spec = replace(BASES[args.model], weights_dtype=args.checkpoint_dtype)
+    bench = replace(DEFAULT, model=spec, device=args.device, compute_dtype=args.compute_dtype)
     if args.floor and args.adapters:
-        parser.error("--adapters runs the default model's adapters; it does not go with --floor")
+        parser.error("--adapters runs the model's adapters; it does not go with --floor")
     if args.adapters and args.requests != DEFAULT.num_requests:
         parser.error("--adapters runs the benchmark's 32 rows; it does not go with --requests")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     transformers.logging.disable_progress_bar()
     if args.adapters:
-        core, workload = warm_lora_engine(args.new_tokens, bench)
+        core, workload = warm_lora_engine(args.new_tokens, bench, spec)
     else:
         workload = base_workload(args.new_tokens, args.requests)
-        core = warm_base_engine(workload, FLOOR_MODEL if args.floor else DEFAULT.model, bench)
+        core = warm_base_engine(workload, floor_of(spec) if args.floor else spec, bench)
     submit(core, Trace(), workload, with_adapters=args.adapters)
     times = timed_steps(core, Trace())
-    print(f"{args.threads} thread(s), {len(workload.prompts)} rows, {args.compute_dtype} on "
-          f"{core.device}")  # fmt: skip
+    print(f"{args.model} model{' (floor)' if args.floor else ''}, {args.checkpoint_dtype} "
+          f"checkpoint, {args.threads} thread(s), {len(workload.prompts)} rows, "
+          f"{args.compute_dtype} on {core.device}")  # fmt: skip
     print(f"prefill step {times[0] * 1e3:.0f} ms ({sum(map(len, workload.prompts))} tokens)")
     print(f"decode step median {statistics.median(times[1:]) * 1e3:.1f} ms, "
           f"min {min(times[1:]) * 1e3:.1f} ms")  # fmt: skip
