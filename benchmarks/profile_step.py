@@ -58,10 +58,12 @@ def timed_steps(core: EngineCore, trace: Trace) -> list[float]:
     return times
 
 
-def base_workload(new_tokens: int, requests: int = DEFAULT.num_requests) -> Workload:
-    """The first `requests` of the default benchmark's 32 prompts, on the base model, each
-    generating `new_tokens`."""
-    workload = make_workload(DEFAULT, [""] * DEFAULT.num_requests)
+def base_workload(
+    new_tokens: int, requests: int = DEFAULT.num_requests, bench: BenchConfig = DEFAULT
+) -> Workload:
+    """The first `requests` of the benchmark's 32 prompts (drawn from `bench`'s model's
+    vocabulary), on the base model, each generating `new_tokens`."""
+    workload = make_workload(bench, [""] * DEFAULT.num_requests)
     return workload.head(requests, new_tokens)
 
 
@@ -141,7 +143,7 @@ def main() -> None:
     if args.adapters:
         core, workload = warm_lora_engine(args.new_tokens, bench, spec)
     else:
-        workload = base_workload(args.new_tokens, args.requests)
+        workload = base_workload(args.new_tokens, args.requests, bench)
         core = warm_base_engine(workload, floor_of(spec) if args.floor else spec, bench)
     submit(core, Trace(), workload, with_adapters=args.adapters)
     times = timed_steps(core, Trace())
