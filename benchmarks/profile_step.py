@@ -63,7 +63,7 @@ def base_workload(
 ) -> Workload:
     """The first `requests` of the benchmark's 32 prompts (drawn from `bench`'s model's
     vocabulary), on the base model, each generating `new_tokens`."""
-    workload = make_workload(bench, [""] * DEFAULT.num_requests)
+    workload = make_workload(bench, [""] * bench.num_requests)
     return workload.head(requests, new_tokens)
 
 

@@ -590,9 +590,9 @@ def test_paged_decode_attention_equals_sdpa_over_the_gathered_context(
 def test_long_decode_rows_are_attended_in_parts_whatever_the_batch_around_them(window, pool_dtype):
     """Rows longer than 64 positions are split into parts of equal length but the last (no
     fewer than hold 64 positions each, up to 4; more for rows past 1,024, each part at most
-    256) that threads share and merged after:
-    equal to SDPA over the whole context, and each row's output the same bits alone as in the
-    batch (the parts depend on its length, not on the rows beside it)."""
+    256) that threads share and merged after: equal to SDPA over the whole context, and each
+    row's output the same bits alone as in the batch (the parts depend on its length, not on
+    the rows beside it)."""
     lengths = [700, 3, 257, 64, 65, 1100, 513]
     block_size, heads, kv_heads, head_dim = 16, 8, 2, 32
     k_pool, v_pool, tables = _paged_context(lengths, kv_heads, head_dim, block_size, seed=5)
