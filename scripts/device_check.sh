@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Run on a lent GPU machine (the session's device tool), from the repo root: the parity tests on
-# CUDA, the multi-LoRA benchmark with --device cuda, and profiled decode steps; logs and JSON
-# land in $OUT. Each stage has its own time limit and runs even when one before it failed, so
-# that one call inside the device's 10-minute limit brings back whatever could be measured.
+# CUDA, the decode forward captured in a CUDA graph (benchmarks/probe_decode_graph.py), profiled
+# decode steps, and the multi-LoRA benchmark with --device cuda, which takes the time left; logs
+# and JSON land in $OUT (at most 8 files come back). Each stage has its own time limit and runs
+# even when one before it failed, so that one call inside the device's 10-minute limit brings
+# back whatever could be measured.
 #
-#     bash scripts/device_check.sh                  # all stages: tests bench profile
+#     bash scripts/device_check.sh                  # all stages: tests graph profile bench
 #     BUDGET_S=150 bash scripts/device_check.sh tests profile
 #     BENCH_ARGS="--only engine_multi_lora hf_generate_base" bash scripts/device_check.sh bench
 #
@@ -20,7 +22,7 @@ mkdir -p "$OUT" "$SITE"
 for wheel in .whl/*; do python3 -m zipfile -e "$wheel" "$SITE"; done
 export PYTHONPATH="$SITE:$PWD/server:$PWD/clients/python" PYTHONUNBUFFERED=1
 
-STAGES=" ${*:-tests bench profile} "
+STAGES=" ${*:-tests graph profile bench} "
 left() { echo $((BUDGET_S - SECONDS - $1)); }  # seconds left, keeping $1 for what follows
 
 {
@@ -37,16 +39,21 @@ if [[ $STAGES == *" tests "* ]]; then
     | tee "$OUT/gpu_tests.log"
 fi
 
-if [[ $STAGES == *" bench "* ]]; then  # a .partial.json holds the rounds if the rest is cut off
-  timeout "$(left 75)" python3 benchmarks/bench_multi_lora.py --device cuda --compute-dtype bf16 \
-    --repeats "${REPEATS:-2}" ${BENCH_ARGS:-} --out "$OUT/multi_lora_cuda_bf16.json" 2>&1 \
-    | tee "$OUT/bench.log"
+if [[ $STAGES == *" graph "* ]]; then
+  timeout 150 python3 benchmarks/probe_decode_graph.py --compute-dtype bf16 2>&1 \
+    | tee "$OUT/graph_cuda_bf16.log"
 fi
 
 if [[ $STAGES == *" profile "* ]]; then
-  timeout "$(left 40)" python3 benchmarks/profile_step.py --device cuda --compute-dtype bf16 \
+  timeout 100 python3 benchmarks/profile_step.py --device cuda --compute-dtype bf16 \
     --new-tokens 32 --rows 15 2>&1 | tee "$OUT/profile_cuda_bf16.log"
-  timeout "$(left 0)" python3 benchmarks/profile_step.py --device cuda --compute-dtype bf16 \
+  timeout 100 python3 benchmarks/profile_step.py --device cuda --compute-dtype bf16 \
     --new-tokens 32 --rows 15 --adapters 2>&1 | tee "$OUT/profile_cuda_bf16_adapters.log"
+fi
+
+if [[ $STAGES == *" bench "* ]]; then  # a .partial.json holds the rounds if the rest is cut off
+  timeout "$(left 0)" python3 benchmarks/bench_multi_lora.py --device cuda --compute-dtype bf16 \
+    --repeats "${REPEATS:-2}" ${BENCH_ARGS:-} --out "$OUT/multi_lora_cuda_bf16.json" 2>&1 \
+    | tee "$OUT/bench.log"
 fi
 exit 0

@@ -51,6 +51,21 @@ class RowInput:
     lora_slot: int = 0
 
 
+@dataclass(frozen=True)
+class ForwardInputs:
+    """Every tensor one forward reads, for rows laid end to end in slot order (N tokens, B rows):
+    input_ids, positions [1, N] int64; write_slots [N] int64, the pool index each new token's
+    keys and values go to; last_tokens [B] int64, each row's last packed token (the logits
+    kept); the LoRA and attention batches."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    write_slots: torch.Tensor
+    last_tokens: torch.Tensor
+    lora: LoraBatch
+    attention: AttentionBatch
+
+
 class ModelRunner:
     """Runs the model on a list of rows and returns the next-token logits of each row.
 
@@ -107,14 +122,15 @@ class ModelRunner:
         """Append each row's tokens to its context; returns float32 logits [B, V] of last tokens,
         in the order of `rows`."""
         order = sorted(range(len(rows)), key=lambda i: rows[i].lora_slot)
-        logits = self._forward([rows[i] for i in order])
+        logits = self.run(self.prepare([rows[i] for i in order]))
         if order == list(range(len(rows))):  # already in slot order (as base-only batches are)
             return logits
         unsorted = torch.empty_like(logits)
         unsorted[order] = logits
         return unsorted
 
-    def _forward(self, rows: list[RowInput]) -> torch.Tensor:
+    def prepare(self, rows: list[RowInput]) -> ForwardInputs:
+        """Every tensor one forward over `rows` (in slot order) reads, built on the host."""
         device, bs = self.device, self.cache.block_size
         counts = [len(r.tokens) for r in rows]
         blocks = max(len(r.block_table) for r in rows)
@@ -130,20 +146,31 @@ class ModelRunner:
             torch.arange(len(rows), device=device), count_t, output_size=tokens
         )  # [N]
         positions = starts[row_of] + torch.arange(tokens, device=device) - first_t[row_of]
-        self.cache.prepare(tables[row_of, positions // bs] * bs + positions % bs)
-        input_ids = torch.tensor([t for r in rows for t in r.tokens], device=device)[None]
-        self.lora.batch = LoraBatch.for_rows(
-            [r.lora_slot for r in rows], counts, self.slot_ranks, device
+        return ForwardInputs(
+            input_ids=torch.tensor([t for r in rows for t in r.tokens], device=device)[None],
+            positions=positions[None],
+            write_slots=tables[row_of, positions // bs] * bs + positions % bs,
+            last_tokens=first_t + count_t - 1,
+            lora=LoraBatch.for_rows([r.lora_slot for r in rows], counts, self.slot_ranks, device),
+            attention=self._attention_batch(rows, tables, firsts),
         )
+
+    @torch.inference_mode()
+    def run(self, inputs: ForwardInputs) -> torch.Tensor:
+        """The model over one forward's inputs: writes their keys and values into the pools;
+        returns float32 logits [B, V] of each row's last token. Apart from `prepare` so that
+        a GPU can capture it in a graph (`benchmarks/probe_decode_graph.py`)."""
+        self.cache.prepare(inputs.write_slots)
+        self.lora.batch = inputs.lora
         try:
             with sdpa_kernel(SDPA_BACKENDS), kernel_rotary_in_use():
                 out = self.model(
-                    input_ids=input_ids,
-                    position_ids=positions[None],
+                    input_ids=inputs.input_ids,
+                    position_ids=inputs.positions,
                     cache=self.cache,
                     use_cache=True,
-                    logits_to_keep=first_t + count_t - 1,
-                    attention_batch=self._attention_batch(rows, tables, firsts),
+                    logits_to_keep=inputs.last_tokens,
+                    attention_batch=inputs.attention,
                 )
         finally:
             self.lora.batch = None
