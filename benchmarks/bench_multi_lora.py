@@ -15,6 +15,9 @@ set of prompts and one output length:
                       engine_multi_lora with the same adapters stored in bf16 (as adapters
                       trained in bf16 are), default settings: fp32 slots hold them as bf16
                       rows, exactly; fp32 compute only
+  engine_base_eager, engine_multi_lora_eager
+                      engine_base and engine_multi_lora with `cuda_graphs` off: every decode
+                      step launches its kernels one by one (on a GPU only)
   engine_constrained  engine_multi_lora with every request constrained to its own JSON schema
                       (compiled in the warm-up, so the timed runs find it cached)
   hf_generate_base    transformers `generate` on the base: all requests in one left-padded batch
@@ -132,6 +135,8 @@ WARMUP_REQUESTS, WARMUP_NEW_TOKENS = 4, 2
 CONFIGURATIONS = (
     "engine_base",
     "engine_multi_lora",
+    "engine_base_eager",
+    "engine_multi_lora_eager",
     "engine_multi_lora_bf16_slots",
     "engine_multi_lora_bf16_adapters",
     "engine_constrained",
@@ -152,6 +157,8 @@ WHOLE_WARMUP = {"engine_zipf": "engine_zipf_cold_host"}
 INTERLEAVED = (
     "engine_base",
     "engine_multi_lora",
+    "engine_base_eager",
+    "engine_multi_lora_eager",
     "engine_multi_lora_bf16_slots",
     "engine_multi_lora_bf16_adapters",
     "engine_constrained",
@@ -282,6 +289,11 @@ def setup(config: BenchConfig, cache_root: Path) -> Setup:
         start = time.perf_counter()
         bf16_adapters_core = build_engine(settings, stored_in_bf16(adapter_dirs))
         seconds["engine_bf16_adapters"] = time.perf_counter() - start
+    eager_core = None  # CUDA graphs off: on a GPU only (a CPU never captures them)
+    if core.device.type == "cuda":
+        start = time.perf_counter()
+        eager_core = build_engine(settings.model_copy(update={"cuda_graphs": False}), adapter_dirs)
+        seconds["engine_eager"] = time.perf_counter() - start
     start = time.perf_counter()
     zipf_core = build_zipf_engine(engine_config(base, workload, high), list(adapter_dirs.values()))
     count = ZIPF_REQUEST_FACTOR * len(workload.prompts)
@@ -333,12 +345,14 @@ def setup(config: BenchConfig, cache_root: Path) -> Setup:
         runs["hf_generate_base_fp32_kernels"] = (partial(run_hf_generate, hf_fp32), workload)
     if peft_fp32 is not None:
         runs["peft_mixed_batch_fp32_kernels"] = (partial(run_peft_mixed, *peft_fp32), workload)
-    for name, narrow_core in (
-        ("engine_multi_lora_bf16_slots", bf16_slots_core),
-        ("engine_multi_lora_bf16_adapters", bf16_adapters_core),
+    for name, other_core, with_adapters in (
+        ("engine_multi_lora_bf16_slots", bf16_slots_core, True),
+        ("engine_multi_lora_bf16_adapters", bf16_adapters_core, True),
+        ("engine_base_eager", eager_core, False),
+        ("engine_multi_lora_eager", eager_core, True),
     ):
-        if narrow_core is not None:
-            runs[name] = (partial(engine_run, narrow_core, traces[name], True), workload)
+        if other_core is not None:
+            runs[name] = (partial(engine_run, other_core, traces[name], with_adapters), workload)
     return Setup(runs, core, workload, traces, seconds, model_dir, adapter_dirs, base)
 
 
@@ -450,6 +464,8 @@ RATIOS = {  # name: (numerator, denominator)
     "engine_over_hf_generate_base": ("engine_base", "hf_generate_base"),
     "engine_over_hf_generate_base_fp32_kernels": ("engine_base", "hf_generate_base_fp32_kernels"),
     "multi_lora_over_base": ("engine_multi_lora", "engine_base"),
+    "graphs_speedup_base": ("engine_base", "engine_base_eager"),
+    "graphs_speedup_multi_lora": ("engine_multi_lora", "engine_multi_lora_eager"),
     "multi_lora_bf16_slots_over_base": ("engine_multi_lora_bf16_slots", "engine_base"),
     "multi_lora_bf16_adapters_over_base": ("engine_multi_lora_bf16_adapters", "engine_base"),
     "constrained_over_multi_lora": ("engine_constrained", "engine_multi_lora"),

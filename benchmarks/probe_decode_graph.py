@@ -5,9 +5,11 @@ time than the GPU spends on it (RESULTS.md, the H200 sections). A CUDA graph rep
 sequence of launches for the cost of one. This probe takes one real decode step of the
 benchmark's default model (the rows the engine itself built), and times, on the same inputs:
 
-- `forward`: the runner's whole call, building its inputs on the host and running the model;
-- `run`: the model alone over inputs built once (`ModelRunner.prepare` / `run`);
-- `replay`: that model call captured in a CUDA graph and replayed,
+- `forward`: the runner's whole call: on a GPU its decode graphs (`model/decode_graphs.py`:
+  the rows written into a graph's static buffer, the graph replayed, the logits copied out),
+  elsewhere the inputs built on the host and the model run;
+- `run`: the model alone, eagerly, over inputs built once (`ModelRunner.prepare` / `run`);
+- `replay`: that model call captured in a CUDA graph here and replayed (no padding),
 
 each the median of `--repeats` synchronised calls, and checks the replay's logits against the
 eager run's. A replay writes the same keys and values to the same pool slots as the eager call,
@@ -15,8 +17,8 @@ so repeating either leaves the cache as one call did. Configurations: 32 rows on
 rows each on its own adapter (the gathered LoRA form), one row on the base. On a machine without
 CUDA only the eager figures are printed.
 
-What the probe does not do is what serving with graphs needs: inputs copied into static buffers
-each step, the batch padded to a few captured sizes and the context to a few lengths.
+So `run` against `replay` is what a graph saves a step, and `forward` against `replay` what
+the engine's graphs pay beside it (the copy in and out, the padding to their shapes).
 
     python3 benchmarks/probe_decode_graph.py --out graph.json      # on a GPU machine
     .venv/bin/python benchmarks/probe_decode_graph.py --only base-1  # the eager path, here
@@ -59,19 +61,19 @@ def median_ms(call: Callable[[], object], device: torch.device, repeats: int) ->
 
 
 def decode_rows(core: EngineCore, before: int) -> list[RowInput]:
-    """The rows of the engine's decode step after `before` decode steps, as its runner's
-    `prepare` received them (in slot order); the step runs in full."""
+    """The rows of the engine's decode step after `before` decode steps, in slot order (as the
+    runner lays them out); the step runs in full."""
     runner = core.runner
     for _ in range(before):
         core.step()
     seen: list[list[RowInput]] = []
-    prepare = runner.prepare
-    runner.prepare = lambda rows: seen.append(rows) or prepare(rows)  # type: ignore[method-assign]
+    forward = runner.forward
+    runner.forward = lambda rows: seen.append(rows) or forward(rows)  # type: ignore[method-assign]
     try:
         core.step()
     finally:
-        del runner.prepare  # the class's method again
-    return seen[0]
+        del runner.forward  # the class's method again
+    return sorted(seen[0], key=lambda row: row.lora_slot)
 
 
 def probe(core: EngineCore, rows: list[RowInput], repeats: int) -> dict[str, object]:

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Run on a lent GPU machine (the session's device tool), from the repo root: the parity tests on
-# CUDA, the decode forward captured in a CUDA graph (benchmarks/probe_decode_graph.py), profiled
-# decode steps, and the multi-LoRA benchmark with --device cuda, which takes the time left; logs
-# and JSON land in $OUT (at most 8 files come back). Each stage has its own time limit and runs
-# even when one before it failed, so that one call inside the device's 10-minute limit brings
-# back whatever could be measured.
+# CUDA (the engine's decode graphs among them), one decode step replayed from a CUDA graph
+# (benchmarks/probe_decode_graph.py), profiled decode steps, and the multi-LoRA benchmark with
+# --device cuda on the time left; logs and JSON land in $OUT (at most 8 files come back). Each
+# stage has its own time limit and runs even when one before it failed, so that one call inside
+# the device's 10-minute limit brings back whatever could be measured.
 #
 #     bash scripts/device_check.sh                  # all stages: tests graph profile bench
 #     BUDGET_S=150 bash scripts/device_check.sh tests profile
@@ -21,6 +21,7 @@ SITE=/tmp/loraserve-site
 mkdir -p "$OUT" "$SITE"
 for wheel in .whl/*; do python3 -m zipfile -e "$wheel" "$SITE"; done
 export PYTHONPATH="$SITE:$PWD/server:$PWD/clients/python" PYTHONUNBUFFERED=1
+export LORASERVE_KERNELS=off  # no CUDA path calls the CPU kernels: a fresh machine need not build them
 
 STAGES=" ${*:-tests graph profile bench} "
 left() { echo $((BUDGET_S - SECONDS - $1)); }  # seconds left, keeping $1 for what follows
@@ -35,12 +36,12 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torc
 } 2>&1 | tee "$OUT/machine.txt"
 
 if [[ $STAGES == *" tests "* ]]; then
-  timeout 150 python3 -m pytest tests/engine/test_parity.py -q -p no:cacheprovider -k cuda 2>&1 \
-    | tee "$OUT/gpu_tests.log"
+  timeout 150 python3 -m pytest tests/model/test_decode_graphs.py tests/engine/test_parity.py -q \
+    -p no:cacheprovider -k cuda 2>&1 | tee "$OUT/gpu_tests.log"
 fi
 
 if [[ $STAGES == *" graph "* ]]; then
-  timeout 150 python3 benchmarks/probe_decode_graph.py --compute-dtype bf16 2>&1 \
+  timeout 120 python3 benchmarks/probe_decode_graph.py --compute-dtype bf16 2>&1 \
     | tee "$OUT/graph_cuda_bf16.log"
 fi
 

@@ -133,6 +133,11 @@ class EngineConfig(BaseModel):
         "(measured by how long each parallel op waits for its threads; probed again after a "
         "hold), so that a preempted thread does not stall every op; outputs do not change",
     )
+    cuda_graphs: bool = setting(
+        True,
+        "on a GPU, replay decode steps from CUDA graphs, captured on first use per batch size "
+        "and context length rounded up to powers of two: one launch instead of hundreds a step",
+    )
     lora_target_modules: tuple[ModuleName, ...] = setting(
         (),
         "modules that get LoRA slots, by last name component (repeatable; comma-separated in "

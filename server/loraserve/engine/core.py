@@ -128,7 +128,13 @@ class EngineCore:
         log.info("KV cache: %d tokens of %.0f KiB in %s, %.1f MiB", self.allocator.capacity_tokens,
                  per_token / 1024, str(self.cache.dtype).removeprefix("torch."),
                  num_blocks * block * per_token / 2**20)  # fmt: skip
-        self.runner = ModelRunner(loaded.model, self.cache, self.lora, self.adapters.slot_ranks)
+        self.runner = ModelRunner(
+            loaded.model,
+            self.cache,
+            self.lora,
+            self.adapters.slot_ranks,
+            decode_graph_rows=config.max_batch_size if config.cuda_graphs else 0,
+        )
         self.scheduler = Scheduler(
             self.allocator,
             self.adapters,

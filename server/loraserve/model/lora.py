@@ -61,7 +61,8 @@ class LoraBatch:
     The runner orders rows by slot, so a batch has one segment per distinct adapter in it.
     `columns` holds the same segments as tensors for the compiled kernel, built once for every
     layer: starts, ends, slots and ranks, each [G] int64. `token_slots` is built for the
-    gathered form when it asks.
+    gathered form when it asks. A batch `for_graph` has no segments: its slots are in
+    `graph_slots`.
     """
 
     segments: tuple[LoraSegment, ...]
@@ -69,12 +70,34 @@ class LoraBatch:
     row_slots: tuple[int, ...]
     row_tokens: tuple[int, ...]
     device: torch.device
+    graph_slots: torch.Tensor | None = None
 
     @functools.cached_property
     def token_slots(self) -> torch.Tensor:
         """[N] int64 on `device`: every token's slot (0 for the base)."""
+        if self.graph_slots is not None:
+            return self.graph_slots
         slots = [slot for slot, count in zip(self.row_slots, self.row_tokens) for _ in range(count)]
         return torch.tensor(slots, dtype=torch.int64, device=self.device)
+
+    @property
+    def in_graph(self) -> bool:
+        """Whether a CUDA graph captures this batch (see `for_graph`)."""
+        return self.graph_slots is not None
+
+    @property
+    def any_adapter(self) -> bool:
+        """Whether any token may be on an adapter: the layers' deltas have work to do."""
+        return bool(self.segments) or self.in_graph
+
+    @classmethod
+    def for_graph(cls, token_slots: torch.Tensor) -> LoraBatch:
+        """A batch for a CUDA graph to capture: each token's slot read from token_slots [N]
+        int64, a static buffer the host refills before every replay. What the graph records
+        must not depend on the slots it was captured with, so every layer takes the gathered
+        form over every token and applies every slot's terms (slot 0, and slots without a
+        term, hold zeros and the identity)."""
+        return cls((), (), (), (), token_slots.device, token_slots)
 
     @classmethod
     def for_rows(
@@ -135,11 +158,13 @@ def add_lora_delta_(
     segment's tokens, chunks in parallel), in fp32: in a 16-bit compute dtype it widens each
     chunk's rows and adds the chunk's delta, summed in fp32, to y in one rounding. Elsewhere, with
     `gathered` (what `takes_gathered_form` says of this forward: on a GPU, a decode-sized batch
-    of several adapters), the gathered form (`gathered_lora_delta_`, four launches however many
-    adapters); otherwise one fused multiply-add per segment (`segmented_lora_delta_`).
+    of several adapters, and every batch `for_graph`), the gathered form (`gathered_lora_delta_`,
+    four launches however many adapters); otherwise one fused multiply-add per segment
+    (`segmented_lora_delta_`).
     """
     ops = native()
-    if ops is not None and y.device.type == "cpu" and y.dtype == x.dtype and y.is_contiguous():
+    kernel_reads = y.device.type == "cpu" and not batch.in_graph and y.dtype == x.dtype
+    if ops is not None and kernel_reads and y.is_contiguous():
         starts, ends, slots, ranks = batch.columns
         values = None if scales is None else scales.values
         flags = None if narrow is None else narrow.flags
@@ -157,7 +182,10 @@ def takes_gathered_form(
 ) -> bool:
     """Whether this forward's delta and slot terms take the gathered form: on a GPU, where each
     launch costs more than its arithmetic, for more than two adapters, while the copies stay
-    under GATHERED_MAX_ELEMENTS. x: [N, in]; lora_a: [S, R, in]; lora_b: [S, R, out]."""
+    under GATHERED_MAX_ELEMENTS; and every batch a CUDA graph captures (on any device).
+    x: [N, in]; lora_a: [S, R, in]; lora_b: [S, R, out]."""
+    if batch.in_graph:
+        return True
     if x.device.type == "cpu" or len(batch.segments) <= 2:
         return False
     copied = x.shape[0] * lora_a.shape[1] * (lora_a.shape[2] + lora_b.shape[2])
@@ -453,7 +481,7 @@ class MultiLoraLinear(nn.Module):
         """x: [..., in] -> [..., out]."""
         y = self.base(x)
         batch = self.context.batch
-        if batch is None or not batch.segments:
+        if batch is None or not batch.any_adapter:
             return y
         flat_y, flat_x = y.view(-1, self.out_features), x.reshape(-1, self.in_features)
         gathered = takes_gathered_form(batch, flat_x, self.lora_a, self.lora_b)

@@ -125,10 +125,17 @@ class MultiLoraEmbedding(nn.Module):
         """ids: [...] int64 -> [..., hidden]."""
         y = self.base(ids)
         batch = self.context.batch
-        if batch is None or not batch.segments:
+        if batch is None or not batch.any_adapter:
             return y
         flat_y, flat_ids = y.view(-1, self.out_features), ids.reshape(-1)
         embed_scale = getattr(self.base, "embed_scale", None)
+        if batch.in_graph:  # every token's slot rows gathered (zeros where it has no delta)
+            slots = batch.token_slots
+            shrunk = self.lora_a[slots, flat_ids]  # [N, R]
+            delta = torch.bmm(shrunk.unsqueeze(1), self.lora_b.index_select(0, slots))[:, 0]
+            if embed_scale is not None:
+                delta *= torch.as_tensor(embed_scale).to(delta.dtype)
+            flat_y += delta  # [N, hidden]
         for seg in batch.segments:
             if not self.filled[seg.slot]:
                 continue

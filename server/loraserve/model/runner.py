@@ -14,7 +14,6 @@ Knows nothing about requests, sampling, scheduling or adapter names: rows carry 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
@@ -31,6 +30,8 @@ from loraserve.model.attention import (
     PrefillTables,
     paged_kernels_apply,
 )
+from loraserve.model.decode_graphs import DecodeGraphs
+from loraserve.model.forward import ForwardInputs, RowInput
 from loraserve.model.kv_cache import PagedKVCache
 from loraserve.model.linear import BaseLinear, link_shared_inputs, wrap_projections
 from loraserve.model.lora import LoraBatch, LoraContext
@@ -39,31 +40,6 @@ from loraserve.model.norms import fuse_rms_norms
 from loraserve.model.rotary import fuse_rotary, kernel_rotary_in_use
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RowInput:
-    """One sequence in one forward: `tokens` to append after `start` cached positions."""
-
-    tokens: list[int]
-    start: int
-    block_table: list[int]
-    lora_slot: int = 0
-
-
-@dataclass(frozen=True)
-class ForwardInputs:
-    """Every tensor one forward reads, for rows laid end to end in slot order (N tokens, B rows):
-    input_ids, positions [1, N] int64; write_slots [N] int64, the pool index each new token's
-    keys and values go to; last_tokens [B] int64, each row's last packed token (the logits
-    kept); the LoRA and attention batches."""
-
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    write_slots: torch.Tensor
-    last_tokens: torch.Tensor
-    lora: LoraBatch
-    attention: AttentionBatch
 
 
 class ModelRunner:
@@ -78,7 +54,8 @@ class ModelRunner:
     its large unquantized weights onto huge pages (`huge_pages`, where the KV pools and LoRA
     slots are allocated), and sets the process's malloc to keep freed memory (`host_memory`):
     every forward frees what the next one allocates. Every forward runs with the SDPA backends
-    of `attention.SDPA_BACKENDS`.
+    of `attention.SDPA_BACKENDS`. On a GPU, with `decode_graph_rows`, steps of up to that many
+    decode rows (one token each) replay CUDA graphs (`decode_graphs`).
     """
 
     def __init__(
@@ -87,6 +64,7 @@ class ModelRunner:
         cache: PagedKVCache,
         lora: LoraContext,
         slot_ranks: list[int],
+        decode_graph_rows: int = 0,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -116,13 +94,21 @@ class ModelRunner:
         output = model.get_output_embeddings()
         if not isinstance(output, BaseLinear):
             model.set_output_embeddings(BaseLinear(output))
+        self.graphs: DecodeGraphs | None = None
+        if decode_graph_rows and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(self.run, cache, decode_graph_rows, self.device)
 
     @torch.inference_mode()
     def forward(self, rows: list[RowInput]) -> torch.Tensor:
         """Append each row's tokens to its context; returns float32 logits [B, V] of last tokens,
         in the order of `rows`."""
         order = sorted(range(len(rows)), key=lambda i: rows[i].lora_slot)
-        logits = self.run(self.prepare([rows[i] for i in order]))
+        ordered = [rows[i] for i in order]
+        logits = None
+        if self.graphs is not None and all(len(r.tokens) == 1 for r in rows):
+            logits = self.graphs.forward(ordered)
+        if logits is None:
+            logits = self.run(self.prepare(ordered))
         if order == list(range(len(rows))):  # already in slot order (as base-only batches are)
             return logits
         unsorted = torch.empty_like(logits)

@@ -281,8 +281,11 @@ class SlotTerms(nn.Module):
     def apply_(self, y: torch.Tensor, batch: LoraBatch, gathered: bool = False) -> None:
         """y: [N, out], updated in place on the rows of each segment whose slot has terms, or
         (gathered) every row at once by its slot's rows, gathered with `batch.token_slots`.
-        Costs nothing per segment while no slot of this layer has a term (plain LoRA)."""
+        Costs nothing per segment while no slot of this layer has a term (plain LoRA), but a
+        batch a CUDA graph captures applies both terms whatever the slots hold now."""
         scaled, shifted = any(self.scaled), any(self.shifted)
+        if batch.in_graph:
+            scaled = shifted = gathered = True
         if not (scaled or shifted):
             return
         if gathered:

@@ -1,0 +1,39 @@
+"""What one forward of the model runner takes: the rows of a step, and the tensors built from them.
+
+Knows nothing about requests, scheduling or adapter names: rows carry tokens, positions, block
+tables and slot numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loraserve.model.attention import AttentionBatch
+from loraserve.model.lora import LoraBatch
+
+
+@dataclass(frozen=True)
+class RowInput:
+    """One sequence in one forward: `tokens` to append after `start` cached positions."""
+
+    tokens: list[int]
+    start: int
+    block_table: list[int]
+    lora_slot: int = 0
+
+
+@dataclass(frozen=True)
+class ForwardInputs:
+    """Every tensor one forward reads, for rows laid end to end in slot order (N tokens, B rows):
+    input_ids, positions [1, N] int64; write_slots [N] int64, the pool index each new token's
+    keys and values go to; last_tokens [B] int64, each row's last packed token (the logits
+    kept); the LoRA and attention batches."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    write_slots: torch.Tensor
+    last_tokens: torch.Tensor
+    lora: LoraBatch
+    attention: AttentionBatch
