@@ -184,11 +184,11 @@ class DecodeGraphs:
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(current)
+        with torch.cuda.stream(side):  # lazily built state (cuBLAS workspaces) before capture
+            self._run(static.inputs())  # what fails here fails an eager step too: it propagates
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.stream(side):  # lazily built state (cuBLAS workspaces) before capture
-                self._run(static.inputs())
-            current.wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
             # thread_local: the adapter loader's copies on other threads go on during a capture
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 logits = self._run(static.inputs())

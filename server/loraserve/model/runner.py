@@ -145,7 +145,8 @@ class ModelRunner:
     def run(self, inputs: ForwardInputs) -> torch.Tensor:
         """The model over one forward's inputs: writes their keys and values into the pools;
         returns float32 logits [B, V] of each row's last token. Apart from `prepare` so that
-        a GPU can capture it in a graph (`benchmarks/probe_decode_graph.py`)."""
+        a GPU can capture it in a graph (`decode_graphs`): a decode forward reads no value back
+        to the host."""
         self.cache.prepare(inputs.write_slots)
         self.lora.batch = inputs.lora
         try:
