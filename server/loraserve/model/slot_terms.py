@@ -283,9 +283,10 @@ class SlotTerms(nn.Module):
         (gathered) every row at once by its slot's rows, gathered with `batch.token_slots`.
         Costs nothing per segment while no slot of this layer has a term (plain LoRA), but a
         batch a CUDA graph captures applies both terms whatever the slots hold now."""
-        scaled, shifted = any(self.scaled), any(self.shifted)
         if batch.in_graph:
             scaled = shifted = gathered = True
+        else:
+            scaled, shifted = any(self.scaled), any(self.shifted)
         if not (scaled or shifted):
             return
         if gathered:
