@@ -124,7 +124,7 @@ class StaticDecode:
             input_ids=ids[None],
             positions=positions[None],
             write_slots=writes,
-            last_tokens=self.row_index,
+            kept_tokens=self.row_index,
             lora=lora,
             attention=AttentionBatch(self.cache, decode, ()),
         )

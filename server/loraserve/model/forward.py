@@ -16,24 +16,27 @@ from loraserve.model.lora import LoraBatch
 
 @dataclass(frozen=True)
 class RowInput:
-    """One sequence in one forward: `tokens` to append after `start` cached positions."""
+    """One sequence in one forward: `tokens` to append after `start` cached positions, the
+    last `scored` of them getting next-token logits (more than one where a row checks drafted
+    tokens: each one's logits say what should follow it)."""
 
     tokens: list[int]
     start: int
     block_table: list[int]
     lora_slot: int = 0
+    scored: int = 1
 
 
 @dataclass(frozen=True)
 class ForwardInputs:
     """Every tensor one forward reads, for rows laid end to end in slot order (N tokens, B rows):
     input_ids, positions [1, N] int64; write_slots [N] int64, the pool index each new token's
-    keys and values go to; last_tokens [B] int64, each row's last packed token (the logits
-    kept); the LoRA and attention batches."""
+    keys and values go to; kept_tokens [K] int64, the packed tokens whose logits are kept (each
+    row's last `scored`, in row order); the LoRA and attention batches."""
 
     input_ids: torch.Tensor
     positions: torch.Tensor
     write_slots: torch.Tensor
-    last_tokens: torch.Tensor
+    kept_tokens: torch.Tensor
     lora: LoraBatch
     attention: AttentionBatch

@@ -6,7 +6,8 @@ to end as one sequence of N tokens (batch size 1, no padding), ordered by LoRA s
 adapter's tokens form one segment. The runner builds, once per forward and for every layer:
 `position_ids`, the pool index each new token is written to, the `AttentionBatch` that tells the
 paged attention (`model/attention.py`) which tokens belong to which row, the `LoraBatch`, and
-the index of each row's last token, the only one whose logits are computed.
+the index of each row's last token, the only one whose logits are computed (or of its last
+few, where a row checks drafted tokens).
 
 Knows nothing about requests, sampling, scheduling or adapter names: rows carry slot numbers.
 """
@@ -100,8 +101,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, rows: list[RowInput]) -> torch.Tensor:
-        """Append each row's tokens to its context; returns float32 logits [B, V] of last tokens,
-        in the order of `rows`."""
+        """Append each row's tokens to its context; returns float32 logits [K, V] of each row's
+        last `scored` tokens (K = their sum; one per row: [B, V]), rows in the order of `rows`."""
         order = sorted(range(len(rows)), key=lambda i: rows[i].lora_slot)
         ordered = [rows[i] for i in order]
         logits = None
@@ -111,9 +112,14 @@ class ModelRunner:
             logits = self.run(self.prepare(ordered))
         if order == list(range(len(rows))):  # already in slot order (as base-only batches are)
             return logits
-        unsorted = torch.empty_like(logits)
-        unsorted[order] = logits
-        return unsorted
+        if all(r.scored == 1 for r in rows):
+            unsorted = torch.empty_like(logits)
+            unsorted[order] = logits
+            return unsorted
+        firsts = list(accumulate((r.scored for r in ordered), initial=0))  # per ordered row
+        place = {row: at for at, row in enumerate(order)}
+        kept = [firsts[place[i]] + k for i, r in enumerate(rows) for k in range(r.scored)]
+        return logits[torch.tensor(kept, device=logits.device)]
 
     def prepare(self, rows: list[RowInput]) -> ForwardInputs:
         """Every tensor one forward over `rows` (in slot order) reads, built on the host."""
@@ -136,7 +142,14 @@ class ModelRunner:
             input_ids=torch.tensor([t for r in rows for t in r.tokens], device=device)[None],
             positions=positions[None],
             write_slots=tables[row_of, positions // bs] * bs + positions % bs,
-            last_tokens=first_t + count_t - 1,
+            kept_tokens=torch.tensor(
+                [
+                    t
+                    for r, f, n in zip(rows, firsts, counts)
+                    for t in range(f + n - r.scored, f + n)
+                ],
+                device=device,
+            ),
             lora=LoraBatch.for_rows([r.lora_slot for r in rows], counts, self.slot_ranks, device),
             attention=self._attention_batch(rows, tables, firsts),
         )
@@ -144,7 +157,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, inputs: ForwardInputs) -> torch.Tensor:
         """The model over one forward's inputs: writes their keys and values into the pools;
-        returns float32 logits [B, V] of each row's last token. Apart from `prepare` so that
+        returns float32 logits [K, V] of the kept tokens. Apart from `prepare` so that
         a GPU can capture it in a graph (`decode_graphs`): a decode forward reads no value back
         to the host."""
         self.cache.prepare(inputs.write_slots)
@@ -156,19 +169,24 @@ class ModelRunner:
                     position_ids=inputs.positions,
                     cache=self.cache,
                     use_cache=True,
-                    logits_to_keep=inputs.last_tokens,
+                    logits_to_keep=inputs.kept_tokens,
                     attention_batch=inputs.attention,
                 )
         finally:
             self.lora.batch = None
-        return out.logits[0].float()  # [B, V]
+        return out.logits[0].float()  # [K, V]
 
     def _attention_batch(
         self, rows: list[RowInput], tables: torch.Tensor, firsts: list[int]
     ) -> AttentionBatch:
-        """Rows of one token as decode rows, every other row as a prefill row."""
-        decode = [b for b, r in enumerate(rows) if len(r.tokens) == 1]
-        chunks = [b for b, r in enumerate(rows) if len(r.tokens) > 1]
+        """Rows of one token as decode rows, and so each token of a row that scores every token
+        (a decode token and its draft: a few tokens, each attending as its own decode step
+        would, through the row's block table); every other row as a prefill row."""
+        decode = [
+            (b, j) for b, r in enumerate(rows) if len(r.tokens) in (1, r.scored)
+            for j in range(len(r.tokens))
+        ]  # fmt: skip
+        chunks = [b for b, r in enumerate(rows) if len(r.tokens) not in (1, r.scored)]
         prefill = tuple(
             PrefillRow(firsts[b], len(rows[b].tokens), rows[b].start, tables[b]) for b in chunks
         )
@@ -182,10 +200,10 @@ class ModelRunner:
             )
         decode_rows = None
         if decode:
-            index = torch.tensor(decode, device=self.device)
-            context_lens = [rows[b].start + 1 for b in decode]
+            index = torch.tensor([b for b, _ in decode], device=self.device)
+            context_lens = [rows[b].start + j + 1 for b, j in decode]
             decode_rows = DecodeRows(
-                tokens=torch.tensor([firsts[b] for b in decode], device=self.device),
+                tokens=torch.tensor([firsts[b] + j for b, j in decode], device=self.device),
                 block_tables=tables[index].to(torch.int32),
                 context_lens=torch.tensor(context_lens, dtype=torch.int32, device=self.device),
                 longest=max(context_lens),
