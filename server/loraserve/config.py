@@ -166,6 +166,20 @@ class EngineConfig(BaseModel):
     max_step_tokens: Count = setting(
         2048, "tokens one engine step feeds the model at most (prefill is chunked to fit)"
     )
+    speculative_tokens: int = setting(
+        0,
+        "tokens a greedy decode row drafts by prompt lookup (the tokens that followed the last "
+        "earlier occurrence of its context's final 2-4 tokens) and has the model check in the "
+        "same step, keeping those greedy decoding picks: the outputs of one token a step (in a "
+        "16-bit compute dtype, as between batch sizes, they may part at a near tie); 0: off",
+        ge=0,
+        le=16,
+    )
+    speculative_max_rows: Count = setting(
+        1,
+        "decode rows a step may hold for its rows to draft: a step of more rows is less "
+        "bound by its host work and weight reads, so checking drafts costs it more",
+    )
     max_waiting: Count = setting(1024, "queued requests at most")
     max_waiting_tokens: Count = setting(1 << 20, "queued prompt tokens at most")
     prefix_caching: bool = setting(

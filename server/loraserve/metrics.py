@@ -270,6 +270,13 @@ class Metrics:
         self.generated_tokens = Counter(
             "loraserve_generated_tokens", "Tokens generated.", ["tenant"], registry=r
         )
+        self.draft_tokens = Counter(
+            "loraserve_draft_tokens",
+            "Drafted tokens fed to the model for checking, by whether they were kept (accepted: "
+            "what greedy decoding chose; rejected: wasted work).",
+            ["result"],
+            registry=r,
+        )
         self.step_tokens = Histogram(
             "loraserve_step_tokens",
             "Tokens fed to the model in one engine step.",
@@ -317,6 +324,8 @@ class Metrics:
         self.build_info = Info("loraserve_build", "What this server runs.", registry=r)
         for tier in TIERS:  # export zeros from the start, so rates exist before traffic
             self.adapter_load_seconds.labels(tier)
+        for result in ("accepted", "rejected"):
+            self.draft_tokens.labels(result)
 
     def tenant_label(self, tenant: str) -> str:
         """The `tenant` label's value for `tenant`: itself, or "" when names are kept out."""

@@ -46,6 +46,7 @@ def server(model_dirs, adapter_dirs, tmp_path_factory):
         "--adapter-dir", str(root / "store"), "--max-context", "600", "--compute-threads", "1",
         "--adapter", f"first={adapter_dirs['llama']['r4-attn']}",
         "--adapter", f"second={adapter_dirs['llama']['r8-all']}",
+        "--speculative-tokens", "2",  # drafts checked in decode steps: the accounting holds
     ]  # fmt: skip
     with running_server(*flags, log_path=root / "server.log") as (address, _):
         yield address, metrics_port
@@ -86,7 +87,15 @@ def test_every_metric_moves_as_requests_run_fail_and_adapters_churn(server, adap
     assert delta("loraserve_queue_time_seconds_count") == 5
     assert delta("loraserve_step_duration_seconds_count", phase="decode") > 0
     assert delta("loraserve_step_duration_seconds_count", phase="prefill") >= 5
-    assert delta("loraserve_batch_size_count") > 0 and delta("loraserve_step_tokens_sum") > 0
+    assert delta("loraserve_batch_size_count") > 0
+    # every token fed once: the prompts, each generated token but a request's last, and the
+    # drafted tokens the model checked and greedy decoding did not pick
+    assert delta("loraserve_step_tokens_sum") == (
+        delta("loraserve_prompt_tokens_total", tenant="acme")
+        + completions
+        - 5
+        + delta("loraserve_draft_tokens_total", result="rejected")
+    )
     assert delta("loraserve_grpc_responses_total", method="Generate", code="OK") == 5
     assert delta("loraserve_grpc_responses_total", method="Generate", code="INVALID_ARGUMENT") == 1
     assert delta("loraserve_requests_rejected_total", reason="token_budget") == 1

@@ -37,15 +37,16 @@ class Collected:
 
 
 def make_core(
-    model_dir, quantization="nf4", dtype="fp32", device="cpu", store=None, **overrides
-) -> EngineCore:
+    model_dir, quantization="nf4", dtype="fp32", device="cpu", store=None, drafter=None,
+    **overrides,
+) -> EngineCore:  # fmt: skip
     settings = dict(
         device=device, device_slots=8, max_rank=64, kv_cache_tokens=4096, max_context=512
     )
     settings.update(overrides)
     config = EngineConfig(**settings)
     loaded = load_base_model(str(model_dir), quantization, dtype, device, config.double_quant)
-    return EngineCore(loaded, config, store=store)
+    return EngineCore(loaded, config, store=store, drafter=drafter)
 
 
 def load_reference_base(
@@ -67,13 +68,21 @@ def load_reference_base(
 
 @contextmanager
 def recording_logits(core: EngineCore, collected: dict[int, Collected]):
-    """While open, `core` keeps the logits each request's tokens were chosen from."""
+    """While open, `core` keeps the logits each request's tokens were chosen from (a drafting
+    request's rows past the tokens it emitted are dropped)."""
     original = core._sample_and_emit
 
-    def sample_and_emit(seqs, logits, *rest):
-        for seq, row in zip(seqs, logits):
-            collected[seq.request_id].logits.append(row.clone())
-        original(seqs, logits, *rest)
+    def sample_and_emit(seqs, logits, masks=None, drafts=None):
+        rows, drafted = iter(logits), drafts or {}
+        per_seq = {
+            seq.request_id: [next(rows).clone() for _ in [0, *drafted.get(seq.request_id, [])]]
+            for seq in seqs
+        }
+        before = {seq.request_id: len(collected[seq.request_id].tokens) for seq in seqs}
+        original(seqs, logits, masks, drafts)
+        for request_id, kept in per_seq.items():
+            emitted = len(collected[request_id].tokens) - before[request_id]
+            collected[request_id].logits.extend(kept[:emitted])
 
     core._sample_and_emit = sample_and_emit
     try:

@@ -7,7 +7,9 @@ blocks while compiling); `add` / `cancel` / `step` are called from one thread on
 `AsyncEngine` loop, or a test driving steps by hand). Each step: retire cancelled sequences,
 admit waiting ones, run the prefill chunks and the decode tokens (while a helper thread fills
 the constrained rows' next-token masks), sample, emit, retire finished sequences and free their
-KV at once. `inbox` is how other threads reach that thread: the adapter loader wakes it there.
+KV at once. With `speculative_tokens`, greedy decode rows feed drafted tokens too and keep
+those greedy decoding would have chosen (`speculation`). `inbox` is how other threads reach
+that thread: the adapter loader wakes it there.
 
 Knows nothing about gRPC, asyncio or adapter storage: the adapter manager turns names into
 keys and keys into slot grants.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from itertools import accumulate
 
 import torch
 
@@ -29,6 +32,7 @@ from loraserve.engine.intake import Intake
 from loraserve.engine.masks import MaskFiller, StepMasks
 from loraserve.engine.scheduler import Scheduler
 from loraserve.engine.sequence import EmitFn, Sequence
+from loraserve.engine.speculation import Drafter, PromptLookup, Speculation
 from loraserve.metrics import LiveState, Metrics
 from loraserve.model.blocks import BlockAllocator
 from loraserve.model.compute_team import DecodeThreads, ThreadGovernor, team_wait_seconds
@@ -72,7 +76,8 @@ def _adapter_names(seqs: list[Sequence]) -> tuple[str, ...]:
 
 
 class EngineCore:
-    """store: where tenants' uploaded adapters live (None: only `adapters.load`ed ones)."""
+    """store: where tenants' uploaded adapters live (None: only `adapters.load`ed ones);
+    drafter: where drafts come from with `speculative_tokens` (default: `PromptLookup`)."""
 
     def __init__(
         self,
@@ -80,6 +85,7 @@ class EngineCore:
         config: EngineConfig,
         metrics: Metrics | None = None,
         store: AdapterStore | None = None,
+        drafter: Drafter | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
@@ -141,6 +147,15 @@ class EngineCore:
             config.max_batch_size,
             config.max_step_tokens,
             config.slot_patience_steps,
+            speculation=(
+                Speculation(
+                    drafter or PromptLookup(),
+                    config.speculative_tokens,
+                    config.speculative_max_rows,
+                )
+                if config.speculative_tokens
+                else None
+            ),
         )
         self.max_context = min(
             config.max_context,
@@ -229,36 +244,41 @@ class EngineCore:
         plan = self.scheduler.plan()
         if not (plan.prefill or plan.decode):
             return False
+        drafts = plan.drafts
         self.metrics.batch_size.observe(len(plan.prefill) + len(plan.decode))
-        self.metrics.step_tokens.observe(sum(n for _, n in plan.prefill) + len(plan.decode))
         try:
             rows = [
                 RowInput(s.token_ids[s.num_cached : s.num_cached + n], s.num_cached,
                          s.block_table, s.lora_slot)
                 for s, n in plan.prefill
             ] + [
-                RowInput(s.token_ids[s.num_cached :], s.num_cached, s.block_table, s.lora_slot)
+                RowInput(s.token_ids[s.num_cached :] + drafts.get(s.request_id, []), s.num_cached,
+                         s.block_table, s.lora_slot, 1 + len(drafts.get(s.request_id, [])))
                 for s in plan.decode
             ]  # fmt: skip
+            self.metrics.step_tokens.observe(sum(len(row.tokens) for row in rows))
             # The rows that sample this step: decodes, and prefills whose chunk ends the prompt.
+            # Drafting rows come last, so the masks' row numbers hold in the logits as well.
             ready = [s for s, n in plan.prefill if s.num_cached + n >= s.prompt_len]
             ready += plan.decode
             pending = self.masks.start(ready)
             try:
-                out = self._forward("prefill" if plan.prefill else "decode", rows)  # [B, V]
+                out = self._forward("prefill" if plan.prefill else "decode", rows)  # [K, V]
             finally:
                 masks = pending.wait() if pending else None
+            firsts = list(accumulate((row.scored for row in rows), initial=0))
             picked = []
             for i, (s, n) in enumerate(plan.prefill):
                 s.num_cached += n
                 self.allocator.publish(s.prefix_hashes, s.block_table, s.num_cached)
                 if not s.in_prefill:
-                    picked.append(i)
+                    picked.append(firsts[i])
             for i, s in enumerate(plan.decode, start=len(plan.prefill)):
                 s.num_cached = len(s.token_ids)
-                picked.append(i)
+                picked.extend(range(firsts[i], firsts[i + 1]))
             if ready:  # picked ascends: as many as the rows means every row, in order
-                self._sample_and_emit(ready, out if len(picked) == len(out) else out[picked], masks)
+                logits = out if len(picked) == len(out) else out[picked]
+                self._sample_and_emit(ready, logits, masks, drafts)
         except Exception as error:  # one bad step must not kill the engine
             stepped = [s for s, _ in plan.prefill] + list(plan.decode)
             log.exception("engine step failed; failing its %d sequences", len(stepped))
@@ -277,9 +297,20 @@ class EngineCore:
         return logits
 
     def _sample_and_emit(
-        self, seqs: list[Sequence], logits: torch.Tensor, masks: StepMasks | None = None
+        self,
+        seqs: list[Sequence],
+        logits: torch.Tensor,
+        masks: StepMasks | None = None,
+        drafts: dict[int, list[int]] | None = None,
     ) -> None:
-        """logits: [N, V] float32, one row per sequence in `seqs`; masks: the constrained rows'.
+        """logits: [K, V] float32, one row per sequence in `seqs` and one more per token drafted
+        for it (`drafts`: request id -> draft; those sequences come last); masks: the
+        constrained rows'.
+
+        A drafting sequence's rows are its choices after its pending token and after each
+        drafted token: it emits them in order while each choice is the drafted token that
+        follows (whose keys and values this step wrote: it is cached now), and stops after
+        the first that is not, or after the last row.
 
         A row that cannot be sampled, or whose emit raises, fails its own request alone:
         non-finite scores with InvalidRequestError (the adapter or the sampling values overflow,
@@ -287,37 +318,55 @@ class EngineCore:
         limits), anything unexpected as itself (INTERNAL, logged).
         """
         masks = masks or StepMasks()
+        drafts = drafts or {}
+        per_row = [s for s in seqs for _ in range(1 + len(drafts.get(s.request_id, ())))]
         histories = [
-            s.history(self.device) if s.params.repetition_penalty != 1.0 else None for s in seqs
+            s.history(self.device) if s.params.repetition_penalty != 1.0 else None for s in per_row
         ]
         sampled = sample_next_tokens(
             logits,
-            [s.params for s in seqs],
-            [s.generator for s in seqs],
+            [s.params for s in per_row],
+            [s.generator for s in per_row],
             histories,
             masks.allowed,
         )
         tokens, logprobs = sampled.tokens.tolist(), sampled.logprobs.tolist()
         usable = sampled.usable.tolist()
-        tops = self._top_logprobs(seqs, sampled)
+        tops = self._top_logprobs(per_row, sampled)
         now = time.monotonic()
-        for row, seq in enumerate(seqs):
-            error = sampled.errors.get(row)
-            if row in masks.broken:
-                why = masks.broken[row]
-                error = InvalidRequestError(BROKEN_GRAMMAR.format(n=seq.num_generated, why=why))
-            if error is None and not usable[row]:
-                error = InvalidRequestError(NON_FINITE)
-            if error is None:
-                try:
-                    self._emit_token(seq, tokens[row], logprobs[row], tops.get(row, ()), now)
-                    continue
-                except Exception as raised:  # this request fails alone
-                    error = raised
-            if not isinstance(error, LoraServeError):
-                log.error("request %d failed while sampling", seq.request_id, exc_info=error)
-            if seq.request_id in self._by_id:  # not already retired
-                self._fail(seq, error)
+        row = 0
+        for seq in seqs:
+            draft = drafts.get(seq.request_id, [])
+            kept = 0
+            for at in range(row, row + 1 + len(draft)):
+                error = sampled.errors.get(at)
+                if at in masks.broken:
+                    why = masks.broken[at]
+                    error = InvalidRequestError(BROKEN_GRAMMAR.format(n=seq.num_generated, why=why))
+                if error is None and not usable[at]:
+                    error = InvalidRequestError(NON_FINITE)
+                if error is None:
+                    try:
+                        self._emit_token(seq, tokens[at], logprobs[at], tops.get(at, ()), now)
+                    except Exception as raised:  # this request fails alone
+                        error = raised
+                if error is not None:
+                    if not isinstance(error, LoraServeError):
+                        log.error("request %d failed while sampling", seq.request_id,
+                                  exc_info=error)  # fmt: skip
+                    if seq.request_id in self._by_id:  # not already retired
+                        self._fail(seq, error)
+                    break
+                if kept == len(draft) or tokens[at] != draft[kept]:
+                    break
+                kept += 1
+                if seq.request_id not in self._by_id:  # it ended on the drafted token
+                    break
+                seq.num_cached += 1
+            row += 1 + len(draft)
+            if draft:
+                self.metrics.draft_tokens.labels("accepted").inc(kept)
+                self.metrics.draft_tokens.labels("rejected").inc(len(draft) - kept)
 
     def _top_logprobs(
         self, seqs: list[Sequence], sampled: Sampled

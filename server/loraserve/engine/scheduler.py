@@ -13,7 +13,8 @@ so a cold adapter cannot starve behind a stream of hot ones; the next few cold a
 are read into host RAM ahead of time.
 
 Every step gives each decoding sequence its one token, then fills the rest of the per-step
-token cap with prefill chunks, oldest first.
+token cap with prefill chunks, oldest first; with a `Speculation`, the decoding sequences it
+picks also feed their drafts, from what the prefill chunks leave of the cap.
 
 Knows nothing about the model or sampling; adapters are keys the manager grants slots for.
 """
@@ -21,10 +22,11 @@ Knows nothing about the model or sampling; adapters are keys the manager grants 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loraserve.adapters.manager import AdapterManager, Admission
 from loraserve.engine.sequence import Sequence
+from loraserve.engine.speculation import Speculation
 from loraserve.model.blocks import BlockAllocator
 
 LOOKAHEAD_ADAPTERS = 4
@@ -32,10 +34,12 @@ LOOKAHEAD_ADAPTERS = 4
 
 @dataclass(frozen=True)
 class StepPlan:
-    """prefill: (sequence, tokens to feed) for rows in their prompt; decode: one token each."""
+    """prefill: (sequence, tokens to feed) for rows in their prompt; decode: one token each,
+    and after it the tokens `drafts` holds for its request id (those rows come last)."""
 
     prefill: list[tuple[Sequence, int]]
     decode: list[Sequence]
+    drafts: dict[int, list[int]] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -46,12 +50,14 @@ class Scheduler:
         max_batch_size: int,
         max_step_tokens: int,
         slot_patience_steps: int = 8,
+        speculation: Speculation | None = None,
     ) -> None:
         self.allocator = allocator
         self.adapters = adapters
         self.max_batch_size = max_batch_size
         self.max_step_tokens = max_step_tokens
         self.slot_patience_steps = slot_patience_steps
+        self.speculation = speculation
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -104,7 +110,11 @@ class Scheduler:
                 chunk = min(seq.prompt_len - seq.num_cached, budget)
                 prefill.append((seq, chunk))
                 budget -= chunk
-        return StepPlan(prefill, decode)
+        if self.speculation is None or budget <= 0:
+            return StepPlan(prefill, decode)
+        drafts = self.speculation.drafts(decode, budget)
+        decode.sort(key=lambda s: s.request_id in drafts)  # stable: drafting rows last
+        return StepPlan(prefill, decode, drafts)
 
     def remove(self, seq: Sequence) -> None:
         """Take `seq` out of the queue or the batch and free its KV blocks at once."""
