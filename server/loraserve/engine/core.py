@@ -141,21 +141,20 @@ class EngineCore:
             self.adapters.slot_ranks,
             decode_graph_rows=config.max_batch_size if config.cuda_graphs else 0,
         )
+        self.speculation = (
+            Speculation(
+                drafter or PromptLookup(), config.speculative_tokens, config.speculative_max_rows
+            )
+            if config.speculative_tokens
+            else None
+        )
         self.scheduler = Scheduler(
             self.allocator,
             self.adapters,
             config.max_batch_size,
             config.max_step_tokens,
             config.slot_patience_steps,
-            speculation=(
-                Speculation(
-                    drafter or PromptLookup(),
-                    config.speculative_tokens,
-                    config.speculative_max_rows,
-                )
-                if config.speculative_tokens
-                else None
-            ),
+            speculation=self.speculation,
         )
         self.max_context = min(
             config.max_context,
@@ -364,7 +363,8 @@ class EngineCore:
                     break
                 seq.num_cached += 1
             row += 1 + len(draft)
-            if draft:
+            if draft and self.speculation is not None:
+                self.speculation.checked(seq, kept)
                 self.metrics.draft_tokens.labels("accepted").inc(kept)
                 self.metrics.draft_tokens.labels("rejected").inc(len(draft) - kept)
 

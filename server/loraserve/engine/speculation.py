@@ -18,7 +18,9 @@ Only greedy rows without a repetition penalty or a constraint draft (their next 
 nothing but the logits at its position); sampled rows would draw from their generators in
 another order, changing what a seed gives. Drafting stops when the batch holds more than
 `max_rows` decode rows: a batch that already fills the CPU's arithmetic gains nothing from
-checking guesses.
+checking guesses. A sequence whose draft kept nothing pauses drafting for a step, then for 2,
+4, ... up to MAX_PAUSE_STEPS after each further miss, until a draft keeps a token: a drafter
+that keeps guessing wrong for one sequence costs it a draft now and then, not every step.
 
 `PromptLookup` finds the drafts: the longest of the context's last MAX_NGRAM .. MIN_NGRAM tokens
 that occurred before, latest occurrence first, and the tokens after it (continued periodically
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Protocol
 from weakref import WeakKeyDictionary
 
@@ -41,6 +44,7 @@ from loraserve.engine.sequence import Sequence
 MAX_NGRAM = 4  # the longest context suffix looked up
 MIN_NGRAM = 2  # the shortest: a single token matches too often to be worth checking
 TOKEN_BYTES = 4  # the mirror holds int32 token ids
+MAX_PAUSE_STEPS = 16  # the longest a sequence goes without drafting after drafts kept nothing
 
 
 class Drafter(Protocol):
@@ -100,14 +104,27 @@ def _continued(tokens: list[int], start: int, limit: int) -> list[int]:
     return [tokens[start + i % period] for i in range(limit)]
 
 
+@dataclass
+class Backoff:
+    """A sequence's pause after drafts that kept nothing: `pause` steps without drafting, then
+    a draft again; each draft that keeps nothing doubles the pause (up to MAX_PAUSE_STEPS),
+    one that keeps a token ends it."""
+
+    pause: int = 0
+    skip: int = 0  # steps left before the sequence drafts again
+
+
 class Speculation:
     """Which decode rows draft this step and how many tokens: at most `max_tokens` a row, none
-    while the batch holds more than `max_rows` decode rows."""
+    while the batch holds more than `max_rows` decode rows, none for a sequence pausing after
+    drafts that kept nothing (`Backoff`: where the drafter keeps guessing wrong, checking its
+    guesses would cost every step)."""
 
     def __init__(self, drafter: Drafter, max_tokens: int, max_rows: int) -> None:
         self.drafter = drafter
         self.max_tokens = max_tokens
         self.max_rows = max_rows
+        self._backoff: WeakKeyDictionary[Sequence, Backoff] = WeakKeyDictionary()
 
     def drafts(self, decode: list[Sequence], budget: int) -> dict[int, list[int]]:
         """request id -> its draft, for the rows of `decode` that draft; `budget`: how many
@@ -116,6 +133,10 @@ class Speculation:
             return {}
         drafts = {}
         for seq in _drafting(decode):
+            backoff = self._backoff.get(seq)
+            if backoff is not None and backoff.skip > 0:
+                backoff.skip -= 1
+                continue
             # the last token a request may generate needs no KV: drafting past it is waste
             left = seq.params.max_new_tokens - seq.num_generated - 1
             limit = min(self.max_tokens, left, budget)
@@ -126,6 +147,15 @@ class Speculation:
                 drafts[seq.request_id] = draft
                 budget -= len(draft)
         return drafts
+
+    def checked(self, seq: Sequence, kept: int) -> None:
+        """`seq`'s draft this step kept `kept` tokens."""
+        backoff = self._backoff.setdefault(seq, Backoff())
+        if kept:
+            backoff.pause = backoff.skip = 0
+        else:
+            backoff.pause = min(MAX_PAUSE_STEPS, 2 * backoff.pause or 1)
+            backoff.skip = backoff.pause
 
 
 def _drafting(decode: Iterable[Sequence]) -> Iterable[Sequence]:
