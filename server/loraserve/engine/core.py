@@ -333,35 +333,38 @@ class EngineCore:
         usable = sampled.usable.tolist()
         tops = self._top_logprobs(per_row, sampled)
         now = time.monotonic()
+
+        def emitted(seq: Sequence, at: int) -> bool:
+            """Emit row `at`'s choice for `seq`; False where the request failed on it instead."""
+            error = sampled.errors.get(at)
+            if at in masks.broken:
+                why = masks.broken[at]
+                error = InvalidRequestError(BROKEN_GRAMMAR.format(n=seq.num_generated, why=why))
+            if error is None and not usable[at]:
+                error = InvalidRequestError(NON_FINITE)
+            if error is None:
+                try:
+                    self._emit_token(seq, tokens[at], logprobs[at], tops.get(at, ()), now)
+                    return True
+                except Exception as raised:  # this request fails alone
+                    error = raised
+            if not isinstance(error, LoraServeError):
+                log.error("request %d failed while sampling", seq.request_id, exc_info=error)
+            if seq.request_id in self._by_id:  # not already retired
+                self._fail(seq, error)
+            return False
+
         row = 0
         for seq in seqs:
             draft = drafts.get(seq.request_id, [])
             kept = 0
             for at in range(row, row + 1 + len(draft)):
-                error = sampled.errors.get(at)
-                if at in masks.broken:
-                    why = masks.broken[at]
-                    error = InvalidRequestError(BROKEN_GRAMMAR.format(n=seq.num_generated, why=why))
-                if error is None and not usable[at]:
-                    error = InvalidRequestError(NON_FINITE)
-                if error is None:
-                    try:
-                        self._emit_token(seq, tokens[at], logprobs[at], tops.get(at, ()), now)
-                    except Exception as raised:  # this request fails alone
-                        error = raised
-                if error is not None:
-                    if not isinstance(error, LoraServeError):
-                        log.error("request %d failed while sampling", seq.request_id,
-                                  exc_info=error)  # fmt: skip
-                    if seq.request_id in self._by_id:  # not already retired
-                        self._fail(seq, error)
-                    break
-                if kept == len(draft) or tokens[at] != draft[kept]:
+                if not emitted(seq, at) or kept == len(draft) or tokens[at] != draft[kept]:
                     break
                 kept += 1
                 if seq.request_id not in self._by_id:  # it ended on the drafted token
                     break
-                seq.num_cached += 1
+                seq.num_cached += 1  # the drafted token's keys and values are the chosen one's
             row += 1 + len(draft)
             if draft and self.speculation is not None:
                 self.speculation.checked(seq, kept)
