@@ -148,6 +148,9 @@ class EngineCore:
             if config.speculative_tokens
             else None
         )
+        if self.speculation is not None and self.device.type == "cuda" and config.cuda_graphs:
+            log.warning("speculative_tokens on a GPU: a step with drafted tokens runs without its "
+                        "CUDA graph, measured only on CPUs")  # fmt: skip
         self.scheduler = Scheduler(
             self.allocator,
             self.adapters,
