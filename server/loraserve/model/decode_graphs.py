@@ -8,12 +8,14 @@ H200 sections). A CUDA graph records the launches of one forward and replays the
 
 A graph replays fixed shapes at fixed addresses, so each belongs to one `GraphShape`: the rows
 padded up to a power of two, the context up to a power of two of blocks (at least
-`MIN_CONTEXT_BLOCKS`), and whether any row is on an adapter. Its inputs live in one static
+`MIN_CONTEXT_BLOCKS`), whether any row is on an adapter, and whether any row's slot holds a
+DoRA or bias term in some layer (`TermedSlots`). Its inputs live in one static
 buffer (`StaticDecode`) that the host refills with one copy before each replay. Padding rows
 are token 0 at position 0 on the base, write their keys and values into the cache's scratch
 block and attend to that slot alone; padded context positions are masked. Nothing the graph
 computes may depend on host state that can change between replays: the LoRA batch takes the
-gathered form over every row and applies every slot's terms (`LoraBatch.for_graph`), and the
+gathered form over every row and applies every slot's terms, or none in a graph for slots
+without terms (`LoraBatch.for_graph`: plain LoRA skips four launches a projection), and the
 decode attention's gathered context is built inside the graph from the static block tables and
 lengths (`AttentionBatch` with `use_kernel` off).
 
@@ -38,6 +40,7 @@ from loraserve.model.blocks import SCRATCH_BLOCK
 from loraserve.model.forward import ForwardInputs, RowInput
 from loraserve.model.kv_cache import PagedKVCache
 from loraserve.model.lora import LoraBatch
+from loraserve.model.slot_terms import TermedSlots
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +50,27 @@ MIN_CONTEXT_BLOCKS = 16  # a graph attends over at least this many blocks of con
 @dataclass(frozen=True)
 class GraphShape:
     """What one graph is captured for: `rows` rows (a power of two), contexts of up to
-    `blocks` blocks (a power of two, at least MIN_CONTEXT_BLOCKS), and whether any row may be on
-    an adapter (without: no LoRA work is recorded)."""
+    `blocks` blocks (a power of two, at least MIN_CONTEXT_BLOCKS), whether any row may be on
+    an adapter (without: no LoRA work is recorded), and whether any row's slot may hold a DoRA
+    or bias term (without: no term is applied)."""
 
     rows: int
     blocks: int
     adapters: bool
+    terms: bool = False
 
     @classmethod
-    def of(cls, rows: list[RowInput], block_size: int) -> GraphShape:
-        """The smallest shape that holds `rows` (decode rows: one token each)."""
+    def of(cls, rows: list[RowInput], block_size: int, termed: TermedSlots) -> GraphShape:
+        """The smallest shape that holds `rows` (decode rows: one token each), `termed` saying
+        which slots hold terms now."""
         longest = max(row.start + 1 for row in rows)
         blocks = max(MIN_CONTEXT_BLOCKS, -(-longest // block_size))
+        slots = [row.lora_slot for row in rows if row.lora_slot]
         return cls(
             _power_of_two_at_least(len(rows)),
             _power_of_two_at_least(blocks),
-            any(row.lora_slot for row in rows),
+            bool(slots),
+            termed.any_of(slots),
         )
 
 
@@ -110,7 +118,7 @@ class StaticDecode:
         ids, positions, writes, slots, lens = self.values[: 5 * rows].view(5, rows).unbind(0)
         tables = self.values[5 * rows :].view(rows, blocks)
         if self.shape.adapters:
-            lora = LoraBatch.for_graph(slots)
+            lora = LoraBatch.for_graph(slots, self.shape.terms)
         else:
             lora = LoraBatch.for_rows([0] * rows, [1] * rows, [0], self.values.device)
         decode = DecodeRows(
@@ -143,7 +151,8 @@ class DecodeGraphs:
     """Decode forwards replayed from CUDA graphs, captured per `GraphShape` on first use.
 
     run: the runner's model call over one forward's inputs; max_rows: the most rows a graph
-    takes (steps with more run eagerly)."""
+    takes (steps with more run eagerly); termed: which slots hold terms (the model's
+    `LoraContext.termed`)."""
 
     def __init__(
         self,
@@ -151,9 +160,11 @@ class DecodeGraphs:
         cache: PagedKVCache,
         max_rows: int,
         device: torch.device,
+        termed: TermedSlots,
     ) -> None:
         self._run = run
         self.cache = cache
+        self.termed = termed
         self.max_rows = max_rows
         self.device = device
         self.graphs: dict[GraphShape, CapturedDecode] = {}
@@ -166,7 +177,7 @@ class DecodeGraphs:
         the step eagerly)."""
         if self.failed or len(rows) > self.max_rows:
             return None
-        shape = GraphShape.of(rows, self.cache.block_size)
+        shape = GraphShape.of(rows, self.cache.block_size, self.termed)
         captured = self.graphs.get(shape)
         if captured is None:
             captured = self._capture(shape, rows)

@@ -36,6 +36,7 @@ from loraserve.model.slot_terms import (
     ModuleWeights,
     SlotCopies,
     SlotTerms,
+    TermedSlots,
     dequantized_weight,
     expanded_weight_norm,
     resolve_terms,
@@ -62,7 +63,7 @@ class LoraBatch:
     `columns` holds the same segments as tensors for the compiled kernel, built once for every
     layer: starts, ends, slots and ranks, each [G] int64. `token_slots` is built for the
     gathered form when it asks. A batch `for_graph` has no segments: its slots are in
-    `graph_slots`.
+    `graph_slots`, and `graph_terms` says whether its layers apply the slots' terms.
     """
 
     segments: tuple[LoraSegment, ...]
@@ -71,6 +72,7 @@ class LoraBatch:
     row_tokens: tuple[int, ...]
     device: torch.device
     graph_slots: torch.Tensor | None = None
+    graph_terms: bool = False
 
     @functools.cached_property
     def token_slots(self) -> torch.Tensor:
@@ -91,13 +93,14 @@ class LoraBatch:
         return bool(self.segments) or self.in_graph
 
     @classmethod
-    def for_graph(cls, token_slots: torch.Tensor) -> LoraBatch:
+    def for_graph(cls, token_slots: torch.Tensor, terms: bool) -> LoraBatch:
         """A batch for a CUDA graph to capture: each token's slot read from token_slots [N]
         int64, a static buffer the host refills before every replay. What the graph records
         must not depend on the slots it was captured with, so every layer takes the gathered
-        form over every token and applies every slot's terms (slot 0, and slots without a
-        term, hold zeros and the identity)."""
-        return cls((), (), (), (), token_slots.device, token_slots)
+        form over every token and, with `terms`, applies every slot's terms (slot 0, and slots
+        without a term, hold zeros and the identity); without, it serves only slots that hold
+        no term in any layer."""
+        return cls((), (), (), (), token_slots.device, token_slots, terms)
 
     @classmethod
     def for_rows(
@@ -333,10 +336,12 @@ def gathered_slot_rows(
 
 
 class LoraContext:
-    """The per-forward LoRA batch, shared by every wrapped layer of one model."""
+    """The per-forward LoRA batch, shared by every wrapped layer of one model, and which slots
+    hold a DoRA or bias term in any of them (`termed`)."""
 
     def __init__(self) -> None:
         self.batch: LoraBatch | None = None
+        self.termed = TermedSlots()
 
 
 class MultiLoraLinear(nn.Module):
@@ -383,7 +388,7 @@ class MultiLoraLinear(nn.Module):
         self._narrower_slots = slot_dtype != dtype
         keeps_scales = self._narrower_slots or self.narrow is not None
         self.scales = SlotScales(num_slots, device) if keeps_scales else None
-        self.terms = SlotTerms(num_slots, self.out_features, dtype, device)
+        self.terms = SlotTerms(num_slots, self.out_features, dtype, device, context.termed)
         # per slot: how many leading rows of lora_a / lora_b may be non-zero (the rest are)
         self._rows_written = [0] * num_slots
         self._base_row_norms_sq: torch.Tensor | None = None  # [out] float64, for DoRA

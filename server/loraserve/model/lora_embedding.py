@@ -60,7 +60,7 @@ class MultiLoraEmbedding(nn.Module):
             "lora_b",
             torch.zeros(num_slots, max_rank, self.out_features, dtype=dtype, device=device),
         )
-        self.terms = SlotTerms(num_slots, self.out_features, dtype, device)
+        self.terms = SlotTerms(num_slots, self.out_features, dtype, device, context.termed)
         self.filled = [False] * num_slots  # slot -> whether it holds a delta for the embedding
 
     @property

@@ -97,7 +97,7 @@ class ModelRunner:
             model.set_output_embeddings(BaseLinear(output))
         self.graphs: DecodeGraphs | None = None
         if decode_graph_rows and self.device.type == "cuda":
-            self.graphs = DecodeGraphs(self.run, cache, decode_graph_rows, self.device)
+            self.graphs = DecodeGraphs(self.run, cache, decode_graph_rows, self.device, lora.termed)
 
     @torch.inference_mode()
     def forward(self, rows: list[RowInput]) -> torch.Tensor:

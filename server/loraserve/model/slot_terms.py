@@ -23,7 +23,8 @@ Knows nothing about adapter files, names or which adapter is in which slot.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -238,16 +239,42 @@ def resolve_terms(
     return replace(weights, magnitude=None, bias=None, lora_bias=None, base_copy=None, **terms)
 
 
+class TermedSlots:
+    """Which slots hold a DoRA or bias term in any layer of one model, as each layer's
+    `SlotTerms` reports its own: the slots a CUDA graph captured without terms cannot serve.
+    Written by whichever thread fills slots, read by the engine's."""
+
+    def __init__(self) -> None:
+        self._layers: Counter[int] = Counter()  # slot -> layers with a term on it
+
+    def add(self, slot: int) -> None:
+        self._layers[slot] += 1
+
+    def remove(self, slot: int) -> None:
+        self._layers[slot] -= 1
+        if self._layers[slot] <= 0:
+            del self._layers[slot]
+
+    def any_of(self, slots: Iterable[int]) -> bool:
+        return any(slot in self._layers for slot in slots)
+
+
 class SlotTerms(nn.Module):
     """Per-slot output affine terms of one layer: rows on slot s become rows * scale[s] +
     shift[s]. scale, shift: [num_slots, out]; a slot without a term skips it, and its rows hold
-    the identity (ones, zeros) for the gathered form, which applies every row's term at once."""
+    the identity (ones, zeros) for the gathered form, which applies every row's term at once.
+    `termed`: the model's record of slots with a term in any layer, kept up to date here."""
 
     scale: torch.Tensor
     shift: torch.Tensor
 
     def __init__(
-        self, num_slots: int, out_features: int, dtype: torch.dtype, device: torch.device
+        self,
+        num_slots: int,
+        out_features: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        termed: TermedSlots | None = None,
     ) -> None:
         super().__init__()
         shape = (num_slots, out_features)
@@ -255,6 +282,7 @@ class SlotTerms(nn.Module):
         self.register_buffer("shift", torch.zeros(shape, dtype=dtype, device=device))
         self.scaled = [False] * num_slots
         self.shifted = [False] * num_slots
+        self.termed = termed or TermedSlots()
 
     @property
     def slot_nbytes(self) -> int:
@@ -269,9 +297,13 @@ class SlotTerms(nn.Module):
         if shift is not None:
             self.shift[slot].copy_(shift, non_blocking=True)
             self.shifted[slot] = True
+        if scale is not None or shift is not None:
+            self.termed.add(slot)
 
     def clear_slot(self, slot: int) -> None:
         """Turn both terms off for `slot`, its rows back to the identity."""
+        if self.scaled[slot] or self.shifted[slot]:
+            self.termed.remove(slot)
         if self.scaled[slot]:
             self.scale[slot].fill_(1)
         if self.shifted[slot]:
@@ -281,10 +313,11 @@ class SlotTerms(nn.Module):
     def apply_(self, y: torch.Tensor, batch: LoraBatch, gathered: bool = False) -> None:
         """y: [N, out], updated in place on the rows of each segment whose slot has terms, or
         (gathered) every row at once by its slot's rows, gathered with `batch.token_slots`.
-        Costs nothing per segment while no slot of this layer has a term (plain LoRA), but a
-        batch a CUDA graph captures applies both terms whatever the slots hold now."""
+        Costs nothing per segment while no slot of this layer has a term (plain LoRA); a batch
+        a CUDA graph captures applies both terms to every row whatever the slots hold now, or
+        none where the graph serves only slots without terms (`LoraBatch.graph_terms`)."""
         if batch.in_graph:
-            scaled = shifted = gathered = True
+            scaled = shifted = gathered = batch.graph_terms
         else:
             scaled, shifted = any(self.scaled), any(self.shifted)
         if not (scaled or shifted):
