@@ -51,12 +51,15 @@ def test_lookup_without_an_earlier_occurrence_drafts_nothing():
     assert lookup.propose(_seq([7]), 4) == []
 
 
-def test_lookup_ignores_byte_matches_across_token_boundaries():
-    # in little-endian int32, (1, 0) is 01 00 00 00 00 00 00 00, which (256, 0, 0) holds from
-    # its second byte on: a match of the bytes that is no occurrence of the tokens
+def test_lookup_matches_whole_tokens_only():
+    # tokens whose little-endian bytes would hold (1, 0)'s from their second byte on, and ids
+    # with digits of every size
     lookup = PromptLookup(max_ngram=2, min_ngram=2)
     assert lookup.propose(_seq([256, 0, 0, 6, 1, 0]), 1) == []
     assert lookup.propose(_seq([1, 0, 9, 256, 0, 0, 6, 1, 0]), 1) == [9]
+    big = [65_025, 255, 254, 151_935, 255]
+    assert lookup.propose(_seq([*big, 7, 254, 151_935]), 2) == [255, 7]
+    assert lookup.propose(_seq([255, 0, 255, 1, 0]), 1) == []
 
 
 def test_lookup_continues_a_loop_past_the_end_of_the_context():

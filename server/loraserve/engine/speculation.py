@@ -25,15 +25,15 @@ that keeps guessing wrong for one sequence costs it a draft now and then, not ev
 `PromptLookup` finds the drafts: the longest of the context's last MAX_NGRAM .. MIN_NGRAM tokens
 that occurred before, latest occurrence first, and the tokens after it (continued periodically
 where they run into the end of the context: a loop repeats). It searches a bytes mirror of
-each sequence's tokens with `bytes.rfind`, in C, so a step's search costs microseconds however
-long the context.
+each sequence's tokens with `bytearray.rfind`, in C: a step's search costs microseconds, and
+at most one scan of the mirror per suffix length whatever the tokens, since each token's
+bytes end with a marker byte that no token's digits hold (every match is of whole tokens).
 
 Knows nothing about the model or the KV cache: sequences, token ids and counts.
 """
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -43,7 +43,9 @@ from loraserve.engine.sequence import Sequence
 
 MAX_NGRAM = 4  # the longest context suffix looked up
 MIN_NGRAM = 2  # the shortest: a single token matches too often to be worth checking
-TOKEN_BYTES = 4  # the mirror holds int32 token ids
+TOKEN_BYTES = 4  # in the mirror, a token id is three base-255 digits and MARK
+MARK = 0xFF  # ends every token's bytes and is no digit: a match cannot straddle tokens
+DIGIT_BASE = 255
 MAX_PAUSE_STEPS = 16  # the longest a sequence goes without drafting after drafts kept nothing
 
 
@@ -80,21 +82,26 @@ class PromptLookup:
         if mirror is None:
             mirror = self._mirrors[seq] = bytearray()
         held = len(mirror) // TOKEN_BYTES
-        mirror += array("i", seq.token_ids[held:]).tobytes()
+        for token in seq.token_ids[held:]:
+            mirror += _token_bytes(token)
         return mirror
+
+
+def _token_bytes(token: int) -> bytes:
+    """Three base-255 digits and MARK. Ids past 255^3 - 1 (no vocabulary is that large) share
+    the largest digits: a false match only drafts tokens the model then rejects."""
+    token = min(token, DIGIT_BASE**3 - 1)
+    return bytes((token % DIGIT_BASE, token // DIGIT_BASE % DIGIT_BASE, token // DIGIT_BASE**2,
+                  MARK))  # fmt: skip
 
 
 def _after_earlier_occurrence(mirror: bytearray, n: int, length: int) -> int | None:
     """The position after the latest occurrence of the last n tokens that ends before the last
-    token, or None. mirror: `length` tokens as int32 bytes."""
+    token, or None. mirror: `length` tokens as `_token_bytes`."""
     width = n * TOKEN_BYTES
-    suffix = bytes(mirror[-width:])
     end = (length - 1) * TOKEN_BYTES  # occurrences lie wholly before the last token
-    while (at := mirror.rfind(suffix, 0, end)) >= 0:
-        if at % TOKEN_BYTES == 0:
-            return at // TOKEN_BYTES + n
-        end = at + width - 1  # a match straddling tokens: look further back
-    return None
+    at = mirror.rfind(mirror[-width:], 0, end)
+    return None if at < 0 else at // TOKEN_BYTES + n
 
 
 def _continued(tokens: list[int], start: int, limit: int) -> list[int]:
