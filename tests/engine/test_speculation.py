@@ -301,3 +301,32 @@ def test_sampled_rows_beside_drafting_ones_draw_as_without_drafts(cores, drafter
     with drafting_with(drafter, ReplayDrafter(outputs)):
         got = run(cores[DRAFT], {0: mixed})
     _assert_same(got, want)
+
+
+def test_bf16_rows_check_drafts_and_feed_each_kept_token_once(model_dirs, adapter_dirs):
+    """Under bf16 compute a checked position's sums may round apart from a one-token step's
+    (as between batch sizes), so outputs are not compared; the accounting is."""
+    core = make_core(
+        model_dirs["llama"],
+        dtype="bf16",
+        max_context=1024,
+        speculative_tokens=DRAFT,
+        speculative_max_rows=8,
+        prefix_caching=False,
+        drafter=PromptLookup(min_ngram=1),
+    )
+    core.adapters.load("r8-all", adapter_dirs["llama"]["r8-all"])
+    every_token = tuple(range(core.vocab_size))
+    requests = [
+        GenerateRequest(
+            prompt_token_ids=prompt,
+            adapter=adapter,
+            sampling=SamplingParams(max_new_tokens=12, ignore_eos=True),
+        )
+        for prompt, adapter in ((every_token, None), (every_token[::-1], "r8-all"))
+    ]
+    got = run(core, {0: requests})
+    assert [(g.error, len(g.tokens)) for g in got] == [(None, 12)] * 2
+    accepted, rejected = _drafted(core)
+    assert accepted + rejected > 0
+    assert _fed(core) == 2 * len(every_token) + 2 * 11 + rejected
