@@ -142,17 +142,11 @@ def main() -> None:
     )
     drafts = ReplayDrafts(vocab)
     plain = engine(settings)
-    drafting = engine(
-        settings.model_copy(
-            update=dict(speculative_tokens=args.draft, speculative_max_rows=args.streams)
-        ),
-        drafts,
+    drafting_settings = settings.model_copy(
+        update=dict(speculative_tokens=args.draft, speculative_max_rows=args.streams)
     )
-    looking = engine(
-        settings.model_copy(
-            update=dict(speculative_tokens=args.draft, speculative_max_rows=args.streams)
-        )
-    )
+    drafting = engine(drafting_settings, drafts)
+    looking = engine(drafting_settings)
 
     _, reference = run(plain, waves)  # also the warm-up
     drafts.reference = {prompt: reference.token_ids[i] for i, prompt in enumerate(prompts)}

@@ -254,9 +254,10 @@ class EngineCore:
                          s.block_table, s.lora_slot)
                 for s, n in plan.prefill
             ] + [
-                RowInput(s.token_ids[s.num_cached :] + drafts.get(s.request_id, []), s.num_cached,
-                         s.block_table, s.lora_slot, 1 + len(drafts.get(s.request_id, [])))
+                RowInput(s.token_ids[s.num_cached :] + draft, s.num_cached, s.block_table,
+                         s.lora_slot, 1 + len(draft))
                 for s in plan.decode
+                for draft in [drafts.get(s.request_id, [])]
             ]  # fmt: skip
             self.metrics.step_tokens.observe(sum(len(row.tokens) for row in rows))
             # The rows that sample this step: decodes, and prefills whose chunk ends the prompt.

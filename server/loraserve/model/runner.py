@@ -112,10 +112,6 @@ class ModelRunner:
             logits = self.run(self.prepare(ordered))
         if order == list(range(len(rows))):  # already in slot order (as base-only batches are)
             return logits
-        if all(r.scored == 1 for r in rows):
-            unsorted = torch.empty_like(logits)
-            unsorted[order] = logits
-            return unsorted
         firsts = list(accumulate((r.scored for r in ordered), initial=0))  # per ordered row
         place = {row: at for at, row in enumerate(order)}
         kept = [firsts[place[i]] + k for i, r in enumerate(rows) for k in range(r.scored)]
@@ -182,11 +178,9 @@ class ModelRunner:
         """Rows of one token as decode rows, and so each token of a row that scores every token
         (a decode token and its draft: a few tokens, each attending as its own decode step
         would, through the row's block table); every other row as a prefill row."""
-        decode = [
-            (b, j) for b, r in enumerate(rows) if len(r.tokens) in (1, r.scored)
-            for j in range(len(r.tokens))
-        ]  # fmt: skip
-        chunks = [b for b, r in enumerate(rows) if len(r.tokens) not in (1, r.scored)]
+        decoding = [len(r.tokens) in (1, r.scored) for r in rows]
+        decode = [(b, j) for b, r in enumerate(rows) if decoding[b] for j in range(len(r.tokens))]
+        chunks = [b for b in range(len(rows)) if not decoding[b]]
         prefill = tuple(
             PrefillRow(firsts[b], len(rows[b].tokens), rows[b].start, tables[b]) for b in chunks
         )
