@@ -186,6 +186,7 @@ class BenchConfig:
     max_step_tokens: int
     repeats: int
     seed: int = 0
+    batch_invariant: bool = False
 
 
 DEFAULT = BenchConfig(
@@ -260,6 +261,7 @@ def base_engine_config(config: BenchConfig, model_dir: Path) -> EngineConfig:
         device=config.device,
         max_rank=config.rank,
         max_step_tokens=config.max_step_tokens,
+        batch_invariant=config.batch_invariant,
     )
 
 
@@ -592,6 +594,12 @@ def parse_args(
         default=DEFAULT_CACHE_DIR,
         help="where the random model and adapters are written once and reused",
     )
+    parser.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="every engine with batch_invariant (each request's logits the same bits in any "
+        "batch, chunking or prefix-cache hit)",
+    )
     parser.add_argument("--out", type=Path, help="write the results as JSON to this file")
     parser.add_argument(
         "--only",
@@ -612,6 +620,7 @@ def parse_args(
         compute_dtype=args.compute_dtype,
         device=args.device,
         max_step_tokens=args.max_step_tokens,
+        batch_invariant=args.batch_invariant,
     )
     only = {"engine_base", *args.only}
     return config, args.cache_dir, args.out, [c for c in CONFIGURATIONS if c in only]

@@ -185,6 +185,14 @@ class EngineConfig(BaseModel):
     prefix_caching: bool = setting(
         True, "share the KV of prompt prefixes a tenant already sent on the same adapter"
     )
+    batch_invariant: bool = setting(
+        False,
+        "give every request's logits the same bits whatever requests share its steps and "
+        "however its prompt is split into steps or found in the prefix cache: reproducible "
+        "outputs under any load, in fp32 or bf16 compute (the CPU kernels only: refused on a "
+        "GPU; a 16-bit compute dtype's projections run in fp32; slower steps of a few rows and "
+        "long prefills, see docs/performance.md)",
+    )
     max_constraint_bytes: Count = setting(
         64 * 1024, "largest constraint (schema, regex, grammar, choices) accepted"
     )

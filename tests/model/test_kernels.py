@@ -38,6 +38,7 @@ from loraserve.model.linear import (
     bf16_pairs,
     has_amx,
     link_shared_inputs,
+    make_batch_invariant,
     matmul_group,
     wrap_projections,
 )
@@ -956,3 +957,109 @@ def test_score_stats_of_large_and_tiny_spreads():
     got, want = score_stats(scores), score_stats_reference(scores)
     assert torch.equal(got.argmax, want.argmax)
     torch.testing.assert_close(got.logsumexp, want.logsumexp, rtol=1e-6, atol=1e-6)
+
+
+# ---- batch invariance: a row's outputs the same whatever rows share its call ----------------
+
+# Row counts of every path a call may take otherwise: the GEMV (1-6), the column vectors (6-12),
+# one pass (to 32), tails past 16 split off or not, the outer products past a pass, and more
+# rows than the small-batch limit.
+INVARIANT_ROWS = [1, 2, 3, 4, 5, 6, 7, 12, 16, 17, 18, 21, 22, 33, 40, 64, 65, 300]
+
+
+def _alone_and_together(call, x: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """call(rows) of every row of x alone, stacked, and of x's first m rows for each m of
+    INVARIANT_ROWS."""
+    alone = torch.cat([call(x[i : i + 1]) for i in range(x.shape[0])])
+    return alone, {m: call(x[:m]) for m in INVARIANT_ROWS}
+
+
+@pytest.mark.parametrize(
+    ("out_features", "in_features", "blocksize"),
+    [(96, 128, 64), (13, 64, 64), (64, 256, 256), (40, 192, 32)],
+)
+@pytest.mark.parametrize("nested", [False, True], ids=["absmax", "nested"])
+def test_invariant_4bit_rows_get_the_bits_they_get_alone(
+    out_features, in_features, blocksize, nested
+):
+    """Weights the column vectors take (32 | N) and do not, blocks smaller and larger than a
+    chunk, double-quantized scales; with a bias; the sums still dequantize-then-matmul's."""
+    layer = _quantized(out_features, in_features, "nf4", nested, bias=True, blocksize=blocksize)
+    p, bias = Packed4bit.of(layer), layer.bias.float()
+    x = torch.randn(max(INVARIANT_ROWS), in_features)
+    alone, together = _alone_and_together(lambda rows: p.matmul(native(), rows, bias, True), x)
+    torch.testing.assert_close(alone, F.linear(x, _dequantized(layer), bias), rtol=RTOL, atol=ATOL)
+    for rows, y in together.items():
+        assert torch.equal(y, alone[:rows]), f"{rows} rows"
+
+
+def test_invariant_4bit_group_gives_each_weight_the_bits_of_its_rows_alone():
+    weights = [Packed4bit.of(_quantized(n, 128, "nf4", False, False)) for n in (96, 13, 64)]
+    x = torch.randn(max(INVARIANT_ROWS), 128)
+    for i, weight in enumerate(weights):
+        alone = torch.cat([weight.matmul(native(), x[r : r + 1], None, True) for r in range(300)])
+        for rows in INVARIANT_ROWS:
+            group = matmul_group(native(), x[:rows], weights, [None] * 3, True)
+            assert torch.equal(group[i], alone[:rows]), f"weight {i}, {rows} rows"
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("out_features", "in_features"), [(7, 100), (30, 300), (64, 64)])
+def test_invariant_dense_rows_get_the_bits_they_get_alone(out_features, in_features, weight_dtype):
+    torch.manual_seed(out_features)
+    weight = torch.randn(out_features, in_features).to(weight_dtype)
+    x = torch.randn(max(INVARIANT_ROWS), in_features)
+    alone, together = _alone_and_together(
+        lambda rows: native().linear_f32(rows, weight, None, True), x
+    )
+    torch.testing.assert_close(alone, F.linear(x, weight.float()), rtol=RTOL, atol=ATOL)
+    for rows, y in together.items():
+        assert torch.equal(y, alone[:rows]), f"{rows} rows"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_invariant_base_linear_takes_the_kernel_at_every_row_count(dtype):
+    """`make_batch_invariant`: a BaseLinear's rows, fp32 or bf16 (widened for the fp32 kernel,
+    rounded back), past the small-batch limit too, get the bits they get alone."""
+    model = nn.Sequential(
+        BaseLinear(_quantized(64, 128, "nf4", False, True)),
+        BaseLinear(nn.Linear(64, 40).to(dtype)),
+    )
+    make_batch_invariant(model)
+    x = torch.randn(SMALL_BATCH_ROWS + 44, 128).to(dtype)
+    with torch.inference_mode():
+        alone = torch.cat([model(x[i : i + 1]) for i in range(x.shape[0])])
+        for rows in (*INVARIANT_ROWS, x.shape[0]):
+            assert torch.equal(model(x[:rows]), alone[:rows]), f"{rows} rows"
+    assert alone.dtype == dtype
+
+
+def test_batch_invariance_is_refused_where_torch_would_run_a_projection():
+    model = nn.Sequential(BaseLinear(nn.Linear(64, 40).half()))  # no kernel reads fp16 weights
+    with pytest.raises(ValueError, match="batch_invariant needs loraserve's CPU kernels"):
+        make_batch_invariant(model)
+
+
+@pytest.mark.parametrize("row_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("slot_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_invariant_lora_delta_of_a_token_is_the_same_in_any_segment(row_dtype, slot_dtype):
+    """A token's delta alone equals its delta inside segments of 1 to 40 tokens (chunks of 16,
+    their 4-row blocks' remainders; with AMX, chunks that tiles would take)."""
+    torch.manual_seed(3)
+    lora_a = torch.randn(3, 16, 128).to(slot_dtype)
+    lora_b = torch.randn(3, 16, 96).to(slot_dtype)
+    scales = torch.tensor([1.0, 0.5, 2.0]) if slot_dtype == torch.bfloat16 else None
+    x = torch.randn(40, 128).to(row_dtype)
+    y = torch.randn(40, 96).to(row_dtype)
+
+    def delta(rows: slice) -> torch.Tensor:
+        out = y[rows].clone()
+        segment = [torch.tensor([0]), torch.tensor([out.shape[0]]), torch.tensor([2]),
+                   torch.tensor([16])]  # fmt: skip
+        native().lora_delta_(x[rows].contiguous(), out, lora_a, lora_b, *segment, scales, None,
+                             True)  # fmt: skip
+        return out
+
+    alone = torch.cat([delta(slice(t, t + 1)) for t in range(40)])
+    for tokens in (2, 5, 8, 15, 16, 17, 33, 40):
+        assert torch.equal(delta(slice(0, tokens)), alone[:tokens]), f"{tokens} tokens"

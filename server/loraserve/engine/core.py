@@ -140,6 +140,7 @@ class EngineCore:
             self.lora,
             self.adapters.slot_ranks,
             decode_graph_rows=config.max_batch_size if config.cuda_graphs else 0,
+            batch_invariant=config.batch_invariant,
         )
         self.speculation = (
             Speculation(
@@ -251,7 +252,7 @@ class EngineCore:
         try:
             rows = [
                 RowInput(s.token_ids[s.num_cached : s.num_cached + n], s.num_cached,
-                         s.block_table, s.lora_slot)
+                         s.block_table, s.lora_slot, prompt=True)
                 for s, n in plan.prefill
             ] + [
                 RowInput(s.token_ids[s.num_cached :] + draft, s.num_cached, s.block_table,

@@ -138,12 +138,15 @@ class GatheredContext:
 class AttentionBatch:
     """How one forward's packed tokens map onto the cache's pools. With no prefill rows, the
     decode rows' tokens are every token of the forward, in order. prefill_tables: the prefill
-    rows as the compiled kernel takes them, None where it does not run."""
+    rows as the compiled kernel takes them, None where it does not run. every_chunk_in_kernel:
+    the kernel attends prefill chunks of any length (batch invariance: its sums for a query do
+    not depend on the chunk the query came in, SDPA's do)."""
 
     cache: PagedKVCache
     decode: DecodeRows | None
     prefill: tuple[PrefillRow, ...]
     prefill_tables: PrefillTables | None = None
+    every_chunk_in_kernel: bool = False
     _contexts: dict[tuple[int, torch.dtype], GatheredContext] = field(
         default_factory=dict, repr=False, compare=False
     )
@@ -154,11 +157,11 @@ class AttentionBatch:
 
     def prefill_split(self, dtype: torch.dtype) -> PrefillSplit:
         """Which prefill rows the kernel attends for queries of `dtype` (chunks up to its
-        `KERNEL_MAX_CHUNK`; none without `prefill_tables`), decided by the first layer that asks
-        and shared by the rest."""
+        `KERNEL_MAX_CHUNK`, or all with `every_chunk_in_kernel`; none without `prefill_tables`),
+        decided by the first layer that asks and shared by the rest."""
         if dtype not in self._splits:
             limit = KERNEL_MAX_CHUNK.get(dtype, KERNEL_MAX_CHUNK_16_BIT)
-            short = [row.count <= limit for row in self.prefill]
+            short = [row.count <= limit or self.every_chunk_in_kernel for row in self.prefill]
             if self.prefill_tables is None or not any(short):
                 split = PrefillSplit(None, self.prefill)
             else:

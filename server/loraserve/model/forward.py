@@ -18,13 +18,17 @@ from loraserve.model.lora import LoraBatch
 class RowInput:
     """One sequence in one forward: `tokens` to append after `start` cached positions, the
     last `scored` of them getting next-token logits (more than one where a row checks drafted
-    tokens: each one's logits say what should follow it)."""
+    tokens: each one's logits say what should follow it). `prompt`: a chunk of the prompt,
+    attended as a prefill row even when it is one token long (as a prompt's tokens always are,
+    so that their keys and values do not depend on how the prompt was split into chunks); other
+    rows of one token, or of only scored tokens, attend as decode steps."""
 
     tokens: list[int]
     start: int
     block_table: list[int]
     lora_slot: int = 0
     scored: int = 1
+    prompt: bool = False
 
 
 @dataclass(frozen=True)

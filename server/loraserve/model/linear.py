@@ -188,25 +188,31 @@ class Packed4bit:
             torch.float32,
         )
 
-    def matmul(self, ops: Any, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """rows [M, K] fp32 -> [M, N] through the fused kernel."""
+    def matmul(
+        self, ops: Any, rows: torch.Tensor, bias: torch.Tensor | None, invariant: bool = False
+    ) -> torch.Tensor:
+        """rows [M, K] fp32 -> [M, N] through the fused kernel (by its batch-invariant paths
+        where `invariant`)."""
         n = self.nested
         return ops.linear_4bit(
             rows, self.packed, self.absmax, self.code, self.blocksize, self.out_features, bias,
             None if n is None else n.absmax2, None if n is None else n.code2,
-            0.0 if n is None else n.offset,
+            0.0 if n is None else n.offset, invariant,
         )  # fmt: skip
 
 
 def matmul_group(
-    ops: Any, rows: torch.Tensor, weights: list[Packed4bit], biases: list[torch.Tensor | None]
+    ops: Any,
+    rows: torch.Tensor,
+    weights: list[Packed4bit],
+    biases: list[torch.Tensor | None],
+    invariant: bool = False,
 ) -> list[torch.Tensor]:
     """rows [M, K] -> [M, N_i] for each weight, in one kernel call: fp32 rows by the fused
-    kernel, bf16 rows by the bf16 kernel (`amx_tiles()` or `bf16_pairs()`), each output in its
-    rows' dtype."""
+    kernel (by its batch-invariant paths where `invariant`), bf16 rows by the bf16 kernel
+    (`amx_tiles()` or `bf16_pairs()`, never batch-invariant), each output in its rows' dtype."""
     nested = [w.nested for w in weights]
-    kernel = ops.linear_4bit_bf16 if rows.dtype == torch.bfloat16 else ops.linear_4bit_group
-    return kernel(
+    arguments = (
         rows, [w.packed for w in weights], [w.absmax for w in weights],
         [w.code for w in weights], [w.blocksize for w in weights],
         [w.out_features for w in weights], biases,
@@ -214,6 +220,9 @@ def matmul_group(
         [None if n is None else n.code2 for n in nested],
         [0.0 if n is None else n.offset for n in nested],
     )  # fmt: skip
+    if rows.dtype == torch.bfloat16:
+        return ops.linear_4bit_bf16(*arguments)
+    return ops.linear_4bit_group(*arguments, invariant)
 
 
 class BaseLinear(nn.Module):
@@ -238,6 +247,7 @@ class BaseLinear(nn.Module):
         self.dense_bf16 = on_cpu and type(module) is nn.Linear and weight.dtype == torch.bfloat16
         self.narrowed = False  # the fp32 weight's values, held in bf16 (`hold_narrow`)
         self.group: SharedInputGroup | None = None
+        self.invariant = False  # batch-invariant kernel paths only (`make_batch_invariant`)
 
     def hold_narrow(self, weight: nn.Parameter) -> None:
         """Run on `weight` [out, in] bf16, which holds the dense fp32 weight's values exactly
@@ -265,7 +275,7 @@ class BaseLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if x.dtype != torch.float32 or not rows.is_contiguous():  # `to` costs a call even as is
             rows = rows.to(torch.float32, memory_format=CONTIGUOUS)
-        small = rows.shape[0] <= SMALL_BATCH_ROWS
+        small = rows.shape[0] <= SMALL_BATCH_ROWS or self.invariant
         if small and self.group is not None:
             y = self.group.output(self, ops, x, rows)
         else:
@@ -282,7 +292,7 @@ class BaseLinear(nn.Module):
 
     def _in_bf16_kernel(self, x: torch.Tensor) -> bool:
         """Whether bf16 x (bf16 compute) is multiplied by the weight in the bf16 kernel."""
-        if x.dtype != torch.bfloat16 or self.in_features % BF16_STEP_K:
+        if x.dtype != torch.bfloat16 or self.in_features % BF16_STEP_K or self.invariant:
             return False
         rows = x.numel() // self.in_features
         if amx_tiles():
@@ -311,10 +321,14 @@ class BaseLinear(nn.Module):
         """Whether a 16-bit x (bf16 or fp16 compute) takes the 4-bit kernel, widened to fp32
         and its output rounded back, rather than bitsandbytes' dequantize of the whole weight to
         x's dtype and a GEMM in it (which more rows keep: on AMX's tiles where the CPU has
-        them)."""
+        them). Batch-invariant, every 16-bit x widens, for a bf16 weight's kernel too."""
+        if x.dtype not in NARROW_DTYPES:
+            return False
+        if self.invariant:
+            return self.packed is not None or self.dense_bf16
         rows = x.numel() // self.in_features
         most = AMX_WIDENED_MAX_ROWS if has_amx() else SMALL_BATCH_ROWS
-        return self.packed is not None and x.dtype in NARROW_DTYPES and rows <= most
+        return self.packed is not None and rows <= most
 
     def bias(self) -> torch.Tensor | None:
         """[out] float32, or None."""
@@ -326,9 +340,9 @@ class BaseLinear(nn.Module):
         """rows [M, in] float32, contiguous, M at most SMALL_BATCH_ROWS -> [M, out] by the
         small-batch kernels; None where they do not take this projection."""
         if self.packed is not None:
-            return self.packed.matmul(ops, rows, bias)
-        if self.dense:
-            return ops.linear_f32(rows, self.module.weight, bias)
+            return self.packed.matmul(ops, rows, bias, self.invariant)
+        if self.dense or (self.invariant and self.dense_bf16):  # a bf16 weight widens exactly
+            return ops.linear_f32(rows, self.module.weight, bias, self.invariant)
         return None
 
 
@@ -365,7 +379,7 @@ class SharedInputGroup:
             if not self._pending:
                 self._input = None
             return output
-        outputs = matmul_group(ops, rows, self.weights, self.biases)
+        outputs = matmul_group(ops, rows, self.weights, self.biases, member.invariant)
         self._input = x
         self._pending = {i: y for i, y in enumerate(outputs) if i != index}
         return outputs[index]
@@ -392,6 +406,24 @@ def base_linear_of(module: nn.Module | None) -> BaseLinear | None:
     if module is None or isinstance(module, BaseLinear):
         return module
     return next((m for m in module.children() if isinstance(m, BaseLinear)), None)
+
+
+def make_batch_invariant(model: nn.Module) -> None:
+    """Hold every `BaseLinear` of `model` to the kernels' batch-invariant paths: a row's outputs
+    get the bits they would beside any other rows, at any row count (16-bit rows widened to
+    fp32 for them). Raises ValueError where a projection is not the kernels' to run (on a GPU,
+    without compiled kernels, a weight in a format they do not read): torch's GEMMs pick their
+    blocking by the rows they get."""
+    projections = [m for m in model.modules() if isinstance(m, BaseLinear)]
+    others = [m for m in projections if m.packed is None and not (m.dense or m.dense_bf16)]
+    if native() is None or others:
+        raise ValueError(
+            "batch_invariant needs loraserve's CPU kernels to run every projection; "
+            f"{len(others) if native() else 'all'} of {len(projections)} would run through "
+            "torch (a GPU, no compiled kernels, or weights in a format they do not read)"
+        )
+    for projection in projections:
+        projection.invariant = True
 
 
 # Sibling projections by their names in a module, as transformers' Llama-style models call them.

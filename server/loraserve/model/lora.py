@@ -148,9 +148,11 @@ def add_lora_delta_(
     gathered: bool,
     scales: SlotScales | None = None,
     narrow: NarrowSlots | None = None,
+    invariant: bool = False,
 ) -> torch.Tensor:
     """y[t] += (x[t] @ lora_a[s_t].T) * scale[s_t] @ lora_b[s_t] for every token t on slot s_t
-    != 0; returns y.
+    != 0; returns y. `invariant`: each token's delta the same whatever tokens share its call
+    (the CPU kernel's form that never takes AMX tiles).
 
     y: [N, out] (updated in place); x: [N, in]; lora_a: [S, R, in]; lora_b: [S, R, out], in the
     compute dtype or narrower; `scales`: each slot's scaling, or None where it is folded into
@@ -172,7 +174,7 @@ def add_lora_delta_(
         values = None if scales is None else scales.values
         flags = None if narrow is None else narrow.flags
         ops.lora_delta_(
-            x.contiguous(), y, lora_a, lora_b, starts, ends, slots, ranks, values, flags
+            x.contiguous(), y, lora_a, lora_b, starts, ends, slots, ranks, values, flags, invariant
         )
         return y
     if gathered:
@@ -336,12 +338,14 @@ def gathered_slot_rows(
 
 
 class LoraContext:
-    """The per-forward LoRA batch, shared by every wrapped layer of one model, and which slots
-    hold a DoRA or bias term in any of them (`termed`)."""
+    """The per-forward LoRA batch, shared by every wrapped layer of one model, which slots
+    hold a DoRA or bias term in any of them (`termed`), and whether the deltas take the
+    kernel's batch-invariant form (`batch_invariant`, set by the runner)."""
 
     def __init__(self) -> None:
         self.batch: LoraBatch | None = None
         self.termed = TermedSlots()
+        self.batch_invariant = False
 
 
 class MultiLoraLinear(nn.Module):
@@ -493,6 +497,7 @@ class MultiLoraLinear(nn.Module):
         add_lora_delta_(
             flat_y, flat_x, batch, self.lora_a, self.lora_b,
             gathered=gathered, scales=self.scales, narrow=self.narrow,
+            invariant=self.context.batch_invariant,
         )  # fmt: skip
         self.terms.apply_(flat_y, batch, gathered)
         return y

@@ -34,7 +34,12 @@ from loraserve.model.attention import (
 from loraserve.model.decode_graphs import DecodeGraphs
 from loraserve.model.forward import ForwardInputs, RowInput
 from loraserve.model.kv_cache import PagedKVCache
-from loraserve.model.linear import BaseLinear, link_shared_inputs, wrap_projections
+from loraserve.model.linear import (
+    BaseLinear,
+    link_shared_inputs,
+    make_batch_invariant,
+    wrap_projections,
+)
 from loraserve.model.lora import LoraBatch, LoraContext
 from loraserve.model.narrow import narrow_exact_weights
 from loraserve.model.norms import fuse_rms_norms
@@ -56,7 +61,10 @@ class ModelRunner:
     slots are allocated), and sets the process's malloc to keep freed memory (`host_memory`):
     every forward frees what the next one allocates. Every forward runs with the SDPA backends
     of `attention.SDPA_BACKENDS`. On a GPU, with `decode_graph_rows`, steps of up to that many
-    decode rows (one token each) replay CUDA graphs (`decode_graphs`).
+    decode rows (one token each) replay CUDA graphs (`decode_graphs`). With `batch_invariant`
+    (the CPU kernels only) every projection takes the kernels' batch-invariant paths
+    (`linear.make_batch_invariant`): a row's logits get the same bits whatever rows share its
+    forward and however its prompt was split into forwards.
     """
 
     def __init__(
@@ -66,6 +74,7 @@ class ModelRunner:
         lora: LoraContext,
         slot_ranks: list[int],
         decode_graph_rows: int = 0,
+        batch_invariant: bool = False,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -95,6 +104,15 @@ class ModelRunner:
         output = model.get_output_embeddings()
         if not isinstance(output, BaseLinear):
             model.set_output_embeddings(BaseLinear(output))
+        self.batch_invariant = batch_invariant
+        if batch_invariant:
+            if not self.paged_kernels:
+                raise ValueError(
+                    "batch_invariant needs loraserve's CPU kernels to attend over the KV cache: "
+                    "a CPU with AVX2, pools in fp32, bf16 or fp16"
+                )
+            make_batch_invariant(model)
+            lora.batch_invariant = True
         self.graphs: DecodeGraphs | None = None
         if decode_graph_rows and self.device.type == "cuda":
             self.graphs = DecodeGraphs(self.run, cache, decode_graph_rows, self.device, lora.termed)
@@ -106,7 +124,7 @@ class ModelRunner:
         order = sorted(range(len(rows)), key=lambda i: rows[i].lora_slot)
         ordered = [rows[i] for i in order]
         logits = None
-        if self.graphs is not None and all(len(r.tokens) == 1 for r in rows):
+        if self.graphs is not None and all(len(r.tokens) == 1 and not r.prompt for r in rows):
             logits = self.graphs.forward(ordered)
         if logits is None:
             logits = self.run(self.prepare(ordered))
@@ -177,8 +195,9 @@ class ModelRunner:
     ) -> AttentionBatch:
         """Rows of one token as decode rows, and so each token of a row that scores every token
         (a decode token and its draft: a few tokens, each attending as its own decode step
-        would, through the row's block table); every other row as a prefill row."""
-        decoding = [len(r.tokens) in (1, r.scored) for r in rows]
+        would, through the row's block table); prompt chunks and every other row as prefill
+        rows."""
+        decoding = [not r.prompt and len(r.tokens) in (1, r.scored) for r in rows]
         decode = [(b, j) for b, r in enumerate(rows) if decoding[b] for j in range(len(r.tokens))]
         chunks = [b for b in range(len(rows)) if not decoding[b]]
         prefill = tuple(
@@ -203,4 +222,6 @@ class ModelRunner:
                 longest=max(context_lens),
                 use_kernel=self.paged_kernels,
             )
-        return AttentionBatch(self.cache, decode_rows, prefill, prefill_tables)
+        return AttentionBatch(
+            self.cache, decode_rows, prefill, prefill_tables, self.batch_invariant
+        )

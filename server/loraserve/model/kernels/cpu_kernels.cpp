@@ -58,7 +58,7 @@ at::Tensor add_bias(at::Tensor y, const c10::optional<at::Tensor>& bias) {
 // y [M, N] = x [M, K] @ weight [N, K]^T + bias; weight float32, or bfloat16 (widened exactly:
 // the same sums as a float32 weight of those values).
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight,
-                      const c10::optional<at::Tensor>& bias) {
+                      const c10::optional<at::Tensor>& bias, bool invariant) {
   check_cpu_f32(x, "x");
   TORCH_CHECK(weight.device().is_cpu() && weight.is_contiguous() &&
                   (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16),
@@ -68,11 +68,12 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight,
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
   if (weight.scalar_type() == at::kFloat)
-    gemm_dense(x.data_ptr<float>(), M, K, weight.data_ptr<float>(), N, y.data_ptr<float>());
+    gemm_dense(x.data_ptr<float>(), M, K, weight.data_ptr<float>(), N, y.data_ptr<float>(),
+               invariant);
   else
     gemm_dense(x.data_ptr<float>(), M, K,
                reinterpret_cast<const bf16*>(weight.data_ptr<at::BFloat16>()), N,
-               y.data_ptr<float>());
+               y.data_ptr<float>(), invariant);
   return add_bias(y, bias);
 }
 
@@ -119,14 +120,14 @@ at::Tensor linear_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
                        const at::Tensor& code, int64_t blocksize, int64_t out_features,
                        const c10::optional<at::Tensor>& bias,
                        const c10::optional<at::Tensor>& absmax2,
-                       const c10::optional<at::Tensor>& code2, double offset) {
+                       const c10::optional<at::Tensor>& code2, double offset, bool invariant) {
   check_rows(x);
   const int64_t M = x.size(0), K = x.size(1);
   const Weight4bit weight =
       weight_4bit(packed, absmax, code, blocksize, out_features, K, absmax2, code2, offset);
   at::Tensor y = at::empty({M, out_features}, x.options());
   float* out = y.data_ptr<float>();
-  gemm_4bit(x.data_ptr<float>(), M, K, {&weight, 1}, {&out, 1});
+  gemm_4bit(x.data_ptr<float>(), M, K, {&weight, 1}, {&out, 1}, invariant);
   return add_bias(y, bias);
 }
 
@@ -156,7 +157,8 @@ std::vector<at::Tensor> linear_4bit_group(
     at::IntArrayRef blocksize, at::IntArrayRef out_features,
     const c10::List<c10::optional<at::Tensor>>& bias,
     const c10::List<c10::optional<at::Tensor>>& absmax2,
-    const c10::List<c10::optional<at::Tensor>>& code2, at::ArrayRef<double> offset) {
+    const c10::List<c10::optional<at::Tensor>>& code2, at::ArrayRef<double> offset,
+    bool invariant) {
   check_rows(x);
   const int64_t M = x.size(0), K = x.size(1);
   const std::vector<Weight4bit> weights = weights_4bit(K, packed, absmax, code, blocksize,
@@ -167,7 +169,7 @@ std::vector<at::Tensor> linear_4bit_group(
     ys.push_back(at::empty({M, w.N}, x.options()));
     outs.push_back(ys.back().data_ptr<float>());
   }
-  gemm_4bit(x.data_ptr<float>(), M, K, weights, outs);
+  gemm_4bit(x.data_ptr<float>(), M, K, weights, outs, invariant);
   for (size_t i = 0; i < ys.size(); ++i) add_bias(ys[i], bias[i]);
   return ys;
 }
@@ -387,7 +389,7 @@ void lora_delta_op(const at::Tensor& x, at::Tensor& y, const at::Tensor& lora_a,
                    const at::Tensor& lora_b, const at::Tensor& starts, const at::Tensor& ends,
                    const at::Tensor& slots, const at::Tensor& ranks,
                    const c10::optional<at::Tensor>& scales,
-                   const c10::optional<at::Tensor>& narrow) {
+                   const c10::optional<at::Tensor>& narrow, bool invariant) {
   TORCH_CHECK(x.scalar_type() == y.scalar_type() && y.device().is_cpu() && y.is_contiguous(),
               "x and y must share a dtype, and y be a contiguous CPU tensor");
   TORCH_CHECK(lora_b.scalar_type() == lora_a.scalar_type() && lora_b.device().is_cpu() &&
@@ -419,7 +421,7 @@ void lora_delta_op(const at::Tensor& x, at::Tensor& y, const at::Tensor& lora_a,
                  y.size(1), static_cast<const T*>(lora_a.data_ptr()),
                  static_cast<const T*>(lora_b.data_ptr()), scale, narrow_slots, lora_a.size(1),
                  starts.data_ptr<int64_t>(), ends.data_ptr<int64_t>(), slots.data_ptr<int64_t>(),
-                 ranks.data_ptr<int64_t>(), starts.numel());
+                 ranks.data_ptr<int64_t>(), starts.numel(), invariant);
     });
   });
 }
@@ -676,15 +678,15 @@ std::tuple<int64_t, double> team_waits_op() {
 TORCH_LIBRARY(loraserve, m) {
   m.def("serial_thread() -> ()", &serial_thread);
   m.def("team_waits() -> (int, float)", &team_waits_op);
-  m.def("linear_f32(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("linear_f32(Tensor x, Tensor weight, Tensor? bias, bool invariant=False) -> Tensor");
   m.def(
       "linear_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
       "int out_features, Tensor? bias, Tensor? absmax2=None, Tensor? code2=None, "
-      "float offset=0.0) -> Tensor");
+      "float offset=0.0, bool invariant=False) -> Tensor");
   m.def(
       "linear_4bit_group(Tensor x, Tensor[] packed, Tensor[] absmax, Tensor[] code, "
       "int[] blocksize, int[] out_features, Tensor?[] bias, Tensor?[] absmax2, Tensor?[] code2, "
-      "float[] offset) -> Tensor[]");
+      "float[] offset, bool invariant=False) -> Tensor[]");
   m.def("amx_usable() -> bool", &amx_usable_op);
   m.def("bf16_pairs_usable() -> bool", &bf16_pairs_usable_op);
   m.def("linear_bf16(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
@@ -701,7 +703,8 @@ TORCH_LIBRARY(loraserve, m) {
       "int window, float scale) -> ()");
   m.def(
       "lora_delta_(Tensor x, Tensor(a!) y, Tensor lora_a, Tensor lora_b, Tensor starts, "
-      "Tensor ends, Tensor slots, Tensor ranks, Tensor? scales=None, Tensor? narrow=None) -> ()");
+      "Tensor ends, Tensor slots, Tensor ranks, Tensor? scales=None, Tensor? narrow=None, "
+      "bool invariant=False) -> ()");
   m.def("transpose_scaled(Tensor[] src, float[] scale) -> Tensor[]");
   m.def("nonfinite(Tensor[] tensors) -> int[]");
   m.def("lora_factors(Tensor[] a, Tensor[] b, float[] scale, ScalarType? dtype=None) -> "

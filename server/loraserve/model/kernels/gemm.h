@@ -1298,11 +1298,17 @@ inline void gemm_4bit_columns(const float* x, int64_t K, std::span<const Weight4
   });
 }
 
-// gemm_4bit_columns<M> for a runtime M from kFewestColumnVectorRows to kMostColumnVectorRows.
+// gemm_4bit_columns<M> for a runtime M from 1 (batch-invariant calls: see gemm_4bit) or
+// kFewestColumnVectorRows to kMostColumnVectorRows.
 inline void gemm_4bit_columns(const float* x, int64_t M, int64_t K,
                               std::span<const Weight4bit> weights, std::span<float* const> ys) {
   static_assert(kFewestColumnVectorRows == 6 && kMostColumnVectorRows == 12);
   switch (M) {
+    case 1: return gemm_4bit_columns<1>(x, K, weights, ys);
+    case 2: return gemm_4bit_columns<2>(x, K, weights, ys);
+    case 3: return gemm_4bit_columns<3>(x, K, weights, ys);
+    case 4: return gemm_4bit_columns<4>(x, K, weights, ys);
+    case 5: return gemm_4bit_columns<5>(x, K, weights, ys);
     case 6: return gemm_4bit_columns<6>(x, K, weights, ys);
     case 7: return gemm_4bit_columns<7>(x, K, weights, ys);
     case 8: return gemm_4bit_columns<8>(x, K, weights, ys);
@@ -1314,11 +1320,13 @@ inline void gemm_4bit_columns(const float* x, int64_t M, int64_t K,
 }
 #endif
 
-// gemm_4bit by the paths that hold rows in vectors' lanes (or, for the GEMV, k). Up to one pass
-// of rows the weights share one transpose of x and one parallel region; otherwise one call each.
+// gemm_4bit by the paths that hold rows in vectors' lanes (or, for the GEMV, k; never where
+// `invariant`). Up to one pass of rows the weights share one transpose of x and one parallel
+// region; otherwise one call each.
 inline void gemm_4bit_rows(const float* x, int64_t M, int64_t K,
-                           std::span<const Weight4bit> weights, std::span<float* const> ys) {
-  if (kOnePass && M > kGemvRows && M <= kPassRows) {
+                           std::span<const Weight4bit> weights, std::span<float* const> ys,
+                           bool invariant) {
+  if (kOnePass && (M > kGemvRows || invariant) && M <= kPassRows) {
     const auto one_pass = pass_vectors(M, 0) == 1 ? gemm_4bit_one_pass<1> : gemm_4bit_one_pass<2>;
     return one_pass(x, M, K, weights, ys);
   }
@@ -1343,7 +1351,7 @@ inline void gemm_4bit_rows(const float* x, int64_t M, int64_t K,
   for (size_t i = 0; i < weights.size(); ++i) {
     const Weight4bit& w = weights[i];
     float* y = ys[i];
-    if (M <= kGemvRows) {
+    if (M <= kGemvRows && !invariant) {
       const float* p = gemv_x(w.blocksize);
       switch (M) {
         case 1: gemv_4bit<1>(p, K, w.packed, w.scales, w.code, w.blocksize, w.N, y); break;
@@ -1369,12 +1377,13 @@ inline void gemm_4bit_rows(const float* x, int64_t M, int64_t K,
 }
 
 // ys[i] [M, N_i] = x [M, K] @ dequantize(weights[i])^T, x fp32: each weight by the path its
-// rows take.
+// rows take (see gemm_4bit for `invariant`).
 inline void gemm_4bit_paths(const float* x, int64_t M, int64_t K,
-                            std::span<const Weight4bit> weights, std::span<float* const> ys) {
+                            std::span<const Weight4bit> weights, std::span<float* const> ys,
+                            bool invariant) {
   if (M == 0) return;
 #if defined(__AVX512F__)
-  if (M >= kFewestColumnVectorRows && M <= kMostColumnVectorRows) {
+  if (M >= (invariant ? 1 : kFewestColumnVectorRows) && M <= kMostColumnVectorRows) {
     std::vector<Weight4bit> columns, rows;
     std::vector<float*> column_ys, row_ys;
     for (size_t i = 0; i < weights.size(); ++i) {
@@ -1383,11 +1392,11 @@ inline void gemm_4bit_paths(const float* x, int64_t M, int64_t K,
       (taken ? column_ys : row_ys).push_back(ys[i]);
     }
     if (!columns.empty()) gemm_4bit_columns(x, M, K, columns, column_ys);
-    if (!rows.empty()) gemm_4bit_rows(x, M, K, rows, row_ys);
+    if (!rows.empty()) gemm_4bit_rows(x, M, K, rows, row_ys, invariant);
     return;
   }
 #endif
-  gemm_4bit_rows(x, M, K, weights, ys);
+  gemm_4bit_rows(x, M, K, weights, ys, invariant);
 }
 
 // Rows the paths that hold rows in lanes round their work up to: a vector of 16 with AVX-512
@@ -1406,16 +1415,23 @@ constexpr int64_t kSplitTailRows = kLanes == 16 ? 8 : 1;
 // own call would (its output has the same bits alone or beside others); up to one pass of rows
 // the weights of one path share one transpose of x and one parallel region. A few rows past a
 // whole number of grains (kSplitTailRows) get the bits a call of their own gives them.
+//
+// `invariant` (batch invariance): every row's outputs get the bits they would in a call of any
+// other rows. The column vectors, the one pass and the outer products sum each output as one
+// chain of multiply-adds over k in decoded order, whatever the rows beside it, so such calls
+// take only those, from one row on; the GEMV (partial sums per block, then scaled) and the
+// split tails are left out. A row alone costs more (the column vectors at 1 to 5 rows: about
+// 1.0-1.4x the GEMV's time at 3 to 5, see there) and its bits no longer depend on its batch.
 inline void gemm_4bit(const float* x, int64_t M, int64_t K, std::span<const Weight4bit> weights,
-                      std::span<float* const> ys) {
+                      std::span<float* const> ys, bool invariant) {
   const int64_t tail = M % kRowGrain;
-  if (M < kRowGrain || tail == 0 || tail > kSplitTailRows)
-    return gemm_4bit_paths(x, M, K, weights, ys);
+  if (invariant || M < kRowGrain || tail == 0 || tail > kSplitTailRows)
+    return gemm_4bit_paths(x, M, K, weights, ys, invariant);
   const int64_t head = M - tail;
-  gemm_4bit_paths(x, head, K, weights, ys);
+  gemm_4bit_paths(x, head, K, weights, ys, false);
   std::vector<float*> tail_ys;
   for (size_t i = 0; i < weights.size(); ++i) tail_ys.push_back(ys[i] + head * weights[i].N);
-  gemm_4bit_paths(x + head * K, tail, K, weights, tail_ys);
+  gemm_4bit_paths(x + head * K, tail, K, weights, tail_ys, false);
 }
 
 // gemm_dense in one pass of MV vectors of rows, or passes of up to kPassRows rows (the first MV
@@ -1452,12 +1468,14 @@ constexpr int64_t kDenseDotRows = 4;
 constexpr int64_t kDenseOnePassRows = 2 * kPassRows;
 
 // x [M, K] fp32 contiguous; w [N, K] fp32 or bf16 (widened exactly as it is read: the same
-// sums as fp32 weights of those values), contiguous; y [M, N] fp32 contiguous.
+// sums as fp32 weights of those values), contiguous; y [M, N] fp32 contiguous. `invariant`: as
+// gemm_4bit's, the dot products (k in lanes) left out.
 template <class W>
-inline void gemm_dense(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y) {
+inline void gemm_dense(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y,
+                       bool invariant) {
   if (M == 0) return;
   const int64_t tiles = (N + kTileCols - 1) / kTileCols;
-  if (M <= kDenseDotRows) {
+  if (M <= kDenseDotRows && !invariant) {
     parallel_items(tiles, [&](WorkQueue& queue) {
       queue.each([&](int64_t t) {
         const int64_t n0 = t * kTileCols, cols = std::min<int64_t>(kTileCols, N - n0);

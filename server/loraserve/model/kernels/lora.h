@@ -175,12 +175,14 @@ inline void lora_chunk(const float* xs, int64_t n, int64_t in, const T* a, const
 // [S, R, out] (T: float, bf16 or fp16); scales [S] or null; narrow [S] or null: the float slots
 // that hold their adapter in bf16, A [R, in] and B [R, out] in the first half of each of their
 // slot's bytes (an adapter stored in bf16, served exactly at half the bytes); segments: starts,
-// ends, slots, ranks [num_segments] int64.
+// ends, slots, ranks [num_segments] int64. `invariant` (batch invariance): never in AMX tiles,
+// which round x @ A^T to bf16 for chunks of some lengths only, so that a token's delta does not
+// depend on how many tokens share its chunk.
 template <class T, class X>
 inline void lora_delta(const X* x, X* y, int64_t in, int64_t out, const T* lora_a,
                        const T* lora_b, const float* scales, const bool* narrow, int64_t R,
                        const int64_t* starts, const int64_t* ends, const int64_t* slots,
-                       const int64_t* ranks, int64_t num_segments) {
+                       const int64_t* ranks, int64_t num_segments, bool invariant) {
   constexpr bool kWidened = !std::is_same_v<X, float>;
   std::vector<int64_t> chunk_segment, chunk_start;
   for (int64_t s = 0; s < num_segments; ++s)
@@ -202,7 +204,7 @@ inline void lora_delta(const X* x, X* y, int64_t in, int64_t out, const T* lora_
       const T* b = lora_b + slots[s] * R * out;
 #ifdef LS_AMX
       if constexpr (std::is_same_v<X, bf16> && std::is_same_v<T, bf16>) {
-        if (takes_lora_tiles(n, in, rank)) {
+        if (!invariant && takes_lora_tiles(n, in, rank)) {
           const float scale = scales == nullptr ? 1.0f : scales[slots[s]];
           lora_chunk_amx(x + t0 * in, n, in, a, b, rank, scale, y + t0 * out, out, tiles);
           return;

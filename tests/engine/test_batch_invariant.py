@@ -1,0 +1,87 @@
+"""`batch_invariant`: a request's logits have the same bits alone, beside other requests on
+other adapters joining and leaving, with its prompt split into chunks (one of them a single
+token), and with its prompt's prefix found in the prefix cache; in fp32 and in bf16 compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.engine.helpers import Collected, make_core, run
+
+from loraserve.engine.core import EngineCore
+from loraserve.types import GenerateRequest, SamplingParams
+
+PROMPT = 300  # tokens: past a decode row's one-part length, prefilled in one chunk or several
+NEW_TOKENS = 8
+
+
+def _prompt(seed: int, length: int) -> tuple[int, ...]:
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.randint(3, 500, (length,), generator=generator).tolist())
+
+
+def _request(prompt: tuple[int, ...], adapter: str | None, new_tokens: int = NEW_TOKENS):
+    sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    return GenerateRequest(prompt_token_ids=prompt, adapter=adapter, sampling=sampling)
+
+
+PROBE = _request(_prompt(0, PROMPT), "r8-all")
+
+
+@pytest.fixture(scope="module", params=["fp32", "bf16"])
+def cores(request, model_dirs, adapter_dirs):
+    """Invariant engines by their max_step_tokens: the whole prompt in one step, in chunks of
+    37, and in 299 tokens then one."""
+
+    def core(max_step_tokens: int) -> EngineCore:
+        made = make_core(
+            model_dirs["llama"], dtype=request.param, batch_invariant=True, max_context=1024,
+            kv_cache_tokens=8192, max_step_tokens=max_step_tokens, max_batch_size=32,
+        )  # fmt: skip
+        for name in ("r8-all", "r4-attn"):
+            made.adapters.load(name, adapter_dirs["llama"][name])
+        return made
+
+    return {tokens: core(tokens) for tokens in (2048, 37, 299)}
+
+
+@pytest.fixture(scope="module")
+def alone(cores) -> Collected:
+    [probe] = run(cores[2048], {0: [PROBE]})
+    assert len(probe.tokens) == NEW_TOKENS
+    return probe
+
+
+def _assert_same_bits(got: Collected, want: Collected) -> None:
+    assert got.tokens == want.tokens
+    assert len(got.logits) == len(want.logits) == NEW_TOKENS
+    for step, (a, b) in enumerate(zip(got.logits, want.logits)):
+        assert torch.equal(a, b), f"token {step}: logits differ by {(a - b).abs().max()}"
+
+
+def test_beside_requests_joining_and_leaving(cores, alone):
+    crowd = {
+        0: [_request(_prompt(1, 40), "r4-attn", 3), _request(_prompt(2, 7), None, 12)],
+        1: [_request(_prompt(3, 120), "r8-all", 5)],
+        3: [_request(_prompt(4, 18), "r4-attn", 2), _request(_prompt(5, 260), None, 9)],
+        5: [_request(_prompt(6, 3), "r8-all", 1)],
+    }
+    crowd[0].insert(1, PROBE)
+    results = run(cores[2048], crowd)
+    _assert_same_bits(results[1], alone)
+
+
+@pytest.mark.parametrize("max_step_tokens", [37, 299])
+def test_with_the_prompt_in_chunks(cores, alone, max_step_tokens):
+    [probe] = run(cores[max_step_tokens], {0: [PROBE]})
+    _assert_same_bits(probe, alone)
+
+
+def test_with_the_prompt_prefix_from_the_cache(cores, alone):
+    core = cores[2048]
+    shared = PROBE.prompt_token_ids[:288] + _prompt(7, 12)  # 18 full blocks of 16 in common
+    run(core, {0: [_request(shared, "r8-all", 1)]})
+    hits = core.allocator.counters.hit_blocks
+    [probe] = run(core, {0: [PROBE]})
+    assert core.allocator.counters.hit_blocks - hits == 18
+    _assert_same_bits(probe, alone)
