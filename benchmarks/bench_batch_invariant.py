@@ -53,7 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--compute-dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--long-prompt", type=int, default=2048)
+    parser.add_argument("--long-prompt", type=int, default=1984)
     parser.add_argument("--checked", type=int, default=4)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()

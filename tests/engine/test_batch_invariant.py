@@ -1,6 +1,7 @@
 """`batch_invariant`: a request's logits have the same bits alone, beside other requests on
 other adapters joining and leaving, with its prompt split into chunks (one of them a single
-token), and with its prompt's prefix found in the prefix cache; in fp32 and in bf16 compute."""
+token), with its prompt's prefix found in the prefix cache, and with drafted tokens checked in
+its decode steps; in fp32 and in bf16 compute."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from tests.engine.helpers import Collected, make_core, run
 
 from loraserve.engine.core import EngineCore
+from loraserve.engine.speculation import PromptLookup
 from loraserve.types import GenerateRequest, SamplingParams
 
 PROMPT = 300  # tokens: past a decode row's one-part length, prefilled in one chunk or several
@@ -29,13 +31,18 @@ PROBE = _request(_prompt(0, PROMPT), "r8-all")
 
 
 @pytest.fixture(scope="module", params=["fp32", "bf16"])
-def cores(request, model_dirs, adapter_dirs):
+def dtype(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def cores(dtype, model_dirs, adapter_dirs):
     """Invariant engines by their max_step_tokens: the whole prompt in one step, in chunks of
     37, and in 299 tokens then one."""
 
     def core(max_step_tokens: int) -> EngineCore:
         made = make_core(
-            model_dirs["llama"], dtype=request.param, batch_invariant=True, max_context=1024,
+            model_dirs["llama"], dtype=dtype, batch_invariant=True, max_context=1024,
             kv_cache_tokens=8192, max_step_tokens=max_step_tokens, max_batch_size=32,
         )  # fmt: skip
         for name in ("r8-all", "r4-attn"):
@@ -85,3 +92,32 @@ def test_with_the_prompt_prefix_from_the_cache(cores, alone):
     [probe] = run(core, {0: [PROBE]})
     assert core.allocator.counters.hit_blocks - hits == 18
     _assert_same_bits(probe, alone)
+
+
+def test_with_drafted_tokens_checked_in_the_step(dtype, model_dirs, adapter_dirs, alone):
+    """Single-token lookups over a prompt of random tokens draft at most steps; each checked
+    position's logits are a one-token step's, kept drafts or not (in bf16 too, where without
+    batch_invariant they round apart)."""
+    core = make_core(
+        model_dirs["llama"], dtype=dtype, batch_invariant=True, max_context=1024,
+        speculative_tokens=4, drafter=PromptLookup(min_ngram=1),
+    )  # fmt: skip
+    core.adapters.load("r8-all", adapter_dirs["llama"]["r8-all"])
+    [probe] = run(core, {0: [PROBE]})
+    sample = core.metrics.registry.get_sample_value
+    assert sample("loraserve_draft_tokens_total", {"result": "rejected"}) > 0
+    _assert_same_bits(probe, alone)
+
+
+@pytest.mark.parametrize(
+    ("arch", "quantization", "refusal"),
+    [
+        ("gemma2", "nf4", "softcapping or attention sinks"),  # its eager attention
+        ("llama", "int8", "would run through torch"),  # no kernel reads int8 weights
+    ],
+)
+def test_what_the_kernels_cannot_hold_invariant_is_refused_at_start(
+    model_dirs, arch, quantization, refusal
+):
+    with pytest.raises(ValueError, match=refusal):
+        make_core(model_dirs[arch], quantization, batch_invariant=True)

@@ -1034,6 +1034,25 @@ def test_invariant_base_linear_takes_the_kernel_at_every_row_count(dtype):
     assert alone.dtype == dtype
 
 
+@pytest.mark.skipif(not bf16_pairs(), reason="bf16 pair dot products only (no AMX tiles)")
+@pytest.mark.parametrize("blocksize", [32, 64])
+def test_invariant_bf16_rows_get_the_bits_they_get_alone(blocksize):
+    """The pair kernel unfolded at every row count: 4-bit weights with blocks the k-in-lanes
+    path would take (64) and would not (32), and a bf16 weight."""
+    layer = _quantized(96, 1024, "nf4", False, True, blocksize=blocksize)
+    packed, bias = Packed4bit.of(layer), layer.bias.float()
+    dense = torch.randn(40, 1024).bfloat16()
+    x = torch.randn(SMALL_BATCH_ROWS, 1024).bfloat16()
+    calls = {
+        "4-bit": lambda rows: matmul_group(native(), rows, [packed], [bias], True)[0],
+        "bf16": lambda rows: native().linear_bf16(rows, dense, None, True),
+    }
+    for name, call in calls.items():
+        alone = torch.cat([call(x[i : i + 1]) for i in range(x.shape[0])])
+        for rows in [*INVARIANT_ROWS[:-1], SMALL_BATCH_ROWS]:
+            assert torch.equal(call(x[:rows]), alone[:rows]), f"{name}, {rows} rows"
+
+
 def test_batch_invariance_is_refused_where_torch_would_run_a_projection():
     model = nn.Sequential(BaseLinear(nn.Linear(64, 40).half()))  # no kernel reads fp16 weights
     with pytest.raises(ValueError, match="batch_invariant needs loraserve's CPU kernels"):

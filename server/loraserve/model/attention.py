@@ -372,6 +372,17 @@ def decode_context(
 EagerAttention = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
 
+def attends_eagerly(model: torch.nn.Module) -> bool:
+    """Whether some attention layer of `model` passes one of the `VARIANTS` keywords, as
+    transformers' models do: logit softcapping from the config (`attn_logit_softcapping`), or
+    attention sinks held as a `sinks` parameter."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if config is not None else None
+    if getattr(text, "attn_logit_softcapping", None):
+        return True
+    return any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in model.modules())
+
+
 def eager_attention_of(module: torch.nn.Module) -> EagerAttention:
     """The eager attention function of the module's own modeling file (the one transformers
     falls back to), which computes the architecture's variants: softcapping, sinks, ..."""

@@ -27,8 +27,14 @@ copying its weights, and picks per call:
   kernels): the module itself.
 
 Every path gives the values bitsandbytes' dequantize-then-matmul gives, up to the summation
-order. Projections a module calls one after another on the same activations (attention's q, k
-and v; an MLP's gate and up) can be linked as one `SharedInputGroup`: on the 4-bit small-batch
+order, which differs between paths: a row's outputs may round apart with the rows beside it.
+`make_batch_invariant` holds a model's projections to the kernels' paths that sum each output
+in one order at every row count (fp32: the fused kernels without their GEMVs, past
+SMALL_BATCH_ROWS too; bf16 without AMX: the pair dot products unfolded; bf16 with AMX tiles:
+widened to fp32), so that a row's bits are its own.
+
+Projections a module calls one after another on the same activations (attention's q, k and v;
+an MLP's gate and up) can be linked as one `SharedInputGroup`: on the 4-bit small-batch
 path the first of them called with a tensor computes them all in one kernel call (one transpose
 of the rows, one parallel region, one call from Python), and the others take their outputs.
 Knows nothing about LoRA, adapters or batches: it sees rows of activations.
@@ -209,8 +215,9 @@ def matmul_group(
     invariant: bool = False,
 ) -> list[torch.Tensor]:
     """rows [M, K] -> [M, N_i] for each weight, in one kernel call: fp32 rows by the fused
-    kernel (by its batch-invariant paths where `invariant`), bf16 rows by the bf16 kernel
-    (`amx_tiles()` or `bf16_pairs()`, never batch-invariant), each output in its rows' dtype."""
+    kernel, bf16 rows by the bf16 kernel (`amx_tiles()` or `bf16_pairs()`: pair dot products
+    only where `invariant`), each by its batch-invariant paths where `invariant`, each output in
+    its rows' dtype."""
     nested = [w.nested for w in weights]
     arguments = (
         rows, [w.packed for w in weights], [w.absmax for w in weights],
@@ -220,9 +227,8 @@ def matmul_group(
         [None if n is None else n.code2 for n in nested],
         [0.0 if n is None else n.offset for n in nested],
     )  # fmt: skip
-    if rows.dtype == torch.bfloat16:
-        return ops.linear_4bit_bf16(*arguments)
-    return ops.linear_4bit_group(*arguments, invariant)
+    kernel = ops.linear_4bit_bf16 if rows.dtype == torch.bfloat16 else ops.linear_4bit_group
+    return kernel(*arguments, invariant)
 
 
 class BaseLinear(nn.Module):
@@ -291,9 +297,13 @@ class BaseLinear(nn.Module):
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _in_bf16_kernel(self, x: torch.Tensor) -> bool:
-        """Whether bf16 x (bf16 compute) is multiplied by the weight in the bf16 kernel."""
-        if x.dtype != torch.bfloat16 or self.in_features % BF16_STEP_K or self.invariant:
+        """Whether bf16 x (bf16 compute) is multiplied by the weight in the bf16 kernel: by its
+        batch-invariant pair dot products at any row count where `invariant` (with AMX tiles,
+        widened for the fp32 kernel's invariant paths instead)."""
+        if x.dtype != torch.bfloat16 or self.in_features % BF16_STEP_K:
             return False
+        if self.invariant:
+            return bf16_pairs() and (self.packed is not None or self.dense_bf16)
         rows = x.numel() // self.in_features
         if amx_tiles():
             if self.packed is not None:
@@ -307,21 +317,31 @@ class BaseLinear(nn.Module):
         return False
 
     def _bf16_kernel(self, ops: Any, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] bf16 -> [..., out] bf16, by the bf16 kernel (see `_in_bf16_kernel`)."""
+        """x [..., in] bf16 -> [..., out] bf16, by the bf16 kernel (see `_in_bf16_kernel`); a
+        batch-invariant call of more rows than one kernel call takes, a call's worth at a time
+        (each row's bits are its own whatever shares its call)."""
         rows = x.reshape(-1, self.in_features).contiguous()
-        if self.packed is None:
-            y = ops.linear_bf16(rows, self.module.weight, self.bias())
-        elif self.group is not None:
+        if rows.shape[0] > SMALL_BATCH_ROWS:
+            parts = rows.split(SMALL_BATCH_ROWS)
+            y = torch.cat([self._bf16_rows(ops, part.contiguous()) for part in parts])
+        elif self.group is not None and self.packed is not None:
             y = self.group.output(self, ops, x, rows)
         else:
-            y = matmul_group(ops, rows, [self.packed], [self.bias()])[0]
+            y = self._bf16_rows(ops, rows)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _bf16_rows(self, ops: Any, rows: torch.Tensor) -> torch.Tensor:
+        """rows [M, in] bf16, M at most SMALL_BATCH_ROWS -> [M, out] bf16 by the bf16 kernel."""
+        if self.packed is None:
+            return ops.linear_bf16(rows, self.module.weight, self.bias(), self.invariant)
+        return matmul_group(ops, rows, [self.packed], [self.bias()], self.invariant)[0]
 
     def _widens(self, x: torch.Tensor) -> bool:
         """Whether a 16-bit x (bf16 or fp16 compute) takes the 4-bit kernel, widened to fp32
         and its output rounded back, rather than bitsandbytes' dequantize of the whole weight to
         x's dtype and a GEMM in it (which more rows keep: on AMX's tiles where the CPU has
-        them). Batch-invariant, every 16-bit x widens, for a bf16 weight's kernel too."""
+        them). Batch-invariant, every 16-bit x the bf16 kernel does not take widens (a bf16
+        weight's too: with AMX tiles)."""
         if x.dtype not in NARROW_DTYPES:
             return False
         if self.invariant:

@@ -29,6 +29,7 @@ from loraserve.model.attention import (
     DecodeRows,
     PrefillRow,
     PrefillTables,
+    attends_eagerly,
     paged_kernels_apply,
 )
 from loraserve.model.decode_graphs import DecodeGraphs
@@ -110,6 +111,12 @@ class ModelRunner:
                 raise ValueError(
                     "batch_invariant needs loraserve's CPU kernels to attend over the KV cache: "
                     "a CPU with AVX2, pools in fp32, bf16 or fp16"
+                )
+            if attends_eagerly(model):
+                raise ValueError(
+                    "batch_invariant: this model's attention (logit softcapping or attention "
+                    "sinks) runs through its architecture's eager function, whose sums depend "
+                    "on the batch; serve it without batch_invariant"
                 )
             make_batch_invariant(model)
             lora.batch_invariant = True

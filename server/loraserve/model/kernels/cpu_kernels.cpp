@@ -191,10 +191,14 @@ bool bf16_pairs_usable_op() {
 }
 
 #ifdef LS_AMX
-// x [M, K] as the bf16 ops take it, checked (and that this CPU has their instructions).
-void check_bf16_rows(const at::Tensor& x) {
+// x [M, K] as the bf16 ops take it, checked (and that this CPU has their instructions; for a
+// batch-invariant call, that they are pair dot products, not tiles).
+void check_bf16_rows(const at::Tensor& x, bool invariant) {
   TORCH_CHECK(amx_usable() || bf16_pairs_usable(),
               "this CPU, or its kernel, gives loraserve neither AMX tiles nor AVX512-BF16");
+  TORCH_CHECK(!invariant || !amx_usable(),
+              "batch-invariant bf16 calls run by pair dot products, and this CPU's bf16 calls "
+              "run in AMX tiles");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.is_contiguous() &&
                   x.dim() == 2,
               "x must be a contiguous bfloat16 CPU tensor [M, K]");
@@ -223,9 +227,10 @@ std::vector<at::Tensor> linear_4bit_bf16(
     at::IntArrayRef blocksize, at::IntArrayRef out_features,
     const c10::List<c10::optional<at::Tensor>>& bias,
     const c10::List<c10::optional<at::Tensor>>& absmax2,
-    const c10::List<c10::optional<at::Tensor>>& code2, at::ArrayRef<double> offset) {
+    const c10::List<c10::optional<at::Tensor>>& code2, at::ArrayRef<double> offset,
+    bool invariant) {
 #ifdef LS_AMX
-  check_bf16_rows(x);
+  check_bf16_rows(x, invariant);
   const int64_t M = x.size(0), K = x.size(1);
   const std::vector<Weight4bit> weights = weights_4bit(K, packed, absmax, code, blocksize,
                                                        out_features, bias, absmax2, code2, offset);
@@ -239,7 +244,7 @@ std::vector<at::Tensor> linear_4bit_bf16(
   }
   std::vector<Decoded4bit> sources;
   for (const Weight4bit& w : weights) sources.push_back({w, _mm512_loadu_ps(w.code), K});
-  if (M > 0) gemm_bf16<Decoded4bit>(bf16_data(x), M, K, sources, biases, outs);
+  if (M > 0) gemm_bf16<Decoded4bit>(bf16_data(x), M, K, sources, biases, outs, invariant);
   return ys;
 #else
   TORCH_CHECK(false, "this build of loraserve's kernels has no bf16 code");
@@ -249,9 +254,9 @@ std::vector<at::Tensor> linear_4bit_bf16(
 // y [M, N] = bf16(x [M, K] @ weight [N, K]^T + bias), both bf16: fp32 sums of the exact
 // products, rounded once; as linear_4bit_bf16, in tiles or by pair dot products.
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight,
-                       const c10::optional<at::Tensor>& bias) {
+                       const c10::optional<at::Tensor>& bias, bool invariant) {
 #ifdef LS_AMX
-  check_bf16_rows(x);
+  check_bf16_rows(x, invariant);
   TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kBFloat16 &&
                   weight.is_contiguous() && weight.dim() == 2 && weight.size(1) == x.size(1),
               "weight must be a contiguous bfloat16 CPU tensor [N, K] sharing x's K");
@@ -260,7 +265,8 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight,
   at::Tensor y = at::empty({M, N}, x.options());
   const DenseBf16 source{bf16_data(weight), N, K};
   uint16_t* out = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  if (M > 0) gemm_bf16<DenseBf16>(bf16_data(x), M, K, {&source, 1}, {&b, 1}, {&out, 1});
+  if (M > 0)
+    gemm_bf16<DenseBf16>(bf16_data(x), M, K, {&source, 1}, {&b, 1}, {&out, 1}, invariant);
   return y;
 #else
   TORCH_CHECK(false, "this build of loraserve's kernels has no bf16 code");
@@ -689,11 +695,11 @@ TORCH_LIBRARY(loraserve, m) {
       "float[] offset, bool invariant=False) -> Tensor[]");
   m.def("amx_usable() -> bool", &amx_usable_op);
   m.def("bf16_pairs_usable() -> bool", &bf16_pairs_usable_op);
-  m.def("linear_bf16(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("linear_bf16(Tensor x, Tensor weight, Tensor? bias, bool invariant=False) -> Tensor");
   m.def(
       "linear_4bit_bf16(Tensor x, Tensor[] packed, Tensor[] absmax, Tensor[] code, "
       "int[] blocksize, int[] out_features, Tensor?[] bias, Tensor?[] absmax2, Tensor?[] code2, "
-      "float[] offset) -> Tensor[]");
+      "float[] offset, bool invariant=False) -> Tensor[]");
   m.def(
       "paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, "
       "Tensor context_lens, int block_size, int window, float scale) -> Tensor");
