@@ -189,9 +189,10 @@ class EngineConfig(BaseModel):
         False,
         "give every request's logits the same bits whatever requests share its steps and "
         "however its prompt is split into steps or found in the prefix cache: reproducible "
-        "outputs under any load, in fp32 or bf16 compute (the CPU kernels only: refused on a "
-        "GPU; a 16-bit compute dtype's projections run in fp32; slower steps of a few rows and "
-        "long prefills, see docs/performance.md)",
+        "greedy and seeded outputs under any load, in fp32 or bf16 compute (the CPU kernels "
+        "only: refused on a GPU, for int8 or fp16 weights and for attention with softcapping "
+        "or sinks; batches about 4% slower, one stream about half as fast: "
+        "docs/performance.md)",
     )
     max_constraint_bytes: Count = setting(
         64 * 1024, "largest constraint (schema, regex, grammar, choices) accepted"
