@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tests.engine.helpers import Collected, make_core, run
 
 from loraserve.engine.core import EngineCore
@@ -76,6 +78,36 @@ def test_beside_requests_joining_and_leaving(cores, alone):
     crowd[0].insert(1, PROBE)
     results = run(cores[2048], crowd)
     _assert_same_bits(results[1], alone)
+
+
+# Other requests: (step it arrives at, prompt tokens, adapter, new tokens).
+OTHERS = st.lists(
+    st.tuples(
+        st.integers(0, 6),
+        st.integers(1, 200),
+        st.sampled_from([None, "r8-all", "r4-attn"]),
+        st.integers(1, 12),
+    ),
+    max_size=8,
+)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,  # the same schedules every run
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+@given(others=OTHERS, probe_step=st.integers(0, 4), max_step_tokens=st.sampled_from([2048, 37]))
+def test_beside_any_schedule_of_other_requests(cores, alone, others, probe_step, max_step_tokens):
+    arrivals: dict[int, list[GenerateRequest]] = {}
+    for i, (step, length, adapter, new_tokens) in enumerate(others):
+        arrivals.setdefault(step, []).append(_request(_prompt(10 + i, length), adapter, new_tokens))
+    arrivals.setdefault(probe_step, []).append(PROBE)
+    results = run(cores[max_step_tokens], arrivals)
+    order = [request for step in sorted(arrivals) for request in arrivals[step]]
+    _assert_same_bits(results[next(i for i, r in enumerate(order) if r is PROBE)], alone)
 
 
 @pytest.mark.parametrize("max_step_tokens", [37, 299])

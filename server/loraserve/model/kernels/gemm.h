@@ -1420,8 +1420,9 @@ constexpr int64_t kSplitTailRows = kLanes == 16 ? 8 : 1;
 // other rows. The column vectors, the one pass and the outer products sum each output as one
 // chain of multiply-adds over k in decoded order, whatever the rows beside it, so such calls
 // take only those, from one row on; the GEMV (partial sums per block, then scaled) and the
-// split tails are left out. A row alone costs more (the column vectors at 1 to 5 rows: about
-// 1.0-1.4x the GEMV's time at 3 to 5, see there) and its bits no longer depend on its batch.
+// split tails are left out. A few rows cost more (the column vectors against the GEMV, the
+// default model's projections, 2026-12-04: 2.2-3.0x its time at one row, 1.4-1.7x at four;
+// benchmarks/RESULTS.md, "Batch invariance"), and a row's bits no longer depend on its batch.
 inline void gemm_4bit(const float* x, int64_t M, int64_t K, std::span<const Weight4bit> weights,
                       std::span<float* const> ys, bool invariant) {
   const int64_t tail = M % kRowGrain;
