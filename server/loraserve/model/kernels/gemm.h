@@ -1189,13 +1189,38 @@ inline void gemm_4bit_one_pass(const float* x, int64_t M, int64_t K,
 // (`ab_kernels.py --projections`, 2026-12-01): 6 rows 0.91-0.92x the GEMV's time, 7 rows 0.68x
 // the one-pass kernel's, 8 rows 0.68x, 10 rows 0.81x, 12 rows 0.89x; 3, 4 and 5 rows 1.36x,
 // 1.19x and 1.01-1.05x the GEMV's, and 16 rows slower than one pass (one-off), so those stay
-// where they were. The decoding is about half of its time: gathers, where the other paths load
-// each column's bytes whole (a 16 x 16 byte transpose instead measured slower still).
+// where they were. The decoding was about half of its time, by gathers of a dword from each
+// column (a 16 x 16 byte transpose instead measured slower still); 16-byte loads of each column
+// and a 4 x 4 dword transpose per 128-bit lane (row_dwords) took the 56 projections to 0.87x
+// the time at 6 rows, 0.88x at 8, 0.91x at 12 (`ab_kernels.py --projections`, 2026-12-04), and
+// a row alone (batch-invariant calls) to 0.70x.
 #if defined(__AVX512F__)
 constexpr int64_t kFewestColumnVectorRows = 6;  // fewer run as fast or faster by the GEMV above
 constexpr int64_t kMostColumnVectorRows = 12;   // 2 x 12 sums in registers
 constexpr int64_t kVectorColumns = 32;          // columns per block: two vectors of 16
 constexpr int64_t kColumnDepth = 128;           // k per decoded chunk: 16 KB of weights
+
+// q[d] lane i = the 4 bytes at src + i * ld + 4d (i < 16, d < 4): 16 bytes of each of 16 rows
+// as 4 vectors of one dword a row, by 16 loads and a 4 x 4 transpose of dwords in each 128-bit
+// lane (lane L of z[j] holds row 4L + j, so each transposed dword lands in its row's lane).
+inline void row_dwords(const uint8_t* src, int64_t ld, __m512i (&q)[4]) {
+  const auto row = [&](int64_t i) {
+    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * ld));
+  };
+  __m512i z[4];
+  for (int j = 0; j < 4; ++j) {
+    z[j] = _mm512_castsi128_si512(row(j));
+    z[j] = _mm512_inserti32x4(z[j], row(4 + j), 1);
+    z[j] = _mm512_inserti32x4(z[j], row(8 + j), 2);
+    z[j] = _mm512_inserti32x4(z[j], row(12 + j), 3);
+  }
+  const __m512i t0 = _mm512_unpacklo_epi32(z[0], z[1]), t1 = _mm512_unpackhi_epi32(z[0], z[1]);
+  const __m512i t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
+  q[0] = _mm512_unpacklo_epi64(t0, t2);
+  q[1] = _mm512_unpackhi_epi64(t0, t2);
+  q[2] = _mm512_unpacklo_epi64(t1, t3);
+  q[3] = _mm512_unpackhi_epi64(t1, t3);
+}
 
 // w[j][c][:] = columns n0 + 16c .. n0 + 16c + 15 at the chunk's j-th k in decoded order, for the
 // chunk k0 .. k0 + depth (a multiple of kGroup, within one row). Not inlined: its registers
@@ -1203,14 +1228,11 @@ constexpr int64_t kColumnDepth = 128;           // k per decoded chunk: 16 KB of
 __attribute__((noinline)) inline void decode_column_vectors(
     const uint8_t* packed, const Scales& scales, const CodeTables& tables, int blocksize_log2,
     int64_t K, int64_t n0, int64_t k0, int64_t depth, float (*w)[2][16]) {
-  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512 code = reinterpret_cast<__m512>(tables.values);
   const int64_t blocks_per_row = K >> blocksize_log2;
   const int64_t ahead = k0 + 2 * kColumnDepth;  // this chunk's rows, two chunks on
   for (int c = 0; c < 2; ++c) {
     const int64_t first = n0 + 16 * c;
-    const __m512i rows = _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32(first), lanes),
-                                            _mm512_set1_epi32(K / 2));  // byte offsets
     if (ahead < K)
       for (int i = 0; i < 16; ++i)
         _mm_prefetch(reinterpret_cast<const char*>(packed + (first + i) * K / 2 + ahead / 2),
@@ -1224,12 +1246,13 @@ __attribute__((noinline)) inline void decode_column_vectors(
           block_scales[i] = scales((first + i) * blocks_per_row + (k >> blocksize_log2));
         scale = _mm512_load_ps(block_scales);
       }
-      for (int d = 0; d < 4; ++d) {  // 4 bytes of each column: its k + 8d .. k + 8d + 7
-        const __m512i q = _mm512_i32gather_epi32(rows, packed + k / 2 + 4 * d, 1);
+      __m512i q[4];  // q[d]: 4 bytes of each column, its k + 8d .. k + 8d + 7
+      row_dwords(packed + first * (K / 2) + k / 2, K / 2, q);
+      for (int d = 0; d < 4; ++d) {
         for (int b = 0; b < 4; ++b) {
           const int j = 4 * d + b;  // vpermps reads only each index's low 4 bits
-          const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 8 * b + 4), code);
-          const __m512 odd = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 8 * b), code);
+          const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(q[d], 8 * b + 4), code);
+          const __m512 odd = _mm512_permutexvar_ps(_mm512_srli_epi32(q[d], 8 * b), code);
           _mm512_store_ps(w[g + j][c], _mm512_mul_ps(even, scale));
           _mm512_store_ps(w[g + 16 + j][c], _mm512_mul_ps(odd, scale));
         }
@@ -1468,13 +1491,116 @@ constexpr int64_t kDenseDotRows = 4;
 // (The 4-bit kernel, whose weights are an eighth of fp32's bytes, gained nothing from passes.)
 constexpr int64_t kDenseOnePassRows = 2 * kPassRows;
 
+#if defined(__AVX512F__)
+// ---- 1 to 8 rows of a dense weight: output columns in the lanes ----
+//
+// The dot products hold k in their lanes (partial sums, reduced at the end), and the one pass
+// holds up to 8 rows in a vector of 8. Here a vector holds 16 output columns instead: a 16 x 16
+// block of the weight (16 columns' next 16 k) is loaded, transposed in registers, and each row's
+// x[k] broadcast against it, so every output is the chain of multiply-adds over k in order that
+// the one pass and the outer products give it: the same bits, so batch-invariant calls take it
+// too. The default model's 32,000 x 1,024 output projection (a one-off script, medians of 15,
+// 2026-12-04), an fp32 weight: 3.3 ms against the dot products' 3.8 at one row, 4.3 against
+// 5.5 at 4, 4.5-5.6 against the one pass's 7.2-7.3 at 5 to 8; a weight held in bf16 (widened as
+// it is loaded): 1.06-1.15x the time of its paths at 1-3 and 6-8 rows. Only batch-invariant
+// calls take it (where the one pass put one row in a vector of 8: 7.2 ms at one row): a weight
+// held in bf16 must keep the bits of its fp32 values (`narrow.py`), so both take one path.
+constexpr int64_t kDenseColumnRows = 8;
+
+// v[i][j] -> v[j][i] for the 16 x 16 floats of v: pairs, then quads within 128-bit lanes, then
+// the lanes.
+inline void transpose_16x16(__m512 (&v)[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
+  }
+  __m512 u[16];  // u[i + j] lane L: rows i .. i + 3 at k = 4L + j
+  for (int i = 0; i < 16; i += 4) {
+    const auto pd = [](__m512 a) { return _mm512_castps_pd(a); };
+    u[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[i]), pd(t[i + 2])));
+    u[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[i]), pd(t[i + 2])));
+    u[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[i + 1]), pd(t[i + 3])));
+    u[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[i + 1]), pd(t[i + 3])));
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512 low = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x44);
+    const __m512 high = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xEE);
+    const __m512 low2 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x44);
+    const __m512 high2 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xEE);
+    v[j] = _mm512_shuffle_f32x4(low, low2, 0x88);
+    v[4 + j] = _mm512_shuffle_f32x4(low, low2, 0xDD);
+    v[8 + j] = _mm512_shuffle_f32x4(high, high2, 0x88);
+    v[12 + j] = _mm512_shuffle_f32x4(high, high2, 0xDD);
+  }
+}
+
+// y[:M, n0 .. n0 + 16) = x [M, K] @ w[n0 .. n0 + 16)^T, each sum one chain over k in order.
+template <int M, class W>
+inline void dense_column_block(const float* x, int64_t K, const W* w, int64_t n0, float* y,
+                               int64_t N) {
+  __m512 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 v[16];
+    for (int c = 0; c < 16; ++c) v[c] = reinterpret_cast<__m512>(load_vf(w + (n0 + c) * K + k));
+    transpose_16x16(v);  // v[j]: the 16 columns at k + j
+    for (int j = 0; j < 16; ++j)
+      for (int m = 0; m < M; ++m)
+        acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(x[m * K + k + j]), v[j], acc[m]);
+  }
+  for (; k < K; ++k) {
+    alignas(64) float column_k[16];
+    for (int c = 0; c < 16; ++c) column_k[c] = to_float(w[(n0 + c) * K + k]);
+    const __m512 v = _mm512_load_ps(column_k);
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(x[m * K + k]), v, acc[m]);
+  }
+  for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N + n0, acc[m]);
+}
+
+// gemm_dense's batch-invariant calls of 1 to kDenseColumnRows rows: blocks of 16 columns in
+// parallel; the last N % 16 columns one chain each.
+template <int M, class W>
+inline void gemm_dense_columns(const float* x, int64_t K, const W* w, int64_t N, float* y) {
+  const int64_t blocks = N / 16;
+  parallel_items(blocks + (N % 16 != 0), [&](WorkQueue& queue) {
+    queue.each([&](int64_t b) {
+      if (b < blocks) return dense_column_block<M>(x, K, w, b * 16, y, N);
+      for (int64_t n = blocks * 16; n < N; ++n)
+        for (int m = 0; m < M; ++m) {
+          float sum = 0.0f;
+          for (int64_t k = 0; k < K; ++k) sum = std::fma(x[m * K + k], to_float(w[n * K + k]), sum);
+          y[m * N + n] = sum;
+        }
+    });
+  });
+}
+#endif
+
 // x [M, K] fp32 contiguous; w [N, K] fp32 or bf16 (widened exactly as it is read: the same
 // sums as fp32 weights of those values), contiguous; y [M, N] fp32 contiguous. `invariant`: as
-// gemm_4bit's, the dot products (k in lanes) left out.
+// gemm_4bit's, the dot products (k in lanes) left out: 1 to kDenseColumnRows rows by the
+// columns in the lanes (AVX-512).
 template <class W>
 inline void gemm_dense(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y,
                        bool invariant) {
   if (M == 0) return;
+#if defined(__AVX512F__)
+  if (invariant && M <= kDenseColumnRows) {
+    static_assert(kDenseColumnRows == 8);
+    switch (M) {
+      case 1: return gemm_dense_columns<1>(x, K, w, N, y);
+      case 2: return gemm_dense_columns<2>(x, K, w, N, y);
+      case 3: return gemm_dense_columns<3>(x, K, w, N, y);
+      case 4: return gemm_dense_columns<4>(x, K, w, N, y);
+      case 5: return gemm_dense_columns<5>(x, K, w, N, y);
+      case 6: return gemm_dense_columns<6>(x, K, w, N, y);
+      case 7: return gemm_dense_columns<7>(x, K, w, N, y);
+      default: return gemm_dense_columns<8>(x, K, w, N, y);
+    }
+  }
+#endif
   const int64_t tiles = (N + kTileCols - 1) / kTileCols;
   if (M <= kDenseDotRows && !invariant) {
     parallel_items(tiles, [&](WorkQueue& queue) {
