@@ -430,10 +430,10 @@ def base_linear_of(module: nn.Module | None) -> BaseLinear | None:
 
 def make_batch_invariant(model: nn.Module) -> None:
     """Hold every `BaseLinear` of `model` to the kernels' batch-invariant paths: a row's outputs
-    get the bits they would beside any other rows, at any row count (16-bit rows widened to
-    fp32 for them). Raises ValueError where a projection is not the kernels' to run (on a GPU,
-    without compiled kernels, a weight in a format they do not read): torch's GEMMs pick their
-    blocking by the rows they get."""
+    get the bits they would beside any other rows, at any row count (bf16 rows by the pair dot
+    products, or widened to fp32 where AMX tiles would take them). Raises ValueError where a
+    projection is not the kernels' to run (on a GPU, without compiled kernels, a weight in a
+    format they do not read): torch's GEMMs pick their blocking by the rows they get."""
     projections = [m for m in model.modules() if isinstance(m, BaseLinear)]
     others = [m for m in projections if m.packed is None and not (m.dense or m.dense_bf16)]
     if native() is None or others:

@@ -63,9 +63,10 @@ class ModelRunner:
     every forward frees what the next one allocates. Every forward runs with the SDPA backends
     of `attention.SDPA_BACKENDS`. On a GPU, with `decode_graph_rows`, steps of up to that many
     decode rows (one token each) replay CUDA graphs (`decode_graphs`). With `batch_invariant`
-    (the CPU kernels only) every projection takes the kernels' batch-invariant paths
-    (`linear.make_batch_invariant`): a row's logits get the same bits whatever rows share its
-    forward and however its prompt was split into forwards.
+    (the CPU kernels only) every projection and LoRA delta takes the kernels' batch-invariant
+    paths (`linear.make_batch_invariant`) and every prefill chunk the attention kernel: a row's
+    logits get the same bits whatever rows share its forward and however its prompt was split
+    into forwards.
     """
 
     def __init__(
