@@ -443,6 +443,77 @@ inline void pairs_block(const Source& w, const uint32_t* xp, int64_t M, int64_t 
   store_block(sums, passes, M, w.columns(), n0, bias, y, fold);
 }
 
+// ---- Batch-invariant calls of 1 to 8 rows without tiles: columns in the lanes -------------
+//
+// The pair kernel holds rows in its lanes, so one row costs what 16 do, and the paths for few
+// rows (folded rows, k in the lanes) split a row's sums. Here each step's staged pairs (16
+// columns' 16 pairs) are transposed in registers so that a vector holds 16 columns' pair q, and
+// each row's pair q of x is broadcast against it: per output the same products in the same
+// chain of VDPBF16PS as the pair kernel's (its two operands swapped, which the instruction's
+// products do not see), the sums rounded with the bias as store_block rounds them: the same
+// bits.
+constexpr int64_t kPairsColumnRows = 8;
+
+// y[:M, n0 .. n0 + 32) = bf16(x [M, K] @ w[n0 .. n0 + 32)^T + bias); x as bf16 pairs, row-major.
+template <int M, class Source>
+inline void pairs_columns_block(const Source& w, const uint32_t* x, int64_t K, int64_t n0,
+                                const float* bias, uint16_t* y) {
+  const int64_t pairs = K / 2, steps = K / kAmxStepK;
+  alignas(64) uint16_t buffer[kAmxChunkSteps * 2 * kTileElements];
+  __m512 acc[2][M];
+  for (int c = 0; c < 2; ++c)
+    for (int m = 0; m < M; ++m) acc[c][m] = _mm512_setzero_ps();
+  for (int64_t s0 = 0; s0 < steps; s0 += kAmxChunkSteps) {
+    const int64_t chunk = std::min(kAmxChunkSteps, steps - s0);
+    const StagedTiles tiles = w.stage(n0, s0, chunk, buffer);
+    const int64_t column_words = tiles.row_bytes / 4;  // a column's pairs: 32-bit words apart
+    for (int c = 0; c < 2; ++c)
+      for (int64_t s = 0; s < chunk; ++s) {
+        const uint32_t* weights =
+            reinterpret_cast<const uint32_t*>(tiles.base + s * tiles.step + c * tiles.tile);
+        __m512 v[16];
+        for (int j = 0; j < 16; ++j)
+          v[j] = _mm512_castsi512_ps(_mm512_loadu_si512(weights + j * column_words));
+        transpose_16x16(v);  // v[q]: the 16 columns' pair q
+        const uint32_t* xs = x + (s0 + s) * 16;
+        for (int q = 0; q < 16; ++q)
+          for (int m = 0; m < M; ++m)
+            acc[c][m] = _mm512_dpbf16_ps(acc[c][m], reinterpret_cast<__m512bh>(v[q]),
+                                         reinterpret_cast<__m512bh>(
+                                             _mm512_set1_epi32(xs[m * pairs + q])));
+      }
+  }
+  const int64_t N = w.columns();
+  for (int c = 0; c < 2; ++c) {
+    const int64_t first = n0 + c * 16, width = std::min<int64_t>(16, N - first);
+    if (width <= 0) continue;
+    const __mmask16 mask = static_cast<__mmask16>((1u << width) - 1);
+    const __m512 b =
+        bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, bias + first);
+    for (int m = 0; m < M; ++m) {
+      const __m256bh out = _mm512_cvtneps_pbh(_mm512_add_ps(b, acc[c][m]));
+      _mm256_mask_storeu_epi16(y + m * N + first, mask, reinterpret_cast<__m256i>(out));
+    }
+  }
+}
+
+// pairs_columns_block<M> for a runtime M from 1 to kPairsColumnRows.
+template <class Source>
+inline void pairs_columns_rows(const Source& w, const uint32_t* x, int64_t M, int64_t K,
+                               int64_t n0, const float* bias, uint16_t* y) {
+  static_assert(kPairsColumnRows == 8);
+  switch (M) {
+    case 1: return pairs_columns_block<1>(w, x, K, n0, bias, y);
+    case 2: return pairs_columns_block<2>(w, x, K, n0, bias, y);
+    case 3: return pairs_columns_block<3>(w, x, K, n0, bias, y);
+    case 4: return pairs_columns_block<4>(w, x, K, n0, bias, y);
+    case 5: return pairs_columns_block<5>(w, x, K, n0, bias, y);
+    case 6: return pairs_columns_block<6>(w, x, K, n0, bias, y);
+    case 7: return pairs_columns_block<7>(w, x, K, n0, bias, y);
+    default: return pairs_columns_block<8>(w, x, K, n0, bias, y);
+  }
+}
+
 // ---- One to six rows without tiles: k in the lanes ----------------------------------------
 //
 // A few rows leave most of the pair kernel's lanes idle however they are folded, and its chunk
@@ -657,18 +728,20 @@ inline std::vector<uint16_t> gemv_rows(std::span<const DenseBf16>, const uint16_
 // `invariant` (batch invariance, pair dot products only): every row's outputs get the bits they
 // would in a call of any other rows: the pair kernel unfolded at every row count (each output's
 // pairs summed in one order, one lane a row), never the k-in-lanes path or folded rows, whose
-// lanes hold parts of a row's sums. A row alone then costs what 16 do.
+// lanes hold parts of a row's sums; 1 to kPairsColumnRows rows by the columns in the lanes,
+// which give the pair kernel's bits.
 template <class Source>
 inline void gemm_bf16(const uint16_t* x, int64_t M, int64_t K, std::span<const Source> weights,
                       std::span<const float* const> biases, std::span<uint16_t* const> ys,
                       bool invariant) {
   const bool tiles = amx_usable();
   const bool gemv = !tiles && !invariant && gemv_bf16_takes(weights, M);
+  const bool columns = !tiles && invariant && M <= kPairsColumnRows;
   const int fold = tiles || gemv || invariant ? 1 : pairs_fold(M);
   const uint32_t* rows = reinterpret_cast<const uint32_t*>(x);
-  const std::vector<uint32_t> xp = gemv       ? std::vector<uint32_t>()
-                                   : fold > 1 ? pack_folded(rows, M, K, fold)
-                                              : pack_rows(rows, M, K);
+  const std::vector<uint32_t> xp = gemv || columns ? std::vector<uint32_t>()
+                                   : fold > 1      ? pack_folded(rows, M, K, fold)
+                                                   : pack_rows(rows, M, K);
   const std::vector<uint16_t> xq = gemv ? gemv_rows(weights, x, M, K) : std::vector<uint16_t>();
   const uint16_t* gemv_x = xq.empty() ? x : xq.data();
   std::vector<int64_t> first_block{0};  // weight i's blocks: first_block[i] .. first_block[i + 1]
@@ -682,6 +755,7 @@ inline void gemm_bf16(const uint16_t* x, int64_t M, int64_t K, std::span<const S
       while (b >= first_block[i + 1]) ++i;
       const int64_t n0 = (b - first_block[i]) * kAmxColumns;
       if (gemv) return gemv_bf16(weights[i], gemv_x, M, n0, biases[i], ys[i]);
+      if (columns) return pairs_columns_rows(weights[i], rows, M, K, n0, biases[i], ys[i]);
       if (tiles)
         amx_block(weights[i], xp.data(), M, K, n0, biases[i], ys[i]);
       else
