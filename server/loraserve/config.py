@@ -191,7 +191,7 @@ class EngineConfig(BaseModel):
         "however its prompt is split into steps or found in the prefix cache: reproducible "
         "greedy and seeded outputs under any load, in fp32 or bf16 compute (the CPU kernels "
         "only: refused on a GPU, for int8 or fp16 weights and for attention with softcapping "
-        "or sinks; batches 4-7% slower, one stream 1.4 (fp32) to 2.4 (bf16) times slower: "
+        "or sinks; batches 2-7% slower, one stream 1.4-1.5 times slower: "
         "docs/performance.md)",
     )
     max_constraint_bytes: Count = setting(
