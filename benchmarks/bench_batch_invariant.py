@@ -41,7 +41,7 @@ from machine import machine_info
 ENGINES = ("default", "invariant")
 
 
-def timed(core: EngineCore, workload: Workload, with_adapters: bool) -> tuple[float, list]:
+def run_once(core: EngineCore, workload: Workload, with_adapters: bool) -> tuple[float, list]:
     """Seconds to run `workload` to the end, and each request's tokens."""
     start = time.perf_counter()
     trace = run_engine(core, workload, with_adapters)
@@ -90,7 +90,7 @@ def main() -> None:
         for workload_name, (workload, with_adapters) in runs.items():
             order = ENGINES if round_ % 2 == 0 else ENGINES[::-1]
             for name in order:
-                took, tokens = timed(cores[name], workload, with_adapters)
+                took, tokens = run_once(cores[name], workload, with_adapters)
                 if round_:
                     seconds[workload_name][name].append(took)
                 if workload_name == "batch":
@@ -100,7 +100,7 @@ def main() -> None:
     outputs_alone = {}
     for name in ENGINES:
         alone = [
-            timed(cores[name], Workload((prompt,), (adapter,), batch.new_tokens), True)[1][0]
+            run_once(cores[name], Workload((prompt,), (adapter,), batch.new_tokens), True)[1][0]
             for prompt, adapter in list(zip(batch.prompts, batch.adapters))[: args.checked]
         ]
         outputs_alone[name] = alone == batch_tokens[name][: args.checked]

@@ -338,14 +338,12 @@ def gathered_slot_rows(
 
 
 class LoraContext:
-    """The per-forward LoRA batch, shared by every wrapped layer of one model, which slots
-    hold a DoRA or bias term in any of them (`termed`), and whether the deltas take the
-    kernel's batch-invariant form (`batch_invariant`, set by the runner)."""
+    """The per-forward LoRA batch, shared by every wrapped layer of one model, and which slots
+    hold a DoRA or bias term in any of them (`termed`)."""
 
     def __init__(self) -> None:
         self.batch: LoraBatch | None = None
         self.termed = TermedSlots()
-        self.batch_invariant = False
 
 
 class MultiLoraLinear(nn.Module):
@@ -497,7 +495,7 @@ class MultiLoraLinear(nn.Module):
         add_lora_delta_(
             flat_y, flat_x, batch, self.lora_a, self.lora_b,
             gathered=gathered, scales=self.scales, narrow=self.narrow,
-            invariant=self.context.batch_invariant,
+            invariant=self.base.invariant,  # its delta as batch-invariant as its base
         )  # fmt: skip
         self.terms.apply_(flat_y, batch, gathered)
         return y

@@ -120,7 +120,6 @@ class ModelRunner:
                     "on the batch; serve it without batch_invariant"
                 )
             make_batch_invariant(model)
-            lora.batch_invariant = True
         self.graphs: DecodeGraphs | None = None
         if decode_graph_rows and self.device.type == "cuda":
             self.graphs = DecodeGraphs(self.run, cache, decode_graph_rows, self.device, lora.termed)
