@@ -62,7 +62,12 @@ def engine_config(
 def build_engine(settings: EngineConfig, adapter_dirs: dict[str, Path]) -> EngineCore:
     """The engine with every adapter registered and already in its device slot."""
     loaded = load_base_model(
-        settings.model, settings.quantization, settings.compute_dtype, settings.device
+        settings.model,
+        settings.quantization,
+        settings.compute_dtype,
+        settings.device,
+        settings.double_quant,
+        settings.quantize_output,
     )
     core = EngineCore(loaded, settings)
     for name, directory in adapter_dirs.items():

@@ -97,6 +97,7 @@ def build_runtime(config: ServerConfig, metrics: Metrics) -> Runtime:
             engine_config.compute_dtype,
             engine_config.device,
             engine_config.double_quant,
+            engine_config.quantize_output,
         )
     except (OSError, ValueError) as error:  # transformers' own words, often a page long
         raise ValueError(f"cannot load the model {model!r}: {one_line(error)}") from error

@@ -93,6 +93,14 @@ class EngineConfig(BaseModel):
         "double-quantize the 4-bit block scales (QLoRA's recipe; nf4 and fp4): about 0.4 bits "
         "less per weight",
     )
+    quantize_output: bool = setting(
+        False,
+        "hold the output projection (lm_head) in the same 4-bit format as the rest (nf4 and "
+        "fp4; bitsandbytes and PEFT keep it in the compute dtype): 0.28 of the bytes a decode "
+        "step reads for it in bf16, 0.14 in fp32, so few streams run faster (one: up to 1.5 "
+        "times), but the logits are a quantized projection's and greedy outputs no longer "
+        "match PEFT's (docs/performance.md)",
+    )
     compute_dtype: Literal["fp32", "bf16", "fp16"] = setting(
         "fp32",
         "dtype of activations and LoRA weights (fp32: outputs token-exact with PEFT in fp32; bf16 "

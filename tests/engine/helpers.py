@@ -45,13 +45,16 @@ def make_core(
     )
     settings.update(overrides)
     config = EngineConfig(**settings)
-    loaded = load_base_model(str(model_dir), quantization, dtype, device, config.double_quant)
+    loaded = load_base_model(
+        str(model_dir), quantization, dtype, device, config.double_quant, config.quantize_output
+    )
     return EngineCore(loaded, config, store=store, drafter=drafter)
 
 
 def load_reference_base(
-    model_dir, quantization="nf4", dtype="fp32", device="cpu", double_quant=False
-) -> LoadedModel:
+    model_dir, quantization="nf4", dtype="fp32", device="cpu", double_quant=False,
+    quantize_output=False,
+) -> LoadedModel:  # fmt: skip
     """The base as the PEFT references load it, computing in `dtype` on every CPU.
 
     On CPUs with AVX512-BF16, bitsandbytes' CPU Linear4bit repacks its weight and computes in
@@ -59,7 +62,9 @@ def load_reference_base(
     that is 1e-2 off the fp32 result. Turned off here, it dequantizes and multiplies in `dtype`,
     as it does on every other CPU, so one tolerance holds everywhere.
     """
-    loaded = load_base_model(str(model_dir), quantization, dtype, device, double_quant)
+    loaded = load_base_model(
+        str(model_dir), quantization, dtype, device, double_quant, quantize_output
+    )
     for module in loaded.model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False

@@ -4,10 +4,8 @@ fewer bytes, and a mixed batch matches PEFT on the same double-quantized base.""
 from __future__ import annotations
 
 import pytest
-import torch
-from peft import PeftModel
-from tests.engine.helpers import load_reference_base, make_core, run
-from tests.engine.test_parity import LOGIT_TOLERANCE, MAX_NEW, PROMPTS, first_difference
+from tests.engine.helpers import make_core, run
+from tests.engine.test_parity import MAX_NEW, PROMPTS, check_against_peft
 
 from loraserve.model.loading import load_base_model, quantized_bytes
 from loraserve.model.tiny import write_tiny_model
@@ -45,24 +43,5 @@ def test_mixed_batch_on_a_double_quantized_base_matches_peft(model_dirs, adapter
         for p, a in zip(PROMPTS, ADAPTERS)
     ]
     results = run(core, {0: requests[:2], 2: requests[2:]})
-    tolerance = LOGIT_TOLERANCE["nf4", "fp32"]
-    for request, got in zip(requests, results):
-        loaded = load_reference_base(model_dirs["llama"], "nf4", "fp32", "cpu", double_quant=True)
-        model = loaded.model
-        if request.adapter is not None:
-            model = PeftModel.from_pretrained(model, adapter_dirs["llama"][request.adapter])
-        prompt_ids = core.tokenizer.encode(request.prompt)
-        out = model.generate(
-            torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids)),
-            max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=loaded.tokenizer.pad_token_id,
-        )  # fmt: skip
-        want = out[0, len(prompt_ids) :].tolist()
-        with torch.no_grad():
-            logits = model(out[:, :-1]).logits[0, len(prompt_ids) - 1 :].float()
-        same = first_difference(got.tokens, want)
-        for step in range(min(same + 1, len(got.logits), len(logits))):
-            diff = (got.logits[step] - logits[step]).abs().max().item()
-            assert diff <= tolerance, f"{request.adapter} step {step}: {diff}"
-        if same < len(want):  # a numerical tie at most
-            margin = (logits[same][want[same]] - logits[same][got.tokens[same]]).item()
-            assert margin <= tolerance, f"{request.adapter} step {same}: margin {margin}"
+    check_against_peft(core, requests, results, model_dirs["llama"], adapter_dirs["llama"],
+                       "nf4", "fp32", "cpu", double_quant=True)  # fmt: skip

@@ -83,12 +83,17 @@ def peft_reference(
     dtype="fp32",
     device="cpu",
     kv_dtype=None,
+    double_quant=False,
+    quantize_output=False,
 ):
     """Greedy tokens of PeftModel.generate with `adapter` alone (None: base only), and the logits
     each token was chosen from, by one teacher-forced forward over prompt + tokens; with
-    `kv_dtype` ("bf16", "fp16"), keys and values are rounded to it wherever they are attended.
+    `kv_dtype` ("bf16", "fp16"), keys and values are rounded to it wherever they are attended;
+    the base loaded with `double_quant` and `quantize_output` as given.
     """
-    loaded = load_reference_base(model_dir, quantization, dtype, device)
+    loaded = load_reference_base(
+        model_dir, quantization, dtype, device, double_quant, quantize_output
+    )
     model = loaded.model
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter_dirs[adapter])
@@ -113,18 +118,21 @@ def peft_reference(
 
 
 def check_against_peft(
-    core, requests, results, model_dir, adapters, quantization, dtype, device, kv_dtype=None
-):
+    core, requests, results, model_dir, adapters, quantization, dtype, device, kv_dtype=None,
+    **base_options,
+):  # fmt: skip
     """Each request's tokens and logits against PEFT's with its adapter alone (see the module
-    docstring for the one allowance). adapters: name -> PEFT directory."""
+    docstring for the one allowance). adapters: name -> PEFT directory; base_options:
+    `double_quant`, `quantize_output` of the base both load."""
     arch = model_dir.name
     tolerance = KV_LOGIT_TOLERANCE[kv_dtype] if kv_dtype else LOGIT_TOLERANCE[quantization, dtype]
     exact = 0
     for request, got in zip(requests, results):
         prompt_ids = core.tokenizer.encode(request.prompt)
         want_tokens, want_logits = peft_reference(
-            model_dir, adapters, request.adapter, prompt_ids, quantization, dtype, device, kv_dtype
-        )
+            model_dir, adapters, request.adapter, prompt_ids, quantization, dtype, device, kv_dtype,
+            **base_options,
+        )  # fmt: skip
         same = first_difference(got.tokens, want_tokens)
         exact += same == len(want_tokens) == len(got.tokens)
         if same < min(len(want_tokens), len(got.tokens)):

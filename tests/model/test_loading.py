@@ -209,3 +209,58 @@ def test_bad_quantization_or_dtype_names_the_allowed_values(quantization, dtype,
         load_base_model(str(tmp_path / "absent"), quantization, dtype, "cpu")
     for word in named:
         assert word in str(excinfo.value)
+
+
+@pytest.mark.parametrize(("quantization", "double_quant"), [("nf4", False), ("fp4", True)])
+def test_quantize_output_holds_the_output_projection_as_bitsandbytes_quantizes_it(
+    quantization, double_quant, model_dirs
+):
+    plain = load_base_model(str(model_dirs["llama"]), quantization, "fp32", "cpu", double_quant)
+    loaded = load_base_model(
+        str(model_dirs["llama"]), quantization, "fp32", "cpu", double_quant, quantize_output=True
+    )
+    head = loaded.model.get_output_embeddings()
+    assert isinstance(head, bnb.nn.Linear4bit)
+    state = head.weight.quant_state
+    assert (state.quant_type, state.nested, state.blocksize) == (quantization, double_quant, 64)
+    original = plain.model.get_output_embeddings().weight
+    packed, want = bnb.functional.quantize_4bit(
+        original, blocksize=64, compress_statistics=double_quant, quant_type=quantization
+    )
+    assert torch.equal(head.weight.data, packed)
+    restored = bnb.functional.dequantize_4bit(head.weight.data, state)
+    assert torch.equal(restored, bnb.functional.dequantize_4bit(packed, want))
+    assert restored.shape == original.shape and not torch.equal(restored, original)
+    for name, module in _projections(loaded.model).items():  # the rest as without it
+        assert torch.equal(module.weight.data, plain.model.get_submodule(name).weight.data), name
+
+
+def test_quantize_output_of_a_tied_model_leaves_the_input_embedding_whole(tmp_path):
+    model = write_tiny_model(tmp_path / "tied", tie_word_embeddings=True)
+    plain = load_base_model(str(model), "nf4", "fp32", "cpu")
+    loaded = load_base_model(str(model), "nf4", "fp32", "cpu", quantize_output=True)
+    embedding = loaded.model.get_input_embeddings().weight
+    assert torch.equal(embedding, plain.model.get_input_embeddings().weight)
+    head = loaded.model.get_output_embeddings()
+    assert isinstance(head, bnb.nn.Linear4bit)
+    restored = bnb.functional.dequantize_4bit(head.weight.data, head.weight.quant_state)
+    assert torch.equal(restored, bnb.functional.dequantize_4bit(
+        *bnb.functional.quantize_4bit(embedding, blocksize=64, quant_type="nf4")))  # fmt: skip
+    head.support_avx512bf16_for_cpu = False  # fp32 arithmetic on every CPU
+    with torch.no_grad():
+        hidden = loaded.model.model(IDS).last_hidden_state
+        assert torch.allclose(loaded.model(IDS).logits, hidden @ restored.T, atol=1e-4)
+
+
+@pytest.mark.parametrize("quantization", ["int8", "none"])
+def test_quantize_output_is_refused_where_it_does_not_apply(quantization, model_dirs):
+    with pytest.raises(ValueError, match="quantize_output applies to nf4 and fp4"):
+        load_base_model(str(model_dirs["llama"]), quantization, "fp32", "cpu",
+                        quantize_output=True)  # fmt: skip
+
+
+def test_quantize_output_leaves_a_vocabulary_the_cpu_cannot_quantize_and_says_so(tmp_path, caplog):
+    model = write_tiny_model(tmp_path / "v500", vocab_size=500)
+    loaded = load_base_model(str(model), "nf4", "fp32", "cpu", quantize_output=True)
+    assert type(loaded.model.get_output_embeddings()) is nn.Linear
+    assert "quantize_output" in caplog.text and "500 x 128" in caplog.text

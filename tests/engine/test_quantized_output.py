@@ -1,0 +1,34 @@
+"""`quantize_output`: the output projection in 4 bits. A mixed batch matches PEFT on a base
+loaded the same way, token for token, with the engine's kernels computing the projection, in
+fp32 and bf16 compute."""
+
+from __future__ import annotations
+
+import pytest
+from tests.engine.helpers import make_core, run
+from tests.engine.test_parity import MAX_NEW, PROMPTS, check_against_peft
+
+from loraserve.model.kernels import native
+from loraserve.model.linear import BaseLinear
+from loraserve.types import GenerateRequest, SamplingParams
+
+ADAPTERS = ["r8-all", None, "r1-qv", "r16-mlp"]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_mixed_batch_with_a_quantized_output_projection_matches_peft(
+    dtype, model_dirs, adapter_dirs
+):
+    core = make_core(model_dirs["llama"], "nf4", dtype, "cpu", quantize_output=True)
+    head = core.runner.model.get_output_embeddings()
+    assert isinstance(head, BaseLinear)
+    assert (head.packed is not None) == (native() is not None)  # the kernels, not bitsandbytes'
+    for name in {a for a in ADAPTERS if a}:
+        core.adapters.load(name, adapter_dirs["llama"][name])
+    requests = [
+        GenerateRequest(prompt=p, adapter=a, sampling=SamplingParams(max_new_tokens=MAX_NEW))
+        for p, a in zip(PROMPTS, ADAPTERS)
+    ]
+    results = run(core, {0: requests[:2], 2: requests[2:]})
+    check_against_peft(core, requests, results, model_dirs["llama"], adapter_dirs["llama"],
+                       "nf4", dtype, "cpu", quantize_output=True)  # fmt: skip
