@@ -141,6 +141,23 @@ def test_with_drafted_tokens_checked_in_the_step(dtype, model_dirs, adapter_dirs
     _assert_same_bits(probe, alone)
 
 
+def test_with_a_quantized_output_projection(dtype, model_dirs, adapter_dirs):
+    """`quantize_output` keeps the logits' bits the probe's own: its 4-bit kernel takes the
+    invariant paths too."""
+    core = make_core(
+        model_dirs["llama"], dtype=dtype, batch_invariant=True, quantize_output=True,
+        max_context=1024, kv_cache_tokens=8192, max_batch_size=32,
+    )  # fmt: skip
+    for name in ("r8-all", "r4-attn"):
+        core.adapters.load(name, adapter_dirs["llama"][name])
+    [alone] = run(core, {0: [PROBE]})
+    crowd = {
+        0: [_request(_prompt(1, 40), "r4-attn", 3), PROBE, _request(_prompt(2, 7), None, 12)],
+        2: [_request(_prompt(5, 260), None, 9), _request(_prompt(6, 3), "r8-all", 1)],
+    }
+    _assert_same_bits(run(core, crowd)[1], alone)
+
+
 @pytest.mark.parametrize(
     ("arch", "quantization", "refusal"),
     [
