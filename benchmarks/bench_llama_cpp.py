@@ -31,7 +31,8 @@ llama-cpp-python 0.3.36 vendors on PyPI, with its converter); `gguf` writes the 
     .venv/bin/python benchmarks/bench_llama_cpp.py --model tinyllama-1.1b --checkpoint-dtype bf16
 
 `--model tinyllama-1.1b` runs it all on a base of TinyLlama 1.1B's shape instead of the
-benchmark's default model.
+benchmark's default model; `--quantize-output` holds the engine's output projection in 4 bits
+(`quantize_output`), as Q4_K_M holds llama.cpp's in 6.
 """
 
 from __future__ import annotations
@@ -367,6 +368,11 @@ def main() -> None:
     parser.add_argument(
         "--llama-cpp", type=Path, default=LLAMA_CPP_DIR, help="build_llama_cpp.sh's folder"
     )
+    parser.add_argument(
+        "--quantize-output",
+        action="store_true",
+        help="the engine's output projection in 4 bits too (as Q4_K_M's is in 6)",
+    )
     parser.add_argument("--out", type=Path, help="write the results as JSON to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -390,6 +396,7 @@ def main() -> None:
                     prompt_tokens=(args.prompt_tokens, args.prompt_tokens))  # fmt: skip
     workload = make_workload(bench, list(adapter_dirs)).head(most, args.new_tokens)
     settings = engine_config(base_engine_config(bench, model_dir), workload, args.prompt_tokens)
+    settings = settings.model_copy(update={"quantize_output": args.quantize_output})
     core = build_engine(settings, adapter_dirs)
     run_engine(core, workload.head(4, 2), with_adapters=True)  # warm-up
     cases = served_cases(most)
