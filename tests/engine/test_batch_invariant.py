@@ -126,6 +126,26 @@ def test_with_the_prompt_prefix_from_the_cache(cores, alone):
     _assert_same_bits(probe, alone)
 
 
+def test_a_next_turn_shares_its_prompt_blocks_only(dtype, cores, model_dirs, adapter_dirs):
+    """A decode row's KV has other bits than the same tokens' as a prompt's, so the blocks an
+    answer fills are not published: a next turn (prompt, answer, 5 tokens more) shares the
+    prompt's 18 blocks, not the 19th its answer filled, and its logits are those computed
+    afresh."""
+    core = cores[2048]
+    [answer] = run(core, {0: [PROBE]})
+    follow_up = _request(PROBE.prompt_token_ids + tuple(answer.tokens) + _prompt(8, 5), "r8-all")
+    hits = core.allocator.counters.hit_blocks
+    [got] = run(core, {0: [follow_up]})
+    assert core.allocator.counters.hit_blocks - hits == PROMPT // 16
+    fresh = make_core(
+        model_dirs["llama"], dtype=dtype, batch_invariant=True, prefix_caching=False,
+        max_context=1024,
+    )  # fmt: skip
+    fresh.adapters.load("r8-all", adapter_dirs["llama"]["r8-all"])
+    [want] = run(fresh, {0: [follow_up]})
+    _assert_same_bits(got, want)
+
+
 def test_with_drafted_tokens_checked_in_the_step(dtype, model_dirs, adapter_dirs, alone):
     """Single-token lookups over a prompt of random tokens draft at most steps; each checked
     position's logits are a one-token step's, kept drafts or not (in bf16 too, where without

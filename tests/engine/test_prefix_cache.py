@@ -1,7 +1,8 @@
 """Prefix caching in the engine: a prompt prefix a tenant already sent on the same adapter is
-shared, not recomputed; other adapters and other tenants never share it; greedy outputs are
-the same with and without the cache, with the KV cache in the compute dtype or in fp16 (whose
-shared blocks hold the rounded keys and values a recomputed prefix rounds to again)."""
+shared, not recomputed, and so are the blocks its answer filled (a conversation's next turn);
+other adapters and other tenants never share them; greedy outputs are the same with and
+without the cache, with the KV cache in the compute dtype or in fp16 (whose shared blocks hold
+the rounded keys and values a recomputed prefix rounds to again)."""
 
 from __future__ import annotations
 
@@ -64,3 +65,29 @@ def test_cached_prefix_is_shared_by_requests_running_together(cores):
     assert core.allocator.counters.hit_blocks - hits_before == 2 * len(rest)
     alone = [run(cores[False], {0: [r]})[0].tokens for r in requests]
     assert [first.tokens, *(r.tokens for r in rest)] == alone
+
+
+@pytest.mark.parametrize(("adapter", "shared_blocks"), [("r8-all", 4), ("r4-attn", 0)])
+def test_a_next_turn_shares_the_blocks_the_answer_filled(cores, adapter, shared_blocks):
+    """Turn 1: a 40-token prompt, 30 tokens generated (69 in KV: 4 full blocks). Turn 2, its
+    prompt and answer and 5 tokens more, shares all 4 on the same adapter (its prompt alone
+    filled 2), none on another."""
+    cached, uncached = cores[True], cores[False]
+    prompt = tuple(range(100, 140))
+    first = GenerateRequest(
+        prompt_token_ids=prompt, adapter="r8-all", tenant="umbrella",
+        sampling=SamplingParams(max_new_tokens=30, ignore_eos=True),
+    )  # fmt: skip
+    [answer] = run(cached, {0: [first]})
+    follow_up = GenerateRequest(
+        prompt_token_ids=prompt + tuple(answer.tokens) + (7, 8, 9, 10, 11),
+        adapter=adapter, tenant="umbrella", sampling=SAMPLING,
+    )  # fmt: skip
+    hits_before = cached.allocator.counters.hit_blocks
+    [with_cache] = run(cached, {0: [follow_up]})
+    assert cached.allocator.counters.hit_blocks - hits_before == shared_blocks
+    [without] = run(uncached, {0: [follow_up]})
+    assert with_cache.tokens == without.tokens
+    for got, want in zip(with_cache.logits, without.logits):
+        assert (got - want).abs().max().item() < 1e-3
+    assert cached.kv_used_tokens == 0

@@ -93,6 +93,13 @@ def test_hashes_chain_over_full_blocks_and_depend_on_namespace_and_every_earlier
     assert all(x != y for x, y in zip(alloc.prefix_hashes("a", changed), hashes))
 
 
+def test_a_chain_goes_on_from_the_hashes_known():
+    alloc = BlockAllocator(8, BLOCK_SIZE)
+    first = alloc.prefix_hashes("a", PROMPT[:5])
+    assert alloc.prefix_hashes("a", PROMPT, known=first) == alloc.prefix_hashes("a", PROMPT)
+    assert alloc.prefix_hashes("a", PROMPT[:6], known=first) == first
+
+
 def test_a_published_prefix_is_shared_and_its_blocks_referenced_by_both():
     alloc = BlockAllocator(16, BLOCK_SIZE)
     hashes, first = _published(alloc, "t/a", PROMPT, 5)

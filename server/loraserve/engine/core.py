@@ -279,6 +279,7 @@ class EngineCore:
                     picked.append(firsts[i])
             for i, s in enumerate(plan.decode, start=len(plan.prefill)):
                 s.num_cached = len(s.token_ids)
+                self._publish_generated(s)
                 picked.extend(range(firsts[i], firsts[i + 1]))
             if ready:  # picked ascends: as many as the rows means every row, in order
                 logits = out if len(picked) == len(out) else out[picked]
@@ -290,6 +291,20 @@ class EngineCore:
                 if seq.request_id in self._by_id:  # not already retired
                     self._fail(seq, error)
         return True
+
+    def _publish_generated(self, seq: Sequence) -> None:
+        """Publish the blocks `seq`'s decode steps have filled, for a later prompt that holds
+        this one's tokens and answer (a conversation's next turn). Not with batch_invariant: a
+        decode row's KV has other bits than the same tokens' as a prompt's."""
+        if seq.prefix_namespace is None or self.config.batch_invariant:
+            return
+        full = seq.num_cached // self.allocator.block_size
+        if full > len(seq.prefix_hashes):
+            seq.prefix_hashes = self.allocator.prefix_hashes(
+                seq.prefix_namespace, seq.token_ids[: full * self.allocator.block_size],
+                known=seq.prefix_hashes,
+            )  # fmt: skip
+            self.allocator.publish(seq.prefix_hashes, seq.block_table, seq.num_cached)
 
     def _forward(self, phase: str, rows: list[RowInput]) -> torch.Tensor:
         started = time.perf_counter()

@@ -15,11 +15,11 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Hashable
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from loraserve.adapters.keys import AdapterKey
 from loraserve.adapters.manager import AdapterManager
 from loraserve.config import EngineConfig
 from loraserve.engine.constraint_cache import ConstraintCache
@@ -110,6 +110,8 @@ class Intake:
             self._queued += 1
             self._queued_tokens += len(prompt_ids)
         tenant = request.tenant or DEFAULT_TENANT
+        # never shared across tenants or adapters
+        namespace = (tenant, adapter_key) if self.config.prefix_caching else None
         return Sequence(
             request_id=next(self._ids),
             prompt_len=len(prompt_ids),
@@ -121,7 +123,8 @@ class Intake:
             generator=None if params.greedy else make_generator(params.seed, self.device),
             emit=emit,
             grammar=grammar.start() if grammar else None,
-            prefix_hashes=self._prefix_hashes(tenant, adapter_key, prompt_ids),
+            prefix_namespace=namespace,
+            prefix_hashes=self._prefix_hashes(namespace, prompt_ids),
             tenant=self.metrics.tenant_label(tenant),
             arrived_at=time.monotonic(),
         )
@@ -134,14 +137,12 @@ class Intake:
                 self._queued -= 1
                 self._queued_tokens -= seq.prompt_len
 
-    def _prefix_hashes(
-        self, tenant: str, adapter_key: AdapterKey | None, prompt_ids: list[int]
-    ) -> list[bytes]:
-        """The prefix-cache hashes of the prompt's full blocks, its last token aside (it must
-        run to give the first logits). Namespaced by tenant and adapter: never shared across."""
-        if not self.config.prefix_caching:
+    def _prefix_hashes(self, namespace: Hashable | None, prompt_ids: list[int]) -> list[bytes]:
+        """The prefix-cache hashes of the prompt's full blocks under `namespace` (none without
+        one), its last token aside (it must run to give the first logits)."""
+        if namespace is None:
             return []
-        return self.allocator.prefix_hashes((tenant, adapter_key), prompt_ids[:-1])
+        return self.allocator.prefix_hashes(namespace, prompt_ids[:-1])
 
     def _check_bias(self, params: SamplingParams) -> None:
         outside = [b.token_id for b in params.logit_bias if b.token_id >= self.vocab_size]

@@ -6,7 +6,7 @@ positions, the adapter's key and slot, and where to send events.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -39,7 +39,10 @@ class Sequence:
     held_slot: int | None = None  # the slot its adapter grant holds a reference on, if any
     slot_wait_steps: int = 0  # steps spent waiting for a slot
     block_table: list[int] = field(default_factory=list)
-    prefix_hashes: list[bytes] = field(default_factory=list)  # its prompt's full KV blocks
+    # where its full KV blocks are published (tenant, adapter key; None: nowhere), and their
+    # chained hashes so far: its prompt's, then those its generated tokens fill
+    prefix_namespace: Hashable | None = None
+    prefix_hashes: list[bytes] = field(default_factory=list)
     num_cached: int = 0
     grammar: GrammarState | None = None  # its constraint's state; None = unconstrained
     queued: bool = True  # counts against max_waiting until admitted or retired

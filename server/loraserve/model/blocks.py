@@ -1,9 +1,10 @@
 """KV block accounting: the free list, reference counts, and the prefix cache.
 
 A sequence holds a block table (a list of block ids); block 0 is the cache's scratch block and
-is never handed out. Blocks are reference counted: a block whose every position holds a prompt
-token can be published under the hash of its whole prefix, and a later sequence whose prompt
-starts with the same tokens in the same namespace shares it instead of recomputing it. A shared
+is never handed out. Blocks are reference counted: a block whose every position holds computed
+KV (of prompt or generated tokens) can be published under the hash of its whole prefix, and a
+later sequence whose prompt starts with the same tokens in the same namespace shares it instead
+of recomputing it. A shared
 block is only read: a sequence writes past its shared prefix, into blocks of its own.
 
 Hashes chain: block i's hash covers the namespace and every token of blocks 0..i, so equal
@@ -103,11 +104,18 @@ class BlockAllocator:
 
     # ---- the prefix cache -------------------------------------------------------------------
 
-    def prefix_hashes(self, namespace: Hashable, tokens: Sequence[int]) -> list[bytes]:
-        """The chained hash of every full block of `tokens` under `namespace`."""
-        hashes: list[bytes] = []
-        parent = hashlib.blake2b(repr(namespace).encode(), digest_size=16).digest()
-        for end in range(self.block_size, len(tokens) + 1, self.block_size):
+    def prefix_hashes(
+        self, namespace: Hashable, tokens: Sequence[int], known: Sequence[bytes] = ()
+    ) -> list[bytes]:
+        """The chained hash of every full block of `tokens` under `namespace`; `known`, the
+        hashes of its first blocks already computed, are kept and the chain goes on from them."""
+        hashes = list(known)
+        if hashes:
+            parent = hashes[-1]
+        else:
+            parent = hashlib.blake2b(repr(namespace).encode(), digest_size=16).digest()
+        start = (len(hashes) + 1) * self.block_size
+        for end in range(start, len(tokens) + 1, self.block_size):
             block = array("q", tokens[end - self.block_size : end]).tobytes()
             parent = hashlib.blake2b(parent + block, digest_size=16).digest()
             hashes.append(parent)
