@@ -8,7 +8,7 @@ B), llama.cpp's Q4_0 file and GGUF adapters as `bench_llama_cpp.py` writes them,
 found), greedy, `--new-tokens` each:
 
   cold_a, cold_b     P on A, on B, nothing reusable (llama-server: `cache_prompt` false; the
-                     engine: its prefix cache emptied first)
+                     engine: one without prefix caching)
   warm_a             P on A right after P on A: the legitimate reuse
   b_after_a          P on B right after P on A: reuse here is the wrong adapter's
   next_turn_a        a conversation's next turn on A, right after warm_a: P, warm_a's answer
