@@ -33,22 +33,18 @@ import transformers
 from bench_multi_lora import BASES, DEFAULT
 from common import DEFAULT_CACHE_DIR, prepare_model
 from engine_runs import alternate_decode_steps
-from loraserve.model.loading import load_base_model
+from loraserve.engine.core import EngineCore
+from loraserve.model.loading import load_base_model, quantized_bytes
 from machine import machine_info
 from profile_step import base_workload, warm_base_engine
 
 HEADS = ("dense", "nf4")  # the output projection in the compute dtype / quantize_output
 
 
-def head_bytes(module: torch.nn.Module) -> int:
-    """Bytes the output projection holds (a 4-bit one: packed codes and block scales)."""
-    weight = getattr(module, "module", module).weight  # the runner wraps it in a BaseLinear
-    state = getattr(weight, "quant_state", None)
-    held = weight.numel() * weight.element_size()
-    if state is not None:
-        scales = [state.absmax, *([state.state2.absmax] if state.nested else [])]
-        held += sum(s.numel() * s.element_size() for s in scales)
-    return held
+def head_bytes(core: EngineCore) -> int:
+    """Bytes the engine's output projection holds (a 4-bit one: codes, scales and tables)."""
+    head = core.runner.model.get_output_embeddings().module  # the BaseLinear's wrapped layer
+    return quantized_bytes(head).quantized or head.weight.numel() * head.weight.element_size()
 
 
 def logit_agreement(model_dir: Path, bench, prompts: list[tuple[int, ...]]) -> dict[str, float]:
@@ -99,8 +95,7 @@ def main() -> None:
         head: warm_base_engine(workload, spec, bench, quantize_output=head == "nf4")
         for head in HEADS
     }
-    held = {head: head_bytes(core.runner.model.get_output_embeddings()) for head, core in
-            cores.items()}  # fmt: skip
+    held = {head: head_bytes(core) for head, core in cores.items()}
     print(f"output projection: dense {held['dense'] / 2**20:.1f} MiB, "
           f"nf4 {held['nf4'] / 2**20:.1f} MiB")  # fmt: skip
     decode = {}

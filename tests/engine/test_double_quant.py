@@ -4,12 +4,11 @@ fewer bytes, and a mixed batch matches PEFT on the same double-quantized base.""
 from __future__ import annotations
 
 import pytest
-from tests.engine.helpers import make_core, run
-from tests.engine.test_parity import MAX_NEW, PROMPTS, check_against_peft
+from tests.engine.helpers import make_core
+from tests.engine.test_parity import check_staggered_pair_against_peft
 
 from loraserve.model.loading import load_base_model, quantized_bytes
 from loraserve.model.tiny import write_tiny_model
-from loraserve.types import GenerateRequest, SamplingParams
 
 ADAPTERS = ["r8-all", "r1-qv", None, "r16-mlp"]
 
@@ -36,12 +35,5 @@ def test_double_quantization_is_refused_where_it_does_not_apply(model_dirs, quan
 
 def test_mixed_batch_on_a_double_quantized_base_matches_peft(model_dirs, adapter_dirs):
     core = make_core(model_dirs["llama"], "nf4", "fp32", "cpu", double_quant=True)
-    for name in {a for a in ADAPTERS if a}:
-        core.adapters.load(name, adapter_dirs["llama"][name])
-    requests = [
-        GenerateRequest(prompt=p, adapter=a, sampling=SamplingParams(max_new_tokens=MAX_NEW))
-        for p, a in zip(PROMPTS, ADAPTERS)
-    ]
-    results = run(core, {0: requests[:2], 2: requests[2:]})
-    check_against_peft(core, requests, results, model_dirs["llama"], adapter_dirs["llama"],
-                       "nf4", "fp32", "cpu", double_quant=True)  # fmt: skip
+    check_staggered_pair_against_peft(core, model_dirs["llama"], adapter_dirs["llama"], ADAPTERS,
+                                      "fp32", double_quant=True)  # fmt: skip

@@ -150,6 +150,22 @@ def check_against_peft(
     assert core.adapters.stats().references == 0
 
 
+def check_staggered_pair_against_peft(core, model_dir, adapters, names, dtype, **base_options):
+    """A prompt of PROMPTS on each of `names` (an adapter of `adapters`, name -> PEFT directory,
+    or None: the base; adapters loaded here), two at step 0 and the rest at step 2, on the nf4
+    CPU `core`, checked against PEFT (`check_against_peft`, its base loaded with
+    `base_options`)."""
+    for name in {n for n in names if n}:
+        core.adapters.load(name, adapters[name])
+    requests = [
+        GenerateRequest(prompt=p, adapter=a, sampling=SamplingParams(max_new_tokens=MAX_NEW))
+        for p, a in zip(PROMPTS, names)
+    ]
+    results = run(core, {0: requests[:2], 2: requests[2:]})
+    check_against_peft(core, requests, results, model_dir, adapters, "nf4", dtype, "cpu",
+                       **base_options)  # fmt: skip
+
+
 def first_difference(ours: list[int], theirs: list[int]) -> int:
     """The first step where the two greedy token lists differ (their common length if none)."""
     return next(

@@ -5,12 +5,11 @@ fp32 and bf16 compute."""
 from __future__ import annotations
 
 import pytest
-from tests.engine.helpers import make_core, run
-from tests.engine.test_parity import MAX_NEW, PROMPTS, check_against_peft
+from tests.engine.helpers import make_core
+from tests.engine.test_parity import check_staggered_pair_against_peft
 
 from loraserve.model.kernels import native
 from loraserve.model.linear import BaseLinear
-from loraserve.types import GenerateRequest, SamplingParams
 
 ADAPTERS = ["r8-all", None, "r1-qv", "r16-mlp"]
 
@@ -23,12 +22,5 @@ def test_mixed_batch_with_a_quantized_output_projection_matches_peft(
     head = core.runner.model.get_output_embeddings()
     assert isinstance(head, BaseLinear)
     assert (head.packed is not None) == (native() is not None)  # the kernels, not bitsandbytes'
-    for name in {a for a in ADAPTERS if a}:
-        core.adapters.load(name, adapter_dirs["llama"][name])
-    requests = [
-        GenerateRequest(prompt=p, adapter=a, sampling=SamplingParams(max_new_tokens=MAX_NEW))
-        for p, a in zip(PROMPTS, ADAPTERS)
-    ]
-    results = run(core, {0: requests[:2], 2: requests[2:]})
-    check_against_peft(core, requests, results, model_dirs["llama"], adapter_dirs["llama"],
-                       "nf4", dtype, "cpu", quantize_output=True)  # fmt: skip
+    check_staggered_pair_against_peft(core, model_dirs["llama"], adapter_dirs["llama"], ADAPTERS,
+                                      dtype, quantize_output=True)  # fmt: skip
