@@ -26,7 +26,9 @@ same adapter (`same_as_cold`). Medians of `--repeats` rounds.
     .venv/bin/python benchmarks/bench_llama_cpp_prefix.py --compute-dtype fp32
 
 The engine shares the full blocks of a prompt and, since 2026-12-05, those its answer fills
-(not with `batch_invariant`, whose decode rows' KV has other bits than a prompt's).
+(not with `batch_invariant`, whose decode rows' KV has other bits than a prompt's), and copies
+the prompt tokens after them that a cached block holds (a prompt sent again computes only its
+last token).
 
 In bf16 the engine's `warm_a` is the same only with `--batch-invariant`: a prompt whose prefix
 comes from the cache sums its last block's attention apart from the whole prompt's.
@@ -93,11 +95,13 @@ def llama_round(url: str, prompt: list[int], new_tokens: int, follow_up: list[in
 def engine_complete(core: EngineCore, prompt: tuple[int, ...], adapter: str,
                     new_tokens: int) -> dict:  # fmt: skip
     """One request on `adapter`: its tokens, the prompt tokens it evaluated and its TTFT."""
-    hits = core.allocator.counters.hit_blocks
+    counters = core.allocator.counters
+    hits, copied = counters.hit_blocks, counters.copied_tokens
     trace = Trace()
     submit(core, trace, Workload((prompt,), (adapter,), new_tokens), with_adapters=True)
     step_until_idle(core, trace)
-    reused = (core.allocator.counters.hit_blocks - hits) * core.config.kv_block_size
+    reused = (counters.hit_blocks - hits) * core.config.kv_block_size
+    reused += counters.copied_tokens - copied
     return {"output": trace.token_ids[0], "evaluated": len(prompt) - reused,
             "ttft_ms": ttft_ms(trace)[0]}  # fmt: skip
 

@@ -73,6 +73,16 @@ class AdapterStats:
 
 
 @dataclass(frozen=True)
+class PrefixCacheStats:
+    """The KV prefix cache's snapshot: blocks published, and what admissions found in it."""
+
+    cached_blocks: int = 0
+    queried_blocks: int = 0
+    hit_blocks: int = 0
+    copied_tokens: int = 0
+
+
+@dataclass(frozen=True)
 class LiveState:
     """What the scrape-time gauges read; each field a cheap snapshot."""
 
@@ -85,7 +95,7 @@ class LiveState:
     # registered or stored, never free text from a request.
     running_adapters: tuple[str, ...]
     waiting_adapters: tuple[str, ...]
-    prefix_cache: tuple[int, int, int] = (0, 0, 0)  # (cached blocks, queried, hit)
+    prefix_cache: PrefixCacheStats = PrefixCacheStats()
     compute_threads: int = 1  # what the next decode step runs on
     team_wait_seconds: float | None = None  # None: no compiled kernels to count it
     updated_at: float = field(default_factory=time.time)
@@ -138,21 +148,26 @@ class _LiveCollector(Collector):
             for tier, stats in tiers.items():
                 family.add_metric([tier], getattr(stats, count))
             yield family
-        cached, queried, hit = state.prefix_cache
+        prefix = state.prefix_cache
         yield GaugeMetricFamily(
             "loraserve_prefix_cache_blocks",
             "KV blocks published in the prefix cache (in use or evictable).",
-            value=cached,
+            value=prefix.cached_blocks,
         )
         yield CounterMetricFamily(
             "loraserve_prefix_cache_queried_blocks",
             "Full prompt KV blocks looked up in the prefix cache at admission.",
-            value=queried,
+            value=prefix.queried_blocks,
         )
         yield CounterMetricFamily(
             "loraserve_prefix_cache_hit_blocks",
             "Prompt KV blocks found in the prefix cache (not recomputed).",
-            value=hit,
+            value=prefix.hit_blocks,
+        )
+        yield CounterMetricFamily(
+            "loraserve_prefix_cache_copied_tokens",
+            "Prompt tokens past the blocks found whose KV was copied from a cached block.",
+            value=prefix.copied_tokens,
         )
         yield GaugeMetricFamily(
             "loraserve_compute_threads",

@@ -1,7 +1,8 @@
 """`batch_invariant`: a request's logits have the same bits alone, beside other requests on
 other adapters joining and leaving, with its prompt split into chunks (one of them a single
-token), with its prompt's prefix found in the prefix cache, and with drafted tokens checked in
-its decode steps; in fp32 and in bf16 compute."""
+token), with its prompt's prefix found in the prefix cache (the tokens past its shared blocks
+copied from a cached block), and with drafted tokens checked in its decode steps; in fp32 and
+in bf16 compute."""
 
 from __future__ import annotations
 
@@ -124,6 +125,24 @@ def test_with_the_prompt_prefix_from_the_cache(cores, alone):
     [probe] = run(core, {0: [PROBE]})
     assert core.allocator.counters.hit_blocks - hits == 18
     _assert_same_bits(probe, alone)
+
+
+def test_with_the_prompt_tokens_past_the_shared_blocks_copied(cores, alone):
+    """A prompt that holds the probe's and 4 tokens more (19 full blocks) gives the probe its
+    first 18 blocks and 11 of the next one's tokens: the probe computes only its last token.
+    Sent again, the longer prompt copies 15 tokens of its own last block."""
+    core = cores[2048]
+    counters = core.allocator.counters
+    longer = _request(PROBE.prompt_token_ids + _prompt(9, 4), "r8-all")
+    [first] = run(core, {0: [longer]})
+    copied = counters.copied_tokens
+    [probe] = run(core, {0: [PROBE]})
+    assert counters.copied_tokens - copied == 11
+    _assert_same_bits(probe, alone)
+    copied = counters.copied_tokens
+    [again] = run(core, {0: [longer]})
+    assert counters.copied_tokens - copied == 15
+    _assert_same_bits(again, first)
 
 
 def test_a_next_turn_shares_its_prompt_blocks_only(dtype, cores, model_dirs, adapter_dirs):

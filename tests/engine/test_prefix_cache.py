@@ -1,6 +1,7 @@
 """Prefix caching in the engine: a prompt prefix a tenant already sent on the same adapter is
 shared, not recomputed, and so are the blocks its answer filled (a conversation's next turn);
-other adapters and other tenants never share them; greedy outputs are the same with and
+a prompt sent again computes only its last token (the rest of its last block copied from a
+cached one); other adapters and other tenants never share them; greedy outputs are the same with and
 without the cache, with the KV cache in the compute dtype or in fp16 (whose shared blocks hold
 the rounded keys and values a recomputed prefix rounds to again)."""
 
@@ -91,3 +92,24 @@ def test_a_next_turn_shares_the_blocks_the_answer_filled(cores, adapter, shared_
     for got, want in zip(with_cache.logits, without.logits):
         assert (got - want).abs().max().item() < 1e-3
     assert cached.kv_used_tokens == 0
+
+
+@pytest.mark.parametrize("length", [48, 43])
+def test_a_prompt_sent_again_computes_only_its_last_token(cores, length):
+    """Whole blocks are shared and the tokens after them copied from the cached block that
+    holds them: at 48 tokens the prompt's own third block, at 43 the one its answer filled."""
+    cached, uncached = cores[True], cores[False]
+    request = GenerateRequest(
+        prompt_token_ids=tuple(range(200, 200 + length)), adapter="r8-all", tenant="hooli",
+        sampling=SAMPLING,
+    )  # fmt: skip
+    run(cached, {0: [request]})
+    counters = cached.allocator.counters
+    hits, copied = counters.hit_blocks, counters.copied_tokens
+    [again] = run(cached, {0: [request]})
+    assert 16 * (counters.hit_blocks - hits) + counters.copied_tokens - copied == length - 1
+    [without] = run(uncached, {0: [request]})
+    assert again.tokens == without.tokens
+    for got, want in zip(again.logits, without.logits):
+        assert (got - want).abs().max().item() < 1e-3
+    assert cached.kv_used_tokens == 0, "the copied block kept a reference"

@@ -33,7 +33,7 @@ from loraserve.engine.masks import MaskFiller, StepMasks
 from loraserve.engine.scheduler import Scheduler
 from loraserve.engine.sequence import EmitFn, Sequence
 from loraserve.engine.speculation import Drafter, PromptLookup, Speculation
-from loraserve.metrics import LiveState, Metrics
+from loraserve.metrics import LiveState, Metrics, PrefixCacheStats
 from loraserve.model.blocks import BlockAllocator
 from loraserve.model.compute_team import DecodeThreads, ThreadGovernor, team_wait_seconds
 from loraserve.model.detokenizer import token_text
@@ -159,6 +159,7 @@ class EngineCore:
             config.max_step_tokens,
             config.slot_patience_steps,
             speculation=self.speculation,
+            copy_kv=lambda copy: self.cache.copy_block(copy.source, copy.target, copy.tokens),
         )
         self.max_context = min(
             config.max_context,
@@ -274,7 +275,7 @@ class EngineCore:
             picked = []
             for i, (s, n) in enumerate(plan.prefill):
                 s.num_cached += n
-                self.allocator.publish(s.prefix_hashes, s.block_table, s.num_cached)
+                self.allocator.publish(s.prefix_chain, s.block_table, s.token_ids, s.num_cached)
                 if not s.in_prefill:
                     picked.append(firsts[i])
             for i, s in enumerate(plan.decode, start=len(plan.prefill)):
@@ -299,12 +300,12 @@ class EngineCore:
         if seq.prefix_namespace is None or self.config.batch_invariant:
             return
         full = seq.num_cached // self.allocator.block_size
-        if full > len(seq.prefix_hashes):
-            seq.prefix_hashes = self.allocator.prefix_hashes(
+        if full > len(seq.prefix_chain) - 1:
+            seq.prefix_chain = self.allocator.prefix_chain(
                 seq.prefix_namespace, seq.token_ids[: full * self.allocator.block_size],
-                known=seq.prefix_hashes,
+                known=seq.prefix_chain,
             )  # fmt: skip
-            self.allocator.publish(seq.prefix_hashes, seq.block_table, seq.num_cached)
+            self.allocator.publish(seq.prefix_chain, seq.block_table, seq.token_ids, seq.num_cached)
 
     def _forward(self, phase: str, rows: list[RowInput]) -> torch.Tensor:
         started = time.perf_counter()
@@ -480,10 +481,11 @@ class EngineCore:
             adapters=self.adapters.stats(),
             running_adapters=_adapter_names(running),
             waiting_adapters=_adapter_names(waiting),
-            prefix_cache=(
+            prefix_cache=PrefixCacheStats(
                 self.allocator.cached_blocks,
                 self.allocator.counters.queried_blocks,
                 self.allocator.counters.hit_blocks,
+                self.allocator.counters.copied_tokens,
             ),
             compute_threads=(
                 self.max_threads if self.decode_threads is None else self.decode_threads.threads

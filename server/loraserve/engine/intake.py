@@ -124,7 +124,7 @@ class Intake:
             emit=emit,
             grammar=grammar.start() if grammar else None,
             prefix_namespace=namespace,
-            prefix_hashes=self._prefix_hashes(namespace, prompt_ids),
+            prefix_chain=self._prefix_chain(namespace, prompt_ids),
             tenant=self.metrics.tenant_label(tenant),
             arrived_at=time.monotonic(),
         )
@@ -137,12 +137,12 @@ class Intake:
                 self._queued -= 1
                 self._queued_tokens -= seq.prompt_len
 
-    def _prefix_hashes(self, namespace: Hashable | None, prompt_ids: list[int]) -> list[bytes]:
-        """The prefix-cache hashes of the prompt's full blocks under `namespace` (none without
-        one), its last token aside (it must run to give the first logits)."""
+    def _prefix_chain(self, namespace: Hashable | None, prompt_ids: list[int]) -> list[bytes]:
+        """The prefix-cache chain of the prompt's full blocks under `namespace` (none without
+        one)."""
         if namespace is None:
             return []
-        return self.allocator.prefix_hashes(namespace, prompt_ids[:-1])
+        return self.allocator.prefix_chain(namespace, prompt_ids)
 
     def _check_bias(self, params: SamplingParams) -> None:
         outside = [b.token_id for b in params.logit_bias if b.token_id >= self.vocab_size]

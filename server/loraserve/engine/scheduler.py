@@ -7,7 +7,8 @@ over, so requests for resident adapters keep flowing while cold ones load. Among
 sequences admission is first-come, first-served against the batch size and the KV budget (a
 sequence reserves prompt + max_new_tokens positions, so a running sequence never runs out of
 KV; the leading blocks of its prompt that the prefix cache holds for its tenant and adapter are
-shared, not recomputed); the oldest ready sequence is never skipped, so a large request cannot
+shared, not recomputed, and the prompt tokens after them that a cached block holds are copied
+into a block of its own); the oldest ready sequence is never skipped, so a large request cannot
 starve. A sequence that has waited `slot_patience_steps` for a slot makes the manager drain one,
 so a cold adapter cannot starve behind a stream of hot ones; the next few cold adapters in line
 are read into host RAM ahead of time.
@@ -22,12 +23,13 @@ Knows nothing about the model or sampling; adapters are keys the manager grants 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loraserve.adapters.manager import AdapterManager, Admission
 from loraserve.engine.sequence import Sequence
 from loraserve.engine.speculation import Speculation
-from loraserve.model.blocks import BlockAllocator
+from loraserve.model.blocks import BlockAllocator, BlockCopy
 
 LOOKAHEAD_ADAPTERS = 4
 
@@ -51,6 +53,8 @@ class Scheduler:
         max_step_tokens: int,
         slot_patience_steps: int = 8,
         speculation: Speculation | None = None,
+        *,
+        copy_kv: Callable[[BlockCopy], None],
     ) -> None:
         self.allocator = allocator
         self.adapters = adapters
@@ -58,6 +62,7 @@ class Scheduler:
         self.max_step_tokens = max_step_tokens
         self.slot_patience_steps = slot_patience_steps
         self.speculation = speculation
+        self.copy_kv = copy_kv
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -87,9 +92,13 @@ class Scheduler:
             if len(self.running) >= self.max_batch_size:
                 break
             blocks = self.allocator.blocks_for(seq.kv_tokens)
-            reservation = self.allocator.reserve(seq.prefix_hashes, blocks)
+            prompt = seq.token_ids[: seq.prompt_len]
+            reservation = self.allocator.reserve(blocks, seq.prefix_chain, prompt)
             if reservation is None:
                 break
+            if reservation.copy is not None:
+                self.copy_kv(reservation.copy)
+                self.allocator.free([reservation.copy.source])
             self.waiting.remove(seq)
             seq.block_table = reservation.blocks
             seq.num_cached = reservation.cached_tokens

@@ -42,7 +42,7 @@ class Sequence:
     # where its full KV blocks are published (tenant, adapter key; None: nowhere), and their
     # chained hashes so far: its prompt's, then those its generated tokens fill
     prefix_namespace: Hashable | None = None
-    prefix_hashes: list[bytes] = field(default_factory=list)
+    prefix_chain: list[bytes] = field(default_factory=list)
     num_cached: int = 0
     grammar: GrammarState | None = None  # its constraint's state; None = unconstrained
     queued: bool = True  # counts against max_waiting until admitted or retired

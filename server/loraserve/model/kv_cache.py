@@ -8,6 +8,8 @@ The model calls `update(keys, values, layer_idx)` from each attention layer; bef
 forward the runner calls `prepare(write_slots)` with the flat pool index of each new token, so
 `update` writes the tokens into the pools. It returns them unchanged: the attention
 implementation (`model/attention.py`) reads each row's context from `pools(layer_idx)` itself.
+`copy_block` fills the first positions of a block from another's (a prompt's next tokens found
+in a cached block that another sequence goes on writing).
 
 The pools may hold a narrower dtype than the model computes in (`kv_cache_dtype`: bf16 or
 fp16 under fp32 compute): each new key and value is rounded to it as it is written, and every
@@ -70,6 +72,12 @@ class PagedKVCache(Cache):
             else:
                 pool.index_copy_(0, self._write_slots, source.transpose(0, 1))
         return key_states, value_states
+
+    def copy_block(self, source: int, target: int, positions: int) -> None:
+        """Copy the first `positions` of block `source` into block `target`, in every pool."""
+        source_at, target_at = source * self.block_size, target * self.block_size
+        for pool in (*self.key_pools, *self.value_pools):
+            pool[target_at : target_at + positions] = pool[source_at : source_at + positions]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
