@@ -638,8 +638,9 @@ def test_paged_decode_attention_of_16_bit_strided_queries_gives_the_widened_quer
 
 
 # Prefill rows (count, start): a new prompt of 2 tokens; one past a 32-lane tile; a chunk after
-# a cached prefix; chunks whose context spans several 64-position steps of the kernel.
-PREFILL_SPANS = [(2, 0), (33, 0), (5, 7), (17, 40), (40, 200)]
+# a cached prefix; chunks whose context spans several 64-position steps of the kernel; a prompt's
+# last token alone after a cached prefix (few pairs: worked per kv head).
+PREFILL_SPANS = [(2, 0), (33, 0), (5, 7), (17, 40), (40, 200), (1, 150)]
 
 
 def _prefill_batch(spans, heads, kv_heads, head_dim, block_size, query_dtype=torch.float32):
@@ -682,6 +683,38 @@ def test_paged_prefill_attention_equals_sdpa_over_the_gathered_context(
         want = attend_context(q[rows], k, v, start, window, scale)
         torch.testing.assert_close(out[rows], want, rtol=1e-5, atol=1e-5)
     assert torch.equal(out[-2:], torch.full_like(out[-2:], 7.0))
+
+
+@pytest.mark.parametrize("pool_dtype", KV_DTYPES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("window", [0, 5, 64])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"), [(4, 4, 32), (8, 2, 64), (6, 3, 40), (7, 1, 20)]
+)
+def test_paged_prefill_attention_gives_a_query_the_same_bits_in_any_chunk(
+    heads, kv_heads, head_dim, window, pool_dtype
+):
+    """A chunk of 40 tokens after 110 cached, worked as one row (a lane per query), and its last
+    tokens as rows of their own (few pairs: a kv head's at a time, the positions in the lanes):
+    each query's output has the same bits, so batch_invariant holds however a prompt is
+    chunked."""
+    block_size, scale = 4, head_dim**-0.5
+    q, k_pool, v_pool, tables, _, _, _ = _prefill_batch([(40, 110)], heads, kv_heads, head_dim,
+                                                        block_size)  # fmt: skip
+    k_pool, v_pool = k_pool.to(pool_dtype), v_pool.to(pool_dtype)
+    attend = native().paged_prefill_attention_
+
+    def attended(spans):
+        """out for rows (first query, count) of the chunk, each at its own start."""
+        out = torch.zeros_like(q)
+        firsts = torch.tensor([first for first, _ in spans])
+        counts = torch.tensor([count for _, count in spans])
+        attend(q, out, k_pool, v_pool, tables.expand(len(spans), -1).contiguous(), firsts,
+               counts, firsts + 110, block_size, window, scale)  # fmt: skip
+        return out
+
+    whole = attended([(0, 40)])
+    split = attended([(39, 1), (38, 1), (36, 2), (33, 3), (0, 33)])
+    assert torch.equal(split[:40], whole[:40])
 
 
 @pytest.mark.parametrize("query_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

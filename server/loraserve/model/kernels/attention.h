@@ -430,8 +430,9 @@ template <int NV>
 constexpr int kPrefillBlock = kAccRegs / NV;  // keys (or d) per register block
 // Positions per chunk: 64, fewer where a position's keys of every head are longer than 1024
 // floats (a 16-bit chunk's widened keys and values stay at 512 KB at most, in L2).
+constexpr int64_t kPrefillMaxChunk = 64;
 inline int64_t prefill_chunk(int64_t kv_floats) {
-  return std::clamp<int64_t>(65536 / std::max<int64_t>(kv_floats, 1), 8, 64);
+  return std::clamp<int64_t>(65536 / std::max<int64_t>(kv_floats, 1), 8, kPrefillMaxChunk);
 }
 
 // s[j, :] = scale * keys[j][:D] @ qt for the NB keys at keys[0..NB); NV vectors of lanes.
@@ -547,6 +548,13 @@ struct PrefillCall {
   float scale;
   Q* out;
   int64_t group = H / KVH, run = KVH * D, chunk = prefill_chunk(run);
+
+  // The first chunk of positions that a query at `earliest` or later sees. Chunks start at
+  // multiples of `chunk` whatever the queries, so a query's sums have the same bits in any
+  // prompt chunking (with a window as well).
+  int64_t lowest_chunk(int64_t earliest) const {
+    return window > 0 ? std::max<int64_t>(0, earliest - window + 1) / chunk * chunk : 0;
+  }
 };
 
 // A thread's buffers, sized for the widest item.
@@ -594,8 +602,7 @@ inline void attend_prefill_item(const PrefillCall<T, Q>& c, PrefillScratch& x, i
   std::fill(x.ot.begin(), x.ot.begin() + KVH * D * L, 0.f);
   for (LaneSoftmax& state : x.softmax) state.reset();
   const int64_t last = start + (f0 + lanes - 1) / group;  // the item's latest query
-  const int64_t lowest = c.window > 0 ? std::max<int64_t>(0, start + f0 / group - c.window + 1) : 0;
-  for (int64_t c0 = lowest; c0 <= last; c0 += c.chunk) {
+  for (int64_t c0 = c.lowest_chunk(start + f0 / group); c0 <= last; c0 += c.chunk) {
     const int64_t n = std::min(c.chunk, last + 1 - c0);
     for (int64_t j = 0; j < n; ++j) {
       x.slots[j] = pool_slot(table, c0 + j, c.block_size);
@@ -662,6 +669,132 @@ inline void attend_prefill_item(const PrefillCall<T, Q>& c, PrefillScratch& x, i
   }
 }
 
+// A row of few (token, head) pairs against its context: a prompt's last tokens after a cached
+// prefix (one, when a prompt sent again finds the rest cached). Its item above would hold a lane
+// per pair and leave most of each vector idle, so such a row is worked per kv head instead
+// (the heads on all threads), its lanes the context's positions for the scores (the chunk's
+// keys transposed once for the head's pairs) and the head dimension for the values. Each pair's
+// arithmetic is the item's, in the same order: its scores summed over d in order, then scaled;
+// the same chunks of positions, maxima, exponentials and sums; values weighted position by
+// position. So a query's output has the same bits whichever way its row is worked
+// (batch_invariant holds across prompt chunkings).
+constexpr int64_t kFewPairs = kLanes / 2;  // pairs a row may have to be worked this way
+
+struct FewScratch {
+  std::vector<float> q, o;     // [pairs, D]: queries widened; outputs so far
+  std::vector<float> top, sum;  // [pairs]: each pair's online-softmax state
+  std::vector<float> kt;       // [D, kPrefillMaxChunk]: the chunk's keys, transposed
+  std::vector<float> s;        // [kPrefillMaxChunk]: one pair's scores, then weights
+  std::vector<float> widened;  // [2, chunk, D]: a 16-bit chunk's keys, values
+  std::vector<const float*> keys, values;  // [chunk]
+
+  FewScratch(int64_t D, int64_t chunk)
+      : q(kFewPairs * D), o(q.size()), top(kFewPairs), sum(kFewPairs), kt(D * kPrefillMaxChunk),
+        s(kPrefillMaxChunk), widened(2 * chunk * D), keys(chunk), values(chunk) {}
+};
+
+// kt[d * kPrefillMaxChunk + j] = rows[j][d] for j < n <= kPrefillMaxChunk (0 for j past n,
+// to the end of its vector), d < D.
+inline void transpose_positions(const float* const* rows, int64_t n, int64_t D, float* kt) {
+  constexpr int64_t ld = kPrefillMaxChunk;
+  const int64_t D8 = D - D % 8;
+  static const float zeros[8] = {};
+  for (int64_t j = 0; j < n; j += 8)
+    for (int64_t d = 0; d < D8; d += 8) {
+      v8f tile[8];
+      for (int r = 0; r < 8; ++r)
+        tile[r] = j + r < n ? *reinterpret_cast<const v8f*>(rows[j + r] + d)
+                            : *reinterpret_cast<const v8f*>(zeros);
+      store_transposed(tile, kt + d * ld + j, ld);
+    }
+  for (int64_t d = D8; d < D; ++d)
+    for (int64_t j = 0; j < n; ++j) kt[d * ld + j] = rows[j][d];
+  for (int64_t d = 0; d < D; ++d)  // the last vector's positions past n
+    for (int64_t j = n; j < (n + kLanes - 1) / kLanes * kLanes; ++j) kt[d * ld + j] = 0.f;
+}
+
+// Row p's pairs of kv head g (count * group <= kFewPairs): out's rows of their queries.
+template <typename T, typename Q>
+inline void attend_prefill_few(const PrefillCall<T, Q>& c, FewScratch& x, int64_t p, int64_t g) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const int64_t group = c.group, D = c.D, run = c.run;
+  const int64_t count = c.rows.counts[p], pairs = count * group;
+  const int64_t first = c.rows.firsts[p], start = c.rows.starts[p];
+  const int32_t* table = c.rows.block_tables + p * c.rows.max_blocks;
+  for (int64_t f = 0; f < pairs; ++f) {  // pair f: token f / group, head g * group + f % group
+    const int64_t token = first + f / group, head = g * group + f % group;
+    widen_row(c.q + token * c.q_layout.row + head * c.q_layout.head, D, x.q.data() + f * D);
+    std::fill(x.o.begin() + f * D, x.o.begin() + (f + 1) * D, 0.f);
+    x.top[f] = -kInf;
+    x.sum[f] = 0.f;
+  }
+  const int64_t last = start + count - 1;
+  for (int64_t c0 = c.lowest_chunk(start); c0 <= last; c0 += c.chunk) {
+    const int64_t n = std::min(c.chunk, last + 1 - c0);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t slot = pool_slot(table, c0 + j, c.block_size) * run + g * D;
+      if constexpr (std::is_same_v<T, float>) {
+        x.keys[j] = c.k_pool + slot;
+        x.values[j] = c.v_pool + slot;
+      } else {
+        float* key = x.widened.data() + j * D;
+        float* value = x.widened.data() + (c.chunk + j) * D;
+        widen_row(c.k_pool + slot, D, key);
+        widen_row(c.v_pool + slot, D, value);
+        x.keys[j] = key;
+        x.values[j] = value;
+      }
+    }
+    transpose_positions(x.keys.data(), n, D, x.kt.data());
+    for (int64_t f = 0; f < pairs; ++f) {
+      const float* query = x.q.data() + f * D;
+      float* s = x.s.data();
+      for (int64_t j0 = 0; j0 < n; j0 += kLanes) {  // scores, kLanes positions at a time
+        vf acc{};
+        for (int64_t d = 0; d < D; ++d)
+          acc += load_vf(x.kt.data() + d * kPrefillMaxChunk + j0) * broadcast(query + d);
+        *reinterpret_cast<vf*>(s + j0) = acc * c.scale;
+      }
+      const int64_t at = start + f / group;  // the pair's position: it sees c0 + j <= at
+      float next = x.top[f];
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t pos = c0 + j;
+        const bool seen = pos <= at && (c.window <= 0 || at - pos < c.window);
+        s[j] = seen ? s[j] : -kInf;
+        next = next > s[j] ? next : s[j];
+      }
+      const float shift = next == -kInf ? 0.f : next;
+      const float rescale = exp_nonpositive(vf{} + (x.top[f] - shift))[0];
+      x.sum[f] *= rescale;
+      float* o = x.o.data() + f * D;
+      for (int64_t d = 0; d < D; ++d) o[d] *= rescale;
+      x.top[f] = next;
+      for (int64_t j0 = 0; j0 < n; j0 += kLanes) {  // weights, kLanes positions at a time
+        vf& score = *reinterpret_cast<vf*>(s + j0);
+        const vf weight = exp_nonpositive(score - shift);
+        score = score == -kInf ? vf{} : weight;
+      }
+      for (int64_t j = 0; j < n; ++j) x.sum[f] += s[j];
+      int64_t d = 0;
+      for (; d + kLanes <= D; d += kLanes) {  // values, kLanes of d at a time
+        vf acc = load_vf(o + d);
+        for (int64_t j = 0; j < n; ++j) acc += load_vf(x.values[j] + d) * broadcast(s + j);
+        *reinterpret_cast<vf*>(o + d) = acc;
+      }
+      for (; d < D; ++d)
+        for (int64_t j = 0; j < n; ++j) o[d] += x.values[j][d] * s[j];
+    }
+  }
+  for (int64_t f = 0; f < pairs; ++f) {
+    const float* o = x.o.data() + f * D;
+    Q* to = c.out + ((first + f / group) * c.H + g * group + f % group) * D;
+    const float inv = 1.f / x.sum[f];
+    int64_t d = 0;
+    for (; d + kLanes <= D; d += kLanes) store_rounded(to + d, load_vf(o + d) * inv);
+    for (; d < D; ++d) round_to(to + d, o[d] * inv);
+  }
+}
+
 // q [N, H, D] of Q (strides in q_layout, D contiguous); out [N, H, D] contiguous, of Q: the
 // prefill rows' tokens are written (summed in fp32, rounded once), no other. Query i of a row
 // sees its positions j <= start + i (and start + i - j < window when window > 0): its own
@@ -673,16 +806,22 @@ inline void paged_prefill_attention(const Q* q, const QueryLayout& q_layout, con
                                     int64_t window, float scale, Q* out) {
   const PrefillCall<T, Q> call{q, q_layout, k_pool, v_pool, rows, H, KVH, D, block_size,
                                window, scale, out};
-  std::vector<int64_t> item_row, item_first_pair;  // per item: its row, its first pair
-  for (int64_t p = 0; p < P; ++p)
-    for (int64_t f = 0; f < rows.counts[p] * call.group; f += kPrefillMaxLanes) {
+  // per item: its row, and its first pair, or -1 - its kv head for a row of few pairs
+  std::vector<int64_t> item_row, item_first_pair;
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t pairs = rows.counts[p] * call.group;
+    const bool few = pairs <= kFewPairs;
+    for (int64_t f = 0; f < (few ? KVH : pairs); f += few ? 1 : kPrefillMaxLanes) {
       item_row.push_back(p);
-      item_first_pair.push_back(f);
+      item_first_pair.push_back(few ? -1 - f : f);
     }
+  }
   parallel_items(int64_t(item_row.size()), [&](WorkQueue& queue) {
     PrefillScratch scratch(KVH, D, call.chunk, !std::is_same_v<T, float>);
+    FewScratch few(D, call.chunk);
     queue.each([&](int64_t item) {
       const int64_t p = item_row[item], f0 = item_first_pair[item];
+      if (f0 < 0) return attend_prefill_few(call, few, p, -1 - f0);
       const int64_t pairs = std::min(kPrefillMaxLanes, rows.counts[p] * call.group - f0);
       if (pairs <= kLanes) return attend_prefill_item<1>(call, scratch, p, f0);
       if constexpr (kPrefillMaxVectors > 2)
