@@ -144,7 +144,9 @@ def build_runtime(config: ServerConfig, metrics: Metrics) -> Runtime:
     return Runtime(
         engine=engine,
         adapters=catalog,
-        model=ModelFacts(loaded.quantization, str(loaded.device), core.max_context),
+        model=ModelFacts(
+            loaded.quantization, str(loaded.device), core.max_context, loaded.output_projection
+        ),
     )
 
 

@@ -72,6 +72,7 @@ def test_nf4_quantizes_every_projection_and_keeps_lm_head(arch, model_dirs):
         assert isinstance(module, bnb.nn.Linear4bit), name
         assert module.weight.quant_state.quant_type == "nf4", name
     assert not isinstance(loaded.model.lm_head, bnb.nn.Linear4bit)
+    assert loaded.output_projection == "fp32"
     assert not loaded.model.training
     assert not any(p.requires_grad for p in loaded.model.parameters())
 
@@ -221,6 +222,7 @@ def test_quantize_output_holds_the_output_projection_as_bitsandbytes_quantizes_i
     )
     head = loaded.model.get_output_embeddings()
     assert isinstance(head, bnb.nn.Linear4bit)
+    assert loaded.output_projection == quantization
     state = head.weight.quant_state
     assert (state.quant_type, state.nested, state.blocksize) == (quantization, double_quant, 64)
     original = plain.model.get_output_embeddings().weight
@@ -263,4 +265,5 @@ def test_quantize_output_leaves_a_vocabulary_the_cpu_cannot_quantize_and_says_so
     model = write_tiny_model(tmp_path / "v500", vocab_size=500)
     loaded = load_base_model(str(model), "nf4", "fp32", "cpu", quantize_output=True)
     assert type(loaded.model.get_output_embeddings()) is nn.Linear
+    assert loaded.output_projection == "fp32"
     assert "quantize_output" in caplog.text and "500 x 128" in caplog.text

@@ -33,4 +33,7 @@ class ServerInfoServicer(server_pb2_grpc.ServerServiceServicer):
             max_batch_size=engine_config.max_batch_size,
             default_max_new_tokens=self.state.config.default_max_new_tokens,
             version=loraserve.__version__,
+            output_projection=model.output_projection,
+            prefix_caching=engine_config.prefix_caching,
+            batch_invariant=engine_config.batch_invariant,
         )

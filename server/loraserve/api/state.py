@@ -25,6 +25,7 @@ class ModelFacts:
     quantization: str
     device: str
     max_context: int  # the most tokens (prompt + generated) one request may hold
+    output_projection: str  # nf4 / fp4 (quantize_output), else the dtype it computes in
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ class LoadedModel:
     compute_dtype: torch.dtype
     device: torch.device
     unquantized_layers: tuple[str, ...]  # layers kept in compute dtype (bnb CPU shape limits)
+    output_projection: str  # its 4-bit format (quantize_output), else the dtype it computes in
 
 
 def resolve_device(device: str) -> torch.device:
@@ -215,23 +216,27 @@ def load_base_model(
     )
     loaded.eval()
     loaded.requires_grad_(False)
+    output_projection = next(name for name, known in DTYPES.items() if known == dtype)
     if quantize_output:
         if actual not in ("nf4", "fp4"):
             raise ValueError(f"quantize_output applies to nf4 and fp4 bases, not {actual!r}")
-        quantize_output_projection(loaded, actual, dtype, double_quant)
+        if quantize_output_projection(loaded, actual, dtype, double_quant):
+            output_projection = actual
     tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
     return LoadedModel(
-        loaded, tokenizer, actual, dtype, target, _unquantized_layers(loaded, actual)
-    )
+        loaded, tokenizer, actual, dtype, target, _unquantized_layers(loaded, actual),
+        output_projection,
+    )  # fmt: skip
 
 
 def quantize_output_projection(
     model: PreTrainedModel, quant_type: str, compute_dtype: torch.dtype, double_quant: bool
-) -> None:
+) -> bool:
     """Put the output projection in `quant_type` (nf4 / fp4) 4-bit blocks of
     `QUANTIZED_OUTPUT_BLOCK`, by bitsandbytes' own quantization of its weight [vocab, hidden];
-    left as it is, with a warning, where bitsandbytes cannot quantize it on its device. Tied to
-    the input embedding, it becomes a quantized copy: the embedding keeps its weight."""
+    left as it is, with a warning, where bitsandbytes cannot quantize it on its device (False
+    returned). Tied to the input embedding, it becomes a quantized copy: the embedding keeps
+    its weight."""
     output = model.get_output_embeddings()
     if type(output) is not nn.Linear:
         raise ValueError(
@@ -244,7 +249,7 @@ def quantize_output_projection(
         log.warning("quantize_output: bitsandbytes on the CPU needs in-features %% %d == 0 and "
                     "out-features %% %d == 0; the output projection (%d x %d) stays in %s",
                     CPU_BLOCK_IN, CPU_BLOCK_OUT, fan_out, fan_in, weight.dtype)  # fmt: skip
-        return
+        return False
     quantized = bnb.nn.Linear4bit(
         fan_in,
         fan_out,
@@ -267,6 +272,7 @@ def quantize_output_projection(
     model.set_output_embeddings(quantized)
     log.info("output projection (%d x %d) in %s: %.1f MiB", fan_out, fan_in, quant_type,
              sum(t.nbytes for t in (params.data, params.quant_state.absmax)) / 2**20)  # fmt: skip
+    return True
 
 
 @dataclass(frozen=True)
