@@ -169,11 +169,13 @@ def test_server_info(server):
 def test_server_info_reports_how_the_server_computes(model_dirs, tmp_path):
     flags = ["--model", str(model_dirs["llama"]), "--compute-dtype", "fp32", "--device", "cpu",
              "--quantize-output", "--batch-invariant", "--no-prefix-caching"]  # fmt: skip
-    with running_server(*flags, log_path=tmp_path / "server.log") as (address, _):
-        with grpc.insecure_channel(address) as channel:
-            info = server_pb2_grpc.ServerServiceStub(channel).GetServerInfo(
-                server_pb2.GetServerInfoRequest(), timeout=10
-            )
+    with (
+        running_server(*flags, log_path=tmp_path / "server.log") as (address, _),
+        grpc.insecure_channel(address) as channel,
+    ):
+        info = server_pb2_grpc.ServerServiceStub(channel).GetServerInfo(
+            server_pb2.GetServerInfoRequest(), timeout=10
+        )
     assert info.output_projection == "nf4"
     assert info.batch_invariant and not info.prefix_caching
 
