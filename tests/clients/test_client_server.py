@@ -142,7 +142,8 @@ async def test_health_and_server_info(client, server_address):
     info = client.server_info()
     assert info["quantization"] == "nf4" and info["device"] == "cpu"
     assert info["max_context"] > 0 and info["default_max_new_tokens"] > 0
-    assert all(type(value) in (str, int) for value in info.values())
+    assert all(type(value) in (str, int, bool) for value in info.values())
+    assert type(info["batch_invariant"]) is bool
     async with AsyncClient(server_address) as async_client:
         assert await async_client.health() == "SERVING"
         assert await async_client.server_info() == info

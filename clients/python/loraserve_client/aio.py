@@ -180,7 +180,7 @@ class AsyncClient:
         )
         return AsyncGenerationStream(call)
 
-    async def server_info(self, timeout: float | None = None) -> dict[str, str | int]:
+    async def server_info(self, timeout: float | None = None) -> dict[str, str | int | bool]:
         request = server_pb2.GetServerInfoRequest()
         reply = await self._call(self._server.GetServerInfo, request, timeout)
         return server_info_of(reply)

@@ -170,7 +170,7 @@ class Client:
         )
         return GenerationStream(call)
 
-    def server_info(self, timeout: float | None = None) -> dict[str, str | int]:
+    def server_info(self, timeout: float | None = None) -> dict[str, str | int | bool]:
         request = server_pb2.GetServerInfoRequest()
         reply = self._call(self._server.GetServerInfo, request, timeout)
         return server_info_of(reply)

@@ -123,7 +123,7 @@ def event_of(message: generation_pb2.GenerateStreamResponse) -> StreamEvent:
     )
 
 
-def server_info_of(reply: server_pb2.GetServerInfoResponse) -> dict[str, str | int]:
+def server_info_of(reply: server_pb2.GetServerInfoResponse) -> dict[str, str | int | bool]:
     """Every field of the reply by its proto name, defaults included."""
     return {field.name: getattr(reply, field.name) for field in reply.DESCRIPTOR.fields}
 
