@@ -68,11 +68,14 @@ def test_cached_prefix_is_shared_by_requests_running_together(cores):
     assert [first.tokens, *(r.tokens for r in rest)] == alone
 
 
-@pytest.mark.parametrize(("adapter", "shared_blocks"), [("r8-all", 4), ("r4-attn", 0)])
-def test_a_next_turn_shares_the_blocks_the_answer_filled(cores, adapter, shared_blocks):
-    """Turn 1: a 40-token prompt, 30 tokens generated (69 in KV: 4 full blocks). Turn 2, its
-    prompt and answer and 5 tokens more, shares all 4 on the same adapter (its prompt alone
-    filled 2), none on another."""
+@pytest.mark.parametrize(
+    ("adapter", "shared_blocks", "copied"), [("r8-all", 4, 5), ("r4-attn", 0, 0)]
+)
+def test_a_next_turn_shares_the_blocks_the_answer_filled(cores, adapter, shared_blocks, copied):
+    """Turn 1: a 40-token prompt, 30 tokens generated (69 in KV: 4 full blocks and 5 positions
+    of a fifth). Turn 2, its prompt and answer and 5 tokens more, shares all 4 on the same
+    adapter (its prompt alone filled 2) and copies the 5 (so computes only its new tokens and
+    the answer's last), none on another."""
     cached, uncached = cores[True], cores[False]
     prompt = tuple(range(100, 140))
     first = GenerateRequest(
@@ -84,9 +87,11 @@ def test_a_next_turn_shares_the_blocks_the_answer_filled(cores, adapter, shared_
         prompt_token_ids=prompt + tuple(answer.tokens) + (7, 8, 9, 10, 11),
         adapter=adapter, tenant="umbrella", sampling=SAMPLING,
     )  # fmt: skip
-    hits_before = cached.allocator.counters.hit_blocks
+    counters = cached.allocator.counters
+    hits_before, copied_before = counters.hit_blocks, counters.copied_tokens
     [with_cache] = run(cached, {0: [follow_up]})
-    assert cached.allocator.counters.hit_blocks - hits_before == shared_blocks
+    assert counters.hit_blocks - hits_before == shared_blocks
+    assert counters.copied_tokens - copied_before == copied
     [without] = run(uncached, {0: [follow_up]})
     assert with_cache.tokens == without.tokens
     for got, want in zip(with_cache.logits, without.logits):

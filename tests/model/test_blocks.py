@@ -166,6 +166,34 @@ def test_tokens_past_the_shared_blocks_are_copied_as_far_as_they_match(prompt, c
         assert reservation.copy is None
 
 
+def test_a_partly_filled_block_is_copied_from_never_shared_and_evicted_like_the_rest():
+    """A finished sequence of 10 tokens: 2 full blocks published, its third block's 2 tokens
+    offered for copying. A 13-token prompt that goes on past them shares the 2 full blocks
+    and copies the 2 tokens, not a third shared block."""
+    alloc = BlockAllocator(6, BLOCK_SIZE)  # 5 usable
+    chain, first = _published(alloc, "ns", PROMPT[:10], 3)
+    alloc.publish_partial(chain[2], first.blocks[2], PROMPT[8:10])
+    alloc.free(first.blocks)
+    assert alloc.cached_blocks == 3
+    prompt = PROMPT[:13]
+    reservation = alloc.reserve(4, alloc.prefix_chain("ns", prompt), prompt)
+    assert reservation.cached_tokens == 10
+    assert reservation.copy == BlockCopy(first.blocks[2], reservation.blocks[2], 2)
+    alloc.free([reservation.copy.source])
+    alloc.free(reservation.blocks)
+    alloc.free(alloc.allocate(5))  # every cached block evicted, the partial one too
+    assert alloc.cached_blocks == 0
+    again = alloc.reserve(4, alloc.prefix_chain("ns", prompt), prompt)
+    assert again.cached_tokens == 0 and again.copy is None
+
+
+@pytest.mark.parametrize("tokens", [[], PROMPT[:BLOCK_SIZE]])
+def test_a_partial_block_holds_fewer_than_a_block_of_tokens_and_some(tokens):
+    alloc = BlockAllocator(4, BLOCK_SIZE)
+    with pytest.raises(ValueError, match="not a partial block"):
+        alloc.publish_partial(alloc.prefix_chain("ns", [])[0], 1, tokens)
+
+
 def test_a_copy_that_would_leave_too_few_free_blocks_is_not_made():
     """4 usable blocks, 3 of them a published 12-token prompt's, unreferenced: a sequence of
     4 blocks shares 2 and needs 2 fresh ones, which only the copy's source can be one of."""

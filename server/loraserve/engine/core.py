@@ -307,6 +307,17 @@ class EngineCore:
             )  # fmt: skip
             self.allocator.publish(seq.prefix_chain, seq.block_table, seq.token_ids, seq.num_cached)
 
+    def _publish_last_block(self, seq: Sequence) -> None:
+        """Publish a finished sequence's partly filled last block to be copied from: a next
+        turn, whose prompt holds this one's tokens, then computes only its new ones. Not with
+        batch_invariant (a decode row's KV, as above)."""
+        if seq.prefix_namespace is None or self.config.batch_invariant:
+            return
+        full, filled = divmod(seq.num_cached, self.allocator.block_size)
+        if filled and full < len(seq.prefix_chain):
+            computed = seq.token_ids[full * self.allocator.block_size : seq.num_cached]
+            self.allocator.publish_partial(seq.prefix_chain[full], seq.block_table[full], computed)
+
     def _forward(self, phase: str, rows: list[RowInput]) -> torch.Tensor:
         started = time.perf_counter()
         if phase == "decode" and self.decode_threads is not None:
@@ -450,6 +461,7 @@ class EngineCore:
         self.metrics.prompt_tokens.labels(seq.tenant).inc(seq.prompt_len)
         self.metrics.request_duration.observe(time.monotonic() - seq.arrived_at)
         seq.emit(FinalEvent(reason, seq.prompt_len, seq.num_generated, seq.detokenizer.text))
+        self._publish_last_block(seq)
         self._release(seq)
 
     def fail_all(self, error: Exception) -> None:

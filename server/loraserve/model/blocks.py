@@ -14,10 +14,11 @@ bits: collisions are not a concern). The namespace is whatever the caller says m
 
 Past its last shared block a prompt may still find its next tokens cached: a published block
 that continues the same prefix and begins with the same tokens (the prompt's own last block,
-when its length is a multiple of the block size; a longer prompt's; an answer's). That block
-cannot be shared (the sequence writes the positions after them), so the reservation says to
-copy its first positions into a block of the sequence's own: a prompt cached whole computes
-only its last token, whatever its length.
+when its length is a multiple of the block size; a longer prompt's; an answer's; the partly
+filled last block of a finished sequence, published for this alone). That block cannot be
+shared (the sequence writes the positions after them), so the reservation says to copy its
+first positions into a block of the sequence's own: a prompt cached whole computes only its
+last token, whatever its length, and a conversation's next turn only its new tokens.
 
 Unreferenced published blocks stay cached and count as free: `allocate` hands out never-cached
 blocks first, then evicts cached ones least recently used first.
@@ -62,14 +63,14 @@ class Reservation:
 class PrefixCounters:
     queried_blocks: int = 0  # full prompt blocks looked up (those before its last token)
     hit_blocks: int = 0  # of which were found cached
-    copied_tokens: int = 0  # prompt tokens past those copied from a cached block
+    copied_tokens: int = 0  # prompt tokens past the shared blocks copied from a cached one
 
 
 @dataclass(frozen=True)
 class _Published:
-    digest: bytes  # the hash of the block's whole prefix
+    digest: bytes | None  # the hash of the block's whole prefix; None: a partly filled block
     continues: bytes  # its bucket: the hash before it and its first token
-    tokens: tuple[int, ...]
+    tokens: tuple[int, ...]  # those its computed positions hold
 
 
 def _bucket(parent: bytes, first_token: int) -> bytes:
@@ -212,6 +213,16 @@ class BlockAllocator:
             self._block_of[digest] = block
             self._continuations.setdefault(entry.continues, {})[block] = None
 
+    def publish_partial(self, parent: bytes, block: int, tokens: Sequence[int]) -> None:
+        """Publish `block`, whose first positions hold the KV of `tokens` (fewer than a block's
+        worth) after the prefix whose chain ends in `parent`, to be copied from, never shared:
+        the last block of a sequence that writes no more."""
+        if not tokens or len(tokens) >= self.block_size or block in self._published:
+            raise ValueError(f"block {block}: {len(tokens)} tokens are not a partial block")
+        entry = _Published(None, _bucket(parent, tokens[0]), tuple(tokens))
+        self._published[block] = entry
+        self._continuations.setdefault(entry.continues, {})[block] = None
+
     def _continuation(self, parent: bytes, wanted: Sequence[int]) -> tuple[int | None, int]:
         """Of the blocks published after `parent` (the most recent few), the one whose first
         tokens match most of `wanted`, and how many match; (None, 0) for none."""
@@ -231,7 +242,8 @@ class BlockAllocator:
 
     def _unpublish(self, block: int) -> None:
         entry = self._published.pop(block)
-        del self._block_of[entry.digest]
+        if entry.digest is not None:
+            del self._block_of[entry.digest]
         bucket = self._continuations[entry.continues]
         del bucket[block]
         if not bucket:
