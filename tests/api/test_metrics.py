@@ -88,10 +88,15 @@ def test_every_metric_moves_as_requests_run_fail_and_adapters_churn(server, adap
     assert delta("loraserve_step_duration_seconds_count", phase="decode") > 0
     assert delta("loraserve_step_duration_seconds_count", phase="prefill") >= 5
     assert delta("loraserve_batch_size_count") > 0
-    # every token fed once: the prompts, each generated token but a request's last, and the
+    # every token fed once: the prompts but what the prefix cache held (the third "hello" on
+    # "first" finds the first's tokens), each generated token but a request's last, and the
     # drafted tokens the model checked and greedy decoding did not pick
+    reused = 16 * delta("loraserve_prefix_cache_hit_blocks_total")
+    reused += delta("loraserve_prefix_cache_copied_tokens_total")
+    assert reused > 0
     assert delta("loraserve_step_tokens_sum") == (
         delta("loraserve_prompt_tokens_total", tenant="acme")
+        - reused
         + completions
         - 5
         + delta("loraserve_draft_tokens_total", result="rejected")
