@@ -731,6 +731,13 @@ inline void attend_prefill_few(const PrefillCall<T, Q>& c, FewScratch& x, int64_
   const int64_t last = start + count - 1;
   for (int64_t c0 = c.lowest_chunk(start); c0 <= last; c0 += c.chunk) {
     const int64_t n = std::min(c.chunk, last + 1 - c0);
+    // the next chunk's keys and values of this head, into L2 while this one is worked: a
+    // position's are a run apart from the next's, too far for the hardware prefetchers
+    for (int64_t pos = c0 + c.chunk; pos < std::min(c0 + 2 * c.chunk, last + 1); ++pos) {
+      const int64_t slot = pool_slot(table, pos, c.block_size) * run + g * D;
+      prefetch_position<_MM_HINT_T1>(c.k_pool + slot, D);
+      prefetch_position<_MM_HINT_T1>(c.v_pool + slot, D);
+    }
     for (int64_t j = 0; j < n; ++j) {
       const int64_t slot = pool_slot(table, c0 + j, c.block_size) * run + g * D;
       if constexpr (std::is_same_v<T, float>) {
