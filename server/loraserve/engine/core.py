@@ -300,7 +300,7 @@ class EngineCore:
         if seq.prefix_namespace is None or self.config.batch_invariant:
             return
         full = seq.num_cached // self.allocator.block_size
-        if full > len(seq.prefix_chain) - 1:
+        if full >= len(seq.prefix_chain):
             seq.prefix_chain = self.allocator.prefix_chain(
                 seq.prefix_namespace, seq.token_ids[: full * self.allocator.block_size],
                 known=seq.prefix_chain,

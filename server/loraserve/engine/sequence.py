@@ -40,7 +40,8 @@ class Sequence:
     slot_wait_steps: int = 0  # steps spent waiting for a slot
     block_table: list[int] = field(default_factory=list)
     # where its full KV blocks are published (tenant, adapter key; None: nowhere), and their
-    # chained hashes so far: its prompt's, then those its generated tokens fill
+    # chain so far: the namespace's digest, then its prompt's blocks' hashes and those of the
+    # blocks its generated tokens fill
     prefix_namespace: Hashable | None = None
     prefix_chain: list[bytes] = field(default_factory=list)
     num_cached: int = 0
