@@ -655,11 +655,19 @@ def _prefill_batch(spans, heads, kv_heads, head_dim, block_size, query_dtype=tor
     return q, k_pool, v_pool, tables, firsts, counts, starts
 
 
-@pytest.mark.parametrize("pool_dtype", KV_DTYPES, ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("window", [0, 5, 64])
-@pytest.mark.parametrize(
-    ("heads", "kv_heads", "head_dim"), [(4, 4, 32), (8, 2, 64), (6, 3, 40), (7, 1, 20)]
-)
+def every_prefill_case(test):
+    """Every pool dtype, window and (heads, kv heads, head dim) shape the prefill tests take."""
+    for mark in (
+        pytest.mark.parametrize(("heads", "kv_heads", "head_dim"),
+                                [(4, 4, 32), (8, 2, 64), (6, 3, 40), (7, 1, 20)]),
+        pytest.mark.parametrize("window", [0, 5, 64]),
+        pytest.mark.parametrize("pool_dtype", KV_DTYPES, ids=["fp32", "bf16", "fp16"]),
+    ):  # fmt: skip
+        test = mark(test)
+    return test
+
+
+@every_prefill_case
 def test_paged_prefill_attention_equals_sdpa_over_the_gathered_context(
     heads, kv_heads, head_dim, window, pool_dtype
 ):
@@ -685,11 +693,7 @@ def test_paged_prefill_attention_equals_sdpa_over_the_gathered_context(
     assert torch.equal(out[-2:], torch.full_like(out[-2:], 7.0))
 
 
-@pytest.mark.parametrize("pool_dtype", KV_DTYPES, ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("window", [0, 5, 64])
-@pytest.mark.parametrize(
-    ("heads", "kv_heads", "head_dim"), [(4, 4, 32), (8, 2, 64), (6, 3, 40), (7, 1, 20)]
-)
+@every_prefill_case
 def test_paged_prefill_attention_gives_a_query_the_same_bits_in_any_chunk(
     heads, kv_heads, head_dim, window, pool_dtype
 ):
