@@ -420,17 +420,22 @@ def measure_prefix(config: BenchConfig, s: Setup, base: EngineConfig) -> dict:
     """TTFT p50 of a burst whose prompts share a cached prefix per adapter, without the prefix
     cache against with it, and whether the greedy outputs are identical."""
     adapters = dict(list(s.adapter_dirs.items())[:PREFIX_ADAPTERS])
-    w = prefix_workload(
-        PREFIX_TOKENS, PREFIX_SUFFIX_TOKENS, list(adapters), config.num_requests,
-        PREFIX_NEW_TOKENS, config.model.vocab_size, len(SPECIAL_TOKENS), config.seed,
-    )  # fmt: skip
+    # The warm-up and each timed run get prompts of their own (prefixes and suffixes): a run
+    # finds cached only the prefixes its warm requests just sent, never a whole earlier prompt.
+    workloads = [
+        prefix_workload(
+            PREFIX_TOKENS, PREFIX_SUFFIX_TOKENS, list(adapters), config.num_requests,
+            PREFIX_NEW_TOKENS, config.model.vocab_size, len(SPECIAL_TOKENS), config.seed + run,
+        )  # fmt: skip
+        for run in range(config.repeats + 1)
+    ]
     ttfts: dict[bool, list[float]] = {True: [], False: []}
     outputs: dict[bool, list[list[int]]] = {True: [], False: []}
-    settings = engine_config(base, w.burst, PREFIX_TOKENS + PREFIX_SUFFIX_TOKENS)
+    settings = engine_config(base, workloads[0].burst, PREFIX_TOKENS + PREFIX_SUFFIX_TOKENS)
     for caching in (True, False):
         core = build_engine(settings.model_copy(update={"prefix_caching": caching}), adapters)
-        run_prefix(core, w)  # warm-up
-        for _ in range(config.repeats):
+        run_prefix(core, workloads[0])  # warm-up
+        for w in workloads[1:]:
             times, tokens = run_prefix(core, w)
             ttfts[caching] += times
             outputs[caching] += tokens
@@ -439,8 +444,9 @@ def measure_prefix(config: BenchConfig, s: Setup, base: EngineConfig) -> dict:
     identical = outputs[True] == outputs[False]
     # Where the cache changed a greedy token: does re-batching alone change one too? In a 16-bit
     # compute dtype it can (GEMMs round differently at other row counts). None: not asked.
-    uncached = outputs[False][: len(w.burst.prompts)]  # the first timed run's tokens
-    rebatched = None if identical else uncached == rebatched_tokens(settings, adapters, w)
+    first = workloads[1]
+    uncached = outputs[False][: len(first.burst.prompts)]  # the first timed run's tokens
+    rebatched = None if identical else uncached == rebatched_tokens(settings, adapters, first)
     return {
         "prefix_ttft_ms_p50_cached": with_cache,
         "prefix_ttft_ms_p50_uncached": without,
