@@ -420,15 +420,16 @@ def measure_prefix(config: BenchConfig, s: Setup, base: EngineConfig) -> dict:
     """TTFT p50 of a burst whose prompts share a cached prefix per adapter, without the prefix
     cache against with it, and whether the greedy outputs are identical."""
     adapters = dict(list(s.adapter_dirs.items())[:PREFIX_ADAPTERS])
+
     # The warm-up and each timed run get prompts of their own (prefixes and suffixes): a run
     # finds cached only the prefixes its warm requests just sent, never a whole earlier prompt.
-    workloads = [
-        prefix_workload(
+    def workload(seed: int) -> PrefixWorkload:
+        return prefix_workload(
             PREFIX_TOKENS, PREFIX_SUFFIX_TOKENS, list(adapters), config.num_requests,
-            PREFIX_NEW_TOKENS, config.model.vocab_size, len(SPECIAL_TOKENS), config.seed + run,
+            PREFIX_NEW_TOKENS, config.model.vocab_size, len(SPECIAL_TOKENS), seed,
         )  # fmt: skip
-        for run in range(config.repeats + 1)
-    ]
+
+    workloads = [workload(config.seed + run) for run in range(config.repeats + 1)]
     ttfts: dict[bool, list[float]] = {True: [], False: []}
     outputs: dict[bool, list[list[int]]] = {True: [], False: []}
     settings = engine_config(base, workloads[0].burst, PREFIX_TOKENS + PREFIX_SUFFIX_TOKENS)
