@@ -1056,8 +1056,9 @@ def test_invariant_dense_rows_get_the_bits_they_get_alone(out_features, in_featu
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_invariant_base_linear_takes_the_kernel_at_every_row_count(dtype):
-    """`make_batch_invariant`: a BaseLinear's rows, fp32 or bf16 (widened for the fp32 kernel,
-    rounded back), past the small-batch limit too, get the bits they get alone."""
+    """`make_batch_invariant`: a BaseLinear's rows, fp32 or bf16 (in the bf16 kernel where
+    the CPU has one, else widened for the fp32 kernel and rounded back), past the small-batch
+    limit too, get the bits they get alone."""
     model = nn.Sequential(
         BaseLinear(_quantized(64, 128, "nf4", False, True)),
         BaseLinear(nn.Linear(64, 40).to(dtype)),
@@ -1071,11 +1072,11 @@ def test_invariant_base_linear_takes_the_kernel_at_every_row_count(dtype):
     assert alone.dtype == dtype
 
 
-@pytest.mark.skipif(not bf16_pairs(), reason="bf16 pair dot products only (no AMX tiles)")
+@pytest.mark.skipif(not (amx_tiles() or bf16_pairs()), reason="the bf16 kernels' CPUs only")
 @pytest.mark.parametrize("blocksize", [32, 64])
 def test_invariant_bf16_rows_get_the_bits_they_get_alone(blocksize):
-    """The pair kernel unfolded at every row count: 4-bit weights with blocks the k-in-lanes
-    path would take (64) and would not (32), and a bf16 weight."""
+    """AMX tiles, or the pair kernel unfolded, at every row count: 4-bit weights with blocks
+    the k-in-lanes path would take (64) and would not (32), and a bf16 weight."""
     layer = _quantized(96, 1024, "nf4", False, True, blocksize=blocksize)
     packed, bias = Packed4bit.of(layer), layer.bias.float()
     dense = torch.randn(40, 1024).bfloat16()

@@ -30,8 +30,8 @@ Every path gives the values bitsandbytes' dequantize-then-matmul gives, up to th
 order, which differs between paths: a row's outputs may round apart with the rows beside it.
 `make_batch_invariant` holds a model's projections to the kernels' paths that sum each output
 in one order at every row count (fp32: the fused kernels without their GEMVs, past
-SMALL_BATCH_ROWS too; bf16 without AMX: the pair dot products unfolded; bf16 with AMX tiles:
-widened to fp32), so that a row's bits are its own.
+SMALL_BATCH_ROWS too; bf16 with AMX: the tiles at every row count; bf16 with AVX512-BF16 but
+no AMX: the pair dot products unfolded), so that a row's bits are its own.
 
 Projections a module calls one after another on the same activations (attention's q, k and v;
 an MLP's gate and up) can be linked as one `SharedInputGroup`: on the 4-bit small-batch
@@ -297,13 +297,14 @@ class BaseLinear(nn.Module):
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _in_bf16_kernel(self, x: torch.Tensor) -> bool:
-        """Whether bf16 x (bf16 compute) is multiplied by the weight in the bf16 kernel: by its
-        batch-invariant pair dot products at any row count where `invariant` (with AMX tiles,
-        widened for the fp32 kernel's invariant paths instead)."""
+        """Whether bf16 x (bf16 compute) is multiplied by the weight in the bf16 kernel: at any
+        row count where `invariant` (in AMX tiles, where a row's sums never depend on the
+        others, or by the batch-invariant pair dot products)."""
         if x.dtype != torch.bfloat16 or self.in_features % BF16_STEP_K:
             return False
         if self.invariant:
-            return bf16_pairs() and (self.packed is not None or self.dense_bf16)
+            bf16_kernel = amx_tiles() or bf16_pairs()
+            return bf16_kernel and (self.packed is not None or self.dense_bf16)
         rows = x.numel() // self.in_features
         if amx_tiles():
             if self.packed is not None:
@@ -340,8 +341,8 @@ class BaseLinear(nn.Module):
         """Whether a 16-bit x (bf16 or fp16 compute) takes the 4-bit kernel, widened to fp32
         and its output rounded back, rather than bitsandbytes' dequantize of the whole weight to
         x's dtype and a GEMM in it (which more rows keep: on AMX's tiles where the CPU has
-        them). Batch-invariant, every 16-bit x the bf16 kernel does not take widens (a bf16
-        weight's too: with AMX tiles)."""
+        them). Batch-invariant, every 16-bit x the bf16 kernel does not take widens (fp16, or
+        a CPU without AVX512-BF16)."""
         if x.dtype not in NARROW_DTYPES:
             return False
         if self.invariant:

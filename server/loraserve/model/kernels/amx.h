@@ -725,11 +725,13 @@ inline std::vector<uint16_t> gemv_rows(std::span<const DenseBf16>, const uint16_
 // Every weight's y_i = x @ W_i^T + bias_i in one parallel region, its blocks of 32 columns the
 // work items, in AMX tiles where amx_usable() (else by pair dot products; bf16_pairs_usable()
 // must hold); x [M, K] bf16 as uint16, M at most kAmxMaxRows; Source: Decoded4bit or DenseBf16.
-// `invariant` (batch invariance, pair dot products only): every row's outputs get the bits they
-// would in a call of any other rows: the pair kernel unfolded at every row count (each output's
-// pairs summed in one order, one lane a row), never the k-in-lanes path or folded rows, whose
-// lanes hold parts of a row's sums; 1 to kPairsColumnRows rows by the columns in the lanes,
-// which give the pair kernel's bits.
+// `invariant` (batch invariance): every row's outputs get the bits they would in a call of any
+// other rows. In tiles they always do (a tile multiply sums each output of its own row and
+// column, in k order, whatever the other rows hold; tiles take every row count). By pair dot
+// products: the pair kernel unfolded at every row count (each output's pairs summed in one
+// order, one lane a row), never the k-in-lanes path or folded rows, whose lanes hold parts of a
+// row's sums; 1 to kPairsColumnRows rows by the columns in the lanes, which give the pair
+// kernel's bits.
 template <class Source>
 inline void gemm_bf16(const uint16_t* x, int64_t M, int64_t K, std::span<const Source> weights,
                       std::span<const float* const> biases, std::span<uint16_t* const> ys,

@@ -191,14 +191,10 @@ bool bf16_pairs_usable_op() {
 }
 
 #ifdef LS_AMX
-// x [M, K] as the bf16 ops take it, checked (and that this CPU has their instructions; for a
-// batch-invariant call, that they are pair dot products, not tiles).
-void check_bf16_rows(const at::Tensor& x, bool invariant) {
+// x [M, K] as the bf16 ops take it, checked (and that this CPU has their instructions).
+void check_bf16_rows(const at::Tensor& x) {
   TORCH_CHECK(amx_usable() || bf16_pairs_usable(),
               "this CPU, or its kernel, gives loraserve neither AMX tiles nor AVX512-BF16");
-  TORCH_CHECK(!invariant || !amx_usable(),
-              "batch-invariant bf16 calls run by pair dot products, and this CPU's bf16 calls "
-              "run in AMX tiles");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.is_contiguous() &&
                   x.dim() == 2,
               "x must be a contiguous bfloat16 CPU tensor [M, K]");
@@ -230,7 +226,7 @@ std::vector<at::Tensor> linear_4bit_bf16(
     const c10::List<c10::optional<at::Tensor>>& code2, at::ArrayRef<double> offset,
     bool invariant) {
 #ifdef LS_AMX
-  check_bf16_rows(x, invariant);
+  check_bf16_rows(x);
   const int64_t M = x.size(0), K = x.size(1);
   const std::vector<Weight4bit> weights = weights_4bit(K, packed, absmax, code, blocksize,
                                                        out_features, bias, absmax2, code2, offset);
@@ -256,7 +252,7 @@ std::vector<at::Tensor> linear_4bit_bf16(
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight,
                        const c10::optional<at::Tensor>& bias, bool invariant) {
 #ifdef LS_AMX
-  check_bf16_rows(x, invariant);
+  check_bf16_rows(x);
   TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kBFloat16 &&
                   weight.is_contiguous() && weight.dim() == 2 && weight.size(1) == x.size(1),
               "weight must be a contiguous bfloat16 CPU tensor [N, K] sharing x's K");
