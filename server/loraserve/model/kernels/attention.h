@@ -813,27 +813,34 @@ inline void paged_prefill_attention(const Q* q, const QueryLayout& q_layout, con
                                     int64_t window, float scale, Q* out) {
   const PrefillCall<T, Q> call{q, q_layout, k_pool, v_pool, rows, H, KVH, D, block_size,
                                window, scale, out};
-  // per item: its row, and its first pair, or -1 - its kv head for a row of few pairs
-  std::vector<int64_t> item_row, item_first_pair;
+  struct Item {
+    int64_t row;
+    int64_t first;  // the item's first (token, head) pair; for a row of few pairs, its kv head
+    bool few;       // a row of few pairs, worked per kv head (attend_prefill_few)
+  };
+  std::vector<Item> items;
   for (int64_t p = 0; p < P; ++p) {
     const int64_t pairs = rows.counts[p] * call.group;
-    const bool few = pairs <= kFewPairs;
-    for (int64_t f = 0; f < (few ? KVH : pairs); f += few ? 1 : kPrefillMaxLanes) {
-      item_row.push_back(p);
-      item_first_pair.push_back(few ? -1 - f : f);
-    }
+    if (pairs <= kFewPairs)
+      for (int64_t g = 0; g < KVH; ++g) items.push_back({p, g, true});
+    else
+      for (int64_t f = 0; f < pairs; f += kPrefillMaxLanes) items.push_back({p, f, false});
   }
-  parallel_items(int64_t(item_row.size()), [&](WorkQueue& queue) {
-    PrefillScratch scratch(KVH, D, call.chunk, !std::is_same_v<T, float>);
-    FewScratch few(D, call.chunk);
-    queue.each([&](int64_t item) {
-      const int64_t p = item_row[item], f0 = item_first_pair[item];
-      if (f0 < 0) return attend_prefill_few(call, few, p, -1 - f0);
+  parallel_items(int64_t(items.size()), [&](WorkQueue& queue) {
+    std::optional<PrefillScratch> scratch;  // each made on a thread's first item of its kind
+    std::optional<FewScratch> few;
+    queue.each([&](int64_t i) {
+      const auto [p, f0, few_pairs] = items[i];
+      if (few_pairs) {
+        if (!few) few.emplace(D, call.chunk);
+        return attend_prefill_few(call, *few, p, f0);
+      }
+      if (!scratch) scratch.emplace(KVH, D, call.chunk, !std::is_same_v<T, float>);
       const int64_t pairs = std::min(kPrefillMaxLanes, rows.counts[p] * call.group - f0);
-      if (pairs <= kLanes) return attend_prefill_item<1>(call, scratch, p, f0);
+      if (pairs <= kLanes) return attend_prefill_item<1>(call, *scratch, p, f0);
       if constexpr (kPrefillMaxVectors > 2)
-        if (pairs <= 2 * kLanes) return attend_prefill_item<2>(call, scratch, p, f0);
-      attend_prefill_item<kPrefillMaxVectors>(call, scratch, p, f0);
+        if (pairs <= 2 * kLanes) return attend_prefill_item<2>(call, *scratch, p, f0);
+      attend_prefill_item<kPrefillMaxVectors>(call, *scratch, p, f0);
     });
   });
 }
