@@ -207,6 +207,12 @@ class Packed4bit:
         )  # fmt: skip
 
 
+# What the group kernels' lists hold where a weight has no bias or no nested scales: an empty
+# tensor (a list of optional tensors is what TorchScript's tracer, which records CPU decode
+# steps in `decode_traces`, cannot take).
+_ABSENT = torch.empty(0)
+
+
 def matmul_group(
     ops: Any,
     rows: torch.Tensor,
@@ -222,9 +228,9 @@ def matmul_group(
     arguments = (
         rows, [w.packed for w in weights], [w.absmax for w in weights],
         [w.code for w in weights], [w.blocksize for w in weights],
-        [w.out_features for w in weights], biases,
-        [None if n is None else n.absmax2 for n in nested],
-        [None if n is None else n.code2 for n in nested],
+        [w.out_features for w in weights], [_ABSENT if b is None else b for b in biases],
+        [_ABSENT if n is None else n.absmax2 for n in nested],
+        [_ABSENT if n is None else n.code2 for n in nested],
         [0.0 if n is None else n.offset for n in nested],
     )  # fmt: skip
     kernel = ops.linear_4bit_bf16 if rows.dtype == torch.bfloat16 else ops.linear_4bit_group

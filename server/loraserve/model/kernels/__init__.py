@@ -9,7 +9,7 @@ caller then takes its torch path, which is also each kernel's test oracle. The o
   linear_4bit(x [M, K], packed [N*K/2] u8, absmax [N*K/blocksize], code [16], blocksize, N,
               bias?) -> [M, N]                       (bitsandbytes NF4 / FP4 layout; blocksize a
                                                         power of two from 32)
-  linear_4bit_bf16(x [M, K] bf16, [packed], [absmax], [code], [blocksize], [N], [bias?], ...)
+  linear_4bit_bf16(x [M, K] bf16, [packed], [absmax], [code], [blocksize], [N], [bias], ...)
               -> [[M, N] bf16]                       (several linear_4bit weights, each rounded
                                                         to bf16 as bitsandbytes dequantizes it,
                                                         fp32 sums; in AMX tiles where

@@ -131,13 +131,19 @@ at::Tensor linear_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
   return add_bias(y, bias);
 }
 
+// An entry of a list of tensors where some may be absent (a bias, a weight's nested scales):
+// an empty tensor stands for none (lists of optional tensors are what TorchScript's tracer,
+// which records decode steps, cannot take).
+c10::optional<at::Tensor> present(const at::Tensor& entry) {
+  if (!entry.defined() || entry.numel() == 0) return c10::nullopt;
+  return entry;
+}
+
 // The weights [N_i, K] element i of each list describes (see weight_4bit), checked.
 std::vector<Weight4bit> weights_4bit(
     int64_t K, at::TensorList packed, at::TensorList absmax, at::TensorList code,
-    at::IntArrayRef blocksize, at::IntArrayRef out_features,
-    const c10::List<c10::optional<at::Tensor>>& bias,
-    const c10::List<c10::optional<at::Tensor>>& absmax2,
-    const c10::List<c10::optional<at::Tensor>>& code2, at::ArrayRef<double> offset) {
+    at::IntArrayRef blocksize, at::IntArrayRef out_features, at::TensorList bias,
+    at::TensorList absmax2, at::TensorList code2, at::ArrayRef<double> offset) {
   const size_t n = packed.size();
   TORCH_CHECK(absmax.size() == n && code.size() == n && blocksize.size() == n &&
                   out_features.size() == n && bias.size() == n && absmax2.size() == n &&
@@ -146,7 +152,7 @@ std::vector<Weight4bit> weights_4bit(
   std::vector<Weight4bit> weights;
   for (size_t i = 0; i < n; ++i)
     weights.push_back(weight_4bit(packed[i], absmax[i], code[i], blocksize[i], out_features[i],
-                                  K, absmax2[i], code2[i], offset[i]));
+                                  K, present(absmax2[i]), present(code2[i]), offset[i]));
   return weights;
 }
 
@@ -154,10 +160,8 @@ std::vector<Weight4bit> weights_4bit(
 // describes weight i.
 std::vector<at::Tensor> linear_4bit_group(
     const at::Tensor& x, at::TensorList packed, at::TensorList absmax, at::TensorList code,
-    at::IntArrayRef blocksize, at::IntArrayRef out_features,
-    const c10::List<c10::optional<at::Tensor>>& bias,
-    const c10::List<c10::optional<at::Tensor>>& absmax2,
-    const c10::List<c10::optional<at::Tensor>>& code2, at::ArrayRef<double> offset,
+    at::IntArrayRef blocksize, at::IntArrayRef out_features, at::TensorList bias,
+    at::TensorList absmax2, at::TensorList code2, at::ArrayRef<double> offset,
     bool invariant) {
   check_rows(x);
   const int64_t M = x.size(0), K = x.size(1);
@@ -170,7 +174,7 @@ std::vector<at::Tensor> linear_4bit_group(
     outs.push_back(ys.back().data_ptr<float>());
   }
   gemm_4bit(x.data_ptr<float>(), M, K, weights, outs, invariant);
-  for (size_t i = 0; i < ys.size(); ++i) add_bias(ys[i], bias[i]);
+  for (size_t i = 0; i < ys.size(); ++i) add_bias(ys[i], present(bias[i]));
   return ys;
 }
 
@@ -220,10 +224,8 @@ const uint16_t* bf16_data(const at::Tensor& t) {
 // bf16_pairs_usable().
 std::vector<at::Tensor> linear_4bit_bf16(
     const at::Tensor& x, at::TensorList packed, at::TensorList absmax, at::TensorList code,
-    at::IntArrayRef blocksize, at::IntArrayRef out_features,
-    const c10::List<c10::optional<at::Tensor>>& bias,
-    const c10::List<c10::optional<at::Tensor>>& absmax2,
-    const c10::List<c10::optional<at::Tensor>>& code2, at::ArrayRef<double> offset,
+    at::IntArrayRef blocksize, at::IntArrayRef out_features, at::TensorList bias,
+    at::TensorList absmax2, at::TensorList code2, at::ArrayRef<double> offset,
     bool invariant) {
 #ifdef LS_AMX
   check_bf16_rows(x);
@@ -236,7 +238,7 @@ std::vector<at::Tensor> linear_4bit_bf16(
   for (size_t i = 0; i < weights.size(); ++i) {
     ys.push_back(at::empty({M, weights[i].N}, x.options()));
     outs.push_back(reinterpret_cast<uint16_t*>(ys.back().data_ptr<at::BFloat16>()));
-    biases.push_back(bf16_op_bias(bias[i], weights[i].N));
+    biases.push_back(bf16_op_bias(present(bias[i]), weights[i].N));
   }
   std::vector<Decoded4bit> sources;
   for (const Weight4bit& w : weights) sources.push_back({w, _mm512_loadu_ps(w.code), K});
@@ -687,14 +689,14 @@ TORCH_LIBRARY(loraserve, m) {
       "float offset=0.0, bool invariant=False) -> Tensor");
   m.def(
       "linear_4bit_group(Tensor x, Tensor[] packed, Tensor[] absmax, Tensor[] code, "
-      "int[] blocksize, int[] out_features, Tensor?[] bias, Tensor?[] absmax2, Tensor?[] code2, "
+      "int[] blocksize, int[] out_features, Tensor[] bias, Tensor[] absmax2, Tensor[] code2, "
       "float[] offset, bool invariant=False) -> Tensor[]");
   m.def("amx_usable() -> bool", &amx_usable_op);
   m.def("bf16_pairs_usable() -> bool", &bf16_pairs_usable_op);
   m.def("linear_bf16(Tensor x, Tensor weight, Tensor? bias, bool invariant=False) -> Tensor");
   m.def(
       "linear_4bit_bf16(Tensor x, Tensor[] packed, Tensor[] absmax, Tensor[] code, "
-      "int[] blocksize, int[] out_features, Tensor?[] bias, Tensor?[] absmax2, Tensor?[] code2, "
+      "int[] blocksize, int[] out_features, Tensor[] bias, Tensor[] absmax2, Tensor[] code2, "
       "float[] offset, bool invariant=False) -> Tensor[]");
   m.def(
       "paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, "
