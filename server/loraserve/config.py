@@ -146,6 +146,12 @@ class EngineConfig(BaseModel):
         "on a GPU, replay decode steps from CUDA graphs, captured on first use per batch size "
         "and context length rounded up to powers of two: one launch instead of hundreds a step",
     )
+    traced_decode: bool = setting(
+        True,
+        "on a CPU, replay decode steps from TorchScript records of the model's forward, made on "
+        "first use per batch size (with adapters or without): the same kernels without the "
+        "model's Python between them; outputs do not change",
+    )
     lora_target_modules: tuple[ModuleName, ...] = setting(
         (),
         "modules that get LoRA slots, by last name component (repeatable; comma-separated in "

@@ -10,6 +10,7 @@ Knows nothing about adapter names or files: it sees slot numbers and tensors.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -120,6 +121,10 @@ class MultiLoraEmbedding(nn.Module):
             self.lora_b[slot].zero_()
         self.filled[slot] = False
         self.terms.clear_slot(slot)
+
+    def holds_delta(self, slots: Iterable[int]) -> bool:
+        """Whether any of `slots` holds a delta for the embedding."""
+        return any(self.filled[slot] for slot in slots)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids: [...] int64 -> [..., hidden]."""

@@ -33,6 +33,7 @@ from loraserve.model.attention import (
     paged_kernels_apply,
 )
 from loraserve.model.decode_graphs import DecodeGraphs
+from loraserve.model.decode_traces import DecodeTraces
 from loraserve.model.forward import ForwardInputs, RowInput
 from loraserve.model.kv_cache import PagedKVCache
 from loraserve.model.linear import (
@@ -42,6 +43,7 @@ from loraserve.model.linear import (
     wrap_projections,
 )
 from loraserve.model.lora import LoraBatch, LoraContext
+from loraserve.model.lora_embedding import MultiLoraEmbedding
 from loraserve.model.narrow import narrow_exact_weights
 from loraserve.model.norms import fuse_rms_norms
 from loraserve.model.rotary import fuse_rotary, kernel_rotary_in_use
@@ -62,7 +64,9 @@ class ModelRunner:
     slots are allocated), and sets the process's malloc to keep freed memory (`host_memory`):
     every forward frees what the next one allocates. Every forward runs with the SDPA backends
     of `attention.SDPA_BACKENDS`. On a GPU, with `decode_graph_rows`, steps of up to that many
-    decode rows (one token each) replay CUDA graphs (`decode_graphs`). With `batch_invariant`
+    decode rows (one token each) replay CUDA graphs (`decode_graphs`); on a CPU, with
+    `traced_decode`, steps of decode rows replay TorchScript records of the forward
+    (`decode_traces`). With `batch_invariant`
     (the CPU kernels only) every projection and LoRA delta takes the kernels' batch-invariant
     paths (`linear.make_batch_invariant`) and every prefill chunk the attention kernel: a row's
     logits get the same bits whatever rows share its forward and however its prompt was split
@@ -77,6 +81,7 @@ class ModelRunner:
         slot_ranks: list[int],
         decode_graph_rows: int = 0,
         batch_invariant: bool = False,
+        traced_decode: bool = False,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -123,6 +128,11 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if decode_graph_rows and self.device.type == "cuda":
             self.graphs = DecodeGraphs(self.run, cache, decode_graph_rows, self.device, lora.termed)
+        self.traces: DecodeTraces | None = None
+        cpu_kernels = self.device.type == "cpu" and self.paged_kernels
+        if traced_decode and cpu_kernels and not attends_eagerly(model):
+            self.traces = DecodeTraces(self.run)
+        self._embeddings = [m for m in model.modules() if isinstance(m, MultiLoraEmbedding)]
 
     @torch.inference_mode()
     def forward(self, rows: list[RowInput]) -> torch.Tensor:
@@ -131,16 +141,31 @@ class ModelRunner:
         order = sorted(range(len(rows)), key=lambda i: rows[i].lora_slot)
         ordered = [rows[i] for i in order]
         logits = None
-        if self.graphs is not None and all(len(r.tokens) == 1 and not r.prompt for r in rows):
+        decoding = all(len(r.tokens) == 1 and not r.prompt for r in rows)
+        if self.graphs is not None and decoding:
             logits = self.graphs.forward(ordered)
         if logits is None:
-            logits = self.run(self.prepare(ordered))
+            inputs = self.prepare(ordered)
+            if self.traces is not None and decoding and self._traceable(ordered):
+                logits = self.traces.forward(inputs)
+            if logits is None:
+                logits = self.run(inputs)
         if order == list(range(len(rows))):  # already in slot order (as base-only batches are)
             return logits
         firsts = list(accumulate((r.scored for r in ordered), initial=0))  # per ordered row
         place = {row: at for at, row in enumerate(order)}
         kept = [firsts[place[i]] + k for i, r in enumerate(rows) for k in range(r.scored)]
         return logits[torch.tensor(kept, device=logits.device)]
+
+    def _traceable(self, rows: list[RowInput]) -> bool:
+        """Whether a recorded decode forward serves `rows` (`decode_traces`): none is on a slot
+        whose DoRA or bias terms or embedding delta apply per segment, in Python."""
+        slots = {r.lora_slot for r in rows if r.lora_slot}
+        if not slots:
+            return True
+        if self.lora.termed.any_of(slots):
+            return False
+        return not any(embedding.holds_delta(slots) for embedding in self._embeddings)
 
     def prepare(self, rows: list[RowInput]) -> ForwardInputs:
         """Every tensor one forward over `rows` (in slot order) reads, built on the host."""

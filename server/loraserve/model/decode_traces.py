@@ -1,0 +1,166 @@
+"""Decode steps replayed from TorchScript traces on the CPU: the model's forward without its Python.
+
+On a CPU the kernels take most of a decode step, but not all of it: the model's Python (module
+calls, transformers' layer code, the wrappers that pick each op's kernel) runs between them, a
+third of a one-row step of the benchmark's default model (benchmarks/RESULTS.md, "Beside
+llama.cpp on a 1.1B model"). `torch.jit.trace` records the ops one forward runs; replaying the
+record runs the same ops on new inputs in TorchScript's C++ interpreter, none of that Python
+left: the same kernels, in the same order, on the same arguments, so the same bits.
+
+A record replays the ops it saw whatever its inputs hold, so each belongs to one `TraceKey`: the
+number of rows (the kernels' paths are chosen by it) and whether any row is on an adapter (without,
+the layers skip the LoRA delta). Every other choice a forward makes in Python must be the same on
+every step of a key, which holds for the steps the runner hands here (`ModelRunner.forward`):
+decode rows only (one token each), attended by the paged kernel (no architecture's eager
+attention), none on a slot that holds a DoRA or bias term or an embedding delta (those apply per
+segment, in Python). A replay's inputs are the tensors `ModelRunner.prepare` builds (tokens,
+positions, write slots, kept tokens, the LoRA segments' columns, the block tables and context
+lengths), so it reads its own step's rows; what it holds of the model (parameters, slot buffers,
+pools, slot scales) are the model's own tensors, which adapters and steps update in place.
+
+A key's record is made the first time a step needs it: recording runs that step's forward (its
+logits are the step's) and costs a few times a step more. A recording that reads a value back
+from a tensor (which would bake that value in: TorchScript's tracer warns of it) or fails is
+dropped, logged once, and that key's steps run eagerly from then on.
+
+`torch.jit.trace` is deprecated in torch 2.x, but it is the one way torch offers to replay an
+eager forward's ops without Python that records in a fraction of a second; `torch.compile` would
+recompile per row count and compiles for minutes on two cores.
+
+Knows nothing about sequences, scheduling or adapter names: rows, slots and pool indices.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from loraserve.model.attention import AttentionBatch
+from loraserve.model.forward import ForwardInputs
+
+log = logging.getLogger(__name__)
+
+# TracerWarnings that mean a recording baked in a value of this step's tensors (a Python number,
+# list or index read from one, or a tensor built from host values): its replays would reuse it.
+# Python booleans are not among them: the wrappers compare tensors' sizes, which are the key's.
+_VALUE_READS = (
+    *(
+        f"Converting a tensor to a Python {kind}"
+        for kind in ("number", "float", "integer", "complex", "list", "index")
+    ),
+    "torch.tensor results are registered as constants",
+)
+
+
+@dataclass(frozen=True)
+class TraceKey:
+    """What one record serves: steps of `rows` decode rows, on adapters or not."""
+
+    rows: int
+    adapters: bool
+
+    @classmethod
+    def of(cls, inputs: ForwardInputs) -> TraceKey:
+        return cls(inputs.input_ids.shape[1], inputs.lora.any_adapter)
+
+
+def step_tensors(inputs: ForwardInputs) -> tuple[torch.Tensor, ...]:
+    """Every tensor of a decode step's inputs that differs from step to step, in the order a
+    record takes them."""
+    decode = inputs.attention.decode
+    if decode is None or inputs.attention.prefill:
+        raise ValueError("a traced step holds decode rows only")
+    return (
+        inputs.input_ids, inputs.positions, inputs.write_slots, inputs.kept_tokens,
+        *inputs.lora.columns, decode.tokens, decode.block_tables, decode.context_lens,
+    )  # fmt: skip
+
+
+def with_tensors(template: ForwardInputs, tensors: tuple[torch.Tensor, ...]) -> ForwardInputs:
+    """`template` (a step of the key being recorded) holding `tensors` (`step_tensors`' order)
+    instead of its own: what the recorded forward reads."""
+    ids, positions, writes, kept, starts, ends, slots, ranks, tokens, tables, lens = tensors
+    decode = template.attention.decode
+    assert decode is not None
+    rows = replace(decode, tokens=tokens, block_tables=tables, context_lens=lens)
+    return ForwardInputs(
+        input_ids=ids,
+        positions=positions,
+        write_slots=writes,
+        kept_tokens=kept,
+        lora=replace(template.lora, columns=(starts, ends, slots, ranks)),
+        attention=AttentionBatch(
+            template.attention.cache, rows, (), None, template.attention.every_chunk_in_kernel
+        ),
+    )
+
+
+class DecodeTraces:
+    """Decode forwards replayed from TorchScript records, one per `TraceKey`, made on first use.
+
+    run: the runner's model call over one forward's inputs (returns logits [K, V] float32)."""
+
+    def __init__(self, run: Callable[[ForwardInputs], torch.Tensor]) -> None:
+        self._run = run
+        self.traces: dict[TraceKey, Any] = {}  # a key -> its record (a TorchScript function)
+        self.untraceable: set[TraceKey] = set()  # keys whose recording was dropped
+
+    def forward(self, inputs: ForwardInputs) -> torch.Tensor | None:
+        """The logits [B, V] float32 of a decode step (see the module's docstring for which
+        steps), its keys and values written to the pools; None where no record serves it (the
+        caller runs the step eagerly)."""
+        key = TraceKey.of(inputs)
+        if key in self.untraceable:
+            return None
+        tensors = step_tensors(inputs)
+        traced = self.traces.get(key)
+        if traced is None:
+            return self._record(key, inputs, tensors)
+        with torch.jit.optimized_execution(False):  # the ops as recorded, no graph passes
+            return traced(*tensors)
+
+    def _record(
+        self, key: TraceKey, inputs: ForwardInputs, tensors: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor | None:
+        """Record `key`'s forward on this step and return the step's logits, which recording
+        computes; None where the forward failed (the caller runs the step eagerly)."""
+        logits: list[torch.Tensor] = []
+
+        def forward(*step: torch.Tensor) -> torch.Tensor:
+            logits.append(self._run(with_tensors(inputs, step)))
+            return logits[-1]
+
+        started = time.perf_counter()
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                traced = torch.jit.trace(forward, tensors, check_trace=False)
+        except Exception as error:  # an op or a Python type the tracer cannot take
+            self._drop(key, f"{type(error).__name__}: {error}")
+            return None
+        reads = sorted({str(w.message).split(".")[0] for w in caught if _reads_a_value(w)})
+        if reads:
+            self._drop(key, "; ".join(reads))
+        else:
+            self.traces[key] = traced
+            log.info("recorded the CPU decode forward of %s in %.2f s", key,
+                     time.perf_counter() - started)  # fmt: skip
+        return logits[0]
+
+    def _drop(self, key: TraceKey, why: str) -> None:
+        if not self.untraceable:
+            log.warning("some CPU decode steps run without a trace: recording %s failed (%s)",
+                        key, why)  # fmt: skip
+        self.untraceable.add(key)
+
+
+def _reads_a_value(warning: warnings.WarningMessage) -> bool:
+    return issubclass(warning.category, torch.jit.TracerWarning) and str(
+        warning.message
+    ).startswith(_VALUE_READS)

@@ -1,0 +1,129 @@
+"""CPU decode steps replayed from TorchScript records (`model/decode_traces.py`).
+
+The engine with `traced_decode` gives the tokens and logits, bit for bit, that it gives
+without, across architectures and compute dtypes, on the base and on adapters that churn
+through the slots after the records were made, with DoRA, bias and embedding deltas beside them
+(whose steps run eagerly); a replayed step runs none of the model's Python; a recording that
+reads a value from a tensor, or fails, is dropped and its steps run eagerly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.conftest import ARCHS
+from tests.engine.helpers import make_core, run
+
+from loraserve.model.decode_traces import DecodeTraces, TraceKey
+from loraserve.model.runner import RowInput
+from loraserve.types import GenerateRequest, SamplingParams
+
+PROMPTS = ["LoRA adapts a frozen", "The quick brown fox", "Café, naïve", "def forward(self):",
+           "QLoRA stores the base", "0123456789 + - *", "多语言文本"]  # fmt: skip
+
+
+def requests_on(adapters: list[str | None], new_tokens: int) -> list[GenerateRequest]:
+    sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    return [
+        GenerateRequest(prompt=prompt, adapter=adapter, sampling=sampling)
+        for prompt, adapter in zip(PROMPTS, adapters)
+    ]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_traced_steps_give_the_eager_engines_tokens_and_logits_bit_for_bit(
+    arch, dtype, model_dirs, adapter_dirs, kind_adapter_dirs
+):
+    adapters = {**adapter_dirs[arch], **kind_adapter_dirs[arch]}
+    results, recorded = {}, {}
+    for traced in (False, True):
+        # two slots: the adapters below take turns in them, after the first records were made
+        core = make_core(model_dirs[arch], dtype=dtype, device_slots=2, traced_decode=traced)
+        got = run(core, {0: requests_on([None] * 3, 5), 2: requests_on([None] * 2, 3)})
+        for name, directory in adapters.items():
+            core.adapters.load(name, directory)
+        for names in (["r8-all", None, "r1-qv"], ["r64-all", "r8-all", None, "r1-qv"],
+                      ["dora-r8", None, "r8-all"], ["embed-r4", "r64-all"]):  # fmt: skip
+            got += run(core, {0: requests_on(names[:2], 6), 1: requests_on(names[2:], 4)})
+        assert [r.error for r in got] == [None] * len(got)
+        results[traced] = got
+        recorded[traced] = core.runner.traces
+    if arch == "gemma2":  # logit softcapping: its attention runs eagerly, no step is traced
+        assert recorded[True] is None
+    else:
+        traces = recorded[True]
+        assert traces is not None and not traces.untraceable
+        assert {key.adapters for key in traces.traces} == {False, True}
+    assert recorded[False] is None
+    for eager, traced in zip(results[False], results[True], strict=True):
+        assert traced.tokens == eager.tokens
+        for ours, theirs in zip(traced.logits, eager.logits, strict=True):
+            assert torch.equal(ours, theirs)
+
+
+def test_a_replayed_step_runs_none_of_the_models_python(model_dirs, monkeypatch):
+    core = make_core(model_dirs["llama"])
+    runner = core.runner
+    rows = decode_rows(core, [5, 21])
+    recorded = runner.forward(rows)  # records the steps of two decode rows
+    assert set(runner.traces.traces) == {TraceKey(2, False)}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model's Python ran")
+
+    monkeypatch.setattr(runner.model, "forward", refuse)
+    monkeypatch.setattr(runner, "run", refuse)
+    assert torch.equal(runner.forward(rows), recorded)  # the same step, replayed
+    with pytest.raises(AssertionError, match="Python ran"):
+        runner.forward(decode_rows(core, [5, 21, 8]))  # three rows: not recorded yet
+
+
+def step_inputs(core, rows: list[RowInput]):
+    return core.runner.prepare(sorted(rows, key=lambda r: r.lora_slot))
+
+
+def decode_rows(core, lengths: list[int]) -> list[RowInput]:
+    """Rows of one token at these context lengths, on blocks of their own."""
+    bs, rows, block = core.cache.block_size, [], 1
+    for length in lengths:
+        blocks = -(-length // bs)
+        rows.append(RowInput([7], length - 1, list(range(block, block + blocks))))
+        block += blocks
+    return rows
+
+
+def test_a_record_replays_other_contexts_as_the_eager_forward_computes_them(model_dirs):
+    core = make_core(model_dirs["qwen2"])
+    runner = core.runner
+    traces = DecodeTraces(runner.run)
+    recorded = traces.forward(step_inputs(core, decode_rows(core, [5, 40])))
+    assert recorded is not None and TraceKey(2, False) in traces.traces
+    for lengths in ([5, 40], [70, 3], [129, 17]):  # longer block tables than recorded
+        rows = decode_rows(core, lengths)
+        replayed = traces.forward(step_inputs(core, rows))
+        assert torch.equal(replayed, runner.run(step_inputs(core, rows)))
+
+
+def test_a_recording_that_reads_a_value_is_dropped_and_its_key_runs_eagerly(model_dirs, caplog):
+    core = make_core(model_dirs["llama"])
+    runner = core.runner
+
+    def reads_a_position(inputs):
+        shift = float(inputs.positions.max())  # baked into a record: each step's own
+        return runner.run(inputs) + shift * 0
+
+    traces = DecodeTraces(reads_a_position)
+    inputs = step_inputs(core, decode_rows(core, [9]))
+    logits = traces.forward(inputs)  # the recording's own forward: this step's logits
+    assert torch.equal(logits, runner.run(step_inputs(core, decode_rows(core, [9]))))
+    assert traces.untraceable == {TraceKey(1, False)} and not traces.traces
+    assert "Converting a tensor to a Python float" in caplog.text
+    assert traces.forward(inputs) is None  # dropped: the caller runs the step eagerly
+
+    def fails(inputs):
+        raise RuntimeError("no such op")
+
+    failing = DecodeTraces(fails)
+    assert failing.forward(inputs) is None
+    assert failing.untraceable == {TraceKey(1, False)}
