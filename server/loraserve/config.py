@@ -146,11 +146,14 @@ class EngineConfig(BaseModel):
         "on a GPU, replay decode steps from CUDA graphs, captured on first use per batch size "
         "and context length rounded up to powers of two: one launch instead of hundreds a step",
     )
-    traced_decode: bool = setting(
-        True,
-        "on a CPU, replay decode steps from TorchScript records of the model's forward, made on "
-        "first use per batch size (with adapters or without): the same kernels without the "
-        "model's Python between them; outputs do not change",
+    traced_decode_records: int = setting(
+        32,
+        "on a CPU, decode steps replay TorchScript records of the model's forward, one per row "
+        "count (with adapters or without), made the first time a step needs one, at most this "
+        "many (each holds about 0.7 MB a decoder layer; steps of other counts run eagerly): "
+        "the same kernels without the model's Python between them, the same outputs; 0: off",
+        ge=0,
+        le=1024,
     )
     lora_target_modules: tuple[ModuleName, ...] = setting(
         (),

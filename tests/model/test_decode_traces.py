@@ -1,6 +1,6 @@
 """CPU decode steps replayed from TorchScript records (`model/decode_traces.py`).
 
-The engine with `traced_decode` gives the tokens and logits, bit for bit, that it gives
+The engine with `traced_decode_records` gives the tokens and logits, bit for bit, that it gives
 without, across architectures and compute dtypes, on the base and on adapters that churn
 through the slots after the records were made, with DoRA, bias and embedding deltas beside them
 (whose steps run eagerly); a replayed step runs none of the model's Python; a recording that
@@ -39,7 +39,10 @@ def test_traced_steps_give_the_eager_engines_tokens_and_logits_bit_for_bit(
     results, recorded = {}, {}
     for traced in (False, True):
         # two slots: the adapters below take turns in them, after the first records were made
-        core = make_core(model_dirs[arch], dtype=dtype, device_slots=2, traced_decode=traced)
+        core = make_core(
+            model_dirs[arch], dtype=dtype, device_slots=2,
+            traced_decode_records=32 if traced else 0,
+        )  # fmt: skip
         got = run(core, {0: requests_on([None] * 3, 5), 2: requests_on([None] * 2, 3)})
         for name, directory in adapters.items():
             core.adapters.load(name, directory)
@@ -96,9 +99,11 @@ def decode_rows(core, lengths: list[int]) -> list[RowInput]:
 def test_a_record_replays_other_contexts_as_the_eager_forward_computes_them(model_dirs):
     core = make_core(model_dirs["qwen2"])
     runner = core.runner
-    traces = DecodeTraces(runner.run)
+    traces = DecodeTraces(runner.run, 8)
     recorded = traces.forward(step_inputs(core, decode_rows(core, [5, 40])))
     assert recorded is not None and TraceKey(2, False) in traces.traces
+    graph = traces.traces[TraceKey(2, False)].graph  # kept without the tracer's Python stacks
+    assert not any(node.sourceRange() for node in graph.nodes())
     for lengths in ([5, 40], [70, 3], [129, 17]):  # longer block tables than recorded
         rows = decode_rows(core, lengths)
         replayed = traces.forward(step_inputs(core, rows))
@@ -113,7 +118,7 @@ def test_a_recording_that_reads_a_value_is_dropped_and_its_key_runs_eagerly(mode
         shift = float(inputs.positions.max())  # baked into a record: each step's own
         return runner.run(inputs) + shift * 0
 
-    traces = DecodeTraces(reads_a_position)
+    traces = DecodeTraces(reads_a_position, 8)
     inputs = step_inputs(core, decode_rows(core, [9]))
     logits = traces.forward(inputs)  # the recording's own forward: this step's logits
     assert torch.equal(logits, runner.run(step_inputs(core, decode_rows(core, [9]))))
@@ -124,6 +129,16 @@ def test_a_recording_that_reads_a_value_is_dropped_and_its_key_runs_eagerly(mode
     def fails(inputs):
         raise RuntimeError("no such op")
 
-    failing = DecodeTraces(fails)
+    failing = DecodeTraces(fails, 8)
     assert failing.forward(inputs) is None
     assert failing.untraceable == {TraceKey(1, False)}
+
+
+def test_past_the_most_records_other_row_counts_run_eagerly(model_dirs):
+    core = make_core(model_dirs["llama"], traced_decode_records=1)
+    runner = core.runner
+    run(core, {0: requests_on([None, None], 3)})  # two rows: the one record
+    assert set(runner.traces.traces) == {TraceKey(2, False)}
+    results = run(core, {0: requests_on([None] * 3, 3)})
+    assert [len(r.tokens) for r in results] == [3] * 3
+    assert set(runner.traces.traces) == {TraceKey(2, False)} and not runner.traces.untraceable

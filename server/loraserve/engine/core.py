@@ -141,7 +141,7 @@ class EngineCore:
             self.adapters.slot_ranks,
             decode_graph_rows=config.max_batch_size if config.cuda_graphs else 0,
             batch_invariant=config.batch_invariant,
-            traced_decode=config.traced_decode,
+            decode_records=config.traced_decode_records,
         )
         self.speculation = (
             Speculation(

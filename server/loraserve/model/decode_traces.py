@@ -21,7 +21,12 @@ pools, slot scales) are the model's own tensors, which adapters and steps update
 A key's record is made the first time a step needs it: recording runs that step's forward (its
 logits are the step's) and costs a few times a step more. A recording that reads a value back
 from a tensor (which would bake that value in: TorchScript's tracer warns of it) or fails is
-dropped, logged once, and that key's steps run eagerly from then on.
+dropped, logged once, and that key's steps run eagerly from then on. Records are never freed
+(TorchScript keeps every traced function), so there are at most `max_records`; steps of other
+keys run eagerly. A record holds no copy of a tensor, but TorchScript's graph and interpreter
+take about 3.7 KB a node: 5.8 MB for the default benchmark model's 8 layers (1,559 nodes), once
+its identical constants are pooled and each node's source range is dropped (the tracer keeps
+the whole Python stack at every op: 6.5 MB more).
 
 `torch.jit.trace` is deprecated in torch 2.x, but it is the one way torch offers to replay an
 eager forward's ops without Python that records in a fraction of a second; `torch.compile` would
@@ -102,12 +107,14 @@ def with_tensors(template: ForwardInputs, tensors: tuple[torch.Tensor, ...]) -> 
 
 
 class DecodeTraces:
-    """Decode forwards replayed from TorchScript records, one per `TraceKey`, made on first use.
+    """Decode forwards replayed from TorchScript records, one per `TraceKey`, made on first use,
+    at most `max_records` of them.
 
     run: the runner's model call over one forward's inputs (returns logits [K, V] float32)."""
 
-    def __init__(self, run: Callable[[ForwardInputs], torch.Tensor]) -> None:
+    def __init__(self, run: Callable[[ForwardInputs], torch.Tensor], max_records: int) -> None:
         self._run = run
+        self.max_records = max_records
         self.traces: dict[TraceKey, Any] = {}  # a key -> its record (a TorchScript function)
         self.untraceable: set[TraceKey] = set()  # keys whose recording was dropped
 
@@ -121,6 +128,8 @@ class DecodeTraces:
         tensors = step_tensors(inputs)
         traced = self.traces.get(key)
         if traced is None:
+            if len(self.traces) >= self.max_records:
+                return None
             return self._record(key, inputs, tensors)
         with torch.jit.optimized_execution(False):  # the ops as recorded, no graph passes
             return traced(*tensors)
@@ -141,6 +150,7 @@ class DecodeTraces:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 traced = torch.jit.trace(forward, tensors, check_trace=False)
+            _strip(traced.graph)
         except Exception as error:  # an op or a Python type the tracer cannot take
             self._drop(key, f"{type(error).__name__}: {error}")
             return None
@@ -149,8 +159,8 @@ class DecodeTraces:
             self._drop(key, "; ".join(reads))
         else:
             self.traces[key] = traced
-            log.info("recorded the CPU decode forward of %s in %.2f s", key,
-                     time.perf_counter() - started)  # fmt: skip
+            log.info("recorded the CPU decode forward of %s in %.2f s (%d of at most %d)", key,
+                     time.perf_counter() - started, len(self.traces), self.max_records)  # fmt: skip
         return logits[0]
 
     def _drop(self, key: TraceKey, why: str) -> None:
@@ -158,6 +168,16 @@ class DecodeTraces:
             log.warning("some CPU decode steps run without a trace: recording %s failed (%s)",
                         key, why)  # fmt: skip
         self.untraceable.add(key)
+
+
+def _strip(graph: torch._C.Graph) -> None:
+    """What a record's replays do not need, out of its graph before its first replay: identical
+    constants pooled into one node (a third of the nodes), and every node's source range (the
+    whole Python stack at its op, as the tracer saw it) replaced by none."""
+    torch._C._jit_pass_constant_pooling(graph)
+    bare = graph.create("prim::Constant")  # a node with no metadata, never inserted
+    for node in graph.nodes():
+        node.copyMetadata(bare)
 
 
 def _reads_a_value(warning: warnings.WarningMessage) -> bool:

@@ -65,8 +65,8 @@ class ModelRunner:
     every forward frees what the next one allocates. Every forward runs with the SDPA backends
     of `attention.SDPA_BACKENDS`. On a GPU, with `decode_graph_rows`, steps of up to that many
     decode rows (one token each) replay CUDA graphs (`decode_graphs`); on a CPU, with
-    `traced_decode`, steps of decode rows replay TorchScript records of the forward
-    (`decode_traces`). With `batch_invariant`
+    `decode_records`, steps of decode rows replay up to that many TorchScript records of the
+    forward (`decode_traces`). With `batch_invariant`
     (the CPU kernels only) every projection and LoRA delta takes the kernels' batch-invariant
     paths (`linear.make_batch_invariant`) and every prefill chunk the attention kernel: a row's
     logits get the same bits whatever rows share its forward and however its prompt was split
@@ -81,7 +81,7 @@ class ModelRunner:
         slot_ranks: list[int],
         decode_graph_rows: int = 0,
         batch_invariant: bool = False,
-        traced_decode: bool = False,
+        decode_records: int = 0,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -130,8 +130,8 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.run, cache, decode_graph_rows, self.device, lora.termed)
         self.traces: DecodeTraces | None = None
         cpu_kernels = self.device.type == "cpu" and self.paged_kernels
-        if traced_decode and cpu_kernels and not attends_eagerly(model):
-            self.traces = DecodeTraces(self.run)
+        if decode_records and cpu_kernels and not attends_eagerly(model):
+            self.traces = DecodeTraces(self.run, decode_records)
         self._embeddings = [m for m in model.modules() if isinstance(m, MultiLoraEmbedding)]
 
     @torch.inference_mode()

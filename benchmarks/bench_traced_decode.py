@@ -1,0 +1,132 @@
+"""What `traced_decode_records` gives: CPU decode steps replayed from TorchScript records of the
+forward, side by side with the same engine running every step eagerly, and whether the outputs
+match.
+
+Builds the benchmark's default random base and 32 adapters (`bench_multi_lora.py`'s), one engine
+with `traced_decode_records` at its default (`traced`) and one with it 0 (`eager`), and runs each
+workload through both, rounds alternating which goes first:
+
+  one_stream   the default workload's first request alone, on the base, 64 new tokens
+  four         its first 4 requests on the base
+  base         its 32 requests on the base
+  multi_lora   its 32 requests, each on its own adapter
+
+Figures: generated tokens a second (medians of `--repeats` rounds; round 0 warms both engines up
+and is where `traced` records its forwards, one per row count, with adapters or without: its
+time is reported as `first_round_s`), and `outputs_identical`: whether both engines generated
+the same tokens for every request of every round (greedy; they must: the same kernels).
+
+    .venv/bin/python benchmarks/bench_traced_decode.py \\
+        --out benchmarks/results/traced_decode_fp32.json
+    .venv/bin/python benchmarks/bench_traced_decode.py --compute-dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from bench_multi_lora import DEFAULT, TARGETS, base_engine_config, make_workload
+from common import DEFAULT_CACHE_DIR, Workload, prepare_lora_adapters, prepare_model
+from engine_runs import build_engine, engine_config, run_engine
+from loraserve.config import EngineConfig
+from loraserve.engine.core import EngineCore
+from machine import machine_info
+
+ENGINES = ("traced", "eager")
+DEFAULT_RECORDS = EngineConfig.model_fields["traced_decode_records"].default
+
+
+def run_once(core: EngineCore, workload: Workload, with_adapters: bool) -> tuple[float, list]:
+    """Seconds to run `workload` to the end, and each request's tokens."""
+    start = time.perf_counter()
+    trace = run_engine(core, workload, with_adapters)
+    seconds = time.perf_counter() - start
+    return seconds, [trace.token_ids[i] for i in range(len(workload.prompts))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--compute-dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    config = replace(DEFAULT, compute_dtype=args.compute_dtype)
+    model_dir = prepare_model(config.model, DEFAULT_CACHE_DIR)
+    adapters = prepare_lora_adapters(
+        model_dir, config.num_requests, config.rank, config.alpha, TARGETS, config.seed
+    )
+    batch = make_workload(config, list(adapters))
+    base = Workload(batch.prompts, ("",) * len(batch.prompts), batch.new_tokens)
+    settings = engine_config(base_engine_config(config, model_dir), batch, config.prompt_tokens[1])
+    cores = {
+        name: build_engine(settings.model_copy(update={"traced_decode_records": records}), adapters)
+        for name, records in zip(ENGINES, (DEFAULT_RECORDS, 0), strict=True)
+    }
+    runs = {
+        "one_stream": (base.head(1, batch.new_tokens), False),
+        "four": (base.head(4, batch.new_tokens), False),
+        "base": (base, False),
+        "multi_lora": (batch, True),
+    }
+    seconds: dict[str, dict[str, list[float]]] = {w: {e: [] for e in ENGINES} for w in runs}
+    first_round: dict[str, dict[str, float]] = {w: {} for w in runs}
+    identical = True
+    for round_ in range(args.repeats + 1):  # round 0 warms both engines up (and records)
+        for workload_name, (workload, with_adapters) in runs.items():
+            order = ENGINES if round_ % 2 == 0 else ENGINES[::-1]
+            tokens = {}
+            for name in order:
+                took, tokens[name] = run_once(cores[name], workload, with_adapters)
+                if round_:
+                    seconds[workload_name][name].append(took)
+                else:
+                    first_round[workload_name][name] = round(took, 4)
+                print(f"round {round_} {workload_name:10s} {name:6s} {took:7.3f} s", flush=True)
+            identical = identical and tokens["traced"] == tokens["eager"]
+
+    def rate(workload_name: str, name: str) -> float:
+        workload = runs[workload_name][0]
+        return (
+            len(workload.prompts)
+            * workload.new_tokens
+            / statistics.median(seconds[workload_name][name])
+        )
+
+    figures = {
+        w: {
+            "unit": "generated tok/s",
+            **{name: round(rate(w, name), 2) for name in ENGINES},
+            "traced_over_eager": round(rate(w, "traced") / rate(w, "eager"), 3),
+            "runs_s": {name: [round(s, 4) for s in seconds[w][name]] for name in ENGINES},
+            "first_round_s": first_round[w],
+        }
+        for w in runs
+    }
+    traces = cores["traced"].runner.traces
+    records = {
+        "recorded": sorted(f"{k.rows}{'+lora' if k.adapters else ''}" for k in traces.traces)
+        if traces is not None
+        else [],
+        "untraceable": len(traces.untraceable) if traces is not None else None,
+    }
+    report = {
+        "machine": machine_info(),
+        "command": vars(args) | {"out": str(args.out) if args.out else None},
+        "figures": figures,
+        "outputs_identical": identical,
+        "records": records,
+    }
+    print(json.dumps({"figures": figures, "outputs_identical": identical, **records}, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
