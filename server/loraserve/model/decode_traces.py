@@ -174,8 +174,8 @@ def _strip(graph: torch._C.Graph) -> None:
     """What a record's replays do not need, out of its graph before its first replay: identical
     constants pooled into one node (a third of the nodes), and every node's source range (the
     whole Python stack at its op, as the tracer saw it) replaced by none."""
-    torch._C._jit_pass_constant_pooling(graph)
-    bare = graph.create("prim::Constant")  # a node with no metadata, never inserted
+    torch._C._jit_pass_constant_pooling(graph)  # type: ignore[attr-defined]
+    bare = graph.create("prim::Constant", [], 1)  # a node with no metadata, never inserted
     for node in graph.nodes():
         node.copyMetadata(bare)
 
