@@ -10,6 +10,8 @@ With `--floor` the model keeps its depth and vocabulary but has hidden size 128 
 its steps cost what a step costs besides the model's arithmetic (Python, op dispatch, the
 per-layer small ops, sampling over the whole vocabulary). With `--adapters` every row is on its
 own adapter (the benchmark's 32, rank 16 on all seven projections): what a multi-LoRA step adds.
+`--decode-records 0` runs every decode step eagerly (the engine's default replays records of
+the forward: `traced_decode_records`).
 With `--device cuda` the profiler also times the GPU's kernels: a decode step's wall time beside
 the time its kernels kept the GPU busy is what launch overhead (and a CUDA graph) is worth.
 
@@ -17,6 +19,8 @@ the time its kernels kept the GPU busy is what launch overhead (and a CUDA graph
     .venv/bin/python benchmarks/profile_step.py --threads 2 --new-tokens 64 --floor
     .venv/bin/python benchmarks/profile_step.py --threads 2 --new-tokens 32 --adapters
     .venv/bin/python benchmarks/profile_step.py --threads 2 --new-tokens 64 --requests 1
+    .venv/bin/python benchmarks/profile_step.py --threads 2 --new-tokens 64 --requests 1 \
+        --decode-records 0
     .venv/bin/python benchmarks/profile_step.py --model tinyllama-1.1b --checkpoint-dtype bf16 \
         --compute-dtype bf16 --requests 1 --new-tokens 64
     python3 benchmarks/profile_step.py --device cuda --compute-dtype bf16 --new-tokens 32
@@ -91,17 +95,21 @@ def warm_base_engine(
 
 
 def warm_lora_engine(
-    new_tokens: int, bench: BenchConfig = DEFAULT, spec: ModelSpec = DEFAULT.model
+    new_tokens: int,
+    bench: BenchConfig = DEFAULT,
+    spec: ModelSpec = DEFAULT.model,
+    **overrides: object,
 ) -> tuple[EngineCore, Workload]:
     """The model of `spec` with the benchmark's 32 adapters (rank 16, all seven projections),
-    each in its own slot, and the 32 prompts each on its own adapter, generating `new_tokens`."""
+    each in its own slot (an engine with `overrides` of its settings), and the 32 prompts each
+    on its own adapter, generating `new_tokens`."""
     model_dir = prepare_model(spec, DEFAULT_CACHE_DIR)
     adapter_dirs = prepare_lora_adapters(model_dir, DEFAULT.num_requests, DEFAULT.rank,
                                          DEFAULT.alpha, TARGETS, DEFAULT.seed)  # fmt: skip
     workload = make_workload(DEFAULT, list(adapter_dirs)).head(DEFAULT.num_requests, new_tokens)
     settings = engine_config(base_engine_config(bench, model_dir), workload,
                              bench.prompt_tokens[1])  # fmt: skip
-    core = build_engine(settings, adapter_dirs)
+    core = build_engine(settings.model_copy(update=overrides), adapter_dirs)
     submit(core, Trace(), workload.head(4, 2), with_adapters=True)
     timed_steps(core, Trace())
     return core, workload
@@ -130,6 +138,9 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--compute-dtype", choices=tuple(DTYPES), default=DEFAULT.compute_dtype)
+    parser.add_argument(
+        "--decode-records", type=int, help="the engine's traced_decode_records (0: every step eager)"
+    )
     args = parser.parse_args()
     spec = replace(BASES[args.model], weights_dtype=args.checkpoint_dtype)
     bench = replace(DEFAULT, model=spec, device=args.device, compute_dtype=args.compute_dtype)
@@ -140,11 +151,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     transformers.logging.disable_progress_bar()
+    overrides = {} if args.decode_records is None else {"traced_decode_records": args.decode_records}
     if args.adapters:
-        core, workload = warm_lora_engine(args.new_tokens, bench, spec)
+        core, workload = warm_lora_engine(args.new_tokens, bench, spec, **overrides)
     else:
         workload = base_workload(args.new_tokens, args.requests, bench)
-        core = warm_base_engine(workload, floor_of(spec) if args.floor else spec, bench)
+        model = floor_of(spec) if args.floor else spec
+        core = warm_base_engine(workload, model, bench, **overrides)
     submit(core, Trace(), workload, with_adapters=args.adapters)
     times = timed_steps(core, Trace())
     print(f"{args.model} model{' (floor)' if args.floor else ''}, {args.checkpoint_dtype} "
