@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--compute-dtype", choices=tuple(DTYPES), default=DEFAULT.compute_dtype)
     parser.add_argument(
-        "--decode-records", type=int, help="the engine's traced_decode_records (0: every step eager)"
+        "--decode-records", type=int, help="traced_decode_records (0: every decode step eager)"
     )
     args = parser.parse_args()
     spec = replace(BASES[args.model], weights_dtype=args.checkpoint_dtype)
@@ -151,7 +151,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     transformers.logging.disable_progress_bar()
-    overrides = {} if args.decode_records is None else {"traced_decode_records": args.decode_records}
+    records = args.decode_records
+    overrides = {} if records is None else {"traced_decode_records": records}
     if args.adapters:
         core, workload = warm_lora_engine(args.new_tokens, bench, spec, **overrides)
     else:
