@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,19 +33,10 @@ import torch
 
 from bench_multi_lora import DEFAULT, TARGETS, base_engine_config, make_workload
 from common import DEFAULT_CACHE_DIR, Workload, prepare_lora_adapters, prepare_model
-from engine_runs import build_engine, engine_config, run_engine
-from loraserve.engine.core import EngineCore
+from engine_runs import build_engine, engine_config, timed_run
 from machine import machine_info
 
 ENGINES = ("default", "invariant")
-
-
-def run_once(core: EngineCore, workload: Workload, with_adapters: bool) -> tuple[float, list]:
-    """Seconds to run `workload` to the end, and each request's tokens."""
-    start = time.perf_counter()
-    trace = run_engine(core, workload, with_adapters)
-    seconds = time.perf_counter() - start
-    return seconds, [trace.token_ids[i] for i in range(len(workload.prompts))]
 
 
 def main() -> None:
@@ -90,7 +80,8 @@ def main() -> None:
         for workload_name, (workload, with_adapters) in runs.items():
             order = ENGINES if round_ % 2 == 0 else ENGINES[::-1]
             for name in order:
-                took, tokens = run_once(cores[name], workload, with_adapters)
+                run = timed_run(cores[name], workload, with_adapters)
+                took, tokens = run.seconds, run.tokens
                 if round_:
                     seconds[workload_name][name].append(took)
                 if workload_name == "batch":
@@ -99,9 +90,10 @@ def main() -> None:
 
     outputs_alone = {}
     for name in ENGINES:
+        pairs = list(zip(batch.prompts, batch.adapters))[: args.checked]
         alone = [
-            run_once(cores[name], Workload((prompt,), (adapter,), batch.new_tokens), True)[1][0]
-            for prompt, adapter in list(zip(batch.prompts, batch.adapters))[: args.checked]
+            timed_run(cores[name], Workload((p,), (a,), batch.new_tokens), True).tokens[0]
+            for p, a in pairs
         ]
         outputs_alone[name] = alone == batch_tokens[name][: args.checked]
 

@@ -26,27 +26,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from dataclasses import replace
 from pathlib import Path
 
 from bench_multi_lora import DEFAULT, TARGETS, base_engine_config, make_workload
 from common import DEFAULT_CACHE_DIR, Workload, prepare_lora_adapters, prepare_model
-from engine_runs import build_engine, engine_config, run_engine
+from engine_runs import build_engine, engine_config, timed_run
 from loraserve.config import EngineConfig
-from loraserve.engine.core import EngineCore
 from machine import machine_info
 
 ENGINES = ("traced", "eager")
 DEFAULT_RECORDS = EngineConfig.model_fields["traced_decode_records"].default
-
-
-def run_once(core: EngineCore, workload: Workload, with_adapters: bool) -> tuple[float, list]:
-    """Seconds to run `workload` to the end, and each request's tokens."""
-    start = time.perf_counter()
-    trace = run_engine(core, workload, with_adapters)
-    seconds = time.perf_counter() - start
-    return seconds, [trace.token_ids[i] for i in range(len(workload.prompts))]
 
 
 def main() -> None:
@@ -82,7 +72,8 @@ def main() -> None:
             order = ENGINES if round_ % 2 == 0 else ENGINES[::-1]
             tokens = {}
             for name in order:
-                took, tokens[name] = run_once(cores[name], workload, with_adapters)
+                run = timed_run(cores[name], workload, with_adapters)
+                took, tokens[name] = run.seconds, run.tokens
                 if round_:
                     seconds[workload_name][name].append(took)
                 else:

@@ -176,6 +176,22 @@ def run_engine(core: EngineCore, workload: Workload, with_adapters: bool) -> Tra
     return trace
 
 
+@dataclass(frozen=True)
+class TimedRun:
+    """One run of a workload: its wall time, and each request's generated tokens in order."""
+
+    seconds: float
+    tokens: list[list[int]]
+
+
+def timed_run(core: EngineCore, workload: Workload, with_adapters: bool) -> TimedRun:
+    """`run_engine`, timed, with each request's tokens."""
+    start = time.perf_counter()
+    trace = run_engine(core, workload, with_adapters)
+    seconds = time.perf_counter() - start
+    return TimedRun(seconds, [trace.token_ids[i] for i in range(len(workload.prompts))])
+
+
 def alternate_decode_steps(cores: dict[str, EngineCore], workload: Workload, repeats: int,
                            with_adapters: bool) -> dict[str, list[float]]:  # fmt: skip
     """Each engine's decode steps of `workload`, `repeats` times, the engines' steps

@@ -11,7 +11,11 @@ import torch
 from loraserve.config import EngineConfig
 from loraserve.engine.core import EngineCore
 from loraserve.model.loading import LoadedModel, load_base_model
-from loraserve.types import FinalEvent, GenerateRequest, TokenEvent, TopLogprob
+from loraserve.types import FinalEvent, GenerateRequest, SamplingParams, TokenEvent, TopLogprob
+
+# Prompts of different lengths, scripts and bytes per token, for batches of up to seven.
+PROMPTS = ["LoRA adapts a frozen", "The quick brown fox", "Café, naïve", "def forward(self):",
+           "QLoRA stores the base", "0123456789 + - *", "多语言文本"]  # fmt: skip
 
 
 @dataclass
@@ -34,6 +38,16 @@ class Collected:
             self.final = event
         else:
             self.error = event
+
+
+def requests_on(adapters: list[str | None], new_tokens: int) -> list[GenerateRequest]:
+    """One request per adapter (None: the base), each on its own of PROMPTS, generating exactly
+    `new_tokens`."""
+    sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    return [
+        GenerateRequest(prompt=prompt, adapter=adapter, sampling=sampling)
+        for prompt, adapter in zip(PROMPTS, adapters)
+    ]
 
 
 def make_core(

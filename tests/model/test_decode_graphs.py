@@ -15,24 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 from tests.conftest import ARCHS, KIND_SPECS
-from tests.engine.helpers import make_core, run
+from tests.engine.helpers import make_core, requests_on, run
 
 from loraserve.model.blocks import SCRATCH_BLOCK
 from loraserve.model.decode_graphs import MIN_CONTEXT_BLOCKS, GraphShape, StaticDecode
 from loraserve.model.runner import RowInput
 from loraserve.model.slot_terms import TermedSlots
-from loraserve.types import GenerateRequest, SamplingParams
-
-PROMPTS = ["LoRA adapts a frozen", "The quick brown fox", "Café, naïve", "def forward(self):",
-           "QLoRA stores the base", "0123456789 + - *", "多语言文本"]  # fmt: skip
-
-
-def requests_on(adapters: list[str | None], new_tokens: int) -> list[GenerateRequest]:
-    sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    return [
-        GenerateRequest(prompt=prompt, adapter=adapter, sampling=sampling)
-        for prompt, adapter in zip(PROMPTS, adapters)
-    ]
 
 
 def test_a_graph_shape_pads_rows_and_context_to_powers_of_two():

@@ -12,22 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 from tests.conftest import ARCHS
-from tests.engine.helpers import make_core, run
+from tests.engine.helpers import make_core, requests_on, run
 
 from loraserve.model.decode_traces import DecodeTraces, TraceKey
 from loraserve.model.runner import RowInput
-from loraserve.types import GenerateRequest, SamplingParams
-
-PROMPTS = ["LoRA adapts a frozen", "The quick brown fox", "Café, naïve", "def forward(self):",
-           "QLoRA stores the base", "0123456789 + - *", "多语言文本"]  # fmt: skip
-
-
-def requests_on(adapters: list[str | None], new_tokens: int) -> list[GenerateRequest]:
-    sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    return [
-        GenerateRequest(prompt=prompt, adapter=adapter, sampling=sampling)
-        for prompt, adapter in zip(PROMPTS, adapters)
-    ]
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -142,3 +130,23 @@ def test_past_the_most_records_other_row_counts_run_eagerly(model_dirs):
     results = run(core, {0: requests_on([None] * 3, 3)})
     assert [len(r.tokens) for r in results] == [3] * 3
     assert set(runner.traces.traces) == {TraceKey(2, False)} and not runner.traces.untraceable
+
+
+def test_a_record_made_beside_empty_slot_buffers_replays_them_once_filled(model_dirs, adapter_dirs):
+    """While the modules an adapter leaves alone keep their slot buffers at zero, those buffers
+    are equal tensors: a record must keep each its own (TorchScript's constant pooling would
+    merge them into one, and an adapter of more modules then loads into a buffer no layer
+    reads)."""
+    results = {}
+    for records in (0, 16):
+        core = make_core(model_dirs["qwen2"], device_slots=1, traced_decode_records=records)
+        got = []
+        for name in ("r1-qv", "r8-all", "r16-mlp"):  # q and v; all seven; the MLP's three
+            core.adapters.load("solo", adapter_dirs["qwen2"][name])  # into the one slot
+            got += run(core, {0: requests_on(["solo"], 5)})
+        results[records] = got
+    assert TraceKey(1, True) in core.runner.traces.traces
+    for eager, traced in zip(results[0], results[16], strict=True):
+        assert traced.tokens == eager.tokens
+        for ours, theirs in zip(traced.logits, eager.logits, strict=True):
+            assert torch.equal(ours, theirs)

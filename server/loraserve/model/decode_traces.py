@@ -19,14 +19,15 @@ lengths), so it reads its own step's rows; what it holds of the model (parameter
 pools, slot scales) are the model's own tensors, which adapters and steps update in place.
 
 A key's record is made the first time a step needs it: recording runs that step's forward (its
-logits are the step's) and costs a few times a step more. A recording that reads a value back
+logits are the step's) and takes 0.3-0.5 s on the default benchmark model, where a step takes
+8-45 ms. A recording that reads a value back
 from a tensor (which would bake that value in: TorchScript's tracer warns of it) or fails is
 dropped, logged once, and that key's steps run eagerly from then on. Records are never freed
 (TorchScript keeps every traced function), so there are at most `max_records`; steps of other
-keys run eagerly. A record holds no copy of a tensor, but TorchScript's graph and interpreter
-take about 3.7 KB a node: 5.8 MB for the default benchmark model's 8 layers (1,559 nodes), once
-its identical constants are pooled and each node's source range is dropped (the tracer keeps
-the whole Python stack at every op: 6.5 MB more).
+keys run eagerly (logged once). A record holds no copy of a tensor, but TorchScript's graph and
+interpreter take about 3.6 KB a node: 9.1 MB for the default model's 8 layers (2,538 nodes), once
+each node's source range is dropped (15.6 MB with them: the tracer keeps the whole Python stack,
+up to 4 KB, at every node).
 
 `torch.jit.trace` is deprecated in torch 2.x, but it is the one way torch offers to replay an
 eager forward's ops without Python that records in a fraction of a second; `torch.compile` would
@@ -92,7 +93,8 @@ def with_tensors(template: ForwardInputs, tensors: tuple[torch.Tensor, ...]) -> 
     instead of its own: what the recorded forward reads."""
     ids, positions, writes, kept, starts, ends, slots, ranks, tokens, tables, lens = tensors
     decode = template.attention.decode
-    assert decode is not None
+    if decode is None:
+        raise ValueError("a traced step holds decode rows only")
     rows = replace(decode, tokens=tokens, block_tables=tables, context_lens=lens)
     return ForwardInputs(
         input_ids=ids,
@@ -117,6 +119,7 @@ class DecodeTraces:
         self.max_records = max_records
         self.traces: dict[TraceKey, Any] = {}  # a key -> its record (a TorchScript function)
         self.untraceable: set[TraceKey] = set()  # keys whose recording was dropped
+        self._full = False  # whether a step found every record made and its key not among them
 
     def forward(self, inputs: ForwardInputs) -> torch.Tensor | None:
         """The logits [B, V] float32 of a decode step (see the module's docstring for which
@@ -128,9 +131,13 @@ class DecodeTraces:
         tensors = step_tensors(inputs)
         traced = self.traces.get(key)
         if traced is None:
-            if len(self.traces) >= self.max_records:
-                return None
-            return self._record(key, inputs, tensors)
+            if len(self.traces) < self.max_records:
+                return self._record(key, inputs, tensors)
+            if not self._full:
+                log.info("decode records: all %d made; steps of other row counts run eagerly",
+                         self.max_records)  # fmt: skip
+                self._full = True
+            return None
         with torch.jit.optimized_execution(False):  # the ops as recorded, no graph passes
             return traced(*tensors)
 
@@ -171,10 +178,10 @@ class DecodeTraces:
 
 
 def _strip(graph: torch._C.Graph) -> None:
-    """What a record's replays do not need, out of its graph before its first replay: identical
-    constants pooled into one node (a third of the nodes), and every node's source range (the
-    whole Python stack at its op, as the tracer saw it) replaced by none."""
-    torch._C._jit_pass_constant_pooling(graph)  # type: ignore[attr-defined]
+    """Every node's source range (the whole Python stack at its op, as the tracer saw it)
+    replaced by none, before the record's first replay. (Not TorchScript's constant pooling: it
+    merges tensor constants of equal values, such as two layers' slot buffers that are still
+    zeros, into one tensor.)"""
     bare = graph.create("prim::Constant", [], 1)  # a node with no metadata, never inserted
     for node in graph.nodes():
         node.copyMetadata(bare)
