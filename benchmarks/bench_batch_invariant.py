@@ -26,14 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from bench_multi_lora import DEFAULT, TARGETS, base_engine_config, make_workload
-from common import DEFAULT_CACHE_DIR, Workload, prepare_lora_adapters, prepare_model
-from engine_runs import build_engine, engine_config, timed_run
+from bench_multi_lora import default_bench
+from common import Workload
+from engine_runs import build_engine, timed_run
 from machine import machine_info
 
 ENGINES = ("default", "invariant")
@@ -48,17 +47,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    config = replace(DEFAULT, compute_dtype=args.compute_dtype)
-    model_dir = prepare_model(config.model, DEFAULT_CACHE_DIR)
-    adapters = prepare_lora_adapters(
-        model_dir, config.num_requests, config.rank, config.alpha, TARGETS, config.seed
-    )
-    batch = make_workload(config, list(adapters))
+    bench = default_bench(args.compute_dtype)
+    config, adapters, batch = bench.config, bench.adapters, bench.workload
     one = Workload(batch.prompts[:1], ("",), batch.new_tokens)
     generator = torch.Generator().manual_seed(1)
     long_ids = torch.randint(3, config.model.vocab_size, (args.long_prompt,), generator=generator)
     long_prompt = Workload((tuple(long_ids.tolist()),), ("",), 1)
-    settings = engine_config(base_engine_config(config, model_dir), batch, config.prompt_tokens[1])
+    settings = bench.engine_settings()
     settings = settings.model_copy(
         update=dict(
             max_context=args.long_prompt + config.new_tokens,

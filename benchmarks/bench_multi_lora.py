@@ -232,6 +232,32 @@ def make_workload(config: BenchConfig, adapter_names: list[str]) -> Workload:
     return Workload(prompts, tuple(adapter_names), config.new_tokens)
 
 
+@dataclass(frozen=True)
+class DefaultBench:
+    """The default configuration in one compute dtype, its base and adapters on disk, and its
+    workload (32 requests, each on its own adapter)."""
+
+    config: BenchConfig
+    model_dir: Path
+    adapters: dict[str, Path]
+    workload: Workload
+
+    def engine_settings(self) -> EngineConfig:
+        """An engine's settings for the workload, as the benchmark's engines have them."""
+        base = base_engine_config(self.config, self.model_dir)
+        return engine_config(base, self.workload, self.config.prompt_tokens[1])
+
+
+def default_bench(compute_dtype: str) -> DefaultBench:
+    """The default configuration computing in `compute_dtype`, its files written on first use."""
+    config = replace(DEFAULT, compute_dtype=compute_dtype)
+    model_dir = prepare_model(config.model, DEFAULT_CACHE_DIR)
+    adapters = prepare_lora_adapters(
+        model_dir, config.num_requests, config.rank, config.alpha, TARGETS, config.seed
+    )
+    return DefaultBench(config, model_dir, adapters, make_workload(config, list(adapters)))
+
+
 @dataclass
 class Setup:
     """Everything loaded before timing starts."""

@@ -26,12 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from dataclasses import replace
 from pathlib import Path
 
-from bench_multi_lora import DEFAULT, TARGETS, base_engine_config, make_workload
-from common import DEFAULT_CACHE_DIR, Workload, prepare_lora_adapters, prepare_model
-from engine_runs import build_engine, engine_config, timed_run
+from bench_multi_lora import default_bench
+from common import Workload
+from engine_runs import build_engine, timed_run
 from loraserve.config import EngineConfig
 from machine import machine_info
 
@@ -46,14 +45,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    config = replace(DEFAULT, compute_dtype=args.compute_dtype)
-    model_dir = prepare_model(config.model, DEFAULT_CACHE_DIR)
-    adapters = prepare_lora_adapters(
-        model_dir, config.num_requests, config.rank, config.alpha, TARGETS, config.seed
-    )
-    batch = make_workload(config, list(adapters))
+    bench = default_bench(args.compute_dtype)
+    adapters, batch = bench.adapters, bench.workload
     base = Workload(batch.prompts, ("",) * len(batch.prompts), batch.new_tokens)
-    settings = engine_config(base_engine_config(config, model_dir), batch, config.prompt_tokens[1])
+    settings = bench.engine_settings()
     cores = {
         name: build_engine(settings.model_copy(update={"traced_decode_records": records}), adapters)
         for name, records in zip(ENGINES, (DEFAULT_RECORDS, 0), strict=True)
