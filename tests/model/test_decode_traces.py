@@ -92,6 +92,12 @@ def test_a_record_replays_other_contexts_as_the_eager_forward_computes_them(mode
     assert recorded is not None and TraceKey(2, False) in traces.traces
     graph = traces.traces[TraceKey(2, False)].graph  # kept without the tracer's Python stacks
     assert not any(node.sourceRange() for node in graph.nodes())
+    scalars = [
+        (str(node.output().type()), repr(node.output().toIValue()))
+        for node in graph.nodes()
+        if node.kind() == "prim::Constant" and node.output().type().kind() != "TensorType"
+    ]
+    assert scalars and len(scalars) == len(set(scalars))  # each repeated scalar kept once
     for lengths in ([5, 40], [70, 3], [129, 17]):  # longer block tables than recorded
         rows = decode_rows(core, lengths)
         replayed = traces.forward(step_inputs(core, rows))
