@@ -53,6 +53,9 @@ def main() -> None:
         name: build_engine(settings.model_copy(update={"traced_decode_records": records}), adapters)
         for name, records in zip(ENGINES, (DEFAULT_RECORDS, 0), strict=True)
     }
+    traces = cores["traced"].runner.traces
+    if traces is None:
+        raise SystemExit("this machine's engine records no decode step (a GPU, or no kernels)")
     runs = {
         "one_stream": (base.head(1, batch.new_tokens), False),
         "four": (base.head(4, batch.new_tokens), False),
@@ -94,12 +97,9 @@ def main() -> None:
         }
         for w in runs
     }
-    traces = cores["traced"].runner.traces
     records = {
-        "recorded": sorted(f"{k.rows}{'+lora' if k.adapters else ''}" for k in traces.traces)
-        if traces is not None
-        else [],
-        "untraceable": len(traces.untraceable) if traces is not None else None,
+        "recorded": sorted(f"{k.rows}{'+lora' if k.adapters else ''}" for k in traces.traces),
+        "untraceable": len(traces.untraceable),
     }
     report = {
         "machine": machine_info(),
