@@ -2,9 +2,10 @@
 
 The engine with `traced_decode_records` gives the tokens and logits, bit for bit, that it gives
 without, across architectures and compute dtypes, on the base and on adapters that churn
-through the slots after the records were made, with DoRA, bias and embedding deltas beside them
-(whose steps run eagerly); a replayed step runs none of the model's Python; a recording that
-reads a value from a tensor, or fails, is dropped and its steps run eagerly.
+through the slots after the records were made, on slots with DoRA and bias terms (replayed
+gathered over every row) and beside embedding deltas (whose steps run eagerly); a replayed step
+runs none of the model's Python; a recording that reads a value from a tensor, or fails, is
+dropped and its steps run eagerly.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def test_traced_steps_give_the_eager_engines_tokens_and_logits_bit_for_bit(
         for name, directory in adapters.items():
             core.adapters.load(name, directory)
         for names in (["r8-all", None, "r1-qv"], ["r64-all", "r8-all", None, "r1-qv"],
-                      ["dora-r8", None, "r8-all"], ["embed-r4", "r64-all"]):  # fmt: skip
+                      ["dora-r8", None, "r8-all"], ["lora-bias-r4", "r8-all", "dora-bias-r8"],
+                      ["embed-r4", "r64-all"]):  # fmt: skip
             got += run(core, {0: requests_on(names[:2], 6), 1: requests_on(names[2:], 4)})
         assert [r.error for r in got] == [None] * len(got)
         results[traced] = got
@@ -45,7 +47,8 @@ def test_traced_steps_give_the_eager_engines_tokens_and_logits_bit_for_bit(
     else:
         traces = recorded[True]
         assert traces is not None and not traces.untraceable
-        assert {key.adapters for key in traces.traces} == {False, True}
+        kinds = {(key.adapters, key.terms) for key in traces.traces}
+        assert kinds == {(False, False), (True, False), (True, True)}
     assert recorded[False] is None
     for eager, traced in zip(results[False], results[True], strict=True):
         assert traced.tokens == eager.tokens

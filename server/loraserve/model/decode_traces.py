@@ -8,15 +8,18 @@ record runs the same ops on new inputs in TorchScript's C++ interpreter, none of
 left: the same kernels, in the same order, on the same arguments, so the same bits.
 
 A record replays the ops it saw whatever its inputs hold, so each belongs to one `TraceKey`: the
-number of rows (the kernels' paths are chosen by it) and whether any row is on an adapter (without,
-the layers skip the LoRA delta). Every other choice a forward makes in Python must be the same on
-every step of a key, which holds for the steps the runner hands here (`ModelRunner.forward`):
-decode rows only (one token each), attended by the paged kernel (no architecture's eager
-attention), none on a slot that holds a DoRA or bias term or an embedding delta (those apply per
-segment, in Python). A replay's inputs are the tensors `ModelRunner.prepare` builds (tokens,
-positions, write slots, kept tokens, the LoRA segments' columns, the block tables and context
-lengths), so it reads its own step's rows; what it holds of the model (parameters, slot buffers,
-pools, slot scales) are the model's own tensors, which adapters and steps update in place.
+number of rows (the kernels' paths are chosen by it), whether any row is on an adapter (without,
+the layers skip the LoRA delta) and whether the layers apply the slots' DoRA and bias terms
+(gathered over every row: `LoraBatch.with_gathered_terms`, which the runner asks for where a
+row's slot holds one). Every other choice a forward makes in Python must be the same on every
+step of a key, which holds for the steps the runner hands here (`ModelRunner.forward`): decode
+rows only (one token each), attended by the paged kernel (no architecture's eager attention),
+none on a slot that holds an embedding delta (that applies per segment, in Python). A replay's
+inputs are the tensors `ModelRunner.prepare` builds (tokens, positions, write slots, kept
+tokens, the LoRA segments' columns, the block tables and context lengths, and with terms each
+row's slot), so it reads its own step's rows; what it holds of the model (parameters, slot
+buffers, pools, slot scales and terms) are the model's own tensors, which adapters and steps
+update in place.
 
 A key's record is made the first time a step needs it: recording runs that step's forward (its
 logits are the step's) and takes about 0.15 s more than the step on the default benchmark model
@@ -71,14 +74,17 @@ _VALUE_READS = (
 
 @dataclass(frozen=True)
 class TraceKey:
-    """What one record serves: steps of `rows` decode rows, on adapters or not."""
+    """What one record serves: steps of `rows` decode rows, on adapters or not, applying the
+    slots' terms or not."""
 
     rows: int
     adapters: bool
+    terms: bool = False
 
     @classmethod
     def of(cls, inputs: ForwardInputs) -> TraceKey:
-        return cls(inputs.input_ids.shape[1], inputs.lora.any_adapter)
+        lora = inputs.lora
+        return cls(inputs.input_ids.shape[1], lora.any_adapter, lora.every_term)
 
 
 def step_tensors(inputs: ForwardInputs) -> tuple[torch.Tensor, ...]:
@@ -87,26 +93,30 @@ def step_tensors(inputs: ForwardInputs) -> tuple[torch.Tensor, ...]:
     decode = inputs.attention.decode
     if decode is None or inputs.attention.prefill:
         raise ValueError("a traced step holds decode rows only")
+    slots = (inputs.lora.token_slots,) if inputs.lora.every_term else ()
     return (
         inputs.input_ids, inputs.positions, inputs.write_slots, inputs.kept_tokens,
-        *inputs.lora.columns, decode.tokens, decode.block_tables, decode.context_lens,
+        *inputs.lora.columns, decode.tokens, decode.block_tables, decode.context_lens, *slots,
     )  # fmt: skip
 
 
 def with_tensors(template: ForwardInputs, tensors: tuple[torch.Tensor, ...]) -> ForwardInputs:
     """`template` (a step of the key being recorded) holding `tensors` (`step_tensors`' order)
     instead of its own: what the recorded forward reads."""
-    ids, positions, writes, kept, starts, ends, slots, ranks, tokens, tables, lens = tensors
+    ids, positions, writes, kept, starts, ends, slots, ranks, tokens, tables, lens = tensors[:11]
     decode = template.attention.decode
     if decode is None:
         raise ValueError("a traced step holds decode rows only")
     rows = replace(decode, tokens=tokens, block_tables=tables, context_lens=lens)
+    lora = replace(template.lora, columns=(starts, ends, slots, ranks))
+    if template.lora.every_term:
+        lora = replace(lora, slots=tensors[11])
     return ForwardInputs(
         input_ids=ids,
         positions=positions,
         write_slots=writes,
         kept_tokens=kept,
-        lora=replace(template.lora, columns=(starts, ends, slots, ranks)),
+        lora=lora,
         attention=AttentionBatch(
             template.attention.cache, rows, (), None, template.attention.every_chunk_in_kernel
         ),

@@ -62,8 +62,11 @@ class LoraBatch:
     The runner orders rows by slot, so a batch has one segment per distinct adapter in it.
     `columns` holds the same segments as tensors for the compiled kernel, built once for every
     layer: starts, ends, slots and ranks, each [G] int64. `token_slots` is built for the
-    gathered form when it asks. A batch `for_graph` has no segments: its slots are in
-    `graph_slots`, and `graph_terms` says whether its layers apply the slots' terms.
+    gathered form when it asks, or ahead (`slots`). A batch `for_graph` has no segments: its
+    slots are in `slots`, refilled before each replay. With `every_term` the layers apply every
+    slot's DoRA and bias terms to every token, gathered by `token_slots` (slots without a term
+    hold the identity), instead of per segment where a slot has one: what a CUDA graph or a
+    decode record (`with_gathered_terms`) replays whatever the slots hold.
     """
 
     segments: tuple[LoraSegment, ...]
@@ -71,26 +74,29 @@ class LoraBatch:
     row_slots: tuple[int, ...]
     row_tokens: tuple[int, ...]
     device: torch.device
-    graph_slots: torch.Tensor | None = None
-    graph_terms: bool = False
+    slots: torch.Tensor | None = None
+    in_graph: bool = False
+    every_term: bool = False
 
     @functools.cached_property
     def token_slots(self) -> torch.Tensor:
         """[N] int64 on `device`: every token's slot (0 for the base)."""
-        if self.graph_slots is not None:
-            return self.graph_slots
+        if self.slots is not None:
+            return self.slots
         slots = [slot for slot, count in zip(self.row_slots, self.row_tokens) for _ in range(count)]
         return torch.tensor(slots, dtype=torch.int64, device=self.device)
-
-    @property
-    def in_graph(self) -> bool:
-        """Whether a CUDA graph captures this batch (see `for_graph`)."""
-        return self.graph_slots is not None
 
     @property
     def any_adapter(self) -> bool:
         """Whether any token may be on an adapter: the layers' deltas have work to do."""
         return bool(self.segments) or self.in_graph
+
+    def with_gathered_terms(self) -> LoraBatch:
+        """This batch with `every_term`, its `token_slots` built now: each layer's terms then
+        take the same ops whatever the slots hold, as a record of the forward replays them.
+        Each row's terms are the same elementwise multiply and add as per segment, so its
+        values are too (a slot without a term multiplies by one and adds zero)."""
+        return replace(self, slots=self.token_slots, every_term=True)
 
     @classmethod
     def for_graph(cls, token_slots: torch.Tensor, terms: bool) -> LoraBatch:
@@ -100,7 +106,7 @@ class LoraBatch:
         form over every token and, with `terms`, applies every slot's terms (slot 0, and slots
         without a term, hold zeros and the identity); without, it serves only slots that hold
         no term in any layer."""
-        return cls((), (), (), (), token_slots.device, token_slots, terms)
+        return cls((), (), (), (), token_slots.device, token_slots, True, terms)
 
     @classmethod
     def for_rows(

@@ -15,6 +15,7 @@ Knows nothing about requests, sampling, scheduling or adapter names: rows carry 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from itertools import accumulate
 
 import torch
@@ -147,6 +148,8 @@ class ModelRunner:
         if logits is None:
             inputs = self.prepare(ordered)
             if self.traces is not None and decoding and self._traceable(ordered):
+                if self.lora.termed.any_of(r.lora_slot for r in ordered):
+                    inputs = replace(inputs, lora=inputs.lora.with_gathered_terms())
                 logits = self.traces.forward(inputs)
             if logits is None:
                 logits = self.run(inputs)
@@ -159,12 +162,9 @@ class ModelRunner:
 
     def _traceable(self, rows: list[RowInput]) -> bool:
         """Whether a recorded decode forward serves `rows` (`decode_traces`): none is on a slot
-        whose DoRA or bias terms or embedding delta apply per segment, in Python."""
+        whose embedding delta applies per segment, in Python. (Slots with DoRA or bias terms
+        are served with the terms gathered over every row.)"""
         slots = {r.lora_slot for r in rows if r.lora_slot}
-        if not slots:
-            return True
-        if self.lora.termed.any_of(slots):
-            return False
         return not any(embedding.holds_delta(slots) for embedding in self._embeddings)
 
     def prepare(self, rows: list[RowInput]) -> ForwardInputs:

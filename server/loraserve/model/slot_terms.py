@@ -314,10 +314,11 @@ class SlotTerms(nn.Module):
         """y: [N, out], updated in place on the rows of each segment whose slot has terms, or
         (gathered) every row at once by its slot's rows, gathered with `batch.token_slots`.
         Costs nothing per segment while no slot of this layer has a term (plain LoRA); a batch
-        a CUDA graph captures applies both terms to every row whatever the slots hold now, or
-        none where the graph serves only slots without terms (`LoraBatch.graph_terms`)."""
-        if batch.in_graph:
-            scaled = shifted = gathered = batch.graph_terms
+        with `every_term` (a CUDA graph's or a decode record's) applies both terms to every row
+        whatever the slots hold now, and one a graph captures without it none (the graph
+        serves only slots without terms)."""
+        if batch.every_term or batch.in_graph:
+            scaled = shifted = gathered = batch.every_term
         else:
             scaled, shifted = any(self.scaled), any(self.shifted)
         if not (scaled or shifted):
