@@ -23,7 +23,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from loraserve.api.errors import STATUS_OF
-from loraserve.metrics import AdapterStats, LiveState, Metrics, TierStats
+from loraserve.metrics import AdapterStats, DecodeRecordStats, LiveState, Metrics, TierStats
 from loraserve.settings import Settings, env_of, flag_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -238,7 +238,12 @@ def exported_names() -> set[str]:
     metrics = Metrics(CollectorRegistry(), process=True)
     tier = TierStats(0, 0, 0, 0)
     adapters = AdapterStats(0, 1, 0, 0, 0, tier, tier)
-    metrics.attach_live(lambda: LiveState(0, 0, 0.0, adapters, (), (), team_wait_seconds=0.0))
+    records = DecodeRecordStats(0, 0, 0, 0)
+    metrics.attach_live(
+        lambda: LiveState(
+            0, 0, 0.0, adapters, (), (), team_wait_seconds=0.0, decode_records=records
+        )
+    )
     names = set()
     for family in metrics.registry.collect():
         names.add(family.name)

@@ -83,6 +83,17 @@ class PrefixCacheStats:
 
 
 @dataclass(frozen=True)
+class DecodeRecordStats:
+    """CPU decode steps and the records of the forward they replay (`traced_decode_records`):
+    records held, and steps of decode rows by how each ran."""
+
+    records: int
+    replayed: int
+    recorded: int
+    eager: int
+
+
+@dataclass(frozen=True)
 class LiveState:
     """What the scrape-time gauges read; each field a cheap snapshot."""
 
@@ -98,6 +109,7 @@ class LiveState:
     prefix_cache: PrefixCacheStats = PrefixCacheStats()
     compute_threads: int = 1  # what the next decode step runs on
     team_wait_seconds: float | None = None  # None: no compiled kernels to count it
+    decode_records: DecodeRecordStats | None = None  # None: decode steps are not recorded
     updated_at: float = field(default_factory=time.time)
 
 
@@ -181,6 +193,24 @@ class _LiveCollector(Collector):
                 "their compute threads (rises while other processes hold the CPUs).",
                 value=state.team_wait_seconds,
             )
+        records = state.decode_records
+        if records is not None:
+            yield GaugeMetricFamily(
+                "loraserve_decode_records",
+                "Records of the model's decode forward held (at most traced_decode_records).",
+                value=records.records,
+            )
+            steps = CounterMetricFamily(
+                "loraserve_decode_steps",
+                "CPU steps of decode rows, by how they ran: replayed from a record of the "
+                "forward, recorded (making one), or eager (no record serves the step: its row "
+                "count past traced_decode_records' cap, its recording dropped, or an adapter "
+                "with an embedding delta).",
+                labels=["path"],
+            )
+            for path in ("replayed", "recorded", "eager"):
+                steps.add_metric([path], getattr(records, path))
+            yield steps
         if not self.gateway:
             return
         yield GaugeMetricFamily(

@@ -30,6 +30,7 @@ from loraserve_client.v1 import generation_pb2_grpc
 pytestmark = pytest.mark.slow  # real server processes and Prometheus
 
 REPO = Path(__file__).resolve().parents[2]
+PATHS = ("replayed", "recorded", "eager")  # how a CPU decode step ran
 KEY = "metrics-key"
 
 
@@ -122,6 +123,12 @@ def test_every_metric_moves_as_requests_run_fail_and_adapters_churn(server, adap
     assert value(after, "loraserve_compute_threads") == 1  # one thread: nothing to govern
     if native() is not None:  # the server's CPU is this one: it counts its ops' waits too
         assert ("loraserve_compute_team_wait_seconds_total", ()) in samples(after)
+        # and replays records of its decode forward: each recorded step made one (a first
+        # decode step drafts nothing: "hello"'s last token occurs once in it, so no earlier
+        # n-gram matches the context's end)
+        paths = {p: delta("loraserve_decode_steps_total", path=p) for p in PATHS}
+        assert paths["recorded"] == delta("loraserve_decode_records") > 0
+        assert sum(paths.values()) <= delta("loraserve_step_duration_seconds_count", phase="decode")
 
 
 def promtool_check(exposition: str) -> list[str]:

@@ -123,6 +123,19 @@ def with_tensors(template: ForwardInputs, tensors: tuple[torch.Tensor, ...]) -> 
     )
 
 
+@dataclass(frozen=True)
+class RecordStats:
+    """The records held, and the decode steps handed to `DecodeTraces.forward` by how each ran:
+    replayed from a record, recording one (its forward ran as it was recorded), or eagerly (no
+    record serves it: its key past the most records, its recording dropped, or a step no
+    record can serve)."""
+
+    records: int
+    replayed: int
+    recorded: int
+    eager: int
+
+
 class DecodeTraces:
     """Decode forwards replayed from TorchScript records, one per `TraceKey`, made on first use,
     at most `max_records` of them.
@@ -135,11 +148,22 @@ class DecodeTraces:
         self.traces: dict[TraceKey, Any] = {}  # a key -> its record (a TorchScript function)
         self.untraceable: set[TraceKey] = set()  # keys whose recording was dropped
         self._full = False  # whether a step found every record made and its key not among them
+        self._replayed = self._recorded = self._eager = 0  # steps, by how they ran
 
-    def forward(self, inputs: ForwardInputs) -> torch.Tensor | None:
+    def stats(self) -> RecordStats:
+        return RecordStats(len(self.traces), self._replayed, self._recorded, self._eager)
+
+    def forward(self, inputs: ForwardInputs | None) -> torch.Tensor | None:
         """The logits [B, V] float32 of a decode step (see the module's docstring for which
         steps), its keys and values written to the pools; None where no record serves it (the
-        caller runs the step eagerly)."""
+        caller runs the step eagerly), as for `inputs` None: a decode step that no record can
+        serve, counted as eager."""
+        logits = None if inputs is None else self._replay_or_record(inputs)
+        if logits is None:
+            self._eager += 1
+        return logits
+
+    def _replay_or_record(self, inputs: ForwardInputs) -> torch.Tensor | None:
         key = TraceKey.of(inputs)
         if key in self.untraceable:
             return None
@@ -153,6 +177,7 @@ class DecodeTraces:
                          self.max_records)  # fmt: skip
                 self._full = True
             return None
+        self._replayed += 1
         with torch.jit.optimized_execution(False):  # the ops as recorded, no graph passes
             return traced(*tensors)
 
@@ -179,8 +204,10 @@ class DecodeTraces:
         reads = sorted({str(w.message).split(".")[0] for w in caught if _reads_a_value(w)})
         if reads:
             self._drop(key, "; ".join(reads))
+            self._eager += 1  # the step's logits are its eager forward's, as it was traced
         else:
             self.traces[key] = traced
+            self._recorded += 1
             log.info("recorded the CPU decode forward of %s in %.2f s (%d of at most %d)", key,
                      time.perf_counter() - started, len(self.traces), self.max_records)  # fmt: skip
         return logits[0]

@@ -34,7 +34,7 @@ from loraserve.model.attention import (
     paged_kernels_apply,
 )
 from loraserve.model.decode_graphs import DecodeGraphs
-from loraserve.model.decode_traces import DecodeTraces
+from loraserve.model.decode_traces import DecodeTraces, RecordStats
 from loraserve.model.forward import ForwardInputs, RowInput
 from loraserve.model.kv_cache import PagedKVCache
 from loraserve.model.linear import (
@@ -147,10 +147,8 @@ class ModelRunner:
             logits = self.graphs.forward(ordered)
         if logits is None:
             inputs = self.prepare(ordered)
-            if self.traces is not None and decoding and self._traceable(ordered):
-                if self.lora.termed.any_of(r.lora_slot for r in ordered):
-                    inputs = replace(inputs, lora=inputs.lora.with_gathered_terms())
-                logits = self.traces.forward(inputs)
+            if self.traces is not None and decoding:
+                logits = self.traces.forward(self._recordable(inputs, ordered))
             if logits is None:
                 logits = self.run(inputs)
         if order == list(range(len(rows))):  # already in slot order (as base-only batches are)
@@ -160,12 +158,22 @@ class ModelRunner:
         kept = [firsts[place[i]] + k for i, r in enumerate(rows) for k in range(r.scored)]
         return logits[torch.tensor(kept, device=logits.device)]
 
-    def _traceable(self, rows: list[RowInput]) -> bool:
-        """Whether a recorded decode forward serves `rows` (`decode_traces`): none is on a slot
-        whose embedding delta applies per segment, in Python. (Slots with DoRA or bias terms
-        are served with the terms gathered over every row.)"""
+    def _recordable(self, inputs: ForwardInputs, rows: list[RowInput]) -> ForwardInputs | None:
+        """A decode step's inputs as a record of the forward takes them (`decode_traces`): with
+        the slots' DoRA and bias terms gathered over every row where any row's slot holds one;
+        None where a row's slot holds an embedding delta, which applies per segment, in
+        Python."""
         slots = {r.lora_slot for r in rows if r.lora_slot}
-        return not any(embedding.holds_delta(slots) for embedding in self._embeddings)
+        if any(embedding.holds_delta(slots) for embedding in self._embeddings):
+            return None
+        if self.lora.termed.any_of(slots):
+            return replace(inputs, lora=inputs.lora.with_gathered_terms())
+        return inputs
+
+    def record_stats(self) -> RecordStats | None:
+        """The decode records held and how decode steps ran (`decode_traces`); None where
+        steps are not recorded (a GPU, no compiled kernels, or `decode_records` 0)."""
+        return None if self.traces is None else self.traces.stats()
 
     def prepare(self, rows: list[RowInput]) -> ForwardInputs:
         """Every tensor one forward over `rows` (in slot order) reads, built on the host."""
