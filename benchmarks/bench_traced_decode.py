@@ -2,19 +2,24 @@
 forward, side by side with the same engine running every step eagerly, and whether the outputs
 match.
 
-Builds the benchmark's default random base and 32 adapters (`bench_multi_lora.py`'s), one engine
-with `traced_decode_records` at its default (`traced`) and one with it 0 (`eager`), and runs each
-workload through both, rounds alternating which goes first:
+Builds the benchmark's default random base and 32 adapters (`bench_multi_lora.py`'s), and 8 DoRA
+adapters of the same rank and targets, one engine with `traced_decode_records` at its default
+(`traced`) and one with it 0 (`eager`), every adapter in a device slot, and runs each workload
+through both, rounds alternating which goes first:
 
-  one_stream   the default workload's first request alone, on the base, 64 new tokens
-  four         its first 4 requests on the base
-  base         its 32 requests on the base
-  multi_lora   its 32 requests, each on its own adapter
+  one_stream       the default workload's first request alone, on the base, 64 new tokens
+  four             its first 4 requests on the base
+  base             its 32 requests on the base
+  multi_lora       its 32 requests, each on its own adapter
+  dora_one_stream  its first request alone, on a DoRA adapter
+  dora_multi       its 32 requests, each on its own adapter, every fourth a DoRA one (whose
+                   terms the traced engine's steps apply to every row, gathered)
 
 Figures: generated tokens a second (medians of `--repeats` rounds; round 0 warms both engines up
-and is where `traced` records its forwards, one per row count, with adapters or without: its
-time is reported as `first_round_s`), and `outputs_identical`: whether both engines generated
-the same tokens for every request of every round (greedy; they must: the same kernels).
+and is where `traced` records its forwards, one per row count, with adapters or without, with
+terms or without: its time is reported as `first_round_s`; `records` lists them), and
+`outputs_identical`: whether both engines generated the same tokens for every request of every
+round (greedy; they must: the same kernels).
 
     .venv/bin/python benchmarks/bench_traced_decode.py \\
         --out benchmarks/results/traced_decode_fp32.json
@@ -28,14 +33,15 @@ import json
 import statistics
 from pathlib import Path
 
-from bench_multi_lora import default_bench
-from common import Workload
+from bench_multi_lora import TARGETS, default_bench
+from common import Workload, prepare_lora_adapters
 from engine_runs import build_engine, timed_run
 from loraserve.config import EngineConfig
 from machine import machine_info
 
 ENGINES = ("traced", "eager")
 DEFAULT_RECORDS = EngineConfig.model_fields["traced_decode_records"].default
+DORA_ADAPTERS = 8
 
 
 def main() -> None:
@@ -46,9 +52,20 @@ def main() -> None:
     args = parser.parse_args()
 
     bench = default_bench(args.compute_dtype)
-    adapters, batch = bench.adapters, bench.workload
+    config, batch = bench.config, bench.workload
+    dora = prepare_lora_adapters(
+        bench.model_dir, DORA_ADAPTERS, config.rank, config.alpha, TARGETS, dora=True
+    )
+    adapters = bench.adapters | {f"dora-{name}": path for name, path in dora.items()}
+    dora_names = [f"dora-{name}" for name in dora]
     base = Workload(batch.prompts, ("",) * len(batch.prompts), batch.new_tokens)
-    settings = bench.engine_settings()
+    mixed = Workload(
+        batch.prompts,
+        tuple(dora_names[i // 4] if i % 4 == 0 else a for i, a in enumerate(batch.adapters)),
+        batch.new_tokens,
+    )
+    dora_stream = Workload(batch.prompts[:1], (dora_names[0],), batch.new_tokens)
+    settings = bench.engine_settings().model_copy(update={"device_slots": len(adapters)})
     cores = {
         name: build_engine(settings.model_copy(update={"traced_decode_records": records}), adapters)
         for name, records in zip(ENGINES, (DEFAULT_RECORDS, 0), strict=True)
@@ -61,6 +78,8 @@ def main() -> None:
         "four": (base.head(4, batch.new_tokens), False),
         "base": (base, False),
         "multi_lora": (batch, True),
+        "dora_one_stream": (dora_stream, True),
+        "dora_multi": (mixed, True),
     }
     seconds: dict[str, dict[str, list[float]]] = {w: {e: [] for e in ENGINES} for w in runs}
     first_round: dict[str, dict[str, float]] = {w: {} for w in runs}
@@ -76,7 +95,7 @@ def main() -> None:
                     seconds[workload_name][name].append(took)
                 else:
                     first_round[workload_name][name] = round(took, 4)
-                print(f"round {round_} {workload_name:10s} {name:6s} {took:7.3f} s", flush=True)
+                print(f"round {round_} {workload_name:15s} {name:6s} {took:7.3f} s", flush=True)
             identical = identical and tokens["traced"] == tokens["eager"]
 
     def rate(workload_name: str, name: str) -> float:
@@ -98,7 +117,10 @@ def main() -> None:
         for w in runs
     }
     records = {
-        "recorded": sorted(f"{k.rows}{'+lora' if k.adapters else ''}" for k in traces.traces),
+        "recorded": sorted(
+            f"{k.rows}{'+lora' if k.adapters else ''}{'+terms' if k.terms else ''}"
+            for k in traces.traces
+        ),
         "untraceable": len(traces.untraceable),
     }
     report = {
