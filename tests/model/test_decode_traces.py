@@ -15,7 +15,8 @@ import torch
 from tests.conftest import ARCHS
 from tests.engine.helpers import make_core, requests_on, run
 
-from loraserve.model.decode_traces import DecodeTraces, RecordStats, TraceKey
+from loraserve.metrics import DecodeRecordStats
+from loraserve.model.decode_traces import DecodeTraces, TraceKey
 from loraserve.model.runner import RowInput
 
 
@@ -125,7 +126,7 @@ def test_a_recording_that_reads_a_value_is_dropped_and_its_key_runs_eagerly(mode
     assert traces.untraceable == {TraceKey(1, False)} and not traces.traces
     assert "Converting a tensor to a Python float" in caplog.text
     assert traces.forward(inputs) is None  # dropped: the caller runs the step eagerly
-    assert traces.stats() == RecordStats(records=0, replayed=0, recorded=0, eager=2)
+    assert traces.stats() == DecodeRecordStats(records=0, replayed=0, recorded=0, eager=2)
 
     def fails(inputs):
         raise RuntimeError("no such op")
@@ -140,11 +141,11 @@ def test_past_the_most_records_other_row_counts_run_eagerly(model_dirs):
     runner = core.runner
     run(core, {0: requests_on([None, None], 3)})  # two rows: the one record
     assert set(runner.traces.traces) == {TraceKey(2, False)}
-    assert runner.record_stats() == RecordStats(records=1, replayed=1, recorded=1, eager=0)
+    assert runner.record_stats() == DecodeRecordStats(records=1, replayed=1, recorded=1, eager=0)
     results = run(core, {0: requests_on([None] * 3, 3)})
     assert [len(r.tokens) for r in results] == [3] * 3
     assert set(runner.traces.traces) == {TraceKey(2, False)} and not runner.traces.untraceable
-    assert runner.record_stats() == RecordStats(records=1, replayed=1, recorded=1, eager=2)
+    assert runner.record_stats() == DecodeRecordStats(records=1, replayed=1, recorded=1, eager=2)
 
 
 def test_a_record_made_beside_empty_slot_buffers_replays_them_once_filled(model_dirs, adapter_dirs):

@@ -33,10 +33,9 @@ from loraserve.engine.masks import MaskFiller, StepMasks
 from loraserve.engine.scheduler import Scheduler
 from loraserve.engine.sequence import EmitFn, Sequence
 from loraserve.engine.speculation import Drafter, PromptLookup, Speculation
-from loraserve.metrics import DecodeRecordStats, LiveState, Metrics, PrefixCacheStats
+from loraserve.metrics import LiveState, Metrics, PrefixCacheStats
 from loraserve.model.blocks import BlockAllocator
 from loraserve.model.compute_team import DecodeThreads, ThreadGovernor, team_wait_seconds
-from loraserve.model.decode_traces import RecordStats
 from loraserve.model.detokenizer import token_text
 from loraserve.model.grammar import GrammarCompiler
 from loraserve.model.kv_cache import PagedKVCache
@@ -74,13 +73,6 @@ def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
 def _adapter_names(seqs: list[Sequence]) -> tuple[str, ...]:
     """The gateway gauge's label: names from resolved keys only (see `AdapterKey.name`)."""
     return tuple(sorted({s.adapter_key.name for s in seqs if s.adapter_key is not None}))
-
-
-def _decode_record_stats(stats: RecordStats | None) -> DecodeRecordStats | None:
-    """The metrics' copy of the runner's decode record counts."""
-    if stats is None:
-        return None
-    return DecodeRecordStats(stats.records, stats.replayed, stats.recorded, stats.eager)
 
 
 class EngineCore:
@@ -512,7 +504,7 @@ class EngineCore:
                 self.max_threads if self.decode_threads is None else self.decode_threads.threads
             ),
             team_wait_seconds=team_wait_seconds(),
-            decode_records=_decode_record_stats(self.runner.record_stats()),
+            decode_records=self.runner.record_stats(),
             updated_at=self.updated_at,
         )
 

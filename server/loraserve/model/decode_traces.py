@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 
+from loraserve.metrics import DecodeRecordStats
 from loraserve.model.attention import AttentionBatch
 from loraserve.model.forward import ForwardInputs
 
@@ -103,14 +104,16 @@ def step_tensors(inputs: ForwardInputs) -> tuple[torch.Tensor, ...]:
 def with_tensors(template: ForwardInputs, tensors: tuple[torch.Tensor, ...]) -> ForwardInputs:
     """`template` (a step of the key being recorded) holding `tensors` (`step_tensors`' order)
     instead of its own: what the recorded forward reads."""
-    ids, positions, writes, kept, starts, ends, slots, ranks, tokens, tables, lens = tensors[:11]
+    ids, positions, writes, kept, starts, ends, seg_slots, ranks, tokens, tables, lens, *terms = (
+        tensors
+    )
     decode = template.attention.decode
     if decode is None:
         raise ValueError("a traced step holds decode rows only")
     rows = replace(decode, tokens=tokens, block_tables=tables, context_lens=lens)
-    lora = replace(template.lora, columns=(starts, ends, slots, ranks))
-    if template.lora.every_term:
-        lora = replace(lora, slots=tensors[11])
+    lora = replace(template.lora, columns=(starts, ends, seg_slots, ranks))
+    if terms:  # each row's slot, for the terms applied over every row
+        lora = replace(lora, slots=terms[0])
     return ForwardInputs(
         input_ids=ids,
         positions=positions,
@@ -121,19 +124,6 @@ def with_tensors(template: ForwardInputs, tensors: tuple[torch.Tensor, ...]) -> 
             template.attention.cache, rows, (), None, template.attention.every_chunk_in_kernel
         ),
     )
-
-
-@dataclass(frozen=True)
-class RecordStats:
-    """The records held, and the decode steps handed to `DecodeTraces.forward` by how each ran:
-    replayed from a record, recording one (its forward ran as it was recorded), or eagerly (no
-    record serves it: its key past the most records, its recording dropped, or a step no
-    record can serve)."""
-
-    records: int
-    replayed: int
-    recorded: int
-    eager: int
 
 
 class DecodeTraces:
@@ -150,8 +140,11 @@ class DecodeTraces:
         self._full = False  # whether a step found every record made and its key not among them
         self._replayed = self._recorded = self._eager = 0  # steps, by how they ran
 
-    def stats(self) -> RecordStats:
-        return RecordStats(len(self.traces), self._replayed, self._recorded, self._eager)
+    def stats(self) -> DecodeRecordStats:
+        """The records held, and the decode steps handed to `forward` by how each ran: replayed
+        from a record, recording one, or eagerly (no record serves it: its key past the most
+        records, its recording dropped, or a step no record can serve)."""
+        return DecodeRecordStats(len(self.traces), self._replayed, self._recorded, self._eager)
 
     def forward(self, inputs: ForwardInputs | None) -> torch.Tensor | None:
         """The logits [B, V] float32 of a decode step (see the module's docstring for which

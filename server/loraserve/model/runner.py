@@ -22,6 +22,7 @@ import torch
 from torch.nn.attention import sdpa_kernel
 from transformers import PreTrainedModel
 
+from loraserve.metrics import DecodeRecordStats
 from loraserve.model import huge_pages
 from loraserve.model.attention import (
     IMPLEMENTATION,
@@ -34,7 +35,7 @@ from loraserve.model.attention import (
     paged_kernels_apply,
 )
 from loraserve.model.decode_graphs import DecodeGraphs
-from loraserve.model.decode_traces import DecodeTraces, RecordStats
+from loraserve.model.decode_traces import DecodeTraces
 from loraserve.model.forward import ForwardInputs, RowInput
 from loraserve.model.kv_cache import PagedKVCache
 from loraserve.model.linear import (
@@ -170,7 +171,7 @@ class ModelRunner:
             return replace(inputs, lora=inputs.lora.with_gathered_terms())
         return inputs
 
-    def record_stats(self) -> RecordStats | None:
+    def record_stats(self) -> DecodeRecordStats | None:
         """The decode records held and how decode steps ran (`decode_traces`); None where
         steps are not recorded (a GPU, no compiled kernels, or `decode_records` 0)."""
         return None if self.traces is None else self.traces.stats()
