@@ -63,10 +63,12 @@ SMALL_BATCH_ROWS = 256
 AMX_WIDENED_MAX_ROWS = 32
 # Under bf16 compute, where the kernels may use this CPU's AMX tiles, from this many rows up to
 # SMALL_BATCH_ROWS the 4-bit weight is decoded to bf16 into tiles inside the GEMM: a decode
-# step's 56 projections (benchmarks/bench_bf16_kernels.py, 2 threads) took 8.9 ms against the
-# widened kernel's 9.9 at 8 rows (8.9 against 8.4 at 6), 9.5 against 22.7 at 32, and 31.1
-# against dequantize + bf16 GEMM's 60.8 at 256.
-AMX_TILE_MIN_ROWS = 8
+# step's 56 projections (benchmarks/bench_bf16_kernels.py, 2 threads) took 9.5 ms against the
+# widened kernel's 22.7 at 32 rows, and 31.1 against dequantize + bf16 GEMM's 60.8 at 256
+# (2026-12-01); on the Xeon with AMX on 2026-12-05 (two runs) 8.7-9.7 against 10.3-12.4 at 5 to
+# 8 rows, and at 4 rows 7.4-9.0 widened against 8.3-9.9 in tiles (engine decode steps of 5, 6
+# and 7 requests 0.94x, 0.88x and 0.83x the time with 8 here, 4 unchanged).
+AMX_TILE_MIN_ROWS = 5
 # A bf16 weight (the output projection, an unquantized projection under bf16 compute) is read
 # into tiles as it is stored, up to this many rows: the output projection of 32,000 x 1,024
 # took 2.2 ms against torch's bf16 GEMM's 2.8 at one row, 2.3 against 3.5 at 32, 5.1 against
