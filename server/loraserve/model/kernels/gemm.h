@@ -5,10 +5,10 @@
 // Written once with GCC vector extensions of LS_LANES floats and compiled once per instruction
 // set (AVX2: 8 lanes, AVX-512: 16 lanes); only the compiler's lowering differs between them.
 //
-// The 4-bit path never materialises the whole weight: for 1 to 4 rows (with AVX-512 1 to 5, and
-// 6 where the next path does not take the weight) each weight is decoded into registers and
+// The 4-bit path never materialises the whole weight: for 1 to 4 rows (with AVX-512 5 and 6
+// too where the next path does not take the weight) each weight is decoded into registers and
 // used at once (up to 4 rows read a vector of a column's packed bytes at a time where its
-// blocks allow); from 6 to 12 rows with AVX-512, a block of 32 output columns is decoded a chunk
+// blocks allow); from 5 to 12 rows with AVX-512, a block of 32 output columns is decoded a chunk
 // of k at a time into vectors of 16 columns, each row's x[k] broadcast against them; for up to
 // one pass of rows (a decode step), a block of output columns decodes one group of k at a time
 // while the previous group's multiply-adds run;
@@ -1177,7 +1177,7 @@ inline void gemm_4bit_one_pass(const float* x, int64_t M, int64_t K,
   });
 }
 
-// ---- 6 to 12 rows with AVX-512: the lanes hold output columns, not rows ----
+// ---- 5 to 12 rows with AVX-512: the lanes hold output columns, not rows ----
 //
 // The one-pass kernel holds rows in its vectors' lanes, so from 7 to 16 rows it runs one vector
 // of 16 and 8 rows cost what 16 do. Here a vector holds 16 output columns at one k instead: each
@@ -1193,9 +1193,13 @@ inline void gemm_4bit_one_pass(const float* x, int64_t M, int64_t K,
 // column (a 16 x 16 byte transpose instead measured slower still); 16-byte loads of each column
 // and a 4 x 4 dword transpose per 128-bit lane (row_dwords) took the 56 projections to 0.87x
 // the time at 6 rows, 0.88x at 8, 0.91x at 12 (`ab_kernels.py --projections`, 2026-12-04), and
-// a row alone (batch-invariant calls) to 0.70x.
+// a row alone (batch-invariant calls) to 0.70x. On the Intel Xeon with full-width AVX-512
+// (2026-12-05), 5 rows took 0.79x the GEMV's time (one call a projection; 0.92x with q/k/v and
+// gate/up in group calls; engine decode steps of 5 rows 0.97-0.98x), and 2 to 4 rows 1.30-1.72x
+// the GEMV's wide path, so the GEMV keeps 1 to 4. (The AMD EPYC, not measured since: there 5
+// rows were 1.01-1.05x on 2026-12-01, before both paths changed.)
 #if defined(__AVX512F__)
-constexpr int64_t kFewestColumnVectorRows = 6;  // fewer run as fast or faster by the GEMV above
+constexpr int64_t kFewestColumnVectorRows = 5;  // fewer run faster by the GEMV's wide path
 constexpr int64_t kMostColumnVectorRows = 12;   // 2 x 12 sums in registers
 constexpr int64_t kVectorColumns = 32;          // columns per block: two vectors of 16
 constexpr int64_t kColumnDepth = 128;           // k per decoded chunk: 16 KB of weights
@@ -1325,7 +1329,7 @@ inline void gemm_4bit_columns(const float* x, int64_t K, std::span<const Weight4
 // kFewestColumnVectorRows to kMostColumnVectorRows.
 inline void gemm_4bit_columns(const float* x, int64_t M, int64_t K,
                               std::span<const Weight4bit> weights, std::span<float* const> ys) {
-  static_assert(kFewestColumnVectorRows == 6 && kMostColumnVectorRows == 12);
+  static_assert(kFewestColumnVectorRows == 5 && kMostColumnVectorRows == 12);
   switch (M) {
     case 1: return gemm_4bit_columns<1>(x, K, weights, ys);
     case 2: return gemm_4bit_columns<2>(x, K, weights, ys);
