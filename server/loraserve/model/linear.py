@@ -65,8 +65,8 @@ AMX_WIDENED_MAX_ROWS = 32
 # SMALL_BATCH_ROWS the 4-bit weight is decoded to bf16 into tiles inside the GEMM: a decode
 # step's 56 projections (benchmarks/bench_bf16_kernels.py, 2 threads) took 9.5 ms against the
 # widened kernel's 22.7 at 32 rows, and 31.1 against dequantize + bf16 GEMM's 60.8 at 256
-# (2026-12-01); on the Xeon with AMX on 2026-12-05 (two runs) 8.7-9.7 against 10.3-12.4 at 5 to
-# 8 rows, and at 4 rows 7.4-9.0 widened against 8.3-9.9 in tiles (engine decode steps of 5, 6
+# (2026-12-01); on the Xeon with AMX on 2026-12-05 (three runs) 8.7-9.8 against 10.3-13.4 at 5
+# to 8 rows, and at 4 rows 7.4-9.0 widened against 9.5-9.9 in tiles (engine decode steps of 5, 6
 # and 7 requests 0.94x, 0.88x and 0.83x the time with 8 here, 4 unchanged).
 AMX_TILE_MIN_ROWS = 5
 # A bf16 weight (the output projection, an unquantized projection under bf16 compute) is read
