@@ -7,8 +7,8 @@ alternates the decode steps between the two builds, so that both see the same ma
 same moments: on a shared, noisy machine, runs minutes apart differ by more than a kernel
 change. Then profiles a few decode steps of each (per-op times). Its decode steps run eagerly
 (`traced_decode_records` 0): a record replays the ops it was made with, whichever build is
-swapped in after (until 2026-12-05, 18:20 UTC, they did not: from decode records' coming that
-day, 9d7e2e4, both builds' steps replayed the first one's records).
+swapped in after (RESULTS.md, 2026-12-05: from 9d7e2e4 to d494f11 both builds' steps replayed
+the first one's records).
 
     .venv/bin/python benchmarks/ab_kernels.py --base 6b7fbde --repeats 2
 
@@ -373,7 +373,6 @@ def main() -> None:
     )
     workload = make_workload(bench, [""] * bench.num_requests).head(args.rows, args.new_tokens)
     use(builds["base"])
-    # every step eager: a decode record replays the ops it recorded, whichever build is in use
     core = warm_base_engine(workload, bench.model, bench, traced_decode_records=0)
 
     steps: dict[str, list[float]] = {name: [] for name in builds}
