@@ -21,7 +21,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import bitsandbytes.functional as bnb
+from loraserve.model.bitsandbytes_offline import bnb
+
 import torch
 from peft import (
     LoraConfig,
@@ -150,11 +151,13 @@ def round_through_nf4(model: PreTrainedModel) -> None:
     """Replace each decoder projection's weight by its NF4 round trip (what the server holds)."""
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in PROJECTIONS:
-            packed, state = bnb.quantize_4bit(
+            packed, state = bnb.functional.quantize_4bit(
                 module.weight, blocksize=QUANT_BLOCK, quant_type="nf4"
             )
             module.weight.copy_(
-                bnb.dequantize_4bit(packed, state, blocksize=QUANT_BLOCK, quant_type="nf4")
+                bnb.functional.dequantize_4bit(
+                    packed, state, blocksize=QUANT_BLOCK, quant_type="nf4"
+                )
             )
 
 

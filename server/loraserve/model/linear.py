@@ -46,7 +46,8 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-import bitsandbytes as bnb
+from loraserve.model.bitsandbytes_offline import bnb
+
 import torch
 import torch.nn.functional as F
 from torch import nn

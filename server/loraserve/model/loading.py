@@ -24,7 +24,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import bitsandbytes as bnb
+from loraserve.model.bitsandbytes_offline import bnb
+
 import torch
 from torch import nn
 from transformers import (
