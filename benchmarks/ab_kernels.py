@@ -47,8 +47,10 @@ and 7B's (28 over 4).
 
     .venv/bin/python benchmarks/ab_kernels.py --base 6b7fbde --attention --rounds 16
 
-`--compute-dtype bf16` gives the LoRA rounds bf16 rows and slots (bf16 compute's deltas), and
-the attention rounds bf16 queries and pools.
+`--compute-dtype bf16` gives the projection rounds bf16 rows (each 4-bit projection a call of
+the bf16 kernel, in AMX tiles where the CPU has them, and a bf16 output projection), the LoRA
+rounds bf16 rows and slots (bf16 compute's deltas), and the attention rounds bf16 queries and
+pools.
 """
 
 from __future__ import annotations
@@ -141,18 +143,23 @@ def use(ops: object) -> None:
 
 
 def compare_projections(
-    builds: dict[str, object], rounds: int, rows: int, llama3_8b: bool = False
+    builds: dict[str, object],
+    rounds: int,
+    rows: int,
+    llama3_8b: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
     """Rounds of a decode step's projections for `rows` rows (see the module's docstring), or
     with `llama3_8b` of one Llama 3 8B layer's seven, alternating builds; prints each build's
-    median round and the ratio, per kernel."""
+    median round and the ratio, per kernel. In bf16 (`dtype`), the rows and the output
+    projection's weight are bf16 and each 4-bit projection is a call of the bf16 kernel."""
     keep_freed_memory()  # as a CPU engine's process does: no fresh pages per call
     spec = DEFAULT.model
     generator = torch.Generator().manual_seed(0)
     shapes = LLAMA3_8B_LAYER if llama3_8b else projection_shapes() * spec.num_layers
     layers = [
         (
-            torch.randn(rows, k, generator=generator),
+            torch.randn(rows, k, generator=generator).to(dtype),
             torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=generator),
             torch.rand(n * k // 64, generator=generator),
             n,
@@ -160,19 +167,28 @@ def compare_projections(
         for k, n in shapes
     ]
     code = torch.linspace(-1.0, 1.0, 16)  # any 16 values: the kernels' work does not depend on them
-    head = torch.randn(spec.vocab_size, spec.hidden_size, generator=generator)
-    head_rows = torch.randn(rows, spec.hidden_size, generator=generator)
+    head = torch.randn(spec.vocab_size, spec.hidden_size, generator=generator).to(dtype)
+    head_rows = torch.randn(rows, spec.hidden_size, generator=generator).to(dtype)
+    absent = torch.empty(0)
+    bf16 = dtype == torch.bfloat16
+    projection = "linear_4bit_bf16" if bf16 else "linear_4bit"
+    output_projection = "linear_bf16" if bf16 else "linear_f32"
 
     def one_round(ops: Any) -> dict[str, float]:
         started = time.perf_counter()
         for x, packed, absmax, n in layers:
-            ops.linear_4bit(x, packed, absmax, code, 64, n, None)
+            if bf16:
+                ops.linear_4bit_bf16(
+                    x, [packed], [absmax], [code], [64], [n], [absent], [absent], [absent], [0.0]
+                )
+            else:
+                ops.linear_4bit(x, packed, absmax, code, 64, n, None)
         ended = time.perf_counter()
         if llama3_8b:
-            return {"linear_4bit x 7 (Llama 3 8B layer)": ended - started}
-        ops.linear_f32(head_rows, head, None)
-        return {"linear_4bit x 56": ended - started,
-                "linear_f32 (lm_head)": time.perf_counter() - ended}  # fmt: skip
+            return {f"{projection} x 7 (Llama 3 8B layer)": ended - started}
+        getattr(ops, output_projection)(head_rows, head, None)
+        return {f"{projection} x 56": ended - started,
+                f"{output_projection} (lm_head)": time.perf_counter() - ended}  # fmt: skip
 
     alternate(builds, rounds, one_round)
 
@@ -326,8 +342,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--compute-dtype", choices=sorted(DTYPES), default="fp32",
-        help="the engine's; with --lora-*: the rows' and the slots'; with --attention: q's and "
-        "the pools'",
+        help="the engine's; with --projections: the rows' (bf16: the bf16 kernel); with --lora-*: "
+        "the rows' and the slots'; with --attention: q's and the pools'",
     )  # fmt: skip
     parser.add_argument(
         "--kv-heads", type=int, default=DEFAULT.model.num_kv_heads,
@@ -356,7 +372,9 @@ def main() -> None:
             "tree": compile_as("ab_tree", sources_at(None), Path(tmp, "tree")),
         }
     if args.projections:
-        compare_projections(builds, args.rounds, args.rows, args.llama3_8b)
+        compare_projections(
+            builds, args.rounds, args.rows, args.llama3_8b, DTYPES[args.compute_dtype]
+        )
         return
     if args.attention:
         compare_attention(builds, args.rounds, DTYPES[args.compute_dtype])

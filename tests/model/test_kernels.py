@@ -369,13 +369,14 @@ def _in_bf16_kernel(
 @bf16_kernel
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "double-quant"])
-@pytest.mark.parametrize("blocksize", [32, 64, 256])
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 512])
 def test_the_bf16_kernel_decodes_the_weight_to_bf16_as_bitsandbytes_rounds_it(
     quant_type, nested, blocksize
 ):
     """Rows of the identity pick the weight's columns out exactly: every output is the bf16
     weight that bitsandbytes' dequantize, rounded to bf16, gives (times one, plus zeros). 88
-    columns: the last block of 32 is 24 wide; 512 k: two calls of SMALL_BATCH_ROWS rows."""
+    columns: the last block of 32 is 24 wide; 512 k: two calls of SMALL_BATCH_ROWS rows, two
+    whole chunks of 256 k in tiles, one to eight steps of 32 k to a scale."""
     layer = _quantized(88, 512, quant_type, nested, bias=False, blocksize=blocksize)
     want = _dequantized(layer).to(torch.bfloat16)
     identity = torch.eye(512, dtype=torch.bfloat16)

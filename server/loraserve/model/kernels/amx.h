@@ -128,6 +128,27 @@ inline std::vector<uint32_t> pack_rows(const uint32_t* x, int64_t M, int64_t K) 
   return packed;
 }
 
+// A whole chunk (kAmxChunkSteps steps from s0, a multiple of them) of one column whose bytes
+// start at `row`, into `out` (its rows of the chunk's weight tiles), kStepsPerBlock steps to a
+// scale from `block` on: the loops have constant trip counts, unrolled, each scale read as the
+// next. (The loop below, which finds each block's end, decoded 0.66x as many weights a second
+// as this on the Xeon with AMX; one core, a 2,816 x 1,024 weight in L2, one-off, 2026-12-05.)
+template <bool kNested, int kStepsPerBlock>
+inline void decode_whole_chunk(const Weight4bit& w, __m512 code, const uint8_t* row,
+                               int64_t block, int64_t s0, uint16_t* out) {
+#pragma GCC unroll 8
+  for (int b = 0; b < kAmxChunkSteps / kStepsPerBlock; ++b) {
+    const float scale = kNested ? w.scales(block + b) : w.scales.absmax[block + b];
+    const __m512i table = scaled_bf16_table(code, scale);
+#pragma GCC unroll 8
+    for (int j = 0; j < kStepsPerBlock; ++j) {
+      const int64_t s = b * kStepsPerBlock + j;
+      _mm512_storeu_si512(out + s * 2 * kTileElements,
+                          decode_bf16(row + (s0 + s) * kAmxStepK / 2, table));
+    }
+  }
+}
+
 // Decodes steps [s0, s0 + steps) of columns n0 .. n0 + 31 of `w` into `tiles` (per step, the
 // two weight tiles' rows); columns past N are zero. kNested: whether w's scales are double-
 // quantized (else each is one load, which the multiply broadcasts from memory itself).
@@ -135,6 +156,10 @@ template <bool kNested>
 inline void decode_steps(const Weight4bit& w, __m512 code, int64_t K, int64_t n0, int64_t s0,
                          int64_t steps, uint16_t* tiles) {
   const int block_shift = __builtin_ctzll(w.blocksize);
+  // Steps to a scale in a whole chunk: its k start at a multiple of 256, so a block of 256 k or
+  // more holds all of it.
+  const int64_t whole_steps_per_block =
+      steps == kAmxChunkSteps ? std::min(w.blocksize / kAmxStepK, kAmxChunkSteps) : 0;
   for (int64_t c = 0; c < kAmxColumns; ++c) {
     uint16_t* out = tiles + (c / 16) * kTileElements + (c % 16) * 32;
     const int64_t n = n0 + c;
@@ -153,6 +178,14 @@ inline void decode_steps(const Weight4bit& w, __m512 code, int64_t K, int64_t n0
     if (ahead != nullptr) {
       _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(ahead + 64), _MM_HINT_T0);
+    }
+    const int64_t first_block = (n * K + s0 * kAmxStepK) >> block_shift;
+    switch (whole_steps_per_block) {
+      case 1: decode_whole_chunk<kNested, 1>(w, code, row, first_block, s0, out); continue;
+      case 2: decode_whole_chunk<kNested, 2>(w, code, row, first_block, s0, out); continue;
+      case 4: decode_whole_chunk<kNested, 4>(w, code, row, first_block, s0, out); continue;
+      case 8: decode_whole_chunk<kNested, 8>(w, code, row, first_block, s0, out); continue;
+      default: break;
     }
     for (int64_t s = 0; s < steps;) {  // one quantization block (or what the chunk has of it)
       const int64_t k = (s0 + s) * kAmxStepK;
