@@ -131,8 +131,9 @@ inline std::vector<uint32_t> pack_rows(const uint32_t* x, int64_t M, int64_t K) 
 // A whole chunk (kAmxChunkSteps steps from s0, a multiple of them) of one column whose bytes
 // start at `row`, into `out` (its rows of the chunk's weight tiles), kStepsPerBlock steps to a
 // scale from `block` on: the loops have constant trip counts, unrolled, each scale read as the
-// next. (The loop below, which finds each block's end, decoded 0.66x as many weights a second
-// as this on the Xeon with AMX; one core, a 2,816 x 1,024 weight in L2, one-off, 2026-12-05.)
+// next. (The loop below, which finds each block's end, decoded 0.65-0.77x as many weights a
+// second as this on the Xeon with AMX: one core, a 2,816 x 1,024 weight in L2; RESULTS.md,
+// 2026-12-05.)
 template <bool kNested, int kStepsPerBlock>
 inline void decode_whole_chunk(const Weight4bit& w, __m512 code, const uint8_t* row,
                                int64_t block, int64_t s0, uint16_t* out) {
