@@ -43,7 +43,7 @@ from loraserve.api.generation import GenerationServicer
 from loraserve.api.http.routes import OpenAIFront
 from loraserve.api.info import ServerInfoServicer
 from loraserve.api.state import ServerState
-from loraserve.app import build_runtime, warm_up
+from loraserve.app import build_runtime, freeze_start_up_objects, warm_up
 from loraserve.config import ServerConfig
 from loraserve.metrics import Metrics
 from loraserve.model.cpus import in_passing_thread, serial_executor
@@ -111,6 +111,7 @@ class LoraServe:
         asyncio.get_running_loop().set_default_executor(serial_executor())  # see app._serve
         runtime = await in_passing_thread(build_runtime, config, metrics)
         await warm_up(runtime.engine)
+        freeze_start_up_objects()  # as app._serve: full collections skip the model's objects
         self._state.runtime = runtime
         self._metrics_push = asyncio.create_task(push_forever(RegistryMirror(metrics.registry)))
         self._generation = GenerationServicer(self._state)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import subprocess
 import sys
@@ -66,8 +67,10 @@ def generation_input(prompt: str, adapter: str | None, **fields) -> pb.Generatio
 
 async def test_health_is_not_serving_until_the_model_is_up(model_dirs, tmp_path):
     """The port answers from the start: NOT_SERVING, and UNAVAILABLE for calls, for as long as
-    the model is loading (here: until the test lets the build go on), then SERVING."""
+    the model is loading (here: until the test lets the build go on), then SERVING, with the
+    objects start-up made frozen out of the garbage collector's passes."""
     building, release = threading.Event(), threading.Event()
+    frozen_before = gc.get_freeze_count()
 
     def gated_build(config, metrics):
         building.set()
@@ -102,6 +105,7 @@ async def test_health_is_not_serving_until_the_model_is_up(model_dirs, tmp_path)
             release.set()
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
             watch.cancel()
+            assert gc.get_freeze_count() > frozen_before
             assert [await status(n) for n in names] == [SERVING] * len(names)
             reply = await stub.Generate(pb.GenerateRequest(input=generation_input("hi", None)))
             assert reply.usage.completion_tokens > 0
@@ -109,6 +113,7 @@ async def test_health_is_not_serving_until_the_model_is_up(model_dirs, tmp_path)
         release.set()
         stop.set()
         assert await asyncio.wait_for(serving, 120) == 0
+        gc.unfreeze()  # this test process's objects back under the collector
 
 
 def test_unary_and_streaming_with_several_adapters_at_once(server, expected):
