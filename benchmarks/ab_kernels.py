@@ -66,6 +66,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import loraserve.model.bitsandbytes_offline
+
 import torch
 import transformers
 from torch.profiler import ProfilerActivity, profile

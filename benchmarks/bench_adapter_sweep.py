@@ -36,6 +36,8 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
+import loraserve.model.bitsandbytes_offline  # noqa: F401  (before peft, which imports it)
+
 import matplotlib
 import torch
 import transformers

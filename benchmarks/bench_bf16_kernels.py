@@ -23,7 +23,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import bitsandbytes.functional as bnb_functional
+from loraserve.model.bitsandbytes_offline import bnb
+
 import torch
 import torch.nn.functional as F
 
@@ -39,7 +40,7 @@ def decode_weights(generator: torch.Generator) -> list[Packed4bit]:
     """The default model's 56 projections as random NF4 weights (blocks of 64, plain scales)."""
     hidden, inner = DEFAULT.model.hidden_size, DEFAULT.model.intermediate_size
     shapes = [(hidden, hidden)] * 4 + [(inner, hidden)] * 2 + [(hidden, inner)]  # (N, K)
-    nf4 = bnb_functional.get_4bit_type("nf4", device="cpu")
+    nf4 = bnb.functional.get_4bit_type("nf4", device="cpu")
     return [
         Packed4bit(
             torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=generator),

@@ -20,7 +20,8 @@ import logging
 import statistics
 from dataclasses import replace
 
-import bitsandbytes as bnb
+from loraserve.model.bitsandbytes_offline import bnb
+
 import torch
 import transformers
 from torch import nn

@@ -21,6 +21,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import loraserve.model.bitsandbytes_offline  # noqa: F401  (before peft, which imports it)
+
 import transformers
 
 from engine_runs import Trace, submit

@@ -25,6 +25,8 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
+import loraserve.model.bitsandbytes_offline  # noqa: F401  (before peft, which imports it)
+
 import torch
 import transformers
 

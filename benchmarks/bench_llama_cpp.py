@@ -51,6 +51,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import loraserve.model.bitsandbytes_offline  # noqa: F401  (before peft, which imports it)
+
 import gguf
 import numpy as np
 import torch

@@ -44,6 +44,8 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
+import loraserve.model.bitsandbytes_offline  # noqa: F401  (before peft, which imports it)
+
 import torch
 import transformers
 

@@ -81,9 +81,10 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
+from loraserve.model.bitsandbytes_offline import bnb
+
 import torch
 import transformers
-from bitsandbytes.functional import has_avx512bf16
 
 from adapter_cache import (
     COLD_LOADS,
@@ -336,7 +337,11 @@ def setup(config: BenchConfig, cache_root: Path) -> Setup:
     hf = load_hf(model_dir, config.quantization, config.compute_dtype, config.device)
     seconds["hf_generate_base"] = time.perf_counter() - start
     # bitsandbytes' bf16 path runs under fp32 compute on AVX512-BF16 CPUs only
-    fp32_kernels = config.compute_dtype == "fp32" and hf.device.type == "cpu" and has_avx512bf16()
+    fp32_kernels = (
+        config.compute_dtype == "fp32"
+        and hf.device.type == "cpu"
+        and bnb.functional.has_avx512bf16()
+    )
     hf_fp32 = None
     if fp32_kernels:
         hf_fp32 = load_hf(

@@ -26,7 +26,8 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-import bitsandbytes as bnb
+from loraserve.model.bitsandbytes_offline import bnb
+
 import torch
 import transformers
 

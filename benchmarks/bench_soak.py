@@ -28,6 +28,8 @@ import random
 import time
 from pathlib import Path
 
+import loraserve.model.bitsandbytes_offline  # noqa: F401  (before peft, which imports it)
+
 import transformers
 
 from adapter_cache import ZIPF_ADAPTERS, build_zipf_engine

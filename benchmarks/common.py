@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import loraserve.model.bitsandbytes_offline  # noqa: F401  (before peft, which imports it)
+
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file

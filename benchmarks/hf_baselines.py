@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import bitsandbytes as bnb
+from loraserve.model.bitsandbytes_offline import bnb
+
 import torch
 from peft import PeftModel
 from transformers import PreTrainedModel

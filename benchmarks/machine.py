@@ -17,7 +17,8 @@ import platform
 import time
 from dataclasses import dataclass
 
-import bitsandbytes
+from loraserve.model.bitsandbytes_offline import bnb
+
 import peft
 import torch
 import transformers
@@ -62,7 +63,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "bitsandbytes": bitsandbytes.__version__,
+        "bitsandbytes": bnb.__version__,
         "peft": peft.__version__,
     }
     if torch.cuda.is_available():

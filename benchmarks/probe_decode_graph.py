@@ -35,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import cast
 
+import loraserve.model.bitsandbytes_offline  # noqa: F401  (before peft, which imports it)
+
 import torch
 import transformers
 

@@ -27,6 +27,8 @@ import logging
 import statistics
 from dataclasses import replace
 
+import loraserve.model.bitsandbytes_offline  # noqa: F401  (before peft, which imports it)
+
 import transformers
 
 from adapter_cache import cold_load_ms, percentile

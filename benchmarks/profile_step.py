@@ -34,6 +34,8 @@ import statistics
 import time
 from dataclasses import replace
 
+import loraserve.model.bitsandbytes_offline  # noqa: F401  (before peft, which imports it)
+
 import torch
 import transformers
 from torch.autograd import DeviceType

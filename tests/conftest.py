@@ -20,6 +20,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import loraserve.model.bitsandbytes_offline  # noqa: F401  (before peft, which imports it)
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model

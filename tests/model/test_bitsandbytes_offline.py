@@ -1,11 +1,12 @@
-"""Importing the server's modules asks the Hugging Face Hub for nothing: bitsandbytes, which on a
-CPU with AVX512-BF16 asks it for a kernel at import, is imported through
-`loraserve.model.bitsandbytes_offline`. Each import runs in a fresh interpreter whose Hub is a
-local listener that counts the connections it gets; plain `import bitsandbytes` beside them shows
-that the listener sees the request when it is made."""
+"""Importing the server's modules, the benchmark scripts or the tests' own asks the Hugging Face
+Hub for nothing: bitsandbytes, which on a CPU with AVX512-BF16 asks it for a kernel at import, is
+imported through `loraserve.model.bitsandbytes_offline`. Each import runs in a fresh interpreter
+whose Hub is a local listener that counts the connections it gets; plain `import bitsandbytes`
+beside them shows that the listener sees the request when it is made."""
 
 from __future__ import annotations
 
+import ast
 import os
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -65,11 +67,21 @@ def fake_hub() -> Iterator[FakeHub]:
     thread.join()
 
 
+ROOT = Path(__file__).resolve().parents[2]
+# what the benchmark scripts and the tests' own modules import as top-level modules
+SCRIPT_FOLDERS = (ROOT / "benchmarks", ROOT / "tests")
+GUARD = "loraserve.model.bitsandbytes_offline"
+IMPORT_BITSANDBYTES = {"bitsandbytes", "peft", "transformers"}  # peft imports bitsandbytes
+
+
 def run_python(code: str, hub: FakeHub) -> subprocess.CompletedProcess[str]:
     env = {
         k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     }
     env.update(HF_ENDPOINT=hub.endpoint, HF_HUB_DISABLE_TELEMETRY="1")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [*map(str, SCRIPT_FOLDERS), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )
@@ -83,9 +95,12 @@ def run_python(code: str, hub: FakeHub) -> subprocess.CompletedProcess[str]:
         "loraserve.app",  # what `loraserve serve` imports
         "loraserve.demo",  # the default model's training, whose peft imports bitsandbytes
         "loraserve.model.slot_terms",
+        "bench_multi_lora",  # benchmarks/: transformers, peft and bitsandbytes directly
+        "profile_step",
+        "conftest",  # the tests' own, which builds PEFT models
     ],
 )
-def test_importing_the_server_asks_the_hub_for_nothing(fake_hub: FakeHub, module: str) -> None:
+def test_importing_asks_the_hub_for_nothing(fake_hub: FakeHub, module: str) -> None:
     plain = run_python(ASKS_THE_HUB, fake_hub)
     if plain.stdout.strip() != "True":
         pytest.skip("bitsandbytes asks the Hub for a kernel only on CPUs with AVX512-BF16")
@@ -95,3 +110,29 @@ def test_importing_the_server_asks_the_hub_for_nothing(fake_hub: FakeHub, module
 
     assert fake_hub.take_count() == 0
     assert "kernels-community" not in guarded.stderr  # nor bitsandbytes' warning about it
+
+
+def top_level_imports(path: Path) -> list[str]:
+    """The modules `path` imports at its top level, in order."""
+    names: list[str] = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.append(node.module)
+    return names
+
+
+@pytest.mark.parametrize("folder", SCRIPT_FOLDERS, ids=lambda folder: folder.name)
+def test_scripts_import_bitsandbytes_offline_before_what_imports_it(folder: Path) -> None:
+    """Each benchmark script (and the tests' conftest) runs on its own, so each that imports
+    bitsandbytes, peft or transformers imports the guard first."""
+    unguarded = []
+    for path in sorted(folder.glob("*.py")):
+        names = top_level_imports(path)
+        first = next(
+            (i for i, n in enumerate(names) if n.split(".")[0] in IMPORT_BITSANDBYTES), None
+        )
+        if first is not None and GUARD not in names[:first]:
+            unguarded.append(path.name)
+    assert unguarded == []
