@@ -263,7 +263,9 @@ def train_adapter(
     model = _fresh_adapter(base, recipe)
     set_peft_model_state_dict(model, best.weights)
     model.peft_config["default"].base_model_name_or_path = str(base_location or base)
-    model.save_pretrained(str(directory))
+    # No embedding is a target, so nothing asks PEFT to look the base up for its vocabulary
+    # (where the base is not written yet, it warned that it found no config there)
+    model.save_pretrained(str(directory), save_embedding_layers=False)
     return TrainedBehaviour(steps, time.perf_counter() - started, best.share)
 
 
