@@ -515,6 +515,20 @@ def test_start_up_cleans_staging_and_ignores_broken_versions(base, tmp_path):
     assert restarted.publish_dir("acme", "chat", base.second).version == "5"
 
 
+def test_a_stray_entry_at_the_root_is_warned_about_and_the_stores_readme_is_not(
+    base, tmp_path, caplog
+):
+    root = tmp_path / "root"
+    make_publisher(base, root).publish_dir("acme", "chat", base.second)
+    (root / "README.md").write_text("what this store holds")
+    (root / "notes.txt").write_text("a stray file")
+    with caplog.at_level("WARNING", logger="loraserve.adapters.store_index"):
+        restarted = make_publisher(base, root)
+    ignored = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ignoring")]
+    assert ignored == [f"ignoring {root / 'notes.txt'}: not a directory named as a valid tenant"]
+    assert restarted.store.resolve("acme", "chat").version == "1"
+
+
 # -- identifiers and links ---------------------------------------------------------------------
 
 BAD_IDENTIFIERS = [

@@ -73,6 +73,9 @@ from loraserve.types import (
 )
 
 STAGING_DIR = ".staging"
+# Notes about a store beside its tenants (the repository's default store, ./adapters, has
+# one): not a tenant, and nothing to warn about (no tenant is named with a dot)
+STORE_NOTES = "README.md"
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 MAX_PAGE_TOKEN_CHARS = 512  # a token this store issues is under 200
@@ -453,7 +456,7 @@ class AdapterStore:
             known = dict(self._names)
         names: Names = {}
         for tenant_dir in sorted(self.root.iterdir()):
-            if tenant_dir.name in (STAGING_DIR, *RESERVED):
+            if tenant_dir.name in (STAGING_DIR, STORE_NOTES, *RESERVED):
                 continue
             if not indexable(tenant_dir, "tenant", quiet):
                 continue
