@@ -66,7 +66,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import loraserve.model.bitsandbytes_offline
+import loraserve.model.bitsandbytes_offline  # bitsandbytes without the Hub, before what imports it
 
 import torch
 import transformers
