@@ -1,10 +1,12 @@
-"""The API contract: buf lint (STANDARD) passes, the checked-in stubs are up to date, and buf
-breaking finds no wire-incompatible change against the released contract."""
+"""The API contract: buf lint (STANDARD) passes, the checked-in stubs are up to date and
+importable with every grpcio and protobuf the distributions admit, and buf breaking finds no
+wire-incompatible change against the released contract."""
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -39,6 +41,35 @@ def test_checked_in_stubs_match_the_protos(tmp_path):
     assert sorted(fresh) == sorted(checked_in), "stub files differ: run `make proto`"
     stale = [name for name in fresh if fresh[name] != checked_in[name]]
     assert not stale, f"stale stubs {stale}: run `make proto` and commit the result"
+
+
+STUBS = REPO / "clients" / "python" / "loraserve_client" / "v1"
+
+
+def as_version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def stub_versions(pattern: str, glob: str) -> set[tuple[int, ...]]:
+    """The version each checked-in stub matching `glob` names by `pattern` (one group)."""
+    found = {re.search(pattern, path.read_text()) for path in STUBS.glob(glob)}
+    assert None not in found, f"a stub {glob} names no version: {pattern}"
+    return {as_version(match.group(1)) for match in found if match is not None}
+
+
+@pytest.mark.parametrize("pyproject", ["pyproject.toml", "clients/python/pyproject.toml"])
+def test_the_distributions_admit_only_runtimes_the_stubs_import_with(pyproject):
+    """The generated stubs refuse, at import, a grpcio older than the grpcio-tools that wrote
+    them and a protobuf older than their gencode: each distribution's floor is at least that."""
+    needed = {
+        "grpcio": max(stub_versions(r"GRPC_GENERATED_VERSION = '([\d.]+)'", "*_grpc.py")),
+        "protobuf": max(stub_versions(r"# Protobuf Python Version: ([\d.]+)", "*_pb2.py")),
+    }
+    text = (REPO / pyproject).read_text()
+    for package, version in needed.items():
+        floors = re.findall(rf'^\s*"{package}>=([\d.]+)",', text, re.MULTILINE)
+        assert len(floors) == 1, f"{pyproject} should require {package}>=..."
+        assert as_version(floors[0]) >= version, (pyproject, package, version, floors)
 
 
 # The contract as last released without constrained decoding (main before issue 12): every
