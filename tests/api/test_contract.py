@@ -14,7 +14,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
 from tests.api.buf import REPO, buf_or_skip
+from tests.test_distribution import project
 
 
 def test_buf_lint_standard_is_clean():
@@ -46,15 +49,11 @@ def test_checked_in_stubs_match_the_protos(tmp_path):
 STUBS = REPO / "clients" / "python" / "loraserve_client" / "v1"
 
 
-def as_version(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split("."))
-
-
-def stub_versions(pattern: str, glob: str) -> set[tuple[int, ...]]:
+def stub_versions(pattern: str, glob: str) -> set[Version]:
     """The version each checked-in stub matching `glob` names by `pattern` (one group)."""
     found = {re.search(pattern, path.read_text()) for path in STUBS.glob(glob)}
     assert None not in found, f"a stub {glob} names no version: {pattern}"
-    return {as_version(match.group(1)) for match in found if match is not None}
+    return {Version(match.group(1)) for match in found if match is not None}
 
 
 @pytest.mark.parametrize("pyproject", ["pyproject.toml", "clients/python/pyproject.toml"])
@@ -65,11 +64,17 @@ def test_the_distributions_admit_only_runtimes_the_stubs_import_with(pyproject):
         "grpcio": max(stub_versions(r"GRPC_GENERATED_VERSION = '([\d.]+)'", "*_grpc.py")),
         "protobuf": max(stub_versions(r"# Protobuf Python Version: ([\d.]+)", "*_pb2.py")),
     }
-    text = (REPO / pyproject).read_text()
+    requirements = [Requirement(r) for r in project(REPO / pyproject)["dependencies"]]
     for package, version in needed.items():
-        floors = re.findall(rf'^\s*"{package}>=([\d.]+)",', text, re.MULTILINE)
+        floors = [
+            Version(spec.version)
+            for requirement in requirements
+            if requirement.name == package
+            for spec in requirement.specifier
+            if spec.operator == ">="
+        ]
         assert len(floors) == 1, f"{pyproject} should require {package}>=..."
-        assert as_version(floors[0]) >= version, (pyproject, package, version, floors)
+        assert floors[0] >= version, (pyproject, package, version, floors)
 
 
 # The contract as last released without constrained decoding (main before issue 12): every
