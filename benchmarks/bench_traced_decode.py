@@ -11,13 +11,16 @@ through both, rounds alternating which goes first:
   four             its first 4 requests on the base
   base             its 32 requests on the base
   multi_lora       its 32 requests, each on its own adapter
+  staggered        the same, request i generating 2 * (i + 1) tokens: the batch shrinks from 32
+                   rows to one, a row every second step (`Workload.staggered`)
   dora_one_stream  its first request alone, on a DoRA adapter
   dora_multi       its 32 requests, each on its own adapter, every fourth a DoRA one (whose
                    terms the traced engine's steps apply to every row, gathered)
 
 Figures: generated tokens a second (medians of `--repeats` rounds; round 0 warms both engines up
-and is where `traced` records its forwards, one per row count, with adapters or without, with
-terms or without: its time is reported as `first_round_s`; `records` lists them), and
+and is where `traced` records its forwards, one per range of row counts that take the same
+paths through the projections (`linear.rows_alike`), with adapters or without, with terms or
+without: its time is reported as `first_round_s`; `records` lists them), and
 `outputs_identical`: whether both engines generated the same tokens for every request of every
 round (greedy; they must: the same kernels).
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 from bench_multi_lora import TARGETS, default_bench
@@ -78,6 +82,7 @@ def main() -> None:
         "four": (base.head(4, batch.new_tokens), False),
         "base": (base, False),
         "multi_lora": (batch, True),
+        "staggered": (replace(batch, staggered=True), True),
         "dora_one_stream": (dora_stream, True),
         "dora_multi": (mixed, True),
     }
@@ -100,11 +105,7 @@ def main() -> None:
 
     def rate(workload_name: str, name: str) -> float:
         workload = runs[workload_name][0]
-        return (
-            len(workload.prompts)
-            * workload.new_tokens
-            / statistics.median(seconds[workload_name][name])
-        )
+        return workload.generated_tokens / statistics.median(seconds[workload_name][name])
 
     figures = {
         w: {
@@ -118,7 +119,8 @@ def main() -> None:
     }
     records = {
         "recorded": sorted(
-            f"{k.rows}{'+lora' if k.adapters else ''}{'+terms' if k.terms else ''}"
+            f"{k.rows.start}-{k.rows.stop - 1}{'+lora' if k.adapters else ''}"
+            f"{'+terms' if k.terms else ''}"
             for k in traces.traces
         ),
         "untraceable": len(traces.untraceable),

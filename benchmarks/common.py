@@ -120,25 +120,42 @@ def prepare_lora_adapters(
 @dataclass(frozen=True)
 class Workload:
     """prompts[i] runs on adapters[i] (when the configuration uses adapters), constrained to
-    the JSON schema schemas[i] when there are schemas."""
+    the JSON schema schemas[i] when there are schemas, generating new_tokens; `staggered`:
+    request i generates only its share, new_tokens * (i + 1) // len(prompts) (at least one),
+    so that the batch shrinks a row at a time as its requests finish."""
 
     prompts: tuple[tuple[int, ...], ...]
     adapters: tuple[str, ...]
     new_tokens: int
     schemas: tuple[str, ...] = ()
+    staggered: bool = False
 
     def head(self, n: int, new_tokens: int) -> Workload:
-        return Workload(self.prompts[:n], self.adapters[:n], new_tokens, self.schemas[:n])
+        return Workload(self.prompts[:n], self.adapters[:n], new_tokens, self.schemas[:n],
+                        self.staggered)  # fmt: skip
+
+    def new_tokens_of(self, request: int) -> int:
+        if not self.staggered:
+            return self.new_tokens
+        return max(1, self.new_tokens * (request + 1) // len(self.prompts))
+
+    @property
+    def generated_tokens(self) -> int:
+        """What all its requests generate together."""
+        return sum(self.new_tokens_of(i) for i in range(len(self.prompts)))
 
 
 RunFn = Callable[[Workload], int]  # runs a workload, returns the number of generated tokens
 
 
-def check_generated(who: str, counts: list[int], expected: int) -> None:
-    wrong = [c for c in counts if c != expected]
+def check_generated(who: str, counts: list[int], expected: int | list[int]) -> None:
+    """counts[i] must be expected (or expected[i])."""
+    wanted = expected if isinstance(expected, list) else [expected] * len(counts)
+    wrong = [(c, w) for c, w in zip(counts, wanted, strict=True) if c != w]
     if wrong:
         raise RuntimeError(
-            f"{who}: {len(wrong)} request(s) generated {wrong[:4]} tokens, not {expected}"
+            f"{who}: {len(wrong)} request(s) generated {[c for c, _ in wrong[:4]]} tokens, not "
+            f"{[w for _, w in wrong[:4]]}"
         )
 
 

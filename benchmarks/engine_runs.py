@@ -136,8 +136,8 @@ def json_schemas(count: int) -> tuple[str, ...]:
 def submit(core: EngineCore, trace: Trace, workload: Workload, with_adapters: bool) -> None:
     """Every request of `workload` at once; eos ignored (a constrained one ends with its grammar
     only, which json_schemas keeps from happening)."""
-    sampling = SamplingParams(max_new_tokens=workload.new_tokens, ignore_eos=True)
     for i, (prompt, adapter) in enumerate(zip(workload.prompts, workload.adapters)):
+        sampling = SamplingParams(max_new_tokens=workload.new_tokens_of(i), ignore_eos=True)
         if workload.schemas:
             constraint = Constraint(ConstraintKind.JSON_SCHEMA, workload.schemas[i])
             sampling = replace(sampling, constraint=constraint)
@@ -172,7 +172,7 @@ def run_engine(core: EngineCore, workload: Workload, with_adapters: bool) -> Tra
     submit(core, trace, workload, with_adapters)
     step_until_idle(core, trace)
     counts = [len(trace.token_times[i]) for i in range(len(workload.prompts))]
-    check_generated("engine", counts, workload.new_tokens)
+    check_generated("engine", counts, [workload.new_tokens_of(i) for i in range(len(counts))])
     return trace
 
 

@@ -4,11 +4,15 @@ The engine with `traced_decode_records` gives the tokens and logits, bit for bit
 without, across architectures and compute dtypes, on the base and on adapters that churn
 through the slots after the records were made, on slots with DoRA and bias terms (replayed
 gathered over every row) and beside embedding deltas (whose steps run eagerly); a replayed step
-runs none of the model's Python; a recording that reads a value from a tensor, or fails, is
-dropped and its steps run eagerly.
+runs none of the model's Python; one record replays every row count that takes the same
+paths through the projections as the one it was made at, bit for bit; a recording that reads a
+value from a tensor, or fails, is dropped and its steps run eagerly, as are the steps of a record
+whose replay raised.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,7 +21,10 @@ from tests.engine.helpers import make_core, requests_on, run
 
 from loraserve.metrics import DecodeRecordStats
 from loraserve.model.decode_traces import DecodeTraces, TraceKey
+from loraserve.model.linear import PATH_CHANGES_AT, SMALL_BATCH_ROWS, rows_alike
 from loraserve.model.runner import RowInput
+
+FEW = range(1, PATH_CHANGES_AT[0])  # the row counts one record serves, from one row
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -65,7 +72,7 @@ def test_a_replayed_step_runs_none_of_the_models_python(model_dirs, monkeypatch)
     runner = core.runner
     rows = decode_rows(core, [5, 21])
     recorded = runner.forward(rows)  # records the steps of two decode rows
-    assert set(runner.traces.traces) == {TraceKey(2, False)}
+    assert set(runner.traces.traces) == {TraceKey(FEW, False)}
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model's Python ran")
@@ -73,8 +80,75 @@ def test_a_replayed_step_runs_none_of_the_models_python(model_dirs, monkeypatch)
     monkeypatch.setattr(runner.model, "forward", refuse)
     monkeypatch.setattr(runner, "run", refuse)
     assert torch.equal(runner.forward(rows), recorded)  # the same step, replayed
+    runner.forward(decode_rows(core, [5, 21, 8]))  # three rows: the same record
+    more = PATH_CHANGES_AT[0]
     with pytest.raises(AssertionError, match="Python ran"):
-        runner.forward(decode_rows(core, [5, 21, 8]))  # three rows: not recorded yet
+        runner.forward(decode_rows(core, [5] * more))  # past FEW: not recorded yet
+
+
+def test_rows_alike_are_the_row_counts_between_the_projections_path_changes():
+    assert [rows_alike(n) for n in (1, 3, 4, 5, 32, 33, 128, 129, 256)] == [
+        range(1, 4), range(1, 4), range(4, 5), range(5, 33), range(5, 33), range(33, 129),
+        range(33, 129), range(129, 257), range(129, 257),
+    ]  # fmt: skip
+    assert rows_alike(SMALL_BATCH_ROWS + 1) == range(SMALL_BATCH_ROWS + 1, SMALL_BATCH_ROWS + 2)
+
+
+# Each range of rows_alike up to 40 rows: the count its record is made at, then counts it
+# replays (both ends of each range, and one past AMX_WIDENED_MAX_ROWS).
+RECORD_THEN_REPLAY = ((2, [1, 3]), (4, []), (17, [5, 6, 31, 32]), (36, [33, 40]))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "gemma2"])  # gemma2: eager attention
+def test_one_record_replays_every_row_count_of_its_range_bit_for_bit(
+    arch, dtype, model_dirs, adapter_dirs
+):
+    """The projections choose their paths by the rows in Python, the kernels theirs inside each
+    call: a record made at one row count, replayed at the others of its `rows_alike` range,
+    gives the eager forward's logits at that count (rows on two adapters, and from three rows on
+    the base too)."""
+    core = make_core(model_dirs[arch], dtype=dtype, device_slots=2)
+    for name in ("r8-all", "r1-qv"):
+        core.adapters.prefetch(core.adapters.load(name, adapter_dirs[arch][name]))
+    assert core.adapters.wait_for_loads(timeout=60)
+    slots = [0, *(s for s, rank in enumerate(core.adapters.slot_ranks) if rank)]
+    assert len(slots) == 3
+    traces = DecodeTraces(core.runner.run, 8)
+
+    def rows_of(count: int) -> list[RowInput]:
+        rows = decode_rows(core, [3 + 7 * i % 29 for i in range(count)])
+        return [replace(r, lora_slot=slots[(i + 1) % 3]) for i, r in enumerate(rows)]
+
+    for recorded_at, replayed_at in RECORD_THEN_REPLAY:
+        assert traces.forward(step_inputs(core, rows_of(recorded_at))) is not None
+        for count in replayed_at:
+            assert rows_alike(count) == rows_alike(recorded_at)
+            replayed = traces.forward(step_inputs(core, rows_of(count)))
+            assert torch.equal(replayed, core.runner.run(step_inputs(core, rows_of(count))))
+    assert not traces.untraceable
+    assert traces.stats() == DecodeRecordStats(
+        records=len(RECORD_THEN_REPLAY), replayed=sum(len(r) for _, r in RECORD_THEN_REPLAY),
+        recorded=len(RECORD_THEN_REPLAY), eager=0,
+    )  # fmt: skip
+
+
+def test_a_record_whose_replay_raises_is_dropped_and_its_key_runs_eagerly(model_dirs, caplog):
+    core = make_core(model_dirs["llama"])
+    runner = core.runner
+    rows = decode_rows(core, [5, 21])
+    runner.forward(rows)  # records FEW's steps
+
+    def broken(*tensors):
+        raise RuntimeError("the record cannot take these rows")
+
+    runner.traces.traces[TraceKey(FEW, False)] = broken
+    eager = runner.run(step_inputs(core, rows))
+    assert torch.equal(runner.forward(rows), eager)  # the step, run eagerly instead
+    assert runner.traces.untraceable == {TraceKey(FEW, False)} and not runner.traces.traces
+    assert "replaying the decode record" in caplog.text
+    runner.forward(decode_rows(core, [5, 21, 8]))  # FEW's steps: eager from now on
+    assert runner.record_stats() == DecodeRecordStats(records=0, replayed=0, recorded=1, eager=2)
 
 
 def step_inputs(core, rows: list[RowInput]):
@@ -96,8 +170,8 @@ def test_a_record_replays_other_contexts_as_the_eager_forward_computes_them(mode
     runner = core.runner
     traces = DecodeTraces(runner.run, 8)
     recorded = traces.forward(step_inputs(core, decode_rows(core, [5, 40])))
-    assert recorded is not None and TraceKey(2, False) in traces.traces
-    graph = traces.traces[TraceKey(2, False)].graph  # kept without the tracer's Python stacks
+    assert recorded is not None and TraceKey(FEW, False) in traces.traces
+    graph = traces.traces[TraceKey(FEW, False)].graph  # kept without the tracer's Python stacks
     assert not any(node.sourceRange() for node in graph.nodes())
     scalars = [
         (str(node.output().type()), repr(node.output().toIValue()))
@@ -123,7 +197,7 @@ def test_a_recording_that_reads_a_value_is_dropped_and_its_key_runs_eagerly(mode
     inputs = step_inputs(core, decode_rows(core, [9]))
     logits = traces.forward(inputs)  # the recording's own forward: this step's logits
     assert torch.equal(logits, runner.run(step_inputs(core, decode_rows(core, [9]))))
-    assert traces.untraceable == {TraceKey(1, False)} and not traces.traces
+    assert traces.untraceable == {TraceKey(FEW, False)} and not traces.traces
     assert "Converting a tensor to a Python float" in caplog.text
     assert traces.forward(inputs) is None  # dropped: the caller runs the step eagerly
     assert traces.stats() == DecodeRecordStats(records=0, replayed=0, recorded=0, eager=2)
@@ -133,18 +207,19 @@ def test_a_recording_that_reads_a_value_is_dropped_and_its_key_runs_eagerly(mode
 
     failing = DecodeTraces(fails, 8)
     assert failing.forward(inputs) is None
-    assert failing.untraceable == {TraceKey(1, False)}
+    assert failing.untraceable == {TraceKey(FEW, False)}
 
 
-def test_past_the_most_records_other_row_counts_run_eagerly(model_dirs):
+def test_past_the_most_records_steps_of_other_keys_run_eagerly(model_dirs):
     core = make_core(model_dirs["llama"], traced_decode_records=1)
     runner = core.runner
     run(core, {0: requests_on([None, None], 3)})  # two rows: the one record
-    assert set(runner.traces.traces) == {TraceKey(2, False)}
+    assert set(runner.traces.traces) == {TraceKey(FEW, False)}
     assert runner.record_stats() == DecodeRecordStats(records=1, replayed=1, recorded=1, eager=0)
-    results = run(core, {0: requests_on([None] * 3, 3)})
-    assert [len(r.tokens) for r in results] == [3] * 3
-    assert set(runner.traces.traces) == {TraceKey(2, False)} and not runner.traces.untraceable
+    more = PATH_CHANGES_AT[0]  # past FEW: another key
+    results = run(core, {0: requests_on([None] * more, 3)})
+    assert [len(r.tokens) for r in results] == [3] * more
+    assert set(runner.traces.traces) == {TraceKey(FEW, False)} and not runner.traces.untraceable
     assert runner.record_stats() == DecodeRecordStats(records=1, replayed=1, recorded=1, eager=2)
 
 
@@ -161,7 +236,7 @@ def test_a_record_made_beside_empty_slot_buffers_replays_them_once_filled(model_
             core.adapters.load("solo", adapter_dirs["qwen2"][name])  # into the one slot
             got += run(core, {0: requests_on(["solo"], 5)})
         results[records] = got
-    assert TraceKey(1, True) in core.runner.traces.traces
+    assert TraceKey(FEW, True) in core.runner.traces.traces
     for eager, traced in zip(results[0], results[16], strict=True):
         assert traced.tokens == eager.tokens
         for ours, theirs in zip(traced.logits, eager.logits, strict=True):

@@ -8,13 +8,16 @@ record runs the same ops on new inputs in TorchScript's C++ interpreter, none of
 left: the same kernels, in the same order, on the same arguments, so the same bits.
 
 A record replays the ops it saw whatever its inputs hold, so each belongs to one `TraceKey`: the
-number of rows (the kernels' paths are chosen by it), whether any row is on an adapter (without,
-the layers skip the LoRA delta) and whether the layers apply the slots' DoRA and bias terms
-(gathered over every row: `LoraBatch.with_gathered_terms`, which the runner asks for where a
-row's slot holds one). Every other choice a forward makes in Python must be the same on every
-step of a key, which holds for the steps the runner hands here (`ModelRunner.forward`): decode
-rows only (one token each), attended by the paged kernel (no architecture's eager attention),
-none on a slot that holds an embedding delta (that applies per segment, in Python). A replay's
+row counts that take the same paths through the projections' Python (`linear.rows_alike`: 1-3,
+4, 5-32, 33-128, 129-256; the kernels choose among their own paths by the rows inside each
+call, and the tracer records tensors' sizes as they flow, so one record replays every row count
+of its range), whether any row is on an adapter (without, the layers skip the LoRA delta) and
+whether the layers apply the slots' DoRA and bias terms (gathered over every row:
+`LoraBatch.with_gathered_terms`, which the runner asks for where a row's slot holds one). Every
+other choice a forward makes in Python must be the same on every step of a key, which holds for
+the steps the runner hands here (`ModelRunner.forward`): decode rows only (one token each),
+attended by the paged kernel (no architecture's eager attention), none on a slot that holds an
+embedding delta (that applies per segment, in Python). A replay's
 inputs are the tensors `ModelRunner.prepare` builds (tokens, positions, write slots, kept
 tokens, the LoRA segments' columns, the block tables and context lengths, and with terms each
 row's slot), so it reads its own step's rows; what it holds of the model (parameters, slot
@@ -25,9 +28,10 @@ A key's record is made the first time a step needs it: recording runs that step'
 logits are the step's) and takes about 0.15 s more than the step on the default benchmark model
 (whose steps take 8-45 ms). A recording that reads a value back from a tensor (which would bake
 that value in: TorchScript's tracer warns of it) or fails is dropped, logged once, and that
-key's steps run eagerly from then on. (A Python branch on a tensor's value shows only as a
-boolean read, which the wrappers' comparisons of sizes give too: the tests' bit-for-bit
-comparisons with eager steps guard those paths.) Records are never freed
+key's steps run eagerly from then on, as do a key's steps after a replay that raised. (A Python
+branch on a tensor's value or size shows only as a boolean read, which the wrappers'
+comparisons of sizes give too: the tests' bit-for-bit comparisons with eager steps at every row
+count of a key guard those paths.) Records are never freed
 (TorchScript keeps every traced function), so there are at most `max_records`; steps of other
 keys run eagerly (logged once). A record holds no copy of a tensor, but TorchScript's graph and
 interpreter take about 4 KB a node: 6.7 MB for the default model's 8 layers (1,592 nodes) once
@@ -55,6 +59,7 @@ import torch
 from loraserve.metrics import DecodeRecordStats
 from loraserve.model.attention import AttentionBatch
 from loraserve.model.forward import ForwardInputs
+from loraserve.model.linear import rows_alike
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +80,17 @@ _VALUE_READS = (
 
 @dataclass(frozen=True)
 class TraceKey:
-    """What one record serves: steps of `rows` decode rows, on adapters or not, applying the
-    slots' terms or not."""
+    """What one record serves: steps of any number of decode rows in `rows`
+    (`linear.rows_alike`), on adapters or not, applying the slots' terms or not."""
 
-    rows: int
+    rows: range
     adapters: bool
     terms: bool = False
 
     @classmethod
     def of(cls, inputs: ForwardInputs) -> TraceKey:
         lora = inputs.lora
-        return cls(inputs.input_ids.shape[1], lora.any_adapter, lora.every_term)
+        return cls(rows_alike(inputs.input_ids.shape[1]), lora.any_adapter, lora.every_term)
 
 
 def step_tensors(inputs: ForwardInputs) -> tuple[torch.Tensor, ...]:
@@ -166,13 +171,20 @@ class DecodeTraces:
             if len(self.traces) < self.max_records:
                 return self._record(key, inputs, tensors)
             if not self._full:
-                log.info("decode records: all %d made; steps of other row counts run eagerly",
+                log.info("decode records: all %d made; steps of other keys run eagerly",
                          self.max_records)  # fmt: skip
                 self._full = True
             return None
+        try:
+            with torch.jit.optimized_execution(False):  # the ops as recorded, no graph passes
+                logits = traced(*tensors)
+        except Exception as error:  # a record that cannot take this step's rows: a defect
+            log.exception("replaying the decode record of %s failed; its steps run eagerly", key)
+            del self.traces[key]
+            self._drop(key, f"{type(error).__name__}: {error}")
+            return None
         self._replayed += 1
-        with torch.jit.optimized_execution(False):  # the ops as recorded, no graph passes
-            return traced(*tensors)
+        return logits
 
     def _record(
         self, key: TraceKey, inputs: ForwardInputs, tensors: tuple[torch.Tensor, ...]

@@ -42,6 +42,7 @@ Knows nothing about LoRA, adapters or batches: it sees rows of activations.
 
 from __future__ import annotations
 
+import bisect
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -92,9 +93,28 @@ PAIRS_MIN_ROWS = 4
 # at 4, 5.52 against 7.22 at 6; a Llama 3 8B layer's seven 4.27 against 5.65 at one row (29 GB/s
 # of weights and scales: about what this machine's cores read).
 GEMV_BF16_MIN_BLOCK = 64
+# Where the paths above change with the row count (each the first row count of a new choice):
+# between two of them every row count takes the same paths through `BaseLinear`, the kernels
+# choosing among their own inside the call (`rows_alike`).
+PATH_CHANGES_AT = tuple(
+    sorted({PAIRS_MIN_ROWS, AMX_TILE_MIN_ROWS, AMX_WIDENED_MAX_ROWS + 1, AMX_DENSE_MAX_ROWS + 1})
+)
 BF16_STEP_K = 32  # the bf16 kernels take k 32 at a time: in_features must be a multiple
 NARROW_DTYPES = (torch.bfloat16, torch.float16)
 CONTIGUOUS = torch.contiguous_format
+
+
+def rows_alike(rows: int) -> range:
+    """The row counts that take the same paths through `BaseLinear` as `rows` rows do, on any
+    CPU, compute dtype and weight (1-3, 4, 5-32, 33-128, 129-256): what a decode record of the
+    model's forward (`decode_traces`), which holds the choices its recording made, may replay.
+    Past SMALL_BATCH_ROWS, `rows` alone (rows in bf16 tiles are split into parts by their
+    count)."""
+    if rows > SMALL_BATCH_ROWS:
+        return range(rows, rows + 1)
+    starts = (1, *PATH_CHANGES_AT, SMALL_BATCH_ROWS + 1)
+    at = bisect.bisect_right(starts, rows)
+    return range(starts[at - 1], starts[at])
 
 
 @functools.cache
