@@ -7,7 +7,9 @@ prefix cache keeps, reuses and evicts their blocks), random output lengths, each
 random adapter or on the base, half of a round submitted at once and the rest a few steps
 later. After every round it records the process's resident set (RSS). A server whose memory
 grows with its traffic (a leak, or the allocator fragmenting) shows it as a climb after the
-first rounds have reached every batch shape's high-water mark.
+first rounds have reached every batch shape's high-water mark. The summary also says how its
+decode steps ran (`decode_steps`: replayed from a record of the forward, recorded, eager), which
+batches of every size put to the test.
 
 With `--churn` the engine is the benchmark's Zipf one instead: 1,000 registered adapters (the
 32 files under 1,000 names), 32 device slots and a host tier that holds a quarter of them, and
@@ -26,6 +28,7 @@ import logging
 import os
 import random
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import loraserve.model.bitsandbytes_offline  # noqa: F401  (before peft, which imports it)
@@ -126,6 +129,9 @@ def main() -> None:
         "growth_mib_after_a_third": round(timeline[-1]["rss_mib"] - third["rss_mib"], 1),
         "rounds": len(timeline),
     }
+    records = core.runner.record_stats()  # how its decode steps ran: varied batches' sizes
+    if records is not None:
+        summary["decode_steps"] = asdict(records)
     print(json.dumps(summary, indent=2))
     if args.out:
         record = {"machine": machine_info(), "seconds": args.seconds, "seed": args.seed,
