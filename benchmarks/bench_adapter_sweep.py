@@ -12,7 +12,9 @@ generating the same number of tokens greedily:
 
 Adapter i's weights are the benchmark's adapter directory i mod 32 (each name is its own
 adapter to every tier and to PEFT; the disk holds 32 files). Each point is the median of
-`--repeats` runs after one warm-up.
+`--repeats` runs after a warm-up run of the same workload (until 2026-12-06 a warm-up of 4
+requests, after which the engine's first timed run recorded its 32-row decode steps: the
+slowest run of each point, 0.67 of the next at one adapter).
 
 PEFT is given at most `--peft-max-adapters` (128): its `load_adapter` walks every module of the
 model, which grows with each adapter loaded, so 1,000 adapters take hours to load (474 took 27
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         for series, fn in runs.items():
             if series.startswith("peft") and count > peft_count:
                 continue
-            fn(w.head(4, 2))  # warm-up
+            fn(w)  # warm-up: the engine records its decode steps for this batch's row counts
             tok_s = [timed(partial(fn, w), core.device).tok_s for _ in range(args.repeats)]
             results[series][count] = tok_s
             print(f"{count:>5} adapters {series:<18} {statistics.median(tok_s):9.1f} tok/s",
