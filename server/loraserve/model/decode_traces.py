@@ -30,8 +30,8 @@ logits are the step's) and takes about 0.15 s more than the step on the default 
 that value in: TorchScript's tracer warns of it) or fails is dropped, logged once, and that
 key's steps run eagerly from then on, as do a key's steps after a replay that raised. (A Python
 branch on a tensor's value or size shows only as a boolean read, which the wrappers'
-comparisons of sizes give too: the tests' bit-for-bit comparisons with eager steps at every row
-count of a key guard those paths.) Records are never freed
+comparisons of sizes give too: the tests' bit-for-bit comparisons with eager steps, at both
+ends of each key's range of rows, guard those paths.) Records are never freed
 (TorchScript keeps every traced function), so there are at most `max_records`; steps of other
 keys run eagerly (logged once). A record holds no copy of a tensor, but TorchScript's graph and
 interpreter take about 4 KB a node: 6.7 MB for the default model's 8 layers (1,592 nodes) once
