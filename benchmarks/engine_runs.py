@@ -151,17 +151,25 @@ def submit(core: EngineCore, trace: Trace, workload: Workload, with_adapters: bo
 
 def step_until_idle(core: EngineCore, trace: Trace, joiners: dict[int, Workload] | None = None,
                     with_adapters: bool = True) -> None:  # fmt: skip
-    """Step until idle; `joiners[n]` is submitted after the n-th step."""
+    """Step until idle; `joiners[n]` is submitted after the n-th step.
+
+    A step that finds nothing to run (every waiting request waits on an adapter load) is
+    followed by a wait for the loader's wake-up, as the server's engine thread does: polling
+    instead held the GIL against the loader's Python, and slowed 128 adapters' loads into 64
+    slots by a third (benchmarks/RESULTS.md, 2026-12-06)."""
     joiners = dict(joiners or {})
     steps = 0
     while core.has_work() or joiners:
         if steps in joiners:
             submit(core, trace, joiners.pop(steps), with_adapters)
         start = time.perf_counter()
-        core.step()
+        progressed = core.step()
         trace.step_seconds.append(time.perf_counter() - start)
         trace.tokens_after_step.append(trace.tokens)
         steps += 1
+        if not progressed and core.has_work():
+            for task in core.inbox.take(block=True):
+                task()
     if trace.errors:
         raise trace.errors[0]
 
