@@ -4,8 +4,9 @@
 configured, the built-in demo, trained into the user's cache on first use), opens the adapter
 store (and the thread that keeps it current with other processes sharing its root), builds the
 engine core around it, the publisher that hands validated uploads to the host tier and the
-catalog the API serves, shares the start-up adapters (the demo's too) with every tenant and
-starts the engine thread. `serve` runs the process: the gRPC server binds at once (health
+catalog the API serves, shares the start-up adapters (the demo's too) with every tenant, makes
+the CPU decode records steps of every batch size will replay (`EngineCore.record_decode_steps`)
+and starts the engine thread. `serve` runs the process: the gRPC server binds at once (health
 NOT_SERVING, calls UNAVAILABLE) so Kubernetes can probe it, and so does the OpenAI-compatible
 HTTP API when `http_port` is set (503 until then), the runtime is built off the event loop and
 warmed up with one generation, the objects start-up made are frozen out of the garbage
@@ -129,6 +130,7 @@ def build_runtime(config: ServerConfig, metrics: Metrics) -> Runtime:
     for name, directory in served.shared_adapters:
         catalog.share(name, directory)
         log.info("shared adapter %r from %s with every tenant", name, directory)
+    core.record_decode_steps()  # before the engine thread: no request waits for a recording
     metrics.attach_live(core.live_state, gateway=config.gateway_metrics)
     metrics.build_info.info(
         {

@@ -7,7 +7,7 @@ gathered over every row) and beside embedding deltas (whose steps run eagerly); 
 runs none of the model's Python; one record replays every row count that takes the same
 paths through the projections as the one it was made at, bit for bit; a recording that reads a
 value from a tensor, or fails, is dropped and its steps run eagerly, as are the steps of a record
-whose replay raised.
+whose replay raised; the records every batch size needs can be made before serving.
 """
 
 from __future__ import annotations
@@ -17,12 +17,20 @@ from dataclasses import replace
 import pytest
 import torch
 from tests.conftest import ARCHS
-from tests.engine.helpers import make_core, requests_on, run
+from tests.engine.helpers import PROMPTS, make_core, requests_on, run
 
 from loraserve.metrics import DecodeRecordStats
 from loraserve.model.decode_traces import DecodeTraces, TraceKey
-from loraserve.model.linear import PATH_CHANGES_AT, SMALL_BATCH_ROWS, rows_alike
+from loraserve.model.linear import (
+    PATH_CHANGES_AT,
+    SMALL_BATCH_ROWS,
+    amx_tiles,
+    bf16_pairs,
+    ranges_alike,
+    rows_alike,
+)
 from loraserve.model.runner import RowInput
+from loraserve.types import GenerateRequest, SamplingParams
 
 FEW = range(1, PATH_CHANGES_AT[0])  # the row counts one record serves, from one row
 
@@ -65,6 +73,56 @@ def test_traced_steps_give_the_eager_engines_tokens_and_logits_bit_for_bit(
         assert traced.tokens == eager.tokens
         for ours, theirs in zip(traced.logits, eager.logits, strict=True):
             assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_records_made_before_serving_serve_every_batch_size_bit_for_bit(
+    dtype, model_dirs, adapter_dirs
+):
+    """`EngineCore.record_decode_steps`, before any request, makes the records of every range
+    of row counts up to max_batch_size, on the base and on adapters, touching no KV block or
+    request metric: a batch shrinking from 40 rows to one, on two adapters and the base, then
+    replays them, recording nothing, with the eager engine's tokens and logits."""
+    most, results = 40, {}
+    for records in (0, 16):
+        core = make_core(model_dirs["llama"], dtype=dtype, device_slots=2, max_batch_size=most,
+                         traced_decode_records=records)  # fmt: skip
+        free = core.allocator.free_blocks
+        made = core.record_decode_steps()
+        assert core.allocator.free_blocks == free and not core.has_work() and core.steps == 0
+        for name in ("r8-all", "r1-qv"):  # in slots before the requests: one prefill step
+            core.adapters.prefetch(core.adapters.load(name, adapter_dirs["llama"][name]))
+        assert core.adapters.wait_for_loads(timeout=60)
+        requests = [
+            GenerateRequest(
+                prompt=PROMPTS[i % len(PROMPTS)], adapter=(None, "r8-all", "r1-qv")[i % 3],
+                sampling=SamplingParams(max_new_tokens=2 + i, ignore_eos=True),
+            )
+            for i in range(most)
+        ]  # fmt: skip
+        results[records] = run(core, {0: requests})
+        assert [len(r.tokens) for r in results[records]] == [2 + i for i in range(most)]
+    assert made == 2 * len(ranges_alike(most))
+    traces = core.runner.traces
+    assert set(traces.traces) == {TraceKey(r, a) for r in ranges_alike(most) for a in (False, True)}
+    stats = traces.stats()
+    assert stats.recorded == made and stats.eager == 0
+    assert stats.replayed == most  # each decode step of the shrinking batch, and none else
+    for eager, traced in zip(results[0], results[16], strict=True):
+        assert traced.tokens == eager.tokens
+        for ours, theirs in zip(traced.logits, eager.logits, strict=True):
+            assert torch.equal(ours, theirs)
+
+
+def test_records_made_before_any_other_forward_in_bf16_are_kept(model_dirs):
+    """Which bf16 paths this CPU takes is asked of the kernels by an op that answers a bool,
+    which a recording cannot hold: the runner asks before any forward, so the first forward
+    of the process, recorded, keeps its record."""
+    amx_tiles.cache_clear()
+    bf16_pairs.cache_clear()
+    core = make_core(model_dirs["llama"], dtype="bf16", max_batch_size=4)
+    assert core.record_decode_steps() == 2 * len(ranges_alike(4))
+    assert not core.runner.traces.untraceable
 
 
 def test_a_replayed_step_runs_none_of_the_models_python(model_dirs, monkeypatch):

@@ -202,6 +202,19 @@ class EngineCore:
         )
         self.decode_threads = DecodeThreads(ThreadGovernor(self.max_threads)) if adaptive else None
 
+    def record_decode_steps(self) -> int:
+        """Before the first request, on the thread that steps: make the CPU decode records that
+        steps of up to `max_batch_size` rows need, on the base and on adapters (the first
+        adapter slot's rows, whatever it holds: `ModelRunner.record_decode_steps`), so that no
+        request's step waits while one is recorded. No sequence, KV block or request metric is
+        touched. Returns how many records were made (none where steps are not recorded)."""
+        started = time.perf_counter()
+        made = self.runner.record_decode_steps(self.config.max_batch_size, adapter_slot=1)
+        if made:
+            log.info("made %d decode records for up to %d rows in %.1f s", made,
+                     self.config.max_batch_size, time.perf_counter() - started)  # fmt: skip
+        return made
+
     # ---- requests -----------------------------------------------------------------------
 
     def make_sequence(self, request: GenerateRequest, emit: EmitFn) -> Sequence:

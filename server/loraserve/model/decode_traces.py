@@ -26,12 +26,15 @@ update in place.
 
 A key's record is made the first time a step needs it: recording runs that step's forward (its
 logits are the step's) and takes about 0.15 s more than the step on the default benchmark model
-(whose steps take 8-45 ms). A recording that reads a value back from a tensor (which would bake
-that value in: TorchScript's tracer warns of it) or fails is dropped, logged once, and that
-key's steps run eagerly from then on, as do a key's steps after a replay that raised. (A Python
-branch on a tensor's value or size shows only as a boolean read, which the wrappers'
-comparisons of sizes give too: the tests' bit-for-bit comparisons with eager steps, at both
-ends of each key's range of rows, guard those paths.) Records are never freed
+(whose steps take 8-45 ms). The server makes the keys of every batch size it may run, on the
+base and on adapters, before its first request (`ModelRunner.record_decode_steps`), so that no
+request's step waits for one; steps on DoRA or bias terms still record on first use. A
+recording that reads a value back from a tensor (which would bake that value in: TorchScript's
+tracer warns of it) or fails is dropped, logged once, and that key's steps run eagerly from then
+on, as do a key's steps after a replay that raised. (A Python branch on a tensor's value or
+size shows only as a boolean read, which the wrappers' comparisons of sizes give too: the tests'
+bit-for-bit comparisons with eager steps, at both ends of each key's range of rows, guard those
+paths.) Records are never freed
 (TorchScript keeps every traced function), so there are at most `max_records`; steps of other
 keys run eagerly (logged once). A record holds no copy of a tensor, but TorchScript's graph and
 interpreter take about 4 KB a node: 6.7 MB for the default model's 8 layers (1,592 nodes) once

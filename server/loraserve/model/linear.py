@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +100,7 @@ GEMV_BF16_MIN_BLOCK = 64
 PATH_CHANGES_AT = tuple(
     sorted({PAIRS_MIN_ROWS, AMX_TILE_MIN_ROWS, AMX_WIDENED_MAX_ROWS + 1, AMX_DENSE_MAX_ROWS + 1})
 )
+_RANGE_STARTS = (1, *PATH_CHANGES_AT, SMALL_BATCH_ROWS + 1)  # rows_alike's ranges' first rows
 BF16_STEP_K = 32  # the bf16 kernels take k 32 at a time: in_features must be a multiple
 NARROW_DTYPES = (torch.bfloat16, torch.float16)
 CONTIGUOUS = torch.contiguous_format
@@ -112,9 +114,15 @@ def rows_alike(rows: int) -> range:
     count)."""
     if rows > SMALL_BATCH_ROWS:
         return range(rows, rows + 1)
-    starts = (1, *PATH_CHANGES_AT, SMALL_BATCH_ROWS + 1)
-    at = bisect.bisect_right(starts, rows)
-    return range(starts[at - 1], starts[at])
+    at = bisect.bisect_right(_RANGE_STARTS, rows)
+    return range(_RANGE_STARTS[at - 1], _RANGE_STARTS[at])
+
+
+def ranges_alike(most_rows: int) -> list[range]:
+    """Every range `rows_alike` answers for 1 to `most_rows` rows, in order (none of those past
+    SMALL_BATCH_ROWS, where each count is a range of its own)."""
+    most = min(most_rows, SMALL_BATCH_ROWS)
+    return [range(a, b) for a, b in itertools.pairwise(_RANGE_STARTS) if a <= most]
 
 
 @functools.cache
@@ -131,6 +139,15 @@ def amx_tiles() -> bool:
     OS lets this process use them, and the loaded build has the code)."""
     ops = native()
     return ops is not None and bool(ops.amx_usable())
+
+
+def probe_bf16_paths() -> None:
+    """Ask the kernels now which bf16 paths this CPU takes (`amx_tiles`, `bf16_pairs`: each
+    answer is kept): a forward recorded for a decode record (`decode_traces`) before any other
+    ran would ask inside the recording, which cannot hold an op that answers a bool, and drop
+    that record."""
+    amx_tiles()
+    bf16_pairs()
 
 
 @functools.cache
