@@ -237,6 +237,13 @@ def test_a_record_replays_other_contexts_as_the_eager_forward_computes_them(mode
         if node.kind() == "prim::Constant" and node.output().type().kind() != "TensorType"
     ]
     assert scalars and len(scalars) == len(set(scalars))  # each repeated scalar kept once
+    asked = [n for n in graph.nodes() if n.kind() == "aten::size"]
+    sizes = [tuple(value.unique() for value in n.inputs()) for n in asked]
+    assert sizes and len(sizes) == len(set(sizes))  # each tensor's size along a dimension once
+    assert not [
+        n for n in graph.nodes()
+        if n.kind() == "aten::Int" and n.input().node().kind() == "prim::NumToTensor"
+    ]  # an int made a tensor and back is that int  # fmt: skip
     for lengths in ([5, 40], [70, 3], [129, 17]):  # longer block tables than recorded
         rows = decode_rows(core, lengths)
         replayed = traces.forward(step_inputs(core, rows))

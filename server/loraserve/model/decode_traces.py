@@ -39,7 +39,8 @@ paths.) Records are never freed
 keys run eagerly (logged once). A record holds no copy of a tensor, but TorchScript's graph and
 interpreter take about 4 KB a node: 6.7 MB for the default model's 8 layers (1,592 nodes) once
 repeated scalar constants are one and each node's source range is dropped (15.6 MB without: the
-tracer keeps the whole Python stack, up to 4 KB, at every node).
+tracer keeps the whole Python stack, up to 4 KB, at every node); 1,067 nodes once the size
+bookkeeping is folded too (`_fold_sizes`).
 
 `torch.jit.trace` is deprecated in torch 2.x, but it is the one way torch offers to replay an
 eager forward's ops without Python that records in a fraction of a second; `torch.compile` would
@@ -68,6 +69,11 @@ log = logging.getLogger(__name__)
 
 # The kinds of constant a record holds besides tensors; immutable, so equal ones can be one.
 _SCALARS = ("IntType", "FloatType", "BoolType", "NoneType", "StringType", "DeviceObjType")
+
+# The ops that change a tensor's sizes in place (none in a forward), and the nodes of the size
+# bookkeeping the tracer records, which `_fold_sizes` folds.
+_RESIZES = ("aten::resize_", "aten::resize_as_", "aten::set_")
+_SIZE_NODES = ("aten::size", "prim::NumToTensor", "aten::Int")
 
 # TracerWarnings that mean a recording baked in a value of this step's tensors (a Python number,
 # list or index read from one, or a tensor built from host values): its replays would reuse it.
@@ -206,6 +212,7 @@ class DecodeTraces:
                 warnings.simplefilter("always")
                 traced = torch.jit.trace(forward, tensors, check_trace=False)
             _strip(traced.graph)
+            _fold_sizes(traced.graph)
         except Exception as error:  # an op or a Python type the tracer cannot take
             self._drop(key, f"{type(error).__name__}: {error}")
             return None
@@ -250,6 +257,36 @@ def _strip(graph: torch._C.Graph) -> None:
     bare = graph.create("prim::Constant", [], 1)  # a node with no metadata, never inserted
     for node in graph.nodes():
         node.copyMetadata(bare)
+
+
+def _fold_sizes(graph: torch._C.Graph) -> None:
+    """The size bookkeeping the tracer records, folded before a record's first replay: a
+    tensor's size along a dimension asked again is the answer it got first (no op of the
+    forward resizes a tensor in place: checked, else nothing is folded), `aten::Int` of
+    `prim::NumToTensor` of an int is that int, and what nothing uses then goes (1,368 -> 843
+    nodes on the default model's 8 layers: a one-row step 0.98x the time in fp32, 0.97x in
+    bf16, the same bits). Runs after `_strip`, whose one constant per value lets equal
+    dimensions be told apart by their inputs."""
+    if any(node.kind() in _RESIZES for node in graph.nodes()):
+        return
+    asked: dict[tuple[int, ...], torch._C.Value] = {}
+    for node in list(graph.nodes()):
+        kind = node.kind()
+        if kind == "aten::size" and node.inputsSize() == 2:
+            key = tuple(value.unique() for value in node.inputs())  # the tensor, the dimension
+            if key in asked:
+                node.output().replaceAllUsesWith(asked[key])
+                node.destroy()
+            else:
+                asked[key] = node.output()
+        elif kind == "aten::Int":
+            made = node.input().node()
+            if made.kind() == "prim::NumToTensor" and made.input().type().kind() == "IntType":
+                node.output().replaceAllUsesWith(made.input())
+                node.destroy()
+    for node in reversed(list(graph.nodes())):
+        if node.kind() in _SIZE_NODES and not node.output().uses():
+            node.destroy()
 
 
 def _reads_a_value(warning: warnings.WarningMessage) -> bool:
