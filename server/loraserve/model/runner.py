@@ -175,19 +175,20 @@ class ModelRunner:
             return replace(inputs, lora=inputs.lora.with_gathered_terms())
         return inputs
 
-    def record_decode_steps(self, most_rows: int, adapter_slot: int | None) -> int:
+    def record_decode_steps(self, most_rows: int, adapter_slot: int) -> int:
         """Make now the decode records (`decode_traces`) that steps of up to `most_rows` decode
         rows will need, so that no served step waits while its forward is recorded (0.15-0.6 s
         on the benchmark's default model, every stream in the batch waiting): one forward of
         the fewest rows of each range of row counts one record serves (`linear.ranges_alike`),
-        on the base and, given `adapter_slot` (not the base's), on that slot. A record holds
-        the forward's ops, not the values they read, so the slot may hold any adapter or none.
-        Each row is token 0 at position 0 writing its keys and values into the scratch block,
-        which no sequence attends to. Returns how many records were made."""
+        on the base and on `adapter_slot` (not the base's). A record holds the forward's ops,
+        not the values they read: the slot's weights do not matter (at start-up it holds none;
+        one with DoRA or bias terms would make the records of steps with terms instead). Each
+        row is token 0 at position 0 writing its keys and values into the scratch block, which
+        no sequence attends to. Returns how many records were made."""
         if self.traces is None:
             return 0
         before = self.traces.stats().records
-        for slot in (0,) if adapter_slot is None else (0, adapter_slot):
+        for slot in (0, adapter_slot):
             row = RowInput([0], 0, [SCRATCH_BLOCK], slot)
             for rows in ranges_alike(most_rows):
                 self.forward([row] * rows.start)
