@@ -40,7 +40,8 @@ keys run eagerly (logged once). A record holds no copy of a tensor, but TorchScr
 interpreter take about 4 KB a node: 6.7 MB for the default model's 8 layers (1,592 nodes) once
 repeated scalar constants are one and each node's source range is dropped (15.6 MB without: the
 tracer keeps the whole Python stack, up to 4 KB, at every node); 1,067 nodes once the size
-bookkeeping is folded too (`_fold_sizes`).
+bookkeeping is folded too (`_fold_sizes`: the 8 records of 64 rows, each replayed once, hold
+42.0 MB of the heap instead of 55.5).
 
 `torch.jit.trace` is deprecated in torch 2.x, but it is the one way torch offers to replay an
 eager forward's ops without Python that records in a fraction of a second; `torch.compile` would
