@@ -152,7 +152,7 @@ class EngineConfig(BaseModel):
         "range of row counts that take the same kernel paths (1-3, 4, 5-32, 33-128, 129-256; "
         "with adapters or without, with their DoRA or bias terms or without), made at start-up "
         "for every batch size up to max_batch_size (others the first time a step needs one), "
-        "at most this many (each holds about 0.65 MB a decoder layer; "
+        "at most this many (each holds about 0.57 MB a decoder layer; "
         "steps of other keys run eagerly): the same kernels without the model's Python "
         "between them, the same outputs; 0: off",
         ge=0,

@@ -237,9 +237,13 @@ def test_a_record_replays_other_contexts_as_the_eager_forward_computes_them(mode
         if node.kind() == "prim::Constant" and node.output().type().kind() != "TensorType"
     ]
     assert scalars and len(scalars) == len(set(scalars))  # each repeated scalar kept once
-    asked = [n for n in graph.nodes() if n.kind() == "aten::size"]
-    sizes = [tuple(value.unique() for value in n.inputs()) for n in asked]
-    assert sizes and len(sizes) == len(set(sizes))  # each tensor's size along a dimension once
+    for kind in ("aten::size", "prim::ListConstruct"):  # each size, each list, asked once
+        asked = [
+            (str(n.output().type()), *(value.unique() for value in n.inputs()))
+            for n in graph.nodes()
+            if n.kind() == kind
+        ]
+        assert asked and len(asked) == len(set(asked))
     assert not [
         n for n in graph.nodes()
         if n.kind() == "aten::Int" and n.input().node().kind() == "prim::NumToTensor"
