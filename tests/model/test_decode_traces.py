@@ -80,9 +80,9 @@ def test_records_made_before_serving_serve_every_batch_size_bit_for_bit(
     dtype, model_dirs, adapter_dirs
 ):
     """`EngineCore.record_decode_steps`, before any request, makes the records of every range
-    of row counts up to max_batch_size, on the base and on adapters, touching no KV block or
-    request metric: a batch shrinking from 40 rows to one, on two adapters and the base, then
-    replays them, recording nothing, with the eager engine's tokens and logits."""
+    of row counts up to max_batch_size, on the base and on adapters, taking no KV block and
+    running no engine step: a batch shrinking from 40 rows to one, on two adapters and the
+    base, then replays them, recording nothing, with the eager engine's tokens and logits."""
     most, results = 40, {}
     for records in (0, 16):
         core = make_core(model_dirs["llama"], dtype=dtype, device_slots=2, max_batch_size=most,
