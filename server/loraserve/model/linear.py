@@ -153,7 +153,8 @@ def probe_bf16_paths() -> None:
 @functools.cache
 def bf16_pairs() -> bool:
     """Whether the kernels multiply bf16 rows by AVX512-BF16's pair dot products: this CPU has
-    them and no AMX tiles the kernels may use (which take precedence)."""
+    them (and AVX512-VBMI, which the kernels' decoding takes) and no AMX tiles the kernels may
+    use (which take precedence)."""
     ops = native()
     return ops is not None and bool(ops.bf16_pairs_usable()) and not amx_tiles()
 

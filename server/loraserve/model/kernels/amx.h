@@ -19,7 +19,8 @@
 //
 // Compiled into the AVX-512 build only, for the CPU features AMX implies (`#pragma GCC target`
 // below), and used only where `amx_usable()` says this CPU and kernel allow the tiles, or, for
-// the pair dot products, where `bf16_pairs_usable()` finds AVX512-BF16.
+// the pair dot products, where `bf16_pairs_usable()` finds AVX512-BF16 (and, for both,
+// AVX512-VBMI, which the decoding takes).
 
 #if LS_LANES == 16 && defined(__AVX512F__)
 #define LS_AMX 1
@@ -30,8 +31,16 @@
 
 namespace LS_NAMESPACE {
 
-// Whether this CPU has AMX-BF16 tiles and AVX512-BF16, and Linux lets this process use the
-// tiles (asked for once: their state is too large to be saved for every process by default).
+// Whether this CPU has AVX512-VBMI, whose byte permute the 4-bit weights' decoding to bf16
+// takes (`decode_bf16`): every CPU with AMX, and AMD Zen 4 and 5; not Intel's Cooper Lake.
+inline bool has_vbmi() {
+  unsigned a, b, c, d;
+  return __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((c >> 1) & 1);
+}
+
+// Whether this CPU has AMX-BF16 tiles, AVX512-BF16 and AVX512-VBMI, and Linux lets this process
+// use the tiles (asked for once: their state is too large to be saved for every process by
+// default).
 inline bool amx_usable() {
   static const bool usable = [] {
     unsigned a, b, c, d;
@@ -41,14 +50,14 @@ inline bool amx_usable() {
     const bool avx512_bf16 = (a >> 5) & 1;
     constexpr long kRequestPermission = 0x1023;  // ARCH_REQ_XCOMP_PERM
     constexpr long kTileData = 18;               // XFEATURE_XTILEDATA
-    return tiles && bf16_tiles && avx512_bf16 &&
+    return tiles && bf16_tiles && avx512_bf16 && has_vbmi() &&
            syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
   }();
   return usable;
 }
 
 #pragma GCC push_options
-#pragma GCC target("amx-tile,amx-bf16,avx512bf16,avx512bw,avx512vl")
+#pragma GCC target("amx-tile,amx-bf16,avx512bf16,avx512bw,avx512vl,avx512vbmi")
 
 constexpr int64_t kAmxStepK = 32;    // k per tile multiply: 16 pairs (a shift of 5)
 constexpr int64_t kAmxColumns = 32;  // output columns per work item: two weight tiles
@@ -87,19 +96,27 @@ class TileSession {
   TileSession& operator=(const TileSession&) = delete;
 };
 
-// The 16 code values times a block's scale, rounded to bf16, in the low half of a vector.
+// The 16 code values times a block's scale, rounded to bf16, in both halves of a vector's 32
+// words (so that a word index's bit 4 does not matter).
 inline __m512i scaled_bf16_table(__m512 code, float scale) {
   const __m256bh table = _mm512_cvtneps_pbh(_mm512_mul_ps(code, _mm512_set1_ps(scale)));
-  return _mm512_castsi256_si512(reinterpret_cast<__m256i>(table));
+  return _mm512_broadcast_i64x4(reinterpret_cast<__m256i>(table));
 }
 
 // 16 packed bytes (32 k of one column) as 32 bf16 in k order: a byte's high nibble is the even
-// k, its low nibble the odd one, so byte j's two codes become word indices 2j and 2j + 1.
+// k, its low nibble the odd one. vpermb puts byte j in the low byte of words 2j and 2j + 1 (the
+// high bytes zero), the even words shift down by 4 (the high nibble), and vpermw looks the words
+// up: an odd word's bits 4-7 (the high nibble) fall outside the low 4 bits, and bit 4 picks the
+// table's other half, which holds the same values.
 inline __m512i decode_bf16(const uint8_t* bytes, __m512i table) {
-  const __m512i q =
-      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
-  const __m512i index = _mm512_ternarylogic_epi32(  // (q >> 4) | ((q << 16) & 0xF0000)
-      _mm512_srli_epi32(q, 4), _mm512_slli_epi32(q, 16), _mm512_set1_epi32(0x000F0000), 0xF8);
+  const __m512i spread = _mm512_set_epi32(
+      0x000F000F, 0x000E000E, 0x000D000D, 0x000C000C, 0x000B000B, 0x000A000A, 0x00090009,
+      0x00080008, 0x00070007, 0x00060006, 0x00050005, 0x00040004, 0x00030003, 0x00020002,
+      0x00010001, 0x00000000);
+  const __m512i q = _mm512_maskz_permutexvar_epi8(
+      0x5555555555555555ull, spread,
+      _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes))));
+  const __m512i index = _mm512_srlv_epi16(q, _mm512_set1_epi32(4));
   return _mm512_permutexvar_epi16(index, table);
 }
 
@@ -346,12 +363,13 @@ inline void amx_block(const Source& w, const uint32_t* xp, int64_t M, int64_t K,
 // FMA does. Each column keeps its rows' sums in registers over a chunk, in the sum tiles' layout
 // between chunks; the block's sums leave by store_block as the tiles' do.
 
-// Whether this CPU has AVX512-BF16 (as AVX-512 needs no permission from the OS, nothing else
-// is asked).
+// Whether this CPU has AVX512-BF16 and AVX512-VBMI (as AVX-512 needs no permission from the
+// OS, nothing else is asked). Cooper Lake, with AVX512-BF16 but no VBMI, runs bf16 compute as a
+// CPU without AVX512-BF16 does.
 inline bool bf16_pairs_usable() {
   static const bool usable = [] {
     unsigned a, b, c, d;
-    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1);
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1) && has_vbmi();
   }();
   return usable;
 }
