@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import queue
 import statistics
 import time
 from collections.abc import Callable
@@ -45,6 +46,7 @@ from machine import PEAK_SIZE, machine_info
 ROWS = DEFAULT.num_requests  # rows of a decode step
 ARRANGEMENTS = ("alone", "team", "side_by_side")
 WORKS = ("projections", "lm_head", "matmul")
+WORKER_TIMEOUT_S = 600  # a worker that crashed before its timings would be waited for forever
 
 
 def layer_calls() -> list[tuple[int, list[int]]]:
@@ -128,7 +130,12 @@ def measure(work: str, processes: int, threads: int, rounds: int) -> list[float]
     ]
     for worker in workers:
         worker.start()
-    medians = [statistics.median(results.get()) for _ in workers]
+    try:
+        medians = [statistics.median(results.get(timeout=WORKER_TIMEOUT_S)) for _ in workers]
+    except queue.Empty:
+        for worker in workers:
+            worker.kill()
+        raise SystemExit(f"a {work} worker gave no timings in {WORKER_TIMEOUT_S} s") from None
     for worker in workers:
         worker.join()
         if worker.exitcode != 0:
