@@ -15,6 +15,8 @@ set of prompts and one output length:
                       engine_multi_lora with the same adapters stored in bf16 (as adapters
                       trained in bf16 are), default settings: fp32 slots hold them as bf16
                       rows, exactly; fp32 compute only
+  engine_multi_lora_fp16_adapters
+                      the same with the adapters stored in fp16: held as fp16 rows, exactly
   engine_base_eager, engine_multi_lora_eager
                       engine_base and engine_multi_lora with `cuda_graphs` off: every decode
                       step launches its kernels one by one (on a GPU only)
@@ -106,7 +108,7 @@ from common import (
     Workload,
     prepare_lora_adapters,
     prepare_model,
-    stored_in_bf16,
+    stored_in,
     timed,
 )
 from engine_runs import (
@@ -140,6 +142,7 @@ CONFIGURATIONS = (
     "engine_multi_lora_eager",
     "engine_multi_lora_bf16_slots",
     "engine_multi_lora_bf16_adapters",
+    "engine_multi_lora_fp16_adapters",
     "engine_constrained",
     "hf_generate_base",
     "hf_generate_base_fp32_kernels",
@@ -162,6 +165,7 @@ INTERLEAVED = (
     "engine_multi_lora_eager",
     "engine_multi_lora_bf16_slots",
     "engine_multi_lora_bf16_adapters",
+    "engine_multi_lora_fp16_adapters",
     "engine_constrained",
     "hf_generate_base",
     "hf_generate_base_fp32_kernels",
@@ -310,14 +314,17 @@ def setup(config: BenchConfig, cache_root: Path) -> Setup:
     core = build_engine(settings, adapter_dirs)
     seconds["engine"] = time.perf_counter() - start
     start = time.perf_counter()
-    bf16_slots_core = bf16_adapters_core = None  # in a 16-bit compute dtype: 16-bit slots
+    bf16_slots_core = bf16_adapters_core = fp16_adapters_core = None  # 16-bit compute: 16-bit slots
     if config.compute_dtype == "fp32":
         bf16_slots = settings.model_copy(update={"lora_slot_dtype": "bf16"})
         bf16_slots_core = build_engine(bf16_slots, adapter_dirs)
         seconds["engine_bf16_slots"] = time.perf_counter() - start
         start = time.perf_counter()
-        bf16_adapters_core = build_engine(settings, stored_in_bf16(adapter_dirs))
+        bf16_adapters_core = build_engine(settings, stored_in(adapter_dirs, torch.bfloat16))
         seconds["engine_bf16_adapters"] = time.perf_counter() - start
+        start = time.perf_counter()
+        fp16_adapters_core = build_engine(settings, stored_in(adapter_dirs, torch.float16))
+        seconds["engine_fp16_adapters"] = time.perf_counter() - start
     eager_core = None  # CUDA graphs off: on a GPU only (a CPU never captures them)
     if core.device.type == "cuda":
         start = time.perf_counter()
@@ -381,6 +388,7 @@ def setup(config: BenchConfig, cache_root: Path) -> Setup:
     for name, other_core, with_adapters in (
         ("engine_multi_lora_bf16_slots", bf16_slots_core, True),
         ("engine_multi_lora_bf16_adapters", bf16_adapters_core, True),
+        ("engine_multi_lora_fp16_adapters", fp16_adapters_core, True),
         ("engine_base_eager", eager_core, False),
         ("engine_multi_lora_eager", eager_core, True),
     ):
@@ -508,6 +516,7 @@ RATIOS = {  # name: (numerator, denominator)
     "graphs_speedup_multi_lora": ("engine_multi_lora", "engine_multi_lora_eager"),
     "multi_lora_bf16_slots_over_base": ("engine_multi_lora_bf16_slots", "engine_base"),
     "multi_lora_bf16_adapters_over_base": ("engine_multi_lora_bf16_adapters", "engine_base"),
+    "multi_lora_fp16_adapters_over_base": ("engine_multi_lora_fp16_adapters", "engine_base"),
     "constrained_over_multi_lora": ("engine_constrained", "engine_multi_lora"),
     "zipf_over_base": ("engine_zipf", "engine_base"),
     "zipf_cold_host_over_base": ("engine_zipf_cold_host", "engine_base"),

@@ -186,12 +186,14 @@ def timed(fn: Callable[[], int], device: torch.device) -> Run:
     return Run(time.perf_counter() - start, time.process_time() - cpu_start, tokens)
 
 
-def stored_in_bf16(adapter_dirs: dict[str, Path]) -> dict[str, Path]:
-    """A copy of each PEFT adapter directory with its tensors saved in bf16 (as adapters trained
-    in bf16 are), written on first use next to the originals. Returns name -> directory."""
+def stored_in(adapter_dirs: dict[str, Path], dtype: torch.dtype) -> dict[str, Path]:
+    """A copy of each PEFT adapter directory with its tensors saved in `dtype` (bf16 or fp16, as
+    adapters trained or cast so are), written on first use next to the originals. Returns
+    name -> directory."""
+    suffix = {torch.bfloat16: "-bf16", torch.float16: "-fp16"}[dtype]
     copies = {}
     for name, directory in adapter_dirs.items():
-        copy = directory.parent.with_name(directory.parent.name + "-bf16") / directory.name
+        copy = directory.parent.with_name(directory.parent.name + suffix) / directory.name
         copies[name] = copy
         if (copy / "adapter_config.json").exists():
             continue
@@ -199,6 +201,6 @@ def stored_in_bf16(adapter_dirs: dict[str, Path]) -> dict[str, Path]:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(directory, staging)
         weights = staging / "adapter_model.safetensors"
-        save_file({k: t.to(torch.bfloat16) for k, t in load_file(weights).items()}, weights)
+        save_file({k: t.to(dtype) for k, t in load_file(weights).items()}, weights)
         staging.replace(copy)
     return copies

@@ -29,11 +29,12 @@ from dataclasses import replace
 
 import loraserve.model.bitsandbytes_offline  # noqa: F401  (before peft, which imports it)
 
+import torch
 import transformers
 
 from adapter_cache import cold_load_ms, percentile
 from bench_multi_lora import DEFAULT, TARGETS, TTFT_WAVES, base_engine_config, make_workload
-from common import DEFAULT_CACHE_DIR, prepare_lora_adapters, prepare_model, stored_in_bf16
+from common import DEFAULT_CACHE_DIR, prepare_lora_adapters, prepare_model, stored_in
 from engine_runs import build_engine, engine_config
 from loraserve.adapters.peft_format import read_peft_adapter
 from loraserve.model.loading import DTYPES
@@ -68,7 +69,7 @@ def main() -> None:
         dora = prepare_lora_adapters(model_dir, 1, config.rank, config.alpha, TARGETS, dora=True)
         adapter_dir = next(iter(dora.values()))
     if args.bf16_stored:
-        adapter_dir = stored_in_bf16({"cold": adapter_dir})["cold"]
+        adapter_dir = stored_in({"cold": adapter_dir}, torch.bfloat16)["cold"]
     cold_load_ms(core, adapter_dir, args.warmup)
     times = cold_load_ms(core, adapter_dir, args.loads)
     kind = "DoRA cold load" if args.dora else "cold load"

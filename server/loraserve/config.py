@@ -121,10 +121,10 @@ class EngineConfig(BaseModel):
     lora_slot_dtype: Literal["auto", "compute", "bf16"] = setting(
         "auto",
         "dtype of the device slots' LoRA A and B: auto (the compute dtype; under fp32 compute a "
-        "module the adapter stores in bf16 is held in bf16 within its slot: exact, and half the "
-        "bytes a CPU decode step reads for it), compute (always the compute dtype), or bf16 "
-        "under fp32 compute (half the slot memory as well; exact for adapters stored in bf16, "
-        "others rounded to it)",
+        "module the adapter stores in bf16 or fp16 is held in that dtype within its slot: "
+        "exact, and half the bytes a CPU decode step reads for it), compute (always the compute "
+        "dtype), or bf16 under fp32 compute (half the slot memory as well; exact for adapters "
+        "stored in bf16, others rounded to it)",
     )
     device_slots: Count = setting(
         8, "adapters resident on the device at once (slot 0, the base, is extra)"

@@ -43,7 +43,7 @@ class FakeLayer(nn.Module):
 
     def set_slot(
         self, slot: int, a, b, scale=None, shift=None, copies=None, lora_scale=1.0,
-        bf16_values=False, unscaled=False,
+        stored_half=None, unscaled=False,
     ):  # fmt: skip
         # copies run now; the scaling folded into b (slots in the compute dtype, as stored or
         # not)

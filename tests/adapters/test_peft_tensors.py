@@ -228,17 +228,22 @@ def test_pairs_stored_in_16_bits_are_held_as_stored_and_checked_once_scaled(half
         "largest-finite": module(b_bad=-big, scale=1.0),
         "infinite-once-scaled": module(b_bad=big, scale=2 * fp32_max / big),
         "dora": module(magnitude=torch.ones(6)),
+        "mixed": CheckedModule(
+            {"lora_A": module().parts["lora_A"], "lora_B": torch.ones(6, 4)}, False, (8, 6), 2.0
+        ),
     }
     converted = module_weights(checked, torch.float32)
     assert converted.not_finite == ["nan-in-a", "inf-in-b", "infinite-once-scaled"]
     for name in ("fine", "largest-finite"):
         got, parts = converted.modules[name], checked[name].parts
         assert got.unscaled and got.a.dtype == got.b.dtype == half
-        assert got.bf16_values == (half == torch.bfloat16)
+        assert got.stored_half == half
         assert torch.equal(got.a, parts["lora_A"]) and torch.equal(got.b, parts["lora_B"].t())
         assert got.a.is_contiguous() and got.b.is_contiguous()
-    dora = converted.modules["dora"]
+    dora, mixed = converted.modules["dora"], converted.modules["mixed"]
     assert not dora.unscaled and dora.b.dtype == torch.float32
+    assert dora.stored_half == half  # its a and b / scaling hold values of that dtype
+    assert not mixed.unscaled and mixed.stored_half is None
     assert torch.equal(dora.b, checked["dora"].parts["lora_B"].float().t() * 2.0)
     storages = {m.a.untyped_storage().data_ptr() for m in converted.modules.values() if m.unscaled}
     assert len(storages) == 1

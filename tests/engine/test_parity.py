@@ -224,32 +224,37 @@ def test_other_adapter_kinds_match_peft_in_a_batch_with_plain_lora_and_base(
     check_against_peft(core, requests, results, model_dirs[arch], adapters, "nf4", "fp32", device)
 
 
-def stored_in_bf16(adapter_dir: Path, out_dir: Path) -> Path:
+def stored_in(adapter_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:
     """A copy of a PEFT adapter directory with its LoRA tensors (A, B, DoRA magnitudes, lora_B
-    biases) saved in bf16; what else it saves (the base embedding's copy) stays as it was."""
+    biases) saved in `dtype`; what else it saves (the base embedding's copy) stays as it was."""
     shutil.copytree(adapter_dir, out_dir)
     weights = out_dir / "adapter_model.safetensors"
     tensors = load_file(weights)
-    converted = {n: t.to(torch.bfloat16) if "lora_" in n else t for n, t in tensors.items()}
+    converted = {n: t.to(dtype) if "lora_" in n else t for n, t in tensors.items()}
     save_file(converted, weights)
     return out_dir
 
 
-@pytest.mark.parametrize("slot_dtype", ["bf16", "auto", "compute"])
+@pytest.mark.parametrize(
+    ("stored", "slot_dtype"),
+    [("bf16", "bf16"), ("bf16", "auto"), ("bf16", "compute"), ("fp16", "auto")],
+)
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_adapters_stored_in_bf16_are_served_from_bf16_rows_as_peft_does(
-    arch, slot_dtype, model_dirs, adapter_dirs, kind_adapter_dirs, tmp_path
+def test_adapters_stored_in_16_bits_are_served_from_16_bit_rows_as_peft_does(
+    arch, stored, slot_dtype, model_dirs, adapter_dirs, kind_adapter_dirs, tmp_path
 ):
-    """Under fp32 compute, bf16 slots (`lora_slot_dtype="bf16"`), or float32 slots holding each
-    module stored in bf16 as bf16 rows (the default, "auto"), hold A and B as the adapter stores
-    them and the scaling apart (alpha / r is not a power of two for several of these), so the
-    batch (under "auto" with one adapter stored in fp32 beside them) matches PEFT, which
-    computes in fp32 with the same values. Plain float32 rows ("compute") get B scaled as the
-    host tier's bf16 copy is written into them, and match PEFT too."""
+    """Under fp32 compute, bf16 slots (`lora_slot_dtype="bf16"`) for adapters stored in bf16,
+    or float32 slots holding each module stored in bf16 or fp16 as rows of that dtype (the
+    default, "auto"), hold A and B as the adapter stores them and the scaling apart (alpha / r
+    is not a power of two for several of these), so the batch (under "auto" with one adapter
+    stored in fp32 beside them) matches PEFT, which computes in fp32 with the same values.
+    Plain float32 rows ("compute") get B scaled as the host tier's 16-bit copy is written into
+    them, and match PEFT too."""
     sources = {**adapter_dirs[arch], **kind_adapter_dirs[arch]}
     names = ["r1-qv", "r8-rslora", "r32-kv-up", "r64-all", "r2-o-down", "dora-bias-r8",
              "lora-bias-r4", "embed-r4"]  # fmt: skip
-    adapters = {name: stored_in_bf16(sources[name], tmp_path / name) for name in names}
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}[stored]
+    adapters = {name: stored_in(sources[name], tmp_path / name, half) for name in names}
     if slot_dtype == "auto":  # beside one stored in fp32, which bf16 slots would round
         adapters["r8-all"] = sources["r8-all"]
         names.append("r8-all")
@@ -272,8 +277,8 @@ def test_adapters_stored_in_bf16_are_served_from_bf16_rows_as_peft_does(
     check_against_peft(core, requests, results, model_dirs[arch], adapters, "nf4", "fp32", "cpu")
     if slot_dtype == "auto":  # every adapter is in a slot: as many slots as adapters
         filled = [slot for slot, rank in enumerate(core.adapters.slot_ranks) if rank]
-        held = {layer.narrow.holds(slot) for layer in layers for slot in filled}
-        assert len(filled) == len(names) and held == {True, False}, "bf16 rows, and fp32 ones"
+        held = {layer.narrow.dtype_of(slot) for layer in layers for slot in filled}
+        assert len(filled) == len(names) and held == {half, None}, "16-bit rows, and fp32 ones"
 
 
 @pytest.mark.parametrize("device", DEVICES)

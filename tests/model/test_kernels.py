@@ -819,7 +819,7 @@ def test_the_torch_paths_serve_when_kernels_are_off():
     assert " passed" in result.stdout
 
 
-@pytest.mark.parametrize("slots_held", ["fp32", "bf16", "fp32-and-bf16-rows"])
+@pytest.mark.parametrize("slots_held", ["fp32", "bf16", "fp32-and-16-bit-rows"])
 @pytest.mark.parametrize(("in_features", "out_features"), [(64, 37), (40, 100), (8, 3)])
 def test_lora_delta_kernel_equals_reference_over_long_and_short_segments(
     in_features, out_features, slots_held
@@ -827,7 +827,8 @@ def test_lora_delta_kernel_equals_reference_over_long_and_short_segments(
     """Segments longer than a chunk of 16 tokens, rows not a multiple of the 4-row block,
     output widths with vector and scalar tails, ranks from 1 to the slot buffer's maximum;
     slots in float32 with the scaling folded in, in bfloat16 with a scaling per slot, or
-    float32 slots of which some hold bf16 rows in the first half of their bytes (`narrow`)."""
+    float32 slots of which some hold bf16 or fp16 rows in the first half of their bytes
+    (`narrow`: 1 bf16, 2 fp16)."""
     torch.manual_seed(in_features)
     slots, max_rank = 5, 16
     slot_dtype = torch.bfloat16 if slots_held == "bf16" else torch.float32
@@ -835,12 +836,13 @@ def test_lora_delta_kernel_equals_reference_over_long_and_short_segments(
     lora_b = torch.randn(slots, max_rank, out_features).to(slot_dtype)
     values_a, values_b = lora_a.float().clone(), lora_b.float().clone()  # each slot, widened
     narrow = None
-    if slots_held == "fp32-and-bf16-rows":
-        narrow = torch.tensor([False, True, False, True, True])
+    if slots_held == "fp32-and-16-bit-rows":
+        narrow = torch.tensor([0, 1, 0, 2, 1], dtype=torch.uint8)
         for slot in narrow.nonzero().flatten().tolist():
+            half = (torch.bfloat16, torch.float16)[int(narrow[slot]) - 1]
             for buffer, values in ((lora_a, values_a), (lora_b, values_b)):
-                values[slot] = values[slot].bfloat16().float()
-                rows = buffer[slot].view(-1).view(torch.bfloat16)[: values[slot].numel()]
+                values[slot] = values[slot].to(half).float()
+                rows = buffer[slot].view(-1).view(half)[: values[slot].numel()]
                 rows.copy_(values[slot].flatten())
     bf16 = slots_held != "fp32"
     scales = torch.tensor([1.0, 0.375, 2.0, 1.0, 0.1]) if bf16 else None
@@ -863,9 +865,9 @@ def test_lora_delta_kernel_equals_reference_over_long_and_short_segments(
     native().lora_delta_(x, y, lora_a, lora_b, starts, ends, slot_ids, ranks, scales, narrow)
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
     if slots_held == "bf16":
-        with pytest.raises(RuntimeError, match="only float32 slots hold bf16"):
+        with pytest.raises(RuntimeError, match="only float32 slots hold 16-bit rows"):
             native().lora_delta_(x, y, lora_a, lora_b, starts, ends, slot_ids, ranks, scales,
-                                 torch.zeros(slots, dtype=torch.bool))  # fmt: skip
+                                 torch.zeros(slots, dtype=torch.uint8))  # fmt: skip
 
 
 @pytest.mark.parametrize("slot_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

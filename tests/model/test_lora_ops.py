@@ -209,10 +209,11 @@ def test_bf16_slots_with_their_scales_under_fp32_compute_match_the_reference(mix
 @pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("row_len", [1, 5], ids=["per-token", "segments"])
 @pytest.mark.parametrize("mix", ["distinct", "zipf", "base-mixed-in"])
-def test_float32_slots_holding_bf16_rows_match_the_reference(mix, row_len, form):
-    """Every other slot of float32 buffers holds bf16 rows in the first half of its bytes, its
-    scaling apart: each form reads each slot as it is held, and the delta is the one float32
-    slots give with the same values (widened) and the same scalings."""
+def test_float32_slots_holding_16_bit_rows_match_the_reference(mix, row_len, form):
+    """Two slots in three of float32 buffers hold 16-bit rows in the first half of their bytes
+    (bf16 and fp16 in turn), the scaling apart: each form reads each slot as it is held, and
+    the delta is the one float32 slots give with the same values (widened) and the same
+    scalings."""
     row_slots = MIXES[mix](random.Random(mix), NUM_ROWS)
     batch = LoraBatch.for_rows(row_slots, [row_len] * len(row_slots), SLOT_RANKS)
     values_a, values_b = _slot_weights(torch.float32)
@@ -220,13 +221,14 @@ def test_float32_slots_holding_bf16_rows_match_the_reference(mix, row_len, form)
     narrow = NarrowSlots(len(SLOT_RANKS), torch.device("cpu"))
     lora_a, lora_b = torch.zeros_like(values_a), torch.zeros_like(values_b)
     for slot, scale in enumerate(SLOT_SCALES):
-        if slot % 2:  # held as bf16 rows, the scaling apart
-            values_a[slot] = values_a[slot].bfloat16().float()
-            values_b[slot] = values_b[slot].bfloat16().float()
-            narrow.set(slot, True)
+        half = (None, torch.bfloat16, torch.float16)[slot % 3]
+        if half is not None:  # held as 16-bit rows, the scaling apart
+            values_a[slot] = values_a[slot].to(half).float()
+            values_b[slot] = values_b[slot].to(half).float()
+            narrow.set(slot, half)
             scales.set(slot, scale)
-            narrow_rows(lora_a, slot).copy_(values_a[slot])
-            narrow_rows(lora_b, slot).copy_(values_b[slot])
+            narrow_rows(lora_a, slot, half).copy_(values_a[slot])
+            narrow_rows(lora_b, slot, half).copy_(values_b[slot])
         else:  # float32 rows, the scaling folded into B
             values_b[slot] *= scale
             lora_a[slot], lora_b[slot] = values_a[slot], values_b[slot]
@@ -238,7 +240,13 @@ def test_float32_slots_holding_bf16_rows_match_the_reference(mix, row_len, form)
     assert (got - want).abs().max() / want.abs().max() <= TOLERANCE[torch.float32]
     assert want.abs().max() > 0.5
     wide_only = FORMS[form](torch.zeros_like(y), x, batch, lora_a, lora_b, scales)
-    assert (wide_only - want).abs().max() / want.abs().max() > 0.1  # the flags are read
+    assert (wide_only - want).abs().max() / want.abs().max() > 0.1  # the codes are read
+    swapped = NarrowSlots(len(SLOT_RANKS), torch.device("cpu"))
+    for slot in range(len(SLOT_RANKS)):
+        half = narrow.dtype_of(slot)
+        swapped.set(slot, {torch.bfloat16: torch.float16, torch.float16: torch.bfloat16}.get(half))
+    misread = FORMS[form](torch.zeros_like(y), x, batch, lora_a, lora_b, scales, swapped)
+    assert (misread - want).abs().max() / want.abs().max() > 0.1  # and which dtype they say
 
 
 def _runs(row_slots: list[int], row_len: int) -> list[tuple[int, int, int, int]]:
@@ -429,47 +437,51 @@ def test_a_bf16_slot_holds_b_as_stored_and_the_scaling_apart():
 
 
 @pytest.mark.parametrize("deferred", [False, True])
-def test_a_float32_slot_holds_modules_stored_in_bf16_as_bf16_rows(deferred):
-    """With narrow slots, a module whose a and b / scaling are bf16 values goes into its slot as
-    bf16 rows, B as stored and the scaling apart; others as float32 rows, the scaling folded.
-    Refilled either way at any rank, or cleared, the slot holds exactly its adapter and zeros
-    past it (read at the full padded rank, as the gathered form reads it), and the layer's
-    output is that of plain float32 slots with the same adapter."""
+def test_a_float32_slot_holds_modules_stored_in_16_bits_as_16_bit_rows(deferred):
+    """With narrow slots, a module whose a and b / scaling are bf16 or fp16 values goes into
+    its slot as rows of that dtype, B as stored and the scaling apart; others as float32 rows,
+    the scaling folded. Refilled either way at any rank, from one dtype to another, or cleared,
+    the slot holds exactly its adapter and zeros past it (read at the full padded rank, as the
+    gathered form reads it), and the layer's output is that of plain float32 slots with the
+    same adapter."""
     torch.manual_seed(0)
     base = nn.Linear(IN_FEATURES, OUT_FEATURES)
     held, plain = LoraContext(), LoraContext()
     layer = MultiLoraLinear(base, held, 4, MAX_RANK, torch.float32, narrow_slots=True)
     reference = MultiLoraLinear(base, plain, 4, MAX_RANK, torch.float32)
-    assert layer.slot_nbytes == reference.slot_nbytes + 4 + 1  # a scaling and a flag
+    assert layer.slot_nbytes == reference.slot_nbytes + 4 + 1  # a scaling and a code
     gen = torch.Generator().manual_seed(9)
     slot = 2
-    fills = [(MAX_RANK, False, 0.375), (3, True, 0.375), (MAX_RANK, True, 3.0), (5, False, 2.0),
-             (7, True, 0.1), None, (MAX_RANK - 1, True, 1.0), (2, True, 0.0), (4, False, 0.5),
-             (1, True, 3.0)]  # fmt: skip
+    bf16, fp16 = torch.bfloat16, torch.float16
+    fills = [(MAX_RANK, None, 0.375), (3, bf16, 0.375), (MAX_RANK, fp16, 3.0), (5, None, 2.0),
+             (7, bf16, 0.1), None, (MAX_RANK - 1, fp16, 1.0), (2, bf16, 0.0), (6, fp16, 0.3),
+             (4, None, 0.5), (1, bf16, 3.0)]  # fmt: skip
     for fill in fills:
         if fill is None:
             layer.clear_slot(slot)
             reference.clear_slot(slot)
             assert not layer.lora_a[slot].any() and not layer.lora_b[slot].any()
-            assert not layer.narrow.holds(slot) and layer.scales.of(slot) == 1.0
+            assert layer.narrow.dtype_of(slot) is None and layer.scales.of(slot) == 1.0
+            assert layer.narrow.codes[slot] == 0
             continue
-        rank, bf16, scale = fill
+        rank, half, scale = fill
         a = torch.randn(rank, IN_FEATURES, generator=gen)
         b = torch.randn(rank, OUT_FEATURES, generator=gen)
-        if bf16:
-            a, b = a.bfloat16().float(), b.bfloat16().float()
+        if half is not None:
+            a, b = a.to(half).float(), b.to(half).float()
         copies = SlotCopies() if deferred else None
-        layer.set_slot(slot, a, b * scale, copies=copies, lora_scale=scale, bf16_values=bf16)
+        layer.set_slot(slot, a, b * scale, copies=copies, lora_scale=scale, stored_half=half)
         reference.set_slot(slot, a, b * scale, lora_scale=scale)
         if copies is not None:
             copies.run()
-        assert layer.narrow.holds(slot) == bool(layer.narrow.flags[slot]) == bf16
+        assert layer.narrow.dtype_of(slot) == half
+        assert layer.narrow.codes[slot] == {None: 0, bf16: 1, fp16: 2}[half]
         rows_a, rows_b = (
             slot_rows(layer.lora_a, slot, layer.narrow),
             slot_rows(layer.lora_b, slot, layer.narrow),
         )
-        assert rows_a.dtype == (torch.bfloat16 if bf16 else torch.float32)
-        apart = bf16 and scale not in (0.0, 1.0)
+        assert rows_a.dtype == (half or torch.float32)
+        apart = half is not None and scale not in (0.0, 1.0)
         assert layer.scales.of(slot) == (scale if apart else 1.0)
         assert torch.equal(rows_a[:rank].float(), a)
         if scale:  # a zero scaling leaves B zero, folded
@@ -486,9 +498,9 @@ def test_a_pair_held_as_stored_fills_each_kind_of_slot_exactly(half, slots):
     """A 16-bit A and an unscaled B as the adapter stores them (`unscaled`: how the host tier
     holds such a pair under fp32 compute): float32 rows get B times the scaling in one float32
     multiply (what converting it to float32 with the scaling folded gives, bit for bit);
-    bf16 rows (narrow slots for bf16 values, or bf16 slots) get A and B as stored, rounded to
-    bf16 only from fp16, with the scaling apart. Refilled and deferred alike, the layer's
-    output is that of float32 slots holding the folded float32 form."""
+    16-bit rows (narrow slots, in the stored dtype, or bf16 slots) get A and B as stored,
+    rounded only from fp16 to bf16 slots, with the scaling apart. Refilled and deferred alike,
+    the layer's output is that of float32 slots holding the folded float32 form."""
     torch.manual_seed(0)
     base = nn.Linear(IN_FEATURES, OUT_FEATURES)
     held, plain = LoraContext(), LoraContext()
@@ -502,16 +514,16 @@ def test_a_pair_held_as_stored_fills_each_kind_of_slot_exactly(half, slots):
     for i, (rank, scale) in enumerate([(MAX_RANK, 0.375), (3, 1.0), (5, 0.0), (7, 3.1)]):
         a = torch.randn(rank, IN_FEATURES, generator=gen).to(half)
         b = torch.randn(rank, OUT_FEATURES, generator=gen).to(half)
-        bf16 = half == torch.bfloat16
         copies = SlotCopies() if i % 2 else None
-        layer.set_slot(slot, a, b, copies=copies, lora_scale=scale, bf16_values=bf16,
+        layer.set_slot(slot, a, b, copies=copies, lora_scale=scale, stored_half=half,
                        unscaled=True)  # fmt: skip
         if copies is not None:
             copies.run()
-        apart = slots == "bf16" or (slots == "narrow" and bf16)
+        apart = slots != "compute"
         rows_a = slot_rows(layer.lora_a, slot, layer.narrow)
         rows_b = slot_rows(layer.lora_b, slot, layer.narrow)
-        assert rows_a.dtype == (torch.bfloat16 if apart else torch.float32)
+        rows_dtype = {"compute": torch.float32, "narrow": half, "bf16": torch.bfloat16}[slots]
+        assert rows_a.dtype == rows_b.dtype == rows_dtype
         assert torch.equal(rows_a[:rank], a.to(rows_a.dtype))
         assert torch.equal(rows_b[:rank], b.to(rows_b.dtype) if apart else b.float() * scale)
         assert not rows_a[rank:].any() and not rows_b[rank:].any()
@@ -526,7 +538,7 @@ def test_a_pair_held_as_stored_fills_each_kind_of_slot_exactly(half, slots):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_values_change_nothing_where_slots_cannot_hold_bf16_rows():
+def test_stored_half_changes_nothing_where_slots_cannot_hold_16_bit_rows():
     """Without narrow slots (or with bf16 buffers) a module stored in bf16 fills the slot as
     any other."""
     torch.manual_seed(0)
@@ -538,9 +550,9 @@ def test_bf16_values_change_nothing_where_slots_cannot_hold_bf16_rows():
     assert plain.narrow is None and bf16_buffers.narrow is None
     a = torch.randn(4, IN_FEATURES).bfloat16().float()
     b = torch.randn(4, OUT_FEATURES).bfloat16().float()
-    plain.set_slot(1, a, b * 0.375, lora_scale=0.375, bf16_values=True)
+    plain.set_slot(1, a, b * 0.375, lora_scale=0.375, stored_half=torch.bfloat16)
     assert torch.equal(plain.lora_b[1, :4], b * 0.375) and plain.scales is None
-    bf16_buffers.set_slot(1, a, b * 0.375, lora_scale=0.375, bf16_values=True)
+    bf16_buffers.set_slot(1, a, b * 0.375, lora_scale=0.375, stored_half=torch.bfloat16)
     assert torch.equal(bf16_buffers.lora_b[1, :4].float(), b)
 
 

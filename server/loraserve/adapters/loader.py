@@ -40,7 +40,7 @@ def write_slot(layers: dict[str, LoraLayer], index: int, weights: LoraWeights) -
         else:
             layer.set_slot(
                 index, module.a, module.b, module.scale, module.shift, copies,
-                lora_scale=module.lora_scale, bf16_values=module.bf16_values,
+                lora_scale=module.lora_scale, stored_half=module.stored_half,
                 unscaled=module.unscaled,
             )  # fmt: skip
     copies.run()

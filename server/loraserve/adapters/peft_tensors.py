@@ -413,9 +413,8 @@ def _converted(
         return None if role not in parts else parts[role].to(torch.float32) * factor
 
     copy = parts.get("base_copy")
-    stored_bf16 = factors is not None and all(
-        parts[role].dtype == torch.bfloat16 for role in PAIRS[module.embedding]
-    )
+    stored = set() if factors is None else {parts[role].dtype for role in PAIRS[module.embedding]}
+    stored_half = stored.pop() if len(stored) == 1 and stored <= set(HALF_DTYPES) else None
     return ModuleWeights(
         a,
         b,
@@ -425,6 +424,6 @@ def _converted(
         lora_bias=vector("lora_bias", module.scale),
         base_copy=None if copy is None else copy.clone(),
         lora_scale=module.scale,
-        bf16_values=stored_bf16,
+        stored_half=stored_half,
         unscaled=unscaled,
     )

@@ -5,7 +5,7 @@ adapter's scaling (alpha / r, or alpha / sqrt(r) for rsLoRA) is folded into B wh
 filled. Slots may be narrower than the compute dtype (bf16 slots under fp32 compute: half the
 bytes to hold and to stream each step); those keep B as the adapter stores it and the scaling
 apart, applied to `x A_s^T`, since folding it in would round B. Float32 slots may also hold one
-adapter's module in bf16 where it was stored in bf16 (`NarrowSlots`: the first half of the
+adapter's module in bf16 or fp16 where it was stored so (`NarrowSlots`: the first half of the
 slot's bytes, the scaling apart as in bf16 slots): exact, and half the bytes a step streams for
 its tokens. A slot may also hold a per-output affine term, applied to its rows after the delta:
 `y = y * scale_s + shift_s` (DoRA's rescale and the adapter's bias terms, see `slot_terms`);
@@ -162,7 +162,7 @@ def add_lora_delta_(
 
     y: [N, out] (updated in place); x: [N, in]; lora_a: [S, R, in]; lora_b: [S, R, out], in the
     compute dtype or narrower; `scales`: each slot's scaling, or None where it is folded into
-    lora_b; `narrow`: which float32 slots hold bf16 rows (`narrow_rows`), or None for none.
+    lora_b; `narrow`: which float32 slots hold 16-bit rows (`narrow_rows`), or None for none.
     Ranks below R are zero-padded, so each segment uses its slot's own rank.
 
     On the CPU, one compiled call covers every segment (shrink and expand per chunk of a
@@ -178,9 +178,9 @@ def add_lora_delta_(
     if ops is not None and kernel_reads and y.is_contiguous():
         starts, ends, slots, ranks = batch.columns
         values = None if scales is None else scales.values
-        flags = None if narrow is None else narrow.flags
+        codes = None if narrow is None else narrow.codes
         ops.lora_delta_(
-            x.contiguous(), y, lora_a, lora_b, starts, ends, slots, ranks, values, flags, invariant
+            x.contiguous(), y, lora_a, lora_b, starts, ends, slots, ranks, values, codes, invariant
         )
         return y
     if gathered:
@@ -238,7 +238,7 @@ def gathered_lora_delta_(
     batched shrink and one batched expand-and-add, at the full padded rank R (the padding and
     slot 0 are zeros, so they add exactly zero to finite values). token_slots: [N] int64 on
     y's device. Copies N * R * (in + out) elements; four launches for any mix of adapters
-    (slots narrower than x, scales, or slots holding bf16 rows add a few)."""
+    (slots narrower than x, scales, or slots holding 16-bit rows add a few)."""
     a = gathered_slot_rows(lora_a, token_slots, narrow).to(x.dtype)  # [N, R, in]
     b = gathered_slot_rows(lora_b, token_slots, narrow).to(y.dtype)  # [N, R, out]
     shrunk = torch.bmm(a, x.unsqueeze(-1))  # [N, R, 1]
@@ -297,50 +297,58 @@ class SlotScales:
 
 
 class NarrowSlots:
-    """Which slots of float32 buffers hold their module's A and B in bf16, in the first half of
-    the slot's bytes (`narrow_rows`), for a module the adapter stores in bf16: served with
-    the very same values, at half the bytes a step streams. `flags` [S] bool on the slots'
-    device (what kernels read); the same on the host (what a loop over segments reads)."""
+    """Which slots of float32 buffers hold their module's A and B in 16 bits, bf16 or fp16, in
+    the first half of the slot's bytes (`narrow_rows`), for a module the adapter stores in that
+    dtype: served with the very same values, at half the bytes a step streams. `codes` [S]
+    uint8 on the slots' device (what kernels read: 0 float32 rows, else `CODES`' index of the
+    dtype, as `lora.h` numbers them); the same on the host (what a loop over segments reads)."""
+
+    CODES: tuple[torch.dtype | None, ...] = (None, torch.bfloat16, torch.float16)
 
     def __init__(self, num_slots: int, device: torch.device) -> None:
-        self.flags = torch.zeros(num_slots, dtype=torch.bool, device=device)
-        self._host = [False] * num_slots
+        self.codes = torch.zeros(num_slots, dtype=torch.uint8, device=device)
+        self._host: list[torch.dtype | None] = [None] * num_slots
 
-    def holds(self, slot: int) -> bool:
+    def dtype_of(self, slot: int) -> torch.dtype | None:
+        """The 16-bit dtype slot `slot` holds its rows in, or None for float32 rows."""
         return self._host[slot]
 
-    def set(self, slot: int, narrow: bool) -> None:
-        if self._host[slot] != narrow:
-            self.flags[slot] = narrow
-            self._host[slot] = narrow
+    def set(self, slot: int, dtype: torch.dtype | None) -> None:
+        if self._host[slot] != dtype:
+            self.codes[slot] = self.CODES.index(dtype)
+            self._host[slot] = dtype
 
 
-def narrow_rows(buffer: torch.Tensor, slot: int) -> torch.Tensor:
-    """Slot `slot` of a float32 slot buffer [S, R, F] seen as bf16 rows [R, F]: the first half
-    of the slot's bytes."""
+def narrow_rows(buffer: torch.Tensor, slot: int, dtype: torch.dtype) -> torch.Tensor:
+    """Slot `slot` of a float32 slot buffer [S, R, F] seen as 16-bit rows [R, F] of `dtype`:
+    the first half of the slot's bytes."""
     _, rank, features = buffer.shape
-    return buffer[slot].view(-1).view(torch.bfloat16)[: rank * features].view(rank, features)
+    return buffer[slot].view(-1).view(dtype)[: rank * features].view(rank, features)
 
 
 def slot_rows(buffer: torch.Tensor, slot: int, narrow: NarrowSlots | None) -> torch.Tensor:
     """The rows [R, F] slot `slot` of `buffer` [S, R, F] holds, as it holds them."""
-    if narrow is not None and narrow.holds(slot):
-        return narrow_rows(buffer, slot)
-    return buffer[slot]
+    held = None if narrow is None else narrow.dtype_of(slot)
+    return buffer[slot] if held is None else narrow_rows(buffer, slot, held)
 
 
 def gathered_slot_rows(
     buffer: torch.Tensor, token_slots: torch.Tensor, narrow: NarrowSlots | None
 ) -> torch.Tensor:
-    """Each token's slot rows out of `buffer` [S, R, F], widened where its slot holds bf16 ones:
-    [N, R, F] in the buffer's dtype; token_slots: [N] int64 on the buffer's device."""
-    wide = buffer.index_select(0, token_slots)
+    """Each token's slot rows out of `buffer` [S, R, F], widened where its slot holds 16-bit
+    ones: [N, R, F] in the buffer's dtype; token_slots: [N] int64 on the buffer's device."""
+    rows = buffer.index_select(0, token_slots)
     if narrow is None:
-        return wide
+        return rows
     slots, rank, features = buffer.shape
-    halves = buffer.view(slots, -1).view(torch.bfloat16)[:, : rank * features]  # [S, R * F]
-    held = halves.index_select(0, token_slots).view(-1, rank, features).to(buffer.dtype)
-    return torch.where(narrow.flags.index_select(0, token_slots)[:, None, None], held, wide)
+    codes = narrow.codes.index_select(0, token_slots)[:, None, None]  # [N, 1, 1]
+    for code, dtype in enumerate(narrow.CODES):
+        if dtype is None:
+            continue
+        halves = buffer.view(slots, -1).view(dtype)[:, : rank * features]  # [S, R * F]
+        held = halves.index_select(0, token_slots).view(-1, rank, features).to(buffer.dtype)
+        rows = torch.where(codes == code, held, rows)
+    return rows
 
 
 class LoraContext:
@@ -359,8 +367,9 @@ class MultiLoraLinear(nn.Module):
     lora_a: [num_slots, max_rank, in_features]; lora_b: [num_slots, max_rank, out_features],
     in `slot_dtype` (default: the compute dtype `dtype`; narrower slots keep each adapter's
     scaling in `scales`, not in B). Both keep rank-major rows, so a slot of rank r is the
-    leading r rows of each buffer. With `narrow_slots`, float32 slots hold a module whose
-    values are all bf16 as bf16 rows (`narrow`, `narrow_rows`), its scaling in `scales`. The
+    leading r rows of each buffer. With `narrow_slots`, float32 slots hold a module the adapter
+    stores in bf16 or fp16 as rows of that dtype (`narrow`, `narrow_rows`), its scaling in
+    `scales`. The
     base projection runs through `BaseLinear`, which keeps the wrapped module as `base.module`.
     """
 
@@ -405,7 +414,7 @@ class MultiLoraLinear(nn.Module):
     def slot_nbytes(self) -> int:
         """Device bytes one slot of this layer takes."""
         scale = 0 if self.scales is None else self.scales.values[0].nbytes
-        flag = 0 if self.narrow is None else self.narrow.flags[0].nbytes
+        flag = 0 if self.narrow is None else self.narrow.codes[0].nbytes
         slot = self.lora_a[0].nbytes + self.lora_b[0].nbytes
         return slot + scale + flag + self.terms.slot_nbytes
 
@@ -442,21 +451,21 @@ class MultiLoraLinear(nn.Module):
         shift: torch.Tensor | None = None,
         copies: SlotCopies | None = None,
         lora_scale: float = 1.0,
-        bf16_values: bool = False,
+        stored_half: torch.dtype | None = None,
         unscaled: bool = False,
     ) -> None:
         """a: [r, in]; b: [r, out] with the adapter's scaling `lora_scale` already folded in, or
         without it where `unscaled` (a and b then the adapter's 16-bit values as stored);
-        scale, shift: [out] or None; bf16_values: whether the adapter stores a and B (b /
-        lora_scale) in bf16. Slots narrower than the compute dtype, and float32 slots holding
-        bf16 values as bf16 rows (with `narrow_slots`), hold b / lora_scale (B as the adapter
-        stores it: exact when it is stored in the rows' dtype) and the scaling apart; others
-        hold b with it folded in. copies: where to leave the copies of a and b for the caller
-        to run (None: run now)."""
-        narrow = bf16_values and self.narrow is not None
+        scale, shift: [out] or None; stored_half: the 16-bit dtype (bf16 or fp16) the adapter
+        stores a and B (b / lora_scale) in, or None. Slots narrower than the compute dtype, and
+        float32 slots holding such values as 16-bit rows (with `narrow_slots`), hold b /
+        lora_scale (B as the adapter stores it: exact when it is stored in the rows' dtype) and
+        the scaling apart; others hold b with it folded in. copies: where to leave the copies
+        of a and b for the caller to run (None: run now)."""
+        narrow = stored_half is not None and self.narrow is not None
         r, written = a.shape[0], self._rows_written[slot]
         pending = SlotCopies() if copies is None else copies
-        # float32 rows this write fills whole; bf16 row r (a padding row) shares one with r - 1
+        # float32 rows this write fills whole; 16-bit row r (a padding row) shares one with r - 1
         kept = r // 2 if narrow else r
         if kept < written:  # what a previous adapter of higher rank or other rows left
             self.lora_a[slot, kept:written].zero_()
@@ -469,7 +478,7 @@ class MultiLoraLinear(nn.Module):
             b = b / lora_scale if apart and not unscaled else b
             self.scales.set(slot, lora_scale if apart else 1.0)
         if self.narrow is not None:
-            self.narrow.set(slot, narrow)
+            self.narrow.set(slot, stored_half if narrow else None)
         fold = lora_scale if unscaled and not apart else None
         pending.add(slot_rows(self.lora_a, slot, self.narrow)[:r], a)  # [r, in] of [R, in]
         pending.add(slot_rows(self.lora_b, slot, self.narrow)[:r], b, fold)  # [r, out] of [R, out]
@@ -487,7 +496,7 @@ class MultiLoraLinear(nn.Module):
         if self.scales is not None:
             self.scales.set(slot, 1.0)
         if self.narrow is not None:
-            self.narrow.set(slot, False)
+            self.narrow.set(slot, None)
         self.terms.clear_slot(slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -527,8 +536,8 @@ def wrap_lora_targets(
 ) -> dict[str, LoraLayer]:
     """Replace every linear projection inside the decoder by a `MultiLoraLinear` (slots in
     `slot_dtype`, default `dtype`; with `narrow_slots`, float32 ones hold modules stored in bf16
-    as bf16 rows), and the input embedding by a `MultiLoraEmbedding` (slots in `dtype`), in
-    place.
+    or fp16 as rows of that dtype), and the input embedding by a `MultiLoraEmbedding` (slots in
+    `dtype`), in place.
 
     The output embedding (lm_head) is left alone. `target_names`, when given, restricts wrapping
     to modules whose last name component is listed (e.g. ("q_proj", "v_proj", "embed_tokens")).

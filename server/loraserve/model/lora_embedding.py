@@ -96,12 +96,12 @@ class MultiLoraEmbedding(nn.Module):
         shift: torch.Tensor | None = None,
         copies: SlotCopies | None = None,
         lora_scale: float = 1.0,
-        bf16_values: bool = False,
+        stored_half: torch.dtype | None = None,
         unscaled: bool = False,
     ) -> None:
         """a: [r, vocab]; b: [r, hidden] with the scaling `lora_scale` folded in, or without it
         where `unscaled` (these slots are in the compute dtype and fold it in, whatever dtype
-        the adapter stores them in: `bf16_values` changes nothing here); scale, shift: [hidden]
+        the adapter stores them in: `stored_half` changes nothing here); scale, shift: [hidden]
         or None. copies: where to leave the copies of a and b for the caller to run (None: run
         now)."""
         r = a.shape[0]

@@ -55,8 +55,9 @@ class ModuleWeights:
     bias, scaling folded in), and for the embedding `base_copy` [vocab, hidden], the copy of
     the base embedding PEFT saves next to an embedding LoRA. `resolve_terms` turns them into
     `scale` and `shift` ([out], in the compute dtype), which is what a slot holds.
-    `bf16_values`: the adapter stores A and B in bf16, so a and b / lora_scale hold bf16 values
-    (slots may then hold them in bf16, exactly).
+    `stored_half`: the 16-bit dtype (bf16 or fp16) the adapter stores A and B in, so that a and
+    b / lora_scale hold its values (float32 slots may then hold them in it, exactly); None for
+    one stored in float32, or A and B stored in different dtypes.
     `unscaled`: a and b are the adapter's own 16-bit values (bf16 or fp16, as stored) and b is
     B^T without the scaling, which the slot write applies (`SlotCopies.add`'s `times`) or keeps
     apart: how the host tier holds a plain pair stored in 16 bits under fp32 compute, in half
@@ -73,7 +74,7 @@ class ModuleWeights:
     scale: torch.Tensor | None = None
     shift: torch.Tensor | None = None
     lora_scale: float = 1.0
-    bf16_values: bool = False
+    stored_half: torch.dtype | None = None
     unscaled: bool = False
 
     @property

@@ -388,7 +388,8 @@ void paged_prefill_attention_op(const at::Tensor& q, at::Tensor& out, const at::
 
 // y [N, out] += the LoRA delta of x [N, in] over token segments on slots; the slots float32,
 // bfloat16 or float16 (both alike), scales [S] float32 (none: every slot's scaling is folded
-// into its B), narrow [S] bool (none: no slot holds bf16 within float32 slots; see lora.h).
+// into its B), narrow [S] uint8 (none: no slot holds 16-bit rows within float32 slots; the codes
+// in lora.h).
 void lora_delta_op(const at::Tensor& x, at::Tensor& y, const at::Tensor& lora_a,
                    const at::Tensor& lora_b, const at::Tensor& starts, const at::Tensor& ends,
                    const at::Tensor& slots, const at::Tensor& ranks,
@@ -410,12 +411,12 @@ void lora_delta_op(const at::Tensor& x, at::Tensor& y, const at::Tensor& lora_a,
     TORCH_CHECK(scales->dim() == 1 && scales->size(0) == lora_a.size(0), "scales must be [S]");
     scale = scales->data_ptr<float>();
   }
-  const bool* narrow_slots = nullptr;
+  const uint8_t* narrow_slots = nullptr;
   if (narrow.has_value() && narrow->defined()) {
-    check_cpu(*narrow, at::kBool, "narrow");
+    check_cpu(*narrow, at::kByte, "narrow");
     TORCH_CHECK(narrow->dim() == 1 && narrow->size(0) == lora_a.size(0), "narrow must be [S]");
-    TORCH_CHECK(lora_a.scalar_type() == at::kFloat, "only float32 slots hold bf16 within them");
-    narrow_slots = narrow->data_ptr<bool>();
+    TORCH_CHECK(lora_a.scalar_type() == at::kFloat, "only float32 slots hold 16-bit rows");
+    narrow_slots = narrow->data_ptr<uint8_t>();
   }
   with_element(x, "x and y", [&](auto row_element) {
     using X = decltype(row_element);

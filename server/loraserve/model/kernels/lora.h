@@ -3,9 +3,9 @@
 // slot s. The slots hold float32, bfloat16 or float16 (widened as they are loaded); x and y
 // are float32, or both 16-bit (a 16-bit compute dtype: each chunk's rows are widened, its
 // delta summed in float32 apart from y and added to y in one rounding); without scales, every
-// slot has its adapter's scaling folded into B. Float32 slots may hold bf16 rows instead, in the
-// first half of their bytes (an adapter stored in bf16: the same values, half the bytes read). Where the CPU has AMX tiles, chunks of bf16 rows
-// on bf16 slots run in them instead (`amx.h`: x @ A^T is rounded to bf16 before it meets B).
+// slot has its adapter's scaling folded into B. Float32 slots may hold bf16 or fp16 rows instead,
+// in the first half of their bytes (an adapter stored in 16 bits: the same values, half the
+// bytes read). Where the CPU has AMX tiles, chunks of bf16 rows on bf16 slots run in them instead (`amx.h`: x @ A^T is rounded to bf16 before it meets B).
 //
 // A segment is split into chunks of a few tokens so that a batch of one adapter (a long
 // prefill) still uses every thread, while each chunk reads its slot's A and B once.
@@ -13,6 +13,10 @@
 namespace LS_NAMESPACE {
 
 constexpr int64_t kLoraChunkTokens = 16;  // at most a tile's rows (kLoraTileTokens, amx.h)
+
+// What a float32 slot holds (narrow [S], one byte a slot): float32 rows, or an adapter's bf16 or
+// fp16 rows in the first half of the slot's bytes. The same codes as `NarrowSlots` (lora.py).
+constexpr uint8_t kWideRows = 0, kNarrowBf16 = 1, kNarrowFp16 = 2;
 
 #ifdef LS_AMX
 // Chunks of at least this many tokens on bf16 rows and slots run in AMX tiles (`amx.h`), where
@@ -172,15 +176,16 @@ inline void lora_chunk(const float* xs, int64_t n, int64_t in, const T* a, const
 }
 
 // x [N, in]; y [N, out] (updated; X: float, bf16 or fp16, as x); lora_a [S, R, in]; lora_b
-// [S, R, out] (T: float, bf16 or fp16); scales [S] or null; narrow [S] or null: the float slots
-// that hold their adapter in bf16, A [R, in] and B [R, out] in the first half of each of their
-// slot's bytes (an adapter stored in bf16, served exactly at half the bytes); segments: starts,
+// [S, R, out] (T: float, bf16 or fp16); scales [S] or null; narrow [S] or null: which float
+// slots hold their adapter in 16 bits (kNarrowBf16 or kNarrowFp16; kWideRows: none), A [R, in]
+// and B [R, out] in the first half of each of their slot's bytes (an adapter stored in bf16 or
+// fp16, served exactly at half the bytes); segments: starts,
 // ends, slots, ranks [num_segments] int64. `invariant` (batch invariance): never in AMX tiles,
 // which round x @ A^T to bf16 for chunks of some lengths only, so that a token's delta does not
 // depend on how many tokens share its chunk.
 template <class T, class X>
 inline void lora_delta(const X* x, X* y, int64_t in, int64_t out, const T* lora_a,
-                       const T* lora_b, const float* scales, const bool* narrow, int64_t R,
+                       const T* lora_b, const float* scales, const uint8_t* narrow, int64_t R,
                        const int64_t* starts, const int64_t* ends, const int64_t* slots,
                        const int64_t* ranks, int64_t num_segments, bool invariant) {
   constexpr bool kWidened = !std::is_same_v<X, float>;
@@ -220,12 +225,15 @@ inline void lora_delta(const X* x, X* y, int64_t in, int64_t out, const T* lora_
       }
       const float scale = scales == nullptr ? 1.0f : scales[slots[s]];
       if constexpr (std::is_same_v<T, float>) {
-        if (narrow != nullptr && narrow[slots[s]]) {
-          lora_chunk(xs, n, in, reinterpret_cast<const bf16*>(a),
-                     reinterpret_cast<const bf16*>(b), rank, scale, out, shrunk.data(),
-                     y + t0 * out);
-          return;
-        }
+        const uint8_t held = narrow == nullptr ? kWideRows : narrow[slots[s]];
+        if (held == kNarrowBf16)
+          return lora_chunk(xs, n, in, reinterpret_cast<const bf16*>(a),
+                            reinterpret_cast<const bf16*>(b), rank, scale, out, shrunk.data(),
+                            y + t0 * out);
+        if (held == kNarrowFp16)
+          return lora_chunk(xs, n, in, reinterpret_cast<const fp16*>(a),
+                            reinterpret_cast<const fp16*>(b), rank, scale, out, shrunk.data(),
+                            y + t0 * out);
       }
       lora_chunk(xs, n, in, a, b, rank, scale, out, shrunk.data(), y + t0 * out);
     });
