@@ -5,7 +5,8 @@
 // delta summed in float32 apart from y and added to y in one rounding); without scales, every
 // slot has its adapter's scaling folded into B. Float32 slots may hold bf16 or fp16 rows instead,
 // in the first half of their bytes (an adapter stored in 16 bits: the same values, half the
-// bytes read). Where the CPU has AMX tiles, chunks of bf16 rows on bf16 slots run in them instead (`amx.h`: x @ A^T is rounded to bf16 before it meets B).
+// bytes read). Where the CPU has AMX tiles, chunks of bf16 rows on bf16 slots run in them
+// instead (`amx.h`: x @ A^T is rounded to bf16 before it meets B).
 //
 // A segment is split into chunks of a few tokens so that a batch of one adapter (a long
 // prefill) still uses every thread, while each chunk reads its slot's A and B once.
@@ -179,10 +180,10 @@ inline void lora_chunk(const float* xs, int64_t n, int64_t in, const T* a, const
 // [S, R, out] (T: float, bf16 or fp16); scales [S] or null; narrow [S] or null: which float
 // slots hold their adapter in 16 bits (kNarrowBf16 or kNarrowFp16; kWideRows: none), A [R, in]
 // and B [R, out] in the first half of each of their slot's bytes (an adapter stored in bf16 or
-// fp16, served exactly at half the bytes); segments: starts,
-// ends, slots, ranks [num_segments] int64. `invariant` (batch invariance): never in AMX tiles,
-// which round x @ A^T to bf16 for chunks of some lengths only, so that a token's delta does not
-// depend on how many tokens share its chunk.
+// fp16, served exactly at half the bytes); segments: starts, ends, slots, ranks [num_segments]
+// int64. `invariant` (batch invariance): never in AMX tiles, which round x @ A^T to bf16 for
+// chunks of some lengths only, so that a token's delta does not depend on how many tokens
+// share its chunk.
 template <class T, class X>
 inline void lora_delta(const X* x, X* y, int64_t in, int64_t out, const T* lora_a,
                        const T* lora_b, const float* scales, const uint8_t* narrow, int64_t R,
