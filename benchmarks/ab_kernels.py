@@ -12,7 +12,8 @@ the first one's records).
 
     .venv/bin/python benchmarks/ab_kernels.py --base 6b7fbde --repeats 2
 
-`--compute-dtype`, `--kv-heads` and `--prompt-tokens` change that model and workload: fewer kv
+`--compute-dtype`, `--checkpoint-dtype`, `--kv-heads` and `--prompt-tokens` change that model
+and workload (a bf16 checkpoint's output projection is held in bf16 under fp32 compute): fewer kv
 heads than its 16 q heads give it grouped-query attention, and longer prompts give decode
 attention more context to read (the prefill then takes as many steps as the step budget needs).
 
@@ -359,6 +360,11 @@ def main() -> None:
         "--rows", type=int, default=DEFAULT.num_requests, help="decode rows (--projections: of x)"
     )
     parser.add_argument(
+        "--checkpoint-dtype", choices=("fp32", "bf16"), default=DEFAULT.model.weights_dtype,
+        help="decode steps: how the model's checkpoint stores its weights (bf16: under fp32 "
+        "compute its unquantized weights are held in bf16)",
+    )  # fmt: skip
+    parser.add_argument(
         "--llama3-8b", action="store_true",
         help="with --projections: one Llama 3 8B layer's seven instead of the default model's",
     )  # fmt: skip
@@ -389,7 +395,9 @@ def main() -> None:
         num_requests=max(DEFAULT.num_requests, args.rows),
         compute_dtype=args.compute_dtype,
         prompt_tokens=tuple(args.prompt_tokens),
-        model=replace(DEFAULT.model, num_kv_heads=args.kv_heads),
+        model=replace(
+            DEFAULT.model, num_kv_heads=args.kv_heads, weights_dtype=args.checkpoint_dtype
+        ),
     )
     workload = make_workload(bench, [""] * bench.num_requests).head(args.rows, args.new_tokens)
     use(builds["base"])

@@ -61,7 +61,10 @@ inline void expand_block(const float* h, int64_t ldh, int64_t rank, const T* b, 
     vf bv[NV];
     if constexpr (sizeof(T) == 2)  // see kBf16PrefetchAhead
       _mm_prefetch(reinterpret_cast<const char*>(b + r * ldb + kBf16PrefetchAhead), _MM_HINT_T0);
-    for (int v = 0; v < NV; ++v) bv[v] = load_vf(b + r * ldb + v * kLanes);
+    if constexpr (std::is_same_v<T, bf16> && NV % 2 == 0)
+      for (int v = 0; v < NV; v += 2) load_vf_pair(b + r * ldb + v * kLanes, bv[v], bv[v + 1]);
+    else
+      for (int v = 0; v < NV; ++v) bv[v] = load_vf(b + r * ldb + v * kLanes);
     for (int m = 0; m < MR; ++m) {
       const vf hm = broadcast(h + m * ldh + r);
       for (int v = 0; v < NV; ++v) acc[m][v] += hm * bv[v];
