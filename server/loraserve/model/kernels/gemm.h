@@ -247,15 +247,17 @@ inline void dot_block(const float* x, int64_t ldx, const W* w, int64_t ldw, int6
 
 // The L2 streamer follows one stream a 4 KB page: rows read side by side that share a page
 // (bf16 rows under 2,048 elements, float ones under 1,024) came from memory at about 20 GB/s
-// where whole pages' rows reach 28 (a 32,000 x 1,024 bf16 output projection, one row: 0.89x
-// the time with each block's rows from distinct pages; four rows: 0.82x).
+// where whole pages' rows reach 28. With each block's rows from distinct pages (and bf16 rows
+// loaded in pairs) a 32,000 x 1,024 bf16 output projection took 0.82x the time at one row and
+// 0.77x at four (benchmarks/RESULTS.md, 2026-12-06).
 constexpr int64_t kPageBytes = 4096;
 
 template <int MR, int NR, class W>
 inline void dot_rows(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K,
                      int64_t cols, float* y, int64_t ldy) {
   // Rows shorter than a page: a block takes rows `spread` apart, each from its own page.
-  const int64_t spread = std::clamp<int64_t>(kPageBytes / (ldw * int64_t{sizeof(W)}), 1, cols / NR);
+  const int64_t per_page = kPageBytes / (ldw * int64_t{sizeof(W)});
+  const int64_t spread = std::max<int64_t>(1, std::min(per_page, cols / NR));
   int64_t n = 0;
   if (spread > 1)
     for (; n + spread * NR <= cols; n += spread * NR)
