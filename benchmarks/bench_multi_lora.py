@@ -314,17 +314,16 @@ def setup(config: BenchConfig, cache_root: Path) -> Setup:
     core = build_engine(settings, adapter_dirs)
     seconds["engine"] = time.perf_counter() - start
     start = time.perf_counter()
-    bf16_slots_core = bf16_adapters_core = fp16_adapters_core = None  # 16-bit compute: 16-bit slots
+    bf16_slots_core = None  # in a 16-bit compute dtype: 16-bit slots
+    stored_16_cores = {}  # the adapters stored in 16 bits, by the dtype's name (fp32 compute)
     if config.compute_dtype == "fp32":
         bf16_slots = settings.model_copy(update={"lora_slot_dtype": "bf16"})
         bf16_slots_core = build_engine(bf16_slots, adapter_dirs)
         seconds["engine_bf16_slots"] = time.perf_counter() - start
-        start = time.perf_counter()
-        bf16_adapters_core = build_engine(settings, stored_in(adapter_dirs, torch.bfloat16))
-        seconds["engine_bf16_adapters"] = time.perf_counter() - start
-        start = time.perf_counter()
-        fp16_adapters_core = build_engine(settings, stored_in(adapter_dirs, torch.float16))
-        seconds["engine_fp16_adapters"] = time.perf_counter() - start
+        for name, half in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            start = time.perf_counter()
+            stored_16_cores[name] = build_engine(settings, stored_in(adapter_dirs, half))
+            seconds[f"engine_{name}_adapters"] = time.perf_counter() - start
     eager_core = None  # CUDA graphs off: on a GPU only (a CPU never captures them)
     if core.device.type == "cuda":
         start = time.perf_counter()
@@ -387,8 +386,8 @@ def setup(config: BenchConfig, cache_root: Path) -> Setup:
         runs["peft_mixed_batch_fp32_kernels"] = (partial(run_peft_mixed, *peft_fp32), workload)
     for name, other_core, with_adapters in (
         ("engine_multi_lora_bf16_slots", bf16_slots_core, True),
-        ("engine_multi_lora_bf16_adapters", bf16_adapters_core, True),
-        ("engine_multi_lora_fp16_adapters", fp16_adapters_core, True),
+        ("engine_multi_lora_bf16_adapters", stored_16_cores.get("bf16"), True),
+        ("engine_multi_lora_fp16_adapters", stored_16_cores.get("fp16"), True),
         ("engine_base_eager", eager_core, False),
         ("engine_multi_lora_eager", eager_core, True),
     ):

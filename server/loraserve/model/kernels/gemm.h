@@ -203,36 +203,34 @@ inline void dot_block(const float* x, int64_t ldx, const W* w, int64_t ldw, int6
   for (int m = 0; m < MR; ++m)
     for (int n = 0; n < NR; ++n) acc[m][n] = vf{};
   const int64_t kv = K - K % kLanes;
+  const auto prefetch = [&](int64_t k) {
+    if constexpr (sizeof(W) == 2)  // see kBf16PrefetchAhead
+      for (int n = 0; n < NR; ++n)
+        _mm_prefetch(reinterpret_cast<const char*>(w + n * ldw + k + kBf16PrefetchAhead),
+                     _MM_HINT_T0);
+  };
+  const auto multiply = [&](int64_t k, const vf (&wv)[NR]) {
+    for (int m = 0; m < MR; ++m) {
+      const vf xv = *reinterpret_cast<const vf*>(x + m * ldx + k);
+      for (int n = 0; n < NR; ++n) acc[m][n] += xv * wv[n];
+    }
+  };
   int64_t k = 0;
   // bf16 rows two vectors a step (load_vf_pair), where the registers hold both
   constexpr bool kPairs = std::is_same_v<W, bf16> && kBf16Pairs && MR * NR + 2 * (NR + MR) <= 30;
   if constexpr (kPairs)
     for (; k + 2 * kLanes <= kv; k += 2 * kLanes) {
-      for (int n = 0; n < NR; ++n)
-        _mm_prefetch(reinterpret_cast<const char*>(w + n * ldw + k + kBf16PrefetchAhead),
-                     _MM_HINT_T0);
-      vf wv[NR][2];
-      for (int n = 0; n < NR; ++n) load_vf_pair(w + n * ldw + k, wv[n][0], wv[n][1]);
-      for (int m = 0; m < MR; ++m) {
-        const vf x0 = *reinterpret_cast<const vf*>(x + m * ldx + k);
-        const vf x1 = *reinterpret_cast<const vf*>(x + m * ldx + k + kLanes);
-        for (int n = 0; n < NR; ++n) {
-          acc[m][n] += x0 * wv[n][0];
-          acc[m][n] += x1 * wv[n][1];
-        }
-      }
+      prefetch(k);
+      vf first[NR], second[NR];
+      for (int n = 0; n < NR; ++n) load_vf_pair(w + n * ldw + k, first[n], second[n]);
+      multiply(k, first);
+      multiply(k + kLanes, second);
     }
   for (; k < kv; k += kLanes) {
+    prefetch(k);
     vf wv[NR];
-    if constexpr (sizeof(W) == 2)  // see kBf16PrefetchAhead
-      for (int n = 0; n < NR; ++n)
-        _mm_prefetch(reinterpret_cast<const char*>(w + n * ldw + k + kBf16PrefetchAhead),
-                     _MM_HINT_T0);
     for (int n = 0; n < NR; ++n) wv[n] = load_vf(w + n * ldw + k);
-    for (int m = 0; m < MR; ++m) {
-      const vf xv = *reinterpret_cast<const vf*>(x + m * ldx + k);
-      for (int n = 0; n < NR; ++n) acc[m][n] += xv * wv[n];
-    }
+    multiply(k, wv);
   }
   for (int m = 0; m < MR; ++m)
     for (int n = 0; n < NR; ++n) {
