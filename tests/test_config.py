@@ -237,6 +237,22 @@ def test_environment_lists_are_comma_separated(clean_env):
     assert config.engine.lora_target_modules == ("q_proj", "v_proj")
 
 
+@pytest.mark.parametrize(("environ", "file_value", "want"),
+                         [("true", None, "4bit"), ("False", None, "off"), (None, True, "4bit"),
+                          (None, False, "off"), ("int8", None, "int8")])  # fmt: skip
+def test_quantize_output_still_takes_the_switch_it_was(
+    environ, file_value, want, clean_env, tmp_path
+):
+    """Before it named a format, quantize_output was on or off: on is the base's 4 bits."""
+    config_file = tmp_path / "settings.json"
+    config_file.write_text(
+        json.dumps({} if file_value is None else {"quantize_output": file_value})
+    )
+    if environ is not None:
+        clean_env.setenv("LORASERVE_QUANTIZE_OUTPUT", environ)
+    assert load_config({}, config_file).engine.quantize_output == want
+
+
 @pytest.mark.parametrize(
     ("flags", "words"),
     [

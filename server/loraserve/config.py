@@ -93,13 +93,14 @@ class EngineConfig(BaseModel):
         "double-quantize the 4-bit block scales (QLoRA's recipe; nf4 and fp4): about 0.4 bits "
         "less per weight",
     )
-    quantize_output: bool = setting(
-        False,
-        "hold the output projection (lm_head) in the same 4-bit format as the rest (nf4 and "
-        "fp4; bitsandbytes and PEFT keep it in the compute dtype): 0.28 of the bytes a decode "
-        "step reads for it in bf16, 0.14 in fp32, so few streams run faster (one: up to 1.5 "
-        "times), but the logits are a quantized projection's and greedy outputs no longer "
-        "match PEFT's (docs/performance.md)",
+    quantize_output: Literal["off", "4bit", "int8"] = setting(
+        "off",
+        "hold the output projection (lm_head) quantized too, which bitsandbytes and PEFT keep in "
+        "the compute dtype: 4bit in the base's format (nf4 or fp4; 0.28 of the bytes a decode "
+        "step reads for it in bf16, 0.14 in fp32) or int8, one scale an output (CPUs; 0.5 and "
+        "0.25, logits far closer to the unquantized ones'). Few streams run faster (one: up to "
+        "1.5 times), but greedy outputs no longer match PEFT's (docs/performance.md); true and "
+        "false mean 4bit and off",
     )
     compute_dtype: Literal["fp32", "bf16", "fp16"] = setting(
         "fp32",
@@ -227,6 +228,15 @@ class EngineConfig(BaseModel):
     @classmethod
     def _split_modules(cls, value: Any) -> Any:
         return _names(value)
+
+    @field_validator("quantize_output", mode="before")
+    @classmethod
+    def _output_format(cls, value: Any) -> Any:
+        """The switch this setting was before it named a format: true is 4bit, false off."""
+        switch = {"true": "4bit", "false": "off"}
+        if isinstance(value, bool):
+            return "4bit" if value else "off"
+        return switch.get(value.lower(), value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _fits(self) -> EngineConfig:

@@ -67,7 +67,7 @@ def make_core(
 
 def load_reference_base(
     model_dir, quantization="nf4", dtype="fp32", device="cpu", double_quant=False,
-    quantize_output=False,
+    quantize_output="off",
 ) -> LoadedModel:  # fmt: skip
     """The base as the PEFT references load it, computing in `dtype` on every CPU.
 

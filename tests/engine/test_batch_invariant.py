@@ -180,11 +180,12 @@ def test_with_drafted_tokens_checked_in_the_step(dtype, model_dirs, adapter_dirs
     _assert_same_bits(probe, alone)
 
 
-def test_with_a_quantized_output_projection(dtype, model_dirs, adapter_dirs):
-    """`quantize_output` keeps the logits' bits the probe's own: its 4-bit kernel takes the
-    invariant paths too."""
+@pytest.mark.parametrize("quantize_output", ["4bit", "int8"])
+def test_with_a_quantized_output_projection(dtype, quantize_output, model_dirs, adapter_dirs):
+    """`quantize_output` keeps the logits' bits the probe's own: its 4-bit (8-bit) kernel takes
+    the invariant paths too."""
     core = make_core(
-        model_dirs["llama"], dtype=dtype, batch_invariant=True, quantize_output=True,
+        model_dirs["llama"], dtype=dtype, batch_invariant=True, quantize_output=quantize_output,
         max_context=1024, kv_cache_tokens=8192, max_batch_size=32,
     )  # fmt: skip
     for name in ("r8-all", "r4-attn"):

@@ -84,7 +84,7 @@ def peft_reference(
     device="cpu",
     kv_dtype=None,
     double_quant=False,
-    quantize_output=False,
+    quantize_output="off",
 ):
     """Greedy tokens of PeftModel.generate with `adapter` alone (None: base only), and the logits
     each token was chosen from, by one teacher-forced forward over prompt + tokens; with

@@ -9,9 +9,11 @@ import shutil
 import bitsandbytes as bnb
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from loraserve.model.int8_output import Int8Linear
 from loraserve.model.linear import bf16_pairs, has_amx
 from loraserve.model.loading import load_base_model
 from loraserve.model.tiny import write_tiny_model
@@ -218,7 +220,7 @@ def test_quantize_output_holds_the_output_projection_as_bitsandbytes_quantizes_i
 ):
     plain = load_base_model(str(model_dirs["llama"]), quantization, "fp32", "cpu", double_quant)
     loaded = load_base_model(
-        str(model_dirs["llama"]), quantization, "fp32", "cpu", double_quant, quantize_output=True
+        str(model_dirs["llama"]), quantization, "fp32", "cpu", double_quant, quantize_output="4bit"
     )
     head = loaded.model.get_output_embeddings()
     assert isinstance(head, bnb.nn.Linear4bit)
@@ -240,7 +242,7 @@ def test_quantize_output_holds_the_output_projection_as_bitsandbytes_quantizes_i
 def test_quantize_output_of_a_tied_model_leaves_the_input_embedding_whole(tmp_path):
     model = write_tiny_model(tmp_path / "tied", tie_word_embeddings=True)
     plain = load_base_model(str(model), "nf4", "fp32", "cpu")
-    loaded = load_base_model(str(model), "nf4", "fp32", "cpu", quantize_output=True)
+    loaded = load_base_model(str(model), "nf4", "fp32", "cpu", quantize_output="4bit")
     embedding = loaded.model.get_input_embeddings().weight
     assert torch.equal(embedding, plain.model.get_input_embeddings().weight)
     head = loaded.model.get_output_embeddings()
@@ -254,16 +256,58 @@ def test_quantize_output_of_a_tied_model_leaves_the_input_embedding_whole(tmp_pa
         assert torch.allclose(loaded.model(IDS).logits, hidden @ restored.T, atol=1e-4)
 
 
+@pytest.mark.parametrize("quantization", ["nf4", "none"])
+def test_quantize_output_int8_holds_the_output_projection_as_codes_and_row_scales(
+    quantization, model_dirs
+):
+    plain = load_base_model(str(model_dirs["llama"]), quantization, "fp32", "cpu")
+    loaded = load_base_model(
+        str(model_dirs["llama"]), quantization, "fp32", "cpu", quantize_output="int8"
+    )
+    head = loaded.model.get_output_embeddings()
+    assert isinstance(head, Int8Linear) and loaded.output_projection == "int8"
+    want = Int8Linear.quantize(plain.model.get_output_embeddings())
+    assert torch.equal(head.weight, want.weight) and torch.equal(head.scales, want.scales)
+    for name, module in _projections(loaded.model).items():  # the rest as without it
+        assert torch.equal(module.weight.data, plain.model.get_submodule(name).weight.data), name
+
+
+def test_quantize_output_int8_of_a_tied_model_leaves_the_input_embedding_whole(tmp_path):
+    model = write_tiny_model(tmp_path / "tied", tie_word_embeddings=True)
+    plain = load_base_model(str(model), "nf4", "fp32", "cpu")
+    loaded = load_base_model(str(model), "nf4", "fp32", "cpu", quantize_output="int8")
+    embedding = loaded.model.get_input_embeddings().weight
+    assert torch.equal(embedding, plain.model.get_input_embeddings().weight)
+    head = loaded.model.get_output_embeddings()
+    tied = nn.Linear(embedding.shape[1], embedding.shape[0], bias=False)
+    tied.weight = nn.Parameter(embedding.detach().clone())
+    assert torch.equal(head.weight, Int8Linear.quantize(tied).weight)
+    with torch.no_grad():
+        hidden = loaded.model.model(IDS).last_hidden_state
+        want = F.linear(hidden, head.weight.float()) * head.scales
+        assert torch.allclose(loaded.model(IDS).logits, want, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("quantize_output", "device", "refusal"),
+    [("int8", "cuda", "int8 runs on CPUs"), ("8bit", "cpu", "must be one of")],
+)
+def test_quantize_output_refuses_what_it_cannot_hold(quantize_output, device, refusal, model_dirs):
+    with pytest.raises(ValueError, match=refusal):
+        load_base_model(str(model_dirs["llama"]), "nf4", "fp32", device,
+                        quantize_output=quantize_output)  # fmt: skip
+
+
 @pytest.mark.parametrize("quantization", ["int8", "none"])
 def test_quantize_output_is_refused_where_it_does_not_apply(quantization, model_dirs):
-    with pytest.raises(ValueError, match="quantize_output applies to nf4 and fp4"):
+    with pytest.raises(ValueError, match="quantize_output 4bit applies to nf4 and fp4"):
         load_base_model(str(model_dirs["llama"]), quantization, "fp32", "cpu",
-                        quantize_output=True)  # fmt: skip
+                        quantize_output="4bit")  # fmt: skip
 
 
 def test_quantize_output_leaves_a_vocabulary_the_cpu_cannot_quantize_and_says_so(tmp_path, caplog):
     model = write_tiny_model(tmp_path / "v500", vocab_size=500)
-    loaded = load_base_model(str(model), "nf4", "fp32", "cpu", quantize_output=True)
+    loaded = load_base_model(str(model), "nf4", "fp32", "cpu", quantize_output="4bit")
     assert type(loaded.model.get_output_embeddings()) is nn.Linear
     assert loaded.output_projection == "fp32"
     assert "quantize_output" in caplog.text and "500 x 128" in caplog.text

@@ -25,7 +25,7 @@ class ModelFacts:
     quantization: str
     device: str
     max_context: int  # the most tokens (prompt + generated) one request may hold
-    output_projection: str  # nf4 / fp4 (quantize_output), else the dtype it computes in
+    output_projection: str  # nf4 / fp4 / int8 (quantize_output), else the dtype it computes in
 
 
 @dataclass(frozen=True)

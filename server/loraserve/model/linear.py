@@ -23,7 +23,12 @@ copying its weights, and picks per call:
   compute), it may be held in bf16 (`hold_narrow`, `model/narrow.py`): half the memory and
   half the bytes a call reads, and the kernel widens it exactly, so the sums are those of the
   fp32 weight;
-- anything else (CUDA, int8, 16-bit weights the bf16 kernels do not take, no compiled
+- an output projection held in 8 bits (`int8_output.Int8Linear`) on the CPU: the same
+  small-batch kernel, reading its codes widened (rows of any dtype widened to fp32 first), then
+  scaling each output; under bf16 compute with AMX, from `AMX_TILE_MIN_ROWS` to
+  `AMX_DENSE_MAX_ROWS` rows, the codes widened to bf16 (exactly) into tiles; past the kernels'
+  rows one fp32 GEMM on its dequantized weight;
+- anything else (CUDA, int8 bases, 16-bit weights the bf16 kernels do not take, no compiled
   kernels): the module itself.
 
 Every path gives the values bitsandbytes' dequantize-then-matmul gives, up to the summation
@@ -54,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraserve.model.int8_output import Int8Linear
 from loraserve.model.kernels import native
 
 # Up to this many rows the fused small-batch kernels beat dequantize + GEMM (see
@@ -77,6 +83,11 @@ AMX_TILE_MIN_ROWS = 5
 # took 2.2 ms against torch's bf16 GEMM's 2.8 at one row, 2.3 against 3.5 at 32, 5.1 against
 # 6.7 at 128, 8.8 against 9.1 at 256 (the same benchmark).
 AMX_DENSE_MAX_ROWS = 128
+# An 8-bit output projection's codes (`int8_output`) under bf16 compute, widened to bf16 into
+# tiles from AMX_TILE_MIN_ROWS rows up to AMX_DENSE_MAX_ROWS; fewer widen to fp32 for
+# `linear_int8`. The 32,000 x 1,024 projection on the Xeon with AMX (a one-off script, medians
+# of 19, 2026-12-06): tiles 1.9-2.1 ms from 1 to 16 rows, 2.3 at 32, 3.2 at 64 (the bf16 weight
+# 2.3-2.9, 3.7); widened to fp32 1.1 at 1 row, 1.6 at 4, 4.5 at 6, 6.0 at 32.
 # Without AMX tiles, on a CPU with AVX512-BF16, the same bf16 kernel multiplies by pair dot
 # products from this many rows up to SMALL_BATCH_ROWS: a decode step's 56 projections (the same
 # benchmark, a 2-core AMD EPYC, 20 rounds) took 8.5 ms against the widened kernel's 9.8 at 4
@@ -298,6 +309,8 @@ class BaseLinear(nn.Module):
         )
         self.dense = on_cpu and type(module) is nn.Linear and weight.dtype == torch.float32
         self.dense_bf16 = on_cpu and type(module) is nn.Linear and weight.dtype == torch.bfloat16
+        # an output projection held in 8 bits (int8_output), which the kernels read
+        self.int8 = module if on_cpu and isinstance(module, Int8Linear) else None
         self.narrowed = False  # the fp32 weight's values, held in bf16 (`hold_narrow`)
         self.group: SharedInputGroup | None = None
         self.invariant = False  # batch-invariant kernel paths only (`make_batch_invariant`)
@@ -338,6 +351,8 @@ class BaseLinear(nn.Module):
                 y = F.linear(rows, self.packed.dequantize(), bias)
             elif y is None and self.narrowed:
                 y = F.linear(rows, self.module.weight.float(), bias)
+            elif y is None and self.int8 is not None:
+                y = F.linear(rows, self.int8.dequantized(), bias)
             elif y is None:
                 return self.module(x)
         y = y.view(*x.shape[:-1], self.out_features)
@@ -356,6 +371,8 @@ class BaseLinear(nn.Module):
         if amx_tiles():
             if self.packed is not None:
                 return AMX_TILE_MIN_ROWS <= rows <= SMALL_BATCH_ROWS
+            if self.int8 is not None:
+                return AMX_TILE_MIN_ROWS <= rows <= AMX_DENSE_MAX_ROWS
             return self.dense_bf16 and rows <= AMX_DENSE_MAX_ROWS
         if bf16_pairs():
             if self.packed is not None:
@@ -380,6 +397,9 @@ class BaseLinear(nn.Module):
 
     def _bf16_rows(self, ops: Any, rows: torch.Tensor) -> torch.Tensor:
         """rows [M, in] bf16, M at most SMALL_BATCH_ROWS -> [M, out] bf16 by the bf16 kernel."""
+        if self.int8 is not None:
+            codes, scales = self.int8.weight, self.int8.scales
+            return ops.linear_int8_bf16(rows, codes, scales, self.bias(), self.invariant)
         if self.packed is None:
             return ops.linear_bf16(rows, self.module.weight, self.bias(), self.invariant)
         return matmul_group(ops, rows, [self.packed], [self.bias()], self.invariant)[0]
@@ -389,9 +409,11 @@ class BaseLinear(nn.Module):
         and its output rounded back, rather than bitsandbytes' dequantize of the whole weight to
         x's dtype and a GEMM in it (which more rows keep: on AMX's tiles where the CPU has
         them). Batch-invariant, every 16-bit x the bf16 kernel does not take widens (fp16, or
-        a CPU without AVX512-BF16)."""
+        a CPU without AVX512-BF16). An 8-bit output projection (`int8_output`) always widens."""
         if x.dtype not in NARROW_DTYPES:
             return False
+        if self.int8 is not None:
+            return True
         if self.invariant:
             return self.packed is not None or self.dense_bf16
         rows = x.numel() // self.in_features
@@ -411,6 +433,9 @@ class BaseLinear(nn.Module):
             return self.packed.matmul(ops, rows, bias, self.invariant)
         if self.dense or (self.invariant and self.dense_bf16):  # a bf16 weight widens exactly
             return ops.linear_f32(rows, self.module.weight, bias, self.invariant)
+        if self.int8 is not None:
+            codes, scales = self.int8.weight, self.int8.scales
+            return ops.linear_int8(rows, codes, scales, bias, self.invariant)
         return None
 
 
@@ -483,7 +508,11 @@ def make_batch_invariant(model: nn.Module) -> None:
     projection is not the kernels' to run (on a GPU, without compiled kernels, a weight in a
     format they do not read): torch's GEMMs pick their blocking by the rows they get."""
     projections = [m for m in model.modules() if isinstance(m, BaseLinear)]
-    others = [m for m in projections if m.packed is None and not (m.dense or m.dense_bf16)]
+    others = [
+        m
+        for m in projections
+        if m.packed is None and m.int8 is None and not (m.dense or m.dense_bf16)
+    ]
     if native() is None or others:
         raise ValueError(
             "batch_invariant needs loraserve's CPU kernels to run every projection; "

@@ -12,8 +12,9 @@ and a warning names them.
 
 The output projection (lm_head) stays in the compute dtype, as bitsandbytes and PEFT leave it,
 unless `quantize_output` asks for it in 4 bits too (`quantize_output_projection`): 0.28 of the
-bytes each decode step reads for it in bf16 (0.14 in fp32), at the price of logits that no
-longer match the unquantized projection's.
+bytes each decode step reads for it in bf16 (0.14 in fp32), or in 8 bits on CPUs
+(`int8_output.Int8Linear`: 0.5 and 0.25), at the price of logits that no longer match the
+unquantized projection's.
 
 Knows nothing about adapters, batching or serving.
 """
@@ -40,11 +41,13 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import is_flash_attn_2_available
 
 from loraserve.model.host_memory import keep_freed_memory, one_arena, warn_if_arenas_came_first
+from loraserve.model.int8_output import Int8Linear
 from loraserve.model.linear import bf16_pairs, has_amx
 
 log = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
+OUTPUT_QUANTIZATIONS = ("off", "4bit", "int8")  # quantize_output: none, the base's, 8 bits
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_BLOCK_IN, CPU_BLOCK_OUT = 64, 32
 QUANTIZED_OUTPUT_BLOCK = 64  # bitsandbytes' 4-bit block, as from_pretrained quantizes the rest
@@ -58,7 +61,7 @@ class LoadedModel:
     compute_dtype: torch.dtype
     device: torch.device
     unquantized_layers: tuple[str, ...]  # layers kept in compute dtype (bnb CPU shape limits)
-    output_projection: str  # its 4-bit format (quantize_output), else the dtype it computes in
+    output_projection: str  # nf4 / fp4 / int8 (quantize_output), else the dtype it computes in
 
 
 def resolve_device(device: str) -> torch.device:
@@ -166,23 +169,32 @@ def load_base_model(
     compute_dtype: str = "fp32",
     device: str = "auto",
     double_quant: bool = False,
-    quantize_output: bool = False,
+    quantize_output: str = "off",
 ) -> LoadedModel:
     """Load `model` (a local directory or hub id) quantized as asked, in eval mode.
 
     double_quant: QLoRA's double quantization of the 4-bit block scales (nf4 and fp4 only).
-    quantize_output: the output projection in the same 4-bit format (nf4 and fp4 only).
+    quantize_output: the output projection as it is ("off"), in the base's 4-bit format
+    ("4bit": nf4 and fp4 only) or in 8 bits, one scale an output ("int8": CPUs only).
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     if double_quant and quantization not in ("nf4", "fp4"):
         raise ValueError(f"double quantization applies to nf4 and fp4, not {quantization!r}")
-    if quantize_output and quantization not in ("nf4", "fp4"):
-        raise ValueError(f"quantize_output applies to nf4 and fp4, not {quantization!r}")
+    if quantize_output not in OUTPUT_QUANTIZATIONS:
+        raise ValueError(
+            f"quantize_output must be one of {OUTPUT_QUANTIZATIONS}, got {quantize_output!r}"
+        )
+    if quantize_output == "4bit" and quantization not in ("nf4", "fp4"):
+        raise ValueError(f"quantize_output 4bit applies to nf4 and fp4, not {quantization!r}")
     if compute_dtype not in DTYPES:
         raise ValueError(f"compute dtype must be one of {tuple(DTYPES)}, got {compute_dtype!r}")
     dtype = DTYPES[compute_dtype]
     target = resolve_device(device)
+    if quantize_output == "int8" and target.type != "cpu":
+        raise ValueError(
+            "quantize_output int8 runs on CPUs (its kernel is the CPU's); on a GPU use 4bit"
+        )
     one_arena()  # before the load starts threads that allocate (host_memory)
     warn_if_arenas_came_first()
     if target.type == "cpu":
@@ -218,11 +230,14 @@ def load_base_model(
     loaded.eval()
     loaded.requires_grad_(False)
     output_projection = next(name for name, known in DTYPES.items() if known == dtype)
-    if quantize_output:
+    if quantize_output == "4bit":
         if actual not in ("nf4", "fp4"):
-            raise ValueError(f"quantize_output applies to nf4 and fp4 bases, not {actual!r}")
+            raise ValueError(f"quantize_output 4bit applies to nf4 and fp4 bases, not {actual!r}")
         if quantize_output_projection(loaded, actual, dtype, double_quant):
             output_projection = actual
+    elif quantize_output == "int8":
+        quantize_output_int8(loaded)
+        output_projection = "int8"
     tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
     return LoadedModel(
         loaded, tokenizer, actual, dtype, target, _unquantized_layers(loaded, actual),
@@ -238,12 +253,7 @@ def quantize_output_projection(
     left as it is, with a warning, where bitsandbytes cannot quantize it on its device (False
     returned). Tied to the input embedding, it becomes a quantized copy: the embedding keeps
     its weight."""
-    output = model.get_output_embeddings()
-    if type(output) is not nn.Linear:
-        raise ValueError(
-            f"quantize_output: {type(model).__name__}'s output projection is a "
-            f"{type(output).__name__}, not a linear layer"
-        )
+    output = _linear_output(model)
     weight = output.weight
     fan_in, fan_out = output.in_features, output.out_features
     if weight.device.type == "cpu" and (fan_in % CPU_BLOCK_IN or fan_out % CPU_BLOCK_OUT):
@@ -274,6 +284,28 @@ def quantize_output_projection(
     log.info("output projection (%d x %d) in %s: %.1f MiB", fan_out, fan_in, quant_type,
              sum(t.nbytes for t in (params.data, params.quant_state.absmax)) / 2**20)  # fmt: skip
     return True
+
+
+def _linear_output(model: PreTrainedModel) -> nn.Linear:
+    """The output projection, which quantize_output needs to be a plain linear layer."""
+    output = model.get_output_embeddings()
+    if type(output) is not nn.Linear:
+        raise ValueError(
+            f"quantize_output: {type(model).__name__}'s output projection is a "
+            f"{type(output).__name__}, not a linear layer"
+        )
+    return output
+
+
+def quantize_output_int8(model: PreTrainedModel) -> None:
+    """Put the output projection in 8 bits (`Int8Linear`). Tied to the input embedding, it
+    becomes a quantized copy: the embedding keeps its weight."""
+    output = _linear_output(model)
+    quantized = Int8Linear.quantize(output)
+    model.set_output_embeddings(quantized)
+    held = sum(p.nbytes for p in quantized.parameters())
+    log.info("output projection (%d x %d) in int8: %.1f MiB", quantized.out_features,
+             quantized.in_features, held / 2**20)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,11 @@ caller then takes its torch path, which is also each kernel's test oracle. The o
 
   linear_f32(x [M, K], weight [N, K], bias?) -> [M, N]   (weight float32, or bfloat16 widened
                                                         exactly as it is read)
+  linear_int8(x [M, K], codes [N, K] i8, scales [N], bias?) -> [M, N]  ((x @ codes^T) * scales:
+                                                        an output projection held in 8 bits)
+  linear_int8_bf16(x [M, K] bf16, codes, scales, bias?) -> [M, N] bf16  (the same, the codes
+                                                        widened to bf16 into AMX tiles, where
+                                                        amx_usable())
   linear_4bit(x [M, K], packed [N*K/2] u8, absmax [N*K/blocksize], code [16], blocksize, N,
               bias?) -> [M, N]                       (bitsandbytes NF4 / FP4 layout; blocksize a
                                                         power of two from 32)

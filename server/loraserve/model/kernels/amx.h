@@ -239,6 +239,7 @@ struct Decoded4bit {
   int64_t K;
 
   int64_t columns() const { return w.N; }
+  const float* scales() const { return nullptr; }
   StagedTiles stage(int64_t n0, int64_t s0, int64_t steps, uint16_t* buffer) const {
     if (w.scales.absmax != nullptr)
       decode_steps<false>(w, code, K, n0, s0, steps, buffer);
@@ -256,6 +257,7 @@ struct DenseBf16 {
   int64_t N, K;
 
   int64_t columns() const { return N; }
+  const float* scales() const { return nullptr; }
   StagedTiles stage(int64_t n0, int64_t s0, int64_t steps, uint16_t* buffer) const {
     if (n0 + kAmxColumns <= N)
       return {weight + n0 * K + s0 * kAmxStepK, kAmxStepK, 16 * K, 2 * K};
@@ -271,12 +273,45 @@ struct DenseBf16 {
   }
 };
 
+// An int8 weight [N, K] of codes and one scale an output (the output projection in 8 bits,
+// `int8_output.py`): 32 codes of a column widened to bf16 a step, exactly (|code| <= 127 fits
+// bf16's 8 significant bits), into the chunk buffer; the sums are scaled as they leave.
+struct Int8Codes {
+  const int8_t* codes;
+  const float* row_scales;
+  int64_t N, K;
+
+  int64_t columns() const { return N; }
+  const float* scales() const { return row_scales; }
+  StagedTiles stage(int64_t n0, int64_t s0, int64_t steps, uint16_t* buffer) const {
+    for (int64_t c = 0; c < kAmxColumns; ++c) {
+      uint16_t* out = buffer + (c / 16) * kTileElements + (c % 16) * 32;
+      const int64_t n = n0 + c;
+      for (int64_t s = 0; s < steps; ++s) {
+        __m512i words = _mm512_setzero_si512();
+        if (n < N) {
+          const __m256i bytes = _mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(codes + n * K + (s0 + s) * kAmxStepK));
+          const __m128i first = _mm256_castsi256_si128(bytes);
+          const __m128i second = _mm256_extracti128_si256(bytes, 1);
+          const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(first));
+          const __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(second));
+          words = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(high, low));
+        }
+        _mm512_store_si512(out + s * 2 * kTileElements, words);
+      }
+    }
+    return in_buffer(buffer);
+  }
+};
+
 // A block's sums leave for y: sums tile (c, r) of pass p, at sums + (p * 4 + 2c + r) * 256, is
 // [16 columns][16 rows] fp32; each is transposed into y's rows (columns n0 + 16c .., rows
-// 32p + 16r ..), the bias added, rounded to bf16. With fold > 1 (one pass, one row tile of at
-// most 16 / fold rows: see pairs_block) row j's sums are the tile's rows fold * j .. + fold - 1.
+// 32p + 16r ..), scaled by `scales` (one an output, or null: none), the bias added, rounded to
+// bf16. With fold > 1 (one pass, one row tile of at most 16 / fold rows: see pairs_block) row
+// j's sums are the tile's rows fold * j .. + fold - 1.
 inline void store_block(const float* sums, int64_t passes, int64_t M, int64_t N, int64_t n0,
-                        const float* bias, uint16_t* y, int fold = 1) {
+                        const float* bias, const float* scales, uint16_t* y, int fold = 1) {
   const int64_t columns = std::min(kAmxColumns, N - n0);
   for (int64_t p = 0; p < passes; ++p)
     for (int t = 0; t < 4; ++t) {
@@ -296,10 +331,13 @@ inline void store_block(const float* sums, int64_t passes, int64_t M, int64_t N,
       const __mmask16 mask = static_cast<__mmask16>((1u << width) - 1);
       const __m512 b =
           bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, bias + first);
+      const __m512 scale =
+          scales == nullptr ? _mm512_set1_ps(1.0f) : _mm512_maskz_loadu_ps(mask, scales + first);
       for (int j = 0; j * fold < 16 && m0 + j < M; ++j) {
-        __m512 sum = b;
+        __m512 sum = scales == nullptr ? b : _mm512_setzero_ps();
         for (int h = 0; h < fold; ++h)
           sum = _mm512_add_ps(sum, _mm512_load_ps(rows + (j * fold + h) * 16));
+        if (scales != nullptr) sum = _mm512_add_ps(_mm512_mul_ps(sum, scale), b);
         const __m256bh out = _mm512_cvtneps_pbh(sum);
         _mm256_mask_storeu_epi16(y + (m0 + j) * N + first, mask, reinterpret_cast<__m256i>(out));
       }
@@ -351,7 +389,7 @@ inline void amx_block(const Source& w, const uint32_t* xp, int64_t M, int64_t K,
     _tile_stored(0, sums, 64); _tile_stored(1, sums + 256, 64);
     _tile_stored(2, sums + 512, 64); _tile_stored(3, sums + 768, 64);
   }
-  store_block(sums, passes, M, w.columns(), n0, bias, y);
+  store_block(sums, passes, M, w.columns(), n0, bias, w.scales(), y);
 }
 
 // ---- Without tiles: AVX512-BF16's pair dot products -------------------------------------
@@ -492,7 +530,7 @@ inline void pairs_block(const Source& w, const uint32_t* xp, int64_t M, int64_t 
       }
     }
   }
-  store_block(sums, passes, M, w.columns(), n0, bias, y, fold);
+  store_block(sums, passes, M, w.columns(), n0, bias, w.scales(), y, fold);
 }
 
 // ---- Batch-invariant calls of 1 to 8 rows without tiles: columns in the lanes -------------
@@ -749,6 +787,9 @@ inline bool gemv_bf16_takes(std::span<const DenseBf16>, int64_t M) {
   return M >= 1 && M <= kGemvBf16MaxRows;
 }
 
+// int8 codes run in tiles only (gemm_bf16): a few rows take linear_int8's fp32 kernel instead.
+inline bool gemv_bf16_takes(std::span<const Int8Codes>, int64_t) { return false; }
+
 // One block of 32 output columns from n0 of a bf16 weight, M (1 to kGemvBf16MaxRows) rows of x
 // as they are.
 inline void gemv_bf16(const DenseBf16& d, const uint16_t* x, int64_t M, int64_t n0,
@@ -773,10 +814,15 @@ inline std::vector<uint16_t> gemv_rows(std::span<const DenseBf16>, const uint16_
                                        int64_t) {
   return {};
 }
+inline std::vector<uint16_t> gemv_rows(std::span<const Int8Codes>, const uint16_t*, int64_t,
+                                       int64_t) {
+  return {};
+}
 
 // Every weight's y_i = x @ W_i^T + bias_i in one parallel region, its blocks of 32 columns the
 // work items, in AMX tiles where amx_usable() (else by pair dot products; bf16_pairs_usable()
-// must hold); x [M, K] bf16 as uint16, M at most kAmxMaxRows; Source: Decoded4bit or DenseBf16.
+// must hold); x [M, K] bf16 as uint16, M at most kAmxMaxRows; Source: Decoded4bit, DenseBf16 or
+// Int8Codes (in tiles only: its caller checks amx_usable()).
 // `invariant` (batch invariance): every row's outputs get the bits they would in a call of any
 // other rows. In tiles they always do (a tile multiply sums each output of its own row and
 // column, in k order, whatever the other rows hold; tiles take every row count). By pair dot
@@ -808,12 +854,16 @@ inline void gemm_bf16(const uint16_t* x, int64_t M, int64_t K, std::span<const S
       size_t i = 0;
       while (b >= first_block[i + 1]) ++i;
       const int64_t n0 = (b - first_block[i]) * kAmxColumns;
-      if (gemv) return gemv_bf16(weights[i], gemv_x, M, n0, biases[i], ys[i]);
-      if (columns) return pairs_columns_rows(weights[i], rows, M, K, n0, biases[i], ys[i]);
-      if (tiles)
+      if constexpr (std::is_same_v<Source, Int8Codes>) {  // tiles only (linear_int8_bf16)
         amx_block(weights[i], xp.data(), M, K, n0, biases[i], ys[i]);
-      else
-        pairs_block(weights[i], xp.data(), M, K, n0, biases[i], ys[i], fold);
+      } else {
+        if (gemv) return gemv_bf16(weights[i], gemv_x, M, n0, biases[i], ys[i]);
+        if (columns) return pairs_columns_rows(weights[i], rows, M, K, n0, biases[i], ys[i]);
+        if (tiles)
+          amx_block(weights[i], xp.data(), M, K, n0, biases[i], ys[i]);
+        else
+          pairs_block(weights[i], xp.data(), M, K, n0, biases[i], ys[i], fold);
+      }
     });
   });
 }

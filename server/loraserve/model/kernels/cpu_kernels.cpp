@@ -77,6 +77,25 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight,
   return add_bias(y, bias);
 }
 
+// y [M, N] = (x [M, K] @ codes [N, K]^T) * scales [N] + bias: a weight held in 8 bits, one
+// scale an output row (`int8_output.py`). Each output's sum over k is the one gemm_dense gives
+// an fp32 weight of the codes' values, then scaled: the same paths, batch-invariant ones too.
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& bias, bool invariant) {
+  check_cpu_f32(x, "x");
+  check_cpu_f32(scales, "scales");
+  TORCH_CHECK(codes.device().is_cpu() && codes.is_contiguous() && codes.scalar_type() == at::kChar,
+              "codes must be a contiguous int8 CPU tensor");
+  TORCH_CHECK(x.dim() == 2 && codes.dim() == 2 && x.size(1) == codes.size(1) &&
+                  scales.dim() == 1 && scales.size(0) == codes.size(0),
+              "x [M, K], codes [N, K] and scales [N] must agree");
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  gemm_dense(x.data_ptr<float>(), M, K, codes.data_ptr<int8_t>(), N, y.data_ptr<float>(),
+             invariant);
+  return add_bias(y.mul_(scales), bias);
+}
+
 // The 4-bit weight [N, K] of dequantize(packed, absmax, code), checked. absmax is fp32, or uint8
 // when bitsandbytes double-quantized it (then absmax2, code2 and offset decode it).
 Weight4bit weight_4bit(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
@@ -265,6 +284,33 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight,
   uint16_t* out = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   if (M > 0)
     gemm_bf16<DenseBf16>(bf16_data(x), M, K, {&source, 1}, {&b, 1}, {&out, 1}, invariant);
+  return y;
+#else
+  TORCH_CHECK(false, "this build of loraserve's kernels has no bf16 code");
+#endif
+}
+
+// y [M, N] = bf16((x [M, K] @ codes [N, K]^T) * scales + bias), x bf16: linear_int8's codes
+// widened to bf16 exactly, fp32 sums, as linear_bf16 computes, in AMX tiles only (a CPU without
+// them widens x for linear_int8: the pair dot products' paths were not measured for codes).
+at::Tensor linear_int8_bf16(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                            const c10::optional<at::Tensor>& bias, bool invariant) {
+#ifdef LS_AMX
+  check_bf16_rows(x);
+  TORCH_CHECK(amx_usable(), "linear_int8_bf16 runs in AMX tiles, which this CPU does not give");
+  check_cpu_f32(scales, "scales");
+  TORCH_CHECK(codes.device().is_cpu() && codes.is_contiguous() && codes.scalar_type() == at::kChar,
+              "codes must be a contiguous int8 CPU tensor");
+  TORCH_CHECK(codes.dim() == 2 && codes.size(1) == x.size(1) && scales.dim() == 1 &&
+                  scales.size(0) == codes.size(0),
+              "x [M, K], codes [N, K] and scales [N] must agree");
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
+  const float* b = bf16_op_bias(bias, N);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const Int8Codes source{codes.data_ptr<int8_t>(), scales.data_ptr<float>(), N, K};
+  uint16_t* out = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  if (M > 0)
+    gemm_bf16<Int8Codes>(bf16_data(x), M, K, {&source, 1}, {&b, 1}, {&out, 1}, invariant);
   return y;
 #else
   TORCH_CHECK(false, "this build of loraserve's kernels has no bf16 code");
@@ -685,6 +731,12 @@ TORCH_LIBRARY(loraserve, m) {
   m.def("team_waits() -> (int, float)", &team_waits_op);
   m.def("linear_f32(Tensor x, Tensor weight, Tensor? bias, bool invariant=False) -> Tensor");
   m.def(
+      "linear_int8(Tensor x, Tensor codes, Tensor scales, Tensor? bias, bool invariant=False) "
+      "-> Tensor");
+  m.def(
+      "linear_int8_bf16(Tensor x, Tensor codes, Tensor scales, Tensor? bias, "
+      "bool invariant=False) -> Tensor");
+  m.def(
       "linear_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
       "int out_features, Tensor? bias, Tensor? absmax2=None, Tensor? code2=None, "
       "float offset=0.0, bool invariant=False) -> Tensor");
@@ -723,6 +775,8 @@ TORCH_LIBRARY(loraserve, m) {
 
 TORCH_LIBRARY_IMPL(loraserve, CPU, m) {
   m.impl("linear_f32", &linear_f32);
+  m.impl("linear_int8", &linear_int8);
+  m.impl("linear_int8_bf16", &linear_int8_bf16);
   m.impl("linear_4bit", &linear_4bit);
   m.impl("linear_4bit_group", &linear_4bit_group);
   m.impl("linear_4bit_bf16", &linear_4bit_bf16);

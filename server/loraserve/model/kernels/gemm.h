@@ -81,6 +81,20 @@ constexpr int64_t kBf16PrefetchAhead = 256;
 
 inline float to_float(float v) { return v; }
 inline float to_float(bf16 v) { return std::bit_cast<float>(uint32_t(v) << 16); }
+// int8 codes (the output projection in 8 bits), widened exactly: the scales apply to the sums.
+inline vf load_vf(const int8_t* p) {
+#if LS_LANES == 16 && defined(__AVX512F__)
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return reinterpret_cast<vf>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)));
+#elif LS_LANES == 8
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return reinterpret_cast<vf>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)));
+#else  // 16 lanes without AVX-512: only the test build that checks that logic
+  typedef int8_t vb __attribute__((vector_size(kLanes), aligned(1)));
+  return __builtin_convertvector(*reinterpret_cast<const vb*>(p), vf);
+#endif
+}
+inline float to_float(int8_t v) { return float(v); }
 
 // IEEE half precision as torch stores it, widened exactly by F16C's conversion (a distinct type
 // from bf16, which is a plain uint16_t, so that overloads tell them apart).
@@ -1092,17 +1106,18 @@ inline void widen_row(const T* row, int64_t n, float* out) {
   for (; k < n; ++k) out[k] = to_float(row[k]);
 }
 
-// A block's bf16 weight rows, widened to fp32 (exactly: a shift): half the bytes of fp32 rows.
-// Each row's line kBf16PrefetchAhead k on (else the same row of the next block) is prefetched.
-template <int NR>
-class WidenedGroups : public GroupsAhead<NR, WidenedGroups<NR>> {
-  using Base = GroupsAhead<NR, WidenedGroups<NR>>;
+// A block's bf16 weight rows (or int8 codes), widened to fp32 exactly: half (a quarter) of the
+// bytes of fp32 rows. Each row's line kBf16PrefetchAhead k on (else the same row of the next
+// block) is prefetched.
+template <int NR, class T = bf16>
+class WidenedGroups : public GroupsAhead<NR, WidenedGroups<NR, T>> {
+  using Base = GroupsAhead<NR, WidenedGroups<NR, T>>;
   friend Base;
   using Base::K_;
 
  public:
   // Rows n0 .. n0 + NR of w [N, K]; rows past N repeat the last one.
-  WidenedGroups(const bf16* w, int64_t N, int64_t K, int64_t n0)
+  WidenedGroups(const T* w, int64_t N, int64_t K, int64_t n0)
       : Base(K), next_rows_(n0 + 2 * NR <= N ? w + (n0 + NR) * K : nullptr) {
     for (int n = 0; n < NR; ++n) rows_[n] = w + std::min(n0 + n, N - 1) * K;
     Base::start();
@@ -1114,9 +1129,9 @@ class WidenedGroups : public GroupsAhead<NR, WidenedGroups<NR>> {
     const bool whole = k0 + kGroup <= K_;
 #pragma GCC unroll 16
     for (int n = 0; n < NR; ++n) {
-      const bf16* line = ahead < K_                ? rows_[n] + ahead
-                         : next_rows_ != nullptr ? next_rows_ + n * K_ + (ahead - K_)
-                                                 : nullptr;
+      const T* line = ahead < K_                ? rows_[n] + ahead
+                      : next_rows_ != nullptr ? next_rows_ + n * K_ + (ahead - K_)
+                                              : nullptr;
       if (line != nullptr) _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T0);
       if (whole)  // a constant trip count: widen_row's loop over a runtime count cost 5-7%
         for (int i = 0; i < kGroupVecs; ++i)
@@ -1126,8 +1141,8 @@ class WidenedGroups : public GroupsAhead<NR, WidenedGroups<NR>> {
     }
   }
 
-  const bf16* const next_rows_;
-  const bf16* rows_[NR];
+  const T* const next_rows_;
+  const T* rows_[NR];
 };
 
 // y[:, n0 .. n0 + NR) (the columns before N) for the rows of one pass, MV vectors of them (each a
@@ -1528,8 +1543,8 @@ inline void gemm_dense_one_pass(const float* x, int64_t M, int64_t K, const W* w
   constexpr int NR = std::min(kTileCols, kAccRegs / MV);
   const PassOutput out{N, y};
   gemm_one_pass<MV, NR, false>(x, M, K, {&out, 1}, [&](size_t, int64_t n0) {
-    if constexpr (sizeof(W) == 2)
-      return WidenedGroups<NR>(w, N, K, n0);
+    if constexpr (sizeof(W) < 4)
+      return WidenedGroups<NR, W>(w, N, K, n0);
     else
       return InPlaceGroups<NR>(w, N, K, n0);
   });
@@ -1640,8 +1655,8 @@ inline void gemm_dense_columns(const float* x, int64_t K, const W* w, int64_t N,
 }
 #endif
 
-// x [M, K] fp32 contiguous; w [N, K] fp32 or bf16 (widened exactly as it is read: the same
-// sums as fp32 weights of those values), contiguous; y [M, N] fp32 contiguous. `invariant`: as
+// x [M, K] fp32 contiguous; w [N, K] fp32, bf16 or int8 (widened exactly as it is read: the
+// same sums as fp32 weights of those values), contiguous; y [M, N] fp32 contiguous. `invariant`: as
 // gemm_4bit's, the dot products (k in lanes) left out: 1 to kDenseColumnRows rows by the
 // columns in the lanes (AVX-512).
 template <class W>
