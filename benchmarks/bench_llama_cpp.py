@@ -31,8 +31,8 @@ llama-cpp-python 0.3.36 vendors on PyPI, with its converter); `gguf` writes the 
     .venv/bin/python benchmarks/bench_llama_cpp.py --model tinyllama-1.1b --checkpoint-dtype bf16
 
 `--model tinyllama-1.1b` runs it all on a base of TinyLlama 1.1B's shape instead of the
-benchmark's default model; `--quantize-output` holds the engine's output projection in 4 bits
-(`quantize_output`), as Q4_K_M holds llama.cpp's in 6.
+benchmark's default model; `--quantize-output 4bit` (or `int8`) holds the engine's output
+projection in 4 (8) bits (`quantize_output`), as Q4_K_M holds llama.cpp's in 6.
 """
 
 from __future__ import annotations
@@ -372,8 +372,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--quantize-output",
-        action="store_true",
-        help="the engine's output projection in 4 bits too (as Q4_K_M's is in 6)",
+        choices=("off", "4bit", "int8"),
+        default="off",
+        help="the engine's output projection quantized too (as Q4_K_M's is in 6 bits)",
     )
     parser.add_argument("--out", type=Path, help="write the results as JSON to this file")
     args = parser.parse_args()
