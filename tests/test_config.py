@@ -253,6 +253,12 @@ def test_quantize_output_still_takes_the_switch_it_was(
     assert load_config({}, config_file).engine.quantize_output == want
 
 
+def test_quantize_output_s_flag_alone_is_the_switch_it_was(clean_env):
+    assert from_flags(["--quantize-output"]).engine.quantize_output == "4bit"
+    assert from_flags(["--quantize-output", "int8"]).engine.quantize_output == "int8"
+    assert from_flags([]).engine.quantize_output == "off"
+
+
 @pytest.mark.parametrize(
     ("flags", "words"),
     [

@@ -32,11 +32,16 @@ Text = Annotated[str, Field(min_length=1)]
 ModuleName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
 
-def setting(default: Any, help: str, *, flag: str | None = None, **bounds: Any) -> Any:
-    """One setting's declaration: default, help text, bounds (pydantic's `ge`, `pattern`, ...)
-    and, when it is not `--<name-with-dashes>`, its flag."""
-    extra: JsonDict | None = {"flag": flag} if flag else None
-    return Field(default, description=help, json_schema_extra=extra, **bounds)
+def setting(
+    default: Any, help: str, *, flag: str | None = None, bare: str | None = None, **bounds: Any
+) -> Any:
+    """One setting's declaration: default, help text, bounds (pydantic's `ge`, `pattern`, ...),
+    when it is not `--<name-with-dashes>`, its flag, and the value its flag alone gives
+    (`bare`: a setting that was a switch before it took values)."""
+    extra: JsonDict = {"flag": flag} if flag else {}
+    if bare is not None:
+        extra["bare"] = bare
+    return Field(default, description=help, json_schema_extra=extra or None, **bounds)
 
 
 def _names(value: Any) -> Any:
@@ -100,7 +105,8 @@ class EngineConfig(BaseModel):
         "step reads for it in bf16, 0.14 in fp32) or int8, one scale an output (CPUs; 0.5 and "
         "0.25, logits far closer to the unquantized ones'). Few streams run faster (one: up to "
         "1.5 times), but greedy outputs no longer match PEFT's (docs/performance.md); true and "
-        "false mean 4bit and off",
+        "false (and the flag alone) mean 4bit and off",
+        bare="4bit",
     )
     compute_dtype: Literal["fp32", "bf16", "fp16"] = setting(
         "fp32",

@@ -54,10 +54,14 @@ class _Environment(BaseSettings, Settings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, enable_decoding=False)
 
 
-def flag_of(name: str) -> str:
+def _extra(name: str, key: str) -> str | None:
     extra = Settings.model_fields[name].json_schema_extra
-    flag = extra.get("flag") if isinstance(extra, dict) else None
-    return str(flag) if flag else "--" + name.replace("_", "-")
+    value = extra.get(key) if isinstance(extra, dict) else None
+    return None if value is None else str(value)
+
+
+def flag_of(name: str) -> str:
+    return _extra(name, "flag") or "--" + name.replace("_", "-")
 
 
 def env_of(name: str) -> str:
@@ -199,7 +203,9 @@ def add_setting_flags(
             )
         else:
             metavar = name.split("_")[-1].upper()
-            parser.add_argument(flag_of(name), dest=name, metavar=metavar, help=help_text)
+            bare = _extra(name, "bare")  # the value the flag alone gives, if it may stand alone
+            alone: dict[str, Any] = {} if bare is None else {"nargs": "?", "const": bare}
+            parser.add_argument(flag_of(name), dest=name, metavar=metavar, help=help_text, **alone)
 
 
 def reference_markdown() -> str:

@@ -171,9 +171,16 @@ def test_server_info(server):
     assert info.prefix_caching and not info.batch_invariant
 
 
-def test_server_info_reports_how_the_server_computes(model_dirs, tmp_path):
+@pytest.mark.parametrize(
+    ("quantize_output", "projection"),
+    [(["--quantize-output"], "nf4"), (["--quantize-output", "int8"], "int8")],
+    ids=["the-flag-alone", "int8"],
+)
+def test_server_info_reports_how_the_server_computes(
+    quantize_output, projection, model_dirs, tmp_path
+):
     flags = ["--model", str(model_dirs["llama"]), "--compute-dtype", "fp32", "--device", "cpu",
-             "--quantize-output", "--batch-invariant", "--no-prefix-caching"]  # fmt: skip
+             *quantize_output, "--batch-invariant", "--no-prefix-caching"]  # fmt: skip
     with (
         running_server(*flags, log_path=tmp_path / "server.log") as (address, _),
         grpc.insecure_channel(address) as channel,
@@ -181,7 +188,7 @@ def test_server_info_reports_how_the_server_computes(model_dirs, tmp_path):
         info = server_pb2_grpc.ServerServiceStub(channel).GetServerInfo(
             server_pb2.GetServerInfoRequest(), timeout=10
         )
-    assert info.output_projection == "nf4"
+    assert info.output_projection == projection
     assert info.batch_invariant and not info.prefix_caching
 
 

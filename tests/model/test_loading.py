@@ -9,7 +9,6 @@ import shutil
 import bitsandbytes as bnb
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -239,18 +238,35 @@ def test_quantize_output_holds_the_output_projection_as_bitsandbytes_quantizes_i
         assert torch.equal(module.weight.data, plain.model.get_submodule(name).weight.data), name
 
 
-def test_quantize_output_of_a_tied_model_leaves_the_input_embedding_whole(tmp_path):
+def _as_quantized(weight: torch.Tensor, quantize_output: str) -> torch.Tensor:
+    """`weight` [out, in] as the output projection of that format holds it, dequantized."""
+    if quantize_output == "4bit":
+        return bnb.functional.dequantize_4bit(
+            *bnb.functional.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+        )
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight = nn.Parameter(weight.detach().clone())
+    return Int8Linear.quantize(linear).dequantized()
+
+
+def _dequantized_head(head: nn.Module) -> torch.Tensor:
+    if isinstance(head, Int8Linear):
+        return head.dequantized()
+    head.support_avx512bf16_for_cpu = False  # fp32 arithmetic on every CPU
+    return bnb.functional.dequantize_4bit(head.weight.data, head.weight.quant_state)
+
+
+@pytest.mark.parametrize("quantize_output", ["4bit", "int8"])
+def test_quantize_output_of_a_tied_model_leaves_the_input_embedding_whole(
+    quantize_output, tmp_path
+):
     model = write_tiny_model(tmp_path / "tied", tie_word_embeddings=True)
     plain = load_base_model(str(model), "nf4", "fp32", "cpu")
-    loaded = load_base_model(str(model), "nf4", "fp32", "cpu", quantize_output="4bit")
+    loaded = load_base_model(str(model), "nf4", "fp32", "cpu", quantize_output=quantize_output)
     embedding = loaded.model.get_input_embeddings().weight
     assert torch.equal(embedding, plain.model.get_input_embeddings().weight)
-    head = loaded.model.get_output_embeddings()
-    assert isinstance(head, bnb.nn.Linear4bit)
-    restored = bnb.functional.dequantize_4bit(head.weight.data, head.weight.quant_state)
-    assert torch.equal(restored, bnb.functional.dequantize_4bit(
-        *bnb.functional.quantize_4bit(embedding, blocksize=64, quant_type="nf4")))  # fmt: skip
-    head.support_avx512bf16_for_cpu = False  # fp32 arithmetic on every CPU
+    restored = _dequantized_head(loaded.model.get_output_embeddings())
+    assert torch.equal(restored, _as_quantized(embedding, quantize_output))
     with torch.no_grad():
         hidden = loaded.model.model(IDS).last_hidden_state
         assert torch.allclose(loaded.model(IDS).logits, hidden @ restored.T, atol=1e-4)
@@ -270,22 +286,6 @@ def test_quantize_output_int8_holds_the_output_projection_as_codes_and_row_scale
     assert torch.equal(head.weight, want.weight) and torch.equal(head.scales, want.scales)
     for name, module in _projections(loaded.model).items():  # the rest as without it
         assert torch.equal(module.weight.data, plain.model.get_submodule(name).weight.data), name
-
-
-def test_quantize_output_int8_of_a_tied_model_leaves_the_input_embedding_whole(tmp_path):
-    model = write_tiny_model(tmp_path / "tied", tie_word_embeddings=True)
-    plain = load_base_model(str(model), "nf4", "fp32", "cpu")
-    loaded = load_base_model(str(model), "nf4", "fp32", "cpu", quantize_output="int8")
-    embedding = loaded.model.get_input_embeddings().weight
-    assert torch.equal(embedding, plain.model.get_input_embeddings().weight)
-    head = loaded.model.get_output_embeddings()
-    tied = nn.Linear(embedding.shape[1], embedding.shape[0], bias=False)
-    tied.weight = nn.Parameter(embedding.detach().clone())
-    assert torch.equal(head.weight, Int8Linear.quantize(tied).weight)
-    with torch.no_grad():
-        hidden = loaded.model.model(IDS).last_hidden_state
-        want = F.linear(hidden, head.weight.float()) * head.scales
-        assert torch.allclose(loaded.model(IDS).logits, want, atol=1e-5)
 
 
 @pytest.mark.parametrize(
