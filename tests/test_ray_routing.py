@@ -82,11 +82,24 @@ def test_a_request_goes_to_its_adapter_s_home_or_the_replicas_that_hold_it():
 
 def test_a_full_home_shares_with_the_next_replica_then_the_rest():
     first, second, third = by_rank("sql", list(IDLE))
-    queues = {**IDLE, first: 8}
+    queues = {**IDLE, first: 8}  # full, and 8 >= 0 + 4: crowded as well
     assert adapter_ranks("sql", views(queues), 0.0, AFFINITY) == [[first, second], [third]]
     both_full = {**IDLE, first: 8, second: 8}
     held = views(both_full, holders=(first, second))
     assert adapter_ranks("sql", held, 0.0, AFFINITY) == [[first, second, third]]
+
+
+def test_a_home_only_the_cache_calls_full_is_tried_before_the_next_replica():
+    """Full but not much busier than the rest (a cached length that ran ahead of the replica's,
+    as a loaded router's late completions leave it): the home is a rank of its own, which Ray
+    probes, and the next replica a rank after it."""
+    first, second, third = by_rank("sql", list(IDLE))
+    lenient = Affinity(wait_s=2.0, imbalance=9)  # 8 < 0 + 9
+    queues = {**IDLE, first: 8}
+    assert adapter_ranks("sql", views(queues), 0.0, lenient) == [[first], [second], [third]]
+    held = views({**IDLE, first: 8, second: 8}, holders=(first, second))
+    assert adapter_ranks("sql", held, 0.0, lenient) == [[first, second], [third]]
+    assert adapter_ranks("sql", views(queues), 2.0, lenient) == [[first, second], [third]]
 
 
 def test_a_much_busier_home_shares_with_the_next_replica():

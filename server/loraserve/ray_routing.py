@@ -9,12 +9,14 @@ replicas without waiting for any report, so an adapter's requests land together 
 through every proxy; when a replica comes or goes, only the adapters whose home it is move.
 
 A request also considers the next replica in the adapter's rendezvous order, and goes to the
-less busy of the two, when its replicas are all full (their queues at `max_ongoing_requests`),
-when the least busy of them runs `affinity_imbalance` more requests than the least busy replica
-of all, or once it has waited `affinity_wait_s` for them; past those, one replica at a time in
-that order. So a hot adapter overflows onto its second replica, which then holds it and shares
-its load; a skewed mix of adapters does not leave one replica idle; and a replica that stops
-answering costs a request at most that wait.
+less busy of the two, when the least busy of its replicas runs `affinity_imbalance` more
+requests than the least busy replica of all, or once it has waited `affinity_wait_s` for them;
+past those, one replica at a time in that order. When its replicas are only full (their queues
+at `max_ongoing_requests`, as last counted), the next replica comes a rank after them, so that
+Ray's probe, not a count that ran ahead, decides that they are. So a hot adapter overflows
+onto its second replica, which then holds it and shares its load; a skewed mix of adapters does
+not leave one replica idle; and a replica that stops answering costs a request at most that
+wait.
 A request with no adapter goes to the less loaded of two replicas drawn at random, first
 among those on the router's own node, as with Ray's default router.
 
@@ -74,14 +76,20 @@ def adapter_ranks(
     preferred = [r for r in order if r.holds] or order[:1]
     others = [r for r in order if r not in preferred]
     busiest_allowed = min(_known_len(r) for r in replicas) + affinity.imbalance
-    stays = (
-        waited_s < affinity.wait_s
-        and not all(r.full for r in preferred)
-        and min(_known_len(r) for r in preferred) < busiest_allowed
-    )
-    if stays or not others:
-        return [[r.replica_id for r in preferred]]
-    return [[r.replica_id for r in [*preferred, others[0]]], *([r.replica_id] for r in others[1:])]
+    full = all(r.full for r in preferred)
+    crowded = min(_known_len(r) for r in preferred) >= busiest_allowed
+    waited = waited_s >= affinity.wait_s
+    preferred_ids = [r.replica_id for r in preferred]
+    rest = [[r.replica_id] for r in others[1:]]
+    if not (full or crowded or waited) or not others:
+        return [preferred_ids]
+    if full and not (crowded or waited):
+        # Only full: a rank of their own first. The cached lengths run ahead of the replicas'
+        # (Ray counts a request done when its callback runs, which a loaded router runs late),
+        # and Ray probes the replicas its cache calls full, so the next replica takes the
+        # request only when the probe finds them full too.
+        return [preferred_ids, [others[0].replica_id], *rest]
+    return [[*preferred_ids, others[0].replica_id], *rest]
 
 
 def _known_len(replica: ReplicaView) -> int:
