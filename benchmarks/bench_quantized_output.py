@@ -125,6 +125,14 @@ def demo_agreement(prompts: int, seed: int = 0) -> dict[str, dict[str, float]]:
     }
 
 
+def write_report(args: argparse.Namespace, **results: object) -> None:
+    """With `--out`, the machine, the command and `results` as JSON there."""
+    if args.out:
+        report = {"machine": machine_info(), "command": vars(args) | {"out": str(args.out)}}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report | results, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="1,4,32", help="decode rows, comma-separated")
@@ -146,11 +154,7 @@ def main() -> None:
     if args.demo:
         agreement = demo_agreement(args.demo)
         print(f"demo logits: {agreement}")
-        if args.out:
-            report = {"machine": machine_info(), "command": vars(args) | {"out": str(args.out)},
-                      "demo_logits": agreement}  # fmt: skip
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args, demo_logits=agreement)
         return
     spec = replace(BASES[args.model], weights_dtype=args.checkpoint_dtype)
     bench = replace(DEFAULT, model=spec, compute_dtype=args.compute_dtype)
@@ -176,16 +180,7 @@ def main() -> None:
     model_dir = prepare_model(spec, DEFAULT_CACHE_DIR)
     logits = logit_agreement(model_dir, bench, list(workload.prompts))
     print(f"logits: {logits}")
-    if args.out:
-        report = {
-            "machine": machine_info(),
-            "command": vars(args) | {"out": str(args.out)},
-            "output_projection_bytes": held,
-            "decode_step": decode,
-            "logits": logits,
-        }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args, output_projection_bytes=held, decode_step=decode, logits=logits)
 
 
 if __name__ == "__main__":

@@ -77,18 +77,23 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight,
   return add_bias(y, bias);
 }
 
-// y [M, N] = (x [M, K] @ codes [N, K]^T) * scales [N] + bias: a weight held in 8 bits, one
-// scale an output row (`int8_output.py`). Each output's sum over k is the one gemm_dense gives
-// an fp32 weight of the codes' values, then scaled: the same paths, batch-invariant ones too.
-at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
-                       const c10::optional<at::Tensor>& bias, bool invariant) {
-  check_cpu_f32(x, "x");
+// An 8-bit weight's codes [N, K] int8 and scales [N] fp32 against x [M, K], checked.
+void check_int8_weight(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
   check_cpu_f32(scales, "scales");
   TORCH_CHECK(codes.device().is_cpu() && codes.is_contiguous() && codes.scalar_type() == at::kChar,
               "codes must be a contiguous int8 CPU tensor");
   TORCH_CHECK(x.dim() == 2 && codes.dim() == 2 && x.size(1) == codes.size(1) &&
                   scales.dim() == 1 && scales.size(0) == codes.size(0),
               "x [M, K], codes [N, K] and scales [N] must agree");
+}
+
+// y [M, N] = (x [M, K] @ codes [N, K]^T) * scales [N] + bias: a weight held in 8 bits, one
+// scale an output row (`int8_output.py`). Each output's sum over k is the one gemm_dense gives
+// an fp32 weight of the codes' values, then scaled: the same paths, batch-invariant ones too.
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& bias, bool invariant) {
+  check_cpu_f32(x, "x");
+  check_int8_weight(x, codes, scales);
   const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
   gemm_dense(x.data_ptr<float>(), M, K, codes.data_ptr<int8_t>(), N, y.data_ptr<float>(),
@@ -268,6 +273,21 @@ std::vector<at::Tensor> linear_4bit_bf16(
 #endif
 }
 
+#ifdef LS_AMX
+// y [M, N] = bf16(x [M, K] @ W^T + bias) for one weight `source` of N columns (gemm_bf16), x
+// and bias checked by the caller.
+template <class Source>
+at::Tensor bf16_one_weight(const at::Tensor& x, const Source& source,
+                           const c10::optional<at::Tensor>& bias, bool invariant) {
+  const int64_t M = x.size(0), K = x.size(1), N = source.columns();
+  const float* b = bf16_op_bias(bias, N);
+  at::Tensor y = at::empty({M, N}, x.options());
+  uint16_t* out = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  if (M > 0) gemm_bf16<Source>(bf16_data(x), M, K, {&source, 1}, {&b, 1}, {&out, 1}, invariant);
+  return y;
+}
+#endif
+
 // y [M, N] = bf16(x [M, K] @ weight [N, K]^T + bias), both bf16: fp32 sums of the exact
 // products, rounded once; as linear_4bit_bf16, in tiles or by pair dot products.
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight,
@@ -277,14 +297,8 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kBFloat16 &&
                   weight.is_contiguous() && weight.dim() == 2 && weight.size(1) == x.size(1),
               "weight must be a contiguous bfloat16 CPU tensor [N, K] sharing x's K");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  const float* b = bf16_op_bias(bias, N);
-  at::Tensor y = at::empty({M, N}, x.options());
-  const DenseBf16 source{bf16_data(weight), N, K};
-  uint16_t* out = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  if (M > 0)
-    gemm_bf16<DenseBf16>(bf16_data(x), M, K, {&source, 1}, {&b, 1}, {&out, 1}, invariant);
-  return y;
+  return bf16_one_weight(x, DenseBf16{bf16_data(weight), weight.size(0), x.size(1)}, bias,
+                         invariant);
 #else
   TORCH_CHECK(false, "this build of loraserve's kernels has no bf16 code");
 #endif
@@ -298,20 +312,10 @@ at::Tensor linear_int8_bf16(const at::Tensor& x, const at::Tensor& codes, const 
 #ifdef LS_AMX
   check_bf16_rows(x);
   TORCH_CHECK(amx_usable(), "linear_int8_bf16 runs in AMX tiles, which this CPU does not give");
-  check_cpu_f32(scales, "scales");
-  TORCH_CHECK(codes.device().is_cpu() && codes.is_contiguous() && codes.scalar_type() == at::kChar,
-              "codes must be a contiguous int8 CPU tensor");
-  TORCH_CHECK(codes.dim() == 2 && codes.size(1) == x.size(1) && scales.dim() == 1 &&
-                  scales.size(0) == codes.size(0),
-              "x [M, K], codes [N, K] and scales [N] must agree");
-  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
-  const float* b = bf16_op_bias(bias, N);
-  at::Tensor y = at::empty({M, N}, x.options());
-  const Int8Codes source{codes.data_ptr<int8_t>(), scales.data_ptr<float>(), N, K};
-  uint16_t* out = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  if (M > 0)
-    gemm_bf16<Int8Codes>(bf16_data(x), M, K, {&source, 1}, {&b, 1}, {&out, 1}, invariant);
-  return y;
+  check_int8_weight(x, codes, scales);
+  const Int8Codes source{codes.data_ptr<int8_t>(), scales.data_ptr<float>(), codes.size(0),
+                         x.size(1)};
+  return bf16_one_weight(x, source, bias, invariant);
 #else
   TORCH_CHECK(false, "this build of loraserve's kernels has no bf16 code");
 #endif
