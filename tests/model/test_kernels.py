@@ -807,6 +807,29 @@ def test_the_other_variants_equal_their_references(every_variant_built):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(native() is None or not amx_tiles(), reason="no AMX tiles here to turn off")
+def test_with_the_tiles_turned_off_the_pair_dot_products_equal_their_references():
+    """With LORASERVE_AMX=off (any case) the bf16 ops take AVX512-BF16's pair dot products, as
+    on a CPU without tiles (AMD Zen 4 and 5), and this module's comparisons and the int8 head's
+    pass there too, in a process of their own: an AMX machine tests those paths."""
+    env = dict(os.environ, LORASERVE_AMX="Off")
+    paths = subprocess.run(
+        [sys.executable, "-c", "from loraserve.model.linear import amx_tiles, bf16_pairs; "
+         "print(amx_tiles(), bf16_pairs())"],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert paths.stdout.split() == ["False", "True"], paths.stderr[-3000:]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "tests/model/test_int8_output.py",
+         "-k", "not kernels_are_off and not other_variants and not tiles_turned_off"],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert " passed" in result.stdout
+
+
+@pytest.mark.slow
 def test_the_torch_paths_serve_when_kernels_are_off():
     """With LORASERVE_KERNELS=off the runner's ragged batches still equal full forwards."""
     env = dict(os.environ, LORASERVE_KERNELS="off")

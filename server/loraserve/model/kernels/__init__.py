@@ -66,7 +66,8 @@ or float16; the attention ops' pools: or bfloat16 or float16, their q any of the
 any strides but D's, their output q's dtype; the bf16 ops: bfloat16 rows; transpose_scaled
 and lora_factors: any float dtype and strides; kv_write_'s states: any strides but D's). Set
 LORASERVE_KERNELS=off to use the torch paths, or to a variant's name (`build.VARIANTS`) to load
-that one instead of this CPU's.
+that one instead of this CPU's; LORASERVE_AMX=off keeps the bf16 ops out of AMX tiles (they
+take AVX512-BF16's pair dot products, as on a CPU without tiles).
 
 Knows nothing about models, adapters or batches: callers decide when an op applies.
 """

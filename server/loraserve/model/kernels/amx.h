@@ -26,6 +26,9 @@
 #define LS_AMX 1
 
 #include <cpuid.h>
+#include <cctype>
+#include <cstdlib>
+#include <string>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -38,11 +41,23 @@ inline bool has_vbmi() {
   return __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((c >> 1) & 1);
 }
 
-// Whether this CPU has AMX-BF16 tiles, AVX512-BF16 and AVX512-VBMI, and Linux lets this process
-// use the tiles (asked for once: their state is too large to be saved for every process by
-// default).
+// Whether the environment turns the tiles off (LORASERVE_AMX=off, 0, false or no): the bf16 ops
+// then take AVX512-BF16's pair dot products, as on a CPU without AMX, so that an AMX machine can
+// run, test and time those paths too.
+inline bool amx_turned_off() {
+  const char* value = std::getenv("LORASERVE_AMX");
+  if (value == nullptr) return false;
+  std::string lower(value);
+  for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return lower == "off" || lower == "0" || lower == "false" || lower == "no";
+}
+
+// Whether this CPU has AMX-BF16 tiles, AVX512-BF16 and AVX512-VBMI, Linux lets this process use
+// the tiles (asked for once: their state is too large to be saved for every process by
+// default), and the environment does not turn them off.
 inline bool amx_usable() {
   static const bool usable = [] {
+    if (amx_turned_off()) return false;
     unsigned a, b, c, d;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
     const bool tiles = (d >> 24) & 1, bf16_tiles = (d >> 22) & 1;
