@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraserve.model.int8_output import CODE_MAX, Int8Linear
-from loraserve.model.kernels import native
+from loraserve.model.kernels import chosen_variant, native
 from loraserve.model.linear import (
     AMX_DENSE_MAX_ROWS,
     AMX_TILE_MIN_ROWS,
@@ -64,8 +64,17 @@ def test_forward_sums_the_codes_in_float32_then_scales_and_adds_the_bias(dtype):
     )
 
 
+def _codes_dot_rows() -> int:
+    """The most rows `linear_int8` multiplies by dot products in one block, where each row's
+    sums are the ones it gets alone (gemm.h's kCodesDotRows for the loaded build's lanes)."""
+    variant = chosen_variant()
+    return 10 if variant is not None and variant.lanes == 16 else 6
+
+
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 9, 16, 32, 33, 64, 70, SMALL_BATCH_ROWS])
+@pytest.mark.parametrize(
+    "rows", [1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 16, 32, 33, 64, 70, SMALL_BATCH_ROWS]
+)
 @pytest.mark.parametrize(
     ("out_features", "in_features", "bias"),
     [(7, 100, True), (30, 300, False), (13, 37, True), (64, 64, False)],
@@ -74,11 +83,16 @@ def test_the_kernel_gives_the_bits_of_the_codes_as_an_fp32_weight_then_scaled(
     rows, out_features, in_features, bias
 ):
     """Codes widened as they are read: the same sums as an fp32 weight of their values, at
-    every row count's path; then each output times its scale, plus the bias."""
+    every row count's path (up to `_codes_dot_rows`, the dot products' of each row alone); then
+    each output times its scale, plus the bias."""
     head = Int8Linear.quantize(_linear(out_features, in_features, bias, seed=rows))
     x = torch.randn(rows, in_features)
     got = native().linear_int8(x, head.weight, head.scales, head.bias)
-    summed = native().linear_f32(x, head.weight.float().contiguous(), None)
+    weight = head.weight.float().contiguous()
+    if rows <= _codes_dot_rows():
+        summed = torch.cat([native().linear_f32(row, weight, None) for row in x.split(1)])
+    else:
+        summed = native().linear_f32(x, weight, None)
     want = summed * head.scales if head.bias is None else summed * head.scales + head.bias
     assert torch.equal(got, want)
     torch.testing.assert_close(got, head(x), rtol=1e-5, atol=1e-5)

@@ -87,7 +87,12 @@ AMX_DENSE_MAX_ROWS = 128
 # tiles from AMX_TILE_MIN_ROWS rows up to AMX_DENSE_MAX_ROWS; fewer widen to fp32 for
 # `linear_int8`. The 32,000 x 1,024 projection on the Xeon with AMX (a one-off script, medians
 # of 19, 2026-12-06): tiles 1.9-2.1 ms from 1 to 16 rows, 2.3 at 32, 3.2 at 64 (the bf16 weight
-# 2.3-2.9, 3.7); widened to fp32 1.1 at 1 row, 1.6 at 4, 4.5 at 6, 6.0 at 32.
+# 2.3-2.9, 3.7); widened to fp32 1.1 at 1 row, 1.6 at 4, 4.5 at 6, 6.0 at 32. Since 5 to 10
+# rows of codes take the dot products (gemm.h, kCodesDotRows): widened 1.64 ms at 4 rows, 1.99
+# at 5, 2.22 at 6, 2.59 at 8 against the tiles' 1.85, 1.70, 1.64, 1.65, so the tiles still
+# start at 5. Without tiles the codes always widen: on the Xeon with its tiles turned off
+# (LORASERVE_AMX=off) the pair dot products took 1.3-2.7x the widened path's time at every row
+# count (benchmarks/RESULTS.md, 2026-12-06).
 # Without AMX tiles, on a CPU with AVX512-BF16, the same bf16 kernel multiplies by pair dot
 # products from this many rows up to SMALL_BATCH_ROWS: a decode step's 56 projections (the same
 # benchmark, a 2-core AMD EPYC, 20 rounds) took 8.5 ms against the widened kernel's 9.8 at 4
