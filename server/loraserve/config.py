@@ -111,7 +111,8 @@ class EngineConfig(BaseModel):
     compute_dtype: Literal["fp32", "bf16", "fp16"] = setting(
         "fp32",
         "dtype of activations and LoRA weights (fp32: outputs token-exact with PEFT in fp32; bf16 "
-        "is faster on GPUs and on CPUs with AMX or AVX512-BF16, whose start-up log says so)",
+        "is faster on GPUs, on CPUs with AMX and on AMD's with AVX512-BF16, whose start-up log "
+        "says so)",
     )
     device: str = setting(
         "auto", "auto, cpu, cuda or cuda:N", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import bitsandbytes as bnb
 import pytest
@@ -13,8 +14,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from loraserve.model.int8_output import Int8Linear
-from loraserve.model.linear import bf16_pairs, has_amx
-from loraserve.model.loading import load_base_model
+from loraserve.model.linear import amx_tiles, bf16_pairs
+from loraserve.model.loading import bf16_compute_hint, cpu_vendor, load_base_model
 from loraserve.model.tiny import write_tiny_model
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -131,10 +132,34 @@ def test_bf16_compute_dtype_is_applied(model_dirs, caplog):
     assert "--compute-dtype bf16" not in caplog.text  # already bf16: nothing to suggest
 
 
-def test_fp32_on_a_cpu_that_multiplies_bf16_suggests_bf16_compute(model_dirs, caplog):
+def test_fp32_on_a_cpu_where_bf16_measured_faster_suggests_bf16_compute(model_dirs, caplog):
     caplog.set_level(logging.INFO, logger="loraserve.model.loading")
     load_base_model(str(model_dirs["llama"]), "none", "fp32", "cpu")
-    assert ("--compute-dtype bf16" in caplog.text) == (has_amx() or bf16_pairs())
+    faster = bf16_compute_hint(amx_tiles(), bf16_pairs(), cpu_vendor()) is not None
+    assert ("--compute-dtype bf16" in caplog.text) == faster
+
+
+@pytest.mark.parametrize(
+    ("tiles", "pairs", "vendor", "speed"),
+    [
+        (True, False, "GenuineIntel", "twice"),
+        (False, True, "AuthenticAMD", "1.6 times"),
+        (False, True, "GenuineIntel", None),  # pair dot products no faster than fp32's FMAs
+        (False, False, "AuthenticAMD", None),
+        (False, True, "", None),
+    ],
+)
+def test_bf16_is_suggested_only_where_it_was_measured_faster(tiles, pairs, vendor, speed):
+    hint = bf16_compute_hint(tiles, pairs, vendor)
+    assert (hint is None) == (speed is None)
+    assert speed is None or f"about {speed} as fast" in hint
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="no /proc/cpuinfo here")
+def test_the_cpu_vendor_is_read_from_linux():
+    vendor = cpu_vendor()
+    assert vendor and vendor == vendor.strip()
+    assert f": {vendor}\n" in Path("/proc/cpuinfo").read_text()
 
 
 def test_nf4_keeps_cpu_misfit_layers_unquantized_and_generates(model_96):

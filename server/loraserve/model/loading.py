@@ -42,7 +42,7 @@ from transformers.utils import is_flash_attn_2_available
 
 from loraserve.model.host_memory import keep_freed_memory, one_arena, warn_if_arenas_came_first
 from loraserve.model.int8_output import Int8Linear
-from loraserve.model.linear import bf16_pairs, has_amx
+from loraserve.model.linear import amx_tiles, bf16_pairs
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,36 @@ def _prequantized(config) -> str | None:
     return qc.get("bnb_4bit_quant_type", "fp4")
 
 
+def cpu_vendor() -> str:
+    """This CPU's maker as Linux names it (/proc/cpuinfo's vendor_id: GenuineIntel,
+    AuthenticAMD); empty where it is not known."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def bf16_compute_hint(tiles: bool, pairs: bool, vendor: str) -> str | None:
+    """What --compute-dtype bf16 buys over fp32 on a CPU whose kernels multiply bf16 in AMX
+    tiles (`tiles`) or by AVX512-BF16's pair dot products (`pairs`), made by `vendor`, where it
+    was measured faster (docs/performance.md); None elsewhere. An Intel CPU's pair dot products
+    do the products two fp32 multiply-adds do: its full batches measured slower in bf16."""
+    if tiles:
+        how, speed = "in AMX tiles", "twice"
+    elif pairs and vendor == "AuthenticAMD":
+        how, speed = "with AVX512-BF16", "1.6 times"
+    else:
+        return None
+    return (
+        f"this CPU multiplies bf16 {how}: --compute-dtype bf16 runs about {speed} as fast as "
+        "fp32 (outputs then match PEFT computing in bf16, not in fp32; docs/performance.md)"
+    )
+
+
 def load_base_model(
     model: str,
     quantization: str = "nf4",
@@ -212,11 +242,10 @@ def load_base_model(
         actual = quantization
     else:
         actual = "none"
-    if target.type == "cpu" and dtype == torch.float32 and (has_amx() or bf16_pairs()):
-        how, speed = ("in AMX tiles", "twice") if has_amx() else ("with AVX512-BF16", "1.6 times")
-        log.info("this CPU multiplies bf16 %s: --compute-dtype bf16 runs about %s as fast as "
-                 "fp32 (outputs then match PEFT computing in bf16, not in fp32; "
-                 "docs/performance.md)", how, speed)  # fmt: skip
+    if target.type == "cpu" and dtype == torch.float32:
+        hint = bf16_compute_hint(amx_tiles(), bf16_pairs(), cpu_vendor())
+        if hint is not None:
+            log.info(hint)
     attention = attention_implementation(config, target)
     log.info("%s: loading with %s attention", type(config).__name__, attention)
     loaded = AutoModelForCausalLM.from_pretrained(
