@@ -775,8 +775,8 @@ def test_the_other_variants_equal_their_references(every_variant_built):
     """This module's comparisons and the int8 head's against every other build this CPU runs
     (`other_variants`), at once, each in a process of its own, on the session's build of every
     variant: an AVX-512 machine tests what an AVX2-only one runs, and an AVX2 machine the logic
-    AVX-512 machines run. A use of a build touches its folder: each folder is dated back first, to show that the
-    run loaded its own variant."""
+    AVX-512 machines run. A use of a build touches its folder: each folder is dated back first,
+    to show that the run loaded its own variant."""
     assert every_variant_built.returncode == 0, every_variant_built.stderr
     env = dict(os.environ, XDG_CACHE_HOME=str(every_variant_built.cache_home))
     runs, folders = {}, {}
