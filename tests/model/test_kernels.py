@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from loraserve.model import linear
 from loraserve.model.attention import attend_context, attend_decode_gathered
 from loraserve.model.kernels import build, chosen_variant, native
 from loraserve.model.linear import (
@@ -324,21 +325,38 @@ def _compute_in(dtype: torch.dtype, out_features: int = 64, blocksize: int = 64)
 
 
 def _bf16_kernel_min_rows(blocksize: int = 64) -> int | None:
-    """The fewest bf16 rows of a 4-bit weight with blocks of `blocksize` that the bf16 kernel
-    takes here (None: it runs nowhere here)."""
+    """The fewest bf16 rows of a 4-bit weight with blocks of `blocksize` that `BaseLinear`
+    sends to the bf16 kernel here (None: it sends none)."""
     if amx_tiles():
         return AMX_TILE_MIN_ROWS
-    if not bf16_pairs():
+    if not linear.bf16_pairs_take_4bit():
         return None
     return 1 if blocksize >= GEMV_BF16_MIN_BLOCK else PAIRS_MIN_ROWS
 
 
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="no /proc/cpuinfo here")
+def test_the_cpu_vendor_is_read_from_linux():
+    vendor = linear.cpu_vendor()
+    assert vendor and vendor == vendor.strip()
+    assert f": {vendor}\n" in Path("/proc/cpuinfo").read_text()
+
+
+@pytest.fixture(params=["amd", "intel"])
+def pairs_vendor(request, monkeypatch):
+    """Routing as on an AMD CPU, whose pair dot products take 4-bit weights' bf16 rows, and as
+    on an Intel one without tiles, which widens them: the two part only where the kernels
+    multiply by pair dot products (`bf16_pairs()`: AVX512-BF16, no tiles)."""
+    takes = request.param == "amd" and bf16_pairs()
+    monkeypatch.setattr(linear, "bf16_pairs_take_4bit", lambda: takes)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_16_bit_rows_take_the_4bit_kernel_widened_up_to_their_limit(dtype):
+def test_16_bit_rows_take_the_4bit_kernel_widened_up_to_their_limit(dtype, pairs_vendor):
     """Decode-sized rows in a 16-bit compute dtype: the fp32 kernel's output on the widened
     rows, rounded once; more rows than the limit (32 with AMX; bf16 rows from the bf16 kernel's
     minimum go to it where it runs, up to SMALL_BATCH_ROWS): bitsandbytes' own forward. Blocks
-    of 32 k: without tiles, the bf16 kernel takes those from PAIRS_MIN_ROWS rows."""
+    of 32 k: without tiles, on AMD, the bf16 kernel takes those from PAIRS_MIN_ROWS rows; on
+    Intel it takes none."""
     base = _compute_in(dtype, blocksize=32)
     kernel_min = _bf16_kernel_min_rows(blocksize=32) if dtype == torch.bfloat16 else None
     limit = AMX_WIDENED_MAX_ROWS if has_amx() else SMALL_BATCH_ROWS
@@ -355,7 +373,7 @@ def test_16_bit_rows_take_the_4bit_kernel_widened_up_to_their_limit(dtype):
 
 
 bf16_kernel = pytest.mark.skipif(
-    _bf16_kernel_min_rows() is None, reason="no bf16 kernel here (AMX tiles or AVX512-BF16)"
+    not (amx_tiles() or bf16_pairs()), reason="no bf16 kernel here (AMX tiles or AVX512-BF16)"
 )
 
 
@@ -473,9 +491,13 @@ def test_a_bf16_weight_runs_in_the_bf16_kernel_within_its_row_limits():
 
 
 @bf16_kernel
-def test_bf16_rows_from_the_kernel_minimum_to_the_small_batch_limit_run_in_the_bf16_kernel():
+def test_bf16_rows_from_the_kernel_minimum_to_the_small_batch_limit_run_in_the_bf16_kernel(
+    pairs_vendor,
+):
     """Alone and linked as one shared-input group: each output as its own kernel call gives
-    it."""
+    it (where `BaseLinear` sends 4-bit weights' bf16 rows to the kernel at all)."""
+    if _bf16_kernel_min_rows() is None:
+        pytest.skip("an Intel CPU without tiles widens them (the test above)")
     projections = [_compute_in(torch.bfloat16, width) for width in (64, 32, 32)]
     SharedInputGroup(projections)
     for rows in (_bf16_kernel_min_rows(), 40, SMALL_BATCH_ROWS):

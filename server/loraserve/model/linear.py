@@ -12,12 +12,12 @@ copying its weights, and picks per call:
 - 4-bit under bf16 compute, from `AMX_TILE_MIN_ROWS` to `SMALL_BATCH_ROWS` rows, on a CPU
   whose AMX tiles the kernels may use: the bf16 kernel, which decodes the weight to bf16 (as
   bitsandbytes' dequantize to bf16 rounds it) a chunk at a time inside the GEMM, multiplies in
-  the tiles and sums in fp32; on a CPU with AVX512-BF16 but no AMX (AMD Zen 4 and 5), the same
-  kernel from `PAIRS_MIN_ROWS` rows (from one row where its blocks allow), multiplying by
-  AVX512-BF16's pair dot products; fewer bf16 rows (and fp16 rows) are widened to fp32 for the
-  fused kernel; a bf16 weight (the output projection under bf16 compute) is read in place by
-  the bf16 kernel, up to `AMX_DENSE_MAX_ROWS` rows with tiles, up to `SMALL_BATCH_ROWS`
-  without;
+  the tiles and sums in fp32; on an AMD CPU with AVX512-BF16 (Zen 4 and 5), the same kernel
+  from `PAIRS_MIN_ROWS` rows (from one row where its blocks allow), multiplying by AVX512-BF16's
+  pair dot products (`bf16_pairs_take_4bit`); fewer bf16 rows, bf16 rows on an Intel CPU
+  without tiles, and fp16 rows are widened to fp32 for the fused kernel; a bf16 weight (the
+  output projection under bf16 compute) is read in place by the bf16 kernel, up to
+  `AMX_DENSE_MAX_ROWS` rows with tiles, up to `SMALL_BATCH_ROWS` without;
 - fp32 weights on the CPU, at most `SMALL_BATCH_ROWS` rows: the small-batch kernel. Where
   every value of such a weight is a bfloat16 (a checkpoint stored in bf16, loaded for fp32
   compute), it may be held in bf16 (`hold_narrow`, `model/narrow.py`): half the memory and
@@ -158,12 +158,13 @@ def amx_tiles() -> bool:
 
 
 def probe_bf16_paths() -> None:
-    """Ask the kernels now which bf16 paths this CPU takes (`amx_tiles`, `bf16_pairs`: each
-    answer is kept): a forward recorded for a decode record (`decode_traces`) before any other
-    ran would ask inside the recording, which cannot hold an op that answers a bool, and drop
-    that record."""
+    """Ask the kernels now which bf16 paths this CPU takes (`amx_tiles`, `bf16_pairs`,
+    `bf16_pairs_take_4bit`: each answer is kept): a forward recorded for a decode record
+    (`decode_traces`) before any other ran would ask inside the recording, which cannot hold an
+    op that answers a bool, and drop that record."""
     amx_tiles()
     bf16_pairs()
+    bf16_pairs_take_4bit()
 
 
 @functools.cache
@@ -173,6 +174,33 @@ def bf16_pairs() -> bool:
     use (which take precedence)."""
     ops = native()
     return ops is not None and bool(ops.bf16_pairs_usable()) and not amx_tiles()
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """This CPU's maker as Linux names it (/proc/cpuinfo's vendor_id: GenuineIntel,
+    AuthenticAMD); empty where it is not known."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@functools.cache
+def bf16_pairs_take_4bit() -> bool:
+    """Whether bf16 rows of a 4-bit weight take the pair dot products (where `bf16_pairs()`):
+    on AMD CPUs only. On the 2-core AMD EPYC a decode step's 56 projections took 21.7 ms at 32
+    rows against the widened fp32 kernel's 37.2; on the Intel Xeon with its tiles turned off
+    (`LORASERVE_AMX=off`, standing in for one whose AMX is withheld; bench_bf16_kernels.py,
+    2026-12-06) the widened kernel was as fast or faster at every row count: 4.05 against 4.29
+    ms at one row, 9.34 against 9.34 at 6, 10.34 against 12.41 at 8, 25.36 against 34.57 at 32.
+    bf16 weights (the output projection) take the pair kernel on both: 11.26 against torch's
+    bf16 GEMM's 13.26 ms at 32 rows there."""
+    return bf16_pairs() and cpu_vendor() == "AuthenticAMD"
 
 
 @dataclass(frozen=True)
@@ -381,6 +409,8 @@ class BaseLinear(nn.Module):
             return self.dense_bf16 and rows <= AMX_DENSE_MAX_ROWS
         if bf16_pairs():
             if self.packed is not None:
+                if not bf16_pairs_take_4bit():
+                    return False
                 fewest = 1 if self.packed.blocksize >= GEMV_BF16_MIN_BLOCK else PAIRS_MIN_ROWS
                 return fewest <= rows <= SMALL_BATCH_ROWS
             return self.dense_bf16 and rows <= SMALL_BATCH_ROWS

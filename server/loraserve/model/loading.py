@@ -42,7 +42,7 @@ from transformers.utils import is_flash_attn_2_available
 
 from loraserve.model.host_memory import keep_freed_memory, one_arena, warn_if_arenas_came_first
 from loraserve.model.int8_output import Int8Linear
-from loraserve.model.linear import amx_tiles, bf16_pairs
+from loraserve.model.linear import amx_tiles, bf16_pairs, cpu_vendor
 
 log = logging.getLogger(__name__)
 
@@ -161,19 +161,6 @@ def _prequantized(config) -> str | None:
     if qc.get("load_in_8bit"):
         return "int8"
     return qc.get("bnb_4bit_quant_type", "fp4")
-
-
-def cpu_vendor() -> str:
-    """This CPU's maker as Linux names it (/proc/cpuinfo's vendor_id: GenuineIntel,
-    AuthenticAMD); empty where it is not known."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("vendor_id"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def bf16_compute_hint(tiles: bool, pairs: bool, vendor: str) -> str | None:
