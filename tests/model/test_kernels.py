@@ -37,7 +37,6 @@ from loraserve.model.linear import (
     SharedInputGroup,
     amx_tiles,
     bf16_pairs,
-    has_amx,
     link_shared_inputs,
     make_batch_invariant,
     matmul_group,
@@ -359,7 +358,7 @@ def test_16_bit_rows_take_the_4bit_kernel_widened_up_to_their_limit(dtype, pairs
     Intel it takes none."""
     base = _compute_in(dtype, blocksize=32)
     kernel_min = _bf16_kernel_min_rows(blocksize=32) if dtype == torch.bfloat16 else None
-    limit = AMX_WIDENED_MAX_ROWS if has_amx() else SMALL_BATCH_ROWS
+    limit = AMX_WIDENED_MAX_ROWS if amx_tiles() else SMALL_BATCH_ROWS
     if kernel_min is not None:
         limit = kernel_min - 1
     for rows in (1, min(5, limit), limit):

@@ -65,7 +65,7 @@ from loraserve.model.kernels import native
 # Up to this many rows the fused small-batch kernels beat dequantize + GEMM (see
 # docs/performance.md); above it the one big GEMM amortises the dequantization.
 SMALL_BATCH_ROWS = 256
-# Under a 16-bit compute dtype, up to this many rows (SMALL_BATCH_ROWS without AMX) widen to
+# Under a 16-bit compute dtype, up to this many rows (SMALL_BATCH_ROWS without tiles) widen to
 # fp32 for the 4-bit kernel rather than dequantize the whole weight for a 16-bit GEMM: with AMX
 # a bf16 decode step of 8 rows took 19 ms against 36, of 32 rows 39 against 45, of 64 rows 70
 # against 59 (docs/performance.md).
@@ -139,14 +139,6 @@ def ranges_alike(most_rows: int) -> list[range]:
     SMALL_BATCH_ROWS, where each count is a range of its own)."""
     most = min(most_rows, SMALL_BATCH_ROWS)
     return [range(a, b) for a, b in itertools.pairwise(_RANGE_STARTS) if a <= most]
-
-
-@functools.cache
-def has_amx() -> bool:
-    """Whether this CPU has AMX tiles, in which torch's bf16 GEMMs run (torch's own check; False
-    where this torch has none)."""
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(check and check())
 
 
 @functools.cache
@@ -442,9 +434,11 @@ class BaseLinear(nn.Module):
     def _widens(self, x: torch.Tensor) -> bool:
         """Whether a 16-bit x (bf16 or fp16 compute) takes the 4-bit kernel, widened to fp32
         and its output rounded back, rather than bitsandbytes' dequantize of the whole weight to
-        x's dtype and a GEMM in it (which more rows keep: on AMX's tiles where the CPU has
-        them). Batch-invariant, every 16-bit x the bf16 kernel does not take widens (fp16, or
-        a CPU without AVX512-BF16). An 8-bit output projection (`int8_output`) always widens."""
+        x's dtype and a GEMM in it (which more rows keep where torch's GEMMs run in AMX tiles:
+        where the kernels may use them, `amx_tiles`; a CPU that has tiles its OS withholds, as
+        Linux before 5.16 does, runs torch's bf16 GEMMs without them). Batch-invariant, every
+        16-bit x the bf16 kernel does not take widens (fp16, or a CPU without AVX512-BF16). An
+        8-bit output projection (`int8_output`) always widens."""
         if x.dtype not in NARROW_DTYPES:
             return False
         if self.int8 is not None:
@@ -452,7 +446,7 @@ class BaseLinear(nn.Module):
         if self.invariant:
             return self.packed is not None or self.dense_bf16
         rows = x.numel() // self.in_features
-        most = AMX_WIDENED_MAX_ROWS if has_amx() else SMALL_BATCH_ROWS
+        most = AMX_WIDENED_MAX_ROWS if amx_tiles() else SMALL_BATCH_ROWS
         return self.packed is not None and rows <= most
 
     def bias(self) -> torch.Tensor | None:
