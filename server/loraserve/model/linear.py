@@ -401,10 +401,8 @@ class BaseLinear(nn.Module):
             return self.dense_bf16 and rows <= AMX_DENSE_MAX_ROWS
         if bf16_pairs():
             if self.packed is not None:
-                if not bf16_pairs_take_4bit():
-                    return False
                 fewest = 1 if self.packed.blocksize >= GEMV_BF16_MIN_BLOCK else PAIRS_MIN_ROWS
-                return fewest <= rows <= SMALL_BATCH_ROWS
+                return bf16_pairs_take_4bit() and fewest <= rows <= SMALL_BATCH_ROWS
             return self.dense_bf16 and rows <= SMALL_BATCH_ROWS
         return False
 

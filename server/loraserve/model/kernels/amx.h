@@ -26,9 +26,8 @@
 #define LS_AMX 1
 
 #include <cpuid.h>
-#include <cctype>
 #include <cstdlib>
-#include <string>
+#include <strings.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -47,9 +46,9 @@ inline bool has_vbmi() {
 inline bool amx_turned_off() {
   const char* value = std::getenv("LORASERVE_AMX");
   if (value == nullptr) return false;
-  std::string lower(value);
-  for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return lower == "off" || lower == "0" || lower == "false" || lower == "no";
+  for (const char* off : {"off", "0", "false", "no"})
+    if (strcasecmp(value, off) == 0) return true;
+  return false;
 }
 
 // Whether this CPU has AMX-BF16 tiles, AVX512-BF16 and AVX512-VBMI, Linux lets this process use

@@ -1664,29 +1664,19 @@ inline void gemm_dense_columns(const float* x, int64_t K, const W* w, int64_t N,
 }
 #endif
 
-// gemm_dense's kDenseDotRows + 1 to kCodesDotRows rows of int8 codes w [N, K]: every row in one
-// block of dot products (the registers hold MR x 2 sums with AVX-512, MR x 1 with AVX2's 16).
-template <int MR>
-inline void dot_codes_rows(const float* x, int64_t K, const int8_t* w, int64_t N, float* y) {
+// dot_tile for kDenseDotRows + 1 to kCodesDotRows rows of int8 codes w [cols, K]: every row in
+// one block (the registers hold M x 2 sums with AVX-512, M x 1 with AVX2's 16).
+inline void dot_codes_tile(const float* x, int64_t M, int64_t K, const int8_t* w, int64_t cols,
+                           float* y, int64_t ldy) {
   constexpr int NR = kLanes == 16 ? 2 : 1;
-  parallel_items((N + kTileCols - 1) / kTileCols, [&](WorkQueue& queue) {
-    queue.each([&](int64_t t) {
-      const int64_t n0 = t * kTileCols, cols = std::min<int64_t>(kTileCols, N - n0);
-      dot_rows<MR, NR>(x, K, w + n0 * K, K, K, cols, y + n0, N);
-    });
-  });
-}
-
-inline void dot_codes(const float* x, int64_t M, int64_t K, const int8_t* w, int64_t N,
-                      float* y) {
   static_assert(kDenseDotRows == 4 && kCodesDotRows <= 10);
   switch (M) {
-    case 5: return dot_codes_rows<5>(x, K, w, N, y);
-    case 6: return dot_codes_rows<6>(x, K, w, N, y);
-    case 7: return dot_codes_rows<7>(x, K, w, N, y);
-    case 8: return dot_codes_rows<8>(x, K, w, N, y);
-    case 9: return dot_codes_rows<9>(x, K, w, N, y);
-    default: return dot_codes_rows<10>(x, K, w, N, y);
+    case 5: return dot_rows<5, NR>(x, K, w, K, K, cols, y, ldy);
+    case 6: return dot_rows<6, NR>(x, K, w, K, K, cols, y, ldy);
+    case 7: return dot_rows<7, NR>(x, K, w, K, K, cols, y, ldy);
+    case 8: return dot_rows<8, NR>(x, K, w, K, K, cols, y, ldy);
+    case 9: return dot_rows<9, NR>(x, K, w, K, K, cols, y, ldy);
+    default: return dot_rows<10, NR>(x, K, w, K, K, cols, y, ldy);
   }
 }
 
@@ -1714,13 +1704,13 @@ inline void gemm_dense(const float* x, int64_t M, int64_t K, const W* w, int64_t
   }
 #endif
   const int64_t tiles = (N + kTileCols - 1) / kTileCols;
-  if constexpr (sizeof(W) == 1)
-    if (M > kDenseDotRows && M <= kCodesDotRows && !invariant)
-      return dot_codes(x, M, K, w, N, y);
-  if (M <= kDenseDotRows && !invariant) {
+  const int64_t dot_rows_most = sizeof(W) == 1 ? kCodesDotRows : kDenseDotRows;
+  if (M <= dot_rows_most && !invariant) {
     parallel_items(tiles, [&](WorkQueue& queue) {
       queue.each([&](int64_t t) {
         const int64_t n0 = t * kTileCols, cols = std::min<int64_t>(kTileCols, N - n0);
+        if constexpr (sizeof(W) == 1)
+          if (M > kDenseDotRows) return dot_codes_tile(x, M, K, w + n0 * K, cols, y + n0, N);
         dot_tile(x, M, K, w + n0 * K, K, cols, y + n0, N);
       });
     });
