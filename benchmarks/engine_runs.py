@@ -59,8 +59,13 @@ def engine_config(
     )
 
 
-def build_engine(settings: EngineConfig, adapter_dirs: dict[str, Path]) -> EngineCore:
-    """The engine with every adapter registered and already in its device slot."""
+def build_engine(
+    settings: EngineConfig, adapter_dirs: dict[str, Path], record_decode_steps: bool = True
+) -> EngineCore:
+    """The engine with every adapter registered and already in its device slot, and, with
+    `record_decode_steps`, the CPU decode records of every batch size made, as `loraserve
+    serve` makes them before its first request (else each is made by the first step that needs
+    it, inside whatever run is being timed)."""
     loaded = load_base_model(
         settings.model,
         settings.quantization,
@@ -74,6 +79,8 @@ def build_engine(settings: EngineConfig, adapter_dirs: dict[str, Path]) -> Engin
         core.adapters.prefetch(core.adapters.load(name, directory))
     if not core.adapters.wait_for_loads(timeout=600):
         raise RuntimeError("adapters did not load within 10 minutes")
+    if record_decode_steps:
+        core.record_decode_steps()
     return core
 
 
