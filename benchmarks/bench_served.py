@@ -8,6 +8,11 @@ concurrent unary Generate calls (the benchmark's 64-128-token random prompts, 64
 `ignore_eos`), each round timed from the first call to the last reply. The first round is a
 warm-up and is not counted; later rounds find the prompts in the prefix cache, so the figure is
 mostly decode.
+`--front` picks the API the calls take: gRPC through `loraserve_client` (the default), the
+OpenAI-compatible HTTP API through the official `openai` package (`/v1/completions`, the prompt
+as token ids), or both, the same server's rounds taking turns between them (which goes first
+alternates), each front's rate its own. `--stream` makes every call a streaming one (gRPC's
+GenerateStream, or server-sent events), each token read by the client as it comes.
 With `--neighbour` a process that keeps one CPU busy (`yes > /dev/null`) runs beside the
 server for the counted rounds; `--serve-args` adds flags to `loraserve serve` (for example
 `--no-adaptive-threads`). At the end the server's `/metrics` give the thread count its next
@@ -18,6 +23,7 @@ share of the rounds' wall time: the rest is the server's own work and waiting).
     .venv/bin/python benchmarks/bench_served.py --out benchmarks/results/served.json
     .venv/bin/python benchmarks/bench_served.py --neighbour --serve-args=--no-adaptive-threads
     .venv/bin/python benchmarks/bench_served.py --concurrency 8   # decode steps of 8 rows
+    .venv/bin/python benchmarks/bench_served.py --front both --stream
 """
 
 from __future__ import annotations
@@ -35,21 +41,24 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench_metrics_scrape import free_ports, scrape, serving
 from bench_multi_lora import DEFAULT, make_workload
 from common import DEFAULT_CACHE_DIR, prepare_model
-from loraserve_client import Client
+from loraserve_client import Client, Finished
 from machine import machine_info
 
 STARTUP_TIMEOUT_S = 300.0
 NEIGHBOUR = "exec yes > /dev/null"
+FRONTS = ("grpc", "openai")
+SERVED_MODEL_NAME = "bench"  # the base model's name in OpenAI requests
 
 
 @dataclass(frozen=True)
 class Served:
-    rates: list[float]  # generated tokens per second of each round after the first
+    rates: dict[str, list[float]]  # front -> generated tokens a second of each counted round
     compute_threads: float | None  # loraserve_compute_threads at the end
     team_wait_seconds: float | None  # loraserve_compute_team_wait_seconds_total at the end
     forward: dict[str, Forwards]  # phase -> the engine's forwards during the counted rounds
@@ -87,6 +96,39 @@ def forwards(text: str) -> dict[str, Forwards]:
     return {phase: Forwards(int(count[phase]), seconds[phase]) for phase in count}
 
 
+class Calls:
+    """One greedy call of the benchmark's length through each front, returning how many tokens
+    it generated: unary, or streamed and read token by token."""
+
+    def __init__(self, grpc: Client, openai: OpenAI | None, stream: bool) -> None:
+        self.grpc, self.openai, self.stream = grpc, openai, stream
+
+    def call(self, front: str, prompt: tuple[int, ...]) -> int:
+        return self._grpc(prompt) if front == "grpc" else self._openai(prompt)
+
+    def _grpc(self, prompt: tuple[int, ...]) -> int:
+        options = {"max_new_tokens": DEFAULT.new_tokens, "ignore_eos": True}
+        if not self.stream:
+            return len(self.grpc.generate(list(prompt), **options).token_ids)
+        with self.grpc.generate_stream(list(prompt), **options) as events:
+            finished = [e for e in events if isinstance(e, Finished)]
+        return finished[0].completion_tokens
+
+    def _openai(self, prompt: tuple[int, ...]) -> int:
+        assert self.openai is not None
+        fields = {"model": SERVED_MODEL_NAME, "prompt": list(prompt), "temperature": 0,
+                  "max_tokens": DEFAULT.new_tokens, "extra_body": {"ignore_eos": True}}  # fmt: skip
+        if not self.stream:
+            reply = self.openai.completions.create(**fields)
+            assert reply.usage is not None
+            return reply.usage.completion_tokens
+        chunks = self.openai.completions.create(
+            **fields, stream=True, stream_options={"include_usage": True}
+        )
+        usage = [chunk.usage for chunk in chunks if chunk.usage is not None]
+        return usage[0].completion_tokens
+
+
 def served_rates(
     model_dir: Path,
     rounds: int,
@@ -94,44 +136,52 @@ def served_rates(
     log_path: Path,
     extra_flags: list[str],
     neighbour: bool,
+    fronts: tuple[str, ...] = ("grpc",),
+    stream: bool = False,
 ) -> Served:
-    """`rounds` rounds of `concurrency` calls against a server started with `extra_flags` too,
-    the counted ones beside the neighbour if `neighbour`; then the server's thread metrics and
-    the engine's forwards during the counted rounds."""
-    (metrics_port,) = free_ports(1)
+    """`rounds` rounds of `concurrency` calls through each of `fronts` against a server started
+    with `extra_flags` too, the counted ones beside the neighbour if `neighbour`; then the
+    server's thread metrics and the engine's forwards during the counted rounds."""
+    metrics_port, http_port = free_ports(2)
     flags = [
         "--model", str(model_dir), "--max-batch-size", str(DEFAULT.num_requests),
         "--adapter-dir", tempfile.mkdtemp(prefix="bench-served-"),
-        "--metrics-port", str(metrics_port), *extra_flags,
+        "--metrics-port", str(metrics_port), "--served-model-name", SERVED_MODEL_NAME,
+        *(["--http-port", str(http_port)] if "openai" in fronts else []), *extra_flags,
     ]  # fmt: skip
     prompts = make_workload(DEFAULT, [""] * DEFAULT.num_requests).prompts[:concurrency]
     busy = None
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    openai = None
+    if "openai" in fronts:
+        openai = OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused",
+                        timeout=600, max_retries=0)  # fmt: skip
     with (
         serving(flags, log_path, STARTUP_TIMEOUT_S) as address,
         Client(address, timeout=600) as client,
         ThreadPoolExecutor(len(prompts)) as pool,
     ):
-
-        def generate(prompt: tuple[int, ...]) -> int:
-            options = {"max_new_tokens": DEFAULT.new_tokens, "ignore_eos": True}
-            return len(client.generate(list(prompt), **options).token_ids)
-
-        rates, durations = [], []
+        calls = Calls(client, openai, stream)
+        rates: dict[str, list[float]] = {front: [] for front in fronts}
+        counted_seconds = 0.0
         try:
             for round_ in range(rounds):
                 if round_ == 1:  # after the warm-up
                     before = forwards(scrape(metrics_url)[1].decode())
                     if neighbour:
                         busy = subprocess.Popen(NEIGHBOUR, shell=True)
-                start = time.perf_counter()
-                tokens = sum(pool.map(generate, prompts))
-                durations.append(time.perf_counter() - start)
-                rates.append(tokens / durations[-1])
+                for front in fronts if round_ % 2 == 0 else fronts[::-1]:
+                    start = time.perf_counter()
+                    tokens = sum(pool.map(lambda p, f=front: calls.call(f, p), prompts))
+                    seconds = time.perf_counter() - start
+                    rates[front].append(tokens / seconds)
+                    counted_seconds += seconds if round_ else 0.0
         finally:
             if busy is not None:
                 busy.kill()
                 busy.wait()
+            if openai is not None:
+                openai.close()
         text = scrape(metrics_url)[1].decode()
     after = forwards(text)
     counted = {
@@ -142,11 +192,11 @@ def served_rates(
         for phase, now in after.items()
     }
     return Served(
-        rates[1:],
+        {front: r[1:] for front, r in rates.items()},
         metric(text, "loraserve_compute_threads"),
         metric(text, "loraserve_compute_team_wait_seconds_total"),
         counted,
-        sum(durations[1:]),
+        counted_seconds,
     )
 
 
@@ -162,31 +212,47 @@ def main() -> None:
         "--concurrency", type=int, default=DEFAULT.num_requests,
         help=f"concurrent calls a round (1-{DEFAULT.num_requests})",
     )  # fmt: skip
+    parser.add_argument(
+        "--front", choices=(*FRONTS, "both"), default="grpc",
+        help="the API the calls take: gRPC, the OpenAI HTTP API, or both taking turns",
+    )  # fmt: skip
+    parser.add_argument(
+        "--stream", action="store_true", help="streaming calls, read token by token"
+    )
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be >= 2 (the first is a warm-up)")
     if not 1 <= args.concurrency <= DEFAULT.num_requests:
         parser.error(f"--concurrency must be from 1 to {DEFAULT.num_requests}")
+    fronts = FRONTS if args.front == "both" else (args.front,)
     model_dir = prepare_model(DEFAULT.model, DEFAULT_CACHE_DIR)
     log_path = Path(tempfile.gettempdir()) / "bench_served.log"
     served = served_rates(
         model_dir, args.rounds, args.concurrency, log_path, shlex.split(args.serve_args),
-        args.neighbour,
+        args.neighbour, fronts, args.stream,
     )  # fmt: skip
-    rates = served.rates
-    median = statistics.median(rates)
+    medians = {front: statistics.median(rates) for front, rates in served.rates.items()}
     forward_seconds = sum(f.seconds for f in served.forward.values())
     busy_share = forward_seconds / served.counted_seconds
-    print(f"served tok/s per round {[round(r, 1) for r in rates]}, median {median:.1f}; "
-          f"compute threads at the end {served.compute_threads}, team waits "
+    for front, rates in served.rates.items():
+        print(f"{front}{' streamed' if args.stream else ''}: served tok/s per round "
+              f"{[round(r, 1) for r in rates]}, median {medians[front]:.1f}")  # fmt: skip
+    if len(medians) == 2:
+        print(f"openai / grpc: {medians['openai'] / medians['grpc']:.3f}")
+    print(f"compute threads at the end {served.compute_threads}, team waits "
           f"{served.team_wait_seconds} s")  # fmt: skip
     for phase, f in sorted(served.forward.items()):
         print(f"{phase}: {f.count} forwards, {1000 * f.seconds / max(f.count, 1):.1f} ms each")
     print(f"the engine's forwards took {busy_share:.3f} of the counted rounds' wall time")
     if args.out is not None:
         result = {
-            "served_tok_s": median,
-            "rounds_tok_s": rates,
+            "served_tok_s": medians[fronts[0]],
+            "rounds_tok_s": served.rates[fronts[0]],
+            "by_front": {
+                front: {"served_tok_s": medians[front], "rounds_tok_s": rates}
+                for front, rates in served.rates.items()
+            },
+            "stream": args.stream,
             "concurrency": args.concurrency,
             "neighbour": NEIGHBOUR if args.neighbour else None,
             "serve_args": args.serve_args,
