@@ -136,8 +136,8 @@ def served_rates(
     log_path: Path,
     extra_flags: list[str],
     neighbour: bool,
-    fronts: tuple[str, ...] = ("grpc",),
-    stream: bool = False,
+    fronts: tuple[str, ...],
+    stream: bool,
 ) -> Served:
     """`rounds` rounds of `concurrency` calls through each of `fronts` against a server started
     with `extra_flags` too, the counted ones beside the neighbour if `neighbour`; then the
