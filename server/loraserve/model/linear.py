@@ -182,17 +182,23 @@ def cpu_vendor() -> str:
     return ""
 
 
+def pairs_beat_widening(vendor: str) -> bool:
+    """Whether, on a CPU of `vendor` (`cpu_vendor`), AVX512-BF16's pair dot products beat 4-bit
+    weights widened to fp32: on AMD's only (`bf16_pairs_take_4bit`)."""
+    return vendor == "AuthenticAMD"
+
+
 @functools.cache
 def bf16_pairs_take_4bit() -> bool:
     """Whether bf16 rows of a 4-bit weight take the pair dot products (where `bf16_pairs()`):
-    on AMD CPUs only. On the 2-core AMD EPYC a decode step's 56 projections took 21.7 ms at 32
-    rows against the widened fp32 kernel's 37.2; on the Intel Xeon with its tiles turned off
-    (`LORASERVE_AMX=off`, standing in for one whose AMX is withheld; bench_bf16_kernels.py,
-    2026-12-06) the widened kernel was as fast or faster at every row count: 4.05 against 4.29
-    ms at one row, 9.34 against 9.34 at 6, 10.34 against 12.41 at 8, 25.36 against 34.57 at 32.
-    bf16 weights (the output projection) take the pair kernel on both: 11.26 against torch's
-    bf16 GEMM's 13.26 ms at 32 rows there."""
-    return bf16_pairs() and cpu_vendor() == "AuthenticAMD"
+    on AMD CPUs only (`pairs_beat_widening`). On the 2-core AMD EPYC a decode step's 56
+    projections took 21.7 ms at 32 rows against the widened fp32 kernel's 37.2; on the Intel
+    Xeon with its tiles turned off (`LORASERVE_AMX=off`, standing in for one whose AMX is
+    withheld; bench_bf16_kernels.py, 2026-12-06) the widened kernel was as fast or faster at
+    every row count: 4.05 against 4.29 ms at one row, 9.34 against 9.34 at 6, 10.34 against
+    12.41 at 8, 25.36 against 34.57 at 32. bf16 weights (the output projection) take the pair
+    kernel on both: 11.26 against torch's bf16 GEMM's 13.26 ms at 32 rows there."""
+    return bf16_pairs() and pairs_beat_widening(cpu_vendor())
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from transformers.utils import is_flash_attn_2_available
 
 from loraserve.model.host_memory import keep_freed_memory, one_arena, warn_if_arenas_came_first
 from loraserve.model.int8_output import Int8Linear
-from loraserve.model.linear import amx_tiles, bf16_pairs, cpu_vendor
+from loraserve.model.linear import amx_tiles, bf16_pairs, cpu_vendor, pairs_beat_widening
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def bf16_compute_hint(tiles: bool, pairs: bool, vendor: str) -> str | None:
     turned off, bf16 by pair dot products took 1.3-1.4x fp32's time for a full decode step."""
     if tiles:
         how, speed = "in AMX tiles", "twice"
-    elif pairs and vendor == "AuthenticAMD":
+    elif pairs and pairs_beat_widening(vendor):
         how, speed = "with AVX512-BF16", "1.6 times"
     else:
         return None
