@@ -1,5 +1,5 @@
-"""Decode steps over an fp32, a bf16 and an fp16 KV cache, three engines alternating in one
-process.
+"""Decode steps over an fp32, a bf16, an fp16 and an int8 KV cache, four engines alternating in
+one process.
 
 The engines differ only in `kv_cache_dtype` (fp32 compute on the CPU, the default benchmark
 model: hidden 1024, 8 layers, 16 kv heads of 64, NF4). Each gets `--rows` random prompts of
@@ -32,7 +32,7 @@ from engine_runs import Trace, alternate_decode_steps, submit
 from loraserve.engine.core import EngineCore
 from profile_step import warm_base_engine
 
-KV_DTYPES = ("compute", "bf16", "fp16")
+KV_DTYPES = ("compute", "bf16", "fp16", "int8")
 
 
 def prefill_seconds(core: EngineCore, workload: Workload) -> float:

@@ -177,12 +177,14 @@ class EngineConfig(BaseModel):
         32768, "KV cache budget in tokens, shared by all running sequences"
     )
     kv_block_size: Count = setting(16, "tokens per KV cache block")
-    kv_cache_dtype: Literal["compute", "bf16", "fp16"] = setting(
+    kv_cache_dtype: Literal["compute", "bf16", "fp16", "int8"] = setting(
         "compute",
         "dtype the KV cache holds keys and values in: the compute dtype, or bf16 or fp16 under "
         "fp32 compute (half the cache memory, and half the bytes a CPU decode step's attention "
         "reads; keys and values are rounded to it, so outputs are close to, not the same as, "
-        "fp32's; fp16 keeps 3 more bits, bf16 fp32's range)",
+        "fp32's; fp16 keeps 3 more bits, bf16 fp32's range), or int8 (each token's head of "
+        "keys or values quantized with one float32 scale: about a quarter of fp32's memory and "
+        "bytes read, half of bf16's; outputs further from fp32's than a 16-bit cache's)",
     )
     max_context: Count = setting(4096, "most tokens (prompt + generated) one request may hold")
     max_prompt_bytes: Count | None = setting(

@@ -26,8 +26,8 @@ from tests.engine.helpers import load_reference_base, make_core, run
 from transformers import DynamicCache
 
 from loraserve.model.kernels import native
+from loraserve.model.kv_cache import POOL_DTYPES, quantize_heads
 from loraserve.model.linear import BaseLinear
-from loraserve.model.loading import DTYPES
 from loraserve.model.lora import MultiLoraLinear
 from loraserve.types import GenerateRequest, SamplingParams
 
@@ -38,11 +38,11 @@ pytestmark = pytest.mark.slow  # PEFT's generate for every architecture and quan
 # bf16 also by where each side rounds: decode attention sums in fp32 on the CPU; measured
 # 2026-12-01 up to 0.10 before that and 0.08 after it, in bf16 units of 2^-5 near 4).
 LOGIT_TOLERANCE = {("nf4", "fp32"): 1e-3, ("none", "fp32"): 1e-4, ("nf4", "bf16"): 0.125}
-# The same with keys and values rounded to a 16-bit KV cache's dtype on both sides: a value the
-# two summation orders leave near a rounding boundary can round one unit apart (measured
-# 2026-12-01: up to 1.1e-3 with bf16, 5.3e-4 with fp16; against an unrounded reference at least
-# 1.5e-2 and 1.9e-3).
-KV_LOGIT_TOLERANCE = {"bf16": 4e-3, "fp16": 1e-3}
+# The same with keys and values rounded to a 16-bit KV cache's dtype (or quantized to int8) on
+# both sides: a value the two summation orders leave near a rounding boundary can round one unit
+# apart (measured 2026-12-01: up to 1.1e-3 with bf16, 5.3e-4 with fp16; against an unrounded
+# reference at least 1.5e-2 and 1.9e-3; 2026-12-06: int8 up to 1.9e-3).
+KV_LOGIT_TOLERANCE = {"bf16": 4e-3, "fp16": 1e-3, "int8": 8e-3}
 PROMPTS = [
     "LoRA adapts a frozen base model",
     "The quick brown fox",
@@ -60,8 +60,9 @@ DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
 class RoundedKVCache(DynamicCache):
-    """transformers' cache with every key and value rounded to `kv_dtype` as it is stored:
-    attention then reads the rounded context, as it does from loraserve's narrower pools."""
+    """transformers' cache with every key and value rounded to `kv_dtype` as it is stored (int8:
+    each head quantized and read back): attention then reads the rounded context, as it does
+    from loraserve's narrower pools."""
 
     def __init__(self, kv_dtype: torch.dtype) -> None:
         super().__init__()
@@ -69,6 +70,9 @@ class RoundedKVCache(DynamicCache):
 
     def update(self, keys, values, layer_idx, *args, **kwargs):
         def rounded(states):
+            if self.kv_dtype == torch.int8:
+                codes, scales = quantize_heads(states)
+                return (codes.float() * scales.unsqueeze(-1)).to(states.dtype)
             return states.to(self.kv_dtype).to(states.dtype)
 
         return super().update(rounded(keys), rounded(values), layer_idx, *args, **kwargs)
@@ -88,8 +92,8 @@ def peft_reference(
 ):
     """Greedy tokens of PeftModel.generate with `adapter` alone (None: base only), and the logits
     each token was chosen from, by one teacher-forced forward over prompt + tokens; with
-    `kv_dtype` ("bf16", "fp16"), keys and values are rounded to it wherever they are attended;
-    the base loaded with `double_quant` and `quantize_output` as given.
+    `kv_dtype` ("bf16", "fp16", "int8"), keys and values are rounded to it wherever they are
+    attended; the base loaded with `double_quant` and `quantize_output` as given.
     """
     loaded = load_reference_base(
         model_dir, quantization, dtype, device, double_quant, quantize_output
@@ -99,7 +103,7 @@ def peft_reference(
         model = PeftModel.from_pretrained(model, adapter_dirs[adapter])
 
     def cache():
-        return None if kv_dtype is None else RoundedKVCache(DTYPES[kv_dtype])
+        return None if kv_dtype is None else RoundedKVCache(POOL_DTYPES[kv_dtype])
 
     out = model.generate(
         torch.tensor([prompt_ids], device=loaded.device),
@@ -282,18 +286,19 @@ def test_adapters_stored_in_16_bits_are_served_from_16_bit_rows_as_peft_does(
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kv_dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("kv_dtype", ["bf16", "fp16", "int8"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_a_16_bit_kv_cache_matches_peft_attending_over_rounded_keys_and_values(
+def test_a_narrower_kv_cache_matches_peft_attending_over_rounded_keys_and_values(
     arch, kv_dtype, device, model_dirs, adapter_dirs
 ):
-    """`kv_cache_dtype` bf16 or fp16 under fp32 compute: the pools hold that dtype, and the
-    mixed batch (prefill beside decode, the decode kernel widening what it reads) matches PEFT
-    whose cache rounds every key and value to it. PEFT with an fp32 cache gives the prompt's
-    logits more than twice as far from ours: the rounding is real, and the comparison sees it."""
+    """`kv_cache_dtype` bf16, fp16 or int8 under fp32 compute: the pools hold that dtype, and
+    the mixed batch (prefill beside decode, the decode kernel widening or scaling what it reads)
+    matches PEFT whose cache rounds every key and value to it (int8: quantizes each head and
+    reads it back). PEFT with an fp32 cache gives the prompt's logits more than twice as far
+    from ours: the rounding is real, and the comparison sees it."""
     core = make_core(model_dirs[arch], device=device, max_step_tokens=64, kv_cache_dtype=kv_dtype)
     pools = core.cache.key_pools + core.cache.value_pools
-    assert {pool.dtype for pool in pools} == {DTYPES[kv_dtype]}
+    assert {pool.dtype for pool in pools} == {POOL_DTYPES[kv_dtype]}
     assert core.runner.paged_kernels == (device == "cpu" and native() is not None)
     names = ["r1-qv", "r8-all", "r64-all", None]
     for name in filter(None, names):

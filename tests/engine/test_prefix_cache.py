@@ -33,7 +33,7 @@ SEQUENCE = [
 ]
 
 
-@pytest.fixture(scope="module", params=["compute", "fp16"])
+@pytest.fixture(scope="module", params=["compute", "fp16", "int8"])
 def cores(request, model_dirs, adapter_dirs):
     made = {}
     for caching in (True, False):

@@ -172,13 +172,14 @@ def test_a_runner_on_huge_pages_gives_the_logits_it_gives_without(quantization, 
     runner, got = run()
     head = runner.model.get_output_embeddings().module.weight  # 4096 x 128 fp32: 2 MiB
     if huge_pages.available():
-        for tensor in (*runner.cache.pools(0), head):
+        pools = runner.cache.pools(0)
+        for tensor in (pools.keys, pools.values, head):
             assert tensor.data_ptr() % HUGE == 0
             if madvise_mode():
                 assert eligible_for_huge_pages(tensor.data_ptr())
     monkeypatch.setenv(huge_pages.SWITCH, "off")
     plain, want = run()
     if madvise_mode():
-        assert not eligible_for_huge_pages(plain.cache.pools(0)[0].data_ptr())
+        assert not eligible_for_huge_pages(plain.cache.pools(0).keys.data_ptr())
     for step, (g, w) in enumerate(zip(got, want)):
         assert torch.equal(g, w), f"step {step}"

@@ -25,6 +25,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from loraserve.model import linear
 from loraserve.model.attention import attend_context, attend_decode_gathered
 from loraserve.model.kernels import build, chosen_variant, native
+from loraserve.model.kv_cache import LayerPools, quantize_heads
 from loraserve.model.linear import (
     AMX_DENSE_MAX_ROWS,
     AMX_TILE_MIN_ROWS,
@@ -556,18 +557,36 @@ def _paged_context(lengths, kv_heads, head_dim, block_size, seed=0):
 
 
 KV_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# What the attention kernels read: those, and int8 codes with their scales.
+POOL_DTYPES = pytest.mark.parametrize(
+    "pool_dtype", [*KV_DTYPES, torch.int8], ids=["fp32", "bf16", "fp16", "int8"]
+)
 
 
-def _attended_alone(q, k_pool, v_pool, table, length, block_size, window, scale):
+def _held_as(k_pool, v_pool, dtype):
+    """fp32 pools as `dtype` holds them (`LayerPools`): rounded to it, or int8 codes with their
+    scales."""
+    if dtype != torch.int8:
+        return LayerPools(k_pool.to(dtype), v_pool.to(dtype))
+    (key_codes, key_scales), (value_codes, value_scales) = map(quantize_heads, (k_pool, v_pool))
+    return LayerPools(key_codes, value_codes, key_scales, value_scales)
+
+
+def _scales(pools):
+    """The kernels' keywords for `pools`' scales (None unless int8 codes)."""
+    return {"k_scales": pools.key_scales, "v_scales": pools.value_scales}
+
+
+def _attended_alone(q, pools, table, length, block_size, window, scale):
     """One decode row's query q [H, D] over its context of `length` positions, gathered out of
     the pools through its block table and widened to fp32, by SDPA: [H, D]."""
     position = torch.arange(length)
     slots = table.long()[position // block_size] * block_size + position % block_size
-    k, v = k_pool[slots].float(), v_pool[slots].float()
+    k, v = pools.gathered(slots, torch.float32)
     return attend_context(q[None], k, v, length - 1, window, scale)[0]
 
 
-@pytest.mark.parametrize("pool_dtype", KV_DTYPES, ids=["fp32", "bf16", "fp16"])
+@POOL_DTYPES
 @pytest.mark.parametrize("window", [0, 5])
 # Groups of q heads over a kv head: 1; 4; 2 with D past whole vectors; 4 past 16 heads; 3 over
 # D = 8 (the tail alone); 8 (two kv heads in a block of 16 heads); 6 (scores in runs of 2,
@@ -589,26 +608,26 @@ def _attended_alone(q, k_pool, v_pool, table, length, block_size, window, scale)
 def test_paged_decode_attention_equals_sdpa_over_the_gathered_context(
     heads, kv_heads, head_dim, window, pool_dtype
 ):
-    """16-bit pools are widened exactly as they are read: the same sums as fp32 pools of their
-    values (which `attend_context` is given here), up to the summation order."""
+    """16-bit pools are widened exactly as they are read, int8 codes scaled: the same sums as
+    fp32 pools of their values (which `attend_context` is given here), up to the summation
+    order."""
     lengths, block_size = [1, 4, 5, 17, 40], 4
     k_pool, v_pool, tables = _paged_context(lengths, kv_heads, head_dim, block_size)
-    k_pool, v_pool = k_pool.to(pool_dtype), v_pool.to(pool_dtype)
+    pools = _held_as(k_pool, v_pool, pool_dtype)
     q = torch.randn(len(lengths), heads, head_dim)
     scale = head_dim**-0.5
-    got = native().paged_decode_attention(
-        q, k_pool, v_pool, tables, torch.tensor(lengths, dtype=torch.int32), block_size, window,
-        scale,
-    )  # fmt: skip
     lens = torch.tensor(lengths, dtype=torch.int32)
-    gathered = attend_decode_gathered(q, k_pool, v_pool, tables, lens, block_size, window, scale)
+    got = native().paged_decode_attention(
+        q, pools.keys, pools.values, tables, lens, block_size, window, scale, **_scales(pools)
+    )
+    gathered = attend_decode_gathered(q, pools, tables, lens, block_size, window, scale)
     for r, n in enumerate(lengths):
-        want = _attended_alone(q[r], k_pool, v_pool, tables[r], n, block_size, window, scale)
+        want = _attended_alone(q[r], pools, tables[r], n, block_size, window, scale)
         torch.testing.assert_close(got[r], want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(gathered[r], want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("pool_dtype", KV_DTYPES, ids=["fp32", "bf16", "fp16"])
+@POOL_DTYPES
 @pytest.mark.parametrize("window", [0, 300])
 def test_long_decode_rows_are_attended_in_parts_whatever_the_batch_around_them(window, pool_dtype):
     """Rows longer than 64 positions are split into parts of equal length but the last (no
@@ -619,18 +638,22 @@ def test_long_decode_rows_are_attended_in_parts_whatever_the_batch_around_them(w
     lengths = [700, 3, 257, 64, 65, 1100, 513]
     block_size, heads, kv_heads, head_dim = 16, 8, 2, 32
     k_pool, v_pool, tables = _paged_context(lengths, kv_heads, head_dim, block_size, seed=5)
-    k_pool, v_pool = k_pool.to(pool_dtype), v_pool.to(pool_dtype)
+    pools = _held_as(k_pool, v_pool, pool_dtype)
     lens = torch.tensor(lengths, dtype=torch.int32)
     q = torch.randn(len(lengths), heads, head_dim)
     scale = head_dim**-0.5
-    attend = native().paged_decode_attention
-    got = attend(q, k_pool, v_pool, tables, lens, block_size, window, scale)
+
+    def attend(rows):
+        return native().paged_decode_attention(
+            q[rows], pools.keys, pools.values, tables[rows], lens[rows], block_size, window,
+            scale, **_scales(pools),
+        )  # fmt: skip
+
+    got = attend(slice(None))
     for r, n in enumerate(lengths):
-        want = _attended_alone(q[r], k_pool, v_pool, tables[r], n, block_size, window, scale)
+        want = _attended_alone(q[r], pools, tables[r], n, block_size, window, scale)
         torch.testing.assert_close(got[r], want, rtol=1e-5, atol=1e-5)
-        rows = slice(r, r + 1)
-        alone = attend(q[rows], k_pool, v_pool, tables[rows], lens[rows], block_size, window, scale)
-        assert torch.equal(alone[0], got[r])
+        assert torch.equal(attend(slice(r, r + 1))[0], got[r])
 
 
 @pytest.mark.parametrize("query_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -683,7 +706,7 @@ def every_prefill_case(test):
         pytest.mark.parametrize(("heads", "kv_heads", "head_dim"),
                                 [(4, 4, 32), (8, 2, 64), (6, 3, 40), (7, 1, 20)]),
         pytest.mark.parametrize("window", [0, 5, 64]),
-        pytest.mark.parametrize("pool_dtype", KV_DTYPES, ids=["fp32", "bf16", "fp16"]),
+        POOL_DTYPES,
     ):  # fmt: skip
         test = mark(test)
     return test
@@ -694,21 +717,22 @@ def test_paged_prefill_attention_equals_sdpa_over_the_gathered_context(
     heads, kv_heads, head_dim, window, pool_dtype
 ):
     """Each prefill row's queries over its context read from the pools in place (16-bit pools
-    widened exactly): SDPA's causal attention over the gathered context, up to the summation
-    order; rows that are no prefill row's are left as they were."""
+    widened exactly, int8 codes scaled): SDPA's causal attention over the gathered context, up
+    to the summation order; rows that are no prefill row's are left as they were."""
     block_size, scale = 4, head_dim**-0.5
     q, k_pool, v_pool, tables, firsts, counts, starts = _prefill_batch(
         PREFILL_SPANS, heads, kv_heads, head_dim, block_size
     )
-    k_pool, v_pool = k_pool.to(pool_dtype), v_pool.to(pool_dtype)
+    pools = _held_as(k_pool, v_pool, pool_dtype)
     out = torch.full_like(q, 7.0)
     native().paged_prefill_attention_(
-        q, out, k_pool, v_pool, tables, firsts, counts, starts, block_size, window, scale
-    )
+        q, out, pools.keys, pools.values, tables, firsts, counts, starts, block_size, window,
+        scale, **_scales(pools),
+    )  # fmt: skip
     for r, (count, start) in enumerate(PREFILL_SPANS):
         position = torch.arange(start + count)
         slots = tables[r].long()[position // block_size] * block_size + position % block_size
-        k, v = k_pool[slots].float(), v_pool[slots].float()
+        k, v = pools.gathered(slots, torch.float32)
         rows = slice(int(firsts[r]), int(firsts[r]) + count)
         want = attend_context(q[rows], k, v, start, window, scale)
         torch.testing.assert_close(out[rows], want, rtol=1e-5, atol=1e-5)
@@ -726,7 +750,7 @@ def test_paged_prefill_attention_gives_a_query_the_same_bits_in_any_chunk(
     block_size, scale = 4, head_dim**-0.5
     q, k_pool, v_pool, tables, _, _, _ = _prefill_batch([(40, 110)], heads, kv_heads, head_dim,
                                                         block_size)  # fmt: skip
-    k_pool, v_pool = k_pool.to(pool_dtype), v_pool.to(pool_dtype)
+    pools = _held_as(k_pool, v_pool, pool_dtype)
     attend = native().paged_prefill_attention_
 
     def attended(spans):
@@ -734,8 +758,9 @@ def test_paged_prefill_attention_gives_a_query_the_same_bits_in_any_chunk(
         out = torch.zeros_like(q)
         firsts = torch.tensor([first for first, _ in spans])
         counts = torch.tensor([count for _, count in spans])
-        attend(q, out, k_pool, v_pool, tables.expand(len(spans), -1).contiguous(), firsts,
-               counts, firsts + 110, block_size, window, scale)  # fmt: skip
+        attend(q, out, pools.keys, pools.values, tables.expand(len(spans), -1).contiguous(),
+               firsts, counts, firsts + 110, block_size, window, scale,
+               **_scales(pools))  # fmt: skip
         return out
 
     whole = attended([(0, 40)])
@@ -982,6 +1007,67 @@ def test_kv_write_equals_index_copy_from_the_projections_strided_output(
         native().kv_write_(pool, torch.full((tokens,), pool.shape[0]), states)
     with pytest.raises(RuntimeError, match="pool's dtype"):
         native().kv_write_(pool, slots, states.to(torch.float64))
+
+
+@pytest.mark.parametrize("states_dtype", KV_DTYPES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(("tokens", "kv_heads", "head_dim"), [(1, 1, 1), (7, 2, 17), (300, 4, 64)])
+def test_kv_write_int8_quantizes_as_quantize_heads_bit_for_bit(
+    tokens, kv_heads, head_dim, states_dtype
+):
+    """The compiled quantizer against torch's: the same codes and scales, for heads of zeros,
+    holding a NaN or an infinity as well (their codes 0, their scales 0, NaN and infinity)."""
+    torch.manual_seed(tokens)
+    projected = torch.randn(tokens, kv_heads, head_dim) * 4
+    projected[0, 0] = 0
+    if tokens > 1:
+        projected[1, -1, 0], projected[-1, 0, -1] = float("nan"), float("-inf")
+    states = projected.transpose(0, 1).to(states_dtype)  # [kv_heads, tokens, head_dim], strided
+    slots = torch.randperm(2 * tokens + 3)[:tokens]
+    pool = torch.randint(-127, 128, (2 * tokens + 3, kv_heads, head_dim), dtype=torch.int8)
+    scales = torch.rand(2 * tokens + 3, kv_heads)
+    codes, head_scales = quantize_heads(projected.to(states_dtype))
+    want_pool = pool.clone().index_copy_(0, slots, codes)
+    want_scales = scales.clone().index_copy_(0, slots, head_scales)
+    native().kv_write_int8_(pool, scales, slots, states)
+    assert torch.equal(pool, want_pool)
+    torch.testing.assert_close(scales, want_scales, rtol=0, atol=0, equal_nan=True)
+    assert head_scales[0, 0] == 0 and not codes[0, 0].any()
+    if tokens > 1:
+        assert head_scales[1, -1].isnan() and head_scales[-1, 0].isinf()
+        assert not codes[1, -1].any() and not codes[-1, 0].any()
+    with pytest.raises(RuntimeError, match="outside"):
+        native().kv_write_int8_(pool, scales, torch.full((tokens,), pool.shape[0]), states)
+    with pytest.raises(RuntimeError, match=r"\[S, KVH\]"):
+        native().kv_write_int8_(pool, scales[1:], slots, states)
+
+
+def test_quantized_heads_read_back_within_half_a_step_of_their_scale():
+    """Each element of a head comes back (code times scale) within half its head's step, the
+    largest magnitude exactly."""
+    states = torch.randn(50, 3, 64) * torch.rand(50, 3, 1) * 10
+    codes, scales = quantize_heads(states)
+    back = codes.float() * scales.unsqueeze(-1)
+    assert ((back - states).abs() <= scales.unsqueeze(-1) / 2 * (1 + 1e-6)).all()
+    largest = states.abs().amax(-1, keepdim=True)
+    assert torch.allclose(back.abs().amax(-1, keepdim=True), largest, rtol=1e-6)
+
+
+def test_attention_over_int8_pools_refuses_them_without_their_scales():
+    lengths, block_size = [3, 5], 4
+    k_pool, v_pool, tables = _paged_context(lengths, 2, 16, block_size)
+    pools = _held_as(k_pool, v_pool, torch.int8)
+    q, lens = torch.randn(2, 2, 16), torch.tensor(lengths, dtype=torch.int32)
+    attend = native().paged_decode_attention
+    with pytest.raises(RuntimeError, match="need k_scales"):
+        attend(q, pools.keys, pools.values, tables, lens, block_size, 0, 0.25)
+    with pytest.raises(RuntimeError, match="go together"):
+        attend(q, pools.keys, pools.values, tables, lens, block_size, 0, 0.25,
+               k_scales=pools.key_scales)  # fmt: skip
+    with pytest.raises(RuntimeError, match="only int8 pools"):
+        attend(q, k_pool, v_pool, tables, lens, block_size, 0, 0.25, **_scales(pools))
+    with pytest.raises(RuntimeError, match=r"\[S, KVH\]"):
+        attend(q, pools.keys, pools.values, tables, lens, block_size, 0, 0.25,
+               k_scales=pools.key_scales[1:], v_scales=pools.value_scales)  # fmt: skip
 
 
 @pytest.mark.parametrize("rows", [1, 5, 300])

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from loraserve.model import attention
+from loraserve.model import kv_cache as kv_cache_module
 from loraserve.model import runner as runner_module
 from loraserve.model.blocks import BlockAllocator
 from loraserve.model.kernels import native
-from loraserve.model.kv_cache import PagedKVCache
+from loraserve.model.kv_cache import PagedKVCache, quantize_heads
 from loraserve.model.loading import load_base_model
 from loraserve.model.lora import LoraContext
 from loraserve.model.runner import ModelRunner, RowInput
@@ -26,12 +27,17 @@ SEQ_LEN = 24
 LOGIT_TOLERANCE = 1e-5  # fp32, unquantized
 
 
-@pytest.mark.parametrize(("dtype", "size"), [(torch.float32, 4), (torch.bfloat16, 2)])
-def test_bytes_per_token_counts_keys_and_values_of_every_layer(dtype, size):
+@pytest.mark.parametrize(
+    ("dtype", "head_bytes"), [(torch.float32, 16 * 4), (torch.bfloat16, 16 * 2), (torch.int8, 20)]
+)
+def test_bytes_per_token_counts_keys_and_values_of_every_layer(dtype, head_bytes):
+    """A head of 16: its elements, and for int8 codes their float32 scale."""
     cache = PagedKVCache(3, 5, BLOCK_SIZE, 2, 16, dtype, torch.device("cpu"))
-    assert cache.bytes_per_token() == 2 * 3 * 2 * 16 * size
+    assert cache.bytes_per_token() == 2 * 3 * 2 * head_bytes
     assert cache.key_pools[0].shape == (5 * BLOCK_SIZE, 2, 16)
     assert cache.dtype == dtype
+    scales = cache.key_scales + cache.value_scales
+    assert [s.shape for s in scales] == ([(5 * BLOCK_SIZE, 2)] * 6 if dtype == torch.int8 else [])
 
 
 def test_a_16_bit_pool_holds_each_written_key_rounded_to_it():
@@ -43,9 +49,42 @@ def test_a_16_bit_pool_holds_each_written_key_rounded_to_it():
     cache.prepare(slots)
     returned_keys, returned_values = cache.update(keys, values, 0)
     assert returned_keys is keys and returned_values is values
-    key_pool, value_pool = cache.pools(0)
-    assert torch.equal(key_pool[slots], keys[0].transpose(0, 1).half())
-    assert torch.equal(value_pool[slots], values[0].transpose(0, 1).half())
+    pools = cache.pools(0)
+    assert torch.equal(pools.keys[slots], keys[0].transpose(0, 1).half())
+    assert torch.equal(pools.values[slots], values[0].transpose(0, 1).half())
+    assert pools.key_scales is None and pools.value_scales is None
+
+
+@pytest.mark.parametrize("kernels", ["compiled", "torch"])
+@pytest.mark.parametrize("states_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_an_int8_pool_holds_each_written_head_as_codes_and_a_scale(
+    kernels, states_dtype, monkeypatch
+):
+    """States written into an int8 cache (by the compiled quantizer, or torch's where it does
+    not run) hold `quantize_heads`' codes and scales; a block copied for the prefix cache takes
+    its scales along; every reader gets codes times scales."""
+    if kernels == "torch":
+        monkeypatch.setattr(kv_cache_module, "native", lambda: None)
+    elif native() is None:
+        pytest.skip("no compiled kernels here")
+    cache = PagedKVCache(2, 4, BLOCK_SIZE, 2, 16, torch.int8, torch.device("cpu"))
+    keys, values = (torch.randn(2, 1, 2, 5, 16) * 3).to(states_dtype).unbind(0)
+    slots = torch.tensor([4, 9, 10, 1, 7])
+    cache.prepare(slots)
+    cache.update(keys, values, 1)
+    pools = cache.pools(1)
+    for pool, scales, states in ((pools.keys, pools.key_scales, keys),
+                                 (pools.values, pools.value_scales, values)):  # fmt: skip
+        codes, head_scales = quantize_heads(states[0].transpose(0, 1))
+        assert torch.equal(pool[slots], codes) and torch.equal(scales[slots], head_scales)
+    assert not cache.pools(0).keys.any() and not cache.pools(0).key_scales.any()
+    for read, states in zip(pools.gathered(slots, torch.float32), (keys, values), strict=True):
+        codes, head_scales = quantize_heads(states[0].transpose(0, 1))
+        assert torch.equal(read, codes.float() * head_scales.unsqueeze(-1))
+    cache.copy_block(2, 3, 3)  # positions 8-10 to 12-14
+    assert torch.equal(pools.keys[12:15], pools.keys[8:11])
+    assert torch.equal(pools.value_scales[12:15], pools.value_scales[8:11])
+    assert pools.value_scales[9:11].all()  # slots 9 and 10 written
 
 
 class _Layer(torch.nn.Module):
@@ -75,13 +114,13 @@ def test_a_new_prompt_attends_over_its_own_states_as_over_its_gathered_context(p
     batch = attention.AttentionBatch(cache, None, rows)
     got, _ = attention.paged_attention(_Layer(), query, key, value, None, attention_batch=batch)
     q = query[0].transpose(0, 1)  # [N, heads, D]
-    key_pool, value_pool = cache.pools(0)
+    pools = cache.pools(0)
     for row in rows:
         span = slice(row.first, row.first + row.count)
         read = batch.read_slots(row)
         assert torch.equal(read, slots[span])
         assert batch.read_slots(row) is read
-        k, v = (pool[read].float() for pool in (key_pool, value_pool))
+        k, v = pools.gathered(read, torch.float32)
         want = attention.attend_context(q[span], k, v, 0, 0, head_dim**-0.5)
         assert torch.equal(got[0, span], want)
 

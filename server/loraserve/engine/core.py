@@ -38,8 +38,8 @@ from loraserve.model.blocks import BlockAllocator
 from loraserve.model.compute_team import DecodeThreads, ThreadGovernor, team_wait_seconds
 from loraserve.model.detokenizer import token_text
 from loraserve.model.grammar import GrammarCompiler
-from loraserve.model.kv_cache import PagedKVCache
-from loraserve.model.loading import DTYPES, LoadedModel
+from loraserve.model.kv_cache import POOL_DTYPES, PagedKVCache
+from loraserve.model.loading import LoadedModel
 from loraserve.model.lora import LoraContext, wrap_lora_targets
 from loraserve.model.runner import ModelRunner, RowInput
 from loraserve.model.sampling import Sampled, sample_next_tokens
@@ -127,7 +127,7 @@ class EngineCore:
             block,
             getattr(model_config, "num_key_value_heads", None) or heads,
             head_dim,
-            DTYPES.get(config.kv_cache_dtype, loaded.compute_dtype),  # "compute": not a key
+            POOL_DTYPES.get(config.kv_cache_dtype, loaded.compute_dtype),  # "compute": not one
             loaded.device,
         )
         per_token = self.cache.bytes_per_token()

@@ -8,7 +8,8 @@ keyword of the model call, says which tokens belong to which row:
 
 - decode rows (one new token) are attended together: on the CPU by one compiled kernel call
   that reads each row's keys and values in place through its block table (pools in fp32, bf16
-  or fp16, widened as they are read; the arithmetic in fp32 whatever the compute dtype), never
+  or fp16, widened as they are read, or int8 codes with their scales; the arithmetic in fp32
+  whatever the compute dtype), never
   copying the context; elsewhere (CUDA) by one SDPA call over their contexts gathered into a
   padded batch, which is also the kernel's test oracle (the batch's pool slots and mask are
   built once per forward and window, for every layer);
@@ -45,7 +46,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from loraserve.model.kernels import KERNEL_DTYPES, native
-from loraserve.model.kv_cache import PagedKVCache
+from loraserve.model.kv_cache import LayerPools, PagedKVCache
 
 log = logging.getLogger(__name__)
 
@@ -231,55 +232,50 @@ def paged_attention(
         kwargs = dict(kwargs, sliding_window=sliding_window)
         return attend_eager(module, query[0].transpose(0, 1), batch, scale, window, kwargs), None
     q = query[0].transpose(0, 1)  # [N, H, D]
-    k_pool, v_pool = batch.cache.pools(cast(int, module.layer_idx))  # [S, KVH, D] each
+    pools = batch.cache.pools(cast(int, module.layer_idx))
     decode = batch.decode
     if decode is not None and not batch.prefill:  # every token, in order: no gather
-        return attend_decode(q, k_pool, v_pool, batch, window, scale)[None], None
+        return attend_decode(q, pools, batch, window, scale)[None], None
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [N, H, D] contiguous
     if decode is not None:
-        picked = q[decode.tokens]
-        out[decode.tokens] = attend_decode(picked, k_pool, v_pool, batch, window, scale)
+        out[decode.tokens] = attend_decode(q[decode.tokens], pools, batch, window, scale)
     ops, prefill = native(), batch.prefill
     if batch.prefill_tables is not None and ops is not None and q.stride(-1) == 1:
         split = batch.prefill_split(q.dtype)
         if split.kernel is not None:
             tables = split.kernel
             ops.paged_prefill_attention_(
-                q, out, k_pool, v_pool, tables.block_tables, tables.firsts, tables.counts,
-                tables.starts, batch.cache.block_size, window, scale,
+                q, out, pools.keys, pools.values, tables.block_tables, tables.firsts,
+                tables.counts, tables.starts, batch.cache.block_size, window, scale,
+                k_scales=pools.key_scales, v_scales=pools.value_scales,
             )  # fmt: skip
         prefill = split.sdpa
     for row in prefill:
         rows = slice(row.first, row.first + row.count)
-        if row.start == 0 and k_pool.dtype == q.dtype:  # its context is this forward's states
+        if row.start == 0 and pools.keys.dtype == q.dtype:  # its context: this forward's states
             k, v = (states[0, :, rows].transpose(0, 1) for states in (key, value))
         else:
-            slots = batch.read_slots(row)
-            k, v = (pool[slots].to(q.dtype) for pool in (k_pool, v_pool))
+            k, v = pools.gathered(batch.read_slots(row), q.dtype)
         out[rows] = attend_context(q[rows], k, v, row.start, window, scale)
     return out.unsqueeze(0), None
 
 
 def attend_decode(
-    q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    batch: AttentionBatch,
-    window: int,
-    scale: float,
+    q: torch.Tensor, pools: LayerPools, batch: AttentionBatch, window: int, scale: float
 ) -> torch.Tensor:
     """The batch's decode rows' queries q [R, H, D] (D contiguous) over their contexts in the
-    pools [S, KVH, D] -> [R, H, D]: by the compiled kernel where it applies (in fp32: 16-bit
+    layer's pools -> [R, H, D]: by the compiled kernel where it applies (in fp32: 16-bit
     queries are widened as it reads them and its output rounded once, as SDPA accumulates
     them), else through the gathered batch."""
     rows = cast(DecodeRows, batch.decode)
     ops = native()
     if rows.use_kernel and ops is not None and q.stride(-1) == 1:
         return ops.paged_decode_attention(
-            q, k_pool, v_pool, rows.block_tables, rows.context_lens,
+            q, pools.keys, pools.values, rows.block_tables, rows.context_lens,
             batch.cache.block_size, window, scale,
+            k_scales=pools.key_scales, v_scales=pools.value_scales,
         )  # fmt: skip
-    return attend_gathered(q, k_pool, v_pool, batch.decode_context(window, q.dtype), scale)
+    return attend_gathered(q, pools, batch.decode_context(window, q.dtype), scale)
 
 
 def attend_context(
@@ -304,31 +300,25 @@ def attend_context(
 
 def attend_decode_gathered(
     q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
+    pools: LayerPools,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     block_size: int,
     window: int,
     scale: float,
 ) -> torch.Tensor:
-    """The decode kernel's semantics in torch, with its signature: q [R, H, D] over each row's
-    context, gathered from the pools [S, KVH, D] into a padded batch -> [R, H, D]."""
+    """The decode kernel's semantics in torch: q [R, H, D] over each row's context, gathered
+    from the pools into a padded batch -> [R, H, D]."""
     longest = int(context_lens.max())
     context = decode_context(block_tables, context_lens, block_size, window, longest, q.dtype)
-    return attend_gathered(q, k_pool, v_pool, context, scale)
+    return attend_gathered(q, pools, context, scale)
 
 
 def attend_gathered(
-    q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    context: GatheredContext,
-    scale: float,
+    q: torch.Tensor, pools: LayerPools, context: GatheredContext, scale: float
 ) -> torch.Tensor:
-    """q [R, H, D] over the rows' contexts gathered from the pools [S, KVH, D] -> [R, H, D]."""
-    k = k_pool[context.slots].to(q.dtype).transpose(1, 2)  # [R, KVH, L, D]
-    v = v_pool[context.slots].to(q.dtype).transpose(1, 2)
+    """q [R, H, D] over the rows' contexts gathered from the pools -> [R, H, D]."""
+    k, v = (t.transpose(1, 2) for t in pools.gathered(context.slots, q.dtype))  # [R, KVH, L, D]
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2), k, v, attn_mask=context.bias, scale=scale, enable_gqa=True
     )  # [R, H, 1, D]
@@ -408,7 +398,7 @@ def attend_eager(
     kwargs: the layer's own keywords for it (softcap, sinks, ...)."""
     eager = eager_attention_of(module)
     out = torch.empty_like(q)
-    k_pool, v_pool = batch.cache.pools(cast(int, module.layer_idx))  # [S, KVH, D] each
+    pools = batch.cache.pools(cast(int, module.layer_idx))
 
     def attend(query, key, value, visible):  # [B, H, n, D], [B, KVH, L, D] x2, [B, n, L]
         mask = _additive(visible, query.dtype)[:, None]
@@ -416,15 +406,12 @@ def attend_eager(
 
     if batch.decode is not None:
         context = batch.decode_context(window, q.dtype)
-        k = k_pool[context.slots].to(q.dtype).transpose(1, 2)  # [R, KVH, L, D]
-        v = v_pool[context.slots].to(q.dtype).transpose(1, 2)
+        k, v = (t.transpose(1, 2) for t in pools.gathered(context.slots, q.dtype))  # [R, KVH, L, D]
         tokens = batch.decode.tokens
         out[tokens] = attend(q[tokens].unsqueeze(2), k, v, context.visible[:, None])[:, 0]
     for row in batch.prefill:
         rows = slice(row.first, row.first + row.count)
-        slots = batch.read_slots(row)
-        k = k_pool[slots].to(q.dtype).transpose(0, 1)[None]  # [1, KVH, context, D]
-        v = v_pool[slots].to(q.dtype).transpose(0, 1)[None]
+        k, v = (t.transpose(0, 1)[None] for t in pools.gathered(batch.read_slots(row), q.dtype))
         visible = context_mask(row.start, row.count, k.shape[2], window, q.device)
         out[rows] = attend(q[rows].transpose(0, 1)[None], k, v, visible[None])[0]
     return out.unsqueeze(0)
@@ -451,9 +438,10 @@ def _log_path(module: torch.nn.Module, variant: tuple[str, ...], window: int) ->
 
 def paged_kernels_apply(cache: PagedKVCache) -> bool:
     """Whether decode and prefill rows over `cache` can use the compiled kernels: CPU pools of
-    a dtype they read (fp32, bf16, fp16), whatever the compute dtype."""
-    pool = cache.pools(0)[0]
-    return native() is not None and pool.device.type == "cpu" and pool.dtype in KERNEL_DTYPES
+    a dtype they read (fp32, bf16, fp16, int8 codes), whatever the compute dtype."""
+    pool = cache.pools(0).keys
+    readable = pool.dtype in KERNEL_DTYPES or pool.dtype == torch.int8
+    return native() is not None and pool.device.type == "cpu" and readable
 
 
 AttentionInterface.register(IMPLEMENTATION, paged_attention)

@@ -192,7 +192,9 @@ inline void decode_values(const float* weights, int64_t Hp, const T* const* valu
 }
 
 // q [R, H, D] of Q (fp32, or 16-bit: widened as it is read, exactly); k_pool, v_pool [S, KVH, D]
-// of T (fp32, or 16-bit: half the bytes to read, and decode attention is bound by them);
+// of T (fp32, or 16-bit: half the bytes to read, and decode attention is bound by them; or int8
+// codes, a quarter, each position's head scaled by k_scales, v_scales [S, KVH]: a key's scale
+// multiplies its scores, a value's the weights its codes are summed with);
 // block_tables [R, max_blocks] int32; context_lens [R] int32 (the query sits at position
 // context_lens[r] - 1 and sees keys from max(0, len - window) when window > 0); out [R, H, D]
 // contiguous, of Q: summed in fp32 and rounded once (what widening q, attending in fp32 and
@@ -250,10 +252,12 @@ struct DecodePart {
 
 template <typename T, typename Q>
 inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, const T* k_pool,
-                                   const T* v_pool, const int32_t* block_tables,
+                                   const T* v_pool, const float* k_scales,
+                                   const float* v_scales, const int32_t* block_tables,
                                    int64_t max_blocks, const int32_t* context_lens, int64_t R,
                                    int64_t H, int64_t KVH, int64_t D, int64_t block_size,
                                    int64_t window, float scale, Q* out) {
+  constexpr bool kCoded = std::is_same_v<T, int8_t>;
   const int64_t group = H / KVH, Hp = (H + kLanes - 1) / kLanes * kLanes, run = KVH * D;
   const int64_t vectors = D / kLanes, vector_part = vectors * kLanes;
   // Runs of q heads that share a kv head read its keys and values once for the run. The scores'
@@ -267,10 +271,13 @@ inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, cons
   const int NV = fits(4) ? 4 : fits(2) ? 2 : 1;
   const int64_t per_run = vectors / NV, slice_count = H / GV * per_run;
   const int64_t slices_at_once = kAccRegs / (NV * GV);
-  std::vector<int64_t> kv_offset(H);
+  std::vector<int64_t> kv_offset(H), kv_head(H);
   ValueSlices slices{std::vector<int64_t>(slice_count), std::vector<int64_t>(slice_count),
                      std::vector<int64_t>(slice_count), D};
-  for (int64_t h = 0; h < H; ++h) kv_offset[h] = h / group * D;
+  for (int64_t h = 0; h < H; ++h) {
+    kv_head[h] = h / group;
+    kv_offset[h] = kv_head[h] * D;
+  }
   for (int64_t i = 0; i < slice_count; ++i) {
     const int64_t h = i / per_run * GV, d = i % per_run * NV * kLanes;
     slices.head[i] = h;
@@ -330,6 +337,8 @@ inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, cons
     std::vector<float> scores, q_rows(H * D), out_row(H * D), top(Hp), sum(Hp), ones(Hp, 1.f);
     const DecodePart own{out_row.data(), top.data(), sum.data()};  // a row of one part's
     std::vector<const T*> keys, values;
+    std::vector<const float*> key_scales, value_scales;  // int8 pools: each position's [KVH]
+    std::vector<float> weighted;  // int8 pools: [n, Hp] weights times their values' scales
     queue.each([&](int64_t item) {
       const int64_t r = item_row[item], len = context_lens[r];
       const int64_t begin = (window > 0 ? std::max<int64_t>(0, len - window) : 0) +
@@ -338,10 +347,18 @@ inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, cons
       const int32_t* table = block_tables + r * max_blocks;
       keys.resize(n);
       values.resize(n);
+      if constexpr (kCoded) {
+        key_scales.resize(n);
+        value_scales.resize(n);
+      }
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t at = pool_slot(table, begin + j, block_size) * run;
-        keys[j] = k_pool + at;
-        values[j] = v_pool + at;
+        const int64_t slot = pool_slot(table, begin + j, block_size);
+        keys[j] = k_pool + slot * run;
+        values[j] = v_pool + slot * run;
+        if constexpr (kCoded) {
+          key_scales[j] = k_scales + slot * KVH;
+          value_scales[j] = v_scales + slot * KVH;
+        }
       }
       for (int64_t h = 0; h < H; ++h)
         for (int64_t d = 0; d < D; ++d)
@@ -353,6 +370,11 @@ inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, cons
         if (j + kAheadL1 < n) prefetch_position<_MM_HINT_T0>(keys[j + kAheadL1], run);
         if (j + kAheadL2 < n) prefetch_position<_MM_HINT_T1>(keys[j + kAheadL2], run);
         scores_of(q_rows.data(), keys[j], kv_offset.data(), H, D, scale, scores.data() + j * Hp);
+        if constexpr (kCoded) {
+          if (j + kAheadL1 < n) _mm_prefetch(key_scales[j + kAheadL1], _MM_HINT_T0);
+          float* s = scores.data() + j * Hp;
+          for (int64_t h = 0; h < H; ++h) s[h] *= key_scales[j][kv_head[h]];
+        }
       }
       for (int64_t h0 = 0; h0 < Hp; h0 += kLanes) {  // softmax over positions, heads in lanes
         vf largest = load_vf(scores.data() + h0);
@@ -369,13 +391,21 @@ inline void paged_decode_attention(const Q* q, const QueryLayout& q_layout, cons
         *reinterpret_cast<vf*>(mine.top + h0) = largest;
         *reinterpret_cast<vf*>(mine.sum + h0) = total;
       }
+      const float* weight_rows = scores.data();  // [n, Hp]: what each position's values weigh
+      if constexpr (kCoded) {
+        weighted.assign(n * Hp, 0.f);
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t h = 0; h < H; ++h)
+            weighted[j * Hp + h] = scores[j * Hp + h] * value_scales[j][kv_head[h]];
+        weight_rows = weighted.data();
+      }
       std::fill(mine.out, mine.out + H * D, 0.f);
       if (fetch_values)
         for (int64_t j = 0; j < std::min(n, kAheadL2 / 2); ++j)
           prefetch_position<_MM_HINT_T1>(values[j], run);
       for (int64_t j0 = 0; j0 < n; j0 += kValueBlock) {
         const int64_t positions = std::min(kValueBlock, n - j0);
-        const float* weights = scores.data() + j0 * Hp;
+        const float* weights = weight_rows + j0 * Hp;
         for (int64_t s = 0; s < slice_count; s += slices_at_once)
           values_of(weights, Hp, values.data() + j0, positions, slices, s,
                     std::min(slices_at_once, slice_count - s), mine.out,
@@ -543,6 +573,8 @@ struct PrefillCall {
   QueryLayout q_layout;
   const T* k_pool;
   const T* v_pool;
+  const float* k_scales;  // int8 pools: [S, KVH], else null
+  const float* v_scales;
   PrefillRows rows;
   int64_t H, KVH, D, block_size, window;
   float scale;
@@ -573,6 +605,18 @@ struct PrefillScratch {
         widened_values(widened_keys.size()), slots(chunk), keys(chunk), values(chunk),
         softmax(KVH) {}
 };
+
+// out [D] = kv head g's keys (or values) at pool slot `slot` of pool [S, KVH, D], widened to
+// fp32: exactly, or for int8 codes, each times its scale (scales [S, KVH]).
+template <typename T>
+inline void widen_head(const T* pool, const float* scales, int64_t slot, int64_t KVH, int64_t g,
+                       int64_t D, float* out) {
+  widen_row(pool + (slot * KVH + g) * D, D, out);
+  if constexpr (std::is_same_v<T, int8_t>) {
+    const float scale = scales[slot * KVH + g];
+    for (int64_t d = 0; d < D; ++d) out[d] *= scale;
+  }
+}
 
 // The work item of row p whose first (token, head of a group) pair is f0, in NV vectors of lanes.
 template <int NV, typename T, typename Q>
@@ -608,10 +652,10 @@ inline void attend_prefill_item(const PrefillCall<T, Q>& c, PrefillScratch& x, i
       x.slots[j] = pool_slot(table, c0 + j, c.block_size);
       if constexpr (kWidened)
         for (int64_t g = 0; g < KVH; ++g) {  // into [KVH, chunk, D]: a head's rows D apart
-          widen_row(c.k_pool + x.slots[j] * run + g * D, D,
-                    x.widened_keys.data() + (g * c.chunk + j) * D);
-          widen_row(c.v_pool + x.slots[j] * run + g * D, D,
-                    x.widened_values.data() + (g * c.chunk + j) * D);
+          widen_head(c.k_pool, c.k_scales, x.slots[j], KVH, g, D,
+                     x.widened_keys.data() + (g * c.chunk + j) * D);
+          widen_head(c.v_pool, c.v_scales, x.slots[j], KVH, g, D,
+                     x.widened_values.data() + (g * c.chunk + j) * D);
         }
     }
     for (int64_t g = 0; g < KVH; ++g) {
@@ -739,15 +783,15 @@ inline void attend_prefill_few(const PrefillCall<T, Q>& c, FewScratch& x, int64_
       prefetch_position<_MM_HINT_T1>(c.v_pool + slot, D);
     }
     for (int64_t j = 0; j < n; ++j) {
-      const int64_t slot = pool_slot(table, c0 + j, c.block_size) * run + g * D;
+      const int64_t slot = pool_slot(table, c0 + j, c.block_size);
       if constexpr (std::is_same_v<T, float>) {
-        x.keys[j] = c.k_pool + slot;
-        x.values[j] = c.v_pool + slot;
+        x.keys[j] = c.k_pool + slot * run + g * D;
+        x.values[j] = c.v_pool + slot * run + g * D;
       } else {
         float* key = x.widened.data() + j * D;
         float* value = x.widened.data() + (c.chunk + j) * D;
-        widen_row(c.k_pool + slot, D, key);
-        widen_row(c.v_pool + slot, D, value);
+        widen_head(c.k_pool, c.k_scales, slot, c.KVH, g, D, key);
+        widen_head(c.v_pool, c.v_scales, slot, c.KVH, g, D, value);
         x.keys[j] = key;
         x.values[j] = value;
       }
@@ -808,11 +852,12 @@ inline void attend_prefill_few(const PrefillCall<T, Q>& c, FewScratch& x, int64_
 // chunk's keys and values must be in the pools already.
 template <typename T, typename Q>
 inline void paged_prefill_attention(const Q* q, const QueryLayout& q_layout, const T* k_pool,
-                                    const T* v_pool, const PrefillRows& rows, int64_t P,
+                                    const T* v_pool, const float* k_scales,
+                                    const float* v_scales, const PrefillRows& rows, int64_t P,
                                     int64_t H, int64_t KVH, int64_t D, int64_t block_size,
                                     int64_t window, float scale, Q* out) {
-  const PrefillCall<T, Q> call{q, q_layout, k_pool, v_pool, rows, H, KVH, D, block_size,
-                               window, scale, out};
+  const PrefillCall<T, Q> call{q,    q_layout, k_pool,     v_pool, k_scales, v_scales, rows,
+                               H,    KVH,      D,          block_size, window, scale, out};
   struct Item {
     int64_t row;
     int64_t first;  // the item's first (token, head) pair; for a row of few pairs, its kv head

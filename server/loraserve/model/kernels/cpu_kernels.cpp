@@ -363,13 +363,37 @@ void check_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Te
               "q [rows, H, D] and pools [S, KVH, D] do not match");
 }
 
+// f(T{}, key scales, value scales) for the pools' element T: float, bf16 or fp16 (the scales
+// null), or int8 codes, whose k_scales and v_scales [S, KVH] are contiguous float32 CPU tensors.
+template <typename F>
+void with_pools(const at::Tensor& k_pool, const c10::optional<at::Tensor>& k_scales,
+                const c10::optional<at::Tensor>& v_scales, F&& f) {
+  const bool scaled = k_scales.has_value() && k_scales->defined();
+  TORCH_CHECK(scaled == (v_scales.has_value() && v_scales->defined()),
+              "k_scales and v_scales go together");
+  if (k_pool.scalar_type() != at::kChar) {
+    TORCH_CHECK(!scaled, "only int8 pools take scales");
+    return with_element(k_pool, "KV pools", [&](auto element) { f(element, nullptr, nullptr); });
+  }
+  TORCH_CHECK(scaled, "int8 pools need k_scales and v_scales");
+  for (const at::Tensor* t : {&*k_scales, &*v_scales}) {
+    check_cpu_f32(*t, "k_scales and v_scales");
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == k_pool.size(0) && t->size(1) == k_pool.size(1),
+                "k_scales and v_scales must be [S, KVH], as the pools' first two dimensions");
+  }
+  f(int8_t{}, static_cast<const float*>(k_scales->data_ptr()),
+    static_cast<const float*>(v_scales->data_ptr()));
+}
+
 // out [R, H, D] of q's dtype: decode attention of q [R, H, D] (float32, bfloat16 or float16; D
 // contiguous, rows and heads any stride) over the paged pools [S, KVH, D] (float32, bfloat16 or
-// float16, both alike).
+// float16, both alike; or int8 codes with their scales [S, KVH]).
 at::Tensor paged_decode_attention_op(const at::Tensor& q, const at::Tensor& k_pool,
                                      const at::Tensor& v_pool, const at::Tensor& block_tables,
                                      const at::Tensor& context_lens, int64_t block_size,
-                                     int64_t window, double scale) {
+                                     int64_t window, double scale,
+                                     const c10::optional<at::Tensor>& k_scales,
+                                     const c10::optional<at::Tensor>& v_scales) {
   check_attention(q, k_pool, v_pool);
   check_cpu(block_tables, at::kInt, "block_tables");
   check_cpu(context_lens, at::kInt, "context_lens");
@@ -380,11 +404,11 @@ at::Tensor paged_decode_attention_op(const at::Tensor& q, const at::Tensor& k_po
   const QueryLayout layout{q.stride(0), q.stride(1)};
   with_dtype(q, "q", [&](auto query) {
     using Q = decltype(query);
-    with_element(k_pool, "KV pools", [&](auto element) {
+    with_pools(k_pool, k_scales, v_scales, [&](auto element, const float* ks, const float* vs) {
       using T = decltype(element);
       paged_decode_attention(static_cast<const Q*>(q.data_ptr()), layout,
                              static_cast<const T*>(k_pool.data_ptr()),
-                             static_cast<const T*>(v_pool.data_ptr()),
+                             static_cast<const T*>(v_pool.data_ptr()), ks, vs,
                              block_tables.data_ptr<int32_t>(), block_tables.size(1),
                              context_lens.data_ptr<int32_t>(), R, H, KVH, D, block_size, window,
                              static_cast<float>(scale), static_cast<Q*>(out.data_ptr()));
@@ -399,7 +423,8 @@ void paged_prefill_attention_op(const at::Tensor& q, at::Tensor& out, const at::
                                 const at::Tensor& v_pool, const at::Tensor& block_tables,
                                 const at::Tensor& firsts, const at::Tensor& counts,
                                 const at::Tensor& starts, int64_t block_size, int64_t window,
-                                double scale) {
+                                double scale, const c10::optional<at::Tensor>& k_scales,
+                                const c10::optional<at::Tensor>& v_scales) {
   check_attention(q, k_pool, v_pool);
   TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.sizes() == q.sizes() &&
                   out.scalar_type() == q.scalar_type(),
@@ -425,11 +450,11 @@ void paged_prefill_attention_op(const at::Tensor& q, at::Tensor& out, const at::
   const QueryLayout layout{q.stride(0), q.stride(1)};
   with_dtype(q, "q", [&](auto query) {
     using Q = decltype(query);
-    with_element(k_pool, "KV pools", [&](auto element) {
+    with_pools(k_pool, k_scales, v_scales, [&](auto element, const float* ks, const float* vs) {
       using T = decltype(element);
       paged_prefill_attention(static_cast<const Q*>(q.data_ptr()), layout,
                               static_cast<const T*>(k_pool.data_ptr()),
-                              static_cast<const T*>(v_pool.data_ptr()), rows, P, q.size(1),
+                              static_cast<const T*>(v_pool.data_ptr()), ks, vs, rows, P, q.size(1),
                               k_pool.size(1), q.size(2), block_size, window,
                               static_cast<float>(scale), static_cast<Q*>(out.data_ptr()));
     });
@@ -681,12 +706,13 @@ std::tuple<at::Tensor, at::Tensor> rotary_op(const at::Tensor& q, const at::Tens
   return {outputs[0], outputs[1]};
 }
 
-// pool [S, KVH, D][slots[n]] = states [KVH, N, D][:, n] (states strided, D contiguous).
-void kv_write_op(at::Tensor& pool, const at::Tensor& slots, const at::Tensor& states) {
+// slots [N] as an index into pool [S, KVH, D] for states [KVH, N, D] (on the CPU, D contiguous),
+// every slot checked to lie inside it.
+const int64_t* write_slots(const at::Tensor& pool, const at::Tensor& slots,
+                           const at::Tensor& states) {
   check_cpu(slots, at::kLong, "slots");
-  TORCH_CHECK(states.device().is_cpu() && states.scalar_type() == pool.scalar_type() &&
-                  states.dim() == 3 && states.stride(2) == 1,
-              "states must be a CPU [KVH, N, D] tensor of the pool's dtype with D contiguous");
+  TORCH_CHECK(states.device().is_cpu() && states.dim() == 3 && states.stride(2) == 1,
+              "states must be a CPU [KVH, N, D] tensor with D contiguous");
   TORCH_CHECK(pool.dim() == 3 && states.size(0) == pool.size(1) &&
                   states.size(2) == pool.size(2) && slots.dim() == 1 &&
                   slots.size(0) == states.size(1),
@@ -694,10 +720,37 @@ void kv_write_op(at::Tensor& pool, const at::Tensor& slots, const at::Tensor& st
   const int64_t* index = slots.data_ptr<int64_t>();
   for (int64_t n = 0; n < slots.size(0); ++n)
     TORCH_CHECK(index[n] >= 0 && index[n] < pool.size(0), "slot ", index[n], " is outside");
+  return index;
+}
+
+// pool [S, KVH, D][slots[n]] = states [KVH, N, D][:, n] (states strided, D contiguous).
+void kv_write_op(at::Tensor& pool, const at::Tensor& slots, const at::Tensor& states) {
+  const int64_t* index = write_slots(pool, slots, states);
+  TORCH_CHECK(states.scalar_type() == pool.scalar_type(), "states must be of the pool's dtype");
   with_element(pool, "KV pools", [&](auto element) {
     using T = decltype(element);
     kv_write(static_cast<T*>(pool.data_ptr()), index, static_cast<const T*>(states.data_ptr()),
              states.size(0), states.size(1), states.size(2), states.stride(0), states.stride(1));
+  });
+}
+
+// The same into an int8 pool: each token's head quantized (kv_write_int8), its codes at
+// pool [S, KVH, D][slots[n], h] and its scale at scales [S, KVH][slots[n], h]; states float32,
+// bfloat16 or float16.
+void kv_write_int8_op(at::Tensor& pool, at::Tensor& scales, const at::Tensor& slots,
+                      const at::Tensor& states) {
+  const int64_t* index = write_slots(pool, slots, states);
+  TORCH_CHECK(pool.device().is_cpu() && pool.is_contiguous() && pool.scalar_type() == at::kChar,
+              "pool must be a contiguous int8 CPU tensor");
+  check_cpu_f32(scales, "scales");
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == pool.size(0) &&
+                  scales.size(1) == pool.size(1),
+              "scales must be [S, KVH], as the pool's first two dimensions");
+  with_dtype(states, "states", [&](auto element) {
+    using S = decltype(element);
+    kv_write_int8(static_cast<int8_t*>(pool.data_ptr()), scales.data_ptr<float>(), index,
+                  static_cast<const S*>(states.data_ptr()), states.size(0), states.size(1),
+                  states.size(2), states.stride(0), states.stride(1));
   });
 }
 
@@ -757,11 +810,12 @@ TORCH_LIBRARY(loraserve, m) {
       "float[] offset, bool invariant=False) -> Tensor[]");
   m.def(
       "paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, "
-      "Tensor context_lens, int block_size, int window, float scale) -> Tensor");
+      "Tensor context_lens, int block_size, int window, float scale, Tensor? k_scales=None, "
+      "Tensor? v_scales=None) -> Tensor");
   m.def(
       "paged_prefill_attention_(Tensor q, Tensor(a!) out, Tensor k_pool, Tensor v_pool, "
       "Tensor block_tables, Tensor firsts, Tensor counts, Tensor starts, int block_size, "
-      "int window, float scale) -> ()");
+      "int window, float scale, Tensor? k_scales=None, Tensor? v_scales=None) -> ()");
   m.def(
       "lora_delta_(Tensor x, Tensor(a!) y, Tensor lora_a, Tensor lora_b, Tensor starts, "
       "Tensor ends, Tensor slots, Tensor ranks, Tensor? scales=None, Tensor? narrow=None, "
@@ -774,6 +828,7 @@ TORCH_LIBRARY(loraserve, m) {
   m.def("score_stats(Tensor scores) -> (Tensor, Tensor, Tensor)");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("kv_write_(Tensor(a!) pool, Tensor slots, Tensor states) -> ()");
+  m.def("kv_write_int8_(Tensor(a!) pool, Tensor(b!) scales, Tensor slots, Tensor states) -> ()");
   m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
 }
 
@@ -795,5 +850,6 @@ TORCH_LIBRARY_IMPL(loraserve, CPU, m) {
   m.impl("score_stats", &score_stats_op);
   m.impl("rms_norm", &rms_norm_op);
   m.impl("kv_write_", &kv_write_op);
+  m.impl("kv_write_int8_", &kv_write_int8_op);
   m.impl("rotary", &rotary_op);
 }
