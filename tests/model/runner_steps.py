@@ -19,17 +19,24 @@ BLOCK_TOKENS = 4
 
 
 def prefill_and_decode(
-    model_dir: Path, quantization: str, num_blocks: int = 0, decode_steps: int = 4
+    model_dir: Path,
+    quantization: str,
+    num_blocks: int = 0,
+    decode_steps: int = 4,
+    compute: str = "fp32",
+    kv_dtype: torch.dtype | None = None,
 ) -> tuple[ModelRunner, list[torch.Tensor]]:
-    """The runner (fp32 on the CPU, KV pools of at least `num_blocks` blocks) and its logits
-    [3, vocab] of the prefill step and of each decode step."""
-    model = load_base_model(str(model_dir), quantization, "fp32", "cpu").model
+    """The runner (`compute` on the CPU, KV pools of at least `num_blocks` blocks, in `kv_dtype`
+    or else the compute dtype) and its logits [3, vocab] of the prefill step and of each decode
+    step."""
+    loaded = load_base_model(str(model_dir), quantization, compute, "cpu")
+    model = loaded.model
     config = model.config
     per_seq = -(-SEQUENCE_TOKENS // BLOCK_TOKENS)
     cache = PagedKVCache(
         config.num_hidden_layers, max(num_blocks, 1 + len(PROMPTS) * per_seq), BLOCK_TOKENS,
         config.num_key_value_heads, config.hidden_size // config.num_attention_heads,
-        torch.float32, torch.device("cpu"),
+        kv_dtype or loaded.compute_dtype, torch.device("cpu"),
     )  # fmt: skip
     runner = ModelRunner(model, cache, LoraContext(), [0])
     tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(len(PROMPTS))]
