@@ -9,10 +9,10 @@ keyword of the model call, says which tokens belong to which row:
 - decode rows (one new token) are attended together: on the CPU by one compiled kernel call
   that reads each row's keys and values in place through its block table (pools in fp32, bf16
   or fp16, widened as they are read, or int8 codes with their scales; the arithmetic in fp32
-  whatever the compute dtype), never
-  copying the context; elsewhere (CUDA) by one SDPA call over their contexts gathered into a
-  padded batch, which is also the kernel's test oracle (the batch's pool slots and mask are
-  built once per forward and window, for every layer);
+  whatever the compute dtype), never copying the context; elsewhere (CUDA) by one SDPA call
+  over their contexts gathered into a padded batch (int8 codes read back times their scales),
+  which is also the kernel's test oracle (the batch's pool slots and mask are built once per
+  forward and window, for every layer);
 - prefill rows (a prompt chunk) attend causally from the chunk's first position (and within the
   sliding window, where the layer has one) over their context, the chunk included: on the CPU
   those with chunks up to `KERNEL_MAX_CHUNK` by one compiled kernel call that reads the pools

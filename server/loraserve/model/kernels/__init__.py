@@ -29,9 +29,13 @@ caller then takes its torch path, which is also each kernel's test oracle. The o
                                                         AVX512-BF16: the bf16 ops run here, in
                                                         tiles or not)
   paged_decode_attention(q [R, H, D], k_pool [S, KVH, D], v_pool, block_tables [R, B] i32,
-                         context_lens [R] i32, block_size, window, scale) -> [R, H, D]
+                         context_lens [R] i32, block_size, window, scale, k_scales?,
+                         v_scales?) -> [R, H, D]    (int8 pools: codes, each token's head
+                                                        times its scale, k_scales and v_scales
+                                                        [S, KVH] float32)
   paged_prefill_attention_(q [N, H, D], out [N, H, D], k_pool, v_pool, block_tables [P, B] i32,
-                           firsts, counts, starts [P] i64, block_size, window, scale)
+                           firsts, counts, starts [P] i64, block_size, window, scale,
+                           k_scales?, v_scales?)
                                                        (in place on out's rows of the P prefill
                                                         rows: causal over each row's context)
   lora_delta_(x [N, in], y [N, out], lora_a [S, R, in], lora_b [S, R, out],
@@ -54,6 +58,9 @@ caller then takes its torch path, which is also each kernel's test oracle. The o
   rms_norm(x [M, D], weight [D], eps) -> [M, D]        (transformers' Llama RMSNorm)
   kv_write_(pool [S, KVH, D], slots [N] i64, states [KVH, N, D])  (pool[slots[n]] = states[:, n];
                                                         states strided, D contiguous)
+  kv_write_int8_(pool [S, KVH, D] i8, scales [S, KVH], slots [N] i64, states [KVH, N, D])
+                                                       (the same, each token's head quantized:
+                                                        `kv_cache.quantize_heads`' bits)
   serial_thread()                                      (torch ops of the calling thread run
                                                         on it alone from then on)
   team_waits() -> (calls, seconds)                     (parallel calls run on a team so far, and
@@ -62,9 +69,10 @@ caller then takes its torch path, which is also each kernel's test oracle. The o
 
 All take contiguous float32 CPU tensors (linear_f32's weight: or bfloat16; lora_delta_'s
 slots, and its x and y together, rms_norm's and rotary's tensors, each op's alike: or bfloat16
-or float16; the attention ops' pools: or bfloat16 or float16, their q any of the three and
-any strides but D's, their output q's dtype; the bf16 ops: bfloat16 rows; transpose_scaled
-and lora_factors: any float dtype and strides; kv_write_'s states: any strides but D's). Set
+or float16; the attention ops' pools: or bfloat16 or float16, or int8 with their scales, their
+q any of the three and any strides but D's, their output q's dtype; the bf16 ops: bfloat16
+rows; transpose_scaled and lora_factors: any float dtype and strides; kv_write_'s and
+kv_write_int8_'s states: any strides but D's, kv_write_int8_'s any of the three dtypes). Set
 LORASERVE_KERNELS=off to use the torch paths, or to a variant's name (`build.VARIANTS`) to load
 that one instead of this CPU's; LORASERVE_AMX=off keeps the bf16 ops out of AMX tiles (they
 take AVX512-BF16's pair dot products, as on a CPU without tiles).
