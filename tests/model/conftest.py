@@ -1,10 +1,12 @@
 """The kernel builds of every instruction set, compiled once per test session into a cache of
-their own: the build test checks the compile and the cache's pruning on it, and the kernels'
-tests run their comparisons on it under each variant this CPU can run."""
+their own (this CPU's own copied from the user's cache where the set-up built it): the build
+test checks the compile and the cache's pruning on it, and the kernels' tests run their
+comparisons on it under each variant this CPU can run."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -19,8 +21,11 @@ STALE_BUILDS = 6  # of each variant, seeded into the cache before the build
 
 @dataclass(frozen=True)
 class EveryVariantBuilt:
-    """`python -m loraserve.model.kernels --all` run once with XDG_CACHE_HOME=cache_home,
-    whose kernel cache held `stale` empty builds per variant (the first the most recently used)."""
+    """`python -m loraserve.model.kernels --all` run once with XDG_CACHE_HOME=cache_home. Its
+    kernel cache held `stale` empty builds of each variant it compiled (the first the most
+    recently used), and this CPU's own build, where the set-up has made it, copied in: compiled
+    again it would only cost the suite minutes (`test_the_kernels_this_cpu_runs_build_and_load`
+    checks that one)."""
 
     cache_home: Path
     stale: dict[str, list[Path]]
@@ -36,8 +41,16 @@ class EveryVariantBuilt:
 def every_variant_built(tmp_path_factory: pytest.TempPathFactory) -> EveryVariantBuilt:
     cache_home = tmp_path_factory.mktemp("every-variant")
     kernels = cache_home / "loraserve" / "kernels"
+    host = build.host_variant()
+    built = build.library_path(host) if host is not None else None  # in this user's cache
+    copied = built.parent.name if built is not None and built.exists() else None
+    if built is not None and copied is not None:
+        (kernels / copied).mkdir(parents=True)
+        shutil.copy2(built, kernels / copied / built.name)
     stale = {}
     for name in build.VARIANTS:
+        if copied is not None and host is not None and name == host.name:
+            continue
         stale[name] = [
             kernels / f"torch-0.0-{age:012d}-{name}" for age in range(1, STALE_BUILDS + 1)
         ]
