@@ -149,7 +149,11 @@ def build_runtime(config: ServerConfig, metrics: Metrics) -> Runtime:
         engine=engine,
         adapters=catalog,
         model=ModelFacts(
-            loaded.quantization, str(loaded.device), core.max_context, loaded.output_projection
+            quantization=loaded.quantization,
+            device=str(loaded.device),
+            max_context=core.max_context,
+            output_projection=loaded.output_projection,
+            kv_cache_dtype=core.kv_cache_dtype,
         ),
     )
 

@@ -169,18 +169,22 @@ def test_server_info(server):
     assert info.version
     assert info.output_projection == "fp32"  # quantize_output off
     assert info.prefix_caching and not info.batch_invariant
+    assert info.kv_cache_dtype == "fp32"  # the compute dtype's
 
 
 @pytest.mark.parametrize(
-    ("quantize_output", "projection"),
-    [(["--quantize-output"], "nf4"), (["--quantize-output", "int8"], "int8")],
+    ("options", "projection", "kv_cache"),
+    [
+        (["--quantize-output"], "nf4", "fp32"),
+        (["--quantize-output", "int8", "--kv-cache-dtype", "int8"], "int8", "int8"),
+    ],
     ids=["the-flag-alone", "int8"],
 )
 def test_server_info_reports_how_the_server_computes(
-    quantize_output, projection, model_dirs, tmp_path
+    options, projection, kv_cache, model_dirs, tmp_path
 ):
     flags = ["--model", str(model_dirs["llama"]), "--compute-dtype", "fp32", "--device", "cpu",
-             *quantize_output, "--batch-invariant", "--no-prefix-caching"]  # fmt: skip
+             *options, "--batch-invariant", "--no-prefix-caching"]  # fmt: skip
     with (
         running_server(*flags, log_path=tmp_path / "server.log") as (address, _),
         grpc.insecure_channel(address) as channel,
@@ -189,6 +193,7 @@ def test_server_info_reports_how_the_server_computes(
             server_pb2.GetServerInfoRequest(), timeout=10
         )
     assert info.output_projection == projection
+    assert info.kv_cache_dtype == kv_cache
     assert info.batch_invariant and not info.prefix_caching
 
 

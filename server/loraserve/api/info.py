@@ -36,4 +36,5 @@ class ServerInfoServicer(server_pb2_grpc.ServerServiceServicer):
             output_projection=model.output_projection,
             prefix_caching=engine_config.prefix_caching,
             batch_invariant=engine_config.batch_invariant,
+            kv_cache_dtype=model.kv_cache_dtype,
         )

@@ -26,6 +26,7 @@ class ModelFacts:
     device: str
     max_context: int  # the most tokens (prompt + generated) one request may hold
     output_projection: str  # nf4 / fp4 / int8 (quantize_output), else the dtype it computes in
+    kv_cache_dtype: str  # fp32 / bf16 / fp16 / int8: what the KV pools hold
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,7 @@ class EngineCore:
             POOL_DTYPES.get(config.kv_cache_dtype, loaded.compute_dtype),  # "compute": not one
             loaded.device,
         )
+        self.kv_cache_dtype = self.cache.dtype_name  # what the pools hold: fp32 ... int8
         per_token = self.cache.bytes_per_token()
         log.info("KV cache: %d tokens of %.0f KiB in %s, %.1f MiB", self.allocator.capacity_tokens,
                  per_token / 1024, str(self.cache.dtype).removeprefix("torch."),

@@ -33,6 +33,7 @@ from loraserve.model.kernels import KERNEL_DTYPES, native
 
 # What `kv_cache_dtype` names, besides "compute" (the model's own dtype).
 POOL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+DTYPE_NAMES = {torch.float32: "fp32", **{dtype: name for name, dtype in POOL_DTYPES.items()}}
 
 
 def quantize_heads(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,6 +167,11 @@ class PagedKVCache(Cache):
     def dtype(self) -> torch.dtype:
         """What the pools hold keys and values in."""
         return self.key_pools[0].dtype
+
+    @property
+    def dtype_name(self) -> str:
+        """`dtype` as the settings name it: fp32, bf16, fp16 or int8."""
+        return DTYPE_NAMES[self.dtype]
 
     def bytes_per_token(self) -> int:
         """What one token's keys and values take in every layer's pools, scales included."""

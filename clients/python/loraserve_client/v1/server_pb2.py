@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n loraserve_client/v1/server.proto\x12\x0cloraserve.v1\"\x16\n\x14GetServerInfoRequest\"\xba\x02\n\x15GetServerInfoResponse\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x14\n\x0cquantization\x18\x02 \x01(\t\x12\x15\n\rcompute_dtype\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x10\n\x08max_rank\x18\x05 \x01(\r\x12\x14\n\x0c\x64\x65vice_slots\x18\x06 \x01(\r\x12\x13\n\x0bmax_context\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\t \x01(\r\x12\x0f\n\x07version\x18\n \x01(\t\x12\x19\n\x11output_projection\x18\x0b \x01(\t\x12\x16\n\x0eprefix_caching\x18\x0c \x01(\x08\x12\x17\n\x0f\x62\x61tch_invariant\x18\r \x01(\x08\x32i\n\rServerService\x12X\n\rGetServerInfo\x12\".loraserve.v1.GetServerInfoRequest\x1a#.loraserve.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n loraserve_client/v1/server.proto\x12\x0cloraserve.v1\"\x16\n\x14GetServerInfoRequest\"\xd2\x02\n\x15GetServerInfoResponse\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x14\n\x0cquantization\x18\x02 \x01(\t\x12\x15\n\rcompute_dtype\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x10\n\x08max_rank\x18\x05 \x01(\r\x12\x14\n\x0c\x64\x65vice_slots\x18\x06 \x01(\r\x12\x13\n\x0bmax_context\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\t \x01(\r\x12\x0f\n\x07version\x18\n \x01(\t\x12\x19\n\x11output_projection\x18\x0b \x01(\t\x12\x16\n\x0eprefix_caching\x18\x0c \x01(\x08\x12\x17\n\x0f\x62\x61tch_invariant\x18\r \x01(\x08\x12\x16\n\x0ekv_cache_dtype\x18\x0e \x01(\t2i\n\rServerService\x12X\n\rGetServerInfo\x12\".loraserve.v1.GetServerInfoRequest\x1a#.loraserve.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSERVERINFOREQUEST']._serialized_start=50
   _globals['_GETSERVERINFOREQUEST']._serialized_end=72
   _globals['_GETSERVERINFORESPONSE']._serialized_start=75
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=389
-  _globals['_SERVERSERVICE']._serialized_start=391
-  _globals['_SERVERSERVICE']._serialized_end=496
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=413
+  _globals['_SERVERSERVICE']._serialized_start=415
+  _globals['_SERVERSERVICE']._serialized_end=520
 # @@protoc_insertion_point(module_scope)

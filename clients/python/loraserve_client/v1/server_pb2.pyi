@@ -9,7 +9,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("base_model", "quantization", "compute_dtype", "device", "max_rank", "device_slots", "max_context", "max_batch_size", "default_max_new_tokens", "version", "output_projection", "prefix_caching", "batch_invariant")
+    __slots__ = ("base_model", "quantization", "compute_dtype", "device", "max_rank", "device_slots", "max_context", "max_batch_size", "default_max_new_tokens", "version", "output_projection", "prefix_caching", "batch_invariant", "kv_cache_dtype")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class GetServerInfoResponse(_message.Message):
     OUTPUT_PROJECTION_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
     BATCH_INVARIANT_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     quantization: str
     compute_dtype: str
@@ -36,4 +37,5 @@ class GetServerInfoResponse(_message.Message):
     output_projection: str
     prefix_caching: bool
     batch_invariant: bool
-    def __init__(self, base_model: _Optional[str] = ..., quantization: _Optional[str] = ..., compute_dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_rank: _Optional[int] = ..., device_slots: _Optional[int] = ..., max_context: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., version: _Optional[str] = ..., output_projection: _Optional[str] = ..., prefix_caching: _Optional[bool] = ..., batch_invariant: _Optional[bool] = ...) -> None: ...
+    kv_cache_dtype: str
+    def __init__(self, base_model: _Optional[str] = ..., quantization: _Optional[str] = ..., compute_dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_rank: _Optional[int] = ..., device_slots: _Optional[int] = ..., max_context: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., version: _Optional[str] = ..., output_projection: _Optional[str] = ..., prefix_caching: _Optional[bool] = ..., batch_invariant: _Optional[bool] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...
