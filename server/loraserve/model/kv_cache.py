@@ -24,6 +24,7 @@ Knows nothing about sequences, adapters, masks or scheduling: only flat pool ind
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache
@@ -59,7 +60,9 @@ class LayerPools:
     key_scales: torch.Tensor | None = None
     value_scales: torch.Tensor | None = None
 
-    def gathered(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    def gathered(
+        self, slots: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values at pool indices slots [...] -> [..., KVH, D] each, in `dtype`:
         widened, or codes times their scales."""
         return (
@@ -140,9 +143,10 @@ class PagedKVCache(Cache):
         return key_states, value_states
 
     def _write_codes(
-        self, pool: torch.Tensor, scales: torch.Tensor, states: torch.Tensor, ops
+        self, pool: torch.Tensor, scales: torch.Tensor, states: torch.Tensor, ops: Any
     ) -> None:
-        """states [kv_heads, N, head_dim] quantized into an int8 pool and its scales."""
+        """states [kv_heads, N, head_dim] quantized into an int8 pool and its scales (by the
+        compiled kernels' `kv_write_int8_` where `ops` is them, else by torch)."""
         if ops is not None and states.dtype in KERNEL_DTYPES and states.stride(-1) == 1:
             ops.kv_write_int8_(pool, scales, self._write_slots, states)
             return
