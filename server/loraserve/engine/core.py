@@ -132,8 +132,8 @@ class EngineCore:
         )
         self.kv_cache_dtype = self.cache.dtype_name  # what the pools hold: fp32 ... int8
         per_token = self.cache.bytes_per_token()
-        log.info("KV cache: %d tokens of %.0f KiB in %s, %.1f MiB", self.allocator.capacity_tokens,
-                 per_token / 1024, str(self.cache.dtype).removeprefix("torch."),
+        log.info("KV cache: %d tokens of %.1f KiB in %s, %.1f MiB", self.allocator.capacity_tokens,
+                 per_token / 1024, self.kv_cache_dtype,
                  num_blocks * block * per_token / 2**20)  # fmt: skip
         self.runner = ModelRunner(
             loaded.model,
