@@ -43,13 +43,13 @@ def every_variant_built(tmp_path_factory: pytest.TempPathFactory) -> EveryVarian
     kernels = cache_home / "loraserve" / "kernels"
     host = build.host_variant()
     built = build.library_path(host) if host is not None else None  # in this user's cache
-    copied = built.parent.name if built is not None and built.exists() else None
+    copied = host.name if host is not None and built is not None and built.exists() else None
     if built is not None and copied is not None:
-        (kernels / copied).mkdir(parents=True)
-        shutil.copy2(built, kernels / copied / built.name)
+        (kernels / built.parent.name).mkdir(parents=True)
+        shutil.copy2(built, kernels / built.parent.name / built.name)
     stale = {}
     for name in build.VARIANTS:
-        if copied is not None and host is not None and name == host.name:
+        if name == copied:
             continue
         stale[name] = [
             kernels / f"torch-0.0-{age:012d}-{name}" for age in range(1, STALE_BUILDS + 1)

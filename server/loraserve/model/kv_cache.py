@@ -31,10 +31,11 @@ from transformers.cache_utils import Cache
 
 from loraserve.model import huge_pages
 from loraserve.model.kernels import KERNEL_DTYPES, native
+from loraserve.model.loading import DTYPES
 
-# What `kv_cache_dtype` names, besides "compute" (the model's own dtype).
-POOL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
-DTYPE_NAMES = {torch.float32: "fp32", **{dtype: name for name, dtype in POOL_DTYPES.items()}}
+# What the pools may hold, by the names `kv_cache_dtype` gives them ("compute": the model's own).
+POOL_DTYPES = {**DTYPES, "int8": torch.int8}
+DTYPE_NAMES = {dtype: name for name, dtype in POOL_DTYPES.items()}
 
 
 def quantize_heads(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
