@@ -1,7 +1,11 @@
 """The kernel builds of every instruction set, compiled once per test session into a cache of
 their own (this CPU's own copied from the user's cache where the set-up built it): the build
 test checks the compile and the cache's pruning on it, and the kernels' tests run their
-comparisons on it under each variant this CPU can run."""
+comparisons on it under each variant this CPU can run.
+
+The compile takes minutes of both cores, and the suite around it uses about one: so when the
+collected tests ask for it, it starts as collection ends, in a process beside the tests, and the
+fixture waits for it where a test first needs it."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +22,7 @@ import pytest
 from loraserve.model.kernels import build
 
 STALE_BUILDS = 6  # of each variant, seeded into the cache before the build
+BUILD_TIMEOUT_S = 900
 
 
 @dataclass(frozen=True)
@@ -37,9 +43,32 @@ class EveryVariantBuilt:
         return self.cache_home / "loraserve" / "kernels"
 
 
-@pytest.fixture(scope="session")
-def every_variant_built(tmp_path_factory: pytest.TempPathFactory) -> EveryVariantBuilt:
-    cache_home = tmp_path_factory.mktemp("every-variant")
+@dataclass(frozen=True)
+class BuildUnderWay:
+    """The `--all` build started beside the tests: its process writes its stderr to a file."""
+
+    cache_home: Path
+    stale: dict[str, list[Path]]
+    process: subprocess.Popen[bytes]
+    stderr_path: Path
+
+    def wait(self) -> EveryVariantBuilt:
+        returncode = self.process.wait(timeout=BUILD_TIMEOUT_S)
+        stderr = self.stderr_path.read_text(errors="replace")
+        return EveryVariantBuilt(self.cache_home, self.stale, returncode, stderr)
+
+    def discard(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        shutil.rmtree(self.cache_home, ignore_errors=True)
+
+
+UNDER_WAY = pytest.StashKey[BuildUnderWay]()
+
+
+def start_every_variant_build() -> BuildUnderWay:
+    cache_home = Path(tempfile.mkdtemp(prefix="loraserve-every-variant-"))
     kernels = cache_home / "loraserve" / "kernels"
     host = build.host_variant()
     built = build.library_path(host) if host is not None else None  # in this user's cache
@@ -58,9 +87,32 @@ def every_variant_built(tmp_path_factory: pytest.TempPathFactory) -> EveryVarian
             folder.mkdir(parents=True)
             (folder / f"loraserve_cpu_{name}.so").write_bytes(b"")
             os.utime(folder, (1e9 - age, 1e9 - age))
-    env = dict(os.environ, XDG_CACHE_HOME=str(cache_home))
-    result = subprocess.run(
-        [sys.executable, "-m", "loraserve.model.kernels", "--all"],
-        capture_output=True, text=True, env=env, timeout=900,
-    )  # fmt: skip
-    return EveryVariantBuilt(cache_home, stale, result.returncode, result.stderr)
+    stderr_path = cache_home / "build.stderr"
+    with stderr_path.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "loraserve.model.kernels", "--all"],
+            stdout=subprocess.DEVNULL, stderr=stderr,
+            env=dict(os.environ, XDG_CACHE_HOME=str(cache_home)),
+        )  # fmt: skip
+    return BuildUnderWay(cache_home, stale, process, stderr_path)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.config.option.collectonly:
+        return
+    if any("every_variant_built" in getattr(item, "fixturenames", ()) for item in session.items):
+        session.config.stash[UNDER_WAY] = start_every_variant_build()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    under_way = config.stash.get(UNDER_WAY, None)
+    if under_way is not None:
+        under_way.discard()
+
+
+@pytest.fixture(scope="session")
+def every_variant_built(request: pytest.FixtureRequest) -> EveryVariantBuilt:
+    stash = request.config.stash
+    if UNDER_WAY not in stash:  # collected some other way than the hook saw
+        stash[UNDER_WAY] = start_every_variant_build()
+    return stash[UNDER_WAY].wait()
