@@ -292,8 +292,9 @@ class SlotScales:
         return self._host[slot]
 
     def set(self, slot: int, scale: float) -> None:
-        self.values[slot] = scale
-        self._host[slot] = scale
+        if self._host[slot] != scale:  # a tensor write costs microseconds (on CUDA, a copy)
+            self.values[slot] = scale
+            self._host[slot] = scale
 
 
 class NarrowSlots:
