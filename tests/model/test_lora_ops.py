@@ -435,7 +435,7 @@ def test_a_bf16_slot_holds_b_as_stored_and_the_scaling_apart():
     bf16_layer.clear_slot(2)
     assert bf16_layer.scales.of(2) == float(bf16_layer.scales.values[2]) == 1.0
     assert not bf16_layer.lora_b[2].any()
-    a, b, _ = stored[3]  # slot 3's adapter again, in slot 1: its scaling replaces slot 1's
+    a, b, _ = stored[3]  # slot 3's pair into slot 1 at a scaling of 0.5: it replaces 0.375
     bf16_layer.set_slot(1, a.float(), b.float() * 0.5, lora_scale=0.5)
     assert bf16_layer.scales.of(1) == float(bf16_layer.scales.values[1]) == 0.5
 
