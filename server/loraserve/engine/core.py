@@ -130,7 +130,6 @@ class EngineCore:
             POOL_DTYPES.get(config.kv_cache_dtype, loaded.compute_dtype),  # "compute": not one
             loaded.device,
         )
-        self.kv_cache_dtype = self.cache.dtype_name  # what the pools hold: fp32 ... int8
         per_token = self.cache.bytes_per_token()
         log.info("KV cache: %d tokens of %.1f KiB in %s, %.1f MiB", self.allocator.capacity_tokens,
                  per_token / 1024, self.kv_cache_dtype,
@@ -521,6 +520,11 @@ class EngineCore:
             decode_records=self.runner.record_stats(),
             updated_at=self.updated_at,
         )
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        """What the KV pools hold keys and values in: fp32, bf16, fp16 or int8."""
+        return self.cache.dtype_name
 
     @property
     def kv_used_tokens(self) -> int:

@@ -245,7 +245,7 @@ def load_base_model(
     )
     loaded.eval()
     loaded.requires_grad_(False)
-    output_projection = next(name for name, known in DTYPES.items() if known == dtype)
+    output_projection = compute_dtype  # a DTYPES name, checked above
     if quantize_output == "4bit":
         if actual not in ("nf4", "fp4"):
             raise ValueError(f"quantize_output 4bit applies to nf4 and fp4 bases, not {actual!r}")
